@@ -1,0 +1,25 @@
+# The two commands a newcomer needs (README): `make serve` and `make test`.
+SHELL := /bin/bash
+PY := .venv/bin/python
+
+.PHONY: setup serve test test-quick binaries crd
+setup:
+	@scripts/setup.sh
+
+## Run the serving stack on a local Ray (CPU) with the tiny built-in model.
+serve: setup
+	@.venv/bin/dotsvlm serve $(ARGS)
+
+## The whole test suite: builds missing control-plane binaries, then runs every test.
+test: setup binaries
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+## Quick subset while you work: no slow end-to-end tests.
+test-quick: setup
+	@$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+binaries:
+	@tests/cluster/build-binaries.sh >/dev/null
+
+crd: setup
+	@.venv/bin/dotsvlm crd > crds/dotsvlm.io_dotsvlmdeployments.yaml

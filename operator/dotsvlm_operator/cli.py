@@ -1,0 +1,67 @@
+"""The `dotsvlm` command. Each subcommand's work lives in its own module, imported only when used,
+so that the operator image (no torch) can run `dotsvlm operator` and `dotsvlm crd`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+
+def _lazy(module: str, func: str, extra: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
+                print(f"dotsvlm: '{args.command}' is not built yet in this version ({module} is missing).",
+                      file=sys.stderr)
+            else:
+                print(f"dotsvlm: '{args.command}' needs the Python package '{exc.name}', which is not installed.\n"
+                      f"Install the extra: pip install 'dotsvlm[{extra}]'", file=sys.stderr)
+            return 2
+        return int(getattr(mod, func)(args) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dotsvlm", description="Serve dots.vlm1 on Kubernetes and Ray Serve.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    crd = sub.add_parser("crd", help="print the DotsVLMDeployment CustomResourceDefinition (YAML)")
+    crd.set_defaults(func=_lazy("dotsvlm_operator.crd", "cli_main", "operator"))
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    op.add_argument("--namespace", action="append", default=[], help="watch only this namespace (repeatable); default: all")
+    op.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    op.add_argument("--peering", default=None, help="kopf peering name, for several operator replicas")
+    op.add_argument("--verbose", action="store_true")
+    op.set_defaults(func=_lazy("dotsvlm_operator.main", "cli_main", "operator"))
+
+    serve = sub.add_parser("serve", help="run the serving stack on a local Ray with the tiny built-in model (CPU)")
+    serve.add_argument("--model", default=None, help="checkpoint directory (default: write the tiny model to .tiny-model/)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--detach", action="store_true", help="deploy and return instead of waiting for Ctrl-C")
+    serve.set_defaults(func=_lazy("dotsvlm_serving.embedded", "cli_main", "serving"))
+
+    model = sub.add_parser("model", help="model utilities")
+    msub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    tiny = msub.add_parser("init-tiny", help="write a tiny dots.vlm1-architecture checkpoint with seeded random weights")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--fp8", action="store_true", help="store LLM linear weights as FP8 with 128x128 block scales")
+    tiny.add_argument("--force", action="store_true", help="overwrite a non-empty directory")
+    tiny.set_defaults(func=_lazy("dotsvlm_serving.model.tiny", "cli_main", "serving"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

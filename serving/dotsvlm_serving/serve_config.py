@@ -1,0 +1,116 @@
+"""The contract between the operator and the serving application.
+
+The operator renders a `ServeAppConfig` from a DotsVLMDeployment's spec and deploys it through the
+Ray head's REST API (`PUT /api/serve/applications/`) as the application's `args`; the Serve app
+builder validates the same model. This module must not import torch or ray, so that the operator
+image (no torch) can import it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Ray custom resources advertised by the pool workers; Serve replicas ask for one unit so they land in
+# their own pool. Workers advertise POOL_RESOURCE_CAPACITY units so the custom resource never limits
+# how many replicas fit on a node (GPUs do that).
+VISION_POOL_RESOURCE = "dotsvlm_pool_vision"
+LLM_POOL_RESOURCE = "dotsvlm_pool_llm"
+POOL_RESOURCE_CAPACITY = 1000
+
+APP_NAME = "dotsvlm"
+APP_IMPORT_PATH = "dotsvlm_serving.app:build_app"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingTargets(_Strict):
+    """Ray Serve autoscaling for one pool's replicas (the per-pool autoscaler may override counts)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingTargets":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class VisionPoolConfig(_Strict):
+    gpus_per_replica: float = Field(0, ge=0, description="0 on CPU (the embedded default)")
+    # None: no pool pinning (local Ray without pool workers).
+    pool_resource: str | None = None
+    max_batch_pixels: int = Field(16 * 1024 * 1024, ge=3136, description="pixel budget of one encode batch")
+    max_batch_wait_ms: float = Field(5.0, ge=0)
+    autoscaling: AutoscalingTargets = AutoscalingTargets()
+
+
+class LLMPoolConfig(_Strict):
+    gpus_per_replica: float = Field(0, ge=0)
+    tensor_parallel: int = Field(1, ge=1)
+    nodes_per_replica: int = Field(1, ge=1)
+    pool_resource: str | None = None
+    context_length: int = Field(4096, ge=16)
+    max_running_requests: int = Field(16, ge=1)
+    max_new_tokens_default: int = Field(256, ge=1)
+    autoscaling: AutoscalingTargets = AutoscalingTargets()
+
+
+class QueueConfig(_Strict):
+    max_items: int = Field(256, ge=1)
+    max_bytes: int = Field(4 * 1024**3, ge=1024)
+    enqueue_timeout_s: float = Field(30.0, ge=0)
+
+
+class ImageLimits(_Strict):
+    max_images_per_request: int = Field(8, ge=0)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(11_289_600, ge=3136, description="pixels after resize (smart-resize cap)")
+    min_image_pixels: int = Field(3136, ge=1)
+    fetch_timeout_s: float = Field(10.0, gt=0)
+    # CIDRs or hostnames that http(s) image URLs may reach even though they are private/loopback.
+    fetch_allow: list[str] = Field(default_factory=list)
+
+
+class ApiConfig(_Strict):
+    # Name of an environment variable holding comma-separated API keys; unset or empty = no auth.
+    api_keys_env: str | None = "DOTSVLM_API_KEYS"
+    images: ImageLimits = ImageLimits()
+
+
+class ServeAppConfig(_Strict):
+    """Everything the Serve application needs; rendered by the operator, validated by the app builder."""
+
+    model_path: str
+    served_model_name: str = "dots.vlm1"
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    vision: VisionPoolConfig = VisionPoolConfig()
+    llm: LLMPoolConfig = LLMPoolConfig()
+    queue: QueueConfig = QueueConfig()
+    api: ApiConfig = ApiConfig()
+
+
+def serve_deploy_body(app: ServeAppConfig, *, http_port: int = 8000, route_prefix: str = "/") -> dict:
+    """The JSON body for `PUT /api/serve/applications/` on the Ray head's dashboard."""
+    return {
+        "http_options": {"host": "0.0.0.0", "port": http_port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": route_prefix,
+                "import_path": APP_IMPORT_PATH,
+                "args": app.model_dump(mode="json"),
+            }
+        ],
+    }
