@@ -1,0 +1,262 @@
+"""Continuous batching for a transformers causal LM (DeepSeek-V3 here) on one device.
+
+Each request is prefilled alone from `inputs_embeds` (image embeddings already written at the pad
+positions), then joins one shared, left-padded `DynamicCache`; every `step()` admits pending
+requests between decode steps and advances all running requests by one token. Left padding is masked
+by a 2-D attention mask and positions are passed per sequence, so a request decodes exactly as it would
+alone (the equivalence test checks this token for token). Finished and cancelled requests leave the
+batch at once and free their KV rows.
+
+Not thread-safe: one engine thread calls `add`, `cancel` and `step`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .sampling import SamplingParams, find_stop, holdback, sample_token
+
+
+class EngineLimitError(ValueError):
+    """A request that this engine can never run (too long for the context or the KV budget)."""
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    inputs_embeds: torch.Tensor  # [prompt_len, hidden]
+    params: SamplingParams
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs_embeds.shape[0])
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.prompt_tokens + self.params.max_tokens
+
+
+@dataclass
+class _Seq:
+    req: EngineRequest
+    generator: torch.Generator | None
+    length: int = 0  # tokens in this sequence's KV cache
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of the decoded text already sent
+    first_token_at: float | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+
+Event = dict
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, detokenize: Callable[[list[int]], str], *,
+                 eos_token_ids: set[int], max_running: int, kv_cache_tokens: int, context_length: int) -> None:
+        self.model = model
+        self.detokenize = detokenize
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_running = max_running
+        self.kv_cache_tokens = kv_cache_tokens
+        self.context_length = context_length
+        self.device = next(model.parameters()).device
+        self._pending: list[EngineRequest] = []
+        self._running: list[_Seq] = []  # row i of the batch cache belongs to _running[i]
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, cache_len] 1 = real token
+        self._cancelled: set[str] = set()
+        self.tokens_generated = 0
+
+    # ------------------------------------------------------------------ admission
+    def reserved_tokens(self) -> int:
+        return sum(s.req.reserved_tokens for s in self._running) + sum(r.reserved_tokens for r in self._pending)
+
+    def free_slots(self) -> int:
+        return max(0, self.max_running - len(self._running) - len(self._pending))
+
+    def free_tokens(self) -> int:
+        return max(0, self.kv_cache_tokens - self.reserved_tokens())
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._pending)
+
+    def num_running(self) -> int:
+        return len(self._running) + len(self._pending)
+
+    def check_limits(self, prompt_tokens: int, max_tokens: int) -> None:
+        total = prompt_tokens + max_tokens
+        if total > self.context_length:
+            raise EngineLimitError(
+                f"this model's maximum context length is {self.context_length} tokens, but the request needs "
+                f"{total} ({prompt_tokens} in the messages, {max_tokens} for the completion); shorten the "
+                f"messages, send fewer or smaller images, or lower max_tokens")
+        if total > self.kv_cache_tokens:
+            raise EngineLimitError(f"the request needs {total} KV-cache tokens but a replica has only "
+                                   f"{self.kv_cache_tokens}; lower max_tokens")
+
+    def add(self, req: EngineRequest) -> None:
+        self.check_limits(req.prompt_tokens, req.params.max_tokens)
+        self._pending.append(req)
+
+    def cancel(self, request_id: str) -> None:
+        self._cancelled.add(request_id)
+
+    # ------------------------------------------------------------------ the loop body
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit pending requests (prefill), then run one decode step for the whole batch."""
+        events: list[Event] = []
+        self._apply_cancellations(events)
+        while self._pending:
+            req = self._pending.pop(0)
+            try:
+                self._prefill(req, events)
+            except Exception as exc:  # a bad request must not take the replica down
+                events.append({"request_id": req.request_id, "type": "error", "code": 500,
+                               "message": f"prefill failed: {type(exc).__name__}: {exc}"})
+        if self._running:
+            self._decode(events)
+        return events
+
+    def _apply_cancellations(self, events: list[Event]) -> None:
+        if not self._cancelled:
+            return
+        for req in [r for r in self._pending if r.request_id in self._cancelled]:
+            self._pending.remove(req)
+            events.append(self._finish_event(_Seq(req, None), "cancelled"))
+        rows = [i for i, s in enumerate(self._running) if s.req.request_id in self._cancelled]
+        for i in rows:
+            events.append(self._finish_event(self._running[i], "cancelled"))
+        self._drop_rows(rows)
+        self._cancelled.clear()
+
+    def _prefill(self, req: EngineRequest, events: list[Event]) -> None:
+        seq = _Seq(req, req.params.make_generator())
+        cache = DynamicCache(config=self.model.config)
+        embeds = req.inputs_embeds.to(self.device, dtype=self._dtype())[None]
+        out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        seq.length = req.prompt_tokens
+        if self._on_token(seq, sample_token(out.logits[0, -1], req.params, seq.generator), events):
+            return
+        self._join(seq, cache)
+
+    def _decode(self, events: list[Event]) -> None:
+        assert self._cache is not None and self._mask is not None
+        b = len(self._running)
+        ids = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)
+        pos = torch.tensor([[s.length] for s in self._running], device=self.device)
+        mask = torch.cat([self._mask, torch.ones(b, 1, dtype=self._mask.dtype, device=self.device)], dim=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self._cache,
+                         use_cache=True)
+        self._mask = mask
+        finished: list[int] = []
+        for i, seq in enumerate(self._running):
+            seq.length += 1
+            if self._on_token(seq, sample_token(out.logits[i, -1], seq.req.params, seq.generator), events):
+                finished.append(i)
+        self._drop_rows(finished)
+
+    # ------------------------------------------------------------------ tokens and text
+    def _on_token(self, seq: _Seq, token: int, events: list[Event]) -> bool:
+        """Record one sampled token; emit text; return True when the sequence has finished."""
+        rid = seq.req.request_id
+        first = seq.first_token_at is None
+        if first:
+            seq.first_token_at = time.monotonic()
+        if token in self.eos_token_ids:
+            events.append(self._finish_event(seq, "stop", self._flush(seq)))
+            return True
+        seq.generated.append(token)
+        self.tokens_generated += 1
+        text = self.detokenize(seq.generated)
+        stops = seq.req.params.stop
+        if stops:
+            at = find_stop(text, stops, max(0, seq.emitted - max(len(s) for s in stops)))
+            if at >= 0:
+                delta = text[seq.emitted:at] if at > seq.emitted else ""
+                seq.emitted = max(seq.emitted, at)
+                events.append(self._finish_event(seq, "stop", delta))
+                return True
+        if len(seq.generated) >= seq.req.params.max_tokens:
+            events.append(self._finish_event(seq, "length", self._flush(seq, text)))
+            return True
+        safe = len(text) - holdback(text, stops)
+        if safe > seq.emitted or first:
+            events.append({"request_id": rid, "type": "token", "text": text[seq.emitted:max(safe, seq.emitted)]})
+            seq.emitted = max(safe, seq.emitted)
+        return False
+
+    def _flush(self, seq: _Seq, text: str | None = None) -> str:
+        text = self.detokenize(seq.generated) if text is None else text
+        delta = text[seq.emitted:]
+        seq.emitted = len(text)
+        return delta
+
+    def _finish_event(self, seq: _Seq, reason: str, text: str = "") -> Event:
+        return {"request_id": seq.req.request_id, "type": "finish", "finish_reason": reason, "text": text,
+                "usage": {"prompt_tokens": seq.req.prompt_tokens, "completion_tokens": len(seq.generated)}}
+
+    # ------------------------------------------------------------------ the batch cache
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _join(self, seq: _Seq, cache: DynamicCache) -> None:
+        length = seq.length
+        if self._cache is None:
+            self._cache, self._mask = cache, torch.ones(1, length, dtype=torch.long, device=self.device)
+            self._running.append(seq)
+            return
+        assert self._mask is not None
+        cur = self._mask.shape[1]
+        if length < cur:
+            self._pad_left(cache, cur - length)
+            new_mask = torch.cat([torch.zeros(1, cur - length, dtype=torch.long, device=self.device),
+                                  torch.ones(1, length, dtype=torch.long, device=self.device)], dim=1)
+        else:
+            if length > cur:
+                self._pad_left(self._cache, length - cur)
+                self._mask = torch.cat([torch.zeros(self._mask.shape[0], length - cur, dtype=torch.long,
+                                                    device=self.device), self._mask], dim=1)
+            new_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
+            mine.values = torch.cat([mine.values, theirs.values], dim=0)
+        self._mask = torch.cat([self._mask, new_mask], dim=0)
+        self._running.append(seq)
+
+    @staticmethod
+    def _pad_left(cache: DynamicCache, n: int) -> None:
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                pad = torch.zeros(*t.shape[:-2], n, t.shape[-1], dtype=t.dtype, device=t.device)
+                setattr(layer, name, torch.cat([pad, t], dim=-2))
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        keep = [i for i in range(len(self._running)) if i not in set(rows)]
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        assert self._cache is not None and self._mask is not None
+        idx = torch.tensor(keep, device=self.device)
+        self._mask = self._mask[idx]
+        # Trim columns that are padding in every remaining row.
+        first = int(torch.nonzero(self._mask.sum(dim=0) > 0)[0].item())
+        self._mask = self._mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[idx][..., first:, :]
+            layer.values = layer.values[idx][..., first:, :]
+
+    def stats(self) -> dict[str, float]:
+        return {"running": float(len(self._running)), "pending": float(len(self._pending)),
+                "kv_tokens_reserved": float(self.reserved_tokens()), "kv_tokens_capacity": float(self.kv_cache_tokens),
+                "kv_tokens_used": float(sum(s.length for s in self._running)),
+                "tokens_generated_total": float(self.tokens_generated)}

@@ -1,0 +1,7 @@
+"""The tensor queue between the vision and LLM pools: queue semantics (`core`) and transports."""
+
+from .core import ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
+from .transport import RayObjectTransport, TensorHandle, TensorTransport, TransportError
+
+__all__ = ["ItemTooLarge", "QueueFull", "QueueItem", "TensorQueueCore", "RayObjectTransport", "TensorHandle",
+           "TensorTransport", "TransportError"]

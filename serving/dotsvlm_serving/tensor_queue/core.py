@@ -1,0 +1,328 @@
+"""The tensor queue between the vision pool and the LLM pool (pure asyncio, no Ray).
+
+Semantics (docs/serving.md, "Tensor queue"):
+- bounded in items and in bytes; FIFO for items and for producers waiting for room;
+- backpressure: `put` waits up to a timeout for room, then raises `QueueFull` (the API answers 429 with
+  Retry-After); nothing is ever dropped silently;
+- pull-based: a consumer (an LLM replica) `take`s items when it has room in its KV cache; an item leaves
+  the queue only then, and stays *leased* to that consumer until it publishes a final event;
+- a consumer that stops heartbeating for `lease_timeout_s` is declared dead: its leased items are put
+  back at the head of the queue (redelivered) when nothing has been streamed to the client yet and the
+  delivery budget allows, otherwise the request fails with a clear error;
+- results flow back through per-request mailboxes that the ingress long-polls.
+
+`TensorQueueCore` is wrapped by a Ray Serve deployment (`deployments/queue.py`); keeping the logic here
+makes it unit-testable without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QueueFull(Exception):
+    """No room in the queue within the enqueue timeout."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ItemTooLarge(ValueError):
+    """An item larger than the whole queue's byte budget can never be admitted."""
+
+
+@dataclass
+class QueueItem:
+    """One request's work for the LLM pool. `payload` is opaque to the queue (prompt ids, sampling
+    parameters, `TensorHandle` of the image embeddings)."""
+
+    request_id: str
+    nbytes: int
+    reserved_tokens: int
+    payload: Any
+    stream: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
+    deliveries: int = 0
+
+
+@dataclass
+class _Mailbox:
+    events: list[dict] = field(default_factory=list)
+    waiter: asyncio.Event = field(default_factory=asyncio.Event)
+    streamed: bool = False  # a token event was published (so a redelivery would repeat output)
+    done: bool = False
+    last_touch: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Consumer:
+    consumer_id: str
+    last_seen: float
+    leased: dict[str, QueueItem] = field(default_factory=dict)
+    cancelled: set[str] = field(default_factory=set)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+TERMINAL_EVENTS = frozenset({"finish", "error"})
+
+
+class TensorQueueCore:
+    def __init__(self, *, max_items: int, max_bytes: int, lease_timeout_s: float = 10.0,
+                 max_deliveries: int = 2, mailbox_ttl_s: float = 120.0) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.lease_timeout_s = lease_timeout_s
+        self.max_deliveries = max_deliveries
+        self.mailbox_ttl_s = mailbox_ttl_s
+        self._items: deque[QueueItem] = deque()
+        self._bytes = 0
+        # (future, nbytes) of producers waiting for room, in arrival order; a woken producer holds a
+        # reservation (_reserved_*) until it has appended, so a newcomer cannot take its room.
+        self._put_waiters: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._reserved_items = 0
+        self._reserved_bytes = 0
+        self._item_available = asyncio.Event()
+        self._mailboxes: dict[str, _Mailbox] = {}
+        self._consumers: dict[str, _Consumer] = {}
+        self._seq = itertools.count()
+        self.counters: dict[str, int] = {"enqueued": 0, "rejected_full": 0, "taken": 0, "redelivered": 0,
+                                         "failed_consumer_lost": 0, "cancelled": 0, "completed": 0}
+
+    # ---------------------------------------------------------------- producers
+    def _has_room(self, nbytes: int) -> bool:
+        return (len(self._items) + self._reserved_items < self.max_items
+                and self._bytes + self._reserved_bytes + nbytes <= self.max_bytes)
+
+    async def put(self, item: QueueItem, timeout_s: float) -> None:
+        """Enqueue, waiting FIFO behind earlier producers for up to `timeout_s`; raises `QueueFull`."""
+        if item.nbytes > self.max_bytes:
+            raise ItemTooLarge(f"the request's image embeddings take {item.nbytes} bytes, more than the tensor "
+                               f"queue's whole budget ({self.max_bytes} bytes): send fewer or smaller images")
+        if item.request_id in self._mailboxes:
+            raise ValueError(f"duplicate request id {item.request_id}")
+        if self._put_waiters or not self._has_room(item.nbytes):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (fut, item.nbytes)
+            self._put_waiters.append(entry)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout=timeout_s)
+            except asyncio.TimeoutError:
+                if not fut.done():
+                    self._put_waiters.remove(entry)
+                    self.counters["rejected_full"] += 1
+                    self._wake_producers()
+                    raise QueueFull(
+                        f"the server is at capacity: the tensor queue stayed full ({len(self._items)} items, "
+                        f"{self._bytes} bytes) for {timeout_s:g} s; retry later",
+                        retry_after_s=self.retry_after_hint()) from None
+            except BaseException:
+                if fut.done():
+                    self._release_reservation(item.nbytes)
+                elif entry in self._put_waiters:
+                    self._put_waiters.remove(entry)
+                self._wake_producers()
+                raise
+            self._release_reservation(item.nbytes)
+        item.enqueued_at = time.monotonic()
+        self._items.append(item)
+        self._bytes += item.nbytes
+        self._mailboxes[item.request_id] = _Mailbox()
+        self.counters["enqueued"] += 1
+        self._item_available.set()
+        self._wake_producers()
+
+    def _wake_producers(self) -> None:
+        """Admit waiting producers in arrival order while there is room, reserving it for them."""
+        while self._put_waiters:
+            fut, nbytes = self._put_waiters[0]
+            if fut.done():
+                self._put_waiters.popleft()
+                continue
+            if not self._has_room(nbytes):
+                break
+            self._put_waiters.popleft()
+            self._reserved_items += 1
+            self._reserved_bytes += nbytes
+            fut.set_result(None)
+
+    def _release_reservation(self, nbytes: int) -> None:
+        self._reserved_items -= 1
+        self._reserved_bytes -= nbytes
+
+    def retry_after_hint(self) -> float:
+        """Seconds a rejected client should wait: roughly the age of the oldest queued item, 1..30 s."""
+        age = self.oldest_age_s()
+        return float(min(30.0, max(1.0, round(age))))
+
+    # ---------------------------------------------------------------- consumers
+    def _touch(self, consumer_id: str) -> _Consumer:
+        now = time.monotonic()
+        c = self._consumers.get(consumer_id)
+        if c is None:
+            c = self._consumers[consumer_id] = _Consumer(consumer_id, now)
+        c.last_seen = now
+        return c
+
+    async def take(self, consumer_id: str, *, max_items: int, token_budget: int, wait_s: float) -> list[QueueItem]:
+        """Lease up to `max_items` head items whose reserved tokens fit `token_budget` (FIFO: stops at
+        the first that does not fit). Waits up to `wait_s` when the queue is empty."""
+        c = self._touch(consumer_id)
+        deadline = time.monotonic() + wait_s
+        while not self._items and max_items > 0:
+            self._item_available.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._item_available.wait(), timeout=remaining)
+            except asyncio.TimeoutError:
+                break
+        c = self._touch(consumer_id)
+        out: list[QueueItem] = []
+        while self._items and len(out) < max_items:
+            head = self._items[0]
+            if head.reserved_tokens > token_budget and (out or c.leased):
+                break
+            self._items.popleft()
+            self._bytes -= head.nbytes
+            head.deliveries += 1
+            c.leased[head.request_id] = head
+            token_budget -= head.reserved_tokens
+            out.append(head)
+        if out:
+            self.counters["taken"] += len(out)
+            self._wake_producers()
+        return out
+
+    def publish(self, consumer_id: str, events: list[dict], stats: dict[str, float] | None = None) -> list[str]:
+        """Deliver events (`{"request_id", "type": "token"|"finish"|"error", ...}`) to mailboxes; doubles as
+        a heartbeat. Returns the ids of this consumer's requests that were cancelled by their clients."""
+        c = self._touch(consumer_id)
+        if stats is not None:
+            c.stats = dict(stats)
+        for ev in events:
+            rid = ev["request_id"]
+            box = self._mailboxes.get(rid)
+            if ev["type"] in TERMINAL_EVENTS:
+                if c.leased.pop(rid, None) is not None:
+                    self.counters["completed"] += 1
+                c.cancelled.discard(rid)
+            if box is None or box.done:
+                continue
+            if ev["type"] == "token":
+                box.streamed = True
+            box.events.append(ev)
+            if ev["type"] in TERMINAL_EVENTS:
+                box.done = True
+            box.waiter.set()
+        cancelled = sorted(c.cancelled)
+        return cancelled
+
+    def heartbeat(self, consumer_id: str, stats: dict[str, float] | None = None) -> list[str]:
+        return self.publish(consumer_id, [], stats)
+
+    def leave(self, consumer_id: str) -> None:
+        """A consumer shutting down cleanly hands its leases back (as if it had died, but at once)."""
+        c = self._consumers.get(consumer_id)
+        if c is not None:
+            self._declare_dead(c, reason="the LLM replica shut down")
+
+    # ---------------------------------------------------------------- clients (the ingress)
+    async def next_events(self, request_id: str, wait_s: float) -> list[dict]:
+        """Long-poll a request's mailbox. Returns [] on timeout; raises KeyError for an unknown id. The
+        mailbox is removed once its terminal event has been returned."""
+        box = self._mailboxes.get(request_id)
+        if box is None:
+            raise KeyError(request_id)
+        box.last_touch = time.monotonic()
+        if not box.events:
+            box.waiter.clear()
+            try:
+                await asyncio.wait_for(box.waiter.wait(), timeout=wait_s)
+            except asyncio.TimeoutError:
+                return []
+        events, box.events = box.events, []
+        box.last_touch = time.monotonic()
+        if box.done and events and events[-1]["type"] in TERMINAL_EVENTS:
+            self._mailboxes.pop(request_id, None)
+        return events
+
+    def cancel(self, request_id: str) -> bool:
+        """The client went away: drop a queued item at once, or ask the leasing consumer to stop."""
+        box = self._mailboxes.pop(request_id, None)
+        found = box is not None
+        for i, it in enumerate(self._items):
+            if it.request_id == request_id:
+                del self._items[i]
+                self._bytes -= it.nbytes
+                self._wake_producers()
+                break
+        for c in self._consumers.values():
+            if request_id in c.leased:
+                c.cancelled.add(request_id)
+        if found:
+            self.counters["cancelled"] += 1
+        return found
+
+    # ---------------------------------------------------------------- liveness
+    def reap(self, now: float | None = None) -> list[str]:
+        """Declare consumers without a heartbeat for `lease_timeout_s` dead; drop stale mailboxes.
+        Returns the dead consumer ids."""
+        now = time.monotonic() if now is None else now
+        dead = [c for c in self._consumers.values() if now - c.last_seen > self.lease_timeout_s]
+        for c in dead:
+            self._declare_dead(c, reason=f"the LLM replica stopped responding (no heartbeat for "
+                                         f"{self.lease_timeout_s:g} s)")
+        for rid, box in list(self._mailboxes.items()):
+            if box.done and now - box.last_touch > self.mailbox_ttl_s:
+                del self._mailboxes[rid]
+        return [c.consumer_id for c in dead]
+
+    def _declare_dead(self, c: _Consumer, *, reason: str) -> None:
+        self._consumers.pop(c.consumer_id, None)
+        requeue: list[QueueItem] = []
+        for rid, item in c.leased.items():
+            box = self._mailboxes.get(rid)
+            if box is None or box.done:
+                continue
+            if (box.streamed and item.stream) or item.deliveries >= self.max_deliveries:
+                self.counters["failed_consumer_lost"] += 1
+                box.events.append({"request_id": rid, "type": "error", "code": 503,
+                                   "message": f"{reason} while generating this answer; please retry the request"})
+                box.done = True
+            else:
+                self.counters["redelivered"] += 1
+                # Tell the client to discard partial output it may have buffered (non-streaming only).
+                box.events.append({"request_id": rid, "type": "restart"})
+                box.streamed = False
+                requeue.append(item)
+            box.waiter.set()
+        for item in reversed(requeue):  # back at the head, in their original order
+            self._items.appendleft(item)
+            self._bytes += item.nbytes
+        if requeue:
+            self._item_available.set()
+
+    # ---------------------------------------------------------------- observability
+    def oldest_age_s(self) -> float:
+        return time.monotonic() - self._items[0].enqueued_at if self._items else 0.0
+
+    def stats(self) -> dict[str, Any]:
+        consumers = {cid: dict(c.stats, leased=len(c.leased)) for cid, c in self._consumers.items()}
+        return {
+            "depth": len(self._items),
+            "bytes": self._bytes,
+            "oldest_age_s": self.oldest_age_s(),
+            "waiting_producers": sum(1 for f, _ in self._put_waiters if not f.done()),
+            "leased": sum(len(c.leased) for c in self._consumers.values()),
+            "consumers": consumers,
+            "max_items": self.max_items,
+            "max_bytes": self.max_bytes,
+            "counters": dict(self.counters),
+        }

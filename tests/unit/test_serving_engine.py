@@ -1,0 +1,131 @@
+"""The engine on a tiny DeepSeek-V3 (random weights): batched decoding with staggered joins equals
+unbatched greedy decoding token for token; sampling parameters; stop strings; limits; cancellation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache
+
+from dotsvlm_serving.engine import Engine, EngineLimitError, EngineRequest, SamplingParams
+from dotsvlm_serving.engine.sampling import holdback, sample_token
+
+
+@pytest.fixture(scope="module")
+def llm() -> DeepseekV3ForCausalLM:
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                           n_shared_experts=1, n_group=1, topk_group=1, num_attention_heads=4, num_key_value_heads=4,
+                           q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                           max_position_embeddings=512, rope_scaling=None)
+    return DeepseekV3ForCausalLM(cfg).eval()
+
+
+def detok(ids: list[int]) -> str:
+    return "".join(f"<{i}>" for i in ids)
+
+
+@torch.inference_mode()
+def greedy_alone(model: DeepseekV3ForCausalLM, embeds: torch.Tensor, n: int) -> list[int]:
+    cache = DynamicCache(config=model.config)
+    out = model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True)
+    toks = [int(out.logits[0, -1].argmax())]
+    while len(toks) < n:
+        out = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True)
+        toks.append(int(out.logits[0, -1].argmax()))
+    return toks
+
+
+def make_engine(model: DeepseekV3ForCausalLM, **kw) -> Engine:
+    args = dict(eos_token_ids=set(), max_running=8, kv_cache_tokens=4096, context_length=256)
+    args.update(kw)
+    return Engine(model, detok, **args)
+
+
+def run_all(engine: Engine, joins: dict[int, list[EngineRequest]], max_steps: int = 500) -> dict[str, dict]:
+    """Step the engine, adding requests at given step numbers; collect text and finish events."""
+    results: dict[str, dict] = {}
+    step = 0
+    while step < max_steps and (engine.has_work() or any(k >= step for k in joins)):
+        for r in joins.get(step, []):
+            engine.add(r)
+        for ev in engine.step():
+            res = results.setdefault(ev["request_id"], {"text": ""})
+            res["text"] += ev.get("text", "")
+            if ev["type"] in ("finish", "error"):
+                res["final"] = ev
+        step += 1
+    return results
+
+
+def test_batched_decode_with_joins_equals_unbatched_greedy(llm: DeepseekV3ForCausalLM) -> None:
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 17, 9, 30, 1, 12]
+    embeds = [torch.randn(n, 64, generator=g) for n in lengths]
+    max_new = [12, 7, 15, 10, 9, 11]
+    expected = {f"r{i}": greedy_alone(llm, e, m) for i, (e, m) in enumerate(zip(embeds, max_new))}
+    reqs = [EngineRequest(f"r{i}", e, SamplingParams(max_tokens=m, temperature=0))
+            for i, (e, m) in enumerate(zip(embeds, max_new))]
+    # Requests join between decode steps, while others are mid-generation, and leave at different times.
+    results = run_all(make_engine(llm), {0: reqs[:2], 3: reqs[2:4], 4: [reqs[4]], 9: [reqs[5]]})
+    for rid, toks in expected.items():
+        assert results[rid]["text"] == detok(toks), rid
+        assert results[rid]["final"]["finish_reason"] == "length"
+        assert results[rid]["final"]["usage"]["completion_tokens"] == len(toks)
+
+
+def test_running_limit_and_kv_budget(llm: DeepseekV3ForCausalLM) -> None:
+    eng = make_engine(llm, max_running=2, kv_cache_tokens=100)
+    assert eng.free_slots() == 2 and eng.free_tokens() == 100
+    eng.add(EngineRequest("a", torch.zeros(10, 64), SamplingParams(max_tokens=20, temperature=0)))
+    assert eng.free_slots() == 1 and eng.free_tokens() == 70
+    with pytest.raises(EngineLimitError, match="maximum context length is 256"):
+        eng.check_limits(250, 10)
+    with pytest.raises(EngineLimitError, match="KV-cache"):
+        make_engine(llm, kv_cache_tokens=50).add(EngineRequest("b", torch.zeros(40, 64), SamplingParams(max_tokens=20)))
+
+
+def test_eos_stop_string_and_cancellation(llm: DeepseekV3ForCausalLM) -> None:
+    e = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    toks = greedy_alone(llm, e, 6)
+    eng = make_engine(llm, eos_token_ids={toks[2]} - set(toks[:2]))
+    res = run_all(eng, {0: [EngineRequest("eos", e, SamplingParams(max_tokens=6, temperature=0))]})
+    if toks[2] not in toks[:2]:
+        assert res["eos"]["final"]["finish_reason"] == "stop" and res["eos"]["text"] == detok(toks[:2])
+    stop = f"<{toks[3]}>"
+    res = run_all(make_engine(llm), {0: [EngineRequest("s", e, SamplingParams(max_tokens=6, temperature=0, stop=(stop,)))]})
+    first = detok(toks).find(stop)
+    assert res["s"]["final"]["finish_reason"] == "stop" and res["s"]["text"] == detok(toks)[:first]
+    assert stop not in res["s"]["text"]
+    eng = make_engine(llm)
+    eng.add(EngineRequest("c", e, SamplingParams(max_tokens=50, temperature=0)))
+    eng.add(EngineRequest("d", e, SamplingParams(max_tokens=5, temperature=0)))
+    eng.step()
+    eng.cancel("c")
+    evs = eng.step()
+    assert {"request_id": "c", "type": "finish"}.items() <= next(x for x in evs if x["request_id"] == "c").items()
+    assert next(x for x in evs if x["request_id"] == "c")["finish_reason"] == "cancelled"
+    assert eng.num_running() == 1
+    res = run_all(eng, {})
+    assert res["d"]["final"]["finish_reason"] == "length"
+
+
+def test_sampling_seed_top_k_top_p() -> None:
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0, 1.0])
+    p = SamplingParams(max_tokens=1, temperature=1.0, seed=7)
+    a = [sample_token(logits, p, g) for g in [p.make_generator()] for _ in range(20)]
+    b = [sample_token(logits, p, g) for g in [p.make_generator()] for _ in range(20)]
+    assert a == b  # same seed, same draws
+    k1 = SamplingParams(max_tokens=1, temperature=1.0, top_k=1, seed=1)
+    assert {sample_token(logits, k1, k1.make_generator()) for _ in range(20)} == {1}
+    tp = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5, seed=1)
+    g = tp.make_generator()
+    assert {sample_token(logits, tp, g) for _ in range(50)} <= {1, 2}
+    assert sample_token(logits, SamplingParams(max_tokens=1, temperature=0), None) == 1
+
+
+def test_holdback_for_partial_stop_strings() -> None:
+    assert holdback("hello wor", ("world",)) == 3
+    assert holdback("hello", ("xyz",)) == 0
+    assert holdback("abc\ufffd", ()) == 1

@@ -1,0 +1,133 @@
+"""The tensor queue's semantics without Ray: bounds, FIFO, backpressure, leases, redelivery, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dotsvlm_serving.tensor_queue import ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
+
+
+def item(rid: str, nbytes: int = 10, tokens: int = 10, stream: bool = False) -> QueueItem:
+    return QueueItem(request_id=rid, nbytes=nbytes, reserved_tokens=tokens, payload={"id": rid}, stream=stream)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_fifo_and_item_bound_with_timeout_rejection() -> None:
+    async def main() -> None:
+        q = TensorQueueCore(max_items=2, max_bytes=1000)
+        await q.put(item("a"), 1)
+        await q.put(item("b"), 1)
+        with pytest.raises(QueueFull) as ei:
+            await q.put(item("c"), 0.05)
+        assert ei.value.retry_after_s >= 1 and "retry" in str(ei.value)
+        assert q.stats()["depth"] == 2 and q.counters["rejected_full"] == 1
+        got = await q.take("r1", max_items=5, token_budget=1000, wait_s=0)
+        assert [i.request_id for i in got] == ["a", "b"]
+    run(main())
+
+
+def test_byte_bound_and_too_large() -> None:
+    async def main() -> None:
+        q = TensorQueueCore(max_items=10, max_bytes=100)
+        with pytest.raises(ItemTooLarge):
+            await q.put(item("big", nbytes=101), 1)
+        await q.put(item("a", nbytes=60), 1)
+        with pytest.raises(QueueFull):
+            await q.put(item("b", nbytes=50), 0.05)
+        assert q.stats()["bytes"] == 60
+    run(main())
+
+
+def test_waiting_producers_are_admitted_in_order_when_a_consumer_takes() -> None:
+    async def main() -> None:
+        q = TensorQueueCore(max_items=1, max_bytes=1000)
+        await q.put(item("a"), 1)
+        p1 = asyncio.create_task(q.put(item("b"), 5))
+        await asyncio.sleep(0.01)
+        p2 = asyncio.create_task(q.put(item("c"), 5))
+        await asyncio.sleep(0.01)
+        assert q.stats()["waiting_producers"] == 2
+        assert [i.request_id for i in await q.take("r", max_items=1, token_budget=100, wait_s=0)] == ["a"]
+        await asyncio.wait_for(p1, 1)
+        assert not p2.done()
+        assert [i.request_id for i in await q.take("r", max_items=1, token_budget=100, wait_s=0)] == ["b"]
+        await asyncio.wait_for(p2, 1)
+        assert [i.request_id for i in await q.take("r", max_items=1, token_budget=100, wait_s=0)] == ["c"]
+    run(main())
+
+
+def test_take_respects_token_budget_and_waits_for_items() -> None:
+    async def main() -> None:
+        q = TensorQueueCore(max_items=10, max_bytes=1000)
+        waiter = asyncio.create_task(q.take("r", max_items=4, token_budget=25, wait_s=2))
+        await asyncio.sleep(0.01)
+        for rid in "abc":
+            await q.put(item(rid, tokens=10), 1)
+        got = await asyncio.wait_for(waiter, 1)
+        assert [i.request_id for i in got] == ["a", "b"]  # c would exceed the budget
+        assert q.stats()["depth"] == 1 and q.stats()["leased"] == 2
+        assert await q.take("r2", max_items=1, token_budget=100, wait_s=0.01) != []
+        assert await q.take("r2", max_items=1, token_budget=100, wait_s=0.01) == []
+    run(main())
+
+
+def test_events_flow_to_mailbox_and_terminal_event_releases_lease() -> None:
+    async def main() -> None:
+        q = TensorQueueCore(max_items=10, max_bytes=1000)
+        await q.put(item("a"), 1)
+        await q.take("r", max_items=1, token_budget=100, wait_s=0)
+        poll = asyncio.create_task(q.next_events("a", wait_s=2))
+        await asyncio.sleep(0.01)
+        q.publish("r", [{"request_id": "a", "type": "token", "text": "hi"}])
+        assert [e["text"] for e in await asyncio.wait_for(poll, 1)] == ["hi"]
+        assert await q.next_events("a", wait_s=0.01) == []
+        q.publish("r", [{"request_id": "a", "type": "finish", "finish_reason": "stop"}])
+        assert (await q.next_events("a", wait_s=1))[-1]["type"] == "finish"
+        assert q.stats()["leased"] == 0
+        with pytest.raises(KeyError):
+            await q.next_events("a", wait_s=0)
+    run(main())
+
+
+def test_dead_consumer_items_are_redelivered_or_failed() -> None:
+    async def main() -> None:
+        q = TensorQueueCore(max_items=10, max_bytes=1000, lease_timeout_s=0.05, max_deliveries=2)
+        await q.put(item("quiet"), 1)
+        await q.put(item("streamed", stream=True), 1)
+        await q.put(item("later"), 1)
+        await q.take("dead", max_items=2, token_budget=100, wait_s=0)
+        q.publish("dead", [{"request_id": "streamed", "type": "token", "text": "x"}])
+        await asyncio.sleep(0.1)
+        assert q.reap() == ["dead"]
+        # The quiet one goes back to the head, before "later"; the streamed one fails clearly.
+        got = await q.take("alive", max_items=5, token_budget=100, wait_s=0)
+        assert [i.request_id for i in got] == ["quiet", "later"]
+        assert got[0].deliveries == 2
+        ev = await q.next_events("streamed", wait_s=1)
+        assert ev[-1]["type"] == "error" and ev[-1]["code"] == 503 and "retry" in ev[-1]["message"]
+        assert (await q.next_events("quiet", wait_s=1))[-1]["type"] == "restart"
+        # A second death exhausts the delivery budget: the request fails instead of looping.
+        await asyncio.sleep(0.1)
+        q.reap()
+        ev = await q.next_events("quiet", wait_s=1)
+        assert ev[-1]["type"] == "error"
+    run(main())
+
+
+def test_cancel_removes_queued_item_and_flags_leased_one() -> None:
+    async def main() -> None:
+        q = TensorQueueCore(max_items=1, max_bytes=1000)
+        await q.put(item("a"), 1)
+        assert q.cancel("a") and q.stats()["depth"] == 0
+        await q.put(item("b"), 1)  # room again
+        await q.take("r", max_items=1, token_budget=100, wait_s=0)
+        q.cancel("b")
+        assert q.heartbeat("r") == ["b"]
+        q.publish("r", [{"request_id": "b", "type": "finish", "finish_reason": "cancelled"}])
+        assert q.heartbeat("r") == [] and q.stats()["leased"] == 0
+    run(main())
