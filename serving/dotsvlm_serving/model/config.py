@@ -1,0 +1,166 @@
+"""The checkpoint's configuration: config.json (flat DeepSeek-V3 keys + `vision_config` + token ids)
+and preprocessor_config.json.
+
+No torch import at module level: the serving ingress reads limits and token ids from here without
+loading the model. `DotsVLMConfig.llm_config()` imports transformers lazily.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import DeepseekV3Config
+
+# Engine defaults (SGLang's dots_vlm); the checkpoint's config.json wins when it has them.
+DEFAULT_IMAGE_TOKEN_ID = 128815
+DEFAULT_VIDEO_TOKEN_ID = 128836
+
+# Keys of config.json that describe the wrapper model, not the DeepSeek-V3 language model.
+_NON_LLM_KEYS = frozenset(
+    {"vision_config", "image_token_id", "video_token_id", "architectures", "model_type", "auto_map",
+     "quantization_config", "torch_dtype", "dtype", "transformers_version"}
+)
+
+
+class VisionConfig(BaseModel):
+    """`vision_config` of the checkpoint (dots ViT). Defaults are the dots.vlm1 values; unknown keys are
+    kept (extra="allow") so a newer checkpoint still loads and round-trips."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_type: str = "dots_vit"
+    embed_dim: int = Field(1536, ge=1)
+    hidden_size: int = Field(7168, ge=1, description="patch merger output width = LLM hidden size")
+    intermediate_size: int = Field(4224, ge=1)
+    num_hidden_layers: int = Field(42, ge=1)
+    num_attention_heads: int = Field(12, ge=1)
+    num_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 1
+    spatial_merge_size: int = 2
+    rms_norm_eps: float = 1e-5
+    use_bias: bool = False
+    post_norm: bool = True
+    is_causal: bool = False
+    rope_theta: float = 10000.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "VisionConfig":
+        if self.embed_dim % self.num_attention_heads:
+            raise ValueError(f"vision embed_dim {self.embed_dim} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if (self.embed_dim // self.num_attention_heads) % 4:
+            raise ValueError("vision head_dim must be divisible by 4 (2D RoPE splits it into row and column halves)")
+        if self.is_causal:
+            raise ValueError("vision_config.is_causal=true is not supported (dots.vlm1's tower is bidirectional)")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_attention_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per input row: channels x temporal x patch x patch (588 for dots.vlm1)."""
+        return self.num_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+class PreprocessConfig(BaseModel):
+    """Image preprocessing values (Qwen2-VL-style processor); read from preprocessor_config.json."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    min_pixels: int = Field(3136, ge=1)
+    max_pixels: int = Field(11_289_600, ge=1)
+    patch_size: int = 14
+    temporal_patch_size: int = 1
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @model_validator(mode="after")
+    def _check(self) -> "PreprocessConfig":
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
+        return self
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+        """Accepts both the flat Qwen2-VL keys and the newer `size: {shortest_edge, longest_edge}` form."""
+        d = dict(data)
+        size = d.get("size") or {}
+        if isinstance(size, dict):
+            d.setdefault("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+            d.setdefault("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+        return cls.model_validate({k: v for k, v in d.items() if v is not None})
+
+
+class DotsVLMConfig(BaseModel):
+    """The whole checkpoint configuration. `raw` is config.json verbatim (it is what gets saved back)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    vision: VisionConfig
+    image_token_id: int
+    video_token_id: int
+    preprocess: PreprocessConfig = PreprocessConfig()
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], preprocess: dict[str, Any] | None = None) -> "DotsVLMConfig":
+        vision = VisionConfig.model_validate(raw.get("vision_config") or {})
+        pre = PreprocessConfig.from_json_dict(preprocess) if preprocess else PreprocessConfig(
+            patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size)
+        if pre.patch_size != vision.patch_size or pre.merge_size != vision.spatial_merge_size:
+            raise ValueError(
+                f"preprocessor_config.json (patch_size {pre.patch_size}, merge_size {pre.merge_size}) disagrees with "
+                f"config.json vision_config (patch_size {vision.patch_size}, spatial_merge_size {vision.spatial_merge_size})")
+        return cls(
+            vision=vision,
+            image_token_id=int(raw.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID)),
+            video_token_id=int(raw.get("video_token_id", DEFAULT_VIDEO_TOKEN_ID)),
+            preprocess=pre,
+            raw=raw,
+        )
+
+    @property
+    def quantization_config(self) -> dict[str, Any] | None:
+        return self.raw.get("quantization_config")
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        """The flat DeepSeek-V3 keys of config.json (everything that is not the wrapper's)."""
+        return {k: v for k, v in self.raw.items() if k not in _NON_LLM_KEYS}
+
+    def llm_config(self) -> "DeepseekV3Config":
+        """A transformers DeepseekV3Config from the flat keys. `rope_scaling` (the checkpoint's legacy
+        form, e.g. YaRN) is converted by transformers itself into `rope_parameters`."""
+        from transformers import DeepseekV3Config
+
+        cfg = DeepseekV3Config(**self.llm_kwargs())
+        if cfg.hidden_size != self.vision.hidden_size:
+            raise ValueError(
+                f"vision_config.hidden_size ({self.vision.hidden_size}) must equal the LLM hidden_size ({cfg.hidden_size}): "
+                "the patch merger writes into the LLM's input embeddings")
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+
+def load_config(model_dir: str | Path) -> DotsVLMConfig:
+    """Read config.json (and preprocessor_config.json when present) from a checkpoint directory."""
+    d = Path(model_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is {d} a dots.vlm1 checkpoint directory?")
+    raw = json.loads(cfg_path.read_text())
+    pre_path = d / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text()) if pre_path.is_file() else None
+    return DotsVLMConfig.from_dict(raw, pre)

@@ -1,0 +1,189 @@
+"""Image preprocessing as pure functions: decode -> RGB -> smart resize -> normalise -> patchify.
+
+Limits (decided here, documented in docs/model.md):
+- `decode_image` refuses more than `max_bytes` of input and images whose *original* size exceeds
+  `max_input_pixels` (a decompression-bomb guard, checked from the header before pixels are decoded).
+- `smart_resize` refuses zero sizes and aspect ratios over 200; larger images are *downscaled* to at
+  most `max_pixels` (that is the model's pixel budget, not an error), smaller ones upscaled to
+  `min_pixels`.
+- `preprocess_images` refuses more than `max_images` images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import PreprocessConfig
+
+DEFAULTS = PreprocessConfig()
+MAX_ASPECT_RATIO = 200
+# Hard cap on an image's original size (pixels), before resizing: about 16k x 10k. Larger inputs are a
+# decoding-memory risk and are refused rather than downscaled.
+DEFAULT_MAX_INPUT_PIXELS = 178_956_970
+
+
+class ImageError(ValueError):
+    """An image the service refuses; str() is a message for the API user saying what to fix."""
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
+    """Decode PNG / JPEG / WebP / GIF (first frame) / anything Pillow reads into an RGB image."""
+    if not data:
+        raise ImageError("the image is empty (0 bytes): send the image file's contents")
+    if len(data) > max_bytes:
+        raise ImageError(f"the image is {len(data)} bytes, over the limit of {max_bytes} bytes: send a smaller or more compressed image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own pixel cap below
+            img = Image.open(io.BytesIO(data))
+        w, h = img.size  # from the header: nothing decoded yet
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"the image has too many pixels ({exc}): downscale it before sending") from exc
+    except Exception as exc:  # PIL raises several types for bad data
+        raise ImageError(f"the image could not be decoded ({type(exc).__name__}): send a valid PNG, JPEG, WebP or GIF file") from exc
+    _check_size(h, w)
+    if w * h > max_input_pixels:
+        raise ImageError(f"the image is {w}x{h} = {w * h} pixels, over the limit of {max_input_pixels} pixels: downscale it before sending")
+    try:
+        img.seek(0)  # first frame of an animated GIF / WebP
+        img.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            # Composite transparency over white, like a browser shows it, instead of black.
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(bg, rgba).convert("RGB")
+        return img.convert("RGB")
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"the image data is corrupt or truncated ({type(exc).__name__}: {exc}): send the complete file") from exc
+
+
+def _check_size(height: int, width: int) -> None:
+    if height <= 0 or width <= 0:
+        raise ImageError(f"the image has zero size ({width}x{height}): send an image with at least one pixel")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ImageError(f"the image's aspect ratio is {max(height, width) / min(height, width):.0f}:1 ({width}x{height}), "
+                         f"over the limit of {MAX_ASPECT_RATIO}:1: crop or pad it")
+
+
+def smart_resize(height: int, width: int, *, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 11_289_600) -> tuple[int, int]:
+    """The resized (height, width): multiples of `factor`, aspect ratio kept, pixels in [min, max]."""
+    _check_size(height, width)
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) must be <= max_pixels ({max_pixels})")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def image_token_count(height: int, width: int, *, patch_size: int = 14, merge_size: int = 2,
+                      min_pixels: int = 3136, max_pixels: int = 11_289_600) -> int:
+    """Image-pad tokens for an original image of this size (1024x768 -> 999)."""
+    factor = patch_size * merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // factor) * (w // factor)
+
+
+@dataclass
+class PreprocessedImages:
+    """Packed model input for a list of images, in order."""
+
+    pixel_values: torch.Tensor  # [N_patches, C*T*P*P] float32
+    grid_thw: torch.Tensor  # [n_images, 3] int64, in patches
+    num_tokens: list[int] = field(default_factory=list)  # image-pad tokens per image (= h*w/merge^2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixel_values.numel() * self.pixel_values.element_size() + self.grid_thw.numel() * 8
+
+    @property
+    def num_patches(self) -> list[int]:
+        return [int(t * h * w) for t, h, w in self.grid_thw.tolist()]
+
+    def split(self) -> list["PreprocessedImages"]:
+        """One PreprocessedImages per image (views, no copy)."""
+        out, start = [], 0
+        for i, n in enumerate(self.num_patches):
+            out.append(PreprocessedImages(self.pixel_values[start:start + n], self.grid_thw[i:i + 1], [self.num_tokens[i]]))
+            start += n
+        return out
+
+    @staticmethod
+    def concat(parts: list["PreprocessedImages"]) -> "PreprocessedImages":
+        """Pack several preprocessed batches into one (for batching across requests)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        return PreprocessedImages(torch.cat([p.pixel_values for p in parts]), torch.cat([p.grid_thw for p in parts]),
+                                  [n for p in parts for n in p.num_tokens])
+
+
+def patchify(pixels: np.ndarray, *, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 1) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """[C, H, W] float array -> rows [grid_h*grid_w, C*T*P*P] in merge-window order, and (t, h, w) grid.
+
+    Row order: for each 2x2 window (row-major over windows), its 4 patches row-major; values in a row are
+    (c, t, py, px). A still image is repeated `temporal_patch_size` times along t.
+    """
+    c, height, width = pixels.shape
+    p, m, t = patch_size, merge_size, temporal_patch_size
+    gh, gw = height // p, width // p
+    if gh * p != height or gw * p != width or gh % m or gw % m:
+        raise ValueError(f"image size {width}x{height} is not a multiple of {p * m}: call smart_resize first")
+    x = np.broadcast_to(pixels[None], (t, c, height, width))
+    x = x.reshape(t, c, gh // m, m, p, gw // m, m, p)
+    # -> (hb, wb, mh, mw, c, t, py, px)
+    x = x.transpose(2, 5, 3, 6, 1, 0, 4, 7)
+    return np.ascontiguousarray(x.reshape(gh * gw, c * t * p * p)), (1, gh, gw)
+
+
+def preprocess_images(images: list[Image.Image], *, min_pixels: int = DEFAULTS.min_pixels, max_pixels: int = DEFAULTS.max_pixels,
+                      max_images: int | None = None, patch_size: int = DEFAULTS.patch_size, merge_size: int = DEFAULTS.merge_size,
+                      temporal_patch_size: int = DEFAULTS.temporal_patch_size,
+                      image_mean: tuple[float, float, float] = DEFAULTS.image_mean,
+                      image_std: tuple[float, float, float] = DEFAULTS.image_std) -> PreprocessedImages:
+    """Resize (bicubic), rescale 1/255, normalise and patchify each image; pack them in order."""
+    if max_images is not None and len(images) > max_images:
+        raise ImageError(f"the request has {len(images)} images, over the limit of {max_images} per request: send fewer images")
+    factor = patch_size * merge_size
+    mean = np.asarray(image_mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(image_std, dtype=np.float32).reshape(3, 1, 1)
+    rows, grids, tokens = [], [], []
+    for img in images:
+        w, h = img.size
+        rh, rw = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        if (rw, rh) != (w, h):
+            rgb = rgb.resize((rw, rh), resample=Image.Resampling.BICUBIC)
+        arr = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) * np.float32(1 / 255)
+        arr = (arr - mean) / std
+        r, grid = patchify(arr, patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
+        rows.append(torch.from_numpy(r))
+        grids.append(grid)
+        tokens.append(grid[0] * grid[1] * grid[2] // merge_size**2)
+    dim = 3 * temporal_patch_size * patch_size * patch_size
+    pixel_values = torch.cat(rows) if rows else torch.empty(0, dim)
+    grid_thw = torch.tensor(grids, dtype=torch.int64).view(-1, 3)
+    return PreprocessedImages(pixel_values, grid_thw, tokens)
+
+
+def preprocess_with_config(images: list[Image.Image], cfg: PreprocessConfig, *, max_images: int | None = None,
+                           max_pixels: int | None = None) -> PreprocessedImages:
+    """`preprocess_images` with the checkpoint's values; `max_pixels` may lower the checkpoint's budget."""
+    return preprocess_images(images, min_pixels=cfg.min_pixels, max_pixels=min(cfg.max_pixels, max_pixels or cfg.max_pixels),
+                             max_images=max_images, patch_size=cfg.patch_size, merge_size=cfg.merge_size,
+                             temporal_patch_size=cfg.temporal_patch_size, image_mean=cfg.image_mean, image_std=cfg.image_std)
