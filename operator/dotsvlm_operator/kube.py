@@ -1,0 +1,128 @@
+"""Thin adapter over the Kubernetes API: server-side apply, the token Secret, pods, status.
+
+Synchronous (the official client); the kopf handlers call it through `asyncio.to_thread`. Paths are
+built from a fixed kind table, so no API discovery is needed at start-up.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import kubernetes
+from kubernetes.client import ApiClient
+from kubernetes.client.rest import ApiException
+
+from dotsvlm_operator import builders as b
+from dotsvlm_operator import models as m
+
+# kind -> (API prefix, plural)
+KINDS: dict[str, tuple[str, str]] = {
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "Secret": ("/api/v1", "secrets"),
+    "Service": ("/api/v1", "services"),
+    "Pod": ("/api/v1", "pods"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
+    m.KIND: (f"/apis/{m.GROUP}/{m.VERSION}", m.PLURAL),
+}
+
+
+def load_config() -> None:
+    """In-cluster config when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+
+
+class Kube:
+    """The few API calls the operator makes."""
+
+    def __init__(self, api: ApiClient | None = None) -> None:
+        self.api = api or ApiClient()
+
+    def _path(self, kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        prefix, plural = KINDS[kind]
+        path = f"{prefix}/namespaces/{namespace}/{plural}"
+        if name:
+            path += f"/{name}"
+        if sub:
+            path += f"/{sub}"
+        return path
+
+    def _call(self, method: str, path: str, *, body: Any = None, query: list | None = None,
+              content_type: str | None = None) -> Any:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        return self.api.call_api(path, method, query_params=query or [], header_params=headers, body=body,
+                                 auth_settings=["BearerToken"], response_type="object",
+                                 _return_http_data_only=True, _preload_content=True)
+
+    def apply(self, obj: dict[str, Any]) -> Any:
+        """Server-side apply with force: our field manager owns every field it sets, so hand edits to
+        those fields are reverted and a deleted object is re-created."""
+        meta = obj["metadata"]
+        return self._call("PATCH", self._path(obj["kind"], meta["namespace"], meta["name"]), body=obj,
+                          query=[("fieldManager", b.MANAGER), ("force", "true")],
+                          content_type="application/apply-patch+yaml")
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", self._path(kind, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            self._call("DELETE", self._path(kind, namespace, name))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def ensure_token(self, owner: b.Owner) -> str:
+        """The deployment's Ray token: read it, or generate it once. Never rotated by the operator."""
+        name = b.token_secret_name(owner.name)
+        for _ in range(3):
+            secret = self.get("Secret", owner.namespace, name)
+            if secret is not None:
+                import base64
+                data = (secret.get("data") or {}).get(b.TOKEN_KEY)
+                if data:
+                    return base64.b64decode(data).decode()
+                # A Secret without the key (edited by hand): put a fresh token in.
+                token = secrets.token_hex(32)
+                self.apply(b.token_secret(owner, token))
+                return token
+            token = secrets.token_hex(32)
+            try:
+                self._call("POST", f"{KINDS['Secret'][0]}/namespaces/{owner.namespace}/secrets",
+                           body=b.token_secret(owner, token), content_type="application/json")
+                return token
+            except ApiException as exc:
+                if exc.status != 409:  # 409: another reconcile created it first; read that one
+                    raise
+        raise RuntimeError(f"could not read or create Secret {owner.namespace}/{name}")
+
+    def list_pods(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
+        res = self._call("GET", f"/api/v1/namespaces/{namespace}/pods",
+                         query=[("labelSelector", f"{b.LABEL_DEPLOYMENT}={deployment},{b.LABEL_MANAGED_BY}={b.MANAGER}")])
+        return list(res.get("items") or [])
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self._call("PATCH", self._path(m.KIND, namespace, name, "status"), body={"status": status},
+                   content_type="application/merge-patch+json")
+
+    def has_service_monitor_crd(self) -> bool:
+        try:
+            self._call("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/servicemonitors.monitoring.coreos.com")
+            return True
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return False
+            raise

@@ -1,0 +1,320 @@
+"""The DotsVLMDeployment custom resource: pydantic models for its spec and status.
+
+These models are the single source of truth for the CRD: `dotsvlm_operator.crd` turns them into the
+OpenAPI v3 schema (descriptions, defaults, ranges, enums and the CEL rules attached below through
+`json_schema_extra`), so the API server enforces the same rules the operator assumes. Field names
+are snake_case in Python and camelCase in the API (alias generator).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "dotsvlm.io"
+VERSION = "v1alpha1"
+KIND = "DotsVLMDeployment"
+PLURAL = "dotsvlmdeployments"
+SINGULAR = "dotsvlmdeployment"
+SHORT_NAMES = ["dvlm"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Largest context the DeepSeek-V3 language model supports (max_position_embeddings).
+MAX_CONTEXT_LENGTH = 163840
+# Kubernetes quantities ("16Gi", "500m", 2) and label values.
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# How Kubernetes' own types write a resource.Quantity in a CRD schema.
+_QUANTITY_SCHEMA = {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN,
+                    "x-kubernetes-int-or-string": True}
+
+
+def _rules(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
+    """CEL validation rules (rule, message[, fieldPath]) for `x-kubernetes-validations`.
+
+    A message that starts with `=` is a CEL messageExpression (so it can quote the offending values);
+    the API server falls back to the rule text when the expression fails."""
+    out = []
+    for r in rules:
+        item = {"rule": r[0]}
+        if r[1].startswith("="):
+            item["messageExpression"] = r[1][1:]
+        else:
+            item["message"] = r[1]
+        if len(r) == 3:
+            item["fieldPath"] = r[2]
+        out.append(item)
+    return {"x-kubernetes-validations": out}
+
+
+def _min_max_rule(pool: str) -> tuple[str, str]:
+    return ("self.minReplicas <= self.maxReplicas",
+            f"='{pool}.minReplicas (' + string(self.minReplicas) + ') must be less than or equal to "
+            f"{pool}.maxReplicas (' + string(self.maxReplicas) + ')'")
+
+
+class _Api(BaseModel):
+    """Base for API objects: camelCase aliases, unknown fields refused (the CRD prunes them anyway)."""
+
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(validation_alias=to_camel, serialization_alias=to_camel),
+        populate_by_name=True,
+        extra="forbid",
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --- small reusable pieces ---------------------------------------------------------------------------
+
+
+class Toleration(_Api):
+    """A Kubernetes toleration, copied onto the pool's pods (see `kubectl explain pod.spec.tolerations`)."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        ("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+         "a toleration with operator Exists matches every value: remove 'value' or use operator Equal"),
+    ))
+
+    key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists tolerates every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default Equal).")
+    value: str | None = Field(None, description="Taint value to match when operator is Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; empty tolerates every effect.")
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="With effect NoExecute: how long the pod stays bound after the taint appears.")
+
+
+class Resources(_Api):
+    """Extra CPU / memory requests and limits for the pool's Ray container. GPUs are set from the pool's
+    GPU fields, not here."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        ("!has(self.requests) || !('nvidia.com/gpu' in self.requests)",
+         "do not set nvidia.com/gpu in resources: use the pool's gpusPerReplica instead", ".requests"),
+        ("!has(self.limits) || !('nvidia.com/gpu' in self.limits)",
+         "do not set nvidia.com/gpu in resources: use the pool's gpusPerReplica instead", ".limits"),
+    ))
+
+    requests: dict[str, int | str] | None = Field(
+        None, description="Resource requests, e.g. {cpu: 16, memory: 200Gi}.",
+        json_schema_extra={"additionalProperties": _QUANTITY_SCHEMA, "maxProperties": 32})
+    limits: dict[str, int | str] | None = Field(
+        None, description="Resource limits, e.g. {memory: 400Gi}.",
+        json_schema_extra={"additionalProperties": _QUANTITY_SCHEMA, "maxProperties": 32})
+
+
+class SecretKeyRef(_Api):
+    """A key in a Secret in the same namespace as the DotsVLMDeployment."""
+
+    name: str = Field(..., min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                      description="Name of the Secret (same namespace).")
+    key: str = Field("api-keys", min_length=1, description="Key in the Secret whose value is a comma-separated list of API keys.")
+
+
+class Autoscaling(_Api):
+    """Targets for Ray Serve's per-replica autoscaling of this pool (the pool's pod count follows the
+    replica count between minReplicas and maxReplicas)."""
+
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, le=10000, description="Requests in flight per replica that Ray Serve aims for; higher packs replicas harder.")
+    upscale_delay_seconds: float = Field(
+        10.0, ge=0, le=3600, description="How long the load must stay above target before adding a replica.")
+    downscale_delay_seconds: float = Field(
+        120.0, ge=0, le=86400, description="How long the load must stay below target before removing a replica.")
+
+
+# --- the spec ------------------------------------------------------------------------------------------
+
+
+class ModelSpec(_Api):
+    """Where the dots.vlm1 checkpoint lives and how it is served."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        ("self.path.startsWith(self.mountPath + '/') || self.path == self.mountPath",
+         "model.path must lie inside model.mountPath (the folder where model.volume is mounted), "
+         "e.g. mountPath /models and path /models/dots.vlm1.inst"),
+    ))
+
+    path: str = Field(..., min_length=2, max_length=1024, pattern=r"^/", description=(
+        "Absolute path of the checkpoint directory (config.json, *.safetensors, tokenizer) inside the pods."))
+    volume: dict[str, Any] = Field(..., description=(
+        "The Kubernetes volume source that holds the weights, exactly one of the fields of a pod volume "
+        "without its name, e.g. {persistentVolumeClaim: {claimName: dots-weights}} or "
+        "{hostPath: {path: /mnt/models}}. It is mounted read-only at mountPath in every Ray pod."),
+        json_schema_extra={
+            "x-kubernetes-preserve-unknown-fields": True,
+            **_rules(("size(self) == 1",
+                      "model.volume must name exactly one volume source, e.g. "
+                      "{persistentVolumeClaim: {claimName: dots-weights}}")),
+        })
+    mount_path: str = Field("/models", max_length=1024, pattern=r"^/.+", description="Where model.volume is mounted in every Ray pod.")
+    served_name: str = Field("dots.vlm1", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+                             description="Model name clients pass in the OpenAI API's 'model' field.")
+    quantization: Literal["fp8", "none"] = Field(
+        "fp8", description="fp8: the released FP8 (e4m3, 128x128 block scales) LLM weights; none: unquantized weights.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Compute dtype for activations and unquantized weights.")
+
+
+class VisionPool(_Api):
+    """The vision-encoder pool: Ray workers that run the NaViT vision tower and patch merger."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        _min_max_rule("vision"),
+    ))
+
+    gpus_per_replica: int = Field(1, ge=0, le=8, description="nvidia.com/gpu per vision replica (one replica per pod); 0 runs on CPU.")
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest vision replicas; 0 lets the pool scale to zero when no request has images.")
+    max_replicas: int = Field(8, ge=1, le=1000, description="Most vision replicas.")
+    max_batch_pixels: int = Field(16 * 1024 * 1024, ge=3136, description="Pixel budget of one encode batch (after resize).")
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=10000, description="How long a replica waits to fill a batch before encoding.")
+    node_selector: dict[str, str] | None = Field(
+        None, description="Node labels the pool's pods require, e.g. {nvidia.com/gpu.product: NVIDIA-L40S}.")
+    tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods (e.g. for tainted GPU nodes).")
+    resources: Resources | None = Field(None, description="CPU and memory for each pod.")
+    shm_size: str = Field("16Gi", pattern=QUANTITY_PATTERN, description="Size of the in-memory /dev/shm volume (Ray's object store and NCCL use it).")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Autoscaling targets for the pool.")
+
+
+class LLMPool(_Api):
+    """The language-model pool: Ray workers that run DeepSeek-V3. One LLM replica is one tensor-parallel
+    group that may span several pods (one pod per node)."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        _min_max_rule("llm"),
+        ("self.gpusPerReplica % self.nodesPerReplica == 0",
+         "='llm.gpusPerReplica (' + string(self.gpusPerReplica) + ') must be divisible by llm.nodesPerReplica ('"
+         " + string(self.nodesPerReplica) + '): every node of a replica gets the same number of GPUs "
+         "(e.g. 16 GPUs over 2 nodes = 8 per node)'"),
+        ("self.gpusPerReplica == 0 || self.gpusPerReplica % self.tensorParallel == 0",
+         "llm.gpusPerReplica must be a multiple of llm.tensorParallel (usually equal: one tensor-parallel group per replica)"),
+        ("self.nodesPerReplica == 1 || self.gpusPerReplica > 0",
+         "llm.nodesPerReplica > 1 needs GPUs: set llm.gpusPerReplica"),
+        ("self.gpusPerReplica / self.nodesPerReplica <= 16",
+         "llm.gpusPerReplica / llm.nodesPerReplica must be at most 16 GPUs per node: raise llm.nodesPerReplica"),
+    ))
+
+    gpus_per_replica: int = Field(8, ge=0, le=256, description="nvidia.com/gpu per LLM replica, spread evenly over nodesPerReplica pods.")
+    tensor_parallel: int = Field(8, ge=1, le=256, description="Tensor-parallel size of one LLM replica.")
+    nodes_per_replica: int = Field(1, ge=1, le=32, description="Pods (one per node) that one LLM replica spans; each pod gets gpusPerReplica/nodesPerReplica GPUs.")
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest LLM replicas.")
+    max_replicas: int = Field(1, ge=1, le=1000, description="Most LLM replicas.")
+    context_length: int = Field(65536, ge=16, le=MAX_CONTEXT_LENGTH, description=f"Longest sequence (prompt + output tokens); at most {MAX_CONTEXT_LENGTH}.")
+    max_running_requests: int = Field(64, ge=1, le=4096, description="Requests one LLM replica decodes at the same time.")
+    max_new_tokens_default: int = Field(256, ge=1, description="max_tokens used when a request does not set it.")
+    node_selector: dict[str, str] | None = Field(
+        None, description="Node labels the pool's pods require, e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}.")
+    tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods.")
+    resources: Resources | None = Field(None, description="CPU and memory for each pod.")
+    shm_size: str = Field("64Gi", pattern=QUANTITY_PATTERN, description="Size of the in-memory /dev/shm volume (NCCL and Ray's object store use it).")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Autoscaling targets for the pool.")
+
+    @property
+    def gpus_per_pod(self) -> int:
+        return self.gpus_per_replica // self.nodes_per_replica
+
+
+class QueueSpec(_Api):
+    """The tensor queue between the pools: bounded, FIFO, with backpressure (full -> wait, then HTTP 429)."""
+
+    max_items: int = Field(256, ge=1, le=1_000_000, description="Most image-embedding items waiting for an LLM replica.")
+    max_bytes: int = Field(4 * 1024**3, ge=1024, description="Most bytes of embeddings waiting for an LLM replica.")
+    enqueue_timeout_seconds: float = Field(30.0, ge=0, le=3600, description="How long a request waits for room in a full queue before it is answered 429.")
+
+
+class ApiSpec(_Api):
+    """The OpenAI-compatible HTTP API and the Service in front of it."""
+
+    port: int = Field(8000, ge=1024, le=65535, description="Port of the API (Ray Serve's HTTP proxy and the Service).")
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Type of the API Service.")
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding comma-separated API keys; clients then send 'Authorization: Bearer <key>'. Unset: no API keys.")
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        ("!(self.port in [6379, 8265, 8080, 10001])",
+         "api.port must not be one of Ray's own ports on the head (6379, 8265, 8080, 10001)"),
+    ))
+
+
+class HeadSpec(_Api):
+    """The Ray head pod (GCS, dashboard, Serve controller and HTTP proxy). It needs no GPU."""
+
+    node_selector: dict[str, str] | None = Field(None, description="Node labels the head pod requires.")
+    tolerations: list[Toleration] | None = Field(None, description="Tolerations for the head pod.")
+    resources: Resources | None = Field(None, description="CPU and memory for the head pod.")
+
+
+class MonitoringSpec(_Api):
+    """Prometheus integration."""
+
+    enabled: bool = Field(True, description="Expose Ray and dotsvlm metrics on port 8080 of every Ray pod (and allow scraping through the NetworkPolicy).")
+    service_monitor: bool = Field(False, description="Create a ServiceMonitor (only when the Prometheus Operator's CRD is installed; skipped otherwise).")
+    scrape_interval: str = Field("30s", pattern=r"^[0-9]+(ms|s|m|h)$", description="Scrape interval for the ServiceMonitor, e.g. 30s.")
+
+
+class DotsVLMDeploymentSpec(_Api):
+    """Desired state: one dots.vlm1 model served with separately scaled vision and LLM pools."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        ("self.model.quantization != 'fp8' || self.llm.gpusPerReplica > 0",
+         "FP8 weights need GPUs: set llm.gpusPerReplica, or set model.quantization to none for a CPU test deployment"),
+    ))
+
+    image: str = Field(..., min_length=1, max_length=1024, description="Serving image (Ray + dotsvlm_serving) used by every Ray pod.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy for image.")
+    image_pull_secrets: list[str] | None = Field(None, description="Names of Secrets used to pull image.")
+    model: ModelSpec = Field(..., description="The checkpoint and how it is served.")
+    vision: VisionPool = Field(default_factory=VisionPool, description="The vision-encoder pool.")
+    llm: LLMPool = Field(default_factory=LLMPool, description="The language-model pool.")
+    queue: QueueSpec = Field(default_factory=QueueSpec, description="Limits of the tensor queue between the pools.")
+    api: ApiSpec = Field(default_factory=ApiSpec, description="The OpenAI-compatible API.")
+    head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod.")
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Metrics and scraping.")
+
+
+# --- the status ----------------------------------------------------------------------------------------
+
+
+class Condition(_Api):
+    """A standard Kubernetes condition."""
+
+    type: str = Field(..., description="Ready, Progressing or Degraded.")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field(..., description="One CamelCase word for machines.")
+    message: str = Field("", description="What is happening and, when something is wrong, what to do.")
+    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="metadata.generation the condition was computed for.")
+
+
+class PoolStatus(_Api):
+    """Observed state of one pool, in replicas (an LLM replica spans nodesPerReplica pods)."""
+
+    replicas: int = Field(0, description="Replicas whose pods all exist.")
+    ready_replicas: int = Field(0, description="Replicas whose pods are all ready.")
+    desired_replicas: int = Field(0, description="Replicas the operator (or the pool autoscaler) wants.")
+    pods: int = Field(0, description="Pods of this pool.")
+    ready_pods: int = Field(0, description="Ready pods of this pool.")
+    ready_of_desired: str = Field("0/0", description="readyReplicas/desiredReplicas, for kubectl get.")
+
+
+class ServeAppStatus(_Api):
+    """The Ray Serve application, as reported by the Ray head."""
+
+    status: str = Field("Unknown", description="Ray Serve application status (RUNNING, DEPLOYING, ...) or Unknown.")
+    message: str = Field("", description="Ray Serve's message, or why it could not be read.")
+    config_hash: str | None = Field(None, description="Hash of the Serve config last deployed to the head.")
+
+
+class DotsVLMDeploymentStatus(_Api):
+    """Observed state, written by the operator."""
+
+    observed_generation: int | None = Field(None, description="metadata.generation the operator last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing and Degraded.")
+    vision: PoolStatus = Field(default_factory=PoolStatus, description="The vision pool.")
+    llm: PoolStatus = Field(default_factory=PoolStatus, description="The LLM pool.")
+    serve_app: ServeAppStatus = Field(default_factory=ServeAppStatus, description="The Ray Serve application.")
+    endpoint: str | None = Field(None, description="Base URL of the OpenAI-compatible API inside the cluster.")

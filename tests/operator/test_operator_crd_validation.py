@@ -1,0 +1,128 @@
+"""The API server itself refuses bad DotsVLMDeployments, with a message that says what to fix.
+
+Every case is sent with `kubectl create --dry-run=server`, which runs the CRD's OpenAPI and CEL
+validation exactly as a real create would, without leaving anything behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+
+import pytest
+import yaml
+
+from dvlm_support import load_example
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+def _set(path: str, value) -> Callable[[dict], None]:
+    def mutate(obj: dict) -> None:
+        keys = path.split(".")
+        cur = obj
+        for k in keys[:-1]:
+            cur = cur.setdefault(k, {})
+        if value is _DELETE:
+            cur.pop(keys[-1], None)
+        else:
+            cur[keys[-1]] = value
+    return mutate
+
+
+_DELETE = object()
+
+
+def _many(*fns: Callable[[dict], None]) -> Callable[[dict], None]:
+    def mutate(obj: dict) -> None:
+        for f in fns:
+            f(obj)
+    return mutate
+
+
+# (id, mutation of the small sample, text the API server's answer must contain)
+INVALID = [
+    ("vision-min-gt-max", _many(_set("spec.vision.minReplicas", 5), _set("spec.vision.maxReplicas", 2)),
+     "vision.minReplicas (5) must be less than or equal to vision.maxReplicas (2)"),
+    ("llm-min-gt-max", _many(_set("spec.llm.minReplicas", 3), _set("spec.llm.maxReplicas", 1)),
+     "llm.minReplicas (3) must be less than or equal to llm.maxReplicas (1)"),
+    ("llm-gpus-not-divisible-by-nodes", _many(_set("spec.llm.gpusPerReplica", 12), _set("spec.llm.tensorParallel", 12),
+                                              _set("spec.llm.nodesPerReplica", 8)),
+     "llm.gpusPerReplica (12) must be divisible by llm.nodesPerReplica (8)"),
+    ("llm-gpus-not-multiple-of-tp", _many(_set("spec.llm.gpusPerReplica", 16), _set("spec.llm.tensorParallel", 6),
+                                          _set("spec.llm.nodesPerReplica", 2)),
+     "llm.gpusPerReplica must be a multiple of llm.tensorParallel"),
+    ("llm-too-many-gpus-per-node", _many(_set("spec.llm.gpusPerReplica", 32), _set("spec.llm.tensorParallel", 32)),
+     "must be at most 16 GPUs per node: raise llm.nodesPerReplica"),
+    ("multi-node-without-gpus", _many(_set("spec.llm.gpusPerReplica", 0), _set("spec.llm.nodesPerReplica", 2),
+                                      _set("spec.model.quantization", "none")),
+     "llm.nodesPerReplica > 1 needs GPUs"),
+    ("fp8-without-gpus", _set("spec.llm.gpusPerReplica", 0), "FP8 weights need GPUs"),
+    ("volume-two-sources", _set("spec.model.volume", {"persistentVolumeClaim": {"claimName": "a"},
+                                                      "hostPath": {"path": "/mnt"}}),
+     "model.volume must name exactly one volume source"),
+    ("path-outside-mount", _set("spec.model.path", "/data/dots"), "model.path must lie inside model.mountPath"),
+    ("path-relative", _set("spec.model.path", "models/dots"), "spec.model.path in body should match '^/'"),
+    ("service-type-unknown", _set("spec.api.serviceType", "Ingress"),
+     'spec.api.serviceType: Unsupported value: "Ingress"'),
+    ("api-port-is-ray-port", _set("spec.api.port", 8265), "api.port must not be one of Ray's own ports"),
+    ("api-port-privileged", _set("spec.api.port", 80), "spec.api.port in body should be greater than or equal to 1024"),
+    ("context-too-long", _set("spec.llm.contextLength", 200000),
+     "spec.llm.contextLength in body should be less than or equal to 163840"),
+    ("gpu-in-resources", _set("spec.vision.resources", {"requests": {"nvidia.com/gpu": 2}}),
+     "do not set nvidia.com/gpu in resources: use the pool's gpusPerReplica instead"),
+    ("toleration-exists-with-value", _set("spec.llm.tolerations", [{"key": "gpu", "operator": "Exists", "value": "x"}]),
+     "a toleration with operator Exists matches every value"),
+    ("name-too-long", _set("metadata.name", "d" * 50), "metadata.name must start with a letter"),
+    ("missing-image", _set("spec.image", _DELETE), "spec.image: Required value"),
+    ("missing-model", _set("spec.model", _DELETE), "spec.model: Required value"),
+    ("zero-target-ongoing", _set("spec.vision.autoscaling", {"targetOngoingRequests": 0}),
+     "spec.vision.autoscaling.targetOngoingRequests in body should be greater than 0"),
+    ("bad-shm-size", _set("spec.llm.shmSize", "lots"), "spec.llm.shmSize in body should match"),
+    ("negative-min-replicas", _set("spec.vision.minReplicas", -1),
+     "spec.vision.minReplicas in body should be greater than or equal to 0"),
+    ("bad-quantization", _set("spec.model.quantization", "int4"), 'spec.model.quantization: Unsupported value: "int4"'),
+]
+
+
+def _dry_run(kube, obj: dict, ns: str):
+    return kube.kubectl("create", "--dry-run=server", "-n", ns, "-o", "json", "-f", "-", input=yaml.safe_dump(obj),
+                        check=False)
+
+
+@pytest.fixture(scope="module")
+def ns(kube, crd) -> str:
+    return kube.create_namespace("crdval")
+
+
+@pytest.mark.parametrize("case_id,mutate,expected", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_spec_is_refused_with_a_clear_message(kube, ns, case_id, mutate, expected) -> None:
+    obj = copy.deepcopy(load_example("dotsvlm-small.yaml"))
+    mutate(obj)
+    proc = _dry_run(kube, obj, ns)
+    assert proc.returncode != 0, f"{case_id}: the API server accepted an invalid spec"
+    assert expected in proc.stderr, f"{case_id}: message does not say what to fix:\n{proc.stderr}"
+
+
+def test_there_are_at_least_15_distinct_refusals() -> None:
+    assert len({c[2] for c in INVALID}) >= 15
+
+
+@pytest.mark.parametrize("sample", ["dotsvlm.yaml", "dotsvlm-small.yaml"])
+def test_samples_are_accepted_and_defaulted(kube, ns, sample) -> None:
+    proc = _dry_run(kube, load_example(sample), ns)
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(proc.stdout)["spec"]
+    # Defaults from the models are filled in by the API server, nested ones too.
+    assert spec["queue"]["maxItems"] >= 1
+    assert spec["api"]["port"] == 8000
+    assert spec["vision"]["autoscaling"]["targetOngoingRequests"] > 0
+    assert spec["model"]["mountPath"] == "/models"
+    assert spec["monitoring"]["scrapeInterval"] == "30s"
+
+
+def test_kubectl_explain_reads_the_model_descriptions(kube, crd) -> None:
+    out = kube.wait_for(lambda: (p := kube.kubectl("explain", "dotsvlmdeployment.spec.llm.nodesPerReplica",
+                                                   check=False)).returncode == 0 and p.stdout, 30, "kubectl explain")
+    assert "Pods (one per node) that one LLM replica spans" in out

@@ -1,0 +1,75 @@
+"""The checked-in CRD is exactly what the models generate, and the schema is structural."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dotsvlm_operator import crd, models as m
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO / "crds" / "dotsvlm.io_dotsvlmdeployments.yaml"
+
+
+def test_checked_in_crd_matches_dotsvlm_crd_output() -> None:
+    out = subprocess.run([sys.executable, "-m", "dotsvlm_operator.cli", "crd"], capture_output=True, text=True, check=True).stdout
+    assert out == CRD_FILE.read_text(), (
+        "crds/dotsvlm.io_dotsvlmdeployments.yaml is stale: run `make crd` (or `dotsvlm crd > crds/...`) and commit it")
+
+
+def _walk(node, path="schema"):
+    yield path, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+
+
+def test_schema_is_structural_and_every_field_is_described() -> None:
+    schema = crd.openapi_schema()
+    for path, node in _walk(schema):
+        assert not (isinstance(node, dict) and ("$ref" in node or "$defs" in node or "title" in node and isinstance(node.get("title"), str))), path
+        if isinstance(node, dict) and "properties" in node:
+            for name, sub in node["properties"].items():
+                if name in ("metadata",):
+                    continue
+                assert sub.get("description"), f"{path}.properties.{name} has no description"
+                assert "type" in sub or sub.get("x-kubernetes-int-or-string"), f"{path}.{name} has no type"
+        if isinstance(node, dict) and "anyOf" in node:
+            assert node.get("x-kubernetes-int-or-string"), f"{path}: anyOf is only allowed for int-or-string"
+
+
+def test_defaults_and_cel_rules_come_from_the_models() -> None:
+    spec = crd.openapi_schema()["properties"]["spec"]
+    llm = spec["properties"]["llm"]
+    assert llm["default"] == {}  # so the API server fills in the pool's own defaults
+    assert llm["properties"]["contextLength"]["default"] == m.LLMPool().context_length
+    rules = [r["rule"] for r in llm["x-kubernetes-validations"]]
+    assert "self.gpusPerReplica % self.nodesPerReplica == 0" in rules
+    # Optional objects get no default (they stay absent).
+    assert "default" not in spec["properties"]["api"]["properties"]["apiKeySecretRef"]
+    assert spec["required"] == ["image", "model"]
+
+
+def test_printer_columns_and_status_subresource() -> None:
+    version = crd.crd_manifest()["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    names = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert names[:4] == ["Ready", "Vision", "LLM", "Endpoint"] and names[-1] == "Age"
+    assert crd.crd_manifest()["spec"]["names"]["shortNames"] == ["dvlm"]
+
+
+def test_samples_validate_against_the_models() -> None:
+    for name in ("dotsvlm.yaml", "dotsvlm-small.yaml"):
+        obj = yaml.safe_load((REPO / "examples" / name).read_text())
+        spec = m.DotsVLMDeploymentSpec.model_validate(obj["spec"])
+        assert obj["apiVersion"] == m.API_VERSION and obj["kind"] == m.KIND
+        assert spec.llm.gpus_per_replica % spec.llm.nodes_per_replica == 0
+    full = m.DotsVLMDeploymentSpec.model_validate(yaml.safe_load((REPO / "examples" / "dotsvlm.yaml").read_text())["spec"])
+    assert (full.llm.tensor_parallel, full.llm.nodes_per_replica, full.llm.gpus_per_pod) == (16, 2, 8)
+    assert (full.llm.context_length, full.llm.max_running_requests, full.model.quantization) == (65536, 64, "fp8")
