@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: request models, errors, image loading, auth, routes."""

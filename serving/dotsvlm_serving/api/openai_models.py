@@ -1,0 +1,214 @@
+"""The OpenAI chat-completions request and response shapes, and their validation.
+
+Requests are validated here (pydantic) and turned into the model package's message format
+(`{"role", "content": str | [{"type": "text"} | {"type": "image"}]}`) plus the list of image URLs in
+order of appearance. Unknown top-level fields are ignored (clients send many); fields that would
+silently change the meaning of a request and that this server does not implement are refused.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ApiError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _accept_bare_string(cls, v: Any) -> Any:
+        return {"url": v} if isinstance(v, str) else v
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. "name"
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ChatMessage":
+        if self.content is None:
+            raise ValueError("content is required (a string or a list of content parts)")
+        if isinstance(self.content, list):
+            if not self.content:
+                raise ValueError("content must not be an empty list")
+            if self.role != "user" and any(isinstance(p, ImagePart) for p in self.content):
+                raise ValueError(f"images are only accepted in user messages, not in a {self.role} message")
+        return self
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="extension: 0 or -1 disables")
+    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return stops
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "ChatCompletionRequest":
+        if self.n != 1:
+            raise ValueError("n > 1 is not supported: send one request per completion")
+        if self.logprobs:
+            raise ValueError("logprobs are not supported")
+        if self.tools:
+            raise ValueError("tools / function calling are not supported by this server")
+        if self.messages[-1].role == "assistant":
+            raise ValueError("the last message must not be an assistant message (continuation is not supported)")
+        if (self.presence_penalty or 0) != 0 or (self.frequency_penalty or 0) != 0:
+            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
+        return self
+
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_model_messages(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """Messages in the model package's format and the image URLs in order of appearance."""
+        out: list[dict[str, Any]] = []
+        urls: list[str] = []
+        for m in self.messages:
+            role = "system" if m.role == "developer" else m.role
+            if isinstance(m.content, str):
+                out.append({"role": role, "content": m.content})
+                continue
+            parts: list[dict[str, Any]] = []
+            for p in m.content or []:
+                if isinstance(p, TextPart):
+                    parts.append({"type": "text", "text": p.text})
+                else:
+                    parts.append({"type": "image"})
+                    urls.append(p.image_url.url)
+            out.append({"role": role, "content": parts})
+        return out, urls
+
+
+_TAGS = frozenset({"text", "image_url"})
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    """`messages[0].content[1].image_url` from pydantic's location (union branch names removed)."""
+    out = ""
+    for i, x in enumerate(loc):
+        if isinstance(x, int):
+            out += f"[{x}]"
+            continue
+        if x == "str" or x.startswith(("list[", "function-", "tagged-union")):
+            continue
+        if x in _TAGS and i > 0 and isinstance(loc[i - 1], int) and i + 1 < len(loc):
+            continue  # the discriminator tag, followed by the real field name
+        out += ("." if out else "") + x
+    return out
+
+
+def _describe(errs: list[dict[str, Any]]) -> tuple[str, str]:
+    # A union (str | list of parts) reports one error per branch: prefer the branch that got furthest.
+    cands = [e for e in errs if not (e["loc"] and e["loc"][-1] == "str")] or errs
+    first = max(cands, key=lambda e: len(e["loc"]))
+    where = _loc(tuple(first["loc"]))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "list_type" and where.endswith("content"):
+        msg = "content must be a string or a list of content parts ({\"type\": \"text\"} or {\"type\": \"image_url\"})"
+    return where, msg
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Validate a request body; raise a 400 `ApiError` that names the offending field."""
+    if not body:
+        raise ApiError(400, "the request body is empty; send a JSON chat-completions request")
+    try:
+        return ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errs = exc.errors(include_url=False)
+        if errs and errs[0]["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {errs[0]['msg']}") from None
+        if errs and errs[0]["type"] == "model_type" and not errs[0]["loc"]:
+            raise ApiError(400, "the request body must be a JSON object") from None
+        where, msg = _describe(errs)
+        raise ApiError(400, f"{where + ': ' if where else ''}{msg}", param=where or None) from None
+
+
+# ------------------------------------------------------------------------------------------ responses
+
+def new_completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def completion_response(cid: str, model: str, text: str, finish_reason: str, usage: dict[str, int],
+                        created: int | None = None) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason, "logprobs": None}],
+            "usage": _usage(usage)}
+
+
+def chunk(cid: str, model: str, created: int, *, delta: dict[str, Any] | None = None,
+          finish_reason: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                         "logprobs": None}]
+    out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": choices}
+    if usage is not None:
+        out["usage"] = _usage(usage)
+    return out
+
+
+def _usage(u: dict[str, int]) -> dict[str, int]:
+    p, c = int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def models_response(name: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "dotsvlm"}]}

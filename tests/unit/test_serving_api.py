@@ -1,0 +1,186 @@
+"""API building blocks without Ray: request validation, OpenAI error format, image URLs (data: and
+http(s) with SSRF protection against a local server), API keys."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from dotsvlm_serving.api.auth import ApiKeyAuth
+from dotsvlm_serving.api.errors import ApiError
+from dotsvlm_serving.api.images import FetchPolicy, is_public_address, load_image_bytes
+from dotsvlm_serving.api.openai_models import parse_chat_request
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAFAAH/iZk9HQAAAABJRU5ErkJggg==")
+
+
+def req(**kw) -> bytes:
+    body = {"model": "dots.vlm1", "messages": [{"role": "user", "content": "hi"}]}
+    body.update(kw)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"", "empty"),
+    (b"{not json", "not valid JSON"),
+    (b"[1]", "JSON object"),
+    (json.dumps({"model": "m"}).encode(), "messages"),
+    (req(messages=[]), "at least 1"),
+    (req(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
+    (req(messages=[{"role": "user", "content": 5}]), "string or a list of content parts"),
+    (req(messages=[{"role": "user", "content": [{"type": "video"}]}]), "messages[0].content[0]"),
+    (req(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0].content[0].image_url"),
+    (req(messages=[{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+                   {"role": "user", "content": "x"}]), "only accepted in user messages"),
+    (req(temperature="hot"), "temperature"),
+    (req(temperature=3), "temperature"),
+    (req(top_p=0), "top_p"),
+    (req(max_tokens=0), "max_tokens"),
+    (req(n=2), "n > 1"),
+    (req(stop=["a", "b", "c", "d", "e"]), "at most 4"),
+    (req(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]), "last message"),
+])
+def test_bad_requests_get_400_with_the_field(body: bytes, fragment: str) -> None:
+    with pytest.raises(ApiError) as ei:
+        parse_chat_request(body)
+    assert ei.value.status == 400 and fragment in ei.value.message
+    body_json = ei.value.body()
+    assert set(body_json["error"]) == {"message", "type", "param", "code"}
+    assert body_json["error"]["type"] == "invalid_request_error"
+
+
+def test_conversion_numbers_images_across_turns() -> None:
+    r = parse_chat_request(req(messages=[
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+                                     {"type": "text", "text": "what?"}]},
+        {"role": "assistant", "content": "a cat"},
+        {"role": "user", "content": [{"type": "text", "text": "and"}, {"type": "image_url", "image_url": "http://x/y"}]},
+    ], stop="END", max_completion_tokens=5))
+    msgs, urls = r.to_model_messages()
+    assert urls == ["data:image/png;base64,AA", "http://x/y"]
+    assert msgs[1]["content"] == [{"type": "image"}, {"type": "text", "text": "what?"}]
+    assert msgs[0] == {"role": "system", "content": "be brief"}
+    assert r.stop == ["END"] and r.completion_limit() == 5
+
+
+def policy(**kw) -> FetchPolicy:
+    args = dict(max_bytes=10_000, timeout_s=2.0, fetch_allow=[])
+    args.update(kw)
+    return FetchPolicy.from_config(**args)
+
+
+def load(url: str, pol: FetchPolicy | None = None) -> bytes:
+    return asyncio.run(load_image_bytes(url, pol or policy()))
+
+
+def test_data_urls() -> None:
+    assert load("data:image/png;base64," + base64.b64encode(PNG).decode()) == PNG
+    for url, code in [("data:text/plain;base64,QUJD", 400), ("data:image/png;base64,@@@", 400),
+                      ("data:image/png;base64", 400), ("data:image/png;base64," + "A" * 20_000, 413)]:
+        with pytest.raises(ApiError) as ei:
+            load(url)
+        assert ei.value.status == code, url
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/x.png", "http://localhost/x.png", "https://10.1.2.3/x.png", "http://192.168.0.7/x.png",
+    "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.png", "http://[::ffff:127.0.0.1]/x.png",
+    "http://100.64.0.1/x.png", "http://0.0.0.0/x.png", "http://[fd00:ec2::254]/x.png",
+])
+def test_non_public_addresses_are_refused_before_connecting(url: str) -> None:
+    with pytest.raises(ApiError) as ei:
+        load(url)
+    assert ei.value.status == 400 and "non-public" in ei.value.message
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/a.png", "file:///etc/passwd", "gopher://x", "javascript:alert(1)",
+                                 "/relative/path.png", "http://user:pw@example.com/a.png"])
+def test_bad_schemes_are_refused(url: str) -> None:
+    with pytest.raises(ApiError) as ei:
+        load(url)
+    assert ei.value.status == 400
+
+
+def test_public_address_classification() -> None:
+    assert is_public_address(ipaddress.ip_address("8.8.8.8"))
+    assert not is_public_address(ipaddress.ip_address("172.16.0.1"))
+    assert not is_public_address(ipaddress.ip_address("224.0.0.1"))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        if self.path == "/img.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG)
+        elif self.path == "/big":
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"x" * 50_000)
+        elif self.path == "/slow":
+            time.sleep(1.5)
+            self.send_response(200)
+            self.end_headers()
+        elif self.path == "/redirect-private":
+            self.send_response(302)
+            self.send_header("Location", "http://10.9.9.9/img.png")
+            self.end_headers()
+        elif self.path == "/redirect-ok":
+            self.send_response(302)
+            self.send_header("Location", "/img.png")
+            self.end_headers()
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_http_fetch_from_allow_listed_local_server(server: str) -> None:
+    allowed = policy(fetch_allow=["127.0.0.1/32"])
+    assert load(server + "/img.png", allowed) == PNG
+    assert load(server + "/redirect-ok", allowed) == PNG
+    with pytest.raises(ApiError, match="non-public"):
+        load(server + "/img.png")  # not allow-listed
+    with pytest.raises(ApiError, match="non-public"):
+        load(server + "/redirect-private", allowed)  # each redirect hop is checked
+    with pytest.raises(ApiError) as ei:
+        load(server + "/big", allowed)
+    assert ei.value.status == 413
+    with pytest.raises(ApiError, match="longer than"):
+        load(server + "/slow", policy(fetch_allow=["127.0.0.1"], timeout_s=0.3))
+    with pytest.raises(ApiError, match="HTTP 404"):
+        load(server + "/missing", allowed)
+    assert load(server.replace("127.0.0.1", "localhost") + "/img.png", policy(fetch_allow=["localhost"])) == PNG
+
+
+def test_api_keys() -> None:
+    ApiKeyAuth([]).check(None)
+    auth = ApiKeyAuth(["k1", "k2"])
+    auth.check("Bearer k2")
+    for header in [None, "Bearer nope", "Basic k1", "k1"]:
+        with pytest.raises(ApiError) as ei:
+            auth.check(header)
+        assert ei.value.status == 401 and ei.value.body()["error"]["type"] == "authentication_error"
