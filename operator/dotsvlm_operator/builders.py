@@ -190,7 +190,7 @@ def _ray_env(owner: Owner, spec: m.DotsVLMDeploymentSpec) -> list[dict[str, Any]
 def _volumes(owner: Owner, spec: m.DotsVLMDeploymentSpec, shm_size: str) -> tuple[list[dict], list[dict]]:
     volumes = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
-        {"name": "model", **spec.model.volume},
+        {"name": "model", **spec.model.volume.to_api()},
         {"name": "ray-token", "secret": {"secretName": token_secret_name(owner.name), "defaultMode": 0o444}},
     ]
     mounts = [

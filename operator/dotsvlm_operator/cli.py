@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--log-format", choices=["plain", "json"], default="plain")
     op.add_argument("--peering", default=None, help="kopf peering name, for several operator replicas")
     op.add_argument("--verbose", action="store_true")
+    op.add_argument("--priority", type=int, default=None,
+                    help="peering priority (default: random); with --peering, the replica with the highest priority works")
+    op.add_argument("--resync-seconds", type=float, default=60.0,
+                    help="re-check every resource at least this often (drift, pod states, Serve status)")
+    op.add_argument("--ray-head-url-override", default=None,
+                    help="TEST/DEV ONLY: reach every deployment's Ray dashboard at this URL ({name}, {namespace} "
+                         "are filled in) instead of http://<name>-ray-head.<ns>.svc:8265; env DOTSVLM_RAY_HEAD_URL_OVERRIDE")
+    op.add_argument("--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.set_defaults(func=_lazy("dotsvlm_operator.main", "cli_main", "operator"))
 
     serve = sub.add_parser("serve", help="run the serving stack on a local Ray with the tiny built-in model (CPU)")

@@ -66,12 +66,12 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
     if out.get("type") == "object" and "properties" in out:
         required = set(out.get("required", []))
         for name, sub in out["properties"].items():
-            # A nested object that always exists (pydantic default_factory, so not Optional) defaults to {}
-            # so that the API server fills in its own fields' defaults.
+            # A nested object that always exists (pydantic default_factory, so not Optional) defaults to its
+            # fully expanded defaults: the API server checks CEL rules against the default itself.
             optional = "anyOf" in node["properties"][name]
             if (name not in required and not optional and sub.get("type") == "object" and "properties" in sub
                     and "default" not in sub and not sub.get("required")):
-                sub["default"] = {}
+                sub["default"] = {k: v["default"] for k, v in sub["properties"].items() if "default" in v}
     return out
 
 

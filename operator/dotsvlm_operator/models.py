@@ -51,8 +51,7 @@ def _rules(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
 
 def _min_max_rule(pool: str) -> tuple[str, str]:
     return ("self.minReplicas <= self.maxReplicas",
-            f"='{pool}.minReplicas (' + string(self.minReplicas) + ') must be less than or equal to "
-            f"{pool}.maxReplicas (' + string(self.maxReplicas) + ')'")
+            f"{pool}.minReplicas must be less than or equal to {pool}.maxReplicas")
 
 
 class _Api(BaseModel):
@@ -130,6 +129,32 @@ class Autoscaling(_Api):
 # --- the spec ------------------------------------------------------------------------------------------
 
 
+_VOLUME_SOURCES = ("persistentVolumeClaim", "hostPath", "nfs", "csi", "ephemeral", "emptyDir", "image")
+
+
+def _volume_source(kind: str) -> Any:
+    return Field(None, description=f"The {kind} volume source, as in a pod's volumes (kubectl explain pod.spec.volumes.{kind}).",
+                 json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+
+class VolumeSource(_Api):
+    """Exactly one Kubernetes volume source (the fields of a pod volume, without its name)."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        ("[" + ", ".join(f"has(self.{k})" for k in _VOLUME_SOURCES) + "].filter(x, x).size() == 1",
+         "model.volume must name exactly one volume source, e.g. {persistentVolumeClaim: {claimName: dots-weights}}; "
+         "supported: " + ", ".join(_VOLUME_SOURCES)),
+    ))
+
+    persistent_volume_claim: dict[str, Any] | None = _volume_source("persistentVolumeClaim")
+    host_path: dict[str, Any] | None = _volume_source("hostPath")
+    nfs: dict[str, Any] | None = _volume_source("nfs")
+    csi: dict[str, Any] | None = _volume_source("csi")
+    ephemeral: dict[str, Any] | None = _volume_source("ephemeral")
+    empty_dir: dict[str, Any] | None = _volume_source("emptyDir")
+    image: dict[str, Any] | None = _volume_source("image")
+
+
 class ModelSpec(_Api):
     """Where the dots.vlm1 checkpoint lives and how it is served."""
 
@@ -141,16 +166,9 @@ class ModelSpec(_Api):
 
     path: str = Field(..., min_length=2, max_length=1024, pattern=r"^/", description=(
         "Absolute path of the checkpoint directory (config.json, *.safetensors, tokenizer) inside the pods."))
-    volume: dict[str, Any] = Field(..., description=(
-        "The Kubernetes volume source that holds the weights, exactly one of the fields of a pod volume "
-        "without its name, e.g. {persistentVolumeClaim: {claimName: dots-weights}} or "
-        "{hostPath: {path: /mnt/models}}. It is mounted read-only at mountPath in every Ray pod."),
-        json_schema_extra={
-            "x-kubernetes-preserve-unknown-fields": True,
-            **_rules(("size(self) == 1",
-                      "model.volume must name exactly one volume source, e.g. "
-                      "{persistentVolumeClaim: {claimName: dots-weights}}")),
-        })
+    volume: VolumeSource = Field(..., description=(
+        "The Kubernetes volume that holds the weights, e.g. {persistentVolumeClaim: {claimName: dots-weights}} "
+        "or {hostPath: {path: /mnt/models}}. It is mounted read-only at mountPath in every Ray pod."))
     mount_path: str = Field("/models", max_length=1024, pattern=r"^/.+", description="Where model.volume is mounted in every Ray pod.")
     served_name: str = Field("dots.vlm1", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
                              description="Model name clients pass in the OpenAI API's 'model' field.")
@@ -187,9 +205,8 @@ class LLMPool(_Api):
     model_config = ConfigDict(json_schema_extra=_rules(
         _min_max_rule("llm"),
         ("self.gpusPerReplica % self.nodesPerReplica == 0",
-         "='llm.gpusPerReplica (' + string(self.gpusPerReplica) + ') must be divisible by llm.nodesPerReplica ('"
-         " + string(self.nodesPerReplica) + '): every node of a replica gets the same number of GPUs "
-         "(e.g. 16 GPUs over 2 nodes = 8 per node)'"),
+         "llm.gpusPerReplica must be divisible by llm.nodesPerReplica: every node of a replica gets the same number "
+         "of GPUs (e.g. 16 GPUs over 2 nodes = 8 per node)"),
         ("self.gpusPerReplica == 0 || self.gpusPerReplica % self.tensorParallel == 0",
          "llm.gpusPerReplica must be a multiple of llm.tensorParallel (usually equal: one tensor-parallel group per replica)"),
         ("self.nodesPerReplica == 1 || self.gpusPerReplica > 0",

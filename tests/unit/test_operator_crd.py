@@ -47,7 +47,8 @@ def test_schema_is_structural_and_every_field_is_described() -> None:
 def test_defaults_and_cel_rules_come_from_the_models() -> None:
     spec = crd.openapi_schema()["properties"]["spec"]
     llm = spec["properties"]["llm"]
-    assert llm["default"] == {}  # so the API server fills in the pool's own defaults
+    # Fully expanded, so the API server fills in the pool's own defaults (and CEL rules hold on them).
+    assert llm["default"]["nodesPerReplica"] == 1 and llm["default"]["autoscaling"]["targetOngoingRequests"] == 4.0
     assert llm["properties"]["contextLength"]["default"] == m.LLMPool().context_length
     rules = [r["rule"] for r in llm["x-kubernetes-validations"]]
     assert "self.gpusPerReplica % self.nodesPerReplica == 0" in rules

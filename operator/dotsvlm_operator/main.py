@@ -1,0 +1,46 @@
+"""`dotsvlm operator`: run the kopf operator that reconciles DotsVLMDeployments."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+
+import kopf
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from dotsvlm_operator import handlers  # registers the handlers
+    from dotsvlm_operator import kube
+
+    log_format = kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL
+    kopf.configure(verbose=args.verbose, log_format=log_format, log_refkey="object" if args.log_format == "json" else None)
+    if not args.verbose:
+        logging.getLogger("kubernetes").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    cfg = handlers.CONFIG
+    if getattr(args, "ray_head_url_override", None):
+        cfg.head_url_override = args.ray_head_url_override
+    cfg.resync_seconds = getattr(args, "resync_seconds", None) or cfg.resync_seconds
+    # Peered replicas need distinct priorities: the highest works, the others stand by (equal
+    # priorities would make kopf pause all of them).
+    cfg.priority = args.priority if getattr(args, "priority", None) is not None else random.randint(1, 1_000_000)
+    if cfg.head_url_override:
+        logging.getLogger(__name__).warning(
+            f"test/dev setting: every deployment's Ray head is reached at {cfg.head_url_override}")
+
+    kube.load_config()
+    namespaces = list(args.namespace or [])
+    liveness = getattr(args, "liveness", None)
+    kopf.run(
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        priority=cfg.priority,
+        namespaces=namespaces,
+        clusterwide=not namespaces,
+        liveness_endpoint=liveness,
+        identity=os.environ.get("POD_NAME") or None,
+    )
+    return 0
