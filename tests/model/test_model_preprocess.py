@@ -1,0 +1,154 @@
+"""Image preprocessing: golden sizes computed by hand, patch order, normalisation, decode errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dotsvlm_serving.model.preprocess import (
+    ImageError,
+    decode_image,
+    image_token_count,
+    patchify,
+    preprocess_images,
+    smart_resize,
+)
+
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "resized_hw", "tokens"),
+    [
+        # 768/28 = 27.4 -> 27*28 = 756; 1024/28 = 36.6 -> 37*28 = 1036; grid 27x37 windows -> 999 tokens
+        (1024, 768, (756, 1036), 999),
+        # 480/28 = 17.1 -> 476; 640/28 = 22.9 -> 644; 17*23 = 391
+        (640, 480, (476, 644), 391),
+        # 28x28 = 784 < 3136: beta = 2, ceil(28*2/28)*28 = 56 -> 56x56, 2x2 windows = 4 tokens
+        (28, 28, (56, 56), 4),
+        # 1x1: rounds to 28x28, below min: beta = 56 -> 56x56 -> 4 tokens
+        (1, 1, (56, 56), 4),
+        # aspect exactly 200 is allowed: 1 -> 28 (floor at factor), 200/28 = 7.1 -> 196; 28*196 = 5488 >= 3136
+        (200, 1, (28, 196), 7),
+        # 4000x3000 -> 4004x2996 = 11,995,984 > max: beta = sqrt(12e6/11289600) = 1.03098;
+        # 3000/1.03098/28 = 103.9 -> 103*28 = 2884; 4000/1.03098/28 = 138.6 -> 138*28 = 3864; 103*138 windows
+        (4000, 3000, (2884, 3864), 14214),
+    ],
+)
+def test_smart_resize_golden(width: int, height: int, resized_hw: tuple[int, int], tokens: int) -> None:
+    assert smart_resize(height, width) == resized_hw
+    assert image_token_count(height, width) == tokens
+
+
+def test_golden_token_counts_written_out() -> None:
+    assert image_token_count(768, 1024) == 999
+    assert image_token_count(3000, 4000) == 14214  # 103 x 138 windows
+    # a lower pixel budget: 786432 px / 200000 -> beta 1.983; 768/1.983/28 = 13.8 -> 13; 1024/1.983/28 = 18.4 -> 18
+    assert smart_resize(768, 1024, max_pixels=200_000) == (364, 504)
+    assert image_token_count(768, 1024, max_pixels=200_000) == 234
+
+
+@pytest.mark.parametrize(("h", "w"), [(0, 10), (10, 0), (1, 201), (5000, 24)])
+def test_smart_resize_refuses_zero_size_and_extreme_aspect(h: int, w: int) -> None:
+    with pytest.raises(ImageError) as err:
+        smart_resize(h, w)
+    assert "zero size" in str(err.value) or "aspect ratio" in str(err.value)
+
+
+def test_preprocess_1024x768_shapes() -> None:
+    out = preprocess_images([Image.new("RGB", (1024, 768), (1, 2, 3))])
+    assert out.pixel_values.shape == (3996, 588) and out.pixel_values.dtype == torch.float32
+    assert out.grid_thw.tolist() == [[1, 54, 74]] and out.grid_thw.dtype == torch.int64
+    assert out.num_tokens == [999]
+    assert out.nbytes == 3996 * 588 * 4 + 3 * 8
+
+
+def test_normalisation_of_a_solid_colour() -> None:
+    out = preprocess_images([Image.new("RGB", (56, 56), (255, 128, 0))])
+    expected = (np.array([255, 128, 0], dtype=np.float32) / 255 - MEAN) / STD
+    rows = out.pixel_values.view(-1, 3, 14 * 14)
+    for c in range(3):
+        torch.testing.assert_close(rows[:, c], torch.full_like(rows[:, c], float(expected[c])), atol=1e-5, rtol=0)
+
+
+def test_patchify_row_order_is_merge_window_then_c_py_px() -> None:
+    h, w = 56, 84  # grid 4 x 6 patches
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    img = np.stack([ys * 1000 + xs, ys * 1000 + xs + 1e6, ys * 1000 + xs + 2e6]).astype(np.float64)
+    rows, grid = patchify(img)
+    assert grid == (1, 4, 6) and rows.shape == (24, 588)
+    # rows 0..3: patches (0,0), (0,1), (1,0), (1,1); row 4 starts the next window: patch (0,2)
+    for i, (pr, pc) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3), (0, 4)]):
+        r = rows[i].reshape(3, 14, 14)
+        assert r[0, 0, 0] == (pr * 14) * 1000 + pc * 14
+        assert r[0, 2, 5] == (pr * 14 + 2) * 1000 + pc * 14 + 5  # (py, px) inside the patch
+        assert r[2, 0, 0] == r[0, 0, 0] + 2e6  # channel-major
+    # the first patch of the second window row: grid row 2, col 0 (after 3 windows x 4 patches)
+    assert rows[12].reshape(3, 14, 14)[0, 0, 0] == 28 * 1000
+
+
+def test_packing_keeps_image_order() -> None:
+    a, b = Image.new("RGB", (56, 56), (255, 0, 0)), Image.new("RGB", (84, 56), (0, 0, 255))
+    out = preprocess_images([a, b])
+    assert out.grid_thw.tolist() == [[1, 4, 4], [1, 4, 6]]
+    assert out.num_tokens == [4, 6]
+    parts = out.split()
+    torch.testing.assert_close(parts[1].pixel_values, preprocess_images([b]).pixel_values)
+    again = type(out).concat(parts)
+    torch.testing.assert_close(again.pixel_values, out.pixel_values)
+
+
+def test_too_many_images_is_refused() -> None:
+    imgs = [Image.new("RGB", (28, 28))] * 3
+    with pytest.raises(ImageError, match="3 images, over the limit of 2"):
+        preprocess_images(imgs, max_images=2)
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_decode_common_formats_to_rgb(fmt: str) -> None:
+    data = _encode(Image.new("RGB", (40, 30), (200, 100, 50)), fmt)
+    img = decode_image(data, max_bytes=1 << 20)
+    assert img.mode == "RGB" and img.size == (40, 30)
+    assert np.abs(np.asarray(img, dtype=int)[15, 20] - [200, 100, 50]).max() <= 4
+
+
+def test_decode_gif_takes_the_first_frame() -> None:
+    frames = [Image.new("RGB", (20, 10), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    img = decode_image(data, max_bytes=1 << 20)
+    assert img.mode == "RGB" and tuple(np.asarray(img)[5, 5]) == (255, 0, 0)
+
+
+def test_decode_transparent_png_composites_on_white() -> None:
+    data = _encode(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), "PNG")
+    assert tuple(np.asarray(decode_image(data, max_bytes=1 << 20))[0, 0]) == (255, 255, 255)
+
+
+def test_decode_errors_are_clear() -> None:
+    png = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
+    cases = {
+        b"": "empty",
+        b"not an image at all": "could not be decoded",
+        png[: len(png) // 2]: "corrupt or truncated",
+    }
+    for data, msg in cases.items():
+        with pytest.raises(ImageError, match=msg):
+            decode_image(data, max_bytes=1 << 20)
+    with pytest.raises(ImageError, match="over the limit of 100 bytes"):
+        decode_image(png, max_bytes=100)
+    with pytest.raises(ImageError, match="4096 pixels, over the limit of 1000 pixels"):
+        decode_image(png, max_bytes=1 << 20, max_input_pixels=1000)
+    with pytest.raises(ImageError, match="aspect ratio"):
+        decode_image(_encode(Image.new("RGB", (402, 2)), "PNG"), max_bytes=1 << 20)
+    assert issubclass(ImageError, ValueError)
