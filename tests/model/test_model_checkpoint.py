@@ -1,0 +1,191 @@
+"""Checkpoint loading: split vision/LLM reads, round trip, clear errors, FP8 dequantisation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dotsvlm_serving.model import checkpoint as ckpt
+from dotsvlm_serving.model import fp8
+from dotsvlm_serving.model.checkpoint import CheckpointError, load_llm, load_vision_tower, save_checkpoint
+
+
+def _index(d: Path) -> dict[str, str]:
+    return json.loads((d / ckpt.INDEX_NAME).read_text())["weight_map"]
+
+
+def test_checkpoint_uses_per_expert_keys_and_vision_has_its_own_shards(tiny_dir: Path) -> None:
+    wm = _index(tiny_dir)
+    assert "model.layers.1.mlp.experts.7.gate_proj.weight" in wm
+    assert "model.layers.1.mlp.experts.0.down_proj.weight" in wm
+    assert not any("gate_up_proj" in k for k in wm)
+    vision_files = {f for k, f in wm.items() if k.startswith("vision_tower.")}
+    llm_files = {f for k, f in wm.items() if not k.startswith("vision_tower.")}
+    assert vision_files and llm_files and not vision_files & llm_files
+    assert len(set(wm.values())) > 2  # really sharded
+
+
+def _record_opens(monkeypatch) -> list[str]:
+    opened: list[str] = []
+    real = ckpt.safe_open
+
+    def spy(path, *a, **kw):
+        opened.append(Path(path).name)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(ckpt, "safe_open", spy)
+    return opened
+
+
+def test_vision_and_llm_loaders_open_only_their_own_shards(tiny_dir: Path, monkeypatch) -> None:
+    wm = _index(tiny_dir)
+    vision_files = {f for k, f in wm.items() if k.startswith("vision_tower.")}
+    opened = _record_opens(monkeypatch)
+    load_vision_tower(tiny_dir)
+    assert opened and set(opened) <= vision_files
+    opened.clear()
+    load_llm(tiny_dir)
+    assert opened and not set(opened) & vision_files
+
+
+def test_load_save_load_round_trip(tiny_dir: Path, tiny_config, tmp_path: Path) -> None:
+    tower, llm = load_vision_tower(tiny_dir), load_llm(tiny_dir)
+    out = save_checkpoint(tmp_path / "copy", vision_state=tower.state_dict(), llm_state=llm.state_dict(),
+                          config=tiny_config.raw, shard_max_bytes=100_000)
+    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_dir / f, out / f)
+    assert set(_index(out)) == set(_index(tiny_dir))
+    tower2, llm2 = load_vision_tower(out), load_llm(out)
+    for a, b in ((tower, tower2), (llm, llm2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(d: Path, key: str, tensor: torch.Tensor | None) -> str:
+    """Replace (or drop, with None) one tensor in its shard; returns the shard's name."""
+    name = _index(d)[key]
+    tensors = load_file(str(d / name))
+    if tensor is None:
+        del tensors[key]
+    else:
+        tensors[key] = tensor
+    save_file(tensors, str(d / name))
+    return name
+
+
+def test_mis_shaped_tensor_names_tensor_shapes_and_file(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "bad")
+    key = "vision_tower.blocks.1.attn.qkv.weight"
+    shard = _rewrite(d, key, torch.zeros(100, 64))
+    with pytest.raises(CheckpointError) as err:
+        load_vision_tower(d)
+    msg = str(err.value)
+    assert key in msg and "expected shape [192, 64]" in msg and "found [100, 64]" in msg and shard in msg
+
+
+def test_mis_shaped_expert_tensor_is_reported_by_its_checkpoint_name(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "bad")
+    key = "model.layers.1.mlp.experts.5.up_proj.weight"
+    _rewrite(d, key, torch.zeros(32, 63))
+    with pytest.raises(CheckpointError, match=r"experts\.5\.up_proj\.weight.*expected shape \[32, 64\], found \[32, 63\]"):
+        load_llm(d)
+
+
+def test_missing_and_unexpected_tensors(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "missing")
+    key = "model.layers.0.self_attn.kv_b_proj.weight"
+    # drop it from both the shard and the index, as a checkpoint that never had it
+    _rewrite(d, key, None)
+    idx = json.loads((d / ckpt.INDEX_NAME).read_text())
+    del idx["weight_map"][key]
+    (d / ckpt.INDEX_NAME).write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.kv_b_proj\.weight' \(shape \[128, 16\]\) is missing"):
+        load_llm(d)
+    load_vision_tower(d)  # the vision replica does not care
+
+    d2 = _copy(tiny_dir, tmp_path / "extra")
+    name = _index(d2)["vision_tower.post_trunk_norm.weight"]
+    tensors = load_file(str(d2 / name))
+    tensors["vision_tower.blocks.0.attn.qkv.bias"] = torch.zeros(192)
+    save_file(tensors, str(d2 / name))
+    idx = json.loads((d2 / ckpt.INDEX_NAME).read_text())
+    idx["weight_map"]["vision_tower.blocks.0.attn.qkv.bias"] = name
+    (d2 / ckpt.INDEX_NAME).write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=r"unexpected vision tensor.*vision_tower\.blocks\.0\.attn\.qkv\.bias"):
+        load_vision_tower(d2)
+
+
+def test_mtp_layers_are_ignored_and_index_is_optional(tiny_dir: Path, tiny_llm, tmp_path: Path) -> None:
+    d = tmp_path / "single"
+    d.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_dir / f, d / f)
+    tensors = {}
+    for name in sorted(set(_index(tiny_dir).values())):
+        tensors.update(load_file(str(tiny_dir / name)))
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)  # a multi-token-prediction layer
+    save_file(tensors, str(d / "model.safetensors"))
+    llm = load_llm(d)
+    for k, v in tiny_llm.state_dict().items():
+        assert torch.equal(v, llm.state_dict()[k]), k
+
+
+def test_fp8_quantize_dequantize_blocks() -> None:
+    w = torch.randn(200, 300) * torch.linspace(0.01, 3, 300)  # column scales differ across blocks
+    q, s = fp8.quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 3) and s.dtype == torch.float32
+    back = fp8.dequantize(q, s)
+    expanded = s.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :300]
+    # e4m3: 3 mantissa bits -> relative rounding error <= 2^-4, subnormal step 2^-9 of the block scale
+    assert bool(((back - w).abs() <= w.abs() * 2**-4 + expanded * 2**-9 + 1e-12).all())
+
+
+def test_fp8_checkpoint_loads_as_the_dequantized_reference(tiny_dir: Path, tiny_fp8_dir: Path) -> None:
+    cfg = json.loads((tiny_fp8_dir / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    wm = _index(tiny_fp8_dir)
+    key = "model.layers.1.mlp.experts.3.down_proj.weight"
+    with safe_open(str(tiny_fp8_dir / wm[key]), "pt") as f:
+        q = f.get_tensor(key)
+    with safe_open(str(tiny_fp8_dir / wm[key + "_scale_inv"]), "pt") as f:
+        s = f.get_tensor(key.replace("weight", "weight_scale_inv"))
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (1, 1)  # dims < 128: one block
+    assert "model.embed_tokens.weight_scale_inv" not in wm and "model.layers.1.mlp.gate.weight_scale_inv" not in wm
+
+    llm8, llm32 = load_llm(tiny_fp8_dir), load_llm(tiny_dir)
+    # exact: the loaded weight is the stored FP8 value times its block scale
+    ref = q.float() * s
+    torch.testing.assert_close(llm8.model.layers[1].mlp.experts.down_proj[3], ref, atol=0, rtol=0)
+    # close to the full-precision weights it was quantized from (e4m3 bound, see above)
+    s8, s32 = llm8.state_dict(), llm32.state_dict()
+    for k in s32:
+        w, got = s32[k], s8[k]
+        bound = w.abs() * 2**-4 + w.abs().max() / 448 * 2**-9 + 1e-12
+        assert bool(((got - w).abs() <= bound).all()), k
+    # and the model computes nearly the same thing
+    ids = torch.tensor([[3, 40, 41, 42, 7]])
+    with torch.inference_mode():
+        a, b = llm32(input_ids=ids).logits, llm8(input_ids=ids).logits
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_fp8_checkpoint_in_bfloat16(tiny_fp8_dir: Path) -> None:
+    llm = load_llm(tiny_fp8_dir, dtype=torch.bfloat16)
+    assert llm.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert llm.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    with torch.inference_mode():
+        out = llm(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(out.float()).all()
