@@ -26,11 +26,18 @@ def test_binaries_report_pinned_versions(kube: KubeCluster) -> None:
 
 
 def test_control_plane_listens_on_loopback_only(kube: KubeCluster) -> None:
+    import psutil
+
     server = kube.kubectl("config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}").stdout
     assert server.startswith("https://127.0.0.1:")
-    args = (kube.cluster_dir / "kwok.yaml").read_text()
-    assert "0.0.0.0" not in "".join(
-        line for line in args.splitlines() if "bind-address" in line or "listen-client-urls" in line)
+    listeners: dict[str, set[str]] = {}
+    for pidfile in (kube.cluster_dir / "pids").glob("*.pid"):
+        conns = psutil.Process(int(pidfile.read_text())).net_connections(kind="inet")
+        listeners[pidfile.stem] = {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN}
+    assert set(listeners) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                              "kwok-controller"}
+    for component, ips in listeners.items():
+        assert ips and ips <= {"127.0.0.1", "::1"}, f"{component} listens on {ips}"
 
 
 def _gpu_deployment(name: str, replicas: int, gpus: int, product: str) -> str:

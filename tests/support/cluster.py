@@ -198,7 +198,7 @@ class KubeCluster:
                 "--etcd-port", str(etcd_client), "--kube-apiserver-port", str(apiserver),
                 "--kube-controller-manager-port", str(kcm), "--kube-scheduler-port", str(sched),
                 "--controller-port", str(kwok), "--wait", "120s", "--quiet-pull"]
-        for e in extra:
+        for e in _first_per_component_first(extra):
             args += ["--extra-args", e]
         _log(f"starting cluster {self.name} (apiserver https://127.0.0.1:{apiserver})...")
         t0 = time.monotonic()
@@ -235,6 +235,16 @@ class KubeCluster:
         kill_cluster_processes(self.cluster_dir)
         shutil.rmtree(self.cluster_dir, ignore_errors=True)
         (self.workdir / f"{self.name}.merged").unlink(missing_ok=True)
+
+
+def _first_per_component_first(extra_args: list[str]) -> list[str]:
+    """kwokctl v0.8.0 indexes its per-component patches by the position of the component's first
+    --extra-args flag, so that position must equal the component's order of first appearance:
+    list one arg of every component first, then the rest."""
+    firsts: dict[str, str] = {}
+    for e in extra_args:
+        firsts.setdefault(e.split("=", 1)[0], e)
+    return list(firsts.values()) + [e for e in extra_args if e not in firsts.values()]
 
 
 def kill_cluster_processes(cluster_dir: Path) -> None:
