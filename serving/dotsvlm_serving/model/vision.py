@@ -8,6 +8,9 @@ GPU when available, else one SDPA call per image.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,6 +87,16 @@ def vision_rope(grid_thw: torch.Tensor, head_dim: int, merge: int, theta: float,
     return emb.cos(), emb.sin()
 
 
+@dataclass(frozen=True)
+class PackedSeqs:
+    """Where each image/frame lies in the packed sequence (computed once per forward, not per block)."""
+
+    cu_seqlens: torch.Tensor  # [n+1] int32 on the model's device
+    lens: tuple[int, ...]
+    max_len: int
+
+
+@functools.cache
 def _varlen_kernel():
     """A varlen flash-attention function (q, k, v [T, H, D], cu_seqlens, max_len) -> [T, H, D], or None."""
     try:
@@ -116,7 +129,7 @@ class VisionAttention(nn.Module):
         # Set by DotsVisionTower: "auto" (varlen on CUDA half precision, else SDPA per image) or "sdpa".
         self.attn_impl = "auto"
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seqs: PackedSeqs, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)  # [N, H, D] each
@@ -126,19 +139,20 @@ class VisionAttention(nn.Module):
         q = (qf * c + rotate_half(qf) * s).to(dtype)
         k = (kf * c + rotate_half(kf) * s).to(dtype)
         scale = self.head_dim**-0.5
-        out = self._attend(q, k, v, cu_seqlens, scale)
+        out = self._attend(q, k, v, seqs, scale)
         return self.proj(out.reshape(n, -1))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float) -> torch.Tensor:
-        lens = (cu[1:] - cu[:-1]).tolist()
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs, scale: float) -> torch.Tensor:
         if self.attn_impl == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             kernel = _varlen_kernel()
             if kernel is not None:
-                return kernel(q, k, v, cu.to(torch.int32), int(max(lens)), scale)
+                return kernel(q, k, v, seqs.cu_seqlens, seqs.max_len, scale)
+        if len(seqs.lens) == 1:
+            return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale).transpose(0, 1)
         # Block-diagonal attention without an N x N mask: one SDPA call per image/frame.
         outs = []
         start = 0
-        for length in lens:
+        for length in seqs.lens:
             sl = slice(start, start + length)
             qi, ki, vi = (t[sl].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
             outs.append(F.scaled_dot_product_attention(qi, ki, vi, scale=scale)[0].transpose(0, 1))
@@ -167,8 +181,8 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.embed_dim, cfg.rms_norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x: torch.Tensor, seqs: PackedSeqs, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), seqs, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -227,11 +241,14 @@ class DotsVisionTower(nn.Module):
             raise ValueError(f"pixel_values must be [{total}, {cfg.patch_dim}] for grid_thw {grid_thw.tolist()}, "
                              f"got {list(pixel_values.shape)}")
         device = self.device
-        cu_seqlens = F.pad(seq_lens.cumsum(0), (1, 0)).to(device)
+        if total == 0:
+            return torch.empty(0, cfg.hidden_size, device=device, dtype=self.dtype)
+        lens = tuple(int(v) for v in seq_lens.tolist())
+        seqs = PackedSeqs(F.pad(seq_lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32), lens, max(lens))
         cos, sin = vision_rope(grid_thw, cfg.head_dim, m, cfg.rope_theta, device)
         x = self.patch_embed(pixel_values.to(device=device, dtype=self.dtype))
         for block in self.blocks:
-            x = block(x, cu_seqlens, cos, sin)
+            x = block(x, seqs, cos, sin)
         if self.post_trunk_norm is not None:
             x = self.post_trunk_norm(x)
         return self.merger(x)
