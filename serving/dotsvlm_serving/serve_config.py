@@ -63,6 +63,9 @@ class LLMPoolConfig(_Strict):
     context_length: int = Field(4096, ge=16)
     max_running_requests: int = Field(16, ge=1)
     max_new_tokens_default: int = Field(256, ge=1)
+    # KV-cache budget of one replica in tokens (prompt + max_tokens of its running requests);
+    # None = context_length * max_running_requests.
+    kv_cache_tokens: int | None = Field(None, ge=16)
     autoscaling: AutoscalingTargets = AutoscalingTargets()
 
 
@@ -70,6 +73,10 @@ class QueueConfig(_Strict):
     max_items: int = Field(256, ge=1)
     max_bytes: int = Field(4 * 1024**3, ge=1024)
     enqueue_timeout_s: float = Field(30.0, ge=0)
+    # An LLM replica that stops heartbeating this long is declared dead; its items are redelivered.
+    lease_timeout_s: float = Field(10.0, gt=0)
+    # Deliveries of one item before the request fails instead of being redelivered again.
+    max_deliveries: int = Field(2, ge=1)
 
 
 class ImageLimits(_Strict):
@@ -86,6 +93,10 @@ class ApiConfig(_Strict):
     # Name of an environment variable holding comma-separated API keys; unset or empty = no auth.
     api_keys_env: str | None = "DOTSVLM_API_KEYS"
     images: ImageLimits = ImageLimits()
+    # Longest a request may take end to end before it is cancelled with 504.
+    request_timeout_s: float = Field(600.0, gt=0)
+    # Largest request body accepted (bytes).
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
 
 class ServeAppConfig(_Strict):

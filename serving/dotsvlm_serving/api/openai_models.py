@@ -83,6 +83,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1)
     logprobs: bool | None = None
     tools: list[Any] | None = None
+    ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence tokens")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
 

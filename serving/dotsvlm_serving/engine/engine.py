@@ -168,7 +168,7 @@ class Engine:
         first = seq.first_token_at is None
         if first:
             seq.first_token_at = time.monotonic()
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not seq.req.params.ignore_eos:
             events.append(self._finish_event(seq, "stop", self._flush(seq)))
             return True
         seq.generated.append(token)

@@ -15,6 +15,7 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1 = off
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
 
     def make_generator(self) -> torch.Generator | None:
         if self.temperature == 0:

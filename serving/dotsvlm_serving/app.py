@@ -1,0 +1,73 @@
+"""The Serve application builder: `dotsvlm_serving.app:build_app` (the operator's import path).
+
+    Ingress (OpenAI API) -> VisionEncoder [vision pool] -> TensorQueue -> LLMServer [llm pool]
+
+`args` is a `ServeAppConfig` (validated here, torch-free model shared with the operator). Each pool's
+deployment asks for one unit of its pool's Ray custom resource when `pool_resource` is set (pool
+workers advertise it), and GPUs as configured; locally nothing is pinned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+
+from .serve_config import AutoscalingTargets, ServeAppConfig
+
+
+def autoscaling(t: AutoscalingTargets) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"min_replicas": t.min_replicas, "max_replicas": t.max_replicas,
+                           "target_ongoing_requests": t.target_ongoing_requests,
+                           "upscale_delay_s": t.upscale_delay_s, "downscale_delay_s": t.downscale_delay_s}
+    if t.initial_replicas is not None:
+        cfg["initial_replicas"] = t.initial_replicas
+    return cfg
+
+
+def _replicas(t: AutoscalingTargets) -> dict[str, Any]:
+    """A fixed count when min == max (no autoscaler needed), else Serve autoscaling."""
+    if t.min_replicas == t.max_replicas:
+        return {"num_replicas": t.max_replicas}
+    return {"autoscaling_config": autoscaling(t)}
+
+
+def actor_options(*, num_gpus: float, pool_resource: str | None, num_cpus: float) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        opts["num_gpus"] = num_gpus
+    if pool_resource:
+        opts["resources"] = {pool_resource: 1}
+    return opts
+
+
+def parse_config(args: dict[str, Any]) -> ServeAppConfig:
+    try:
+        return ServeAppConfig.model_validate(args)
+    except ValidationError as exc:
+        raise ValueError(f"invalid dotsvlm serve config: {exc}") from None
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    from .deployments.ingress import IngressDeployment
+    from .deployments.llm import LLMServer
+    from .deployments.queue import TensorQueueDeployment
+    from .deployments.vision_encoder import VisionEncoder
+
+    cfg = parse_config(args)
+    plain = cfg.model_dump(mode="json")
+    cpu_share = 0.0 if cfg.device == "cpu" else 1.0  # on CPU, do not let Ray's CPU accounting block replicas
+    queue = TensorQueueDeployment.bind(cfg.queue.model_dump(mode="json"))
+    vision = serve.deployment(name="VisionEncoder", max_ongoing_requests=256, **_replicas(cfg.vision.autoscaling),
+                              ray_actor_options=actor_options(num_gpus=cfg.vision.gpus_per_replica,
+                                                              pool_resource=cfg.vision.pool_resource,
+                                                              num_cpus=cpu_share))(VisionEncoder).bind(plain)
+    llm = serve.deployment(name="LLMServer", max_ongoing_requests=16, **_replicas(cfg.llm.autoscaling),
+                           ray_actor_options=actor_options(num_gpus=cfg.llm.gpus_per_replica,
+                                                           pool_resource=cfg.llm.pool_resource,
+                                                           num_cpus=cpu_share))(LLMServer).bind(plain, queue)
+    ingress = serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=4096,
+                               ray_actor_options={"num_cpus": 0})(IngressDeployment)
+    return ingress.bind(plain, vision, queue, llm)

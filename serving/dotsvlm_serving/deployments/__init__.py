@@ -1,0 +1,1 @@
+"""Ray Serve deployments: Ingress (OpenAI API), VisionEncoder, TensorQueue, LLMServer."""

@@ -1,0 +1,362 @@
+"""Ingress: the OpenAI-compatible HTTP API.
+
+Per request: authenticate, validate, load and decode images, render the chat template and tokenise,
+check limits, send images to the VisionEncoder (text-only requests skip it), enqueue the work in the
+tensor queue (429 with Retry-After when it stays full), then relay the LLM replica's events as one
+JSON answer or as server-sent events. A client that goes away cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import pipeline
+from ..api.auth import ApiKeyAuth
+from ..api.errors import ApiError, error_body
+from ..api.images import FetchPolicy, load_image_bytes
+from ..api.openai_models import (ChatCompletionRequest, chunk, completion_response, models_response,
+                                 new_completion_id, parse_chat_request)
+from ..metrics import IngressMetrics
+from ..model.config import load_config
+from ..model.preprocess import ImageError, decode_image
+from ..model.prompt import load_tokenizer
+from ..serve_config import ServeAppConfig
+from ..tensor_queue import QueueItem, RayObjectTransport, TensorHandle
+
+log = logging.getLogger("ray.serve")
+
+app = FastAPI(title="dotsvlm", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    msg = {404: "no such endpoint: use /v1/chat/completions, /v1/models, /health or /metrics",
+           405: "method not allowed on this endpoint"}.get(exc.status_code, str(exc.detail))
+    return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code)
+
+
+class _Retry(Exception):
+    """The LLM replica could not fetch the image embeddings: encode again (once)."""
+
+
+class Ingress:
+    def __init__(self, app_config: dict[str, Any], vision: Any, queue: Any, llm: Any) -> None:
+        self.cfg = ServeAppConfig.model_validate(app_config)
+        self.vision, self.queue, self.llm = vision, queue, llm
+        self.model_config = load_config(self.cfg.model_path)
+        self.tokenizer = load_tokenizer(self.cfg.model_path)
+        self.hidden = int(self.model_config.vision.hidden_size)
+        lim = self.cfg.api.images
+        self.fetch_policy = FetchPolicy.from_config(max_bytes=lim.max_image_bytes, timeout_s=lim.fetch_timeout_s,
+                                                    fetch_allow=lim.fetch_allow)
+        self.auth = ApiKeyAuth.from_env(self.cfg.api.api_keys_env)
+        self.metrics = IngressMetrics()
+        self.created = int(time.time())
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------------------- small endpoints
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        try:
+            stats = await asyncio.wait_for(self.queue.stats.remote(), timeout=5)
+        except Exception as exc:
+            return JSONResponse({"status": "unavailable", "reason": f"tensor queue not reachable: {exc}"}, 503)
+        if not stats["consumers"]:
+            return JSONResponse({"status": "unavailable", "reason": "no LLM replica is ready yet"}, 503)
+        return JSONResponse({"status": "ok", "llm_replicas": len(stats["consumers"]), "queue_depth": stats["depth"]})
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        try:
+            snapshot = await asyncio.wait_for(self.queue.stats.remote(), timeout=5)
+        except Exception:
+            snapshot = None
+        return Response(self.metrics.render(snapshot), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        self.auth.check(request.headers.get("authorization"))
+        return JSONResponse(models_response(self.cfg.served_model_name, self.created))
+
+    # ------------------------------------------------------------------------------- chat completions
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        t0 = time.monotonic()
+        self.metrics.in_flight.inc()
+        status = 500
+        try:
+            response = await self._chat(request, t0)
+            status = response.status_code
+            return response
+        except ApiError as exc:
+            status = exc.status
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(str(status)).inc()
+
+    async def _chat(self, request: Request, t0: float) -> Response:
+        self.auth.check(request.headers.get("authorization"))
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.cfg.api.max_body_bytes:
+            raise ApiError(413, f"the request body is {declared} bytes, over the {self.cfg.api.max_body_bytes}-byte "
+                                "limit: send smaller images or fewer of them")
+        body = await request.body()
+        if len(body) > self.cfg.api.max_body_bytes:
+            raise ApiError(413, f"the request body is over the {self.cfg.api.max_body_bytes}-byte limit")
+        req = parse_chat_request(body)
+        if req.model != self.cfg.served_model_name:
+            raise ApiError(404, f"the model {req.model!r} does not exist: this server serves "
+                                f"{self.cfg.served_model_name!r} (see /v1/models)", param="model", code="model_not_found")
+        messages, urls = req.to_model_messages()
+        images = await self._load_images(urls)
+        counts = self._token_counts(images)
+        try:
+            ids = pipeline.prompt_ids(self.tokenizer, self.model_config, messages, counts)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        params = self._sampling(req, len(ids))
+        deadline = t0 + self.cfg.api.request_timeout_s
+        cid = new_completion_id()
+        events = await self._submit(cid, ids, images, counts, params, req.stream, deadline)
+        if req.stream:
+            return await self._stream(cid, req, events, t0, len(images))
+        return await self._complete(cid, events, t0)
+
+    async def _load_images(self, urls: list[str]) -> list[Image.Image]:
+        lim = self.cfg.api.images
+        if len(urls) > lim.max_images_per_request:
+            raise ApiError(400, f"the request has {len(urls)} images, over the limit of {lim.max_images_per_request} "
+                                "per request: send fewer images", param="messages", code="too_many_images")
+        if not urls:
+            return []
+        datas = await asyncio.gather(*(load_image_bytes(u, self.fetch_policy) for u in urls))
+
+        def decode_all() -> list[Image.Image]:
+            out = []
+            for i, d in enumerate(datas):
+                try:
+                    out.append(decode_image(d, max_bytes=lim.max_image_bytes))
+                except ImageError as exc:
+                    raise ApiError(400, f"image {i + 1}: {exc}", param="messages", code="invalid_image") from None
+            return out
+
+        images = await asyncio.to_thread(decode_all)
+        self.metrics.images.inc(len(images))
+        return images
+
+    def _token_counts(self, images: list[Image.Image]) -> list[int]:
+        try:
+            return pipeline.token_counts(images, self.model_config, self.cfg.api.images)
+        except ImageError as exc:
+            raise ApiError(400, str(exc), param="messages", code="invalid_image") from None
+
+    def _sampling(self, req: ChatCompletionRequest, prompt_tokens: int) -> dict[str, Any]:
+        llm = self.cfg.llm
+        room = llm.context_length - prompt_tokens
+        limit = req.completion_limit()
+        if limit is None:
+            if room < 1:
+                raise self._too_long(prompt_tokens, 1)
+            limit = min(llm.max_new_tokens_default, room)
+        elif prompt_tokens + limit > llm.context_length:
+            raise self._too_long(prompt_tokens, limit)
+        kv = llm.kv_cache_tokens or llm.context_length * llm.max_running_requests
+        if prompt_tokens + limit > kv:
+            raise ApiError(400, f"the request needs {prompt_tokens + limit} KV-cache tokens but an LLM replica has "
+                                f"{kv}: lower max_tokens or shorten the prompt", code="context_length_exceeded")
+        return {"max_tokens": int(limit), "temperature": 1.0 if req.temperature is None else req.temperature,
+                "top_p": 1.0 if req.top_p is None else req.top_p, "top_k": max(0, req.top_k or 0),
+                "seed": req.seed, "stop": tuple(req.stop or ()), "ignore_eos": req.ignore_eos}
+
+    def _too_long(self, prompt: int, completion: int) -> ApiError:
+        ctx = self.cfg.llm.context_length
+        return ApiError(400, f"this model's maximum context length is {ctx} tokens, but the request needs "
+                             f"{prompt + completion} ({prompt} in the messages, {completion} for the completion): "
+                             "shorten the messages, send fewer or smaller images, or lower max_tokens",
+                        param="messages", code="context_length_exceeded")
+
+    # ------------------------------------------------------------------------------- vision + queue
+    async def _encode(self, images: list[Image.Image], counts: list[int], deadline: float) -> TensorHandle:
+        """Encode on the vision pool; the embeddings stay in the object store (owned by this process, so
+        they outlive the vision replica) and only their reference travels on."""
+        t = time.monotonic()
+        self.metrics.vision_backlog.inc(len(images))
+        try:
+            ref = await self.vision.encode.remote(images)._to_object_ref()
+            delay = 0.002
+            while not ray.wait([ref], timeout=0, fetch_local=False)[0]:
+                if time.monotonic() > deadline:
+                    raise ApiError(504, "the vision encoder did not finish before the request timeout")
+                await asyncio.sleep(delay)
+                delay = min(0.05, delay * 2)
+        finally:
+            self.metrics.vision_backlog.dec(len(images))
+        self.metrics.encode_seconds.observe(time.monotonic() - t)
+        return RayObjectTransport.from_ref(ref, shape=(sum(counts), self.hidden), dtype=np.float32)
+
+    async def _submit(self, cid: str, ids: list[int], images: list[Image.Image], counts: list[int],
+                      params: dict[str, Any], stream: bool, deadline: float) -> AsyncIterator[dict]:
+        """Encode + enqueue, and return the request's event iterator; retries once from the vision step
+        when the LLM replica reports that the embeddings were lost."""
+        attempts = 2 if images else 1
+        for attempt in range(attempts):
+            rid = f"{cid}-{attempt}"
+            handle = await self._encode(images, counts, deadline) if images else None
+            nbytes = (handle.nbytes if handle else 0) + 8 * len(ids)
+            item = QueueItem(request_id=rid, nbytes=nbytes, reserved_tokens=len(ids) + params["max_tokens"],
+                             payload={"ids": ids, "embeds": handle, "params": params}, stream=stream)
+            timeout = max(0.0, min(self.cfg.queue.enqueue_timeout_s, deadline - time.monotonic()))
+            res = await self.queue.put.remote(item, timeout)
+            if not res["ok"]:
+                if res["reason"] == "full":
+                    raise ApiError(429, res["message"], code="queue_full",
+                                   headers={"Retry-After": str(int(res["retry_after_s"]))})
+                raise ApiError(400, res["message"], code="request_too_large")
+            events = self._events(rid, deadline)
+            try:
+                first = await events.__anext__()
+            except BaseException:
+                self._cancel_later(rid)
+                raise
+            if first["type"] == "error" and first.get("stage") == "vision" and attempt + 1 < attempts:
+                log.warning("request %s: embeddings lost, encoding again", rid)
+                continue
+            return self._prepend(first, events, rid)
+        raise AssertionError("unreachable")
+
+    async def _prepend(self, first: dict, rest: AsyncIterator[dict], rid: str) -> AsyncIterator[dict]:
+        finished = first["type"] in ("finish", "error")
+        try:
+            yield first
+            if finished:
+                return
+            async for ev in rest:
+                finished = ev["type"] in ("finish", "error")
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._cancel_later(rid)
+
+    async def _events(self, rid: str, deadline: float) -> AsyncIterator[dict]:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._cancel_later(rid)
+                raise ApiError(504, f"the request did not finish within {self.cfg.api.request_timeout_s:g} s")
+            try:
+                evs = await self.queue.next_events.remote(rid, min(5.0, remaining))
+            except Exception as exc:
+                raise ApiError(503, f"the tensor queue is unavailable ({type(exc).__name__}); retry the request") from None
+            if evs is None:
+                raise ApiError(503, "the request was lost by the tensor queue (did it restart?); retry the request")
+            for ev in evs:
+                yield ev
+
+    def _cancel_later(self, rid: str) -> None:
+        """Cancel without awaiting (we may be inside a cancelled task or a closing generator)."""
+        async def go() -> None:
+            try:
+                await self.queue.cancel.remote(rid)
+            except Exception:
+                log.warning("could not cancel %s", rid)
+        task = asyncio.get_running_loop().create_task(go())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    def _error_of(ev: dict) -> ApiError:
+        return ApiError(int(ev.get("code", 500)), str(ev.get("message", "generation failed")))
+
+    def _observe_finish(self, ev: dict, t0: float) -> None:
+        u = ev.get("usage", {})
+        self.metrics.prompt_tokens.inc(u.get("prompt_tokens", 0))
+        self.metrics.completion_tokens.inc(u.get("completion_tokens", 0))
+        self.metrics.request_seconds.observe(time.monotonic() - t0)
+
+    async def _complete(self, cid: str, events: AsyncIterator[dict], t0: float) -> Response:
+        text: list[str] = []
+        first = True
+        async for ev in events:
+            kind = ev["type"]
+            if first and kind in ("token", "finish"):
+                self.metrics.ttft.observe(time.monotonic() - t0)
+                first = False
+            if kind == "restart":
+                text.clear()
+            elif kind == "token":
+                text.append(ev.get("text", ""))
+            elif kind == "error":
+                raise self._error_of(ev)
+            elif kind == "finish":
+                text.append(ev.get("text", ""))
+                self._observe_finish(ev, t0)
+                return JSONResponse(completion_response(cid, self.cfg.served_model_name, "".join(text),
+                                                        ev["finish_reason"], ev["usage"]))
+        raise ApiError(503, "the generation ended without a result; retry the request")
+
+    async def _stream(self, cid: str, req: ChatCompletionRequest, events: AsyncIterator[dict], t0: float,
+                      n_images: int) -> Response:
+        first = await events.__anext__()  # errors before the first token become HTTP errors
+        if first["type"] == "error":
+            raise self._error_of(first)
+        model, created = self.cfg.served_model_name, int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def sse(obj: dict) -> bytes:
+            return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+        async def body() -> AsyncIterator[bytes]:
+            self.metrics.ttft.observe(time.monotonic() - t0)
+            yield sse(chunk(cid, model, created, delta={"role": "assistant", "content": ""}))
+            pending: list[dict] = [first]
+            try:
+                while True:
+                    ev = pending.pop(0) if pending else await events.__anext__()
+                    if ev["type"] == "token" and ev.get("text"):
+                        yield sse(chunk(cid, model, created, delta={"content": ev["text"]}))
+                    elif ev["type"] == "error":
+                        yield sse(error_body(int(ev.get("code", 500)), str(ev.get("message"))))
+                        break
+                    elif ev["type"] == "finish":
+                        if ev.get("text"):
+                            yield sse(chunk(cid, model, created, delta={"content": ev["text"]}))
+                        yield sse(chunk(cid, model, created, delta={}, finish_reason=ev["finish_reason"]))
+                        if include_usage:
+                            yield sse(chunk(cid, model, created, usage=ev["usage"]))
+                        self._observe_finish(ev, t0)
+                        break
+            except StopAsyncIteration:
+                yield sse(error_body(503, "the generation ended without a result; retry the request"))
+            except ApiError as exc:
+                yield sse(exc.body())
+            finally:
+                await events.aclose()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": cid})
+
+
+IngressDeployment = serve.ingress(app)(Ingress)

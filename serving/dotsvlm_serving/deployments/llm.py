@@ -1,0 +1,118 @@
+"""LLMServer: an engine that pulls work from the tensor queue when it has KV-cache room.
+
+Nothing is routed to this deployment by Serve for generation: the replica takes items from the queue
+(pull), fetches the image embeddings through the transport, writes them into the prompt's input
+embeddings, runs continuous batching, and publishes token events back through the queue. A heartbeat
+task keeps the replica's leases alive even while a long prefill runs; if the replica dies the queue
+redelivers or fails its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import torch
+
+from .. import pipeline
+from ..engine import Engine, EngineLimitError, EngineRequest, SamplingParams
+from ..model.checkpoint import load_llm
+from ..model.config import load_config
+from ..model.prompt import load_tokenizer, stop_token_ids
+from ..serve_config import ServeAppConfig
+from ..tensor_queue import QueueItem, RayObjectTransport, TransportError
+
+log = logging.getLogger("ray.serve")
+
+
+class LLMServer:
+    async def __init__(self, app_config: dict[str, Any], queue: Any) -> None:
+        self.cfg = ServeAppConfig.model_validate(app_config)
+        self.queue = queue
+        self.model_config = load_config(self.cfg.model_path)
+        self.tokenizer = load_tokenizer(self.cfg.model_path)
+        self.llm = load_llm(self.cfg.model_path, device=self.cfg.device, dtype=getattr(torch, self.cfg.dtype),
+                            config=self.model_config)
+        llm_cfg = self.cfg.llm
+        self.eos = set(stop_token_ids(self.tokenizer))
+        self.engine = Engine(self.llm, self._detokenize, eos_token_ids=self.eos, max_running=llm_cfg.max_running_requests,
+                             kv_cache_tokens=llm_cfg.kv_cache_tokens or llm_cfg.context_length * llm_cfg.max_running_requests,
+                             context_length=llm_cfg.context_length)
+        self.transport = RayObjectTransport()
+        self.consumer_id = f"llm-{uuid.uuid4().hex[:12]}"
+        self._to_cancel: set[str] = set()
+        loop = asyncio.get_running_loop()
+        self._run_task = loop.create_task(self._run_forever())
+        self._hb_task = loop.create_task(self._heartbeat_forever())
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    async def _heartbeat_forever(self) -> None:
+        period = max(0.2, self.cfg.queue.lease_timeout_s / 4)
+        while True:
+            try:
+                self._to_cancel.update(await self.queue.heartbeat.remote(self.consumer_id, self.engine.stats()))
+            except Exception:
+                log.exception("heartbeat to the tensor queue failed")
+            await asyncio.sleep(period)
+
+    async def _run_forever(self) -> None:
+        while True:
+            try:
+                await self._iteration()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("LLM engine iteration failed")
+                await asyncio.sleep(0.5)
+
+    async def _iteration(self) -> None:
+        events: list[dict] = []
+        room = self.engine.free_slots()
+        if room:
+            items: list[QueueItem] = await self.queue.take.remote(
+                self.consumer_id, room, self.engine.free_tokens(), 0.0 if self.engine.has_work() else 1.0)
+            for item in items:
+                err = await asyncio.to_thread(self._admit, item)
+                if err is not None:
+                    events.append(err)
+        if self._to_cancel:
+            for rid in self._to_cancel:
+                self.engine.cancel(rid)
+            self._to_cancel.clear()
+        if self.engine.has_work():
+            events += await asyncio.to_thread(self.engine.step)
+        if events:
+            self._to_cancel.update(await self.queue.publish.remote(self.consumer_id, events, self.engine.stats()))
+
+    def _admit(self, item: QueueItem) -> dict | None:
+        """Fetch the embeddings and hand the request to the engine; an error event if that fails."""
+        p = item.payload
+        try:
+            embeds = None
+            if p.get("embeds") is not None:
+                embeds = self.transport.get(p["embeds"], timeout_s=60)
+            x = pipeline.input_embeds(self.llm, p["ids"], embeds, self.model_config.image_token_id)
+            params = SamplingParams(**p["params"])
+            self.engine.add(EngineRequest(item.request_id, x, params))
+            return None
+        except TransportError as exc:
+            return {"request_id": item.request_id, "type": "error", "code": 503, "stage": "vision",
+                    "message": f"the image embeddings for this request were lost before generation (a vision "
+                               f"replica failed?): retry the request ({exc})"}
+        except EngineLimitError as exc:
+            return {"request_id": item.request_id, "type": "error", "code": 400, "message": str(exc)}
+        except Exception as exc:
+            log.exception("admitting %s failed", item.request_id)
+            return {"request_id": item.request_id, "type": "error", "code": 500,
+                    "message": f"the LLM replica could not start this request: {type(exc).__name__}: {exc}"}
+
+    async def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    def check_health(self) -> None:
+        if self._run_task.done():
+            raise RuntimeError("the LLM engine loop stopped")

@@ -1,0 +1,74 @@
+"""The tensor queue as a single-replica Serve deployment, so that its life follows the application's.
+
+It holds only `QueueItem`s with small `TensorHandle`s (the embeddings stay in the object store) and
+the per-request result mailboxes. Results are returned as status dicts rather than raised exceptions
+so that callers in other processes get typed outcomes without depending on exception pickling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray import serve
+
+from ..serve_config import QueueConfig
+from ..tensor_queue import ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
+
+log = logging.getLogger("ray.serve")
+
+
+class TensorQueueServer:
+    async def __init__(self, queue_config: dict[str, Any]) -> None:
+        cfg = QueueConfig.model_validate(queue_config)
+        self.cfg = cfg
+        self.core = TensorQueueCore(max_items=cfg.max_items, max_bytes=cfg.max_bytes,
+                                    lease_timeout_s=cfg.lease_timeout_s, max_deliveries=cfg.max_deliveries)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.cfg.lease_timeout_s / 4))
+            dead = self.core.reap()
+            if dead:
+                log.warning("tensor queue: LLM replicas %s stopped heartbeating; their items were redelivered "
+                            "or failed", dead)
+
+    async def put(self, item: QueueItem, timeout_s: float | None = None) -> dict[str, Any]:
+        try:
+            await self.core.put(item, self.cfg.enqueue_timeout_s if timeout_s is None else timeout_s)
+        except QueueFull as exc:
+            return {"ok": False, "reason": "full", "message": str(exc), "retry_after_s": exc.retry_after_s}
+        except ItemTooLarge as exc:
+            return {"ok": False, "reason": "too_large", "message": str(exc)}
+        return {"ok": True}
+
+    async def take(self, consumer_id: str, max_items: int, token_budget: int, wait_s: float) -> list[QueueItem]:
+        return await self.core.take(consumer_id, max_items=max_items, token_budget=token_budget, wait_s=wait_s)
+
+    async def publish(self, consumer_id: str, events: list[dict], stats: dict[str, float] | None = None) -> list[str]:
+        return self.core.publish(consumer_id, events, stats)
+
+    async def heartbeat(self, consumer_id: str, stats: dict[str, float] | None = None) -> list[str]:
+        return self.core.heartbeat(consumer_id, stats)
+
+    async def leave(self, consumer_id: str) -> None:
+        self.core.leave(consumer_id)
+
+    async def next_events(self, request_id: str, wait_s: float) -> list[dict] | None:
+        """None when the request is unknown (e.g. the queue replica restarted and lost it)."""
+        try:
+            return await self.core.next_events(request_id, wait_s)
+        except KeyError:
+            return None
+
+    async def cancel(self, request_id: str) -> bool:
+        return self.core.cancel(request_id)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+
+TensorQueueDeployment = serve.deployment(name="TensorQueue", num_replicas=1, max_ongoing_requests=100_000,
+                                         ray_actor_options={"num_cpus": 0})(TensorQueueServer)

@@ -1,0 +1,152 @@
+"""`dotsvlm serve`: the whole serving stack on a local Ray, on CPU, with the tiny model by default.
+
+Starts Ray (in-process, or as a background `ray start --head` with --detach so it outlives this
+command), writes the tiny checkpoint to .tiny-model/ when no --model is given, deploys the same
+application the operator deploys (`build_app(ServeAppConfig)`), waits until /health answers, and
+prints the endpoint with a ready-to-paste curl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .serve_config import APP_NAME, ApiConfig, ServeAppConfig
+
+TINY_MODEL_DIR = ".tiny-model"
+# Ray's own ports, outside the worker port range (10002-19999).
+GCS_PORT = 6390
+
+
+def say(msg: str) -> None:
+    print(f"dotsvlm: {msg}", flush=True)
+
+
+def local_config(model_path: str) -> ServeAppConfig:
+    """The embedded default: one replica per pool, small limits that suit a laptop CPU."""
+    return ServeAppConfig.model_validate({
+        "model_path": model_path, "device": "cpu", "dtype": "float32",
+        "llm": {"context_length": 4096, "max_running_requests": 8, "max_new_tokens_default": 64},
+        "queue": {"max_items": 64, "enqueue_timeout_s": 10},
+    })
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = exc.read().decode(errors="replace")
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"the application did not become healthy within {timeout_s:g} s: {last}")
+
+
+def curl_example(url: str, model: str, with_key: bool) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
+    auth = " -H 'Authorization: Bearer $KEY'" if with_key else ""
+    return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
+
+
+def _start_ray(detach: bool, num_cpus: int) -> None:
+    import ray
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if detach:
+        ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+        say(f"starting a background Ray head (GCS port {GCS_PORT}) ...")
+        subprocess.run([ray_bin, "start", "--head", f"--port={GCS_PORT}", f"--num-cpus={num_cpus}",
+                        "--include-dashboard=false", "--disable-usage-stats"], check=True,
+                       stdout=subprocess.DEVNULL)
+        ray.init(address=f"127.0.0.1:{GCS_PORT}", logging_level="WARNING", log_to_driver=False)
+    else:
+        say("starting a local Ray on CPU ...")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]}})
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from .app import build_app
+
+    if args.model:
+        model = Path(args.model)
+        if not (model / "config.json").is_file():
+            say(f"error: {model} is not a checkpoint directory (no config.json)")
+            return 2
+    else:
+        from .model.tiny import ensure_tiny_checkpoint
+
+        say(f"using the tiny built-in model in {TINY_MODEL_DIR}/ (written if missing)")
+        model = ensure_tiny_checkpoint(TINY_MODEL_DIR)
+    cfg = local_config(str(model.resolve()))
+    keys_env = ApiConfig().api_keys_env
+    with_key = bool(keys_env and os.environ.get(keys_env, "").strip())
+    _start_ray(args.detach, num_cpus=max(4, os.cpu_count() or 1))
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
+    try:
+        say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on {args.host}:{args.port} ...")
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(cfg.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
+        wait_healthy(url, timeout_s=300)
+    except BaseException as exc:
+        say(f"error: deployment failed: {exc}")
+        _shutdown(args.detach)
+        return 1
+    say(f"ready: OpenAI-compatible endpoint {url}/v1 (model {cfg.served_model_name!r})")
+    print(f"\n  {curl_example(url, cfg.served_model_name, with_key)}\n", flush=True)
+    print(f"  Python: OpenAI(base_url='{url}/v1', api_key='{'$KEY' if with_key else 'none'}')\n", flush=True)
+    if args.detach:
+        say("running in the background; stop it with: ray stop")
+        return 0
+    say("press Ctrl-C to stop")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    say("shutting down ...")
+    _shutdown(False)
+    say("stopped")
+    return 0
+
+
+def _shutdown(detached: bool) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+    if detached:
+        say("the background Ray head is still running: stop it with `ray stop`")
+
+
+def main(argv: list[str] | None = None) -> int:  # python -m dotsvlm_serving.embedded
+    from dotsvlm_operator.cli import main as cli
+
+    return cli(["serve", *(argv or sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
