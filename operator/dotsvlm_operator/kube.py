@@ -6,6 +6,8 @@ built from a fixed kind table, so no API discovery is needed at start-up.
 
 from __future__ import annotations
 
+import base64
+import json
 import secrets
 from typing import Any
 
@@ -58,9 +60,13 @@ class Kube:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
-        return self.api.call_api(path, method, query_params=query or [], header_params=headers, body=body,
-                                 auth_settings=["BearerToken"], response_type="object",
-                                 _return_http_data_only=True, _preload_content=True)
+        req = self.api.param_serialize(method, path, query_params=query or [], header_params=headers, body=body,
+                                       auth_settings=["BearerToken"])
+        resp = self.api.call_api(*req, _request_timeout=60)
+        data = resp.read()
+        if not 200 <= resp.status <= 299:
+            raise ApiException(status=resp.status, reason=resp.reason, body=data.decode(errors="replace") if data else "")
+        return json.loads(data) if data else None
 
     def apply(self, obj: dict[str, Any]) -> Any:
         """Server-side apply with force: our field manager owns every field it sets, so hand edits to
@@ -91,7 +97,6 @@ class Kube:
         for _ in range(3):
             secret = self.get("Secret", owner.namespace, name)
             if secret is not None:
-                import base64
                 data = (secret.get("data") or {}).get(b.TOKEN_KEY)
                 if data:
                     return base64.b64decode(data).decode()

@@ -24,3 +24,20 @@ def crd(kube) -> Iterator[None]:
 @pytest.fixture
 def small_cr() -> dict:
     return copy.deepcopy(load_example("dotsvlm-small.yaml"))
+
+
+@pytest.fixture
+def operator_factory(kube, crd, tmp_path):
+    """Start `dotsvlm operator` subprocesses; every one is stopped at the end of the test."""
+    from dvlm_support import OperatorProcess
+
+    started: list[OperatorProcess] = []
+
+    def start(namespaces: list[str], **kw) -> OperatorProcess:
+        op = OperatorProcess(kube, namespaces, tmp_path / f"operator-{len(started)}.log", **kw).start()
+        started.append(op)
+        return op
+
+    yield start
+    for op in started:
+        op.stop()

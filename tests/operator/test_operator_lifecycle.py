@@ -1,0 +1,145 @@
+"""The operator on a real control plane: children, placement, status, updates, drift, deletion.
+
+kwok's fake nodes run no containers, so there is no Ray head to talk to: the operator is pointed at
+a closed local port (--ray-head-url-override) and must say so in status instead of failing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+from dvlm_support import condition, get_json, load_example, poll
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+CHILD_KINDS = "deployments,services,configmaps,secrets,poddisruptionbudgets,networkpolicies"
+EXPECTED_CHILDREN = {
+    ("Deployment", "{n}-ray-head"), ("Deployment", "{n}-vision"), ("Deployment", "{n}-llm"),
+    ("Service", "{n}-ray-head"), ("Service", "{n}-api"), ("ConfigMap", "{n}-serve-config"),
+    ("Secret", "{n}-ray-token"), ("PodDisruptionBudget", "{n}-vision"), ("PodDisruptionBudget", "{n}-llm"),
+    ("NetworkPolicy", "{n}-ray"),
+}
+WEIGHTS = """
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: weights-%(ns)s}
+spec:
+  capacity: {storage: 1Ti}
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  hostPath: {path: /mnt/weights}
+  claimRef: {namespace: %(ns)s, name: dots-weights}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: dots-weights, namespace: %(ns)s}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: weights-%(ns)s
+  resources: {requests: {storage: 1Ti}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: dots-api-keys, namespace: %(ns)s}
+stringData: {api-keys: "k1,k2"}
+"""
+
+
+def children_of(kube, ns: str, name: str) -> list[dict]:
+    items = get_json(kube, CHILD_KINDS, "-n", ns, "-l", f"dotsvlm.io/deployment={name}")["items"]
+    return items
+
+
+def pods_of(kube, ns: str, name: str, component: str | None = None) -> list[dict]:
+    sel = f"dotsvlm.io/deployment={name}" + (f",app.kubernetes.io/component={component}" if component else "")
+    return get_json(kube, "pods", "-n", ns, "-l", sel)["items"]
+
+
+@pytest.fixture
+def ns(kube, crd):
+    name = kube.create_namespace("op")
+    kube.apply(WEIGHTS % {"ns": name})
+    yield name
+    # The operator may be gone already: drop its finalizers so the namespace can go, and wait for it
+    # (and its pods) to go so the next test has all fake GPUs.
+    for cr in (get_json(kube, "dvlm", "-n", name) or {}).get("items", []):
+        kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", name, "--type=merge",
+                     "-p", '{"metadata":{"finalizers":null}}', check=False)
+    kube.delete_namespace(name, wait=True)
+    kube.kubectl("delete", "pv", f"weights-{name}", "--ignore-not-found", "--wait=false")
+
+
+def _apply_cr(kube, ns: str, cr: dict) -> dict:
+    kube.apply(yaml.safe_dump(cr), namespace=ns)
+    return get_json(kube, "dvlm", cr["metadata"]["name"], "-n", ns)
+
+
+def test_full_sample_children_placement_and_status(kube, ns, operator_factory) -> None:
+    op = operator_factory([ns])
+    cr = load_example("dotsvlm.yaml")
+    name = cr["metadata"]["name"]
+    created = _apply_cr(kube, ns, cr)
+    uid = created["metadata"]["uid"]
+
+    def all_children():
+        items = children_of(kube, ns, name)
+        got = {(i["kind"], i["metadata"]["name"]) for i in items}
+        want = {(k, n.format(n=name)) for k, n in EXPECTED_CHILDREN}
+        return items if want <= got else None
+
+    items = poll(all_children, 60, "every child object", op.log_tail)
+    for item in items:
+        refs = item["metadata"].get("ownerReferences") or []
+        assert [(r["kind"], r["uid"], r.get("controller")) for r in refs] == [("DotsVLMDeployment", uid, True)], item["metadata"]["name"]
+
+    # Pods land on the fake GPU nodes of the right type; the two pods of the LLM replica on two nodes.
+    def placed():
+        vision = pods_of(kube, ns, name, "vision")
+        llm = pods_of(kube, ns, name, "llm")
+        nodes = [p["spec"].get("nodeName") for p in vision + llm]
+        return (vision, llm) if len(vision) == 1 and len(llm) == 2 and all(nodes) else None
+
+    vision, llm = poll(placed, 60, "vision and LLM pods scheduled", op.log_tail)
+    assert vision[0]["spec"]["nodeName"].startswith("gpu-l40s-")
+    assert {p["spec"]["nodeName"][:9] for p in llm} == {"gpu-h100-"}
+    assert len({p["spec"]["nodeName"] for p in llm}) == 2
+    for p in llm:
+        c = p["spec"]["containers"][0]
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == "8"
+        assert '--resources={"dotsvlm_pool_llm": 1000}' in c["command"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"].endswith("/token")
+        assert any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"])
+
+    # Status says what it waits for: pools are up (kwok marks pods ready), the Ray head is not reachable.
+    def waiting_for_head():
+        cr = get_json(kube, "dvlm", name, "-n", ns)
+        prog = condition(cr, "Progressing")
+        return cr if prog and prog["reason"] == "RayHeadUnreachable" else None
+
+    cr = poll(waiting_for_head, 60, "Progressing=RayHeadUnreachable", op.log_tail)
+    st = cr["status"]
+    assert "http://127.0.0.1:9" in condition(cr, "Progressing")["message"]
+    assert condition(cr, "Ready")["status"] == "False"
+    assert condition(cr, "Degraded")["status"] == "False"
+    assert st["vision"]["readyOfDesired"] == "1/1" and st["llm"]["readyOfDesired"] == "1/1"
+    assert st["llm"]["pods"] == 2 and st["llm"]["readyReplicas"] == 1
+    assert st["endpoint"] == f"http://dots-api.{ns}.svc:8000/v1"
+    assert st["observedGeneration"] == cr["metadata"]["generation"]
+
+    # The Serve config is rendered from the spec (LLM TP 16 over 2 nodes) into the ConfigMap.
+    cm = get_json(kube, "configmap", f"{name}-serve-config", "-n", ns)
+    body = json.loads(cm["data"]["serve-config.json"])
+    llm_args = body["applications"][0]["args"]["llm"]
+    assert (llm_args["tensor_parallel"], llm_args["nodes_per_replica"], llm_args["context_length"]) == (16, 2, 65536)
+
+    # kubectl get shows the printer columns; an Event was recorded on the resource.
+    out = kube.kubectl("get", "dvlm", name, "-n", ns).stdout
+    assert "READY" in out and "VISION" in out and "LLM" in out and "ENDPOINT" in out and "1/1" in out
+    events = poll(lambda: [e for e in get_json(kube, "events", "-n", ns)["items"]
+                           if e["involvedObject"].get("kind") == "DotsVLMDeployment"], 30, "an Event on the resource")
+    assert any(e["reason"] == "RayHeadUnreachable" for e in events), [e["reason"] for e in events]
