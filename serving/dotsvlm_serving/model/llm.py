@@ -16,13 +16,9 @@ def build_llm(config: DotsVLMConfig, *, device: str | torch.device = "meta", dty
     """An LLM of the checkpoint's shape. On "meta" nothing is allocated (use it to plan or to load into);
     elsewhere the weights are transformers' random init."""
     cfg = config.llm_config()
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = DeepseekV3ForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    with torch.device(device):
+        model = DeepseekV3ForCausalLM(cfg)
+    model.to(dtype)  # free on meta; no process-global default-dtype switching
     # The router's correction bias is kept in fp32 (transformers' _keep_in_fp32_modules_strict).
     for layer in model.model.layers:
         gate = getattr(layer.mlp, "gate", None)
