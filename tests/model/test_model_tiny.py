@@ -7,6 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
+
 from dotsvlm_serving.model.config import load_config
 from dotsvlm_serving.model.tiny import cli_main, ensure_tiny_checkpoint, is_complete_checkpoint, write_tiny_checkpoint
 
@@ -49,6 +51,22 @@ def test_ensure_writes_only_when_missing_or_incomplete(tmp_path: Path) -> None:
     ensure_tiny_checkpoint(d)
     assert is_complete_checkpoint(d)
     assert not any(p.name.startswith(".m.tmp-") for p in tmp_path.iterdir())  # temporary dirs cleaned up
+
+
+def test_ensure_fills_an_existing_empty_or_partial_directory(tmp_path: Path) -> None:
+    d = tmp_path / "mounted"
+    d.mkdir()
+    (d / "config.json").write_text("{}")  # a partial, broken write
+    ensure_tiny_checkpoint(d)
+    assert is_complete_checkpoint(d) and load_config(d).vision.num_hidden_layers == 2
+
+
+def test_unsupported_router_is_refused(tiny_config) -> None:
+    from dotsvlm_serving.model.config import DotsVLMConfig
+
+    raw = dict(tiny_config.raw, scoring_func="softmax")
+    with pytest.raises(ValueError, match="unsupported MoE router"):
+        DotsVLMConfig.from_dict(raw).llm_config()
 
 
 def test_cli_refuses_non_empty_dir_without_force(tmp_path: Path, capsys) -> None:

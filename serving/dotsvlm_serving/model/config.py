@@ -145,7 +145,12 @@ class DotsVLMConfig(BaseModel):
         form, e.g. YaRN) is converted by transformers itself into `rope_parameters`."""
         from transformers import DeepseekV3Config
 
-        cfg = DeepseekV3Config(**self.llm_kwargs())
+        kw = self.llm_kwargs()
+        # transformers implements DeepSeek-V3's router only: sigmoid scores, noaux_tc group top-k.
+        if kw.get("scoring_func", "sigmoid") != "sigmoid" or kw.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise ValueError(f"unsupported MoE router (scoring_func={kw.get('scoring_func')!r}, topk_method={kw.get('topk_method')!r}): "
+                             "the DeepSeek-V3 implementation needs scoring_func='sigmoid' and topk_method='noaux_tc'")
+        cfg = DeepseekV3Config(**kw)
         if cfg.hidden_size != self.vision.hidden_size:
             raise ValueError(
                 f"vision_config.hidden_size ({self.vision.hidden_size}) must equal the LLM hidden_size ({cfg.hidden_size}): "

@@ -123,7 +123,8 @@ def is_complete_checkpoint(model_dir: str | Path) -> bool:
 
 def ensure_tiny_checkpoint(model_dir: str | Path, *, seed: int = 0, fp8: bool = False) -> Path:
     """Write the tiny checkpoint only if `model_dir` lacks a complete one. Safe when several processes
-    race: each writes into a private temporary directory that is renamed into place."""
+    race: each writes into a private temporary directory that is renamed into place (or, when the target
+    directory cannot be replaced, e.g. a mount point, whose files are moved in one by one, shards first)."""
     d = Path(model_dir)
     if is_complete_checkpoint(d):
         return d
@@ -131,8 +132,11 @@ def ensure_tiny_checkpoint(model_dir: str | Path, *, seed: int = 0, fp8: bool = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.tmp-", dir=d.parent))
     try:
         write_tiny_checkpoint(tmp, seed=seed, fp8=fp8)
-        if d.exists() and not any(d.iterdir()):
-            d.rmdir()
+        if d.is_dir() and not any(d.iterdir()):
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # a mount point: fill it in place below
         if not d.exists():
             try:
                 os.rename(tmp, d)
@@ -140,8 +144,10 @@ def ensure_tiny_checkpoint(model_dir: str | Path, *, seed: int = 0, fp8: bool = 
             except OSError:
                 pass  # another process won the race
         if not is_complete_checkpoint(d):
-            # A partial directory (e.g. an interrupted write): replace our files in it.
-            write_tiny_checkpoint(d, seed=seed, fp8=fp8)
+            d.mkdir(parents=True, exist_ok=True)
+            # Shards before the index and config, so a reader never sees an index naming absent shards.
+            for f in sorted(tmp.iterdir(), key=lambda p: (not p.name.endswith(".safetensors"), p.name == "config.json")):
+                os.replace(f, d / f.name)
         return d
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
