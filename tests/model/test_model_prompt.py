@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from dotsvlm_serving.model.prompt import (
@@ -55,6 +58,7 @@ def test_images_are_numbered_across_the_conversation() -> None:
         ([{"role": "user", "content": "sneaky <|imgpad|>"}], [], "reserved token"),
         ([{"role": "user", "content": [{"type": "audio"}]}], [], "unknown type 'audio'"),
         ([], [], "messages is empty"),
+        (["just a string"], [], "must be an object"),
     ],
 )
 def test_bad_conversations_are_refused(msgs, counts, match) -> None:
@@ -87,3 +91,10 @@ def test_stop_token_ids(tiny_tokenizer) -> None:
     for s in STOP_STRINGS:
         assert tiny_tokenizer.convert_tokens_to_ids(s) in ids
     assert tiny_tokenizer.eos_token_id in ids
+
+
+def test_config_and_prompt_import_without_torch() -> None:
+    """The ingress and the CLI read configs and render prompts without paying for a torch import."""
+    code = ("import sys, dotsvlm_serving.model, dotsvlm_serving.model.config, dotsvlm_serving.model.prompt; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

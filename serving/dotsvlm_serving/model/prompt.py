@@ -78,6 +78,8 @@ def count_images(messages: list[dict[str, Any]]) -> int:
     """Image parts across the whole conversation."""
     n = 0
     for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
         n += sum(1 for p in _parts(m.get("content"), m.get("role", "user"), i) if p["type"] == "image")
     return n
 
@@ -95,8 +97,6 @@ def render_chat(messages: list[dict[str, Any]], image_token_counts: list[int], *
     out: list[str] = []
     img = 0
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
         role = m.get("role")
         if role == "system":
             if i != 0:

@@ -9,6 +9,7 @@ GPU when available, else one SDPA call per image.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,16 @@ def _varlen_kernel():
         return None
 
 
+_VARLEN_FAILED = False
+
+
+def _disable_varlen(exc: BaseException) -> None:
+    """Fall back to per-image SDPA for the rest of the process, and say why once."""
+    global _VARLEN_FAILED
+    _VARLEN_FAILED = True
+    logging.getLogger(__name__).warning("varlen flash attention unavailable (%s); using per-image SDPA", exc)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -145,8 +156,11 @@ class VisionAttention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs, scale: float) -> torch.Tensor:
         if self.attn_impl == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             kernel = _varlen_kernel()
-            if kernel is not None:
-                return kernel(q, k, v, seqs.cu_seqlens, seqs.max_len, scale)
+            if kernel is not None and not _VARLEN_FAILED:
+                try:
+                    return kernel(q, k, v, seqs.cu_seqlens, seqs.max_len, scale)
+                except (RuntimeError, NotImplementedError) as exc:  # e.g. no backend for this GPU/shape
+                    _disable_varlen(exc)
         if len(seqs.lens) == 1:
             return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale).transpose(0, 1)
         # Block-diagonal attention without an N x N mask: one SDPA call per image/frame.
