@@ -28,12 +28,13 @@ class ReferencePipeline:
         self.llm = load_llm(model_dir, device="cpu", dtype=torch.float32)
         self.eos = stop_token_ids(self.tokenizer)
 
-    def generate_ids(self, messages: list[dict[str, Any]], images: list[Image.Image], max_new_tokens: int) -> list[int]:
+    def generate_ids(self, messages: list[dict[str, Any]], images: list[Image.Image], max_new_tokens: int, *,
+                     ignore_eos: bool = False) -> list[int]:
         counts = pipeline.token_counts(images, self.config, self.limits)
         ids = pipeline.prompt_ids(self.tokenizer, self.config, messages, counts)
         embeds = np.concatenate(pipeline.encode_images(self.tower, images, self.config, self.limits)) if images else None
         x = pipeline.input_embeds(self.llm, ids, embeds, self.config.image_token_id)
-        return generate_greedy(self.llm, None, x, max_new_tokens, self.eos)
+        return generate_greedy(self.llm, None, x, max_new_tokens, [] if ignore_eos else self.eos)
 
     def generate_text(self, messages: list[dict[str, Any]], images: list[Image.Image], max_new_tokens: int) -> str:
         return self.tokenizer.decode(self.generate_ids(messages, images, max_new_tokens), skip_special_tokens=True)

@@ -66,6 +66,5 @@ def holdback(text: str, stops: tuple[str, ...]) -> int:
             if text.endswith(s[:k]):
                 n = k
                 break
-    if text.endswith("\ufffd"):
-        n = max(n, 1)
-    return n
+    tail = len(text) - len(text.rstrip("\ufffd"))
+    return max(n, tail)

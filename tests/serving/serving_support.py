@@ -1,0 +1,46 @@
+"""Helpers shared by the serving tests and their fixtures."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+API_KEY = "test-key-1"
+KEYS_ENV = "DOTSVLM_TEST_API_KEYS"
+IMAGE_HOST = "127.0.0.2"  # the allow-listed image server; 127.0.0.1 stays refused
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    url: str
+    model_dir: Path
+    config: dict
+    image_server: str
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url + "/health", timeout=5)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.3)
+    raise AssertionError(f"not healthy within {timeout_s} s: {last}")

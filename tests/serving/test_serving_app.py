@@ -1,0 +1,382 @@
+"""The Serve application end to end on a local Ray (CPU, tiny model).
+
+Order matters: the failure-injection test (killing replicas) runs last in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from serving_support import API_KEY, Served, wait_healthy
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+MODEL = "dots.vlm1"
+
+
+def png(w: int, h: int, color: tuple[int, int, int] = (200, 40, 40), pattern: bool = True) -> bytes:
+    img = Image.new("RGB", (w, h), color)
+    if pattern:  # some structure so different images give different embeddings
+        px = img.load()
+        for x in range(0, w, 7):
+            for y in range(0, h, 5):
+                px[x, y] = ((x * 3) % 256, (y * 5) % 256, (x + y) % 256)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(b: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64," + base64.b64encode(b).decode()
+
+
+def image_part(b: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(b)}}
+
+
+def chat(**kw) -> dict:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 8}
+    body.update(kw)
+    return body
+
+
+def assert_healthy_and_serving(served: Served) -> None:
+    wait_healthy(served.url, 120)
+    with served.client() as c:
+        r = c.post("/v1/chat/completions", json=chat(max_tokens=4, ignore_eos=True))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4
+
+
+# --------------------------------------------------------------------------------------- openai client
+def test_official_openai_client(served: Served) -> None:
+    from openai import AuthenticationError, OpenAI
+
+    client = OpenAI(base_url=served.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=10,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 10
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 10 and isinstance(r.choices[0].message.content, str)
+
+    msgs = [{"role": "system", "content": "You describe images."},
+            {"role": "user", "content": [{"type": "text", "text": "Compare these:"},
+                                         image_part(png(64, 64)), image_part(png(300, 200, (0, 120, 0)))]},
+            {"role": "assistant", "content": "Two pictures."},
+            {"role": "user", "content": [image_part(png(90, 160)), {"type": "text", "text": "And this one?"}]}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0.7, top_p=0.9, seed=3)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > 100  # three images' pads
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0.7, top_p=0.9, seed=3)
+    assert r2.choices[0].message.content == r.choices[0].message.content  # seeded sampling is reproducible
+
+    for content in ["Stream me.", [image_part(png(100, 100)), {"type": "text", "text": "Stream about it."}]]:
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                                max_tokens=9, stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True})
+        chunks = list(stream)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == ["length"]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 9
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert isinstance(text, str)
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=served.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+# --------------------------------------------------------------------------------------- equivalence
+def test_disaggregated_path_equals_single_process_reference(served: Served) -> None:
+    from dotsvlm_serving.model.preprocess import decode_image
+    from dotsvlm_serving.reference import ReferencePipeline
+    from dotsvlm_serving.serve_config import ImageLimits
+
+    ref = ReferencePipeline(served.model_dir, limits=ImageLimits.model_validate(served.config["api"]["images"]))
+    imgs = {k: png(*v) for k, v in {"a": (64, 64), "b": (300, 200), "c": (90, 160), "d": (800, 600),
+                                     "e": (28, 500), "f": (150, 150)}.items()}
+    cases = [  # (messages with image keys, max_tokens, ignore_eos)
+        ([{"role": "user", "content": "Tell me a story about a lighthouse."}], 14, True),
+        ([{"role": "user", "content": ["a", "What is this?"]}], 12, True),
+        ([{"role": "user", "content": ["b", "c", "Compare."]}], 10, True),
+        ([{"role": "system", "content": "Be terse."}, {"role": "user", "content": ["d", "Describe."]}], 16, True),
+        ([{"role": "user", "content": ["e", "f", "a", "Three images."]}], 8, True),
+        ([{"role": "user", "content": ["c", "First."]}, {"role": "assistant", "content": "A picture."},
+          {"role": "user", "content": ["b", "Second?"]}], 11, True),
+        ([{"role": "user", "content": "Natural end?"}], 40, False),
+        ([{"role": "user", "content": ["f", "Natural end with an image?"]}], 40, False),
+    ]
+
+    def to_api(msgs: list[dict]) -> list[dict]:
+        out = []
+        for m in msgs:
+            if isinstance(m["content"], str):
+                out.append(m)
+            else:
+                out.append({"role": m["role"], "content": [image_part(imgs[p]) if p in imgs else {"type": "text", "text": p}
+                                                           for p in m["content"]]})
+        return out
+
+    def to_ref(msgs: list[dict]) -> tuple[list[dict], list[Image.Image]]:
+        out, images = [], []
+        for m in msgs:
+            if isinstance(m["content"], str):
+                out.append(m)
+                continue
+            parts = []
+            for p in m["content"]:
+                if p in imgs:
+                    parts.append({"type": "image"})
+                    images.append(decode_image(imgs[p], max_bytes=10**7))
+                else:
+                    parts.append({"type": "text", "text": p})
+            out.append({"role": m["role"], "content": parts})
+        return out, images
+
+    expected = []
+    for msgs, n, ignore in cases:
+        m, ims = to_ref(msgs)
+        expected.append(ref.generate_ids(m, ims, n, ignore_eos=ignore))
+
+    def call(case: tuple) -> dict:
+        msgs, n, ignore = case
+        with served.client() as c:
+            r = c.post("/v1/chat/completions", json=chat(messages=to_api(msgs), max_tokens=n, temperature=0,
+                                                        ignore_eos=ignore))
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(len(cases)) as pool:  # concurrent: they share vision batches and decode steps
+        got = list(pool.map(call, cases))
+    for (msgs, n, ignore), ids, resp in zip(cases, expected, got):
+        assert resp["usage"]["completion_tokens"] == len(ids), msgs
+        assert resp["choices"][0]["message"]["content"] == ref.tokenizer.decode(ids, skip_special_tokens=True), msgs
+        assert resp["choices"][0]["finish_reason"] == ("length" if len(ids) == n else "stop")
+    assert any(len(ids) < n for (_, n, _), ids in zip(cases, expected)) or True  # EOS may or may not occur
+
+
+# --------------------------------------------------------------------------------------- burst
+def test_burst_larger_than_the_queue(served: Served) -> None:
+    n = 40  # queue holds 6, one LLM replica runs 4: most of the burst must be refused with 429
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, dict, httpx.Headers]:
+        body = chat(max_tokens=120, ignore_eos=True, messages=[{"role": "user", "content": f"Request {i}"}])
+        if i % 3 == 0:
+            body["messages"] = [{"role": "user", "content": [image_part(png(60 + i, 50)), {"type": "text", "text": "x"}]}]
+        r = await client.post("/v1/chat/completions", json=body)
+        return r.status_code, r.json(), r.headers
+
+    async def burst() -> list[tuple[int, dict, httpx.Headers]]:
+        limits = httpx.Limits(max_connections=n)
+        async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                     timeout=120, limits=limits) as client:
+            return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(n))), timeout=180)
+
+    results = asyncio.run(burst())
+    codes = [c for c, _, _ in results]
+    assert set(codes) <= {200, 429, 503}, codes
+    ok = [b for c, b, _ in results if c == 200]
+    refused = [(b, h) for c, b, h in results if c == 429]
+    assert ok and refused, codes
+    for b in ok:  # complete answers
+        assert b["choices"][0]["finish_reason"] == "length" and b["usage"]["completion_tokens"] == 120
+    for b, h in refused:
+        assert int(h["retry-after"]) >= 1 and b["error"]["type"] == "rate_limit_exceeded"
+        assert "retry" in b["error"]["message"]
+    assert len(ok) + len(refused) + codes.count(503) == n
+    assert_healthy_and_serving(served)
+    with served.client() as c:
+        metrics = c.get("/metrics").text
+    assert "dotsvlm_queue_depth 0.0" in metrics and 'dotsvlm_queue_events_total{event="rejected_full"}' in metrics
+
+
+# --------------------------------------------------------------------------------------- malformed
+def _corrupt_png() -> bytes:
+    b = png(64, 64)
+    return b[: len(b) // 2]
+
+
+MALFORMED: list[tuple[str, dict | bytes, int, str]] = [
+    ("bad-json", b"{not json", 400, "not valid JSON"),
+    ("empty-body", b"", 400, "empty"),
+    ("json-array", b"[]", 400, "JSON object"),
+    ("missing-messages", {"model": MODEL}, 400, "messages"),
+    ("empty-messages", chat(messages=[]), 400, "at least 1"),
+    ("content-wrong-type", chat(messages=[{"role": "user", "content": 42}]), 400, "content"),
+    ("unknown-role", chat(messages=[{"role": "robot", "content": "x"}]), 400, "role"),
+    ("unknown-part-type", chat(messages=[{"role": "user", "content": [{"type": "audio"}]}]), 400, "content[0]"),
+    ("temperature-string", chat(temperature="warm"), 400, "temperature"),
+    ("max-tokens-negative", chat(max_tokens=-5), 400, "max_tokens"),
+    ("n-greater-than-1", chat(n=3), 400, "n > 1"),
+    ("unknown-model", chat(model="gpt-4"), 404, "does not exist"),
+    ("image-in-system", chat(messages=[{"role": "system", "content": [image_part(png(30, 30))]},
+                                       {"role": "user", "content": "x"}]), 400, "only accepted in user"),
+    ("corrupt-image", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": data_url(b"this is not an image at all")}}]}]), 400, "image 1"),
+    ("truncated-png", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": data_url(_corrupt_png())}}]}]), 400, "image 1"),
+    ("huge-image-bytes", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + "A" * 1_500_000}}]}]), 413, "limit"),
+    ("too-many-images", chat(messages=[{"role": "user", "content": [image_part(png(30, 30))] * 5}]), 400, "over the limit of 4"),
+    ("extreme-aspect-ratio", chat(messages=[{"role": "user", "content": [image_part(png(2000, 5, pattern=False))]}]),
+     400, "aspect ratio"),
+    ("non-image-data-url", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:text/html;base64,PGgxPg=="}}]}]), 400, "image/*"),
+    ("bad-base64", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,!!!notbase64"}}]}]), 400, "base64"),
+    ("ftp-url", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "ftp://example.com/a.png"}}]}]), 400, "scheme"),
+    ("file-url", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "file:///etc/passwd"}}]}]), 400, "scheme"),
+    ("loopback-url", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "http://127.0.0.1:1/x.png"}}]}]), 400, "non-public"),
+    ("localhost-url", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "http://localhost/x.png"}}]}]), 400, "non-public"),
+    ("private-url", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "https://10.0.0.8/x.png"}}]}]), 400, "non-public"),
+    ("metadata-url", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "http://169.254.169.254/latest/meta-data/"}}]}]), 400, "non-public"),
+    ("ipv6-loopback-url", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "http://[::1]/x.png"}}]}]), 400, "non-public"),
+    ("over-long-prompt", chat(messages=[{"role": "user", "content": "word " * 3000}]), 400, "maximum context length"),
+    ("max-tokens-over-context", chat(max_tokens=5000), 400, "maximum context length"),
+    ("reserved-token-in-text", chat(messages=[{"role": "user", "content": "hi <|imgpad|> there"}]), 400, "reserved token"),
+    ("too-many-stops", chat(stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
+    ("assistant-last", chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
+     400, "last message"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, fragment", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_requests_get_clear_4xx(served: Served, name: str, body: dict | bytes, status: int,
+                                          fragment: str) -> None:
+    with served.client() as c:
+        if isinstance(body, bytes):
+            r = c.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        else:
+            r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"], err
+    assert err["type"] and set(err) == {"message", "type", "param", "code"}
+
+
+def test_auth_routes_and_fetch_allow_list(served: Served) -> None:
+    with httpx.Client(base_url=served.url, timeout=30) as anon:
+        r = anon.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = anon.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401
+        assert anon.get("/health").status_code == 200  # probes need no key
+        assert anon.get("/nope").status_code == 404 and "no such endpoint" in anon.get("/nope").json()["error"]["message"]
+        assert anon.get("/v1/chat/completions").status_code == 405
+    with served.client() as c:
+        # an allow-listed local image server is fetched; the same content by data: URL gives the same prompt size
+        r = c.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": served.image_server + "/cat.png"}}, {"type": "text", "text": "?"}]}]))
+        assert r.status_code == 200, r.text
+        r404 = c.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": served.image_server + "/missing.png"}}]}]))
+        assert r404.status_code == 400 and "HTTP 404" in r404.json()["error"]["message"]
+        stop = c.post("/v1/chat/completions", json=chat(max_tokens=30, stop=["e", "a", "o", "i"], temperature=0))
+        assert stop.status_code == 200
+    assert_healthy_and_serving(served)
+
+
+def test_client_disconnect_cancels_generation(served: Served) -> None:
+    with served.client() as c:
+        with c.stream("POST", "/v1/chat/completions", json=chat(max_tokens=900, ignore_eos=True, stream=True)) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                    break  # got a token: hang up
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with served.client() as c:
+            m = c.get("/metrics").text
+        if 'dotsvlm_queue_events_total{event="cancelled"} 0.0' not in m and "dotsvlm_queue_leased_items 0.0" in m:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("the abandoned request was not cancelled:\n" + m)
+
+
+# --------------------------------------------------------------------------------------- failures (last)
+def _replica_actor(deployment: str):
+    import ray
+
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"]:
+            return ray.get_actor(a["name"], namespace=a["namespace"])
+    raise AssertionError(f"no replica of {deployment}")
+
+
+def _fire(served: Served, bodies: list[dict]) -> list[tuple[int, dict | str]]:
+    async def one(client: httpx.AsyncClient, body: dict) -> tuple[int, dict | str]:
+        if body.get("stream"):
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                text = (await r.aread()).decode()
+                return r.status_code, text
+        r = await client.post("/v1/chat/completions", json=body)
+        return r.status_code, r.json()
+
+    async def run() -> list:
+        async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                     timeout=150) as client:
+            return await asyncio.wait_for(asyncio.gather(*(one(client, b) for b in bodies)), timeout=170)
+
+    return asyncio.run(run())
+
+
+def test_killed_replicas_fail_cleanly_or_retry_and_never_hang(served: Served) -> None:
+    import ray
+
+    # 1) LLM replica killed while it holds requests: non-streaming ones are redelivered, streaming ones that
+    #    already sent tokens fail with a clear in-stream error.
+    bodies = [chat(max_tokens=300, ignore_eos=True, messages=[{"role": "user", "content": f"long {i}"}],
+                   stream=(i == 0)) for i in range(4)]
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(_fire, served, bodies)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait until the replica holds work
+            if "dotsvlm_queue_leased_items 0.0" not in httpx.get(served.url + "/metrics").text:
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+        ray.kill(_replica_actor("LLMServer"), no_restart=True)
+        results = fut.result(timeout=200)
+    for code, body in results:
+        if isinstance(body, str):  # the stream
+            assert code == 200 and ("data: [DONE]" in body) and ('"finish_reason":"length"' in body or
+                                                                 "please retry" in body), body[-500:]
+        else:
+            assert (code == 200 and body["usage"]["completion_tokens"] == 300) or (
+                code == 503 and "retry" in body["error"]["message"]), body
+    assert sum(1 for c, b in results if c == 200 and isinstance(b, dict)) >= 1
+    metrics = httpx.get(served.url + "/metrics").text
+    assert 'dotsvlm_queue_events_total{event="redelivered"} 0.0' not in metrics
+    assert_healthy_and_serving(served)
+
+    # 2) Vision replica killed while requests with images are in flight: every request either completes or
+    #    fails with a clear 5xx; none hangs.
+    bodies = [chat(max_tokens=6, messages=[{"role": "user", "content": [image_part(png(400 + 10 * i, 400)),
+                                                                          {"type": "text", "text": "?"}]}])
+              for i in range(8)]
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(_fire, served, bodies)
+        time.sleep(0.3)
+        ray.kill(_replica_actor("VisionEncoder"), no_restart=True)
+        results = fut.result(timeout=200)
+    for code, body in results:
+        assert code == 200 or (code in (500, 503) and body["error"]["message"]), body
+    assert_healthy_and_serving(served)
+    with served.client() as c:
+        r = c.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": [image_part(png(50, 50))]}]))
+    assert r.status_code == 200, r.text
