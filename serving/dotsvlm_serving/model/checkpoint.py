@@ -158,7 +158,7 @@ def load_vision_tower(model_dir: str | Path, *, device: str | torch.device = "cp
     return tower.eval()
 
 
-def _llm_mapping(model: torch.nn.Module, n_layers: int) -> tuple[list[tuple[str, str, Any]], set[str]]:
+def _llm_mapping(model: torch.nn.Module) -> tuple[list[tuple[str, str, Any]], set[str]]:
     """(checkpoint key, in-memory name, index) for every LLM tensor, and the set of checkpoint keys."""
     out: list[tuple[str, str, Any]] = []
     state = model.state_dict(keep_vars=True)
@@ -206,7 +206,7 @@ def load_llm(model_dir: str | Path, *, device: str | torch.device = "cpu", dtype
         model.model.rotary_emb = DeepseekV3RotaryEmbedding(config=model.config)
     n_layers = model.config.num_hidden_layers
     wm = {k: f for k, f in weight_map(d).items() if not k.startswith(VISION_PREFIX)}
-    mapping, expected = _llm_mapping(model, n_layers)
+    mapping, expected = _llm_mapping(model)
     _check_unexpected([k for k in wm if not _ignored_llm_key(k, n_layers)], expected, "LLM", wm)
     _fill(model, wm, iter(mapping), device=device, block=fp8.block_size(cfg.quantization_config), what="LLM", model_dir=d)
     return model.eval()
