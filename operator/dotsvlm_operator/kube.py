@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import secrets
+import time
 from typing import Any
 
 import kubernetes
@@ -17,6 +19,8 @@ from kubernetes.client.rest import ApiException
 
 from dotsvlm_operator import builders as b
 from dotsvlm_operator import models as m
+
+log = logging.getLogger(__name__)
 
 # kind -> (API prefix, plural)
 KINDS: dict[str, tuple[str, str]] = {
@@ -72,9 +76,26 @@ class Kube:
         """Server-side apply with force: our field manager owns every field it sets, so hand edits to
         those fields are reverted and a deleted object is re-created."""
         meta = obj["metadata"]
-        return self._call("PATCH", self._path(obj["kind"], meta["namespace"], meta["name"]), body=obj,
-                          query=[("fieldManager", b.MANAGER), ("force", "true")],
-                          content_type="application/apply-patch+yaml")
+        path = self._path(obj["kind"], meta["namespace"], meta["name"])
+        query = [("fieldManager", b.MANAGER), ("force", "true")]
+        try:
+            return self._call("PATCH", path, body=obj, query=query, content_type="application/apply-patch+yaml")
+        except ApiException as exc:
+            if exc.status != 422:
+                raise
+            # The live object cannot be merged with ours: a hand edit added a list entry that clashes
+            # (e.g. a second Service port with our port's name), or an immutable field differs. Replace it.
+            log.warning(f"{obj['kind']} {meta['namespace']}/{meta['name']} cannot be updated in place "
+                        f"({exc.body[:300] if exc.body else exc.reason}); re-creating it")
+            self._call("DELETE", path, query=[("propagationPolicy", "Background")])
+            for _ in range(20):
+                try:
+                    return self._call("PATCH", path, body=obj, query=query, content_type="application/apply-patch+yaml")
+                except ApiException as again:
+                    if again.status != 409:  # still being deleted
+                        raise
+                    time.sleep(0.5)
+            raise
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

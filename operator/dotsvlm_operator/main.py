@@ -10,6 +10,15 @@ import random
 import kopf
 
 
+class _QuietHandlers(logging.Filter):
+    """Drop kopf's per-event "Handler 'child-pods' succeeded." lines: one per pod event is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (record.levelno <= logging.INFO and msg.startswith("Handler '")
+                    and (msg.startswith("Handler 'child-") or msg.startswith("Handler 'on_resource_event'")))
+
+
 def cli_main(args: argparse.Namespace) -> int:
     from dotsvlm_operator import handlers  # registers the handlers
     from dotsvlm_operator import kube
@@ -19,6 +28,8 @@ def cli_main(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("kubernetes").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    logging.getLogger("kopf.objects").addFilter(_QuietHandlers())
 
     cfg = handlers.CONFIG
     if getattr(args, "ray_head_url_override", None):

@@ -89,10 +89,9 @@ class _Findings:
 
 
 def _first_sentence(msg: str) -> str:
-    """The scheduler's message without its 'preemption: ...' tail."""
-    msg = msg.strip()
-    cut = re.split(r"\s+preemption:", msg, maxsplit=1)[0]
-    return cut.rstrip(". ") + "."
+    """The scheduler's first sentence ("0/6 nodes are available: ..."), without the preemption tail."""
+    first = re.split(r"\.(?:\s|$)", msg.strip(), maxsplit=1)[0]
+    return first.rstrip(". ,") + "."
 
 
 def _placement_hint(pool: str, spec: m.DotsVLMDeploymentSpec) -> str:

@@ -143,3 +143,103 @@ def test_full_sample_children_placement_and_status(kube, ns, operator_factory) -
     events = poll(lambda: [e for e in get_json(kube, "events", "-n", ns)["items"]
                            if e["involvedObject"].get("kind") == "DotsVLMDeployment"], 30, "an Event on the resource")
     assert any(e["reason"] == "RayHeadUnreachable" for e in events), [e["reason"] for e in events]
+
+
+def test_too_few_gpus_is_degraded_with_the_schedulers_reason(kube, ns, operator_factory) -> None:
+    op = operator_factory([ns])
+    cr = load_example("dotsvlm-small.yaml")
+    # Five 8-GPU LLM replicas on H100 nodes: the cluster has four (vision stays on the L40S nodes).
+    cr["spec"]["vision"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-L40S"}
+    cr["spec"]["llm"].update(minReplicas=5, maxReplicas=5, nodeSelector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"})
+    _apply_cr(kube, ns, cr)
+
+    def degraded():
+        c = condition(get_json(kube, "dvlm", cr["metadata"]["name"], "-n", ns), "Degraded")
+        return c if c and c["status"] == "True" else None
+
+    c = poll(degraded, 90, "Degraded=True", op.log_tail)
+    assert c["reason"] == "Unschedulable"
+    assert "1 of 5 LLM pods pending: 0/6 nodes are available:" in c["message"]
+    assert "Insufficient nvidia.com/gpu" in c["message"]  # the scheduler's own words
+    assert "each llm pod needs 8 free nvidia.com/gpu on a node labelled nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3" in c["message"]
+    # Four replicas fit; Ready says what is missing.
+    ready = poll(lambda: (r := condition(get_json(kube, "dvlm", cr["metadata"]["name"], "-n", ns), "Ready"))
+                 and "LLM pool: 4 of 5 replicas ready" in r["message"] and r, 60, "4 of 5 LLM replicas ready", op.log_tail)
+    assert ready["status"] == "False"
+    events = poll(lambda: [e for e in get_json(kube, "events", "-n", ns)["items"]
+                           if e["involvedObject"].get("kind") == "DotsVLMDeployment" and e["type"] == "Warning"],
+                  30, "a Warning event on the resource")
+    assert any(e["reason"] == "Unschedulable" for e in events)
+
+
+def _pod_uids(kube, ns: str, name: str, component: str) -> set[str]:
+    return {p["metadata"]["uid"] for p in pods_of(kube, ns, name, component) if not p["metadata"].get("deletionTimestamp")}
+
+
+def test_vision_only_update_rolls_only_the_vision_pool(kube, ns, operator_factory) -> None:
+    op = operator_factory([ns])
+    cr = load_example("dotsvlm-small.yaml")
+    name = cr["metadata"]["name"]
+    _apply_cr(kube, ns, cr)
+    poll(lambda: _pod_uids(kube, ns, name, "vision") and _pod_uids(kube, ns, name, "llm")
+         and _pod_uids(kube, ns, name, "ray-head"), 60, "pods of every pool", op.log_tail)
+    before = {c: _pod_uids(kube, ns, name, c) for c in ("vision", "llm", "ray-head")}
+    gens = {c: get_json(kube, "deployment", f"{name}-{c}", "-n", ns)["metadata"]["generation"]
+            for c in ("vision", "llm", "ray-head")}
+    cm_before = get_json(kube, "configmap", f"{name}-serve-config", "-n", ns)["data"]
+
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge",
+                 "-p", json.dumps({"spec": {"vision": {"resources": {"requests": {"cpu": "4"}}, "maxBatchPixels": 4194304}}}))
+
+    def vision_rolled():
+        now = _pod_uids(kube, ns, name, "vision")
+        dep = get_json(kube, "deployment", f"{name}-vision", "-n", ns)
+        return now and not (now & before["vision"]) and dep["status"].get("updatedReplicas") == 1
+    poll(vision_rolled, 60, "the vision pool to roll", op.log_tail)
+    new_pod = pods_of(kube, ns, name, "vision")[0]
+    assert new_pod["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "4"
+    # The LLM pool and the head were not touched: same pods, same Deployment generation.
+    assert _pod_uids(kube, ns, name, "llm") == before["llm"]
+    assert _pod_uids(kube, ns, name, "ray-head") == before["ray-head"]
+    assert get_json(kube, "deployment", f"{name}-llm", "-n", ns)["metadata"]["generation"] == gens["llm"]
+    assert get_json(kube, "deployment", f"{name}-ray-head", "-n", ns)["metadata"]["generation"] == gens["ray-head"]
+    # The Serve config follows the spec (it reaches the head through its REST API, not through pods).
+    cm = poll(lambda: (d := get_json(kube, "configmap", f"{name}-serve-config", "-n", ns)["data"]) != cm_before and d,
+              30, "the Serve config to change")
+    assert json.loads(cm["serve-config.json"])["applications"][0]["args"]["vision"]["max_batch_pixels"] == 4194304
+
+
+def test_drift_is_corrected_and_delete_leaves_nothing(kube, ns, operator_factory) -> None:
+    op = operator_factory([ns])
+    cr = load_example("dotsvlm-small.yaml")
+    name = cr["metadata"]["name"]
+    _apply_cr(kube, ns, cr)
+    poll(lambda: get_json(kube, "networkpolicy", f"{name}-ray", "-n", ns), 60, "children", op.log_tail)
+    token = get_json(kube, "secret", f"{name}-ray-token", "-n", ns)["data"]["token"]
+
+    # By hand: delete a Deployment and the NetworkPolicy, change the API Service's port, scale the LLM pool.
+    kube.kubectl("delete", "deployment", f"{name}-vision", "-n", ns, "--wait=false")
+    kube.kubectl("delete", "networkpolicy", f"{name}-ray", "-n", ns, "--wait=false")
+    kube.kubectl("patch", "service", f"{name}-api", "-n", ns, "--type=json",
+                 "-p", '[{"op":"replace","path":"/spec/ports/0/port","value":9999}]')
+    kube.kubectl("scale", "deployment", f"{name}-llm", "-n", ns, "--replicas=3")
+
+    def healed():
+        dep = get_json(kube, "deployment", f"{name}-vision", "-n", ns)
+        pol = get_json(kube, "networkpolicy", f"{name}-ray", "-n", ns)
+        svc = get_json(kube, "service", f"{name}-api", "-n", ns)
+        llm = get_json(kube, "deployment", f"{name}-llm", "-n", ns)
+        return (dep and not dep["metadata"].get("deletionTimestamp") and pol and not pol["metadata"].get("deletionTimestamp")
+                and svc["spec"]["ports"][0]["port"] == 8000 and llm["spec"]["replicas"] == 1)
+    poll(healed, 60, "hand edits to be reverted and deleted children re-created", op.log_tail)
+    # The token is not rotated by reconciling.
+    assert get_json(kube, "secret", f"{name}-ray-token", "-n", ns)["data"]["token"] == token
+
+    # Delete: the finalizer lets the operator stop, then garbage collection removes every child and pod.
+    kube.kubectl("delete", "dvlm", name, "-n", ns, "--wait=true", timeout=60)
+
+    def all_gone():
+        left = children_of(kube, ns, name) + pods_of(kube, ns, name)
+        return not left
+    poll(all_gone, 90, "every child and pod to be garbage-collected",
+         lambda: str([(i["kind"], i["metadata"]["name"]) for i in children_of(kube, ns, name)]))
