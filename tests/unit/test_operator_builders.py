@@ -1,0 +1,159 @@
+"""Builders are pure: spec -> objects. What each object must carry, and what must NOT change."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from dotsvlm_operator import builders as b
+from dotsvlm_operator import models as m
+from dotsvlm_serving import serve_config as sc
+
+REPO = Path(__file__).resolve().parents[2]
+OWNER = b.Owner("dots", "ml", "uid-123")
+
+
+def _spec(name: str = "dotsvlm.yaml", **patch) -> m.DotsVLMDeploymentSpec:
+    raw = yaml.safe_load((REPO / "examples" / name).read_text())["spec"]
+    for path, value in patch.items():
+        cur = raw
+        keys = path.split("__")
+        for k in keys[:-1]:
+            cur = cur.setdefault(k, {})
+        cur[keys[-1]] = value
+    return m.DotsVLMDeploymentSpec.model_validate(raw)
+
+
+def _by_name(objs):
+    return {(o["kind"], o["metadata"]["name"]): o for o in objs}
+
+
+def _kids(spec, **kw):
+    return _by_name(b.children(OWNER, spec, vision_replicas=kw.get("v", 1), llm_replicas=kw.get("l", 1)))
+
+
+def test_every_child_is_owned_labelled_and_namespaced() -> None:
+    for obj in b.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1):
+        meta = obj["metadata"]
+        assert meta["namespace"] == "ml"
+        assert meta["ownerReferences"] == [{"apiVersion": "dotsvlm.io/v1alpha1", "kind": "DotsVLMDeployment",
+                                             "name": "dots", "uid": "uid-123", "controller": True,
+                                             "blockOwnerDeletion": True}]
+        assert meta["labels"][b.LABEL_DEPLOYMENT] == "dots" and meta["labels"][b.LABEL_MANAGED_BY] == b.MANAGER
+
+
+def test_llm_pool_spans_nodes_with_per_pod_gpus_and_pool_resource() -> None:
+    kids = _kids(_spec(), l=2)
+    llm = kids[("Deployment", "dots-llm")]
+    assert llm["spec"]["replicas"] == 4  # 2 replicas x 2 nodes per replica
+    pod = llm["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8" and c["resources"]["requests"]["cpu"] == "64"
+    assert f'--resources={{"{sc.LLM_POOL_RESOURCE}": {sc.POOL_RESOURCE_CAPACITY}}}' in c["command"]
+    assert "--address=dots-ray-head.ml.svc:6379" in c["command"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}} in pod["volumes"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "dots-weights", "readOnly": True}} in pod["volumes"]
+    # Never more GPUs than the pool holds during a rollout.
+    assert llm["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+
+
+def test_every_ray_pod_has_token_auth() -> None:
+    kids = _kids(_spec())
+    for name in ("dots-ray-head", "dots-vision", "dots-llm"):
+        pod = kids[("Deployment", name)]["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN_PATH"]["value"] == b.TOKEN_PATH
+        assert any(v.get("secret", {}).get("secretName") == "dots-ray-token" for v in pod["volumes"])
+        assert env["DOTSVLM_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "dots-api-keys", "key": "api-keys"}
+
+
+def test_token_secret_is_not_among_the_reapplied_children() -> None:
+    assert ("Secret", "dots-ray-token") not in _kids(_spec())
+    secret = b.token_secret(OWNER, "abc")
+    assert secret["stringData"] == {"token": "abc"}
+
+
+def test_network_policy_limits_ray_ports_to_own_pods_and_operator() -> None:
+    pol = _kids(_spec())[("NetworkPolicy", "dots-ray")]["spec"]
+    assert pol["podSelector"]["matchLabels"][b.LABEL_DEPLOYMENT] == "dots"
+    peers, open_ports = pol["ingress"]
+    assert {"podSelector": {"matchLabels": {b.LABEL_DEPLOYMENT: "dots", b.LABEL_MANAGED_BY: b.MANAGER}}} in peers["from"]
+    assert {"namespaceSelector": {}, "podSelector": {"matchLabels": b.OPERATOR_POD_LABELS}} in peers["from"]
+    assert "from" not in open_ports and {p["port"] for p in open_ports["ports"]} == {8000, b.METRICS_PORT}
+
+
+def test_head_service_ports_and_api_service() -> None:
+    kids = _kids(_spec(api__port=9000, api__serviceType="LoadBalancer"))
+    ports = {p["name"]: p["port"] for p in kids[("Service", "dots-ray-head")]["spec"]["ports"]}
+    assert ports == {"gcs": 6379, "dashboard": 8265, "serve": 9000, "metrics": 8080}
+    api = kids[("Service", "dots-api")]["spec"]
+    assert api["type"] == "LoadBalancer" and api["ports"][0]["port"] == 9000
+    assert api["selector"][b.LABEL_COMPONENT] == b.COMPONENT_HEAD
+
+
+def test_vision_change_does_not_touch_llm_or_head_templates() -> None:
+    before = _kids(_spec())
+    after = _kids(_spec(vision__resources={"requests": {"cpu": "2"}}, vision__maxBatchPixels=4194304,
+                        vision__nodeSelector={"x": "y"}, vision__autoscaling={"targetOngoingRequests": 2}))
+    for name in ("dots-llm", "dots-ray-head"):
+        assert after[("Deployment", name)] == before[("Deployment", name)]
+    assert after[("Deployment", "dots-vision")] != before[("Deployment", "dots-vision")]
+    ann = b.ANNOTATION_SPEC_HASH
+    assert (after[("Deployment", "dots-vision")]["spec"]["template"]["metadata"]["annotations"][ann]
+            != before[("Deployment", "dots-vision")]["spec"]["template"]["metadata"]["annotations"][ann])
+    # The Serve config (deployed through the head's REST API) does follow the change.
+    assert after[("ConfigMap", "dots-serve-config")] != before[("ConfigMap", "dots-serve-config")]
+
+
+def test_llm_change_does_not_touch_vision_template() -> None:
+    before = _kids(_spec())
+    after = _kids(_spec(llm__contextLength=32768, llm__shmSize="200Gi"))
+    assert after[("Deployment", "dots-vision")] == before[("Deployment", "dots-vision")]
+    assert after[("Deployment", "dots-llm")] != before[("Deployment", "dots-llm")]
+
+
+def test_builders_are_deterministic() -> None:
+    a = b.children(OWNER, _spec(), vision_replicas=2, llm_replicas=1)
+    c = b.children(OWNER, copy.deepcopy(_spec()), vision_replicas=2, llm_replicas=1)
+    assert json.dumps(a, sort_keys=True) == json.dumps(c, sort_keys=True)
+
+
+def test_serve_config_follows_the_contract() -> None:
+    spec = _spec()
+    app = b.serve_app_config(spec)
+    assert app.model_path == "/models/dots.vlm1.inst" and app.device == "cuda" and app.dtype == "bfloat16"
+    assert (app.llm.tensor_parallel, app.llm.nodes_per_replica, app.llm.gpus_per_replica) == (16, 2, 16)
+    assert app.llm.pool_resource == sc.LLM_POOL_RESOURCE and app.vision.pool_resource == sc.VISION_POOL_RESOURCE
+    assert (app.llm.context_length, app.llm.max_running_requests) == (65536, 64)
+    assert app.vision.autoscaling.min_replicas == 1 and app.vision.autoscaling.max_replicas == 8
+    assert app.llm.autoscaling.target_ongoing_requests == 48 and app.llm.autoscaling.downscale_delay_s == 600
+    assert (app.queue.max_items, app.queue.max_bytes) == (512, 8589934592)
+    assert app.api.api_keys_env == b.API_KEYS_ENV
+    body = b.serve_body(spec)
+    assert body == sc.serve_deploy_body(app, http_port=8000)
+    # Round trip through the contract (what the Serve app builder will validate).
+    sc.ServeAppConfig.model_validate(body["applications"][0]["args"])
+    small = b.serve_app_config(_spec("dotsvlm-small.yaml"))
+    assert small.api.api_keys_env is None
+
+
+def test_desired_replicas_stay_within_bounds() -> None:
+    pool = m.VisionPool(min_replicas=2, max_replicas=5)
+    assert b.desired_replicas(pool, None) == 2
+    assert b.desired_replicas(pool, 9) == 5
+    assert b.desired_replicas(pool, 0) == 2
+    assert b.desired_replicas(pool, 3) == 3
+
+
+def test_service_monitor_only_when_supported_and_asked() -> None:
+    spec = _spec()
+    assert not any(o["kind"] == "ServiceMonitor" for o in b.children(OWNER, spec, vision_replicas=1, llm_replicas=1))
+    objs = b.children(OWNER, spec, vision_replicas=1, llm_replicas=1, service_monitor_supported=True)
+    sm = [o for o in objs if o["kind"] == "ServiceMonitor"]
+    assert len(sm) == 1 and sm[0]["spec"]["endpoints"][0] == {"port": "metrics", "interval": "30s"}
