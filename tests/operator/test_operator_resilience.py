@@ -101,8 +101,11 @@ def test_two_peered_operators_do_not_fight_and_the_standby_takes_over(kube, peer
     # Both have announced themselves before any resource exists.
     poll(lambda: len((get_json(kube, "kopfpeering", "dotsvlm", "-n", ns) or {}).get("status") or {}) == 2, 60,
          "both operators in the KopfPeering", lambda: leader.log_tail() + "\n---\n" + standby.log_tail())
-    poll(lambda: "Pausing operations in favour of" in standby.log_path.read_text(), 60, "the standby to pause",
-         standby.log_tail)
+    # kopf starts paused and resumes once it sees no peer above it: only the leader may resume
+    # (the standby either never resumes or pauses again as soon as it sees the leader).
+    poll(lambda: "Resuming operations" in leader.log_path.read_text(), 60, "the leader to start working",
+         lambda: leader.log_tail() + "\n--- standby ---\n" + standby.log_tail() + "\n--- peering ---\n"
+         + json.dumps(get_json(kube, "kopfpeering", "dotsvlm", "-n", ns)))
 
     name = "dots-peer"
     kube.apply(yaml.safe_dump(cpu_cr(name)), namespace=ns)
@@ -110,7 +113,10 @@ def test_two_peered_operators_do_not_fight_and_the_standby_takes_over(kube, peer
     poll(lambda: condition(get_json(kube, "dvlm", name, "-n", ns), "Progressing"), 60, "a status", leader.log_tail)
     # Only the leader reconciled: the standby logged no condition transitions.
     assert "Progressing=" in leader.log_path.read_text()
-    assert "Progressing=" not in standby.log_path.read_text()
+    standby_log = standby.log_path.read_text()
+    assert "Progressing=" not in standby_log
+    assert ("Resuming operations" not in standby_log
+            or standby_log.rfind("Pausing operations in favour of") > standby_log.rfind("Resuming operations"))
     rv = get_json(kube, "deployment", f"{name}-vision", "-n", ns)["metadata"]["resourceVersion"]
 
     # The leader dies; once its peering entry expires the standby carries on and applies a spec change.

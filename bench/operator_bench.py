@@ -1,0 +1,252 @@
+"""Operator benchmark on the test control plane (kwok fake nodes, real apiserver/scheduler/controllers).
+
+Measures
+  1. time from `create DotsVLMDeployment` to all of its 10 children present, p50/p95 over N resources,
+     (a) one at a time and (b) N created at once;
+  2. the operator's resident memory (RSS) with 0 and with 2N resources reconciled.
+
+Child arrival is timed with watches (no polling), from just before the create call returns.
+The Ray head is pointed at a closed local port (no Ray in kwok pods), as in the cluster tests.
+
+    .venv/bin/python bench/operator_bench.py                # N=50: 100 resources in all
+    .venv/bin/python bench/operator_bench.py --resources 10 # quick look
+
+Writes bench/results/operator_bench.json and .md (with the command that produced them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import yaml  # noqa: E402
+
+EXPECTED = {"ConfigMap": ["{n}-serve-config"], "Deployment": ["{n}-llm", "{n}-ray-head", "{n}-vision"],
+            "NetworkPolicy": ["{n}-ray"], "PodDisruptionBudget": ["{n}-llm", "{n}-vision"],
+            "Secret": ["{n}-ray-token"], "Service": ["{n}-api", "{n}-ray-head"]}
+N_CHILDREN = sum(len(v) for v in EXPECTED.values())
+
+
+def cpu_cr(name: str) -> dict:
+    cr = yaml.safe_load((REPO / "examples" / "dotsvlm-small.yaml").read_text())
+    cr["metadata"]["name"] = name
+    cr["spec"]["model"]["quantization"] = "none"
+    cr["spec"]["vision"]["gpusPerReplica"] = 0
+    cr["spec"]["llm"].update(gpusPerReplica=0, tensorParallel=1)
+    return cr
+
+
+class ChildClock:
+    """Watches the child kinds in a namespace and records when each resource's last child appeared."""
+
+    def __init__(self, namespace: str) -> None:
+        from kubernetes import client, watch
+        self.ns = namespace
+        self.seen: dict[str, dict[str, float]] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        core, apps = client.CoreV1Api(), client.AppsV1Api()
+        pol, net = client.PolicyV1Api(), client.NetworkingV1Api()
+        self.lists = {"ConfigMap": core.list_namespaced_config_map, "Secret": core.list_namespaced_secret,
+                      "Service": core.list_namespaced_service, "Deployment": apps.list_namespaced_deployment,
+                      "PodDisruptionBudget": pol.list_namespaced_pod_disruption_budget,
+                      "NetworkPolicy": net.list_namespaced_network_policy}
+        self.watch = watch
+        self.threads = [threading.Thread(target=self._run, args=(k, f), daemon=True) for k, f in self.lists.items()]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, kind: str, fn) -> None:
+        while not self.stop.is_set():
+            w = self.watch.Watch()
+            try:
+                for ev in w.stream(fn, self.ns, label_selector="dotsvlm.io/deployment", timeout_seconds=5):
+                    if ev["type"] != "ADDED":
+                        continue
+                    meta = ev["object"].metadata
+                    owner = meta.labels.get("dotsvlm.io/deployment")
+                    with self.lock:
+                        self.seen.setdefault(owner, {}).setdefault(f"{kind}/{meta.name}", time.monotonic())
+            except Exception:  # noqa: BLE001 - a dropped watch is restarted
+                time.sleep(0.2)
+
+    def complete_at(self, name: str) -> float | None:
+        with self.lock:
+            got = self.seen.get(name, {})
+            want = [f"{k}/{n.format(n=name)}" for k, names in EXPECTED.items() for n in names]
+            if all(w in got for w in want):
+                return max(got[w] for w in want)
+        return None
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def create(api, ns: str, name: str) -> float:
+    t0 = time.monotonic()
+    api.create_namespaced_custom_object("dotsvlm.io", "v1alpha1", ns, "dotsvlmdeployments", cpu_cr(name))
+    return t0
+
+
+def wait_complete(clock: ChildClock, names: list[str], timeout: float) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    done: dict[str, float] = {}
+    while len(done) < len(names):
+        for n in names:
+            if n not in done and (t := clock.complete_at(n)) is not None:
+                done[n] = t
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(done)}/{len(names)} resources complete after {timeout}s")
+        time.sleep(0.05)
+    return done
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--resources", type=int, default=50, help="resources per phase (sequential, burst)")
+    ap.add_argument("--settle", type=float, default=30.0, help="seconds to sample memory once all are reconciled")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "operator_bench"))
+    args = ap.parse_args()
+    n = args.resources
+
+    from support.cluster import CACHE, CLUSTER_PREFIX, KubeCluster, build_binaries
+    import uuid
+
+    bin_dir = build_binaries()
+    cluster = KubeCluster(f"{CLUSTER_PREFIX}{os.getpid()}-bench-{uuid.uuid4().hex[:4]}", CACHE / "kwok", bin_dir)
+    cluster.start()
+    op = None
+    log = open(Path(args.out).with_suffix(".operator.log"), "w")
+    try:
+        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "dotsvlm.io_dotsvlmdeployments.yaml"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/dotsvlmdeployments.dotsvlm.io", "--timeout=60s")
+        seq_ns, burst_ns = "bench-seq", "bench-burst"
+        for ns in (seq_ns, burst_ns):
+            cluster.kubectl("create", "namespace", ns)
+        os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
+        from kubernetes import client, config
+        config.load_kube_config()
+        api = client.CustomObjectsApi()
+
+        env = dict(cluster.env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        op = subprocess.Popen([str(REPO / ".venv" / "bin" / "dotsvlm"), "operator", "--namespace", seq_ns,
+                               "--namespace", burst_ns, "--ray-head-url-override", "http://127.0.0.1:9/"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        time.sleep(5)  # start-up: let kopf list and watch before the first resource (idle memory below)
+        rss_idle = rss_mib(op.pid)
+
+        results: dict = {}
+        # (a) one at a time
+        clock = ChildClock(seq_ns)
+        seq = []
+        for i in range(n):
+            name = f"seq-{i:03d}"
+            t0 = create(api, seq_ns, name)
+            seq.append(wait_complete(clock, [name], 60)[name] - t0)
+        clock.close()
+        # (b) all at once
+        clock = ChildClock(burst_ns)
+        names = [f"burst-{i:03d}" for i in range(n)]
+        starts = {nm: create(api, burst_ns, nm) for nm in names}
+        done = wait_complete(clock, names, 600)
+        clock.close()
+        burst = [done[nm] - starts[nm] for nm in names]
+        burst_all = max(done.values()) - min(starts.values())
+
+        # Memory with 2n resources: wait until every resource has a status, then sample.
+        def all_have_status() -> bool:
+            for ns in (seq_ns, burst_ns):
+                items = api.list_namespaced_custom_object("dotsvlm.io", "v1alpha1", ns, "dotsvlmdeployments")["items"]
+                if not all((i.get("status") or {}).get("conditions") for i in items):
+                    return False
+            return True
+        deadline = time.monotonic() + 600
+        while not all_have_status():
+            if time.monotonic() > deadline:
+                raise TimeoutError("not every resource got a status")
+            time.sleep(1)
+        samples = []
+        t_end = time.monotonic() + args.settle
+        while time.monotonic() < t_end:
+            samples.append(rss_mib(op.pid))
+            time.sleep(1)
+
+        ms = lambda xs: [round(x * 1000, 1) for x in xs]  # noqa: E731
+        results = {
+            "command": " ".join([".venv/bin/python", "bench/operator_bench.py", *sys.argv[1:]]),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                         text=True).stdout.strip(),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "cluster": "kube-apiserver/controller-manager/scheduler v1.36.3 + etcd v3.6.8 on loopback, kwok fake nodes",
+            "children_per_resource": N_CHILDREN,
+            "create_to_all_children_ms": {
+                "sequential": {"n": n, "p50": round(pct(seq, 50) * 1000, 1), "p95": round(pct(seq, 95) * 1000, 1),
+                               "max": round(max(seq) * 1000, 1), "all": ms(seq)},
+                "burst": {"n": n, "p50": round(pct(burst, 50) * 1000, 1), "p95": round(pct(burst, 95) * 1000, 1),
+                          "max": round(max(burst) * 1000, 1), "all_done_s": round(burst_all, 2), "all": ms(burst)},
+            },
+            "operator_rss_mib": {"idle_0_resources": round(rss_idle, 1), "resources": 2 * n,
+                                 "mean": round(statistics.mean(samples), 1), "max": round(max(samples), 1),
+                                 "settle_s": args.settle},
+        }
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        c = results["create_to_all_children_ms"]
+        r = results["operator_rss_mib"]
+        md = f"""# Operator benchmark
+
+Command: `{results['command']}` (commit {results['git_commit']}, {results['date_utc']})
+Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}; {results['cluster']}.
+The operator, the control plane and this script share the machine.
+
+| measure | p50 | p95 | max |
+|---|---|---|---|
+| create -> all {N_CHILDREN} children present, one resource at a time (n={n}) | {c['sequential']['p50']} ms | {c['sequential']['p95']} ms | {c['sequential']['max']} ms |
+| same, {n} resources created at once | {c['burst']['p50']} ms | {c['burst']['p95']} ms | {c['burst']['max']} ms |
+
+All {n} burst resources complete {c['burst']['all_done_s']} s after the first create.
+
+Operator memory (RSS): {r['idle_0_resources']} MiB idle; with {r['resources']} resources reconciled
+(and their {3 * r['resources']} pods watched) mean {r['mean']} MiB, max {r['max']} MiB over {r['settle_s']:.0f} s.
+"""
+        Path(args.out).with_suffix(".md").write_text(md)
+        print(md)
+        return 0
+    finally:
+        if op is not None and op.poll() is None:
+            os.killpg(op.pid, 15)
+            try:
+                op.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(op.pid, 9)
+        log.close()
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
