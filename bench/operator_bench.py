@@ -23,6 +23,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -141,7 +142,9 @@ def main() -> int:
     cluster = KubeCluster(f"{CLUSTER_PREFIX}{os.getpid()}-bench-{uuid.uuid4().hex[:4]}", CACHE / "kwok", bin_dir)
     cluster.start()
     op = None
-    log = open(Path(args.out).with_suffix(".operator.log"), "w")
+    log_path = Path(tempfile.gettempdir()) / "operator_bench.operator.log"
+    print(f"operator log: {log_path}", file=sys.stderr)
+    log = open(log_path, "w")
     try:
         cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "dotsvlm.io_dotsvlmdeployments.yaml"))
         cluster.kubectl("wait", "--for=condition=Established", "crd/dotsvlmdeployments.dotsvlm.io", "--timeout=60s")

@@ -1,0 +1,156 @@
+"""Operator + a real local Ray head: token auth, Serve deploy through the REST API, status RUNNING.
+
+kwok pods run no containers, so the Ray head is a local `ray start --head` with token authentication,
+the deployment's pool resources and the tiny model; the operator reaches it through the documented
+test setting `--ray-head-url-override`. The Ray token is put in the deployment's Secret beforehand,
+which also checks that the operator uses an existing token instead of generating a new one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from dvlm_support import condition, get_json, load_example, poll
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.ray]
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    # The OS hands out ephemeral ports (32768+), outside Ray's worker port range (10002-19999).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_using(path: Path) -> list[int]:
+    """Processes whose command line names `path` (our own Ray's temp dir, unique per test)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if str(path).encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` with token auth in its own process group; killed at the end."""
+    token = secrets.token_hex(16)
+    token_file = tmp_path / "ray-token"
+    token_file.write_text(token)
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayop-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    gcs, dash, client, agent = (_free_port() for _ in range(4))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), OMP_NUM_THREADS="1",
+               RAY_USAGE_STATS_ENABLED="0")
+    log = open(tmp_path / "ray.log", "wb")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         "--num-cpus=6", '--resources={"dotsvlm_pool_vision": 1000, "dotsvlm_pool_llm": 1000}',
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        def up():
+            if proc.poll() is not None:
+                raise AssertionError("ray start exited:\n" + (tmp_path / "ray.log").read_text()[-3000:])
+            return httpx.get(f"{url}/api/serve/applications/", headers={"Authorization": f"Bearer {token}"},
+                             timeout=5).status_code == 200
+        poll(up, 120, "the Ray dashboard", lambda: (tmp_path / "ray.log").read_text()[-3000:])
+        yield url, token
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # Ray may leave processes in their own sessions: kill, by pid, those that run from our temp dir.
+        for pid in _pids_using(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
+    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def ns(kube, crd):
+    name = kube.create_namespace("ray")
+    yield name
+    for cr in (get_json(kube, "dvlm", "-n", name) or {}).get("items", []):
+        kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", name, "--type=merge",
+                     "-p", '{"metadata":{"finalizers":null}}', check=False)
+    kube.delete_namespace(name, wait=True)
+
+
+def test_operator_deploys_the_serve_app_to_a_token_protected_ray_head(kube, ns, operator_factory, ray_head,
+                                                                      tiny_model) -> None:
+    url, token = ray_head
+    # Token authentication is on: without the token the dashboard refuses.
+    assert httpx.get(f"{url}/api/serve/applications/", timeout=5).status_code in (401, 403)
+
+    name = "dots-ray"
+    kube.apply(yaml.safe_dump({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-ray-token"},
+                               "stringData": {"token": token}}), namespace=ns)
+    api_port = _free_port()
+    cr = load_example("dotsvlm-small.yaml")
+    cr["metadata"]["name"] = name
+    cr["spec"]["model"] = {"path": str(tiny_model), "mountPath": str(tiny_model.parent), "quantization": "none",
+                           "dtype": "float32", "volume": {"hostPath": {"path": str(tiny_model.parent)}}}
+    cr["spec"]["vision"] = {"gpusPerReplica": 0, "minReplicas": 1, "maxReplicas": 1}
+    cr["spec"]["llm"] = {"gpusPerReplica": 0, "tensorParallel": 1, "contextLength": 1024, "maxRunningRequests": 4,
+                         "maxNewTokensDefault": 8}
+    cr["spec"]["api"] = {"port": api_port}
+    op = operator_factory([ns], head_url=url)
+    kube.apply(yaml.safe_dump(cr), namespace=ns)
+
+    def running():
+        got = get_json(kube, "dvlm", name, "-n", ns)
+        ready = condition(got, "Ready")
+        return got if ready and ready["status"] == "True" else None
+
+    def diag() -> str:
+        got = get_json(kube, "dvlm", name, "-n", ns) or {}
+        return f"status: {(got.get('status') or {})}\n--- operator ---\n{op.log_tail()}"
+
+    got = poll(running, 420, "Ready=True with the Serve application RUNNING", diag)
+    assert got["status"]["serveApp"]["status"] == "RUNNING" and got["status"]["serveApp"]["configHash"]
+    assert condition(got, "Progressing")["reason"] == "UpToDate"
+    # The head got exactly the config the operator rendered (also in the ConfigMap).
+    apps = httpx.get(f"{url}/api/serve/applications/", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+    deployed = apps["applications"]["dotsvlm"]["deployed_app_config"]["args"]
+    assert deployed["model_path"] == str(tiny_model) and deployed["llm"]["pool_resource"] == "dotsvlm_pool_llm"
+    # The token in the Secret was used, not replaced.
+    assert get_json(kube, "secret", f"{name}-ray-token", "-n", ns)["data"]["token"]
+    # And the API answers on the Serve HTTP port that the spec set.
+    r = httpx.post(f"http://127.0.0.1:{api_port}/v1/chat/completions", timeout=120,
+                   json={"model": "dots.vlm1", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] is not None
