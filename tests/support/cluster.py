@@ -112,7 +112,7 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
 
 def build_binaries() -> Path:
     """Build whatever is missing (minutes when cold), return the folder of current binaries."""
-    _log("checking control-plane binaries (a cold build takes 20-40 min on 2 cores)...")
+    _log("checking control-plane binaries (a cold build takes 8-18 min on 2 cores)...")
     out = subprocess.run([str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
 
