@@ -143,8 +143,10 @@ def serve_app_config(spec: m.DotsVLMDeploymentSpec) -> sc.ServeAppConfig:
             autoscaling=_targets(spec.llm.autoscaling, spec.llm.min_replicas, spec.llm.max_replicas),
         ),
         queue=sc.QueueConfig(max_items=spec.queue.max_items, max_bytes=spec.queue.max_bytes,
-                             enqueue_timeout_s=spec.queue.enqueue_timeout_seconds),
-        api=sc.ApiConfig(api_keys_env=API_KEYS_ENV if spec.api.api_key_secret_ref else None),
+                             enqueue_timeout_s=spec.queue.enqueue_timeout_seconds,
+                             lease_timeout_s=spec.queue.lease_timeout_seconds, max_deliveries=spec.queue.max_deliveries),
+        api=sc.ApiConfig(api_keys_env=API_KEYS_ENV if spec.api.api_key_secret_ref else None,
+                         request_timeout_s=spec.api.request_timeout_seconds),
     )
 
 

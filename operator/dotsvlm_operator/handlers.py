@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,7 +45,7 @@ class OperatorConfig:
 CONFIG = OperatorConfig()
 _triggers: dict[tuple[str, str], asyncio.Event] = {}
 _kube: Kube | None = None
-_service_monitor_crd: bool | None = None
+_service_monitor_crd: tuple[bool, float] | None = None  # (present, when checked)
 
 
 def kube() -> Kube:
@@ -172,10 +173,11 @@ def _old_status(body: kopf.Body) -> m.DotsVLMDeploymentStatus | None:
 
 
 def _service_monitor_supported() -> bool:
+    """Whether the Prometheus Operator's ServiceMonitor CRD exists (re-checked every 5 minutes)."""
     global _service_monitor_crd
-    if _service_monitor_crd is None:
-        _service_monitor_crd = kube().has_service_monitor_crd()
-    return _service_monitor_crd
+    if _service_monitor_crd is None or time.monotonic() - _service_monitor_crd[1] > 300:
+        _service_monitor_crd = (kube().has_service_monitor_crd(), time.monotonic())
+    return _service_monitor_crd[0]
 
 
 async def reconcile_once(body: kopf.Body, logger: logging.Logger) -> None:
@@ -194,13 +196,19 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger) -> None:
     token = await asyncio.to_thread(k.ensure_token, owner)
     desired = {b.COMPONENT_VISION: b.desired_replicas(spec.vision, None),
                b.COMPONENT_LLM: b.desired_replicas(spec.llm, None)}
-    sm = spec.monitoring.enabled and spec.monitoring.service_monitor and await asyncio.to_thread(_service_monitor_supported)
+    sm_crd = await asyncio.to_thread(_service_monitor_supported)
+    sm = spec.monitoring.enabled and spec.monitoring.service_monitor and sm_crd
     objs = b.children(owner, spec, vision_replicas=desired[b.COMPONENT_VISION],
                       llm_replicas=desired[b.COMPONENT_LLM], service_monitor_supported=bool(sm))
 
     def apply_all() -> None:
         for obj in objs:
             k.apply(obj)
+        if sm_crd and not sm:
+            # Switched off: remove the ServiceMonitor this deployment had, if any.
+            old_sm = k.get("ServiceMonitor", owner.namespace, owner.name)
+            if old_sm and any(r.get("uid") == owner.uid for r in old_sm["metadata"].get("ownerReferences") or []):
+                k.delete("ServiceMonitor", owner.namespace, owner.name)
     await asyncio.to_thread(apply_all)
 
     pods = [pod_view(p) for p in await asyncio.to_thread(k.list_pods, owner.namespace, owner.name)]

@@ -241,6 +241,8 @@ class QueueSpec(_Api):
     max_items: int = Field(256, ge=1, le=1_000_000, description="Most image-embedding items waiting for an LLM replica.")
     max_bytes: int = Field(4 * 1024**3, ge=1024, description="Most bytes of embeddings waiting for an LLM replica.")
     enqueue_timeout_seconds: float = Field(30.0, ge=0, le=3600, description="How long a request waits for room in a full queue before it is answered 429.")
+    lease_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="How long an LLM replica may hold a taken item without acknowledging it before the item is delivered again.")
+    max_deliveries: int = Field(2, ge=1, le=10, description="How often an item is delivered before its request fails with an error (a replica died holding it).")
 
 
 class ApiSpec(_Api):
@@ -248,6 +250,7 @@ class ApiSpec(_Api):
 
     port: int = Field(8000, ge=1024, le=65535, description="Port of the API (Ray Serve's HTTP proxy and the Service).")
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Type of the API Service.")
+    request_timeout_seconds: float = Field(600.0, gt=0, le=86400, description="Longest a request may take end to end before it is answered with an error.")
     api_key_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding comma-separated API keys; clients then send 'Authorization: Bearer <key>'. Unset: no API keys.")
 

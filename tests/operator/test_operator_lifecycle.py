@@ -243,3 +243,39 @@ def test_drift_is_corrected_and_delete_leaves_nothing(kube, ns, operator_factory
         return not left
     poll(all_gone, 90, "every child and pod to be garbage-collected",
          lambda: str([(i["kind"], i["metadata"]["name"]) for i in children_of(kube, ns, name)]))
+
+
+SERVICE_MONITOR_CRD = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: servicemonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: ServiceMonitor, plural: servicemonitors, singular: servicemonitor}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"""
+
+
+@pytest.fixture
+def service_monitor_crd(kube):
+    kube.apply(SERVICE_MONITOR_CRD)
+    yield
+    kube.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com", "--ignore-not-found", "--wait=false")
+
+
+def test_service_monitor_follows_the_switch_when_its_crd_exists(kube, service_monitor_crd, ns, operator_factory) -> None:
+    kube.kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com", "--timeout=60s")
+    op = operator_factory([ns])
+    cr = load_example("dotsvlm-small.yaml")
+    name = cr["metadata"]["name"]
+    cr["spec"]["monitoring"] = {"serviceMonitor": True, "scrapeInterval": "15s"}
+    _apply_cr(kube, ns, cr)
+    sm = poll(lambda: get_json(kube, "servicemonitor", name, "-n", ns), 60, "the ServiceMonitor", op.log_tail)
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "interval": "15s"}]
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", '{"spec":{"monitoring":{"serviceMonitor":false}}}')
+    poll(lambda: get_json(kube, "servicemonitor", name, "-n", ns) is None, 60, "the ServiceMonitor to go", op.log_tail)
