@@ -75,6 +75,8 @@ class IngressMetrics:
                                         "batching included)", buckets=LATENCY_BUCKETS, registry=r)
         self.vision_backlog = Gauge("dotsvlm_vision_backlog_images", "Images sent to the vision pool and not yet "
                                     "encoded (this ingress replica)", registry=r)
+        self.vision_retries = Counter("dotsvlm_vision_retries", "Requests encoded again because their image "
+                                      "embeddings were lost (e.g. a vision replica died)", registry=r)
         self.in_flight = Gauge("dotsvlm_requests_in_flight", "Requests being served by this ingress replica",
                                registry=r)
         self.queue = _QueueCollector()

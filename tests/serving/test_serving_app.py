@@ -337,6 +337,9 @@ def _fire(served: Served, bodies: list[dict]) -> list[tuple[int, dict | str]]:
 
 def test_killed_replicas_fail_cleanly_or_retry_and_never_hang(served: Served) -> None:
     import ray
+    from ray import serve
+
+    from dotsvlm_serving.serve_config import APP_NAME
 
     # 1) LLM replica killed while it holds requests: non-streaming ones are redelivered, streaming ones that
     #    already sent tokens fail with a clear in-stream error.
@@ -364,18 +367,29 @@ def test_killed_replicas_fail_cleanly_or_retry_and_never_hang(served: Served) ->
     assert 'dotsvlm_queue_events_total{event="redelivered"} 0.0' not in metrics
     assert_healthy_and_serving(served)
 
-    # 2) Vision replica killed while requests with images are in flight: every request either completes or
-    #    fails with a clear 5xx; none hangs.
-    bodies = [chat(max_tokens=6, messages=[{"role": "user", "content": [image_part(png(400 + 10 * i, 400)),
-                                                                          {"type": "text", "text": "?"}]}])
-              for i in range(8)]
+    # 2) Vision replica killed while it holds images (queued for a batch or being encoded): Serve's router
+    #    re-sends those calls to the replacement replica, the ingress re-encodes if embeddings were lost after
+    #    encoding; every request completes or fails with a clear 5xx, none hangs.
+    big = [image_part(png(1400 + 10 * j, 1400)) for j in range(4)]  # enough work to keep the replica busy
+    bodies = [chat(max_tokens=6, messages=[{"role": "user", "content": big + [{"type": "text", "text": str(i)}]}])
+              for i in range(16)]
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(_fire, served, bodies)
-        time.sleep(0.3)
-        ray.kill(_replica_actor("VisionEncoder"), no_restart=True)
+        vision = serve.get_deployment_handle("VisionEncoder", APP_NAME)
+        deadline = time.monotonic() + 60
+        held = 0.0
+        while time.monotonic() < deadline and not held:  # kill only once the replica itself holds images
+            st = vision.stats.remote().result(timeout_s=10)
+            held = st["backlog_images"] + st["encoding_images"]
+            time.sleep(0.01)
+        victim = _replica_actor("VisionEncoder")
+        ray.kill(victim, no_restart=True)
+        assert held > 0, "the vision replica never held images"
         results = fut.result(timeout=200)
     for code, body in results:
-        assert code == 200 or (code in (500, 503) and body["error"]["message"]), body
+        assert code == 200 or (code in (429, 500, 503) and body["error"]["message"]), body
+    assert sum(1 for code, _ in results if code == 200) >= len(results) // 2, [c for c, _ in results]
+    assert _replica_actor("VisionEncoder")._actor_id != victim._actor_id  # a replacement served them
     assert_healthy_and_serving(served)
     with served.client() as c:
         r = c.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": [image_part(png(50, 50))]}]))

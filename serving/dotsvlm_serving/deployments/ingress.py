@@ -240,6 +240,7 @@ class Ingress:
                 raise
             if first["type"] == "error" and first.get("stage") == "vision" and attempt + 1 < attempts:
                 log.warning("request %s: embeddings lost, encoding again", rid)
+                self.metrics.vision_retries.inc()
                 continue
             return self._prepend(first, events, rid)
         raise AssertionError("unreachable")

@@ -45,6 +45,7 @@ class VisionEncoder:
         self._jobs: list[_Job] = []
         self._wake = asyncio.Event()
         self._stats = {"batches": 0, "images": 0, "encode_seconds_total": 0.0}
+        self._encoding_images = 0
         self._loop = asyncio.get_running_loop().create_task(self._batch_forever())
 
     async def encode(self, images: list[Image.Image]) -> np.ndarray:
@@ -77,6 +78,7 @@ class VisionEncoder:
                     break
                 images = [im for j in batch for im in j.images]
                 t0 = time.monotonic()
+                self._encoding_images = len(images)
                 try:
                     per_image = await asyncio.to_thread(pipeline.encode_images, self.tower, images,
                                                         self.model_config, self.cfg.api.images)
@@ -86,6 +88,8 @@ class VisionEncoder:
                         if not j.future.done():
                             j.future.set_exception(RuntimeError(f"vision encoder failed: {exc}"))
                     continue
+                finally:
+                    self._encoding_images = 0
                 self._stats["batches"] += 1
                 self._stats["images"] += len(images)
                 self._stats["encode_seconds_total"] += time.monotonic() - t0
@@ -98,7 +102,8 @@ class VisionEncoder:
                     i += n
 
     async def stats(self) -> dict[str, float]:
-        return dict(self._stats, backlog_images=float(sum(len(j.images) for j in self._jobs)))
+        return dict(self._stats, backlog_images=float(sum(len(j.images) for j in self._jobs)),
+                    encoding_images=float(self._encoding_images))
 
     def check_health(self) -> None:
         if self._loop.done():
