@@ -26,6 +26,7 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_DEPLOYMENT = "dotsvlm.io/deployment"
 ANNOTATION_SPEC_HASH = "dotsvlm.io/pod-spec-hash"
+ANNOTATION_TOKEN_HASH = "dotsvlm.io/ray-token-hash"
 # Pods of the operator carry this label; the NetworkPolicy lets them reach the Ray ports.
 OPERATOR_POD_LABELS = {LABEL_NAME: "dotsvlm-operator"}
 
@@ -381,9 +382,16 @@ def desired_replicas(pool: m.VisionPool | m.LLMPool, current_desired: int | None
     return max(pool.min_replicas, min(pool.max_replicas, want))
 
 
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
 def children(owner: Owner, spec: m.DotsVLMDeploymentSpec, *, vision_replicas: int, llm_replicas: int,
-             service_monitor_supported: bool = False) -> list[dict[str, Any]]:
-    """Every object that server-side apply keeps in place for this deployment (the token Secret aside)."""
+             service_monitor_supported: bool = False, ray_token_hash: str | None = None) -> list[dict[str, Any]]:
+    """Every object that server-side apply keeps in place for this deployment (the token Secret aside).
+
+    `ray_token_hash` goes into every Ray pod template: Ray reads its token once at start, so a new token
+    (the Secret was deleted and re-generated) must restart every Ray pod, and only then."""
     objs = [
         serve_config_map(owner, spec),
         head_service(owner, spec),
@@ -397,4 +405,8 @@ def children(owner: Owner, spec: m.DotsVLMDeploymentSpec, *, vision_replicas: in
     ]
     if spec.monitoring.enabled and spec.monitoring.service_monitor and service_monitor_supported:
         objs.append(service_monitor(owner, spec))
+    if ray_token_hash:
+        for obj in objs:
+            if obj["kind"] == "Deployment":
+                obj["spec"]["template"]["metadata"]["annotations"][ANNOTATION_TOKEN_HASH] = ray_token_hash
     return objs

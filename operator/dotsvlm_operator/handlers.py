@@ -199,7 +199,8 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger) -> None:
     sm_crd = await asyncio.to_thread(_service_monitor_supported)
     sm = spec.monitoring.enabled and spec.monitoring.service_monitor and sm_crd
     objs = b.children(owner, spec, vision_replicas=desired[b.COMPONENT_VISION],
-                      llm_replicas=desired[b.COMPONENT_LLM], service_monitor_supported=bool(sm))
+                      llm_replicas=desired[b.COMPONENT_LLM], service_monitor_supported=bool(sm),
+                      ray_token_hash=b.token_hash(token))
 
     def apply_all() -> None:
         for obj in objs:

@@ -143,6 +143,9 @@ def test_full_sample_children_placement_and_status(kube, ns, operator_factory) -
     events = poll(lambda: [e for e in get_json(kube, "events", "-n", ns)["items"]
                            if e["involvedObject"].get("kind") == "DotsVLMDeployment"], 30, "an Event on the resource")
     assert any(e["reason"] == "RayHeadUnreachable" for e in events), [e["reason"] for e in events]
+    # --log-format json: every line is a JSON object; lines about a resource name it.
+    lines = [json.loads(line) for line in op.log_path.read_text().splitlines() if line.strip()]
+    assert any(rec.get("object", {}).get("name") == name and rec.get("severity") for rec in lines)
 
 
 def test_too_few_gpus_is_degraded_with_the_schedulers_reason(kube, ns, operator_factory) -> None:
@@ -234,6 +237,19 @@ def test_drift_is_corrected_and_delete_leaves_nothing(kube, ns, operator_factory
     poll(healed, 60, "hand edits to be reverted and deleted children re-created", op.log_tail)
     # The token is not rotated by reconciling.
     assert get_json(kube, "secret", f"{name}-ray-token", "-n", ns)["data"]["token"] == token
+
+    # Deleting the token Secret: a new token is generated and every Ray pod restarts to pick it up.
+    hashes = {c: get_json(kube, "deployment", f"{name}-{c}", "-n", ns)["spec"]["template"]["metadata"]["annotations"]
+              ["dotsvlm.io/ray-token-hash"] for c in ("ray-head", "vision", "llm")}
+    kube.kubectl("delete", "secret", f"{name}-ray-token", "-n", ns)
+
+    def rolled_with_new_token():
+        sec = get_json(kube, "secret", f"{name}-ray-token", "-n", ns)
+        if not sec or sec["data"]["token"] == token:
+            return False
+        return all(get_json(kube, "deployment", f"{name}-{c}", "-n", ns)["spec"]["template"]["metadata"]["annotations"]
+                   ["dotsvlm.io/ray-token-hash"] != hashes[c] for c in hashes)
+    poll(rolled_with_new_token, 60, "a new token and every Ray pool rolled", op.log_tail)
 
     # Delete: the finalizer lets the operator stop, then garbage collection removes every child and pod.
     kube.kubectl("delete", "dvlm", name, "-n", ns, "--wait=true", timeout=60)

@@ -157,3 +157,15 @@ def test_service_monitor_only_when_supported_and_asked() -> None:
     objs = b.children(OWNER, spec, vision_replicas=1, llm_replicas=1, service_monitor_supported=True)
     sm = [o for o in objs if o["kind"] == "ServiceMonitor"]
     assert len(sm) == 1 and sm[0]["spec"]["endpoints"][0] == {"port": "metrics", "interval": "30s"}
+
+
+def test_token_hash_is_in_every_ray_pod_template_and_changes_with_the_token() -> None:
+    one = _by_name(b.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=b.token_hash("a")))
+    two = _by_name(b.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=b.token_hash("b")))
+    for name in ("dots-ray-head", "dots-vision", "dots-llm"):
+        ann = one[("Deployment", name)]["spec"]["template"]["metadata"]["annotations"]
+        assert ann[b.ANNOTATION_TOKEN_HASH] == b.token_hash("a") != b.token_hash("b")
+        assert two[("Deployment", name)] != one[("Deployment", name)]
+    token = "f" * 64
+    objs = b.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=b.token_hash(token))
+    assert token not in json.dumps(objs)  # the token itself never lands in a pod template
