@@ -10,6 +10,7 @@ lives in the resource's status and in the cluster, so a restarted operator simpl
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -118,6 +119,7 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
             except Exception as exc:  # noqa: BLE001 - one bad pass must not end the loop
                 failures += 1
                 logger.exception(f"reconcile failed ({failures} in a row): {exc}")
+                await _report_failure(body, exc, logger)
             wait = CONFIG.resync_seconds if not failures else min(2.0 ** failures, CONFIG.resync_seconds)
             waiter = asyncio.ensure_future(ev.wait())
             stopper = asyncio.ensure_future(stopped.wait())
@@ -128,10 +130,44 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
                 stopper.cancel()
             # Let a burst of child events (a rollout touches many pods) settle into one pass.
             if ev.is_set() and not stopped:
-                await asyncio.wait({asyncio.ensure_future(stopped.wait())}, timeout=0.3)
+                settle = asyncio.ensure_future(stopped.wait())
+                try:
+                    await asyncio.wait({settle}, timeout=0.3)
+                finally:
+                    settle.cancel()
     finally:
         if _triggers.get(key) is ev:
             del _triggers[key]
+
+
+def error_text(exc: BaseException) -> str:
+    """A short, readable reason: the API server's own message when there is one."""
+    body = getattr(exc, "body", None)
+    if body:
+        try:
+            return str(json.loads(body).get("message") or body)[:500]
+        except (ValueError, AttributeError):
+            return str(body)[:500]
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+async def _report_failure(body: kopf.Body, exc: BaseException, logger: logging.Logger) -> None:
+    """Show a failed pass in status (Degraded=ReconcileFailed), so `kubectl describe` says what is wrong."""
+    meta = body["metadata"]
+    old = _old_status(body) or m.DotsVLMDeploymentStatus()
+    prev = next((c for c in old.conditions if c.type == "Degraded"), None)
+    message = f"the operator could not reconcile this resource and will retry: {error_text(exc)}"
+    if prev is not None and prev.reason == "ReconcileFailed" and prev.message == message:
+        return
+    cond = m.Condition(type="Degraded", status="True", reason="ReconcileFailed", message=message,
+                       last_transition_time=_now(), observed_generation=meta.get("generation"))
+    conditions = [c for c in old.conditions if c.type != "Degraded"] + [cond]
+    try:
+        await asyncio.to_thread(kube().patch_status, meta["namespace"], meta["name"],
+                                {"conditions": [c.to_api() for c in conditions]})
+        kopf.event(body, type="Warning", reason="ReconcileFailed", message=message[:1000])
+    except Exception as again:  # noqa: BLE001 - the API server may be the problem; the log has it
+        logger.warning(f"could not record the failure in status either: {again}")
 
 
 def head_url(owner: b.Owner) -> str:

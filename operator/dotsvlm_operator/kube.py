@@ -36,6 +36,22 @@ KINDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _replaceable(exc: ApiException) -> bool:
+    """A 422 that re-creating the object can fix: the live object itself is in the way (a clashing list
+    entry added by hand, an immutable field). Never for a refusal by an admission policy or webhook."""
+    if exc.status != 422:
+        return False
+    try:
+        status = json.loads(exc.body or "{}")
+    except ValueError:
+        return False
+    message = str(status.get("message", "")).lower()
+    if "denied" in message or "admission" in message:
+        return False
+    causes = (status.get("details") or {}).get("causes") or []
+    return "immutable" in message or any(str(c.get("reason", "")).startswith("FieldValue") for c in causes)
+
+
 def load_config() -> None:
     """In-cluster config when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
     try:
@@ -81,13 +97,17 @@ class Kube:
         try:
             return self._call("PATCH", path, body=obj, query=query, content_type="application/apply-patch+yaml")
         except ApiException as exc:
-            if exc.status != 422:
-                raise
+            if not _replaceable(exc) or self.get(obj["kind"], meta["namespace"], meta["name"]) is None:
+                raise  # refused (e.g. by an admission policy), or nothing to replace
             # The live object cannot be merged with ours: a hand edit added a list entry that clashes
             # (e.g. a second Service port with our port's name), or an immutable field differs. Replace it.
             log.warning(f"{obj['kind']} {meta['namespace']}/{meta['name']} cannot be updated in place "
                         f"({exc.body[:300] if exc.body else exc.reason}); re-creating it")
-            self._call("DELETE", path, query=[("propagationPolicy", "Background")])
+            try:
+                self._call("DELETE", path, query=[("propagationPolicy", "Background")])
+            except ApiException as gone:
+                if gone.status != 404:
+                    raise
             for _ in range(20):
                 try:
                     return self._call("PATCH", path, body=obj, query=query, content_type="application/apply-patch+yaml")

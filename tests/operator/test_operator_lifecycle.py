@@ -295,3 +295,55 @@ def test_service_monitor_follows_the_switch_when_its_crd_exists(kube, service_mo
     assert sm["spec"]["endpoints"] == [{"port": "metrics", "interval": "15s"}]
     kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", '{"spec":{"monitoring":{"serviceMonitor":false}}}')
     poll(lambda: get_json(kube, "servicemonitor", name, "-n", ns) is None, 60, "the ServiceMonitor to go", op.log_tail)
+
+
+POLICY = """
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: no-lb-%(ns)s}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - {apiGroups: [""], apiVersions: ["v1"], operations: ["CREATE", "UPDATE"], resources: ["services"]}
+  validations:
+  - expression: "object.spec.type != 'LoadBalancer'"
+    message: "LoadBalancer Services are not allowed in this namespace"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: no-lb-%(ns)s}
+spec:
+  policyName: no-lb-%(ns)s
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: %(ns)s}}
+"""
+
+
+@pytest.fixture
+def no_load_balancers(kube, ns):
+    kube.apply(POLICY % {"ns": ns})
+    yield
+    kube.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", f"no-lb-{ns}",
+                 "--ignore-not-found", "--wait=false")
+
+
+def test_refused_child_shows_in_status_and_recovers(kube, ns, no_load_balancers, operator_factory) -> None:
+    op = operator_factory([ns])
+    cr = load_example("dotsvlm-small.yaml")
+    name = cr["metadata"]["name"]
+    cr["spec"]["api"] = {"serviceType": "LoadBalancer"}
+    _apply_cr(kube, ns, cr)
+
+    def failed():
+        c = condition(get_json(kube, "dvlm", name, "-n", ns), "Degraded")
+        return c if c and c["reason"] == "ReconcileFailed" else None
+    c = poll(failed, 90, "Degraded=ReconcileFailed", op.log_tail)
+    assert c["status"] == "True"
+    assert "LoadBalancer Services are not allowed in this namespace" in c["message"]
+
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", '{"spec":{"api":{"serviceType":"ClusterIP"}}}')
+    poll(lambda: (c := condition(get_json(kube, "dvlm", name, "-n", ns), "Degraded")) and c["reason"] != "ReconcileFailed",
+         60, "the failure to clear once the spec is fixed", op.log_tail)
+    assert get_json(kube, "service", f"{name}-api", "-n", ns)["spec"]["type"] == "ClusterIP"

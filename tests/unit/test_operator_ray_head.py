@@ -60,3 +60,4 @@ def test_unreachable_head() -> None:
     with pytest.raises(RayHeadError) as err:
         _run(go())
     assert err.value.unreachable and "ConnectError" in str(err.value)
+
