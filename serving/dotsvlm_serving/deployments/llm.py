@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -28,6 +29,7 @@ log = logging.getLogger("ray.serve")
 
 
 class LLMServer:
+    TAKE_INTERVAL_S = 0.05
     async def __init__(self, app_config: dict[str, Any], queue: Any) -> None:
         self.cfg = ServeAppConfig.model_validate(app_config)
         self.queue = queue
@@ -43,6 +45,9 @@ class LLMServer:
         self.transport = RayObjectTransport()
         self.consumer_id = f"llm-{uuid.uuid4().hex[:12]}"
         self._to_cancel: set[str] = set()
+        self._publishing: asyncio.Future[list[str]] | None = None
+        self._outbox: list[dict] = []
+        self._last_take = 0.0
         loop = asyncio.get_running_loop()
         self._run_task = loop.create_task(self._run_forever())
         self._hb_task = loop.create_task(self._heartbeat_forever())
@@ -67,26 +72,55 @@ class LLMServer:
                 raise
             except Exception:
                 log.exception("LLM engine iteration failed")
+                self._publishing = None  # the outbox is kept and sent on the next iteration
                 await asyncio.sleep(0.5)
 
     async def _iteration(self) -> None:
-        events: list[dict] = []
+        """Admit (pull) -> one engine step -> publish. While the engine is busy, the queue is polled at
+        most every TAKE_INTERVAL_S, and events are published by one call in flight at a time that
+        overlaps the following steps (events produced meanwhile wait in the outbox and go together), so
+        the latency of actor calls stays off the decode loop."""
+        busy = self.engine.has_work()
         room = self.engine.free_slots()
-        if room:
+        now = time.monotonic()
+        if room and (not busy or now - self._last_take >= self.TAKE_INTERVAL_S):
+            if not busy:
+                await self._publish(wait=True)
+            self._last_take = now
             items: list[QueueItem] = await self.queue.take.remote(
-                self.consumer_id, room, self.engine.free_tokens(), 0.0 if self.engine.has_work() else 1.0)
+                self.consumer_id, room, self.engine.free_tokens(), 0.0 if busy else 1.0)
             for item in items:
                 err = await asyncio.to_thread(self._admit, item)
                 if err is not None:
-                    events.append(err)
+                    self._outbox.append(err)
         if self._to_cancel:
             for rid in self._to_cancel:
                 self.engine.cancel(rid)
             self._to_cancel.clear()
         if self.engine.has_work():
-            events += await asyncio.to_thread(self.engine.step)
-        if events:
-            self._to_cancel.update(await self.queue.publish.remote(self.consumer_id, events, self.engine.stats()))
+            self._outbox += await asyncio.to_thread(self.engine.step)
+        await self._publish(wait=not self.engine.has_work())
+
+    async def _publish(self, *, wait: bool) -> None:
+        """Send the outbox when no publish is in flight (events stay in order); with wait, also wait
+        until everything has been delivered."""
+        while True:
+            if self._publishing is not None:
+                if not (wait or self._publishing.done()):
+                    return
+                pending, self._publishing = self._publishing, None
+                self._to_cancel.update(await pending)
+            if not self._outbox:
+                return
+            events, self._outbox = self._outbox, []
+            call = self.queue.publish.remote(self.consumer_id, events, self.engine.stats())
+            self._publishing = asyncio.ensure_future(self._resolve(call))
+            if not wait:
+                return
+
+    @staticmethod
+    async def _resolve(call: Any) -> list[str]:
+        return await call
 
     def _admit(self, item: QueueItem) -> dict | None:
         """Fetch the embeddings and hand the request to the engine; an error event if that fails."""

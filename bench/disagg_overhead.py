@@ -1,0 +1,139 @@
+"""Per-request overhead of the disaggregated Serve path against the single-process reference (CPU).
+
+Both run the same tiny checkpoint and the same greedy decode. The reference does preprocess -> vision
+-> embed -> decode in this process; the disaggregated path goes HTTP -> Ingress -> VisionEncoder ->
+tensor queue -> LLMServer -> events back. Requests are sent one at a time, so the difference is the
+fixed cost of the path (HTTP, Serve routing, queue hops, event polling), not queueing.
+
+    .venv/bin/python bench/disagg_overhead.py [--reps 10] [--out bench/results/disagg_overhead]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+CASES = {"text-only": [], "1 image 448x448": [(448, 448)], "3 images (224x224, 640x480, 300x900)": [(224, 224), (640, 480), (300, 900)]}
+MAX_TOKENS = 16
+
+
+def png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise((w, h), 60).convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default="bench/results/disagg_overhead")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import ray
+    import torch
+    from ray import serve
+
+    from dotsvlm_serving.app import build_app
+    from dotsvlm_serving.model.preprocess import decode_image
+    from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
+    from dotsvlm_serving.reference import ReferencePipeline
+    from dotsvlm_serving.serve_config import APP_NAME, ServeAppConfig
+
+    torch.set_num_threads(1)
+    model_dir = ensure_tiny_checkpoint(Path(tempfile.gettempdir()) / "dotsvlm-bench-tiny")
+    cfg = ServeAppConfig.model_validate({"model_path": str(model_dir), "api": {"api_keys_env": None}})
+    ref = ReferencePipeline(model_dir, limits=cfg.api.images)
+    images = {name: [png(w, h) for w, h in sizes] for name, sizes in CASES.items()}
+
+    def messages(name: str, api: bool) -> list[dict]:
+        parts: list[dict] = []
+        for b in images[name]:
+            parts.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b).decode()}}
+                         if api else {"type": "image"})
+        parts.append({"type": "text", "text": "Describe what you see in detail."})
+        return [{"role": "user", "content": parts}]
+
+    ref_ms: dict[str, list[float]] = {n: [] for n in CASES}
+    for name in CASES:
+        for i in range(args.reps + 1):
+            t = time.perf_counter()
+            pil = [decode_image(b, max_bytes=10**8) for b in images[name]]
+            ref.generate_ids(messages(name, False), pil, MAX_TOKENS, ignore_eos=True)
+            if i:  # first is warm-up
+                ref_ms[name].append(1000 * (time.perf_counter() - t))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    srv_ms: dict[str, list[float]] = {n: [] for n in CASES}
+    ttft_ms: dict[str, list[float]] = {n: [] for n in CASES}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=120) as c:
+            for name in CASES:
+                for i in range(args.reps + 1):
+                    body = {"model": cfg.served_model_name, "messages": messages(name, True), "max_tokens": MAX_TOKENS,
+                            "temperature": 0, "ignore_eos": True, "stream": True}
+                    t = time.perf_counter()
+                    first = None
+                    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                        assert r.status_code == 200, r.read()
+                        for line in r.iter_lines():
+                            if first is None and '"content":"' in line and '"content":""' not in line:
+                                first = time.perf_counter()
+                    if i:
+                        srv_ms[name].append(1000 * (time.perf_counter() - t))
+                        ttft_ms[name].append(1000 * ((first or time.perf_counter()) - t))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    rows = {}
+    for name in CASES:
+        r, s = statistics.median(ref_ms[name]), statistics.median(srv_ms[name])
+        rows[name] = {"reference_ms_median": r, "disaggregated_ms_median": s, "overhead_ms": s - r,
+                      "ratio": s / r, "disaggregated_ttft_ms_median": statistics.median(ttft_ms[name]),
+                      "reference_ms": ref_ms[name], "disaggregated_ms": srv_ms[name]}
+    result = {"what": f"one request at a time, greedy, {MAX_TOKENS} new tokens, tiny checkpoint, CPU",
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "reps": args.reps, "cases": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# Disaggregated path vs single-process reference (per request, CPU, tiny model)", "",
+             f"Machine: {os.cpu_count()} CPUs; {args.reps} requests per case, one at a time, greedy, {MAX_TOKENS} new tokens; "
+             "the disaggregated figure is end to end over HTTP (streaming).", "",
+             "| request | reference (ms, median) | disaggregated (ms, median) | overhead (ms) | ratio | disaggregated TTFT (ms) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['reference_ms_median']:.1f} | {r['disaggregated_ms_median']:.1f} | "
+                     f"{r['overhead_ms']:.1f} | {r['ratio']:.2f} | {r['disaggregated_ttft_ms_median']:.1f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
