@@ -290,22 +290,40 @@ def test_auth_routes_and_fetch_allow_list(served: Served) -> None:
     assert_healthy_and_serving(served)
 
 
+def metric(served: Served, name: str) -> float:
+    text = httpx.get(served.url + "/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def wait_cancelled(served: Served, before: float) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if metric(served, 'dotsvlm_queue_events_total{event="cancelled"}') > before and \
+                metric(served, "dotsvlm_queue_leased_items") == 0:
+            return
+        time.sleep(0.3)
+    raise AssertionError("the abandoned request was not cancelled")
+
+
 def test_client_disconnect_cancels_generation(served: Served) -> None:
+    # streaming: hang up after the first token
+    before = metric(served, 'dotsvlm_queue_events_total{event="cancelled"}')
     with served.client() as c:
         with c.stream("POST", "/v1/chat/completions", json=chat(max_tokens=900, ignore_eos=True, stream=True)) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
-                    break  # got a token: hang up
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with served.client() as c:
-            m = c.get("/metrics").text
-        if 'dotsvlm_queue_events_total{event="cancelled"} 0.0' not in m and "dotsvlm_queue_leased_items 0.0" in m:
-            break
-        time.sleep(0.3)
-    else:
-        raise AssertionError("the abandoned request was not cancelled:\n" + m)
+                    break
+    wait_cancelled(served, before)
+    # not streaming: the client gives up waiting
+    before = metric(served, 'dotsvlm_queue_events_total{event="cancelled"}')
+    with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=1.0) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/chat/completions", json=chat(max_tokens=900, ignore_eos=True))
+    wait_cancelled(served, before)
 
 
 # --------------------------------------------------------------------------------------- failures (last)

@@ -299,22 +299,25 @@ class Ingress:
     async def _complete(self, cid: str, events: AsyncIterator[dict], t0: float) -> Response:
         text: list[str] = []
         first = True
-        async for ev in events:
-            kind = ev["type"]
-            if first and kind in ("token", "finish"):
-                self.metrics.ttft.observe(time.monotonic() - t0)
-                first = False
-            if kind == "restart":
-                text.clear()
-            elif kind == "token":
-                text.append(ev.get("text", ""))
-            elif kind == "error":
-                raise self._error_of(ev)
-            elif kind == "finish":
-                text.append(ev.get("text", ""))
-                self._observe_finish(ev, t0)
-                return JSONResponse(completion_response(cid, self.cfg.served_model_name, "".join(text),
-                                                        ev["finish_reason"], ev["usage"]))
+        try:
+            async for ev in events:
+                kind = ev["type"]
+                if first and kind in ("token", "finish"):
+                    self.metrics.ttft.observe(time.monotonic() - t0)
+                    first = False
+                if kind == "restart":
+                    text.clear()
+                elif kind == "token":
+                    text.append(ev.get("text", ""))
+                elif kind == "error":
+                    raise self._error_of(ev)
+                elif kind == "finish":
+                    text.append(ev.get("text", ""))
+                    self._observe_finish(ev, t0)
+                    return JSONResponse(completion_response(cid, self.cfg.served_model_name, "".join(text),
+                                                            ev["finish_reason"], ev["usage"]))
+        finally:
+            await events.aclose()  # a client that went away (cancellation) cancels the generation
         raise ApiError(503, "the generation ended without a result; retry the request")
 
     async def _stream(self, cid: str, req: ChatCompletionRequest, events: AsyncIterator[dict], t0: float,
