@@ -94,6 +94,14 @@ def _first_sentence(msg: str) -> str:
     return first.rstrip(". ,") + "."
 
 
+def _volume_problem(msg: str) -> bool:
+    return "persistentvolumeclaim" in msg.lower()
+
+
+VOLUME_HINT = ("check model.volume: the PersistentVolumeClaim must exist in this namespace and be bound "
+               "(kubectl get pvc)")
+
+
 def _placement_hint(pool: str, spec: m.DotsVLMDeploymentSpec) -> str:
     if pool == b.COMPONENT_VISION:
         gpus, selector, field_ = spec.vision.gpus_per_replica, spec.vision.node_selector, "vision"
@@ -126,9 +134,10 @@ def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: m.DotsVLM
     label = "LLM" if pool == b.COMPONENT_LLM else "vision"
     pending = [p for p in live if p.unschedulable]
     if pending:
+        why = pending[0].unschedulable or ""
+        hint = VOLUME_HINT if _volume_problem(why) else _placement_hint(pool, spec)
         f.degraded.append(("Unschedulable",
-                           f"{len(pending)} of {len(live)} {label} pods pending: {_first_sentence(pending[0].unschedulable or '')} "
-                           f"To fix: {_placement_hint(pool, spec)}."))
+                           f"{len(pending)} of {len(live)} {label} pods pending: {_first_sentence(why)} To fix: {hint}."))
     broken = [p for p in live if p.problem]
     if broken:
         f.degraded.append(("PodFailing", f"{label} pod {broken[0].name} cannot start: {broken[0].problem}"
@@ -165,8 +174,9 @@ def compute_status(*, spec: m.DotsVLMDeploymentSpec, generation: int | None, pod
     head_pods = [p for p in pods if p.component == b.COMPONENT_HEAD and not p.deleting]
     if any(p.unschedulable for p in head_pods):
         p = next(p for p in head_pods if p.unschedulable)
-        f.degraded.append(("Unschedulable", f"the Ray head pod is pending: {_first_sentence(p.unschedulable or '')} "
-                                            "Check head.nodeSelector, head.tolerations and head.resources."))
+        why = p.unschedulable or ""
+        hint = VOLUME_HINT if _volume_problem(why) else "check head.nodeSelector, head.tolerations and head.resources"
+        f.degraded.append(("Unschedulable", f"the Ray head pod is pending: {_first_sentence(why)} To fix: {hint}."))
     if any(p.problem for p in head_pods):
         p = next(p for p in head_pods if p.problem)
         f.degraded.append(("PodFailing", f"the Ray head pod {p.name} cannot start: {p.problem}"))

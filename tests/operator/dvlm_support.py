@@ -35,10 +35,11 @@ class OperatorProcess:
 
     def __init__(self, kube, namespaces: list[str], log_path: Path, *, head_url: str | None = "http://127.0.0.1:9/",
                  peering: str | None = None, priority: int | None = None, resync: float = 5.0,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, kubeconfig: Path | None = None) -> None:
         self.kube, self.namespaces, self.log_path = kube, namespaces, log_path
         self.head_url, self.peering, self.priority, self.resync = head_url, peering, priority, resync
         self.extra = extra or []
+        self.kubeconfig = kubeconfig
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -53,6 +54,8 @@ class OperatorProcess:
         if self.priority is not None:
             args += ["--priority", str(self.priority)]
         env = dict(self.kube.env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        if self.kubeconfig:
+            env["KUBECONFIG"] = str(self.kubeconfig)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args + self.extra, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -122,3 +122,14 @@ def test_deleting_pods_do_not_count() -> None:
     pods = healthy_pods() + [PodView("old", "vision", ready=True, scheduled=True, deleting=True)]
     st, _ = run(pods, ServeObservation(URL, True, "RUNNING"))
     assert st.vision.pods == 4
+
+
+def test_missing_weights_claim_points_at_model_volume() -> None:
+    msg = '0/6 nodes are available: persistentvolumeclaim "dots-weights" not found. preemption: ...'
+    pods = [PodView("h", "ray-head", unschedulable=msg)] + healthy_pods()[1:]
+    st, _ = run(pods, None)
+    d = cond(st, "Degraded")
+    assert d.reason == "Unschedulable"
+    assert d.message == ('the Ray head pod is pending: 0/6 nodes are available: persistentvolumeclaim "dots-weights" '
+                         "not found. To fix: check model.volume: the PersistentVolumeClaim must exist in this namespace "
+                         "and be bound (kubectl get pvc).")
