@@ -27,7 +27,7 @@ def autoscaling(t: AutoscalingTargets) -> dict[str, Any]:
     return cfg
 
 
-def _replicas(t: AutoscalingTargets) -> dict[str, Any]:
+def replica_options(t: AutoscalingTargets) -> dict[str, Any]:
     """A fixed count when min == max (no autoscaler needed), else Serve autoscaling."""
     if t.min_replicas == t.max_replicas:
         return {"num_replicas": t.max_replicas}
@@ -60,11 +60,11 @@ def build_app(args: dict[str, Any]) -> Application:
     plain = cfg.model_dump(mode="json")
     cpu_share = 0.0 if cfg.device == "cpu" else 1.0  # on CPU, do not let Ray's CPU accounting block replicas
     queue = TensorQueueDeployment.bind(cfg.queue.model_dump(mode="json"))
-    vision = serve.deployment(name="VisionEncoder", max_ongoing_requests=256, **_replicas(cfg.vision.autoscaling),
+    vision = serve.deployment(name="VisionEncoder", max_ongoing_requests=256, **replica_options(cfg.vision.autoscaling),
                               ray_actor_options=actor_options(num_gpus=cfg.vision.gpus_per_replica,
                                                               pool_resource=cfg.vision.pool_resource,
                                                               num_cpus=cpu_share))(VisionEncoder).bind(plain)
-    llm = serve.deployment(name="LLMServer", max_ongoing_requests=16, **_replicas(cfg.llm.autoscaling),
+    llm = serve.deployment(name="LLMServer", max_ongoing_requests=16, **replica_options(cfg.llm.autoscaling),
                            ray_actor_options=actor_options(num_gpus=cfg.llm.gpus_per_replica,
                                                            pool_resource=cfg.llm.pool_resource,
                                                            num_cpus=cpu_share))(LLMServer).bind(plain, queue)

@@ -83,6 +83,10 @@ def _start_ray(detach: bool, num_cpus: int) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    if args.detach:
+        # `ray start --head` enables token authentication; this driver must then send the token too
+        # (read by Ray at import time, hence before importing it).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray import serve
 
     from .app import build_app

@@ -1,0 +1,47 @@
+"""The app builder's translation of ServeAppConfig into Serve options (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dotsvlm_serving.app import actor_options, autoscaling, build_app, parse_config, replica_options
+from dotsvlm_serving.serve_config import LLM_POOL_RESOURCE, AutoscalingTargets, ServeAppConfig
+
+
+def test_pool_pinning_only_when_configured() -> None:
+    assert actor_options(num_gpus=0, pool_resource=None, num_cpus=0) == {"num_cpus": 0}
+    assert actor_options(num_gpus=8, pool_resource=LLM_POOL_RESOURCE, num_cpus=1) == {
+        "num_cpus": 1, "num_gpus": 8, "resources": {LLM_POOL_RESOURCE: 1}}
+
+
+def test_autoscaling_from_targets() -> None:
+    t = AutoscalingTargets(min_replicas=0, max_replicas=4, initial_replicas=1, target_ongoing_requests=2)
+    assert autoscaling(t) == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 2,
+                              "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}
+    assert replica_options(AutoscalingTargets(min_replicas=2, max_replicas=2)) == {"num_replicas": 2}
+    assert "autoscaling_config" in replica_options(t)
+
+
+def test_invalid_config_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="model_path"):
+        parse_config({})
+    with pytest.raises(ValueError, match="min_replicas"):
+        parse_config({"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}})
+
+
+def test_build_app_binds_the_four_deployments_with_pool_resources() -> None:
+    cfg = ServeAppConfig.model_validate({
+        "model_path": "/models/x", "device": "cuda",
+        "vision": {"gpus_per_replica": 1, "pool_resource": "dotsvlm_pool_vision",
+                   "autoscaling": {"min_replicas": 0, "max_replicas": 3}},
+        "llm": {"gpus_per_replica": 8, "pool_resource": LLM_POOL_RESOURCE}})
+    app = build_app(cfg.model_dump(mode="json"))
+    ingress = app._bound_deployment
+    assert ingress.name == "Ingress"
+    bound = {a._bound_deployment.name: a._bound_deployment for a in ingress.init_args[1:]}
+    assert set(bound) == {"VisionEncoder", "TensorQueue", "LLMServer"}
+    vision_opts = bound["VisionEncoder"].ray_actor_options
+    assert vision_opts["resources"] == {"dotsvlm_pool_vision": 1} and vision_opts["num_gpus"] == 1
+    assert bound["VisionEncoder"]._deployment_config.autoscaling_config.max_replicas == 3
+    assert bound["LLMServer"].ray_actor_options["resources"] == {LLM_POOL_RESOURCE: 1}
+    assert "resources" not in bound["TensorQueue"].ray_actor_options
