@@ -203,12 +203,14 @@ class Ingress:
         self.metrics.vision_backlog.inc(len(images))
         try:
             ref = await self.vision.encode.remote(images)._to_object_ref()
-            delay = 0.002
+            # Readiness without fetching the bytes here (fetch_local=False); a short poll keeps the
+            # event loop free for other requests.
+            delay = 0.001
             while not ray.wait([ref], timeout=0, fetch_local=False)[0]:
                 if time.monotonic() > deadline:
                     raise ApiError(504, "the vision encoder did not finish before the request timeout")
                 await asyncio.sleep(delay)
-                delay = min(0.05, delay * 2)
+                delay = min(0.01, delay * 2)
         finally:
             self.metrics.vision_backlog.dec(len(images))
         self.metrics.encode_seconds.observe(time.monotonic() - t)
