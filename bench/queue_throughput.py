@@ -109,7 +109,7 @@ def main() -> None:
 
     qcfg = {"max_items": 8, "max_bytes": 8 * 20 * 1024 * 1024, "enqueue_timeout_s": 60}
     baseline = raw_copy_gbps()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              object_store_memory=2 * 1024**3)
     try:
         actor = ray.remote(num_cpus=0)(TensorQueueServer).remote(qcfg)

@@ -78,7 +78,7 @@ def _start_ray(detach: bool, num_cpus: int) -> None:
         ray.init(address=f"127.0.0.1:{GCS_PORT}", logging_level="WARNING", log_to_driver=False)
     else:
         say("starting a local Ray on CPU ...")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]}})
 
 

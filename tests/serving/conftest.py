@@ -71,7 +71,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Itera
                            "fetch_timeout_s": 3, "fetch_allow": [f"{IMAGE_HOST}/32"]}},
     })
     port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", KEYS_ENV: API_KEY}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
