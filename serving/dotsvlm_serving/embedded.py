@@ -60,11 +60,11 @@ def wait_healthy(url: str, timeout_s: float) -> None:
 
 def curl_example(url: str, model: str, with_key: bool) -> str:
     body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
-    auth = " -H 'Authorization: Bearer $KEY'" if with_key else ""
+    auth = ' -H "Authorization: Bearer $KEY"' if with_key else ""
     return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
 
 
-def _start_ray(detach: bool, num_cpus: int) -> None:
+def _start_ray(detach: bool, num_cpus: int, env_vars: dict[str, str]) -> None:
     import ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -79,7 +79,7 @@ def _start_ray(detach: bool, num_cpus: int) -> None:
     else:
         say("starting a local Ray on CPU ...")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]}})
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"], **env_vars}})
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -104,7 +104,8 @@ def cli_main(args: argparse.Namespace) -> int:
     cfg = local_config(str(model.resolve()))
     keys_env = ApiConfig().api_keys_env
     with_key = bool(keys_env and os.environ.get(keys_env, "").strip())
-    _start_ray(args.detach, num_cpus=max(4, os.cpu_count() or 1))
+    _start_ray(args.detach, num_cpus=max(4, os.cpu_count() or 1),
+               env_vars={keys_env: os.environ[keys_env]} if with_key and keys_env else {})
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
     try:
         say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on {args.host}:{args.port} ...")
@@ -117,7 +118,9 @@ def cli_main(args: argparse.Namespace) -> int:
         return 1
     say(f"ready: OpenAI-compatible endpoint {url}/v1 (model {cfg.served_model_name!r})")
     print(f"\n  {curl_example(url, cfg.served_model_name, with_key)}\n", flush=True)
-    print(f"  Python: OpenAI(base_url='{url}/v1', api_key='{'$KEY' if with_key else 'none'}')\n", flush=True)
+    print(f"  Python: OpenAI(base_url='{url}/v1', api_key={'KEY' if with_key else repr('none')})\n", flush=True)
+    if with_key:
+        say(f"API keys are on: KEY is one of the keys in ${keys_env}")
     if args.detach:
         say("running in the background; stop it with: ray stop")
         return 0
@@ -134,13 +137,9 @@ def cli_main(args: argparse.Namespace) -> int:
 
 
 def _shutdown(detached: bool) -> None:
+    """Stopping the local Ray stops every replica with it; a detached head is left running."""
     import ray
-    from ray import serve
 
-    try:
-        serve.shutdown()
-    except Exception:
-        pass
     ray.shutdown()
     if detached:
         say("the background Ray head is still running: stop it with `ray stop`")

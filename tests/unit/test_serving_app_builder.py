@@ -45,3 +45,22 @@ def test_build_app_binds_the_four_deployments_with_pool_resources() -> None:
     assert bound["VisionEncoder"]._deployment_config.autoscaling_config.max_replicas == 3
     assert bound["LLMServer"].ray_actor_options["resources"] == {LLM_POOL_RESOURCE: 1}
     assert "resources" not in bound["TensorQueue"].ray_actor_options
+
+
+def test_vision_batches_fifo_by_pixel_budget() -> None:
+    import asyncio
+
+    from dotsvlm_serving.deployments.vision_encoder import VisionEncoder, _Job
+
+    async def main() -> None:
+        enc = object.__new__(VisionEncoder)  # the batching policy alone, no model
+        enc.cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"max_batch_pixels": 100_000}})
+        loop = asyncio.get_running_loop()
+        enc._jobs = [_Job([], px, loop.create_future(), 0.0) for px in (40_000, 50_000, 20_000, 150_000, 10_000)]
+        enc._jobs[1].future.cancel()  # a caller that went away is skipped
+        assert [j.pixels for j in enc._next_batch()] == [40_000, 20_000]  # 150k would overflow: it waits
+        assert [j.pixels for j in enc._next_batch()] == [150_000]  # larger than the budget: runs alone
+        assert [j.pixels for j in enc._next_batch()] == [10_000]
+        assert enc._next_batch() == []
+
+    asyncio.run(main())

@@ -54,8 +54,14 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code)
 
 
-class _Retry(Exception):
-    """The LLM replica could not fetch the image embeddings: encode again (once)."""
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    """Anything unforeseen still answers in the OpenAI format; Ray failures (a replica or the queue
+    being replaced) are worth retrying, so they are 503."""
+    log.exception("unhandled error in the ingress")
+    status = 503 if isinstance(exc, ray.exceptions.RayError) else 500
+    what = "a serving component is unavailable" if status == 503 else "internal error"
+    return JSONResponse(error_body(status, f"{what} ({type(exc).__name__}); retry the request"), status_code=status)
 
 
 class Ingress:
