@@ -95,8 +95,15 @@ class ApiConfig(_Strict):
     images: ImageLimits = ImageLimits()
     # Longest a request may take end to end before it is cancelled with 504.
     request_timeout_s: float = Field(600.0, gt=0)
-    # Largest request body accepted (bytes).
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Largest request body accepted (bytes); None = room for the maximum number of images at the
+    # maximum size, base64-encoded, plus 1 MiB of text.
+    max_body_bytes: int | None = Field(None, ge=1024)
+
+    def body_limit(self) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        per_image = -(-self.images.max_image_bytes * 4 // 3)
+        return self.images.max_images_per_request * per_image + 1024 * 1024
 
 
 class ServeAppConfig(_Strict):

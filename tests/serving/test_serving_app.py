@@ -249,6 +249,7 @@ MALFORMED: list[tuple[str, dict | bytes, int, str]] = [
     ("max-tokens-over-context", chat(max_tokens=5000), 400, "maximum context length"),
     ("reserved-token-in-text", chat(messages=[{"role": "user", "content": "hi <|imgpad|> there"}]), 400, "reserved token"),
     ("too-many-stops", chat(stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
+    ("body-too-large", chat(messages=[{"role": "user", "content": "x" * 7_000_000}]), 413, "request body"),
     ("assistant-last", chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
      400, "last message"),
 ]

@@ -131,3 +131,24 @@ def test_cancel_removes_queued_item_and_flags_leased_one() -> None:
         q.publish("r", [{"request_id": "b", "type": "finish", "finish_reason": "cancelled"}])
         assert q.heartbeat("r") == [] and q.stats()["leased"] == 0
     run(main())
+
+
+def test_until_done_returns_the_whole_answer_at_once() -> None:
+    async def main() -> None:
+        q = TensorQueueCore(max_items=10, max_bytes=1000)
+        await q.put(item("a"), 1)
+        await q.take("r", max_items=1, token_budget=100, wait_s=0)
+        poll = asyncio.create_task(q.next_events("a", wait_s=2, until_done=True))
+        for t in "xyz":
+            q.publish("r", [{"request_id": "a", "type": "token", "text": t}])
+            await asyncio.sleep(0.01)
+        assert not poll.done()
+        q.publish("r", [{"request_id": "a", "type": "finish", "finish_reason": "length"}])
+        evs = await asyncio.wait_for(poll, 1)
+        assert [e.get("text") for e in evs[:3]] == ["x", "y", "z"] and evs[-1]["type"] == "finish"
+        # on timeout it returns what it has (the caller loops), never loses events
+        await q.put(item("b"), 1)
+        await q.take("r", max_items=1, token_budget=100, wait_s=0)
+        q.publish("r", [{"request_id": "b", "type": "token", "text": "p"}])
+        assert [e["text"] for e in await q.next_events("b", wait_s=0.05, until_done=True)] == ["p"]
+    run(main())

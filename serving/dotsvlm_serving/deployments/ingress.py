@@ -9,6 +9,7 @@ JSON answer or as server-sent events. A client that goes away cancels its reques
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -122,13 +123,14 @@ class Ingress:
 
     async def _chat(self, request: Request, t0: float) -> Response:
         self.auth.check(request.headers.get("authorization"))
+        limit = self.cfg.api.body_limit()
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.cfg.api.max_body_bytes:
-            raise ApiError(413, f"the request body is {declared} bytes, over the {self.cfg.api.max_body_bytes}-byte "
-                                "limit: send smaller images or fewer of them")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request body is {declared} bytes, over the {limit}-byte limit: send smaller "
+                                "images or fewer of them")
         body = await request.body()
-        if len(body) > self.cfg.api.max_body_bytes:
-            raise ApiError(413, f"the request body is over the {self.cfg.api.max_body_bytes}-byte limit")
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over the {limit}-byte limit: send smaller images or fewer of them")
         req = parse_chat_request(body)
         if req.model != self.cfg.served_model_name:
             raise ApiError(404, f"the model {req.model!r} does not exist: this server serves "
@@ -240,7 +242,7 @@ class Ingress:
                     raise ApiError(429, res["message"], code="queue_full",
                                    headers={"Retry-After": str(int(res["retry_after_s"]))})
                 raise ApiError(400, res["message"], code="request_too_large")
-            events = self._events(rid, deadline)
+            events = self._events(rid, deadline, until_done=not stream)
             try:
                 first = await events.__anext__()
             except BaseException:
@@ -268,14 +270,14 @@ class Ingress:
             if not finished:
                 self._cancel_later(rid)
 
-    async def _events(self, rid: str, deadline: float) -> AsyncIterator[dict]:
+    async def _events(self, rid: str, deadline: float, *, until_done: bool = False) -> AsyncIterator[dict]:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._cancel_later(rid)
                 raise ApiError(504, f"the request did not finish within {self.cfg.api.request_timeout_s:g} s")
             try:
-                evs = await self.queue.next_events.remote(rid, min(5.0, remaining))
+                evs = await self.queue.next_events.remote(rid, min(5.0, remaining), until_done)
             except Exception as exc:
                 raise ApiError(503, f"the tensor queue is unavailable ({type(exc).__name__}); retry the request") from None
             if evs is None:
@@ -290,7 +292,9 @@ class Ingress:
                 await self.queue.cancel.remote(rid)
             except Exception:
                 log.warning("could not cancel %s", rid)
-        task = asyncio.get_running_loop().create_task(go())
+        # A fresh context: Serve cancels calls made in the context of a cancelled request, and this
+        # call must outlive the request that is being cancelled.
+        task = asyncio.get_running_loop().create_task(go(), context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

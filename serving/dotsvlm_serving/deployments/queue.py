@@ -56,10 +56,10 @@ class TensorQueueServer:
     async def leave(self, consumer_id: str) -> None:
         self.core.leave(consumer_id)
 
-    async def next_events(self, request_id: str, wait_s: float) -> list[dict] | None:
+    async def next_events(self, request_id: str, wait_s: float, until_done: bool = False) -> list[dict] | None:
         """None when the request is unknown (e.g. the queue replica restarted and lost it)."""
         try:
-            return await self.core.next_events(request_id, wait_s)
+            return await self.core.next_events(request_id, wait_s, until_done=until_done)
         except KeyError:
             return None
 

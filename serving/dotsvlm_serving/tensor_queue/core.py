@@ -234,19 +234,24 @@ class TensorQueueCore:
             self._declare_dead(c, reason="the LLM replica shut down")
 
     # ---------------------------------------------------------------- clients (the ingress)
-    async def next_events(self, request_id: str, wait_s: float) -> list[dict]:
-        """Long-poll a request's mailbox. Returns [] on timeout; raises KeyError for an unknown id. The
-        mailbox is removed once its terminal event has been returned."""
+    async def next_events(self, request_id: str, wait_s: float, *, until_done: bool = False) -> list[dict]:
+        """Long-poll a request's mailbox. Returns [] on timeout; raises KeyError for an unknown id. With
+        `until_done` (a non-streaming client) it waits for the terminal event, so one call usually
+        carries the whole answer. The mailbox is removed once its terminal event has been returned."""
         box = self._mailboxes.get(request_id)
         if box is None:
             raise KeyError(request_id)
         box.last_touch = time.monotonic()
-        if not box.events:
+        deadline = time.monotonic() + wait_s
+        while not box.events or (until_done and not box.done):
             box.waiter.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
             try:
-                await asyncio.wait_for(box.waiter.wait(), timeout=wait_s)
+                await asyncio.wait_for(box.waiter.wait(), timeout=remaining)
             except asyncio.TimeoutError:
-                return []
+                break
         events, box.events = box.events, []
         box.last_touch = time.monotonic()
         if box.done and events and events[-1]["type"] in TERMINAL_EVENTS:
