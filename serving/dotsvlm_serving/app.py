@@ -64,7 +64,8 @@ def build_app(args: dict[str, Any]) -> Application:
                               ray_actor_options=actor_options(num_gpus=cfg.vision.gpus_per_replica,
                                                               pool_resource=cfg.vision.pool_resource,
                                                               num_cpus=cpu_share))(VisionEncoder).bind(plain)
-    llm = serve.deployment(name="LLMServer", max_ongoing_requests=16, **replica_options(cfg.llm.autoscaling),
+    llm = serve.deployment(name="LLMServer", max_ongoing_requests=16, graceful_shutdown_timeout_s=60,
+                           **replica_options(cfg.llm.autoscaling),
                            ray_actor_options=actor_options(num_gpus=cfg.llm.gpus_per_replica,
                                                            pool_resource=cfg.llm.pool_resource,
                                                            num_cpus=cpu_share))(LLMServer).bind(plain, queue)

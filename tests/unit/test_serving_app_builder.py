@@ -64,3 +64,72 @@ def test_vision_batches_fifo_by_pixel_budget() -> None:
         assert enc._next_batch() == []
 
     asyncio.run(main())
+
+
+_KEEP: list[object] = []
+
+
+def test_llm_replica_drains_before_leaving() -> None:
+    """Graceful shutdown: no new work is taken, running requests finish, their events are delivered,
+    then the replica leaves the queue (which hands back anything still leased)."""
+    import asyncio
+
+    from dotsvlm_serving.deployments.llm import LLMServer
+
+    calls: list[str] = []
+
+    class Call:
+        def __init__(self, name: str, result):
+            self.name, self.result = name, result
+
+        def __await__(self):
+            calls.append(self.name)
+            if False:
+                yield
+            return self.result
+
+    class Method:
+        def __init__(self, name: str, result):
+            self.name, self.result = name, result
+
+        def remote(self, *a):
+            return Call(self.name, self.result)
+
+    class FakeQueue:
+        take = Method("take", [])
+        publish = Method("publish", [])
+        leave = Method("leave", None)
+
+    class FakeEngine:
+        steps_left = 3
+
+        def has_work(self) -> bool:
+            return self.steps_left > 0
+
+        def free_slots(self) -> int:
+            return 4
+
+        def free_tokens(self) -> int:
+            return 1000
+
+        def step(self) -> list[dict]:
+            self.steps_left -= 1
+            return [{"request_id": "r", "type": "finish" if self.steps_left == 0 else "token"}]
+
+        def stats(self) -> dict:
+            return {}
+
+    async def main() -> None:
+        srv = object.__new__(LLMServer)
+        srv.queue, srv.engine = FakeQueue(), FakeEngine()
+        srv.consumer_id, srv._to_cancel, srv._publishing, srv._outbox = "c", set(), None, []
+        srv._last_take, srv._draining = 0.0, False
+        srv._run_task = asyncio.create_task(srv._run_forever())
+        srv._hb_task = asyncio.create_task(asyncio.sleep(3600))
+        _KEEP.append(srv)  # never garbage-collected here: that would call the async __del__ unawaited
+        await srv.__del__()
+        assert srv.engine.steps_left == 0  # ran to completion
+        assert "take" not in calls  # draining: nothing new taken
+        assert calls[-1] == "leave" and "publish" in calls[:-1]  # events delivered before leaving
+
+    asyncio.run(main())

@@ -30,6 +30,10 @@ log = logging.getLogger("ray.serve")
 
 class LLMServer:
     TAKE_INTERVAL_S = 0.05
+    # Graceful shutdown (scale-down, rolling update): stop taking work and finish what is running for
+    # up to this long; what is left is handed back to the queue at once. Keep below the deployment's
+    # graceful_shutdown_timeout_s (app.py).
+    DRAIN_TIMEOUT_S = 50.0
     async def __init__(self, app_config: dict[str, Any], queue: Any) -> None:
         self.cfg = ServeAppConfig.model_validate(app_config)
         self.queue = queue
@@ -48,6 +52,7 @@ class LLMServer:
         self._publishing: asyncio.Future[list[str]] | None = None
         self._outbox: list[dict] = []
         self._last_take = 0.0
+        self._draining = False
         loop = asyncio.get_running_loop()
         self._run_task = loop.create_task(self._run_forever())
         self._hb_task = loop.create_task(self._heartbeat_forever())
@@ -81,7 +86,7 @@ class LLMServer:
         overlaps the following steps (events produced meanwhile wait in the outbox and go together), so
         the latency of actor calls stays off the decode loop."""
         busy = self.engine.has_work()
-        room = self.engine.free_slots()
+        room = 0 if self._draining else self.engine.free_slots()
         now = time.monotonic()
         if room and (not busy or now - self._last_take >= self.TAKE_INTERVAL_S):
             if not busy:
@@ -100,6 +105,8 @@ class LLMServer:
         if self.engine.has_work():
             self._outbox += await asyncio.to_thread(self.engine.step)
         await self._publish(wait=not self.engine.has_work())
+        if self._draining and not self.engine.has_work():
+            await asyncio.sleep(0.1)  # nothing left to do and nothing to take: do not spin
 
     async def _publish(self, *, wait: bool) -> None:
         """Send the outbox when no publish is in flight (events stay in order); with wait, also wait
@@ -146,6 +153,23 @@ class LLMServer:
 
     async def stats(self) -> dict[str, float]:
         return self.engine.stats()
+
+    async def __del__(self) -> None:
+        """Drain before going away: no item is lost and, within the timeout, nothing is cut short."""
+        self._draining = True
+        deadline = time.monotonic() + self.DRAIN_TIMEOUT_S
+        while self.engine.has_work() and time.monotonic() < deadline and not self._run_task.done():
+            await asyncio.sleep(0.1)
+        try:
+            await self._publish(wait=True)
+        except Exception:
+            log.exception("final publish failed")
+        try:
+            await self.queue.leave.remote(self.consumer_id)  # leases still held go back to the queue
+        except Exception:
+            log.exception("could not leave the tensor queue; its lease will expire")
+        self._run_task.cancel()
+        self._hb_task.cancel()
 
     def check_health(self) -> None:
         if self._run_task.done():
