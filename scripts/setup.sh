@@ -13,7 +13,8 @@ fi
 stamp=.venv/.dotsvlm-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
-echo "[setup] creating .venv with $py and installing dotsvlm[operator,serving,dev] (first time: a few minutes, ~4 GB)..." >&2
+if [ -x .venv/bin/python ]; then what="updating .venv (pyproject.toml changed)"; else what="creating .venv with $py and installing dotsvlm[operator,serving,dev] (first time: a minute or more, ~6 GB)"; fi
+echo "[setup] $what..." >&2
 start=$SECONDS
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check uv

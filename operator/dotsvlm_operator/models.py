@@ -241,7 +241,7 @@ class QueueSpec(_Api):
     max_items: int = Field(256, ge=1, le=1_000_000, description="Most image-embedding items waiting for an LLM replica.")
     max_bytes: int = Field(4 * 1024**3, ge=1024, description="Most bytes of embeddings waiting for an LLM replica.")
     enqueue_timeout_seconds: float = Field(30.0, ge=0, le=3600, description="How long a request waits for room in a full queue before it is answered 429.")
-    lease_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="How long an LLM replica may hold a taken item without acknowledging it before the item is delivered again.")
+    lease_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="How long an LLM replica may go without a heartbeat before it is declared dead and the items it holds are delivered again (or their requests fail, if tokens were already streamed).")
     max_deliveries: int = Field(2, ge=1, le=10, description="How often an item is delivered before its request fails with an error (a replica died holding it).")
 
 
