@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from .serve_config import AutoscalingTargets, ServeAppConfig
+from .serve_config import AutoscalingTargets, LLMPoolConfig, ServeAppConfig
 
 
 def autoscaling(t: AutoscalingTargets) -> dict[str, Any]:
@@ -43,6 +43,26 @@ def actor_options(*, num_gpus: float, pool_resource: str | None, num_cpus: float
     return opts
 
 
+def llm_placement(llm: LLMPoolConfig, *, num_cpus: float) -> dict[str, Any]:
+    """Serve options that reserve one LLM replica's GPUs.
+
+    A replica that spans several nodes (tensor parallel 16 over two 8-GPU nodes) cannot be one actor
+    asking for 16 GPUs: no node has them. It is a placement group of one bundle per node, spread over
+    distinct nodes, each holding that node's GPUs and one unit of the pool resource; the replica actor
+    itself runs in the first bundle, and the other bundles hold the GPUs its other tensor-parallel ranks use.
+    """
+    if llm.nodes_per_replica == 1 or not llm.gpus_per_replica:
+        return {"ray_actor_options": actor_options(num_gpus=llm.gpus_per_replica, pool_resource=llm.pool_resource,
+                                                   num_cpus=num_cpus)}
+    per_node = llm.gpus_per_replica / llm.nodes_per_replica
+    first = actor_options(num_gpus=per_node, pool_resource=llm.pool_resource, num_cpus=num_cpus)
+    bundle = {"GPU": per_node, **({llm.pool_resource: 1} if llm.pool_resource else {})}
+    first_bundle = {**bundle, **({"CPU": num_cpus} if num_cpus else {})}
+    return {"ray_actor_options": first,
+            "placement_group_bundles": [first_bundle] + [dict(bundle) for _ in range(llm.nodes_per_replica - 1)],
+            "placement_group_strategy": "STRICT_SPREAD"}
+
+
 def parse_config(args: dict[str, Any]) -> ServeAppConfig:
     try:
         return ServeAppConfig.model_validate(args)
@@ -66,9 +86,7 @@ def build_app(args: dict[str, Any]) -> Application:
                                                               num_cpus=cpu_share))(VisionEncoder).bind(plain)
     llm = serve.deployment(name="LLMServer", max_ongoing_requests=16, graceful_shutdown_timeout_s=60,
                            **replica_options(cfg.llm.autoscaling),
-                           ray_actor_options=actor_options(num_gpus=cfg.llm.gpus_per_replica,
-                                                           pool_resource=cfg.llm.pool_resource,
-                                                           num_cpus=cpu_share))(LLMServer).bind(plain, queue)
+                           **llm_placement(cfg.llm, num_cpus=cpu_share))(LLMServer).bind(plain, queue)
     ingress = serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=4096,
                                ray_actor_options={"num_cpus": 0})(IngressDeployment)
     return ingress.bind(plain, vision, queue, llm)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dotsvlm_serving.app import actor_options, autoscaling, build_app, parse_config, replica_options
-from dotsvlm_serving.serve_config import LLM_POOL_RESOURCE, AutoscalingTargets, ServeAppConfig
+from dotsvlm_serving.app import actor_options, autoscaling, build_app, llm_placement, parse_config, replica_options
+from dotsvlm_serving.serve_config import LLM_POOL_RESOURCE, AutoscalingTargets, LLMPoolConfig, ServeAppConfig
 
 
 def test_pool_pinning_only_when_configured() -> None:
@@ -45,6 +45,31 @@ def test_build_app_binds_the_four_deployments_with_pool_resources() -> None:
     assert bound["VisionEncoder"]._deployment_config.autoscaling_config.max_replicas == 3
     assert bound["LLMServer"].ray_actor_options["resources"] == {LLM_POOL_RESOURCE: 1}
     assert "resources" not in bound["TensorQueue"].ray_actor_options
+
+
+def test_multi_node_llm_replica_is_a_placement_group_spread_over_nodes() -> None:
+    """TP16 over two 8-GPU nodes: no node has 16 GPUs, so one actor asking for 16 would never start."""
+    llm = LLMPoolConfig(gpus_per_replica=16, tensor_parallel=16, nodes_per_replica=2, pool_resource=LLM_POOL_RESOURCE)
+    opts = llm_placement(llm, num_cpus=1)
+    assert opts["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 8, "resources": {LLM_POOL_RESOURCE: 1}}
+    assert opts["placement_group_bundles"] == [{"GPU": 8, LLM_POOL_RESOURCE: 1, "CPU": 1},
+                                               {"GPU": 8, LLM_POOL_RESOURCE: 1}]
+    assert opts["placement_group_strategy"] == "STRICT_SPREAD"
+    # The replica actor must fit in the first bundle (Ray Serve's rule).
+    first = opts["placement_group_bundles"][0]
+    actor = opts["ray_actor_options"]
+    assert actor["num_gpus"] <= first["GPU"] and actor["num_cpus"] <= first["CPU"]
+    # One node: a plain actor, no placement group.
+    single = llm_placement(LLMPoolConfig(gpus_per_replica=8, tensor_parallel=8, pool_resource=LLM_POOL_RESOURCE),
+                           num_cpus=1)
+    assert set(single) == {"ray_actor_options"} and single["ray_actor_options"]["num_gpus"] == 8
+    # Serve accepts the options on a real deployment.
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "device": "cuda", "llm": llm.model_dump(mode="json")})
+    bound = {a._bound_deployment.name: a._bound_deployment
+             for a in build_app(cfg.model_dump(mode="json"))._bound_deployment.init_args[1:]}
+    llm_config = bound["LLMServer"]._replica_config
+    assert llm_config.placement_group_bundles == opts["placement_group_bundles"]
+    assert llm_config.placement_group_strategy == "STRICT_SPREAD"
 
 
 def test_vision_batches_fifo_by_pixel_budget() -> None:
