@@ -21,9 +21,23 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+
+async def _wait_until(ready: Callable[[], bool], changed: asyncio.Event, wait_s: float) -> None:
+    """Wait until `ready()` holds or `wait_s` passes; `changed` is set whenever `ready()` may have become true."""
+    deadline = time.monotonic() + wait_s
+    while not ready():
+        changed.clear()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            await asyncio.wait_for(changed.wait(), timeout=remaining)
+        except asyncio.TimeoutError:
+            return
 
 class QueueFull(Exception):
     """No room in the queue within the enqueue timeout."""
@@ -173,16 +187,7 @@ class TensorQueueCore:
         """Lease up to `max_items` head items whose reserved tokens fit `token_budget` (FIFO: stops at
         the first that does not fit). Waits up to `wait_s` when the queue is empty."""
         c = self._touch(consumer_id)
-        deadline = time.monotonic() + wait_s
-        while not self._items and max_items > 0:
-            self._item_available.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(self._item_available.wait(), timeout=remaining)
-            except asyncio.TimeoutError:
-                break
+        await _wait_until(lambda: bool(self._items) or max_items <= 0, self._item_available, wait_s)
         c = self._touch(consumer_id)
         out: list[QueueItem] = []
         while self._items and len(out) < max_items:
@@ -242,16 +247,7 @@ class TensorQueueCore:
         if box is None:
             raise KeyError(request_id)
         box.last_touch = time.monotonic()
-        deadline = time.monotonic() + wait_s
-        while not box.events or (until_done and not box.done):
-            box.waiter.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(box.waiter.wait(), timeout=remaining)
-            except asyncio.TimeoutError:
-                break
+        await _wait_until(lambda: bool(box.events) and (not until_done or box.done), box.waiter, wait_s)
         events, box.events = box.events, []
         box.last_touch = time.monotonic()
         if box.done and events and events[-1]["type"] in TERMINAL_EVENTS:
