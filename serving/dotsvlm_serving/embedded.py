@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .serve_config import APP_NAME, ApiConfig, ServeAppConfig
+from .serve_config import APP_NAME, LLMPoolConfig, QueueConfig, ServeAppConfig
 
 TINY_MODEL_DIR = ".tiny-model"
 # Ray's own ports, outside the worker port range (10002-19999).
@@ -34,12 +34,13 @@ def say(msg: str) -> None:
 
 
 def local_config(model_path: str) -> ServeAppConfig:
-    """The embedded default: one replica per pool, small limits that suit a laptop CPU."""
-    return ServeAppConfig.model_validate({
-        "model_path": model_path, "device": "cpu", "dtype": "float32",
-        "llm": {"context_length": 4096, "max_running_requests": 8, "max_new_tokens_default": 64},
-        "queue": {"max_items": 64, "enqueue_timeout_s": 10},
-    })
+    """The embedded default: the contract's defaults (one replica per pool, CPU, float32), with smaller
+    limits that suit a laptop CPU."""
+    return ServeAppConfig(
+        model_path=model_path, device="cpu", dtype="float32",
+        llm=LLMPoolConfig(max_running_requests=8, max_new_tokens_default=64),
+        queue=QueueConfig(max_items=64, enqueue_timeout_s=10),
+    )
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
@@ -102,7 +103,7 @@ def cli_main(args: argparse.Namespace) -> int:
         say(f"using the tiny built-in model in {TINY_MODEL_DIR}/ (written if missing)")
         model = ensure_tiny_checkpoint(TINY_MODEL_DIR)
     cfg = local_config(str(model.resolve()))
-    keys_env = ApiConfig().api_keys_env
+    keys_env = cfg.api.api_keys_env
     with_key = bool(keys_env and os.environ.get(keys_env, "").strip())
     _start_ray(args.detach, num_cpus=max(4, os.cpu_count() or 1),
                env_vars={keys_env: os.environ[keys_env]} if with_key and keys_env else {})
@@ -144,12 +145,3 @@ def _shutdown(detached: bool) -> None:
     if detached:
         say("the background Ray head is still running: stop it with `ray stop`")
 
-
-def main(argv: list[str] | None = None) -> int:  # python -m dotsvlm_serving.embedded
-    from dotsvlm_operator.cli import main as cli
-
-    return cli(["serve", *(argv or sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,6 +21,8 @@ POOL_RESOURCE_CAPACITY = 1000
 
 APP_NAME = "dotsvlm"
 APP_IMPORT_PATH = "dotsvlm_serving.app:build_app"
+# Environment variable that holds the comma-separated API keys (the operator fills it from a Secret).
+API_KEYS_ENV = "DOTSVLM_API_KEYS"
 
 
 class _Strict(BaseModel):
@@ -68,6 +70,10 @@ class LLMPoolConfig(_Strict):
     kv_cache_tokens: int | None = Field(None, ge=16)
     autoscaling: AutoscalingTargets = AutoscalingTargets()
 
+    def kv_cache_budget(self) -> int:
+        """KV-cache tokens of one replica: what the engine reserves and the ingress checks requests against."""
+        return self.kv_cache_tokens or self.context_length * self.max_running_requests
+
 
 class QueueConfig(_Strict):
     max_items: int = Field(256, ge=1)
@@ -91,7 +97,7 @@ class ImageLimits(_Strict):
 
 class ApiConfig(_Strict):
     # Name of an environment variable holding comma-separated API keys; unset or empty = no auth.
-    api_keys_env: str | None = "DOTSVLM_API_KEYS"
+    api_keys_env: str | None = API_KEYS_ENV
     images: ImageLimits = ImageLimits()
     # Longest a request may take end to end before it is cancelled with 504.
     request_timeout_s: float = Field(600.0, gt=0)

@@ -188,7 +188,7 @@ class Ingress:
             limit = min(llm.max_new_tokens_default, room)
         elif prompt_tokens + limit > llm.context_length:
             raise self._too_long(prompt_tokens, limit)
-        kv = llm.kv_cache_tokens or llm.context_length * llm.max_running_requests
+        kv = llm.kv_cache_budget()
         if prompt_tokens + limit > kv:
             raise ApiError(400, f"the request needs {prompt_tokens + limit} KV-cache tokens but an LLM replica has "
                                 f"{kv}: lower max_tokens or shorten the prompt", code="context_length_exceeded")

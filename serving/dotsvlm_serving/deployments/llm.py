@@ -44,7 +44,7 @@ class LLMServer:
         llm_cfg = self.cfg.llm
         self.eos = set(stop_token_ids(self.tokenizer))
         self.engine = Engine(self.llm, self._detokenize, eos_token_ids=self.eos, max_running=llm_cfg.max_running_requests,
-                             kv_cache_tokens=llm_cfg.kv_cache_tokens or llm_cfg.context_length * llm_cfg.max_running_requests,
+                             kv_cache_tokens=llm_cfg.kv_cache_budget(),
                              context_length=llm_cfg.context_length)
         self.transport = RayObjectTransport()
         self.consumer_id = f"llm-{uuid.uuid4().hex[:12]}"
