@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from dotsvlm_operator import models as m
+from dotsvlm_operator import models, naming
 
 # JSON Schema keys that a structural schema does not accept (or that only add noise).
 _DROP = {"title", "$defs", "additionalProperties_false"}
@@ -75,7 +75,7 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
-def _schema_of(model: type[m._Api]) -> dict[str, Any]:
+def _schema_of(model: type[models._Api]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     return _convert(raw, raw.get("$defs", {}))
 
@@ -91,8 +91,8 @@ def _order(d: Any) -> Any:
 
 
 def openapi_schema() -> dict[str, Any]:
-    spec = _schema_of(m.DotsVLMDeploymentSpec)
-    status = _schema_of(m.DotsVLMDeploymentStatus)
+    spec = _schema_of(models.DotsVLMDeploymentSpec)
+    status = _schema_of(models.DotsVLMDeploymentStatus)
     conditions = status["properties"]["conditions"]
     conditions["x-kubernetes-list-type"] = "map"
     conditions["x-kubernetes-list-map-keys"] = ["type"]
@@ -138,22 +138,22 @@ def crd_manifest() -> dict[str, Any]:
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{m.PLURAL}.{m.GROUP}",
+            "name": f"{naming.PLURAL}.{naming.GROUP}",
             "labels": {"app.kubernetes.io/name": "dotsvlm", "app.kubernetes.io/component": "crd"},
         },
         "spec": {
-            "group": m.GROUP,
+            "group": naming.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": m.KIND,
-                "listKind": f"{m.KIND}List",
-                "plural": m.PLURAL,
-                "singular": m.SINGULAR,
-                "shortNames": m.SHORT_NAMES,
+                "kind": naming.KIND,
+                "listKind": f"{naming.KIND}List",
+                "plural": naming.PLURAL,
+                "singular": naming.SINGULAR,
+                "shortNames": naming.SHORT_NAMES,
                 "categories": ["dotsvlm"],
             },
             "versions": [{
-                "name": m.VERSION,
+                "name": naming.VERSION,
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},

@@ -22,8 +22,7 @@ import kopf
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
-from dotsvlm_operator import builders as b
-from dotsvlm_operator import models as m
+from dotsvlm_operator import builders, models, naming, serve_app
 from dotsvlm_operator.kube import Kube
 from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError
 from dotsvlm_operator.status import PodView, ServeObservation, compute_status, pod_view
@@ -71,9 +70,9 @@ def _trigger(namespace: str | None, name: str | None) -> None:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Keep kopf's bookkeeping in annotations, out of our structural status.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=m.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=m.GROUP)
-    settings.persistence.finalizer = f"{m.GROUP}/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=naming.GROUP)
+    settings.persistence.finalizer = f"{naming.GROUP}/operator"
     settings.peering.priority = CONFIG.priority
     settings.peering.lifetime = 30
     settings.watching.server_timeout = 300
@@ -82,7 +81,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 # --- triggers ----------------------------------------------------------------------------------------------
 
-@kopf.on.event(m.GROUP, m.VERSION, m.PLURAL)
+@kopf.on.event(naming.GROUP, naming.VERSION, naming.PLURAL)
 def on_resource_event(name: str | None, namespace: str | None, body: kopf.Body, **_: Any) -> None:
     """A spec change (new generation) wakes the resource's reconcile loop at once."""
     if body.get("metadata", {}).get("generation") != body.get("status", {}).get("observedGeneration"):
@@ -91,10 +90,10 @@ def on_resource_event(name: str | None, namespace: str | None, body: kopf.Body, 
 
 def _on_child_event(labels: dict[str, str] | None, namespace: str | None, **_: Any) -> None:
     """A child changed (pod scheduled or ready, object edited or deleted): re-reconcile its owner."""
-    _trigger(namespace, (labels or {}).get(b.LABEL_DEPLOYMENT))
+    _trigger(namespace, (labels or {}).get(naming.LABEL_DEPLOYMENT))
 
 
-_CHILD_SELECTOR = {b.LABEL_MANAGED_BY: b.MANAGER, b.LABEL_DEPLOYMENT: kopf.PRESENT}
+_CHILD_SELECTOR = {naming.LABEL_MANAGED_BY: naming.MANAGER, naming.LABEL_DEPLOYMENT: kopf.PRESENT}
 for _group, _version, _plural in [("", "v1", "pods"), ("apps", "v1", "deployments"), ("", "v1", "services"),
                                   ("", "v1", "configmaps"), ("", "v1", "secrets"),
                                   ("policy", "v1", "poddisruptionbudgets"),
@@ -104,7 +103,7 @@ for _group, _version, _plural in [("", "v1", "pods"), ("apps", "v1", "deployment
 
 # --- the reconcile loop ------------------------------------------------------------------------------------
 
-@kopf.daemon(m.GROUP, m.VERSION, m.PLURAL, id="reconciler", cancellation_timeout=10)
+@kopf.daemon(naming.GROUP, naming.VERSION, naming.PLURAL, id="reconciler", cancellation_timeout=10)
 async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped,
                      logger: logging.Logger, **_: Any) -> None:
     key = (namespace, name)
@@ -154,12 +153,12 @@ def error_text(exc: BaseException) -> str:
 async def _report_failure(body: kopf.Body, exc: BaseException, logger: logging.Logger) -> None:
     """Show a failed pass in status (Degraded=ReconcileFailed), so `kubectl describe` says what is wrong."""
     meta = body["metadata"]
-    old = _old_status(body) or m.DotsVLMDeploymentStatus()
+    old = _old_status(body) or models.DotsVLMDeploymentStatus()
     prev = next((c for c in old.conditions if c.type == "Degraded"), None)
     message = f"the operator could not reconcile this resource and will retry: {error_text(exc)}"
     if prev is not None and prev.reason == "ReconcileFailed" and prev.message == message:
         return
-    cond = m.Condition(type="Degraded", status="True", reason="ReconcileFailed", message=message,
+    cond = models.Condition(type="Degraded", status="True", reason="ReconcileFailed", message=message,
                        last_transition_time=_now(), observed_generation=meta.get("generation"))
     conditions = [c for c in old.conditions if c.type != "Degraded"] + [cond]
     try:
@@ -170,17 +169,17 @@ async def _report_failure(body: kopf.Body, exc: BaseException, logger: logging.L
         logger.warning(f"could not record the failure in status either: {again}")
 
 
-def head_url(owner: b.Owner) -> str:
+def head_url(owner: naming.Owner) -> str:
     if CONFIG.head_url_override:
         return CONFIG.head_url_override.format(name=owner.name, namespace=owner.namespace)
-    return b.dashboard_url(owner)
+    return naming.dashboard_url(owner)
 
 
-async def observe_serve(owner: b.Owner, spec: m.DotsVLMDeploymentSpec, token: str,
-                        old: m.DotsVLMDeploymentStatus | None, logger: logging.Logger) -> ServeObservation:
+async def observe_serve(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str,
+                        old: models.DotsVLMDeploymentStatus | None, logger: logging.Logger) -> ServeObservation:
     """Deploy the Serve config if it changed since the last successful deploy, then read the app's status."""
-    body = b.serve_body(spec)
-    digest = b.serve_body_hash(body)
+    body = serve_app.serve_body(spec)
+    digest = serve_app.serve_body_hash(body)
     url = head_url(owner)
     deployed = old.serve_app.config_hash if old else None
     async with RayHeadClient(url, token, timeout=CONFIG.head_timeout_seconds) as client:
@@ -197,13 +196,13 @@ async def observe_serve(owner: b.Owner, spec: m.DotsVLMDeploymentSpec, token: st
     return ServeObservation(url=url, reachable=True, status=status, message=message, config_hash=deployed)
 
 
-def _old_status(body: kopf.Body) -> m.DotsVLMDeploymentStatus | None:
-    known = {to_camel(n) for n in m.DotsVLMDeploymentStatus.model_fields}
+def _old_status(body: kopf.Body) -> models.DotsVLMDeploymentStatus | None:
+    known = {to_camel(n) for n in models.DotsVLMDeploymentStatus.model_fields}
     raw = {k: v for k, v in dict(body.get("status") or {}).items() if k in known}
     if not raw:
         return None
     try:
-        return m.DotsVLMDeploymentStatus.model_validate(raw)
+        return models.DotsVLMDeploymentStatus.model_validate(raw)
     except ValidationError:
         return None
 
@@ -218,11 +217,11 @@ def _service_monitor_supported() -> bool:
 
 async def reconcile_once(body: kopf.Body, logger: logging.Logger) -> None:
     meta = body["metadata"]
-    owner = b.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    owner = naming.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
     generation = meta.get("generation")
     old = _old_status(body)
     try:
-        spec = m.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
+        spec = models.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
     except ValidationError as exc:
         # The CRD's schema normally stops this; an older CRD version might not.
         await _write_invalid(body, owner, generation, str(exc), old)
@@ -230,13 +229,13 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger) -> None:
 
     k = kube()
     token = await asyncio.to_thread(k.ensure_token, owner)
-    desired = {b.COMPONENT_VISION: b.desired_replicas(spec.vision, None),
-               b.COMPONENT_LLM: b.desired_replicas(spec.llm, None)}
+    desired = {naming.COMPONENT_VISION: builders.desired_replicas(spec.vision),
+               naming.COMPONENT_LLM: builders.desired_replicas(spec.llm)}
     sm_crd = await asyncio.to_thread(_service_monitor_supported)
     sm = spec.monitoring.enabled and spec.monitoring.service_monitor and sm_crd
-    objs = b.children(owner, spec, vision_replicas=desired[b.COMPONENT_VISION],
-                      llm_replicas=desired[b.COMPONENT_LLM], service_monitor_supported=bool(sm),
-                      ray_token_hash=b.token_hash(token))
+    objs = builders.children(owner, spec, vision_replicas=desired[naming.COMPONENT_VISION],
+                      llm_replicas=desired[naming.COMPONENT_LLM], service_monitor_supported=bool(sm),
+                      ray_token_hash=builders.token_hash(token))
 
     def apply_all() -> None:
         for obj in objs:
@@ -253,7 +252,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger) -> None:
     if CONFIG.head_url_override or _head_ready(pods):
         serve = await observe_serve(owner, spec, token, old, logger)
     new, transitions = compute_status(spec=spec, generation=generation, pods=pods, desired=desired, serve=serve,
-                                      endpoint=b.endpoint(owner, spec), old=old, now=_now())
+                                      endpoint=naming.endpoint(owner, spec.api.port), old=old, now=_now())
     new_raw = new.to_api()
     if old is None or old.to_api() != new_raw:
         await asyncio.to_thread(k.patch_status, owner.namespace, owner.name, new_raw)
@@ -265,15 +264,15 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger) -> None:
 
 
 def _head_ready(pods: list[PodView]) -> bool:
-    return any(p.component == b.COMPONENT_HEAD and p.ready and not p.deleting for p in pods)
+    return any(p.component == naming.COMPONENT_HEAD and p.ready and not p.deleting for p in pods)
 
 
-async def _write_invalid(body: kopf.Body, owner: b.Owner, generation: int | None, error: str,
-                         old: m.DotsVLMDeploymentStatus | None) -> None:
-    cond = m.Condition(type="Degraded", status="True", reason="InvalidSpec",
+async def _write_invalid(body: kopf.Body, owner: naming.Owner, generation: int | None, error: str,
+                         old: models.DotsVLMDeploymentStatus | None) -> None:
+    cond = models.Condition(type="Degraded", status="True", reason="InvalidSpec",
                        message=f"the spec is invalid, fix it and apply again: {error}"[:2000],
                        last_transition_time=_now(), observed_generation=generation)
-    status = (old or m.DotsVLMDeploymentStatus()).model_copy(update={"observed_generation": generation})
+    status = (old or models.DotsVLMDeploymentStatus()).model_copy(update={"observed_generation": generation})
     status.conditions = [c for c in status.conditions if c.type != "Degraded"] + [cond]
     await asyncio.to_thread(kube().patch_status, owner.namespace, owner.name, status.to_api())
     kopf.event(body, type="Warning", reason="InvalidSpec", message=cond.message[:1000])

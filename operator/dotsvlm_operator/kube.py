@@ -17,8 +17,7 @@ import kubernetes
 from kubernetes.client import ApiClient
 from kubernetes.client.rest import ApiException
 
-from dotsvlm_operator import builders as b
-from dotsvlm_operator import models as m
+from dotsvlm_operator import builders, naming
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
-    m.KIND: (f"/apis/{m.GROUP}/{m.VERSION}", m.PLURAL),
+    naming.KIND: (f"/apis/{naming.GROUP}/{naming.VERSION}", naming.PLURAL),
 }
 
 
@@ -93,7 +92,7 @@ class Kube:
         those fields are reverted and a deleted object is re-created."""
         meta = obj["metadata"]
         path = self._path(obj["kind"], meta["namespace"], meta["name"])
-        query = [("fieldManager", b.MANAGER), ("force", "true")]
+        query = [("fieldManager", naming.MANAGER), ("force", "true")]
         try:
             return self._call("PATCH", path, body=obj, query=query, content_type="application/apply-patch+yaml")
         except ApiException as exc:
@@ -132,23 +131,23 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def ensure_token(self, owner: b.Owner) -> str:
+    def ensure_token(self, owner: naming.Owner) -> str:
         """The deployment's Ray token: read it, or generate it once. Never rotated by the operator."""
-        name = b.token_secret_name(owner.name)
+        name = naming.token_secret_name(owner.name)
         for _ in range(3):
             secret = self.get("Secret", owner.namespace, name)
             if secret is not None:
-                data = (secret.get("data") or {}).get(b.TOKEN_KEY)
+                data = (secret.get("data") or {}).get(naming.TOKEN_KEY)
                 if data:
                     return base64.b64decode(data).decode()
                 # A Secret without the key (edited by hand): put a fresh token in.
                 token = secrets.token_hex(32)
-                self.apply(b.token_secret(owner, token))
+                self.apply(builders.token_secret(owner, token))
                 return token
             token = secrets.token_hex(32)
             try:
                 self._call("POST", f"{KINDS['Secret'][0]}/namespaces/{owner.namespace}/secrets",
-                           body=b.token_secret(owner, token), content_type="application/json")
+                           body=builders.token_secret(owner, token), content_type="application/json")
                 return token
             except ApiException as exc:
                 if exc.status != 409:  # 409: another reconcile created it first; read that one
@@ -157,11 +156,11 @@ class Kube:
 
     def list_pods(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
         res = self._call("GET", f"/api/v1/namespaces/{namespace}/pods",
-                         query=[("labelSelector", f"{b.LABEL_DEPLOYMENT}={deployment},{b.LABEL_MANAGED_BY}={b.MANAGER}")])
+                         query=[("labelSelector", ",".join(f"{k}={v}" for k, v in naming.owned_labels(deployment).items()))])
         return list(res.get("items") or [])
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self._call("PATCH", self._path(m.KIND, namespace, name, "status"), body={"status": status},
+        self._call("PATCH", self._path(naming.KIND, namespace, name, "status"), body={"status": status},
                    content_type="application/merge-patch+json")
 
     def has_service_monitor_crd(self) -> bool:

@@ -13,13 +13,9 @@ from typing import Any, Literal
 from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-GROUP = "dotsvlm.io"
-VERSION = "v1alpha1"
-KIND = "DotsVLMDeployment"
-PLURAL = "dotsvlmdeployments"
-SINGULAR = "dotsvlmdeployment"
-SHORT_NAMES = ["dvlm"]
-API_VERSION = f"{GROUP}/{VERSION}"
+from dotsvlm_serving.serve_config import ApiConfig, AutoscalingTargets, LLMPoolConfig, QueueConfig, VisionPoolConfig
+
+from dotsvlm_operator.naming import RAY_HEAD_PORTS
 
 # Largest context the DeepSeek-V3 language model supports (max_position_embeddings).
 MAX_CONTEXT_LENGTH = 163840
@@ -29,6 +25,11 @@ DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # How Kubernetes' own types write a resource.Quantity in a CRD schema.
 _QUANTITY_SCHEMA = {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN,
                     "x-kubernetes-int-or-string": True}
+
+
+def _contract(model: type[BaseModel], field: str) -> Any:
+    """The serving contract's default for `field`: defaults both sides share have their home there."""
+    return model.model_fields[field].default
 
 
 def _rules(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
@@ -119,11 +120,11 @@ class Autoscaling(_Api):
     replica count between minReplicas and maxReplicas)."""
 
     target_ongoing_requests: float = Field(
-        4.0, gt=0, le=10000, description="Requests in flight per replica that Ray Serve aims for; higher packs replicas harder.")
+        _contract(AutoscalingTargets, "target_ongoing_requests"), gt=0, le=10000, description="Requests in flight per replica that Ray Serve aims for; higher packs replicas harder.")
     upscale_delay_seconds: float = Field(
-        10.0, ge=0, le=3600, description="How long the load must stay above target before adding a replica.")
+        _contract(AutoscalingTargets, "upscale_delay_s"), ge=0, le=3600, description="How long the load must stay above target before adding a replica.")
     downscale_delay_seconds: float = Field(
-        120.0, ge=0, le=86400, description="How long the load must stay below target before removing a replica.")
+        _contract(AutoscalingTargets, "downscale_delay_s"), ge=0, le=86400, description="How long the load must stay below target before removing a replica.")
 
 
 # --- the spec ------------------------------------------------------------------------------------------
@@ -188,8 +189,8 @@ class VisionPool(_Api):
     gpus_per_replica: int = Field(1, ge=0, le=8, description="nvidia.com/gpu per vision replica (one replica per pod); 0 runs on CPU.")
     min_replicas: int = Field(1, ge=0, le=1000, description="Fewest vision replicas; 0 lets the pool scale to zero when no request has images.")
     max_replicas: int = Field(8, ge=1, le=1000, description="Most vision replicas.")
-    max_batch_pixels: int = Field(16 * 1024 * 1024, ge=3136, description="Pixel budget of one encode batch (after resize).")
-    max_batch_wait_ms: float = Field(5.0, ge=0, le=10000, description="How long a replica waits to fill a batch before encoding.")
+    max_batch_pixels: int = Field(_contract(VisionPoolConfig, "max_batch_pixels"), ge=3136, description="Pixel budget of one encode batch (after resize).")
+    max_batch_wait_ms: float = Field(_contract(VisionPoolConfig, "max_batch_wait_ms"), ge=0, le=10000, description="How long a replica waits to fill a batch before encoding.")
     node_selector: dict[str, str] | None = Field(
         None, description="Node labels the pool's pods require, e.g. {nvidia.com/gpu.product: NVIDIA-L40S}.")
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods (e.g. for tainted GPU nodes).")
@@ -222,7 +223,7 @@ class LLMPool(_Api):
     max_replicas: int = Field(1, ge=1, le=1000, description="Most LLM replicas.")
     context_length: int = Field(65536, ge=16, le=MAX_CONTEXT_LENGTH, description=f"Longest sequence (prompt + output tokens); at most {MAX_CONTEXT_LENGTH}.")
     max_running_requests: int = Field(64, ge=1, le=4096, description="Requests one LLM replica decodes at the same time.")
-    max_new_tokens_default: int = Field(256, ge=1, description="max_tokens used when a request does not set it.")
+    max_new_tokens_default: int = Field(_contract(LLMPoolConfig, "max_new_tokens_default"), ge=1, description="max_tokens used when a request does not set it.")
     node_selector: dict[str, str] | None = Field(
         None, description="Node labels the pool's pods require, e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}.")
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods.")
@@ -238,11 +239,11 @@ class LLMPool(_Api):
 class QueueSpec(_Api):
     """The tensor queue between the pools: bounded, FIFO, with backpressure (full -> wait, then HTTP 429)."""
 
-    max_items: int = Field(256, ge=1, le=1_000_000, description="Most image-embedding items waiting for an LLM replica.")
-    max_bytes: int = Field(4 * 1024**3, ge=1024, description="Most bytes of embeddings waiting for an LLM replica.")
-    enqueue_timeout_seconds: float = Field(30.0, ge=0, le=3600, description="How long a request waits for room in a full queue before it is answered 429.")
-    lease_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="How long an LLM replica may go without a heartbeat before it is declared dead and the items it holds are delivered again (or their requests fail, if tokens were already streamed).")
-    max_deliveries: int = Field(2, ge=1, le=10, description="How often an item is delivered before its request fails with an error (a replica died holding it).")
+    max_items: int = Field(_contract(QueueConfig, "max_items"), ge=1, le=1_000_000, description="Most image-embedding items waiting for an LLM replica.")
+    max_bytes: int = Field(_contract(QueueConfig, "max_bytes"), ge=1024, description="Most bytes of embeddings waiting for an LLM replica.")
+    enqueue_timeout_seconds: float = Field(_contract(QueueConfig, "enqueue_timeout_s"), ge=0, le=3600, description="How long a request waits for room in a full queue before it is answered 429.")
+    lease_timeout_seconds: float = Field(_contract(QueueConfig, "lease_timeout_s"), gt=0, le=3600, description="How long an LLM replica may go without a heartbeat before it is declared dead and the items it holds are delivered again (or their requests fail, if tokens were already streamed).")
+    max_deliveries: int = Field(_contract(QueueConfig, "max_deliveries"), ge=1, le=10, description="How often an item is delivered before its request fails with an error (a replica died holding it).")
 
 
 class ApiSpec(_Api):
@@ -250,13 +251,13 @@ class ApiSpec(_Api):
 
     port: int = Field(8000, ge=1024, le=65535, description="Port of the API (Ray Serve's HTTP proxy and the Service).")
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Type of the API Service.")
-    request_timeout_seconds: float = Field(600.0, gt=0, le=86400, description="Longest a request may take end to end before it is answered with an error.")
+    request_timeout_seconds: float = Field(_contract(ApiConfig, "request_timeout_s"), gt=0, le=86400, description="Longest a request may take end to end before it is answered with an error.")
     api_key_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding comma-separated API keys; clients then send 'Authorization: Bearer <key>'. Unset: no API keys.")
 
     model_config = ConfigDict(json_schema_extra=_rules(
-        ("!(self.port in [6379, 8265, 8080, 10001])",
-         "api.port must not be one of Ray's own ports on the head (6379, 8265, 8080, 10001)"),
+        (f"!(self.port in [{', '.join(map(str, RAY_HEAD_PORTS))}])",
+         f"api.port must not be one of Ray's own ports on the head ({', '.join(map(str, RAY_HEAD_PORTS))})"),
     ))
 
 

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dotsvlm_operator import builders as b
-from dotsvlm_operator import models as m
+from dotsvlm_operator import models
+from dotsvlm_operator.naming import COMPONENT_HEAD, COMPONENT_LLM, COMPONENT_VISION, LABEL_COMPONENT
 
 # Container waiting reasons that will not fix themselves: the deployment is Degraded until someone acts.
 BAD_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
@@ -51,7 +51,7 @@ def pod_view(pod: dict[str, Any]) -> PodView:
             break
     return PodView(
         name=meta.get("name", "?"),
-        component=(meta.get("labels") or {}).get(b.LABEL_COMPONENT, ""),
+        component=(meta.get("labels") or {}).get(LABEL_COMPONENT, ""),
         ready=ready,
         scheduled=sched.get("status") == "True" or bool((pod.get("spec") or {}).get("nodeName")),
         unschedulable=unschedulable,
@@ -102,8 +102,8 @@ VOLUME_HINT = ("check model.volume: the PersistentVolumeClaim must exist in this
                "(kubectl get pvc)")
 
 
-def _placement_hint(pool: str, spec: m.DotsVLMDeploymentSpec) -> str:
-    if pool == b.COMPONENT_VISION:
+def _placement_hint(pool: str, spec: models.DotsVLMDeploymentSpec) -> str:
+    if pool == COMPONENT_VISION:
         gpus, selector, field_ = spec.vision.gpus_per_replica, spec.vision.node_selector, "vision"
     else:
         gpus, selector, field_ = spec.llm.gpus_per_pod, spec.llm.node_selector, "llm"
@@ -112,26 +112,26 @@ def _placement_hint(pool: str, spec: m.DotsVLMDeploymentSpec) -> str:
         where += " labelled " + ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
     need = f"{gpus} free nvidia.com/gpu" if gpus else "room for the pod"
     extra = ""
-    if pool == b.COMPONENT_LLM and spec.llm.nodes_per_replica > 1:
+    if pool == COMPONENT_LLM and spec.llm.nodes_per_replica > 1:
         extra = f" ({spec.llm.nodes_per_replica} such nodes per LLM replica)"
     return (f"each {pool} pod needs {need} on {where}{extra}; add such nodes, free GPUs on them, "
             f"or lower {field_}.minReplicas")
 
 
-def _pool_status(pool: str, pods: list[PodView], desired: int, per_replica: int) -> m.PoolStatus:
+def _pool_status(pool: str, pods: list[PodView], desired: int, per_replica: int) -> models.PoolStatus:
     live = [p for p in pods if p.component == pool and not p.deleting]
     ready_pods = sum(p.ready for p in live)
     ready = ready_pods // per_replica
-    return m.PoolStatus(replicas=len(live) // per_replica, ready_replicas=min(ready, desired), desired_replicas=desired,
+    return models.PoolStatus(replicas=len(live) // per_replica, ready_replicas=min(ready, desired), desired_replicas=desired,
                         pods=len(live), ready_pods=ready_pods, ready_of_desired=f"{min(ready, desired)}/{desired}")
 
 
-def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: m.DotsVLMDeploymentSpec,
+def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: models.DotsVLMDeploymentSpec,
                    f: _Findings) -> None:
     live = [p for p in pods if p.component == pool and not p.deleting]
-    per = spec.llm.nodes_per_replica if pool == b.COMPONENT_LLM else 1
+    per = spec.llm.nodes_per_replica if pool == COMPONENT_LLM else 1
     want_pods = desired * per
-    label = "LLM" if pool == b.COMPONENT_LLM else "vision"
+    label = "LLM" if pool == COMPONENT_LLM else "vision"
     pending = [p for p in live if p.unschedulable]
     if pending:
         why = pending[0].unschedulable or ""
@@ -156,22 +156,22 @@ def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: m.DotsVLM
 
 
 def _condition(type_: str, status: bool, reason: str, message: str, generation: int | None,
-               old: dict[str, m.Condition], now: str) -> m.Condition:
+               old: dict[str, models.Condition], now: str) -> models.Condition:
     s = "True" if status else "False"
     prev = old.get(type_)
     since = prev.last_transition_time if prev is not None and prev.status == s and prev.last_transition_time else now
-    return m.Condition(type=type_, status=s, reason=reason, message=message, last_transition_time=since,
+    return models.Condition(type=type_, status=s, reason=reason, message=message, last_transition_time=since,
                        observed_generation=generation)
 
 
-def compute_status(*, spec: m.DotsVLMDeploymentSpec, generation: int | None, pods: list[PodView],
+def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None, pods: list[PodView],
                    desired: dict[str, int], serve: ServeObservation | None, endpoint: str,
-                   old: m.DotsVLMDeploymentStatus | None, now: str) -> tuple[m.DotsVLMDeploymentStatus, list[Transition]]:
+                   old: models.DotsVLMDeploymentStatus | None, now: str) -> tuple[models.DotsVLMDeploymentStatus, list[Transition]]:
     """The status for the observed world, and the condition changes since `old`.
 
     `serve` is None when the head was not asked (its pod is not ready yet)."""
     f = _Findings()
-    head_pods = [p for p in pods if p.component == b.COMPONENT_HEAD and not p.deleting]
+    head_pods = [p for p in pods if p.component == COMPONENT_HEAD and not p.deleting]
     if any(p.unschedulable for p in head_pods):
         p = next(p for p in head_pods if p.unschedulable)
         why = p.unschedulable or ""
@@ -182,12 +182,12 @@ def compute_status(*, spec: m.DotsVLMDeploymentSpec, generation: int | None, pod
         f.degraded.append(("PodFailing", f"the Ray head pod {p.name} cannot start: {p.problem}"))
     if not any(p.ready for p in head_pods):
         f.waiting.append(("HeadNotReady", "the Ray head pod is not ready yet"))
-    _pool_findings(b.COMPONENT_VISION, pods, desired[b.COMPONENT_VISION], spec, f)
-    _pool_findings(b.COMPONENT_LLM, pods, desired[b.COMPONENT_LLM], spec, f)
+    _pool_findings(COMPONENT_VISION, pods, desired[COMPONENT_VISION], spec, f)
+    _pool_findings(COMPONENT_LLM, pods, desired[COMPONENT_LLM], spec, f)
 
-    serve_status = m.ServeAppStatus()
+    serve_status = models.ServeAppStatus()
     if serve is not None:
-        serve_status = m.ServeAppStatus(status=serve.status, message=serve.message[:1000], config_hash=serve.config_hash)
+        serve_status = models.ServeAppStatus(status=serve.status, message=serve.message[:1000], config_hash=serve.config_hash)
         if not serve.reachable:
             f.waiting.append(("RayHeadUnreachable", f"cannot reach the Ray head's dashboard at {serve.url}: {serve.message}"))
         elif serve.status in SERVE_FAILED:
@@ -223,11 +223,11 @@ def compute_status(*, spec: m.DotsVLMDeploymentSpec, generation: int | None, pod
                                                                         and prev.status == "True" and c.status == "False")
             transitions.append(Transition(c.type, c.status, c.reason, c.message, warning))
 
-    status = m.DotsVLMDeploymentStatus(
+    status = models.DotsVLMDeploymentStatus(
         observed_generation=generation,
         conditions=conditions,
-        vision=_pool_status(b.COMPONENT_VISION, pods, desired[b.COMPONENT_VISION], 1),
-        llm=_pool_status(b.COMPONENT_LLM, pods, desired[b.COMPONENT_LLM], spec.llm.nodes_per_replica),
+        vision=_pool_status(COMPONENT_VISION, pods, desired[COMPONENT_VISION], 1),
+        llm=_pool_status(COMPONENT_LLM, pods, desired[COMPONENT_LLM], spec.llm.nodes_per_replica),
         serve_app=serve_status,
         endpoint=endpoint,
     )

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import yaml
 
-from dotsvlm_operator import builders as b
-from dotsvlm_operator import models as m
-from dotsvlm_serving import serve_config as sc
+from dotsvlm_operator import builders, models, naming, serve_app
+from dotsvlm_serving import serve_config
 
 REPO = Path(__file__).resolve().parents[2]
-OWNER = b.Owner("dots", "ml", "uid-123")
+OWNER = naming.Owner("dots", "ml", "uid-123")
 
 
-def _spec(name: str = "dotsvlm.yaml", **patch) -> m.DotsVLMDeploymentSpec:
+def _spec(name: str = "dotsvlm.yaml", **patch) -> models.DotsVLMDeploymentSpec:
     raw = yaml.safe_load((REPO / "examples" / name).read_text())["spec"]
     for path, value in patch.items():
         cur = raw
@@ -24,7 +23,7 @@ def _spec(name: str = "dotsvlm.yaml", **patch) -> m.DotsVLMDeploymentSpec:
         for k in keys[:-1]:
             cur = cur.setdefault(k, {})
         cur[keys[-1]] = value
-    return m.DotsVLMDeploymentSpec.model_validate(raw)
+    return models.DotsVLMDeploymentSpec.model_validate(raw)
 
 
 def _by_name(objs):
@@ -32,17 +31,17 @@ def _by_name(objs):
 
 
 def _kids(spec, **kw):
-    return _by_name(b.children(OWNER, spec, vision_replicas=kw.get("v", 1), llm_replicas=kw.get("l", 1)))
+    return _by_name(builders.children(OWNER, spec, vision_replicas=kw.get("v", 1), llm_replicas=kw.get("l", 1)))
 
 
 def test_every_child_is_owned_labelled_and_namespaced() -> None:
-    for obj in b.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1):
+    for obj in builders.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1):
         meta = obj["metadata"]
         assert meta["namespace"] == "ml"
         assert meta["ownerReferences"] == [{"apiVersion": "dotsvlm.io/v1alpha1", "kind": "DotsVLMDeployment",
                                              "name": "dots", "uid": "uid-123", "controller": True,
                                              "blockOwnerDeletion": True}]
-        assert meta["labels"][b.LABEL_DEPLOYMENT] == "dots" and meta["labels"][b.LABEL_MANAGED_BY] == b.MANAGER
+        assert meta["labels"][naming.LABEL_DEPLOYMENT] == "dots" and meta["labels"][naming.LABEL_MANAGED_BY] == naming.MANAGER
 
 
 def test_llm_pool_spans_nodes_with_per_pod_gpus_and_pool_resource() -> None:
@@ -52,7 +51,7 @@ def test_llm_pool_spans_nodes_with_per_pod_gpus_and_pool_resource() -> None:
     pod = llm["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "8" and c["resources"]["requests"]["cpu"] == "64"
-    assert f'--resources={{"{sc.LLM_POOL_RESOURCE}": {sc.POOL_RESOURCE_CAPACITY}}}' in c["command"]
+    assert f'--resources={{"{serve_config.LLM_POOL_RESOURCE}": {serve_config.POOL_RESOURCE_CAPACITY}}}' in c["command"]
     assert "--address=dots-ray-head.ml.svc:6379" in c["command"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "kubernetes.io/hostname"
@@ -68,24 +67,24 @@ def test_every_ray_pod_has_token_auth() -> None:
         pod = kids[("Deployment", name)]["spec"]["template"]["spec"]
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN_PATH"]["value"] == b.TOKEN_PATH
+        assert env["RAY_AUTH_TOKEN_PATH"]["value"] == naming.TOKEN_PATH
         assert any(v.get("secret", {}).get("secretName") == "dots-ray-token" for v in pod["volumes"])
         assert env["DOTSVLM_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "dots-api-keys", "key": "api-keys"}
 
 
 def test_token_secret_is_not_among_the_reapplied_children() -> None:
     assert ("Secret", "dots-ray-token") not in _kids(_spec())
-    secret = b.token_secret(OWNER, "abc")
+    secret = builders.token_secret(OWNER, "abc")
     assert secret["stringData"] == {"token": "abc"}
 
 
 def test_network_policy_limits_ray_ports_to_own_pods_and_operator() -> None:
     pol = _kids(_spec())[("NetworkPolicy", "dots-ray")]["spec"]
-    assert pol["podSelector"]["matchLabels"][b.LABEL_DEPLOYMENT] == "dots"
+    assert pol["podSelector"]["matchLabels"][naming.LABEL_DEPLOYMENT] == "dots"
     peers, open_ports = pol["ingress"]
-    assert {"podSelector": {"matchLabels": {b.LABEL_DEPLOYMENT: "dots", b.LABEL_MANAGED_BY: b.MANAGER}}} in peers["from"]
-    assert {"namespaceSelector": {}, "podSelector": {"matchLabels": b.OPERATOR_POD_LABELS}} in peers["from"]
-    assert "from" not in open_ports and {p["port"] for p in open_ports["ports"]} == {8000, b.METRICS_PORT}
+    assert {"podSelector": {"matchLabels": {naming.LABEL_DEPLOYMENT: "dots", naming.LABEL_MANAGED_BY: naming.MANAGER}}} in peers["from"]
+    assert {"namespaceSelector": {}, "podSelector": {"matchLabels": naming.OPERATOR_POD_LABELS}} in peers["from"]
+    assert "from" not in open_ports and {p["port"] for p in open_ports["ports"]} == {8000, naming.METRICS_PORT}
 
 
 def test_head_service_ports_and_api_service() -> None:
@@ -94,7 +93,7 @@ def test_head_service_ports_and_api_service() -> None:
     assert ports == {"gcs": 6379, "dashboard": 8265, "serve": 9000, "metrics": 8080}
     api = kids[("Service", "dots-api")]["spec"]
     assert api["type"] == "LoadBalancer" and api["ports"][0]["port"] == 9000
-    assert api["selector"][b.LABEL_COMPONENT] == b.COMPONENT_HEAD
+    assert api["selector"][naming.LABEL_COMPONENT] == naming.COMPONENT_HEAD
 
 
 def test_vision_change_does_not_touch_llm_or_head_templates() -> None:
@@ -104,7 +103,7 @@ def test_vision_change_does_not_touch_llm_or_head_templates() -> None:
     for name in ("dots-llm", "dots-ray-head"):
         assert after[("Deployment", name)] == before[("Deployment", name)]
     assert after[("Deployment", "dots-vision")] != before[("Deployment", "dots-vision")]
-    ann = b.ANNOTATION_SPEC_HASH
+    ann = naming.ANNOTATION_SPEC_HASH
     assert (after[("Deployment", "dots-vision")]["spec"]["template"]["metadata"]["annotations"][ann]
             != before[("Deployment", "dots-vision")]["spec"]["template"]["metadata"]["annotations"][ann])
     # The Serve config (deployed through the head's REST API) does follow the change.
@@ -119,53 +118,73 @@ def test_llm_change_does_not_touch_vision_template() -> None:
 
 
 def test_builders_are_deterministic() -> None:
-    a = b.children(OWNER, _spec(), vision_replicas=2, llm_replicas=1)
-    c = b.children(OWNER, copy.deepcopy(_spec()), vision_replicas=2, llm_replicas=1)
+    a = builders.children(OWNER, _spec(), vision_replicas=2, llm_replicas=1)
+    c = builders.children(OWNER, copy.deepcopy(_spec()), vision_replicas=2, llm_replicas=1)
     assert json.dumps(a, sort_keys=True) == json.dumps(c, sort_keys=True)
 
 
 def test_serve_config_follows_the_contract() -> None:
     spec = _spec()
-    app = b.serve_app_config(spec)
+    app = serve_app.serve_app_config(spec)
     assert app.model_path == "/models/dots.vlm1.inst" and app.device == "cuda" and app.dtype == "bfloat16"
     assert (app.llm.tensor_parallel, app.llm.nodes_per_replica, app.llm.gpus_per_replica) == (16, 2, 16)
-    assert app.llm.pool_resource == sc.LLM_POOL_RESOURCE and app.vision.pool_resource == sc.VISION_POOL_RESOURCE
+    assert app.llm.pool_resource == serve_config.LLM_POOL_RESOURCE and app.vision.pool_resource == serve_config.VISION_POOL_RESOURCE
     assert (app.llm.context_length, app.llm.max_running_requests) == (65536, 64)
     assert app.vision.autoscaling.min_replicas == 1 and app.vision.autoscaling.max_replicas == 8
     assert app.llm.autoscaling.target_ongoing_requests == 48 and app.llm.autoscaling.downscale_delay_s == 600
     assert (app.queue.max_items, app.queue.max_bytes) == (512, 8589934592)
-    assert app.api.api_keys_env == b.API_KEYS_ENV
-    body = b.serve_body(spec)
-    assert body == sc.serve_deploy_body(app, http_port=8000)
+    assert app.api.api_keys_env == serve_config.API_KEYS_ENV
+    body = serve_app.serve_body(spec)
+    assert body == serve_config.serve_deploy_body(app, http_port=8000)
     # Round trip through the contract (what the Serve app builder will validate).
-    sc.ServeAppConfig.model_validate(body["applications"][0]["args"])
-    small = b.serve_app_config(_spec("dotsvlm-small.yaml"))
+    serve_config.ServeAppConfig.model_validate(body["applications"][0]["args"])
+    small = serve_app.serve_app_config(_spec("dotsvlm-small.yaml"))
     assert small.api.api_keys_env is None
 
 
 def test_desired_replicas_stay_within_bounds() -> None:
-    pool = m.VisionPool(min_replicas=2, max_replicas=5)
-    assert b.desired_replicas(pool, None) == 2
-    assert b.desired_replicas(pool, 9) == 5
-    assert b.desired_replicas(pool, 0) == 2
-    assert b.desired_replicas(pool, 3) == 3
+    pool = models.VisionPool(min_replicas=2, max_replicas=5)
+    assert builders.desired_replicas(pool, None) == 2
+    assert builders.desired_replicas(pool, 9) == 5
+    assert builders.desired_replicas(pool, 0) == 2
+    assert builders.desired_replicas(pool, 3) == 3
 
 
 def test_service_monitor_only_when_supported_and_asked() -> None:
     spec = _spec()
-    assert not any(o["kind"] == "ServiceMonitor" for o in b.children(OWNER, spec, vision_replicas=1, llm_replicas=1))
-    objs = b.children(OWNER, spec, vision_replicas=1, llm_replicas=1, service_monitor_supported=True)
+    assert not any(o["kind"] == "ServiceMonitor" for o in builders.children(OWNER, spec, vision_replicas=1, llm_replicas=1))
+    objs = builders.children(OWNER, spec, vision_replicas=1, llm_replicas=1, service_monitor_supported=True)
     sm = [o for o in objs if o["kind"] == "ServiceMonitor"]
     assert len(sm) == 1 and sm[0]["spec"]["endpoints"][0] == {"port": "metrics", "interval": "30s"}
 
 
 def test_token_hash_is_in_every_ray_pod_template_and_changes_with_the_token() -> None:
-    one = _by_name(b.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=b.token_hash("a")))
-    two = _by_name(b.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=b.token_hash("b")))
+    one = _by_name(builders.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=builders.token_hash("a")))
+    two = _by_name(builders.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=builders.token_hash("b")))
     for name in ("dots-ray-head", "dots-vision", "dots-llm"):
         ann = one[("Deployment", name)]["spec"]["template"]["metadata"]["annotations"]
-        assert ann[b.ANNOTATION_TOKEN_HASH] == b.token_hash("a") != b.token_hash("b")
+        assert ann[naming.ANNOTATION_TOKEN_HASH] == builders.token_hash("a") != builders.token_hash("b")
         assert two[("Deployment", name)] != one[("Deployment", name)]
     token = "f" * 64
-    objs = b.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=b.token_hash(token))
+    objs = builders.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=builders.token_hash(token))
     assert token not in json.dumps(objs)  # the token itself never lands in a pod template
+
+
+def test_resource_defaults_are_the_contracts_defaults_field_by_field() -> None:
+    """A field the resource leaves unset serves with the contract's default (queue, autoscaling, vision
+    batching, tokens, request timeout); the resource's own production defaults (pool sizes, GPUs,
+    context length) are the only ones that differ."""
+    spec = models.DotsVLMDeploymentSpec.model_validate({
+        "image": "img", "model": {"path": "/models/m", "volume": {"emptyDir": {}}, "quantization": "none"}})
+    app = serve_app.serve_app_config(spec)
+    contract = serve_config.ServeAppConfig(model_path="/models/m")
+    for field in serve_config.QueueConfig.model_fields:
+        assert getattr(app.queue, field) == getattr(contract.queue, field), f"queue.{field}"
+    for pool in ("vision", "llm"):
+        for field in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"):
+            got, want = getattr(getattr(app, pool).autoscaling, field), getattr(getattr(contract, pool).autoscaling, field)
+            assert got == want, f"{pool}.autoscaling.{field}"
+    for field in ("max_batch_pixels", "max_batch_wait_ms"):
+        assert getattr(app.vision, field) == getattr(contract.vision, field), f"vision.{field}"
+    assert app.llm.max_new_tokens_default == contract.llm.max_new_tokens_default
+    assert app.api.request_timeout_s == contract.api.request_timeout_s

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from dotsvlm_operator import crd, models as m
+from dotsvlm_operator import crd, models, naming
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "dotsvlm.io_dotsvlmdeployments.yaml"
@@ -49,7 +49,7 @@ def test_defaults_and_cel_rules_come_from_the_models() -> None:
     llm = spec["properties"]["llm"]
     # Fully expanded, so the API server fills in the pool's own defaults (and CEL rules hold on them).
     assert llm["default"]["nodesPerReplica"] == 1 and llm["default"]["autoscaling"]["targetOngoingRequests"] == 4.0
-    assert llm["properties"]["contextLength"]["default"] == m.LLMPool().context_length
+    assert llm["properties"]["contextLength"]["default"] == models.LLMPool().context_length
     rules = [r["rule"] for r in llm["x-kubernetes-validations"]]
     assert "self.gpusPerReplica % self.nodesPerReplica == 0" in rules
     # Optional objects get no default (they stay absent).
@@ -68,9 +68,9 @@ def test_printer_columns_and_status_subresource() -> None:
 def test_samples_validate_against_the_models() -> None:
     for name in ("dotsvlm.yaml", "dotsvlm-small.yaml"):
         obj = yaml.safe_load((REPO / "examples" / name).read_text())
-        spec = m.DotsVLMDeploymentSpec.model_validate(obj["spec"])
-        assert obj["apiVersion"] == m.API_VERSION and obj["kind"] == m.KIND
+        spec = models.DotsVLMDeploymentSpec.model_validate(obj["spec"])
+        assert obj["apiVersion"] == naming.API_VERSION and obj["kind"] == naming.KIND
         assert spec.llm.gpus_per_replica % spec.llm.nodes_per_replica == 0
-    full = m.DotsVLMDeploymentSpec.model_validate(yaml.safe_load((REPO / "examples" / "dotsvlm.yaml").read_text())["spec"])
+    full = models.DotsVLMDeploymentSpec.model_validate(yaml.safe_load((REPO / "examples" / "dotsvlm.yaml").read_text())["spec"])
     assert (full.llm.tensor_parallel, full.llm.nodes_per_replica, full.llm.gpus_per_pod) == (16, 2, 8)
     assert (full.llm.context_length, full.llm.max_running_requests, full.model.quantization) == (65536, 64, "fp8")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dotsvlm_operator import models as m
+from dotsvlm_operator import models
 from dotsvlm_operator.status import PodView, ServeObservation, compute_status, pod_view
 
 SCHED = ("0/6 nodes are available: 2 node(s) didn't match Pod's node affinity/selector, 4 Insufficient nvidia.com/gpu. "
@@ -10,8 +10,8 @@ SCHED = ("0/6 nodes are available: 2 node(s) didn't match Pod's node affinity/se
 URL = "http://dots-ray-head.ml.svc:8265"
 
 
-def spec(**llm) -> m.DotsVLMDeploymentSpec:
-    return m.DotsVLMDeploymentSpec.model_validate({
+def spec(**llm) -> models.DotsVLMDeploymentSpec:
+    return models.DotsVLMDeploymentSpec.model_validate({
         "image": "img", "model": {"path": "/models/x", "volume": {"persistentVolumeClaim": {"claimName": "w"}}},
         "vision": {"gpusPerReplica": 2, "minReplicas": 4, "maxReplicas": 4,
                    "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-L40S"}},

@@ -1,0 +1,131 @@
+"""Names and constants of everything the operator creates: the only place to look them up.
+
+The custom resource's identity (group, kind, plural), label and annotation keys, components, the Ray
+ports, the token Secret's key and mount, and the name of every child object. Builders, status, kube,
+handlers and the CRD's CEL rules all read them from here, so a name changes in one place. Names that
+the serving side must agree on too (pool resources, the application name, the API-keys variable) live
+in the contract, `dotsvlm_serving.serve_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# --- the custom resource ---------------------------------------------------------------------------------
+GROUP = "dotsvlm.io"
+VERSION = "v1alpha1"
+KIND = "DotsVLMDeployment"
+PLURAL = "dotsvlmdeployments"
+SINGULAR = "dotsvlmdeployment"
+SHORT_NAMES = ["dvlm"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# --- labels and annotations ----------------------------------------------------------------------------
+MANAGER = "dotsvlm-operator"  # label value and server-side-apply field manager
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_DEPLOYMENT = "dotsvlm.io/deployment"
+ANNOTATION_SPEC_HASH = "dotsvlm.io/pod-spec-hash"
+ANNOTATION_TOKEN_HASH = "dotsvlm.io/ray-token-hash"
+# Pods of the operator carry this label; the NetworkPolicy lets them reach the Ray ports.
+OPERATOR_POD_LABELS = {LABEL_NAME: "dotsvlm-operator"}
+
+# --- components (the value of LABEL_COMPONENT) ----------------------------------------------------------------
+COMPONENT_HEAD = "ray-head"
+COMPONENT_VISION = "vision"
+COMPONENT_LLM = "llm"
+COMPONENT_API = "api"
+COMPONENT_SERVE_CONFIG = "serve-config"
+COMPONENT_RAY_TOKEN = "ray-token"
+COMPONENT_NETWORK_POLICY = "network-policy"
+COMPONENT_MONITORING = "monitoring"
+
+# --- Ray's ports on the head ---------------------------------------------------------------------------------
+GCS_PORT = 6379
+DASHBOARD_PORT = 8265
+METRICS_PORT = 8080
+CLIENT_PORT = 10001
+# Ports the API may not take (the CRD's CEL rule on api.port lists them).
+RAY_HEAD_PORTS = (GCS_PORT, DASHBOARD_PORT, METRICS_PORT, CLIENT_PORT)
+
+# --- Ray's auth token ------------------------------------------------------------------------------------------
+TOKEN_KEY = "token"
+TOKEN_MOUNT = "/etc/dotsvlm/ray-token"
+TOKEN_PATH = f"{TOKEN_MOUNT}/{TOKEN_KEY}"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DotsVLMDeployment that owns the children (for names, labels and ownerReferences)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def ref(self) -> dict[str, Any]:
+        return {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}
+
+
+# --- object names ------------------------------------------------------------------------------------------------
+
+def head_name(name: str) -> str:
+    """The head's Deployment and Service."""
+    return f"{name}-ray-head"
+
+
+def pool_name(name: str, pool: str) -> str:
+    """A pool's Deployment and PodDisruptionBudget."""
+    return f"{name}-{pool}"
+
+
+def api_service_name(name: str) -> str:
+    return f"{name}-api"
+
+
+def token_secret_name(name: str) -> str:
+    return f"{name}-ray-token"
+
+
+def serve_config_name(name: str) -> str:
+    return f"{name}-serve-config"
+
+
+def network_policy_name(name: str) -> str:
+    return f"{name}-ray"
+
+
+def service_monitor_name(name: str) -> str:
+    return name
+
+
+def head_service_host(owner: Owner) -> str:
+    return f"{head_name(owner.name)}.{owner.namespace}.svc"
+
+
+def dashboard_url(owner: Owner) -> str:
+    return f"http://{head_service_host(owner)}:{DASHBOARD_PORT}"
+
+
+def endpoint(owner: Owner, api_port: int) -> str:
+    """Base URL of the OpenAI-compatible API inside the cluster."""
+    return f"http://{api_service_name(owner.name)}.{owner.namespace}.svc:{api_port}/v1"
+
+
+# --- labels ----------------------------------------------------------------------------------------------------
+
+def labels(owner: Owner, component: str) -> dict[str, str]:
+    return {LABEL_NAME: "dotsvlm", LABEL_INSTANCE: owner.name, LABEL_COMPONENT: component,
+            LABEL_MANAGED_BY: MANAGER, LABEL_DEPLOYMENT: owner.name}
+
+
+def selector(owner: Owner, component: str) -> dict[str, str]:
+    return {LABEL_INSTANCE: owner.name, LABEL_COMPONENT: component, LABEL_DEPLOYMENT: owner.name}
+
+
+def owned_labels(name: str) -> dict[str, str]:
+    """Every object and pod this operator made for the deployment `name`."""
+    return {LABEL_DEPLOYMENT: name, LABEL_MANAGED_BY: MANAGER}

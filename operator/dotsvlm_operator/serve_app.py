@@ -1,0 +1,67 @@
+"""The spec -> `ServeAppConfig` mapping: what the operator deploys to the Ray head.
+
+The Serve application's config is not in any pod template: the operator renders it here from the
+DotsVLMDeployment's spec (into the contract, `dotsvlm_serving.serve_config`) and sends it through the
+head's REST API; `builders` also writes it into a ConfigMap for people to read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from dotsvlm_serving import serve_config
+
+from dotsvlm_operator import models
+
+
+def _targets(auto: models.Autoscaling, lo: int, hi: int) -> serve_config.AutoscalingTargets:
+    return serve_config.AutoscalingTargets(
+        min_replicas=lo, max_replicas=hi, target_ongoing_requests=auto.target_ongoing_requests,
+        upscale_delay_s=auto.upscale_delay_seconds, downscale_delay_s=auto.downscale_delay_seconds)
+
+
+def serve_app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAppConfig:
+    """The application's args (the contract in dotsvlm_serving.serve_config), rendered from the spec."""
+    gpu = spec.llm.gpus_per_replica > 0 or spec.vision.gpus_per_replica > 0
+    return serve_config.ServeAppConfig(
+        model_path=spec.model.path,
+        served_model_name=spec.model.served_name,
+        device="cuda" if gpu else "cpu",
+        dtype=spec.model.dtype,
+        vision=serve_config.VisionPoolConfig(
+            gpus_per_replica=spec.vision.gpus_per_replica,
+            pool_resource=serve_config.VISION_POOL_RESOURCE,
+            max_batch_pixels=spec.vision.max_batch_pixels,
+            max_batch_wait_ms=spec.vision.max_batch_wait_ms,
+            autoscaling=_targets(spec.vision.autoscaling, spec.vision.min_replicas, spec.vision.max_replicas),
+        ),
+        llm=serve_config.LLMPoolConfig(
+            gpus_per_replica=spec.llm.gpus_per_replica,
+            tensor_parallel=spec.llm.tensor_parallel,
+            nodes_per_replica=spec.llm.nodes_per_replica,
+            pool_resource=serve_config.LLM_POOL_RESOURCE,
+            context_length=spec.llm.context_length,
+            max_running_requests=spec.llm.max_running_requests,
+            max_new_tokens_default=spec.llm.max_new_tokens_default,
+            autoscaling=_targets(spec.llm.autoscaling, spec.llm.min_replicas, spec.llm.max_replicas),
+        ),
+        queue=serve_config.QueueConfig(
+            max_items=spec.queue.max_items, max_bytes=spec.queue.max_bytes,
+            enqueue_timeout_s=spec.queue.enqueue_timeout_seconds, lease_timeout_s=spec.queue.lease_timeout_seconds,
+            max_deliveries=spec.queue.max_deliveries),
+        api=serve_config.ApiConfig(
+            api_keys_env=serve_config.API_KEYS_ENV if spec.api.api_key_secret_ref else None,
+            request_timeout_s=spec.api.request_timeout_seconds),
+    )
+
+
+def serve_body(spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
+    """The body of `PUT /api/serve/applications/` for this spec."""
+    return serve_config.serve_deploy_body(serve_app_config(spec), http_port=spec.api.port)
+
+
+def serve_body_hash(body: dict[str, Any]) -> str:
+    """What status records as deployed (`serveApp.configHash`): the operator redeploys when it changes."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
