@@ -20,7 +20,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from .serve_config import APP_NAME, LLMPoolConfig, QueueConfig, ServeAppConfig
 

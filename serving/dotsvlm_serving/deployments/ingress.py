@@ -1,23 +1,20 @@
 """Ingress: the OpenAI-compatible HTTP API.
 
 Per request: authenticate, validate, load and decode images, render the chat template and tokenise,
-check limits, send images to the VisionEncoder (text-only requests skip it), enqueue the work in the
-tensor queue (429 with Retry-After when it stays full), then relay the LLM replica's events as one
-JSON answer or as server-sent events. A client that goes away cancels its request.
+check limits, hand the request to the relay (`relay.py`: VisionEncoder, then the tensor queue, 429
+with Retry-After when it stays full), then turn the LLM replica's events into one JSON answer or
+server-sent events. A client that goes away cancels its request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -31,12 +28,13 @@ from ..api.errors import ApiError, error_body
 from ..api.images import FetchPolicy, load_image_bytes
 from ..api.openai_models import (ChatCompletionRequest, chunk, completion_response, models_response,
                                  new_completion_id, parse_chat_request)
+from ..events import ErrorEvent, Event, FinishEvent
 from ..metrics import IngressMetrics
 from ..model.config import load_config
 from ..model.preprocess import ImageError, decode_image
 from ..model.prompt import load_tokenizer
 from ..serve_config import ServeAppConfig
-from ..tensor_queue import QueueItem, RayObjectTransport, TensorHandle
+from .relay import Relay
 
 log = logging.getLogger("ray.serve")
 
@@ -68,17 +66,18 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 class Ingress:
     def __init__(self, app_config: dict[str, Any], vision: Any, queue: Any, llm: Any) -> None:
         self.cfg = ServeAppConfig.model_validate(app_config)
-        self.vision, self.queue, self.llm = vision, queue, llm
+        self.queue, self.llm = queue, llm
         self.model_config = load_config(self.cfg.model_path)
         self.tokenizer = load_tokenizer(self.cfg.model_path)
-        self.hidden = int(self.model_config.vision.hidden_size)
         lim = self.cfg.api.images
         self.fetch_policy = FetchPolicy.from_config(max_bytes=lim.max_image_bytes, timeout_s=lim.fetch_timeout_s,
                                                     fetch_allow=lim.fetch_allow)
         self.auth = ApiKeyAuth.from_env(self.cfg.api.api_keys_env)
         self.metrics = IngressMetrics()
+        self.relay = Relay(vision, queue, self.metrics, hidden_size=int(self.model_config.vision.hidden_size),
+                           enqueue_timeout_s=self.cfg.queue.enqueue_timeout_s,
+                           request_timeout_s=self.cfg.api.request_timeout_s)
         self.created = int(time.time())
-        self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------------------- small endpoints
     @app.get("/health")
@@ -145,7 +144,7 @@ class Ingress:
         params = self._sampling(req, len(ids))
         deadline = t0 + self.cfg.api.request_timeout_s
         cid = new_completion_id()
-        events = await self._submit(cid, ids, images, counts, params, req.stream, deadline)
+        events = await self.relay.submit(cid, ids, images, counts, params, req.stream, deadline)
         if req.stream:
             return await self._stream(cid, req, events, t0, len(images))
         return await self._complete(cid, events, t0)
@@ -203,112 +202,17 @@ class Ingress:
                              "shorten the messages, send fewer or smaller images, or lower max_tokens",
                         param="messages", code="context_length_exceeded")
 
-    # ------------------------------------------------------------------------------- vision + queue
-    async def _encode(self, images: list[Image.Image], counts: list[int], deadline: float) -> TensorHandle:
-        """Encode on the vision pool; the embeddings stay in the object store (owned by this process, so
-        they outlive the vision replica) and only their reference travels on."""
-        t = time.monotonic()
-        self.metrics.vision_backlog.inc(len(images))
-        try:
-            ref = await self.vision.encode.remote(images)._to_object_ref()
-            # Readiness without fetching the bytes here (fetch_local=False); a short poll keeps the
-            # event loop free for other requests.
-            delay = 0.001
-            while not ray.wait([ref], timeout=0, fetch_local=False)[0]:
-                if time.monotonic() > deadline:
-                    raise ApiError(504, "the vision encoder did not finish before the request timeout")
-                await asyncio.sleep(delay)
-                delay = min(0.01, delay * 2)
-        finally:
-            self.metrics.vision_backlog.dec(len(images))
-        self.metrics.encode_seconds.observe(time.monotonic() - t)
-        return RayObjectTransport.from_ref(ref, shape=(sum(counts), self.hidden), dtype=np.float32)
-
-    async def _submit(self, cid: str, ids: list[int], images: list[Image.Image], counts: list[int],
-                      params: dict[str, Any], stream: bool, deadline: float) -> AsyncIterator[dict]:
-        """Encode + enqueue, and return the request's event iterator; retries once from the vision step
-        when the LLM replica reports that the embeddings were lost."""
-        attempts = 2 if images else 1
-        for attempt in range(attempts):
-            rid = f"{cid}-{attempt}"
-            handle = await self._encode(images, counts, deadline) if images else None
-            nbytes = (handle.nbytes if handle else 0) + 8 * len(ids)
-            item = QueueItem(request_id=rid, nbytes=nbytes, reserved_tokens=len(ids) + params["max_tokens"],
-                             payload={"ids": ids, "embeds": handle, "params": params}, stream=stream)
-            timeout = max(0.0, min(self.cfg.queue.enqueue_timeout_s, deadline - time.monotonic()))
-            res = await self.queue.put.remote(item, timeout)
-            if not res["ok"]:
-                if res["reason"] == "full":
-                    raise ApiError(429, res["message"], code="queue_full",
-                                   headers={"Retry-After": str(int(res["retry_after_s"]))})
-                raise ApiError(400, res["message"], code="request_too_large")
-            events = self._events(rid, deadline, until_done=not stream)
-            try:
-                first = await events.__anext__()
-            except BaseException:
-                self._cancel_later(rid)
-                raise
-            if first["type"] == "error" and first.get("stage") == "vision" and attempt + 1 < attempts:
-                log.warning("request %s: embeddings lost, encoding again", rid)
-                self.metrics.vision_retries.inc()
-                continue
-            return self._prepend(first, events, rid)
-        raise AssertionError("unreachable")
-
-    async def _prepend(self, first: dict, rest: AsyncIterator[dict], rid: str) -> AsyncIterator[dict]:
-        finished = first["type"] in ("finish", "error")
-        try:
-            yield first
-            if finished:
-                return
-            async for ev in rest:
-                finished = ev["type"] in ("finish", "error")
-                yield ev
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self._cancel_later(rid)
-
-    async def _events(self, rid: str, deadline: float, *, until_done: bool = False) -> AsyncIterator[dict]:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._cancel_later(rid)
-                raise ApiError(504, f"the request did not finish within {self.cfg.api.request_timeout_s:g} s")
-            try:
-                evs = await self.queue.next_events.remote(rid, min(5.0, remaining), until_done)
-            except Exception as exc:
-                raise ApiError(503, f"the tensor queue is unavailable ({type(exc).__name__}); retry the request") from None
-            if evs is None:
-                raise ApiError(503, "the request was lost by the tensor queue (did it restart?); retry the request")
-            for ev in evs:
-                yield ev
-
-    def _cancel_later(self, rid: str) -> None:
-        """Cancel without awaiting (we may be inside a cancelled task or a closing generator)."""
-        async def go() -> None:
-            try:
-                await self.queue.cancel.remote(rid)
-            except Exception:
-                log.warning("could not cancel %s", rid)
-        # A fresh context: Serve cancels calls made in the context of a cancelled request, and this
-        # call must outlive the request that is being cancelled.
-        task = asyncio.get_running_loop().create_task(go(), context=contextvars.Context())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     @staticmethod
-    def _error_of(ev: dict) -> ApiError:
+    def _error_of(ev: ErrorEvent) -> ApiError:
         return ApiError(int(ev.get("code", 500)), str(ev.get("message", "generation failed")))
 
-    def _observe_finish(self, ev: dict, t0: float) -> None:
+    def _observe_finish(self, ev: FinishEvent, t0: float) -> None:
         u = ev.get("usage", {})
         self.metrics.prompt_tokens.inc(u.get("prompt_tokens", 0))
         self.metrics.completion_tokens.inc(u.get("completion_tokens", 0))
         self.metrics.request_seconds.observe(time.monotonic() - t0)
 
-    async def _complete(self, cid: str, events: AsyncIterator[dict], t0: float) -> Response:
+    async def _complete(self, cid: str, events: AsyncIterator[Event], t0: float) -> Response:
         text: list[str] = []
         first = True
         try:
@@ -332,7 +236,7 @@ class Ingress:
             await events.aclose()  # a client that went away (cancellation) cancels the generation
         raise ApiError(503, "the generation ended without a result; retry the request")
 
-    async def _stream(self, cid: str, req: ChatCompletionRequest, events: AsyncIterator[dict], t0: float,
+    async def _stream(self, cid: str, req: ChatCompletionRequest, events: AsyncIterator[Event], t0: float,
                       n_images: int) -> Response:
         first = await events.__anext__()  # errors before the first token become HTTP errors
         if first["type"] == "error":
@@ -346,7 +250,7 @@ class Ingress:
         async def body() -> AsyncIterator[bytes]:
             self.metrics.ttft.observe(time.monotonic() - t0)
             yield sse(chunk(cid, model, created, delta={"role": "assistant", "content": ""}))
-            pending: list[dict] = [first]
+            pending: list[Event] = [first]
             try:
                 while True:
                     ev = pending.pop(0) if pending else await events.__anext__()

@@ -19,6 +19,7 @@ import torch
 
 from .. import pipeline
 from ..engine import Engine, EngineLimitError, EngineRequest, SamplingParams
+from ..events import ErrorEvent, Event
 from ..model.checkpoint import load_llm
 from ..model.config import load_config
 from ..model.prompt import load_tokenizer, stop_token_ids
@@ -50,7 +51,7 @@ class LLMServer:
         self.consumer_id = f"llm-{uuid.uuid4().hex[:12]}"
         self._to_cancel: set[str] = set()
         self._publishing: asyncio.Future[list[str]] | None = None
-        self._outbox: list[dict] = []
+        self._outbox: list[Event] = []
         self._last_take = 0.0
         self._draining = False
         loop = asyncio.get_running_loop()
@@ -129,7 +130,7 @@ class LLMServer:
     async def _resolve(call: Any) -> list[str]:
         return await call
 
-    def _admit(self, item: QueueItem) -> dict | None:
+    def _admit(self, item: QueueItem) -> ErrorEvent | None:
         """Fetch the embeddings and hand the request to the engine; an error event if that fails."""
         p = item.payload
         try:
@@ -141,15 +142,15 @@ class LLMServer:
             self.engine.add(EngineRequest(item.request_id, x, params))
             return None
         except TransportError as exc:
-            return {"request_id": item.request_id, "type": "error", "code": 503, "stage": "vision",
-                    "message": f"the image embeddings for this request were lost before generation (a vision "
-                               f"replica failed?): retry the request ({exc})"}
+            return ErrorEvent(request_id=item.request_id, type="error", code=503, stage="vision",
+                              message=f"the image embeddings for this request were lost before generation (a vision "
+                                      f"replica failed?): retry the request ({exc})")
         except EngineLimitError as exc:
-            return {"request_id": item.request_id, "type": "error", "code": 400, "message": str(exc)}
+            return ErrorEvent(request_id=item.request_id, type="error", code=400, message=str(exc))
         except Exception as exc:
             log.exception("admitting %s failed", item.request_id)
-            return {"request_id": item.request_id, "type": "error", "code": 500,
-                    "message": f"the LLM replica could not start this request: {type(exc).__name__}: {exc}"}
+            return ErrorEvent(request_id=item.request_id, type="error", code=500,
+                              message=f"the LLM replica could not start this request: {type(exc).__name__}: {exc}")
 
     async def stats(self) -> dict[str, float]:
         return self.engine.stats()

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray import serve
 
+from ..events import Event
 from ..serve_config import QueueConfig
 from ..tensor_queue import ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
 
@@ -47,7 +48,7 @@ class TensorQueueServer:
     async def take(self, consumer_id: str, max_items: int, token_budget: int, wait_s: float) -> list[QueueItem]:
         return await self.core.take(consumer_id, max_items=max_items, token_budget=token_budget, wait_s=wait_s)
 
-    async def publish(self, consumer_id: str, events: list[dict], stats: dict[str, float] | None = None) -> list[str]:
+    async def publish(self, consumer_id: str, events: list[Event], stats: dict[str, float] | None = None) -> list[str]:
         return self.core.publish(consumer_id, events, stats)
 
     async def heartbeat(self, consumer_id: str, stats: dict[str, float] | None = None) -> list[str]:
@@ -56,7 +57,7 @@ class TensorQueueServer:
     async def leave(self, consumer_id: str) -> None:
         self.core.leave(consumer_id)
 
-    async def next_events(self, request_id: str, wait_s: float, until_done: bool = False) -> list[dict] | None:
+    async def next_events(self, request_id: str, wait_s: float, until_done: bool = False) -> list[Event] | None:
         """None when the request is unknown (e.g. the queue replica restarted and lost it)."""
         try:
             return await self.core.next_events(request_id, wait_s, until_done=until_done)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import DynamicCache
 
+from ..events import ErrorEvent, Event, FinishEvent, TokenEvent, Usage
 from .sampling import SamplingParams, find_stop, holdback, sample_token
 
 
@@ -50,9 +52,6 @@ class _Seq:
     emitted: int = 0  # characters of the decoded text already sent
     first_token_at: float | None = None
     started_at: float = field(default_factory=time.monotonic)
-
-
-Event = dict
 
 
 class Engine:
@@ -117,8 +116,8 @@ class Engine:
             try:
                 self._prefill(req, events)
             except Exception as exc:  # a bad request must not take the replica down
-                events.append({"request_id": req.request_id, "type": "error", "code": 500,
-                               "message": f"prefill failed: {type(exc).__name__}: {exc}"})
+                events.append(ErrorEvent(request_id=req.request_id, type="error", code=500,
+                                         message=f"prefill failed: {type(exc).__name__}: {exc}"))
         if self._running:
             self._decode(events)
         return events
@@ -187,7 +186,7 @@ class Engine:
             return True
         safe = len(text) - holdback(text, stops)
         if safe > seq.emitted or first:
-            events.append({"request_id": rid, "type": "token", "text": text[seq.emitted:max(safe, seq.emitted)]})
+            events.append(TokenEvent(request_id=rid, type="token", text=text[seq.emitted:max(safe, seq.emitted)]))
             seq.emitted = max(safe, seq.emitted)
         return False
 
@@ -197,9 +196,9 @@ class Engine:
         seq.emitted = len(text)
         return delta
 
-    def _finish_event(self, seq: _Seq, reason: str, text: str = "") -> Event:
-        return {"request_id": seq.req.request_id, "type": "finish", "finish_reason": reason, "text": text,
-                "usage": {"prompt_tokens": seq.req.prompt_tokens, "completion_tokens": len(seq.generated)}}
+    def _finish_event(self, seq: _Seq, reason: Literal["stop", "length", "cancelled"], text: str = "") -> FinishEvent:
+        return FinishEvent(request_id=seq.req.request_id, type="finish", finish_reason=reason, text=text,
+                           usage=Usage(prompt_tokens=seq.req.prompt_tokens, completion_tokens=len(seq.generated)))
 
     # ------------------------------------------------------------------ the batch cache
     def _dtype(self) -> torch.dtype:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..events import TERMINAL_EVENTS, ErrorEvent, Event, RestartEvent
+
 
 async def _wait_until(ready: Callable[[], bool], changed: asyncio.Event, wait_s: float) -> None:
     """Wait until `ready()` holds or `wait_s` passes; `changed` is set whenever `ready()` may have become true."""
@@ -67,7 +69,7 @@ class QueueItem:
 
 @dataclass
 class _Mailbox:
-    events: list[dict] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     waiter: asyncio.Event = field(default_factory=asyncio.Event)
     streamed: bool = False  # a token event was published (so a redelivery would repeat output)
     done: bool = False
@@ -81,9 +83,6 @@ class _Consumer:
     leased: dict[str, QueueItem] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
     stats: dict[str, float] = field(default_factory=dict)
-
-
-TERMINAL_EVENTS = frozenset({"finish", "error"})
 
 
 class TensorQueueCore:
@@ -205,8 +204,8 @@ class TensorQueueCore:
             self._wake_producers()
         return out
 
-    def publish(self, consumer_id: str, events: list[dict], stats: dict[str, float] | None = None) -> list[str]:
-        """Deliver events (`{"request_id", "type": "token"|"finish"|"error", ...}`) to mailboxes; doubles as
+    def publish(self, consumer_id: str, events: list[Event], stats: dict[str, float] | None = None) -> list[str]:
+        """Deliver events (`dotsvlm_serving.events`) to their requests' mailboxes; doubles as
         a heartbeat. Returns the ids of this consumer's requests that were cancelled by their clients."""
         c = self._touch(consumer_id)
         if stats is not None:
@@ -239,7 +238,7 @@ class TensorQueueCore:
             self._declare_dead(c, reason="the LLM replica shut down")
 
     # ---------------------------------------------------------------- clients (the ingress)
-    async def next_events(self, request_id: str, wait_s: float, *, until_done: bool = False) -> list[dict]:
+    async def next_events(self, request_id: str, wait_s: float, *, until_done: bool = False) -> list[Event]:
         """Long-poll a request's mailbox. Returns [] on timeout; raises KeyError for an unknown id. With
         `until_done` (a non-streaming client) it waits for the terminal event, so one call usually
         carries the whole answer. The mailbox is removed once its terminal event has been returned."""
@@ -294,13 +293,13 @@ class TensorQueueCore:
                 continue
             if (box.streamed and item.stream) or item.deliveries >= self.max_deliveries:
                 self.counters["failed_consumer_lost"] += 1
-                box.events.append({"request_id": rid, "type": "error", "code": 503,
-                                   "message": f"{reason} while generating this answer; please retry the request"})
+                box.events.append(ErrorEvent(request_id=rid, type="error", code=503,
+                                             message=f"{reason} while generating this answer; please retry the request"))
                 box.done = True
             else:
                 self.counters["redelivered"] += 1
                 # Tell the client to discard partial output it may have buffered (non-streaming only).
-                box.events.append({"request_id": rid, "type": "restart"})
+                box.events.append(RestartEvent(request_id=rid, type="restart"))
                 box.streamed = False
                 requeue.append(item)
             box.waiter.set()

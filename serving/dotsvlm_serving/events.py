@@ -1,0 +1,61 @@
+"""The events a request's answer travels as: engine -> LLM replica -> tensor queue mailbox -> ingress.
+
+Plain dicts on the wire (they cross Ray actor calls); these TypedDicts say what each kind carries.
+A request's stream is any number of `token` (and, after a redelivery, `restart`) events, ended by
+exactly one terminal event: `finish` or `error`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NotRequired, TypedDict
+
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TokenEvent(TypedDict):
+    """New text of the answer (may be empty while a possible stop string is held back)."""
+
+    request_id: str
+    type: Literal["token"]
+    text: str
+
+
+class FinishEvent(TypedDict):
+    """The answer is complete; `text` is whatever was still held back."""
+
+    request_id: str
+    type: Literal["finish"]
+    finish_reason: Literal["stop", "length", "cancelled"]
+    text: str
+    usage: Usage
+
+
+class ErrorEvent(TypedDict):
+    """The request failed; `code` is the HTTP status the client gets. `stage` "vision": the image
+    embeddings were lost before generation, so the ingress may encode the images again."""
+
+    request_id: str
+    type: Literal["error"]
+    code: int
+    message: str
+    stage: NotRequired[Literal["vision"]]
+
+
+class RestartEvent(TypedDict):
+    """The request was delivered again to another LLM replica: drop any text buffered so far."""
+
+    request_id: str
+    type: Literal["restart"]
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent | RestartEvent
+
+# The kinds that end a request's stream.
+TERMINAL_EVENTS = frozenset({"finish", "error"})
+
+
+def is_terminal(event: Event) -> bool:
+    return event["type"] in TERMINAL_EVENTS
