@@ -21,5 +21,8 @@ test-quick: setup
 binaries:
 	@tests/cluster/build-binaries.sh >/dev/null
 
+## Regenerate the CRD from the models, for kubectl (crds/) and for the Helm chart (a copy it templates).
 crd: setup
 	@.venv/bin/dotsvlm crd > crds/dotsvlm.io_dotsvlmdeployments.yaml
+	@cp crds/dotsvlm.io_dotsvlmdeployments.yaml charts/dotsvlm-operator/files/crds/
+	@cp crds/kopf-peering.yaml charts/dotsvlm-operator/crds/

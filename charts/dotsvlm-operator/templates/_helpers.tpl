@@ -1,0 +1,97 @@
+{{/*
+Names and labels: one home for every name the templates use.
+*/}}
+
+{{/* The release's object names: <release>-dotsvlm-operator, or the release name when it already says so. */}}
+{{- define "dotsvlm-operator.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Selector labels. `app.kubernetes.io/name: dotsvlm-operator` is fixed (not nameOverride): the
+NetworkPolicy the operator puts beside every DotsVLMDeployment lets only pods with this label reach
+the Ray dashboard (operator/dotsvlm_operator/builders.py, OPERATOR_POD_LABELS).
+*/}}
+{{- define "dotsvlm-operator.selectorLabels" -}}
+app.kubernetes.io/name: dotsvlm-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "dotsvlm-operator.labels" -}}
+{{ include "dotsvlm-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ (default .Chart.AppVersion .Values.image.tag) | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dotsvlm
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 }}
+{{- end -}}
+
+{{- define "dotsvlm-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dotsvlm-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name: set the name of an existing ServiceAccount when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when several replicas must share the work through kopf peering. */}}
+{{- define "dotsvlm-operator.peering" -}}
+{{- if or .Values.peering.enabled (gt (int .Values.replicaCount) 1) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "dotsvlm-operator.peeringName" -}}
+{{- default (include "dotsvlm-operator.fullname" .) .Values.peering.name -}}
+{{- end -}}
+
+{{/* "true" when the operator watches only .Values.watchNamespaces (Roles instead of ClusterRoles). */}}
+{{- define "dotsvlm-operator.namespaced" -}}
+{{- if .Values.watchNamespaces -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The rules for the objects the operator reads and writes inside a watched namespace. Verbs: kopf
+watches (list, watch); the operator reads (get), server-side applies (patch; create when absent) and
+deletes/re-creates children; it never updates with PUT. Pods are only read; events only created.
+*/}}
+{{- define "dotsvlm-operator.namespacedRules" -}}
+- apiGroups: [dotsvlm.io]
+  resources: [dotsvlmdeployments]
+  verbs: [get, list, watch, patch]
+- apiGroups: [dotsvlm.io]
+  resources: [dotsvlmdeployments/status]
+  verbs: [patch]
+- apiGroups: [""]
+  resources: [services, configmaps, secrets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [monitoring.coreos.com]
+  resources: [servicemonitors]
+  verbs: [get, list, watch, create, patch, delete]
+{{- end -}}
+
+{{/* kopf's peering objects: it watches them and patches its own heartbeat into their status. */}}
+{{- define "dotsvlm-operator.peeringVerbs" -}}
+[get, list, watch, patch]
+{{- end -}}
