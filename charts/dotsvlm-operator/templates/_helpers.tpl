@@ -19,7 +19,7 @@ Names and labels: one home for every name the templates use.
 {{/*
 Selector labels. `app.kubernetes.io/name: dotsvlm-operator` is fixed (not nameOverride): the
 NetworkPolicy the operator puts beside every DotsVLMDeployment lets only pods with this label reach
-the Ray dashboard (operator/dotsvlm_operator/builders.py, OPERATOR_POD_LABELS).
+the Ray dashboard (operator/dotsvlm_operator/naming.py, OPERATOR_POD_LABELS).
 */}}
 {{- define "dotsvlm-operator.selectorLabels" -}}
 app.kubernetes.io/name: dotsvlm-operator
