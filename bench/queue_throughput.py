@@ -114,8 +114,9 @@ def main() -> None:
     from ray import serve
 
     from dotsvlm_serving.deployments.queue import TensorQueueDeployment, TensorQueueServer
+    from dotsvlm_serving.serve_config import QueueConfig
 
-    qcfg = {"max_items": 8, "max_bytes": 8 * 20 * 1024 * 1024, "enqueue_timeout_s": 60}
+    qcfg = QueueConfig(max_items=8, max_bytes=8 * 20 * 1024 * 1024, enqueue_timeout_s=60)
     baseline = raw_copy_gbps()
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              object_store_memory=2 * 1024**3)

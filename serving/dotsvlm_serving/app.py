@@ -2,9 +2,11 @@
 
     Ingress (OpenAI API) -> VisionEncoder [vision pool] -> TensorQueue -> LLMServer [llm pool]
 
-`args` is a `ServeAppConfig` (validated here, torch-free model shared with the operator). Each pool's
-deployment asks for one unit of its pool's Ray custom resource when `pool_resource` is set (pool
-workers advertise it), and GPUs as configured; locally nothing is pinned.
+`args` is a `ServeAppConfig` (validated here, once: each deployment receives the typed config, the
+tensor queue its own `QueueConfig`). Each deployment states its own Serve options (name, concurrency,
+graceful shutdown) next to its code in `deployments/`; this module adds what follows from the pool
+config: replica counts or autoscaling, GPUs, the pool's Ray custom resource when `pool_resource` is
+set (pool workers advertise it), and the LLM replica's placement group; locally nothing is pinned.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
-from ray import serve
 from ray.serve import Application
 
 from .serve_config import AutoscalingTargets, LLMPoolConfig, ServeAppConfig
@@ -72,21 +73,17 @@ def parse_config(args: dict[str, Any]) -> ServeAppConfig:
 
 def build_app(args: dict[str, Any]) -> Application:
     from .deployments.ingress import IngressDeployment
-    from .deployments.llm import LLMServer
+    from .deployments.llm import LLMServerDeployment
     from .deployments.queue import TensorQueueDeployment
-    from .deployments.vision_encoder import VisionEncoder
+    from .deployments.vision_encoder import VisionEncoderDeployment
 
     cfg = parse_config(args)
-    plain = cfg.model_dump(mode="json")
     cpu_share = 0.0 if cfg.device == "cpu" else 1.0  # on CPU, do not let Ray's CPU accounting block replicas
-    queue = TensorQueueDeployment.bind(cfg.queue.model_dump(mode="json"))
-    vision = serve.deployment(name="VisionEncoder", max_ongoing_requests=256, **replica_options(cfg.vision.autoscaling),
-                              ray_actor_options=actor_options(num_gpus=cfg.vision.gpus_per_replica,
-                                                              pool_resource=cfg.vision.pool_resource,
-                                                              num_cpus=cpu_share))(VisionEncoder).bind(plain)
-    llm = serve.deployment(name="LLMServer", max_ongoing_requests=16, graceful_shutdown_timeout_s=60,
-                           **replica_options(cfg.llm.autoscaling),
-                           **llm_placement(cfg.llm, num_cpus=cpu_share))(LLMServer).bind(plain, queue)
-    ingress = serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=4096,
-                               ray_actor_options={"num_cpus": 0})(IngressDeployment)
-    return ingress.bind(plain, vision, queue, llm)
+    queue = TensorQueueDeployment.bind(cfg.queue)
+    vision = VisionEncoderDeployment.options(
+        **replica_options(cfg.vision.autoscaling),
+        ray_actor_options=actor_options(num_gpus=cfg.vision.gpus_per_replica, pool_resource=cfg.vision.pool_resource,
+                                        num_cpus=cpu_share)).bind(cfg)
+    llm = LLMServerDeployment.options(**replica_options(cfg.llm.autoscaling),
+                                      **llm_placement(cfg.llm, num_cpus=cpu_share)).bind(cfg, queue)
+    return IngressDeployment.bind(cfg, vision, queue, llm)

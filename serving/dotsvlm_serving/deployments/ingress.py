@@ -64,8 +64,8 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 class Ingress:
-    def __init__(self, app_config: dict[str, Any], vision: Any, queue: Any, llm: Any) -> None:
-        self.cfg = ServeAppConfig.model_validate(app_config)
+    def __init__(self, cfg: ServeAppConfig, vision: Any, queue: Any, llm: Any) -> None:
+        self.cfg = cfg  # validated once, by the app builder
         self.queue, self.llm = queue, llm
         self.model_config = load_config(self.cfg.model_path)
         self.tokenizer = load_tokenizer(self.cfg.model_path)
@@ -279,4 +279,6 @@ class Ingress:
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": cid})
 
 
-IngressDeployment = serve.ingress(app)(Ingress)
+# One ingress replica (it is asynchronous and light; Serve's HTTP proxy sits in front of it).
+IngressDeployment = serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=4096,
+                                     ray_actor_options={"num_cpus": 0})(serve.ingress(app)(Ingress))

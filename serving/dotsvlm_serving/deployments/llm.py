@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import torch
+from ray import serve
 
 from .. import pipeline
 from ..engine import Engine, EngineLimitError, EngineRequest, SamplingParams
@@ -32,11 +33,12 @@ log = logging.getLogger("ray.serve")
 class LLMServer:
     TAKE_INTERVAL_S = 0.05
     # Graceful shutdown (scale-down, rolling update): stop taking work and finish what is running for
-    # up to this long; what is left is handed back to the queue at once. Keep below the deployment's
-    # graceful_shutdown_timeout_s (app.py).
+    # up to this long; what is left is handed back to the queue at once. Serve waits
+    # GRACEFUL_SHUTDOWN_TIMEOUT_S (below) for this before it kills the replica.
     DRAIN_TIMEOUT_S = 50.0
-    async def __init__(self, app_config: dict[str, Any], queue: Any) -> None:
-        self.cfg = ServeAppConfig.model_validate(app_config)
+
+    async def __init__(self, cfg: ServeAppConfig, queue: Any) -> None:
+        self.cfg = cfg  # validated once, by the app builder
         self.queue = queue
         self.model_config = load_config(self.cfg.model_path)
         self.tokenizer = load_tokenizer(self.cfg.model_path)
@@ -175,3 +177,11 @@ class LLMServer:
     def check_health(self) -> None:
         if self._run_task.done():
             raise RuntimeError("the LLM engine loop stopped")
+
+
+# The drain, plus time to deliver the last events and hand back the leases.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = LLMServer.DRAIN_TIMEOUT_S + 10
+# This deployment's own Serve options; the app builder adds the pool's replicas and placement (GPUs,
+# pool resource, one bundle per node).
+LLMServerDeployment = serve.deployment(name="LLMServer", max_ongoing_requests=16,
+                                       graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)(LLMServer)

@@ -21,8 +21,7 @@ log = logging.getLogger("ray.serve")
 
 
 class TensorQueueServer:
-    async def __init__(self, queue_config: dict[str, Any]) -> None:
-        cfg = QueueConfig.model_validate(queue_config)
+    async def __init__(self, cfg: QueueConfig) -> None:
         self.cfg = cfg
         self.core = TensorQueueCore(max_items=cfg.max_items, max_bytes=cfg.max_bytes,
                                     lease_timeout_s=cfg.lease_timeout_s, max_deliveries=cfg.max_deliveries)

@@ -13,11 +13,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from ray import serve
 
 from .. import pipeline
 from ..model.checkpoint import load_vision_tower
@@ -36,8 +36,8 @@ class _Job:
 
 
 class VisionEncoder:
-    async def __init__(self, app_config: dict[str, Any]) -> None:
-        self.cfg = ServeAppConfig.model_validate(app_config)
+    async def __init__(self, cfg: ServeAppConfig) -> None:
+        self.cfg = cfg  # validated once, by the app builder
         self.model_config = load_config(self.cfg.model_path)
         dtype = getattr(torch, self.cfg.dtype)
         self.tower = load_vision_tower(self.cfg.model_path, device=self.cfg.device, dtype=dtype,
@@ -108,3 +108,7 @@ class VisionEncoder:
     def check_health(self) -> None:
         if self._loop.done():
             raise RuntimeError("the vision batching loop stopped")
+
+
+# This deployment's own Serve options; the app builder adds the pool's replicas, GPUs and pool resource.
+VisionEncoderDeployment = serve.deployment(name="VisionEncoder", max_ongoing_requests=256)(VisionEncoder)
