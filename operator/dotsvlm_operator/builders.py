@@ -54,7 +54,8 @@ def _ray_env(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> list[dict[str,
     ]
     ref = spec.api.api_key_secret_ref
     if ref is not None:
-        env.append({"name": serve_config.API_KEYS_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        env.append({"name": serve_config.API_KEYS_ENV,
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return env
 
 
@@ -134,8 +135,10 @@ def _metrics_port(spec: models.DotsVLMDeploymentSpec) -> list[str]:
 def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
     cmd = ["ray", "start", "--head", f"--port={naming.GCS_PORT}", "--dashboard-host=0.0.0.0",
            f"--dashboard-port={naming.DASHBOARD_PORT}", "--num-gpus=0", *_metrics_port(spec), "--block"]
-    ports = [{"name": "gcs", "containerPort": naming.GCS_PORT}, {"name": "dashboard", "containerPort": naming.DASHBOARD_PORT},
-             {"name": "serve", "containerPort": spec.api.port}, {"name": "metrics", "containerPort": naming.METRICS_PORT}]
+    ports = [{"name": "gcs", "containerPort": naming.GCS_PORT},
+             {"name": "dashboard", "containerPort": naming.DASHBOARD_PORT},
+             {"name": "serve", "containerPort": spec.api.port},
+             {"name": "metrics", "containerPort": naming.METRICS_PORT}]
     probe = {"tcpSocket": {"port": naming.GCS_PORT}, "periodSeconds": 10, "failureThreshold": 6}
     template = _pod_template(owner, spec, naming.COMPONENT_HEAD, cmd, ports, _resources(spec.head.resources, 0),
                              spec.head.node_selector, spec.head.tolerations, "2Gi", probe)
@@ -157,7 +160,8 @@ def vision_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas
         _worker_command(owner, spec, serve_config.VISION_POOL_RESOURCE, pool.gpus_per_replica),
         [{"name": "metrics", "containerPort": naming.METRICS_PORT}], _resources(pool.resources, pool.gpus_per_replica),
         pool.node_selector, pool.tolerations, pool.shm_size, None)
-    return _deployment(owner, naming.pool_name(owner.name, naming.COMPONENT_VISION), naming.COMPONENT_VISION, replicas, template)
+    return _deployment(owner, naming.pool_name(owner.name, naming.COMPONENT_VISION), naming.COMPONENT_VISION,
+                       replicas, template)
 
 
 def llm_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int) -> dict[str, Any]:
@@ -186,12 +190,14 @@ def head_service(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, 
              {"name": "dashboard", "port": naming.DASHBOARD_PORT, "targetPort": naming.DASHBOARD_PORT},
              {"name": "serve", "port": spec.api.port, "targetPort": spec.api.port},
              {"name": "metrics", "port": naming.METRICS_PORT, "targetPort": naming.METRICS_PORT}]
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, naming.head_name(owner.name), naming.COMPONENT_HEAD),
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(owner, naming.head_name(owner.name), naming.COMPONENT_HEAD),
             "spec": {"type": "ClusterIP", "selector": naming.selector(owner, naming.COMPONENT_HEAD), "ports": ports}}
 
 
 def api_service(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, naming.api_service_name(owner.name), naming.COMPONENT_API),
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(owner, naming.api_service_name(owner.name), naming.COMPONENT_API),
             "spec": {"type": spec.api.service_type, "selector": naming.selector(owner, naming.COMPONENT_HEAD),
                      "ports": [{"name": "http", "port": spec.api.port, "targetPort": spec.api.port}]}}
 
@@ -240,7 +246,8 @@ def network_policy(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str
 def service_monitor(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
             "metadata": _meta(owner, naming.service_monitor_name(owner.name), naming.COMPONENT_MONITORING),
-            "spec": {"selector": {"matchLabels": {naming.LABEL_INSTANCE: owner.name, naming.LABEL_COMPONENT: naming.COMPONENT_HEAD}},
+            "spec": {"selector": {"matchLabels": {naming.LABEL_INSTANCE: owner.name,
+                                                  naming.LABEL_COMPONENT: naming.COMPONENT_HEAD}},
                      "endpoints": [{"port": "metrics", "interval": spec.monitoring.scrape_interval}]}}
 
 

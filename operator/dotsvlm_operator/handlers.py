@@ -159,7 +159,7 @@ async def _report_failure(body: kopf.Body, exc: BaseException, logger: logging.L
     if prev is not None and prev.reason == "ReconcileFailed" and prev.message == message:
         return
     cond = models.Condition(type="Degraded", status="True", reason="ReconcileFailed", message=message,
-                       last_transition_time=_now(), observed_generation=meta.get("generation"))
+                            last_transition_time=_now(), observed_generation=meta.get("generation"))
     conditions = [c for c in old.conditions if c.type != "Degraded"] + [cond]
     try:
         await asyncio.to_thread(kube().patch_status, meta["namespace"], meta["name"],
@@ -234,8 +234,8 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger) -> None:
     sm_crd = await asyncio.to_thread(_service_monitor_supported)
     sm = spec.monitoring.enabled and spec.monitoring.service_monitor and sm_crd
     objs = builders.children(owner, spec, vision_replicas=desired[naming.COMPONENT_VISION],
-                      llm_replicas=desired[naming.COMPONENT_LLM], service_monitor_supported=bool(sm),
-                      ray_token_hash=builders.token_hash(token))
+                             llm_replicas=desired[naming.COMPONENT_LLM], service_monitor_supported=bool(sm),
+                             ray_token_hash=builders.token_hash(token))
 
     def apply_all() -> None:
         for obj in objs:
@@ -270,8 +270,8 @@ def _head_ready(pods: list[PodView]) -> bool:
 async def _write_invalid(body: kopf.Body, owner: naming.Owner, generation: int | None, error: str,
                          old: models.DotsVLMDeploymentStatus | None) -> None:
     cond = models.Condition(type="Degraded", status="True", reason="InvalidSpec",
-                       message=f"the spec is invalid, fix it and apply again: {error}"[:2000],
-                       last_transition_time=_now(), observed_generation=generation)
+                            message=f"the spec is invalid, fix it and apply again: {error}"[:2000],
+                            last_transition_time=_now(), observed_generation=generation)
     status = (old or models.DotsVLMDeploymentStatus()).model_copy(update={"observed_generation": generation})
     status.conditions = [c for c in status.conditions if c.type != "Degraded"] + [cond]
     await asyncio.to_thread(kube().patch_status, owner.namespace, owner.name, status.to_api())

@@ -155,8 +155,8 @@ class Kube:
         raise RuntimeError(f"could not read or create Secret {owner.namespace}/{name}")
 
     def list_pods(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
-        res = self._call("GET", f"/api/v1/namespaces/{namespace}/pods",
-                         query=[("labelSelector", ",".join(f"{k}={v}" for k, v in naming.owned_labels(deployment).items()))])
+        selector = ",".join(f"{k}={v}" for k, v in naming.owned_labels(deployment).items())
+        res = self._call("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)])
         return list(res.get("items") or [])
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:

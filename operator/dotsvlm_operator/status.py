@@ -123,7 +123,7 @@ def _pool_status(pool: str, pods: list[PodView], desired: int, per_replica: int)
     ready_pods = sum(p.ready for p in live)
     ready = ready_pods // per_replica
     return models.PoolStatus(replicas=len(live) // per_replica, ready_replicas=min(ready, desired), desired_replicas=desired,
-                        pods=len(live), ready_pods=ready_pods, ready_of_desired=f"{min(ready, desired)}/{desired}")
+                             pods=len(live), ready_pods=ready_pods, ready_of_desired=f"{min(ready, desired)}/{desired}")
 
 
 def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: models.DotsVLMDeploymentSpec,
@@ -161,7 +161,7 @@ def _condition(type_: str, status: bool, reason: str, message: str, generation: 
     prev = old.get(type_)
     since = prev.last_transition_time if prev is not None and prev.status == s and prev.last_transition_time else now
     return models.Condition(type=type_, status=s, reason=reason, message=message, last_transition_time=since,
-                       observed_generation=generation)
+                            observed_generation=generation)
 
 
 def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None, pods: list[PodView],
