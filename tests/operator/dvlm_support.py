@@ -89,6 +89,21 @@ class OperatorProcess:
             return "(no log)"
 
 
+def write_sa_kubeconfig(kube, namespace: str, service_account: str, path: Path) -> Path:
+    """A kubeconfig that acts as the ServiceAccount (a token from the API), so a local operator process has
+    exactly the permissions the operator has in the cluster."""
+    token = kube.kubectl("create", "token", service_account, "-n", namespace, "--duration=1h").stdout.strip()
+    admin = json.loads(kube.kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout)
+    cluster = admin["clusters"][0]
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [cluster],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": cluster["name"], "user": "sa"}}],
+    }))
+    return path
+
+
 def get_json(kube, *args: str) -> Any:
     proc = kube.kubectl("get", *args, "-o", "json", check=False)
     if proc.returncode != 0:

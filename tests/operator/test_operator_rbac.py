@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
-from dvlm_support import EXAMPLES, condition, get_json, load_example, poll
+from dvlm_support import EXAMPLES, condition, get_json, load_example, poll, write_sa_kubeconfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -21,23 +19,10 @@ def operator_rbac(kube, crd):
     kube.kubectl("delete", "namespace", "dotsvlm-system", "--ignore-not-found", "--wait=false")
 
 
-def _sa_kubeconfig(kube, path) -> None:
-    token = kube.kubectl("create", "token", "dotsvlm-operator", "-n", "dotsvlm-system", "--duration=1h").stdout.strip()
-    admin = json.loads(kube.kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout)
-    cluster = admin["clusters"][0]
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [cluster],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": cluster["name"], "user": "sa"}}],
-    }))
-
-
 def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_factory, tmp_path) -> None:
     ns = kube.create_namespace("rbac")
     try:
-        kubeconfig = tmp_path / "sa.kubeconfig"
-        _sa_kubeconfig(kube, kubeconfig)
+        kubeconfig = write_sa_kubeconfig(kube, "dotsvlm-system", "dotsvlm-operator", tmp_path / "sa.kubeconfig")
         # Cluster-wide, as the example Deployment runs it.
         op = operator_factory([], kubeconfig=kubeconfig)
         cr = load_example("dotsvlm-small.yaml")
