@@ -29,15 +29,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SLOConfig(_Strict):
+    """Service levels per modality: the autoscaling policy scales against them, the status reports on them."""
+
+    image_ttft_s: float = Field(10.0, gt=0, description="time to first token of a request with images")
+    text_ttft_s: float = Field(2.0, gt=0, description="time to first token of a text-only request")
+    inter_token_s: float = Field(0.2, gt=0, description="time between two generated tokens")
+
+
 class AutoscalingTargets(_Strict):
-    """Ray Serve autoscaling for one pool's replicas (the per-pool autoscaler may override counts)."""
+    """One pool's replica bounds (Ray Serve applies them) and the knobs of dotsvlm's autoscaling policy
+    (`dotsvlm_serving.autoscaling.policy`), which Serve calls as the application's autoscaling policy."""
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
+    # vision: image requests in the vision stage per replica; llm: running + waiting + queued requests per replica.
     target_ongoing_requests: float = Field(4.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(120.0, ge=0)
+    max_scale_up_step: int = Field(4, ge=1)
+    max_scale_down_step: int = Field(1, ge=1)
+    scale_down_interval_s: float = Field(30.0, ge=0)
+    # Signals older than this hold the pool at its size (the status says so).
+    metrics_stale_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingTargets":
@@ -48,13 +63,28 @@ class AutoscalingTargets(_Strict):
         return self
 
 
+class VisionAutoscaling(AutoscalingTargets):
+    # Share of the image-TTFT target that encoding (queueing included) may take.
+    encode_budget_fraction: float = Field(0.5, gt=0, le=1)
+    # With min_replicas 0: no image work for this long scales the pool to zero.
+    idle_to_zero_s: float = Field(300.0, ge=0)
+
+
+class LLMAutoscaling(AutoscalingTargets):
+    # Share of the text-TTFT target that waiting in the tensor queue may take.
+    queue_age_fraction: float = Field(0.5, gt=0, le=1)
+    kv_cache_target: float = Field(0.85, gt=0, le=1)
+    # Image requests in the vision stage count as this much LLM demand (0: no coupling).
+    vision_lead_weight: float = Field(1.0, ge=0, le=4)
+
+
 class VisionPoolConfig(_Strict):
     gpus_per_replica: float = Field(0, ge=0, description="0 on CPU (the embedded default)")
     # None: no pool pinning (local Ray without pool workers).
     pool_resource: str | None = None
     max_batch_pixels: int = Field(16 * 1024 * 1024, ge=3136, description="pixel budget of one encode batch")
     max_batch_wait_ms: float = Field(5.0, ge=0)
-    autoscaling: AutoscalingTargets = AutoscalingTargets()
+    autoscaling: VisionAutoscaling = VisionAutoscaling()
 
 
 class LLMPoolConfig(_Strict):
@@ -68,7 +98,7 @@ class LLMPoolConfig(_Strict):
     # KV-cache budget of one replica in tokens (prompt + max_tokens of its running requests);
     # None = context_length * max_running_requests.
     kv_cache_tokens: int | None = Field(None, ge=16)
-    autoscaling: AutoscalingTargets = AutoscalingTargets()
+    autoscaling: LLMAutoscaling = LLMAutoscaling()
 
     def kv_cache_budget(self) -> int:
         """KV-cache tokens of one replica: what the engine reserves and the ingress checks requests against."""
@@ -123,6 +153,7 @@ class ServeAppConfig(_Strict):
     llm: LLMPoolConfig = LLMPoolConfig()
     queue: QueueConfig = QueueConfig()
     api: ApiConfig = ApiConfig()
+    slo: SLOConfig = SLOConfig()
 
 
 def serve_deploy_body(app: ServeAppConfig, *, http_port: int = 8000, route_prefix: str = "/") -> dict:

@@ -1,0 +1,347 @@
+"""The per-pool autoscaling policy: metrics snapshot + spec + state + now -> desired replicas per pool.
+
+One pure function, `decide`, used unchanged by the live system (Ray Serve calls it through
+`serve_policy.DotsVLMAutoscalingPolicy`, the application-level autoscaling hook) and by the simulator
+in `bench/autoscale_sim.py`. No torch, no ray: the operator and the simulator import it.
+
+Each pool first computes a *raw* recommendation from its own signals, then the recommendation is
+stabilised the way Kubernetes' HPA does it: a scale-up happens only when every recommendation of the
+last `upscale_delay_s` asked for more (the minimum over the window), a scale-down only when every
+recommendation of the last `downscale_delay_s` asked for less (the maximum over the window). Flapping
+input therefore moves nothing. Steps are limited (`max_scale_up_step` over the replicas that are
+actually running, so replicas that cannot be placed do not make the policy ask for ever more;
+`max_scale_down_step` per `scale_down_interval_s`).
+
+Vision pool: encode backlog (pixels waiting, against the measured encode rate, must drain within a
+share of the image-TTFT target), encode latency against that share, image requests in the stage per
+replica; to zero after `idle_to_zero_s` without image work when `min_replicas` is 0, and back to one at
+once when image work arrives. LLM pool: demand (running + waiting + tensor-queue depth + producers
+waiting for room) per replica, the queue's oldest item age, KV-cache use, TTFT per modality and
+inter-token latency against the SLO; and the coupling: image requests in the vision stage now will be
+in the queue in seconds, so they count as LLM demand already (`vision_lead_weight`).
+
+Missing or stale signals hold the pool at its current size, and the decision says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..serve_config import LLMAutoscaling, SLOConfig, VisionAutoscaling
+
+Pool = Literal["vision", "llm"]
+POOLS: tuple[Pool, ...] = ("vision", "llm")
+
+# Reasons (CamelCase, bounded set: they become a metric label and an Event reason).
+VISION_BACKLOG = "VisionBacklog"
+ENCODE_LATENCY = "EncodeLatency"
+VISION_REQUESTS = "VisionRequests"
+WAKE_UP = "WakeUp"
+IDLE_TO_ZERO = "IdleToZero"
+LLM_DEMAND = "LLMDemand"
+VISION_LEAD = "VisionLeadingSignal"
+QUEUE_AGE = "QueueAge"
+KV_CACHE = "KVCache"
+TTFT_IMAGE = "ImageTTFTMiss"
+TTFT_TEXT = "TextTTFTMiss"
+ITL = "InterTokenLatencyMiss"
+LOW_LOAD = "LowLoad"
+STABLE = "Stable"
+STABILIZING = "Stabilizing"
+METRICS_MISSING = "MetricsMissing"
+METRICS_STALE = "MetricsStale"
+REASONS = (VISION_BACKLOG, ENCODE_LATENCY, VISION_REQUESTS, WAKE_UP, IDLE_TO_ZERO, LLM_DEMAND, VISION_LEAD,
+           QUEUE_AGE, KV_CACHE, TTFT_IMAGE, TTFT_TEXT, ITL, LOW_LOAD, STABLE, STABILIZING, METRICS_MISSING,
+           METRICS_STALE)
+
+
+@dataclass(frozen=True)
+class VisionSignals:
+    """What the vision stage looks like now. Counts are sums over replicas (ingress-side backlog counts
+    each request once, whichever vision replica holds it, and also while no vision replica exists)."""
+
+    running_replicas: int
+    pending_requests: float  # image requests sent to the vision stage and not yet answered
+    pending_images: float
+    pending_pixels: float
+    encode_pixels_per_s: float | None = None  # busy throughput of one replica (None: not measured yet)
+    encode_latency_s: float | None = None  # recent p90 of encode time as the ingress sees it (queueing included)
+    age_s: float = 0.0  # how old the newest sample is
+
+
+@dataclass(frozen=True)
+class LLMSignals:
+    running_replicas: int
+    queue_depth: float
+    queue_oldest_age_s: float
+    waiting_producers: float  # requests waiting for room in a full queue
+    running: float  # requests decoding, all replicas
+    waiting: float  # requests taken by a replica and not yet prefilled
+    kv_used_fraction: float  # KV-cache tokens reserved / capacity, mean over replicas
+    ttft_image_s: float | None = None  # recent p90 time to first token, requests with images
+    ttft_text_s: float | None = None
+    inter_token_s: float | None = None  # recent p90 inter-token latency
+    age_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    vision: VisionSignals | None
+    llm: LLMSignals | None
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """The bounds, targets and knobs of both pools: a slice of the Serve config, rendered from the spec."""
+
+    slo: SLOConfig
+    vision: VisionAutoscaling
+    llm: LLMAutoscaling
+
+
+@dataclass
+class PoolState:
+    """What a pool's decision remembers between calls (JSON-friendly: Serve keeps it in its controller)."""
+
+    target: int | None = None  # last decided replica count (None: not decided yet; take the running count)
+    # Raw recommendations inside the windows, one bucket per second: (second, lowest, highest). Serve calls
+    # the policy several times a second; buckets keep the state small.
+    recommendations: list[tuple[float, int, int]] = field(default_factory=list)
+    last_scale_down_at: float | None = None
+    last_scale_up_at: float | None = None
+    last_work_at: float | None = None  # vision: last time image work was seen (idle-to-zero)
+    learned_rate: float | None = None  # vision: pixels/s of one replica, kept while the pool is at zero
+    last_reason: str = STABLE
+    last_message: str = ""
+    last_change_at: float | None = None
+    observed_since: float | None = None  # first decision on signals: windows count from here
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "recommendations": [list(r) for r in self.recommendations],
+                "last_scale_down_at": self.last_scale_down_at, "last_scale_up_at": self.last_scale_up_at,
+                "last_work_at": self.last_work_at, "learned_rate": self.learned_rate,
+                "last_reason": self.last_reason, "last_message": self.last_message,
+                "last_change_at": self.last_change_at, "observed_since": self.observed_since}
+
+    @classmethod
+    def from_json(cls, raw: dict | None) -> "PoolState":
+        if not raw:
+            return cls()
+        return cls(target=raw.get("target"), recommendations=[(float(t), int(lo), int(hi)) for t, lo, hi in raw.get("recommendations", [])],
+                   last_scale_down_at=raw.get("last_scale_down_at"), last_scale_up_at=raw.get("last_scale_up_at"),
+                   last_work_at=raw.get("last_work_at"), learned_rate=raw.get("learned_rate"),
+                   last_reason=raw.get("last_reason", STABLE), last_message=raw.get("last_message", ""),
+                   last_change_at=raw.get("last_change_at"), observed_since=raw.get("observed_since"))
+
+
+@dataclass
+class PolicyState:
+    vision: PoolState = field(default_factory=PoolState)
+    llm: PoolState = field(default_factory=PoolState)
+
+    def pool(self, pool: Pool) -> PoolState:
+        return self.vision if pool == "vision" else self.llm
+
+
+@dataclass(frozen=True)
+class Decision:
+    pool: Pool
+    desired: int  # replicas the pool should have now
+    raw: int  # what the signals alone asked for (before windows and steps)
+    current: int  # the target before this decision
+    reason: str  # one of REASONS: the signal that set `raw` (or why the pool holds)
+    message: str  # for a person: the numbers behind the decision
+
+    @property
+    def direction(self) -> Literal["up", "down", "hold"]:
+        return "up" if self.desired > self.current else "down" if self.desired < self.current else "hold"
+
+
+@dataclass(frozen=True)
+class _Recommendation:
+    replicas: int
+    reason: str
+    message: str
+
+
+def _ceil(x: float) -> int:
+    # 2.0000001 replicas is 2: float noise must not add a GPU node.
+    return math.ceil(round(x, 6))
+
+
+def _strongest(candidates: list[_Recommendation]) -> _Recommendation:
+    return max(candidates, key=lambda c: c.replicas)  # first of equals wins: candidates are in priority order
+
+
+def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, state: PoolState,
+                     now: float) -> _Recommendation:
+    """Raw replica count for the vision pool from its own signals."""
+    busy = s.pending_requests > 0 or s.pending_images > 0
+    if busy:
+        state.last_work_at = now
+    if s.encode_pixels_per_s:
+        state.learned_rate = s.encode_pixels_per_s
+    budget_s = slo.image_ttft_s * cfg.encode_budget_fraction
+    current = max(s.running_replicas, 0)
+    if not busy:
+        idle_for = now - state.last_work_at if state.last_work_at is not None else math.inf
+        if cfg.min_replicas == 0 and idle_for >= cfg.idle_to_zero_s:
+            return _Recommendation(0, IDLE_TO_ZERO, f"no image work for {min(idle_for, 1e9):.0f} s "
+                                   f"(idleToZeroSeconds {cfg.idle_to_zero_s:.0f}): scale to zero")
+        # Below the idle window a pool allowed to reach zero keeps one warm replica.
+        return _Recommendation(max(cfg.min_replicas, min(current, 1)), LOW_LOAD, "no image work waiting")
+    candidates = [_Recommendation(1, WAKE_UP, f"{s.pending_requests:.0f} image request(s) waiting and "
+                                  f"{current} vision replica(s) running")]
+    candidates.append(_Recommendation(
+        _ceil(s.pending_requests / cfg.target_ongoing_requests), VISION_REQUESTS,
+        f"{s.pending_requests:.0f} image requests in the vision stage, target {cfg.target_ongoing_requests:g} per replica"))
+    rate = s.encode_pixels_per_s or state.learned_rate
+    if rate:
+        backlog_s = s.pending_pixels / rate
+        candidates.append(_Recommendation(
+            _ceil(backlog_s / budget_s), VISION_BACKLOG,
+            f"encode backlog {s.pending_pixels / 1e6:.1f} MP = {backlog_s:.1f} s of work at {rate / 1e6:.2f} MP/s "
+            f"per replica; each replica may hold {budget_s:.1f} s ({cfg.encode_budget_fraction:g} of the "
+            f"{slo.image_ttft_s:g} s image TTFT target)"))
+    if s.encode_latency_s is not None and current and s.encode_latency_s > budget_s:
+        ratio = min(s.encode_latency_s / budget_s, 2.0)
+        candidates.append(_Recommendation(
+            _ceil(current * ratio), ENCODE_LATENCY,
+            f"encode latency p90 {s.encode_latency_s:.2f} s is over its budget {budget_s:.2f} s "
+            f"({cfg.encode_budget_fraction:g} of the image TTFT target)"))
+    return _strongest(candidates)
+
+
+def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, slo: SLOConfig,
+                  state: PoolState) -> _Recommendation:
+    """Raw replica count for the LLM pool, including the vision pool's backlog as a leading signal."""
+    current = max(s.running_replicas, 0)
+    demand = s.running + s.waiting + s.queue_depth + s.waiting_producers
+    lead = (v.pending_requests * cfg.vision_lead_weight) if v is not None else 0.0
+    per = cfg.target_ongoing_requests
+    base = _ceil(demand / per)
+    candidates = [_Recommendation(base, LLM_DEMAND if demand else LOW_LOAD,
+                                  f"{demand:.0f} requests running, waiting or queued; target {per:g} per replica"
+                                  if demand else "no LLM work")]
+    if lead > 0:
+        candidates.append(_Recommendation(
+            _ceil((demand + lead) / per), VISION_LEAD,
+            f"{v.pending_requests:.0f} image requests being encoded now will reach the tensor queue in seconds: "
+            f"{demand:.0f} + {lead:.0f} requests, target {per:g} per replica"))
+    if current:
+        age_target = slo.text_ttft_s * cfg.queue_age_fraction
+        if s.queue_depth > 0 and s.queue_oldest_age_s > age_target:
+            candidates.append(_Recommendation(
+                current + 1, QUEUE_AGE, f"oldest tensor-queue item waited {s.queue_oldest_age_s:.1f} s, over "
+                f"{age_target:.1f} s ({cfg.queue_age_fraction:g} of the text TTFT target)"))
+        if s.kv_used_fraction > cfg.kv_cache_target:
+            candidates.append(_Recommendation(
+                _ceil(current * s.kv_used_fraction / cfg.kv_cache_target), KV_CACHE,
+                f"KV cache {s.kv_used_fraction:.0%} used, target {cfg.kv_cache_target:.0%}"))
+        for value, target, reason, what in [(s.ttft_image_s, slo.image_ttft_s, TTFT_IMAGE, "image TTFT"),
+                                            (s.ttft_text_s, slo.text_ttft_s, TTFT_TEXT, "text TTFT"),
+                                            (s.inter_token_s, slo.inter_token_s, ITL, "inter-token latency")]:
+            if value is not None and value > target and demand > 0:
+                candidates.append(_Recommendation(
+                    _ceil(current * min(value / target, 2.0)), reason,
+                    f"{what} p90 {value:.2f} s is over its target {target:g} s"))
+    return _strongest(candidates)
+
+
+def _stabilise(pool: Pool, raw: _Recommendation, current: int, running: int, lo: int, hi: int,
+               cfg: VisionAutoscaling | LLMAutoscaling, state: PoolState, now: float) -> Decision:
+    raw_n = max(lo, min(hi, raw.replicas))
+    window = max(cfg.upscale_delay_s, cfg.downscale_delay_s)
+    second = math.floor(now)
+    recs = [r for r in state.recommendations if now - r[0] <= window + 1]
+    if recs and recs[-1][0] == second:
+        _, lo_, hi_ = recs[-1]
+        recs[-1] = (second, min(lo_, raw_n), max(hi_, raw_n))
+    else:
+        recs.append((second, raw_n, raw_n))
+    state.recommendations = recs
+    if state.observed_since is None:
+        state.observed_since = now
+    observed = now - state.observed_since
+    up_window = [lo_ for t, lo_, _ in recs if second - t <= cfg.upscale_delay_s]
+    down_window = [hi_ for t, _, hi_ in recs if second - t <= cfg.downscale_delay_s]
+    desired, reason, message = current, raw.reason, raw.message
+    wake_up = current == 0 and raw_n > 0
+    # A window counts only once it has been watched in full (after a restart, too); from zero there is
+    # no waiting: a request is already waiting for the replica.
+    up_to = raw_n if wake_up else (min(up_window) if observed >= cfg.upscale_delay_s else current)
+    down_to = max(down_window) if observed >= cfg.downscale_delay_s else current
+    if up_to > current:
+        # Step from what actually runs: replicas that could not be placed do not earn more replicas.
+        desired = max(current, min(up_to, running + cfg.max_scale_up_step, hi))
+    elif down_to < current:
+        since = now - state.last_scale_down_at if state.last_scale_down_at is not None else math.inf
+        if since >= cfg.scale_down_interval_s:
+            desired = max(down_to, current - cfg.max_scale_down_step, lo)
+            if raw.reason != IDLE_TO_ZERO:
+                reason = LOW_LOAD
+                message = (f"signals asked for {down_to} or fewer replicas for the last {cfg.downscale_delay_s:g} s "
+                           f"(now: {raw.message})")
+    if desired == current and raw_n == current:
+        reason, message = STABLE, f"{current} replica(s) fit the load ({raw.message})"
+    elif desired == current:
+        reason, message = STABILIZING, (f"signals ask for {raw_n} replica(s) ({raw.reason}: {raw.message}); "
+                                        f"{_why_waiting(raw_n, current, running, cfg, state, now)}")
+    if desired > current:
+        state.last_scale_up_at = now
+    elif desired < current:
+        state.last_scale_down_at = now
+    if desired != current:
+        state.last_change_at = now
+        state.last_reason, state.last_message = reason, message
+    state.target = desired
+    return Decision(pool=pool, desired=desired, raw=raw_n, current=current, reason=reason, message=message)
+
+
+def _why_waiting(raw_n: int, current: int, running: int, cfg: VisionAutoscaling | LLMAutoscaling,
+                 state: PoolState, now: float) -> str:
+    if raw_n > current:
+        if running < current:
+            return f"only {running} of {current} replica(s) run yet: waiting for them before adding more"
+        return f"waiting until the signals hold for upscaleDelaySeconds ({cfg.upscale_delay_s:g} s)"
+    if state.last_scale_down_at is not None and now - state.last_scale_down_at < cfg.scale_down_interval_s:
+        return f"the last scale-down was under scaleDownIntervalSeconds ({cfg.scale_down_interval_s:g} s) ago"
+    return f"waiting until the signals hold for downscaleDelaySeconds ({cfg.downscale_delay_s:g} s)"
+
+
+def _hold(pool: Pool, current: int, reason: str, message: str, state: PoolState) -> Decision:
+    state.target = current
+    return Decision(pool=pool, desired=current, raw=current, current=current, reason=reason, message=message)
+
+
+def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
+           current: dict[Pool, int] | None = None) -> dict[Pool, Decision]:
+    """One decision per pool. `state` is updated in place; `current` is each pool's present target
+    (Serve's target replica count; defaults to the state's last decision, then the running count)."""
+    out: dict[Pool, Decision] = {}
+    v, llm = snapshot.vision, snapshot.llm
+    for pool in POOLS:
+        cfg = spec.vision if pool == "vision" else spec.llm
+        st = state.pool(pool)
+        sig = v if pool == "vision" else llm
+        cur = (current or {}).get(pool)
+        if cur is None:
+            cur = st.target if st.target is not None else (sig.running_replicas if sig is not None else cfg.min_replicas)
+        if sig is None:
+            out[pool] = _hold(pool, cur, METRICS_MISSING,
+                              f"no {pool} metrics reached the autoscaler: holding {cur} replica(s)", st)
+            continue
+        if sig.age_s > cfg.metrics_stale_s:
+            out[pool] = _hold(pool, cur, METRICS_STALE,
+                              f"the newest {pool} metrics are {sig.age_s:.0f} s old (over {cfg.metrics_stale_s:g} s): "
+                              f"holding {cur} replica(s)", st)
+            continue
+        if pool == "vision":
+            raw = recommend_vision(v, spec.vision, spec.slo, st, now)  # type: ignore[arg-type]
+        else:
+            fresh_v = v if v is not None and v.age_s <= spec.vision.metrics_stale_s else None
+            raw = recommend_llm(llm, fresh_v, spec.llm, spec.slo, st)  # type: ignore[arg-type]
+        out[pool] = _stabilise(pool, raw, cur, sig.running_replicas, cfg.min_replicas, cfg.max_replicas, cfg, st, now)
+    return out

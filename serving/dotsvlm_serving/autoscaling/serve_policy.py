@@ -1,0 +1,184 @@
+"""dotsvlm's policy as Ray Serve's application-level autoscaling policy (the fast loop).
+
+Serve's controller calls `DotsVLMAutoscalingPolicy` every control-loop tick with one
+`AutoscalingContext` per autoscaled deployment of the application. The replicas' own reports
+(`record_autoscaling_stats`, names in `signals`) arrive in `ctx.raw_metrics`; this adapter reduces the
+newest value of every running replica to the policy's `Snapshot`, calls `policy.decide` (the same code
+the simulator runs), and returns the target replicas of VisionEncoder and LLMServer. Ingress and
+TensorQueue are registered only so their reports reach the controller; their size is left alone.
+
+Each decision is also published: `dotsvlm_autoscaler_*` metrics through `ray.util.metrics`, and the
+latest decision per pool as JSON in Ray's internal KV (`DECISIONS_KV_KEY`), which the ingress serves
+to the operator for the resource's status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from ..serve_config import (INGRESS_DEPLOYMENT, LLM_DEPLOYMENT, QUEUE_DEPLOYMENT, VISION_DEPLOYMENT, SLOConfig,
+                            LLMAutoscaling, VisionAutoscaling)
+from . import signals as sig
+from .policy import Decision, LLMSignals, PolicySpec, PolicyState, PoolState, Snapshot, VisionSignals, decide
+
+log = logging.getLogger("ray.serve")
+
+DECISIONS_KV_KEY = b"dotsvlm/autoscaler/decisions"
+KV_NAMESPACE = "dotsvlm"
+STATE_KEY = "dotsvlm"
+PUBLISH_INTERVAL_S = 2.0
+
+
+def _latest(ctx: Any, now: float) -> tuple[dict[str, float], float, int]:
+    """Sum over running replicas of each stat's newest value, the age of the newest sample, and how many
+    replicas reported. NO_DATA values are kept apart: the maximum of those latencies is what counts."""
+    raw = ctx.raw_metrics or {}
+    totals: dict[str, float] = {}
+    newest = 0.0
+    reporters: set[Any] = set()
+    for name, per_replica in raw.items():
+        for replica, series in per_replica.items():
+            if not series:
+                continue
+            last = max(series, key=lambda s: s.timestamp)
+            newest = max(newest, last.timestamp)
+            reporters.add(replica)
+            if name.endswith("_p90_s") or name == sig.ENCODE_PIXELS_PER_S:
+                if last.value != sig.NO_DATA:  # latencies and rates: worst / mean, not a sum
+                    prev = totals.get(name)
+                    if name == sig.ENCODE_PIXELS_PER_S:
+                        totals[name] = last.value if prev is None else (prev + last.value) / 2
+                    else:
+                        totals[name] = last.value if prev is None else max(prev, last.value)
+            else:
+                totals[name] = totals.get(name, 0.0) + last.value
+    age = now - newest if newest else float("inf")
+    return totals, age, len(reporters)
+
+
+def snapshot_from_contexts(contexts: dict[str, Any], now: float) -> Snapshot:
+    """The policy's snapshot from Serve's contexts, keyed by deployment name."""
+    ingress = contexts.get(INGRESS_DEPLOYMENT)
+    queue = contexts.get(QUEUE_DEPLOYMENT)
+    vision = contexts.get(VISION_DEPLOYMENT)
+    llm = contexts.get(LLM_DEPLOYMENT)
+    ing, ing_age, ing_n = _latest(ingress, now) if ingress else ({}, float("inf"), 0)
+    v_signals = None
+    if vision is not None and ing_n:
+        vis, _, _ = _latest(vision, now)
+        v_signals = VisionSignals(
+            running_replicas=len(vision.running_replicas),
+            pending_requests=ing.get(sig.VISION_PENDING_REQUESTS, 0.0),
+            pending_images=ing.get(sig.VISION_PENDING_IMAGES, 0.0),
+            pending_pixels=ing.get(sig.VISION_PENDING_PIXELS, 0.0),
+            encode_pixels_per_s=vis.get(sig.ENCODE_PIXELS_PER_S),
+            encode_latency_s=ing.get(sig.ENCODE_LATENCY_P90),
+            age_s=ing_age)
+    l_signals = None
+    if llm is not None and queue is not None:
+        q, q_age, q_n = _latest(queue, now)
+        if q_n:
+            ll, _, _ = _latest(llm, now)
+            running = len(llm.running_replicas)
+            l_signals = LLMSignals(
+                running_replicas=running,
+                queue_depth=q.get(sig.QUEUE_DEPTH, 0.0), queue_oldest_age_s=q.get(sig.QUEUE_OLDEST_AGE, 0.0),
+                waiting_producers=q.get(sig.QUEUE_WAITING_PRODUCERS, 0.0),
+                running=ll.get(sig.LLM_RUNNING, 0.0), waiting=ll.get(sig.LLM_WAITING, 0.0),
+                kv_used_fraction=ll.get(sig.LLM_KV_USED_FRACTION, 0.0) / running if running else 0.0,
+                ttft_image_s=ing.get(sig.TTFT_IMAGE_P90), ttft_text_s=ing.get(sig.TTFT_TEXT_P90),
+                inter_token_s=ing.get(sig.ITL_P90), age_s=max(q_age, ing_age if ing_n else 0.0))
+    return Snapshot(vision=v_signals, llm=l_signals)
+
+
+class _Metrics:
+    """`dotsvlm_autoscaler_*` through Ray's metrics export (created lazily: only inside Ray)."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.desired = metrics.Gauge("dotsvlm_autoscaler_desired_replicas",
+                                     description="Replicas the autoscaling policy wants per pool", tag_keys=("pool",))
+        self.decisions = metrics.Counter("dotsvlm_autoscaler_decisions",
+                                         description="Autoscaling decisions per pool, direction and reason",
+                                         tag_keys=("pool", "direction", "reason"))
+
+    def record(self, d: Decision) -> None:
+        self.desired.set(d.desired, tags={"pool": d.pool})
+        if d.direction != "hold":  # Serve calls the policy many times a second: count actions, not ticks
+            self.decisions.inc(tags={"pool": d.pool, "direction": d.direction, "reason": d.reason})
+
+
+def publish(decisions: dict[str, Decision], state: PolicyState, now: float) -> None:
+    """The latest decision per pool where the ingress can read it (Ray's internal KV)."""
+    from ray.experimental import internal_kv
+
+    record = {pool: {"desired": d.desired, "current": d.current, "raw": d.raw, "reason": d.reason,
+                     "message": d.message, "direction": d.direction, "time": now,
+                     "last_change": {"reason": state.pool(pool).last_reason,  # type: ignore[arg-type]
+                                     "message": state.pool(pool).last_message,  # type: ignore[arg-type]
+                                     "time": state.pool(pool).last_change_at}}  # type: ignore[arg-type]
+              for pool, d in decisions.items()}
+    internal_kv._internal_kv_put(DECISIONS_KV_KEY, json.dumps(record).encode(), overwrite=True, namespace=KV_NAMESPACE)
+
+
+def read_published() -> dict[str, Any] | None:
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(DECISIONS_KV_KEY, namespace=KV_NAMESPACE)
+    return json.loads(raw) if raw else None
+
+
+class DotsVLMAutoscalingPolicy:
+    """Instantiated once by Serve with `policy_kwargs` = {"slo": ..., "vision": ..., "llm": ...}."""
+
+    def __init__(self, slo: dict, vision: dict, llm: dict) -> None:
+        self.spec = PolicySpec(slo=SLOConfig.model_validate(slo), vision=VisionAutoscaling.model_validate(vision),
+                               llm=LLMAutoscaling.model_validate(llm))
+        self._metrics: _Metrics | None = None
+        self._last_logged: dict[str, tuple[int, str]] = {}
+        self._published_at = 0.0
+
+    def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
+        by_name = {dep_id.name: ctx for dep_id, ctx in contexts.items()}
+        ids = {dep_id.name: dep_id for dep_id in contexts}
+        now = time.time()
+        state = PolicyState(
+            vision=PoolState.from_json((by_name[VISION_DEPLOYMENT].policy_state or {}).get(STATE_KEY))
+            if VISION_DEPLOYMENT in by_name else PoolState(),
+            llm=PoolState.from_json((by_name[LLM_DEPLOYMENT].policy_state or {}).get(STATE_KEY))
+            if LLM_DEPLOYMENT in by_name else PoolState())
+        current = {pool: by_name[name].target_num_replicas
+                   for pool, name in (("vision", VISION_DEPLOYMENT), ("llm", LLM_DEPLOYMENT)) if name in by_name}
+        decisions = decide(snapshot_from_contexts(by_name, now), self.spec, state, now, current=current)  # type: ignore[arg-type]
+        out: dict[Any, int] = {}
+        new_state: dict[Any, dict] = {}
+        for pool, name in (("vision", VISION_DEPLOYMENT), ("llm", LLM_DEPLOYMENT)):
+            if name in ids:
+                out[ids[name]] = decisions[pool].desired  # type: ignore[index]
+                new_state[ids[name]] = {STATE_KEY: state.pool(pool).to_json()}  # type: ignore[arg-type]
+        self._report(decisions, state, now)  # type: ignore[arg-type]
+        return out, new_state
+
+    def _report(self, decisions: dict[str, Decision], state: PolicyState, now: float) -> None:
+        try:
+            if self._metrics is None:
+                self._metrics = _Metrics()
+            changed = False
+            for d in decisions.values():
+                self._metrics.record(d)
+                key = (d.desired, d.reason)
+                if self._last_logged.get(d.pool) != key:
+                    changed = True
+                    if d.direction != "hold":
+                        log.info("dotsvlm autoscaler: %s %s -> %s (%s): %s", d.pool, d.current, d.desired, d.reason,
+                                 d.message)
+                self._last_logged[d.pool] = key
+            if changed or now - self._published_at >= PUBLISH_INTERVAL_S:
+                publish(decisions, state, now)
+                self._published_at = now
+        except Exception:  # reporting must never stop scaling
+            log.exception("dotsvlm autoscaler: could not publish the decision")

@@ -1,0 +1,167 @@
+"""The pure autoscaling policy: each pool on its own signals, coupled, stabilised, bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from dotsvlm_serving.autoscaling import policy as p
+from dotsvlm_serving.serve_config import LLMAutoscaling, SLOConfig, VisionAutoscaling
+
+
+def spec(vision: dict | None = None, llm: dict | None = None, slo: dict | None = None) -> p.PolicySpec:
+    v = {"min_replicas": 1, "max_replicas": 8, "upscale_delay_s": 0, "downscale_delay_s": 60,
+         "scale_down_interval_s": 0, "target_ongoing_requests": 4, **(vision or {})}
+    m = {"min_replicas": 1, "max_replicas": 8, "upscale_delay_s": 0, "downscale_delay_s": 60,
+         "scale_down_interval_s": 0, "target_ongoing_requests": 8, **(llm or {})}
+    return p.PolicySpec(slo=SLOConfig(**(slo or {})), vision=VisionAutoscaling(**v), llm=LLMAutoscaling(**m))
+
+
+def vision(replicas: int = 1, requests: float = 0, pixels: float = 0, rate: float | None = 1e6, **kw) -> p.VisionSignals:
+    return p.VisionSignals(running_replicas=replicas, pending_requests=requests, pending_images=requests,
+                           pending_pixels=pixels, encode_pixels_per_s=rate, **kw)
+
+
+def llm(replicas: int = 1, depth: float = 0, running: float = 0, age: float = 0, **kw) -> p.LLMSignals:
+    base = dict(running_replicas=replicas, queue_depth=depth, queue_oldest_age_s=age, waiting_producers=0,
+                running=running, waiting=0, kv_used_fraction=0.0)
+    base.update(kw)
+    return p.LLMSignals(**base)
+
+
+def run(snapshots, sp: p.PolicySpec, *, start: dict | None = None, dt: float = 1.0, state: p.PolicyState | None = None):
+    """Feed snapshots one per `dt` seconds; the running replicas follow the decisions at once."""
+    state = state or p.PolicyState()
+    current = dict(start or {"vision": 1, "llm": 1})
+    out = []
+    for i, make in enumerate(snapshots):
+        snap = make(current)
+        d = p.decide(snap, sp, state, now=1000.0 + i * dt, current=current)
+        current = {k: d[k].desired for k in d}
+        out.append(d)
+    return out
+
+
+def test_vision_backlog_scales_the_vision_pool_up_to_drain_within_its_budget() -> None:
+    # 40 MP waiting at 1 MP/s per replica; image TTFT 10 s, half for encoding -> 5 s per replica -> 8.
+    d = run([lambda c: p.Snapshot(vision(c["vision"], requests=4, pixels=40e6), llm(c["llm"]))],
+            spec(vision={"max_scale_up_step": 16}))[0]
+    assert d["vision"].desired == 8 and d["vision"].reason == p.VISION_BACKLOG
+    assert "40.0 MP" in d["vision"].message
+
+
+def test_step_limit_and_bounds_are_respected() -> None:
+    sp = spec(vision={"max_scale_up_step": 2, "max_replicas": 5})
+    ds = run([lambda c: p.Snapshot(vision(c["vision"], requests=50, pixels=500e6), llm(c["llm"]))] * 4, sp)
+    assert [d["vision"].desired for d in ds] == [3, 5, 5, 5]
+    assert all(d["vision"].raw <= 5 for d in ds)
+
+
+def test_replicas_that_do_not_start_earn_no_more() -> None:
+    """Pending replicas (no GPU for their pod): the target stops at running + step, not beyond."""
+    sp = spec(vision={"max_scale_up_step": 2})
+    state = p.PolicyState()
+    snap = p.Snapshot(vision(1, requests=50, pixels=500e6), llm(1))
+    first = p.decide(snap, sp, state, 0.0, current={"vision": 1, "llm": 1})["vision"]
+    assert first.desired == 3
+    for t in range(1, 10):  # still only one replica running
+        again = p.decide(snap, sp, state, float(t), current={"vision": 3, "llm": 1})["vision"]
+        assert again.desired == 3 and again.reason == p.STABILIZING and "only 1 of 3" in again.message
+
+
+def test_encode_latency_over_budget_scales_up() -> None:
+    d = run([lambda c: p.Snapshot(vision(2, requests=2, pixels=1e6, encode_latency_s=9.0), llm(1))],
+            spec(), start={"vision": 2, "llm": 1})[0]["vision"]
+    assert d.desired == 4 and d.reason == p.ENCODE_LATENCY
+
+
+def test_queue_age_scales_the_llm_pool() -> None:
+    d = run([lambda c: p.Snapshot(vision(1), llm(2, depth=1, running=4, age=3.0))],
+            spec(), start={"vision": 1, "llm": 2})[0]["llm"]
+    assert d.desired == 3 and d.reason == p.QUEUE_AGE
+
+
+@pytest.mark.parametrize("kw,reason", [({"ttft_text_s": 3.0}, p.TTFT_TEXT), ({"ttft_image_s": 15.0}, p.TTFT_IMAGE),
+                                        ({"inter_token_s": 0.4}, p.ITL), ({"kv_used_fraction": 0.99}, p.KV_CACHE)])
+def test_slo_misses_and_kv_pressure_scale_the_llm_pool(kw, reason) -> None:
+    d = run([lambda c: p.Snapshot(vision(1), llm(2, running=6, **kw))], spec(), start={"vision": 1, "llm": 2})[0]["llm"]
+    assert d.desired > 2 and d.reason == reason
+
+
+def test_slo_reported_per_modality_image_budget_is_not_the_text_budget() -> None:
+    # 5 s is a miss for text (2 s) but well inside the image budget (10 s).
+    d = run([lambda c: p.Snapshot(vision(1), llm(2, running=6, ttft_image_s=5.0))], spec(),
+            start={"vision": 1, "llm": 2})[0]["llm"]
+    assert d.desired == 2
+
+
+def test_coupling_vision_backlog_moves_the_llm_pool_before_the_queue_fills() -> None:
+    """Images being encoded count as LLM demand already: the LLM pool grows while its queue is empty."""
+    snap = lambda c: p.Snapshot(vision(c["vision"], requests=40, pixels=4e6), llm(c["llm"], depth=0, running=0))
+    d = run([snap], spec())[0]
+    assert d["llm"].desired == 5 and d["llm"].reason == p.VISION_LEAD
+    off = run([snap], spec(llm={"vision_lead_weight": 0}))[0]
+    assert off["llm"].desired == 1
+
+
+def test_text_only_burst_never_scales_the_vision_pool() -> None:
+    ds = run([lambda c: p.Snapshot(vision(c["vision"]), llm(c["llm"], depth=30, running=8))] * 20, spec())
+    assert all(d["vision"].desired == 1 for d in ds)
+    assert ds[-1]["llm"].desired > 1
+
+
+def test_vision_scales_to_zero_after_the_idle_window_and_wakes_at_once() -> None:
+    sp = spec(vision={"min_replicas": 0, "idle_to_zero_s": 30, "downscale_delay_s": 10})
+    state = p.PolicyState()
+    cur = {"vision": 2, "llm": 1}
+    d = p.decide(p.Snapshot(vision(2, requests=1, pixels=1e5), llm(1)), sp, state, 0.0, current=cur)
+    desired = []
+    for t in range(1, 60):
+        d = p.decide(p.Snapshot(vision(cur["vision"]), llm(1)), sp, state, float(t), current=cur)
+        cur["vision"] = d["vision"].desired
+        desired.append(cur["vision"])
+    assert desired[20] == 1, "one warm replica until the idle window has passed"
+    assert desired[-1] == 0 and state.vision.last_reason == p.IDLE_TO_ZERO
+    # An image request arrives while no vision replica exists: no metrics from replicas, but the ingress
+    # counts it; the learned encode rate survives the zero.
+    d = p.decide(p.Snapshot(vision(0, requests=1, pixels=2e5, rate=None), llm(1)), sp, state, 61.0, current=cur)
+    assert d["vision"].desired == 1 and d["vision"].direction == "up"
+
+
+def test_flapping_input_gives_no_oscillation() -> None:
+    heavy = lambda c: p.Snapshot(vision(c["vision"], requests=12, pixels=12e6), llm(c["llm"], running=20))
+    light = lambda c: p.Snapshot(vision(c["vision"]), llm(c["llm"]))
+    ds = run([heavy if i % 2 == 0 else light for i in range(60)],
+             spec(vision={"upscale_delay_s": 5}, llm={"upscale_delay_s": 5}))
+    for pool in ("vision", "llm"):
+        assert {d[pool].desired for d in ds} == {1}, f"{pool} moved on flapping input"
+
+
+def test_sustained_load_then_quiet_scales_up_then_down_after_the_window() -> None:
+    heavy = lambda c: p.Snapshot(vision(c["vision"], requests=12, pixels=12e6), llm(c["llm"], running=20))
+    light = lambda c: p.Snapshot(vision(c["vision"]), llm(c["llm"]))
+    sp = spec(vision={"upscale_delay_s": 5, "downscale_delay_s": 30}, llm={"upscale_delay_s": 5, "downscale_delay_s": 30})
+    ds = run([heavy] * 20 + [light] * 80, sp)
+    v = [d["vision"].desired for d in ds]
+    assert v[3] == 1 and v[10] == 3, "up only after the signal held for the up window"
+    assert v[40] == 3, "no scale-down inside the down window"
+    assert v[-1] == 1 and all(b - a >= -1 for a, b in zip(v, v[1:])), "down one step at a time"
+    changes = sum(1 for a, b in zip(v, v[1:]) if a != b)
+    assert changes <= 4
+
+
+def test_missing_or_stale_metrics_hold_and_say_so() -> None:
+    state = p.PolicyState()
+    d = p.decide(p.Snapshot(None, llm(3, depth=50, running=40)), spec(), state, 0.0, current={"vision": 2, "llm": 3})
+    assert d["vision"].desired == 2 and d["vision"].reason == p.METRICS_MISSING and "holding 2" in d["vision"].message
+    assert d["llm"].desired > 3, "the LLM pool still scales on its own signals"
+    d = p.decide(p.Snapshot(vision(2, requests=99, pixels=1e9), llm(3, age_s=300)), spec(), state, 1.0,
+                 current={"vision": 2, "llm": 3})
+    assert d["llm"].desired == 3 and d["llm"].reason == p.METRICS_STALE
+    assert d["vision"].desired > 2
+
+
+def test_state_round_trips_through_json() -> None:
+    state = p.PolicyState()
+    p.decide(p.Snapshot(vision(1, requests=3, pixels=3e6), llm(1, running=3)), spec(), state, 5.0)
+    again = p.PoolState.from_json(state.vision.to_json())
+    assert again == state.vision
