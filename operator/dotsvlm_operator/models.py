@@ -13,7 +13,8 @@ from typing import Any, Literal
 from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from dotsvlm_serving.serve_config import ApiConfig, AutoscalingTargets, LLMPoolConfig, QueueConfig, VisionPoolConfig
+from dotsvlm_serving.serve_config import (ApiConfig, AutoscalingTargets, LLMAutoscaling, LLMPoolConfig, QueueConfig,
+                                          SLOConfig, VisionAutoscaling, VisionPoolConfig)
 
 from dotsvlm_operator.naming import RAY_HEAD_PORTS
 
@@ -116,15 +117,73 @@ class SecretKeyRef(_Api):
 
 
 class Autoscaling(_Api):
-    """Targets for Ray Serve's per-replica autoscaling of this pool (the pool's pod count follows the
-    replica count between minReplicas and maxReplicas)."""
+    """How dotsvlm's autoscaling policy sizes this pool between minReplicas and maxReplicas. The defaults
+    suit most workloads; docs/autoscaling.md says when to change them."""
 
     target_ongoing_requests: float = Field(
-        _contract(AutoscalingTargets, "target_ongoing_requests"), gt=0, le=10000, description="Requests in flight per replica that Ray Serve aims for; higher packs replicas harder.")
+        _contract(AutoscalingTargets, "target_ongoing_requests"), gt=0, le=10000, description=(
+            "Vision pool: image requests in the vision stage per replica. LLM pool: requests running, waiting or "
+            "queued per replica (keep it below maxRunningRequests). Higher packs replicas harder."))
     upscale_delay_seconds: float = Field(
-        _contract(AutoscalingTargets, "upscale_delay_s"), ge=0, le=3600, description="How long the load must stay above target before adding a replica.")
+        _contract(AutoscalingTargets, "upscale_delay_s"), ge=0, le=3600, description=(
+            "How long every signal must ask for more replicas before the pool grows (a pool at zero wakes at once)."))
     downscale_delay_seconds: float = Field(
-        _contract(AutoscalingTargets, "downscale_delay_s"), ge=0, le=86400, description="How long the load must stay below target before removing a replica.")
+        _contract(AutoscalingTargets, "downscale_delay_s"), ge=0, le=86400, description=(
+            "How long every signal must ask for fewer replicas before the pool shrinks."))
+    max_scale_up_step: int = Field(
+        _contract(AutoscalingTargets, "max_scale_up_step"), ge=1, le=1000, description=(
+            "Most replicas added at once, counted from the replicas that actually run (replicas that cannot be "
+            "placed earn no more)."))
+    max_scale_down_step: int = Field(
+        _contract(AutoscalingTargets, "max_scale_down_step"), ge=1, le=1000, description="Most replicas removed at once.")
+    scale_down_interval_seconds: float = Field(
+        _contract(AutoscalingTargets, "scale_down_interval_s"), ge=0, le=86400, description=(
+            "Shortest time between two scale-downs (each removed replica drains first)."))
+    metrics_stale_seconds: float = Field(
+        _contract(AutoscalingTargets, "metrics_stale_s"), gt=0, le=3600, description=(
+            "Signals older than this hold the pool at its size; the status says MetricsStale."))
+
+
+class VisionAutoscaling(Autoscaling):
+    """Autoscaling of the vision pool: encode backlog against the measured encode rate, encode latency
+    against its share of the image-TTFT target, image requests per replica."""
+
+    encode_budget_fraction: float = Field(
+        _contract(VisionAutoscaling, "encode_budget_fraction"), gt=0, le=1, description=(
+            "Share of slo.imageTTFTSeconds that encoding (queueing included) may take; the pool grows so its "
+            "backlog drains within it."))
+    idle_to_zero_seconds: float = Field(
+        _contract(VisionAutoscaling, "idle_to_zero_s"), ge=0, le=86400, description=(
+            "With minReplicas 0: no image work for this long scales the pool to zero. The next image request "
+            "waits for a replica (within api.requestTimeoutSeconds); text-only requests never wait."))
+
+
+class LLMAutoscaling(Autoscaling):
+    """Autoscaling of the LLM pool: running, waiting and queued requests, the tensor queue's oldest item,
+    KV-cache use, TTFT and inter-token latency against spec.slo, and the vision pool's backlog as a
+    leading signal."""
+
+    queue_age_fraction: float = Field(
+        _contract(LLMAutoscaling, "queue_age_fraction"), gt=0, le=1, description=(
+            "Share of slo.textTTFTSeconds an item may wait in the tensor queue before the pool grows by one."))
+    kv_cache_target: float = Field(
+        _contract(LLMAutoscaling, "kv_cache_target"), gt=0, le=1, description="KV-cache use (0-1) the pool aims to stay under.")
+    vision_lead_weight: float = Field(
+        _contract(LLMAutoscaling, "vision_lead_weight"), ge=0, le=4, description=(
+            "How much LLM demand each image request in the vision stage counts for, before it reaches the queue "
+            "(the coupling between the pools); 0 turns the coupling off."))
+
+
+class SLOSpec(_Api):
+    """Service levels per modality (an image request and a text request have different budgets): the
+    autoscaling policy scales against them and status.slo reports against them."""
+
+    image_ttft_seconds: float = Field(_contract(SLOConfig, "image_ttft_s"), gt=0, le=3600, alias="imageTTFTSeconds",
+                                      description="Target p90 time to first token of a request with images.")
+    text_ttft_seconds: float = Field(_contract(SLOConfig, "text_ttft_s"), gt=0, le=3600, alias="textTTFTSeconds",
+                                     description="Target p90 time to first token of a text-only request.")
+    inter_token_seconds: float = Field(_contract(SLOConfig, "inter_token_s"), gt=0, le=60,
+                                       description="Target p90 time between two generated tokens.")
 
 
 # --- the spec ------------------------------------------------------------------------------------------
@@ -196,7 +255,7 @@ class VisionPool(_Api):
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods (e.g. for tainted GPU nodes).")
     resources: Resources | None = Field(None, description="CPU and memory for each pod.")
     shm_size: str = Field("16Gi", pattern=QUANTITY_PATTERN, description="Size of the in-memory /dev/shm volume (Ray's object store and NCCL use it).")
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Autoscaling targets for the pool.")
+    autoscaling: VisionAutoscaling = Field(default_factory=VisionAutoscaling, description="How the autoscaler sizes the pool.")
 
 
 class LLMPool(_Api):
@@ -229,7 +288,7 @@ class LLMPool(_Api):
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods.")
     resources: Resources | None = Field(None, description="CPU and memory for each pod.")
     shm_size: str = Field("64Gi", pattern=QUANTITY_PATTERN, description="Size of the in-memory /dev/shm volume (NCCL and Ray's object store use it).")
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Autoscaling targets for the pool.")
+    autoscaling: LLMAutoscaling = Field(default_factory=LLMAutoscaling, description="How the autoscaler sizes the pool.")
 
     @property
     def gpus_per_pod(self) -> int:
@@ -295,6 +354,7 @@ class DotsVLMDeploymentSpec(_Api):
     api: ApiSpec = Field(default_factory=ApiSpec, description="The OpenAI-compatible API.")
     head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod.")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Metrics and scraping.")
+    slo: SLOSpec = Field(default_factory=SLOSpec, description="Latency targets per modality, for the autoscaler and the status.")
 
 
 # --- the status ----------------------------------------------------------------------------------------

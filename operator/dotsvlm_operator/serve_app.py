@@ -16,10 +16,30 @@ from dotsvlm_serving import serve_config
 from dotsvlm_operator import models
 
 
-def _targets(auto: models.Autoscaling, lo: int, hi: int) -> serve_config.AutoscalingTargets:
-    return serve_config.AutoscalingTargets(
-        min_replicas=lo, max_replicas=hi, target_ongoing_requests=auto.target_ongoing_requests,
-        upscale_delay_s=auto.upscale_delay_seconds, downscale_delay_s=auto.downscale_delay_seconds)
+def _common(auto: models.Autoscaling, lo: int, hi: int) -> dict[str, Any]:
+    return dict(min_replicas=lo, max_replicas=hi, target_ongoing_requests=auto.target_ongoing_requests,
+                upscale_delay_s=auto.upscale_delay_seconds, downscale_delay_s=auto.downscale_delay_seconds,
+                max_scale_up_step=auto.max_scale_up_step, max_scale_down_step=auto.max_scale_down_step,
+                scale_down_interval_s=auto.scale_down_interval_seconds, metrics_stale_s=auto.metrics_stale_seconds)
+
+
+def vision_autoscaling(pool: models.VisionPool) -> serve_config.VisionAutoscaling:
+    a = pool.autoscaling
+    return serve_config.VisionAutoscaling(**_common(a, pool.min_replicas, pool.max_replicas),
+                                          encode_budget_fraction=a.encode_budget_fraction,
+                                          idle_to_zero_s=a.idle_to_zero_seconds)
+
+
+def llm_autoscaling(pool: models.LLMPool) -> serve_config.LLMAutoscaling:
+    a = pool.autoscaling
+    return serve_config.LLMAutoscaling(**_common(a, pool.min_replicas, pool.max_replicas),
+                                       queue_age_fraction=a.queue_age_fraction, kv_cache_target=a.kv_cache_target,
+                                       vision_lead_weight=a.vision_lead_weight)
+
+
+def slo(spec: models.SLOSpec) -> serve_config.SLOConfig:
+    return serve_config.SLOConfig(image_ttft_s=spec.image_ttft_seconds, text_ttft_s=spec.text_ttft_seconds,
+                                  inter_token_s=spec.inter_token_seconds)
 
 
 def serve_app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAppConfig:
@@ -35,7 +55,7 @@ def serve_app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAp
             pool_resource=serve_config.VISION_POOL_RESOURCE,
             max_batch_pixels=spec.vision.max_batch_pixels,
             max_batch_wait_ms=spec.vision.max_batch_wait_ms,
-            autoscaling=_targets(spec.vision.autoscaling, spec.vision.min_replicas, spec.vision.max_replicas),
+            autoscaling=vision_autoscaling(spec.vision),
         ),
         llm=serve_config.LLMPoolConfig(
             gpus_per_replica=spec.llm.gpus_per_replica,
@@ -45,7 +65,7 @@ def serve_app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAp
             context_length=spec.llm.context_length,
             max_running_requests=spec.llm.max_running_requests,
             max_new_tokens_default=spec.llm.max_new_tokens_default,
-            autoscaling=_targets(spec.llm.autoscaling, spec.llm.min_replicas, spec.llm.max_replicas),
+            autoscaling=llm_autoscaling(spec.llm),
         ),
         queue=serve_config.QueueConfig(
             max_items=spec.queue.max_items, max_bytes=spec.queue.max_bytes,

@@ -18,21 +18,37 @@ from ray.serve import Application
 
 from .serve_config import AutoscalingTargets, LLMPoolConfig, ServeAppConfig
 
+# Replicas record their autoscaling stats every look_back_period_s * 0.2 s and push them to Serve's
+# controller every RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S (10 s by default: too slow for a pool
+# that wakes from zero). dotsvlm's policy keeps its own windows, so Serve's delays are zero.
+LOOK_BACK_PERIOD_S = 5.0
+METRICS_PUSH_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+SINGLE = AutoscalingTargets(min_replicas=1, max_replicas=1)
+
 
 def autoscaling(t: AutoscalingTargets) -> dict[str, Any]:
+    """Serve's autoscaling config for a deployment that dotsvlm's application-level policy sizes: Serve
+    applies the bounds; the policy (autoscaling/policy.py) applies the targets, windows and steps."""
     cfg: dict[str, Any] = {"min_replicas": t.min_replicas, "max_replicas": t.max_replicas,
                            "target_ongoing_requests": t.target_ongoing_requests,
-                           "upscale_delay_s": t.upscale_delay_s, "downscale_delay_s": t.downscale_delay_s}
+                           "upscale_delay_s": 0.0, "downscale_delay_s": 0.0, "look_back_period_s": LOOK_BACK_PERIOD_S}
     if t.initial_replicas is not None:
         cfg["initial_replicas"] = t.initial_replicas
     return cfg
 
 
-def replica_options(t: AutoscalingTargets) -> dict[str, Any]:
-    """A fixed count when min == max (no autoscaler needed), else Serve autoscaling."""
-    if t.min_replicas == t.max_replicas:
+def replica_options(t: AutoscalingTargets, autoscaled: bool) -> dict[str, Any]:
+    """With the policy on, every deployment gets an autoscaling config (fixed ones with min == max), so
+    that each replica's `record_autoscaling_stats` reaches the policy; without it, a fixed count."""
+    if not autoscaled:
         return {"num_replicas": t.max_replicas}
     return {"autoscaling_config": autoscaling(t)}
+
+
+def with_metrics_env(opts: dict[str, Any], autoscaled: bool) -> dict[str, Any]:
+    """Replica actor options that make the replicas report to the policy every second."""
+    return {**opts, "runtime_env": {"env_vars": dict(METRICS_PUSH_ENV)}} if autoscaled else opts
 
 
 def actor_options(*, num_gpus: float, pool_resource: str | None, num_cpus: float) -> dict[str, Any]:
@@ -79,11 +95,19 @@ def build_app(args: dict[str, Any]) -> Application:
 
     cfg = parse_config(args)
     cpu_share = 0.0 if cfg.device == "cpu" else 1.0  # on CPU, do not let Ray's CPU accounting block replicas
-    queue = TensorQueueDeployment.bind(cfg.queue)
+    auto = cfg.autoscaled()
+    queue = TensorQueueDeployment.options(
+        **replica_options(SINGLE, auto),
+        ray_actor_options=with_metrics_env(TensorQueueDeployment.ray_actor_options or {}, auto)).bind(cfg.queue)
     vision = VisionEncoderDeployment.options(
-        **replica_options(cfg.vision.autoscaling),
-        ray_actor_options=actor_options(num_gpus=cfg.vision.gpus_per_replica, pool_resource=cfg.vision.pool_resource,
-                                        num_cpus=cpu_share)).bind(cfg)
-    llm = LLMServerDeployment.options(**replica_options(cfg.llm.autoscaling),
-                                      **llm_placement(cfg.llm, num_cpus=cpu_share)).bind(cfg, queue)
-    return IngressDeployment.bind(cfg, vision, queue, llm)
+        **replica_options(cfg.vision.autoscaling, auto),
+        ray_actor_options=with_metrics_env(actor_options(
+            num_gpus=cfg.vision.gpus_per_replica, pool_resource=cfg.vision.pool_resource, num_cpus=cpu_share), auto)
+    ).bind(cfg)
+    llm_opts = llm_placement(cfg.llm, num_cpus=cpu_share)
+    llm_opts["ray_actor_options"] = with_metrics_env(llm_opts["ray_actor_options"], auto)
+    llm = LLMServerDeployment.options(**replica_options(cfg.llm.autoscaling, auto), **llm_opts).bind(cfg, queue)
+    ingress = IngressDeployment.options(
+        **replica_options(SINGLE, auto),
+        ray_actor_options=with_metrics_env(IngressDeployment.ray_actor_options or {}, auto))
+    return ingress.bind(cfg, vision, queue, llm)

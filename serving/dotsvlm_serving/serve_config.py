@@ -21,6 +21,13 @@ POOL_RESOURCE_CAPACITY = 1000
 
 APP_NAME = "dotsvlm"
 APP_IMPORT_PATH = "dotsvlm_serving.app:build_app"
+# The application's Serve deployments (the operator reads their replica targets from the head).
+INGRESS_DEPLOYMENT = "Ingress"
+VISION_DEPLOYMENT = "VisionEncoder"
+QUEUE_DEPLOYMENT = "TensorQueue"
+LLM_DEPLOYMENT = "LLMServer"
+# dotsvlm's autoscaling policy, installed as the application's Serve autoscaling policy.
+AUTOSCALING_POLICY_PATH = "dotsvlm_serving.autoscaling.serve_policy:DotsVLMAutoscalingPolicy"
 # Environment variable that holds the comma-separated API keys (the operator fills it from a Secret).
 API_KEYS_ENV = "DOTSVLM_API_KEYS"
 
@@ -155,17 +162,27 @@ class ServeAppConfig(_Strict):
     api: ApiConfig = ApiConfig()
     slo: SLOConfig = SLOConfig()
 
+    def autoscaled(self) -> bool:
+        """Whether a pool may change size: then dotsvlm's policy runs as the application's autoscaler."""
+        return any(a.min_replicas != a.max_replicas for a in (self.vision.autoscaling, self.llm.autoscaling))
 
-def serve_deploy_body(app: ServeAppConfig, *, http_port: int = 8000, route_prefix: str = "/") -> dict:
-    """The JSON body for `PUT /api/serve/applications/` on the Ray head's dashboard."""
-    return {
-        "http_options": {"host": "0.0.0.0", "port": http_port},
-        "applications": [
-            {
-                "name": APP_NAME,
-                "route_prefix": route_prefix,
-                "import_path": APP_IMPORT_PATH,
-                "args": app.model_dump(mode="json"),
-            }
-        ],
-    }
+    def autoscaling_policy(self) -> dict | None:
+        """The application-level `autoscaling_policy` of the Serve config (None: fixed sizes)."""
+        if not self.autoscaled():
+            return None
+        return {"policy_function": AUTOSCALING_POLICY_PATH,
+                "policy_kwargs": {"slo": self.slo.model_dump(mode="json"),
+                                  "vision": self.vision.autoscaling.model_dump(mode="json"),
+                                  "llm": self.llm.autoscaling.model_dump(mode="json")}}
+
+
+def serve_deploy_body(app: ServeAppConfig, *, http_port: int = 8000, route_prefix: str = "/",
+                      http_host: str = "0.0.0.0") -> dict:
+    """The JSON body for `PUT /api/serve/applications/` on the Ray head's dashboard (and for
+    `deploy_apps` locally): the application, with dotsvlm's autoscaling policy when a pool autoscales."""
+    application: dict = {"name": APP_NAME, "route_prefix": route_prefix, "import_path": APP_IMPORT_PATH,
+                         "args": app.model_dump(mode="json")}
+    policy = app.autoscaling_policy()
+    if policy is not None:
+        application["autoscaling_policy"] = policy
+    return {"http_options": {"host": http_host, "port": http_port}, "applications": [application]}

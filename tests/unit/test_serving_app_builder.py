@@ -16,10 +16,11 @@ def test_pool_pinning_only_when_configured() -> None:
 
 def test_autoscaling_from_targets() -> None:
     t = AutoscalingTargets(min_replicas=0, max_replicas=4, initial_replicas=1, target_ongoing_requests=2)
+    # Serve applies the bounds; dotsvlm's policy applies the windows, so Serve's own delays are zero.
     assert autoscaling(t) == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 2,
-                              "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}
-    assert replica_options(AutoscalingTargets(min_replicas=2, max_replicas=2)) == {"num_replicas": 2}
-    assert "autoscaling_config" in replica_options(t)
+                              "upscale_delay_s": 0.0, "downscale_delay_s": 0.0, "look_back_period_s": 5.0}
+    assert replica_options(AutoscalingTargets(min_replicas=2, max_replicas=2), False) == {"num_replicas": 2}
+    assert "autoscaling_config" in replica_options(t, True)
 
 
 def test_invalid_config_is_refused_clearly() -> None:
@@ -158,3 +159,32 @@ def test_llm_replica_drains_before_leaving() -> None:
         assert calls[-1] == "leave" and "publish" in calls[:-1]  # events delivered before leaving
 
     asyncio.run(main())
+
+
+def test_an_autoscaled_pool_puts_dotsvlm_policy_on_the_application() -> None:
+    """Every deployment reports to the policy (autoscaling config, fast metrics push); the deploy body
+    names dotsvlm's policy with the spec's knobs; fixed sizes need none of it."""
+    from dotsvlm_serving.serve_config import (AUTOSCALING_POLICY_PATH, INGRESS_DEPLOYMENT, LLM_DEPLOYMENT,
+                                              QUEUE_DEPLOYMENT, VISION_DEPLOYMENT, serve_deploy_body)
+
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 0,
+                                                                                       "max_replicas": 4}}})
+    app = build_app(cfg.model_dump(mode="json"))
+    ingress = app._bound_deployment
+    bound = {a._bound_deployment.name: a._bound_deployment for a in ingress.init_args[1:]}
+    bound[ingress.name] = ingress
+    assert set(bound) == {INGRESS_DEPLOYMENT, VISION_DEPLOYMENT, QUEUE_DEPLOYMENT, LLM_DEPLOYMENT}
+    for name, dep in bound.items():
+        auto = dep._deployment_config.autoscaling_config
+        assert auto is not None, f"{name} must report to the policy"
+        assert dep.ray_actor_options["runtime_env"]["env_vars"]["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"]
+    assert bound[VISION_DEPLOYMENT]._deployment_config.autoscaling_config.min_replicas == 0
+    assert bound[QUEUE_DEPLOYMENT]._deployment_config.autoscaling_config.max_replicas == 1
+    policy = serve_deploy_body(cfg)["applications"][0]["autoscaling_policy"]
+    assert policy["policy_function"] == AUTOSCALING_POLICY_PATH
+    assert policy["policy_kwargs"]["vision"]["max_replicas"] == 4 and "image_ttft_s" in policy["policy_kwargs"]["slo"]
+
+    fixed = ServeAppConfig.model_validate({"model_path": "/m"})
+    assert "autoscaling_policy" not in serve_deploy_body(fixed)["applications"][0]
+    ingress = build_app(fixed.model_dump(mode="json"))._bound_deployment
+    assert ingress._deployment_config.autoscaling_config is None and ingress._deployment_config.num_replicas == 1

@@ -23,6 +23,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import pipeline
+from ..autoscaling import serve_policy
+from ..autoscaling.signals import NO_DATA, IngressSignals
 from ..api.auth import ApiKeyAuth
 from ..api.errors import ApiError, error_body
 from ..api.images import FetchPolicy, load_image_bytes
@@ -33,7 +35,7 @@ from ..metrics import IngressMetrics
 from ..model.config import load_config
 from ..model.preprocess import ImageError, decode_image
 from ..model.prompt import load_tokenizer
-from ..serve_config import ServeAppConfig
+from ..serve_config import INGRESS_DEPLOYMENT, ServeAppConfig
 from .relay import Relay
 
 log = logging.getLogger("ray.serve")
@@ -74,7 +76,10 @@ class Ingress:
                                                     fetch_allow=lim.fetch_allow)
         self.auth = ApiKeyAuth.from_env(self.cfg.api.api_keys_env)
         self.metrics = IngressMetrics()
-        self.relay = Relay(vision, queue, self.metrics, hidden_size=int(self.model_config.vision.hidden_size),
+        self.signals = IngressSignals()  # what this replica reports to the autoscaler
+        pre = self.model_config.preprocess
+        self.relay = Relay(vision, queue, self.metrics, self.signals, hidden_size=int(self.model_config.vision.hidden_size),
+                           pixels_per_token=(pre.patch_size * pre.merge_size) ** 2,
                            enqueue_timeout_s=self.cfg.queue.enqueue_timeout_s,
                            request_timeout_s=self.cfg.api.request_timeout_s)
         self.created = int(time.time())
@@ -97,6 +102,30 @@ class Ingress:
         except Exception:
             snapshot = None
         return Response(self.metrics.render(snapshot), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/-/autoscaler")
+    async def autoscaler(self, request: Request) -> JSONResponse:
+        """The autoscaler's latest decision per pool, the tensor queue and the observed latencies per
+        modality: what the operator writes into the resource's status. Behind the API keys."""
+        self.auth.check(request.headers.get("authorization"))
+        try:
+            queue = await asyncio.wait_for(self.queue.stats.remote(), timeout=5)
+        except Exception as exc:
+            return JSONResponse(error_body(503, f"tensor queue not reachable: {exc}"), 503)
+        counters = queue.get("counters", {})
+        recent = self.signals.stats(time.monotonic())
+        return JSONResponse({
+            "decisions": await asyncio.to_thread(serve_policy.read_published),
+            "queue": {"depth": queue["depth"], "bytes": queue["bytes"], "oldest_age_s": queue["oldest_age_s"],
+                      "waiting_producers": queue["waiting_producers"], "max_items": queue["max_items"],
+                      "rejected_total": counters.get("rejected_full", 0),
+                      "redelivered_total": counters.get("redelivered", 0)},
+            "slo": {k: (None if v == NO_DATA else v) for k, v in recent.items() if k.endswith("_p90_s")},
+        })
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook: this replica's signals for the autoscaling policy (autoscaling/signals.py)."""
+        return self.signals.stats(time.monotonic())
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -147,7 +176,7 @@ class Ingress:
         events = await self.relay.submit(cid, ids, images, counts, params, req.stream, deadline)
         if req.stream:
             return await self._stream(cid, req, events, t0, len(images))
-        return await self._complete(cid, events, t0)
+        return await self._complete(cid, events, t0, len(images))
 
     async def _load_images(self, urls: list[str]) -> list[Image.Image]:
         lim = self.cfg.api.images
@@ -206,20 +235,28 @@ class Ingress:
     def _error_of(ev: ErrorEvent) -> ApiError:
         return ApiError(int(ev.get("code", 500)), str(ev.get("message", "generation failed")))
 
-    def _observe_finish(self, ev: FinishEvent, t0: float) -> None:
+    def _observe_first_token(self, t0: float, n_images: int) -> float:
+        now = time.monotonic()
+        self.metrics.ttft.observe(now - t0)
+        self.signals.first_token(now, n_images > 0, now - t0)
+        return now
+
+    def _observe_finish(self, ev: FinishEvent, t0: float, first_token_at: float | None = None) -> None:
         u = ev.get("usage", {})
+        self.signals.finished(time.monotonic(), first_token_at, int(u.get("completion_tokens", 0)))
         self.metrics.prompt_tokens.inc(u.get("prompt_tokens", 0))
         self.metrics.completion_tokens.inc(u.get("completion_tokens", 0))
         self.metrics.request_seconds.observe(time.monotonic() - t0)
 
-    async def _complete(self, cid: str, events: AsyncIterator[Event], t0: float) -> Response:
+    async def _complete(self, cid: str, events: AsyncIterator[Event], t0: float, n_images: int) -> Response:
         text: list[str] = []
         first = True
+        first_at = None
         try:
             async for ev in events:
                 kind = ev["type"]
                 if first and kind in ("token", "finish"):
-                    self.metrics.ttft.observe(time.monotonic() - t0)
+                    first_at = self._observe_first_token(t0, n_images)
                     first = False
                 if kind == "restart":
                     text.clear()
@@ -229,7 +266,7 @@ class Ingress:
                     raise self._error_of(ev)
                 elif kind == "finish":
                     text.append(ev.get("text", ""))
-                    self._observe_finish(ev, t0)
+                    self._observe_finish(ev, t0, first_at)
                     return JSONResponse(completion_response(cid, self.cfg.served_model_name, "".join(text),
                                                             ev["finish_reason"], ev["usage"]))
         finally:
@@ -248,7 +285,7 @@ class Ingress:
             return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
         async def body() -> AsyncIterator[bytes]:
-            self.metrics.ttft.observe(time.monotonic() - t0)
+            first_at = self._observe_first_token(t0, n_images)
             yield sse(chunk(cid, model, created, delta={"role": "assistant", "content": ""}))
             pending: list[Event] = [first]
             try:
@@ -265,7 +302,7 @@ class Ingress:
                         yield sse(chunk(cid, model, created, delta={}, finish_reason=ev["finish_reason"]))
                         if include_usage:
                             yield sse(chunk(cid, model, created, usage=ev["usage"]))
-                        self._observe_finish(ev, t0)
+                        self._observe_finish(ev, t0, first_at)
                         break
             except StopAsyncIteration:
                 yield sse(error_body(503, "the generation ended without a result; retry the request"))
@@ -280,5 +317,5 @@ class Ingress:
 
 
 # One ingress replica (it is asynchronous and light; Serve's HTTP proxy sits in front of it).
-IngressDeployment = serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=4096,
+IngressDeployment = serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1, max_ongoing_requests=4096,
                                      ray_actor_options={"num_cpus": 0})(serve.ingress(app)(Ingress))

@@ -24,7 +24,8 @@ from ..events import ErrorEvent, Event
 from ..model.checkpoint import load_llm
 from ..model.config import load_config
 from ..model.prompt import load_tokenizer, stop_token_ids
-from ..serve_config import ServeAppConfig
+from ..autoscaling.signals import llm_stats
+from ..serve_config import LLM_DEPLOYMENT, ServeAppConfig
 from ..tensor_queue import QueueItem, RayObjectTransport, TransportError
 
 log = logging.getLogger("ray.serve")
@@ -157,6 +158,10 @@ class LLMServer:
     async def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook: running and waiting requests and KV-cache use for the autoscaling policy."""
+        return llm_stats(self.engine.stats())
+
     async def __del__(self) -> None:
         """Drain before going away: no item is lost and, within the timeout, nothing is cut short."""
         self._draining = True
@@ -183,5 +188,5 @@ class LLMServer:
 GRACEFUL_SHUTDOWN_TIMEOUT_S = LLMServer.DRAIN_TIMEOUT_S + 10
 # This deployment's own Serve options; the app builder adds the pool's replicas and placement (GPUs,
 # pool resource, one bundle per node).
-LLMServerDeployment = serve.deployment(name="LLMServer", max_ongoing_requests=16,
+LLMServerDeployment = serve.deployment(name=LLM_DEPLOYMENT, max_ongoing_requests=16,
                                        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)(LLMServer)

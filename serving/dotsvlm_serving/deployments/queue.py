@@ -14,7 +14,8 @@ from typing import Any
 from ray import serve
 
 from ..events import Event
-from ..serve_config import QueueConfig
+from ..autoscaling.signals import queue_stats
+from ..serve_config import QUEUE_DEPLOYMENT, QueueConfig
 from ..tensor_queue import ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
 
 log = logging.getLogger("ray.serve")
@@ -69,6 +70,10 @@ class TensorQueueServer:
     async def stats(self) -> dict[str, Any]:
         return self.core.stats()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook: depth, oldest age and waiting producers for the autoscaling policy."""
+        return queue_stats(self.core.stats())
 
-TensorQueueDeployment = serve.deployment(name="TensorQueue", num_replicas=1, max_ongoing_requests=100_000,
+
+TensorQueueDeployment = serve.deployment(name=QUEUE_DEPLOYMENT, num_replicas=1, max_ongoing_requests=100_000,
                                          ray_actor_options={"num_cpus": 0})(TensorQueueServer)

@@ -21,6 +21,7 @@ import ray
 from PIL import Image
 
 from ..api.errors import ApiError
+from ..autoscaling.signals import IngressSignals
 from ..events import Event, is_terminal
 from ..metrics import IngressMetrics
 from ..tensor_queue import QueueItem, RayObjectTransport, TensorHandle
@@ -31,10 +32,11 @@ log = logging.getLogger("ray.serve")
 class Relay:
     """Used by the ingress; holds the vision and tensor-queue handles and the cancellations in flight."""
 
-    def __init__(self, vision: Any, queue: Any, metrics: IngressMetrics, *, hidden_size: int,
-                 enqueue_timeout_s: float, request_timeout_s: float) -> None:
-        self.vision, self.queue, self.metrics = vision, queue, metrics
+    def __init__(self, vision: Any, queue: Any, metrics: IngressMetrics, signals: IngressSignals, *, hidden_size: int,
+                 pixels_per_token: int, enqueue_timeout_s: float, request_timeout_s: float) -> None:
+        self.vision, self.queue, self.metrics, self.signals = vision, queue, metrics, signals
         self.hidden_size = hidden_size
+        self.pixels_per_token = pixels_per_token
         self.enqueue_timeout_s = enqueue_timeout_s
         self.request_timeout_s = request_timeout_s
         self._background: set[asyncio.Task[Any]] = set()
@@ -44,6 +46,11 @@ class Relay:
         they outlive the vision replica) and only their reference travels on."""
         t = time.monotonic()
         self.metrics.vision_backlog.inc(len(images))
+        # The autoscaler's view of the vision backlog: counted here, so it is known even while the
+        # vision pool has no replica (the call then waits at the handle until Serve starts one).
+        pixels = sum(counts) * self.pixels_per_token
+        self.signals.vision_started(len(images), pixels)
+        encoded = None
         try:
             ref = await self.vision.encode.remote(images)._to_object_ref()
             # Readiness without fetching the bytes here (fetch_local=False); a short poll keeps the
@@ -51,12 +58,17 @@ class Relay:
             delay = 0.001
             while not ray.wait([ref], timeout=0, fetch_local=False)[0]:
                 if time.monotonic() > deadline:
-                    raise ApiError(504, "the vision encoder did not finish before the request timeout")
+                    raise ApiError(504, "the vision encoder did not finish this request's images before the request "
+                                        "timeout: the vision pool may be starting a replica (it scales to zero when "
+                                        "vision.minReplicas is 0) or be out of GPUs; retry, or keep a vision replica "
+                                        "warm with vision.minReplicas: 1")
                 await asyncio.sleep(delay)
                 delay = min(0.01, delay * 2)
+            encoded = time.monotonic() - t
         finally:
             self.metrics.vision_backlog.dec(len(images))
-        self.metrics.encode_seconds.observe(time.monotonic() - t)
+            self.signals.vision_finished(len(images), pixels, time.monotonic(), encoded)
+        self.metrics.encode_seconds.observe(encoded)
         return RayObjectTransport.from_ref(ref, shape=(sum(counts), self.hidden_size), dtype=np.float32)
 
     async def submit(self, cid: str, ids: list[int], images: list[Image.Image], counts: list[int],

@@ -22,7 +22,8 @@ from ray import serve
 from .. import pipeline
 from ..model.checkpoint import load_vision_tower
 from ..model.config import load_config
-from ..serve_config import ServeAppConfig
+from ..autoscaling.signals import vision_stats
+from ..serve_config import VISION_DEPLOYMENT, ServeAppConfig
 
 log = logging.getLogger("ray.serve")
 
@@ -44,7 +45,7 @@ class VisionEncoder:
                                        config=self.model_config)
         self._jobs: list[_Job] = []
         self._wake = asyncio.Event()
-        self._stats = {"batches": 0, "images": 0, "encode_seconds_total": 0.0}
+        self._stats = {"batches": 0, "images": 0, "pixels_total": 0.0, "encode_seconds_total": 0.0}
         self._encoding_images = 0
         self._loop = asyncio.get_running_loop().create_task(self._batch_forever())
 
@@ -92,6 +93,7 @@ class VisionEncoder:
                     self._encoding_images = 0
                 self._stats["batches"] += 1
                 self._stats["images"] += len(images)
+                self._stats["pixels_total"] += sum(j.pixels for j in batch)
                 self._stats["encode_seconds_total"] += time.monotonic() - t0
                 i = 0
                 for j in batch:
@@ -105,10 +107,14 @@ class VisionEncoder:
         return dict(self._stats, backlog_images=float(sum(len(j.images) for j in self._jobs)),
                     encoding_images=float(self._encoding_images))
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook: this replica's measured encode rate for the autoscaling policy."""
+        return vision_stats(self._stats)
+
     def check_health(self) -> None:
         if self._loop.done():
             raise RuntimeError("the vision batching loop stopped")
 
 
 # This deployment's own Serve options; the app builder adds the pool's replicas, GPUs and pool resource.
-VisionEncoderDeployment = serve.deployment(name="VisionEncoder", max_ongoing_requests=256)(VisionEncoder)
+VisionEncoderDeployment = serve.deployment(name=VISION_DEPLOYMENT, max_ongoing_requests=256)(VisionEncoder)
