@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--detach", action="store_true", help="deploy and return instead of waiting for Ctrl-C")
+    serve.add_argument("--config", default=None, metavar="FILE",
+                       help="YAML/JSON with Serve config fields merged over the local defaults, e.g. "
+                            "{vision: {autoscaling: {min_replicas: 0, max_replicas: 2}}} (see docs/autoscaling.md)")
     serve.set_defaults(func=_lazy("dotsvlm_serving.embedded", "cli_main", "serving"))
 
     model = sub.add_parser("model", help="model utilities")

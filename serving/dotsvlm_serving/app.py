@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray.serve import Application
 
-from .serve_config import AutoscalingTargets, LLMPoolConfig, ServeAppConfig
+from .serve_config import AutoscalingTargets, LLMPoolConfig, ServeAppConfig, serve_deploy_body
 
 # Replicas record their autoscaling stats every look_back_period_s * 0.2 s and push them to Serve's
 # controller every RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S (10 s by default: too slow for a pool
@@ -85,6 +85,20 @@ def parse_config(args: dict[str, Any]) -> ServeAppConfig:
         return ServeAppConfig.model_validate(args)
     except ValidationError as exc:
         raise ValueError(f"invalid dotsvlm serve config: {exc}") from None
+
+
+def deploy_local(cfg: ServeAppConfig, *, host: str, port: int) -> None:
+    """Deploy the application on the Ray this process is connected to the way the operator does: as a
+    Serve config (what `PUT /api/serve/applications/` takes), so that dotsvlm's autoscaling policy is
+    the application's policy when a pool autoscales (`serve.run` cannot install an application-level
+    policy). Uses the Serve client call behind that REST endpoint: no dashboard needed."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    serve.start(http_options={"host": host, "port": port})
+    body = serve_deploy_body(cfg, http_port=port, http_host=host)
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(body))
 
 
 def build_app(args: dict[str, Any]) -> Application:

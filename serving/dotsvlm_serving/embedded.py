@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .serve_config import APP_NAME, LLMPoolConfig, QueueConfig, ServeAppConfig
+from .serve_config import LLMPoolConfig, QueueConfig, ServeAppConfig
 
 TINY_MODEL_DIR = ".tiny-model"
 # Ray's own ports, outside the worker port range (10002-19999).
@@ -32,14 +32,36 @@ def say(msg: str) -> None:
     print(f"dotsvlm: {msg}", flush=True)
 
 
-def local_config(model_path: str) -> ServeAppConfig:
+def local_config(model_path: str, overrides: dict | None = None) -> ServeAppConfig:
     """The embedded default: the contract's defaults (one replica per pool, CPU, float32), with smaller
-    limits that suit a laptop CPU."""
-    return ServeAppConfig(
+    limits that suit a laptop CPU; `overrides` (from --config) are merged over it, key by key."""
+    base = ServeAppConfig(
         model_path=model_path, device="cpu", dtype="float32",
         llm=LLMPoolConfig(max_running_requests=8, max_new_tokens_default=64),
         queue=QueueConfig(max_items=64, enqueue_timeout_s=10),
-    )
+    ).model_dump(mode="json")
+    return ServeAppConfig.model_validate(_merge(base, {**(overrides or {}), "model_path": model_path}))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def read_overrides(path: str) -> dict:
+    """A --config file: YAML or JSON, a part of the Serve config (serving/dotsvlm_serving/serve_config.py)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read --config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of Serve config fields, e.g. "
+                         "{vision: {autoscaling: {min_replicas: 0, max_replicas: 2}}}")
+    return data
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
@@ -87,9 +109,9 @@ def cli_main(args: argparse.Namespace) -> int:
         # `ray start --head` enables token authentication; this driver must then send the token too
         # (read by Ray at import time, hence before importing it).
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from ray import serve
+    from pydantic import ValidationError
 
-    from .app import build_app
+    from .app import deploy_local
 
     if args.model:
         model = Path(args.model)
@@ -101,7 +123,11 @@ def cli_main(args: argparse.Namespace) -> int:
 
         say(f"using the tiny built-in model in {TINY_MODEL_DIR}/ (written if missing)")
         model = ensure_tiny_checkpoint(TINY_MODEL_DIR)
-    cfg = local_config(str(model.resolve()))
+    try:
+        cfg = local_config(str(model.resolve()), read_overrides(args.config) if args.config else None)
+    except (ValueError, ValidationError) as exc:
+        say(f"error: {exc}")
+        return 2
     keys_env = cfg.api.api_keys_env
     with_key = bool(keys_env and os.environ.get(keys_env, "").strip())
     _start_ray(args.detach, num_cpus=max(4, os.cpu_count() or 1),
@@ -109,14 +135,17 @@ def cli_main(args: argparse.Namespace) -> int:
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
     try:
         say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on {args.host}:{args.port} ...")
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(cfg.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
+        deploy_local(cfg, host=args.host, port=args.port)
         wait_healthy(url, timeout_s=300)
     except BaseException as exc:
         say(f"error: deployment failed: {exc}")
         _shutdown(args.detach)
         return 1
     say(f"ready: OpenAI-compatible endpoint {url}/v1 (model {cfg.served_model_name!r})")
+    if cfg.autoscaled():
+        v, m = cfg.vision.autoscaling, cfg.llm.autoscaling
+        say(f"autoscaling: vision {v.min_replicas}-{v.max_replicas} replicas, LLM {m.min_replicas}-{m.max_replicas}; "
+            f"decisions at {url}/-/autoscaler")
     print(f"\n  {curl_example(url, cfg.served_model_name, with_key)}\n", flush=True)
     print(f"  Python: OpenAI(base_url='{url}/v1', api_key={'KEY' if with_key else repr('none')})\n", flush=True)
     if with_key:
