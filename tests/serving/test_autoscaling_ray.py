@@ -29,8 +29,10 @@ from test_serving_app import image_part, png
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 CONFIG = {
-    "llm": {"context_length": 1024, "max_running_requests": 2, "max_new_tokens_default": 16,
-            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+    # One running request per LLM replica, so that two long streams sit on two replicas; a target of 4
+    # requests per replica then asks for one replica while both stream: the scale-down must drain one.
+    "llm": {"context_length": 1024, "max_running_requests": 1, "max_new_tokens_default": 16,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
                             "upscale_delay_s": 1, "downscale_delay_s": 6, "scale_down_interval_s": 2}},
     "vision": {"max_batch_pixels": 1_000_000, "max_batch_wait_ms": 5,
                "autoscaling": {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 2,
@@ -150,6 +152,44 @@ def test_image_burst_wakes_vision_then_grows_llm_and_nothing_is_lost(stack: Stac
     reasons = {d["llm"]["reason"] for d in stack.seen[llm_up[0]:llm_up[0] + 1]} | {
         d["llm"]["last_change"]["reason"] for d in stack.seen if d["llm"]["desired"] >= 2}
     assert reasons & {"VisionLeadingSignal", "LLMDemand", "QueueAge"}, reasons
+
+
+def _stream_tokens(url: str, body: dict) -> tuple[int, float]:
+    """Stream one request; the completion tokens its usage reports, and when it finished."""
+    import json
+
+    body = {**body, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=240) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]" and any('"finish_reason":"length"' in x for x in lines), lines[-3:]
+    usage = json.loads(lines[-2])["usage"]
+    return usage["completion_tokens"], time.time()
+
+
+def test_llm_scale_down_drains_the_replica_while_it_streams(stack: Stack) -> None:
+    """Two long streams, one on each LLM replica; the policy asks for one replica while they run: the
+    replica that goes finishes its stream before it leaves (no token lost, the stream ends normally)."""
+    deadline = time.monotonic() + 120
+    while httpx.get(stack.url + "/health", timeout=10).json().get("llm_replicas", 0) < 2:
+        assert time.monotonic() < deadline, "the LLM pool did not reach two replicas after the image burst"
+        time.sleep(0.5)
+    stack.seen.clear()
+    max_tokens = 400
+    body = _body(7, image=False, max_tokens=max_tokens, stream=True)
+
+    async def two_streams() -> list[tuple[int, float]]:
+        tasks = [asyncio.create_task(asyncio.to_thread(_stream_tokens, stack.url, body)) for _ in range(2)]
+        while not all(t.done() for t in tasks):
+            await asyncio.to_thread(stack.decisions)
+            await asyncio.sleep(0.5)
+        return [t.result() for t in tasks]
+
+    results = asyncio.run(two_streams())
+    down = [d["llm"]["time"] for d in stack.seen if d["llm"]["direction"] == "down" or d["llm"]["desired"] == 1]
+    assert down, f"the LLM pool did not scale down while the streams ran: {stack.seen[-2:]}"
+    assert min(down) < max(t for _, t in results), "the scale-down came only after both streams had ended"
+    assert [n for n, _ in results] == [max_tokens, max_tokens], "a stream lost tokens while its replica drained"
 
 
 def test_both_pools_scale_down_after_their_windows_while_streams_complete(stack: Stack) -> None:
