@@ -3,10 +3,13 @@
 Measures
   1. time from `create DotsVLMDeployment` to all of its 10 children present, p50/p95 over N resources,
      (a) one at a time and (b) N created at once;
-  2. the operator's resident memory (RSS) with 0 and with 2N resources reconciled.
+  2. the operator's resident memory (RSS) with 0 and with 2N resources reconciled;
+  3. the pod loop's cost with 2N resources: operator CPU seconds per resource per minute, and the calls
+     to the Ray head / ingress and to the Kubernetes API per resource per minute, once all are settled.
 
 Child arrival is timed with watches (no polling), from just before the create call returns.
-The Ray head is pointed at a closed local port (no Ray in kwok pods), as in the cluster tests.
+The Ray head and the ingress are a fake (tests/support/fake_ray_head.py: Serve's targets, replicas and
+the autoscaler's report; no Ray in kwok pods), answering at once.
 
     .venv/bin/python bench/operator_bench.py                # N=50: 100 resources in all
     .venv/bin/python bench/operator_bench.py --resources 10 # quick look
@@ -108,6 +111,18 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def apiserver_requests(cluster) -> float:
+    """apiserver_request_total over every verb and resource (all clients)."""
+    out = cluster.kubectl("get", "--raw", "/metrics").stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("apiserver_request_total{"))
+
+
 def create(api, ns: str, name: str) -> float:
     t0 = time.monotonic()
     api.create_namespaced_custom_object("dotsvlm.io", "v1alpha1", ns, "dotsvlmdeployments", cpu_cr(name))
@@ -131,12 +146,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--resources", type=int, default=50, help="resources per phase (sequential, burst)")
     ap.add_argument("--settle", type=float, default=30.0, help="seconds to sample memory once all are reconciled")
+    ap.add_argument("--loop-window", type=float, default=60.0, help="seconds over which the pod loop's cost is measured")
+    ap.add_argument("--pod-loop-seconds", type=float, default=5.0, help="the operator's --pod-loop-seconds")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "operator_bench"))
     args = ap.parse_args()
     n = args.resources
 
     from support.cluster import CACHE, CLUSTER_PREFIX, KubeCluster, build_binaries
+    from support.fake_ray_head import FakeRayHead
     import uuid
+
+    head = FakeRayHead()
+    head_url = head.start()
 
     bin_dir = build_binaries()
     cluster = KubeCluster(f"{CLUSTER_PREFIX}{os.getpid()}-bench-{uuid.uuid4().hex[:4]}", CACHE / "kwok", bin_dir)
@@ -158,7 +179,8 @@ def main() -> int:
 
         env = dict(cluster.env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         op = subprocess.Popen([str(REPO / ".venv" / "bin" / "dotsvlm"), "operator", "--namespace", seq_ns,
-                               "--namespace", burst_ns, "--ray-head-url-override", "http://127.0.0.1:9/"],
+                               "--namespace", burst_ns, "--ray-head-url-override", head_url,
+                               "--api-url-override", head_url, "--pod-loop-seconds", str(args.pod_loop_seconds)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         time.sleep(5)  # start-up: let kopf list and watch before the first resource (idle memory below)
         rss_idle = rss_mib(op.pid)
@@ -199,6 +221,16 @@ def main() -> int:
             samples.append(rss_mib(op.pid))
             time.sleep(1)
 
+        # The pod loop's cost in steady state: every resource's loop reads Serve's targets and the report.
+        head.set_decision("vision", 1, 1, 1, "Stable", "1 replica(s) fit the load")
+        head.set_decision("llm", 1, 1, 1, "Stable", "1 replica(s) fit the load")
+        time.sleep(2 * args.pod_loop_seconds)
+        k8s0, head0, cpu0, t0 = apiserver_requests(cluster), dict(head.requests), cpu_seconds(op.pid), time.monotonic()
+        time.sleep(args.loop_window)
+        k8s1, head1, cpu1, t1 = apiserver_requests(cluster), dict(head.requests), cpu_seconds(op.pid), time.monotonic()
+        minutes, total = (t1 - t0) / 60, 2 * n
+        head_calls = sum(head1.values()) - sum(head0.values())
+
         ms = lambda xs: [round(x * 1000, 1) for x in xs]  # noqa: E731
         results = {
             "command": " ".join([".venv/bin/python", "bench/operator_bench.py", *sys.argv[1:]]),
@@ -217,10 +249,16 @@ def main() -> int:
             "operator_rss_mib": {"idle_0_resources": round(rss_idle, 1), "resources": 2 * n,
                                  "mean": round(statistics.mean(samples), 1), "max": round(max(samples), 1),
                                  "settle_s": args.settle},
+            "pod_loop": {"resources": total, "pod_loop_seconds": args.pod_loop_seconds, "window_s": round(t1 - t0, 1),
+                         "operator_cpu_s_per_resource_per_min": round((cpu1 - cpu0) / minutes / total, 4),
+                         "operator_cpu_percent_of_one_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
+                         "head_and_ingress_calls_per_resource_per_min": round(head_calls / minutes / total, 1),
+                         "apiserver_requests_per_resource_per_min_all_clients": round((k8s1 - k8s0) / minutes / total, 2)},
         }
         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
         c = results["create_to_all_children_ms"]
         r = results["operator_rss_mib"]
+        lp = results["pod_loop"]
         md = f"""# Operator benchmark
 
 Command: `{results['command']}` (commit {results['git_commit']}, {results['date_utc']})
@@ -236,6 +274,16 @@ All {n} burst resources complete {c['burst']['all_done_s']} s after the first cr
 
 Operator memory (RSS): {r['idle_0_resources']} MiB idle; with {r['resources']} resources reconciled
 (and their {3 * r['resources']} pods watched) mean {r['mean']} MiB, max {r['max']} MiB over {r['settle_s']:.0f} s.
+
+Pod loop with {lp['resources']} resources (every {lp['pod_loop_seconds']:g} s each: read Serve's targets and
+the autoscaler's report, size the pools; status and Deployments written only on change), steady state
+over {lp['window_s']:.0f} s:
+
+| measure | per resource per minute |
+|---|---|
+| operator CPU | {lp['operator_cpu_s_per_resource_per_min']} CPU-s ({lp['operator_cpu_percent_of_one_core']}% of one core for all {lp['resources']}) |
+| calls to the Ray head + ingress | {lp['head_and_ingress_calls_per_resource_per_min']} |
+| Kubernetes API requests, all clients (controllers, kwok, operator) | {lp['apiserver_requests_per_resource_per_min_all_clients']} |
 """
         Path(args.out).with_suffix(".md").write_text(md)
         print(md)
@@ -249,6 +297,7 @@ Operator memory (RSS): {r['idle_0_resources']} MiB idle; with {r['resources']} r
                 os.killpg(op.pid, 9)
         log.close()
         cluster.stop()
+        head.stop()
 
 
 if __name__ == "__main__":

@@ -252,8 +252,8 @@ def service_monitor(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[st
 
 
 def desired_replicas(pool: models.VisionPool | models.LLMPool, requested: int | None = None) -> int:
-    """Replicas to run: the spec's minimum, or `requested` (no caller asks yet; the pool autoscaler will)
-    kept within the spec's bounds."""
+    """Replicas to run: the spec's minimum, or `requested` (Serve's target, the autoscaler's wish; see
+    pod_sizing) kept within the spec's bounds."""
     want = pool.min_replicas if requested is None else requested
     return max(pool.min_replicas, min(pool.max_replicas, want))
 

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--ray-head-url-override", default=None,
                     help="TEST/DEV ONLY: reach every deployment's Ray dashboard at this URL ({name}, {namespace} "
                          "are filled in) instead of http://<name>-ray-head.<ns>.svc:8265; env DOTSVLM_RAY_HEAD_URL_OVERRIDE")
+    op.add_argument("--pod-loop-seconds", type=float, default=5.0,
+                    help="how often each resource's pod loop reads Serve's targets and sizes the pools' pods")
+    op.add_argument("--api-url-override", default=None,
+                    help="TEST/DEV ONLY: read the ingress's /-/autoscaler report at this base URL ({name}, {namespace} "
+                         "are filled in) instead of http://<name>-api.<ns>.svc:<api.port>; env DOTSVLM_API_URL_OVERRIDE")
     op.add_argument("--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.set_defaults(func=_lazy("dotsvlm_operator.main", "cli_main", "operator"))
 

@@ -1,10 +1,16 @@
 """kopf handlers: one reconcile loop per DotsVLMDeployment.
 
-Each resource gets a kopf daemon that runs `reconcile_once` whenever something relevant changes (its
-spec, or an event on one of its children: a pod scheduled, a Deployment edited or deleted by hand)
-and at least every `resync_seconds`. Reconciling is idempotent: build the children (pure), apply them
-with server-side apply, deploy the Serve config when it changed, observe, write status. All state
-lives in the resource's status and in the cluster, so a restarted operator simply carries on.
+Each resource gets a kopf daemon with two kinds of pass:
+- a *full* pass when its spec changes, when a child object (Deployment, Service, ...) changes or is
+  deleted, and at least every `resync_seconds`: build the children (pure), apply those that changed (all of
+  them on the resync, to correct drift), deploy the Serve config when it changed, list the pods, observe,
+  write status;
+- a *light* pass (the pod loop) every `pod_loop_seconds` and on every pod event: read Serve's targets and
+  the autoscaler's report, size each pool's pods (`pod_sizing`), set the pods' deletion cost and the pool
+  Deployments' replicas when they change, write status when it changes. Pods come from a cache fed by the
+  pod events, so an idle light pass makes no Kubernetes API call.
+All state that matters lives in the resource's status and in the cluster, so a restarted operator simply
+carries on (the in-memory caches only save calls).
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import kopf
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
-from dotsvlm_operator import builders, models, naming, serve_app
+from dotsvlm_operator import builders, ingress_client, models, naming, pod_sizing, serve_app
 from dotsvlm_operator.kube import Kube
 from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError
-from dotsvlm_operator.status import PodView, ServeObservation, compute_status, pod_view
+from dotsvlm_operator.status import (PodView, ServeObservation, compute_status, pod_view, raw_wish, scaling_events,
+                                     serve_deployment)
 
 HEAD_URL_OVERRIDE_ENV = "DOTSVLM_RAY_HEAD_URL_OVERRIDE"
+API_URL_OVERRIDE_ENV = "DOTSVLM_API_URL_OVERRIDE"
+POOLS = (naming.COMPONENT_VISION, naming.COMPONENT_LLM)
 
 
 @dataclass
@@ -37,13 +46,31 @@ class OperatorConfig:
     # Test/dev setting: talk to this Ray dashboard URL instead of the head Service of each deployment.
     # May contain {name} and {namespace}.
     head_url_override: str | None = field(default_factory=lambda: os.environ.get(HEAD_URL_OVERRIDE_ENV) or None)
+    # Test/dev setting: read the ingress's /-/autoscaler at this base URL instead of the API Service.
+    api_url_override: str | None = field(default_factory=lambda: os.environ.get(API_URL_OVERRIDE_ENV) or None)
     resync_seconds: float = 60.0
+    pod_loop_seconds: float = 5.0
     head_timeout_seconds: float = 5.0
     priority: int = 0
 
 
+@dataclass
+class ResourceState:
+    """What the daemon of one resource remembers between passes (only to save API calls)."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    full: bool = True  # the next pass is a full one
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod name -> pod, from pod events
+    applied: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # kind/name -> (hash, version)
+    dirty: set[str] = field(default_factory=set)  # kind/name changed by someone else: apply again
+    last_full: float = 0.0
+    token: str | None = None
+    api_key: str | None = None
+    status: models.DotsVLMDeploymentStatus | None = None  # the last status written
+
+
 CONFIG = OperatorConfig()
-_triggers: dict[tuple[str, str], asyncio.Event] = {}
+_resources: dict[tuple[str, str], ResourceState] = {}
 _kube: Kube | None = None
 _service_monitor_crd: tuple[bool, float] | None = None  # (present, when checked)
 
@@ -59,10 +86,11 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _trigger(namespace: str | None, name: str | None) -> None:
-    ev = _triggers.get((namespace or "", name or ""))
-    if ev is not None:
-        ev.set()
+def _trigger(namespace: str | None, name: str | None, *, full: bool = True) -> None:
+    state = _resources.get((namespace or "", name or ""))
+    if state is not None:
+        state.full = state.full or full
+        state.wake.set()
 
 
 # --- operator settings -------------------------------------------------------------------------------------
@@ -88,13 +116,54 @@ def on_resource_event(name: str | None, namespace: str | None, body: kopf.Body, 
         _trigger(namespace, name)
 
 
-def _on_child_event(labels: dict[str, str] | None, namespace: str | None, **_: Any) -> None:
-    """A child changed (pod scheduled or ready, object edited or deleted): re-reconcile its owner."""
-    _trigger(namespace, (labels or {}).get(naming.LABEL_DEPLOYMENT))
+_KIND_OF_PLURAL = {"deployments": "Deployment", "services": "Service", "configmaps": "ConfigMap", "secrets": "Secret",
+                   "poddisruptionbudgets": "PodDisruptionBudget", "networkpolicies": "NetworkPolicy"}
+
+
+def _child_key(kind: str, name: str) -> str:
+    return f"{kind}/{name}"
+
+
+def _change_marker(obj: dict[str, Any]) -> str | None:
+    """What changes when someone else changes the object: its generation where it has one (status updates
+    by a controller do not bump it), else its resourceVersion."""
+    meta = obj.get("metadata") or {}
+    generation = meta.get("generation")
+    return f"g{generation}" if generation is not None else meta.get("resourceVersion")
+
+
+def _on_child_event(labels: dict[str, str] | None, namespace: str | None, name: str | None, body: kopf.Body,
+                    type: str | None, resource: kopf.Resource, **_: Any) -> None:
+    """A child changed, was edited or deleted: re-reconcile its owner, re-applying that child unless the
+    change is our own apply or only its status (same generation, or same resourceVersion)."""
+    state = _resources.get((namespace or "", (labels or {}).get(naming.LABEL_DEPLOYMENT, "")))
+    if state is None:
+        return
+    key = _child_key(_KIND_OF_PLURAL.get(resource.plural, resource.plural), name or "")
+    ours = state.applied.get(key)
+    if type != "DELETED" and ours is not None and ours[1] == _change_marker(body):
+        return
+    state.dirty.add(key)
+    state.full = True
+    state.wake.set()
+
+
+def _on_pod_event(labels: dict[str, str] | None, namespace: str | None, name: str | None, body: kopf.Body,
+                  type: str | None, **_: Any) -> None:
+    """A pod changed (scheduled, ready, gone): keep the owner's pod cache and wake its light pass."""
+    state = _resources.get((namespace or "", (labels or {}).get(naming.LABEL_DEPLOYMENT, "")))
+    if state is None:
+        return
+    if type == "DELETED":
+        state.pods.pop(name or "", None)
+    else:
+        state.pods[name or ""] = dict(body)
+    state.wake.set()
 
 
 _CHILD_SELECTOR = {naming.LABEL_MANAGED_BY: naming.MANAGER, naming.LABEL_DEPLOYMENT: kopf.PRESENT}
-for _group, _version, _plural in [("", "v1", "pods"), ("apps", "v1", "deployments"), ("", "v1", "services"),
+kopf.on.event("", "v1", "pods", labels=_CHILD_SELECTOR, id="child-pods")(_on_pod_event)
+for _group, _version, _plural in [("apps", "v1", "deployments"), ("", "v1", "services"),
                                   ("", "v1", "configmaps"), ("", "v1", "secrets"),
                                   ("policy", "v1", "poddisruptionbudgets"),
                                   ("networking.k8s.io", "v1", "networkpolicies")]:
@@ -107,36 +176,43 @@ for _group, _version, _plural in [("", "v1", "pods"), ("apps", "v1", "deployment
 async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped,
                      logger: logging.Logger, **_: Any) -> None:
     key = (namespace, name)
-    ev = _triggers[key] = asyncio.Event()
+    state = _resources[key] = ResourceState()
     failures = 0
     try:
         while not stopped:
-            ev.clear()
+            state.wake.clear()
+            full = state.full or time.monotonic() - state.last_full >= CONFIG.resync_seconds or failures > 0
             try:
-                await reconcile_once(body, logger)
+                if full:
+                    await reconcile_once(body, logger, state)
+                else:
+                    await size_pods_once(body, logger, state)
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - one bad pass must not end the loop
                 failures += 1
                 logger.exception(f"reconcile failed ({failures} in a row): {exc}")
                 await _report_failure(body, exc, logger)
-            wait = CONFIG.resync_seconds if not failures else min(2.0 ** failures, CONFIG.resync_seconds)
-            waiter = asyncio.ensure_future(ev.wait())
+            if failures:
+                wait = min(2.0 ** failures, CONFIG.resync_seconds)
+            else:
+                wait = min(CONFIG.pod_loop_seconds, max(0.0, state.last_full + CONFIG.resync_seconds - time.monotonic()))
+            waiter = asyncio.ensure_future(state.wake.wait())
             stopper = asyncio.ensure_future(stopped.wait())
             try:
                 await asyncio.wait({waiter, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
                 stopper.cancel()
-            # Let a burst of child events (a rollout touches many pods) settle into one pass.
-            if ev.is_set() and not stopped:
+            # Let a burst of events (a rollout touches many pods) settle into one pass.
+            if state.wake.is_set() and not stopped:
                 settle = asyncio.ensure_future(stopped.wait())
                 try:
-                    await asyncio.wait({settle}, timeout=0.3)
+                    await asyncio.wait({settle}, timeout=0.3 if state.full else 0.1)
                 finally:
                     settle.cancel()
     finally:
-        if _triggers.get(key) is ev:
-            del _triggers[key]
+        if _resources.get(key) is state:
+            del _resources[key]
 
 
 def error_text(exc: BaseException) -> str:
@@ -175,25 +251,32 @@ def head_url(owner: naming.Owner) -> str:
     return naming.dashboard_url(owner)
 
 
+def api_url(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec) -> str:
+    if CONFIG.api_url_override:
+        return CONFIG.api_url_override.format(name=owner.name, namespace=owner.namespace)
+    return naming.api_url(owner, spec.api.port)
+
+
 async def observe_serve(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str,
                         old: models.DotsVLMDeploymentStatus | None, logger: logging.Logger) -> ServeObservation:
-    """Deploy the Serve config if it changed since the last successful deploy, then read the app's status."""
+    """Deploy the Serve config if it changed since the last successful deploy (or the head lost it), then
+    read the application: its status and each deployment's target and replicas."""
     body = serve_app.serve_body(spec)
     digest = serve_app.serve_body_hash(body)
     url = head_url(owner)
     deployed = old.serve_app.config_hash if old else None
     async with RayHeadClient(url, token, timeout=CONFIG.head_timeout_seconds) as client:
         try:
-            status, message = await client.application_status()
-            if deployed != digest or status == "NOT_DEPLOYED":
+            app = await client.application()
+            if deployed != digest or app.status == "NOT_DEPLOYED":
                 await client.deploy(body)
                 logger.info(f"deployed the Serve application to {url} (config {digest})")
                 deployed = digest
-                status, message = await client.application_status()
+                app = await client.application()
         except RayHeadError as exc:
             return ServeObservation(url=url, reachable=not exc.unreachable, status="Unknown", message=str(exc),
                                     config_hash=old.serve_app.config_hash if old else None)
-    return ServeObservation(url=url, reachable=True, status=status, message=message, config_hash=deployed)
+    return ServeObservation(url=url, reachable=True, status=app.status, message=app.message, config_hash=deployed, app=app)
 
 
 def _old_status(body: kopf.Body) -> models.DotsVLMDeploymentStatus | None:
@@ -215,11 +298,51 @@ def _service_monitor_supported() -> bool:
     return _service_monitor_crd[0]
 
 
-async def reconcile_once(body: kopf.Body, logger: logging.Logger) -> None:
+def _pool_spec(spec: models.DotsVLMDeploymentSpec, pool: str) -> models.VisionPool | models.LLMPool:
+    return spec.vision if pool == naming.COMPONENT_VISION else spec.llm
+
+
+def _previous_replicas(spec: models.DotsVLMDeploymentSpec, old: models.DotsVLMDeploymentStatus | None,
+                       pool: str) -> int | None:
+    """The replicas the pool's pods were last sized for (kept while Serve cannot be asked)."""
+    pods = getattr(old, pool).desired_pods if old is not None else None
+    if pods is None:
+        return None
+    return pods // (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1)
+
+
+def _children(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str, pods: dict[str, int],
+              service_monitor: bool) -> list[dict[str, Any]]:
+    return builders.children(owner, spec, vision_replicas=pods[naming.COMPONENT_VISION],
+                             llm_replicas=pods[naming.COMPONENT_LLM] // spec.llm.nodes_per_replica,
+                             service_monitor_supported=service_monitor, ray_token_hash=builders.token_hash(token))
+
+
+def _apply_changed(k: Kube, objs: list[dict[str, Any]], state: ResourceState, force: bool) -> int:
+    """Server-side apply the objects that changed since we last applied them, that someone else changed,
+    or all of them when `force` (the resync: drift we did not hear about). Returns how many were sent."""
+    sent = 0
+    for obj in objs:
+        key = _child_key(obj["kind"], obj["metadata"]["name"])
+        digest = builders._hash(obj)
+        known = state.applied.get(key)
+        if not force and known is not None and known[0] == digest and key not in state.dirty:
+            continue
+        state.dirty.discard(key)
+        live = k.apply(obj)
+        state.applied[key] = (digest, _change_marker(live or {}))
+        sent += 1
+    return sent
+
+
+async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: ResourceState | None = None) -> None:
+    """The full pass: children (changed ones; all on the resync), Serve config, pods, status."""
+    state = state if state is not None else ResourceState()
+    state.full = False
     meta = body["metadata"]
     owner = naming.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
     generation = meta.get("generation")
-    old = _old_status(body)
+    old = state.status or _old_status(body)
     try:
         spec = models.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
     except ValidationError as exc:
@@ -228,39 +351,125 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger) -> None:
         return
 
     k = kube()
-    token = await asyncio.to_thread(k.ensure_token, owner)
-    desired = {naming.COMPONENT_VISION: builders.desired_replicas(spec.vision),
-               naming.COMPONENT_LLM: builders.desired_replicas(spec.llm)}
+    forced = time.monotonic() - state.last_full >= CONFIG.resync_seconds
+    token = state.token = await asyncio.to_thread(k.ensure_token, owner)
     sm_crd = await asyncio.to_thread(_service_monitor_supported)
-    sm = spec.monitoring.enabled and spec.monitoring.service_monitor and sm_crd
-    objs = builders.children(owner, spec, vision_replicas=desired[naming.COMPONENT_VISION],
-                             llm_replicas=desired[naming.COMPONENT_LLM], service_monitor_supported=bool(sm),
-                             ray_token_hash=builders.token_hash(token))
+    sm = bool(spec.monitoring.enabled and spec.monitoring.service_monitor and sm_crd)
+    # Children first, with the pods the pools were last sized for: a new resource gets its children at once.
+    sized = {pool: builders.desired_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
+             * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
+    objs = _children(owner, spec, token, sized, sm)
 
     def apply_all() -> None:
-        for obj in objs:
-            k.apply(obj)
-        if sm_crd and not sm:
+        _apply_changed(k, objs, state, force=forced)
+        if forced and sm_crd and not sm:
             # Switched off: remove the ServiceMonitor this deployment had, if any.
             old_sm = k.get("ServiceMonitor", owner.namespace, owner.name)
             if old_sm and any(r.get("uid") == owner.uid for r in old_sm["metadata"].get("ownerReferences") or []):
                 k.delete("ServiceMonitor", owner.namespace, owner.name)
+        if spec.api.api_key_secret_ref is not None:
+            ref = spec.api.api_key_secret_ref
+            keys = k.secret_value(owner.namespace, ref.name, ref.key)
+            state.api_key = next((x.strip() for x in (keys or "").split(",") if x.strip()), None)
+        else:
+            state.api_key = None
     await asyncio.to_thread(apply_all)
+    if forced:
+        state.last_full = time.monotonic()
 
-    pods = [pod_view(p) for p in await asyncio.to_thread(k.list_pods, owner.namespace, owner.name)]
-    serve = None
+    listed = await asyncio.to_thread(k.list_pods, owner.namespace, owner.name)
+    state.pods = {p["metadata"]["name"]: p for p in listed}
+    await _size_and_report(body, owner, spec, generation, old, state, sm, logger)
+
+
+async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: ResourceState) -> None:
+    """The light pass (pod loop): Serve's targets -> pool pods; status when it changed. No Kubernetes API
+    call unless something changed."""
+    meta = body["metadata"]
+    owner = naming.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    try:
+        spec = models.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
+    except ValidationError:
+        state.full = True  # the full pass reports it
+        return
+    if state.token is None:
+        state.full = True
+        return
+    old = state.status or _old_status(body)
+    sm = bool(spec.monitoring.enabled and spec.monitoring.service_monitor and (_service_monitor_crd or (False,))[0])
+    await _size_and_report(body, owner, spec, meta.get("generation"), old, state, sm, logger)
+
+
+async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
+                           generation: int | None, old: models.DotsVLMDeploymentStatus | None, state: ResourceState,
+                           service_monitor: bool, logger: logging.Logger) -> None:
+    """Observe Serve and the autoscaler, size the pools' pods, write status and Events."""
+    k = kube()
+    assert state.token is not None
+    pods = [pod_view(p) for p in state.pods.values()]
+    serve = report = None
     if CONFIG.head_url_override or _head_ready(pods):
-        serve = await observe_serve(owner, spec, token, old, logger)
+        serve = await observe_serve(owner, spec, state.token, old, logger)
+        if serve.reachable and serve.app is not None and serve.status not in ("NOT_DEPLOYED", "Unknown"):
+            report = await ingress_client.fetch_report(api_url(owner, spec), state.api_key,
+                                                       timeout=CONFIG.head_timeout_seconds)
+    now_unix = time.time()
+    plans = {pool: pod_sizing.plan_pool(_pool_spec(spec, pool), deployment=serve_deployment(serve, pool),
+                                        raw_wish=raw_wish(report, pool, now_unix),
+                                        pods=[p for p in pods if p.component == pool],
+                                        previous_replicas=_previous_replicas(spec, old, pool))
+             for pool in POOLS}
+
+    # Shrinking pool: rank its pods first (empty ones go first), then lower the Deployment's replicas.
+    costs: dict[str, str] = {}
+    for pool, plan in plans.items():
+        live = [p for p in pods if p.component == pool and not p.deleting]
+        if plan.pods < len(live):
+            costs.update(pod_sizing.cost_patches(live, plan.costs))
+    objs = _children(owner, spec, state.token, {pool: plan.pods for pool, plan in plans.items()}, service_monitor)
+    pool_objs = [o for o in objs if o["kind"] == "Deployment"
+                 and o["metadata"]["labels"][naming.LABEL_COMPONENT] in POOLS]
+
+    def resize() -> int:
+        for pod_name, cost in costs.items():
+            k.patch_pod_annotations(owner.namespace, pod_name, {naming.ANNOTATION_POD_DELETION_COST: cost})
+        return _apply_changed(k, pool_objs, state, force=False)
+    if costs or any(state.applied.get(_child_key("Deployment", o["metadata"]["name"]), ("",))[0] != builders._hash(o)
+                    for o in pool_objs):
+        await asyncio.to_thread(resize)
+        for pool, plan in plans.items():
+            logger.info(f"{pool} pool: {plan.pods} pod(s) ({plan.reason}: {plan.message})")
+
+    desired = {pool: (dep.target if (dep := serve_deployment(serve, pool)) is not None and dep.target is not None
+                      else plans[pool].replicas) for pool in POOLS}
     new, transitions = compute_status(spec=spec, generation=generation, pods=pods, desired=desired, serve=serve,
-                                      endpoint=naming.endpoint(owner, spec.api.port), old=old, now=_now())
+                                      endpoint=naming.endpoint(owner, spec.api.port), old=old, now=_now(),
+                                      plans=plans, report=report, now_unix=now_unix)
     new_raw = new.to_api()
-    if old is None or old.to_api() != new_raw:
-        await asyncio.to_thread(k.patch_status, owner.namespace, owner.name, new_raw)
+    old_raw = old.to_api() if old is not None else {}
+    if old_raw != new_raw:
+        await asyncio.to_thread(k.patch_status, owner.namespace, owner.name, merge_patch(old_raw, new_raw))
+    state.status = new
     for t in transitions:
         kopf.event(body, type="Warning" if t.warning else "Normal", reason=t.reason,
                    message=f"{t.type}={t.status}: {t.message}"[:1000])
         log = logger.warning if t.warning else logger.info
         log(f"{t.type}={t.status} ({t.reason}): {t.message}")
+    known = {pool: serve_deployment(serve, pool) is not None for pool in POOLS}
+    for ev in scaling_events(old, new, report, known):
+        kopf.event(body, type="Normal", reason=ev.reason, message=ev.message)
+        logger.info(f"scaling: {ev.message} ({ev.reason})")
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` as a JSON merge patch over `old`: fields `new` dropped become null (removed)."""
+    out: dict[str, Any] = dict(new)
+    for key, value in old.items():
+        if key not in new:
+            out[key] = None
+        elif isinstance(value, dict) and isinstance(new[key], dict):
+            out[key] = merge_patch(value, new[key])
+    return out
 
 
 def _head_ready(pods: list[PodView]) -> bool:

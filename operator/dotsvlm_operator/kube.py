@@ -159,6 +159,16 @@ class Kube:
         res = self._call("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)])
         return list(res.get("items") or [])
 
+    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        self._call("PATCH", self._path("Pod", namespace, name), body={"metadata": {"annotations": annotations}},
+                   content_type="application/merge-patch+json")
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        """One key of a Secret, decoded; None when the Secret or the key is missing."""
+        secret = self.get("Secret", namespace, name)
+        data = ((secret or {}).get("data") or {}).get(key)
+        return base64.b64decode(data).decode() if data else None
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self._call("PATCH", self._path(naming.KIND, namespace, name, "status"), body={"status": status},
                    content_type="application/merge-patch+json")

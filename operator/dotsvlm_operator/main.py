@@ -34,13 +34,19 @@ def cli_main(args: argparse.Namespace) -> int:
     cfg = handlers.CONFIG
     if getattr(args, "ray_head_url_override", None):
         cfg.head_url_override = args.ray_head_url_override
+    if getattr(args, "api_url_override", None):
+        cfg.api_url_override = args.api_url_override
     cfg.resync_seconds = getattr(args, "resync_seconds", None) or cfg.resync_seconds
+    cfg.pod_loop_seconds = getattr(args, "pod_loop_seconds", None) or cfg.pod_loop_seconds
     # Peered replicas need distinct priorities: the highest works, the others stand by (equal
     # priorities would make kopf pause all of them).
     cfg.priority = args.priority if getattr(args, "priority", None) is not None else random.randint(1, 1_000_000)
     if cfg.head_url_override:
         logging.getLogger(__name__).warning(
             f"test/dev setting: every deployment's Ray head is reached at {cfg.head_url_override}")
+    if cfg.api_url_override:
+        logging.getLogger(__name__).warning(
+            f"test/dev setting: every deployment's autoscaler report is read at {cfg.api_url_override}")
 
     kube.load_config()
     namespaces = list(args.namespace or [])

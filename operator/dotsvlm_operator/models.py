@@ -371,15 +371,78 @@ class Condition(_Api):
     observed_generation: int | None = Field(None, description="metadata.generation the condition was computed for.")
 
 
+class ScalingDecisionStatus(_Api):
+    """A decision of the autoscaling policy (it runs inside Ray Serve's controller)."""
+
+    reason: str = Field(..., description=(
+        "The signal that drove it (e.g. VisionBacklog, QueueAge, ImageTTFTMiss, LowLoad, IdleToZero), or why the "
+        "pool holds (Stable, Stabilizing, MetricsMissing, MetricsStale: hold at the current size until signals arrive)."))
+    message: str = Field("", description="The numbers behind the decision, for a person.")
+    direction: Literal["up", "down", "hold"] | None = Field(None, description="up, down or hold.")
+    desired: int | None = Field(None, description="Replicas the decision set.")
+    raw: int | None = Field(None, description="Replicas the signals alone asked for (before windows and step limits).")
+    time: str | None = Field(None, description="When the decision was made (RFC 3339).")
+
+
 class PoolStatus(_Api):
     """Observed state of one pool, in replicas (an LLM replica spans nodesPerReplica pods)."""
 
     replicas: int = Field(0, description="Replicas whose pods all exist.")
     ready_replicas: int = Field(0, description="Replicas whose pods are all ready.")
-    desired_replicas: int = Field(0, description="Replicas the operator (or the pool autoscaler) wants.")
+    desired_replicas: int = Field(0, description=(
+        "Replicas Ray Serve's autoscaler wants (its target); the spec's minReplicas until the Ray head answers."))
+    current_replicas: int | None = Field(None, description="Replicas Ray Serve runs now (RUNNING); unset when the Ray head did not answer.")
     pods: int = Field(0, description="Pods of this pool.")
     ready_pods: int = Field(0, description="Ready pods of this pool.")
+    pending_pods: int = Field(0, description="Pods no node could take yet (see the Degraded condition for the scheduler's reason).")
+    desired_pods: int | None = Field(None, description="Pods the operator keeps for this pool (its Deployment's replicas).")
+    pods_reason: str | None = Field(None, description=(
+        "Why the pool has desiredPods: ServeTarget, AheadOfDemand (the autoscaler's signals ask for more than Serve's "
+        "target yet), PendingPods (none added ahead while pods are pending), Draining (pods still host replicas that "
+        "leave), ServeUnknown (the Ray head did not answer: size kept)."))
+    pods_message: str | None = Field(None, description="The numbers behind podsReason.")
     ready_of_desired: str = Field("0/0", description="readyReplicas/desiredReplicas, for kubectl get.")
+    last_decision: ScalingDecisionStatus | None = Field(None, description=(
+        "The autoscaling policy's latest decision for this pool (kept until its outcome or reason changes)."))
+    last_scale: ScalingDecisionStatus | None = Field(None, description="The last decision that changed the pool's size.")
+
+
+class QueueStatus(_Api):
+    """The tensor queue between the pools, as the ingress reported it."""
+
+    depth: int = Field(0, description="Items waiting for an LLM replica.")
+    bytes: int = Field(0, description="Bytes of embeddings waiting.")
+    oldest_age_seconds: float = Field(0.0, description="Age of the oldest waiting item.")
+    waiting_producers: int = Field(0, description="Requests waiting for room in a full queue.")
+    max_items: int | None = Field(None, description="The queue's item limit (queue.maxItems).")
+    rejected_total: int = Field(0, description="Requests answered 429 because the queue stayed full (since the queue started).")
+    redelivered_total: int = Field(0, description="Items delivered again after an LLM replica died holding them.")
+    observed_time: str | None = Field(None, description="When these values were read (RFC 3339); refreshed every few seconds under change.")
+
+
+class SLOTargetStatus(_Api):
+    """One latency target against what was observed."""
+
+    target_seconds: float = Field(..., description="The target p90 (from spec.slo).")
+    observed_p90_seconds: float | None = Field(None, description="Observed p90 over the recent window; unset: no requests of this kind.")
+    met: bool | None = Field(None, description="observedP90Seconds <= targetSeconds; unset when nothing was observed.")
+
+
+class SLOStatus(_Api):
+    """Observed latencies per modality against spec.slo."""
+
+    image_ttft: SLOTargetStatus | None = Field(None, alias="imageTTFT", description="Time to first token of requests with images.")
+    text_ttft: SLOTargetStatus | None = Field(None, alias="textTTFT", description="Time to first token of text-only requests.")
+    inter_token: SLOTargetStatus | None = Field(None, description="Time between two generated tokens.")
+    encode_latency_p90_seconds: float | None = Field(None, description="Observed p90 of the vision stage (queueing and encoding).")
+
+
+class AutoscalerStatus(_Api):
+    """Whether the operator could read the autoscaler's report from the ingress (GET /-/autoscaler on the API port)."""
+
+    reachable: bool = Field(False, description="The last read succeeded.")
+    message: str = Field("", description="Why it could not be read, or what was read.")
+    url: str | None = Field(None, description="Where the operator reads it.")
 
 
 class ServeAppStatus(_Api):
@@ -398,4 +461,7 @@ class DotsVLMDeploymentStatus(_Api):
     vision: PoolStatus = Field(default_factory=PoolStatus, description="The vision pool.")
     llm: PoolStatus = Field(default_factory=PoolStatus, description="The LLM pool.")
     serve_app: ServeAppStatus = Field(default_factory=ServeAppStatus, description="The Ray Serve application.")
+    queue: QueueStatus | None = Field(None, description="The tensor queue between the pools (depth, oldest item, rejections).")
+    slo: SLOStatus | None = Field(None, description="Observed p90 latencies against spec.slo, with met / missed per target.")
+    autoscaler: AutoscalerStatus | None = Field(None, description="Whether the autoscaler's report could be read.")
     endpoint: str | None = Field(None, description="Base URL of the OpenAI-compatible API inside the cluster.")

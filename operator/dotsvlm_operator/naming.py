@@ -30,6 +30,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_DEPLOYMENT = "dotsvlm.io/deployment"
 ANNOTATION_SPEC_HASH = "dotsvlm.io/pod-spec-hash"
 ANNOTATION_TOKEN_HASH = "dotsvlm.io/ray-token-hash"
+# Kubernetes' own: the ReplicaSet controller removes pods with the lowest cost first on scale-down.
+ANNOTATION_POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 # Pods of the operator carry this label; the NetworkPolicy lets them reach the Ray ports.
 OPERATOR_POD_LABELS = {LABEL_NAME: "dotsvlm-operator"}
 
@@ -108,6 +110,11 @@ def head_service_host(owner: Owner) -> str:
 
 def dashboard_url(owner: Owner) -> str:
     return f"http://{head_service_host(owner)}:{DASHBOARD_PORT}"
+
+
+def api_url(owner: Owner, api_port: int) -> str:
+    """The API Service inside the cluster (the ingress also serves /-/autoscaler there)."""
+    return f"http://{api_service_name(owner.name)}.{owner.namespace}.svc:{api_port}"
 
 
 def endpoint(owner: Owner, api_port: int) -> str:

@@ -1,4 +1,5 @@
-"""Client for the Ray head's dashboard REST API: deploy the Serve application and read its status.
+"""Client for the Ray head's dashboard REST API: deploy the Serve application, read its status and each
+deployment's target and replicas (where they run).
 
 The operator talks to `http://<name>-ray-head.<ns>.svc:8265` with the deployment's Ray token
 (`Authorization: Bearer`, Ray's token authentication). Every failure becomes a `RayHeadError` whose
@@ -7,6 +8,7 @@ message says what went wrong in words, so status can show it as is.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -14,6 +16,62 @@ import httpx
 from dotsvlm_serving.serve_config import APP_NAME
 
 SERVE_APPLICATIONS = "/api/serve/applications/"
+# Replica states (ray.serve._private.common.ReplicaState) of a replica that still occupies its node:
+# its pod must stay. STOPPING is a replica draining its work; only when it has left may its pod go.
+OCCUPYING_STATES = frozenset({"STARTING", "UPDATING", "RECOVERING", "RUNNING", "STOPPING", "PENDING_MIGRATION"})
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """One Serve replica as the dashboard lists it (ray.serve.schema.ReplicaDetails)."""
+
+    state: str
+    node_ip: str | None = None
+    node_id: str | None = None
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    """One Serve deployment: the target the autoscaler set and the live replicas
+    (ray.serve.schema.DeploymentDetails.target_num_replicas, .replicas)."""
+
+    target: int | None
+    replicas: tuple[ReplicaView, ...] = ()
+
+    @property
+    def running(self) -> int:
+        return sum(r.state == "RUNNING" for r in self.replicas)
+
+
+@dataclass(frozen=True)
+class ServeApp:
+    """The Serve application: its status, message and deployments (by Serve deployment name)."""
+
+    status: str
+    message: str = ""
+    deployments: dict[str, DeploymentView] = field(default_factory=dict)
+
+
+def parse_application(data: Any, name: str = APP_NAME) -> ServeApp:
+    """`GET /api/serve/applications/` (ray.serve.schema.ServeInstanceDetails as JSON) -> one ServeApp."""
+    app = ((data or {}).get("applications") or {}).get(name) if isinstance(data, dict) else None
+    if not app:
+        return ServeApp("NOT_DEPLOYED", f"the head runs no Serve application named {name!r}")
+    deployments: dict[str, DeploymentView] = {}
+    for dep_name, info in (app.get("deployments") or {}).items():
+        info = info or {}
+        target = info.get("target_num_replicas")
+        replicas = tuple(ReplicaView(state=str(r.get("state") or ""), node_ip=r.get("node_ip"), node_id=r.get("node_id"))
+                         for r in info.get("replicas") or [] if isinstance(r, dict))
+        deployments[dep_name] = DeploymentView(target=int(target) if isinstance(target, (int, float)) else None,
+                                               replicas=replicas)
+    message = app.get("message") or ""
+    if not message:
+        bad = [f"{d}: {info.get('status')} {info.get('message', '')}".strip()
+               for d, info in (app.get("deployments") or {}).items()
+               if (info or {}).get("status") not in (None, "HEALTHY")]
+        message = "; ".join(bad)
+    return ServeApp(str(app.get("status") or "Unknown"), message, deployments)
 
 
 class RayHeadError(Exception):
@@ -57,20 +115,17 @@ class RayHeadClient:
         """Declaratively (re)deploy the Serve applications in `body` (serve_deploy_body)."""
         await self._request("PUT", SERVE_APPLICATIONS, body)
 
-    async def application_status(self, name: str = APP_NAME) -> tuple[str, str]:
-        """(status, message) of one Serve application; ("NOT_DEPLOYED", ...) when the head has none by that name."""
+    async def application(self, name: str = APP_NAME) -> ServeApp:
+        """The Serve application `name` with its deployments' targets and replicas (status NOT_DEPLOYED
+        when the head has none by that name)."""
         resp = await self._request("GET", SERVE_APPLICATIONS)
         try:
             data = resp.json()
         except ValueError as exc:
             raise RayHeadError(f"the dashboard answered something that is not JSON: {resp.text[:200]}", unreachable=False) from exc
-        app = (data.get("applications") or {}).get(name)
-        if not app:
-            return "NOT_DEPLOYED", f"the head runs no Serve application named {name!r}"
-        message = app.get("message") or ""
-        if not message:
-            bad = [f"{d}: {info.get('status')} {info.get('message', '')}".strip()
-                   for d, info in (app.get("deployments") or {}).items()
-                   if info.get("status") not in (None, "HEALTHY")]
-            message = "; ".join(bad)
-        return str(app.get("status") or "Unknown"), message
+        return parse_application(data, name)
+
+    async def application_status(self, name: str = APP_NAME) -> tuple[str, str]:
+        """(status, message) of one Serve application; ("NOT_DEPLOYED", ...) when the head has none by that name."""
+        app = await self.application(name)
+        return app.status, app.message

@@ -1,18 +1,32 @@
 """Pure status computation: what the pods and the Ray head say -> conditions a person can act on.
 
 `compute_status` takes plain observations (pods reduced to `PodView`, the Serve application as a
-`ServeObservation`) and returns the new status plus the condition transitions worth an Event. The
-kopf handlers only gather the observations and write the result.
+`ServeObservation`, the pod plan per pool from `pod_sizing`, the autoscaler's report from the ingress)
+and returns the new status plus the condition transitions worth an Event; `scaling_events` says which
+scaling decisions are worth one. The kopf handlers only gather the observations and write the result.
+Everything the status shows is computed here (the operator's own metrics read the same status).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from dotsvlm_operator import models
-from dotsvlm_operator.naming import COMPONENT_HEAD, COMPONENT_LLM, COMPONENT_VISION, LABEL_COMPONENT
+from dotsvlm_operator.naming import (ANNOTATION_POD_DELETION_COST, COMPONENT_HEAD, COMPONENT_LLM, COMPONENT_VISION,
+                                     LABEL_COMPONENT)
+
+if TYPE_CHECKING:
+    from dotsvlm_operator.ingress_client import AutoscalerReport, PoolDecision
+    from dotsvlm_operator.pod_sizing import PoolPlan
+    from dotsvlm_operator.ray_head import DeploymentView, ServeApp
+
+# The queue and SLO figures change all the time under load: write them at most this often.
+QUEUE_REFRESH_S = 10.0
+# A decision older than this is not a wish to act on (the policy publishes every 2 s while it runs).
+DECISION_FRESH_S = 30.0
 
 # Container waiting reasons that will not fix themselves: the deployment is Degraded until someone acts.
 BAD_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
@@ -31,6 +45,8 @@ class PodView:
     unschedulable: str | None = None  # the scheduler's message when it could not place the pod
     problem: str | None = None  # "ImagePullBackOff: ..." when a container is stuck
     deleting: bool = False
+    ip: str | None = None  # status.podIP: a Ray worker pod is one Ray node, so a replica's node_ip is this
+    deletion_cost: str | None = None  # the controller.kubernetes.io/pod-deletion-cost annotation
 
 
 def pod_view(pod: dict[str, Any]) -> PodView:
@@ -57,6 +73,8 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         unschedulable=unschedulable,
         problem=problem,
         deleting=bool(meta.get("deletionTimestamp")),
+        ip=st.get("podIP") or None,
+        deletion_cost=(meta.get("annotations") or {}).get(ANNOTATION_POD_DELETION_COST),
     )
 
 
@@ -69,6 +87,7 @@ class ServeObservation:
     status: str = "Unknown"  # RUNNING, DEPLOYING, DEPLOY_FAILED, UNHEALTHY, NOT_STARTED, or Unknown
     message: str = ""
     config_hash: str | None = None
+    app: ServeApp | None = None  # the application's deployments (targets, replicas) when it was read
 
 
 @dataclass(frozen=True)
@@ -84,7 +103,8 @@ class Transition:
 
 @dataclass
 class _Findings:
-    waiting: list[tuple[str, str]] = field(default_factory=list)  # (reason, message)
+    waiting: list[tuple[str, str]] = field(default_factory=list)  # (reason, message): not Ready
+    progressing: list[tuple[str, str]] = field(default_factory=list)  # still moving, but Ready
     degraded: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -118,19 +138,79 @@ def _placement_hint(pool: str, spec: models.DotsVLMDeploymentSpec) -> str:
             f"or lower {field_}.minReplicas")
 
 
-def _pool_status(pool: str, pods: list[PodView], desired: int, per_replica: int) -> models.PoolStatus:
+def _iso(unix: float | None) -> str | None:
+    if unix is None:
+        return None
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _decision_status(d: PoolDecision) -> models.ScalingDecisionStatus:
+    return models.ScalingDecisionStatus(reason=d.reason, message=d.message[:1000], direction=d.direction,
+                                        desired=d.desired, raw=d.raw, time=_iso(d.time))
+
+
+def _last_scale(d: PoolDecision) -> models.ScalingDecisionStatus | None:
+    lc = d.last_change
+    if lc is None or not lc.reason or lc.time is None:
+        return None
+    return models.ScalingDecisionStatus(reason=lc.reason, message=(lc.message or "")[:1000], time=_iso(lc.time))
+
+
+def serve_deployment(serve: ServeObservation | None, pool: str) -> DeploymentView | None:
+    """Serve's deployment behind a pool, when the head answered."""
+    from dotsvlm_serving.serve_config import LLM_DEPLOYMENT, VISION_DEPLOYMENT
+
+    if serve is None or serve.app is None:
+        return None
+    return serve.app.deployments.get(VISION_DEPLOYMENT if pool == COMPONENT_VISION else LLM_DEPLOYMENT)
+
+
+def pool_decision(report: AutoscalerReport | None, pool: str) -> PoolDecision | None:
+    if report is None or report.error or not report.decisions:
+        return None
+    return report.decisions.get(pool)
+
+
+def raw_wish(report: AutoscalerReport | None, pool: str, now_unix: float) -> int | None:
+    """The policy's raw wish for the pool, when its decision is fresh enough to act on."""
+    d = pool_decision(report, pool)
+    if d is None or d.time is None or now_unix - d.time > DECISION_FRESH_S:
+        return None
+    return d.raw
+
+
+def _pool_status(pool: str, pods: list[PodView], desired: int, per_replica: int, dep: DeploymentView | None,
+                 plan: PoolPlan | None, decision: PoolDecision | None,
+                 old: models.PoolStatus | None) -> models.PoolStatus:
     live = [p for p in pods if p.component == pool and not p.deleting]
     ready_pods = sum(p.ready for p in live)
-    ready = ready_pods // per_replica
-    return models.PoolStatus(replicas=len(live) // per_replica, ready_replicas=min(ready, desired), desired_replicas=desired,
-                             pods=len(live), ready_pods=ready_pods, ready_of_desired=f"{min(ready, desired)}/{desired}")
+    ready = min(ready_pods // per_replica, desired)
+    last_decision = old.last_decision if old else None
+    last_scale = old.last_scale if old else None
+    if decision is not None:
+        new = _decision_status(decision)
+        # Keep the old record (and its time) while the outcome and the reason stay the same: the policy
+        # publishes every 2 s, the status need not change with it.
+        if last_decision is None or (new.reason, new.desired, new.raw, new.direction) != (
+                last_decision.reason, last_decision.desired, last_decision.raw, last_decision.direction):
+            last_decision = new
+        last_scale = _last_scale(decision) or last_scale
+    return models.PoolStatus(
+        replicas=len(live) // per_replica, ready_replicas=ready, desired_replicas=desired,
+        current_replicas=dep.running if dep is not None else None,
+        pods=len(live), ready_pods=ready_pods, pending_pods=sum(not p.scheduled for p in live),
+        desired_pods=plan.pods if plan is not None else desired * per_replica,
+        pods_reason=plan.reason if plan is not None else None,
+        pods_message=plan.message[:1000] if plan is not None else None,
+        ready_of_desired=f"{ready}/{desired}", last_decision=last_decision, last_scale=last_scale)
 
 
 def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: models.DotsVLMDeploymentSpec,
-                   f: _Findings) -> None:
+                   plan: PoolPlan | None, f: _Findings) -> None:
     live = [p for p in pods if p.component == pool and not p.deleting]
     per = spec.llm.nodes_per_replica if pool == COMPONENT_LLM else 1
-    want_pods = desired * per
+    minimum = spec.llm.min_replicas if pool == COMPONENT_LLM else spec.vision.min_replicas
+    want_pods = plan.pods if plan is not None else desired * per
     label = "LLM" if pool == COMPONENT_LLM else "vision"
     pending = [p for p in live if p.unschedulable]
     if pending:
@@ -150,9 +230,65 @@ def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: models.Do
                                f"so {-(-(len(live) - scheduled) // per)} LLM replica(s) cannot start; each replica needs "
                                f"{per} pods on different nodes with {spec.llm.gpus_per_pod} free nvidia.com/gpu each."))
     ready = sum(p.ready for p in live)
-    if ready < want_pods or len(live) != want_pods:
-        unit = f" ({ready} of {want_pods} pods)" if per > 1 else ""
+    unit = f" ({ready} of {desired * per} pods)" if per > 1 else ""
+    # Ready needs each pool at its minimum (at least one replica when it has any): a pool that grows on
+    # demand is Progressing while its new replicas start, not un-Ready.
+    serving_floor = min(desired, max(minimum, 1))
+    if ready // per < serving_floor:
         f.waiting.append(("PodsNotReady", f"{label} pool: {ready // per} of {desired} replicas ready{unit}"))
+    elif ready < desired * per:
+        f.progressing.append(("Scaling", f"{label} pool: {ready // per} of {desired} replicas ready{unit}"))
+    elif len(live) != want_pods or ready < want_pods:
+        f.progressing.append(("Scaling", f"{label} pool: {len(live)} of {want_pods} pods, {ready} ready"
+                              + (f" ({plan.reason}: {plan.message})" if plan is not None else "")))
+
+
+def _queue_status(report: AutoscalerReport | None, old: models.DotsVLMDeploymentStatus | None,
+                  now_unix: float) -> models.QueueStatus | None:
+    old_q = old.queue if old else None
+    if report is None or report.error or report.queue is None:
+        return old_q
+    q = report.queue
+    new = models.QueueStatus(depth=q.depth, bytes=q.bytes, oldest_age_seconds=round(q.oldest_age_s, 2),
+                             waiting_producers=q.waiting_producers, max_items=q.max_items,
+                             rejected_total=q.rejected_total, redelivered_total=q.redelivered_total,
+                             observed_time=_iso(now_unix))
+    if old_q is not None and old_q.observed_time:
+        same = old_q.model_copy(update={"observed_time": None}) == new.model_copy(update={"observed_time": None})
+        age = now_unix - datetime.strptime(old_q.observed_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+        if same or age < QUEUE_REFRESH_S:
+            return old_q
+    return new
+
+
+def _target(target: float, observed: float | None) -> models.SLOTargetStatus:
+    return models.SLOTargetStatus(target_seconds=target,
+                                  observed_p90_seconds=None if observed is None else round(observed, 4),
+                                  met=None if observed is None else observed <= target)
+
+
+def _slo_status(spec: models.DotsVLMDeploymentSpec, report: AutoscalerReport | None,
+                old: models.DotsVLMDeploymentStatus | None, queue_kept: bool) -> models.SLOStatus | None:
+    if report is None or report.error or report.slo is None or queue_kept:
+        return old.slo if old else None
+    o = report.slo
+    return models.SLOStatus(image_ttft=_target(spec.slo.image_ttft_seconds, o.ttft_image_p90_s),
+                            text_ttft=_target(spec.slo.text_ttft_seconds, o.ttft_text_p90_s),
+                            inter_token=_target(spec.slo.inter_token_seconds, o.inter_token_p90_s),
+                            encode_latency_p90_seconds=None if o.encode_latency_p90_s is None
+                            else round(o.encode_latency_p90_s, 4))
+
+
+def _autoscaler_status(report: AutoscalerReport | None) -> models.AutoscalerStatus | None:
+    if report is None:
+        return None
+    if report.error:
+        return models.AutoscalerStatus(reachable=False, url=report.url or None, message=(
+            f"{report.error}; the pool sizes, queue and latencies below may be out of date (the operator keeps "
+            f"the pools at Serve's target and retries)")[:1000])
+    pools = sorted((report.decisions or {}).keys())
+    return models.AutoscalerStatus(reachable=True, url=report.url or None, message=(
+        f"decisions for {', '.join(pools)}" if pools else "no pool autoscales (minReplicas == maxReplicas) or no decision yet"))
 
 
 def _condition(type_: str, status: bool, reason: str, message: str, generation: int | None,
@@ -166,10 +302,16 @@ def _condition(type_: str, status: bool, reason: str, message: str, generation: 
 
 def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None, pods: list[PodView],
                    desired: dict[str, int], serve: ServeObservation | None, endpoint: str,
-                   old: models.DotsVLMDeploymentStatus | None, now: str) -> tuple[models.DotsVLMDeploymentStatus, list[Transition]]:
+                   old: models.DotsVLMDeploymentStatus | None, now: str,
+                   plans: dict[str, PoolPlan] | None = None, report: AutoscalerReport | None = None,
+                   now_unix: float | None = None) -> tuple[models.DotsVLMDeploymentStatus, list[Transition]]:
     """The status for the observed world, and the condition changes since `old`.
 
-    `serve` is None when the head was not asked (its pod is not ready yet)."""
+    `serve` is None when the head was not asked (its pod is not ready yet). `desired`: replicas per pool
+    (Serve's target, or the spec's minimum until Serve answers); `plans`: the pods per pool
+    (pod_sizing); `report`: the autoscaler's report from the ingress (None: not asked)."""
+    plans = plans or {}
+    now_unix = now_unix if now_unix is not None else datetime.strptime(now, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
     f = _Findings()
     head_pods = [p for p in pods if p.component == COMPONENT_HEAD and not p.deleting]
     if any(p.unschedulable for p in head_pods):
@@ -182,8 +324,8 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
         f.degraded.append(("PodFailing", f"the Ray head pod {p.name} cannot start: {p.problem}"))
     if not any(p.ready for p in head_pods):
         f.waiting.append(("HeadNotReady", "the Ray head pod is not ready yet"))
-    _pool_findings(COMPONENT_VISION, pods, desired[COMPONENT_VISION], spec, f)
-    _pool_findings(COMPONENT_LLM, pods, desired[COMPONENT_LLM], spec, f)
+    _pool_findings(COMPONENT_VISION, pods, desired[COMPONENT_VISION], spec, plans.get(COMPONENT_VISION), f)
+    _pool_findings(COMPONENT_LLM, pods, desired[COMPONENT_LLM], spec, plans.get(COMPONENT_LLM), f)
 
     serve_status = models.ServeAppStatus()
     if serve is not None:
@@ -198,16 +340,18 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                                                     + (f": {serve.message[:300]}" if serve.message else "")))
     elif head_pods and any(p.ready for p in head_pods):
         f.waiting.append(("ServeAppNotDeployed", "the Serve application has not been deployed yet"))
-
     olds = {c.type: c for c in (old.conditions if old else [])}
-    if f.waiting:
-        progressing = _condition("Progressing", True, f.waiting[0][0], "; ".join(w for _, w in f.waiting) + ".",
+    moving = f.waiting + f.progressing
+    if moving:
+        progressing = _condition("Progressing", True, moving[0][0], "; ".join(w for _, w in moving) + ".",
                                  generation, olds, now)
-        ready = _condition("Ready", False, f.waiting[0][0], "waiting for: " + "; ".join(w for _, w in f.waiting) + ".",
-                           generation, olds, now)
     else:
         progressing = _condition("Progressing", False, "UpToDate",
                                  "every pool is at its desired size and the Serve application is RUNNING.", generation, olds, now)
+    if f.waiting:
+        ready = _condition("Ready", False, f.waiting[0][0], "waiting for: " + "; ".join(w for _, w in f.waiting) + ".",
+                           generation, olds, now)
+    else:
         ready = _condition("Ready", True, "Available", f"the API answers at {endpoint}.", generation, olds, now)
     if f.degraded:
         degraded = _condition("Degraded", True, f.degraded[0][0], " ".join(d for _, d in f.degraded), generation, olds, now)
@@ -223,12 +367,51 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                                                                         and prev.status == "True" and c.status == "False")
             transitions.append(Transition(c.type, c.status, c.reason, c.message, warning))
 
+    queue = _queue_status(report, old, now_unix)
     status = models.DotsVLMDeploymentStatus(
         observed_generation=generation,
         conditions=conditions,
-        vision=_pool_status(COMPONENT_VISION, pods, desired[COMPONENT_VISION], 1),
-        llm=_pool_status(COMPONENT_LLM, pods, desired[COMPONENT_LLM], spec.llm.nodes_per_replica),
+        vision=_pool_status(COMPONENT_VISION, pods, desired[COMPONENT_VISION], 1, serve_deployment(serve, COMPONENT_VISION),
+                            plans.get(COMPONENT_VISION), pool_decision(report, COMPONENT_VISION), old.vision if old else None),
+        llm=_pool_status(COMPONENT_LLM, pods, desired[COMPONENT_LLM], spec.llm.nodes_per_replica,
+                         serve_deployment(serve, COMPONENT_LLM), plans.get(COMPONENT_LLM),
+                         pool_decision(report, COMPONENT_LLM), old.llm if old else None),
         serve_app=serve_status,
+        queue=queue,
+        slo=_slo_status(spec, report, old, queue_kept=old is not None and queue is old.queue and queue is not None),
+        autoscaler=_autoscaler_status(report) if report is not None else (old.autoscaler if old else None),
         endpoint=endpoint,
     )
     return status, transitions
+
+
+@dataclass(frozen=True)
+class ScalingEvent:
+    """A change of a pool's desired replicas, worth a Kubernetes Event (reason = the policy's reason)."""
+
+    pool: str
+    reason: str
+    message: str
+
+
+def scaling_events(old: models.DotsVLMDeploymentStatus | None, new: models.DotsVLMDeploymentStatus,
+                   report: AutoscalerReport | None, serve_known: dict[str, bool]) -> list[ScalingEvent]:
+    """One event per pool whose desired replicas (Serve's target) changed since `old`; only when Serve's
+    target is known now (a fallback to the spec's minimum is no decision)."""
+    out = []
+    for pool in (COMPONENT_VISION, COMPONENT_LLM):
+        before = getattr(old, pool).desired_replicas if old is not None else None
+        after = getattr(new, pool).desired_replicas
+        if before is None or before == after or not serve_known.get(pool):
+            continue
+        label = "LLM" if pool == COMPONENT_LLM else "vision"
+        d = pool_decision(report, pool)
+        reason, why = "ServeTargetChanged", "Ray Serve changed the target (the autoscaler's report was not available)"
+        if d is not None:
+            lc = d.last_change
+            if d.desired == after and lc is not None and lc.reason:
+                reason, why = lc.reason, lc.message or ""
+            else:
+                reason, why = d.reason, d.message
+        out.append(ScalingEvent(pool, reason, f"{label} pool: {before} -> {after} replicas: {why}"[:1000]))
+    return out

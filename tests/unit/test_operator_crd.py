@@ -61,7 +61,9 @@ def test_printer_columns_and_status_subresource() -> None:
     version = crd.crd_manifest()["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names[:4] == ["Ready", "Vision", "LLM", "Endpoint"] and names[-1] == "Age"
+    assert names[:5] == ["Ready", "Vision", "LLM", "Queue", "Endpoint"] and names[-1] == "Age"
+    wide = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"] if c.get("priority") == 1}
+    assert wide["Vision-Scaling"] == ".status.vision.lastDecision.reason"
     assert crd.crd_manifest()["spec"]["names"]["shortNames"] == ["dvlm"]
 
 

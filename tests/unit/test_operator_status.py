@@ -133,3 +133,124 @@ def test_missing_weights_claim_points_at_model_volume() -> None:
     assert d.message == ('the Ray head pod is pending: 0/6 nodes are available: persistentvolumeclaim "dots-weights" '
                          "not found. To fix: check model.volume: the PersistentVolumeClaim must exist in this namespace "
                          "and be bound (kubectl get pvc).")
+
+
+# --- autoscaling: Serve's targets, the policy's decisions, the queue and the SLOs ------------------------
+
+from dotsvlm_operator import pod_sizing  # noqa: E402
+from dotsvlm_operator.ingress_client import parse_report  # noqa: E402
+from dotsvlm_operator.ray_head import DeploymentView, ReplicaView, ServeApp  # noqa: E402
+from dotsvlm_operator.status import scaling_events  # noqa: E402
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+def autoscaled_spec() -> models.DotsVLMDeploymentSpec:
+    return models.DotsVLMDeploymentSpec.model_validate({
+        "image": "img", "model": {"path": "/models/x", "volume": {"persistentVolumeClaim": {"claimName": "w"}}},
+        "vision": {"gpusPerReplica": 1, "minReplicas": 1, "maxReplicas": 8},
+        "llm": {"gpusPerReplica": 8, "minReplicas": 1, "maxReplicas": 4},
+        "slo": {"imageTTFTSeconds": 2.0, "textTTFTSeconds": 1.0, "interTokenSeconds": 0.1},
+    })
+
+
+def report(vision_desired=3, reason="VisionBacklog", t=T0, **slo):
+    return parse_report({
+        "decisions": {
+            "vision": {"desired": vision_desired, "current": 2, "raw": 4, "reason": reason, "message": "backlog 9 Mpx",
+                       "direction": "up", "time": t, "last_change": {"reason": reason, "message": "backlog 9 Mpx", "time": t}},
+            "llm": {"desired": 1, "current": 1, "raw": 1, "reason": "MetricsStale", "message": "signals are 40 s old",
+                    "direction": "hold", "time": t, "last_change": {"reason": None, "message": None, "time": None}}},
+        "queue": {"depth": 7, "bytes": 1000, "oldest_age_s": 1.234, "waiting_producers": 1, "max_items": 64,
+                  "rejected_total": 2, "redelivered_total": 0},
+        "slo": {"ttft_image_p90_s": 2.5, "ttft_text_p90_s": 0.4, "inter_token_p90_s": None, "encode_latency_p90_s": 0.3,
+                **slo}}, url="http://dots-api.ml.svc:8000/-/autoscaler")
+
+
+def serve_obs(vision_target=3, running=2):
+    reps = tuple(ReplicaView("RUNNING", f"10.0.0.{i}") for i in range(running))
+    app = ServeApp("RUNNING", "", {"VisionEncoder": DeploymentView(vision_target, reps),
+                                   "LLMServer": DeploymentView(1, (ReplicaView("RUNNING", "10.0.1.0"),))})
+    return ServeObservation(URL, True, "RUNNING", app=app)
+
+
+def autoscaled_pods(vision=2):
+    return ([ready("h", "ray-head")] + [PodView(f"v{i}", "vision", True, True, ip=f"10.0.0.{i}") for i in range(vision)]
+            + [PodView("l0", "llm", True, True, ip="10.0.1.0")])
+
+
+def run_autoscaled(pods, serve, rep, old=None, now_unix=T0 + 1):
+    s = autoscaled_spec()
+    plans = {pool: pod_sizing.plan_pool(getattr(s, pool), deployment=serve.app.deployments[name], raw_wish=None,
+                                        pods=[p for p in pods if p.component == pool], previous_replicas=None)
+             for pool, name in (("vision", "VisionEncoder"), ("llm", "LLMServer"))}
+    desired = {"vision": serve.app.deployments["VisionEncoder"].target, "llm": 1}
+    return compute_status(spec=s, generation=1, pods=pods, desired=desired, serve=serve, endpoint="e", old=old,
+                          now="2026-01-01T00:00:01Z", plans=plans, report=rep, now_unix=now_unix)
+
+
+def test_pool_status_shows_serves_target_current_pods_and_the_decision() -> None:
+    st, _ = run_autoscaled(autoscaled_pods(2), serve_obs(3, 2), report())
+    v = st.vision
+    assert (v.desired_replicas, v.current_replicas, v.ready_replicas, v.desired_pods, v.pods) == (3, 2, 2, 3, 2)
+    assert v.ready_of_desired == "2/3" and v.pods_reason == pod_sizing.SERVE_TARGET
+    assert v.last_decision.reason == "VisionBacklog" and v.last_decision.direction == "up"
+    assert v.last_decision.time == "2026-01-01T00:00:00Z" and v.last_scale.reason == "VisionBacklog"
+    # Missing or stale metrics: the decision says so, in the status.
+    assert st.llm.last_decision.reason == "MetricsStale" and "40 s old" in st.llm.last_decision.message
+    assert st.llm.last_scale is None
+    # Growing on demand is Progressing, not un-Ready.
+    assert cond(st, "Ready").status == "True" and cond(st, "Progressing").reason == "Scaling"
+
+
+def test_queue_and_slo_against_the_targets() -> None:
+    st, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report())
+    assert st.queue.depth == 7 and st.queue.oldest_age_seconds == 1.23 and st.queue.rejected_total == 2
+    assert st.slo.image_ttft.met is False and st.slo.image_ttft.target_seconds == 2.0
+    assert st.slo.text_ttft.met is True and st.slo.inter_token.met is None  # no data: neither met nor missed
+    api = st.to_api()
+    assert api["slo"]["imageTTFT"]["observedP90Seconds"] == 2.5 and api["queue"]["oldestAgeSeconds"] == 1.23
+    assert st.autoscaler.reachable
+
+
+def test_unreachable_ingress_keeps_the_last_figures_and_says_so() -> None:
+    first, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report())
+    down = parse_report(None, url="http://dots-api.ml.svc:8000/-/autoscaler")
+    down = down.model_copy(update={"error": "cannot reach the API at http://dots-api.ml.svc:8000/-/autoscaler (ConnectError)"})
+    st, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), down, old=first)
+    assert not st.autoscaler.reachable and "cannot reach the API" in st.autoscaler.message
+    assert st.queue == first.queue and st.vision.last_decision == first.vision.last_decision
+    assert cond(st, "Degraded").status == "False"
+
+
+def test_queue_figures_are_written_at_most_every_few_seconds() -> None:
+    first, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report())
+    busy = report()
+    busy.queue.depth = 9
+    soon, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), busy, old=first, now_unix=T0 + 3)
+    assert soon.queue.depth == 7
+    later, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), busy, old=first, now_unix=T0 + 30)
+    assert later.queue.depth == 9
+
+
+def test_an_event_per_change_of_the_desired_replicas() -> None:
+    first, _ = run_autoscaled(autoscaled_pods(2), serve_obs(2, 2), report(vision_desired=2))
+    known = {"vision": True, "llm": True}
+    assert scaling_events(first, first, report(), known) == []
+    second, _ = run_autoscaled(autoscaled_pods(2), serve_obs(3, 2), report(), old=first)
+    evs = scaling_events(first, second, report(), known)
+    assert [(e.pool, e.reason) for e in evs] == [("vision", "VisionBacklog")]
+    assert evs[0].message == "vision pool: 2 -> 3 replicas: backlog 9 Mpx"
+    # The same decision again (the policy publishes every 2 s): no second Event.
+    third, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report(), old=second)
+    assert scaling_events(second, third, report(), known) == []
+    # Serve's target unknown (head unreachable): no decision, no Event.
+    assert scaling_events(first, second, report(), {"vision": False, "llm": True}) == []
+
+
+def test_pod_view_reads_ip_and_deletion_cost() -> None:
+    raw = {"metadata": {"name": "p", "labels": {"app.kubernetes.io/component": "vision"},
+                        "annotations": {"controller.kubernetes.io/pod-deletion-cost": "1000"}},
+           "spec": {"nodeName": "n"}, "status": {"podIP": "10.1.2.3"}}
+    pv = pod_view(raw)
+    assert pv.ip == "10.1.2.3" and pv.deletion_cost == "1000"

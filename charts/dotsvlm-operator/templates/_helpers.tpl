@@ -71,9 +71,10 @@ deletes/re-creates children; it never updates with PUT. Pods are only read; even
 - apiGroups: [""]
   resources: [services, configmaps, secrets]
   verbs: [get, list, watch, create, patch, delete]
+# patch: the pod-deletion-cost annotation, so a shrinking pool removes an empty pod first.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]

@@ -1,0 +1,105 @@
+"""Pure: how many pods each pool runs, and which pod goes first when it shrinks.
+
+Ray Serve decides the replicas (dotsvlm's policy runs inside Serve's controller); the operator only makes
+room for them. A vision replica needs one pod, an LLM replica `nodesPerReplica` pods (one Ray node each).
+
+`plan_pool` sizes a pool from:
+- Serve's target for the deployment (`target_num_replicas`): the pods the replicas need now;
+- the policy's raw wish, when it asks for more than the target (the windows have not passed yet): pods
+  are added *ahead* of demand, so a GPU node is warm when Serve scales up; never while pods of the pool
+  are pending (no node has room: more pods would only queue up as well);
+- the spec's minReplicas / maxReplicas;
+- the pods that still host a replica (starting, running or stopping): a pod is removed only after its
+  replicas drained and left it, so the pool never shrinks below them.
+
+`deletion_costs` ranks the pods for the ReplicaSet controller through the
+`controller.kubernetes.io/pod-deletion-cost` annotation: pods hosting replicas are expensive, empty pods
+cheap, so lowering the Deployment's replicas removes empty pods first, never a random one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from dotsvlm_operator import models
+from dotsvlm_operator.builders import desired_replicas
+from dotsvlm_operator.ray_head import OCCUPYING_STATES, DeploymentView
+from dotsvlm_operator.status import PodView
+
+COST_PER_REPLICA = 1000  # deletion cost of a pod per replica that occupies it; empty pods cost 0
+
+# Why a pool has the pods it has (PoolStatus.podsReason).
+SERVE_TARGET = "ServeTarget"
+AHEAD_OF_DEMAND = "AheadOfDemand"
+PENDING_PODS = "PendingPods"
+DRAINING = "Draining"
+SERVE_UNKNOWN = "ServeUnknown"
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """Pods for one pool, and why."""
+
+    replicas: int  # replicas the pods are sized for (Serve's target, or ahead of it)
+    pods: int  # the pool Deployment's replicas
+    hosting_pods: int  # pods that still host a replica
+    reason: str
+    message: str
+    costs: dict[str, int] = field(default_factory=dict)  # pod name -> deletion cost
+
+
+def replicas_per_pod(deployment: DeploymentView | None) -> Counter[str]:
+    """Occupying replicas per node IP."""
+    if deployment is None:
+        return Counter()
+    return Counter(r.node_ip for r in deployment.replicas if r.state in OCCUPYING_STATES and r.node_ip)
+
+
+def deletion_costs(pods: list[PodView], deployment: DeploymentView | None) -> dict[str, int]:
+    """Deletion cost per live pod of the pool: COST_PER_REPLICA per replica on it (matched by IP: a Ray
+    worker pod is one Ray node, so a replica's node_ip is its pod's IP), 0 for an empty pod."""
+    per_ip = replicas_per_pod(deployment)
+    return {p.name: COST_PER_REPLICA * per_ip.get(p.ip or "", 0) for p in pods if not p.deleting}
+
+
+def plan_pool(pool: models.VisionPool | models.LLMPool, *, deployment: DeploymentView | None, raw_wish: int | None,
+              pods: list[PodView], previous_replicas: int | None) -> PoolPlan:
+    """The pool's pod count (see the module docstring). `deployment` None: Serve could not be asked (head
+    not ready or unreachable): keep the previous size, within the bounds. `pods`: this pool's pods.
+    For an LLM pool the count is always a multiple of nodesPerReplica."""
+    nodes_per_replica = getattr(pool, "nodes_per_replica", 1)
+    live = [p for p in pods if not p.deleting]
+    pending = [p for p in live if not p.scheduled]
+    costs = deletion_costs(live, deployment)
+    hosting = sum(1 for c in costs.values() if c > 0)
+    # A replica that spans several nodes shows only its first node's IP: keep all its pods.
+    floor_pods = hosting if nodes_per_replica == 1 else sum(replicas_per_pod(deployment).values()) * nodes_per_replica
+
+    if deployment is None or deployment.target is None:
+        replicas = desired_replicas(pool, previous_replicas)
+        reason, message = SERVE_UNKNOWN, (f"Serve's target is not known (the Ray head was not asked or did not answer): "
+                                          f"keeping {replicas} replica(s)")
+    else:
+        target = desired_replicas(pool, deployment.target)
+        replicas, reason, message = target, SERVE_TARGET, f"Serve wants {deployment.target} replica(s)"
+        if raw_wish is not None and raw_wish > target:
+            if pending:
+                reason, message = PENDING_PODS, (f"the autoscaler would like {raw_wish} replica(s) but {len(pending)} pod(s) "
+                                                 f"of the pool are pending: adding none ahead of Serve's {target}")
+            else:
+                replicas = desired_replicas(pool, raw_wish)
+                if replicas > target:
+                    reason, message = AHEAD_OF_DEMAND, (f"Serve wants {deployment.target} replica(s); the autoscaler's "
+                                                        f"signals ask for {raw_wish}: pods for {replicas} start ahead of demand")
+    want_pods = replicas * nodes_per_replica
+    if floor_pods > want_pods:
+        reason, message = DRAINING, (f"{message}; {floor_pods} pod(s) still host replicas, and a pod goes only after "
+                                     f"its replicas drained and left it")
+    return PoolPlan(replicas=replicas, pods=max(want_pods, floor_pods), hosting_pods=hosting, reason=reason,
+                    message=message, costs=costs)
+
+
+def cost_patches(pods: list[PodView], costs: dict[str, int]) -> dict[str, str]:
+    """Pods whose deletion-cost annotation must change (name -> new value)."""
+    return {p.name: str(costs[p.name]) for p in pods if p.name in costs and p.deletion_cost != str(costs[p.name])}

@@ -1,0 +1,128 @@
+"""A tiny stand-in for a Ray head and the dotsvlm ingress, for operator tests and the operator benchmark.
+
+It answers what the operator asks:
+- `GET /api/serve/applications/`: the Serve application with each deployment's `target_num_replicas`
+  and `replicas` (state, node_ip), shaped like ray.serve.schema.ServeInstanceDetails;
+- `PUT /api/serve/applications/`: a deploy (counted; the application then exists);
+- `GET /-/autoscaler`: the autoscaler's report (decisions, queue, slo), as the ingress serves it.
+The test sets targets, replicas and decisions with `set_deployment` / `set_decision`. One server serves
+every resource (the operator's URL overrides have no {name} in them here); `requests` counts calls.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+APP = "dotsvlm"
+VISION = "VisionEncoder"
+LLM = "LLMServer"
+
+
+class FakeRayHead:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.deployments: dict[str, dict[str, Any]] = {
+            VISION: {"target": 1, "replicas": []}, LLM: {"target": 1, "replicas": []}}
+        self.decisions: dict[str, dict[str, Any]] | None = None
+        self.queue = {"depth": 0, "bytes": 0, "oldest_age_s": 0.0, "waiting_producers": 0, "max_items": 64,
+                      "rejected_total": 0, "redelivered_total": 0}
+        self.slo: dict[str, float | None] = {"ttft_image_p90_s": None, "ttft_text_p90_s": None,
+                                             "inter_token_p90_s": None, "encode_latency_p90_s": None}
+        self.deployed = 0
+        self.requests: dict[str, int] = {}
+        self.autoscaler_up = True
+        self._server: ThreadingHTTPServer | None = None
+
+    # --- what the test controls ---------------------------------------------------------------------
+
+    def set_deployment(self, name: str, target: int, replicas: list[tuple[str, str | None]] | None = None) -> None:
+        """Serve's target for a deployment and its replicas as (state, node_ip)."""
+        with self.lock:
+            self.deployments[name] = {"target": target, "replicas": list(replicas or [])}
+
+    def set_decision(self, pool: str, desired: int, current: int, raw: int, reason: str, message: str) -> None:
+        now = time.time()
+        with self.lock:
+            self.decisions = dict(self.decisions or {})
+            self.decisions[pool] = {
+                "desired": desired, "current": current, "raw": raw, "reason": reason, "message": message,
+                "direction": "up" if desired > current else "down" if desired < current else "hold", "time": now,
+                "last_change": {"reason": reason, "message": message, "time": now} if desired != current else
+                (self.decisions.get(pool) or {}).get("last_change") or {"reason": None, "message": None, "time": None}}
+
+    # --- the answers --------------------------------------------------------------------------------
+
+    def applications(self) -> dict[str, Any]:
+        with self.lock:
+            if not self.deployed:
+                return {"applications": {}}
+            deps = {}
+            for name, d in self.deployments.items():
+                deps[name] = {"name": name, "status": "HEALTHY", "message": "", "target_num_replicas": d["target"],
+                              "replicas": [{"replica_id": f"{name}-{i}", "state": state, "node_ip": ip,
+                                            "start_time_s": 0.0} for i, (state, ip) in enumerate(d["replicas"])]}
+            return {"applications": {APP: {"name": APP, "status": "RUNNING", "message": "", "deployments": deps}}}
+
+    def report(self) -> dict[str, Any]:
+        with self.lock:
+            decisions = None
+            if self.decisions:
+                # The policy publishes every 2 s: the report's decisions are always fresh.
+                decisions = {pool: dict(d, time=time.time()) for pool, d in self.decisions.items()}
+            return {"decisions": decisions, "queue": dict(self.queue), "slo": dict(self.slo)}
+
+    # --- the server ---------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        head = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def _send(self, code: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _count(self) -> None:
+                with head.lock:
+                    key = f"{self.command} {self.path}"
+                    head.requests[key] = head.requests.get(key, 0) + 1
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._count()
+                if self.path.startswith("/api/serve/applications"):
+                    self._send(200, head.applications())
+                elif self.path.startswith("/-/autoscaler"):
+                    if head.autoscaler_up:
+                        self._send(200, head.report())
+                    else:
+                        self._send(503, {"error": {"message": "tensor queue not reachable"}})
+                else:
+                    self._send(404, {"error": "not found"})
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._count()
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with head.lock:
+                    head.deployed += 1
+                self._send(200, {})
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

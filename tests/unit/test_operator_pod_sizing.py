@@ -1,0 +1,99 @@
+"""Pods follow replicas: the pool's pod count and which pod goes first (pure functions)."""
+
+from __future__ import annotations
+
+from dotsvlm_operator import models, pod_sizing
+from dotsvlm_operator.ray_head import DeploymentView, ReplicaView, parse_application
+from dotsvlm_operator.status import PodView
+
+
+def vision(min_=1, max_=8) -> models.VisionPool:
+    return models.VisionPool(min_replicas=min_, max_replicas=max_)
+
+
+def llm(nodes=2, min_=1, max_=4) -> models.LLMPool:
+    return models.LLMPool(gpus_per_replica=16, tensor_parallel=16, nodes_per_replica=nodes, min_replicas=min_, max_replicas=max_)
+
+
+def pod(i: int, *, ready=True, scheduled=True, cost=None, comp="vision") -> PodView:
+    return PodView(f"p{i}", comp, ready=ready, scheduled=scheduled, ip=f"10.0.0.{i}" if scheduled else None,
+                   deletion_cost=cost)
+
+
+def dep(target: int | None, *states_on: tuple[str, int]) -> DeploymentView:
+    return DeploymentView(target=target, replicas=tuple(ReplicaView(state=s, node_ip=f"10.0.0.{i}") for s, i in states_on))
+
+
+def test_vision_pods_follow_serves_target() -> None:
+    plan = pod_sizing.plan_pool(vision(), deployment=dep(3, ("RUNNING", 0)), raw_wish=3, pods=[pod(0)], previous_replicas=1)
+    assert (plan.pods, plan.replicas, plan.reason) == (3, 3, pod_sizing.SERVE_TARGET)
+
+
+def test_llm_pods_are_replicas_times_nodes_per_replica() -> None:
+    plan = pod_sizing.plan_pool(llm(nodes=2), deployment=dep(3), raw_wish=None, pods=[], previous_replicas=None)
+    assert plan.pods == 6 and plan.replicas == 3
+
+
+def test_pods_start_ahead_of_demand_within_bounds() -> None:
+    plan = pod_sizing.plan_pool(vision(max_=4), deployment=dep(2, ("RUNNING", 0), ("RUNNING", 1)), raw_wish=9,
+                                pods=[pod(0), pod(1)], previous_replicas=2)
+    assert plan.pods == 4 and plan.reason == pod_sizing.AHEAD_OF_DEMAND and "ask for 9" in plan.message
+
+
+def test_no_pods_ahead_of_demand_while_pods_are_pending() -> None:
+    pods = [pod(0), pod(1), pod(2, scheduled=False, ready=False)]
+    plan = pod_sizing.plan_pool(vision(), deployment=dep(3, ("RUNNING", 0), ("RUNNING", 1)), raw_wish=6, pods=pods,
+                                previous_replicas=3)
+    assert plan.pods == 3 and plan.reason == pod_sizing.PENDING_PODS and "1 pod(s) of the pool are pending" in plan.message
+
+
+def test_never_below_pods_that_still_host_replicas() -> None:
+    # Serve wants 1; the replica on p2 is draining (STOPPING): p2 must stay until it has left.
+    pods = [pod(0), pod(1), pod(2)]
+    plan = pod_sizing.plan_pool(vision(), deployment=dep(1, ("RUNNING", 0), ("STOPPING", 2)), raw_wish=1, pods=pods,
+                                previous_replicas=3)
+    assert plan.pods == 2 and plan.reason == pod_sizing.DRAINING
+    # Once it has left, the pool shrinks to Serve's target.
+    plan = pod_sizing.plan_pool(vision(), deployment=dep(1, ("RUNNING", 0)), raw_wish=1, pods=pods, previous_replicas=2)
+    assert plan.pods == 1 and plan.reason == pod_sizing.SERVE_TARGET
+
+
+def test_llm_floor_keeps_every_pod_of_a_multi_node_replica() -> None:
+    pods = [pod(i, comp="llm") for i in range(4)]
+    plan = pod_sizing.plan_pool(llm(nodes=2), deployment=dep(1, ("RUNNING", 0), ("STOPPING", 2)), raw_wish=1, pods=pods,
+                                previous_replicas=2)
+    assert plan.pods == 4 and plan.pods % 2 == 0
+
+
+def test_unknown_target_keeps_the_previous_size_within_bounds() -> None:
+    plan = pod_sizing.plan_pool(vision(max_=4), deployment=None, raw_wish=None, pods=[], previous_replicas=6)
+    assert plan.pods == 4 and plan.reason == pod_sizing.SERVE_UNKNOWN
+    plan = pod_sizing.plan_pool(vision(min_=2), deployment=None, raw_wish=None, pods=[], previous_replicas=None)
+    assert plan.pods == 2
+
+
+def test_scale_to_zero() -> None:
+    plan = pod_sizing.plan_pool(vision(min_=0), deployment=dep(0), raw_wish=0, pods=[pod(0)], previous_replicas=1)
+    assert plan.pods == 0
+
+
+def test_emptiest_pod_costs_least() -> None:
+    pods = [pod(0), pod(1), pod(2), PodView("gone", "vision", deleting=True, ip="10.0.0.9")]
+    costs = pod_sizing.deletion_costs(pods, dep(2, ("RUNNING", 0), ("RUNNING", 0), ("STOPPING", 2), ("STOPPED", 1)))
+    assert costs == {"p0": 2000, "p1": 0, "p2": 1000}  # STOPPED has left; a deleting pod is not ranked
+    # Only annotations that change are patched.
+    pods[0] = pod(0, cost="2000")
+    assert pod_sizing.cost_patches(pods, costs) == {"p1": "0", "p2": "1000"}
+
+
+def test_parse_application_reads_targets_and_replica_nodes() -> None:
+    data = {"applications": {"dotsvlm": {"status": "RUNNING", "message": "", "deployments": {
+        "VisionEncoder": {"status": "UPSCALING", "message": "", "target_num_replicas": 3, "replicas": [
+            {"replica_id": "a", "state": "RUNNING", "node_ip": "10.0.0.1", "node_id": "n1", "start_time_s": 1.0},
+            {"replica_id": "b", "state": "STARTING", "node_ip": None, "start_time_s": 2.0}]},
+        "LLMServer": {"status": "HEALTHY", "target_num_replicas": 1, "replicas": []}}}}}
+    app = parse_application(data)
+    v = app.deployments["VisionEncoder"]
+    assert app.status == "RUNNING" and v.target == 3 and v.running == 1 and v.replicas[0].node_ip == "10.0.0.1"
+    assert "VisionEncoder: UPSCALING" in app.message
+    assert parse_application({"applications": {}}).status == "NOT_DEPLOYED"
