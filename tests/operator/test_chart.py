@@ -412,7 +412,7 @@ def _needed(ns: str) -> list[tuple[str, str, str | None]]:
     """What the operator does in a namespace it serves."""
     checks = [(v, "dotsvlmdeployments.dotsvlm.io", ns) for v in ("list", "watch", "patch")]
     checks += [("patch", "dotsvlmdeployments.dotsvlm.io/status", ns), ("create", "events", ns)]
-    checks += [(v, "pods", ns) for v in ("get", "list", "watch")]
+    checks += [(v, "pods", ns) for v in ("get", "list", "watch", "patch")]  # patch: the pod-deletion-cost annotation
     checks += [(v, r, ns) for r in CHILD_RESOURCES for v in ("get", "list", "watch", "create", "patch", "delete")]
     return checks
 

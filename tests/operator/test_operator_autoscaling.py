@@ -9,6 +9,8 @@ an Event per scaling decision.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from dvlm_support import condition, get_json, load_example, poll
@@ -120,3 +122,62 @@ def test_pods_follow_serves_target_emptiest_first_pending_shown_and_events(kube,
     out = kube.kubectl("get", "dvlm", name, "-n", ns, "-o", "wide").stdout
     assert "VISION" in out and "QUEUE" in out and "VISION-SCALING" in out, out
     assert head.deployments[LLM]["target"] == 1 and get_json(kube, "deployment", f"{name}-llm", "-n", ns)["spec"]["replicas"] == 1
+
+
+def test_gpu_node_lost_under_load_pods_replaced_degraded_then_ready(kube, ns, fake_head, operator_factory) -> None:
+    from support.cluster import DEFAULT_NODES
+
+    head, url = fake_head
+    op = operator_factory([ns], head_url=url, extra=["--api-url-override", url, "--pod-loop-seconds", "1"])
+    cr = load_example("dotsvlm-small.yaml")
+    cr["spec"]["model"]["volume"] = {"hostPath": {"path": "/mnt/weights"}}
+    cr["spec"]["vision"].update(minReplicas=1, maxReplicas=16, nodeSelector={"nvidia.com/gpu.product": "NVIDIA-L40S"})
+    cr["spec"]["head"] = {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+    name = cr["metadata"]["name"]
+    kube.apply(yaml.safe_dump(cr), namespace=ns)
+    poll(lambda: head.deployed, 60, "the Serve config deployed", op.log_tail)
+
+    def status():
+        return (get_json(kube, "dvlm", name, "-n", ns) or {}).get("status") or {}
+
+    def placed(n: int):
+        pods = vision_pods(kube, ns, name)
+        return len(pods) == n and all(p["spec"].get("nodeName") and p["status"].get("podIP") for p in pods) and pods
+
+    # Under load: 10 vision replicas, one per pod, spread over the two 8-GPU L40S nodes.
+    head.set_decision("vision", 10, 1, 10, "VisionBacklog", "40 Mpx queued")
+    head.set_deployment(VISION, 10)
+    pods = poll(lambda: placed(10), 90, "10 vision pods placed", op.log_tail)
+    head.set_deployment(VISION, 10, [("RUNNING", p["status"]["podIP"]) for p in pods])
+    poll(lambda: (c := next((c for c in status().get("conditions", []) if c["type"] == "Ready"), None))
+         and c["status"] == "True", 60, "Ready with 10 vision replicas", op.log_tail)
+    by_node: dict[str, int] = {}
+    for p in pods:
+        by_node[p["spec"]["nodeName"]] = by_node.get(p["spec"]["nodeName"], 0) + 1
+    lost = max(by_node, key=by_node.get)
+    spare = 8 - by_node.get(next(n for n in by_node if n != lost), 0) if len(by_node) > 1 else 8
+    node = next(n for n in DEFAULT_NODES if n.name == lost)
+    try:
+        kube.kubectl("delete", "node", lost, "--wait=false")
+        # Ray loses the replicas of that node: Serve's replicas are those on the surviving pods.
+        survivors = [p for p in pods if p["spec"]["nodeName"] != lost]
+        head.set_deployment(VISION, 10, [("RUNNING", p["status"]["podIP"]) for p in survivors])
+        missing = 10 - len(survivors) - spare  # replacements that find no GPU
+        st = poll(lambda: (s := status()).get("vision", {}).get("pendingPods") == missing and s, 150,
+                  f"{missing} replacement pod(s) pending after the node is gone", op.log_tail)
+        degraded = next(c for c in st["conditions"] if c["type"] == "Degraded")
+        assert degraded["status"] == "True" and degraded["reason"] == "Unschedulable"
+        assert "Insufficient nvidia.com/gpu" in degraded["message"] and "To fix:" in degraded["message"]
+        assert "nvidia.com/gpu.product=NVIDIA-L40S" in degraded["message"]
+        assert get_json(kube, "deployment", f"{name}-vision", "-n", ns)["spec"]["replicas"] == 10
+    finally:
+        kube.apply(json.dumps(node.manifest()))
+    # The node is back: the pending pods are placed, the pool is whole, Degraded clears and Ready holds.
+    pods = poll(lambda: placed(10), 120, "10 vision pods placed again", op.log_tail)
+    head.set_deployment(VISION, 10, [("RUNNING", p["status"]["podIP"]) for p in pods])
+    st = poll(lambda: (s := status()) and next(c for c in s["conditions"] if c["type"] == "Degraded")["status"] == "False"
+              and s["vision"]["readyReplicas"] == 10 and s, 60, "Degraded=False and 10 ready replicas again", op.log_tail)
+    assert next(c for c in st["conditions"] if c["type"] == "Ready")["status"] == "True"
+    assert st["vision"]["pendingPods"] == 0
+    reasons = {e["reason"] for e in get_json(kube, "events", "-n", ns)["items"] if e["involvedObject"].get("name") == name}
+    assert "Unschedulable" in reasons, reasons
