@@ -33,30 +33,29 @@ PUBLISH_INTERVAL_S = 2.0
 
 
 def _latest(ctx: Any, now: float) -> tuple[dict[str, float], float, int]:
-    """Sum over running replicas of each stat's newest value, the age of the newest sample, and how many
-    replicas reported. NO_DATA values are kept apart: the maximum of those latencies is what counts."""
-    raw = ctx.raw_metrics or {}
-    totals: dict[str, float] = {}
+    """Each stat's newest value per running replica, reduced over replicas: counts are summed, p90
+    latencies take the worst replica, rates the mean. NO_DATA values ("no sample") are left out. Also
+    the age of the newest sample and how many replicas reported."""
+    values: dict[str, list[float]] = {}
     newest = 0.0
     reporters: set[Any] = set()
-    for name, per_replica in raw.items():
+    for name, per_replica in (ctx.raw_metrics or {}).items():
         for replica, series in per_replica.items():
             if not series:
                 continue
             last = max(series, key=lambda s: s.timestamp)
             newest = max(newest, last.timestamp)
             reporters.add(replica)
-            if name.endswith("_p90_s") or name == sig.ENCODE_PIXELS_PER_S:
-                if last.value != sig.NO_DATA:  # latencies and rates: worst / mean, not a sum
-                    prev = totals.get(name)
-                    if name == sig.ENCODE_PIXELS_PER_S:
-                        totals[name] = last.value if prev is None else (prev + last.value) / 2
-                    else:
-                        totals[name] = last.value if prev is None else max(prev, last.value)
-            else:
-                totals[name] = totals.get(name, 0.0) + last.value
-    age = now - newest if newest else float("inf")
-    return totals, age, len(reporters)
+            values.setdefault(name, []).append(last.value)
+    totals: dict[str, float] = {}
+    for name, vals in values.items():
+        if name.endswith("_p90_s") or name == sig.ENCODE_PIXELS_PER_S:
+            known = [v for v in vals if v != sig.NO_DATA]
+            if known:
+                totals[name] = max(known) if name.endswith("_p90_s") else sum(known) / len(known)
+        else:
+            totals[name] = sum(vals)
+    return totals, (now - newest if newest else float("inf")), len(reporters)
 
 
 def snapshot_from_contexts(contexts: dict[str, Any], now: float) -> Snapshot:

@@ -1,0 +1,110 @@
+"""The adapter between Ray Serve's autoscaling contexts and the pure policy (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from dotsvlm_serving.autoscaling import serve_policy
+from dotsvlm_serving.autoscaling import signals as sig
+from dotsvlm_serving.serve_config import (INGRESS_DEPLOYMENT, LLM_DEPLOYMENT, QUEUE_DEPLOYMENT, VISION_DEPLOYMENT,
+                                          ServeAppConfig)
+
+
+@dataclass(frozen=True)
+class _Sample:
+    timestamp: float
+    value: float
+
+
+@dataclass(frozen=True)
+class _DeploymentID:
+    name: str
+    app_name: str = "dotsvlm"
+
+
+@dataclass
+class _Ctx:
+    """The fields of Serve's AutoscalingContext the adapter reads."""
+
+    running_replicas: list[str]
+    target_num_replicas: int
+    raw_metrics: dict[str, dict[str, list[_Sample]]]
+    policy_state: dict[str, Any] = field(default_factory=dict)
+
+
+def _ctx(replicas: dict[str, dict[str, float]], target: int, now: float, age: float = 0.5) -> _Ctx:
+    raw: dict[str, dict[str, list[_Sample]]] = {}
+    for rid, stats in replicas.items():
+        for name, value in stats.items():
+            raw.setdefault(name, {})[rid] = [_Sample(now - age - 3, 0.0), _Sample(now - age, value)]
+    return _Ctx(running_replicas=list(replicas), target_num_replicas=target, raw_metrics=raw)
+
+
+def _contexts(now: float, *, ingress_age: float = 0.5, vision_replicas: int = 1) -> dict[str, _Ctx]:
+    ingress = {"i1": {sig.VISION_PENDING_REQUESTS: 3, sig.VISION_PENDING_IMAGES: 4, sig.VISION_PENDING_PIXELS: 4e6,
+                      sig.ENCODE_LATENCY_P90: 0.5, sig.TTFT_IMAGE_P90: sig.NO_DATA, sig.TTFT_TEXT_P90: 1.5,
+                      sig.ITL_P90: 0.05},
+               "i2": {sig.VISION_PENDING_REQUESTS: 5, sig.VISION_PENDING_IMAGES: 5, sig.VISION_PENDING_PIXELS: 6e6,
+                      sig.ENCODE_LATENCY_P90: 2.5, sig.TTFT_IMAGE_P90: 4.0, sig.TTFT_TEXT_P90: sig.NO_DATA,
+                      sig.ITL_P90: 0.08}}
+    vision = {f"v{i}": {sig.ENCODE_PIXELS_PER_S: 2e6 if i == 0 else 4e6} for i in range(vision_replicas)}
+    llm = {"l1": {sig.LLM_RUNNING: 4, sig.LLM_WAITING: 1, sig.LLM_KV_USED_FRACTION: 0.5},
+           "l2": {sig.LLM_RUNNING: 2, sig.LLM_WAITING: 0, sig.LLM_KV_USED_FRACTION: 0.7}}
+    queue = {"q": {sig.QUEUE_DEPTH: 7, sig.QUEUE_OLDEST_AGE: 1.2, sig.QUEUE_WAITING_PRODUCERS: 2, sig.QUEUE_REJECTED: 0}}
+    return {INGRESS_DEPLOYMENT: _ctx(ingress, 2, now, ingress_age), VISION_DEPLOYMENT: _ctx(vision, vision_replicas, now),
+            LLM_DEPLOYMENT: _ctx(llm, 2, now), QUEUE_DEPLOYMENT: _ctx(queue, 1, now)}
+
+
+def test_snapshot_sums_counts_over_replicas_and_takes_the_worst_latency() -> None:
+    snap = serve_policy.snapshot_from_contexts(_contexts(1000.0), 1000.0)
+    v, m = snap.vision, snap.llm
+    assert v is not None and m is not None
+    assert (v.pending_requests, v.pending_images, v.pending_pixels) == (8, 9, 10e6), "summed over both ingresses"
+    assert v.encode_latency_s == 2.5 and v.encode_pixels_per_s == 2e6
+    two = serve_policy.snapshot_from_contexts(_contexts(1000.0, vision_replicas=3), 1000.0).vision
+    assert two is not None and two.encode_pixels_per_s == pytest.approx((2e6 + 4e6 + 4e6) / 3), "mean rate per replica"
+    assert (m.running, m.waiting, m.queue_depth, m.waiting_producers) == (6, 1, 7, 2)
+    assert m.kv_used_fraction == pytest.approx(0.6), "mean KV use over the LLM replicas"
+    assert (m.ttft_image_s, m.ttft_text_s, m.inter_token_s) == (4.0, 1.5, 0.08), "no-data samples are not latencies"
+    assert v.age_s == pytest.approx(0.5)
+
+
+def test_a_vision_pool_at_zero_still_has_signals_from_the_ingress() -> None:
+    snap = serve_policy.snapshot_from_contexts(_contexts(1000.0, vision_replicas=0), 1000.0)
+    assert snap.vision is not None and snap.vision.running_replicas == 0 and snap.vision.pending_requests == 8
+    assert snap.vision.encode_pixels_per_s is None
+
+
+def test_without_queue_or_ingress_reports_the_pools_have_no_signals() -> None:
+    ctxs = _contexts(1000.0)
+    del ctxs[QUEUE_DEPLOYMENT]
+    del ctxs[INGRESS_DEPLOYMENT]
+    snap = serve_policy.snapshot_from_contexts(ctxs, 1000.0)
+    assert snap.vision is None and snap.llm is None
+
+
+def test_the_policy_class_decides_both_pools_and_keeps_its_state_per_deployment(monkeypatch) -> None:
+    published: list[dict] = []
+    monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now: published.append(decisions))
+    monkeypatch.setattr(serve_policy, "_Metrics", lambda: type("M", (), {"record": lambda self, d: None})())
+    cfg = ServeAppConfig.model_validate({"model_path": "/m",
+                                         "vision": {"autoscaling": {"min_replicas": 0, "max_replicas": 6,
+                                                                    "upscale_delay_s": 0}},
+                                         "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4,
+                                                                 "upscale_delay_s": 0}}})
+    policy = serve_policy.DotsVLMAutoscalingPolicy(**cfg.autoscaling_policy()["policy_kwargs"])
+    import time
+
+    now = time.time()
+    by_name = _contexts(now)
+    contexts = {_DeploymentID(name): ctx for name, ctx in by_name.items()}
+    decisions, state = policy(contexts)
+    named = {dep.name: n for dep, n in decisions.items()}
+    assert set(named) == {VISION_DEPLOYMENT, LLM_DEPLOYMENT}, "Ingress and TensorQueue keep their size"
+    assert named[VISION_DEPLOYMENT] > 1 and named[LLM_DEPLOYMENT] > 2
+    assert {dep.name for dep in state} == {VISION_DEPLOYMENT, LLM_DEPLOYMENT}
+    assert all(serve_policy.STATE_KEY in s for s in state.values())
+    assert published and set(published[0]) == {"vision", "llm"}
