@@ -130,8 +130,13 @@ def cli_main(args: argparse.Namespace) -> int:
         return 2
     keys_env = cfg.api.api_keys_env
     with_key = bool(keys_env and os.environ.get(keys_env, "").strip())
-    _start_ray(args.detach, num_cpus=max(4, os.cpu_count() or 1),
-               env_vars={keys_env: os.environ[keys_env]} if with_key and keys_env else {})
+    try:
+        _start_ray(args.detach, num_cpus=max(4, os.cpu_count() or 1),
+                   env_vars={keys_env: os.environ[keys_env]} if with_key and keys_env else {})
+    except Exception as exc:  # noqa: BLE001 - Ray's own start-up errors, said plainly
+        say(f"error: Ray did not start: {exc} (a very busy machine can make Ray's start-up time out: "
+            "try again; with --detach, `ray stop` clears a half-started head)")
+        return 1
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
     try:
         say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on {args.host}:{args.port} ...")
