@@ -5,7 +5,14 @@ Both run the same tiny checkpoint and the same greedy decode. The reference does
 tensor queue -> LLMServer -> events back. Requests are sent one at a time, so the difference is the
 fixed cost of the path (HTTP, Serve routing, queue hops, event polling), not queueing.
 
-    .venv/bin/python bench/disagg_overhead.py [--reps 10] [--out bench/results/disagg_overhead]
+Split into the two costs that matter: the added time at the first token (disaggregated streaming TTFT
+minus the reference's time for one token) and the added time per generated token (the disaggregated
+time after the first token minus the reference's, per token).
+
+`--before REF` also measures git revision REF's serving code (its `serving/` first on PYTHONPATH, in a
+separate process) before this checkout's, in one invocation.
+
+    .venv/bin/python bench/disagg_overhead.py [--reps 10] [--max-tokens 64] [--before REV] [--out bench/results/disagg_overhead]
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +36,7 @@ import httpx
 from PIL import Image
 
 CASES = {"text-only": [], "1 image 448x448": [(448, 448)], "3 images (224x224, 640x480, 300x900)": [(224, 224), (640, 480), (300, 900)]}
-MAX_TOKENS = 16
+MAX_TOKENS = 64
 
 
 def png(w: int, h: int) -> bytes:
@@ -43,16 +53,13 @@ is large; with the real model, where a decode step takes tens of ms, the same ab
 small fraction (not measured here: no GPU)."""
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--out", default="bench/results/disagg_overhead")
-    args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def measure(reps: int) -> dict:
+    """Reference and disaggregated timings with the code importable here (PYTHONPATH decides which)."""
     import ray
     import torch
     from ray import serve
 
+    import dotsvlm_serving
     from dotsvlm_serving.app import build_app
     from dotsvlm_serving.model.preprocess import decode_image
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
@@ -74,19 +81,24 @@ def main() -> None:
         return [{"role": "user", "content": parts}]
 
     ref_ms: dict[str, list[float]] = {n: [] for n in CASES}
+    ref_first_ms: dict[str, list[float]] = {n: [] for n in CASES}
     for name in CASES:
-        for i in range(args.reps + 1):
-            t = time.perf_counter()
-            pil = [decode_image(b, max_bytes=10**8) for b in images[name]]
-            ref.generate_ids(messages(name, False), pil, MAX_TOKENS, ignore_eos=True)
-            if i:  # first is warm-up
-                ref_ms[name].append(1000 * (time.perf_counter() - t))
+        for i in range(reps + 1):
+            for n_tokens, out in ((MAX_TOKENS, ref_ms), (1, ref_first_ms)):
+                t = time.perf_counter()
+                pil = [decode_image(b, max_bytes=10**8) for b in images[name]]
+                ref.generate_ids(messages(name, False), pil, n_tokens, ignore_eos=True)
+                if i:  # first is warm-up
+                    out[name].append(1000 * (time.perf_counter() - t))
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {"OMP_NUM_THREADS": "1"}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": env})
     srv_ms: dict[str, list[float]] = {n: [] for n in CASES}
     ttft_ms: dict[str, list[float]] = {n: [] for n in CASES}
     try:
@@ -103,7 +115,7 @@ def main() -> None:
             time.sleep(0.5)
         with httpx.Client(base_url=url, timeout=120) as c:
             for name in CASES:
-                for i in range(args.reps + 1):
+                for i in range(reps + 1):
                     body = {"model": cfg.served_model_name, "messages": messages(name, True), "max_tokens": MAX_TOKENS,
                             "temperature": 0, "ignore_eos": True, "stream": True}
                     t = time.perf_counter()
@@ -121,24 +133,74 @@ def main() -> None:
         ray.shutdown()
 
     rows = {}
+    med = statistics.median
     for name in CASES:
-        r, s = statistics.median(ref_ms[name]), statistics.median(srv_ms[name])
+        r, s, r1, s1 = med(ref_ms[name]), med(srv_ms[name]), med(ref_first_ms[name]), med(ttft_ms[name])
+        ref_tok, srv_tok = (r - r1) / (MAX_TOKENS - 1), (s - s1) / (MAX_TOKENS - 1)
         rows[name] = {"reference_ms_median": r, "disaggregated_ms_median": s, "overhead_ms": s - r,
-                      "ratio": s / r, "disaggregated_ttft_ms_median": statistics.median(ttft_ms[name]),
+                      "ratio": s / r, "reference_first_token_ms_median": r1, "disaggregated_ttft_ms_median": s1,
+                      "added_first_token_ms": s1 - r1, "reference_ms_per_token": ref_tok,
+                      "disaggregated_ms_per_token": srv_tok, "added_ms_per_token": srv_tok - ref_tok,
                       "reference_ms": ref_ms[name], "disaggregated_ms": srv_ms[name]}
+    return {"cases": rows, "code": str(Path(dotsvlm_serving.__file__).parent)}
+
+
+def run_child(reps: int, pythonpath: str | None) -> dict:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    else:
+        env.pop("PYTHONPATH", None)
+    p = subprocess.run([sys.executable, __file__, "--child", "--reps", str(reps), "--max-tokens", str(MAX_TOKENS)],
+                       env=env, capture_output=True, text=True, timeout=3000)
+    if p.returncode != 0:
+        raise SystemExit(f"child run failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    global MAX_TOKENS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    ap.add_argument("--before", help="git revision whose serving code is measured first")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="bench/results/disagg_overhead")
+    args = ap.parse_args()
+    MAX_TOKENS = args.max_tokens
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.child:
+        print(json.dumps(measure(args.reps)))
+        return
+    runs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.before:
+            archive = subprocess.run(["git", "archive", args.before, "serving"], check=True, capture_output=True).stdout
+            tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp, filter="data")
+            runs["before"] = run_child(args.reps, str(Path(tmp) / "serving")) | {"revision": args.before}
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        runs["after"] = run_child(args.reps, None) | {"revision": f"{head} (+ working tree)"}
     result = {"what": f"one request at a time, greedy, {MAX_TOKENS} new tokens, tiny checkpoint, CPU",
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "reps": args.reps, "cases": rows}
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "reps": args.reps,
+              "command": " ".join(["bench/disagg_overhead.py"] + sys.argv[1:]), "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Disaggregated path vs single-process reference (per request, CPU, tiny model)", "",
-             f"Machine: {os.cpu_count()} CPUs; {args.reps} requests per case, one at a time, greedy, {MAX_TOKENS} new tokens; "
-             "the disaggregated figure is end to end over HTTP (streaming).", "",
-             "| request | reference (ms, median) | disaggregated (ms, median) | overhead (ms) | ratio | disaggregated TTFT (ms) |",
-             "|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['reference_ms_median']:.1f} | {r['disaggregated_ms_median']:.1f} | "
-                     f"{r['overhead_ms']:.1f} | {r['ratio']:.2f} | {r['disaggregated_ttft_ms_median']:.1f} |")
+             f"Machine: {os.cpu_count()} CPUs; `{result['command']}`; {args.reps} requests per case, one at a time, "
+             f"greedy, {MAX_TOKENS} new tokens; the disaggregated figure is end to end over HTTP (streaming).", "",
+             "| code | request | reference (ms) | disaggregated (ms) | ratio | reference 1st token (ms) | "
+             "disaggregated TTFT (ms) | **added at 1st token (ms)** | reference per token (ms) | "
+             "disaggregated per token (ms) | **added per token (ms)** |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run_name, run in runs.items():
+        for name, r in run["cases"].items():
+            lines.append(f"| {run_name} ({run['revision']}) | {name} | {r['reference_ms_median']:.1f} | "
+                         f"{r['disaggregated_ms_median']:.1f} | {r['ratio']:.2f} | {r['reference_first_token_ms_median']:.1f} | "
+                         f"{r['disaggregated_ttft_ms_median']:.1f} | {r['added_first_token_ms']:.1f} | "
+                         f"{r['reference_ms_per_token']:.2f} | {r['disaggregated_ms_per_token']:.2f} | "
+                         f"{r['added_ms_per_token']:.2f} |")
     lines += NOTES.splitlines()
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,13 +1,18 @@
 """Tensor-queue throughput for 18 MB image embeddings between two processes, against a raw memory copy.
 
-A producer actor puts embeddings into the object store (RayObjectTransport.put) and enqueues their
-handles; a consumer actor (another process) takes items, fetches each tensor through the transport and
-copies it into a preallocated buffer (so every byte is really read, as an LLM replica does when it
-writes embeddings into its input embeddings). The baseline is `np.copyto` of the same array in one
-process: the ratio says what the queue + transport cost relative to touching the bytes once.
+The embeddings are a bf16 torch tensor (the model's dtype on GPU). A producer actor puts them into the
+object store (RayObjectTransport.put: bf16 travels as an int16 view) and enqueues their handles; a
+consumer actor (another process) takes items, fetches each tensor through the transport (zero-copy:
+a bf16 view of the object store's shared memory; the bench checks that no copy was made) and copies
+it into a preallocated bf16 buffer, as an LLM replica writes embeddings into its input embeddings
+(that copy is the one touch of the bytes the consumer needs). The baseline is a bf16 `copy_` of the
+same tensor in one process: the ratio says what the queue + transport cost relative to touching the
+bytes once.
 
-Two queue front-ends are measured: the TensorQueueServer as a plain Ray actor, and the same class
-behind Ray Serve handles (what the application deploys).
+Two queue front-ends (the TensorQueueServer as a plain Ray actor, and behind Ray Serve handles, as
+the application deploys it), each on a Ray started as usual and on one started with
+`RAY_preallocate_plasma_memory=1` (the object store's shared memory is touched once at start, so a
+`put` does not pay a page fault per 4 KiB page of fresh memory).
 
     .venv/bin/python bench/queue_throughput.py [--items 60] [--out bench/results/queue_throughput]
 """
@@ -19,31 +24,35 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-SHAPE = (1256, 7168)  # bf16-sized embeddings of one ~1000-token image: 18.0 MB as float16
-DTYPE = np.float16
+SHAPE = (1256, 7168)  # embeddings of one ~1000-token image at the full model's width: 18.0 MB in bf16
+NBYTES = SHAPE[0] * SHAPE[1] * 2
 
 
 def raw_copy_gbps(reps: int = 30) -> float:
-    src = np.random.default_rng(0).standard_normal(SHAPE).astype(DTYPE)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
+    import torch
+
+    torch.set_num_threads(1)
+    src = torch.randn(SHAPE).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        np.copyto(dst, src)
+        dst.copy_(src)
         times.append(time.perf_counter() - t)
-    return src.nbytes / statistics.median(times) / 1e9
+    return NBYTES / statistics.median(times) / 1e9
 
 
 def run_pipeline(queue, serve_mode: bool, items: int) -> dict:
     import ray
 
-    from dotsvlm_serving.tensor_queue import QueueItem, RayObjectTransport
+    from dotsvlm_serving.tensor_queue import QueueItem, RayObjectTransport, from_wire
 
     def call(method: str, *args):
         m = getattr(queue, method)
@@ -52,8 +61,11 @@ def run_pipeline(queue, serve_mode: bool, items: int) -> dict:
     @ray.remote(num_cpus=0)
     class Producer:
         def run(self, n: int, queue, serve_mode: bool) -> tuple[float, list[float]]:
+            import torch
+
+            torch.set_num_threads(1)
             tr = RayObjectTransport()
-            arr = np.random.default_rng(1).standard_normal(SHAPE).astype(DTYPE)
+            arr = torch.randn(SHAPE).to(torch.bfloat16)
             t0 = time.time()
             puts = []
             for i in range(n):
@@ -68,40 +80,53 @@ def run_pipeline(queue, serve_mode: bool, items: int) -> dict:
 
     @ray.remote(num_cpus=0)
     class Consumer:
-        def run(self, n: int, queue, serve_mode: bool) -> tuple[float, list[float]]:
+        def run(self, n: int, queue, serve_mode: bool) -> tuple[float, list[float], int]:
+            import torch
+
+            torch.set_num_threads(1)
             tr = RayObjectTransport()
-            buf = np.empty(SHAPE, DTYPE)
-            got, lat = 0, []
+            buf = torch.empty(SHAPE, dtype=torch.bfloat16)
+            got, lat, copies = 0, [], 0
             while got < n:
                 r = queue.take.remote("bench-consumer", 4, 10**9, 1.0)
                 batch = r.result() if serve_mode else ray.get(r)
                 for it in batch:
                     t = time.perf_counter()
-                    np.copyto(buf, tr.get(it.payload["embeds"]))
+                    h = it.payload["embeds"]
+                    wire = tr.get_array(h)  # zero-copy from shared memory
+                    x = from_wire(wire, h.dtype)
+                    buf.copy_(x)
                     lat.append(time.perf_counter() - t)
+                    # a copy anywhere before `buf` would show as memory not backed by the object store
+                    copies += int(x.dtype != torch.bfloat16 or wire.flags.writeable
+                                  or x.data_ptr() != wire.ctypes.data)
                     done = queue.publish.remote("bench-consumer", [{"request_id": it.request_id, "type": "finish"}])
                     done.result() if serve_mode else ray.get(done)
                     got += 1
-            return time.time(), lat
+            return time.time(), lat, copies
 
     prod, cons = Producer.remote(), Consumer.remote()
     ray.get([prod.__ray_ready__.remote(), cons.__ray_ready__.remote()])
     cf = cons.run.remote(items, queue, serve_mode)
     t0, puts = ray.get(prod.run.remote(items, queue, serve_mode))
-    t1, lat = ray.get(cf)
-    nbytes = int(np.prod(SHAPE)) * np.dtype(DTYPE).itemsize
+    t1, lat, copies = ray.get(cf)
     elapsed = t1 - t0
-    return {"items": items, "item_bytes": nbytes, "seconds": elapsed, "items_per_s": items / elapsed,
-            "gbps": items * nbytes / elapsed / 1e9, "fetch_copy_ms_median": 1000 * statistics.median(lat),
-            "put_ms_median": 1000 * statistics.median(puts)}
+    return {"items": items, "item_bytes": NBYTES, "dtype": "bfloat16", "seconds": elapsed, "items_per_s": items / elapsed,
+            "gbps": items * NBYTES / elapsed / 1e9, "fetch_copy_ms_median": 1000 * statistics.median(lat),
+            "put_ms_median": 1000 * statistics.median(puts), "consumer_extra_copies": copies}
 
 
 NOTES = """
-Reading it: the producer's `ray.put` (serialising and copying 18 MB into freshly mapped shared memory)
-dominates; the consumer's fetch is zero-copy from the node's object store, so its cost is mapping plus
-the one copy into its own buffer. Queue calls move only small handles. Producer, consumer, queue and
-Ray's own processes share the 2 CPUs of this machine. A GPU-direct transport behind the same
-`TensorTransport` interface would avoid both host copies on GPU nodes (not measured here)."""
+Reading it: bf16 halves the bytes of float32 (what travelled before). The consumer side makes no copy
+(the tensor is a bf16 view of the object store's shared memory: `consumer_extra_copies` counts any);
+its cost is mapping plus the one copy into its own buffer. On the producer side `ray.put` copies the
+tensor into shared memory; on a Ray started as usual, the object store's pages are fresh the first
+time each part of it is used, and the page faults cost more than the copy itself: with
+`RAY_preallocate_plasma_memory=1` (set on every Ray node of a deployment) they are paid once at start.
+Queue calls move only small handles. Producer, consumer, queue and Ray's own processes share the CPUs
+of this machine (2, busy with other work), which caps the pipeline. On GPU nodes a GPU-direct
+transport (Ray's RDT: NIXL/CUDA IPC) avoids both host copies (docs/serving.md; not measured here: no
+GPU)."""
 
 
 def main() -> None:
@@ -110,6 +135,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/queue_throughput")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
@@ -118,33 +144,43 @@ def main() -> None:
 
     qcfg = QueueConfig(max_items=8, max_bytes=8 * 20 * 1024 * 1024, enqueue_timeout_s=60)
     baseline = raw_copy_gbps()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             object_store_memory=2 * 1024**3)
-    try:
-        actor = ray.remote(num_cpus=0)(TensorQueueServer).remote(qcfg)
-        direct = run_pipeline(actor, False, args.items)
-        serve.start(http_options={"host": "127.0.0.1", "port": 0})
-        handle = serve.run(TensorQueueDeployment.bind(qcfg), name="qbench", route_prefix=None)
-        via_serve = run_pipeline(handle, True, args.items)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     result = {
-        "what": "tensor queue: 18 MB embeddings producer process -> queue -> consumer process (fetch + copy)",
+        "what": "tensor queue: 18 MB bf16 embeddings producer process -> queue -> consumer process (zero-copy fetch + one copy into a buffer)",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "raw_memcpy_gbps": baseline,
-        "queue_ray_actor": direct | {"ratio_to_memcpy": direct["gbps"] / baseline},
-        "queue_serve_deployment": via_serve | {"ratio_to_memcpy": via_serve["gbps"] / baseline},
+        "raw_memcpy_gbps": baseline, "command": " ".join(["bench/queue_throughput.py"] + sys.argv[1:]),
     }
+    for label, env in (("default", {}), ("preallocated", {"RAY_preallocate_plasma_memory": "1"})):
+        os.environ.update(env)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 object_store_memory=2 * 1024**3)
+        try:
+            actor = ray.remote(num_cpus=0)(TensorQueueServer).remote(qcfg)
+            direct = run_pipeline(actor, False, args.items)
+            serve.start(http_options={"host": "127.0.0.1", "port": 0})
+            handle = serve.run(TensorQueueDeployment.bind(qcfg), name="qbench", route_prefix=None)
+            via_serve = run_pipeline(handle, True, args.items)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            for k in env:
+                os.environ.pop(k, None)
+        result[f"queue_ray_actor_{label}"] = direct | {"ratio_to_memcpy": direct["gbps"] / baseline}
+        result[f"queue_serve_deployment_{label}"] = via_serve | {"ratio_to_memcpy": via_serve["gbps"] / baseline}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# Tensor queue throughput (18 MB embeddings, two processes)", "",
-             f"Machine: {os.cpu_count()} CPUs, {platform.platform()}; `{' '.join(['bench/queue_throughput.py', '--items', str(args.items)])}`", "",
-             "| path | items/s | GB/s | ratio to raw memcpy | producer put per item (ms, median) | consumer fetch+copy per item (ms, median) |", "|---|---|---|---|---|---|",
-             f"| raw `np.copyto` in one process | {baseline * 1e9 / (SHAPE[0] * SHAPE[1] * 2):.0f} | {baseline:.2f} | 1.00 | - | {SHAPE[0] * SHAPE[1] * 2 / baseline / 1e6:.2f} |"]
-    for name, r in [("queue as Ray actor", result["queue_ray_actor"]), ("queue as Serve deployment", result["queue_serve_deployment"])]:
-        lines.append(f"| {name} | {r['items_per_s']:.1f} | {r['gbps']:.2f} | {r['ratio_to_memcpy']:.3f} | {r['put_ms_median']:.2f} | {r['fetch_copy_ms_median']:.2f} |")
+    lines = ["# Tensor queue throughput (18 MB bf16 embeddings, two processes)", "",
+             f"Machine: {os.cpu_count()} CPUs, {platform.platform()}; `{result['command']}`", "",
+             "| path | items/s | GB/s | ratio to raw memcpy (bf16) | producer put per item (ms, median) | consumer fetch+copy per item (ms, median) | consumer extra copies |",
+             "|---|---|---|---|---|---|---|",
+             f"| raw bf16 `copy_` in one process | {baseline * 1e9 / NBYTES:.0f} | {baseline:.2f} | 1.00 | - | {NBYTES / baseline / 1e6:.2f} | - |"]
+    for key, name in [("queue_ray_actor_default", "queue as Ray actor"),
+                      ("queue_serve_deployment_default", "queue as Serve deployment"),
+                      ("queue_ray_actor_preallocated", "queue as Ray actor, preallocated object store"),
+                      ("queue_serve_deployment_preallocated", "queue as Serve deployment, preallocated object store")]:
+        r = result[key]
+        lines.append(f"| {name} | {r['items_per_s']:.1f} | {r['gbps']:.2f} | {r['ratio_to_memcpy']:.3f} | "
+                     f"{r['put_ms_median']:.2f} | {r['fetch_copy_ms_median']:.2f} | {r['consumer_extra_copies']} |")
     lines += NOTES.splitlines()
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .model.config import DotsVLMConfig
-from .model.preprocess import image_token_count, preprocess_images
+from .model.preprocess import PreprocessedImages, image_token_count, preprocess_images
 from .model.prompt import encode_chat
 from .serve_config import ImageLimits
 
@@ -23,9 +23,14 @@ def pixel_bounds(cfg: DotsVLMConfig, limits: ImageLimits) -> tuple[int, int]:
 
 
 def token_counts(images: list[Image.Image], cfg: DotsVLMConfig, limits: ImageLimits) -> list[int]:
+    return token_counts_for_sizes([im.size for im in images], cfg, limits)
+
+
+def token_counts_for_sizes(sizes: list[tuple[int, int]], cfg: DotsVLMConfig, limits: ImageLimits) -> list[int]:
+    """Image-pad tokens per image from its original (width, height) (e.g. `probe_image`)."""
     lo, hi = pixel_bounds(cfg, limits)
-    return [image_token_count(im.height, im.width, patch_size=cfg.preprocess.patch_size,
-                              merge_size=cfg.preprocess.merge_size, min_pixels=lo, max_pixels=hi) for im in images]
+    return [image_token_count(h, w, patch_size=cfg.preprocess.patch_size,
+                              merge_size=cfg.preprocess.merge_size, min_pixels=lo, max_pixels=hi) for w, h in sizes]
 
 
 def resized_pixels(images: list[Image.Image], cfg: DotsVLMConfig, limits: ImageLimits) -> int:
@@ -38,23 +43,38 @@ def prompt_ids(tokenizer: Any, cfg: DotsVLMConfig, messages: list[dict[str, Any]
     return encode_chat(tokenizer, messages, counts, image_token_id=cfg.image_token_id)
 
 
+def preprocess(images: list[Image.Image], cfg: DotsVLMConfig, limits: ImageLimits) -> PreprocessedImages:
+    """Resize, normalise and patchify (CPU; releases the GIL in Pillow and numpy, so threads scale)."""
+    lo, hi = pixel_bounds(cfg, limits)
+    return preprocess_images(images, min_pixels=lo, max_pixels=hi, patch_size=cfg.preprocess.patch_size,
+                             merge_size=cfg.preprocess.merge_size,
+                             temporal_patch_size=cfg.preprocess.temporal_patch_size,
+                             image_mean=cfg.preprocess.image_mean, image_std=cfg.preprocess.image_std)
+
+
 @torch.inference_mode()
+def encode_preprocessed(tower: torch.nn.Module, pre: PreprocessedImages) -> list[torch.Tensor]:
+    """Vision embeddings per image ([tokens_i, hidden], in the tower's dtype, on the CPU), several
+    images packed in one forward."""
+    out = tower(pre.pixel_values, pre.grid_thw).cpu()
+    return list(torch.split(out, pre.num_tokens))
+
+
 def encode_images(tower: torch.nn.Module, images: list[Image.Image], cfg: DotsVLMConfig,
                   limits: ImageLimits) -> list[np.ndarray]:
-    """Vision embeddings per image ([tokens_i, hidden] float32), several images packed in one forward."""
-    lo, hi = pixel_bounds(cfg, limits)
-    pre = preprocess_images(images, min_pixels=lo, max_pixels=hi, patch_size=cfg.preprocess.patch_size,
-                            merge_size=cfg.preprocess.merge_size,
-                            temporal_patch_size=cfg.preprocess.temporal_patch_size,
-                            image_mean=cfg.preprocess.image_mean, image_std=cfg.preprocess.image_std)
-    out = tower(pre.pixel_values, pre.grid_thw).float().cpu()
-    return [t.numpy() for t in torch.split(out, pre.num_tokens)]
+    """Vision embeddings per image as float32 arrays (the reference's form)."""
+    return [t.float().numpy() for t in encode_preprocessed(tower, preprocess(images, cfg, limits))]
 
 
-def input_embeds(llm: torch.nn.Module, ids: list[int], image_embeds: np.ndarray | None,
+def input_embeds(llm: torch.nn.Module, ids: list[int], image_embeds: np.ndarray | torch.Tensor | None,
                  image_token_id: int) -> torch.Tensor:
     from .model.llm import embed_with_images
 
-    emb = None if image_embeds is None or image_embeds.shape[0] == 0 else torch.from_numpy(np.array(image_embeds))
+    if image_embeds is None or image_embeds.shape[0] == 0:
+        emb = None
+    elif isinstance(image_embeds, torch.Tensor):
+        emb = image_embeds
+    else:
+        emb = torch.from_numpy(np.asarray(image_embeds))
     with torch.inference_mode():
         return embed_with_images(llm, torch.tensor(ids, dtype=torch.long), emb, image_token_id)

@@ -152,3 +152,18 @@ def test_until_done_returns_the_whole_answer_at_once() -> None:
         q.publish("r", [{"request_id": "b", "type": "token", "text": "p"}])
         assert [e["text"] for e in await q.next_events("b", wait_s=0.05, until_done=True)] == ["p"]
     run(main())
+
+
+def test_a_replacement_queue_tells_consumers_to_stop_requests_it_does_not_know() -> None:
+    """After the queue replica is replaced, LLM replicas still generate requests leased from the old one;
+    the ingress has enqueued them again under new ids, so the new queue asks for them to be stopped."""
+    async def main() -> None:
+        q = TensorQueueCore(max_items=4, max_bytes=1000)
+        await q.put(item("known"), 1)
+        await q.take("r1", max_items=1, token_budget=100, wait_s=0)
+        stop = q.publish("r1", [{"request_id": "orphan", "type": "token", "text": "x"},
+                                {"request_id": "known", "type": "token", "text": "y"}])
+        assert stop == ["orphan"]
+        assert q.heartbeat("r1") == []  # told once, not forever
+        assert await q.next_events("known", 0) == [{"request_id": "known", "type": "token", "text": "y"}]
+    run(main())

@@ -1,6 +1,7 @@
 """Ingress: the OpenAI-compatible HTTP API.
 
-Per request: authenticate, validate, load and decode images, render the chat template and tokenise,
+Per request: authenticate, validate, load images and read their headers (the vision replicas decode
+them, so this event loop stays free for other requests), render the chat template and tokenise,
 check limits, hand the request to the relay (`relay.py`: VisionEncoder, then the tensor queue, 429
 with Retry-After when it stays full), then turn the LLM replica's events into one JSON answer or
 server-sent events. A client that goes away cancels its request.
@@ -18,7 +19,6 @@ from typing import Any
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from PIL import Image
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,13 +27,13 @@ from ..autoscaling import serve_policy
 from ..autoscaling.signals import NO_DATA, IngressSignals
 from ..api.auth import ApiKeyAuth
 from ..api.errors import ApiError, error_body
-from ..api.images import FetchPolicy, load_image_bytes
+from ..api.images import FetchPolicy, decode_data_url, load_image_bytes
 from ..api.openai_models import (ChatCompletionRequest, chunk, completion_response, models_response,
                                  new_completion_id, parse_chat_request)
 from ..events import ErrorEvent, Event, FinishEvent
 from ..metrics import IngressMetrics
 from ..model.config import load_config
-from ..model.preprocess import ImageError, decode_image
+from ..model.preprocess import ImageError, probe_image
 from ..model.prompt import load_tokenizer
 from ..serve_config import INGRESS_DEPLOYMENT, ServeAppConfig
 from .relay import Relay
@@ -81,7 +81,7 @@ class Ingress:
         self.relay = Relay(vision, queue, self.metrics, self.signals, hidden_size=int(self.model_config.vision.hidden_size),
                            pixels_per_token=(pre.patch_size * pre.merge_size) ** 2,
                            enqueue_timeout_s=self.cfg.queue.enqueue_timeout_s,
-                           request_timeout_s=self.cfg.api.request_timeout_s)
+                           request_timeout_s=self.cfg.api.request_timeout_s, embed_dtype=self.cfg.dtype)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------------------- small endpoints
@@ -159,13 +159,14 @@ class Ingress:
         body = await request.body()
         if len(body) > limit:
             raise ApiError(413, f"the request body is over the {limit}-byte limit: send smaller images or fewer of them")
-        req = parse_chat_request(body)
+        # Parsing a large body (base64 images) is CPU work: off the event loop.
+        req = await asyncio.to_thread(parse_chat_request, body) if len(body) > 65536 else parse_chat_request(body)
         if req.model != self.cfg.served_model_name:
             raise ApiError(404, f"the model {req.model!r} does not exist: this server serves "
                                 f"{self.cfg.served_model_name!r} (see /v1/models)", param="model", code="model_not_found")
         messages, urls = req.to_model_messages()
-        images = await self._load_images(urls)
-        counts = self._token_counts(images)
+        images, sizes = await self._load_images(urls)
+        counts = self._token_counts(sizes)
         try:
             ids = pipeline.prompt_ids(self.tokenizer, self.model_config, messages, counts)
         except ValueError as exc:
@@ -178,31 +179,35 @@ class Ingress:
             return await self._stream(cid, req, events, t0, len(images))
         return await self._complete(cid, events, t0, len(images))
 
-    async def _load_images(self, urls: list[str]) -> list[Image.Image]:
+    async def _load_images(self, urls: list[str]) -> tuple[list[bytes], list[tuple[int, int]]]:
+        """The images' file bytes and their (width, height), read from their headers. The decode, resize
+        and patchify happen on the vision pool, so this replica's event loop stays free (and the
+        images travel compressed)."""
         lim = self.cfg.api.images
         if len(urls) > lim.max_images_per_request:
             raise ApiError(400, f"the request has {len(urls)} images, over the limit of {lim.max_images_per_request} "
                                 "per request: send fewer images", param="messages", code="too_many_images")
         if not urls:
-            return []
-        datas = await asyncio.gather(*(load_image_bytes(u, self.fetch_policy) for u in urls))
+            return [], []
 
-        def decode_all() -> list[Image.Image]:
-            out = []
-            for i, d in enumerate(datas):
-                try:
-                    out.append(decode_image(d, max_bytes=lim.max_image_bytes))
-                except ImageError as exc:
-                    raise ApiError(400, f"image {i + 1}: {exc}", param="messages", code="invalid_image") from None
-            return out
+        async def load(url: str) -> bytes:
+            if url[:5].lower() == "data:":  # base64 of megabytes: off the event loop
+                return await asyncio.to_thread(decode_data_url, url, max_bytes=self.fetch_policy.max_bytes)
+            return await load_image_bytes(url, self.fetch_policy)
 
-        images = await asyncio.to_thread(decode_all)
-        self.metrics.images.inc(len(images))
-        return images
+        datas = await asyncio.gather(*(load(u) for u in urls))
+        sizes = []
+        for i, d in enumerate(datas):
+            try:
+                sizes.append(probe_image(d, max_bytes=lim.max_image_bytes))
+            except ImageError as exc:
+                raise ApiError(400, f"image {i + 1}: {exc}", param="messages", code="invalid_image") from None
+        self.metrics.images.inc(len(datas))
+        return list(datas), sizes
 
-    def _token_counts(self, images: list[Image.Image]) -> list[int]:
+    def _token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
         try:
-            return pipeline.token_counts(images, self.model_config, self.cfg.api.images)
+            return pipeline.token_counts_for_sizes(sizes, self.model_config, self.cfg.api.images)
         except ImageError as exc:
             raise ApiError(400, str(exc), param="messages", code="invalid_image") from None
 

@@ -23,12 +23,27 @@ from ..engine import Engine, EngineLimitError, EngineRequest, SamplingParams
 from ..events import ErrorEvent, Event
 from ..model.checkpoint import load_llm
 from ..model.config import load_config
+from ..model.preprocess import ImageError
 from ..model.prompt import load_tokenizer, stop_token_ids
 from ..autoscaling.signals import llm_stats
 from ..serve_config import LLM_DEPLOYMENT, ServeAppConfig
 from ..tensor_queue import QueueItem, RayObjectTransport, TransportError
 
 log = logging.getLogger("ray.serve")
+
+
+def _image_error(exc: BaseException) -> str | None:
+    """The user-facing message when the embeddings failed because an image could not be decoded (the
+    vision call raised `ImageError`, which Ray wraps as the cause of a RayTaskError)."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, ImageError):
+            cause = getattr(seen, "cause", None)
+            return str(cause if isinstance(cause, ImageError) else seen).strip().splitlines()[-1]
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
 
 
 class LLMServer:
@@ -145,6 +160,9 @@ class LLMServer:
             self.engine.add(EngineRequest(item.request_id, x, params))
             return None
         except TransportError as exc:
+            bad = _image_error(exc)
+            if bad is not None:  # the vision replica could not decode an image: the client's to fix
+                return ErrorEvent(request_id=item.request_id, type="error", code=400, message=bad)
             return ErrorEvent(request_id=item.request_id, type="error", code=503, stage="vision",
                               message=f"the image embeddings for this request were lost before generation (a vision "
                                       f"replica failed?): retry the request ({exc})")

@@ -57,10 +57,11 @@ class TensorQueueServer:
     async def leave(self, consumer_id: str) -> None:
         self.core.leave(consumer_id)
 
-    async def next_events(self, request_id: str, wait_s: float, until_done: bool = False) -> list[Event] | None:
+    async def next_events(self, request_id: str, wait_s: float, until_done: bool = False,
+                          linger_s: float = 0.0) -> list[Event] | None:
         """None when the request is unknown (e.g. the queue replica restarted and lost it)."""
         try:
-            return await self.core.next_events(request_id, wait_s, until_done=until_done)
+            return await self.core.next_events(request_id, wait_s, until_done=until_done, linger_s=linger_s)
         except KeyError:
             return None
 

@@ -1,47 +1,87 @@
 """The relay between the ingress and the pools: vision encode, enqueue, and the request's events.
 
-For one validated request: encode its images on the vision pool (the embeddings stay in the object
-store; only their reference travels on), enqueue a small work item in the tensor queue (429 when it
+For one validated request: encode its images on the vision pool (sent as their file bytes: the vision
+replicas decode them; the embeddings stay in the object store; only their reference travels on), enqueue a small work item in the tensor queue (429 when it
 stays full), then long-poll the request's mailbox for the LLM replica's events, until the terminal
 one. When the LLM replica reports that the embeddings were lost, the images are encoded once more.
 A client that goes away cancels its request in the queue.
+
+The relay holds each request's work item until the terminal event, so the tensor queue's state can be
+rebuilt from the ingresses: when the queue replica is lost, each request is enqueued again on its
+replacement (streaming requests that already sent tokens fail with 503 instead; docs/serving.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 import ray
-from PIL import Image
 
 from ..api.errors import ApiError
 from ..autoscaling.signals import IngressSignals
-from ..events import Event, is_terminal
+from ..events import Event, RestartEvent, is_terminal
 from ..metrics import IngressMetrics
 from ..tensor_queue import QueueItem, RayObjectTransport, TensorHandle
 
 log = logging.getLogger("ray.serve")
+
+# How long a request waits for the tensor queue to come back (Serve replaces a lost replica in seconds)
+# before it fails with 503, how often it retries meanwhile, and how many times it may be enqueued again.
+QUEUE_RECOVERY_S = 30.0
+QUEUE_RETRY_S = 0.25
+MAX_REQUEUES = 3
+# What a call to a lost (or not yet replaced) queue replica raises; anything else is a real error.
+_UNREACHABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, asyncio.TimeoutError)
+# A stream's tokens after the first are fetched at most this often (in batches).
+STREAM_BATCH_S = 0.02
+# Slack over a queue call's own wait before the call counts as unanswered.
+CALL_MARGIN_S = 10.0
+
+
+@dataclass
+class _Held:
+    """A request this ingress holds until its terminal event: enough to enqueue it again when the queue
+    replica is lost. Each enqueue uses a fresh id, so events of an earlier copy cannot mix in."""
+
+    base_id: str
+    item: QueueItem
+    requeues: int = 0
+    tokens_seen: bool = False
+    events_seen: bool = False
+    _n: int = 0
+
+    @property
+    def rid(self) -> str:
+        return self.item.request_id
+
+    def renew(self) -> None:
+        self._n += 1
+        self.item = dataclasses.replace(self.item, request_id=f"{self.base_id}-q{self._n}", deliveries=0)
 
 
 class Relay:
     """Used by the ingress; holds the vision and tensor-queue handles and the cancellations in flight."""
 
     def __init__(self, vision: Any, queue: Any, metrics: IngressMetrics, signals: IngressSignals, *, hidden_size: int,
-                 pixels_per_token: int, enqueue_timeout_s: float, request_timeout_s: float) -> None:
+                 pixels_per_token: int, enqueue_timeout_s: float, request_timeout_s: float,
+                 embed_dtype: str = "float32") -> None:
         self.vision, self.queue, self.metrics, self.signals = vision, queue, metrics, signals
         self.hidden_size = hidden_size
+        self.embed_dtype = embed_dtype  # what the vision tower computes (ServeAppConfig.dtype)
         self.pixels_per_token = pixels_per_token
         self.enqueue_timeout_s = enqueue_timeout_s
         self.request_timeout_s = request_timeout_s
         self._background: set[asyncio.Task[Any]] = set()
+        self.requeued_total = 0  # requests enqueued again after the queue lost them
 
-    async def encode(self, images: list[Image.Image], counts: list[int], deadline: float) -> TensorHandle:
+    async def encode(self, images: list[bytes], counts: list[int], deadline: float) -> TensorHandle:
         """Encode on the vision pool; the embeddings stay in the object store (owned by this process, so
         they outlive the vision replica) and only their reference travels on."""
         t = time.monotonic()
@@ -69,40 +109,60 @@ class Relay:
             self.metrics.vision_backlog.dec(len(images))
             self.signals.vision_finished(len(images), pixels, time.monotonic(), encoded)
         self.metrics.encode_seconds.observe(encoded)
-        return RayObjectTransport.from_ref(ref, shape=(sum(counts), self.hidden_size), dtype=np.float32)
+        return RayObjectTransport.from_ref(ref, shape=(sum(counts), self.hidden_size), dtype=self.embed_dtype)
 
-    async def submit(self, cid: str, ids: list[int], images: list[Image.Image], counts: list[int],
+    async def submit(self, cid: str, ids: list[int], images: list[bytes], counts: list[int],
                      params: dict[str, Any], stream: bool, deadline: float) -> AsyncIterator[Event]:
         """Encode + enqueue, and return the request's event iterator; retries once from the vision step
         when the LLM replica reports that the embeddings were lost."""
         attempts = 2 if images else 1
         for attempt in range(attempts):
-            rid = f"{cid}-{attempt}"
             handle = await self.encode(images, counts, deadline) if images else None
             nbytes = (handle.nbytes if handle else 0) + 8 * len(ids)
-            item = QueueItem(request_id=rid, nbytes=nbytes, reserved_tokens=len(ids) + params["max_tokens"],
+            item = QueueItem(request_id=f"{cid}-{attempt}", nbytes=nbytes,
+                             reserved_tokens=len(ids) + params["max_tokens"],
                              payload={"ids": ids, "embeds": handle, "params": params}, stream=stream)
-            timeout = max(0.0, min(self.enqueue_timeout_s, deadline - time.monotonic()))
-            res = await self.queue.put.remote(item, timeout)
-            if not res["ok"]:
-                if res["reason"] == "full":
-                    raise ApiError(429, res["message"], code="queue_full",
-                                   headers={"Retry-After": str(int(res["retry_after_s"]))})
-                raise ApiError(400, res["message"], code="request_too_large")
-            events = self._events(rid, deadline, until_done=not stream)
+            req = _Held(f"{cid}-{attempt}", item)
+            await self._enqueue(req, deadline)
+            events = self._events(req, deadline, until_done=not stream)
             try:
                 first = await events.__anext__()
             except BaseException:
-                self.cancel_later(rid)
+                self.cancel_later(req.rid)
                 raise
             if first["type"] == "error" and first.get("stage") == "vision" and attempt + 1 < attempts:
-                log.warning("request %s: embeddings lost, encoding again", rid)
+                log.warning("request %s: embeddings lost, encoding again", req.rid)
                 self.metrics.vision_retries.inc()
                 continue
-            return self._prepend(first, events, rid)
+            return self._prepend(first, events, req)
         raise AssertionError("unreachable")
 
-    async def _prepend(self, first: Event, rest: AsyncIterator[Event], rid: str) -> AsyncIterator[Event]:
+    async def _enqueue(self, req: _Held, deadline: float) -> None:
+        """Put the request's item in the queue: 429 when it stays full, 400 when it can never fit. While
+        the queue replica is unreachable (lost, being replaced by Serve), retry for up to
+        QUEUE_RECOVERY_S, each time under a fresh id, then fail with 503."""
+        give_up = min(deadline, time.monotonic() + QUEUE_RECOVERY_S)
+        while True:
+            timeout = max(0.0, min(self.enqueue_timeout_s, deadline - time.monotonic()))
+            try:
+                res = await asyncio.wait_for(self.queue.put.remote(req.item, timeout), timeout + CALL_MARGIN_S)
+                break
+            except _UNREACHABLE as exc:
+                if time.monotonic() + QUEUE_RETRY_S >= give_up:
+                    raise ApiError(503, f"the tensor queue is unavailable ({type(exc).__name__}) and no replacement "
+                                        f"answered within {QUEUE_RECOVERY_S:g} s; retry the request") from None
+                log.warning("request %s: the tensor queue did not take it (%s); trying again", req.rid,
+                            type(exc).__name__)
+                self.cancel_later(req.rid)  # in case it did arrive
+                req.renew()
+                await asyncio.sleep(QUEUE_RETRY_S)
+        if not res["ok"]:
+            if res["reason"] == "full":
+                raise ApiError(429, res["message"], code="queue_full",
+                               headers={"Retry-After": str(int(res["retry_after_s"]))})
+            raise ApiError(400, res["message"], code="request_too_large")
+
+    async def _prepend(self, first: Event, rest: AsyncIterator[Event], req: _Held) -> AsyncIterator[Event]:
         finished = is_terminal(first)
         try:
             yield first
@@ -115,22 +175,55 @@ class Relay:
                     return
         finally:
             if not finished:
-                self.cancel_later(rid)
+                self.cancel_later(req.rid)
 
-    async def _events(self, rid: str, deadline: float, *, until_done: bool = False) -> AsyncIterator[Event]:
+    async def _events(self, req: _Held, deadline: float, *, until_done: bool = False) -> AsyncIterator[Event]:
+        """The request's events until its terminal one. When the queue no longer knows the request (its
+        replica died and Serve replaced it: the queued and leased items died with it), the request is
+        enqueued again from what this ingress holds, unless tokens already reached a streaming client
+        (then 503, as when an LLM replica dies mid-stream)."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.cancel_later(rid)
+                self.cancel_later(req.rid)
                 raise ApiError(504, f"the request did not finish within {self.request_timeout_s:g} s")
+            wait_s = min(5.0, remaining)
             try:
-                evs = await self.queue.next_events.remote(rid, min(5.0, remaining), until_done)
+                # After the first event (time to first token stays untouched), tokens are fetched in
+                # batches: one call per STREAM_BATCH_S at most, not one per token.
+                linger = STREAM_BATCH_S if req.events_seen else 0.0
+                evs = await asyncio.wait_for(self.queue.next_events.remote(req.rid, wait_s, until_done, linger),
+                                             wait_s + linger + CALL_MARGIN_S)
+                lost = "it restarted" if evs is None else ""
+            except _UNREACHABLE as exc:
+                evs, lost = None, type(exc).__name__
             except Exception as exc:
-                raise ApiError(503, f"the tensor queue is unavailable ({type(exc).__name__}); retry the request") from None
+                raise ApiError(503, f"the tensor queue failed ({type(exc).__name__}); retry the request") from None
             if evs is None:
-                raise ApiError(503, "the request was lost by the tensor queue (did it restart?); retry the request")
+                had_tokens = req.tokens_seen
+                await self._requeue(req, deadline, lost)
+                if had_tokens:  # a non-streaming answer: drop what was buffered
+                    yield RestartEvent(request_id=req.rid, type="restart")
+                continue
             for ev in evs:
+                req.events_seen = True
+                if ev["type"] == "token":
+                    req.tokens_seen = True
                 yield ev
+
+    async def _requeue(self, req: _Held, deadline: float, why: str) -> None:
+        if req.item.stream and req.tokens_seen:
+            raise ApiError(503, f"the tensor queue lost this request while its answer was streaming ({why}); "
+                                "retry the request")
+        if req.requeues >= MAX_REQUEUES:
+            raise ApiError(503, f"the tensor queue lost this request {req.requeues + 1} times ({why}); retry the request")
+        req.requeues += 1
+        self.requeued_total += 1
+        log.warning("request %s: the tensor queue lost it (%s); enqueueing it again", req.rid, why)
+        self.cancel_later(req.rid)  # if the old queue is in fact alive, it must not run twice
+        req.renew()
+        req.tokens_seen = False
+        await self._enqueue(req, deadline)
 
     def cancel_later(self, rid: str) -> None:
         """Cancel without awaiting (we may be inside a cancelled task or a closing generator)."""

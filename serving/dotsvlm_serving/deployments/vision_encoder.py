@@ -1,39 +1,48 @@
 """VisionEncoder: runs the vision tower, batching work across requests by a pixel budget.
 
-Requests wait in a FIFO; a batch takes requests from its head while their resized pixels fit
+A request's images arrive as their compressed bytes (the ingress only reads their headers): each
+request is decoded, resized and patchified on this replica's thread pool as soon as it arrives (Pillow
+and numpy release the GIL, so requests prepare in parallel, and overlap the running forward), then
+waits in a FIFO; a batch takes requests from its head while their resized pixels fit
 `max_batch_pixels` (a single larger request still runs alone), waiting up to `max_batch_wait_ms` for
 company. All images of a batch go through the tower in one packed forward (block-diagonal attention
-keeps them independent). The result of `encode` is the request's embeddings as one float32 array
-[image tokens, hidden], which the ingress hands to the tensor queue by object reference.
+keeps them independent). The result of `encode` is the request's embeddings [image tokens, hidden]
+in the tower's dtype, as the ndarray `tensor_queue.to_wire` makes of it (bf16 as an int16 view), which
+the ingress hands to the tensor queue by object reference. An image that fails to decode fails the
+call with `ImageError` ("image N: ..."), which the LLM replica reports to the client as a 400.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from ray import serve
 
 from .. import pipeline
 from ..model.checkpoint import load_vision_tower
 from ..model.config import load_config
+from ..model.preprocess import ImageError, PreprocessedImages, decode_image
 from ..autoscaling.signals import vision_stats
 from ..serve_config import VISION_DEPLOYMENT, ServeAppConfig
+from ..tensor_queue import to_wire
 
 log = logging.getLogger("ray.serve")
 
 
 @dataclass
 class _Job:
-    images: list[Image.Image]
+    pre: PreprocessedImages
     pixels: int
     future: asyncio.Future[np.ndarray]
     queued_at: float
+    n_images: int = 0
 
 
 class VisionEncoder:
@@ -47,12 +56,32 @@ class VisionEncoder:
         self._wake = asyncio.Event()
         self._stats = {"batches": 0, "images": 0, "pixels_total": 0.0, "encode_seconds_total": 0.0}
         self._encoding_images = 0
+        self._preparing_images = 0
+        # Decode + resize + patchify, per request, in parallel with each other and with the forward.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2),
+                                                thread_name_prefix="vision-prepare")
         self._loop = asyncio.get_running_loop().create_task(self._batch_forever())
 
-    async def encode(self, images: list[Image.Image]) -> np.ndarray:
-        pixels = pipeline.resized_pixels(images, self.model_config, self.cfg.api.images)
+    def _prepare(self, images: list[bytes]) -> PreprocessedImages:
+        lim = self.cfg.api.images
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                decoded.append(decode_image(data, max_bytes=lim.max_image_bytes))
+            except ImageError as exc:
+                raise ImageError(f"image {i + 1}: {exc}") from None
+        return pipeline.preprocess(decoded, self.model_config, lim)
+
+    async def encode(self, images: list[bytes]) -> np.ndarray:
+        """The request's images (their file bytes, in order) -> embeddings [tokens, hidden] (wire form)."""
+        self._preparing_images += len(images)
+        try:
+            pre = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, self._prepare, images)
+        finally:
+            self._preparing_images -= len(images)
+        pixels = int(pre.grid_thw.prod(dim=1).sum()) * self.model_config.preprocess.patch_size ** 2
         fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(images, pixels, fut, time.monotonic()))
+        self._jobs.append(_Job(pre, pixels, fut, time.monotonic(), len(images)))
         self._wake.set()
         return await fut
 
@@ -77,12 +106,12 @@ class VisionEncoder:
                 batch = self._next_batch()
                 if not batch:
                     break
-                images = [im for j in batch for im in j.images]
+                n_images = sum(j.n_images for j in batch)
                 t0 = time.monotonic()
-                self._encoding_images = len(images)
+                self._encoding_images = n_images
                 try:
-                    per_image = await asyncio.to_thread(pipeline.encode_images, self.tower, images,
-                                                        self.model_config, self.cfg.api.images)
+                    pre = PreprocessedImages.concat([j.pre for j in batch])
+                    per_image = await asyncio.to_thread(pipeline.encode_preprocessed, self.tower, pre)
                 except Exception as exc:  # give every caller the error instead of hanging them
                     log.exception("vision encode failed")
                     for j in batch:
@@ -92,19 +121,19 @@ class VisionEncoder:
                 finally:
                     self._encoding_images = 0
                 self._stats["batches"] += 1
-                self._stats["images"] += len(images)
+                self._stats["images"] += n_images
                 self._stats["pixels_total"] += sum(j.pixels for j in batch)
                 self._stats["encode_seconds_total"] += time.monotonic() - t0
                 i = 0
                 for j in batch:
-                    n = len(j.images)
+                    n = j.n_images
                     if not j.future.done():
-                        j.future.set_result(np.concatenate(per_image[i:i + n]) if n else
-                                            np.zeros((0, self.model_config.vision.hidden_size), np.float32))
+                        j.future.set_result(to_wire(torch.cat(per_image[i:i + n])))
                     i += n
 
     async def stats(self) -> dict[str, float]:
-        return dict(self._stats, backlog_images=float(sum(len(j.images) for j in self._jobs)),
+        backlog = self._preparing_images + sum(j.n_images for j in self._jobs if not j.future.done())
+        return dict(self._stats, backlog_images=float(backlog),
                     encoding_images=float(self._encoding_images))
 
     def record_autoscaling_stats(self) -> dict[str, float]:

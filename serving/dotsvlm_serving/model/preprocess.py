@@ -33,8 +33,33 @@ class ImageError(ValueError):
     """An image the service refuses; str() is a message for the API user saying what to fix."""
 
 
+def probe_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> tuple[int, int]:
+    """(width, height) from the image's header, with every check that does not need the pixels (size in
+    bytes, format, zero size, aspect ratio, original pixel cap). Cheap: nothing is decoded, so the
+    ingress can size the prompt while the full decode happens on the vision pool."""
+    return open_image(data, max_bytes=max_bytes, max_input_pixels=max_input_pixels).size
+
+
 def decode_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
     """Decode PNG / JPEG / WebP / GIF (first frame) / anything Pillow reads into an RGB image."""
+    img = open_image(data, max_bytes=max_bytes, max_input_pixels=max_input_pixels)
+    try:
+        img.seek(0)  # first frame of an animated GIF / WebP
+        img.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            # Composite transparency over white, like a browser shows it, instead of black.
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(bg, rgba).convert("RGB")
+        return img.convert("RGB")
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"the image data is corrupt or truncated ({type(exc).__name__}: {exc}): send the complete file") from exc
+
+
+def open_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
+    """Open lazily (header only) and apply the checks that need no pixels."""
     if not data:
         raise ImageError("the image is empty (0 bytes): send the image file's contents")
     if len(data) > max_bytes:
@@ -51,19 +76,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT
     _check_size(h, w)
     if w * h > max_input_pixels:
         raise ImageError(f"the image is {w}x{h} = {w * h} pixels, over the limit of {max_input_pixels} pixels: downscale it before sending")
-    try:
-        img.seek(0)  # first frame of an animated GIF / WebP
-        img.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            # Composite transparency over white, like a browser shows it, instead of black.
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(bg, rgba).convert("RGB")
-        return img.convert("RGB")
-    except ImageError:
-        raise
-    except Exception as exc:
-        raise ImageError(f"the image data is corrupt or truncated ({type(exc).__name__}: {exc}): send the complete file") from exc
+    return img
 
 
 def _check_size(height: int, width: int) -> None:

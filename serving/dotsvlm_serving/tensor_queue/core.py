@@ -206,10 +206,13 @@ class TensorQueueCore:
 
     def publish(self, consumer_id: str, events: list[Event], stats: dict[str, float] | None = None) -> list[str]:
         """Deliver events (`dotsvlm_serving.events`) to their requests' mailboxes; doubles as
-        a heartbeat. Returns the ids of this consumer's requests that were cancelled by their clients."""
+        a heartbeat. Returns the ids of this consumer's requests that it should stop: cancelled by
+        their clients, or unknown here (this queue replica replaced one that died: the ingress has
+        enqueued those requests again under new ids, so the consumer must not keep generating them)."""
         c = self._touch(consumer_id)
         if stats is not None:
             c.stats = dict(stats)
+        unknown: set[str] = set()
         for ev in events:
             rid = ev["request_id"]
             box = self._mailboxes.get(rid)
@@ -217,6 +220,8 @@ class TensorQueueCore:
                 if c.leased.pop(rid, None) is not None:
                     self.counters["completed"] += 1
                 c.cancelled.discard(rid)
+            elif box is None and rid not in c.leased:
+                unknown.add(rid)
             if box is None or box.done:
                 continue
             if ev["type"] == "token":
@@ -225,8 +230,7 @@ class TensorQueueCore:
             if ev["type"] in TERMINAL_EVENTS:
                 box.done = True
             box.waiter.set()
-        cancelled = sorted(c.cancelled)
-        return cancelled
+        return sorted(c.cancelled | unknown)
 
     def heartbeat(self, consumer_id: str, stats: dict[str, float] | None = None) -> list[str]:
         return self.publish(consumer_id, [], stats)
@@ -238,15 +242,20 @@ class TensorQueueCore:
             self._declare_dead(c, reason="the LLM replica shut down")
 
     # ---------------------------------------------------------------- clients (the ingress)
-    async def next_events(self, request_id: str, wait_s: float, *, until_done: bool = False) -> list[Event]:
+    async def next_events(self, request_id: str, wait_s: float, *, until_done: bool = False,
+                          linger_s: float = 0.0) -> list[Event]:
         """Long-poll a request's mailbox. Returns [] on timeout; raises KeyError for an unknown id. With
         `until_done` (a non-streaming client) it waits for the terminal event, so one call usually
-        carries the whole answer. The mailbox is removed once its terminal event has been returned."""
+        carries the whole answer. With `linger_s`, once there are events it waits up to that long for
+        more (or the terminal one), so a stream's tokens travel in batches rather than one call per
+        token. The mailbox is removed once its terminal event has been returned."""
         box = self._mailboxes.get(request_id)
         if box is None:
             raise KeyError(request_id)
         box.last_touch = time.monotonic()
         await _wait_until(lambda: bool(box.events) and (not until_done or box.done), box.waiter, wait_s)
+        if linger_s > 0 and box.events and not box.done:
+            await _wait_until(lambda: box.done, box.waiter, linger_s)
         events, box.events = box.events, []
         box.last_touch = time.monotonic()
         if box.done and events and events[-1]["type"] in TERMINAL_EVENTS:

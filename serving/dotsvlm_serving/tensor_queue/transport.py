@@ -8,10 +8,15 @@ producer returns a handle, `get` on the consumer materialises the tensor.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+# Tensors travel as numpy arrays (what Ray's object store reads zero-copy). dtypes numpy lacks travel
+# as a same-width integer view and are reinterpreted on arrival, without a copy.
+_WIRE_VIEW = {"bfloat16": np.int16}
 
 
 @dataclass(frozen=True)
@@ -20,7 +25,7 @@ class TensorHandle:
 
     transport: str
     shape: tuple[int, ...]
-    dtype: str
+    dtype: str  # the tensor's logical dtype, as torch names it ("bfloat16", "float32", ...)
     nbytes: int
     # Transport-specific payload. For Ray: a one-element list holding the ObjectRef (wrapped in a list so
     # that Ray passes the reference through actor calls instead of resolving it).
@@ -28,16 +33,56 @@ class TensorHandle:
 
 
 class TransportError(RuntimeError):
-    """The tensor behind a handle could not be fetched (its producer or owner died)."""
+    """The tensor behind a handle could not be fetched (its producer or owner died, or it failed)."""
+
+
+def dtype_name(dtype: Any) -> str:
+    """"bfloat16", "float32", ... for a torch or numpy dtype (or such a name)."""
+    if not isinstance(dtype, str) and not str(dtype).startswith("torch."):
+        return np.dtype(dtype).name
+    name = str(dtype).removeprefix("torch.")
+    return name if name in _WIRE_VIEW else np.dtype(name).name
+
+
+def wire_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype a tensor of this logical dtype travels as."""
+    return np.dtype(_WIRE_VIEW.get(dtype, dtype))
+
+
+def to_wire(tensor: Any) -> np.ndarray:
+    """A CPU torch tensor (or ndarray) -> the contiguous ndarray that travels (a view: no copy when the
+    tensor is already contiguous)."""
+    if isinstance(tensor, np.ndarray):
+        return np.ascontiguousarray(tensor)
+    import torch
+
+    t = tensor.detach().contiguous()
+    name = dtype_name(t.dtype)
+    if name in _WIRE_VIEW:
+        t = t.view(getattr(torch, str(wire_dtype(name))))
+    return t.numpy()
+
+
+def from_wire(array: np.ndarray, dtype: str) -> Any:
+    """The ndarray that travelled -> a torch tensor of the logical dtype sharing its memory (no copy;
+    read-only memory from the object store stays read-only in use)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we only read it
+        t = torch.from_numpy(array)
+    return t.view(getattr(torch, dtype)) if dtype in _WIRE_VIEW else t
 
 
 @runtime_checkable
 class TensorTransport(Protocol):
     name: str
 
-    def put(self, array: np.ndarray) -> TensorHandle: ...
+    def put(self, tensor: Any) -> TensorHandle: ...
 
-    def get(self, handle: TensorHandle, *, timeout_s: float | None = None) -> np.ndarray: ...
+    def get(self, handle: TensorHandle, *, timeout_s: float | None = None) -> Any:
+        """The tensor (torch, the handle's dtype), without copying the bytes that arrived."""
+        ...
 
 
 class RayObjectTransport:
@@ -45,29 +90,35 @@ class RayObjectTransport:
 
     name = "ray"
 
-    def put(self, array: np.ndarray) -> TensorHandle:
+    def put(self, tensor: Any) -> TensorHandle:
         import ray
 
-        array = np.ascontiguousarray(array)
-        return self.from_ref(ray.put(array), shape=array.shape, dtype=array.dtype)
+        array = to_wire(tensor)
+        dtype = dtype_name(getattr(tensor, "dtype", array.dtype))
+        return self.from_ref(ray.put(array), shape=array.shape, dtype=dtype)
 
     @classmethod
     def from_ref(cls, ref: Any, *, shape: tuple[int, ...], dtype: Any) -> TensorHandle:
-        """Wrap an ObjectRef that will resolve to an ndarray (e.g. a Serve call's result)."""
-        dt = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        return TensorHandle(transport=cls.name, shape=tuple(int(s) for s in shape), dtype=dt.str, nbytes=nbytes,
+        """Wrap an ObjectRef that will resolve to the wire ndarray (`to_wire`) of a tensor of this
+        logical dtype (e.g. a Serve call's result)."""
+        name = dtype_name(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * wire_dtype(name).itemsize
+        return TensorHandle(transport=cls.name, shape=tuple(int(s) for s in shape), dtype=name, nbytes=nbytes,
                             payload=[ref])
 
-    def get(self, handle: TensorHandle, *, timeout_s: float | None = None) -> np.ndarray:
+    def get_array(self, handle: TensorHandle, *, timeout_s: float | None = None) -> np.ndarray:
+        """The wire ndarray, zero-copy from the node's object store."""
         import ray
 
         if handle.transport != self.name:
             raise TransportError(f"handle from transport {handle.transport!r} given to {self.name!r}")
         try:
             value = ray.get(handle.payload[0], timeout=timeout_s)
-        except Exception as exc:  # ObjectLostError, OwnerDiedError, GetTimeoutError, ...
+        except Exception as exc:  # ObjectLostError, OwnerDiedError, GetTimeoutError, the producer's error
             raise TransportError(f"image embeddings could not be fetched: {type(exc).__name__}: {exc}") from exc
         if not isinstance(value, np.ndarray) or tuple(value.shape) != handle.shape:
             raise TransportError(f"transport returned {type(value).__name__} of unexpected shape")
         return value
+
+    def get(self, handle: TensorHandle, *, timeout_s: float | None = None) -> Any:
+        return from_wire(self.get_array(handle, timeout_s=timeout_s), handle.dtype)

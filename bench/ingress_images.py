@@ -1,0 +1,188 @@
+"""Images/s at the ingress: 8 concurrent requests with one 1-MP image each, before and after a change.
+
+The whole application runs (tiny checkpoint, CPU) and every request asks for one token, so the
+figure is what the image path sustains: body parsing, image loading and decoding, resize and
+patchify, the vision tower, the queue hop and one prefill. While the load runs, a probe asks the
+ingress for `/v1/models` every 50 ms: its latency shows whether the ingress's event loop is blocked
+by CPU work (it answers in about a millisecond when it is free).
+
+`--before REF` measures the code of git revision REF (its `serving/` is put first on PYTHONPATH of a
+separate run) and then this checkout's code, one after the other in one invocation, and reports the
+ratio.
+
+    .venv/bin/python bench/ingress_images.py --before 4bdca64 [--requests 48] [--out bench/results/ingress_images]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONCURRENCY = 8
+SIDE = 1000  # 1000 x 1000 = 1 MP
+
+
+def jpeg_1mp(seed: int) -> bytes:
+    """A photo-like 1-MP JPEG (smooth gradients plus noise), about what a phone picture downscaled is."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32) / SIDE
+    base = np.stack([x * 200 + 30, y * 180 + 40, (x + y) * 100 + 20], axis=-1)
+    img = np.clip(base + rng.normal(0, 18, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+async def load(url: str, model: str, n_requests: int) -> dict:
+    import httpx
+
+    bodies = [{"model": model, "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(jpeg_1mp(i)).decode()}},
+        {"type": "text", "text": "What is in this picture?"}]}]} for i in range(CONCURRENCY)]
+    limits = httpx.Limits(max_connections=CONCURRENCY + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as c:
+        async def worker(k: int, count: int) -> list[int]:
+            codes = []
+            for j in range(count):
+                r = await c.post("/v1/chat/completions", json=bodies[(k + j) % CONCURRENCY])
+                codes.append(r.status_code)
+            return codes
+
+        await asyncio.gather(*(worker(k, 1) for k in range(CONCURRENCY)))  # warm-up
+        probe_ms: list[float] = []
+        stop = asyncio.Event()
+
+        async def probe() -> None:
+            while not stop.is_set():
+                t = time.perf_counter()
+                await c.get("/v1/models")
+                probe_ms.append(1000 * (time.perf_counter() - t))
+                await asyncio.sleep(0.05)
+
+        prober = asyncio.create_task(probe())
+        t0 = time.perf_counter()
+        per = n_requests // CONCURRENCY
+        codes = [x for xs in await asyncio.gather(*(worker(k, per) for k in range(CONCURRENCY))) for x in xs]
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        await prober
+    return {"requests": len(codes), "ok": sum(1 for x in codes if x == 200), "seconds": elapsed,
+            "images_per_s": len(codes) / elapsed, "probe_ms_median": statistics.median(probe_ms),
+            "probe_ms_p99": float(np.percentile(probe_ms, 99)), "probe_ms_max": max(probe_ms),
+            "probes": len(probe_ms)}
+
+
+def measure(n_requests: int) -> dict:
+    """One run against the code importable here (PYTHONPATH decides which)."""
+    import ray
+    import httpx
+    from ray import serve
+
+    import dotsvlm_serving
+    from dotsvlm_serving.app import build_app
+    from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
+    from dotsvlm_serving.serve_config import APP_NAME, ServeAppConfig
+
+    model_dir = ensure_tiny_checkpoint(Path(tempfile.gettempdir()) / "dotsvlm-bench-tiny")
+    cfg = ServeAppConfig.model_validate({"model_path": str(model_dir), "api": {"api_keys_env": None},
+                                         "llm": {"context_length": 4096}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"OMP_NUM_THREADS": "1"}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": env})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        out = asyncio.run(load(url, cfg.served_model_name, n_requests))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return out | {"code": str(Path(dotsvlm_serving.__file__).parent)}
+
+
+def run_child(n_requests: int, pythonpath: str | None) -> dict:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    else:
+        env.pop("PYTHONPATH", None)
+    p = subprocess.run([sys.executable, __file__, "--child", "--requests", str(n_requests)], env=env,
+                       capture_output=True, text=True, timeout=1200)
+    if p.returncode != 0:
+        raise SystemExit(f"child run failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--before", help="git revision whose serving code is measured first")
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="bench/results/ingress_images")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.child:
+        print(json.dumps(measure(args.requests)))
+        return
+    runs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.before:
+            archive = subprocess.run(["git", "archive", args.before, "serving"], check=True, capture_output=True).stdout
+            tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp, filter="data")
+            runs["before"] = run_child(args.requests, str(Path(tmp) / "serving")) | {"revision": args.before}
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        runs["after"] = run_child(args.requests, None) | {"revision": f"{head} (+ working tree)"}
+    result = {"what": f"{CONCURRENCY} concurrent chat requests, one {SIDE}x{SIDE} JPEG each, max_tokens 1, tiny checkpoint, CPU",
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": runs}
+    if "before" in runs:
+        result["images_per_s_ratio_after_to_before"] = runs["after"]["images_per_s"] / runs["before"]["images_per_s"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    cmd = " ".join(["bench/ingress_images.py"] + sys.argv[1:])
+    lines = ["# Images/s at the ingress (8 concurrent 1-MP image requests)", "",
+             f"Machine: {os.cpu_count()} CPUs, {platform.platform()}; `{cmd}`", "",
+             "| code | images/s | requests ok | ingress probe latency during load (ms: median / p99 / max) |",
+             "|---|---|---|---|"]
+    for name, r in runs.items():
+        lines.append(f"| {name} ({r['revision']}) | {r['images_per_s']:.2f} | {r['ok']}/{r['requests']} | "
+                     f"{r['probe_ms_median']:.1f} / {r['probe_ms_p99']:.1f} / {r['probe_ms_max']:.1f} |")
+    if "before" in runs:
+        lines += ["", f"Ratio after / before (images/s): **{result['images_per_s_ratio_after_to_before']:.2f}**"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
