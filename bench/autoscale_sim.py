@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -165,7 +167,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Autoscaling simulator: co-located vs fixed vs Ray Serve default vs dotsvlm's policy", "",
         f"Command: `{report['command']}` (commit {report['commit']}, {report['date']}); "
-        f"{report['wall_s']} s wall on {report['machine']}.", "",
+        f"{report['wall_s']} s wall, {report['cpu_s']} s of CPU, on {report['machine']} "
+        f"(load average {report['load_average_1m']}: the machine is shared).", "",
         "Everything below is simulated: a discrete-time model (`bench/autoscale_model/`, tick "
         f"{report['dt_s']} s) of the serving path driven by seeded synthetic traces. The LLM and vision costs are "
         "**published H100 figures or derived from FLOP counts, not measured by us on a GPU** (we have no GPU figure "
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": f".venv/bin/python bench/autoscale_sim.py {argv_shown}".strip(),
         "commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "dt_s": 0.5, "slo": SLOConfig().model_dump(), "cost_model": costs.to_json(), "sources": SOURCES,
         "policy_spec": {"d": {"vision": policy_spec(slo, costs).vision.model_dump(), "llm": policy_spec(slo, costs).llm.model_dump()},
                         "d_defaults_llm_target_ongoing_requests": LLMAutoscaling().target_ongoing_requests},
@@ -339,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         plot(report, png)
         report["plot"] = str(png.relative_to(Path.cwd())) if png.is_relative_to(Path.cwd()) else str(png)
     report["wall_s"] = round(time.time() - t0, 1)
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    report["cpu_s"] = round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 1)
+    report["load_average_1m"] = round(os.getloadavg()[0], 1)
     slim = {**report, "traces": {k: {kk: vv for kk, vv in v.items() if kk != "timelines"} for k, v in report["traces"].items()}}
     out.with_suffix(".json").write_text(json.dumps(slim, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
