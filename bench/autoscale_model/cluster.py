@@ -19,12 +19,9 @@ GPU-seconds count from the moment a replica is asked for until it has left.
 from __future__ import annotations
 
 import heapq
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
-
-import numpy as np
 
 from .costs import CostModel
 from .traces import Request, Trace

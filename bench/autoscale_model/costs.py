@@ -6,7 +6,7 @@ GPU figure of ours exists yet), which come from published H100 figures, and whic
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from dotsvlm_serving.model.config import VisionConfig  # no torch: the real tower's shape
 
