@@ -85,7 +85,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, 300)
+        deadline = time.monotonic() + 300
+        while True:  # healthy, or the command ended (its log says why), or the deadline
+            assert proc.poll() is None, f"dotsvlm serve exited: {(tmp / 'serve.log').read_text()[-2000:]}"
+            try:
+                wait_healthy(url, 5)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, f"not healthy in 300 s: {(tmp / 'serve.log').read_text()[-2000:]}"
         yield Stack(url)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
