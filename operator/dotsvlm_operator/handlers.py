@@ -16,6 +16,7 @@ carries on (the in-memory caches only save calls).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -95,8 +96,15 @@ def _trigger(namespace: str | None, name: str | None, *, full: bool = True) -> N
 
 # --- operator settings -------------------------------------------------------------------------------------
 
+# Threads for the blocking Kubernetes client (asyncio.to_thread); Python's default is CPUs + 4, which lets
+# only a handful of resources talk to the API server at once when many are created together.
+KUBE_THREADS = 16
+
+
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=KUBE_THREADS, thread_name_prefix="kube"))
     # Keep kopf's bookkeeping in annotations, out of our structural status.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=naming.GROUP)
@@ -110,7 +118,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 # --- triggers ----------------------------------------------------------------------------------------------
 
 @kopf.on.event(naming.GROUP, naming.VERSION, naming.PLURAL)
-def on_resource_event(name: str | None, namespace: str | None, body: kopf.Body, **_: Any) -> None:
+async def on_resource_event(name: str | None, namespace: str | None, body: kopf.Body, **_: Any) -> None:
     """A spec change (new generation) wakes the resource's reconcile loop at once."""
     if body.get("metadata", {}).get("generation") != body.get("status", {}).get("observedGeneration"):
         _trigger(namespace, name)
@@ -132,7 +140,7 @@ def _change_marker(obj: dict[str, Any]) -> str | None:
     return f"g{generation}" if generation is not None else meta.get("resourceVersion")
 
 
-def _on_child_event(labels: dict[str, str] | None, namespace: str | None, name: str | None, body: kopf.Body,
+async def _on_child_event(labels: dict[str, str] | None, namespace: str | None, name: str | None, body: kopf.Body,
                     type: str | None, resource: kopf.Resource, **_: Any) -> None:
     """A child changed, was edited or deleted: re-reconcile its owner, re-applying that child unless the
     change is our own apply or only its status (same generation, or same resourceVersion)."""
@@ -148,7 +156,7 @@ def _on_child_event(labels: dict[str, str] | None, namespace: str | None, name: 
     state.wake.set()
 
 
-def _on_pod_event(labels: dict[str, str] | None, namespace: str | None, name: str | None, body: kopf.Body,
+async def _on_pod_event(labels: dict[str, str] | None, namespace: str | None, name: str | None, body: kopf.Body,
                   type: str | None, **_: Any) -> None:
     """A pod changed (scheduled, ready, gone): keep the owner's pod cache and wake its light pass."""
     state = _resources.get((namespace or "", (labels or {}).get(naming.LABEL_DEPLOYMENT, "")))
@@ -352,7 +360,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
 
     k = kube()
     forced = time.monotonic() - state.last_full >= CONFIG.resync_seconds
-    token = state.token = await asyncio.to_thread(k.ensure_token, owner)
+    token = state.token = await asyncio.to_thread(k.ensure_token, owner, new_resource=old is None)
     sm_crd = await asyncio.to_thread(_service_monitor_supported)
     sm = bool(spec.monitoring.enabled and spec.monitoring.service_monitor and sm_crd)
     # Children first, with the pods the pools were last sized for: a new resource gets its children at once.

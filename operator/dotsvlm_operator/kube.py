@@ -131,9 +131,14 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def ensure_token(self, owner: naming.Owner) -> str:
-        """The deployment's Ray token: read it, or generate it once. Never rotated by the operator."""
+    def ensure_token(self, owner: naming.Owner, *, new_resource: bool = False) -> str:
+        """The deployment's Ray token: read it, or generate it once. Never rotated by the operator.
+        `new_resource`: the Secret most likely does not exist yet, so create first (one call, not two)."""
         name = naming.token_secret_name(owner.name)
+        if new_resource:
+            token = self._create_token(owner)
+            if token is not None:
+                return token
         for _ in range(3):
             secret = self.get("Secret", owner.namespace, name)
             if secret is not None:
@@ -144,15 +149,22 @@ class Kube:
                 token = secrets.token_hex(32)
                 self.apply(builders.token_secret(owner, token))
                 return token
-            token = secrets.token_hex(32)
-            try:
-                self._call("POST", f"{KINDS['Secret'][0]}/namespaces/{owner.namespace}/secrets",
-                           body=builders.token_secret(owner, token), content_type="application/json")
+            token = self._create_token(owner)
+            if token is not None:
                 return token
-            except ApiException as exc:
-                if exc.status != 409:  # 409: another reconcile created it first; read that one
-                    raise
         raise RuntimeError(f"could not read or create Secret {owner.namespace}/{name}")
+
+    def _create_token(self, owner: naming.Owner) -> str | None:
+        """Create the token Secret; None when it exists already (409: another pass created it; read that one)."""
+        token = secrets.token_hex(32)
+        try:
+            self._call("POST", f"{KINDS['Secret'][0]}/namespaces/{owner.namespace}/secrets",
+                       body=builders.token_secret(owner, token), content_type="application/json")
+            return token
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            return None
 
     def list_pods(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in naming.owned_labels(deployment).items())
