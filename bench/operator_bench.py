@@ -153,11 +153,21 @@ def main() -> int:
     n = args.resources
 
     from support.cluster import CACHE, CLUSTER_PREFIX, KubeCluster, build_binaries
-    from support.fake_ray_head import FakeRayHead
+    import urllib.request
     import uuid
 
-    head = FakeRayHead()
-    head_url = head.start()
+    # The fake head runs in its own process: serving the operator's calls must not slow this process's
+    # watches, which time the children's arrival.
+    head = subprocess.Popen([sys.executable, str(REPO / "tests" / "support" / "fake_ray_head.py")], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    head_url = head.stdout.readline().strip()
+
+    def head_call(path: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(head_url + path, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"{}")
+    load_start = round(os.getloadavg()[0], 1)  # the machine may be shared: the load says how much
 
     bin_dir = build_binaries()
     cluster = KubeCluster(f"{CLUSTER_PREFIX}{os.getpid()}-bench-{uuid.uuid4().hex[:4]}", CACHE / "kwok", bin_dir)
@@ -222,14 +232,16 @@ def main() -> int:
             time.sleep(1)
 
         # The pod loop's cost in steady state: every resource's loop reads Serve's targets and the report.
-        head.set_decision("vision", 1, 1, 1, "Stable", "1 replica(s) fit the load")
-        head.set_decision("llm", 1, 1, 1, "Stable", "1 replica(s) fit the load")
+        for pool in ("vision", "llm"):
+            head_call("/-/fake/decision", {"pool": pool, "desired": 1, "current": 1, "raw": 1, "reason": "Stable",
+                                           "message": "1 replica(s) fit the load"})
         time.sleep(2 * args.pod_loop_seconds)
-        k8s0, head0, cpu0, t0 = apiserver_requests(cluster), dict(head.requests), cpu_seconds(op.pid), time.monotonic()
+        k8s0, head0, cpu0, t0 = apiserver_requests(cluster), head_call("/-/fake/requests"), cpu_seconds(op.pid), time.monotonic()
         time.sleep(args.loop_window)
-        k8s1, head1, cpu1, t1 = apiserver_requests(cluster), dict(head.requests), cpu_seconds(op.pid), time.monotonic()
+        k8s1, head1, cpu1, t1 = apiserver_requests(cluster), head_call("/-/fake/requests"), cpu_seconds(op.pid), time.monotonic()
         minutes, total = (t1 - t0) / 60, 2 * n
-        head_calls = sum(head1.values()) - sum(head0.values())
+        served = lambda counts: sum(v for k, v in counts.items() if "/-/fake/" not in k)  # noqa: E731
+        head_calls = served(head1) - served(head0)
 
         ms = lambda xs: [round(x * 1000, 1) for x in xs]  # noqa: E731
         results = {
@@ -237,7 +249,8 @@ def main() -> int:
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                          text=True).stdout.strip(),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "load_average_1m_at_start": load_start, "load_average_1m_at_end": round(os.getloadavg()[0], 1)},
             "cluster": "kube-apiserver/controller-manager/scheduler v1.36.3 + etcd v3.6.8 on loopback, kwok fake nodes",
             "children_per_resource": N_CHILDREN,
             "create_to_all_children_ms": {
@@ -263,7 +276,8 @@ def main() -> int:
 
 Command: `{results['command']}` (commit {results['git_commit']}, {results['date_utc']})
 Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}; {results['cluster']}.
-The operator, the control plane and this script share the machine.
+The operator, the control plane and this script share the machine (1-minute load average
+{results['machine']['load_average_1m_at_start']} at the start, {results['machine']['load_average_1m_at_end']} at the end).
 
 | measure | p50 | p95 | max |
 |---|---|---|---|
@@ -297,7 +311,8 @@ over {lp['window_s']:.0f} s:
                 os.killpg(op.pid, 9)
         log.close()
         cluster.stop()
-        head.stop()
+        head.terminate()
+        head.wait(timeout=10)
 
 
 if __name__ == "__main__":

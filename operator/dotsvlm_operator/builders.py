@@ -30,6 +30,11 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def object_hash(obj: dict[str, Any]) -> str:
+    """A digest of an object as built: equal digests, nothing to apply."""
+    return _hash(obj)
+
+
 # --- pods --------------------------------------------------------------------------------------------------
 
 def _resources(res: models.Resources | None, gpus: int) -> dict[str, Any]:

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import kopf
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
 from dotsvlm_operator import builders, ingress_client, models, naming, pod_sizing, serve_app
-from dotsvlm_operator.kube import Kube
+from dotsvlm_operator.kube import KUBE_THREADS, Kube
 from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError
 from dotsvlm_operator.status import (PodView, ServeObservation, compute_status, pod_view, raw_wish, scaling_events,
                                      serve_deployment)
@@ -68,12 +69,26 @@ class ResourceState:
     token: str | None = None
     api_key: str | None = None
     status: models.DotsVLMDeploymentStatus | None = None  # the last status written
+    built: tuple[tuple, list[tuple[dict[str, Any], str]]] | None = None  # (inputs, [(child, digest)]) last built
+    serve_body: tuple[str, dict[str, Any], str] | None = None  # (spec JSON, Serve body, its hash)
 
 
 CONFIG = OperatorConfig()
 _resources: dict[tuple[str, str], ResourceState] = {}
 _kube: Kube | None = None
 _service_monitor_crd: tuple[bool, float] | None = None  # (present, when checked)
+
+
+_http: httpx.AsyncClient | None = None
+
+
+def http() -> httpx.AsyncClient:
+    """One HTTP client for every Ray head and ingress: its connections are reused, and building a client
+    (it loads the TLS trust store) is too costly to do on every pass of every resource."""
+    global _http
+    if _http is None:
+        _http = httpx.AsyncClient(limits=httpx.Limits(max_connections=200, max_keepalive_connections=100))
+    return _http
 
 
 def kube() -> Kube:
@@ -96,13 +111,10 @@ def _trigger(namespace: str | None, name: str | None, *, full: bool = True) -> N
 
 # --- operator settings -------------------------------------------------------------------------------------
 
-# Threads for the blocking Kubernetes client (asyncio.to_thread); Python's default is CPUs + 4, which lets
-# only a handful of resources talk to the API server at once when many are created together.
-KUBE_THREADS = 16
-
-
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Threads for the blocking Kubernetes client (asyncio.to_thread); Python's default is CPUs + 4, which
+    # lets only a handful of resources talk to the API server at once when many are created together.
     asyncio.get_running_loop().set_default_executor(
         concurrent.futures.ThreadPoolExecutor(max_workers=KUBE_THREADS, thread_name_prefix="kube"))
     # Keep kopf's bookkeeping in annotations, out of our structural status.
@@ -113,6 +125,12 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.lifetime = 30
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+
+
+@kopf.on.cleanup()
+async def close_http(**_: Any) -> None:
+    if _http is not None:
+        await _http.aclose()
 
 
 # --- triggers ----------------------------------------------------------------------------------------------
@@ -266,14 +284,21 @@ def api_url(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec) -> str:
 
 
 async def observe_serve(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str,
-                        old: models.DotsVLMDeploymentStatus | None, logger: logging.Logger) -> ServeObservation:
+                        old: models.DotsVLMDeploymentStatus | None, logger: logging.Logger,
+                        state: ResourceState | None = None) -> ServeObservation:
     """Deploy the Serve config if it changed since the last successful deploy (or the head lost it), then
     read the application: its status and each deployment's target and replicas."""
-    body = serve_app.serve_body(spec)
-    digest = serve_app.serve_body_hash(body)
+    spec_json = spec.model_dump_json()
+    if state is not None and state.serve_body is not None and state.serve_body[0] == spec_json:
+        _, body, digest = state.serve_body
+    else:
+        body = serve_app.serve_body(spec)
+        digest = serve_app.serve_body_hash(body)
+        if state is not None:
+            state.serve_body = (spec_json, body, digest)
     url = head_url(owner)
     deployed = old.serve_app.config_hash if old else None
-    async with RayHeadClient(url, token, timeout=CONFIG.head_timeout_seconds) as client:
+    async with RayHeadClient(url, token, timeout=CONFIG.head_timeout_seconds, http=http()) as client:
         try:
             app = await client.application()
             if deployed != digest or app.status == "NOT_DEPLOYED":
@@ -320,19 +345,24 @@ def _previous_replicas(spec: models.DotsVLMDeploymentSpec, old: models.DotsVLMDe
 
 
 def _children(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str, pods: dict[str, int],
-              service_monitor: bool) -> list[dict[str, Any]]:
-    return builders.children(owner, spec, vision_replicas=pods[naming.COMPONENT_VISION],
-                             llm_replicas=pods[naming.COMPONENT_LLM] // spec.llm.nodes_per_replica,
-                             service_monitor_supported=service_monitor, ray_token_hash=builders.token_hash(token))
+              service_monitor: bool, state: ResourceState, generation: int | None) -> list[tuple[dict[str, Any], str]]:
+    """The children (pure builders), built again only when their inputs changed: the pod loop asks every
+    few seconds and nearly always gets the same answer."""
+    inputs = (generation, spec.model_dump_json(), token, tuple(sorted(pods.items())), service_monitor)
+    if state.built is None or state.built[0] != inputs:
+        objs = builders.children(owner, spec, vision_replicas=pods[naming.COMPONENT_VISION],
+                                 llm_replicas=pods[naming.COMPONENT_LLM] // spec.llm.nodes_per_replica,
+                                 service_monitor_supported=service_monitor, ray_token_hash=builders.token_hash(token))
+        state.built = (inputs, [(obj, builders.object_hash(obj)) for obj in objs])
+    return state.built[1]
 
 
-def _apply_changed(k: Kube, objs: list[dict[str, Any]], state: ResourceState, force: bool) -> int:
+def _apply_changed(k: Kube, objs: list[tuple[dict[str, Any], str]], state: ResourceState, force: bool) -> int:
     """Server-side apply the objects that changed since we last applied them, that someone else changed,
     or all of them when `force` (the resync: drift we did not hear about). Returns how many were sent."""
     sent = 0
-    for obj in objs:
+    for obj, digest in objs:
         key = _child_key(obj["kind"], obj["metadata"]["name"])
-        digest = builders._hash(obj)
         known = state.applied.get(key)
         if not force and known is not None and known[0] == digest and key not in state.dirty:
             continue
@@ -366,7 +396,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     # Children first, with the pods the pools were last sized for: a new resource gets its children at once.
     sized = {pool: builders.desired_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
              * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
-    objs = _children(owner, spec, token, sized, sm)
+    objs = _children(owner, spec, token, sized, sm, state, generation)
 
     def apply_all() -> None:
         _apply_changed(k, objs, state, force=forced)
@@ -417,10 +447,10 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
     pods = [pod_view(p) for p in state.pods.values()]
     serve = report = None
     if CONFIG.head_url_override or _head_ready(pods):
-        serve = await observe_serve(owner, spec, state.token, old, logger)
+        serve = await observe_serve(owner, spec, state.token, old, logger, state)
         if serve.reachable and serve.app is not None and serve.status not in ("NOT_DEPLOYED", "Unknown"):
             report = await ingress_client.fetch_report(api_url(owner, spec), state.api_key,
-                                                       timeout=CONFIG.head_timeout_seconds)
+                                                       timeout=CONFIG.head_timeout_seconds, http=http())
     now_unix = time.time()
     plans = {pool: pod_sizing.plan_pool(_pool_spec(spec, pool), deployment=serve_deployment(serve, pool),
                                         raw_wish=raw_wish(report, pool, now_unix),
@@ -434,16 +464,17 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
         live = [p for p in pods if p.component == pool and not p.deleting]
         if plan.pods < len(live):
             costs.update(pod_sizing.cost_patches(live, plan.costs))
-    objs = _children(owner, spec, state.token, {pool: plan.pods for pool, plan in plans.items()}, service_monitor)
-    pool_objs = [o for o in objs if o["kind"] == "Deployment"
+    objs = _children(owner, spec, state.token, {pool: plan.pods for pool, plan in plans.items()}, service_monitor,
+                     state, generation)
+    pool_objs = [(o, digest) for o, digest in objs if o["kind"] == "Deployment"
                  and o["metadata"]["labels"][naming.LABEL_COMPONENT] in POOLS]
 
     def resize() -> int:
         for pod_name, cost in costs.items():
             k.patch_pod_annotations(owner.namespace, pod_name, {naming.ANNOTATION_POD_DELETION_COST: cost})
         return _apply_changed(k, pool_objs, state, force=False)
-    if costs or any(state.applied.get(_child_key("Deployment", o["metadata"]["name"]), ("",))[0] != builders._hash(o)
-                    for o in pool_objs):
+    if costs or any(state.applied.get(_child_key("Deployment", o["metadata"]["name"]), ("",))[0] != digest
+                    for o, digest in pool_objs):
         await asyncio.to_thread(resize)
         for pool, plan in plans.items():
             logger.info(f"{pool} pool: {plan.pods} pod(s) ({plan.reason}: {plan.message})")

@@ -78,13 +78,18 @@ def parse_report(data: object, url: str = "") -> AutoscalerReport:
 
 
 async def fetch_report(base_url: str, api_key: str | None, *, timeout: float = 5.0,
-                       transport: httpx.AsyncBaseTransport | None = None) -> AutoscalerReport:
-    """`GET <base_url>/-/autoscaler`; failures come back as `error` in words a person can act on."""
+                       transport: httpx.AsyncBaseTransport | None = None,
+                       http: httpx.AsyncClient | None = None) -> AutoscalerReport:
+    """`GET <base_url>/-/autoscaler`; failures come back as `error` in words a person can act on. `http`:
+    a shared client (reuses connections); without one, a client is made for this call."""
     url = base_url.rstrip("/") + AUTOSCALER_PATH
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
-            resp = await client.get(url, headers=headers)
+        if http is not None:
+            resp = await http.get(url, headers=headers, timeout=timeout)
+        else:
+            async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
+                resp = await client.get(url, headers=headers)
     except httpx.TimeoutException:
         return AutoscalerReport(url=url, error=f"the API at {url} did not answer within {timeout:g} s")
     except httpx.TransportError as exc:

@@ -51,12 +51,21 @@ def _replaceable(exc: ApiException) -> bool:
     return "immutable" in message or any(str(c.get("reason", "")).startswith("FieldValue") for c in causes)
 
 
+# Threads that call the API server (asyncio.to_thread in handlers) and the connections kept open to it (more than
+# the threads), so a burst does not open (and TLS-handshake) a new connection per request.
+KUBE_THREADS = 16
+CONNECTION_POOL_SIZE = 32
+
+
 def load_config() -> None:
     """In-cluster config when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
+    cfg = kubernetes.client.Configuration.get_default_copy()
+    cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
+    kubernetes.client.Configuration.set_default(cfg)
 
 
 class Kube:

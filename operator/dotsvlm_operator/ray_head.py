@@ -83,25 +83,31 @@ class RayHeadError(Exception):
 
 
 class RayHeadClient:
-    """Async client for one Ray head. Create one per reconcile; it holds no state besides the connection."""
+    """Async client for one Ray head. Pass a shared `http` client to reuse its connections (the operator
+    does: building an httpx client loads the TLS trust store, too costly for a loop every few seconds);
+    without one, the client makes its own and closes it on exit."""
 
     def __init__(self, base_url: str, token: str | None, *, timeout: float = 5.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, http: httpx.AsyncClient | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        self._own = http is None
+        self._client = http if http is not None else httpx.AsyncClient(timeout=timeout, transport=transport)
 
     async def __aenter__(self) -> "RayHeadClient":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._client.aclose()
+        if self._own:
+            await self._client.aclose()
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
         try:
-            resp = await self._client.request(method, path, json=body)
+            resp = await self._client.request(method, self.base_url + path, json=body, headers=self._headers,
+                                              timeout=self._timeout)
         except httpx.TimeoutException as exc:
-            raise RayHeadError(f"timed out after {self._client.timeout.connect}s ({type(exc).__name__})", unreachable=True) from exc
+            raise RayHeadError(f"timed out after {self._timeout:g}s ({type(exc).__name__})", unreachable=True) from exc
         except httpx.TransportError as exc:
             raise RayHeadError(f"{type(exc).__name__}: {exc or 'connection failed'}", unreachable=True) from exc
         if resp.status_code in (401, 403):

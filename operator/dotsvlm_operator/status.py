@@ -243,40 +243,43 @@ def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: models.Do
                               + (f" ({plan.reason}: {plan.message})" if plan is not None else "")))
 
 
-def _queue_status(report: AutoscalerReport | None, old: models.DotsVLMDeploymentStatus | None,
-                  now_unix: float) -> models.QueueStatus | None:
-    old_q = old.queue if old else None
-    if report is None or report.error or report.queue is None:
-        return old_q
-    q = report.queue
-    new = models.QueueStatus(depth=q.depth, bytes=q.bytes, oldest_age_seconds=round(q.oldest_age_s, 2),
-                             waiting_producers=q.waiting_producers, max_items=q.max_items,
-                             rejected_total=q.rejected_total, redelivered_total=q.redelivered_total,
-                             observed_time=_iso(now_unix))
-    if old_q is not None and old_q.observed_time:
-        same = old_q.model_copy(update={"observed_time": None}) == new.model_copy(update={"observed_time": None})
-        age = now_unix - datetime.strptime(old_q.observed_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-        if same or age < QUEUE_REFRESH_S:
-            return old_q
-    return new
-
-
 def _target(target: float, observed: float | None) -> models.SLOTargetStatus:
     return models.SLOTargetStatus(target_seconds=target,
                                   observed_p90_seconds=None if observed is None else round(observed, 4),
                                   met=None if observed is None else observed <= target)
 
 
-def _slo_status(spec: models.DotsVLMDeploymentSpec, report: AutoscalerReport | None,
-                old: models.DotsVLMDeploymentStatus | None, queue_kept: bool) -> models.SLOStatus | None:
-    if report is None or report.error or report.slo is None or queue_kept:
-        return old.slo if old else None
-    o = report.slo
-    return models.SLOStatus(image_ttft=_target(spec.slo.image_ttft_seconds, o.ttft_image_p90_s),
-                            text_ttft=_target(spec.slo.text_ttft_seconds, o.ttft_text_p90_s),
-                            inter_token=_target(spec.slo.inter_token_seconds, o.inter_token_p90_s),
-                            encode_latency_p90_seconds=None if o.encode_latency_p90_s is None
-                            else round(o.encode_latency_p90_s, 4))
+def _queue_and_slo(spec: models.DotsVLMDeploymentSpec, report: AutoscalerReport | None,
+                   old: models.DotsVLMDeploymentStatus | None,
+                   now_unix: float) -> tuple[models.QueueStatus | None, models.SLOStatus | None]:
+    """The queue and the observed latencies from the report; the old ones when the report is missing, or
+    when they were written less than QUEUE_REFRESH_S ago (they change all the time under load)."""
+    old_q, old_slo = (old.queue, old.slo) if old else (None, None)
+    if report is None or report.error:
+        return old_q, old_slo
+    if old_q is not None and old_q.observed_time:
+        written = datetime.strptime(old_q.observed_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+        if now_unix - written < QUEUE_REFRESH_S:
+            return old_q, old_slo
+    queue = old_q
+    if report.queue is not None:
+        q = report.queue
+        queue = models.QueueStatus(depth=q.depth, bytes=q.bytes, oldest_age_seconds=round(q.oldest_age_s, 2),
+                                   waiting_producers=q.waiting_producers, max_items=q.max_items,
+                                   rejected_total=q.rejected_total, redelivered_total=q.redelivered_total,
+                                   observed_time=_iso(now_unix))
+        if old_q is not None and old_q.model_copy(update={"observed_time": None}) == queue.model_copy(
+                update={"observed_time": None}):
+            queue = old_q  # same figures: no status write just for the time
+    slo = old_slo
+    if report.slo is not None:
+        o = report.slo
+        slo = models.SLOStatus(image_ttft=_target(spec.slo.image_ttft_seconds, o.ttft_image_p90_s),
+                               text_ttft=_target(spec.slo.text_ttft_seconds, o.ttft_text_p90_s),
+                               inter_token=_target(spec.slo.inter_token_seconds, o.inter_token_p90_s),
+                               encode_latency_p90_seconds=None if o.encode_latency_p90_s is None
+                               else round(o.encode_latency_p90_s, 4))
+    return queue, slo
 
 
 def _autoscaler_status(report: AutoscalerReport | None) -> models.AutoscalerStatus | None:
@@ -367,7 +370,7 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                                                                         and prev.status == "True" and c.status == "False")
             transitions.append(Transition(c.type, c.status, c.reason, c.message, warning))
 
-    queue = _queue_status(report, old, now_unix)
+    queue, slo = _queue_and_slo(spec, report, old, now_unix)
     status = models.DotsVLMDeploymentStatus(
         observed_generation=generation,
         conditions=conditions,
@@ -378,7 +381,7 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                          pool_decision(report, COMPONENT_LLM), old.llm if old else None),
         serve_app=serve_status,
         queue=queue,
-        slo=_slo_status(spec, report, old, queue_kept=old is not None and queue is old.queue and queue is not None),
+        slo=slo,
         autoscaler=_autoscaler_status(report) if report is not None else (old.autoscaler if old else None),
         endpoint=endpoint,
     )

@@ -7,6 +7,10 @@ It answers what the operator asks:
 - `GET /-/autoscaler`: the autoscaler's report (decisions, queue, slo), as the ingress serves it.
 The test sets targets, replicas and decisions with `set_deployment` / `set_decision`. One server serves
 every resource (the operator's URL overrides have no {name} in them here); `requests` counts calls.
+
+As a separate process (the operator benchmark: the fake must not take the measuring process's CPU):
+`python tests/support/fake_ray_head.py` prints its URL; `POST /-/fake/decision` (JSON: the arguments of
+`set_decision`) and `GET /-/fake/requests` control and read it.
 """
 
 from __future__ import annotations
@@ -99,13 +103,24 @@ class FakeRayHead:
 
             def do_GET(self) -> None:  # noqa: N802
                 self._count()
-                if self.path.startswith("/api/serve/applications"):
+                if self.path == "/-/fake/requests":
+                    with head.lock:
+                        self._send(200, dict(head.requests))
+                elif self.path.startswith("/api/serve/applications"):
                     self._send(200, head.applications())
                 elif self.path.startswith("/-/autoscaler"):
                     if head.autoscaler_up:
                         self._send(200, head.report())
                     else:
                         self._send(503, {"error": {"message": "tensor queue not reachable"}})
+                else:
+                    self._send(404, {"error": "not found"})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if self.path == "/-/fake/decision":
+                    head.set_decision(**body)
+                    self._send(200, {})
                 else:
                     self._send(404, {"error": "not found"})
 
@@ -126,3 +141,13 @@ class FakeRayHead:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+if __name__ == "__main__":
+    import signal
+    import sys
+
+    fake = FakeRayHead()
+    print(fake.start(), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    threading.Event().wait()

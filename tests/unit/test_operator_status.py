@@ -254,3 +254,10 @@ def test_pod_view_reads_ip_and_deletion_cost() -> None:
            "spec": {"nodeName": "n"}, "status": {"podIP": "10.1.2.3"}}
     pv = pod_view(raw)
     assert pv.ip == "10.1.2.3" and pv.deletion_cost == "1000"
+
+
+def test_latencies_refresh_even_when_the_queue_stays_the_same() -> None:
+    first, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report())
+    faster = report(ttft_image_p90_s=1.5)
+    later, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), faster, old=first, now_unix=T0 + 30)
+    assert later.queue == first.queue and later.slo.image_ttft.met is True
