@@ -273,7 +273,24 @@ class LLMPool(_Api):
          "llm.nodesPerReplica > 1 needs GPUs: set llm.gpusPerReplica"),
         ("self.gpusPerReplica / self.nodesPerReplica <= 16",
          "llm.gpusPerReplica / llm.nodesPerReplica must be at most 16 GPUs per node: raise llm.nodesPerReplica"),
+        ("!has(self.engine) || self.engine != 'transformers' || self.gpusPerReplica <= 1",
+         "llm.engine transformers runs a replica on one device: set llm.engine to vllm to shard the model over "
+         "llm.gpusPerReplica GPUs, or set llm.gpusPerReplica to 0 or 1"),
+        ("!has(self.engine) || self.engine != 'vllm' || self.gpusPerReplica > 0",
+         "llm.engine vllm needs GPUs: set llm.gpusPerReplica (a CPU pool runs the transformers engine)"),
+        ("(has(self.engine) ? self.engine == 'vllm' : self.gpusPerReplica > 0) || (!has(self.memoryFraction) && "
+         "!has(self.cudaGraphMaxBatchSize) && !has(self.chunkedPrefill) && !has(self.maxPrefillTokens))",
+         "llm.memoryFraction, llm.cudaGraphMaxBatchSize, llm.chunkedPrefill and llm.maxPrefillTokens only apply to the "
+         "vllm engine (the default when llm.gpusPerReplica > 0): remove them or use the vllm engine"),
+        ("!has(self.maxPrefillTokens) || !has(self.chunkedPrefill) || self.chunkedPrefill",
+         "llm.maxPrefillTokens is the chunk size of chunked prefill, which llm.chunkedPrefill turns off: remove one"),
     ))
+
+    engine: Literal["vllm", "transformers"] | None = Field(
+        None, description=(
+            "The LLM replica's inference engine. vllm: the production engine, tensor parallel over all GPUs of the "
+            "replica, across nodes. transformers: dotsvlm's own loop on one device (CPU pools, small test models). "
+            "Default: vllm when gpusPerReplica > 0, transformers otherwise. See docs/engine.md."))
 
     gpus_per_replica: int = Field(8, ge=0, le=256, description="nvidia.com/gpu per LLM replica, spread evenly over nodesPerReplica pods.")
     tensor_parallel: int = Field(8, ge=1, le=256, description="Tensor-parallel size of one LLM replica.")
@@ -283,6 +300,17 @@ class LLMPool(_Api):
     context_length: int = Field(65536, ge=16, le=MAX_CONTEXT_LENGTH, description=f"Longest sequence (prompt + output tokens); at most {MAX_CONTEXT_LENGTH}.")
     max_running_requests: int = Field(64, ge=1, le=4096, description="Requests one LLM replica decodes at the same time.")
     max_new_tokens_default: int = Field(_contract(LLMPoolConfig, "max_new_tokens_default"), ge=1, description="max_tokens used when a request does not set it.")
+    memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="vllm: share of each GPU's memory for weights, activations and KV cache "
+        "(vLLM gpu_memory_utilization, SGLang mem_fraction_static). Default: the engine's (0.9).")
+    cuda_graph_max_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="vllm: largest decode batch captured as a CUDA graph (SGLang "
+        "cuda_graph_max_bs). Default: the engine's.")
+    chunked_prefill: bool | None = Field(
+        None, description="vllm: split long prompts into chunks between decode steps. Default: the engine's (on).")
+    max_prefill_tokens: int | None = Field(
+        None, ge=16, description="vllm: tokens of prompt per engine step with chunked prefill (vLLM "
+        "max_num_batched_tokens, SGLang chunked_prefill_size). Default: the engine's.")
     node_selector: dict[str, str] | None = Field(
         None, description="Node labels the pool's pods require, e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}.")
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods.")

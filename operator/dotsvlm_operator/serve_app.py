@@ -58,6 +58,7 @@ def serve_app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAp
             autoscaling=vision_autoscaling(spec.vision),
         ),
         llm=serve_config.LLMPoolConfig(
+            engine=spec.llm.engine,
             gpus_per_replica=spec.llm.gpus_per_replica,
             tensor_parallel=spec.llm.tensor_parallel,
             nodes_per_replica=spec.llm.nodes_per_replica,
@@ -65,6 +66,10 @@ def serve_app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAp
             context_length=spec.llm.context_length,
             max_running_requests=spec.llm.max_running_requests,
             max_new_tokens_default=spec.llm.max_new_tokens_default,
+            memory_fraction=spec.llm.memory_fraction,
+            cuda_graph_max_batch_size=spec.llm.cuda_graph_max_batch_size,
+            chunked_prefill=spec.llm.chunked_prefill,
+            max_prefill_tokens=spec.llm.max_prefill_tokens,
             autoscaling=llm_autoscaling(spec.llm),
         ),
         queue=serve_config.QueueConfig(

@@ -63,21 +63,23 @@ def actor_options(*, num_gpus: float, pool_resource: str | None, num_cpus: float
 def llm_placement(llm: LLMPoolConfig, *, num_cpus: float) -> dict[str, Any]:
     """Serve options that reserve one LLM replica's GPUs.
 
-    A replica that spans several nodes (tensor parallel 16 over two 8-GPU nodes) cannot be one actor
-    asking for 16 GPUs: no node has them. It is a placement group of one bundle per node, spread over
-    distinct nodes, each holding that node's GPUs and one unit of the pool resource; the replica actor
-    itself runs in the first bundle, and the other bundles hold the GPUs its other tensor-parallel ranks use.
+    A replica on one device (the transformers engine, or vllm on one GPU) is a plain actor holding it.
+    A vllm replica over several GPUs (tensor parallel 16 over two 8-GPU nodes) cannot be one actor
+    asking for 16 GPUs: no node has them, and vLLM's Ray executor starts one worker per GPU in the
+    placement group it runs in, taking only bundles of one GPU. So it is a placement group: a first
+    bundle for the replica actor (CPU and the pool resource, no GPU: the engine's workers hold them),
+    then one bundle per GPU, each with a unit of the pool resource so it lands in the pool; on one node
+    packed strictly on it, over several nodes packed onto as few nodes as hold them.
     """
-    if llm.nodes_per_replica == 1 or not llm.gpus_per_replica:
+    gpus = int(llm.gpus_per_replica)
+    if llm.engine != "vllm" or gpus <= 1:
         return {"ray_actor_options": actor_options(num_gpus=llm.gpus_per_replica, pool_resource=llm.pool_resource,
                                                    num_cpus=num_cpus)}
-    per_node = llm.gpus_per_replica / llm.nodes_per_replica
-    first = actor_options(num_gpus=per_node, pool_resource=llm.pool_resource, num_cpus=num_cpus)
-    bundle = {"GPU": per_node, **({llm.pool_resource: 1} if llm.pool_resource else {})}
-    first_bundle = {**bundle, **({"CPU": num_cpus} if num_cpus else {})}
-    return {"ray_actor_options": first,
-            "placement_group_bundles": [first_bundle] + [dict(bundle) for _ in range(llm.nodes_per_replica - 1)],
-            "placement_group_strategy": "STRICT_SPREAD"}
+    pool = {llm.pool_resource: 1} if llm.pool_resource else {}
+    first = {**({"CPU": num_cpus} if num_cpus else {}), **pool} or {"CPU": 0.001}
+    return {"ray_actor_options": actor_options(num_gpus=0, pool_resource=llm.pool_resource, num_cpus=num_cpus),
+            "placement_group_bundles": [first] + [{"GPU": 1, **pool} for _ in range(gpus)],
+            "placement_group_strategy": "STRICT_PACK" if llm.nodes_per_replica == 1 else "PACK"}
 
 
 def parse_config(args: dict[str, Any]) -> ServeAppConfig:

@@ -94,7 +94,17 @@ class VisionPoolConfig(_Strict):
     autoscaling: VisionAutoscaling = VisionAutoscaling()
 
 
+# The LLM replica's engines (docs/engine.md): our transformers loop on one device (CPU, tests, the
+# embedded default) and vLLM, the production engine (tensor parallel over the replica's GPUs and nodes).
+ENGINES = ("transformers", "vllm")
+EngineName = Literal["transformers", "vllm"]
+# Options only the production engine has; the transformers engine refuses them rather than ignore them.
+VLLM_ONLY_OPTIONS = ("memory_fraction", "cuda_graph_max_batch_size", "chunked_prefill", "max_prefill_tokens")
+
+
 class LLMPoolConfig(_Strict):
+    # None: vllm when the pool has GPUs, transformers otherwise (filled in on validation).
+    engine: EngineName | None = None
     gpus_per_replica: float = Field(0, ge=0)
     tensor_parallel: int = Field(1, ge=1)
     nodes_per_replica: int = Field(1, ge=1)
@@ -105,7 +115,34 @@ class LLMPoolConfig(_Strict):
     # KV-cache budget of one replica in tokens (prompt + max_tokens of its running requests);
     # None = context_length * max_running_requests.
     kv_cache_tokens: int | None = Field(None, ge=16)
+    # Production-engine options (None: the engine's default). memory_fraction: share of each GPU's
+    # memory the engine may take for weights and KV cache (vLLM gpu_memory_utilization, SGLang
+    # mem_fraction_static); cuda_graph_max_batch_size: largest decode batch captured as a CUDA graph;
+    # chunked_prefill: split long prompts into chunks of max_prefill_tokens between decode steps.
+    memory_fraction: float | None = Field(None, gt=0, le=1)
+    cuda_graph_max_batch_size: int | None = Field(None, ge=1, le=4096)
+    chunked_prefill: bool | None = None
+    max_prefill_tokens: int | None = Field(None, ge=16)
     autoscaling: LLMAutoscaling = LLMAutoscaling()
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> "LLMPoolConfig":
+        if self.engine is None:
+            self.engine = "vllm" if self.gpus_per_replica > 0 else "transformers"
+        if self.engine == "transformers":
+            if self.gpus_per_replica > 1 or self.nodes_per_replica > 1:
+                raise ValueError(
+                    f"llm.engine transformers runs a replica on one device, but the pool asks for "
+                    f"{self.gpus_per_replica:g} GPUs on {self.nodes_per_replica} node(s) per replica: set "
+                    f"llm.engine to vllm to shard the model over them, or give a replica at most one GPU")
+            bad = [k for k in VLLM_ONLY_OPTIONS if getattr(self, k) is not None]
+            if bad:
+                raise ValueError(f"llm.{', llm.'.join(bad)} only apply to the vllm engine: set llm.engine to vllm "
+                                 f"or remove them")
+        if self.max_prefill_tokens is not None and self.chunked_prefill is False:
+            raise ValueError("llm.max_prefill_tokens is the chunk size of chunked prefill, which is off: set "
+                             "llm.chunked_prefill to true or remove llm.max_prefill_tokens")
+        return self
 
     def kv_cache_budget(self) -> int:
         """KV-cache tokens of one replica: what the engine reserves and the ingress checks requests against."""

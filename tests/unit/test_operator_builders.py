@@ -142,6 +142,17 @@ def test_serve_config_follows_the_contract() -> None:
     assert small.api.api_keys_env is None
 
 
+def test_engine_follows_the_pool_and_its_options_reach_the_contract() -> None:
+    # Default: the production engine when the pool has GPUs, transformers on CPU.
+    assert serve_app.serve_app_config(_spec()).llm.engine == "vllm"
+    spec = _spec()
+    spec.llm.memory_fraction, spec.llm.cuda_graph_max_batch_size, spec.llm.max_prefill_tokens = 0.85, 160, 8192
+    llm = serve_app.serve_app_config(spec).llm
+    assert (llm.memory_fraction, llm.cuda_graph_max_batch_size, llm.max_prefill_tokens) == (0.85, 160, 8192)
+    cpu = models.LLMPool(gpus_per_replica=0, tensor_parallel=1)
+    assert serve_config.LLMPoolConfig(gpus_per_replica=cpu.gpus_per_replica, engine=cpu.engine).engine == "transformers"
+
+
 def test_desired_replicas_stay_within_bounds() -> None:
     pool = models.VisionPool(min_replicas=2, max_replicas=5)
     assert builders.desired_replicas(pool, None) == 2

@@ -45,6 +45,17 @@ def req(**kw) -> bytes:
     (req(top_p=0), "top_p"),
     (req(max_tokens=0), "max_tokens"),
     (req(n=2), "n > 1"),
+    (req(logprobs=True), "logprobs are not supported"),
+    (req(response_format={"type": "json_object"}), "response_format json_object (structured output) is not supported"),
+    (req(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+     "response_format json_schema"),
+    (req(response_format={"type": "yaml"}), "response_format.type"),
+    (req(logit_bias={"42": 10}), "logit_bias is not supported"),
+    (req(top_logprobs=3), "top_logprobs is not supported"),
+    (req(regex="[a-z]+"), "regex is not supported"),
+    (req(guided_json={"type": "object"}), "guided_json is not supported"),
+    (req(repetition_penalty=1.2), "repetition_penalty is not supported"),
+    (req(min_p=0.1), "min_p is not supported"),
     (req(stop=["a", "b", "c", "d", "e"]), "at most 4"),
     (req(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]), "last message"),
 ])
@@ -55,6 +66,12 @@ def test_bad_requests_get_400_with_the_field(body: bytes, fragment: str) -> None
     body_json = ei.value.body()
     assert set(body_json["error"]) == {"message", "type", "param", "code"}
     assert body_json["error"]["type"] == "invalid_request_error"
+
+
+def test_neutral_values_of_unsupported_fields_and_text_response_format_are_accepted() -> None:
+    r = parse_chat_request(req(response_format={"type": "text"}, logit_bias={}, repetition_penalty=1.0, min_p=0,
+                               logprobs=False, top_logprobs=0, user="u1", seed=7))
+    assert r.response_format is not None and r.response_format.type == "text" and r.seed == 7
 
 
 def test_conversion_numbers_images_across_turns() -> None:

@@ -48,29 +48,36 @@ def test_build_app_binds_the_four_deployments_with_pool_resources() -> None:
     assert "resources" not in bound["TensorQueue"].ray_actor_options
 
 
-def test_multi_node_llm_replica_is_a_placement_group_spread_over_nodes() -> None:
-    """TP16 over two 8-GPU nodes: no node has 16 GPUs, so one actor asking for 16 would never start."""
+def test_multi_gpu_llm_replica_is_a_placement_group_of_one_gpu_bundles() -> None:
+    """TP16 over two 8-GPU nodes: no node has 16 GPUs, so one actor asking for 16 would never start; vLLM's
+    Ray executor takes bundles of one GPU each from the replica's placement group."""
+    llm = LLMPoolConfig(engine="transformers", gpus_per_replica=1, pool_resource=LLM_POOL_RESOURCE)
+    assert llm_placement(llm, num_cpus=1) == {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1,
+                                                                    "resources": {LLM_POOL_RESOURCE: 1}}}
     llm = LLMPoolConfig(gpus_per_replica=16, tensor_parallel=16, nodes_per_replica=2, pool_resource=LLM_POOL_RESOURCE)
+    assert llm.engine == "vllm"
     opts = llm_placement(llm, num_cpus=1)
-    assert opts["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 8, "resources": {LLM_POOL_RESOURCE: 1}}
-    assert opts["placement_group_bundles"] == [{"GPU": 8, LLM_POOL_RESOURCE: 1, "CPU": 1},
-                                               {"GPU": 8, LLM_POOL_RESOURCE: 1}]
-    assert opts["placement_group_strategy"] == "STRICT_SPREAD"
+    assert opts["ray_actor_options"] == {"num_cpus": 1, "resources": {LLM_POOL_RESOURCE: 1}}
+    bundles = opts["placement_group_bundles"]
+    assert bundles[0] == {"CPU": 1, LLM_POOL_RESOURCE: 1}
+    assert bundles[1:] == [{"GPU": 1, LLM_POOL_RESOURCE: 1}] * 16
+    assert opts["placement_group_strategy"] == "PACK"
     # The replica actor must fit in the first bundle (Ray Serve's rule).
-    first = opts["placement_group_bundles"][0]
-    actor = opts["ray_actor_options"]
-    assert actor["num_gpus"] <= first["GPU"] and actor["num_cpus"] <= first["CPU"]
-    # One node: a plain actor, no placement group.
+    assert opts["ray_actor_options"]["num_cpus"] <= bundles[0]["CPU"]
+    # One node: strictly packed on it.
     single = llm_placement(LLMPoolConfig(gpus_per_replica=8, tensor_parallel=8, pool_resource=LLM_POOL_RESOURCE),
                            num_cpus=1)
-    assert set(single) == {"ray_actor_options"} and single["ray_actor_options"]["num_gpus"] == 8
+    assert single["placement_group_strategy"] == "STRICT_PACK" and len(single["placement_group_bundles"]) == 9
+    # vllm on one GPU: a plain actor holding it.
+    one = llm_placement(LLMPoolConfig(engine="vllm", gpus_per_replica=1), num_cpus=1)
+    assert set(one) == {"ray_actor_options"} and one["ray_actor_options"]["num_gpus"] == 1
     # Serve accepts the options on a real deployment.
     cfg = ServeAppConfig.model_validate({"model_path": "/m", "device": "cuda", "llm": llm.model_dump(mode="json")})
     bound = {a._bound_deployment.name: a._bound_deployment
              for a in build_app(cfg.model_dump(mode="json"))._bound_deployment.init_args[1:]}
     llm_config = bound["LLMServer"]._replica_config
-    assert llm_config.placement_group_bundles == opts["placement_group_bundles"]
-    assert llm_config.placement_group_strategy == "STRICT_SPREAD"
+    assert llm_config.placement_group_bundles == bundles
+    assert llm_config.placement_group_strategy == "PACK"
 
 
 def test_vision_batches_fifo_by_pixel_budget() -> None:
@@ -138,7 +145,10 @@ def test_llm_replica_drains_before_leaving() -> None:
         def free_tokens(self) -> int:
             return 1000
 
-        def step(self) -> list[dict]:
+        async def shutdown(self) -> None:
+            calls.append("engine shutdown")
+
+        async def step(self) -> list[dict]:
             self.steps_left -= 1
             return [{"request_id": "r", "type": "finish" if self.steps_left == 0 else "token"}]
 
@@ -156,7 +166,7 @@ def test_llm_replica_drains_before_leaving() -> None:
         await srv.__del__()
         assert srv.engine.steps_left == 0  # ran to completion
         assert "take" not in calls  # draining: nothing new taken
-        assert calls[-1] == "leave" and "publish" in calls[:-1]  # events delivered before leaving
+        assert calls[-2:] == ["leave", "engine shutdown"] and "publish" in calls[:-2]  # delivered, then left
 
     asyncio.run(main())
 
@@ -188,3 +198,18 @@ def test_an_autoscaled_pool_puts_dotsvlm_policy_on_the_application() -> None:
     assert "autoscaling_policy" not in serve_deploy_body(fixed)["applications"][0]
     ingress = build_app(fixed.model_dump(mode="json"))._bound_deployment
     assert ingress._deployment_config.autoscaling_config is None and ingress._deployment_config.num_replicas == 1
+
+
+def test_engine_defaults_and_option_errors_say_what_to_fix() -> None:
+    assert LLMPoolConfig().engine == "transformers"
+    assert LLMPoolConfig(gpus_per_replica=8, tensor_parallel=8).engine == "vllm"
+    assert LLMPoolConfig(engine="vllm", memory_fraction=0.8, chunked_prefill=True, max_prefill_tokens=4096,
+                         cuda_graph_max_batch_size=64).memory_fraction == 0.8
+    with pytest.raises(ValueError, match="set llm.engine to vllm to shard the model"):
+        LLMPoolConfig(engine="transformers", gpus_per_replica=16, tensor_parallel=16, nodes_per_replica=2)
+    with pytest.raises(ValueError, match="llm.memory_fraction, llm.cuda_graph_max_batch_size only apply to the vllm"):
+        LLMPoolConfig(memory_fraction=0.5, cuda_graph_max_batch_size=8)
+    with pytest.raises(ValueError, match="chunked prefill, which is off"):
+        LLMPoolConfig(engine="vllm", chunked_prefill=False, max_prefill_tokens=1024)
+    with pytest.raises(ValueError, match="engine"):
+        LLMPoolConfig(engine="sglang")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache
 
-from dotsvlm_serving.engine import Engine, EngineLimitError, EngineRequest, SamplingParams
+from dotsvlm_serving.engine import Engine, EngineInput, EngineLimitError, EngineRequest, SamplingParams
+from dotsvlm_serving.engine.transformers_engine import TransformersEngine
 from dotsvlm_serving.engine.sampling import holdback, sample_token
 
 
@@ -129,3 +130,37 @@ def test_holdback_for_partial_stop_strings() -> None:
     assert holdback("hello wor", ("world",)) == 3
     assert holdback("hello", ("xyz",)) == 0
     assert holdback("abc\ufffd", ()) == 1
+
+
+def test_transformers_engine_behind_the_interface_writes_image_rows_and_streams(llm: DeepseekV3ForCausalLM) -> None:
+    """The replica's view: token ids + image rows for the pad positions in, events out; same tokens as
+    greedy decoding of the embeddings with the rows written in; stats carry the autoscaler's keys."""
+    import asyncio
+
+    from dotsvlm_serving.engine import STATS_KEYS
+    from dotsvlm_serving.model.llm import embed_with_images
+
+    pad = 200
+    ids = [5, pad, pad, pad, 9, 17]
+    rows = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    engine = TransformersEngine(llm, detok, image_token_id=pad, eos_token_ids=set(), max_running=4,
+                                kv_cache_tokens=4096, context_length=256)
+    engine.add(EngineInput("img", ids, rows.numpy(), SamplingParams(max_tokens=6, temperature=0)))
+    engine.add(EngineInput("txt", [5, 9, 17], None, SamplingParams(max_tokens=6, temperature=0)))
+    engine.add(EngineInput("gone", [5, 9], None, SamplingParams(max_tokens=50, temperature=0)))
+    assert set(STATS_KEYS) <= set(engine.stats()) and engine.stats()["pending"] == 3
+    engine.cancel("gone")
+    text: dict[str, str] = {}
+    final: dict[str, dict] = {}
+    while engine.has_work():
+        for ev in asyncio.run(engine.step()):
+            text[ev["request_id"]] = text.get(ev["request_id"], "") + ev.get("text", "")
+            if ev["type"] == "finish":
+                final[ev["request_id"]] = ev
+    with torch.inference_mode():
+        want_img = greedy_alone(llm, embed_with_images(llm, torch.tensor(ids), rows, pad), 6)
+        want_txt = greedy_alone(llm, llm.get_input_embeddings()(torch.tensor([5, 9, 17])), 6)
+    assert text["img"] == detok(want_img) and text["txt"] == detok(want_txt)
+    assert final["gone"]["finish_reason"] == "cancelled" and final["img"]["usage"]["prompt_tokens"] == 6
+    with pytest.raises(EngineLimitError, match="maximum context length is 256"):
+        engine.add(EngineInput("long", [1] * 250, None, SamplingParams(max_tokens=10)))

@@ -66,6 +66,41 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")  # json_schema carries its own fields
+    type: Literal["text", "json_object", "json_schema"]
+
+
+# Request fields (OpenAI's, and the extensions vLLM's and SGLang's servers take) that this server cannot
+# honour yet, with the value that means "not used": a request that sets one to anything else gets a 400
+# naming it rather than an answer that silently ignores it. Unknown fields not listed here are ignored
+# (e.g. "user", "metadata", "store").
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}),
+    "top_logprobs": (None, 0),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "min_tokens": (None, 0),
+    "min_p": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "use_beam_search": (None, False),
+    "prompt_logprobs": (None, 0),
+    "regex": (None,),
+    "ebnf": (None,),
+    "json_schema": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "continue_final_message": (None, False),
+    "skip_special_tokens": (None, True),
+}
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -86,6 +121,16 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence tokens")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unhonoured(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, neutral in UNSUPPORTED_FIELDS.items():
+                if name in data and data[name] not in neutral:
+                    raise ValueError(f"{name} is not supported by this server; remove it from the request")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -104,7 +149,11 @@ class ChatCompletionRequest(BaseModel):
         if self.n != 1:
             raise ValueError("n > 1 is not supported: send one request per completion")
         if self.logprobs:
-            raise ValueError("logprobs are not supported")
+            raise ValueError("logprobs are not supported by this server; remove logprobs or set it to false")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(f"response_format {self.response_format.type} (structured output) is not supported by "
+                             f"this server yet: remove response_format, or ask for JSON in the prompt and "
+                             f"validate the answer yourself")
         if self.tools:
             raise ValueError("tools / function calling are not supported by this server")
         if self.messages[-1].role == "assistant":

@@ -15,16 +15,12 @@ import time
 import uuid
 from typing import Any
 
-import torch
 from ray import serve
 
-from .. import pipeline
-from ..engine import Engine, EngineLimitError, EngineRequest, SamplingParams
+from ..engine import EngineInput, EngineLimitError, SamplingParams
+from ..engine.factory import build_engine
 from ..events import ErrorEvent, Event
-from ..model.checkpoint import load_llm
-from ..model.config import load_config
 from ..model.preprocess import ImageError
-from ..model.prompt import load_tokenizer, stop_token_ids
 from ..autoscaling.signals import llm_stats
 from ..serve_config import LLM_DEPLOYMENT, ServeAppConfig
 from ..tensor_queue import QueueItem, RayObjectTransport, TransportError
@@ -56,15 +52,8 @@ class LLMServer:
     async def __init__(self, cfg: ServeAppConfig, queue: Any) -> None:
         self.cfg = cfg  # validated once, by the app builder
         self.queue = queue
-        self.model_config = load_config(self.cfg.model_path)
-        self.tokenizer = load_tokenizer(self.cfg.model_path)
-        self.llm = load_llm(self.cfg.model_path, device=self.cfg.device, dtype=getattr(torch, self.cfg.dtype),
-                            config=self.model_config)
-        llm_cfg = self.cfg.llm
-        self.eos = set(stop_token_ids(self.tokenizer))
-        self.engine = Engine(self.llm, self._detokenize, eos_token_ids=self.eos, max_running=llm_cfg.max_running_requests,
-                             kv_cache_tokens=llm_cfg.kv_cache_budget(),
-                             context_length=llm_cfg.context_length)
+        # The engine cfg.llm.engine names (engine/factory.py); loading the model takes a while.
+        self.engine = await asyncio.to_thread(build_engine, self.cfg)
         self.transport = RayObjectTransport()
         self.consumer_id = f"llm-{uuid.uuid4().hex[:12]}"
         self._to_cancel: set[str] = set()
@@ -75,9 +64,6 @@ class LLMServer:
         loop = asyncio.get_running_loop()
         self._run_task = loop.create_task(self._run_forever())
         self._hb_task = loop.create_task(self._heartbeat_forever())
-
-    def _detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     async def _heartbeat_forever(self) -> None:
         period = max(0.2, self.cfg.queue.lease_timeout_s / 4)
@@ -122,7 +108,7 @@ class LLMServer:
                 self.engine.cancel(rid)
             self._to_cancel.clear()
         if self.engine.has_work():
-            self._outbox += await asyncio.to_thread(self.engine.step)
+            self._outbox += await self.engine.step()
         await self._publish(wait=not self.engine.has_work())
         if self._draining and not self.engine.has_work():
             await asyncio.sleep(0.1)  # nothing left to do and nothing to take: do not spin
@@ -155,9 +141,8 @@ class LLMServer:
             embeds = None
             if p.get("embeds") is not None:
                 embeds = self.transport.get(p["embeds"], timeout_s=60)
-            x = pipeline.input_embeds(self.llm, p["ids"], embeds, self.model_config.image_token_id)
             params = SamplingParams(**p["params"])
-            self.engine.add(EngineRequest(item.request_id, x, params))
+            self.engine.add(EngineInput(item.request_id, p["ids"], embeds, params))
             return None
         except TransportError as exc:
             bad = _image_error(exc)
@@ -196,6 +181,10 @@ class LLMServer:
             log.exception("could not leave the tensor queue; its lease will expire")
         self._run_task.cancel()
         self._hb_task.cancel()
+        try:
+            await self.engine.shutdown()
+        except Exception:
+            log.exception("engine shutdown failed")
 
     def check_health(self) -> None:
         if self._run_task.done():

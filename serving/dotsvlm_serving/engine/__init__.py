@@ -1,6 +1,9 @@
-"""The LLM engine: continuous batching over a KV cache, sampling, stop strings."""
+"""The LLM replica's engines behind one interface (`base.InferenceEngine`): the transformers engine
+(continuous batching over one device; `engine.Engine`) and vLLM (`vllm_engine`, its own environment)."""
 
-from .engine import Engine, EngineLimitError, EngineRequest
+from .base import STATS_KEYS, EngineInput, EngineLimitError, InferenceEngine
+from .engine import Engine, EngineRequest
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "EngineLimitError", "EngineRequest", "SamplingParams"]
+__all__ = ["STATS_KEYS", "Engine", "EngineInput", "EngineLimitError", "EngineRequest", "InferenceEngine",
+           "SamplingParams"]

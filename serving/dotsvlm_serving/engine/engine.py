@@ -21,11 +21,8 @@ import torch
 from transformers import DynamicCache
 
 from ..events import ErrorEvent, Event, FinishEvent, TokenEvent, Usage
+from .base import EngineLimitError
 from .sampling import SamplingParams, find_stop, holdback, sample_token
-
-
-class EngineLimitError(ValueError):
-    """A request that this engine can never run (too long for the context or the KV budget)."""
 
 
 @dataclass
