@@ -93,7 +93,7 @@ def write_sa_kubeconfig(kube, namespace: str, service_account: str, path: Path) 
     """A kubeconfig that acts as the ServiceAccount (a token from the API), so a local operator process has
     exactly the permissions the operator has in the cluster."""
     token = kube.kubectl("create", "token", service_account, "-n", namespace, "--duration=1h").stdout.strip()
-    admin = json.loads(kube.kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout)
+    admin = json.loads(kube.kubectl("config", "view", "--raw", "--minify", "--flatten", "-o", "json").stdout)
     cluster = admin["clusters"][0]
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "sa",
