@@ -39,7 +39,7 @@ from autoscale_model.costs import SOURCES, CostModel  # noqa: E402
 from autoscale_model.run import Result, simulate  # noqa: E402
 
 from dotsvlm_serving.autoscaling.policy import PolicySpec  # noqa: E402
-from dotsvlm_serving.serve_config import LLMAutoscaling, SLOConfig, VisionAutoscaling  # noqa: E402
+from dotsvlm_serving.serve_config import LLMAutoscaling, LLMPoolConfig, SLOConfig, VisionAutoscaling  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.99
@@ -56,11 +56,18 @@ HEADLINE = ("a", "b", "c", "d")
 
 
 def policy_spec(slo: SLOConfig, costs: CostModel, *, defaults: bool = False, llm_target: float | None = None) -> PolicySpec:
-    """The bounds used for every autoscaled strategy; (d) sets the LLM target to 0.75 x maxRunningRequests
-    (the CRD default is 4 requests per replica, written for a small replica: see the results)."""
-    llm = {} if defaults else {"target_ongoing_requests": llm_target or 0.75 * costs.max_running}
-    return PolicySpec(slo=slo, vision=VisionAutoscaling(min_replicas=1, max_replicas=VISION_MAX),
-                      llm=LLMAutoscaling(min_replicas=1, max_replicas=LLM_MAX, **llm))
+    """The bounds used for every autoscaled strategy. (d0) leaves every knob at the resource's defaults
+    (the LLM target then follows maxRunningRequests, as the Serve config derives it); (d) also tells the
+    policy how long a replica takes to start (`replicaStartupSeconds`, what the docs ask a user to set)
+    and may pin the LLM target (sensitivity rows)."""
+    llm = {} if defaults else {"replica_startup_s": costs.llm_start_s}
+    if llm_target:
+        llm["target_ongoing_requests"] = llm_target
+    vision = {} if defaults else {"replica_startup_s": costs.vision_start_s}
+    pool = LLMPoolConfig(max_running_requests=costs.max_running,
+                         autoscaling=LLMAutoscaling(min_replicas=1, max_replicas=LLM_MAX, **llm))
+    return PolicySpec(slo=slo, vision=VisionAutoscaling(min_replicas=1, max_replicas=VISION_MAX, **vision),
+                      llm=pool.autoscaling)
 
 
 def _fixed(trace, costs, slo, mode, v, l) -> Result:
@@ -332,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "dt_s": 0.5, "slo": SLOConfig().model_dump(), "cost_model": costs.to_json(), "sources": SOURCES,
         "policy_spec": {"d": {"vision": policy_spec(slo, costs).vision.model_dump(), "llm": policy_spec(slo, costs).llm.model_dump()},
-                        "d_defaults_llm_target_ongoing_requests": LLMAutoscaling().target_ongoing_requests},
+                        "d_defaults_llm_target_ongoing_requests": policy_spec(slo, costs, defaults=True).llm.target_ongoing_requests},
         "serve_default": controllers.ServeDefaultConfig().__dict__,
         "traces": {o["trace"]["name"]: o | {"verdict": verdict(o)} for o in outs},
         "plot": None,

@@ -142,6 +142,11 @@ class Autoscaling(_Api):
     metrics_stale_seconds: float = Field(
         _contract(AutoscalingTargets, "metrics_stale_s"), gt=0, le=3600, description=(
             "Signals older than this hold the pool at its size; the status says MetricsStale."))
+    replica_startup_seconds: float = Field(
+        _contract(AutoscalingTargets, "replica_startup_s"), ge=0, le=3600, description=(
+            "How long a new replica takes to serve (start, load weights). Replicas asked for less than this ago "
+            "that are still starting are not cancelled by a scale-down; the LLM pool scales for the demand its "
+            "recent trend predicts this far ahead (0 turns the prediction off)."))
 
 
 class VisionAutoscaling(Autoscaling):
@@ -163,6 +168,15 @@ class LLMAutoscaling(Autoscaling):
     KV-cache use, TTFT and inter-token latency against spec.slo, and the vision pool's backlog as a
     leading signal."""
 
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, le=10000, description=(
+            "Requests running, waiting or queued per LLM replica that the pool aims for. Default: 3/4 of "
+            "llm.maxRunningRequests. Lower it for shorter waits, raise it to pack replicas harder."))
+    replica_startup_seconds: float = Field(
+        _contract(LLMAutoscaling, "replica_startup_s"), ge=0, le=3600, description=(
+            "How long a new LLM replica takes to serve (start, load weights: minutes for DeepSeek-V3). The pool "
+            "scales for the demand its recent trend predicts this far ahead, and does not cancel replicas "
+            "asked for less than this ago that are still starting (0 turns both off)."))
     queue_age_fraction: float = Field(
         _contract(LLMAutoscaling, "queue_age_fraction"), gt=0, le=1, description=(
             "Share of slo.textTTFTSeconds an item may wait in the tensor queue before the pool grows by one."))

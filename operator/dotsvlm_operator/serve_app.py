@@ -17,10 +17,13 @@ from dotsvlm_operator import models
 
 
 def _common(auto: models.Autoscaling, lo: int, hi: int) -> dict[str, Any]:
-    return dict(min_replicas=lo, max_replicas=hi, target_ongoing_requests=auto.target_ongoing_requests,
-                upscale_delay_s=auto.upscale_delay_seconds, downscale_delay_s=auto.downscale_delay_seconds,
-                max_scale_up_step=auto.max_scale_up_step, max_scale_down_step=auto.max_scale_down_step,
-                scale_down_interval_s=auto.scale_down_interval_seconds, metrics_stale_s=auto.metrics_stale_seconds)
+    out = dict(min_replicas=lo, max_replicas=hi, upscale_delay_s=auto.upscale_delay_seconds,
+               downscale_delay_s=auto.downscale_delay_seconds, max_scale_up_step=auto.max_scale_up_step,
+               max_scale_down_step=auto.max_scale_down_step, scale_down_interval_s=auto.scale_down_interval_seconds,
+               metrics_stale_s=auto.metrics_stale_seconds, replica_startup_s=auto.replica_startup_seconds)
+    if auto.target_ongoing_requests is not None:  # the LLM pool's default follows maxRunningRequests
+        out["target_ongoing_requests"] = auto.target_ongoing_requests
+    return out
 
 
 def vision_autoscaling(pool: models.VisionPool) -> serve_config.VisionAutoscaling:

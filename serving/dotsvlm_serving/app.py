@@ -21,7 +21,7 @@ from .serve_config import AutoscalingTargets, LLMPoolConfig, ServeAppConfig, ser
 # Replicas record their autoscaling stats every look_back_period_s * 0.2 s and push them to Serve's
 # controller every RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S (10 s by default: too slow for a pool
 # that wakes from zero). dotsvlm's policy keeps its own windows, so Serve's delays are zero.
-LOOK_BACK_PERIOD_S = 5.0
+LOOK_BACK_PERIOD_S = 10.5  # > Serve's (deprecated) metrics_interval_s of 10 s; records every 2.1 s
 METRICS_PUSH_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
                     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
 SINGLE = AutoscalingTargets(min_replicas=1, max_replicas=1)

@@ -60,6 +60,10 @@ class AutoscalingTargets(_Strict):
     scale_down_interval_s: float = Field(30.0, ge=0)
     # Signals older than this hold the pool at its size (the status says so).
     metrics_stale_s: float = Field(30.0, gt=0)
+    # How long a new replica takes to serve (start, load weights). The LLM pool scales for the demand
+    # its recent trend predicts this far ahead; no pool cancels replicas asked for less than this ago
+    # that are still starting.
+    replica_startup_s: float = Field(60.0, ge=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingTargets":
@@ -78,6 +82,8 @@ class VisionAutoscaling(AutoscalingTargets):
 
 
 class LLMAutoscaling(AutoscalingTargets):
+    # A DeepSeek-V3 replica over two nodes loads for minutes.
+    replica_startup_s: float = Field(180.0, ge=0)
     # Share of the text-TTFT target that waiting in the tensor queue may take.
     queue_age_fraction: float = Field(0.5, gt=0, le=1)
     kv_cache_target: float = Field(0.85, gt=0, le=1)
@@ -100,6 +106,7 @@ ENGINES = ("transformers", "vllm")
 EngineName = Literal["transformers", "vllm"]
 # Options only the production engine has; the transformers engine refuses them rather than ignore them.
 VLLM_ONLY_OPTIONS = ("memory_fraction", "cuda_graph_max_batch_size", "chunked_prefill", "max_prefill_tokens")
+LLM_TARGET_SHARE = 0.75
 
 
 class LLMPoolConfig(_Strict):
@@ -142,6 +149,15 @@ class LLMPoolConfig(_Strict):
         if self.max_prefill_tokens is not None and self.chunked_prefill is False:
             raise ValueError("llm.max_prefill_tokens is the chunk size of chunked prefill, which is off: set "
                              "llm.chunked_prefill to true or remove llm.max_prefill_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _target_from_batch(self) -> "LLMPoolConfig":
+        """Unless set, an LLM replica aims at 3/4 of the requests it can run at once (running + waiting +
+        queued per replica): a replica of 64 running requests and a target of 4 would waste most of it."""
+        if "target_ongoing_requests" not in self.autoscaling.model_fields_set:
+            self.autoscaling = self.autoscaling.model_copy(
+                update={"target_ongoing_requests": max(1.0, LLM_TARGET_SHARE * self.max_running_requests)})
         return self
 
     def kv_cache_budget(self) -> int:

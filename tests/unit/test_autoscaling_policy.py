@@ -165,3 +165,30 @@ def test_state_round_trips_through_json() -> None:
     p.decide(p.Snapshot(vision(1, requests=3, pixels=3e6), llm(1, running=3)), spec(), state, 5.0)
     again = p.PoolState.from_json(state.vision.to_json())
     assert again == state.vision
+
+
+def test_a_growing_demand_scales_the_llm_pool_ahead_by_the_replica_start_up_time() -> None:
+    """Demand rising by 1 request per 2 s: with a 120 s start-up the pool sizes for 60 more requests."""
+    sp = spec(llm={"replica_startup_s": 120, "max_scale_up_step": 8})
+    off = spec(llm={"replica_startup_s": 0, "max_scale_up_step": 8})
+    ramp = [lambda c, i=i: p.Snapshot(vision(c["vision"]), llm(c["llm"], running=i / 2)) for i in range(100)]
+    with_trend = [d["llm"] for d in run(ramp, sp)]
+    without = [d["llm"] for d in run(ramp, off)]
+    assert without[-1].desired == 7  # 49.5 requests / 8 per replica
+    assert with_trend[-1].desired == 8  # capped at max_replicas
+    ahead = next(i for i, (a, b) in enumerate(zip(with_trend, without)) if a.desired > b.desired)
+    assert with_trend[ahead].reason == p.DEMAND_TREND and "expected in 120 s" in with_trend[ahead].message
+    assert ahead < 80, "the trend sizes the pool well before the demand itself needs it"
+
+
+def test_replicas_still_starting_are_not_cancelled_by_a_scale_down() -> None:
+    sp = spec(llm={"replica_startup_s": 60, "downscale_delay_s": 5, "max_scale_up_step": 4})
+    state = p.PolicyState()
+    p.decide(p.Snapshot(vision(1), llm(1, depth=40)), sp, state, 0.0, current={"vision": 1, "llm": 1})
+    assert state.llm.target == 5
+    for t in range(1, 40):  # the burst is gone, but the 4 new replicas have not started yet
+        d = p.decide(p.Snapshot(vision(1), llm(1)), sp, state, float(t), current={"vision": 1, "llm": 5})["llm"]
+        assert d.desired == 5, d
+    assert "still starting" in d.message
+    later = p.decide(p.Snapshot(vision(1), llm(1)), sp, state, 70.0, current={"vision": 1, "llm": 5})["llm"]
+    assert later.desired == 4, "after the start-up time, the unneeded replicas may go"

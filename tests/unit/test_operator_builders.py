@@ -192,9 +192,16 @@ def test_resource_defaults_are_the_contracts_defaults_field_by_field() -> None:
     for field in serve_config.QueueConfig.model_fields:
         assert getattr(app.queue, field) == getattr(contract.queue, field), f"queue.{field}"
     for pool in ("vision", "llm"):
-        for field in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"):
+        for field in type(getattr(contract, pool).autoscaling).model_fields:
+            if field in ("min_replicas", "max_replicas", "initial_replicas"):
+                continue  # the resource's own pool sizes
+            if pool == "llm" and field == "target_ongoing_requests":
+                continue  # follows maxRunningRequests (below)
             got, want = getattr(getattr(app, pool).autoscaling, field), getattr(getattr(contract, pool).autoscaling, field)
             assert got == want, f"{pool}.autoscaling.{field}"
+    assert app.llm.autoscaling.target_ongoing_requests == serve_config.LLM_TARGET_SHARE * spec.llm.max_running_requests
+    assert contract.llm.autoscaling.target_ongoing_requests == serve_config.LLM_TARGET_SHARE * contract.llm.max_running_requests
+    assert app.slo == contract.slo
     for field in ("max_batch_pixels", "max_batch_wait_ms"):
         assert getattr(app.vision, field) == getattr(contract.vision, field), f"vision.{field}"
     assert app.llm.max_new_tokens_default == contract.llm.max_new_tokens_default

@@ -48,7 +48,10 @@ def test_defaults_and_cel_rules_come_from_the_models() -> None:
     spec = crd.openapi_schema()["properties"]["spec"]
     llm = spec["properties"]["llm"]
     # Fully expanded, so the API server fills in the pool's own defaults (and CEL rules hold on them).
-    assert llm["default"]["nodesPerReplica"] == 1 and llm["default"]["autoscaling"]["targetOngoingRequests"] == 4.0
+    assert llm["default"]["nodesPerReplica"] == 1 and spec["properties"]["vision"]["default"]["autoscaling"][
+        "targetOngoingRequests"] == 4.0
+    # The LLM pool's target has no fixed default: it follows maxRunningRequests (3/4 of it).
+    assert "targetOngoingRequests" not in llm["default"]["autoscaling"]
     assert llm["properties"]["contextLength"]["default"] == models.LLMPool().context_length
     rules = [r["rule"] for r in llm["x-kubernetes-validations"]]
     assert "self.gpusPerReplica % self.nodesPerReplica == 0" in rules

@@ -18,7 +18,7 @@ def test_autoscaling_from_targets() -> None:
     t = AutoscalingTargets(min_replicas=0, max_replicas=4, initial_replicas=1, target_ongoing_requests=2)
     # Serve applies the bounds; dotsvlm's policy applies the windows, so Serve's own delays are zero.
     assert autoscaling(t) == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 2,
-                              "upscale_delay_s": 0.0, "downscale_delay_s": 0.0, "look_back_period_s": 5.0}
+                              "upscale_delay_s": 0.0, "downscale_delay_s": 0.0, "look_back_period_s": 10.5}
     assert replica_options(AutoscalingTargets(min_replicas=2, max_replicas=2), False) == {"num_replicas": 2}
     assert "autoscaling_config" in replica_options(t, True)
 

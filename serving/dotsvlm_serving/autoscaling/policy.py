@@ -41,6 +41,7 @@ VISION_REQUESTS = "VisionRequests"
 WAKE_UP = "WakeUp"
 IDLE_TO_ZERO = "IdleToZero"
 LLM_DEMAND = "LLMDemand"
+DEMAND_TREND = "DemandTrend"
 VISION_LEAD = "VisionLeadingSignal"
 QUEUE_AGE = "QueueAge"
 KV_CACHE = "KVCache"
@@ -52,7 +53,7 @@ STABLE = "Stable"
 STABILIZING = "Stabilizing"
 METRICS_MISSING = "MetricsMissing"
 METRICS_STALE = "MetricsStale"
-REASONS = (VISION_BACKLOG, ENCODE_LATENCY, VISION_REQUESTS, WAKE_UP, IDLE_TO_ZERO, LLM_DEMAND, VISION_LEAD,
+REASONS = (VISION_BACKLOG, ENCODE_LATENCY, VISION_REQUESTS, WAKE_UP, IDLE_TO_ZERO, LLM_DEMAND, DEMAND_TREND, VISION_LEAD,
            QUEUE_AGE, KV_CACHE, TTFT_IMAGE, TTFT_TEXT, ITL, LOW_LOAD, STABLE, STABILIZING, METRICS_MISSING,
            METRICS_STALE)
 
@@ -117,13 +118,15 @@ class PoolState:
     last_message: str = ""
     last_change_at: float | None = None
     observed_since: float | None = None  # first decision on signals: windows count from here
+    demand: list[tuple[float, float]] = field(default_factory=list)  # LLM: (second, demand) for the trend
 
     def to_json(self) -> dict:
         return {"target": self.target, "recommendations": [list(r) for r in self.recommendations],
                 "last_scale_down_at": self.last_scale_down_at, "last_scale_up_at": self.last_scale_up_at,
                 "last_work_at": self.last_work_at, "learned_rate": self.learned_rate,
                 "last_reason": self.last_reason, "last_message": self.last_message,
-                "last_change_at": self.last_change_at, "observed_since": self.observed_since}
+                "last_change_at": self.last_change_at, "observed_since": self.observed_since,
+                "demand": [list(d) for d in self.demand]}
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "PoolState":
@@ -133,7 +136,8 @@ class PoolState:
                    last_scale_down_at=raw.get("last_scale_down_at"), last_scale_up_at=raw.get("last_scale_up_at"),
                    last_work_at=raw.get("last_work_at"), learned_rate=raw.get("learned_rate"),
                    last_reason=raw.get("last_reason", STABLE), last_message=raw.get("last_message", ""),
-                   last_change_at=raw.get("last_change_at"), observed_since=raw.get("observed_since"))
+                   last_change_at=raw.get("last_change_at"), observed_since=raw.get("observed_since"),
+                   demand=[(float(t), float(d)) for t, d in raw.get("demand", [])])
 
 
 @dataclass
@@ -214,8 +218,28 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
     return _strongest(candidates)
 
 
+TREND_MIN_WINDOW_S = 60.0
+TREND_MAX_WINDOW_S = 600.0
+
+
+def demand_slope(state: PoolState, demand: float, now: float, lead_s: float) -> float:
+    """Requests per second by which demand has grown over the recent window (least squares over one sample
+    per second; the window is the replica start-up time, 60-600 s). 0 until half the window is seen."""
+    window = min(max(lead_s, TREND_MIN_WINDOW_S), TREND_MAX_WINDOW_S)
+    second = math.floor(now)
+    hist = [(t, d) for t, d in state.demand if second - t <= window and t != second] + [(second, demand)]
+    state.demand = hist
+    if hist[-1][0] - hist[0][0] < window / 2 or len(hist) < 10:
+        return 0.0
+    n = len(hist)
+    mt = sum(t for t, _ in hist) / n
+    md = sum(d for _, d in hist) / n
+    var = sum((t - mt) ** 2 for t, _ in hist)
+    return sum((t - mt) * (d - md) for t, d in hist) / var if var else 0.0
+
+
 def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, slo: SLOConfig,
-                  state: PoolState) -> _Recommendation:
+                  state: PoolState, now: float = 0.0) -> _Recommendation:
     """Raw replica count for the LLM pool, including the vision pool's backlog as a leading signal."""
     current = max(s.running_replicas, 0)
     demand = s.running + s.waiting + s.queue_depth + s.waiting_producers
@@ -225,6 +249,14 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
     candidates = [_Recommendation(base, LLM_DEMAND if demand else LOW_LOAD,
                                   f"{demand:.0f} requests running, waiting or queued; target {per:g} per replica"
                                   if demand else "no LLM work")]
+    if cfg.replica_startup_s > 0:
+        slope = demand_slope(state, demand, now, cfg.replica_startup_s)
+        if slope > 0:
+            ahead = demand + slope * cfg.replica_startup_s
+            candidates.append(_Recommendation(
+                _ceil(ahead / per), DEMAND_TREND,
+                f"demand {demand:.0f} is growing by {slope * 60:.1f} requests a minute: {ahead:.0f} expected in "
+                f"{cfg.replica_startup_s:g} s (replicaStartupSeconds), target {per:g} per replica"))
     if lead > 0:
         candidates.append(_Recommendation(
             _ceil((demand + lead) / per), VISION_LEAD,
@@ -278,7 +310,9 @@ def _stabilise(pool: Pool, raw: _Recommendation, current: int, running: int, lo:
         desired = max(current, min(up_to, running + cfg.max_scale_up_step, hi))
     elif down_to < current:
         since = now - state.last_scale_down_at if state.last_scale_down_at is not None else math.inf
-        if since >= cfg.scale_down_interval_s:
+        starting = running < current and state.last_scale_up_at is not None and \
+            now - state.last_scale_up_at < cfg.replica_startup_s
+        if since >= cfg.scale_down_interval_s and not starting:
             desired = max(down_to, current - cfg.max_scale_down_step, lo)
             if raw.reason != IDLE_TO_ZERO:
                 reason = LOW_LOAD
@@ -306,6 +340,9 @@ def _why_waiting(raw_n: int, current: int, running: int, cfg: VisionAutoscaling 
         if running < current:
             return f"only {running} of {current} replica(s) run yet: waiting for them before adding more"
         return f"waiting until the signals hold for upscaleDelaySeconds ({cfg.upscale_delay_s:g} s)"
+    if running < current and state.last_scale_up_at is not None and now - state.last_scale_up_at < cfg.replica_startup_s:
+        return (f"{current - running} replica(s) asked for {now - state.last_scale_up_at:.0f} s ago are still starting "
+                f"(replicaStartupSeconds {cfg.replica_startup_s:g}): not cancelling them")
     if state.last_scale_down_at is not None and now - state.last_scale_down_at < cfg.scale_down_interval_s:
         return f"the last scale-down was under scaleDownIntervalSeconds ({cfg.scale_down_interval_s:g} s) ago"
     return f"waiting until the signals hold for downscaleDelaySeconds ({cfg.downscale_delay_s:g} s)"
@@ -342,6 +379,6 @@ def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
             raw = recommend_vision(v, spec.vision, spec.slo, st, now)  # type: ignore[arg-type]
         else:
             fresh_v = v if v is not None and v.age_s <= spec.vision.metrics_stale_s else None
-            raw = recommend_llm(llm, fresh_v, spec.llm, spec.slo, st)  # type: ignore[arg-type]
+            raw = recommend_llm(llm, fresh_v, spec.llm, spec.slo, st, now)  # type: ignore[arg-type]
         out[pool] = _stabilise(pool, raw, cur, sig.running_replicas, cfg.min_replicas, cfg.max_replicas, cfg, st, now)
     return out
