@@ -251,7 +251,8 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
                                   if demand else "no LLM work")]
     if cfg.replica_startup_s > 0:
         slope = demand_slope(state, demand, now, cfg.replica_startup_s)
-        if slope > 0:
+        # Noise on a steady load has a small slope too: a trend counts once it adds half a replica's worth.
+        if slope * cfg.replica_startup_s >= per / 2:
             ahead = demand + slope * cfg.replica_startup_s
             candidates.append(_Recommendation(
                 _ceil(ahead / per), DEMAND_TREND,
