@@ -282,6 +282,16 @@ def test_every_rendered_object_is_accepted_by_the_api_server(kube, crd, promethe
             kube.delete_namespace(ns, wait=False)
 
 
+@cluster
+def test_kind_e2e_sample_is_accepted_by_the_api_server(kube, crd) -> None:
+    """scripts/kind-e2e.sh is not run here (kind needs privileged containers); its sample must stay valid."""
+    script = (REPO / "scripts" / "kind-e2e.sh").read_text()
+    sample = script[script.index("apiVersion: dotsvlm.io/"):script.index("EOF\nkubectl wait")]
+    sample = sample.replace("$NAME", "tiny").replace("$TAG", "e2e")
+    proc = kube.kubectl("apply", "--dry-run=server", "-n", "default", "-f", "-", input=sample, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
 def _helm_objects(kube, release: str) -> list[tuple[str, str, str]]:
     """(kind, namespace, name) of every object in the cluster that Helm marked as the release's."""
     kinds = kube.kubectl("api-resources", "--verbs=list", "-o", "name").stdout.split()
