@@ -471,7 +471,8 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
 
     def resize() -> int:
         for pod_name, cost in costs.items():
-            k.patch_pod_annotations(owner.namespace, pod_name, {naming.ANNOTATION_POD_DELETION_COST: cost})
+            if not k.patch_pod_annotations(owner.namespace, pod_name, {naming.ANNOTATION_POD_DELETION_COST: cost}):
+                state.pods.pop(pod_name, None)  # gone since the watch told us: its delete event follows
         return _apply_changed(k, pool_objs, state, force=False)
     if costs or any(state.applied.get(_child_key("Deployment", o["metadata"]["name"]), ("",))[0] != digest
                     for o, digest in pool_objs):

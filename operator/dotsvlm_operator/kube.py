@@ -180,9 +180,16 @@ class Kube:
         res = self._call("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)])
         return list(res.get("items") or [])
 
-    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
-        self._call("PATCH", self._path("Pod", namespace, name), body={"metadata": {"annotations": annotations}},
-                   content_type="application/merge-patch+json")
+    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> bool:
+        """Set annotations on a pod; False when the pod is gone already (nothing left to annotate)."""
+        try:
+            self._call("PATCH", self._path("Pod", namespace, name), body={"metadata": {"annotations": annotations}},
+                       content_type="application/merge-patch+json")
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
 
     def secret_value(self, namespace: str, name: str, key: str) -> str | None:
         """One key of a Secret, decoded; None when the Secret or the key is missing."""

@@ -59,6 +59,8 @@ def test_pods_follow_serves_target_emptiest_first_pending_shown_and_events(kube,
         return get_json(kube, "deployment", f"{name}-vision", "-n", ns)["spec"]["replicas"]
 
     poll(lambda: head.deployed, 60, "the Serve config deployed to the fake head", op.log_tail)
+    poll(lambda: status().get("vision", {}).get("currentReplicas") is not None, 60, "a status from Serve's answer",
+         op.log_tail)
 
     # 1. Serve's target goes up: the pool's pods follow, the status and an Event say why.
     head.set_decision("vision", 3, 1, 3, "VisionBacklog", "12 Mpx queued, 1 replica encodes 2 Mpx/s")
@@ -99,9 +101,14 @@ def test_pods_follow_serves_target_emptiest_first_pending_shown_and_events(kube,
     #    signals ask for 40: the pool holds Serve's 20, shows the pending pods with the scheduler's reason.
     head.set_decision("vision", 20, 1, 40, "VisionBacklog", "huge backlog")
     head.set_deployment(VISION, 20, [("RUNNING", ips[keep[0]])])
-    st = poll(lambda: (s := status()).get("vision", {}).get("pendingPods") == 4 and s, 90,
-              "4 pending vision pods in the status", op.log_tail)
-    degraded = next(c for c in st["conditions"] if c["type"] == "Degraded")
+    def degraded_of(s: dict) -> dict:
+        return next((c for c in s.get("conditions", []) if c["type"] == "Degraded"), {})
+
+    # (a pod is pending at once; the scheduler's reason follows when it has tried)
+    st = poll(lambda: (s := status()).get("vision", {}).get("pendingPods") == 4
+              and degraded_of(s).get("reason") == "Unschedulable" and s, 90,
+              "4 pending vision pods and the scheduler's reason in the status", op.log_tail)
+    degraded = degraded_of(st)
     assert degraded["reason"] == "Unschedulable" and "Insufficient nvidia.com/gpu" in degraded["message"]
     assert "add such nodes" in degraded["message"]
     assert st["vision"]["podsReason"] == "PendingPods" and st["vision"]["desiredPods"] == 20

@@ -128,7 +128,7 @@ def test_operator_deploys_the_serve_app_to_a_token_protected_ray_head(kube, ns, 
     cr["spec"]["llm"] = {"gpusPerReplica": 0, "tensorParallel": 1, "contextLength": 1024, "maxRunningRequests": 4,
                          "maxNewTokensDefault": 8}
     cr["spec"]["api"] = {"port": api_port}
-    op = operator_factory([ns], head_url=url)
+    op = operator_factory([ns], head_url=url, extra=["--api-url-override", f"http://127.0.0.1:{api_port}"])
     kube.apply(yaml.safe_dump(cr), namespace=ns)
 
     def running():
@@ -154,3 +154,11 @@ def test_operator_deploys_the_serve_app_to_a_token_protected_ray_head(kube, ns, 
                    json={"model": "dots.vlm1", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] is not None
+    # The pools as the real Serve reports them (its target and RUNNING replicas), and the ingress's report
+    # (queue, latencies) in the status: the operator reads the installed Ray's schema correctly.
+    st = poll(lambda: (s := (get_json(kube, "dvlm", name, "-n", ns) or {}).get("status") or {})
+              and s.get("vision", {}).get("currentReplicas") == 1 and s.get("llm", {}).get("currentReplicas") == 1
+              and (s.get("autoscaler") or {}).get("reachable") and s, 60, "Serve's replicas and the report in status", diag)
+    assert st["vision"]["desiredReplicas"] == 1 and st["llm"]["desiredReplicas"] == 1
+    assert st["queue"]["depth"] == 0 and st["queue"]["maxItems"] > 0
+    assert st["slo"]["textTTFT"]["targetSeconds"] > 0

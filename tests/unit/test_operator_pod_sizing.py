@@ -97,3 +97,23 @@ def test_parse_application_reads_targets_and_replica_nodes() -> None:
     assert app.status == "RUNNING" and v.target == 3 and v.running == 1 and v.replicas[0].node_ip == "10.0.0.1"
     assert "VisionEncoder: UPSCALING" in app.message
     assert parse_application({"applications": {}}).status == "NOT_DEPLOYED"
+
+
+def test_parse_application_reads_what_the_installed_ray_serializes() -> None:
+    """The dashboard's JSON is ray.serve.schema's models dumped: build it with them (not by hand)."""
+    import pytest
+
+    schema = pytest.importorskip("ray.serve.schema")
+    replicas = [schema.ReplicaDetails(replica_id=f"r{i}", state=state, node_ip=f"10.0.0.{i}", node_id=f"n{i}",
+                                      start_time_s=1.0).model_dump(mode="json")
+                for i, state in enumerate(["RUNNING", "STOPPING", "STARTING"])]
+    dep = {name: {"name": name, "status": "HEALTHY", "message": "", "target_num_replicas": 2, "replicas": replicas}
+           for name in ("VisionEncoder", "LLMServer")}
+    assert {"target_num_replicas", "replicas"} <= set(schema.DeploymentDetails.model_fields)
+    assert {"node_ip", "state"} <= set(schema.ReplicaDetails.model_fields)
+    app = parse_application({"applications": {"dotsvlm": {"status": "RUNNING", "message": "", "deployments": dep}}})
+    v = app.deployments["VisionEncoder"]
+    assert v.target == 2 and v.running == 1 and [r.state for r in v.replicas] == ["RUNNING", "STOPPING", "STARTING"]
+    plan = pod_sizing.plan_pool(vision(), deployment=v, raw_wish=None, previous_replicas=3,
+                                pods=[pod(0), pod(1), pod(2), pod(3)])
+    assert plan.pods == 3 and plan.reason == pod_sizing.DRAINING  # three pods host a replica (one draining)
