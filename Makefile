@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup serve test test-quick binaries crd
+.PHONY: setup serve test test-quick binaries crd monitoring
 setup:
 	@scripts/setup.sh
 
@@ -26,3 +26,7 @@ crd: setup
 	@.venv/bin/dotsvlm crd > crds/dotsvlm.io_dotsvlmdeployments.yaml
 	@cp crds/dotsvlm.io_dotsvlmdeployments.yaml charts/dotsvlm-operator/files/crds/
 	@cp crds/kopf-peering.yaml charts/dotsvlm-operator/crds/
+
+## Regenerate the chart's Grafana dashboards and alert rules from code (monitoring/dashboards.py, alerts.py).
+monitoring: setup
+	@$(PY) -m dotsvlm_operator.monitoring.generate

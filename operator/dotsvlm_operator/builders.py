@@ -16,8 +16,10 @@ import json
 from typing import Any
 
 from dotsvlm_serving import serve_config
+from dotsvlm_serving.metrics.catalog import DEPLOYMENT_ENV, NAMESPACE_ENV
 
 from dotsvlm_operator import models, naming, serve_app
+from dotsvlm_operator.monitoring import alerts, scrape
 from dotsvlm_operator.naming import Owner
 
 
@@ -56,6 +58,10 @@ def _ray_env(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> list[dict[str,
         {"name": "RAY_AUTH_MODE", "value": "token"},
         {"name": "RAY_AUTH_TOKEN_PATH", "value": naming.TOKEN_PATH},
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        # Every dotsvlm metric carries them (dotsvlm_namespace, dotsvlm_deployment): dashboards and
+        # alerts then work whatever the scrape configuration.
+        {"name": NAMESPACE_ENV, "value": owner.namespace},
+        {"name": DEPLOYMENT_ENV, "value": owner.name},
     ]
     ref = spec.api.api_key_secret_ref
     if ref is not None:
@@ -248,12 +254,24 @@ def network_policy(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str
     }
 
 
-def service_monitor(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
-            "metadata": _meta(owner, naming.service_monitor_name(owner.name), naming.COMPONENT_MONITORING),
-            "spec": {"selector": {"matchLabels": {naming.LABEL_INSTANCE: owner.name,
-                                                  naming.LABEL_COMPONENT: naming.COMPONENT_HEAD}},
-                     "endpoints": [{"port": "metrics", "interval": spec.monitoring.scrape_interval}]}}
+def pod_monitor(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
+    """Scrapes every Ray pod of the deployment (head and pool workers) once, on its metrics port."""
+    return scrape.pod_monitor(_meta(owner, naming.pod_monitor_name(owner.name), naming.COMPONENT_MONITORING),
+                              naming.owned_labels(owner.name), spec.monitoring.scrape_interval)
+
+
+def prometheus_rule(owner: Owner) -> dict[str, Any]:
+    """dotsvlm's alerts, narrowed to this deployment's series."""
+    return alerts.prometheus_rule(_meta(owner, naming.prometheus_rule_name(owner.name), naming.COMPONENT_MONITORING),
+                                  owner.namespace, owner.name)
+
+
+def uses_pod_monitor(spec: models.DotsVLMDeploymentSpec, pod_monitor_supported: bool) -> bool:
+    return spec.monitoring.enabled and spec.monitoring.pod_monitor and pod_monitor_supported
+
+
+def uses_prometheus_rule(spec: models.DotsVLMDeploymentSpec, prometheus_rule_supported: bool) -> bool:
+    return spec.monitoring.enabled and spec.monitoring.prometheus_rule and prometheus_rule_supported
 
 
 def desired_replicas(pool: models.VisionPool | models.LLMPool, requested: int | None = None) -> int:
@@ -268,11 +286,14 @@ def token_hash(token: str) -> str:
 
 
 def children(owner: Owner, spec: models.DotsVLMDeploymentSpec, *, vision_replicas: int, llm_replicas: int,
-             service_monitor_supported: bool = False, ray_token_hash: str | None = None) -> list[dict[str, Any]]:
+             pod_monitor_supported: bool = False, prometheus_rule_supported: bool = False,
+             ray_token_hash: str | None = None) -> list[dict[str, Any]]:
     """Every object that server-side apply keeps in place for this deployment (the token Secret aside).
 
     `ray_token_hash` goes into every Ray pod template: Ray reads its token once at start, so a new token
-    (the Secret was deleted and re-generated) must restart every Ray pod, and only then."""
+    (the Secret was deleted and re-generated) must restart every Ray pod, and only then.
+    `*_supported`: whether the Prometheus Operator's CRDs exist. Without a PodMonitor the Ray pods
+    carry scrape annotations instead (never both: each pod would be scraped twice)."""
     objs = [
         serve_config_map(owner, spec),
         head_service(owner, spec),
@@ -284,10 +305,16 @@ def children(owner: Owner, spec: models.DotsVLMDeploymentSpec, *, vision_replica
         pod_disruption_budget(owner, naming.COMPONENT_LLM),
         network_policy(owner, spec),
     ]
-    if spec.monitoring.enabled and spec.monitoring.service_monitor and service_monitor_supported:
-        objs.append(service_monitor(owner, spec))
+    annotations: dict[str, str] = {}
+    if uses_pod_monitor(spec, pod_monitor_supported):
+        objs.append(pod_monitor(owner, spec))
+    elif spec.monitoring.enabled:
+        annotations.update(scrape.scrape_annotations(naming.METRICS_PORT))
+    if uses_prometheus_rule(spec, prometheus_rule_supported):
+        objs.append(prometheus_rule(owner))
     if ray_token_hash:
-        for obj in objs:
-            if obj["kind"] == "Deployment":
-                obj["spec"]["template"]["metadata"]["annotations"][naming.ANNOTATION_TOKEN_HASH] = ray_token_hash
+        annotations[naming.ANNOTATION_TOKEN_HASH] = ray_token_hash
+    for obj in objs:
+        if obj["kind"] == "Deployment":
+            obj["spec"]["template"]["metadata"]["annotations"].update(annotations)
     return objs

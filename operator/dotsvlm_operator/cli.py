@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="TEST/DEV ONLY: read the ingress's /-/autoscaler report at this base URL ({name}, {namespace} "
                          "are filled in) instead of http://<name>-api.<ns>.svc:<api.port>; env DOTSVLM_API_URL_OVERRIDE")
     op.add_argument("--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("--metrics-port", type=int, default=None,
+                    help="serve the operator's Prometheus metrics on this port at /metrics (default: "
+                         "$DOTSVLM_OPERATOR_METRICS_PORT, else off)")
     op.set_defaults(func=_lazy("dotsvlm_operator.main", "cli_main", "operator"))
 
     serve = sub.add_parser("serve", help="run the serving stack on a local Ray with the tiny built-in model (CPU)")

@@ -32,6 +32,7 @@ from pydantic.alias_generators import to_camel
 
 from dotsvlm_operator import builders, ingress_client, models, naming, pod_sizing, serve_app
 from dotsvlm_operator.kube import KUBE_THREADS, Kube
+from dotsvlm_operator.monitoring.operator_metrics import METRICS
 from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError
 from dotsvlm_operator.status import (PodView, ServeObservation, compute_status, pod_view, raw_wish, scaling_events,
                                      serve_deployment)
@@ -76,7 +77,8 @@ class ResourceState:
 CONFIG = OperatorConfig()
 _resources: dict[tuple[str, str], ResourceState] = {}
 _kube: Kube | None = None
-_service_monitor_crd: tuple[bool, float] | None = None  # (present, when checked)
+_crds: dict[str, tuple[bool, float]] = {}  # Prometheus Operator kind -> (CRD present, when checked)
+MONITORING_KINDS = ("PodMonitor", "PrometheusRule")
 
 
 _http: httpx.AsyncClient | None = None
@@ -203,19 +205,23 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
                      logger: logging.Logger, **_: Any) -> None:
     key = (namespace, name)
     state = _resources[key] = ResourceState()
+    METRICS.managed(len(_resources))
     failures = 0
     try:
         while not stopped:
             state.wake.clear()
             full = state.full or time.monotonic() - state.last_full >= CONFIG.resync_seconds or failures > 0
+            started = time.monotonic()
             try:
                 if full:
                     await reconcile_once(body, logger, state)
+                    METRICS.reconciled(namespace, name, time.monotonic() - started, ok=True)
                 else:
                     await size_pods_once(body, logger, state)
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - one bad pass must not end the loop
                 failures += 1
+                METRICS.reconciled(namespace, name, time.monotonic() - started, ok=False)
                 logger.exception(f"reconcile failed ({failures} in a row): {exc}")
                 await _report_failure(body, exc, logger)
             if failures:
@@ -239,6 +245,8 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
     finally:
         if _resources.get(key) is state:
             del _resources[key]
+            METRICS.forget(namespace, name)
+        METRICS.managed(len(_resources))
 
 
 def error_text(exc: BaseException) -> str:
@@ -323,12 +331,17 @@ def _old_status(body: kopf.Body) -> models.DotsVLMDeploymentStatus | None:
         return None
 
 
-def _service_monitor_supported() -> bool:
-    """Whether the Prometheus Operator's ServiceMonitor CRD exists (re-checked every 5 minutes)."""
-    global _service_monitor_crd
-    if _service_monitor_crd is None or time.monotonic() - _service_monitor_crd[1] > 300:
-        _service_monitor_crd = (kube().has_service_monitor_crd(), time.monotonic())
-    return _service_monitor_crd[0]
+def _crd_installed(kind: str) -> bool:
+    """Whether the Prometheus Operator's CRD for `kind` exists (re-checked every 5 minutes)."""
+    seen = _crds.get(kind)
+    if seen is None or time.monotonic() - seen[1] > 300:
+        seen = _crds[kind] = (kube().has_crd(kind), time.monotonic())
+    return seen[0]
+
+
+def _installed_as_last_seen() -> dict[str, bool]:
+    """The light pass asks no API: the CRDs as the last full pass found them."""
+    return {kind: (_crds.get(kind) or (False, 0.0))[0] for kind in MONITORING_KINDS}
 
 
 def _pool_spec(spec: models.DotsVLMDeploymentSpec, pool: str) -> models.VisionPool | models.LLMPool:
@@ -345,14 +358,17 @@ def _previous_replicas(spec: models.DotsVLMDeploymentSpec, old: models.DotsVLMDe
 
 
 def _children(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str, pods: dict[str, int],
-              service_monitor: bool, state: ResourceState, generation: int | None) -> list[tuple[dict[str, Any], str]]:
+              installed: dict[str, bool], state: ResourceState,
+              generation: int | None) -> list[tuple[dict[str, Any], str]]:
     """The children (pure builders), built again only when their inputs changed: the pod loop asks every
-    few seconds and nearly always gets the same answer."""
-    inputs = (generation, spec.model_dump_json(), token, tuple(sorted(pods.items())), service_monitor)
+    few seconds and nearly always gets the same answer. `installed`: which Prometheus Operator CRDs exist."""
+    inputs = (generation, spec.model_dump_json(), token, tuple(sorted(pods.items())), tuple(sorted(installed.items())))
     if state.built is None or state.built[0] != inputs:
         objs = builders.children(owner, spec, vision_replicas=pods[naming.COMPONENT_VISION],
                                  llm_replicas=pods[naming.COMPONENT_LLM] // spec.llm.nodes_per_replica,
-                                 service_monitor_supported=service_monitor, ray_token_hash=builders.token_hash(token))
+                                 pod_monitor_supported=installed["PodMonitor"],
+                                 prometheus_rule_supported=installed["PrometheusRule"],
+                                 ray_token_hash=builders.token_hash(token))
         state.built = (inputs, [(obj, builders.object_hash(obj)) for obj in objs])
     return state.built[1]
 
@@ -391,20 +407,22 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     k = kube()
     forced = time.monotonic() - state.last_full >= CONFIG.resync_seconds
     token = state.token = await asyncio.to_thread(k.ensure_token, owner, new_resource=old is None)
-    sm_crd = await asyncio.to_thread(_service_monitor_supported)
-    sm = bool(spec.monitoring.enabled and spec.monitoring.service_monitor and sm_crd)
+    installed = {kind: await asyncio.to_thread(_crd_installed, kind) for kind in MONITORING_KINDS}
     # Children first, with the pods the pools were last sized for: a new resource gets its children at once.
     sized = {pool: builders.desired_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
              * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
-    objs = _children(owner, spec, token, sized, sm, state, generation)
+    objs = _children(owner, spec, token, sized, installed, state, generation)
+    kept = {obj["kind"] for obj, _ in objs}
 
     def apply_all() -> None:
         _apply_changed(k, objs, state, force=forced)
-        if forced and sm_crd and not sm:
-            # Switched off: remove the ServiceMonitor this deployment had, if any.
-            old_sm = k.get("ServiceMonitor", owner.namespace, owner.name)
-            if old_sm and any(r.get("uid") == owner.uid for r in old_sm["metadata"].get("ownerReferences") or []):
-                k.delete("ServiceMonitor", owner.namespace, owner.name)
+        for kind in MONITORING_KINDS:
+            if installed[kind] and kind not in kept:
+                # Switched off: remove the one this deployment had, if any (objects of the same name
+                # that another owner made are left alone).
+                old_obj = k.get(kind, owner.namespace, owner.name)
+                if old_obj and any(r.get("uid") == owner.uid for r in old_obj["metadata"].get("ownerReferences") or []):
+                    k.delete(kind, owner.namespace, owner.name)
         if spec.api.api_key_secret_ref is not None:
             ref = spec.api.api_key_secret_ref
             keys = k.secret_value(owner.namespace, ref.name, ref.key)
@@ -417,7 +435,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
 
     listed = await asyncio.to_thread(k.list_pods, owner.namespace, owner.name)
     state.pods = {p["metadata"]["name"]: p for p in listed}
-    await _size_and_report(body, owner, spec, generation, old, state, sm, logger)
+    await _size_and_report(body, owner, spec, generation, old, state, installed, logger)
 
 
 async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: ResourceState) -> None:
@@ -434,13 +452,12 @@ async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: Resourc
         state.full = True
         return
     old = state.status or _old_status(body)
-    sm = bool(spec.monitoring.enabled and spec.monitoring.service_monitor and (_service_monitor_crd or (False,))[0])
-    await _size_and_report(body, owner, spec, meta.get("generation"), old, state, sm, logger)
+    await _size_and_report(body, owner, spec, meta.get("generation"), old, state, _installed_as_last_seen(), logger)
 
 
 async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
                            generation: int | None, old: models.DotsVLMDeploymentStatus | None, state: ResourceState,
-                           service_monitor: bool, logger: logging.Logger) -> None:
+                           installed: dict[str, bool], logger: logging.Logger) -> None:
     """Observe Serve and the autoscaler, size the pools' pods, write status and Events."""
     k = kube()
     assert state.token is not None
@@ -464,7 +481,7 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
         live = [p for p in pods if p.component == pool and not p.deleting]
         if plan.pods < len(live):
             costs.update(pod_sizing.cost_patches(live, plan.costs))
-    objs = _children(owner, spec, state.token, {pool: plan.pods for pool, plan in plans.items()}, service_monitor,
+    objs = _children(owner, spec, state.token, {pool: plan.pods for pool, plan in plans.items()}, installed,
                      state, generation)
     pool_objs = [(o, digest) for o, digest in objs if o["kind"] == "Deployment"
                  and o["metadata"]["labels"][naming.LABEL_COMPONENT] in POOLS]
@@ -485,6 +502,9 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
     new, transitions = compute_status(spec=spec, generation=generation, pods=pods, desired=desired, serve=serve,
                                       endpoint=naming.endpoint(owner, spec.api.port), old=old, now=_now(),
                                       plans=plans, report=report, now_unix=now_unix)
+    unschedulable = {pool: sum(1 for p in pods if p.component == pool and p.unschedulable and not p.deleting)
+                     for pool in POOLS}
+    METRICS.observe_status(owner.namespace, owner.name, spec, new, unschedulable)
     new_raw = new.to_api()
     old_raw = old.to_api() if old is not None else {}
     if old_raw != new_raw:

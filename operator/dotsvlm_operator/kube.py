@@ -30,7 +30,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "Deployment": ("/apis/apps/v1", "deployments"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
-    "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
+    "PodMonitor": ("/apis/monitoring.coreos.com/v1", "podmonitors"),
+    "PrometheusRule": ("/apis/monitoring.coreos.com/v1", "prometheusrules"),
     naming.KIND: (f"/apis/{naming.GROUP}/{naming.VERSION}", naming.PLURAL),
 }
 
@@ -201,9 +202,12 @@ class Kube:
         self._call("PATCH", self._path(naming.KIND, namespace, name, "status"), body={"status": status},
                    content_type="application/merge-patch+json")
 
-    def has_service_monitor_crd(self) -> bool:
+    def has_crd(self, kind: str) -> bool:
+        """Whether the CRD of `kind` (one of KINDS, e.g. PodMonitor) is installed."""
+        prefix, plural = KINDS[kind]
+        group = prefix.split("/")[2]
         try:
-            self._call("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/servicemonitors.monitoring.coreos.com")
+            self._call("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{plural}.{group}")
             return True
         except ApiException as exc:
             if exc.status in (403, 404):

@@ -9,6 +9,8 @@ import random
 
 import kopf
 
+METRICS_PORT_ENV = "DOTSVLM_OPERATOR_METRICS_PORT"
+
 
 class _QuietHandlers(logging.Filter):
     """Drop kopf's per-event "Handler 'child-pods' succeeded." lines: one per pod event is noise."""
@@ -47,6 +49,13 @@ def cli_main(args: argparse.Namespace) -> int:
     if cfg.api_url_override:
         logging.getLogger(__name__).warning(
             f"test/dev setting: every deployment's autoscaler report is read at {cfg.api_url_override}")
+
+    port = getattr(args, "metrics_port", None) or int(os.environ.get(METRICS_PORT_ENV) or 0)
+    if port:
+        from dotsvlm_operator.monitoring.operator_metrics import METRICS
+
+        METRICS.serve(port)
+        logging.getLogger(__name__).info(f"operator metrics on :{port}/metrics")
 
     kube.load_config()
     namespaces = list(args.namespace or [])

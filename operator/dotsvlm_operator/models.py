@@ -374,8 +374,9 @@ class MonitoringSpec(_Api):
     """Prometheus integration."""
 
     enabled: bool = Field(True, description="Expose Ray and dotsvlm metrics on port 8080 of every Ray pod (and allow scraping through the NetworkPolicy).")
-    service_monitor: bool = Field(False, description="Create a ServiceMonitor (only when the Prometheus Operator's CRD is installed; skipped otherwise).")
-    scrape_interval: str = Field("30s", pattern=r"^[0-9]+(ms|s|m|h)$", description="Scrape interval for the ServiceMonitor, e.g. 30s.")
+    pod_monitor: bool = Field(True, description="Create a PodMonitor that scrapes every Ray pod when the Prometheus Operator's PodMonitor CRD is installed. Without that CRD, or when false, the Ray pods carry prometheus.io/scrape annotations instead.")
+    prometheus_rule: bool = Field(False, description="Create a PrometheusRule with dotsvlm's alerts for this deployment (needs the PrometheusRule CRD). Leave false when the Helm chart installs the alert rules for every deployment.")
+    scrape_interval: str = Field("30s", pattern=r"^[0-9]+(ms|s|m|h)$", description="Scrape interval of the PodMonitor, e.g. 30s.")
 
 
 class DotsVLMDeploymentSpec(_Api):

@@ -100,7 +100,11 @@ def network_policy_name(name: str) -> str:
     return f"{name}-ray"
 
 
-def service_monitor_name(name: str) -> str:
+def pod_monitor_name(name: str) -> str:
+    return name
+
+
+def prometheus_rule_name(name: str) -> str:
     return name
 
 

@@ -123,7 +123,8 @@ def build_app(args: dict[str, Any]) -> Application:
     llm_opts = llm_placement(cfg.llm, num_cpus=cpu_share)
     llm_opts["ray_actor_options"] = with_metrics_env(llm_opts["ray_actor_options"], auto)
     llm = LLMServerDeployment.options(**replica_options(cfg.llm.autoscaling, auto), **llm_opts).bind(cfg, queue)
+    n = cfg.api.ingress_replicas
     ingress = IngressDeployment.options(
-        **replica_options(SINGLE, auto),
+        **replica_options(AutoscalingTargets(min_replicas=n, max_replicas=n), auto),
         ray_actor_options=with_metrics_env(IngressDeployment.ray_actor_options or {}, auto))
     return ingress.bind(cfg, vision, queue, llm)

@@ -26,6 +26,22 @@ from .serve_config import LLMPoolConfig, QueueConfig, ServeAppConfig
 TINY_MODEL_DIR = ".tiny-model"
 # Ray's own ports, outside the worker port range (10002-19999).
 GCS_PORT = 6390
+# Ray's metrics export (every dotsvlm metric, with a ray_ prefix; docs/observability.md); another free
+# port when something else holds it (a second local stack).
+METRICS_PORT = 6391
+
+
+def metrics_port() -> int:
+    import socket
+
+    for port in (METRICS_PORT, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port for Ray's metrics export")
 
 
 def say(msg: str) -> None:
@@ -86,7 +102,7 @@ def curl_example(url: str, model: str, with_key: bool) -> str:
     return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
 
 
-def _start_ray(detach: bool, num_cpus: int, env_vars: dict[str, str]) -> None:
+def _start_ray(detach: bool, num_cpus: int, env_vars: dict[str, str], metrics: int) -> None:
     import ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -95,12 +111,13 @@ def _start_ray(detach: bool, num_cpus: int, env_vars: dict[str, str]) -> None:
         ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
         say(f"starting a background Ray head (GCS port {GCS_PORT}) ...")
         subprocess.run([ray_bin, "start", "--head", f"--port={GCS_PORT}", f"--num-cpus={num_cpus}",
-                        "--include-dashboard=false", "--disable-usage-stats"], check=True,
+                        f"--metrics-export-port={metrics}", "--include-dashboard=false", "--disable-usage-stats"], check=True,
                        stdout=subprocess.DEVNULL)
         ray.init(address=f"127.0.0.1:{GCS_PORT}", logging_level="WARNING", log_to_driver=False)
     else:
         say("starting a local Ray on CPU ...")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 _metrics_export_port=metrics,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"], **env_vars}})
 
 
@@ -130,8 +147,9 @@ def cli_main(args: argparse.Namespace) -> int:
         return 2
     keys_env = cfg.api.api_keys_env
     with_key = bool(keys_env and os.environ.get(keys_env, "").strip())
+    metrics = metrics_port()
     try:
-        _start_ray(args.detach, num_cpus=max(4, os.cpu_count() or 1),
+        _start_ray(args.detach, metrics=metrics, num_cpus=max(4, os.cpu_count() or 1),
                    env_vars={keys_env: os.environ[keys_env]} if with_key and keys_env else {})
     except Exception as exc:  # noqa: BLE001 - Ray's own start-up errors, said plainly
         say(f"error: Ray did not start: {exc} (a very busy machine can make Ray's start-up time out: "
@@ -153,6 +171,7 @@ def cli_main(args: argparse.Namespace) -> int:
             f"decisions at {url}/-/autoscaler")
     print(f"\n  {curl_example(url, cfg.served_model_name, with_key)}\n", flush=True)
     print(f"  Python: OpenAI(base_url='{url}/v1', api_key={'KEY' if with_key else repr('none')})\n", flush=True)
+    say(f"metrics (Prometheus format): http://127.0.0.1:{metrics}/metrics (dotsvlm's are named ray_dotsvlm_*)")
     if with_key:
         say(f"API keys are on: KEY is one of the keys in ${keys_env}")
     if args.detach:

@@ -191,6 +191,8 @@ class ApiConfig(_Strict):
     images: ImageLimits = ImageLimits()
     # Longest a request may take end to end before it is cancelled with 504.
     request_timeout_s: float = Field(600.0, gt=0)
+    # Ingress replicas (HTTP API); each is stateless, Serve's proxy spreads requests over them.
+    ingress_replicas: int = Field(1, ge=1)
     # Largest request body accepted (bytes); None = room for the maximum number of images at the
     # maximum size, base64-encoded, plus 1 MiB of text.
     max_body_bytes: int | None = Field(None, ge=1024)

@@ -261,40 +261,96 @@ def test_drift_is_corrected_and_delete_leaves_nothing(kube, ns, operator_factory
          lambda: str([(i["kind"], i["metadata"]["name"]) for i in children_of(kube, ns, name)]))
 
 
-SERVICE_MONITOR_CRD = """
+MONITORING_CRDS = {kind: f"""
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
-metadata: {name: servicemonitors.monitoring.coreos.com}
+metadata: {{name: {plural}.monitoring.coreos.com}}
 spec:
   group: monitoring.coreos.com
   scope: Namespaced
-  names: {kind: ServiceMonitor, plural: servicemonitors, singular: servicemonitor}
+  names: {{kind: {kind}, plural: {plural}, singular: {plural[:-1]}}}
   versions:
   - name: v1
     served: true
     storage: true
-    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
-"""
+    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}
+""" for kind, plural in [("PodMonitor", "podmonitors"), ("PrometheusRule", "prometheusrules")]}
 
 
 @pytest.fixture
-def service_monitor_crd(kube):
-    kube.apply(SERVICE_MONITOR_CRD)
+def monitoring_crds(kube):
+    for crd in MONITORING_CRDS.values():
+        kube.apply(crd)
     yield
-    kube.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com", "--ignore-not-found", "--wait=false")
+    for plural in ("podmonitors", "prometheusrules"):
+        kube.kubectl("delete", "crd", f"{plural}.monitoring.coreos.com", "--ignore-not-found", "--wait=false")
 
 
-def test_service_monitor_follows_the_switch_when_its_crd_exists(kube, service_monitor_crd, ns, operator_factory) -> None:
-    kube.kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com", "--timeout=60s")
-    op = operator_factory([ns])
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample `name` with exactly these labels in a Prometheus exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
+def _scrape(port: int) -> str | None:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+
+
+def _scrape_annotated(kube, ns: str, name: str) -> bool:
+    dep = get_json(kube, "deployment", f"{name}-vision", "-n", ns)
+    return bool(dep) and "prometheus.io/scrape" in dep["spec"]["template"]["metadata"].get("annotations", {})
+
+
+def test_pod_monitor_and_rules_follow_the_switches_when_their_crds_exist(kube, monitoring_crds, ns,
+                                                                         operator_factory) -> None:
+    for plural in ("podmonitors", "prometheusrules"):
+        kube.kubectl("wait", "--for=condition=Established", f"crd/{plural}.monitoring.coreos.com", "--timeout=60s")
+    metrics_port = free_port()
+    op = operator_factory([ns], extra=["--metrics-port", str(metrics_port)])
     cr = load_example("dotsvlm-small.yaml")
     name = cr["metadata"]["name"]
-    cr["spec"]["monitoring"] = {"serviceMonitor": True, "scrapeInterval": "15s"}
+    cr["spec"]["monitoring"] = {"podMonitor": True, "prometheusRule": True, "scrapeInterval": "15s"}
     _apply_cr(kube, ns, cr)
-    sm = poll(lambda: get_json(kube, "servicemonitor", name, "-n", ns), 60, "the ServiceMonitor", op.log_tail)
-    assert sm["spec"]["endpoints"] == [{"port": "metrics", "interval": "15s"}]
-    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", '{"spec":{"monitoring":{"serviceMonitor":false}}}')
-    poll(lambda: get_json(kube, "servicemonitor", name, "-n", ns) is None, 60, "the ServiceMonitor to go", op.log_tail)
+    pm = poll(lambda: get_json(kube, "podmonitor", name, "-n", ns), 60, "the PodMonitor", op.log_tail)
+    endpoint = pm["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] == "metrics" and endpoint["interval"] == "15s"
+    rule = poll(lambda: get_json(kube, "prometheusrule", name, "-n", ns), 60, "the PrometheusRule", op.log_tail)
+    assert len(rule["spec"]["groups"][0]["rules"]) >= 10
+    assert not _scrape_annotated(kube, ns, name)  # scraped by the PodMonitor only, never twice
+    # The operator's own metrics, on its own port: reconciles and the status's per-pool replicas.
+    who = {"dotsvlm_namespace": ns, "dotsvlm_deployment": name}
+    text = poll(lambda: (t := _scrape(metrics_port)) and _sample(t, "dotsvlm_pool_desired_replicas", pool="llm", **who)
+                is not None and t, 60, "the operator's metrics", lambda: f"{_scrape(metrics_port)}\n{op.log_tail()}")
+    assert _sample(text, "dotsvlm_pool_desired_replicas", pool="llm", **who) == 1  # the small example's minReplicas
+    assert _sample(text, "dotsvlm_pool_max_replicas", pool="vision", **who) is not None
+    assert _sample(text, "dotsvlm_operator_reconciles_total", result="success", **who) >= 1
+    assert _sample(text, "dotsvlm_operator_reconcile_duration_seconds_count", **who) >= 1
+    from support.prometheus import promtool
+    done = promtool("check", "metrics", stdin=text)
+    assert done.returncode == 0, done.stdout + done.stderr
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p",
+                 '{"spec":{"monitoring":{"podMonitor":false,"prometheusRule":false}}}')
+    poll(lambda: get_json(kube, "podmonitor", name, "-n", ns) is None, 60, "the PodMonitor to go", op.log_tail)
+    poll(lambda: get_json(kube, "prometheusrule", name, "-n", ns) is None, 60, "the PrometheusRule to go", op.log_tail)
+    poll(lambda: _scrape_annotated(kube, ns, name), 60, "scrape annotations on the pods instead", op.log_tail)
 
 
 POLICY = """

@@ -26,7 +26,7 @@ def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_facto
         # Cluster-wide, as the example Deployment runs it.
         op = operator_factory([], kubeconfig=kubeconfig)
         cr = load_example("dotsvlm-small.yaml")
-        cr["spec"]["monitoring"] = {"serviceMonitor": True}
+        cr["spec"]["monitoring"] = {"podMonitor": True, "prometheusRule": True}
         cr["spec"]["model"]["volume"] = {"hostPath": {"path": "/mnt/weights"}}
         kube.apply(yaml.safe_dump(cr), namespace=ns)
         name = cr["metadata"]["name"]

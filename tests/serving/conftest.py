@@ -1,7 +1,9 @@
 """One local Ray + the Serve application for the whole serving test session (CPU, tiny model).
 
 Small limits on purpose, so that bursts and failures are cheap to provoke: a queue of 6 items with a
-1 s enqueue timeout, 4 running requests per LLM replica, a 3 s lease.
+1 s enqueue timeout, 4 running requests per LLM replica, a 3 s lease. Two ingress and two LLM replicas,
+so that the metrics test sees several replicas of each; Ray exports metrics on `metrics_port` and
+reports them every second (10 s by default).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from serving_support import API_KEY, IMAGE_HOST, KEYS_ENV, Served, _free_port, wait_healthy
+from serving_support import (API_KEY, IMAGE_HOST, KEYS_ENV, TEST_DEPLOYMENT, TEST_NAMESPACE, Served, _free_port,
+                             wait_healthy)
 
 
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
@@ -63,22 +66,28 @@ def served(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Itera
     model_dir = ensure_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
     cfg = ServeAppConfig.model_validate({
         "model_path": str(model_dir),
-        "llm": {"context_length": 1024, "max_running_requests": 4, "max_new_tokens_default": 16},
+        "llm": {"context_length": 1024, "max_running_requests": 4, "max_new_tokens_default": 16,
+                "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
         "queue": {"max_items": 6, "enqueue_timeout_s": 1.0, "lease_timeout_s": 3.0, "max_deliveries": 2},
         "vision": {"max_batch_pixels": 1_000_000, "max_batch_wait_ms": 5},
-        "api": {"api_keys_env": KEYS_ENV, "request_timeout_s": 120,
+        "api": {"api_keys_env": KEYS_ENV, "request_timeout_s": 120, "ingress_replicas": 2,
                 "images": {"max_images_per_request": 4, "max_image_bytes": 1_000_000, "max_image_pixels": 200_000,
                            "fetch_timeout_s": 3, "fetch_allow": [f"{IMAGE_HOST}/32"]}},
     })
-    port = _free_port()
+    from dotsvlm_serving.metrics.catalog import DEPLOYMENT_ENV, NAMESPACE_ENV
+
+    port, metrics_port = _free_port(), _free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", KEYS_ENV: API_KEY}})
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", KEYS_ENV: API_KEY, NAMESPACE_ENV: TEST_NAMESPACE,
+                                       DEPLOYMENT_ENV: TEST_DEPLOYMENT}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 180)
-        yield Served(url=url, model_dir=model_dir, config=cfg.model_dump(mode="json"), image_server=image_server)
+        yield Served(url=url, model_dir=model_dir, config=cfg.model_dump(mode="json"), image_server=image_server,
+                     metrics_port=metrics_port)
     finally:
         try:
             serve.shutdown()

@@ -20,15 +20,29 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# What the operator sets on every Ray pod; the metrics carry them as dotsvlm_namespace/dotsvlm_deployment.
+TEST_NAMESPACE = "obs-test"
+TEST_DEPLOYMENT = "dots-test"
+
+
 @dataclass
 class Served:
     url: str
     model_dir: Path
     config: dict
     image_server: str
+    metrics_port: int  # the local Ray node's metrics export port
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+
+    def queue_stats(self) -> dict:
+        """The tensor queue's own stats() (what its metrics are published from), read directly."""
+        from ray import serve
+
+        from dotsvlm_serving.serve_config import APP_NAME
+
+        return serve.get_deployment_handle("TensorQueue", APP_NAME).stats.remote().result(timeout_s=30)
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

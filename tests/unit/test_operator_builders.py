@@ -161,12 +161,56 @@ def test_desired_replicas_stay_within_bounds() -> None:
     assert builders.desired_replicas(pool, 3) == 3
 
 
-def test_service_monitor_only_when_supported_and_asked() -> None:
+def _ray_templates(objs):
+    return {o["metadata"]["name"]: o["spec"]["template"] for o in objs if o["kind"] == "Deployment"}
+
+
+def test_every_ray_pod_is_scraped_once_by_a_pod_monitor_or_by_annotations_never_both() -> None:
     spec = _spec()
-    assert not any(o["kind"] == "ServiceMonitor" for o in builders.children(OWNER, spec, vision_replicas=1, llm_replicas=1))
-    objs = builders.children(OWNER, spec, vision_replicas=1, llm_replicas=1, service_monitor_supported=True)
-    sm = [o for o in objs if o["kind"] == "ServiceMonitor"]
-    assert len(sm) == 1 and sm[0]["spec"]["endpoints"][0] == {"port": "metrics", "interval": "30s"}
+    # No Prometheus Operator: annotations on every Ray pod, no PodMonitor.
+    plain = builders.children(OWNER, spec, vision_replicas=1, llm_replicas=1)
+    assert not any(o["kind"] == "PodMonitor" for o in plain)
+    for name, tpl in _ray_templates(plain).items():
+        ann = tpl["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == str(naming.METRICS_PORT), name
+    # With it: one PodMonitor that selects every Ray pod (head and both pools) on the metrics port; no annotations.
+    objs = builders.children(OWNER, spec, vision_replicas=1, llm_replicas=1, pod_monitor_supported=True)
+    pm = [o for o in objs if o["kind"] == "PodMonitor"]
+    assert len(pm) == 1
+    want = pm[0]["spec"]["selector"]["matchLabels"]
+    endpoint = pm[0]["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] == "metrics" and endpoint["interval"] == "30s" and endpoint["metricRelabelings"]
+    templates = _ray_templates(objs)
+    assert set(templates) == {"dots-ray-head", "dots-vision", "dots-llm"}
+    for name, tpl in templates.items():
+        labels = tpl["metadata"]["labels"]
+        assert want.items() <= labels.items(), name
+        assert any(p["name"] == "metrics" for p in tpl["spec"]["containers"][0]["ports"]), name
+        assert "prometheus.io/scrape" not in tpl["metadata"]["annotations"], name
+        env = {e["name"]: e.get("value") for e in tpl["spec"]["containers"][0]["env"]}
+        assert env["DOTSVLM_NAMESPACE"] == "ml" and env["DOTSVLM_DEPLOYMENT"] == "dots"  # labels of every metric
+    # Switched off in the spec: annotations again.
+    off = builders.children(OWNER, _spec(monitoring__podMonitor=False), vision_replicas=1, llm_replicas=1,
+                            pod_monitor_supported=True)
+    assert not any(o["kind"] == "PodMonitor" for o in off)
+    assert all("prometheus.io/scrape" in t["metadata"]["annotations"] for t in _ray_templates(off).values())
+    # Monitoring off: neither.
+    none = builders.children(OWNER, _spec(monitoring__enabled=False), vision_replicas=1, llm_replicas=1,
+                             pod_monitor_supported=True)
+    assert not any(o["kind"] == "PodMonitor" for o in none)
+    assert not any("prometheus.io/scrape" in t["metadata"]["annotations"] for t in _ray_templates(none).values())
+
+
+def test_prometheus_rule_only_when_asked_and_supported_and_narrowed_to_the_deployment() -> None:
+    assert not any(o["kind"] == "PrometheusRule" for o in builders.children(
+        OWNER, _spec(monitoring__prometheusRule=True), vision_replicas=1, llm_replicas=1))
+    assert not any(o["kind"] == "PrometheusRule" for o in builders.children(
+        OWNER, _spec(), vision_replicas=1, llm_replicas=1, prometheus_rule_supported=True))
+    objs = builders.children(OWNER, _spec(monitoring__prometheusRule=True), vision_replicas=1, llm_replicas=1,
+                             prometheus_rule_supported=True)
+    (rule,) = [o for o in objs if o["kind"] == "PrometheusRule"]
+    exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert exprs and all('dotsvlm_namespace="ml",dotsvlm_deployment="dots"' in e for e in exprs)
 
 
 def test_token_hash_is_in_every_ray_pod_template_and_changes_with_the_token() -> None:

@@ -162,6 +162,8 @@ def test_llm_replica_drains_before_leaving() -> None:
         srv._last_take, srv._draining = 0.0, False
         srv._run_task = asyncio.create_task(srv._run_forever())
         srv._hb_task = asyncio.create_task(asyncio.sleep(3600))
+        srv._publishing_metrics = asyncio.create_task(asyncio.sleep(3600))
+        srv._timing = {}  # no request is timed: nothing is observed (no metrics object needed)
         _KEEP.append(srv)  # never garbage-collected here: that would call the async __del__ unawaited
         await srv.__del__()
         assert srv.engine.steps_left == 0  # ran to completion

@@ -88,7 +88,7 @@ deletes/re-creates children; it never updates with PUT. Pods are only read; even
   resources: [networkpolicies]
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [monitoring.coreos.com]
-  resources: [servicemonitors]
+  resources: [podmonitors, prometheusrules]
   verbs: [get, list, watch, create, patch, delete]
 {{- end -}}
 

@@ -99,11 +99,16 @@ class _Metrics:
     def __init__(self) -> None:
         from ray.util import metrics
 
+        from ..metrics.publish import resource_tags
+
+        # The DotsVLMDeployment's labels, like every dotsvlm metric (the dashboards filter by them).
+        resource = resource_tags()
         self.desired = metrics.Gauge("dotsvlm_autoscaler_desired_replicas",
-                                     description="Replicas the autoscaling policy wants per pool", tag_keys=("pool",))
+                                     description="Replicas the autoscaling policy wants per pool",
+                                     tag_keys=(*resource, "pool")).set_default_tags(resource)
         self.decisions = metrics.Counter("dotsvlm_autoscaler_decisions",
                                          description="Autoscaling decisions per pool, direction and reason",
-                                         tag_keys=("pool", "direction", "reason"))
+                                         tag_keys=(*resource, "pool", "direction", "reason")).set_default_tags(resource)
 
     def record(self, d: Decision) -> None:
         self.desired.set(d.desired, tags={"pool": d.pool})

@@ -80,10 +80,14 @@ class IngressSignals:
     def first_token(self, now: float, with_images: bool, seconds: float) -> None:
         self.ttft["image" if with_images else "text"].add(now, seconds)
 
-    def finished(self, now: float, first_token_at: float | None, completion_tokens: int) -> None:
-        """Mean time between tokens of one request (its decode phase), one sample per request."""
-        if first_token_at is not None and completion_tokens > 1:
-            self.itl.add(now, (now - first_token_at) / (completion_tokens - 1))
+    def finished(self, now: float, first_token_at: float | None, completion_tokens: int) -> float | None:
+        """Mean time between tokens of one request (its decode phase), one sample per request; returned
+        too, for the inter-token latency metric (one number for both)."""
+        if first_token_at is None or completion_tokens <= 1:
+            return None
+        sample = (now - first_token_at) / (completion_tokens - 1)
+        self.itl.add(now, sample)
+        return sample
 
     def stats(self, now: float) -> dict[str, float]:
         return {VISION_PENDING_REQUESTS: float(self.pending_requests),

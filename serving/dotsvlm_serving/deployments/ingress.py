@@ -24,14 +24,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import pipeline
 from ..autoscaling import serve_policy
-from ..autoscaling.signals import NO_DATA, IngressSignals
+from ..autoscaling.signals import NO_DATA, VISION_PENDING_IMAGES, VISION_PENDING_PIXELS, IngressSignals
 from ..api.auth import ApiKeyAuth
 from ..api.errors import ApiError, error_body
 from ..api.images import FetchPolicy, decode_data_url, load_image_bytes
 from ..api.openai_models import (ChatCompletionRequest, chunk, completion_response, models_response,
                                  new_completion_id, parse_chat_request)
 from ..events import ErrorEvent, Event, FinishEvent
-from ..metrics import IngressMetrics
+from ..metrics.catalog import NO_MODALITY
+from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.config import load_config
 from ..model.preprocess import ImageError, probe_image
 from ..model.prompt import load_tokenizer
@@ -50,7 +51,8 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    msg = {404: "no such endpoint: use /v1/chat/completions, /v1/models, /health or /metrics",
+    msg = {404: "no such endpoint: use /v1/chat/completions, /v1/models or /health (metrics are on each Ray "
+                "node's metrics port, not on the API)",
            405: "method not allowed on this endpoint"}.get(exc.status_code, str(exc.detail))
     return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code)
 
@@ -75,8 +77,17 @@ class Ingress:
         self.fetch_policy = FetchPolicy.from_config(max_bytes=lim.max_image_bytes, timeout_s=lim.fetch_timeout_s,
                                                     fetch_allow=lim.fetch_allow)
         self.auth = ApiKeyAuth.from_env(self.cfg.api.api_keys_env)
-        self.metrics = IngressMetrics()
+        self.metrics = ReplicaMetrics("ingress")
         self.signals = IngressSignals()  # what this replica reports to the autoscaler
+        self._in_flight = 0
+        # The gauges come from the same signals the autoscaler reads (record_autoscaling_stats).
+        publisher = StatsPublisher(
+            self.metrics, lambda: {**self.signals.stats(time.monotonic()), "in_flight": self._in_flight},
+            gauges={"dotsvlm_requests_in_flight": "in_flight",
+                    "dotsvlm_vision_pending_images": VISION_PENDING_IMAGES,
+                    "dotsvlm_vision_pending_pixels": VISION_PENDING_PIXELS})
+        # Serve calls this constructor inside its own (async) one, so a loop is running.
+        self._publishing = asyncio.get_running_loop().create_task(publisher.run_forever())
         pre = self.model_config.preprocess
         self.relay = Relay(vision, queue, self.metrics, self.signals, hidden_size=int(self.model_config.vision.hidden_size),
                            pixels_per_token=(pre.patch_size * pre.merge_size) ** 2,
@@ -94,14 +105,6 @@ class Ingress:
         if not stats["consumers"]:
             return JSONResponse({"status": "unavailable", "reason": "no LLM replica is ready yet"}, 503)
         return JSONResponse({"status": "ok", "llm_replicas": len(stats["consumers"]), "queue_depth": stats["depth"]})
-
-    @app.get("/metrics")
-    async def metrics(self) -> Response:
-        try:
-            snapshot = await asyncio.wait_for(self.queue.stats.remote(), timeout=5)
-        except Exception:
-            snapshot = None
-        return Response(self.metrics.render(snapshot), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/-/autoscaler")
     async def autoscaler(self, request: Request) -> JSONResponse:
@@ -136,20 +139,21 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         t0 = time.monotonic()
-        self.metrics.in_flight.inc()
+        self._in_flight += 1
         status = 500
+        info = {"modality": NO_MODALITY}
         try:
-            response = await self._chat(request, t0)
+            response = await self._chat(request, t0, info)
             status = response.status_code
             return response
         except ApiError as exc:
             status = exc.status
             raise
         finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(str(status)).inc()
+            self._in_flight -= 1
+            self.metrics.inc("dotsvlm_requests", code=str(status), modality=info["modality"])
 
-    async def _chat(self, request: Request, t0: float) -> Response:
+    async def _chat(self, request: Request, t0: float, info: dict[str, str]) -> Response:
         self.auth.check(request.headers.get("authorization"))
         limit = self.cfg.api.body_limit()
         declared = request.headers.get("content-length")
@@ -165,6 +169,7 @@ class Ingress:
             raise ApiError(404, f"the model {req.model!r} does not exist: this server serves "
                                 f"{self.cfg.served_model_name!r} (see /v1/models)", param="model", code="model_not_found")
         messages, urls = req.to_model_messages()
+        info["modality"] = _modality(len(urls))
         images, sizes = await self._load_images(urls)
         counts = self._token_counts(sizes)
         try:
@@ -202,7 +207,7 @@ class Ingress:
                 sizes.append(probe_image(d, max_bytes=lim.max_image_bytes))
             except ImageError as exc:
                 raise ApiError(400, f"image {i + 1}: {exc}", param="messages", code="invalid_image") from None
-        self.metrics.images.inc(len(datas))
+        self.metrics.inc("dotsvlm_images", len(datas))
         return list(datas), sizes
 
     def _token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
@@ -242,16 +247,20 @@ class Ingress:
 
     def _observe_first_token(self, t0: float, n_images: int) -> float:
         now = time.monotonic()
-        self.metrics.ttft.observe(now - t0)
         self.signals.first_token(now, n_images > 0, now - t0)
+        self.metrics.observe("dotsvlm_time_to_first_token_seconds", now - t0, modality=_modality(n_images))
         return now
 
-    def _observe_finish(self, ev: FinishEvent, t0: float, first_token_at: float | None = None) -> None:
+    def _observe_finish(self, ev: FinishEvent, t0: float, n_images: int, first_token_at: float | None = None) -> None:
         u = ev.get("usage", {})
-        self.signals.finished(time.monotonic(), first_token_at, int(u.get("completion_tokens", 0)))
-        self.metrics.prompt_tokens.inc(u.get("prompt_tokens", 0))
-        self.metrics.completion_tokens.inc(u.get("completion_tokens", 0))
-        self.metrics.request_seconds.observe(time.monotonic() - t0)
+        now = time.monotonic()
+        modality = _modality(n_images)
+        itl = self.signals.finished(now, first_token_at, int(u.get("completion_tokens", 0)))
+        if itl is not None:  # the autoscaler's own sample
+            self.metrics.observe("dotsvlm_inter_token_latency_seconds", itl, modality=modality)
+        self.metrics.inc("dotsvlm_prompt_tokens", u.get("prompt_tokens", 0), modality=modality)
+        self.metrics.inc("dotsvlm_completion_tokens", u.get("completion_tokens", 0), modality=modality)
+        self.metrics.observe("dotsvlm_request_duration_seconds", now - t0, modality=modality)
 
     async def _complete(self, cid: str, events: AsyncIterator[Event], t0: float, n_images: int) -> Response:
         text: list[str] = []
@@ -271,7 +280,7 @@ class Ingress:
                     raise self._error_of(ev)
                 elif kind == "finish":
                     text.append(ev.get("text", ""))
-                    self._observe_finish(ev, t0, first_at)
+                    self._observe_finish(ev, t0, n_images, first_at)
                     return JSONResponse(completion_response(cid, self.cfg.served_model_name, "".join(text),
                                                             ev["finish_reason"], ev["usage"]))
         finally:
@@ -307,7 +316,7 @@ class Ingress:
                         yield sse(chunk(cid, model, created, delta={}, finish_reason=ev["finish_reason"]))
                         if include_usage:
                             yield sse(chunk(cid, model, created, usage=ev["usage"]))
-                        self._observe_finish(ev, t0, first_at)
+                        self._observe_finish(ev, t0, n_images, first_at)
                         break
             except StopAsyncIteration:
                 yield sse(error_body(503, "the generation ended without a result; retry the request"))
@@ -322,5 +331,9 @@ class Ingress:
 
 
 # One ingress replica (it is asynchronous and light; Serve's HTTP proxy sits in front of it).
+def _modality(n_images: int) -> str:
+    return "image" if n_images else "text"
+
+
 IngressDeployment = serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1, max_ongoing_requests=4096,
                                      ray_actor_options={"num_cpus": 0})(serve.ingress(app)(Ingress))

@@ -20,6 +20,7 @@ from ray import serve
 from ..engine import EngineInput, EngineLimitError, SamplingParams
 from ..engine.factory import build_engine
 from ..events import ErrorEvent, Event
+from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.preprocess import ImageError
 from ..autoscaling.signals import llm_stats
 from ..serve_config import LLM_DEPLOYMENT, ServeAppConfig
@@ -61,9 +62,17 @@ class LLMServer:
         self._outbox: list[Event] = []
         self._last_take = 0.0
         self._draining = False
+        self.metrics = ReplicaMetrics("llm")
+        publisher = StatsPublisher(self.metrics, self.engine.stats, gauges={
+            "dotsvlm_llm_running_requests": "running", "dotsvlm_llm_waiting_requests": "pending",
+            "dotsvlm_llm_kv_cache_used_tokens": "kv_tokens_used",
+            "dotsvlm_llm_kv_cache_reserved_tokens": "kv_tokens_reserved",
+            "dotsvlm_llm_kv_cache_capacity_tokens": "kv_tokens_capacity",
+        }, counters={"dotsvlm_llm_generated_tokens": "tokens_generated_total"})
         loop = asyncio.get_running_loop()
         self._run_task = loop.create_task(self._run_forever())
         self._hb_task = loop.create_task(self._heartbeat_forever())
+        self._publishing_metrics = loop.create_task(publisher.run_forever())
 
     async def _heartbeat_forever(self) -> None:
         period = max(0.2, self.cfg.queue.lease_timeout_s / 4)
@@ -185,6 +194,7 @@ class LLMServer:
             await self.engine.shutdown()
         except Exception:
             log.exception("engine shutdown failed")
+        self._publishing_metrics.cancel()
 
     def check_health(self) -> None:
         if self._run_task.done():

@@ -15,6 +15,7 @@ from ray import serve
 
 from ..events import Event
 from ..autoscaling.signals import queue_stats
+from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..serve_config import QUEUE_DEPLOYMENT, QueueConfig
 from ..tensor_queue import ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
 
@@ -24,9 +25,19 @@ log = logging.getLogger("ray.serve")
 class TensorQueueServer:
     async def __init__(self, cfg: QueueConfig) -> None:
         self.cfg = cfg
+        metrics = ReplicaMetrics("queue")
         self.core = TensorQueueCore(max_items=cfg.max_items, max_bytes=cfg.max_bytes,
-                                    lease_timeout_s=cfg.lease_timeout_s, max_deliveries=cfg.max_deliveries)
-        self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+                                    lease_timeout_s=cfg.lease_timeout_s, max_deliveries=cfg.max_deliveries,
+                                    observe_wait=lambda s: metrics.observe("dotsvlm_queue_wait_seconds", s))
+        publisher = StatsPublisher(metrics, self.core.stats, gauges={
+            "dotsvlm_queue_depth": "depth", "dotsvlm_queue_bytes": "bytes",
+            "dotsvlm_queue_oldest_age_seconds": "oldest_age_s", "dotsvlm_queue_waiting_producers": "waiting_producers",
+            "dotsvlm_queue_leased_items": "leased", "dotsvlm_queue_max_items": "max_items",
+            "dotsvlm_queue_max_bytes": "max_bytes", "dotsvlm_queue_consumers": "consumer_count",
+        }, labelled_counters={"dotsvlm_queue_events": ("counters", "event")})
+        loop = asyncio.get_running_loop()
+        self._reaper = loop.create_task(self._reap_forever())
+        self._publishing = loop.create_task(publisher.run_forever())
 
     async def _reap_forever(self) -> None:
         while True:

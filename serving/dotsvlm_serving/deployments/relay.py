@@ -27,7 +27,7 @@ import ray
 from ..api.errors import ApiError
 from ..autoscaling.signals import IngressSignals
 from ..events import Event, RestartEvent, is_terminal
-from ..metrics import IngressMetrics
+from ..metrics.publish import ReplicaMetrics
 from ..tensor_queue import QueueItem, RayObjectTransport, TensorHandle
 
 log = logging.getLogger("ray.serve")
@@ -69,7 +69,7 @@ class _Held:
 class Relay:
     """Used by the ingress; holds the vision and tensor-queue handles and the cancellations in flight."""
 
-    def __init__(self, vision: Any, queue: Any, metrics: IngressMetrics, signals: IngressSignals, *, hidden_size: int,
+    def __init__(self, vision: Any, queue: Any, metrics: ReplicaMetrics, signals: IngressSignals, *, hidden_size: int,
                  pixels_per_token: int, enqueue_timeout_s: float, request_timeout_s: float,
                  embed_dtype: str = "float32") -> None:
         self.vision, self.queue, self.metrics, self.signals = vision, queue, metrics, signals
@@ -85,7 +85,6 @@ class Relay:
         """Encode on the vision pool; the embeddings stay in the object store (owned by this process, so
         they outlive the vision replica) and only their reference travels on."""
         t = time.monotonic()
-        self.metrics.vision_backlog.inc(len(images))
         # The autoscaler's view of the vision backlog: counted here, so it is known even while the
         # vision pool has no replica (the call then waits at the handle until Serve starts one).
         pixels = sum(counts) * self.pixels_per_token
@@ -106,9 +105,8 @@ class Relay:
                 delay = min(0.01, delay * 2)
             encoded = time.monotonic() - t
         finally:
-            self.metrics.vision_backlog.dec(len(images))
             self.signals.vision_finished(len(images), pixels, time.monotonic(), encoded)
-        self.metrics.encode_seconds.observe(encoded)
+        self.metrics.observe("dotsvlm_vision_request_seconds", encoded)
         return RayObjectTransport.from_ref(ref, shape=(sum(counts), self.hidden_size), dtype=self.embed_dtype)
 
     async def submit(self, cid: str, ids: list[int], images: list[bytes], counts: list[int],
@@ -132,7 +130,7 @@ class Relay:
                 raise
             if first["type"] == "error" and first.get("stage") == "vision" and attempt + 1 < attempts:
                 log.warning("request %s: embeddings lost, encoding again", req.rid)
-                self.metrics.vision_retries.inc()
+                self.metrics.inc("dotsvlm_vision_retries")
                 continue
             return self._prepend(first, events, req)
         raise AssertionError("unreachable")

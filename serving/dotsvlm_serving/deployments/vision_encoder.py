@@ -26,6 +26,7 @@ import torch
 from ray import serve
 
 from .. import pipeline
+from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.checkpoint import load_vision_tower
 from ..model.config import load_config
 from ..model.preprocess import ImageError, PreprocessedImages, decode_image
@@ -60,7 +61,15 @@ class VisionEncoder:
         # Decode + resize + patchify, per request, in parallel with each other and with the forward.
         self._prepare_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2),
                                                 thread_name_prefix="vision-prepare")
-        self._loop = asyncio.get_running_loop().create_task(self._batch_forever())
+        self.metrics = ReplicaMetrics("vision")
+        publisher = StatsPublisher(self.metrics, self.stats,
+                                   gauges={"dotsvlm_vision_backlog_images": "backlog_images",
+                                           "dotsvlm_vision_encoding_images": "encoding_images"},
+                                   counters={"dotsvlm_vision_images_encoded": "images",
+                                             "dotsvlm_vision_pixels_encoded": "pixels_total"})
+        loop = asyncio.get_running_loop()
+        self._loop = loop.create_task(self._batch_forever())
+        self._publishing = loop.create_task(publisher.run_forever())
 
     def _prepare(self, images: list[bytes]) -> PreprocessedImages:
         lim = self.cfg.api.images
@@ -122,8 +131,11 @@ class VisionEncoder:
                     self._encoding_images = 0
                 self._stats["batches"] += 1
                 self._stats["images"] += n_images
+                took = time.monotonic() - t0
                 self._stats["pixels_total"] += sum(j.pixels for j in batch)
-                self._stats["encode_seconds_total"] += time.monotonic() - t0
+                self._stats["encode_seconds_total"] += took
+                self.metrics.observe("dotsvlm_vision_batch_images", n_images)
+                self.metrics.observe("dotsvlm_vision_encode_seconds", took)
                 i = 0
                 for j in batch:
                     n = j.n_images

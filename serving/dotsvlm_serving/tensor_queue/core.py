@@ -87,12 +87,15 @@ class _Consumer:
 
 class TensorQueueCore:
     def __init__(self, *, max_items: int, max_bytes: int, lease_timeout_s: float = 10.0,
-                 max_deliveries: int = 2, mailbox_ttl_s: float = 120.0) -> None:
+                 max_deliveries: int = 2, mailbox_ttl_s: float = 120.0,
+                 observe_wait: Callable[[float], None] | None = None) -> None:
+        """`observe_wait` is told, for each item taken, how long it waited in the queue (a metric)."""
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.lease_timeout_s = lease_timeout_s
         self.max_deliveries = max_deliveries
         self.mailbox_ttl_s = mailbox_ttl_s
+        self.observe_wait = observe_wait
         self._items: deque[QueueItem] = deque()
         self._bytes = 0
         # (future, nbytes) of producers waiting for room, in arrival order; a woken producer holds a
@@ -202,6 +205,10 @@ class TensorQueueCore:
         if out:
             self.counters["taken"] += len(out)
             self._wake_producers()
+            if self.observe_wait is not None:
+                now = time.monotonic()
+                for item in out:
+                    self.observe_wait(now - item.enqueued_at)
         return out
 
     def publish(self, consumer_id: str, events: list[Event], stats: dict[str, float] | None = None) -> list[str]:
@@ -331,6 +338,7 @@ class TensorQueueCore:
             "waiting_producers": sum(1 for f, _ in self._put_waiters if not f.done()),
             "leased": sum(len(c.leased) for c in self._consumers.values()),
             "consumers": consumers,
+            "consumer_count": len(consumers),
             "max_items": self.max_items,
             "max_bytes": self.max_bytes,
             "counters": dict(self.counters),

@@ -1,0 +1,199 @@
+"""The alert rules, as data: one source for the chart's file and the operator's PrometheusRule.
+
+Each alert says what is wrong (summary) and what to check (description); `docs/observability.md`
+explains each one further. Every rule aggregates by `dotsvlm_namespace` and `dotsvlm_deployment`, the
+labels that every dotsvlm series carries, so one rule file serves any number of deployments (the
+chart), and the operator's per-deployment PrometheusRule narrows each rule to its own deployment.
+
+`charts/dotsvlm-operator/files/alerts.yaml` is written by `python -m dotsvlm_operator.monitoring.generate`;
+a unit test fails when it differs from `alerts_file()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+from dotsvlm_serving.metrics.catalog import DEPLOYMENT_LABEL, NAMESPACE_LABEL, prom
+
+GROUP = "dotsvlm"
+BY = f"{NAMESPACE_LABEL}, {DEPLOYMENT_LABEL}"
+# Time-to-first-token targets (p95, seconds) per modality; the overview dashboard draws the same lines.
+TTFT_TARGET_SECONDS: dict[str, float] = {"text": 2.0, "image": 5.0}
+ERROR_RATIO = 0.05
+
+
+class Sel:
+    """A label selector: the deployment's own labels (empty for the chart's generic rules) plus extras."""
+
+    def __init__(self, namespace: str | None = None, deployment: str | None = None) -> None:
+        self.base = [] if namespace is None else [f'{NAMESPACE_LABEL}="{namespace}"', f'{DEPLOYMENT_LABEL}="{deployment}"']
+
+    def __call__(self, *extra: str) -> str:
+        matchers = [*self.base, *extra]
+        return "{" + ",".join(matchers) + "}" if matchers else ""
+
+
+@dataclass(frozen=True)
+class Alert:
+    name: str
+    expr: Callable[[Sel], str]
+    for_: str
+    severity: Literal["warning", "critical"]
+    summary: str
+    description: str
+
+    def rule(self, sel: Sel) -> dict[str, Any]:
+        return {"alert": self.name, "expr": self.expr(sel), "for": self.for_,
+                "labels": {"severity": self.severity},
+                "annotations": {"summary": self.summary, "description": self.description}}
+
+
+def _pool(metric: str, pool: str, s: Sel) -> str:
+    selector = s(f'pool="{pool}"')
+    return f"max by ({BY}) ({prom(metric)}{selector})"
+
+
+def _sum_rate(metric: str, s: Sel, *match: str, window: str = "5m") -> str:
+    return f"sum by ({BY}) (rate({prom(metric)}{s(*match)}[{window}]))"
+
+
+def _ttft(s: Sel) -> str:
+    parts = []
+    for modality, target in TTFT_TARGET_SECONDS.items():
+        bucket = prom("dotsvlm_time_to_first_token_seconds") + "_bucket" + s(f'modality="{modality}"')
+        parts.append(f"histogram_quantile(0.95, sum by ({BY}, modality, le) (rate({bucket}[10m]))) > {target:g}")
+    return "\n  or\n".join(f"({p})" for p in parts)
+
+
+WHO = "{{ $labels.dotsvlm_namespace }}/{{ $labels.dotsvlm_deployment }}"
+
+ALERTS: tuple[Alert, ...] = (
+    Alert(
+        "DotsVLMVisionPoolSaturated",
+        lambda s: (f"{_pool('dotsvlm_pool_desired_replicas', 'vision', s)} >= "
+                   f"{_pool('dotsvlm_pool_max_replicas', 'vision', s)}\n"
+                   f"and on ({BY}) sum by ({BY}) ({prom('dotsvlm_vision_pending_images')}{s()}) > 0"),
+        "10m", "warning",
+        f"{WHO}: the vision pool is at its maximum replicas and images are still waiting",
+        "The vision pool wants maxReplicas ({{ $value | printf \"%.0f\" }}) and its replicas still have a backlog, so requests "
+        "with images wait longer. Check the 'Vision pool' dashboard (backlog, encode latency, batch size); "
+        "raise spec.vision.maxReplicas if the cluster has GPUs for it, or lower spec.vision.maxBatchPixels "
+        "if batches are slow."),
+    Alert(
+        "DotsVLMLLMPoolSaturated",
+        lambda s: (f"{_pool('dotsvlm_pool_desired_replicas', 'llm', s)} >= "
+                   f"{_pool('dotsvlm_pool_max_replicas', 'llm', s)}\n"
+                   f"and on ({BY}) max by ({BY}) ({prom('dotsvlm_queue_depth')}{s()}) > 0"),
+        "10m", "warning",
+        f"{WHO}: the LLM pool is at its maximum replicas and work waits in the tensor queue",
+        "The LLM pool wants maxReplicas ({{ $value | printf \"%.0f\" }}) while requests wait in the tensor queue. Check the "
+        "'LLM pool' dashboard (running requests, KV-cache use) and the 'Tensor queue' dashboard; raise "
+        "spec.llm.maxReplicas if GPUs are free, or spec.llm.maxRunningRequests if the KV cache has room."),
+    Alert(
+        "DotsVLMQueueRejecting",
+        lambda s: _sum_rate("dotsvlm_queue_events", s, 'event="rejected_full"') + " > 0",
+        "5m", "critical",
+        f"{WHO}: the tensor queue is full and requests are refused with 429",
+        "Requests waited spec.queue.enqueueTimeoutSeconds for room in the tensor queue and were refused "
+        "({{ $value | printf \"%.2f\" }} per second). The LLM pool does not keep up: check whether it is at "
+        "maxReplicas (DotsVLMLLMPoolSaturated), whether LLM replicas are ready (DotsVLMReplicasNotReady), "
+        "and the 'Tensor queue' dashboard. spec.queue.maxItems/maxBytes only buys time."),
+    Alert(
+        "DotsVLMQueueFilling",
+        lambda s: (f"max by ({BY}) ({prom('dotsvlm_queue_depth')}{s()})\n"
+                   f"/ max by ({BY}) ({prom('dotsvlm_queue_max_items')}{s()}) > 0.5"),
+        "10m", "warning",
+        f"{WHO}: the tensor queue has stayed over half full",
+        "The tensor queue is {{ $value | printf \"%.2f\" }} full (1 = at capacity) and has been over half full for "
+        "10 minutes: "
+        "the LLM pool takes work more slowly than it arrives. Check LLM replicas (ready, KV-cache use, "
+        "running requests) on the 'LLM pool' dashboard and whether the pool autoscaler adds replicas "
+        "('Autoscaler decisions' dashboard). Rejections (429) follow when it is full."),
+    Alert(
+        "DotsVLMQueueItemsWaitingLong",
+        lambda s: f"max by ({BY}) ({prom('dotsvlm_queue_oldest_age_seconds')}{s()}) > 60",
+        "5m", "warning",
+        f"{WHO}: work has waited over a minute in the tensor queue",
+        "The oldest item in the tensor queue is {{ $value | printf \"%.0f\" }} s old. If LLM replicas are "
+        "running below maxRunningRequests, an item may need more KV cache than any replica has free (check "
+        "KV-cache use); if no LLM replica heartbeats (ray_dotsvlm_queue_consumers is 0), check the LLM pods' "
+        "logs and `kubectl describe` of the DotsVLMDeployment."),
+    Alert(
+        "DotsVLMTimeToFirstTokenHigh",
+        _ttft,
+        "10m", "warning",
+        f"{WHO}: p95 time to first token is over target for {{{{ $labels.modality }}}} requests",
+        "The 95th percentile time to first token of {{ $labels.modality }} requests is {{ $value | "
+        "printf \"%.2f\" }} s (targets: " + ", ".join(f"{k} {v:g} s" for k, v in TTFT_TARGET_SECONDS.items())
+        + "). For image requests check the vision pool (backlog, encode latency); for all, the tensor queue "
+        "wait and the LLM pool's running requests. See the 'Overview' dashboard."),
+    Alert(
+        "DotsVLMHighErrorRate",
+        lambda s: (_sum_rate("dotsvlm_requests", s, 'code=~"5.."') + "\n/ " + _sum_rate("dotsvlm_requests", s)
+                   + f" > {ERROR_RATIO:g}"),
+        "10m", "critical",
+        f"{WHO}: over {ERROR_RATIO:.0%} of requests fail with a server error",
+        "A fraction of {{ $value | printf \"%.2f\" }} of chat requests end in 5xx. 503 means a serving component was "
+        "unavailable (replicas restarting, Ray failures): check the Ray pods' logs and restarts; 504 means "
+        "requests hit spec.api.requestTimeoutSeconds. The 'Overview' dashboard shows errors by code."),
+    Alert(
+        "DotsVLMReplicasNotReady",
+        lambda s: (f"max by ({BY}, pool) ({prom('dotsvlm_pool_ready_replicas')}{s()})\n"
+                   f"< max by ({BY}, pool) ({prom('dotsvlm_pool_desired_replicas')}{s()})"),
+        "15m", "warning",
+        f"{WHO}: the {{{{ $labels.pool }}}} pool has fewer ready replicas than it wants",
+        "Only {{ $value | printf \"%.0f\" }} replicas of the {{ $labels.pool }} pool are ready, fewer than desired, for 15 "
+        "minutes. Check `kubectl describe dotsvlmdeployment` (its conditions say why), the pool's pods "
+        "(Pending: see DotsVLMPodsUnschedulable; CrashLoopBackOff or ImagePullBackOff: the pod's events "
+        "and logs)."),
+    Alert(
+        "DotsVLMPodsUnschedulable",
+        lambda s: f"max by ({BY}, pool) ({prom('dotsvlm_pool_unschedulable_pods')}{s()}) > 0",
+        "10m", "warning",
+        f"{WHO}: {{{{ $value | printf \"%.0f\" }}}} pods of the {{{{ $labels.pool }}}} pool cannot be scheduled",
+        "The scheduler cannot place these pods, most often for lack of free GPUs (nvidia.com/gpu). Run "
+        "`kubectl describe pod` on a Pending pod of the pool: the events name what is missing. Check the "
+        "GPU nodes' allocatable GPUs, the pool's nodeSelector and tolerations, and whether a cluster "
+        "autoscaler can add GPU nodes; or lower the pool's maxReplicas."),
+    Alert(
+        "DotsVLMOperatorReconcileErrors",
+        lambda s: (f"sum by ({BY}) (increase({prom('dotsvlm_operator_reconciles')}"
+                   + s('result="error"') + "[10m])) > 0"),
+        "15m", "warning",
+        f"{WHO}: the operator keeps failing to reconcile this deployment",
+        "Reconcile passes have failed for 15 minutes ({{ $value | printf \"%.0f\" }} in the last 10 minutes). The "
+        "DotsVLMDeployment's Degraded condition (reason ReconcileFailed) carries the API server's message: "
+        "`kubectl describe dotsvlmdeployment`. Common causes: RBAC (the operator's ServiceAccount), an "
+        "admission webhook refusing a child object, the Ray head unreachable. The operator's logs have "
+        "the full error."),
+)
+
+
+def rule_groups(sel: Sel | None = None) -> list[dict[str, Any]]:
+    return [{"name": GROUP, "rules": [a.rule(sel or Sel()) for a in ALERTS]}]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (PromQL) as literal blocks, so the file reads like the code."""
+
+
+_Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+
+
+def dump(obj: Any) -> str:
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
+
+
+def alerts_file() -> str:
+    """The chart's alerts.yaml: a document with a top-level `groups:` list (the PrometheusRule spec)."""
+    head = "# Generated by `python -m dotsvlm_operator.monitoring.generate` from monitoring/alerts.py; do not edit.\n"
+    return head + dump({"groups": rule_groups()})
+
+
+def prometheus_rule(meta: dict[str, Any], namespace: str, deployment: str) -> dict[str, Any]:
+    """The PrometheusRule the operator renders for one deployment (its rules see only its own series)."""
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": meta,
+            "spec": {"groups": rule_groups(Sel(namespace, deployment))}}

@@ -1,0 +1,1 @@
+"""dotsvlm's metrics: `catalog` (names, types, labels; no ray) and `publish` (Ray Serve replicas)."""
