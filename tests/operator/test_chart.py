@@ -415,7 +415,8 @@ def _can(kube, sa: str, verb: str, resource: str, namespace: str | None) -> bool
 
 
 CHILD_RESOURCES = ["services", "configmaps", "secrets", "deployments.apps", "poddisruptionbudgets.policy",
-                   "networkpolicies.networking.k8s.io", "servicemonitors.monitoring.coreos.com"]
+                   "networkpolicies.networking.k8s.io", "podmonitors.monitoring.coreos.com",
+                   "prometheusrules.monitoring.coreos.com"]
 
 
 def _needed(ns: str) -> list[tuple[str, str, str | None]]:

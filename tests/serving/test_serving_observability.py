@@ -176,9 +176,13 @@ def test_counters_summed_over_replicas_equal_the_requests_sent(prometheus: Prome
     # reports its own engine while the single queue replica reports the queue once.
     replicas = prometheus.query(f'count by (replica) ({REQUESTS}{{{SEL},deployment="Ingress"}})')
     assert len(replicas) == 2, replicas
-    # (over the last 30 s: under load a gauge's report can miss a scrape)
-    assert prometheus.value(f"count(max_over_time({prom('dotsvlm_llm_kv_cache_capacity_tokens')}{{{SEL}}}[30s]))") == 2
-    assert prometheus.value(f"count(max_over_time({prom('dotsvlm_queue_max_items')}{{{SEL}}}[30s]))") == 1
+    # (over the last 30 s: under load a gauge's report can miss a scrape). Each comes from the component
+    # that owns the number, never from the ingress replicas (as the old /metrics did).
+    llm = prometheus.query(f"count by (deployment) (max_over_time({prom('dotsvlm_llm_kv_cache_capacity_tokens')}"
+                           f"{{{SEL}}}[30s]))")
+    assert {r["metric"]["deployment"]: float(r["value"][1]) for r in llm} == {"LLMServer": 2.0}, llm
+    queue = prometheus.query(f"count by (deployment) (max_over_time({prom('dotsvlm_queue_max_items')}{{{SEL}}}[30s]))")
+    assert [r["metric"]["deployment"] for r in queue] == ["TensorQueue"], queue  # (a replaced replica may linger)
     # Histograms count each completed request once, per modality.
     ttft = prometheus.query(f"sum by (modality) ({prom('dotsvlm_time_to_first_token_seconds')}_count{{{SEL}}})")
     assert {r["metric"]["modality"] for r in ttft} == {"text", "image"}
