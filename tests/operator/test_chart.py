@@ -32,8 +32,21 @@ CHART = REPO / "charts" / "dotsvlm-operator"
 CRD_NAME = "dotsvlmdeployments.dotsvlm.io"
 
 # Minimal copies of the Prometheus Operator's CRDs: enough for the API server to accept (and validate
-# the shape of) the chart's ServiceMonitor and PrometheusRule.
+# the shape of) the chart's ServiceMonitor and PrometheusRule, and the operator's PodMonitors.
 PROMETHEUS_OPERATOR_CRDS = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: podmonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: PodMonitor, plural: podmonitors, singular: podmonitor}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata: {name: servicemonitors.monitoring.coreos.com}
@@ -130,9 +143,11 @@ def free_port() -> int:
 def prometheus_operator_crds(kube):
     kube.apply(PROMETHEUS_OPERATOR_CRDS)
     kube.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                 "crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com")
+                 "crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com",
+                 "crd/podmonitors.monitoring.coreos.com")
     yield
     kube.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com",
+                 "podmonitors.monitoring.coreos.com",
                  "--ignore-not-found", "--wait=true", timeout=120)
 
 
