@@ -192,7 +192,8 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
     if not busy:
         idle_for = now - state.last_work_at if state.last_work_at is not None else math.inf
         if cfg.min_replicas == 0 and idle_for >= cfg.idle_to_zero_s:
-            return _Recommendation(0, IDLE_TO_ZERO, f"no image work for {min(idle_for, 1e9):.0f} s "
+            since = f"for {idle_for:.0f} s" if state.last_work_at is not None else "since the autoscaler started"
+            return _Recommendation(0, IDLE_TO_ZERO, f"no image work {since} "
                                    f"(idleToZeroSeconds {cfg.idle_to_zero_s:.0f}): scale to zero")
         # Below the idle window a pool allowed to reach zero keeps one warm replica.
         return _Recommendation(max(cfg.min_replicas, min(current, 1)), LOW_LOAD, "no image work waiting")
