@@ -192,7 +192,8 @@ def test_llm_scale_down_drains_the_replica_while_it_streams(stack: Stack) -> Non
             while not down_at:  # a new stream as soon as the last ended, until the scale-down was seen
                 results.append(await asyncio.to_thread(_stream_tokens, stack.url, body))
 
-        burst = asyncio.create_task(_send(stack.url, [_body(2000 + i, image=False, max_tokens=16) for i in range(30)],
+        # Long enough on one replica (one running request at a time) for a second one to start, on a fast machine too.
+        burst = asyncio.create_task(_send(stack.url, [_body(2000 + i, image=False, max_tokens=64) for i in range(40)],
                                           outcomes))
         slots = [asyncio.create_task(slot()) for _ in range(2)]
         both_up = False
@@ -213,7 +214,7 @@ def test_llm_scale_down_drains_the_replica_while_it_streams(stack: Stack) -> Non
     assert stack.seen[-1]["llm"]["desired"] == 1, f"the LLM pool did not scale down under two streams: {stack.seen[-2:]}"
     assert any(t > down_at for _, t in results), "no stream was running when the pool scaled down"
     assert [n for n, _ in results] == [max_tokens] * len(results), "a stream lost tokens while its replica drained"
-    assert sum(outcomes.values()) == 30 and set(outcomes) <= {200, 429, 503}, outcomes
+    assert sum(outcomes.values()) == 40 and set(outcomes) <= {200, 429, 503}, outcomes
 
 
 def test_both_pools_scale_down_after_their_windows_while_streams_complete(stack: Stack) -> None:
