@@ -32,6 +32,8 @@ DECISION_FRESH_S = 30.0
 BAD_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                        "CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 SERVE_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
+# Ready=False reason: the LLM pool (every request needs it) is at zero replicas.
+NO_LLM_REPLICA = "NoLLMReplica"
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class _Findings:
     waiting: list[tuple[str, str]] = field(default_factory=list)  # (reason, message): not Ready
     progressing: list[tuple[str, str]] = field(default_factory=list)  # still moving, but Ready
     degraded: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # Ready, with a limit the user should know about
 
 
 def _first_sentence(msg: str) -> str:
@@ -234,7 +237,20 @@ def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: models.Do
     # Ready needs each pool at its minimum (at least one replica when it has any): a pool that grows on
     # demand is Progressing while its new replicas start, not un-Ready.
     serving_floor = min(desired, max(minimum, 1))
-    if ready // per < serving_floor:
+    if desired == 0 and ready // per == 0:
+        # A pool at zero: every request needs the LLM pool, so nothing can be answered; only requests
+        # with images need the vision pool, and they wait for a replica to wake up.
+        if pool == COMPONENT_LLM:
+            f.waiting.append((NO_LLM_REPLICA, (
+                "the LLM pool has no replica (llm.minReplicas is 0 and the autoscaler wants none), so no request "
+                "can be answered: requests wait in the queue until a replica has started and loaded the model, "
+                "or time out. To fix: set llm.minReplicas to 1 or more")))
+        else:
+            f.notes.append(
+                "the vision pool is at zero replicas (vision.minReplicas is 0): text requests are answered at once, "
+                "a request with images waits until a vision replica has woken up and started (within "
+                "api.requestTimeoutSeconds); set vision.minReplicas to 1 to keep one warm")
+    elif ready // per < serving_floor:
         f.waiting.append(("PodsNotReady", f"{label} pool: {ready // per} of {desired} replicas ready{unit}"))
     elif ready < desired * per:
         f.progressing.append(("Scaling", f"{label} pool: {ready // per} of {desired} replicas ready{unit}"))
@@ -344,7 +360,8 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
     elif head_pods and any(p.ready for p in head_pods):
         f.waiting.append(("ServeAppNotDeployed", "the Serve application has not been deployed yet"))
     olds = {c.type: c for c in (old.conditions if old else [])}
-    moving = f.waiting + f.progressing
+    # A pool held at zero by its spec is not moving: it is Progressing only when something else is.
+    moving = [w for w in f.waiting if w[0] != NO_LLM_REPLICA] + f.progressing
     if moving:
         progressing = _condition("Progressing", True, moving[0][0], "; ".join(w for _, w in moving) + ".",
                                  generation, olds, now)
@@ -355,7 +372,8 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
         ready = _condition("Ready", False, f.waiting[0][0], "waiting for: " + "; ".join(w for _, w in f.waiting) + ".",
                            generation, olds, now)
     else:
-        ready = _condition("Ready", True, "Available", f"the API answers at {endpoint}.", generation, olds, now)
+        ready = _condition("Ready", True, "Available", f"the API answers at {endpoint}."
+                           + "".join(f" Note: {n}." for n in f.notes), generation, olds, now)
     if f.degraded:
         degraded = _condition("Degraded", True, f.degraded[0][0], " ".join(d for _, d in f.degraded), generation, olds, now)
     else:

@@ -261,3 +261,28 @@ def test_latencies_refresh_even_when_the_queue_stays_the_same() -> None:
     faster = report(ttft_image_p90_s=1.5)
     later, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), faster, old=first, now_unix=T0 + 30)
     assert later.queue == first.queue and later.slo.image_ttft.met is True
+
+
+def test_llm_pool_at_zero_is_not_ready_and_says_what_to_do() -> None:
+    s = spec(minReplicas=0, maxReplicas=2)
+    pods = [ready("h", "ray-head")] + [ready(f"v{i}", "vision") for i in range(4)]
+    st, tr = run(pods, ServeObservation(URL, True, "RUNNING"), s=s, desired={"vision": 4, "llm": 0})
+    r = cond(st, "Ready")
+    assert r.status == "False" and r.reason == "NoLLMReplica"
+    assert "no request can be answered" in r.message and "set llm.minReplicas to 1 or more" in r.message
+    # Nothing is on its way: the spec holds the pool at zero.
+    assert cond(st, "Progressing").status == "False"
+    # One LLM replica (two pods of a two-node replica) ready: Ready again.
+    st, _ = run(pods + [ready("l0", "llm"), ready("l1", "llm")], ServeObservation(URL, True, "RUNNING"), s=s,
+                old=st, desired={"vision": 4, "llm": 1})
+    assert cond(st, "Ready").status == "True"
+
+
+def test_vision_pool_at_zero_is_ready_for_text_and_says_images_wait() -> None:
+    s = models.DotsVLMDeploymentSpec.model_validate({**spec().model_dump(by_alias=True, exclude_none=True),
+                                                     "vision": {"gpusPerReplica": 1, "minReplicas": 0, "maxReplicas": 2}})
+    pods = [ready("h", "ray-head"), ready("l0", "llm"), ready("l1", "llm")]
+    st, _ = run(pods, ServeObservation(URL, True, "RUNNING"), s=s, desired={"vision": 0, "llm": 1})
+    r = cond(st, "Ready")
+    assert r.status == "True" and r.reason == "Available"
+    assert "vision pool is at zero replicas" in r.message and "images waits until a vision replica has woken up" in r.message
