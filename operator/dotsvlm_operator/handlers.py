@@ -30,7 +30,7 @@ import kopf
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
-from dotsvlm_operator import builders, ingress_client, models, naming, pod_sizing, serve_app
+from dotsvlm_operator import builders, ingress_client, models, naming, pod_sizing, serve_app, serve_drift
 from dotsvlm_operator.kube import KUBE_THREADS, Kube
 from dotsvlm_operator.monitoring.operator_metrics import METRICS
 from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError
@@ -40,6 +40,9 @@ from dotsvlm_operator.status import (PodView, ServeObservation, compute_status, 
 HEAD_URL_OVERRIDE_ENV = "DOTSVLM_RAY_HEAD_URL_OVERRIDE"
 API_URL_OVERRIDE_ENV = "DOTSVLM_API_URL_OVERRIDE"
 POOLS = (naming.COMPONENT_VISION, naming.COMPONENT_LLM)
+# After re-deploying over a drifted config, wait this long before doing it again (a head that keeps
+# reporting a difference must not be re-deployed on every pass).
+DRIFT_REDEPLOY_INTERVAL_S = 30.0
 
 
 @dataclass
@@ -72,6 +75,7 @@ class ResourceState:
     status: models.DotsVLMDeploymentStatus | None = None  # the last status written
     built: tuple[tuple, list[tuple[dict[str, Any], str]]] | None = None  # (inputs, [(child, digest)]) last built
     serve_body: tuple[str, dict[str, Any], str] | None = None  # (spec JSON, Serve body, its hash)
+    drift_deployed_at: float = float("-inf")  # monotonic time of the last re-deploy over a drifted config
 
 
 CONFIG = OperatorConfig()
@@ -294,8 +298,9 @@ def api_url(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec) -> str:
 async def observe_serve(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str,
                         old: models.DotsVLMDeploymentStatus | None, logger: logging.Logger,
                         state: ResourceState | None = None) -> ServeObservation:
-    """Deploy the Serve config if it changed since the last successful deploy (or the head lost it), then
-    read the application: its status and each deployment's target and replicas."""
+    """Deploy the Serve config if it changed since the last successful deploy, the head lost it, or the
+    head runs another config (drift: someone deployed by hand), then read the application: its status
+    and each deployment's target and replicas. `drift` in the answer says what differed."""
     spec_json = spec.model_dump_json()
     if state is not None and state.serve_body is not None and state.serve_body[0] == spec_json:
         _, body, digest = state.serve_body
@@ -306,18 +311,29 @@ async def observe_serve(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
             state.serve_body = (spec_json, body, digest)
     url = head_url(owner)
     deployed = old.serve_app.config_hash if old else None
+    drift = None
     async with RayHeadClient(url, token, timeout=CONFIG.head_timeout_seconds, http=http()) as client:
         try:
             app = await client.application()
-            if deployed != digest or app.status == "NOT_DEPLOYED":
+            if deployed == digest and app.status not in ("NOT_DEPLOYED", "DELETING"):
+                # What the head runs, against what the spec wants: someone may have deployed by hand.
+                drift = serve_drift.config_drift(body, app.deployed_config)
+                if drift is not None and state is not None:
+                    if time.monotonic() - state.drift_deployed_at < DRIFT_REDEPLOY_INTERVAL_S:
+                        drift = None  # just re-deployed: give the head time before trying again
+                    else:
+                        state.drift_deployed_at = time.monotonic()
+            if deployed != digest or app.status == "NOT_DEPLOYED" or drift is not None:
                 await client.deploy(body)
-                logger.info(f"deployed the Serve application to {url} (config {digest})")
+                logger.info(f"deployed the Serve application to {url} (config {digest})"
+                            + (f": the head ran another config ({drift})" if drift else ""))
                 deployed = digest
                 app = await client.application()
         except RayHeadError as exc:
             return ServeObservation(url=url, reachable=not exc.unreachable, status="Unknown", message=str(exc),
                                     config_hash=old.serve_app.config_hash if old else None)
-    return ServeObservation(url=url, reachable=True, status=app.status, message=app.message, config_hash=deployed, app=app)
+    return ServeObservation(url=url, reachable=True, status=app.status, message=app.message, config_hash=deployed,
+                            app=app, drift=drift)
 
 
 def _old_status(body: kopf.Body) -> models.DotsVLMDeploymentStatus | None:
@@ -510,6 +526,11 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
     if old_raw != new_raw:
         await asyncio.to_thread(k.patch_status, owner.namespace, owner.name, merge_patch(old_raw, new_raw))
     state.status = new
+    if serve is not None and serve.drift:
+        message = (f"the Ray head ran a Serve config that differs from the spec ({serve.drift}); "
+                   "the operator deployed the spec's config again")
+        kopf.event(body, type="Warning", reason="ServeConfigDrift", message=message[:1000])
+        logger.warning(message)
     for t in transitions:
         kopf.event(body, type="Warning" if t.warning else "Normal", reason=t.reason,
                    message=f"{t.type}={t.status}: {t.message}"[:1000])

@@ -494,6 +494,11 @@ class ServeAppStatus(_Api):
     status: str = Field("Unknown", description="Ray Serve application status (RUNNING, DEPLOYING, ...) or Unknown.")
     message: str = Field("", description="Ray Serve's message, or why it could not be read.")
     config_hash: str | None = Field(None, description="Hash of the Serve config last deployed to the head.")
+    last_drift: str | None = Field(None, description=(
+        "The last time the head ran a Serve config other than the spec's (someone deployed by hand): what "
+        "differed. The operator deployed the spec's config again (Event ServeConfigDrift); change the "
+        "DotsVLMDeployment instead of the head."))
+    last_drift_time: str | None = Field(None, description="When lastDrift was found and corrected (RFC 3339).")
 
 
 class DotsVLMDeploymentStatus(_Api):

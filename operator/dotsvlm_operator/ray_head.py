@@ -50,6 +50,9 @@ class ServeApp:
     status: str
     message: str = ""
     deployments: dict[str, DeploymentView] = field(default_factory=dict)
+    # The config the application was deployed with (`deployed_app_config`); None when it was deployed
+    # by serve.run rather than from a config, or when the head runs no such application.
+    deployed_config: dict[str, Any] | None = None
 
 
 def parse_application(data: Any, name: str = APP_NAME) -> ServeApp:
@@ -71,7 +74,9 @@ def parse_application(data: Any, name: str = APP_NAME) -> ServeApp:
                for d, info in (app.get("deployments") or {}).items()
                if (info or {}).get("status") not in (None, "HEALTHY")]
         message = "; ".join(bad)
-    return ServeApp(str(app.get("status") or "Unknown"), message, deployments)
+    deployed = app.get("deployed_app_config")
+    return ServeApp(str(app.get("status") or "Unknown"), message, deployments,
+                    deployed if isinstance(deployed, dict) else None)
 
 
 class RayHeadError(Exception):

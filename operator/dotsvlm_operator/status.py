@@ -90,6 +90,7 @@ class ServeObservation:
     message: str = ""
     config_hash: str | None = None
     app: ServeApp | None = None  # the application's deployments (targets, replicas) when it was read
+    drift: str | None = None  # the head ran another config (what differed); the spec's was deployed again
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,11 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
     serve_status = models.ServeAppStatus()
     if serve is not None:
         serve_status = models.ServeAppStatus(status=serve.status, message=serve.message[:1000], config_hash=serve.config_hash)
+        if serve.drift:
+            serve_status.last_drift = (f"the head ran a Serve config that differs from the spec ({serve.drift}); "
+                                       f"the operator deployed the spec's config again")[:1000]
+            serve_status.last_drift_time = now
+
         if not serve.reachable:
             f.waiting.append(("RayHeadUnreachable", f"cannot reach the Ray head's dashboard at {serve.url}: {serve.message}"))
         elif serve.status in SERVE_FAILED:
@@ -359,6 +365,8 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                                                     + (f": {serve.message[:300]}" if serve.message else "")))
     elif head_pods and any(p.ready for p in head_pods):
         f.waiting.append(("ServeAppNotDeployed", "the Serve application has not been deployed yet"))
+    if serve_status.last_drift is None and old is not None:
+        serve_status.last_drift, serve_status.last_drift_time = old.serve_app.last_drift, old.serve_app.last_drift_time
     olds = {c.type: c for c in (old.conditions if old else [])}
     # A pool held at zero by its spec is not moving: it is Progressing only when something else is.
     moving = [w for w in f.waiting if w[0] != NO_LLM_REPLICA] + f.progressing

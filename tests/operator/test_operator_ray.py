@@ -1,4 +1,5 @@
-"""Operator + a real local Ray head: token auth, Serve deploy through the REST API, status RUNNING.
+"""Operator + a real local Ray head: token auth, Serve deploy through the REST API, status RUNNING, and
+a config deployed to the head by hand replaced by the spec's (drift).
 
 kwok pods run no containers, so the Ray head is a local `ray start --head` with token authentication,
 the deployment's pool resources and the tiny model; the operator reaches it through the documented
@@ -162,3 +163,32 @@ def test_operator_deploys_the_serve_app_to_a_token_protected_ray_head(kube, ns, 
     assert st["vision"]["desiredReplicas"] == 1 and st["llm"]["desiredReplicas"] == 1
     assert st["queue"]["depth"] == 0 and st["queue"]["maxItems"] > 0
     assert st["slo"]["textTTFT"]["targetSeconds"] > 0
+
+    # Drift: someone deploys another config to the head by hand (a vision batch wait of 7 ms). The operator
+    # sees it in the head's deployed_app_config, deploys the spec's config again, and says so.
+    headers = {"Authorization": f"Bearer {token}"}
+    wanted = httpx.get(f"{url}/api/serve/applications/", headers=headers, timeout=10).json()
+    wanted_app = wanted["applications"]["dotsvlm"]["deployed_app_config"]
+    by_hand = {"http_options": {"host": "0.0.0.0", "port": api_port}, "applications": [
+        {**wanted_app, "args": {**wanted_app["args"], "vision": {**wanted_app["args"]["vision"], "max_batch_wait_ms": 7.0}}}]}
+    assert wanted_app["args"]["vision"]["max_batch_wait_ms"] != 7.0
+    r = httpx.put(f"{url}/api/serve/applications/", headers=headers, json=by_hand, timeout=30)
+    assert r.status_code == 200, r.text
+
+    def vision_wait() -> float:
+        apps = httpx.get(f"{url}/api/serve/applications/", headers=headers, timeout=10).json()
+        return apps["applications"]["dotsvlm"]["deployed_app_config"]["args"]["vision"]["max_batch_wait_ms"]
+
+    poll(lambda: vision_wait() == wanted_app["args"]["vision"]["max_batch_wait_ms"], 90,
+         "the spec's Serve config back on the head", diag)
+    st = poll(lambda: (s := (get_json(kube, "dvlm", name, "-n", ns) or {}).get("status") or {})
+              and (s.get("serveApp") or {}).get("lastDrift") and s, 60, "the drift in the status", diag)
+    assert "args.vision.max_batch_wait_ms: the head runs 7.0" in st["serveApp"]["lastDrift"]
+    events = [e for e in get_json(kube, "events", "-n", ns)["items"] if e["reason"] == "ServeConfigDrift"]
+    assert events and "deployed the spec's config again" in events[0]["message"], events
+    # And the application serves again.
+    poll(lambda: condition(get_json(kube, "dvlm", name, "-n", ns), "Ready")["status"] == "True", 300,
+         "Ready=True after the drift was corrected", diag)
+    r = httpx.post(f"http://127.0.0.1:{api_port}/v1/chat/completions", timeout=120,
+                   json={"model": "dots.vlm1", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text

@@ -3,7 +3,8 @@
 It answers what the operator asks:
 - `GET /api/serve/applications/`: the Serve application with each deployment's `target_num_replicas`
   and `replicas` (state, node_ip), shaped like ray.serve.schema.ServeInstanceDetails;
-- `PUT /api/serve/applications/`: a deploy (counted; the application then exists);
+- `PUT /api/serve/applications/`: a deploy (counted; the application then exists, and its config is
+  echoed back as `deployed_app_config`, as Serve does);
 - `GET /-/autoscaler`: the autoscaler's report (decisions, queue, slo), as the ingress serves it.
 The test sets targets, replicas and decisions with `set_deployment` / `set_decision`. One server serves
 every resource (the operator's URL overrides have no {name} in them here); `requests` counts calls.
@@ -37,6 +38,7 @@ class FakeRayHead:
         self.slo: dict[str, float | None] = {"ttft_image_p90_s": None, "ttft_text_p90_s": None,
                                              "inter_token_p90_s": None, "encode_latency_p90_s": None}
         self.deployed = 0
+        self.deployed_body: dict[str, Any] | None = None  # the last PUT, as Serve echoes it (deployed_app_config)
         self.requests: dict[str, int] = {}
         self.autoscaler_up = True
         self._server: ThreadingHTTPServer | None = None
@@ -69,7 +71,9 @@ class FakeRayHead:
                 deps[name] = {"name": name, "status": "HEALTHY", "message": "", "target_num_replicas": d["target"],
                               "replicas": [{"replica_id": f"{name}-{i}", "state": state, "node_ip": ip,
                                             "start_time_s": 0.0} for i, (state, ip) in enumerate(d["replicas"])]}
-            return {"applications": {APP: {"name": APP, "status": "RUNNING", "message": "", "deployments": deps}}}
+            config = next((a for a in (self.deployed_body or {}).get("applications") or [] if a.get("name") == APP), None)
+            return {"applications": {APP: {"name": APP, "status": "RUNNING", "message": "", "deployments": deps,
+                                           "deployed_app_config": config}}}
 
     def report(self) -> dict[str, Any]:
         with self.lock:
@@ -126,9 +130,10 @@ class FakeRayHead:
 
             def do_PUT(self) -> None:  # noqa: N802
                 self._count()
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 with head.lock:
                     head.deployed += 1
+                    head.deployed_body = body
                 self._send(200, {})
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -286,3 +286,11 @@ def test_vision_pool_at_zero_is_ready_for_text_and_says_images_wait() -> None:
     r = cond(st, "Ready")
     assert r.status == "True" and r.reason == "Available"
     assert "vision pool is at zero replicas" in r.message and "images waits until a vision replica has woken up" in r.message
+
+
+def test_a_corrected_drift_is_kept_in_the_status_until_the_next_one() -> None:
+    st, _ = run(healthy_pods(), ServeObservation(URL, True, "RUNNING", drift="args.x: the head runs 1, the spec wants 2"))
+    assert "args.x: the head runs 1" in st.serve_app.last_drift and "deployed the spec's config again" in st.serve_app.last_drift
+    assert st.serve_app.last_drift_time == "2026-01-01T00:00:00Z"
+    again, _ = run(healthy_pods(), ServeObservation(URL, True, "RUNNING"), old=st)
+    assert again.serve_app.last_drift == st.serve_app.last_drift and again.serve_app.last_drift_time == st.serve_app.last_drift_time
