@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache
 
-from dotsvlm_serving.engine import Engine, EngineInput, EngineLimitError, EngineRequest, SamplingParams
+from dotsvlm_serving.engine import (Engine, EngineInput, EngineLimitError, EngineRequest, RequestBudget,
+                                    SamplingParams)
 from dotsvlm_serving.engine.transformers_engine import TransformersEngine
 from dotsvlm_serving.engine.sampling import holdback, sample_token
 
@@ -85,6 +86,19 @@ def test_running_limit_and_kv_budget(llm: DeepseekV3ForCausalLM) -> None:
         eng.check_limits(250, 10)
     with pytest.raises(EngineLimitError, match="KV-cache"):
         make_engine(llm, kv_cache_tokens=50).add(EngineRequest("b", torch.zeros(40, 64), SamplingParams(max_tokens=20)))
+
+
+def test_request_budget_is_what_every_engine_admits_by() -> None:
+    """One home for both engines' admission (the vllm engine uses the same RequestBudget with vLLM's KV size)."""
+    budget = RequestBudget(context_length=256, kv_tokens=100, max_running=2)
+    assert budget.free_slots(1) == 1 and budget.free_slots(3) == 0
+    assert budget.free_tokens(30) == 70 and budget.free_tokens(130) == 0
+    budget.check(60, 40)  # exactly the KV budget fits
+    with pytest.raises(EngineLimitError, match=r"needs 260 \(250 in the messages, 10 for the completion\)"):
+        budget.check(250, 10)
+    with pytest.raises(EngineLimitError, match="needs 101 KV-cache tokens but a replica has only 100; lower max_tokens"):
+        budget.check(61, 40)
+    assert EngineInput("r", [1, 2, 3], None, SamplingParams(max_tokens=5)).reserved_tokens == 8
 
 
 def test_eos_stop_string_and_cancellation(llm: DeepseekV3ForCausalLM) -> None:

@@ -33,6 +33,39 @@ class EngineInput:
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def reserved_tokens(self) -> int:
+        return self.prompt_tokens + self.params.max_tokens
+
+
+@dataclass(frozen=True)
+class RequestBudget:
+    """A replica's admission bookkeeping, the same for every engine: which requests can ever run (the
+    client's 400), and how many more requests and KV-cache tokens the replica can take now. A request
+    reserves its prompt plus max_tokens from admission until it ends."""
+
+    context_length: int
+    kv_tokens: int
+    max_running: int
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise EngineLimitError for a request too long for the context or for the whole KV budget."""
+        total = prompt_tokens + max_tokens
+        if total > self.context_length:
+            raise EngineLimitError(
+                f"this model's maximum context length is {self.context_length} tokens, but the request needs "
+                f"{total} ({prompt_tokens} in the messages, {max_tokens} for the completion); shorten the "
+                f"messages, send fewer or smaller images, or lower max_tokens")
+        if total > self.kv_tokens:
+            raise EngineLimitError(f"the request needs {total} KV-cache tokens but a replica has only "
+                                   f"{self.kv_tokens}; lower max_tokens")
+
+    def free_slots(self, in_flight: int) -> int:
+        return max(0, self.max_running - in_flight)
+
+    def free_tokens(self, reserved: int) -> int:
+        return max(0, self.kv_tokens - reserved)
+
 
 # The keys every engine's stats() has: the autoscaler reads them (autoscaling.signals.llm_stats) and
 # the replica sends them with its heartbeats.

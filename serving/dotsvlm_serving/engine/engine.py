@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from ..events import ErrorEvent, Event, FinishEvent, TokenEvent, Usage
-from .base import EngineLimitError
+from .base import RequestBudget
 from .sampling import SamplingParams, find_stop, holdback, sample_token
 
 
@@ -57,9 +57,7 @@ class Engine:
         self.model = model
         self.detokenize = detokenize
         self.eos_token_ids = set(eos_token_ids)
-        self.max_running = max_running
-        self.kv_cache_tokens = kv_cache_tokens
-        self.context_length = context_length
+        self.budget = RequestBudget(context_length=context_length, kv_tokens=kv_cache_tokens, max_running=max_running)
         self.device = next(model.parameters()).device
         self._pending: list[EngineRequest] = []
         self._running: list[_Seq] = []  # row i of the batch cache belongs to _running[i]
@@ -73,10 +71,10 @@ class Engine:
         return sum(s.req.reserved_tokens for s in self._running) + sum(r.reserved_tokens for r in self._pending)
 
     def free_slots(self) -> int:
-        return max(0, self.max_running - len(self._running) - len(self._pending))
+        return self.budget.free_slots(len(self._running) + len(self._pending))
 
     def free_tokens(self) -> int:
-        return max(0, self.kv_cache_tokens - self.reserved_tokens())
+        return self.budget.free_tokens(self.reserved_tokens())
 
     def has_work(self) -> bool:
         return bool(self._running or self._pending)
@@ -85,15 +83,7 @@ class Engine:
         return len(self._running) + len(self._pending)
 
     def check_limits(self, prompt_tokens: int, max_tokens: int) -> None:
-        total = prompt_tokens + max_tokens
-        if total > self.context_length:
-            raise EngineLimitError(
-                f"this model's maximum context length is {self.context_length} tokens, but the request needs "
-                f"{total} ({prompt_tokens} in the messages, {max_tokens} for the completion); shorten the "
-                f"messages, send fewer or smaller images, or lower max_tokens")
-        if total > self.kv_cache_tokens:
-            raise EngineLimitError(f"the request needs {total} KV-cache tokens but a replica has only "
-                                   f"{self.kv_cache_tokens}; lower max_tokens")
+        self.budget.check(prompt_tokens, max_tokens)
 
     def add(self, req: EngineRequest) -> None:
         self.check_limits(req.prompt_tokens, req.params.max_tokens)
@@ -253,6 +243,6 @@ class Engine:
 
     def stats(self) -> dict[str, float]:
         return {"running": float(len(self._running)), "pending": float(len(self._pending)),
-                "kv_tokens_reserved": float(self.reserved_tokens()), "kv_tokens_capacity": float(self.kv_cache_tokens),
+                "kv_tokens_reserved": float(self.reserved_tokens()), "kv_tokens_capacity": float(self.budget.kv_tokens),
                 "kv_tokens_used": float(sum(s.length for s in self._running)),
                 "tokens_generated_total": float(self.tokens_generated)}

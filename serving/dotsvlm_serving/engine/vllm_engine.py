@@ -32,7 +32,7 @@ from typing import Any
 
 from ..events import ErrorEvent, Event, FinishEvent, TokenEvent, Usage
 from ..serve_config import ServeAppConfig
-from .base import EngineInput, EngineLimitError, InferenceEngine
+from .base import EngineInput, InferenceEngine, RequestBudget
 from .sampling import SamplingParams
 from .vllm_plugin import ARCHITECTURE
 
@@ -85,10 +85,6 @@ class _Req:
     first_token_at: float | None = None
     added_at: float = field(default_factory=time.monotonic)
 
-    @property
-    def reserved_tokens(self) -> int:
-        return self.inp.prompt_tokens + self.inp.params.max_tokens
-
 
 class VLLMEngine(InferenceEngine):
     name = "vllm"
@@ -106,12 +102,11 @@ class VLLMEngine(InferenceEngine):
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.stop_token_ids = list(stop_token_ids)
-        self.max_running = max_running
-        self.context_length = context_length
         self._workdir = workdir  # a TemporaryDirectory holding the model view, removed on shutdown
         self.llm = AsyncLLM.from_engine_args(engine_args)
         cache = self.llm.vllm_config.cache_config
-        self.kv_capacity = int((cache.num_gpu_blocks or 0) * cache.block_size) or max_running * context_length
+        kv_capacity = int((cache.num_gpu_blocks or 0) * cache.block_size) or max_running * context_length
+        self.budget = RequestBudget(context_length=context_length, kv_tokens=kv_capacity, max_running=max_running)
         self._lock = threading.Lock()  # add() runs in a worker thread, step() on the event loop
         self._incoming: deque[_Req] = deque()
         self._cancel: set[str] = set()
@@ -136,15 +131,7 @@ class VLLMEngine(InferenceEngine):
 
     # ------------------------------------------------------------------ admission
     def check_limits(self, prompt_tokens: int, max_tokens: int) -> None:
-        total = prompt_tokens + max_tokens
-        if total > self.context_length:
-            raise EngineLimitError(
-                f"this model's maximum context length is {self.context_length} tokens, but the request needs "
-                f"{total} ({prompt_tokens} in the messages, {max_tokens} for the completion); shorten the "
-                f"messages, send fewer or smaller images, or lower max_tokens")
-        if total > self.kv_capacity:
-            raise EngineLimitError(f"the request needs {total} KV-cache tokens but a replica has only "
-                                   f"{self.kv_capacity}; lower max_tokens")
+        self.budget.check(prompt_tokens, max_tokens)
 
     def add(self, request: EngineInput) -> None:
         self.check_limits(request.prompt_tokens, request.params.max_tokens)
@@ -259,19 +246,19 @@ class VLLMEngine(InferenceEngine):
         return bool(self._reqs) or bool(self._events)
 
     def reserved_tokens(self) -> int:
-        return sum(r.reserved_tokens for r in list(self._reqs.values()))
+        return sum(r.inp.reserved_tokens for r in list(self._reqs.values()))
 
     def free_slots(self) -> int:
-        return max(0, self.max_running - len(self._reqs))
+        return self.budget.free_slots(len(self._reqs))
 
     def free_tokens(self) -> int:
-        return max(0, self.kv_capacity - self.reserved_tokens())
+        return self.budget.free_tokens(self.reserved_tokens())
 
     def stats(self) -> dict[str, float]:
         reqs = list(self._reqs.values())
         running = sum(1 for r in reqs if r.started)
         return {"running": float(running), "pending": float(len(reqs) - running),
-                "kv_tokens_reserved": float(self.reserved_tokens()), "kv_tokens_capacity": float(self.kv_capacity),
+                "kv_tokens_reserved": float(self.reserved_tokens()), "kv_tokens_capacity": float(self.budget.kv_tokens),
                 "tokens_generated_total": float(self.tokens_generated)}
 
     async def shutdown(self) -> None:
