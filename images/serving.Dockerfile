@@ -13,7 +13,13 @@ FROM ${BASE_IMAGE}
 
 # Empty: install from the package index. A URL or folder: install only from that wheelhouse.
 ARG PIP_FIND_LINKS=""
+# What does not depend on dotsvlm comes first: a storage driver without copy-on-write (vfs, as in the
+# tests) copies the whole filesystem for every instruction after the large dependency layer.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/dotsvlm/bin:$PATH HOME=/home/dotsvlm
+# Ray needs a user with a home (its temp and session folders); the pods add /dev/shm and the model.
+RUN useradd --uid 1000 --user-group --create-home --home-dir /home/dotsvlm dotsvlm
+WORKDIR /home/dotsvlm
+CMD ["ray", "start", "--head", "--block"]
 
 # Dependencies first, in their own layer: rebuilt only when pyproject.toml changes.
 COPY pyproject.toml /src/pyproject.toml
@@ -32,10 +38,6 @@ COPY . /src/
 RUN set -eu; \
     if [ -n "$PIP_FIND_LINKS" ]; then index="--no-index --find-links $PIP_FIND_LINKS"; else index=""; fi; \
     /opt/dotsvlm/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps $index /src; \
-    rm -rf /src; \
-    useradd --uid 1000 --user-group --create-home --home-dir /home/dotsvlm dotsvlm
+    rm -rf /src
 
-# Ray needs a user with a home (its temp and session folders); the pods add /dev/shm and the model.
 USER 1000:1000
-WORKDIR /home/dotsvlm
-CMD ["ray", "start", "--head", "--block"]
