@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from dotsvlm_serving import serve_config
@@ -84,29 +85,68 @@ def _volumes(owner: Owner, spec: models.DotsVLMDeploymentSpec, shm_size: str) ->
     return volumes, mounts
 
 
+@dataclass(frozen=True)
+class _Stop:
+    """How a pod stops: its preStop command, grace period and extra environment."""
+
+    pre_stop: list[str]
+    grace_seconds: int
+    env: tuple[dict[str, Any], ...] = ()
+
+
+# The head: Ray stops at once (every pool worker goes with it anyway).
+_HEAD_STOP = _Stop(["ray", "stop"], 60)
+
+
+def _pool_stop(owner: Owner, grace_seconds: int) -> _Stop:
+    """A pool pod drains its Ray node before it stops (`dotsvlm drain-node`, dotsvlm_serving.node_drain):
+    Serve moves its replicas elsewhere and they finish their requests, within the grace period less
+    POD_STOP_MARGIN_S; SIGTERM then stops Ray (its own drain on SIGTERM gets the rest of the margin)."""
+    deadline = grace_seconds - naming.POD_STOP_MARGIN_S
+    return _Stop(
+        ["dotsvlm", "drain-node", f"--address={naming.head_service_host(owner)}:{naming.GCS_PORT}",
+         f"--deadline-seconds={deadline}"],
+        grace_seconds,
+        ({"name": naming.POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+         {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": str(naming.POD_STOP_MARGIN_S - 5)}))
+
+
+def _pool_probes(startup_timeout_seconds: int) -> dict[str, Any]:
+    """The raylet's health on Ray's dashboard agent: a startup probe that allows `startup_timeout_seconds`
+    (a slow pull, a node busy loading a large checkpoint), then liveness (a minute of failures restarts the
+    pod) and readiness."""
+    check = {"httpGet": {"path": naming.RAYLET_HEALTH_PATH, "port": naming.AGENT_PORT}, "timeoutSeconds": 5}
+    period = 10
+    return {
+        "startupProbe": {**check, "periodSeconds": period, "failureThreshold": -(-startup_timeout_seconds // period)},
+        "livenessProbe": {**check, "periodSeconds": period, "failureThreshold": 6},
+        "readinessProbe": {**check, "periodSeconds": period, "failureThreshold": 3},
+    }
+
+
 def _pod_template(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: str, command: list[str],
                   ports: list[dict], resources: dict, node_selector: dict | None, tolerations: list | None,
-                  shm_size: str, probe: dict | None, affinity: dict | None = None) -> dict[str, Any]:
+                  shm_size: str, probes: dict[str, Any], stop: _Stop, affinity: dict | None = None,
+                  image: str | None = None) -> dict[str, Any]:
     volumes, mounts = _volumes(owner, spec, shm_size)
     container: dict[str, Any] = {
         "name": "ray",
-        "image": spec.image,
+        "image": image or spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": command,
-        "env": _ray_env(owner, spec),
+        "env": _ray_env(owner, spec) + list(stop.env),
         "ports": ports,
         "volumeMounts": mounts,
-        "lifecycle": {"preStop": {"exec": {"command": ["ray", "stop"]}}},
+        "lifecycle": {"preStop": {"exec": {"command": stop.pre_stop}}},
+        **probes,
     }
     if resources:
         container["resources"] = resources
-    if probe:
-        container["readinessProbe"] = probe
     pod: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": stop.grace_seconds,
     }
     if node_selector:
         pod["nodeSelector"] = dict(node_selector)
@@ -143,7 +183,7 @@ def _metrics_port(spec: models.DotsVLMDeploymentSpec) -> list[str]:
     return [f"--metrics-export-port={naming.METRICS_PORT}"] if spec.monitoring.enabled else []
 
 
-def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
+def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, image: str | None = None) -> dict[str, Any]:
     cmd = ["ray", "start", "--head", f"--port={naming.GCS_PORT}", "--dashboard-host=0.0.0.0",
            f"--dashboard-port={naming.DASHBOARD_PORT}", "--num-gpus=0", *_metrics_port(spec), "--block"]
     ports = [{"name": "gcs", "containerPort": naming.GCS_PORT},
@@ -152,7 +192,8 @@ def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[st
              {"name": "metrics", "containerPort": naming.METRICS_PORT}]
     probe = {"tcpSocket": {"port": naming.GCS_PORT}, "periodSeconds": 10, "failureThreshold": 6}
     template = _pod_template(owner, spec, naming.COMPONENT_HEAD, cmd, ports, _resources(spec.head.resources, 0),
-                             spec.head.node_selector, spec.head.tolerations, "2Gi", probe)
+                             spec.head.node_selector, spec.head.tolerations, "2Gi", {"readinessProbe": probe},
+                             _HEAD_STOP, image=image)
     dep = _deployment(owner, naming.head_name(owner.name), naming.COMPONENT_HEAD, 1, template)
     dep["spec"]["strategy"] = {"type": "Recreate"}  # one GCS at a time
     return dep
@@ -160,22 +201,26 @@ def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[st
 
 def _worker_command(owner: Owner, spec: models.DotsVLMDeploymentSpec, resource: str, gpus: int) -> list[str]:
     return ["ray", "start", f"--address={naming.head_service_host(owner)}:{naming.GCS_PORT}", f"--num-gpus={gpus}",
-            f"--resources={json.dumps({resource: serve_config.POOL_RESOURCE_CAPACITY})}", *_metrics_port(spec), "--block"]
+            f"--resources={json.dumps({resource: serve_config.POOL_RESOURCE_CAPACITY})}",
+            f"--dashboard-agent-listen-port={naming.AGENT_PORT}", *_metrics_port(spec), "--block"]
 
 
-def vision_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int) -> dict[str, Any]:
+def vision_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int,
+                      image: str | None = None) -> dict[str, Any]:
     """Vision pool: one pod per vision replica, each with gpusPerReplica GPUs."""
     pool = spec.vision
     template = _pod_template(
         owner, spec, naming.COMPONENT_VISION,
         _worker_command(owner, spec, serve_config.VISION_POOL_RESOURCE, pool.gpus_per_replica),
         [{"name": "metrics", "containerPort": naming.METRICS_PORT}], _resources(pool.resources, pool.gpus_per_replica),
-        pool.node_selector, pool.tolerations, pool.shm_size, None)
+        pool.node_selector, pool.tolerations, pool.shm_size, _pool_probes(pool.startup_timeout_seconds),
+        _pool_stop(owner, pool.termination_grace_period_seconds), image=image)
     return _deployment(owner, naming.pool_name(owner.name, naming.COMPONENT_VISION), naming.COMPONENT_VISION,
                        replicas, template)
 
 
-def llm_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int) -> dict[str, Any]:
+def llm_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int,
+                   image: str | None = None) -> dict[str, Any]:
     """LLM pool: replicas x nodesPerReplica pods, each with gpusPerReplica/nodesPerReplica GPUs."""
     pool = spec.llm
     gpus = pool.gpus_per_pod
@@ -189,7 +234,8 @@ def llm_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: i
     template = _pod_template(
         owner, spec, naming.COMPONENT_LLM, _worker_command(owner, spec, serve_config.LLM_POOL_RESOURCE, gpus),
         [{"name": "metrics", "containerPort": naming.METRICS_PORT}], _resources(pool.resources, gpus),
-        pool.node_selector, pool.tolerations, pool.shm_size, None, affinity)
+        pool.node_selector, pool.tolerations, pool.shm_size, _pool_probes(pool.startup_timeout_seconds),
+        _pool_stop(owner, pool.termination_grace_period_seconds), affinity, image=image)
     return _deployment(owner, naming.pool_name(owner.name, naming.COMPONENT_LLM), naming.COMPONENT_LLM,
                        replicas * pool.nodes_per_replica, template)
 
@@ -235,11 +281,13 @@ def pod_disruption_budget(owner: Owner, pool: str) -> dict[str, Any]:
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": naming.selector(owner, pool)}}}
 
 
-def network_policy(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
+def network_policy(owner: Owner, spec: models.DotsVLMDeploymentSpec, operator_namespace: str | None = None) -> dict[str, Any]:
     """Ray's ports (GCS, dashboard, object manager, workers) reach only this deployment's own pods and the
-    operator; the API port is open to all; the metrics port too when monitoring is on."""
+    operator's pods in the operator's own namespace (`operator_namespace`; unknown: this deployment's
+    namespace); the API port is open to all; the metrics port too when monitoring is on."""
     own = {"podSelector": {"matchLabels": naming.owned_labels(owner.name)}}
-    operator = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(naming.OPERATOR_POD_LABELS)}}
+    operator = {"namespaceSelector": {"matchLabels": {naming.LABEL_NAMESPACE_NAME: operator_namespace or owner.namespace}},
+                "podSelector": {"matchLabels": dict(naming.OPERATOR_POD_LABELS)}}
     open_ports = [{"protocol": "TCP", "port": spec.api.port}]
     if spec.monitoring.enabled:
         open_ports.append({"protocol": "TCP", "port": naming.METRICS_PORT})
@@ -287,23 +335,28 @@ def token_hash(token: str) -> str:
 
 def children(owner: Owner, spec: models.DotsVLMDeploymentSpec, *, vision_replicas: int, llm_replicas: int,
              pod_monitor_supported: bool = False, prometheus_rule_supported: bool = False,
-             ray_token_hash: str | None = None) -> list[dict[str, Any]]:
+             ray_token_hash: str | None = None, operator_namespace: str | None = None,
+             images: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every object that server-side apply keeps in place for this deployment (the token Secret aside).
 
     `ray_token_hash` goes into every Ray pod template: Ray reads its token once at start, so a new token
     (the Secret was deleted and re-generated) must restart every Ray pod, and only then.
     `*_supported`: whether the Prometheus Operator's CRDs exist. Without a PodMonitor the Ray pods
-    carry scrape annotations instead (never both: each pod would be scraped twice)."""
+    carry scrape annotations instead (never both: each pod would be scraped twice).
+    `operator_namespace`: where the operator runs; the NetworkPolicy admits its pods from there only.
+    `images`: the image per Ray component while a new spec.image rolls one group at a time (`rollout`);
+    spec.image for those not given."""
+    images = images or {}
     objs = [
         serve_config_map(owner, spec),
         head_service(owner, spec),
         api_service(owner, spec),
-        head_deployment(owner, spec),
-        vision_deployment(owner, spec, vision_replicas),
-        llm_deployment(owner, spec, llm_replicas),
+        head_deployment(owner, spec, images.get(naming.COMPONENT_HEAD)),
+        vision_deployment(owner, spec, vision_replicas, images.get(naming.COMPONENT_VISION)),
+        llm_deployment(owner, spec, llm_replicas, images.get(naming.COMPONENT_LLM)),
         pod_disruption_budget(owner, naming.COMPONENT_VISION),
         pod_disruption_budget(owner, naming.COMPONENT_LLM),
-        network_policy(owner, spec),
+        network_policy(owner, spec, operator_namespace),
     ]
     annotations: dict[str, str] = {}
     if uses_pod_monitor(spec, pod_monitor_supported):

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--api-url-override", default=None,
                     help="TEST/DEV ONLY: read the ingress's /-/autoscaler report at this base URL ({name}, {namespace} "
                          "are filled in) instead of http://<name>-api.<ns>.svc:<api.port>; env DOTSVLM_API_URL_OVERRIDE")
+    op.add_argument("--operator-namespace", default=None,
+                    help="the namespace the operator runs in (default: $POD_NAMESPACE, else its service account's); "
+                         "each deployment's NetworkPolicy admits the operator's pods from this namespace only")
     op.add_argument("--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--metrics-port", type=int, default=None,
                     help="serve the operator's Prometheus metrics on this port at /metrics (default: "
@@ -65,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML/JSON with Serve config fields merged over the local defaults, e.g. "
                             "{vision: {autoscaling: {min_replicas: 0, max_replicas: 2}}} (see docs/autoscaling.md)")
     serve.set_defaults(func=_lazy("dotsvlm_serving.embedded", "cli_main", "serving"))
+
+    drain = sub.add_parser("drain-node", help=(
+        "drain this Ray node before its pod stops (the pool pods' preStop hook): Ray Serve moves its replicas "
+        "away and they finish their requests; waits until the node has left or the deadline"))
+    drain.add_argument("--address", default=None, help="the Ray head's GCS, host:port (default: $RAY_ADDRESS)")
+    drain.add_argument("--deadline-seconds", type=float, required=True,
+                       help="when the pod will be killed, from now (its termination grace period, less a margin)")
+    drain.add_argument("--node-ip", default=None, help="the node's IP (default: $DOTSVLM_POD_IP, else this host's)")
+    drain.add_argument("--node-id", default=None, help="the node's hex id (instead of --node-ip)")
+    drain.add_argument("--reason", default=None, help="why, for Ray's logs")
+    drain.set_defaults(func=_lazy("dotsvlm_serving.node_drain", "cli_main", "serving"))
 
     model = sub.add_parser("model", help="model utilities")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")

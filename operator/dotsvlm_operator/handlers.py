@@ -30,7 +30,7 @@ import kopf
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
-from dotsvlm_operator import builders, ingress_client, models, naming, pod_sizing, serve_app, serve_drift
+from dotsvlm_operator import builders, ingress_client, models, naming, pod_sizing, rollout, serve_app, serve_drift
 from dotsvlm_operator.kube import KUBE_THREADS, Kube
 from dotsvlm_operator.monitoring.operator_metrics import METRICS
 from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError
@@ -43,6 +43,22 @@ POOLS = (naming.COMPONENT_VISION, naming.COMPONENT_LLM)
 # After re-deploying over a drifted config, wait this long before doing it again (a head that keeps
 # reporting a difference must not be re-deployed on every pass).
 DRIFT_REDEPLOY_INTERVAL_S = 30.0
+
+
+SERVICE_ACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _own_namespace() -> str | None:
+    """The namespace the operator runs in: $POD_NAMESPACE (the chart sets it), else the pod's service
+    account's; None outside a cluster."""
+    ns = os.environ.get(naming.OPERATOR_NAMESPACE_ENV)
+    if ns:
+        return ns
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE_FILE) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 @dataclass
@@ -58,6 +74,8 @@ class OperatorConfig:
     pod_loop_seconds: float = 5.0
     head_timeout_seconds: float = 5.0
     priority: int = 0
+    # The operator's own namespace: the deployments' NetworkPolicies admit the operator from there only.
+    operator_namespace: str | None = field(default_factory=lambda: _own_namespace())
 
 
 @dataclass
@@ -76,6 +94,8 @@ class ResourceState:
     built: tuple[tuple, list[tuple[dict[str, Any], str]]] | None = None  # (inputs, [(child, digest)]) last built
     serve_body: tuple[str, dict[str, Any], str] | None = None  # (spec JSON, Serve body, its hash)
     drift_deployed_at: float = float("-inf")  # monotonic time of the last re-deploy over a drifted config
+    live: dict[str, dict[str, Any]] = field(default_factory=dict)  # Deployment name -> as the API server has it
+    image_plan: rollout.ImagePlan | None = None  # the image per Ray component (a new image rolls in turn)
 
 
 CONFIG = OperatorConfig()
@@ -171,7 +191,17 @@ async def _on_child_event(labels: dict[str, str] | None, namespace: str | None, 
     state = _resources.get((namespace or "", (labels or {}).get(naming.LABEL_DEPLOYMENT, "")))
     if state is None:
         return
-    key = _child_key(_KIND_OF_PLURAL.get(resource.plural, resource.plural), name or "")
+    kind = _KIND_OF_PLURAL.get(resource.plural, resource.plural)
+    key = _child_key(kind, name or "")
+    if kind == "Deployment":
+        # Its rollout's progress (status) decides when the next group takes a new image.
+        if type == "DELETED":
+            state.live.pop(name or "", None)
+        else:
+            state.live[name or ""] = dict(body)
+        if state.image_plan is not None and state.image_plan.rolling:
+            state.full = True
+            state.wake.set()
     ours = state.applied.get(key)
     if type != "DELETED" and ours is not None and ours[1] == _change_marker(body):
         return
@@ -377,14 +407,18 @@ def _children(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: st
               installed: dict[str, bool], state: ResourceState,
               generation: int | None) -> list[tuple[dict[str, Any], str]]:
     """The children (pure builders), built again only when their inputs changed: the pod loop asks every
-    few seconds and nearly always gets the same answer. `installed`: which Prometheus Operator CRDs exist."""
-    inputs = (generation, spec.model_dump_json(), token, tuple(sorted(pods.items())), tuple(sorted(installed.items())))
+    few seconds and nearly always gets the same answer. `installed`: which Prometheus Operator CRDs exist.
+    The Ray components' images are those of the last rollout plan (`state.image_plan`)."""
+    images = state.image_plan.images if state.image_plan is not None else {}
+    inputs = (generation, spec.model_dump_json(), token, tuple(sorted(pods.items())), tuple(sorted(installed.items())),
+              tuple(sorted(images.items())))
     if state.built is None or state.built[0] != inputs:
         objs = builders.children(owner, spec, vision_replicas=pods[naming.COMPONENT_VISION],
                                  llm_replicas=pods[naming.COMPONENT_LLM] // spec.llm.nodes_per_replica,
                                  pod_monitor_supported=installed["PodMonitor"],
                                  prometheus_rule_supported=installed["PrometheusRule"],
-                                 ray_token_hash=builders.token_hash(token))
+                                 ray_token_hash=builders.token_hash(token),
+                                 operator_namespace=CONFIG.operator_namespace, images=images)
         state.built = (inputs, [(obj, builders.object_hash(obj)) for obj in objs])
     return state.built[1]
 
@@ -401,6 +435,8 @@ def _apply_changed(k: Kube, objs: list[tuple[dict[str, Any], str]], state: Resou
         state.dirty.discard(key)
         live = k.apply(obj)
         state.applied[key] = (digest, _change_marker(live or {}))
+        if obj["kind"] == "Deployment" and live:
+            state.live[obj["metadata"]["name"]] = live
         sent += 1
     return sent
 
@@ -427,6 +463,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     # Children first, with the pods the pools were last sized for: a new resource gets its children at once.
     sized = {pool: builders.desired_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
              * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
+    state.image_plan = await asyncio.to_thread(_plan_images, k, owner, spec, state)
     objs = _children(owner, spec, token, sized, installed, state, generation)
     kept = {obj["kind"] for obj, _ in objs}
 
@@ -452,6 +489,26 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     listed = await asyncio.to_thread(k.list_pods, owner.namespace, owner.name)
     state.pods = {p["metadata"]["name"]: p for p in listed}
     await _size_and_report(body, owner, spec, generation, old, state, installed, logger)
+
+
+_RAY_DEPLOYMENTS = {naming.COMPONENT_HEAD: naming.head_name, naming.COMPONENT_VISION: lambda n: naming.pool_name(n, naming.COMPONENT_VISION),
+                    naming.COMPONENT_LLM: lambda n: naming.pool_name(n, naming.COMPONENT_LLM)}
+
+
+def _plan_images(k: Kube, owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
+                 state: ResourceState) -> rollout.ImagePlan:
+    """Which image each Ray component's pods get now: a new spec.image rolls the vision pool, then the LLM
+    pool, then the head, each once the one before has finished. Live Deployments come from the watch;
+    one not seen yet (a restarted operator) is read once."""
+    live: dict[str, dict[str, Any] | None] = {}
+    for component, name_of in _RAY_DEPLOYMENTS.items():
+        name = name_of(owner.name)
+        if name not in state.live:
+            got = k.get("Deployment", owner.namespace, name)
+            if got is not None:
+                state.live[name] = got
+        live[component] = state.live.get(name)
+    return rollout.plan_images(spec.image, live)
 
 
 async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: ResourceState) -> None:
@@ -517,7 +574,8 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
                       else plans[pool].replicas) for pool in POOLS}
     new, transitions = compute_status(spec=spec, generation=generation, pods=pods, desired=desired, serve=serve,
                                       endpoint=naming.endpoint(owner, spec.api.port), old=old, now=_now(),
-                                      plans=plans, report=report, now_unix=now_unix)
+                                      plans=plans, report=report, now_unix=now_unix,
+                                      rollout=state.image_plan.message if state.image_plan is not None else None)
     unschedulable = {pool: sum(1 for p in pods if p.component == pool and p.unschedulable and not p.deleting)
                      for pool in POOLS}
     METRICS.observe_status(owner.namespace, owner.name, spec, new, unschedulable)

@@ -38,6 +38,8 @@ def cli_main(args: argparse.Namespace) -> int:
         cfg.head_url_override = args.ray_head_url_override
     if getattr(args, "api_url_override", None):
         cfg.api_url_override = args.api_url_override
+    if getattr(args, "operator_namespace", None):
+        cfg.operator_namespace = args.operator_namespace
     cfg.resync_seconds = getattr(args, "resync_seconds", None) or cfg.resync_seconds
     cfg.pod_loop_seconds = getattr(args, "pod_loop_seconds", None) or cfg.pod_loop_seconds
     # Peered replicas need distinct priorities: the highest works, the others stand by (equal

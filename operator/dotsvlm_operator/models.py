@@ -13,10 +13,10 @@ from typing import Any, Literal
 from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from dotsvlm_serving.serve_config import (ApiConfig, AutoscalingTargets, LLMAutoscaling, LLMPoolConfig, QueueConfig,
-                                          SLOConfig, VisionAutoscaling, VisionPoolConfig)
+from dotsvlm_serving.serve_config import (LLM_DRAIN_TIMEOUT_S, LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S, ApiConfig, AutoscalingTargets, LLMAutoscaling,
+                                          LLMPoolConfig, QueueConfig, SLOConfig, VisionAutoscaling, VisionPoolConfig)
 
-from dotsvlm_operator.naming import RAY_HEAD_PORTS
+from dotsvlm_operator.naming import POD_STOP_MARGIN_S, RAY_HEAD_PORTS
 
 # Largest context the DeepSeek-V3 language model supports (max_position_embeddings).
 MAX_CONTEXT_LENGTH = 163840
@@ -49,6 +49,29 @@ def _rules(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
             item["fieldPath"] = r[2]
         out.append(item)
     return {"x-kubernetes-validations": out}
+
+
+# Ray Serve's default graceful-shutdown timeout of a replica (the vision encoder keeps it).
+_SERVE_GRACEFUL_SHUTDOWN_S = 20
+# The LLM pods' grace period must hold the LLM replica's graceful shutdown, plus Ray's own stop.
+MIN_LLM_GRACE_S = int(LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S) + POD_STOP_MARGIN_S
+MIN_VISION_GRACE_S = _SERVE_GRACEFUL_SHUTDOWN_S + POD_STOP_MARGIN_S
+
+
+def _grace_field(default: int, minimum: int, pool: str, what: str) -> Any:
+    return Field(default, ge=minimum, le=86400, description=(
+        f"How long a stopping {pool} pod (rollout, scale-down, node drain) may take before Kubernetes kills it. "
+        f"The pod first drains its Ray node: Ray Serve starts a replacement for its replica elsewhere and stops "
+        f"the old one gracefully once that runs ({what}), at the latest just before this period ends less "
+        f"{POD_STOP_MARGIN_S} s for Ray to stop. Longer gives a replacement time to load the model while the old "
+        f"replica keeps serving; at least {minimum}."))
+
+
+def _startup_field(default: int, pool: str) -> Any:
+    return Field(default, ge=30, le=86400, description=(
+        f"How long a new {pool} pod may take until Ray runs on it (its startup probe: Ray's raylet health, every "
+        f"10 s) before Kubernetes restarts it; after that a liveness probe restarts a pod whose raylet stays "
+        f"unhealthy for a minute. Raise it for slow image pulls or a node that is busy loading a large checkpoint."))
 
 
 def _min_max_rule(pool: str) -> tuple[str, str]:
@@ -269,6 +292,9 @@ class VisionPool(_Api):
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods (e.g. for tainted GPU nodes).")
     resources: Resources | None = Field(None, description="CPU and memory for each pod.")
     shm_size: str = Field("16Gi", pattern=QUANTITY_PATTERN, description="Size of the in-memory /dev/shm volume (Ray's object store and NCCL use it).")
+    termination_grace_period_seconds: int = _grace_field(
+        120, MIN_VISION_GRACE_S, "vision", f"Serve waits up to {_SERVE_GRACEFUL_SHUTDOWN_S} s for its requests")
+    startup_timeout_seconds: int = _startup_field(600, "vision")
     autoscaling: VisionAutoscaling = Field(default_factory=VisionAutoscaling, description="How the autoscaler sizes the pool.")
 
 
@@ -330,6 +356,11 @@ class LLMPool(_Api):
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods.")
     resources: Resources | None = Field(None, description="CPU and memory for each pod.")
     shm_size: str = Field("64Gi", pattern=QUANTITY_PATTERN, description="Size of the in-memory /dev/shm volume (NCCL and Ray's object store use it).")
+    termination_grace_period_seconds: int = _grace_field(
+        300, MIN_LLM_GRACE_S, "LLM", f"the LLM replica finishes its running requests for up to "
+        f"{LLM_DRAIN_TIMEOUT_S:.0f} s and hands the rest back to the queue; Serve waits "
+        f"{LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S:.0f} s for it")
+    startup_timeout_seconds: int = _startup_field(3600, "LLM")
     autoscaling: LLMAutoscaling = Field(default_factory=LLMAutoscaling, description="How the autoscaler sizes the pool.")
 
     @property

@@ -34,6 +34,8 @@ ANNOTATION_TOKEN_HASH = "dotsvlm.io/ray-token-hash"
 ANNOTATION_POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 # Pods of the operator carry this label; the NetworkPolicy lets them reach the Ray ports.
 OPERATOR_POD_LABELS = {LABEL_NAME: "dotsvlm-operator"}
+# Kubernetes sets it on every namespace (its name): a namespaceSelector for one namespace.
+LABEL_NAMESPACE_NAME = "kubernetes.io/metadata.name"
 
 # --- components (the value of LABEL_COMPONENT) ----------------------------------------------------------------
 COMPONENT_HEAD = "ray-head"
@@ -52,6 +54,18 @@ METRICS_PORT = 8080
 CLIENT_PORT = 10001
 # Ports the API may not take (the CRD's CEL rule on api.port lists them).
 RAY_HEAD_PORTS = (GCS_PORT, DASHBOARD_PORT, METRICS_PORT, CLIENT_PORT)
+# Ray's dashboard agent on every node; it answers /api/local_raylet_healthz (the pool pods' probes).
+AGENT_PORT = 52365
+RAYLET_HEALTH_PATH = "/api/local_raylet_healthz"
+
+# --- stopping a pool pod ---------------------------------------------------------------------------------
+# Of a pool pod's termination grace period, the drain (preStop: `dotsvlm drain-node`) may take all but
+# this; the rest is for Ray to stop on SIGTERM.
+POD_STOP_MARGIN_S = 15
+# The pod's IP, from the downward API: `dotsvlm drain-node` finds its Ray node by it.
+POD_IP_ENV = "DOTSVLM_POD_IP"
+# The operator's own namespace (downward API in the chart); the NetworkPolicies admit it from there.
+OPERATOR_NAMESPACE_ENV = "POD_NAMESPACE"
 
 # --- Ray's auth token ------------------------------------------------------------------------------------------
 TOKEN_KEY = "token"

@@ -34,6 +34,8 @@ BAD_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "
 SERVE_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
 # Ready=False reason: the LLM pool (every request needs it) is at zero replicas.
 NO_LLM_REPLICA = "NoLLMReplica"
+# Progressing reason: a new image rolls one group at a time.
+ROLLING_OUT = "RollingOut"
 
 
 @dataclass(frozen=True)
@@ -324,12 +326,14 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                    desired: dict[str, int], serve: ServeObservation | None, endpoint: str,
                    old: models.DotsVLMDeploymentStatus | None, now: str,
                    plans: dict[str, PoolPlan] | None = None, report: AutoscalerReport | None = None,
-                   now_unix: float | None = None) -> tuple[models.DotsVLMDeploymentStatus, list[Transition]]:
+                   now_unix: float | None = None,
+                   rollout: str | None = None) -> tuple[models.DotsVLMDeploymentStatus, list[Transition]]:
     """The status for the observed world, and the condition changes since `old`.
 
     `serve` is None when the head was not asked (its pod is not ready yet). `desired`: replicas per pool
     (Serve's target, or the spec's minimum until Serve answers); `plans`: the pods per pool
-    (pod_sizing); `report`: the autoscaler's report from the ingress (None: not asked)."""
+    (pod_sizing); `report`: the autoscaler's report from the ingress (None: not asked); `rollout`: how a
+    new image is rolling (None: it is not)."""
     plans = plans or {}
     now_unix = now_unix if now_unix is not None else datetime.strptime(now, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
     f = _Findings()
@@ -369,7 +373,7 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
         serve_status.last_drift, serve_status.last_drift_time = old.serve_app.last_drift, old.serve_app.last_drift_time
     olds = {c.type: c for c in (old.conditions if old else [])}
     # A pool held at zero by its spec is not moving: it is Progressing only when something else is.
-    moving = [w for w in f.waiting if w[0] != NO_LLM_REPLICA] + f.progressing
+    moving = ([(ROLLING_OUT, rollout)] if rollout else []) + [w for w in f.waiting if w[0] != NO_LLM_REPLICA] + f.progressing
     if moving:
         progressing = _condition("Progressing", True, moving[0][0], "; ".join(w for _, w in moving) + ".",
                                  generation, olds, now)

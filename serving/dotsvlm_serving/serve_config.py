@@ -30,6 +30,12 @@ LLM_DEPLOYMENT = "LLMServer"
 AUTOSCALING_POLICY_PATH = "dotsvlm_serving.autoscaling.serve_policy:DotsVLMAutoscalingPolicy"
 # Environment variable that holds the comma-separated API keys (the operator fills it from a Secret).
 API_KEYS_ENV = "DOTSVLM_API_KEYS"
+# An LLM replica told to stop (scale-down, rollout, its node draining) finishes its running requests for
+# up to LLM_DRAIN_TIMEOUT_S and hands the rest back to the queue; Serve waits
+# LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S for it (the drain plus time to deliver the last events). The operator
+# keeps the LLM pods' termination grace period above it.
+LLM_DRAIN_TIMEOUT_S = 50.0
+LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S = LLM_DRAIN_TIMEOUT_S + 10
 
 
 class _Strict(BaseModel):

@@ -179,8 +179,11 @@ def test_defaults_render_a_restricted_least_privilege_operator(helm_bin) -> None
     assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     (deployment,) = of_kind(objs, "Deployment")
     pod = deployment["spec"]["template"]
-    # Every DotsVLMDeployment's NetworkPolicy lets the operator in by this label.
+    # Every DotsVLMDeployment's NetworkPolicy lets the operator in by this label, from its own namespace,
+    # which the operator learns from its pod.
     assert naming.OPERATOR_POD_LABELS.items() <= pod["metadata"]["labels"].items()
+    assert {"name": naming.OPERATOR_NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} \
+        in container(objs)["env"]
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     c = container(objs)
     sc, psc = c["securityContext"], pod["spec"]["securityContext"]

@@ -70,3 +70,82 @@ def test_llm_pool_at_zero_is_not_ready_and_says_why(kube, ns, fake_head, operato
     # The autoscaler wakes the pool: one LLM replica, its pod ready -> Ready.
     head.set_deployment(LLM, 1)
     poll(lambda: (c := ready_condition()) and c["status"] == "True", 90, "Ready=True once an LLM replica runs", diag)
+
+
+def _deployments(kube, ns: str, name: str) -> dict[str, dict]:
+    items = get_json(kube, "deployments", "-n", ns, "-l", f"dotsvlm.io/deployment={name}")["items"]
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in items}
+
+
+def _image(dep: dict) -> str:
+    return dep["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def _complete(dep: dict) -> bool:
+    st, want = dep.get("status") or {}, dep["spec"]["replicas"]
+    return (st.get("observedGeneration", 0) >= dep["metadata"]["generation"] and st.get("updatedReplicas", 0) == want
+            and st.get("replicas", 0) == want and st.get("availableReplicas", 0) == want)
+
+
+def test_a_new_image_rolls_vision_then_llm_then_head_each_after_the_last_finished(kube, ns, fake_head,
+                                                                                  operator_factory) -> None:
+    head, url = fake_head
+    op = operator_factory([ns], head_url=url, extra=["--api-url-override", url, "--pod-loop-seconds", "1"])
+    name = "dots-roll"
+    cr = _small(name)
+    cr["spec"]["image"] = "dotsvlm-serving:1"
+    cr["spec"]["vision"].update(minReplicas=2, maxReplicas=2)
+    head.set_deployment(VISION, 2)
+    kube.apply(yaml.safe_dump(cr), namespace=ns)
+
+    def status() -> dict:
+        return (get_json(kube, "dvlm", name, "-n", ns) or {}).get("status") or {}
+
+    def diag() -> str:
+        return f"status: {status()}\n{op.log_tail()}"
+
+    poll(lambda: (c := condition({"status": status()}, "Ready")) and c["status"] == "True", 120, "Ready", diag)
+    deps = _deployments(kube, ns, name)
+    assert {_image(d) for d in deps.values()} == {"dotsvlm-serving:1"}
+
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", '{"spec":{"image":"dotsvlm-serving:2"}}')
+    # Watch the three Deployments: each takes the new image only once the one before has finished.
+    order: list[str] = []
+    rolling_messages: set[str] = set()
+    deadline_polls = 0
+    while len(order) < 3:
+        deadline_polls += 1
+        assert deadline_polls < 1200, f"the rollout did not finish: {order}\n{diag()}"
+        deps = _deployments(kube, ns, name)
+        for component, before in (("vision", None), ("llm", "vision"), ("ray-head", "llm")):
+            if component in order or _image(deps[component]) != "dotsvlm-serving:2":
+                continue
+            if before is not None:
+                assert order and order[-1] == before, f"{component} took the new image before {before}: {order}"
+                assert _complete(deps[before]), f"{component} took the new image while {before} still rolled: {deps[before]['status']}"
+            order.append(component)
+        progressing = condition({"status": status()}, "Progressing") or {}
+        if progressing.get("reason") == "RollingOut":
+            rolling_messages.add(progressing["message"])
+    assert order == ["vision", "llm", "ray-head"]
+    assert any("rolling the vision pool" in m and "then the LLM pool, then the Ray head" in m for m in rolling_messages), \
+        rolling_messages
+    # Every pool pod of the new image drains its Ray node when it stops.
+    for pod in get_json(kube, "pods", "-n", ns, "-l", f"dotsvlm.io/deployment={name},app.kubernetes.io/component in (vision,llm)")["items"]:
+        c = pod["spec"]["containers"][0]
+        if c["image"] == "dotsvlm-serving:2":
+            assert c["lifecycle"]["preStop"]["exec"]["command"][:2] == ["dotsvlm", "drain-node"]
+    poll(lambda: (c := condition({"status": status()}, "Progressing")) and c["reason"] != "RollingOut"
+         and all(_complete(d) for d in _deployments(kube, ns, name).values()), 120, "the rollout finished", diag)
+
+
+def test_network_policy_admits_the_operator_only_from_its_own_namespace(kube, ns, operator_factory) -> None:
+    op = operator_factory([ns], extra=["--operator-namespace", "dotsvlm-system"])
+    name = "dots-netpol"
+    kube.apply(yaml.safe_dump(_small(name)), namespace=ns)
+    pol = poll(lambda: get_json(kube, "networkpolicy", f"{name}-ray", "-n", ns), 60, "the NetworkPolicy", op.log_tail)
+    peers = pol["spec"]["ingress"][0]["from"]
+    # The API server kept both selectors in one peer: operator pods AND in the operator's namespace.
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "dotsvlm-system"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "dotsvlm-operator"}}} in peers
+    assert all(p.get("namespaceSelector") != {} for p in peers)

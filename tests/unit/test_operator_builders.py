@@ -6,7 +6,9 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
 from dotsvlm_operator import builders, models, naming, serve_app
 from dotsvlm_serving import serve_config
@@ -83,8 +85,56 @@ def test_network_policy_limits_ray_ports_to_own_pods_and_operator() -> None:
     assert pol["podSelector"]["matchLabels"][naming.LABEL_DEPLOYMENT] == "dots"
     peers, open_ports = pol["ingress"]
     assert {"podSelector": {"matchLabels": {naming.LABEL_DEPLOYMENT: "dots", naming.LABEL_MANAGED_BY: naming.MANAGER}}} in peers["from"]
-    assert {"namespaceSelector": {}, "podSelector": {"matchLabels": naming.OPERATOR_POD_LABELS}} in peers["from"]
+    # The operator only from its own namespace (both selectors in one peer: pods with its label in that
+    # namespace), and from the deployment's namespace when the operator's is unknown (not in a cluster).
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ml"}},
+            "podSelector": {"matchLabels": naming.OPERATOR_POD_LABELS}} in peers["from"]
+    assert not any(peer.get("namespaceSelector") == {} for peer in peers["from"])
     assert "from" not in open_ports and {p["port"] for p in open_ports["ports"]} == {8000, naming.METRICS_PORT}
+    pol = _by_name(builders.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1,
+                                     operator_namespace="dotsvlm-system"))[("NetworkPolicy", "dots-ray")]["spec"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "dotsvlm-system"}},
+            "podSelector": {"matchLabels": naming.OPERATOR_POD_LABELS}} in pol["ingress"][0]["from"]
+
+
+def test_pool_pods_drain_their_ray_node_before_they_stop_within_a_grace_period_the_spec_sets() -> None:
+    kids = _kids(_spec(vision__terminationGracePeriodSeconds=90, llm__terminationGracePeriodSeconds=900))
+    for name, grace in (("dots-vision", 90), ("dots-llm", 900)):
+        pod = kids[("Deployment", name)]["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert pod["terminationGracePeriodSeconds"] == grace
+        # preStop drains the node (Serve moves its replicas away and they finish their requests) until the
+        # grace period less Ray's stop margin; nothing stops Ray before that.
+        assert c["lifecycle"]["preStop"]["exec"]["command"] == [
+            "dotsvlm", "drain-node", "--address=dots-ray-head.ml.svc:6379",
+            f"--deadline-seconds={grace - naming.POD_STOP_MARGIN_S}"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env[naming.POD_IP_ENV]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        assert 0 < int(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]["value"]) < naming.POD_STOP_MARGIN_S
+        assert f"--dashboard-agent-listen-port={naming.AGENT_PORT}" in c["command"]
+    # The head stops Ray at once: every worker goes with it anyway.
+    head = kids[("Deployment", "dots-ray-head")]["spec"]["template"]["spec"]["containers"][0]
+    assert head["lifecycle"]["preStop"]["exec"]["command"] == ["ray", "stop"]
+
+
+def test_llm_grace_period_must_hold_the_llm_replicas_graceful_shutdown() -> None:
+    from dotsvlm_serving.serve_config import LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S
+
+    assert models.LLMPool().termination_grace_period_seconds - naming.POD_STOP_MARGIN_S > LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S
+    with pytest.raises(ValidationError, match="greater than or equal to 75"):
+        _spec(llm__terminationGracePeriodSeconds=60)
+
+
+def test_startup_probe_allows_a_long_load_and_the_spec_sets_it() -> None:
+    kids = _kids(_spec(llm__startupTimeoutSeconds=7200))
+    llm = kids[("Deployment", "dots-llm")]["spec"]["template"]["spec"]["containers"][0]
+    vision = kids[("Deployment", "dots-vision")]["spec"]["template"]["spec"]["containers"][0]
+    for c in (llm, vision):
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/api/local_raylet_healthz", "port": naming.AGENT_PORT}
+    assert llm["startupProbe"]["periodSeconds"] * llm["startupProbe"]["failureThreshold"] >= 7200
+    assert vision["startupProbe"]["periodSeconds"] * vision["startupProbe"]["failureThreshold"] >= 600  # its default
+    assert llm["livenessProbe"]["failureThreshold"] * llm["livenessProbe"]["periodSeconds"] == 60
 
 
 def test_head_service_ports_and_api_service() -> None:

@@ -23,10 +23,11 @@ def ready(name, comp):
     return PodView(name, comp, ready=True, scheduled=True)
 
 
-def run(pods, serve=None, old=None, s=None, desired=None):
+def run(pods, serve=None, old=None, s=None, desired=None, rollout=None):
     s = s or spec()
     return compute_status(spec=s, generation=3, pods=pods, desired=desired or {"vision": 4, "llm": 1}, serve=serve,
-                          endpoint="http://dots-api.ml.svc:8000/v1", old=old, now="2026-01-01T00:00:00Z")
+                          endpoint="http://dots-api.ml.svc:8000/v1", old=old, now="2026-01-01T00:00:00Z",
+                          rollout=rollout)
 
 
 def cond(status, t):
@@ -294,3 +295,11 @@ def test_a_corrected_drift_is_kept_in_the_status_until_the_next_one() -> None:
     assert st.serve_app.last_drift_time == "2026-01-01T00:00:00Z"
     again, _ = run(healthy_pods(), ServeObservation(URL, True, "RUNNING"), old=st)
     assert again.serve_app.last_drift == st.serve_app.last_drift and again.serve_app.last_drift_time == st.serve_app.last_drift_time
+
+
+def test_a_rolling_image_is_progressing_and_says_which_group_is_next() -> None:
+    msg = "new image img:2: rolling the vision pool (1 of 4 pods updated, 3 available); then the LLM pool, then the Ray head"
+    st, _ = run(healthy_pods(), ServeObservation(URL, True, "RUNNING"), rollout=msg)
+    p = cond(st, "Progressing")
+    assert p.status == "True" and p.reason == "RollingOut" and p.message.startswith(msg)
+    assert cond(st, "Ready").status == "True"

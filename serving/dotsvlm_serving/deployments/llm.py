@@ -23,7 +23,7 @@ from ..events import ErrorEvent, Event
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.preprocess import ImageError
 from ..autoscaling.signals import llm_stats
-from ..serve_config import LLM_DEPLOYMENT, ServeAppConfig
+from ..serve_config import LLM_DEPLOYMENT, LLM_DRAIN_TIMEOUT_S, LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S, ServeAppConfig
 from ..tensor_queue import QueueItem, RayObjectTransport, TransportError
 
 log = logging.getLogger("ray.serve")
@@ -45,10 +45,10 @@ def _image_error(exc: BaseException) -> str | None:
 
 class LLMServer:
     TAKE_INTERVAL_S = 0.05
-    # Graceful shutdown (scale-down, rolling update): stop taking work and finish what is running for
-    # up to this long; what is left is handed back to the queue at once. Serve waits
+    # Graceful shutdown (scale-down, rolling update, node drain): stop taking work and finish what is
+    # running for up to this long; what is left is handed back to the queue at once. Serve waits
     # GRACEFUL_SHUTDOWN_TIMEOUT_S (below) for this before it kills the replica.
-    DRAIN_TIMEOUT_S = 50.0
+    DRAIN_TIMEOUT_S = LLM_DRAIN_TIMEOUT_S
 
     async def __init__(self, cfg: ServeAppConfig, queue: Any) -> None:
         self.cfg = cfg  # validated once, by the app builder
@@ -201,8 +201,9 @@ class LLMServer:
             raise RuntimeError("the LLM engine loop stopped")
 
 
-# The drain, plus time to deliver the last events and hand back the leases.
-GRACEFUL_SHUTDOWN_TIMEOUT_S = LLMServer.DRAIN_TIMEOUT_S + 10
+# The drain, plus time to deliver the last events and hand back the leases (the contract's value: the
+# operator sizes the LLM pods' termination grace period from it).
+GRACEFUL_SHUTDOWN_TIMEOUT_S = LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S
 # This deployment's own Serve options; the app builder adds the pool's replicas and placement (GPUs,
 # pool resource, one bundle per node).
 LLMServerDeployment = serve.deployment(name=LLM_DEPLOYMENT, max_ongoing_requests=16,
