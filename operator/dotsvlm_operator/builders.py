@@ -184,8 +184,12 @@ def _metrics_port(spec: models.DotsVLMDeploymentSpec) -> list[str]:
 
 
 def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, image: str | None = None) -> dict[str, Any]:
+    # The head advertises the control resource: the Ingress and TensorQueue replicas run here, where
+    # GPU-pool churn cannot take them down.
     cmd = ["ray", "start", "--head", f"--port={naming.GCS_PORT}", "--dashboard-host=0.0.0.0",
-           f"--dashboard-port={naming.DASHBOARD_PORT}", "--num-gpus=0", *_metrics_port(spec), "--block"]
+           f"--dashboard-port={naming.DASHBOARD_PORT}", "--num-gpus=0",
+           f"--resources={json.dumps({serve_config.CONTROL_RESOURCE: serve_config.CONTROL_RESOURCE_CAPACITY})}",
+           *_metrics_port(spec), "--block"]
     ports = [{"name": "gcs", "containerPort": naming.GCS_PORT},
              {"name": "dashboard", "containerPort": naming.DASHBOARD_PORT},
              {"name": "serve", "containerPort": spec.api.port},

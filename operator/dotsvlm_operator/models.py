@@ -287,6 +287,17 @@ class VisionPool(_Api):
     max_replicas: int = Field(8, ge=1, le=1000, description="Most vision replicas.")
     max_batch_pixels: int = Field(_contract(VisionPoolConfig, "max_batch_pixels"), ge=3136, description="Pixel budget of one encode batch (after resize).")
     max_batch_wait_ms: float = Field(_contract(VisionPoolConfig, "max_batch_wait_ms"), ge=0, le=10000, description="How long a replica waits to fill a batch before encoding.")
+    max_pending_pixels_per_replica: int = Field(
+        _contract(VisionPoolConfig, "max_pending_pixels_per_replica"), ge=3136, description=(
+            "Backpressure: pixels (after resize) of images waiting in or for the vision stage per running vision "
+            "replica (a pool at zero counts as one while it wakes up). Beyond it image requests get HTTP 429 with "
+            "Retry-After; a replica also decodes no more than this at once (its memory: about 12 bytes per pixel). "
+            "Keep it above what one replica encodes within its share of slo.imageTTFTSeconds, so the autoscaler "
+            "still sees a backlog that asks for more replicas."))
+    max_pending_pixels: int | None = Field(
+        None, ge=3136, description=(
+            "Backpressure: pixels of images waiting in or for the vision stage in all, whatever the replicas. "
+            "Default: maxPendingPixelsPerReplica x maxReplicas."))
     node_selector: dict[str, str] | None = Field(
         None, description="Node labels the pool's pods require, e.g. {nvidia.com/gpu.product: NVIDIA-L40S}.")
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods (e.g. for tainted GPU nodes).")
@@ -384,6 +395,11 @@ class ApiSpec(_Api):
     port: int = Field(8000, ge=1024, le=65535, description="Port of the API (Ray Serve's HTTP proxy and the Service).")
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Type of the API Service.")
     request_timeout_seconds: float = Field(_contract(ApiConfig, "request_timeout_s"), gt=0, le=86400, description="Longest a request may take end to end before it is answered with an error.")
+    max_image_bytes_in_flight: int = Field(
+        _contract(ApiConfig, "max_image_bytes_in_flight"), ge=1024 * 1024, description=(
+            "Backpressure: bytes of images (request bodies being read, image files until the request's first token) "
+            "one API replica holds at once. Beyond it image requests get HTTP 429 with Retry-After; a request alone "
+            "always fits."))
     api_key_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding comma-separated API keys; clients then send 'Authorization: Bearer <key>'. Unset: no API keys.")
 

@@ -58,6 +58,8 @@ def serve_app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAp
             pool_resource=serve_config.VISION_POOL_RESOURCE,
             max_batch_pixels=spec.vision.max_batch_pixels,
             max_batch_wait_ms=spec.vision.max_batch_wait_ms,
+            max_pending_pixels_per_replica=spec.vision.max_pending_pixels_per_replica,
+            max_pending_pixels=spec.vision.max_pending_pixels,
             autoscaling=vision_autoscaling(spec.vision),
         ),
         llm=serve_config.LLMPoolConfig(
@@ -81,7 +83,9 @@ def serve_app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAp
             max_deliveries=spec.queue.max_deliveries),
         api=serve_config.ApiConfig(
             api_keys_env=serve_config.API_KEYS_ENV if spec.api.api_key_secret_ref else None,
-            request_timeout_s=spec.api.request_timeout_seconds),
+            request_timeout_s=spec.api.request_timeout_seconds,
+            max_image_bytes_in_flight=spec.api.max_image_bytes_in_flight),
+        control_resource=serve_config.CONTROL_RESOURCE,
     )
 
 

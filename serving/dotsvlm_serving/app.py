@@ -6,7 +6,8 @@
 tensor queue its own `QueueConfig`). Each deployment states its own Serve options (name, concurrency,
 graceful shutdown) next to its code in `deployments/`; this module adds what follows from the pool
 config: replica counts or autoscaling, GPUs, the pool's Ray custom resource when `pool_resource` is
-set (pool workers advertise it), and the LLM replica's placement group; locally nothing is pinned.
+set (pool workers advertise it), the control resource for the Ingress and TensorQueue when
+`control_resource` is set (the Ray head advertises it), and the LLM replica's placement group.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def actor_options(*, num_gpus: float, pool_resource: str | None, num_cpus: float
     if pool_resource:
         opts["resources"] = {pool_resource: 1}
     return opts
+
+
+def control_options(opts: dict[str, Any] | None, control_resource: str | None) -> dict[str, Any]:
+    """The Ingress's and TensorQueue's actor options, pinned (one unit of `control_resource`) to the nodes
+    that advertise it, the Ray head, where GPU-pool churn (scale-down, rollout, node drain) cannot
+    take them down; unpinned when None (a local Ray)."""
+    out = dict(opts or {})
+    if control_resource:
+        out["resources"] = {**out.get("resources", {}), control_resource: 1}
+    return out
 
 
 def llm_placement(llm: LLMPoolConfig, *, num_cpus: float) -> dict[str, Any]:
@@ -114,7 +125,8 @@ def build_app(args: dict[str, Any]) -> Application:
     auto = cfg.autoscaled()
     queue = TensorQueueDeployment.options(
         **replica_options(SINGLE, auto),
-        ray_actor_options=with_metrics_env(TensorQueueDeployment.ray_actor_options or {}, auto)).bind(cfg.queue)
+        ray_actor_options=with_metrics_env(control_options(TensorQueueDeployment.ray_actor_options,
+                                                           cfg.control_resource), auto)).bind(cfg.queue)
     vision = VisionEncoderDeployment.options(
         **replica_options(cfg.vision.autoscaling, auto),
         ray_actor_options=with_metrics_env(actor_options(
@@ -126,5 +138,6 @@ def build_app(args: dict[str, Any]) -> Application:
     n = cfg.api.ingress_replicas
     ingress = IngressDeployment.options(
         **replica_options(AutoscalingTargets(min_replicas=n, max_replicas=n), auto),
-        ray_actor_options=with_metrics_env(IngressDeployment.ray_actor_options or {}, auto))
+        ray_actor_options=with_metrics_env(control_options(IngressDeployment.ray_actor_options,
+                                                           cfg.control_resource), auto))
     return ingress.bind(cfg, vision, queue, llm)

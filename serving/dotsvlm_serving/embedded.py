@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .serve_config import LLMPoolConfig, QueueConfig, ServeAppConfig
+from .serve_config import CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, LLMPoolConfig, QueueConfig, ServeAppConfig
 
 TINY_MODEL_DIR = ".tiny-model"
 # Ray's own ports, outside the worker port range (10002-19999).
@@ -29,6 +29,8 @@ GCS_PORT = 6390
 # Ray's metrics export (every dotsvlm metric, with a ray_ prefix; docs/observability.md); another free
 # port when something else holds it (a second local stack).
 METRICS_PORT = 6391
+# The local node is the control node: the Ingress and TensorQueue replicas ask for this resource.
+CONTROL_RESOURCES = {CONTROL_RESOURCE: CONTROL_RESOURCE_CAPACITY}
 
 
 def metrics_port() -> int:
@@ -55,6 +57,7 @@ def local_config(model_path: str, overrides: dict | None = None) -> ServeAppConf
         model_path=model_path, device="cpu", dtype="float32",
         llm=LLMPoolConfig(max_running_requests=8, max_new_tokens_default=64),
         queue=QueueConfig(max_items=64, enqueue_timeout_s=10),
+        control_resource=CONTROL_RESOURCE,  # the local Ray node advertises it, as the operator's head does
     ).model_dump(mode="json")
     return ServeAppConfig.model_validate(_merge(base, {**(overrides or {}), "model_path": model_path}))
 
@@ -111,12 +114,14 @@ def _start_ray(detach: bool, num_cpus: int, env_vars: dict[str, str], metrics: i
         ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
         say(f"starting a background Ray head (GCS port {GCS_PORT}) ...")
         subprocess.run([ray_bin, "start", "--head", f"--port={GCS_PORT}", f"--num-cpus={num_cpus}",
+                        f"--resources={json.dumps(CONTROL_RESOURCES)}",
                         f"--metrics-export-port={metrics}", "--include-dashboard=false", "--disable-usage-stats"], check=True,
                        stdout=subprocess.DEVNULL)
         ray.init(address=f"127.0.0.1:{GCS_PORT}", logging_level="WARNING", log_to_driver=False)
     else:
         say("starting a local Ray on CPU ...")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+        ray.init(address="local", num_cpus=num_cpus, resources=CONTROL_RESOURCES, include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=False,
                  _metrics_export_port=metrics,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"], **env_vars}})
 

@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 VISION_POOL_RESOURCE = "dotsvlm_pool_vision"
 LLM_POOL_RESOURCE = "dotsvlm_pool_llm"
 POOL_RESOURCE_CAPACITY = 1000
+# Ray custom resource of the nodes that GPU-pool churn cannot take down (the Ray head; `dotsvlm serve`'s
+# local Ray): the Ingress and TensorQueue replicas ask for one unit each, so Ray places them there and
+# never on a pool pod that a scale-down, rollout or node drain removes. Capacity as for the pools.
+CONTROL_RESOURCE = "dotsvlm_control"
+CONTROL_RESOURCE_CAPACITY = 1000
 
 APP_NAME = "dotsvlm"
 APP_IMPORT_PATH = "dotsvlm_serving.app:build_app"
@@ -103,7 +108,20 @@ class VisionPoolConfig(_Strict):
     pool_resource: str | None = None
     max_batch_pixels: int = Field(16 * 1024 * 1024, ge=3136, description="pixel budget of one encode batch")
     max_batch_wait_ms: float = Field(5.0, ge=0)
+    # Backpressure: pixels (after resize) sent to the vision stage and not yet encoded, the backlog the
+    # autoscaler reads (signals.VISION_PENDING_PIXELS). Beyond the limit an image request gets 429.
+    # Per running replica (a pool at zero counts as one: it is waking up), and in all (None: the per-replica
+    # limit x max_replicas). A vision replica also decodes no more than its per-replica limit at once.
+    max_pending_pixels_per_replica: int = Field(128 * 1024 * 1024, ge=3136)
+    max_pending_pixels: int | None = Field(None, ge=3136)
     autoscaling: VisionAutoscaling = VisionAutoscaling()
+
+    def pending_pixels_limit(self, running_replicas: int) -> int:
+        """Pixels the whole vision stage may hold with `running_replicas` replicas up; the ingress admits
+        image requests against it (each ingress replica takes its share)."""
+        total = (self.max_pending_pixels if self.max_pending_pixels is not None
+                 else self.max_pending_pixels_per_replica * self.autoscaling.max_replicas)
+        return min(total, self.max_pending_pixels_per_replica * max(1, running_replicas))
 
 
 # The LLM replica's engines (docs/engine.md): our transformers loop on one device (CPU, tests, the
@@ -202,6 +220,9 @@ class ApiConfig(_Strict):
     # Largest request body accepted (bytes); None = room for the maximum number of images at the
     # maximum size, base64-encoded, plus 1 MiB of text.
     max_body_bytes: int | None = Field(None, ge=1024)
+    # Backpressure: image bytes (request bodies being read, image files until the request's first token)
+    # one ingress replica holds at once; beyond it an image request gets 429. A request alone always fits.
+    max_image_bytes_in_flight: int = Field(2 * 1024**3, ge=1024 * 1024)
 
     def body_limit(self) -> int:
         if self.max_body_bytes is not None:
@@ -222,6 +243,8 @@ class ServeAppConfig(_Strict):
     queue: QueueConfig = QueueConfig()
     api: ApiConfig = ApiConfig()
     slo: SLOConfig = SLOConfig()
+    # None: the Ingress and TensorQueue replicas go wherever Ray puts them (a local Ray of one node).
+    control_resource: str | None = None
 
     def autoscaled(self) -> bool:
         """Whether a pool may change size: then dotsvlm's policy runs as the application's autoscaler."""

@@ -296,7 +296,28 @@ def test_resource_defaults_are_the_contracts_defaults_field_by_field() -> None:
     assert app.llm.autoscaling.target_ongoing_requests == serve_config.LLM_TARGET_SHARE * spec.llm.max_running_requests
     assert contract.llm.autoscaling.target_ongoing_requests == serve_config.LLM_TARGET_SHARE * contract.llm.max_running_requests
     assert app.slo == contract.slo
-    for field in ("max_batch_pixels", "max_batch_wait_ms"):
+    for field in ("max_batch_pixels", "max_batch_wait_ms", "max_pending_pixels_per_replica", "max_pending_pixels"):
         assert getattr(app.vision, field) == getattr(contract.vision, field), f"vision.{field}"
+    assert app.api.max_image_bytes_in_flight == contract.api.max_image_bytes_in_flight
     assert app.llm.max_new_tokens_default == contract.llm.max_new_tokens_default
     assert app.api.request_timeout_s == contract.api.request_timeout_s
+
+
+def test_ingress_and_queue_are_pinned_to_the_head_which_advertises_the_control_resource() -> None:
+    """GPU-pool churn must not take the Ingress and TensorQueue down: the Serve config asks for the control
+    resource, only the head advertises it."""
+    kids = _kids(_spec())
+    advertised = f'--resources={{"{serve_config.CONTROL_RESOURCE}": {serve_config.CONTROL_RESOURCE_CAPACITY}}}'
+    assert advertised in kids[("Deployment", "dots-ray-head")]["spec"]["template"]["spec"]["containers"][0]["command"]
+    for pool in ("dots-vision", "dots-llm"):
+        command = kids[("Deployment", pool)]["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert not any(serve_config.CONTROL_RESOURCE in arg for arg in command), pool
+    assert serve_app.serve_app_config(_spec()).control_resource == serve_config.CONTROL_RESOURCE
+
+
+def test_backpressure_limits_reach_the_contract() -> None:
+    spec = _spec(vision__maxPendingPixelsPerReplica=50_000_000, vision__maxPendingPixels=200_000_000,
+                 api__maxImageBytesInFlight=300_000_000)
+    app = serve_app.serve_app_config(spec)
+    assert (app.vision.max_pending_pixels_per_replica, app.vision.max_pending_pixels) == (50_000_000, 200_000_000)
+    assert app.api.max_image_bytes_in_flight == 300_000_000

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dotsvlm_serving.app import actor_options, autoscaling, build_app, llm_placement, parse_config, replica_options
-from dotsvlm_serving.serve_config import LLM_POOL_RESOURCE, AutoscalingTargets, LLMPoolConfig, ServeAppConfig
+from dotsvlm_serving.serve_config import (CONTROL_RESOURCE, LLM_POOL_RESOURCE, AutoscalingTargets, LLMPoolConfig,
+                                          ServeAppConfig)
 
 
 def test_pool_pinning_only_when_configured() -> None:
@@ -45,7 +46,19 @@ def test_build_app_binds_the_four_deployments_with_pool_resources() -> None:
     assert vision_opts["resources"] == {"dotsvlm_pool_vision": 1} and vision_opts["num_gpus"] == 1
     assert bound["VisionEncoder"]._deployment_config.autoscaling_config.max_replicas == 3
     assert bound["LLMServer"].ray_actor_options["resources"] == {LLM_POOL_RESOURCE: 1}
-    assert "resources" not in bound["TensorQueue"].ray_actor_options
+    assert "resources" not in bound["TensorQueue"].ray_actor_options  # no control resource: unpinned
+    assert "resources" not in ingress.ray_actor_options
+
+
+def test_ingress_and_queue_ask_for_the_control_resource_when_set() -> None:
+    cfg = ServeAppConfig.model_validate({"model_path": "/models/x", "control_resource": CONTROL_RESOURCE})
+    ingress = build_app(cfg.model_dump(mode="json"))._bound_deployment
+    bound = {a._bound_deployment.name: a._bound_deployment for a in ingress.init_args[1:]}
+    assert ingress.ray_actor_options["resources"] == {CONTROL_RESOURCE: 1}
+    assert bound["TensorQueue"].ray_actor_options["resources"] == {CONTROL_RESOURCE: 1}
+    # Both stay 0-CPU: the resource places them, it does not take a CPU from the head.
+    assert ingress.ray_actor_options["num_cpus"] == 0 and bound["TensorQueue"].ray_actor_options["num_cpus"] == 0
+    assert "resources" not in bound["VisionEncoder"].ray_actor_options
 
 
 def test_multi_gpu_llm_replica_is_a_placement_group_of_one_gpu_bundles() -> None:

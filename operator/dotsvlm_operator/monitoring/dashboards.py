@@ -190,7 +190,18 @@ VISION = Dashboard(
               [(mean("dotsvlm_vision_batch_images"), "mean"),
                (quantile(0.95, "dotsvlm_vision_batch_images"), "p95")], "short"),
         _replicas("vision"),
-    ])],
+    ]),
+     ("Backpressure", [
+         Panel("Refused with 429 per second", "Requests refused because a stage was full, by stage and reason: "
+               "vision (vision_backlog_full: spec.vision.maxPendingPixelsPerReplica / maxPendingPixels), ingress "
+               "(image_bytes_full: spec.api.maxImageBytesInFlight), queue (queue_full).",
+               [(f"sum by (stage, reason) (rate({prom('dotsvlm_rejected_requests')}{sel()}[{RATE}])) or vector(0)",
+                 "{{stage}}: {{reason}}")], "reqps"),
+         Panel("Memory held for waiting images", "Pixels each vision replica holds decoded (bounded per replica) "
+               "and image bytes each API replica holds before the first token (bounded per API replica).",
+               [(gauge("dotsvlm_vision_held_pixels", "sum", "replica"), "vision pixels {{replica}}"),
+                (gauge("dotsvlm_ingress_image_bytes", "sum", "replica"), "ingress bytes {{replica}}")], "short"),
+     ])],
 )
 
 QUEUE = Dashboard(

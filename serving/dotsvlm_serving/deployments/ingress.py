@@ -37,9 +37,14 @@ from ..model.config import load_config
 from ..model.preprocess import ImageError, probe_image
 from ..model.prompt import load_tokenizer
 from ..serve_config import INGRESS_DEPLOYMENT, ServeAppConfig
+from .backpressure import IngressAdmission, read_reports, sum_reports
 from .relay import Relay
 
 log = logging.getLogger("ray.serve")
+
+# Bodies over this size carry images (a chat's text is far smaller): they are read off the event loop
+# and count against the image bytes the replica may hold.
+LARGE_BODY = 65536
 
 app = FastAPI(title="dotsvlm", docs_url=None, redoc_url=None)
 
@@ -79,17 +84,25 @@ class Ingress:
         self.auth = ApiKeyAuth.from_env(self.cfg.api.api_keys_env)
         self.metrics = ReplicaMetrics("ingress")
         self.signals = IngressSignals()  # what this replica reports to the autoscaler
+        self.admission = IngressAdmission(self.cfg)  # backpressure: image bytes held, vision backlog limit
         self._in_flight = 0
         # The gauges come from the same signals the autoscaler reads (record_autoscaling_stats).
         publisher = StatsPublisher(
-            self.metrics, lambda: {**self.signals.stats(time.monotonic()), "in_flight": self._in_flight},
+            self.metrics, lambda: {**self.signals.stats(time.monotonic()), "in_flight": self._in_flight,
+                                   "image_bytes": self.admission.bytes.held},
             gauges={"dotsvlm_requests_in_flight": "in_flight",
                     "dotsvlm_vision_pending_images": VISION_PENDING_IMAGES,
-                    "dotsvlm_vision_pending_pixels": VISION_PENDING_PIXELS})
+                    "dotsvlm_vision_pending_pixels": VISION_PENDING_PIXELS,
+                    "dotsvlm_ingress_image_bytes": "image_bytes"})
         # Serve calls this constructor inside its own (async) one, so a loop is running.
-        self._publishing = asyncio.get_running_loop().create_task(publisher.run_forever())
+        loop = asyncio.get_running_loop()
+        self._publishing = loop.create_task(publisher.run_forever())
+        self._watching = loop.create_task(self.admission.watch_vision_replicas())
+        self._reporting = loop.create_task(self.admission.publish_forever(
+            serve.get_replica_context().replica_id.unique_id, lambda: self.signals.pending_pixels))
         pre = self.model_config.preprocess
-        self.relay = Relay(vision, queue, self.metrics, self.signals, hidden_size=int(self.model_config.vision.hidden_size),
+        self.relay = Relay(vision, queue, self.metrics, self.signals, self.admission,
+                           hidden_size=int(self.model_config.vision.hidden_size),
                            pixels_per_token=(pre.patch_size * pre.merge_size) ** 2,
                            enqueue_timeout_s=self.cfg.queue.enqueue_timeout_s,
                            request_timeout_s=self.cfg.api.request_timeout_s, embed_dtype=self.cfg.dtype)
@@ -124,6 +137,9 @@ class Ingress:
                       "rejected_total": counters.get("rejected_full", 0),
                       "redelivered_total": counters.get("redelivered", 0)},
             "slo": {k: (None if v == NO_DATA else v) for k, v in recent.items() if k.endswith("_p90_s")},
+            # Backpressure before the queue, summed over the ingress replicas: the vision stage's backlog
+            # against its limit, image bytes held, and the requests answered 429 by reason.
+            "admission": sum_reports(await asyncio.to_thread(read_reports), time.time()),
         })
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -148,6 +164,9 @@ class Ingress:
             return response
         except ApiError as exc:
             status = exc.status
+            stage = self.admission.count(exc)
+            if stage is not None:
+                self.metrics.inc("dotsvlm_rejected_requests", stage=stage, reason=str(exc.code))
             raise
         finally:
             self._in_flight -= 1
@@ -160,29 +179,57 @@ class Ingress:
         if declared and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body is {declared} bytes, over the {limit}-byte limit: send smaller "
                                 "images or fewer of them")
-        body = await request.body()
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is over the {limit}-byte limit: send smaller images or fewer of them")
-        # Parsing a large body (base64 images) is CPU work: off the event loop.
-        req = await asyncio.to_thread(parse_chat_request, body) if len(body) > 65536 else parse_chat_request(body)
-        if req.model != self.cfg.served_model_name:
-            raise ApiError(404, f"the model {req.model!r} does not exist: this server serves "
-                                f"{self.cfg.served_model_name!r} (see /v1/models)", param="model", code="model_not_found")
-        messages, urls = req.to_model_messages()
-        info["modality"] = _modality(len(urls))
-        images, sizes = await self._load_images(urls)
-        counts = self._token_counts(sizes)
+        # Backpressure on memory: a large body (images) is counted against the image bytes this replica
+        # may hold from before it is read (429 when they are full), then its images' own bytes until the
+        # request's first token (they are kept until then to encode again if embeddings are lost).
+        held = 0
+        if declared and declared.isdigit() and int(declared) > LARGE_BODY:
+            self.admission.reserve_bytes(int(declared), time.monotonic())
+            held = int(declared)
         try:
-            ids = pipeline.prompt_ids(self.tokenizer, self.model_config, messages, counts)
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="messages") from None
-        params = self._sampling(req, len(ids))
-        deadline = t0 + self.cfg.api.request_timeout_s
-        cid = new_completion_id()
-        events = await self.relay.submit(cid, ids, images, counts, params, req.stream, deadline)
+            body = await request.body()
+            if len(body) > limit:
+                raise ApiError(413, f"the request body is over the {limit}-byte limit: send smaller images or fewer of them")
+            if not held and len(body) > LARGE_BODY:  # no Content-Length (chunked upload)
+                self.admission.reserve_bytes(len(body), time.monotonic())
+                held = len(body)
+            # Parsing a large body (base64 images) is CPU work: off the event loop.
+            req = await asyncio.to_thread(parse_chat_request, body) if len(body) > LARGE_BODY else parse_chat_request(body)
+            del body
+            if req.model != self.cfg.served_model_name:
+                raise ApiError(404, f"the model {req.model!r} does not exist: this server serves "
+                                    f"{self.cfg.served_model_name!r} (see /v1/models)", param="model",
+                               code="model_not_found")
+            messages, urls = req.to_model_messages()
+            info["modality"] = _modality(len(urls))
+            images, sizes = await self._load_images(urls)
+            held = self._hold_images(held, sum(len(d) for d in images))
+            counts = self._token_counts(sizes)
+            try:
+                ids = pipeline.prompt_ids(self.tokenizer, self.model_config, messages, counts)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param="messages") from None
+            params = self._sampling(req, len(ids))
+            deadline = t0 + self.cfg.api.request_timeout_s
+            cid = new_completion_id()
+            n_images = len(images)
+            events = await self.relay.submit(cid, ids, images, counts, params, req.stream, deadline)
+            del images  # its first event is in: no encoding again (relay.submit), the bytes can go
+        finally:
+            if held:
+                self.admission.bytes.release(held, time.monotonic())
         if req.stream:
-            return await self._stream(cid, req, events, t0, len(images))
-        return await self._complete(cid, events, t0, len(images))
+            return await self._stream(cid, req, events, t0, n_images)
+        return await self._complete(cid, events, t0, n_images)
+
+    def _hold_images(self, held: int, image_bytes: int) -> int:
+        """From the body's bytes to the images' own (fewer for data: URLs, which are base64 in the body;
+        more for http(s) URLs, fetched since): what this request holds now."""
+        if image_bytes > held:
+            self.admission.reserve_bytes(image_bytes - held, time.monotonic(), own=held)
+        elif image_bytes < held:
+            self.admission.bytes.release(held - image_bytes, time.monotonic())
+        return image_bytes
 
     async def _load_images(self, urls: list[str]) -> tuple[list[bytes], list[tuple[int, int]]]:
         """The images' file bytes and their (width, height), read from their headers. The decode, resize

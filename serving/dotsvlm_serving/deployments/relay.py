@@ -24,8 +24,10 @@ from typing import Any
 
 import ray
 
+from ..admission import QUEUE_FULL
 from ..api.errors import ApiError
 from ..autoscaling.signals import IngressSignals
+from .backpressure import IngressAdmission
 from ..events import Event, RestartEvent, is_terminal
 from ..metrics.publish import ReplicaMetrics
 from ..tensor_queue import QueueItem, RayObjectTransport, TensorHandle
@@ -69,10 +71,11 @@ class _Held:
 class Relay:
     """Used by the ingress; holds the vision and tensor-queue handles and the cancellations in flight."""
 
-    def __init__(self, vision: Any, queue: Any, metrics: ReplicaMetrics, signals: IngressSignals, *, hidden_size: int,
-                 pixels_per_token: int, enqueue_timeout_s: float, request_timeout_s: float,
-                 embed_dtype: str = "float32") -> None:
+    def __init__(self, vision: Any, queue: Any, metrics: ReplicaMetrics, signals: IngressSignals,
+                 admission: IngressAdmission, *, hidden_size: int, pixels_per_token: int, enqueue_timeout_s: float,
+                 request_timeout_s: float, embed_dtype: str = "float32") -> None:
         self.vision, self.queue, self.metrics, self.signals = vision, queue, metrics, signals
+        self.admission = admission
         self.hidden_size = hidden_size
         self.embed_dtype = embed_dtype  # what the vision tower computes (ServeAppConfig.dtype)
         self.pixels_per_token = pixels_per_token
@@ -81,17 +84,21 @@ class Relay:
         self._background: set[asyncio.Task[Any]] = set()
         self.requeued_total = 0  # requests enqueued again after the queue lost them
 
-    async def encode(self, images: list[bytes], counts: list[int], deadline: float) -> TensorHandle:
+    async def encode(self, images: list[bytes], counts: list[int], deadline: float, *, admit: bool = True) -> TensorHandle:
         """Encode on the vision pool; the embeddings stay in the object store (owned by this process, so
-        they outlive the vision replica) and only their reference travels on."""
+        they outlive the vision replica) and only their reference travels on. With `admit`, a request
+        whose images do not fit in the vision stage's backlog limit gets 429 first (backpressure)."""
         t = time.monotonic()
         # The autoscaler's view of the vision backlog: counted here, so it is known even while the
-        # vision pool has no replica (the call then waits at the handle until Serve starts one).
+        # vision pool has no replica (the call then waits at the handle until Serve starts one). The
+        # admission limit is on the same number.
         pixels = sum(counts) * self.pixels_per_token
+        if admit:
+            self.admission.check_pixels(pixels, self.signals.pending_pixels, t)
         self.signals.vision_started(len(images), pixels)
         encoded = None
         try:
-            ref = await self.vision.encode.remote(images)._to_object_ref()
+            ref = await self.vision.encode.remote(images, pixels)._to_object_ref()
             # Readiness without fetching the bytes here (fetch_local=False); a short poll keeps the
             # event loop free for other requests.
             delay = 0.001
@@ -104,6 +111,7 @@ class Relay:
                 await asyncio.sleep(delay)
                 delay = min(0.01, delay * 2)
             encoded = time.monotonic() - t
+            self.admission.pixels_drained.add(t + encoded, pixels)
         finally:
             self.signals.vision_finished(len(images), pixels, time.monotonic(), encoded)
         self.metrics.observe("dotsvlm_vision_request_seconds", encoded)
@@ -115,7 +123,8 @@ class Relay:
         when the LLM replica reports that the embeddings were lost."""
         attempts = 2 if images else 1
         for attempt in range(attempts):
-            handle = await self.encode(images, counts, deadline) if images else None
+            # Admitted once: encoding again (embeddings lost) is not refused.
+            handle = await self.encode(images, counts, deadline, admit=attempt == 0) if images else None
             nbytes = (handle.nbytes if handle else 0) + 8 * len(ids)
             item = QueueItem(request_id=f"{cid}-{attempt}", nbytes=nbytes,
                              reserved_tokens=len(ids) + params["max_tokens"],
@@ -156,7 +165,7 @@ class Relay:
                 await asyncio.sleep(QUEUE_RETRY_S)
         if not res["ok"]:
             if res["reason"] == "full":
-                raise ApiError(429, res["message"], code="queue_full",
+                raise ApiError(429, res["message"], code=QUEUE_FULL,
                                headers={"Retry-After": str(int(res["retry_after_s"]))})
             raise ApiError(400, res["message"], code="request_too_large")
 

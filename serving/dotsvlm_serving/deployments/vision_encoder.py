@@ -1,7 +1,10 @@
 """VisionEncoder: runs the vision tower, batching work across requests by a pixel budget.
 
-A request's images arrive as their compressed bytes (the ingress only reads their headers): each
-request is decoded, resized and patchified on this replica's thread pool as soon as it arrives (Pillow
+A request's images arrive as their compressed bytes (the ingress only reads their headers) with
+their pixel count after resize: each request is decoded, resized and patchified on this replica's
+thread pool as soon as its pixels fit under `vision.max_pending_pixels_per_replica` with the pixels the
+replica holds already (first come, first served; a larger request alone still goes; the rest wait
+compressed, so a replica's memory stays bounded whatever Serve routes to it) (Pillow
 and numpy release the GIL, so requests prepare in parallel, and overlap the running forward), then
 waits in a FIFO; a batch takes requests from its head while their resized pixels fit
 `max_batch_pixels` (a single larger request still runs alone), waiting up to `max_batch_wait_ms` for
@@ -26,10 +29,11 @@ import torch
 from ray import serve
 
 from .. import pipeline
+from ..admission import AmountGate
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.checkpoint import load_vision_tower
 from ..model.config import load_config
-from ..model.preprocess import ImageError, PreprocessedImages, decode_image
+from ..model.preprocess import ImageError, PreprocessedImages, decode_image, probe_image
 from ..autoscaling.signals import vision_stats
 from ..serve_config import VISION_DEPLOYMENT, ServeAppConfig
 from ..tensor_queue import to_wire
@@ -58,13 +62,18 @@ class VisionEncoder:
         self._stats = {"batches": 0, "images": 0, "pixels_total": 0.0, "encode_seconds_total": 0.0}
         self._encoding_images = 0
         self._preparing_images = 0
+        # Decoded pixels this replica holds (preparing, waiting, encoding) stay within its share of the
+        # vision stage's limit; further requests wait here still compressed, in arrival order.
+        self._gate = AmountGate(self.cfg.vision.max_pending_pixels_per_replica)
+        self._gated_images = 0
         # Decode + resize + patchify, per request, in parallel with each other and with the forward.
         self._prepare_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2),
                                                 thread_name_prefix="vision-prepare")
         self.metrics = ReplicaMetrics("vision")
         publisher = StatsPublisher(self.metrics, self.stats,
                                    gauges={"dotsvlm_vision_backlog_images": "backlog_images",
-                                           "dotsvlm_vision_encoding_images": "encoding_images"},
+                                           "dotsvlm_vision_encoding_images": "encoding_images",
+                                           "dotsvlm_vision_held_pixels": "held_pixels"},
                                    counters={"dotsvlm_vision_images_encoded": "images",
                                              "dotsvlm_vision_pixels_encoded": "pixels_total"})
         loop = asyncio.get_running_loop()
@@ -81,18 +90,41 @@ class VisionEncoder:
                 raise ImageError(f"image {i + 1}: {exc}") from None
         return pipeline.preprocess(decoded, self.model_config, lim)
 
-    async def encode(self, images: list[bytes]) -> np.ndarray:
-        """The request's images (their file bytes, in order) -> embeddings [tokens, hidden] (wire form)."""
-        self._preparing_images += len(images)
+    def _resized_pixels(self, images: list[bytes]) -> int:
+        """Pixels after resize, from the images' headers (what the ingress counts)."""
+        lim = self.cfg.api.images
+        sizes = []
+        for i, data in enumerate(images):
+            try:
+                sizes.append(probe_image(data, max_bytes=lim.max_image_bytes))
+            except ImageError as exc:
+                raise ImageError(f"image {i + 1}: {exc}") from None
+        pre = self.model_config.preprocess
+        return sum(pipeline.token_counts_for_sizes(sizes, self.model_config, lim)) * (pre.patch_size * pre.merge_size) ** 2
+
+    async def encode(self, images: list[bytes], pixels: int | None = None) -> np.ndarray:
+        """The request's images (their file bytes, in order) -> embeddings [tokens, hidden] (wire form).
+        `pixels`: their pixels after resize, as the ingress counted them (read from the headers if not
+        given); the request is decoded once they fit under this replica's limit."""
+        need = pixels if pixels is not None else self._resized_pixels(images)
+        self._gated_images += len(images)
         try:
-            pre = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, self._prepare, images)
+            await self._gate.acquire(need)
         finally:
-            self._preparing_images -= len(images)
-        pixels = int(pre.grid_thw.prod(dim=1).sum()) * self.model_config.preprocess.patch_size ** 2
-        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(pre, pixels, fut, time.monotonic(), len(images)))
-        self._wake.set()
-        return await fut
+            self._gated_images -= len(images)
+        try:
+            self._preparing_images += len(images)
+            try:
+                pre = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, self._prepare, images)
+            finally:
+                self._preparing_images -= len(images)
+            pixels = int(pre.grid_thw.prod(dim=1).sum()) * self.model_config.preprocess.patch_size ** 2
+            fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+            self._jobs.append(_Job(pre, pixels, fut, time.monotonic(), len(images)))
+            self._wake.set()
+            return await fut
+        finally:
+            self._gate.release(need)
 
     def _next_batch(self) -> list[_Job]:
         self._jobs = [j for j in self._jobs if not j.future.done()]  # drop cancelled callers
@@ -144,9 +176,10 @@ class VisionEncoder:
                     i += n
 
     async def stats(self) -> dict[str, float]:
-        backlog = self._preparing_images + sum(j.n_images for j in self._jobs if not j.future.done())
-        return dict(self._stats, backlog_images=float(backlog),
-                    encoding_images=float(self._encoding_images))
+        backlog = (self._gated_images + self._preparing_images
+                   + sum(j.n_images for j in self._jobs if not j.future.done()))
+        return dict(self._stats, backlog_images=float(backlog), encoding_images=float(self._encoding_images),
+                    held_pixels=float(self._gate.held))
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook: this replica's measured encode rate for the autoscaling policy."""

@@ -79,6 +79,12 @@ SERVING_METRICS: tuple[MetricSpec, ...] = (
     _m("dotsvlm_completion_tokens", "counter", "ingress", "Generated tokens of completed requests", ("modality",)),
     _m("dotsvlm_images", "counter", "ingress", "Images received in requests"),
     _m("dotsvlm_requests_in_flight", "gauge", "ingress", "Requests being served by this ingress replica"),
+    _m("dotsvlm_rejected_requests", "counter", "ingress",
+       "Requests answered 429 by backpressure, by the stage that was full (vision, ingress, queue) and reason "
+       "(vision_backlog_full, image_bytes_full, queue_full)", ("stage", "reason")),
+    _m("dotsvlm_ingress_image_bytes", "gauge", "ingress",
+       "Image bytes this ingress replica holds for requests before their first token (bounded by "
+       "api.maxImageBytesInFlight)"),
     _m("dotsvlm_vision_retries", "counter", "ingress",
        "Requests encoded again because their image embeddings were lost (a vision replica died)"),
     _m("dotsvlm_inter_token_latency_seconds", "histogram", "ingress",
@@ -98,6 +104,9 @@ SERVING_METRICS: tuple[MetricSpec, ...] = (
     _m("dotsvlm_vision_backlog_images", "gauge", "vision",
        "Images waiting in this vision replica for a batch (not yet encoding)"),
     _m("dotsvlm_vision_encoding_images", "gauge", "vision", "Images in the batch this vision replica is encoding"),
+    _m("dotsvlm_vision_held_pixels", "gauge", "vision",
+       "Pixels (after resize) this vision replica holds decoded, waiting or encoding (bounded by "
+       "vision.maxPendingPixelsPerReplica; further requests wait undecoded)"),
     _m("dotsvlm_vision_batch_images", "histogram", "vision", "Images per encode batch", (), BATCH_BUCKETS),
     _m("dotsvlm_vision_encode_seconds", "histogram", "vision", "Time to encode one batch on the vision tower", (),
        LATENCY_BUCKETS),

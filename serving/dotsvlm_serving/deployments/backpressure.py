@@ -1,0 +1,145 @@
+"""The ingress's side of backpressure: its admission state, the vision pool's running replicas, and the
+rejection figures of all ingress replicas for the autoscaler's report (`GET /-/autoscaler`).
+
+The decisions themselves are pure (`dotsvlm_serving.admission`); this module holds what they need in a
+running ingress: the bytes it holds, the rate the vision stage drains, how many vision replicas run
+(read from Serve's status every `WATCH_INTERVAL_S`; a pool at zero counts as one, it is waking up),
+and what it refused. Each ingress replica writes its figures to Ray's internal KV, so whichever replica
+answers the report sums them over all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from ..admission import STAGE_OF, ByteBudget, DrainRate, Rejection, admit_pixels, share
+from ..api.errors import ApiError
+from ..serve_config import APP_NAME, VISION_DEPLOYMENT, ServeAppConfig
+
+log = logging.getLogger("ray.serve")
+
+WATCH_INTERVAL_S = 2.0
+KV_NAMESPACE = "dotsvlm"
+REPORT_KV_PREFIX = "dotsvlm/ingress/"
+REPORT_STALE_S = 30.0  # figures of an ingress replica that stopped writing them (gone) are left out
+
+
+def rejection_error(rejection: Rejection) -> ApiError:
+    """The 429 a client gets: OpenAI's error body, the reason as its code, and Retry-After."""
+    return ApiError(429, rejection.message, code=rejection.reason,
+                    headers={"Retry-After": str(rejection.retry_after_s)})
+
+
+class IngressAdmission:
+    """One ingress replica's backpressure state (single event loop: no lock)."""
+
+    def __init__(self, cfg: ServeAppConfig) -> None:
+        self.vision_cfg = cfg.vision
+        self.ingress_replicas = cfg.api.ingress_replicas
+        self.bytes = ByteBudget(cfg.api.max_image_bytes_in_flight)
+        self.pixels_drained = DrainRate()
+        # Until Serve's status was read: the pool's minimum (a fixed pool: its size).
+        self.vision_replicas = cfg.vision.autoscaling.min_replicas
+        self.rejected: Counter[str] = Counter()  # reason -> requests answered 429
+
+    def pixel_limit(self) -> int:
+        """This replica's share of the vision stage's limit with the replicas running now."""
+        return share(self.vision_cfg.pending_pixels_limit(self.vision_replicas), self.ingress_replicas)
+
+    def check_pixels(self, request_pixels: int, pending_pixels: int, now: float) -> None:
+        """Raise the 429 when the request's images do not fit in the vision stage now."""
+        rejection = admit_pixels(request_pixels=request_pixels, pending_pixels=pending_pixels,
+                                 limit=self.pixel_limit(), running_replicas=self.vision_replicas,
+                                 drain_pixels_per_s=self.pixels_drained.rate(now))
+        if rejection is not None:
+            raise rejection_error(rejection)
+
+    def reserve_bytes(self, nbytes: int, now: float, own: int = 0) -> None:
+        rejection = self.bytes.reserve(nbytes, now, own)
+        if rejection is not None:
+            raise rejection_error(rejection)
+
+    def count(self, exc: ApiError) -> str | None:
+        """Count a backpressure 429 (any stage); its stage, or None for other errors."""
+        if exc.status != 429 or exc.code not in STAGE_OF:
+            return None
+        self.rejected[exc.code] += 1
+        return STAGE_OF[exc.code]
+
+    def figures(self, pending_pixels: int) -> dict[str, Any]:
+        return {"vision_replicas": self.vision_replicas, "pending_pixels": pending_pixels,
+                "pending_pixels_limit": self.pixel_limit(), "image_bytes": self.bytes.held,
+                "image_bytes_limit": self.bytes.limit, "rejected": dict(self.rejected)}
+
+    async def watch_vision_replicas(self, interval_s: float = WATCH_INTERVAL_S) -> None:
+        """Keep `vision_replicas` at the number of RUNNING VisionEncoder replicas (Serve's status)."""
+        while True:
+            try:
+                running = await asyncio.to_thread(running_replicas, VISION_DEPLOYMENT)
+                if running is not None:
+                    self.vision_replicas = running
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the previous count stays; admission never stops on this
+                log.warning("could not read the vision pool's replicas from Serve", exc_info=True)
+            await asyncio.sleep(interval_s)
+
+    async def publish_forever(self, key: str, pending_pixels: Any, interval_s: float = WATCH_INTERVAL_S) -> None:
+        """Write this replica's figures where every ingress replica can sum them (Ray's internal KV)."""
+        from ray.experimental import internal_kv
+
+        while True:
+            try:
+                record = json.dumps({"time": time.time(), **self.figures(int(pending_pixels()))}).encode()
+                await asyncio.to_thread(internal_kv._internal_kv_put, REPORT_KV_PREFIX + key, record,
+                                        overwrite=True, namespace=KV_NAMESPACE)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("could not publish the ingress's backpressure figures", exc_info=True)
+            await asyncio.sleep(interval_s)
+
+
+def running_replicas(deployment: str) -> int | None:
+    """RUNNING replicas of one of the application's deployments (None: not known yet)."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    dep = app.deployments.get(deployment) if app else None
+    if dep is None:
+        return None
+    return int(sum(n for state, n in dep.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+
+
+def sum_reports(records: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    """The vision stage and the rejections over all ingress replicas whose figures are fresh."""
+    fresh = [r for r in records if now - float(r.get("time", 0.0)) <= REPORT_STALE_S]
+    rejected: Counter[str] = Counter()
+    for r in fresh:
+        rejected.update({k: int(v) for k, v in (r.get("rejected") or {}).items()})
+    return {"ingress_replicas": len(fresh),
+            "vision_replicas": max((int(r.get("vision_replicas", 0)) for r in fresh), default=None),
+            "pending_pixels": sum(int(r.get("pending_pixels", 0)) for r in fresh),
+            "pending_pixels_limit": sum(int(r.get("pending_pixels_limit", 0)) for r in fresh),
+            "image_bytes": sum(int(r.get("image_bytes", 0)) for r in fresh),
+            "image_bytes_limit": sum(int(r.get("image_bytes_limit", 0)) for r in fresh),
+            "rejected": dict(rejected), "rejected_total": sum(rejected.values())}
+
+
+def read_reports() -> list[dict[str, Any]]:
+    from ray.experimental import internal_kv
+
+    out = []
+    for key in internal_kv._internal_kv_list(REPORT_KV_PREFIX, namespace=KV_NAMESPACE):
+        raw = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+        if raw:
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                continue
+    return out

@@ -1,0 +1,153 @@
+"""Backpressure before the vision stage: the admission decisions (pure) and the small state behind them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dotsvlm_serving.admission import (DEFAULT_RETRY_AFTER_S, IMAGE_BYTES_FULL, MAX_RETRY_AFTER_S, VISION_BACKLOG_FULL,
+                                       AmountGate, ByteBudget, DrainRate, admit_bytes, admit_pixels, retry_after_s,
+                                       share)
+from dotsvlm_serving.deployments.backpressure import IngressAdmission, rejection_error, sum_reports
+from dotsvlm_serving.serve_config import ServeAppConfig, VisionPoolConfig
+
+MPX = 1_000_000
+
+
+def test_pixels_within_the_limit_go_in_and_beyond_it_get_429_with_the_wait_at_the_measured_rate() -> None:
+    assert admit_pixels(request_pixels=10 * MPX, pending_pixels=80 * MPX, limit=100 * MPX, running_replicas=2,
+                        drain_pixels_per_s=5 * MPX) is None
+    r = admit_pixels(request_pixels=30 * MPX, pending_pixels=80 * MPX, limit=100 * MPX, running_replicas=2,
+                     drain_pixels_per_s=5 * MPX)
+    assert r is not None and r.reason == VISION_BACKLOG_FULL and r.stage == "vision"
+    assert r.retry_after_s == 2  # 10 Mpx over the limit at 5 Mpx/s
+    # The message says what happened, with the numbers, and what to do.
+    assert "80.0 Mpx" in r.message and "100.0 Mpx" in r.message and "2 vision replicas" in r.message
+    assert "retry after 2 s" in r.message and "vision.maxPendingPixelsPerReplica" in r.message
+
+
+def test_a_request_alone_always_goes_in_so_a_pool_waking_from_zero_takes_the_first_image() -> None:
+    # Nothing pending (the pool at zero has no backlog yet): even a request over the limit is admitted.
+    assert admit_pixels(request_pixels=500 * MPX, pending_pixels=0, limit=100 * MPX, running_replicas=0,
+                        drain_pixels_per_s=None) is None
+    assert admit_bytes(request_bytes=10**9, held_bytes=0, limit=10**6, release_bytes_per_s=None) is None
+
+
+def test_bytes_beyond_the_ingress_limit_get_429() -> None:
+    r = admit_bytes(request_bytes=30 * MPX, held_bytes=90 * MPX, limit=100 * MPX, release_bytes_per_s=None)
+    assert r is not None and r.reason == IMAGE_BYTES_FULL and r.stage == "ingress"
+    assert r.retry_after_s == DEFAULT_RETRY_AFTER_S  # nothing measured yet
+    assert "api.maxImageBytesInFlight" in r.message
+
+
+def test_retry_after_is_whole_seconds_within_bounds() -> None:
+    assert retry_after_s(1, 1e9) == 1
+    assert retry_after_s(10, 4) == 3
+    assert retry_after_s(1e12, 1) == MAX_RETRY_AFTER_S
+    assert retry_after_s(5, None) == retry_after_s(5, 0.0) == DEFAULT_RETRY_AFTER_S
+
+
+def test_each_ingress_replica_takes_its_share_so_the_stage_never_holds_more_than_the_limit() -> None:
+    assert share(100, 1) == 100
+    assert share(100, 3) == 34 and 3 * share(100, 3) - 100 < 3
+    assert share(1, 4) == 1
+
+
+def test_stage_limit_per_running_replica_and_in_all() -> None:
+    v = VisionPoolConfig(max_pending_pixels_per_replica=10 * MPX,
+                         autoscaling={"min_replicas": 0, "max_replicas": 4})
+    assert v.pending_pixels_limit(0) == 10 * MPX  # a pool at zero counts as one: it is waking up
+    assert v.pending_pixels_limit(2) == 20 * MPX
+    assert v.pending_pixels_limit(9) == 40 * MPX  # in all: per replica x max_replicas by default
+    v = v.model_copy(update={"max_pending_pixels": 25 * MPX})
+    assert v.pending_pixels_limit(2) == 20 * MPX and v.pending_pixels_limit(3) == 25 * MPX
+
+
+def test_drain_rate_counts_from_the_first_sample_in_the_window() -> None:
+    rate = DrainRate(window_s=30)
+    assert rate.rate(100.0) is None
+    rate.add(100.0, 10.0)
+    assert rate.rate(100.5) == 10.0  # at least one second
+    rate.add(104.0, 30.0)
+    assert rate.rate(105.0) == pytest.approx(40.0 / 5.0)
+    assert rate.rate(200.0) is None  # forgotten after the window
+
+
+def test_byte_budget_reserves_and_releases() -> None:
+    b = ByteBudget(limit=100)
+    assert b.reserve(60, 0.0) is None and b.held == 60
+    r = b.reserve(50, 0.0)
+    assert r is not None and b.held == 60  # nothing taken when refused
+    # A request growing what it holds already (its images fetched after its body) is judged with it:
+    assert b.reserve(20, 0.0, own=60) is None and b.held == 80
+    b.release(80, 1.0)
+    assert b.held == 0
+    assert b.reserve(500, 1.0) is None  # alone: always
+
+
+def test_ingress_admission_counts_rejections_by_reason_and_builds_the_429() -> None:
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "api": {"ingress_replicas": 2},
+                                         "vision": {"max_pending_pixels_per_replica": 10 * MPX,
+                                                    "autoscaling": {"min_replicas": 1, "max_replicas": 4}}})
+    adm = IngressAdmission(cfg)
+    assert adm.pixel_limit() == 5 * MPX  # one running replica, two ingress replicas
+    adm.vision_replicas = 3
+    assert adm.pixel_limit() == 15 * MPX
+    adm.check_pixels(4 * MPX, 10 * MPX, now=0.0)
+    with pytest.raises(Exception) as info:
+        adm.check_pixels(6 * MPX, 10 * MPX, now=0.0)
+    err = info.value
+    assert err.status == 429 and err.code == VISION_BACKLOG_FULL and int(err.headers["Retry-After"]) >= 1
+    body = err.body()["error"]
+    assert body["type"] == "rate_limit_exceeded" and body["code"] == VISION_BACKLOG_FULL
+    assert adm.count(err) == "vision" and adm.rejected == {VISION_BACKLOG_FULL: 1}
+    assert adm.count(rejection_error(admit_bytes(request_bytes=2, held_bytes=2, limit=3,
+                                                 release_bytes_per_s=None))) == "ingress"
+    figures = adm.figures(pending_pixels=7)
+    assert figures["rejected"] == {VISION_BACKLOG_FULL: 1, IMAGE_BYTES_FULL: 1} and figures["pending_pixels"] == 7
+
+
+def test_report_sums_fresh_ingress_replicas_only() -> None:
+    now = 1000.0
+    records = [{"time": now - 1, "vision_replicas": 2, "pending_pixels": 5, "pending_pixels_limit": 50,
+                "image_bytes": 7, "image_bytes_limit": 70, "rejected": {VISION_BACKLOG_FULL: 3}},
+               {"time": now - 2, "vision_replicas": 2, "pending_pixels": 1, "pending_pixels_limit": 50,
+                "image_bytes": 1, "image_bytes_limit": 70, "rejected": {VISION_BACKLOG_FULL: 1, "queue_full": 2}},
+               {"time": now - 600, "pending_pixels": 99, "rejected": {VISION_BACKLOG_FULL: 100}}]  # a gone replica
+    got = sum_reports(records, now)
+    assert got["ingress_replicas"] == 2 and got["pending_pixels"] == 6 and got["pending_pixels_limit"] == 100
+    assert got["rejected"] == {VISION_BACKLOG_FULL: 4, "queue_full": 2} and got["rejected_total"] == 6
+    assert sum_reports([], now)["vision_replicas"] is None
+
+
+def test_gate_holds_decoded_pixels_under_the_limit_in_arrival_order() -> None:
+    async def scenario() -> None:
+        gate = AmountGate(limit=10)
+        order: list[str] = []
+        await gate.acquire(6)
+
+        async def take(name: str, n: int) -> None:
+            await gate.acquire(n)
+            order.append(name)
+
+        big = asyncio.create_task(take("big", 8))
+        await asyncio.sleep(0)
+        small = asyncio.create_task(take("small", 2))  # would fit now, but waits behind the earlier one
+        await asyncio.sleep(0)
+        assert order == [] and gate.waiting == 10
+        gate.release(6)
+        await asyncio.gather(big, small)
+        assert order == ["big", "small"] and gate.held == 10
+        # A waiter that goes away gives its turn to the next one.
+        gone = asyncio.create_task(gate.acquire(5))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert gate.waiting == 0
+        gate.release(10)
+        await gate.acquire(50)  # alone: larger than the limit still runs
+        assert gate.held == 50
+
+    asyncio.run(scenario())
