@@ -1,5 +1,6 @@
 """Client for the ingress's `GET /-/autoscaler`: the autoscaling policy's latest decision per pool, the
-tensor queue and the observed latencies, which the operator writes into the resource's status.
+tensor queue, the observed latencies and the backpressure before the queue, which the operator writes
+into the resource's status.
 
 The endpoint is on the API port, behind the same API keys as /v1 (`Authorization: Bearer <key>`) when
 `api.apiKeySecretRef` is set. Any failure is an `AutoscalerReport` with `error` set, never an exception:
@@ -49,6 +50,20 @@ class QueueReport(_Lenient):
     redelivered_total: int = 0
 
 
+class AdmissionReport(_Lenient):
+    """Backpressure before the tensor queue, summed over the ingress replicas
+    (serving/dotsvlm_serving/deployments/backpressure.sum_reports)."""
+
+    ingress_replicas: int = 0
+    vision_replicas: int | None = None
+    pending_pixels: int = 0
+    pending_pixels_limit: int = 0
+    image_bytes: int = 0
+    image_bytes_limit: int = 0
+    rejected: dict[str, int] = {}
+    rejected_total: int = 0
+
+
 class SLOReport(_Lenient):
     """Observed p90s (seconds); None: no data in the window."""
 
@@ -62,6 +77,7 @@ class AutoscalerReport(_Lenient):
     decisions: dict[str, PoolDecision] | None = None  # None: no pool autoscales (or no decision yet)
     queue: QueueReport | None = None
     slo: SLOReport | None = None
+    admission: AdmissionReport | None = None
     url: str = ""
     error: str | None = None  # why the report could not be read; everything else is then empty
 

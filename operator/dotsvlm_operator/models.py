@@ -510,6 +510,18 @@ class QueueStatus(_Api):
     observed_time: str | None = Field(None, description="When these values were read (RFC 3339); refreshed every few seconds under change.")
 
 
+class BackpressureStatus(_Api):
+    """Backpressure before the tensor queue (docs/serving.md, "Backpressure"), as the API replicas reported it."""
+
+    vision_pending_pixels: int = Field(0, description="Pixels (after resize) of images sent to the vision stage and not back yet (the vision pool's scaling signal).")
+    vision_pending_pixels_limit: int = Field(0, description="The vision stage's limit with the replicas running now (vision.maxPendingPixelsPerReplica x running replicas, at most vision.maxPendingPixels).")
+    image_bytes: int = Field(0, description="Image bytes the API replicas hold before their requests' first token.")
+    image_bytes_limit: int = Field(0, description="Their limit (api.maxImageBytesInFlight x API replicas).")
+    rejected_total: int = Field(0, description="Requests answered 429 because a stage was full (since the API replicas started).")
+    rejected: dict[str, int] | None = Field(None, description="The same by reason: vision_backlog_full, image_bytes_full, queue_full.")
+    observed_time: str | None = Field(None, description="When these values were read (RFC 3339).")
+
+
 class SLOTargetStatus(_Api):
     """One latency target against what was observed."""
 
@@ -557,6 +569,7 @@ class DotsVLMDeploymentStatus(_Api):
     llm: PoolStatus = Field(default_factory=PoolStatus, description="The LLM pool.")
     serve_app: ServeAppStatus = Field(default_factory=ServeAppStatus, description="The Ray Serve application.")
     queue: QueueStatus | None = Field(None, description="The tensor queue between the pools (depth, oldest item, rejections).")
+    backpressure: BackpressureStatus | None = Field(None, description="The vision stage's backlog and the image bytes held against their limits, and the requests refused with 429 by reason.")
     slo: SLOStatus | None = Field(None, description="Observed p90 latencies against spec.slo, with met / missed per target.")
     autoscaler: AutoscalerStatus | None = Field(None, description="Whether the autoscaler's report could be read.")
     endpoint: str | None = Field(None, description="Base URL of the OpenAI-compatible API inside the cluster.")

@@ -268,18 +268,33 @@ def _target(target: float, observed: float | None) -> models.SLOTargetStatus:
                                   met=None if observed is None else observed <= target)
 
 
+def _backpressure(report: AutoscalerReport, old: models.BackpressureStatus | None,
+                  now_unix: float) -> models.BackpressureStatus | None:
+    if report.admission is None:
+        return old
+    a = report.admission
+    new = models.BackpressureStatus(
+        vision_pending_pixels=a.pending_pixels, vision_pending_pixels_limit=a.pending_pixels_limit,
+        image_bytes=a.image_bytes, image_bytes_limit=a.image_bytes_limit, rejected_total=a.rejected_total,
+        rejected=dict(sorted(a.rejected.items())) or None, observed_time=_iso(now_unix))
+    if old is not None and old.model_copy(update={"observed_time": None}) == new.model_copy(update={"observed_time": None}):
+        return old  # same figures: no status write just for the time
+    return new
+
+
 def _queue_and_slo(spec: models.DotsVLMDeploymentSpec, report: AutoscalerReport | None,
                    old: models.DotsVLMDeploymentStatus | None,
-                   now_unix: float) -> tuple[models.QueueStatus | None, models.SLOStatus | None]:
+                   now_unix: float) -> tuple[models.QueueStatus | None, models.SLOStatus | None,
+                                             models.BackpressureStatus | None]:
     """The queue and the observed latencies from the report; the old ones when the report is missing, or
     when they were written less than QUEUE_REFRESH_S ago (they change all the time under load)."""
-    old_q, old_slo = (old.queue, old.slo) if old else (None, None)
+    old_q, old_slo, old_bp = (old.queue, old.slo, old.backpressure) if old else (None, None, None)
     if report is None or report.error:
-        return old_q, old_slo
+        return old_q, old_slo, old_bp
     if old_q is not None and old_q.observed_time:
         written = datetime.strptime(old_q.observed_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
         if now_unix - written < QUEUE_REFRESH_S:
-            return old_q, old_slo
+            return old_q, old_slo, old_bp
     queue = old_q
     if report.queue is not None:
         q = report.queue
@@ -298,7 +313,7 @@ def _queue_and_slo(spec: models.DotsVLMDeploymentSpec, report: AutoscalerReport 
                                inter_token=_target(spec.slo.inter_token_seconds, o.inter_token_p90_s),
                                encode_latency_p90_seconds=None if o.encode_latency_p90_s is None
                                else round(o.encode_latency_p90_s, 4))
-    return queue, slo
+    return queue, slo, _backpressure(report, old_bp, now_unix)
 
 
 def _autoscaler_status(report: AutoscalerReport | None) -> models.AutoscalerStatus | None:
@@ -400,7 +415,7 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                                                                         and prev.status == "True" and c.status == "False")
             transitions.append(Transition(c.type, c.status, c.reason, c.message, warning))
 
-    queue, slo = _queue_and_slo(spec, report, old, now_unix)
+    queue, slo, backpressure = _queue_and_slo(spec, report, old, now_unix)
     status = models.DotsVLMDeploymentStatus(
         observed_generation=generation,
         conditions=conditions,
@@ -411,6 +426,7 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                          pool_decision(report, COMPONENT_LLM), old.llm if old else None),
         serve_app=serve_status,
         queue=queue,
+        backpressure=backpressure,
         slo=slo,
         autoscaler=_autoscaler_status(report) if report is not None else (old.autoscaler if old else None),
         endpoint=endpoint,

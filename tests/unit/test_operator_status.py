@@ -165,7 +165,11 @@ def report(vision_desired=3, reason="VisionBacklog", t=T0, **slo):
         "queue": {"depth": 7, "bytes": 1000, "oldest_age_s": 1.234, "waiting_producers": 1, "max_items": 64,
                   "rejected_total": 2, "redelivered_total": 0},
         "slo": {"ttft_image_p90_s": 2.5, "ttft_text_p90_s": 0.4, "inter_token_p90_s": None, "encode_latency_p90_s": 0.3,
-                **slo}}, url="http://dots-api.ml.svc:8000/-/autoscaler")
+                **slo},
+        "admission": {"ingress_replicas": 2, "vision_replicas": 2, "pending_pixels": 9_000_000,
+                      "pending_pixels_limit": 268_435_456, "image_bytes": 5_000_000, "image_bytes_limit": 4 * 2**30,
+                      "rejected": {"vision_backlog_full": 3, "queue_full": 2}, "rejected_total": 5}},
+        url="http://dots-api.ml.svc:8000/-/autoscaler")
 
 
 def serve_obs(vision_target=3, running=2):
@@ -212,6 +216,19 @@ def test_queue_and_slo_against_the_targets() -> None:
     api = st.to_api()
     assert api["slo"]["imageTTFT"]["observedP90Seconds"] == 2.5 and api["queue"]["oldestAgeSeconds"] == 1.23
     assert st.autoscaler.reachable
+
+
+def test_backpressure_refusals_are_in_the_status_by_reason() -> None:
+    st, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report())
+    bp = st.to_api()["backpressure"]
+    assert bp["rejectedTotal"] == 5 and bp["rejected"] == {"queue_full": 2, "vision_backlog_full": 3}
+    assert bp["visionPendingPixels"] == 9_000_000 and bp["visionPendingPixelsLimit"] == 268_435_456
+    assert bp["imageBytes"] == 5_000_000 and bp["observedTime"] == "2026-01-01T00:00:01Z"
+    # An ingress from before this report (no admission section): nothing made up.
+    older = report()
+    older.admission = None
+    st, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), older)
+    assert st.backpressure is None
 
 
 def test_unreachable_ingress_keeps_the_last_figures_and_says_so() -> None:
