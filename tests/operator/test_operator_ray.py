@@ -2,7 +2,7 @@
 a config deployed to the head by hand replaced by the spec's (drift).
 
 kwok pods run no containers, so the Ray head is a local `ray start --head` with token authentication,
-the deployment's pool resources and the tiny model; the operator reaches it through the documented
+the deployment's pool and control resources and the tiny model; the operator reaches it through the documented
 test setting `--ray-head-url-override`. The Ray token is put in the deployment's Secret beforehand,
 which also checks that the operator uses an existing token instead of generating a new one.
 """
@@ -64,7 +64,7 @@ def ray_head(tmp_path):
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         "--num-cpus=6", '--resources={"dotsvlm_pool_vision": 1000, "dotsvlm_pool_llm": 1000}',
+         "--num-cpus=6", '--resources={"dotsvlm_pool_vision": 1000, "dotsvlm_pool_llm": 1000, "dotsvlm_control": 1000}',
          f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
