@@ -159,7 +159,10 @@ def test_disaggregated_path_equals_single_process_reference(served: Served) -> N
         assert resp["usage"]["completion_tokens"] == len(ids), msgs
         assert resp["choices"][0]["message"]["content"] == ref.tokenizer.decode(ids, skip_special_tokens=True), msgs
         assert resp["choices"][0]["finish_reason"] == ("length" if len(ids) == n else "stop")
-    assert any(len(ids) < n for (_, n, _), ids in zip(cases, expected)) or True  # EOS may or may not occur
+    # The end-of-sequence path is covered: the seeded tiny model ends "Natural end?" by itself (after 3 of
+    # 40 tokens), and the API said "stop" for it above.
+    ended = [msgs for (msgs, n, ignore), ids in zip(cases, expected) if not ignore and len(ids) < n]
+    assert ended, "no case without ignore_eos ended at EOS: pick a prompt the tiny model ends by itself"
 
 
 # --------------------------------------------------------------------------------------- burst

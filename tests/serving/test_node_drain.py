@@ -1,0 +1,35 @@
+"""A stopping pool pod drains its Ray node first (the pods' preStop: `dotsvlm drain-node`), on a real
+local Ray cluster with two worker raylets: a streaming request on the drained node completes, Serve
+moves the replica to the other worker, and the drain returns when the node has left (not at its deadline).
+
+The cluster runs in its own process (tests/serving/drain_driver.py): a session of these tests may
+already hold a local Ray in this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from serving_support import _free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def test_draining_a_node_lets_its_streaming_request_complete_and_moves_the_replica(tmp_path) -> None:
+    driver = Path(__file__).with_name("drain_driver.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, str(driver), str(_free_port())], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    out = json.loads(lines[-1])
+    assert out["error"] is None, out
+    assert out["tokens"] == out["expected"], out  # every token of the stream, none lost or repeated
+    assert out["drain"]["drained"] is True, out  # the node left by itself once its work was done ...
+    assert out["drain"]["seconds"] < 120, out  # ... before the deadline
+    assert out["node_after"] != out["node_before"], out  # Serve runs the replica on the other worker now
