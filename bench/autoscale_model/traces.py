@@ -116,17 +116,27 @@ def image_burst(seed: int = 1, scale: float = 1.0) -> Trace:
                   "minute and stay for 10 min")
 
 
-def text_day(seed: int = 2, scale: float = 1.0) -> Trace:
+def text_day(seed: int = 2, scale: float = 1.0, compress: float = 12.0) -> Trace:
+    day_s = 86400 / compress
+
     def rate(t: float) -> float:
-        h = t / 7200 * 24  # hour of the compressed day
+        h = t / day_s * 24  # hour of the (compressed) day
         diurnal = 0.5 - 0.5 * math.cos(2 * math.pi * (h - 3) / 24)  # trough at 03:00, peak at 15:00
         spikes = 4.0 * (_smooth_step(h, 10.0, 0.1) - _smooth_step(h, 10.5, 0.1)) + \
             5.0 * (_smooth_step(h, 19.0, 0.1) - _smooth_step(h, 19.4, 0.1))
         return scale * (2.5 + 15.5 * diurnal ** 1.5 + spikes)
 
-    return _build("text_day", seed, 7200, rate, lambda t: 0.05,
-                  "a day of mostly text traffic (5% with images) compressed 12x into 2 h: 2.5 req/s at night, "
-                  "18 req/s at the afternoon peak, two short spikes")
+    if compress == 1:
+        return _build("text_day_24h", seed, day_s, rate, lambda t: 0.05,
+                      "the same day at its real speed (24 h, not compressed): 2.5 req/s at night, 18 req/s at the "
+                      "afternoon peak, two spikes of 30 and 24 min")
+    return _build("text_day", seed, day_s, rate, lambda t: 0.05,
+                  f"a day of mostly text traffic (5% with images) compressed {compress:g}x into {day_s / 3600:g} h: "
+                  "2.5 req/s at night, 18 req/s at the afternoon peak, two short spikes")
+
+
+def text_day_24h(seed: int = 2, scale: float = 1.0) -> Trace:
+    return text_day(seed, scale, compress=1.0)
 
 
 def shifting_mix(seed: int = 3, scale: float = 1.0) -> Trace:
@@ -137,7 +147,8 @@ def shifting_mix(seed: int = 3, scale: float = 1.0) -> Trace:
                   "60 min at 10 req/s whose image share moves 10% -> 80% (15-25 min) -> 10% (40-50 min)")
 
 
-GENERATORS: dict[str, Callable[..., Trace]] = {"image_burst": image_burst, "text_day": text_day, "shifting_mix": shifting_mix}
+GENERATORS: dict[str, Callable[..., Trace]] = {"image_burst": image_burst, "text_day": text_day, "shifting_mix": shifting_mix,
+                                               "text_day_24h": text_day_24h}
 
 
 def generate(name: str, seed: int | None = None, scale: float = 1.0, duration_s: float | None = None) -> Trace:
