@@ -458,7 +458,7 @@ def scaling_events(old: models.DotsVLMDeploymentStatus | None, new: models.DotsV
         reason, why = "ServeTargetChanged", "Ray Serve changed the target (the autoscaler's report was not available)"
         if d is not None:
             lc = d.last_change
-            if d.desired == after and lc is not None and lc.reason:
+            if d.desired == after and lc is not None and lc.reason and lc.reason not in ("Stable", "Stabilizing"):
                 reason, why = lc.reason, lc.message or ""
             else:
                 reason, why = d.reason, d.message

@@ -127,6 +127,19 @@ def test_vision_scales_to_zero_after_the_idle_window_and_wakes_at_once() -> None
     assert d["vision"].desired == 1 and d["vision"].direction == "up"
 
 
+def test_a_wake_up_that_serve_made_is_recorded_as_one() -> None:
+    """Serve may start a replica for a request waiting on a pool at zero before the policy runs: the
+    status and the Event must still say WakeUp, not an empty Stable."""
+    sp = spec(vision={"min_replicas": 0, "idle_to_zero_s": 30})
+    state = p.PolicyState()
+    p.decide(p.Snapshot(vision(0), llm(1)), sp, state, 0.0, current={"vision": 0, "llm": 1})
+    assert state.vision.target == 0
+    d = p.decide(p.Snapshot(vision(0, requests=1, pixels=2e5), llm(1)), sp, state, 1.0, current={"vision": 1, "llm": 1})
+    assert d["vision"].desired == 1
+    assert state.vision.last_reason == p.WAKE_UP and "at zero" in state.vision.last_message
+    assert state.vision.last_change_at == 1.0
+
+
 def test_flapping_input_gives_no_oscillation() -> None:
     heavy = lambda c: p.Snapshot(vision(c["vision"], requests=12, pixels=12e6), llm(c["llm"], running=20))
     light = lambda c: p.Snapshot(vision(c["vision"]), llm(c["llm"]))

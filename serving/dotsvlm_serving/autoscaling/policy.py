@@ -355,6 +355,19 @@ def _hold(pool: Pool, current: int, reason: str, message: str, state: PoolState)
     return Decision(pool=pool, desired=current, raw=current, current=current, reason=reason, message=message)
 
 
+def _note_outside_change(pool: Pool, st: PoolState, cur: int, now: float) -> None:
+    """The target moved without this policy (Serve starting a replica for a request that waits on a pool
+    at zero, or a redeploy): the status and the Event must still say why the pool changed."""
+    if st.target == 0 and cur > 0:
+        st.last_reason, st.last_message = WAKE_UP, (
+            f"a request arrived while the {pool} pool was at zero: Ray Serve started {cur} replica(s) for it at once")
+    else:
+        st.last_reason, st.last_message = STABLE, f"the target was set to {cur} outside the autoscaler (a redeploy)"
+    st.last_change_at = now
+    if cur > st.target:  # type: ignore[operator]
+        st.last_scale_up_at = now
+
+
 def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
            current: dict[Pool, int] | None = None) -> dict[Pool, Decision]:
     """One decision per pool. `state` is updated in place; `current` is each pool's present target
@@ -368,6 +381,8 @@ def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
         cur = (current or {}).get(pool)
         if cur is None:
             cur = st.target if st.target is not None else (sig.running_replicas if sig is not None else cfg.min_replicas)
+        if st.target is not None and cur != st.target:
+            _note_outside_change(pool, st, cur, now)
         if sig is None:
             out[pool] = _hold(pool, cur, METRICS_MISSING,
                               f"no {pool} metrics reached the autoscaler: holding {cur} replica(s)", st)
