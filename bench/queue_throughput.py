@@ -9,7 +9,7 @@ it into a preallocated bf16 buffer, as an LLM replica writes embeddings into its
 same tensor in one process: the ratio says what the queue + transport cost relative to touching the
 bytes once.
 
-Two queue front-ends (the TensorQueueServer as a plain Ray actor, and behind Ray Serve handles, as
+Two queue front-ends (the TensorQueue deployment's class as a plain Ray actor, and behind Ray Serve handles, as
 the application deploys it), each on a Ray started as usual and on one started with
 `RAY_preallocate_plasma_memory=1` (the object store's shared memory is touched once at start, so a
 `put` does not pay a page fault per 4 KiB page of fresh memory).
@@ -139,7 +139,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from dotsvlm_serving.deployments.queue import TensorQueueDeployment, TensorQueueServer
+    from dotsvlm_serving.deployments.queue import TensorQueue
     from dotsvlm_serving.serve_config import QueueConfig
 
     qcfg = QueueConfig(max_items=8, max_bytes=8 * 20 * 1024 * 1024, enqueue_timeout_s=60)
@@ -161,10 +161,12 @@ def main() -> None:
                     raise
                 ray.shutdown()
         try:
-            actor = ray.remote(num_cpus=0)(TensorQueueServer).remote(qcfg)
+            actor = ray.remote(num_cpus=0)(TensorQueue.func_or_class).remote()
+            ray.get(actor.reconfigure.remote(qcfg.model_dump(mode="json")))  # what Serve does before serving
             direct = run_pipeline(actor, False, args.items)
             serve.start(http_options={"host": "127.0.0.1", "port": 0})
-            handle = serve.run(TensorQueueDeployment.bind(qcfg), name="qbench", route_prefix=None)
+            handle = serve.run(TensorQueue.options(num_replicas=1, user_config=qcfg.model_dump(mode="json")).bind(),
+                               name="qbench", route_prefix=None)
             via_serve = run_pipeline(handle, True, args.items)
         finally:
             serve.shutdown()

@@ -265,7 +265,7 @@ def api_service(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, A
 
 def serve_config_map(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
     """The Serve config, for people and tools to read; the operator deploys the same body to the head."""
-    body = serve_app.serve_body(spec)
+    body = serve_app.deploy_body(spec)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": _meta(owner, naming.serve_config_name(owner.name), naming.COMPONENT_SERVE_CONFIG),
             "data": {"serve-config.json": json.dumps(body, indent=2, sort_keys=True) + "\n"}}

@@ -335,8 +335,8 @@ async def observe_serve(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
     if state is not None and state.serve_body is not None and state.serve_body[0] == spec_json:
         _, body, digest = state.serve_body
     else:
-        body = serve_app.serve_body(spec)
-        digest = serve_app.serve_body_hash(body)
+        body = serve_app.deploy_body(spec)
+        digest = serve_app.body_hash(body)
         if state is not None:
             state.serve_body = (spec_json, body, digest)
     url = head_url(owner)

@@ -123,7 +123,7 @@ class RayHeadClient:
         return resp
 
     async def deploy(self, body: dict[str, Any]) -> None:
-        """Declaratively (re)deploy the Serve applications in `body` (serve_deploy_body)."""
+        """Declaratively (re)deploy the Serve applications in `body` (`ServeAppConfig.deploy_body`)."""
         await self._request("PUT", SERVE_APPLICATIONS, body)
 
     async def application(self, name: str = APP_NAME) -> ServeApp:

@@ -45,7 +45,7 @@ def slo(spec: models.SLOSpec) -> serve_config.SLOConfig:
                                   inter_token_s=spec.inter_token_seconds)
 
 
-def serve_app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAppConfig:
+def app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAppConfig:
     """The application's args (the contract in dotsvlm_serving.serve_config), rendered from the spec."""
     gpu = spec.llm.gpus_per_replica > 0 or spec.vision.gpus_per_replica > 0
     return serve_config.ServeAppConfig(
@@ -89,11 +89,13 @@ def serve_app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAp
     )
 
 
-def serve_body(spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
-    """The body of `PUT /api/serve/applications/` for this spec."""
-    return serve_config.serve_deploy_body(serve_app_config(spec), http_port=spec.api.port)
+def deploy_body(spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
+    """The body of `PUT /api/serve/applications/` for this spec: the model as the application's args and
+    each deployment's own options (`ServeAppConfig.deploy_body`), so that Ray restarts only the
+    deployments whose options a spec change touches (docs/operator.md, "What a change restarts")."""
+    return app_config(spec).deploy_body(http_port=spec.api.port)
 
 
-def serve_body_hash(body: dict[str, Any]) -> str:
+def body_hash(body: dict[str, Any]) -> str:
     """What status records as deployed (`serveApp.configHash`): the operator redeploys when it changes."""
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]

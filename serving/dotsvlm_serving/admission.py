@@ -178,6 +178,11 @@ class AmountGate:
         self.held = max(0, self.held - n)
         self._grant()
 
+    def set_limit(self, limit: int) -> None:
+        """A new limit, in place: what is held stays; a raised limit lets waiting callers in at once."""
+        self.limit = limit
+        self._grant()
+
     def _grant(self) -> None:
         while self._waiters and (self._waiters[0][1].done() or self._fits(self._waiters[0][0])):
             n, fut = self._waiters.popleft()

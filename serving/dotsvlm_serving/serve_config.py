@@ -8,7 +8,9 @@ image (no torch) can import it.
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -102,6 +104,20 @@ class LLMAutoscaling(AutoscalingTargets):
     vision_lead_weight: float = Field(1.0, ge=0, le=4)
 
 
+class VisionStageLimits(_Strict):
+    """The vision stage's backlog limits, as the ingress admits image requests against them (its slice
+    carries them; `VisionPoolConfig.stage_limits()` fills them in)."""
+
+    max_pending_pixels_per_replica: int
+    max_pending_pixels: int  # in all
+    min_replicas: int  # the pool's size until Serve's status was read
+
+    def pending_pixels_limit(self, running_replicas: int) -> int:
+        """Pixels the whole vision stage may hold with `running_replicas` replicas up (a pool at zero
+        counts as one: it is waking up); each ingress replica takes its share."""
+        return min(self.max_pending_pixels, self.max_pending_pixels_per_replica * max(1, running_replicas))
+
+
 class VisionPoolConfig(_Strict):
     gpus_per_replica: float = Field(0, ge=0, description="0 on CPU (the embedded default)")
     # None: no pool pinning (local Ray without pool workers).
@@ -116,12 +132,16 @@ class VisionPoolConfig(_Strict):
     max_pending_pixels: int | None = Field(None, ge=3136)
     autoscaling: VisionAutoscaling = VisionAutoscaling()
 
+    def stage_limits(self) -> VisionStageLimits:
+        total = (self.max_pending_pixels if self.max_pending_pixels is not None
+                 else self.max_pending_pixels_per_replica * self.autoscaling.max_replicas)
+        return VisionStageLimits(max_pending_pixels_per_replica=self.max_pending_pixels_per_replica,
+                                 max_pending_pixels=total, min_replicas=self.autoscaling.min_replicas)
+
     def pending_pixels_limit(self, running_replicas: int) -> int:
         """Pixels the whole vision stage may hold with `running_replicas` replicas up; the ingress admits
         image requests against it (each ingress replica takes its share)."""
-        total = (self.max_pending_pixels if self.max_pending_pixels is not None
-                 else self.max_pending_pixels_per_replica * self.autoscaling.max_replicas)
-        return min(total, self.max_pending_pixels_per_replica * max(1, running_replicas))
+        return self.stage_limits().pending_pixels_limit(running_replicas)
 
 
 # The LLM replica's engines (docs/engine.md): our transformers loop on one device (CPU, tests, the
@@ -231,6 +251,134 @@ class ApiConfig(_Strict):
         return self.images.max_images_per_request * per_image + 1024 * 1024
 
 
+class ServedModel(_Strict):
+    """The application's `args` in the Serve config: the model every deployment serves. Ray hashes the
+    args into the version of every deployment, so a change here restarts every replica; everything
+    else travels in each deployment's own options (`ServeAppConfig.deployment_options`)."""
+
+    model_path: str
+    served_model_name: str
+    device: Literal["cpu", "cuda"]
+    dtype: Literal["float32", "bfloat16", "float16"]
+
+
+# Each deployment's own slice of the config: its Serve `user_config`, validated by its `reconfigure`.
+# No defaults here: the values come from `ServeAppConfig`, the one home of the defaults.
+class IngressConfig(_Strict):
+    """What the Ingress checks requests against; applied in place (no restart)."""
+
+    api: ApiConfig
+    vision: VisionStageLimits  # backpressure: the vision stage's backlog it admits image requests against
+    context_length: int
+    max_new_tokens_default: int
+    kv_cache_tokens: int  # an LLM replica's budget (LLMPoolConfig.kv_cache_budget())
+    enqueue_timeout_s: float
+
+
+class VisionEncoderConfig(_Strict):
+    """The vision replica's batching and image limits; applied in place (no restart)."""
+
+    max_batch_pixels: int
+    max_batch_wait_ms: float
+    max_pending_pixels_per_replica: int  # decoded pixels one replica holds at once
+    images: ImageLimits
+
+
+class LLMServerConfig(_Strict):
+    """The LLM replica's engine and its queue lease. Only `lease_timeout_s` is applied in place; a change
+    to any other field restarts the LLM replicas (draining them), through `restart_digest`."""
+
+    engine: EngineName
+    gpus_per_replica: float
+    tensor_parallel: int
+    nodes_per_replica: int
+    context_length: int
+    max_running_requests: int
+    kv_cache_tokens: int  # LLMPoolConfig.kv_cache_budget()
+    memory_fraction: float | None
+    cuda_graph_max_batch_size: int | None
+    chunked_prefill: bool | None
+    max_prefill_tokens: int | None
+    lease_timeout_s: float
+
+    def restart_digest(self) -> str:
+        """A digest of what the engine is built from (all but the lease). It is an environment variable
+        of the replica actors (`RESTART_DIGEST_ENV`): Ray restarts the replicas of a deployment whose
+        actor options change, and only calls `reconfigure` when only its `user_config` changes."""
+        engine = self.model_dump(mode="json", exclude={"lease_timeout_s"})
+        return hashlib.sha256(json.dumps(engine, sort_keys=True).encode()).hexdigest()[:16]
+
+
+RESTART_DIGEST_ENV = "DOTSVLM_RESTART_DIGEST"
+
+# Replicas record their autoscaling stats every look_back_period_s * 0.2 s and push them to Serve's
+# controller every RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S (10 s by default: too slow for a pool
+# that wakes from zero). dotsvlm's policy keeps its own windows, so Serve's delays are zero.
+LOOK_BACK_PERIOD_S = 10.5  # > Serve's (deprecated) metrics_interval_s of 10 s; records every 2.1 s
+METRICS_PUSH_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+
+
+def autoscaling(t: AutoscalingTargets) -> dict[str, Any]:
+    """Serve's autoscaling config for a deployment that dotsvlm's application-level policy sizes: Serve
+    applies the bounds; the policy (autoscaling/policy.py) applies the targets, windows and steps."""
+    cfg: dict[str, Any] = {"min_replicas": t.min_replicas, "max_replicas": t.max_replicas,
+                           "target_ongoing_requests": t.target_ongoing_requests,
+                           "upscale_delay_s": 0.0, "downscale_delay_s": 0.0, "look_back_period_s": LOOK_BACK_PERIOD_S}
+    if t.initial_replicas is not None:
+        cfg["initial_replicas"] = t.initial_replicas
+    return cfg
+
+
+def replica_options(t: AutoscalingTargets, autoscaled: bool) -> dict[str, Any]:
+    """With the policy on, every deployment gets an autoscaling config (fixed ones with min == max), so
+    that each replica's `record_autoscaling_stats` reaches the policy; without it, a fixed count."""
+    if not autoscaled:
+        return {"num_replicas": t.max_replicas}
+    return {"autoscaling_config": autoscaling(t)}
+
+
+def actor_options(*, num_gpus: float, pool_resource: str | None, num_cpus: float) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        opts["num_gpus"] = num_gpus
+    if pool_resource:
+        opts["resources"] = {pool_resource: 1}
+    return opts
+
+
+def control_options(opts: dict[str, Any] | None, control_resource: str | None) -> dict[str, Any]:
+    """The Ingress's and TensorQueue's actor options, pinned (one unit of `control_resource`) to the nodes
+    that advertise it, the Ray head, where GPU-pool churn (scale-down, rollout, node drain) cannot
+    take them down; unpinned when None (a local Ray)."""
+    out = dict(opts or {})
+    if control_resource:
+        out["resources"] = {**out.get("resources", {}), control_resource: 1}
+    return out
+
+
+def llm_placement(llm: LLMPoolConfig, *, num_cpus: float) -> dict[str, Any]:
+    """Serve options that reserve one LLM replica's GPUs.
+
+    A replica on one device (the transformers engine, or vllm on one GPU) is a plain actor holding it.
+    A vllm replica over several GPUs (tensor parallel 16 over two 8-GPU nodes) cannot be one actor
+    asking for 16 GPUs: no node has them, and vLLM's Ray executor starts one worker per GPU in the
+    placement group it runs in, taking only bundles of one GPU. So it is a placement group: a first
+    bundle for the replica actor (CPU and the pool resource, no GPU: the engine's workers hold them),
+    then one bundle per GPU, each with a unit of the pool resource so it lands in the pool; on one node
+    packed strictly on it, over several nodes packed onto as few nodes as hold them.
+    """
+    gpus = int(llm.gpus_per_replica)
+    if llm.engine != "vllm" or gpus <= 1:
+        return {"ray_actor_options": actor_options(num_gpus=llm.gpus_per_replica, pool_resource=llm.pool_resource,
+                                                   num_cpus=num_cpus)}
+    pool = {llm.pool_resource: 1} if llm.pool_resource else {}
+    first = {**({"CPU": num_cpus} if num_cpus else {}), **pool} or {"CPU": 0.001}
+    return {"ray_actor_options": actor_options(num_gpus=0, pool_resource=llm.pool_resource, num_cpus=num_cpus),
+            "placement_group_bundles": [first] + [{"GPU": 1, **pool} for _ in range(gpus)],
+            "placement_group_strategy": "STRICT_PACK" if llm.nodes_per_replica == 1 else "PACK"}
+
+
 class ServeAppConfig(_Strict):
     """Everything the Serve application needs; rendered by the operator, validated by the app builder."""
 
@@ -246,6 +394,61 @@ class ServeAppConfig(_Strict):
     # None: the Ingress and TensorQueue replicas go wherever Ray puts them (a local Ray of one node).
     control_resource: str | None = None
 
+    def served_model(self) -> ServedModel:
+        return ServedModel(model_path=self.model_path, served_model_name=self.served_model_name, device=self.device,
+                           dtype=self.dtype)
+
+    def ingress_config(self) -> IngressConfig:
+        return IngressConfig(api=self.api, vision=self.vision.stage_limits(), context_length=self.llm.context_length,
+                             max_new_tokens_default=self.llm.max_new_tokens_default,
+                             kv_cache_tokens=self.llm.kv_cache_budget(), enqueue_timeout_s=self.queue.enqueue_timeout_s)
+
+    def vision_encoder_config(self) -> VisionEncoderConfig:
+        return VisionEncoderConfig(max_batch_pixels=self.vision.max_batch_pixels,
+                                   max_batch_wait_ms=self.vision.max_batch_wait_ms,
+                                   max_pending_pixels_per_replica=self.vision.max_pending_pixels_per_replica,
+                                   images=self.api.images)
+
+    def llm_server_config(self) -> LLMServerConfig:
+        engine_fields = set(LLMServerConfig.model_fields) - {"kv_cache_tokens", "lease_timeout_s"}
+        return LLMServerConfig(**self.llm.model_dump(include=engine_fields), kv_cache_tokens=self.llm.kv_cache_budget(),
+                               lease_timeout_s=self.queue.lease_timeout_s)
+
+    def deployment_options(self) -> dict[str, dict[str, Any]]:
+        """Each deployment's Serve options that follow from this config, by deployment name: its slice as
+        `user_config`, replicas or autoscaling, CPUs/GPUs, the pool's Ray resource when `pool_resource` is
+        set (pool workers advertise it; locally nothing is pinned), the LLM replica's placement group.
+        The app builder applies them in code (`serve.run`) and the deploy body sends them as the Serve
+        config's per-deployment overrides, so that Ray versions each deployment by its own options: a
+        change to one deployment's options restarts (or, `user_config` alone, reconfigures) only it.
+        Options about a deployment's code (concurrency, graceful shutdown) stay beside it in `deployments/`."""
+        auto = self.autoscaled()
+        cpu_share = 0.0 if self.device == "cpu" else 1.0  # on CPU, Ray's CPU accounting must not block replicas
+        single = AutoscalingTargets(min_replicas=1, max_replicas=1)
+        n = self.api.ingress_replicas
+        llm = self.llm_server_config()
+        llm_opts = llm_placement(self.llm, num_cpus=cpu_share)
+        env = {RESTART_DIGEST_ENV: llm.restart_digest()}
+        llm_opts["ray_actor_options"] = _with_env(llm_opts["ray_actor_options"], auto, env)
+        opts = {
+            INGRESS_DEPLOYMENT: {**replica_options(AutoscalingTargets(min_replicas=n, max_replicas=n), auto),
+                                 "ray_actor_options": _with_env(control_options({"num_cpus": 0}, self.control_resource),
+                                                                auto),
+                                 "user_config": self.ingress_config().model_dump(mode="json")},
+            VISION_DEPLOYMENT: {**replica_options(self.vision.autoscaling, auto),
+                                "ray_actor_options": _with_env(actor_options(
+                                    num_gpus=self.vision.gpus_per_replica, pool_resource=self.vision.pool_resource,
+                                    num_cpus=cpu_share), auto),
+                                "user_config": self.vision_encoder_config().model_dump(mode="json")},
+            QUEUE_DEPLOYMENT: {**replica_options(single, auto),
+                               "ray_actor_options": _with_env(control_options({"num_cpus": 0}, self.control_resource),
+                                                              auto),
+                               "user_config": self.queue.model_dump(mode="json")},
+            LLM_DEPLOYMENT: {**replica_options(self.llm.autoscaling, auto), **llm_opts,
+                             "user_config": llm.model_dump(mode="json")},
+        }
+        return opts
+
     def autoscaled(self) -> bool:
         """Whether a pool may change size: then dotsvlm's policy runs as the application's autoscaler."""
         return any(a.min_replicas != a.max_replicas for a in (self.vision.autoscaling, self.llm.autoscaling))
@@ -259,14 +462,27 @@ class ServeAppConfig(_Strict):
                                   "vision": self.vision.autoscaling.model_dump(mode="json"),
                                   "llm": self.llm.autoscaling.model_dump(mode="json")}}
 
+    def deploy_body(self, *, http_port: int = 8000, route_prefix: str = "/", http_host: str = "0.0.0.0") -> dict:
+        """The JSON body for `PUT /api/serve/applications/` on the Ray head's dashboard (and for
+        `deploy_apps` locally): the application with the model as its `args`, each deployment's options
+        (`deployment_options`) and dotsvlm's autoscaling policy when a pool autoscales."""
+        deployments = []
+        for name, opts in self.deployment_options().items():
+            if "autoscaling_config" in opts:  # say both, so nothing falls back to what the code set
+                opts = {"num_replicas": None, **opts}
+            else:
+                opts = {**opts, "autoscaling_config": None}
+            deployments.append({"name": name, **opts})
+        application: dict = {"name": APP_NAME, "route_prefix": route_prefix, "import_path": APP_IMPORT_PATH,
+                             "args": self.served_model().model_dump(mode="json"), "deployments": deployments}
+        policy = self.autoscaling_policy()
+        if policy is not None:
+            application["autoscaling_policy"] = policy
+        return {"http_options": {"host": http_host, "port": http_port}, "applications": [application]}
 
-def serve_deploy_body(app: ServeAppConfig, *, http_port: int = 8000, route_prefix: str = "/",
-                      http_host: str = "0.0.0.0") -> dict:
-    """The JSON body for `PUT /api/serve/applications/` on the Ray head's dashboard (and for
-    `deploy_apps` locally): the application, with dotsvlm's autoscaling policy when a pool autoscales."""
-    application: dict = {"name": APP_NAME, "route_prefix": route_prefix, "import_path": APP_IMPORT_PATH,
-                         "args": app.model_dump(mode="json")}
-    policy = app.autoscaling_policy()
-    if policy is not None:
-        application["autoscaling_policy"] = policy
-    return {"http_options": {"host": http_host, "port": http_port}, "applications": [application]}
+
+def _with_env(opts: dict[str, Any], autoscaled: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Replica actor options with environment variables: the restart digest, and when the policy runs,
+    the settings that make the replicas report to it every second."""
+    env_vars = {**(METRICS_PUSH_ENV if autoscaled else {}), **(env or {})}
+    return {**opts, "runtime_env": {"env_vars": env_vars}} if env_vars else opts

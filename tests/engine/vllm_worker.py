@@ -24,7 +24,7 @@ async def main() -> None:
     cfg = ServeAppConfig(model_path=job["model_path"], device="cpu", dtype="float32",
                          llm=LLMPoolConfig(engine="vllm", context_length=512, max_running_requests=4))
     t0 = time.monotonic()
-    engine = VLLMEngine.from_config(cfg)
+    engine = VLLMEngine.from_config(cfg.served_model(), cfg.llm_server_config())
     startup = time.monotonic() - t0
     out: dict = {"startup_s": startup, "stats_keys": sorted(engine.stats()), "results": {}}
     try:

@@ -175,7 +175,7 @@ def test_builders_are_deterministic() -> None:
 
 def test_serve_config_follows_the_contract() -> None:
     spec = _spec()
-    app = serve_app.serve_app_config(spec)
+    app = serve_app.app_config(spec)
     assert app.model_path == "/models/dots.vlm1.inst" and app.device == "cuda" and app.dtype == "bfloat16"
     assert (app.llm.tensor_parallel, app.llm.nodes_per_replica, app.llm.gpus_per_replica) == (16, 2, 16)
     assert app.llm.pool_resource == serve_config.LLM_POOL_RESOURCE and app.vision.pool_resource == serve_config.VISION_POOL_RESOURCE
@@ -184,20 +184,20 @@ def test_serve_config_follows_the_contract() -> None:
     assert app.llm.autoscaling.target_ongoing_requests == 48 and app.llm.autoscaling.downscale_delay_s == 600
     assert (app.queue.max_items, app.queue.max_bytes) == (512, 8589934592)
     assert app.api.api_keys_env == serve_config.API_KEYS_ENV
-    body = serve_app.serve_body(spec)
-    assert body == serve_config.serve_deploy_body(app, http_port=8000)
+    body = serve_app.deploy_body(spec)
+    assert body == app.deploy_body(http_port=8000)
     # Round trip through the contract (what the Serve app builder will validate).
     serve_config.ServeAppConfig.model_validate(body["applications"][0]["args"])
-    small = serve_app.serve_app_config(_spec("dotsvlm-small.yaml"))
+    small = serve_app.app_config(_spec("dotsvlm-small.yaml"))
     assert small.api.api_keys_env is None
 
 
 def test_engine_follows_the_pool_and_its_options_reach_the_contract() -> None:
     # Default: the production engine when the pool has GPUs, transformers on CPU.
-    assert serve_app.serve_app_config(_spec()).llm.engine == "vllm"
+    assert serve_app.app_config(_spec()).llm.engine == "vllm"
     spec = _spec()
     spec.llm.memory_fraction, spec.llm.cuda_graph_max_batch_size, spec.llm.max_prefill_tokens = 0.85, 160, 8192
-    llm = serve_app.serve_app_config(spec).llm
+    llm = serve_app.app_config(spec).llm
     assert (llm.memory_fraction, llm.cuda_graph_max_batch_size, llm.max_prefill_tokens) == (0.85, 160, 8192)
     cpu = models.LLMPool(gpus_per_replica=0, tensor_parallel=1)
     assert serve_config.LLMPoolConfig(gpus_per_replica=cpu.gpus_per_replica, engine=cpu.engine).engine == "transformers"
@@ -281,7 +281,7 @@ def test_resource_defaults_are_the_contracts_defaults_field_by_field() -> None:
     context length) are the only ones that differ."""
     spec = models.DotsVLMDeploymentSpec.model_validate({
         "image": "img", "model": {"path": "/models/m", "volume": {"emptyDir": {}}, "quantization": "none"}})
-    app = serve_app.serve_app_config(spec)
+    app = serve_app.app_config(spec)
     contract = serve_config.ServeAppConfig(model_path="/models/m")
     for field in serve_config.QueueConfig.model_fields:
         assert getattr(app.queue, field) == getattr(contract.queue, field), f"queue.{field}"

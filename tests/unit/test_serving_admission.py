@@ -90,7 +90,7 @@ def test_ingress_admission_counts_rejections_by_reason_and_builds_the_429() -> N
     cfg = ServeAppConfig.model_validate({"model_path": "/m", "api": {"ingress_replicas": 2},
                                          "vision": {"max_pending_pixels_per_replica": 10 * MPX,
                                                     "autoscaling": {"min_replicas": 1, "max_replicas": 4}}})
-    adm = IngressAdmission(cfg)
+    adm = IngressAdmission(cfg.ingress_config())
     assert adm.pixel_limit() == 5 * MPX  # one running replica, two ingress replicas
     adm.vision_replicas = 3
     assert adm.pixel_limit() == 15 * MPX

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dotsvlm_serving.app import actor_options, autoscaling, build_app, llm_placement, parse_config, replica_options
-from dotsvlm_serving.serve_config import (CONTROL_RESOURCE, LLM_POOL_RESOURCE, AutoscalingTargets, LLMPoolConfig,
-                                          ServeAppConfig)
+from dotsvlm_serving.app import build_app, parse_config
+from dotsvlm_serving.serve_config import (CONTROL_RESOURCE, LLM_POOL_RESOURCE, RESTART_DIGEST_ENV, AutoscalingTargets,
+                                          LLMPoolConfig, ServeAppConfig, actor_options, autoscaling, llm_placement,
+                                          replica_options)
 
 
 def test_pool_pinning_only_when_configured() -> None:
@@ -99,8 +100,8 @@ def test_vision_batches_fifo_by_pixel_budget() -> None:
     from dotsvlm_serving.deployments.vision_encoder import VisionEncoder, _Job
 
     async def main() -> None:
-        enc = object.__new__(VisionEncoder)  # the batching policy alone, no model
-        enc.cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"max_batch_pixels": 100_000}})
+        enc = object.__new__(VisionEncoder.func_or_class)  # the batching policy alone, no model
+        enc.cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"max_batch_pixels": 100_000}}).vision_encoder_config()
         loop = asyncio.get_running_loop()
         enc._jobs = [_Job([], px, loop.create_future(), 0.0) for px in (40_000, 50_000, 20_000, 150_000, 10_000)]
         enc._jobs[1].future.cancel()  # a caller that went away is skipped
@@ -169,7 +170,7 @@ def test_llm_replica_drains_before_leaving() -> None:
             return {}
 
     async def main() -> None:
-        srv = object.__new__(LLMServer)
+        srv = object.__new__(LLMServer.func_or_class)
         srv.queue, srv.engine = FakeQueue(), FakeEngine()
         srv.consumer_id, srv._to_cancel, srv._publishing, srv._outbox = "c", set(), None, []
         srv._last_take, srv._draining = 0.0, False
@@ -190,7 +191,7 @@ def test_an_autoscaled_pool_puts_dotsvlm_policy_on_the_application() -> None:
     """Every deployment reports to the policy (autoscaling config, fast metrics push); the deploy body
     names dotsvlm's policy with the spec's knobs; fixed sizes need none of it."""
     from dotsvlm_serving.serve_config import (AUTOSCALING_POLICY_PATH, INGRESS_DEPLOYMENT, LLM_DEPLOYMENT,
-                                              QUEUE_DEPLOYMENT, VISION_DEPLOYMENT, serve_deploy_body)
+                                              QUEUE_DEPLOYMENT, VISION_DEPLOYMENT)
 
     cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 0,
                                                                                        "max_replicas": 4}}})
@@ -205,12 +206,12 @@ def test_an_autoscaled_pool_puts_dotsvlm_policy_on_the_application() -> None:
         assert dep.ray_actor_options["runtime_env"]["env_vars"]["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"]
     assert bound[VISION_DEPLOYMENT]._deployment_config.autoscaling_config.min_replicas == 0
     assert bound[QUEUE_DEPLOYMENT]._deployment_config.autoscaling_config.max_replicas == 1
-    policy = serve_deploy_body(cfg)["applications"][0]["autoscaling_policy"]
+    policy = cfg.deploy_body()["applications"][0]["autoscaling_policy"]
     assert policy["policy_function"] == AUTOSCALING_POLICY_PATH
     assert policy["policy_kwargs"]["vision"]["max_replicas"] == 4 and "image_ttft_s" in policy["policy_kwargs"]["slo"]
 
     fixed = ServeAppConfig.model_validate({"model_path": "/m"})
-    assert "autoscaling_policy" not in serve_deploy_body(fixed)["applications"][0]
+    assert "autoscaling_policy" not in fixed.deploy_body()["applications"][0]
     ingress = build_app(fixed.model_dump(mode="json"))._bound_deployment
     assert ingress._deployment_config.autoscaling_config is None and ingress._deployment_config.num_replicas == 1
 
@@ -228,3 +229,98 @@ def test_engine_defaults_and_option_errors_say_what_to_fix() -> None:
         LLMPoolConfig(engine="vllm", chunked_prefill=False, max_prefill_tokens=1024)
     with pytest.raises(ValueError, match="engine"):
         LLMPoolConfig(engine="sglang")
+
+
+def _deployments(cfg: ServeAppConfig) -> dict[str, dict]:
+    return {d["name"]: d for d in cfg.deploy_body()["applications"][0]["deployments"]}
+
+
+def _code_version(cfg: ServeAppConfig) -> str:
+    """What the installed Ray stamps on every deployment of a config-deployed application."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeDeploySchema
+
+    return get_app_code_version(ServeDeploySchema.model_validate(cfg.deploy_body()).applications[0])
+
+
+def _changed(a: ServeAppConfig, b: ServeAppConfig) -> set[str]:
+    before, after = _deployments(a), _deployments(b)
+    return {name for name in before if before[name] != after[name]}
+
+
+def test_each_deployment_gets_only_its_own_slice_and_the_model_is_the_only_args() -> None:
+    cfg = ServeAppConfig.model_validate({
+        "model_path": "/m", "llm": {"context_length": 2048, "max_running_requests": 4},
+        "queue": {"enqueue_timeout_s": 3, "lease_timeout_s": 4}, "vision": {"max_batch_pixels": 500_000}})
+    app = cfg.deploy_body()["applications"][0]
+    assert app["args"] == {"model_path": "/m", "served_model_name": "dots.vlm1", "device": "cpu", "dtype": "float32"}
+    slices = {name: d["user_config"] for name, d in _deployments(cfg).items()}
+    assert slices["VisionEncoder"]["max_batch_pixels"] == 500_000 and "context_length" not in slices["VisionEncoder"]
+    assert slices["TensorQueue"] == cfg.queue.model_dump(mode="json")
+    assert slices["LLMServer"]["context_length"] == 2048 and slices["LLMServer"]["lease_timeout_s"] == 4
+    assert slices["LLMServer"]["kv_cache_tokens"] == cfg.llm.kv_cache_budget() == slices["Ingress"]["kv_cache_tokens"]
+    assert slices["Ingress"]["enqueue_timeout_s"] == 3 and "max_batch_pixels" not in slices["Ingress"]
+    # The builder binds the same options in code (serve.run), and only the model and handles as arguments.
+    bound = build_app(cfg.model_dump(mode="json"))._bound_deployment
+    assert bound._deployment_config.user_config == slices["Ingress"]
+    assert bound.init_args[0] == cfg.served_model()
+
+
+def test_a_pool_change_touches_only_that_deployment_and_never_rays_code_version() -> None:
+    """Ray restarts every replica when the application's code version changes (its args, its runtime
+    env, its autoscaling policy); per deployment, a changed `user_config` only reconfigures, changed
+    actor options restart. The vision batch budget and the LLM's engine settings reach only their own
+    deployment's options."""
+    base = ServeAppConfig.model_validate({"model_path": "/m"})
+    vision = base.model_copy(update={"vision": base.vision.model_copy(update={"max_batch_pixels": 1_000_000})})
+    assert _changed(base, vision) == {"VisionEncoder"}
+    assert _code_version(vision) == _code_version(base)
+    assert _deployments(vision)["VisionEncoder"]["ray_actor_options"] == _deployments(base)["VisionEncoder"]["ray_actor_options"]
+
+    llm = ServeAppConfig.model_validate({"model_path": "/m", "llm": {"max_running_requests": 8}})
+    # The ingress checks requests against the KV budget it follows from (in place); the LLM restarts.
+    assert _changed(base, llm) == {"LLMServer", "Ingress"}
+    assert _code_version(llm) == _code_version(base)
+    env = lambda c: _deployments(c)["LLMServer"]["ray_actor_options"]["runtime_env"]["env_vars"]  # noqa: E731
+    assert env(llm)[RESTART_DIGEST_ENV] != env(base)[RESTART_DIGEST_ENV]
+
+    # The lease applies in place: the LLM's user_config changes, its actor options do not.
+    lease = ServeAppConfig.model_validate({"model_path": "/m", "queue": {"lease_timeout_s": 20}})
+    assert _changed(base, lease) == {"LLMServer", "TensorQueue"}
+    assert env(lease) == env(base)
+
+    # The model is the application's args: a change to it restarts everything.
+    assert _code_version(ServeAppConfig.model_validate({"model_path": "/other"})) != _code_version(base)
+
+
+def test_the_deploy_body_is_what_rays_schema_accepts_and_leaves_no_option_to_the_code() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    for cfg in (ServeAppConfig.model_validate({"model_path": "/m"}),
+                ServeAppConfig.model_validate({"model_path": "/m", "device": "cuda",
+                                               "llm": {"gpus_per_replica": 16, "tensor_parallel": 16,
+                                                       "nodes_per_replica": 2},
+                                               "vision": {"autoscaling": {"min_replicas": 0, "max_replicas": 2}}})):
+        ServeDeploySchema.model_validate(cfg.deploy_body())
+        for name, d in _deployments(cfg).items():
+            assert "ray_actor_options" in d and "user_config" in d, name
+            assert "num_replicas" in d and "autoscaling_config" in d, name  # one of them None
+
+
+def test_live_slices_apply_in_place() -> None:
+    """The queue's limits change on a running core: a raised limit admits a waiting producer at once."""
+    import asyncio
+
+    from dotsvlm_serving.tensor_queue import QueueItem, TensorQueueCore
+
+    async def main() -> None:
+        core = TensorQueueCore(max_items=1, max_bytes=10_000)
+        await core.put(QueueItem("a", 10, 1, None), 1.0)
+        waiting = asyncio.create_task(core.put(QueueItem("b", 10, 1, None), 5.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        core.set_limits(max_items=2, max_bytes=10_000, lease_timeout_s=10.0, max_deliveries=2)
+        await asyncio.wait_for(waiting, 1.0)
+        assert core.stats()["depth"] == 2
+
+    asyncio.run(main())

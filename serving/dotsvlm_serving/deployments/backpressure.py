@@ -19,7 +19,7 @@ from typing import Any
 
 from ..admission import STAGE_OF, ByteBudget, DrainRate, Rejection, admit_pixels, share
 from ..api.errors import ApiError
-from ..serve_config import APP_NAME, VISION_DEPLOYMENT, ServeAppConfig
+from ..serve_config import APP_NAME, VISION_DEPLOYMENT, IngressConfig
 
 log = logging.getLogger("ray.serve")
 
@@ -38,18 +38,23 @@ def rejection_error(rejection: Rejection) -> ApiError:
 class IngressAdmission:
     """One ingress replica's backpressure state (single event loop: no lock)."""
 
-    def __init__(self, cfg: ServeAppConfig) -> None:
-        self.vision_cfg = cfg.vision
-        self.ingress_replicas = cfg.api.ingress_replicas
+    def __init__(self, cfg: IngressConfig) -> None:
         self.bytes = ByteBudget(cfg.api.max_image_bytes_in_flight)
         self.pixels_drained = DrainRate()
         # Until Serve's status was read: the pool's minimum (a fixed pool: its size).
-        self.vision_replicas = cfg.vision.autoscaling.min_replicas
+        self.vision_replicas = cfg.vision.min_replicas
         self.rejected: Counter[str] = Counter()  # reason -> requests answered 429
+        self.configure(cfg)
+
+    def configure(self, cfg: IngressConfig) -> None:
+        """New limits, in place (the ingress's reconfigure): what is held stays held."""
+        self.vision_limits = cfg.vision
+        self.ingress_replicas = cfg.api.ingress_replicas
+        self.bytes.limit = cfg.api.max_image_bytes_in_flight
 
     def pixel_limit(self) -> int:
         """This replica's share of the vision stage's limit with the replicas running now."""
-        return share(self.vision_cfg.pending_pixels_limit(self.vision_replicas), self.ingress_replicas)
+        return share(self.vision_limits.pending_pixels_limit(self.vision_replicas), self.ingress_replicas)
 
     def check_pixels(self, request_pixels: int, pending_pixels: int, now: float) -> None:
         """Raise the 429 when the request's images do not fit in the vision stage now."""

@@ -36,7 +36,7 @@ from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.config import load_config
 from ..model.preprocess import ImageError, probe_image
 from ..model.prompt import load_tokenizer
-from ..serve_config import INGRESS_DEPLOYMENT, ServeAppConfig
+from ..serve_config import INGRESS_DEPLOYMENT, IngressConfig, ServedModel
 from .backpressure import IngressAdmission, read_reports, sum_reports
 from .relay import Relay
 
@@ -73,40 +73,58 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 class Ingress:
-    def __init__(self, cfg: ServeAppConfig, vision: Any, queue: Any, llm: Any) -> None:
-        self.cfg = cfg  # validated once, by the app builder
-        self.queue, self.llm = queue, llm
-        self.model_config = load_config(self.cfg.model_path)
-        self.tokenizer = load_tokenizer(self.cfg.model_path)
-        lim = self.cfg.api.images
-        self.fetch_policy = FetchPolicy.from_config(max_bytes=lim.max_image_bytes, timeout_s=lim.fetch_timeout_s,
-                                                    fetch_allow=lim.fetch_allow)
-        self.auth = ApiKeyAuth.from_env(self.cfg.api.api_keys_env)
+    """Its slice (`IngressConfig`: API limits, the vision stage's backlog limits, the LLM's token limits, the enqueue timeout) arrives
+    through `reconfigure`, before the first request and whenever only the slice changes; it applies in
+    place, to the requests that arrive after it."""
+
+    def __init__(self, model: ServedModel, vision: Any, queue: Any, llm: Any) -> None:
+        self.model = model
+        self.cfg: IngressConfig | None = None  # set by reconfigure before the first request
+        self.vision, self.queue, self.llm = vision, queue, llm
+        self.model_config = load_config(model.model_path)
+        self.tokenizer = load_tokenizer(model.model_path)
         self.metrics = ReplicaMetrics("ingress")
         self.signals = IngressSignals()  # what this replica reports to the autoscaler
-        self.admission = IngressAdmission(self.cfg)  # backpressure: image bytes held, vision backlog limit
+        self.admission: IngressAdmission | None = None  # backpressure (image bytes held, vision backlog): reconfigure
         self._in_flight = 0
         # The gauges come from the same signals the autoscaler reads (record_autoscaling_stats).
         publisher = StatsPublisher(
             self.metrics, lambda: {**self.signals.stats(time.monotonic()), "in_flight": self._in_flight,
-                                   "image_bytes": self.admission.bytes.held},
+                                   "image_bytes": self.admission.bytes.held if self.admission else 0},
             gauges={"dotsvlm_requests_in_flight": "in_flight",
                     "dotsvlm_vision_pending_images": VISION_PENDING_IMAGES,
                     "dotsvlm_vision_pending_pixels": VISION_PENDING_PIXELS,
                     "dotsvlm_ingress_image_bytes": "image_bytes"})
         # Serve calls this constructor inside its own (async) one, so a loop is running.
-        loop = asyncio.get_running_loop()
-        self._publishing = loop.create_task(publisher.run_forever())
-        self._watching = loop.create_task(self.admission.watch_vision_replicas())
-        self._reporting = loop.create_task(self.admission.publish_forever(
-            serve.get_replica_context().replica_id.unique_id, lambda: self.signals.pending_pixels))
-        pre = self.model_config.preprocess
-        self.relay = Relay(vision, queue, self.metrics, self.signals, self.admission,
-                           hidden_size=int(self.model_config.vision.hidden_size),
-                           pixels_per_token=(pre.patch_size * pre.merge_size) ** 2,
-                           enqueue_timeout_s=self.cfg.queue.enqueue_timeout_s,
-                           request_timeout_s=self.cfg.api.request_timeout_s, embed_dtype=self.cfg.dtype)
+        self._publishing = asyncio.get_running_loop().create_task(publisher.run_forever())
+        self.relay: Relay | None = None
         self.created = int(time.time())
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        cfg = IngressConfig.model_validate(user_config)
+        lim = cfg.api.images
+        self.fetch_policy = FetchPolicy.from_config(max_bytes=lim.max_image_bytes, timeout_s=lim.fetch_timeout_s,
+                                                    fetch_allow=lim.fetch_allow)
+        self.auth = ApiKeyAuth.from_env(cfg.api.api_keys_env)
+        if self.relay is None:
+            self.admission = IngressAdmission(cfg)
+            loop = asyncio.get_running_loop()
+            self._watching = loop.create_task(self.admission.watch_vision_replicas())
+            self._reporting = loop.create_task(self.admission.publish_forever(
+                serve.get_replica_context().replica_id.unique_id, lambda: self.signals.pending_pixels))
+            pre = self.model_config.preprocess
+            self.relay = Relay(self.vision, self.queue, self.metrics, self.signals, self.admission,
+                               hidden_size=int(self.model_config.vision.hidden_size),
+                               pixels_per_token=(pre.patch_size * pre.merge_size) ** 2,
+                               enqueue_timeout_s=cfg.enqueue_timeout_s, request_timeout_s=cfg.api.request_timeout_s,
+                               embed_dtype=self.model.dtype)
+        else:
+            self.admission.configure(cfg)  # type: ignore[union-attr]
+            self.relay.enqueue_timeout_s = cfg.enqueue_timeout_s
+            self.relay.request_timeout_s = cfg.api.request_timeout_s
+        self.cfg = cfg
+        log.info("Ingress: config applied in place (context %d tokens, KV budget %d tokens)", cfg.context_length,
+                 cfg.kv_cache_tokens)
 
     # ------------------------------------------------------------------------------- small endpoints
     @app.get("/health")
@@ -149,7 +167,7 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         self.auth.check(request.headers.get("authorization"))
-        return JSONResponse(models_response(self.cfg.served_model_name, self.created))
+        return JSONResponse(models_response(self.model.served_model_name, self.created))
 
     # ------------------------------------------------------------------------------- chat completions
     @app.post("/v1/chat/completions")
@@ -196,9 +214,9 @@ class Ingress:
             # Parsing a large body (base64 images) is CPU work: off the event loop.
             req = await asyncio.to_thread(parse_chat_request, body) if len(body) > LARGE_BODY else parse_chat_request(body)
             del body
-            if req.model != self.cfg.served_model_name:
+            if req.model != self.model.served_model_name:
                 raise ApiError(404, f"the model {req.model!r} does not exist: this server serves "
-                                    f"{self.cfg.served_model_name!r} (see /v1/models)", param="model",
+                                    f"{self.model.served_model_name!r} (see /v1/models)", param="model",
                                code="model_not_found")
             messages, urls = req.to_model_messages()
             info["modality"] = _modality(len(urls))
@@ -264,16 +282,16 @@ class Ingress:
             raise ApiError(400, str(exc), param="messages", code="invalid_image") from None
 
     def _sampling(self, req: ChatCompletionRequest, prompt_tokens: int) -> dict[str, Any]:
-        llm = self.cfg.llm
-        room = llm.context_length - prompt_tokens
+        cfg = self.cfg
+        room = cfg.context_length - prompt_tokens
         limit = req.completion_limit()
         if limit is None:
             if room < 1:
                 raise self._too_long(prompt_tokens, 1)
-            limit = min(llm.max_new_tokens_default, room)
-        elif prompt_tokens + limit > llm.context_length:
+            limit = min(cfg.max_new_tokens_default, room)
+        elif prompt_tokens + limit > cfg.context_length:
             raise self._too_long(prompt_tokens, limit)
-        kv = llm.kv_cache_budget()
+        kv = cfg.kv_cache_tokens
         if prompt_tokens + limit > kv:
             raise ApiError(400, f"the request needs {prompt_tokens + limit} KV-cache tokens but an LLM replica has "
                                 f"{kv}: lower max_tokens or shorten the prompt", code="context_length_exceeded")
@@ -282,7 +300,7 @@ class Ingress:
                 "seed": req.seed, "stop": tuple(req.stop or ()), "ignore_eos": req.ignore_eos}
 
     def _too_long(self, prompt: int, completion: int) -> ApiError:
-        ctx = self.cfg.llm.context_length
+        ctx = self.cfg.context_length
         return ApiError(400, f"this model's maximum context length is {ctx} tokens, but the request needs "
                              f"{prompt + completion} ({prompt} in the messages, {completion} for the completion): "
                              "shorten the messages, send fewer or smaller images, or lower max_tokens",
@@ -328,7 +346,7 @@ class Ingress:
                 elif kind == "finish":
                     text.append(ev.get("text", ""))
                     self._observe_finish(ev, t0, n_images, first_at)
-                    return JSONResponse(completion_response(cid, self.cfg.served_model_name, "".join(text),
+                    return JSONResponse(completion_response(cid, self.model.served_model_name, "".join(text),
                                                             ev["finish_reason"], ev["usage"]))
         finally:
             await events.aclose()  # a client that went away (cancellation) cancels the generation
@@ -339,7 +357,7 @@ class Ingress:
         first = await events.__anext__()  # errors before the first token become HTTP errors
         if first["type"] == "error":
             raise self._error_of(first)
-        model, created = self.cfg.served_model_name, int(time.time())
+        model, created = self.model.served_model_name, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def sse(obj: dict) -> bytes:
@@ -377,10 +395,10 @@ class Ingress:
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": cid})
 
 
-# One ingress replica (it is asynchronous and light; Serve's HTTP proxy sits in front of it).
 def _modality(n_images: int) -> str:
     return "image" if n_images else "text"
 
 
-IngressDeployment = serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1, max_ongoing_requests=4096,
-                                     ray_actor_options={"num_cpus": 0})(serve.ingress(app)(Ingress))
+# This deployment's own Serve options; its slice, replicas and CPU share come from
+# ServeAppConfig.deployment_options().
+Ingress = serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=4096)(serve.ingress(app)(Ingress))

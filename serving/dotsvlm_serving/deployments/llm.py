@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -23,7 +24,8 @@ from ..events import ErrorEvent, Event
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.preprocess import ImageError
 from ..autoscaling.signals import llm_stats
-from ..serve_config import LLM_DEPLOYMENT, LLM_DRAIN_TIMEOUT_S, LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S, ServeAppConfig
+from ..serve_config import (LLM_DEPLOYMENT, LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S, LLM_DRAIN_TIMEOUT_S, RESTART_DIGEST_ENV,
+                            LLMServerConfig, ServedModel)
 from ..tensor_queue import QueueItem, RayObjectTransport, TransportError
 
 log = logging.getLogger("ray.serve")
@@ -50,12 +52,10 @@ class LLMServer:
     # GRACEFUL_SHUTDOWN_TIMEOUT_S (below) for this before it kills the replica.
     DRAIN_TIMEOUT_S = LLM_DRAIN_TIMEOUT_S
 
-    async def __init__(self, cfg: ServeAppConfig, queue: Any) -> None:
-        self.cfg = cfg  # validated once, by the app builder
+    async def __init__(self, model: ServedModel, queue: Any) -> None:
+        self.model = model
         self.queue = queue
-        # The engine cfg.llm.engine names (engine/factory.py); loading the model takes a while.
-        self.engine = await asyncio.to_thread(build_engine, self.cfg)
-        self.transport = RayObjectTransport()
+        self.cfg: LLMServerConfig | None = None  # the slice: set by reconfigure, which builds the engine
         self.consumer_id = f"llm-{uuid.uuid4().hex[:12]}"
         self._to_cancel: set[str] = set()
         self._publishing: asyncio.Future[list[str]] | None = None
@@ -63,6 +63,30 @@ class LLMServer:
         self._last_take = 0.0
         self._draining = False
         self.metrics = ReplicaMetrics("llm")
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """This deployment's slice (`LLMServerConfig`). Serve calls this once before the replica serves
+        (the engine is built then), and again when only the slice changed. Only the lease applies in
+        place: a change to the engine's fields changes the replica's `RESTART_DIGEST_ENV`, so Serve
+        replaces the replicas (draining them) instead of calling this."""
+        cfg = LLMServerConfig.model_validate(user_config)
+        digest = os.environ.get(RESTART_DIGEST_ENV)
+        if digest is not None and digest != cfg.restart_digest():
+            raise ValueError(f"the LLM replica's engine settings changed without a restart ({RESTART_DIGEST_ENV} "
+                             f"{digest} != {cfg.restart_digest()}): deploy the config through ServeAppConfig's "
+                             "deploy body, which restarts the LLM replicas on such a change")
+        if self.cfg is not None and cfg.restart_digest() != self.cfg.restart_digest():
+            raise ValueError("the LLM replica's engine settings cannot change in place: restart its replicas")
+        first = self.cfg is None
+        self.cfg = cfg
+        if first:
+            await self._start()
+
+    async def _start(self) -> None:
+        # The engine cfg.engine names (engine/factory.py); loading the model takes a while.
+        assert self.cfg is not None
+        self.engine = await asyncio.to_thread(build_engine, self.model, self.cfg)
+        self.transport = RayObjectTransport()
         publisher = StatsPublisher(self.metrics, self.engine.stats, gauges={
             "dotsvlm_llm_running_requests": "running", "dotsvlm_llm_waiting_requests": "pending",
             "dotsvlm_llm_kv_cache_used_tokens": "kv_tokens_used",
@@ -75,8 +99,8 @@ class LLMServer:
         self._publishing_metrics = loop.create_task(publisher.run_forever())
 
     async def _heartbeat_forever(self) -> None:
-        period = max(0.2, self.cfg.queue.lease_timeout_s / 4)
         while True:
+            period = max(0.2, self.cfg.lease_timeout_s / 4)  # type: ignore[union-attr]
             try:
                 self._to_cancel.update(await self.queue.heartbeat.remote(self.consumer_id, self.engine.stats()))
             except Exception:
@@ -172,10 +196,14 @@ class LLMServer:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook: running and waiting requests and KV-cache use for the autoscaling policy."""
+        if not hasattr(self, "engine"):  # Serve asks while the first reconfigure still builds the engine
+            return {}
         return llm_stats(self.engine.stats())
 
     async def __del__(self) -> None:
         """Drain before going away: no item is lost and, within the timeout, nothing is cut short."""
+        if not hasattr(self, "_run_task"):  # the engine was never built: nothing to drain
+            return
         self._draining = True
         deadline = time.monotonic() + self.DRAIN_TIMEOUT_S
         while self.engine.has_work() and time.monotonic() < deadline and not self._run_task.done():
@@ -197,6 +225,8 @@ class LLMServer:
         self._publishing_metrics.cancel()
 
     def check_health(self) -> None:
+        if not hasattr(self, "_run_task"):
+            raise RuntimeError("the LLM engine was not built (no reconfigure with the deployment's config yet)")
         if self._run_task.done():
             raise RuntimeError("the LLM engine loop stopped")
 
@@ -204,7 +234,7 @@ class LLMServer:
 # The drain, plus time to deliver the last events and hand back the leases (the contract's value: the
 # operator sizes the LLM pods' termination grace period from it).
 GRACEFUL_SHUTDOWN_TIMEOUT_S = LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S
-# This deployment's own Serve options; the app builder adds the pool's replicas and placement (GPUs,
-# pool resource, one bundle per node).
+# This deployment's own Serve options; its slice, replicas and placement (GPUs, pool resource, one
+# bundle per node) come from ServeAppConfig.deployment_options().
 LLMServerDeployment = serve.deployment(name=LLM_DEPLOYMENT, max_ongoing_requests=16,
                                        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)(LLMServer)

@@ -22,12 +22,16 @@ from ..tensor_queue import ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
 log = logging.getLogger("ray.serve")
 
 
-class TensorQueueServer:
-    async def __init__(self, cfg: QueueConfig) -> None:
-        self.cfg = cfg
+class TensorQueue:
+    """Its slice (`QueueConfig`) arrives through `reconfigure`, which Serve calls before the first
+    request and again whenever only the slice changes: the limits then apply in place, the queued work
+    stays."""
+
+    async def __init__(self) -> None:
+        self.cfg = QueueConfig()  # until Serve calls reconfigure with the deployment's own
         metrics = ReplicaMetrics("queue")
-        self.core = TensorQueueCore(max_items=cfg.max_items, max_bytes=cfg.max_bytes,
-                                    lease_timeout_s=cfg.lease_timeout_s, max_deliveries=cfg.max_deliveries,
+        self.core = TensorQueueCore(max_items=self.cfg.max_items, max_bytes=self.cfg.max_bytes,
+                                    lease_timeout_s=self.cfg.lease_timeout_s, max_deliveries=self.cfg.max_deliveries,
                                     observe_wait=lambda s: metrics.observe("dotsvlm_queue_wait_seconds", s))
         publisher = StatsPublisher(metrics, self.core.stats, gauges={
             "dotsvlm_queue_depth": "depth", "dotsvlm_queue_bytes": "bytes",
@@ -38,6 +42,12 @@ class TensorQueueServer:
         loop = asyncio.get_running_loop()
         self._reaper = loop.create_task(self._reap_forever())
         self._publishing = loop.create_task(publisher.run_forever())
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.cfg = QueueConfig.model_validate(user_config)
+        self.core.set_limits(max_items=self.cfg.max_items, max_bytes=self.cfg.max_bytes,
+                             lease_timeout_s=self.cfg.lease_timeout_s, max_deliveries=self.cfg.max_deliveries)
+        log.info("TensorQueue: config applied in place: %s", self.cfg.model_dump(mode="json"))
 
     async def _reap_forever(self) -> None:
         while True:
@@ -87,5 +97,6 @@ class TensorQueueServer:
         return queue_stats(self.core.stats())
 
 
-TensorQueueDeployment = serve.deployment(name=QUEUE_DEPLOYMENT, num_replicas=1, max_ongoing_requests=100_000,
-                                         ray_actor_options={"num_cpus": 0})(TensorQueueServer)
+# This deployment's own Serve options; its one replica, CPU share and slice come from
+# ServeAppConfig.deployment_options().
+TensorQueue = serve.deployment(name=QUEUE_DEPLOYMENT, max_ongoing_requests=100_000)(TensorQueue)

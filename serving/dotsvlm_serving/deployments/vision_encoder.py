@@ -35,7 +35,7 @@ from ..model.checkpoint import load_vision_tower
 from ..model.config import load_config
 from ..model.preprocess import ImageError, PreprocessedImages, decode_image, probe_image
 from ..autoscaling.signals import vision_stats
-from ..serve_config import VISION_DEPLOYMENT, ServeAppConfig
+from ..serve_config import VISION_DEPLOYMENT, ServedModel, VisionEncoderConfig
 from ..tensor_queue import to_wire
 
 log = logging.getLogger("ray.serve")
@@ -51,11 +51,14 @@ class _Job:
 
 
 class VisionEncoder:
-    async def __init__(self, cfg: ServeAppConfig) -> None:
-        self.cfg = cfg  # validated once, by the app builder
-        self.model_config = load_config(self.cfg.model_path)
-        dtype = getattr(torch, self.cfg.dtype)
-        self.tower = load_vision_tower(self.cfg.model_path, device=self.cfg.device, dtype=dtype,
+    """Its slice (`VisionEncoderConfig`: batch budget and wait, image limits) arrives through
+    `reconfigure`, before the first request and whenever only the slice changes; it applies in place
+    (to the next batch, and to requests that arrive after it), so the tower stays loaded."""
+
+    async def __init__(self, model: ServedModel) -> None:
+        self.cfg: VisionEncoderConfig | None = None  # set by reconfigure before the first request
+        self.model_config = load_config(model.model_path)
+        self.tower = load_vision_tower(model.model_path, device=model.device, dtype=getattr(torch, model.dtype),
                                        config=self.model_config)
         self._jobs: list[_Job] = []
         self._wake = asyncio.Event()
@@ -64,7 +67,7 @@ class VisionEncoder:
         self._preparing_images = 0
         # Decoded pixels this replica holds (preparing, waiting, encoding) stay within its share of the
         # vision stage's limit; further requests wait here still compressed, in arrival order.
-        self._gate = AmountGate(self.cfg.vision.max_pending_pixels_per_replica)
+        self._gate = AmountGate(0)  # its limit comes with the slice (reconfigure)
         self._gated_images = 0
         # Decode + resize + patchify, per request, in parallel with each other and with the forward.
         self._prepare_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2),
@@ -80,8 +83,15 @@ class VisionEncoder:
         self._loop = loop.create_task(self._batch_forever())
         self._publishing = loop.create_task(publisher.run_forever())
 
+    async def reconfigure(self, user_config: dict) -> None:
+        self.cfg = VisionEncoderConfig.model_validate(user_config)
+        self._gate.set_limit(self.cfg.max_pending_pixels_per_replica)
+        self._wake.set()  # a waiting batch re-reads its wait and budget
+        log.info("VisionEncoder: config applied in place: batch budget %d pixels, wait %g ms", self.cfg.max_batch_pixels,
+                 self.cfg.max_batch_wait_ms)
+
     def _prepare(self, images: list[bytes]) -> PreprocessedImages:
-        lim = self.cfg.api.images
+        lim = self.cfg.images
         decoded = []
         for i, data in enumerate(images):
             try:
@@ -92,7 +102,7 @@ class VisionEncoder:
 
     def _resized_pixels(self, images: list[bytes]) -> int:
         """Pixels after resize, from the images' headers (what the ingress counts)."""
-        lim = self.cfg.api.images
+        lim = self.cfg.images
         sizes = []
         for i, data in enumerate(images):
             try:
@@ -129,7 +139,7 @@ class VisionEncoder:
     def _next_batch(self) -> list[_Job]:
         self._jobs = [j for j in self._jobs if not j.future.done()]  # drop cancelled callers
         batch, pixels = [], 0
-        budget = self.cfg.vision.max_batch_pixels
+        budget = self.cfg.max_batch_pixels
         while self._jobs and (not batch or pixels + self._jobs[0].pixels <= budget):
             job = self._jobs.pop(0)
             batch.append(job)
@@ -137,10 +147,10 @@ class VisionEncoder:
         return batch
 
     async def _batch_forever(self) -> None:
-        wait_s = self.cfg.vision.max_batch_wait_ms / 1000
         while True:
             await self._wake.wait()
             self._wake.clear()
+            wait_s = self.cfg.max_batch_wait_ms / 1000
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
             while self._jobs:
@@ -190,5 +200,6 @@ class VisionEncoder:
             raise RuntimeError("the vision batching loop stopped")
 
 
-# This deployment's own Serve options; the app builder adds the pool's replicas, GPUs and pool resource.
-VisionEncoderDeployment = serve.deployment(name=VISION_DEPLOYMENT, max_ongoing_requests=256)(VisionEncoder)
+# This deployment's own Serve options; its slice, replicas, GPUs and pool resource come from
+# ServeAppConfig.deployment_options().
+VisionEncoder = serve.deployment(name=VISION_DEPLOYMENT, max_ongoing_requests=256)(VisionEncoder)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..events import ErrorEvent, Event, FinishEvent, TokenEvent, Usage
-from ..serve_config import ServeAppConfig
+from ..serve_config import LLMServerConfig, ServedModel
 from .base import EngineInput, InferenceEngine, RequestBudget
 from .sampling import SamplingParams
 from .vllm_plugin import ARCHITECTURE
@@ -116,18 +116,18 @@ class VLLMEngine(InferenceEngine):
         self.tokens_generated = 0
 
     @classmethod
-    def from_config(cls, cfg: ServeAppConfig) -> "VLLMEngine":
+    def from_config(cls, model: ServedModel, llm: LLMServerConfig) -> "VLLMEngine":
         vllm = _import_vllm()
         from ..model.config import load_config
         from ..model.prompt import load_tokenizer, stop_token_ids
 
-        model_config = load_config(cfg.model_path)
+        model_config = load_config(model.model_path)
         workdir = tempfile.TemporaryDirectory(prefix="dotsvlm-vllm-")
-        view = language_model_view(cfg.model_path, workdir.name)
-        args = engine_args(cfg, str(view), vllm.AsyncEngineArgs)
+        view = language_model_view(model.model_path, workdir.name)
+        args = engine_args(model, llm, str(view), vllm.AsyncEngineArgs)
         return cls(args, image_token_id=model_config.image_token_id, hidden_size=model_config.llm_config().hidden_size,
-                   dtype=cfg.dtype, stop_token_ids=stop_token_ids(load_tokenizer(cfg.model_path)),
-                   max_running=cfg.llm.max_running_requests, context_length=cfg.llm.context_length, workdir=workdir)
+                   dtype=model.dtype, stop_token_ids=stop_token_ids(load_tokenizer(model.model_path)),
+                   max_running=llm.max_running_requests, context_length=llm.context_length, workdir=workdir)
 
     # ------------------------------------------------------------------ admission
     def check_limits(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -270,14 +270,13 @@ class VLLMEngine(InferenceEngine):
             self._workdir.cleanup()
 
 
-def engine_args(cfg: ServeAppConfig, model_dir: str, args_cls: Any) -> Any:
+def engine_args(model: ServedModel, llm: LLMServerConfig, model_dir: str, args_cls: Any) -> Any:
     """vLLM's engine arguments from the pool's options (docs/engine.md has the mapping)."""
-    llm = cfg.llm
-    on_gpu = cfg.device == "cuda"
+    on_gpu = model.device == "cuda"
     kw: dict[str, Any] = dict(
-        model=model_dir, tokenizer=model_dir, dtype=cfg.dtype, max_model_len=llm.context_length,
+        model=model_dir, tokenizer=model_dir, dtype=model.dtype, max_model_len=llm.context_length,
         max_num_seqs=llm.max_running_requests, tensor_parallel_size=llm.tensor_parallel,
-        enable_prompt_embeds=True, served_model_name=cfg.served_model_name,
+        enable_prompt_embeds=True, served_model_name=model.served_model_name,
         # On CPU vLLM reads the share of RAM for the KV cache from VLLM_CPU_KVCACHE_SPACE (GiB).
         gpu_memory_utilization=llm.memory_fraction or (0.9 if on_gpu else 0.3),
     )

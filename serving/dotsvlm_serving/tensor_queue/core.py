@@ -110,6 +110,13 @@ class TensorQueueCore:
         self.counters: dict[str, int] = {"enqueued": 0, "rejected_full": 0, "taken": 0, "redelivered": 0,
                                          "failed_consumer_lost": 0, "cancelled": 0, "completed": 0}
 
+    def set_limits(self, *, max_items: int, max_bytes: int, lease_timeout_s: float, max_deliveries: int) -> None:
+        """New limits, in place: what is queued stays (even over a lowered limit: producers wait until
+        it drains below); a raised limit admits waiting producers at once."""
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.lease_timeout_s, self.max_deliveries = lease_timeout_s, max_deliveries
+        self._wake_producers()
+
     # ---------------------------------------------------------------- producers
     def _has_room(self, nbytes: int) -> bool:
         return (len(self._items) + self._reserved_items < self.max_items

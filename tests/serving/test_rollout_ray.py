@@ -1,0 +1,296 @@
+"""A change to one pool's settings replaces (or reconfigures) only that pool's replicas, under load.
+
+A local `ray start --head` with its dashboard (its own process group and temp dir); the application is
+deployed and changed the way the operator does it: `ServeAppConfig.deploy_body()` sent with
+`PUT /api/serve/applications/` through the operator's own `RayHeadClient`. Replica ids come from
+`GET /api/serve/applications/`. Streaming requests (text and images) run the whole time; every one
+must end with its finish reason and `[DONE]`, none may fail.
+
+- Vision batch budget: the VisionEncoder's slice is its `user_config`, so Serve calls its
+  `reconfigure` (the replica says so in its log) and every replica keeps its id, the LLM's and the
+  queue's included.
+- LLM engine setting (max running requests): the LLM replicas are replaced (drained), vision and queue
+  keep theirs; the ingress reconfigures in place (it checks requests against the LLM's limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from serving_support import _free_port
+from test_serving_app import image_part, png
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+VENV_BIN = Path(sys.executable).parent
+DEPLOYMENTS = ("Ingress", "VisionEncoder", "TensorQueue", "LLMServer")
+
+
+def _config(model: Path, port: int, **changes: dict) -> tuple[dict, object]:
+    from dotsvlm_serving.serve_config import ServeAppConfig
+
+    raw: dict = {"model_path": str(model),
+                 "llm": {"context_length": 512, "max_running_requests": 4, "max_new_tokens_default": 16,
+                         "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+                 "vision": {"max_batch_pixels": 1_000_000, "max_batch_wait_ms": 5},
+                 "queue": {"max_items": 64, "enqueue_timeout_s": 60},
+                 "api": {"api_keys_env": None, "request_timeout_s": 240}}
+    for section, values in changes.items():
+        raw[section] = {**raw[section], **values}
+    cfg = ServeAppConfig.model_validate(raw)
+    return cfg.deploy_body(http_port=port, http_host="127.0.0.1"), cfg
+
+
+def _pids_using(path: Path) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if str(path).encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+class Head:
+    def __init__(self, dashboard: str, token: str, api: str, model: Path, api_port: int) -> None:
+        self.dashboard, self.token, self.api, self.model, self.api_port = dashboard, token, api, model, api_port
+
+    def deploy(self, **changes: dict) -> None:
+        """Through the operator's client, as the operator deploys a spec."""
+        from dotsvlm_operator.ray_head import RayHeadClient
+
+        body, _ = _config(self.model, self.api_port, **changes)
+
+        async def go() -> None:
+            async with RayHeadClient(self.dashboard, self.token, timeout=30) as client:
+                await client.deploy(body)
+        asyncio.run(go())
+
+    def app(self) -> dict:
+        r = httpx.get(self.dashboard + "/api/serve/applications/", headers=_auth(self.token), timeout=30)
+        r.raise_for_status()
+        return (r.json().get("applications") or {}).get("dotsvlm") or {}
+
+    def replicas(self) -> dict[str, dict[str, dict]]:
+        """deployment -> replica id -> its details (state, pid, log file)."""
+        deps = self.app().get("deployments") or {}
+        return {name: {r["replica_id"]: r for r in (deps.get(name) or {}).get("replicas") or []} for name in DEPLOYMENTS}
+
+    def wait_for(self, what: str, check: Callable[[dict], bool], timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        last: dict = {}
+        while time.monotonic() < deadline:
+            last = self.app()
+            if last and check(last):
+                return last
+            time.sleep(1.0)
+        raise AssertionError(f"{what}: not within {timeout_s} s; last: {str(last)[:3000]}")
+
+
+def _all_running(app: dict, sizes: dict[str, int]) -> bool:
+    deps = app.get("deployments") or {}
+    return app.get("status") == "RUNNING" and all(
+        [r["state"] for r in (deps.get(n) or {}).get("replicas") or []] == ["RUNNING"] * k for n, k in sizes.items())
+
+
+SIZES = {"Ingress": 1, "VisionEncoder": 1, "TensorQueue": 1, "LLMServer": 2}
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _start_head(tmp: Path, token_file: Path) -> tuple[subprocess.Popen, Path, str]:
+    """`ray start --head --block` with token authentication (as on the operator's pods), in its own
+    process group and temp dir; tried again when Ray's fixed start-up window is missed on a busy machine."""
+    for attempt in range(3):
+        temp_dir = Path(tempfile.mkdtemp(prefix="rayroll-", dir="/tmp"))  # short: Ray's socket paths have a limit
+        gcs, dash, client, agent = (_free_port() for _ in range(4))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+               "RAY_AUTH_TOKEN_PATH": str(token_file)}
+        env.pop("DOTSVLM_API_KEYS", None)
+        log_path = tmp / f"ray-{attempt}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                 f"--dashboard-agent-listen-port={agent}", "--num-cpus=6", f"--temp-dir={temp_dir}",
+                 "--disable-usage-stats", "--block"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        dashboard = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                r = httpx.get(dashboard + "/api/serve/applications/", headers=_auth(token_file.read_text()), timeout=5)
+                if r.status_code == 200:
+                    return proc, temp_dir, dashboard
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        _stop_head(proc, temp_dir)
+        text = log_path.read_text(errors="replace")
+        if attempt == 2 or "timed out during startup" not in text:
+            raise AssertionError(f"no Ray dashboard: {text[-3000:]}")
+    raise AssertionError("unreachable")
+
+
+def _stop_head(proc: subprocess.Popen, temp_dir: Path) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in _pids_using(temp_dir):  # Ray's processes in their own sessions, by pid, ours only
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+    from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
+
+    tmp = tmp_path_factory.mktemp("rollout")
+    model = ensure_tiny_checkpoint(tmp / "tiny")
+    token = secrets.token_hex(16)
+    token_file = tmp / "ray-token"
+    token_file.write_text(token)
+    proc, temp_dir, dashboard = _start_head(tmp, token_file)
+    try:
+        api_port = _free_port()
+        h = Head(dashboard, token, f"http://127.0.0.1:{api_port}", model, api_port)
+        h.deploy()
+        h.wait_for("the application running", lambda a: _all_running(a, SIZES), 420)
+        yield h
+    finally:
+        _stop_head(proc, temp_dir)
+
+
+class Load:
+    """Streaming requests from a few workers until stopped; every outcome counted."""
+
+    def __init__(self, url: str, workers: int = 3) -> None:
+        self.url, self.workers = url, workers
+        self.outcomes: Counter = Counter()
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)]
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(300)
+
+    def _run(self, worker: int) -> None:
+        n = 0
+        with httpx.Client(base_url=self.url, timeout=240) as client:
+            while not self._stop.is_set():
+                n += 1
+                content: list | str = f"worker {worker} request {n}: tell a story"
+                if n % 2:
+                    content = [image_part(png(96 + 8 * worker, 80)), {"type": "text", "text": f"image {n}"}]
+                body = {"model": "dots.vlm1", "messages": [{"role": "user", "content": content}], "max_tokens": 24,
+                        "ignore_eos": True, "stream": True}
+                try:
+                    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                        text = "".join(r.iter_text())
+                    ok = (r.status_code == 200 and text.rstrip().endswith("data: [DONE]")
+                          and '"finish_reason":"length"' in text and '"error"' not in text)
+                except httpx.HTTPError as exc:
+                    ok, text = False, repr(exc)
+                    r = None  # type: ignore[assignment]
+                self.outcomes["ok" if ok else "failed"] += 1
+                if not ok:
+                    self.failures.append(f"{getattr(r, 'status_code', None)}: {text[-400:]}")
+
+    def wait_for_requests(self, n: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        start = self.outcomes["ok"]
+        while self.outcomes["ok"] < start + n:
+            assert time.monotonic() < deadline, f"fewer than {n} requests in {timeout_s} s: {self.outcomes}"
+            assert not self.failures, self.failures
+            time.sleep(0.5)
+
+
+def _ids(replicas: dict[str, dict[str, dict]], name: str) -> set[str]:
+    return set(replicas[name])
+
+
+def test_vision_batch_budget_reconfigures_vision_in_place_and_restarts_nothing(head: Head) -> None:
+    before = head.replicas()
+    assert all(len(before[n]) == k for n, k in SIZES.items()), before
+    with Load(head.api) as load:
+        load.wait_for_requests(3, 180)
+        head.deploy(vision={"max_batch_pixels": 600_000})
+
+        def applied(app: dict) -> bool:
+            dep = (app.get("deployments") or {}).get("VisionEncoder") or {}
+            return ((dep.get("deployment_config") or {}).get("user_config") or {}).get("max_batch_pixels") == 600_000
+        head.wait_for("the new vision budget in Serve's target", lambda a: applied(a) and _all_running(a, SIZES), 180)
+        vision_logs = [Path(r["log_file_path"]) for r in before["VisionEncoder"].values() if r.get("log_file_path")]
+
+        def logged() -> bool:
+            return any("batch budget 600000 pixels" in _read_log(p) for p in vision_logs)
+        deadline = time.monotonic() + 60
+        while not logged():
+            assert time.monotonic() < deadline, "the vision replica did not log the new budget (reconfigure)"
+            time.sleep(0.5)
+        load.wait_for_requests(3, 180)  # still serving after the change
+    after = head.replicas()
+    assert load.outcomes["failed"] == 0, load.failures
+    print(f"vision change under load: {dict(load.outcomes)}")
+    for name in DEPLOYMENTS:  # the vision replicas reconfigured in place; nothing restarted
+        assert _ids(after, name) == _ids(before, name), name
+        assert {r["pid"] for r in after[name].values()} == {r["pid"] for r in before[name].values()}, name
+
+
+def test_llm_engine_change_replaces_only_the_llm_replicas(head: Head) -> None:
+    before = head.replicas()
+    with Load(head.api) as load:
+        load.wait_for_requests(3, 180)
+        head.deploy(vision={"max_batch_pixels": 600_000}, llm={"max_running_requests": 3})
+        old = _ids(before, "LLMServer")
+        head.wait_for("new LLM replicas, the old ones gone",
+                      lambda a: _all_running(a, SIZES) and not old & set(
+                          r["replica_id"] for r in ((a.get("deployments") or {}).get("LLMServer") or {}).get("replicas")
+                          or []), 420)
+        load.wait_for_requests(3, 180)
+    after = head.replicas()
+    assert load.outcomes["failed"] == 0, load.failures
+    print(f"LLM change under load: {dict(load.outcomes)}")
+    assert not _ids(after, "LLMServer") & old and len(after["LLMServer"]) == 2
+    for name in ("Ingress", "VisionEncoder", "TensorQueue"):
+        assert _ids(after, name) == _ids(before, name), name
+
+
+def _read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
