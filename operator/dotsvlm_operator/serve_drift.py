@@ -51,7 +51,7 @@ def _first_difference(wanted: Any, running: Any, path: str) -> str | None:
 
 
 def config_drift(body: dict[str, Any], deployed: dict[str, Any] | None) -> str | None:
-    """What differs between the application the operator wants (in `body`, the `serve_deploy_body`) and
+    """What differs between the application the operator wants (in `body`, `serve_app.deploy_body`) and
     the one the head runs (`deployed`: its `deployed_app_config`); None when the head runs it.
 
     Call it only when the head runs the application: one missing altogether is deployed anyway. One the

@@ -9,6 +9,7 @@ which also checks that the operator uses an existing token instead of generating
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import shutil
@@ -146,8 +147,10 @@ def test_operator_deploys_the_serve_app_to_a_token_protected_ray_head(kube, ns, 
     assert condition(got, "Progressing")["reason"] == "UpToDate"
     # The head got exactly the config the operator rendered (also in the ConfigMap).
     apps = httpx.get(f"{url}/api/serve/applications/", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
-    deployed = apps["applications"]["dotsvlm"]["deployed_app_config"]["args"]
-    assert deployed["model_path"] == str(tiny_model) and deployed["llm"]["pool_resource"] == "dotsvlm_pool_llm"
+    deployed = apps["applications"]["dotsvlm"]["deployed_app_config"]
+    llm_deployment = next(d for d in deployed["deployments"] if d["name"] == "LLMServer")
+    assert deployed["args"]["model_path"] == str(tiny_model)
+    assert llm_deployment["ray_actor_options"]["resources"] == {"dotsvlm_pool_llm": 1}
     # The token in the Secret was used, not replaced.
     assert get_json(kube, "secret", f"{name}-ray-token", "-n", ns)["data"]["token"]
     # And the API answers on the Serve HTTP port that the spec set.
@@ -169,21 +172,26 @@ def test_operator_deploys_the_serve_app_to_a_token_protected_ray_head(kube, ns, 
     headers = {"Authorization": f"Bearer {token}"}
     wanted = httpx.get(f"{url}/api/serve/applications/", headers=headers, timeout=10).json()
     wanted_app = wanted["applications"]["dotsvlm"]["deployed_app_config"]
-    by_hand = {"http_options": {"host": "0.0.0.0", "port": api_port}, "applications": [
-        {**wanted_app, "args": {**wanted_app["args"], "vision": {**wanted_app["args"]["vision"], "max_batch_wait_ms": 7.0}}}]}
-    assert wanted_app["args"]["vision"]["max_batch_wait_ms"] != 7.0
+
+    def vision_slice(app: dict) -> dict:  # the VisionEncoder's slice of the config: its Serve user_config
+        return next(d for d in app["deployments"] if d["name"] == "VisionEncoder")["user_config"]
+
+    by_hand_app = copy.deepcopy(wanted_app)
+    vision_slice(by_hand_app)["max_batch_wait_ms"] = 7.0
+    by_hand = {"http_options": {"host": "0.0.0.0", "port": api_port}, "applications": [by_hand_app]}
+    assert vision_slice(wanted_app)["max_batch_wait_ms"] != 7.0
     r = httpx.put(f"{url}/api/serve/applications/", headers=headers, json=by_hand, timeout=30)
     assert r.status_code == 200, r.text
 
     def vision_wait() -> float:
         apps = httpx.get(f"{url}/api/serve/applications/", headers=headers, timeout=10).json()
-        return apps["applications"]["dotsvlm"]["deployed_app_config"]["args"]["vision"]["max_batch_wait_ms"]
+        return vision_slice(apps["applications"]["dotsvlm"]["deployed_app_config"])["max_batch_wait_ms"]
 
-    poll(lambda: vision_wait() == wanted_app["args"]["vision"]["max_batch_wait_ms"], 90,
+    poll(lambda: vision_wait() == vision_slice(wanted_app)["max_batch_wait_ms"], 90,
          "the spec's Serve config back on the head", diag)
     st = poll(lambda: (s := (get_json(kube, "dvlm", name, "-n", ns) or {}).get("status") or {})
               and (s.get("serveApp") or {}).get("lastDrift") and s, 60, "the drift in the status", diag)
-    assert "args.vision.max_batch_wait_ms: the head runs 7.0" in st["serveApp"]["lastDrift"]
+    assert "user_config.max_batch_wait_ms: the head runs 7.0" in st["serveApp"]["lastDrift"]
     events = [e for e in get_json(kube, "events", "-n", ns)["items"] if e["reason"] == "ServeConfigDrift"]
     assert events and "deployed the spec's config again" in events[0]["message"], events
     # And the application serves again.

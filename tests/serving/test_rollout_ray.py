@@ -182,6 +182,10 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         h = Head(dashboard, token, f"http://127.0.0.1:{api_port}", model, api_port)
         h.deploy()
         h.wait_for("the application running", lambda a: _all_running(a, SIZES), 420)
+        # What the head reports running is the body as sent: the operator's drift check sees no drift.
+        from dotsvlm_operator.serve_drift import config_drift
+
+        assert config_drift(_config(model, api_port)[0], h.app().get("deployed_app_config")) is None
         yield h
     finally:
         _stop_head(proc, temp_dir)

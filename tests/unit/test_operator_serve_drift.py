@@ -25,28 +25,41 @@ def spec() -> models.DotsVLMDeploymentSpec:
 def as_serve_echoes(body: dict) -> dict:
     """The application as Serve reports it in deployed_app_config: what was sent, plus defaults."""
     app = copy.deepcopy(body["applications"][0])
-    app.update(deployments=[], external_scaler_enabled=False, logging_config=None, runtime_env={})
+    app.update(external_scaler_enabled=False, logging_config=None, runtime_env={})
+    for d in app["deployments"]:
+        d.setdefault("max_ongoing_requests", 5)
     return app
 
 
+def slice_of(app: dict, deployment: str) -> dict:
+    """A deployment's slice of the config (its Serve user_config) in an application config."""
+    return next(d for d in app["deployments"] if d["name"] == deployment)["user_config"]
+
+
+def index_of(app: dict, deployment: str) -> int:
+    return [d["name"] for d in app["deployments"]].index(deployment)
+
+
 def test_the_config_as_deployed_is_no_drift_even_with_serves_defaults() -> None:
-    body = serve_app.serve_body(spec())
+    body = serve_app.deploy_body(spec())
     assert config_drift(body, as_serve_echoes(body)) is None
     # JSON numbers: 20 and 20.0 are the same setting.
     echoed = as_serve_echoes(body)
-    echoed["args"]["vision"]["max_batch_wait_ms"] = int(echoed["args"]["vision"]["max_batch_wait_ms"])
+    slice_of(echoed, "VisionEncoder")["max_batch_wait_ms"] = int(slice_of(echoed, "VisionEncoder")["max_batch_wait_ms"])
     assert config_drift(body, echoed) is None
 
 
 def test_a_changed_or_missing_setting_is_drift_and_named() -> None:
-    body = serve_app.serve_body(spec())
+    body = serve_app.deploy_body(spec())
     echoed = as_serve_echoes(body)
-    echoed["args"]["vision"]["max_batch_pixels"] = 12345
-    want = body["applications"][0]["args"]["vision"]["max_batch_pixels"]
-    assert config_drift(body, echoed) == f"args.vision.max_batch_pixels: the head runs 12345, the spec wants {want}"
+    slice_of(echoed, "VisionEncoder")["max_batch_pixels"] = 12345
+    want = slice_of(body["applications"][0], "VisionEncoder")["max_batch_pixels"]
+    i = index_of(echoed, "VisionEncoder")
+    assert config_drift(body, echoed) == (f"deployments[{i}].user_config.max_batch_pixels: the head runs 12345, "
+                                          f"the spec wants {want}")
     echoed = as_serve_echoes(body)
-    del echoed["args"]["queue"]
-    assert config_drift(body, echoed).startswith("args.queue: the head runs (absent)")
+    del echoed["args"]["dtype"]
+    assert config_drift(body, echoed).startswith("args.dtype: the head runs (absent)")
     echoed = as_serve_echoes(body)
     echoed["import_path"] = "someone.else:app"
     assert "import_path: the head runs 'someone.else:app'" in config_drift(body, echoed)
@@ -56,7 +69,7 @@ def test_a_changed_or_missing_setting_is_drift_and_named() -> None:
 
 def test_observe_serve_deploys_again_on_drift_once_per_interval_and_says_why(monkeypatch) -> None:
     s = spec()
-    body = serve_app.serve_body(s)
+    body = serve_app.deploy_body(s)
     running = {"app": as_serve_echoes(body)}
     puts = []
 
@@ -70,7 +83,7 @@ def test_observe_serve_deploys_again_on_drift_once_per_interval_and_says_why(mon
 
     monkeypatch.setattr(handlers, "_http", httpx.AsyncClient(transport=httpx.MockTransport(handler)))
     owner = naming.Owner("d", "ns", "uid")
-    digest = serve_app.serve_body_hash(body)
+    digest = serve_app.body_hash(body)
     old = models.DotsVLMDeploymentStatus(serve_app=models.ServeAppStatus(status="RUNNING", config_hash=digest))
     state = handlers.ResourceState()
     log = logging.getLogger("test")
@@ -79,11 +92,11 @@ def test_observe_serve_deploys_again_on_drift_once_per_interval_and_says_why(mon
         return asyncio.run(handlers.observe_serve(owner, s, "tok", old, log, state))
 
     assert observe().drift is None and puts == []  # the head runs the spec's config: nothing to do
-    running["app"]["args"]["llm"]["max_running_requests"] = 1  # someone deploys by hand
+    slice_of(running["app"], "LLMServer")["max_running_requests"] = 1  # someone deploys by hand
     seen = observe()
-    assert seen.drift and "args.llm.max_running_requests: the head runs 1" in seen.drift
+    assert seen.drift and "user_config.max_running_requests: the head runs 1" in seen.drift
     assert len(puts) == 1 and puts[0] == body  # the spec's config, deployed again
-    running["app"]["args"]["llm"]["max_running_requests"] = 2  # and again, at once: wait the interval
+    slice_of(running["app"], "LLMServer")["max_running_requests"] = 2  # and again, at once: wait the interval
     assert observe().drift is None and len(puts) == 1
     state.drift_deployed_at -= handlers.DRIFT_REDEPLOY_INTERVAL_S
     assert observe().drift and len(puts) == 2
