@@ -139,7 +139,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from dotsvlm_serving.deployments.queue import TensorQueue
+    from dotsvlm_serving.deployments.queue import TensorQueue, TensorQueueDeployment
     from dotsvlm_serving.serve_config import QueueConfig
 
     qcfg = QueueConfig(max_items=8, max_bytes=8 * 20 * 1024 * 1024, enqueue_timeout_s=60)
@@ -161,11 +161,11 @@ def main() -> None:
                     raise
                 ray.shutdown()
         try:
-            actor = ray.remote(num_cpus=0)(TensorQueue.func_or_class).remote()
+            actor = ray.remote(num_cpus=0)(TensorQueue).remote()
             ray.get(actor.reconfigure.remote(qcfg.model_dump(mode="json")))  # what Serve does before serving
             direct = run_pipeline(actor, False, args.items)
             serve.start(http_options={"host": "127.0.0.1", "port": 0})
-            handle = serve.run(TensorQueue.options(num_replicas=1, user_config=qcfg.model_dump(mode="json")).bind(),
+            handle = serve.run(TensorQueueDeployment.options(num_replicas=1, user_config=qcfg.model_dump(mode="json")).bind(),
                                name="qbench", route_prefix=None)
             via_serve = run_pipeline(handle, True, args.items)
         finally:

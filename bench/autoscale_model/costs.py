@@ -34,7 +34,7 @@ class CostModel:
     gpu_bf16_flops: float = 989e12
     vision_mfu: float = 0.40
     vision_call_overhead_s: float = 0.010
-    vision_max_ongoing: int = 256  # VisionEncoder's max_ongoing_requests
+    vision_max_ongoing: int = 256  # VisionEncoderDeployment's max_ongoing_requests
     vision_start_s: float = 30.0
     # LLM pool: one replica = DeepSeek-V3 FP8, TP16 over 2 nodes of 8 H100.
     llm_gpus_per_replica: int = 16

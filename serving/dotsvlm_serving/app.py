@@ -47,15 +47,15 @@ def deploy_local(cfg: ServeAppConfig, *, host: str, port: int) -> None:
 def build_app(args: dict[str, Any]) -> Application:
     """The application for `args`: a whole `ServeAppConfig` (`serve.run`), or only its model fields (the
     deploy body's `args`; the deployments' options then come from the body)."""
-    from .deployments.ingress import Ingress
-    from .deployments.llm import LLMServer
-    from .deployments.queue import TensorQueue
-    from .deployments.vision_encoder import VisionEncoder
+    from .deployments.ingress import IngressDeployment
+    from .deployments.llm import LLMServerDeployment
+    from .deployments.queue import TensorQueueDeployment
+    from .deployments.vision_encoder import VisionEncoderDeployment
 
     cfg = parse_config(args)
     model = cfg.served_model()
     opts = cfg.deployment_options()
-    queue = TensorQueue.options(**opts[QUEUE_DEPLOYMENT]).bind()
-    vision = VisionEncoder.options(**opts[VISION_DEPLOYMENT]).bind(model)
-    llm = LLMServer.options(**opts[LLM_DEPLOYMENT]).bind(model, queue)
-    return Ingress.options(**opts[INGRESS_DEPLOYMENT]).bind(model, vision, queue, llm)
+    queue = TensorQueueDeployment.options(**opts[QUEUE_DEPLOYMENT]).bind()
+    vision = VisionEncoderDeployment.options(**opts[VISION_DEPLOYMENT]).bind(model)
+    llm = LLMServerDeployment.options(**opts[LLM_DEPLOYMENT]).bind(model, queue)
+    return IngressDeployment.options(**opts[INGRESS_DEPLOYMENT]).bind(model, vision, queue, llm)

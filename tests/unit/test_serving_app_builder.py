@@ -100,7 +100,7 @@ def test_vision_batches_fifo_by_pixel_budget() -> None:
     from dotsvlm_serving.deployments.vision_encoder import VisionEncoder, _Job
 
     async def main() -> None:
-        enc = object.__new__(VisionEncoder.func_or_class)  # the batching policy alone, no model
+        enc = object.__new__(VisionEncoder)  # the batching policy alone, no model
         enc.cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"max_batch_pixels": 100_000}}).vision_encoder_config()
         loop = asyncio.get_running_loop()
         enc._jobs = [_Job([], px, loop.create_future(), 0.0) for px in (40_000, 50_000, 20_000, 150_000, 10_000)]
@@ -170,7 +170,7 @@ def test_llm_replica_drains_before_leaving() -> None:
             return {}
 
     async def main() -> None:
-        srv = object.__new__(LLMServer.func_or_class)
+        srv = object.__new__(LLMServer)
         srv.queue, srv.engine = FakeQueue(), FakeEngine()
         srv.consumer_id, srv._to_cancel, srv._publishing, srv._outbox = "c", set(), None, []
         srv._last_take, srv._draining = 0.0, False

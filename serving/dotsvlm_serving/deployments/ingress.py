@@ -400,5 +400,6 @@ def _modality(n_images: int) -> str:
 
 
 # This deployment's own Serve options; its slice, replicas and CPU share come from
-# ServeAppConfig.deployment_options().
-Ingress = serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=4096)(serve.ingress(app)(Ingress))
+# ServeAppConfig.deployment_options(). The class keeps its own name in the module: Ray then pickles it
+# by reference, and FastAPI resolves the endpoints' annotations (`request: Request`) in the replica.
+IngressDeployment = serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=4096)(serve.ingress(app)(Ingress))

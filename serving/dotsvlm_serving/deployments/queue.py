@@ -99,4 +99,4 @@ class TensorQueue:
 
 # This deployment's own Serve options; its one replica, CPU share and slice come from
 # ServeAppConfig.deployment_options().
-TensorQueue = serve.deployment(name=QUEUE_DEPLOYMENT, max_ongoing_requests=100_000)(TensorQueue)
+TensorQueueDeployment = serve.deployment(name=QUEUE_DEPLOYMENT, max_ongoing_requests=100_000)(TensorQueue)

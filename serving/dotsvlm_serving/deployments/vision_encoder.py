@@ -202,4 +202,4 @@ class VisionEncoder:
 
 # This deployment's own Serve options; its slice, replicas, GPUs and pool resource come from
 # ServeAppConfig.deployment_options().
-VisionEncoder = serve.deployment(name=VISION_DEPLOYMENT, max_ongoing_requests=256)(VisionEncoder)
+VisionEncoderDeployment = serve.deployment(name=VISION_DEPLOYMENT, max_ongoing_requests=256)(VisionEncoder)
