@@ -68,8 +68,9 @@ def _pids_using(path: Path) -> list[int]:
 
 
 class Head:
-    def __init__(self, dashboard: str, token: str, api: str, model: Path, api_port: int) -> None:
+    def __init__(self, dashboard: str, token: str, api: str, model: Path, api_port: int, temp_dir: Path) -> None:
         self.dashboard, self.token, self.api, self.model, self.api_port = dashboard, token, api, model, api_port
+        self.logs = temp_dir / "session_latest" / "logs"  # replicas' log_file_path is relative to it
 
     def deploy(self, **changes: dict) -> None:
         """Through the operator's client, as the operator deploys a spec."""
@@ -179,7 +180,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     proc, temp_dir, dashboard = _start_head(tmp, token_file)
     try:
         api_port = _free_port()
-        h = Head(dashboard, token, f"http://127.0.0.1:{api_port}", model, api_port)
+        h = Head(dashboard, token, f"http://127.0.0.1:{api_port}", model, api_port, temp_dir)
         h.deploy()
         h.wait_for("the application running", lambda a: _all_running(a, SIZES), 420)
         # What the head reports running is the body as sent: the operator's drift check sees no drift.
@@ -257,13 +258,14 @@ def test_vision_batch_budget_reconfigures_vision_in_place_and_restarts_nothing(h
             dep = (app.get("deployments") or {}).get("VisionEncoder") or {}
             return ((dep.get("deployment_config") or {}).get("user_config") or {}).get("max_batch_pixels") == 600_000
         head.wait_for("the new vision budget in Serve's target", lambda a: applied(a) and _all_running(a, SIZES), 180)
-        vision_logs = [Path(r["log_file_path"]) for r in before["VisionEncoder"].values() if r.get("log_file_path")]
+        vision_logs = [head.logs / r["log_file_path"].lstrip("/") for r in before["VisionEncoder"].values()]
 
         def logged() -> bool:
             return any("batch budget 600000 pixels" in _read_log(p) for p in vision_logs)
         deadline = time.monotonic() + 60
         while not logged():
-            assert time.monotonic() < deadline, "the vision replica did not log the new budget (reconfigure)"
+            assert time.monotonic() < deadline, (f"the vision replica did not log the new budget (reconfigure): "
+                                                 f"{[(str(p), _read_log(p)[-1500:]) for p in vision_logs]}")
             time.sleep(0.5)
         load.wait_for_requests(3, 180)  # still serving after the change
     after = head.replicas()
