@@ -99,7 +99,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from ray.serve.schema import ServeDeploySchema
 
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
-    from dotsvlm_serving.serve_config import serve_deploy_body
 
     assert not ray.is_initialized(), "this module starts its own two-node Ray"
     model = ensure_tiny_checkpoint(tmp_path_factory.mktemp("backpressure") / "tiny")
@@ -110,7 +109,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         port = _free_port()
         # Both nodes share this machine's address: one HTTP proxy (on the head) takes the port.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-        body = serve_deploy_body(_config(str(model)), http_port=port, http_host="127.0.0.1")
+        body = _config(str(model)).deploy_body(http_port=port, http_host="127.0.0.1")
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(body))
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 300)

@@ -312,12 +312,12 @@ def test_ingress_and_queue_are_pinned_to_the_head_which_advertises_the_control_r
     for pool in ("dots-vision", "dots-llm"):
         command = kids[("Deployment", pool)]["spec"]["template"]["spec"]["containers"][0]["command"]
         assert not any(serve_config.CONTROL_RESOURCE in arg for arg in command), pool
-    assert serve_app.serve_app_config(_spec()).control_resource == serve_config.CONTROL_RESOURCE
+    assert serve_app.app_config(_spec()).control_resource == serve_config.CONTROL_RESOURCE
 
 
 def test_backpressure_limits_reach_the_contract() -> None:
     spec = _spec(vision__maxPendingPixelsPerReplica=50_000_000, vision__maxPendingPixels=200_000_000,
                  api__maxImageBytesInFlight=300_000_000)
-    app = serve_app.serve_app_config(spec)
+    app = serve_app.app_config(spec)
     assert (app.vision.max_pending_pixels_per_replica, app.vision.max_pending_pixels) == (50_000_000, 200_000_000)
     assert app.api.max_image_bytes_in_flight == 300_000_000
