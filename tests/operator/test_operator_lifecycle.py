@@ -49,6 +49,11 @@ stringData: {api-keys: "k1,k2"}
 """
 
 
+def _slice(body: dict, deployment: str) -> dict:
+    """One Serve deployment's slice of the config in a deploy body: its user_config."""
+    return next(d for d in body["applications"][0]["deployments"] if d["name"] == deployment)["user_config"]
+
+
 def children_of(kube, ns: str, name: str) -> list[dict]:
     items = get_json(kube, CHILD_KINDS, "-n", ns, "-l", f"dotsvlm.io/deployment={name}")["items"]
     return items
@@ -134,7 +139,7 @@ def test_full_sample_children_placement_and_status(kube, ns, operator_factory) -
     # The Serve config is rendered from the spec (LLM TP 16 over 2 nodes) into the ConfigMap.
     cm = get_json(kube, "configmap", f"{name}-serve-config", "-n", ns)
     body = json.loads(cm["data"]["serve-config.json"])
-    llm_args = body["applications"][0]["args"]["llm"]
+    llm_args = _slice(body, "LLMServer")  # the LLM deployment's own slice of the config (its user_config)
     assert (llm_args["tensor_parallel"], llm_args["nodes_per_replica"], llm_args["context_length"]) == (16, 2, 65536)
 
     # kubectl get shows the printer columns; an Event was recorded on the resource.
@@ -209,7 +214,7 @@ def test_vision_only_update_rolls_only_the_vision_pool(kube, ns, operator_factor
     # The Serve config follows the spec (it reaches the head through its REST API, not through pods).
     cm = poll(lambda: (d := get_json(kube, "configmap", f"{name}-serve-config", "-n", ns)["data"]) != cm_before and d,
               30, "the Serve config to change")
-    assert json.loads(cm["serve-config.json"])["applications"][0]["args"]["vision"]["max_batch_pixels"] == 4194304
+    assert _slice(json.loads(cm["serve-config.json"]), "VisionEncoder")["max_batch_pixels"] == 4194304
 
 
 def test_drift_is_corrected_and_delete_leaves_nothing(kube, ns, operator_factory) -> None:
