@@ -142,6 +142,51 @@ def wait_complete(clock: ChildClock, names: list[str], timeout: float) -> dict[s
     return done
 
 
+def children_manifests(ns: str, name: str) -> list[dict]:
+    """The children the operator made for `name`, as plain manifests (server-set fields removed)."""
+    from kubernetes import client
+    api = client.ApiClient()
+    core, apps = client.CoreV1Api(), client.AppsV1Api()
+    pol, net = client.PolicyV1Api(), client.NetworkingV1Api()
+    reads = {"ConfigMap": core.read_namespaced_config_map, "Secret": core.read_namespaced_secret,
+             "Service": core.read_namespaced_service, "Deployment": apps.read_namespaced_deployment,
+             "PodDisruptionBudget": pol.read_namespaced_pod_disruption_budget,
+             "NetworkPolicy": net.read_namespaced_network_policy}
+    out = []
+    for kind, names in EXPECTED.items():
+        for n in names:
+            obj = api.sanitize_for_serialization(reads[kind](n.format(n=name), ns))
+            obj.pop("status", None)
+            meta = obj["metadata"]
+            for k in ("uid", "resourceVersion", "creationTimestamp", "managedFields", "ownerReferences", "generation",
+                      "annotations"):
+                meta.pop(k, None)
+            if kind == "Service":
+                for k in ("clusterIP", "clusterIPs"):
+                    obj["spec"].pop(k, None)
+            out.append(obj)
+    return out
+
+
+def floor_burst(ns: str, template: list[dict], old: str, names: list[str], threads: int) -> dict[str, float]:
+    """The same children for `names`, created directly (no operator; one thread per resource, `threads` at
+    once, as the operator does): what the control plane itself allows on this machine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubernetes import client, utils
+    api = client.ApiClient()
+    text = json.dumps(template)
+
+    def one(nm: str) -> float:
+        t0 = time.monotonic()
+        for obj in json.loads(text.replace(old, nm)):
+            utils.create_from_dict(api, obj, namespace=ns)
+        return t0
+
+    with ThreadPoolExecutor(threads) as ex:
+        return dict(zip(names, ex.map(one, names)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--resources", type=int, default=50, help="resources per phase (sequential, burst)")
@@ -219,6 +264,17 @@ def main() -> int:
         burst = [done[nm] - starts[nm] for nm in names]
         burst_all = max(done.values()) - min(starts.values())
 
+        # (c) the floor: the same children created without the operator, at once, in a namespace it ignores.
+        floor_ns = "bench-floor"
+        cluster.kubectl("create", "namespace", floor_ns)
+        from dotsvlm_operator.kube import KUBE_THREADS
+        clock = ChildClock(floor_ns)
+        fnames = [f"floor-{i:03d}" for i in range(n)]
+        fstarts = floor_burst(floor_ns, children_manifests(burst_ns, names[0]), names[0], fnames, KUBE_THREADS)
+        fdone = wait_complete(clock, fnames, 600)
+        clock.close()
+        floor = [fdone[nm] - fstarts[nm] for nm in fnames]
+
         # Memory with 2n resources: wait until every resource has a status, then sample.
         def all_have_status() -> bool:
             for ns in (seq_ns, burst_ns):
@@ -265,6 +321,9 @@ def main() -> int:
                 "burst": {"n": n, "p50": round(pct(burst, 50) * 1000, 1), "p95": round(pct(burst, 95) * 1000, 1),
                           "max": round(max(burst) * 1000, 1), "all_done_s": round(burst_all, 2),
                           "apiserver_requests_per_resource_all_clients": round(k8s_burst / n, 1), "all": ms(burst)},
+                "floor_direct_creates": {"n": n, "threads": KUBE_THREADS, "p50": round(pct(floor, 50) * 1000, 1),
+                                         "p95": round(pct(floor, 95) * 1000, 1), "max": round(max(floor) * 1000, 1),
+                                         "all": ms(floor)},
             },
             "operator_rss_mib": {"idle_0_resources": round(rss_idle, 1), "resources": 2 * n,
                                  "mean": round(statistics.mean(samples), 1), "max": round(max(samples), 1),
@@ -290,6 +349,10 @@ The operator, the control plane and this script share the machine (1-minute load
 |---|---|---|---|
 | create -> all {N_CHILDREN} children present, one resource at a time (n={n}) | {c['sequential']['p50']} ms | {c['sequential']['p95']} ms | {c['sequential']['max']} ms |
 | same, {n} resources created at once | {c['burst']['p50']} ms | {c['burst']['p95']} ms | {c['burst']['max']} ms |
+| floor: the same {N_CHILDREN} children of {n} resources created directly at once, no operator ({c['floor_direct_creates']['threads']} threads, one per resource, as the operator) | {c['floor_direct_creates']['p50']} ms | {c['floor_direct_creates']['p95']} ms | {c['floor_direct_creates']['max']} ms |
+
+The floor is what this machine's control plane allows without any operator: the operator's burst p95 is
+{c['burst']['p95'] / c['floor_direct_creates']['p95']:.2f}x the floor's, measured in the same run.
 
 All {n} burst resources complete {c['burst']['all_done_s']} s after the first create; the API server
 answered {c['burst']['apiserver_requests_per_resource_all_clients']} requests per resource until then
