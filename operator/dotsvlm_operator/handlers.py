@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,7 +33,8 @@ from pydantic.alias_generators import to_camel
 from dotsvlm_operator import builders, ingress_client, models, naming, pod_sizing, rollout, serve_app, serve_drift
 from dotsvlm_operator.kube import KUBE_THREADS, Kube
 from dotsvlm_operator.monitoring.operator_metrics import METRICS
-from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError
+from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError, ServeApp
+from dotsvlm_serving.serve_config import LLM_DEPLOYMENT
 from dotsvlm_operator.status import (PodView, ServeObservation, compute_status, pod_view, raw_wish, scaling_events,
                                      serve_deployment)
 
@@ -362,8 +363,25 @@ async def observe_serve(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
         except RayHeadError as exc:
             return ServeObservation(url=url, reachable=not exc.unreachable, status="Unknown", message=str(exc),
                                     config_hash=old.serve_app.config_hash if old else None)
+        app = await _with_replica_spans(client, app, spec, logger)
     return ServeObservation(url=url, reachable=True, status=app.status, message=app.message, config_hash=deployed,
                             app=app, drift=drift)
+
+
+async def _with_replica_spans(client: RayHeadClient, app: ServeApp, spec: models.DotsVLMDeploymentSpec,
+                              logger: logging.Logger) -> ServeApp:
+    """An LLM replica over several nodes: which pods it holds (all of them, not just the first), so the
+    pods of a replica that stays are never the ones removed. Without the answer, nodesPerReplica pods
+    are kept per replica (pod_sizing)."""
+    dep = app.deployments.get(LLM_DEPLOYMENT)
+    if spec.llm.nodes_per_replica <= 1 or dep is None or not dep.replicas:
+        return app
+    try:
+        spans = await client.replica_spans()
+    except RayHeadError as exc:
+        logger.debug(f"could not read the LLM replicas' nodes from Ray's state API: {exc}")
+        return app
+    return replace(app, deployments={**app.deployments, LLM_DEPLOYMENT: dep.with_spans(spans)})
 
 
 def _old_status(body: kopf.Body) -> models.DotsVLMDeploymentStatus | None:

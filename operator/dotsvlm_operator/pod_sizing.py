@@ -53,7 +53,7 @@ def replicas_per_pod(deployment: DeploymentView | None) -> Counter[str]:
     """Occupying replicas per node IP."""
     if deployment is None:
         return Counter()
-    return Counter(r.node_ip for r in deployment.replicas if r.state in OCCUPYING_STATES and r.node_ip)
+    return Counter(ip for r in deployment.replicas if r.state in OCCUPYING_STATES for ip in r.ips)
 
 
 def deletion_costs(pods: list[PodView], deployment: DeploymentView | None) -> dict[str, int]:
@@ -73,8 +73,11 @@ def plan_pool(pool: models.VisionPool | models.LLMPool, *, deployment: Deploymen
     pending = [p for p in live if not p.scheduled]
     costs = deletion_costs(live, deployment)
     hosting = sum(1 for c in costs.values() if c > 0)
-    # A replica that spans several nodes shows only its first node's IP: keep all its pods.
-    floor_pods = hosting if nodes_per_replica == 1 else sum(replicas_per_pod(deployment).values()) * nodes_per_replica
+    # A replica that spans several nodes: its pods are known when Ray's state API told us every node it
+    # holds; otherwise only its first node is, and nodesPerReplica pods are kept for each such replica.
+    occupying = [r for r in (deployment.replicas if deployment else ()) if r.state in OCCUPYING_STATES and r.ips]
+    unspanned = sum(1 for r in occupying if not r.node_ips) if nodes_per_replica > 1 else 0
+    floor_pods = max(hosting, (len(occupying) if unspanned else 0) * nodes_per_replica)
 
     if deployment is None or deployment.target is None:
         replicas = desired_replicas(pool, previous_replicas)

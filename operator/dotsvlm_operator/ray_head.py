@@ -8,7 +8,7 @@ message says what went wrong in words, so status can show it as is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -16,6 +16,11 @@ import httpx
 from dotsvlm_serving.serve_config import APP_NAME
 
 SERVE_APPLICATIONS = "/api/serve/applications/"
+# Ray's state API on the same dashboard: where each placement group's bundles run, and each node's IP.
+# Serve names a replica's placement group after the replica's actor, so a replica that spans several
+# nodes (an LLM replica over nodesPerReplica pods) is found on every node it holds.
+PLACEMENT_GROUPS = "/api/v0/placement_groups?detail=true&limit=10000"
+NODES = "/api/v0/nodes?limit=10000"
 # Replica states (ray.serve._private.common.ReplicaState) of a replica that still occupies its node:
 # its pod must stay. STOPPING is a replica draining its work; only when it has left may its pod go.
 OCCUPYING_STATES = frozenset({"STARTING", "UPDATING", "RECOVERING", "RUNNING", "STOPPING", "PENDING_MIGRATION"})
@@ -28,6 +33,13 @@ class ReplicaView:
     state: str
     node_ip: str | None = None
     node_id: str | None = None
+    actor_name: str | None = None
+    # Every node the replica holds (its placement group's bundles), when known; else just node_ip.
+    node_ips: tuple[str, ...] = ()
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        return self.node_ips or ((self.node_ip,) if self.node_ip else ())
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,11 @@ class DeploymentView:
     @property
     def running(self) -> int:
         return sum(r.state == "RUNNING" for r in self.replicas)
+
+    def with_spans(self, spans: dict[str, tuple[str, ...]]) -> "DeploymentView":
+        """The same deployment with each replica's nodes filled in from `replica_spans` (by actor name)."""
+        return replace(self, replicas=tuple(replace(r, node_ips=spans.get(r.actor_name or "", r.node_ips))
+                                            for r in self.replicas))
 
 
 @dataclass(frozen=True)
@@ -64,7 +81,8 @@ def parse_application(data: Any, name: str = APP_NAME) -> ServeApp:
     for dep_name, info in (app.get("deployments") or {}).items():
         info = info or {}
         target = info.get("target_num_replicas")
-        replicas = tuple(ReplicaView(state=str(r.get("state") or ""), node_ip=r.get("node_ip"), node_id=r.get("node_id"))
+        replicas = tuple(ReplicaView(state=str(r.get("state") or ""), node_ip=r.get("node_ip"), node_id=r.get("node_id"),
+                                     actor_name=r.get("actor_name"))
                          for r in info.get("replicas") or [] if isinstance(r, dict))
         deployments[dep_name] = DeploymentView(target=int(target) if isinstance(target, (int, float)) else None,
                                                replicas=replicas)
@@ -77,6 +95,29 @@ def parse_application(data: Any, name: str = APP_NAME) -> ServeApp:
     deployed = app.get("deployed_app_config")
     return ServeApp(str(app.get("status") or "Unknown"), message, deployments,
                     deployed if isinstance(deployed, dict) else None)
+
+
+def _state_rows(data: Any) -> list[dict]:
+    """Rows of a state API answer ({"data": {"result": {"result": [...]}}})."""
+    try:
+        rows = data["data"]["result"]["result"]
+    except (KeyError, TypeError):
+        return []
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def parse_replica_spans(placement_groups: Any, nodes: Any) -> dict[str, tuple[str, ...]]:
+    """Placement group name (= the replica's actor name) -> the IPs of the nodes its bundles hold."""
+    ip_of = {n.get("node_id"): n.get("node_ip") for n in _state_rows(nodes)}
+    spans: dict[str, tuple[str, ...]] = {}
+    for pg in _state_rows(placement_groups):
+        if pg.get("state") == "REMOVED" or not pg.get("name"):
+            continue
+        ips = {ip_of.get(b.get("node_id")) for b in pg.get("bundles") or [] if isinstance(b, dict)}
+        ips.discard(None)
+        if ips:
+            spans[pg["name"]] = tuple(sorted(ips))
+    return spans
 
 
 class RayHeadError(Exception):
@@ -135,6 +176,15 @@ class RayHeadClient:
         except ValueError as exc:
             raise RayHeadError(f"the dashboard answered something that is not JSON: {resp.text[:200]}", unreachable=False) from exc
         return parse_application(data, name)
+
+    async def replica_spans(self) -> dict[str, tuple[str, ...]]:
+        """Every node each replica holds (see PLACEMENT_GROUPS): two calls to Ray's state API."""
+        pgs = await self._request("GET", PLACEMENT_GROUPS)
+        nodes = await self._request("GET", NODES)
+        try:
+            return parse_replica_spans(pgs.json(), nodes.json())
+        except ValueError as exc:
+            raise RayHeadError(f"the state API answered something that is not JSON: {exc}", unreachable=False) from exc
 
     async def application_status(self, name: str = APP_NAME) -> tuple[str, str]:
         """(status, message) of one Serve application; ("NOT_DEPLOYED", ...) when the head has none by that name."""

@@ -117,3 +117,35 @@ def test_parse_application_reads_what_the_installed_ray_serializes() -> None:
     plan = pod_sizing.plan_pool(vision(), deployment=v, raw_wish=None, previous_replicas=3,
                                 pods=[pod(0), pod(1), pod(2), pod(3)])
     assert plan.pods == 3 and plan.reason == pod_sizing.DRAINING  # three pods host a replica (one draining)
+
+
+def _state_api(rows: list[dict]) -> dict:
+    return {"result": True, "msg": "", "data": {"result": {"total": len(rows), "result": rows}}}
+
+
+def test_an_llm_replica_over_two_nodes_protects_both_of_its_pods() -> None:
+    """TP16 over two 8-GPU nodes: Serve names the replica's placement group after its actor, and Ray's
+    state API says which nodes its bundles hold. Scaling 2 -> 1 replica must remove the leaving replica's
+    two pods, never the second pod of the replica that stays."""
+    from dotsvlm_operator.ray_head import parse_replica_spans
+
+    pods = [pod(i, comp="llm") for i in range(4)]
+    pgs = _state_api([
+        {"name": "SERVE_REPLICA::dotsvlm#LLMServer#a", "state": "CREATED",
+         "bundles": [{"node_id": "n0"}, {"node_id": "n2"}]},
+        {"name": "SERVE_REPLICA::dotsvlm#LLMServer#b", "state": "REMOVED", "bundles": [{"node_id": "n1"}, {"node_id": "n3"}]},
+    ])
+    nodes = _state_api([{"node_id": f"n{i}", "node_ip": f"10.0.0.{i}"} for i in range(4)])
+    spans = parse_replica_spans(pgs, nodes)
+    assert spans == {"SERVE_REPLICA::dotsvlm#LLMServer#a": ("10.0.0.0", "10.0.0.2")}
+    # Replica a (first node p0, second node p2) stays; replica b has left (its group was removed).
+    staying = DeploymentView(target=1, replicas=(ReplicaView(state="RUNNING", node_ip="10.0.0.0",
+                                                             actor_name="SERVE_REPLICA::dotsvlm#LLMServer#a"),))
+    plan = pod_sizing.plan_pool(llm(nodes=2), deployment=staying.with_spans(spans), raw_wish=1, pods=pods,
+                                previous_replicas=2)
+    assert plan.pods == 2 and plan.reason == pod_sizing.SERVE_TARGET
+    assert plan.costs == {"p0": 1000, "p1": 0, "p2": 1000, "p3": 0}, "the staying replica's second pod would go"
+    # Without the state API's answer only the first node is known: nodesPerReplica pods are kept for it,
+    # and the second pod's cost cannot be told (the old behaviour, still safe on the pod count).
+    plan = pod_sizing.plan_pool(llm(nodes=2), deployment=staying, raw_wish=1, pods=pods, previous_replicas=2)
+    assert plan.pods == 2 and plan.costs["p0"] == 1000 and plan.costs["p2"] == 0

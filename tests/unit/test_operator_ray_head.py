@@ -61,3 +61,23 @@ def test_unreachable_head() -> None:
         _run(go())
     assert err.value.unreachable and "ConnectError" in str(err.value)
 
+
+
+def test_replica_spans_read_ray_state_api_with_the_token() -> None:
+    seen = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append((req.url.path, dict(req.url.params), req.headers.get("authorization")))
+        rows = ([{"name": "SERVE_REPLICA::dotsvlm#LLMServer#x", "state": "CREATED",
+                  "bundles": [{"node_id": "a"}, {"node_id": "b"}, {"node_id": "a"}]}]
+                if req.url.path.endswith("placement_groups") else
+                [{"node_id": "a", "node_ip": "10.1.0.5"}, {"node_id": "b", "node_ip": "10.1.0.9"}])
+        return httpx.Response(200, json={"result": True, "msg": "", "data": {"result": {"result": rows}}})
+
+    async def go():
+        async with RayHeadClient("http://head:8265", "tok", transport=httpx.MockTransport(handler)) as c:
+            return await c.replica_spans()
+
+    assert _run(go()) == {"SERVE_REPLICA::dotsvlm#LLMServer#x": ("10.1.0.5", "10.1.0.9")}
+    assert [p for p, _, _ in seen] == ["/api/v0/placement_groups", "/api/v0/nodes"]
+    assert seen[0][1]["detail"] == "true" and all(a == "Bearer tok" for _, _, a in seen)
