@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from dotsvlm_serving.app import build_app, parse_config
-from dotsvlm_serving.serve_config import (CONTROL_RESOURCE, LLM_POOL_RESOURCE, RESTART_DIGEST_ENV, AutoscalingTargets,
-                                          LLMPoolConfig, ServeAppConfig, actor_options, autoscaling, llm_placement,
-                                          replica_options)
+from dotsvlm_serving.serve_config import (CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, LLM_POOL_RESOURCE,
+                                          RESTART_DIGEST_ENV, AutoscalingTargets, LLMPoolConfig, ServeAppConfig,
+                                          actor_options, autoscaling, llm_placement, replica_options)
 
 
 def test_pool_pinning_only_when_configured() -> None:
@@ -324,3 +324,10 @@ def test_live_slices_apply_in_place() -> None:
         assert core.stats()["depth"] == 2
 
     asyncio.run(main())
+
+
+def test_dotsvlm_serve_pins_the_ingress_and_queue_to_its_own_node_which_advertises_the_resource() -> None:
+    from dotsvlm_serving import embedded
+
+    assert embedded.local_config("/m").control_resource == CONTROL_RESOURCE
+    assert embedded.CONTROL_RESOURCES == {CONTROL_RESOURCE: CONTROL_RESOURCE_CAPACITY}
