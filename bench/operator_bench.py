@@ -159,7 +159,7 @@ def children_manifests(ns: str, name: str) -> list[dict]:
             obj.pop("status", None)
             meta = obj["metadata"]
             for k in ("uid", "resourceVersion", "creationTimestamp", "managedFields", "ownerReferences", "generation",
-                      "annotations"):
+                      "annotations", "namespace"):
                 meta.pop(k, None)
             if kind == "Service" and obj["spec"].get("clusterIP") != "None":  # headless stays headless
                 for k in ("clusterIP", "clusterIPs"):
