@@ -264,7 +264,7 @@ def main() -> int:
         fdone = wait_complete(clock, fnames, 600)
         clock.close()
         floor = [fdone[nm] - fstarts[nm] for nm in fnames]
-        cluster.kubectl("delete", "namespace", floor_ns, "--wait=true", "--timeout=300s")
+        cluster.kubectl("delete", "namespace", floor_ns, "--wait=true", "--timeout=600s", timeout=660)
         # (b) all at once
         clock = ChildClock(burst_ns)
         names = [f"burst-{i:03d}" for i in range(n)]
