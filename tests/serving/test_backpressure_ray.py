@@ -259,6 +259,7 @@ def test_burst_far_over_the_vision_capacity_is_refused_with_429_and_memory_stays
     assert report["rejected"] == dict(reasons) and report["rejected_total"] == codes[429], report
     assert report["image_bytes"] == 0 and report["pending_pixels"] == 0, report  # everything released
     assert report["pending_pixels_limit"] == PER_REPLICA_PIXELS and report["image_bytes_limit"] == INGRESS_BYTES
+    assert report["vision_replicas"] == 1  # read from Serve's status by the ingress (it started at 0)
 
 
 def test_service_answers_normally_after_the_burst(stack: Stack) -> None:
