@@ -25,7 +25,7 @@ def main() -> int:
     from dotsvlm_serving.node_drain import drain_node
 
     port = int(sys.argv[1])
-    for attempt in range(3):
+    for attempt in range(5):
         cluster = Cluster(initialize_head=False)
         try:
             cluster.add_node(num_cpus=2, include_dashboard=False)
@@ -35,7 +35,7 @@ def main() -> int:
             break
         except Exception as exc:  # Ray gives a raylet a fixed 30 s to start: a very busy machine can miss it
             cluster.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(exc):
+            if attempt == 4 or "timed out during startup" not in str(exc):
                 raise
     try:
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)

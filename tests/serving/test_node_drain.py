@@ -2,8 +2,11 @@
 local Ray cluster with two worker raylets: a streaming request on the drained node completes, Serve
 moves the replica to the other worker, and the drain returns when the node has left (not at its deadline).
 
-The cluster runs in its own process (tests/serving/drain_driver.py): a session of these tests may
-already hold a local Ray in this one.
+Then the same with the dotsvlm application: a stream on the LLM replica of a drained node finishes with
+the tokens it gets undisturbed.
+
+Each cluster runs in its own process (tests/serving/drain_driver.py, drain_app_driver.py): a session of
+these tests may already hold a local Ray in this one.
 """
 
 from __future__ import annotations
@@ -33,3 +36,25 @@ def test_draining_a_node_lets_its_streaming_request_complete_and_moves_the_repli
     assert out["drain"]["drained"] is True, out  # the node left by itself once its work was done ...
     assert out["drain"]["seconds"] < 120, out  # ... before the deadline
     assert out["node_after"] != out["node_before"], out  # Serve runs the replica on the other worker now
+
+
+def test_draining_the_llm_replicas_node_finishes_its_stream_with_the_same_tokens(tmp_path) -> None:
+    """The dotsvlm application (tiny model): the API and the queue on the head, one LLM replica on one of two
+    pool nodes. Its node is drained while a 1500-token stream runs on it; Serve stops the replica (at the
+    latest 60 s before the drain's deadline: here at once), the replica finishes the stream within its drain,
+    and the client gets exactly the tokens the same request gets undisturbed."""
+    from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
+
+    model = ensure_tiny_checkpoint(tmp_path / "tiny")
+    driver = Path(__file__).with_name("drain_app_driver.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, str(driver), str(_free_port()), str(model)], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    out = json.loads(lines[-1])
+    assert out["status"] == 200 and out["error"] is None, out
+    assert out["finish"] == "length" and out["same_text"] is True, out  # every token, none lost or repeated
+    assert out["stopping_before_stream_end"] is True, out  # Serve stopped the replica while it streamed
+    assert out["drain"]["drained"] is True, out  # the node then left by itself
+    assert out["node_before"] not in out["nodes_after"], out
