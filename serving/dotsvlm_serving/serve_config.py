@@ -273,6 +273,7 @@ class IngressConfig(_Strict):
     max_new_tokens_default: int
     kv_cache_tokens: int  # an LLM replica's budget (LLMPoolConfig.kv_cache_budget())
     enqueue_timeout_s: float
+    engine: EngineName  # the LLM pool's engine: named in the refusals of what it cannot give (n, logprobs)
 
 
 class VisionEncoderConfig(_Strict):
@@ -401,7 +402,8 @@ class ServeAppConfig(_Strict):
     def ingress_config(self) -> IngressConfig:
         return IngressConfig(api=self.api, vision=self.vision.stage_limits(), context_length=self.llm.context_length,
                              max_new_tokens_default=self.llm.max_new_tokens_default,
-                             kv_cache_tokens=self.llm.kv_cache_budget(), enqueue_timeout_s=self.queue.enqueue_timeout_s)
+                             kv_cache_tokens=self.llm.kv_cache_budget(), enqueue_timeout_s=self.queue.enqueue_timeout_s,
+                             engine=self.llm.engine)
 
     def vision_encoder_config(self) -> VisionEncoderConfig:
         return VisionEncoderConfig(max_batch_pixels=self.vision.max_batch_pixels,

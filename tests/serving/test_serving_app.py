@@ -321,6 +321,96 @@ def test_client_disconnect_cancels_generation(served: Served) -> None:
     wait_cancelled(served, before)
 
 
+# --------------------------------------------------------------------------------------- /v1/completions
+def completion(**kw) -> dict:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8}
+    body.update(kw)
+    return body
+
+
+def test_completions_continue_the_prompt_as_chat_does(served: Served) -> None:
+    """/v1/completions on the transformers engine: the chat template's own text as the prompt gives the chat
+    answer (greedy), as text or as token ids, whole or streamed; OpenAI's default of 16 tokens."""
+    from openai import OpenAI
+
+    from dotsvlm_serving.model.prompt import load_tokenizer, render_chat
+
+    client = OpenAI(base_url=served.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": "Tell me about lighthouses."}]
+    prompt = render_chat(msgs, [])
+    greedy = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+    by_chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, **greedy)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, **greedy)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].text == by_chat.choices[0].message.content and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (by_chat.usage.prompt_tokens, 12)
+
+    ids = load_tokenizer(served.model_dir).encode(prompt, add_special_tokens=False)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, **greedy)
+    assert by_ids.choices[0].text == r.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
+
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}, **greedy))
+    assert all(c.object == "text_completion" for c in chunks) and len(chunks) >= 4  # streamed, not one blob
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+
+    default = client.completions.create(model=MODEL, prompt="Once upon a time", extra_body={"ignore_eos": True})
+    assert default.usage.completion_tokens == 16 and default.choices[0].finish_reason == "length"
+    seeded = [client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0.8,
+                                        seed=5).choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+COMPLETION_ERRORS: list[tuple[str, dict | bytes, int, str]] = [
+    ("bad-json", b"{not json", 400, "not valid JSON"),
+    ("missing-prompt", {"model": MODEL}, 400, "prompt"),
+    ("n-greater-than-1", completion(n=2), 400, "n > 1 is not supported by this server (llm.engine transformers)"),
+    ("logprobs", completion(logprobs=1), 400, "logprobs are not supported by this server (llm.engine transformers)"),
+    ("echo", completion(echo=True), 400, "echo is not supported"),
+    ("prompt-batch", completion(prompt=["a", "b"]), 400, "a batch of 2 prompts is not supported"),
+    ("image-pad-in-prompt", completion(prompt="hi <|imgpad|> there"), 400, "image-pad token"),
+    ("token-outside-vocabulary", completion(prompt=[1, 10_000_000]), 400, "outside the vocabulary"),
+    ("over-long-prompt", completion(prompt="word " * 3000), 400, "in the prompt"),
+    ("max-tokens-over-context", completion(max_tokens=5000), 400, "maximum context length is 1024"),
+    ("unknown-model", completion(model="gpt-4"), 404, "does not exist"),
+    ("too-many-stops", completion(stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, fragment", COMPLETION_ERRORS, ids=[m[0] for m in COMPLETION_ERRORS])
+def test_completions_errors_and_limits_are_the_chat_endpoints(served: Served, name: str, body: dict | bytes,
+                                                              status: int, fragment: str) -> None:
+    with served.client() as c:
+        if isinstance(body, bytes):
+            r = c.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        else:
+            r = c.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"], err
+    assert set(err) == {"message", "type", "param", "code"}
+    with httpx.Client(base_url=served.url, timeout=30) as anon:
+        assert anon.post("/v1/completions", json=completion()).status_code == 401
+
+
+def test_the_model_cards_request_and_what_it_needs_here(served: Served) -> None:
+    """The dots.vlm1 README's request for the authors' SGLang server, sent unchanged: its "model": "model"
+    is refused with the name this server serves (servedName: model makes it pass), and its max_tokens
+    32768 needs a longer context than this test deployment's 1024 (the production spec has 65536)."""
+    card = {"model": "model", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hello, how are you?"}]}],
+            "temperature": 0.1, "top_p": 0.9, "max_tokens": 32768}
+    with served.client() as c:
+        r = c.post("/v1/chat/completions", json=card)
+        assert r.status_code == 404 and f"this server serves '{MODEL}'" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={**card, "model": MODEL})
+        assert r.status_code == 400 and "maximum context length is 1024" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={**card, "model": MODEL, "max_tokens": 16})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 # --------------------------------------------------------------------------------------- failures (last)
 def _replica_actor(deployment: str):
     import ray

@@ -17,7 +17,8 @@ import pytest
 from dotsvlm_serving.api.auth import ApiKeyAuth
 from dotsvlm_serving.api.errors import ApiError
 from dotsvlm_serving.api.images import FetchPolicy, is_public_address, load_image_bytes
-from dotsvlm_serving.api.openai_models import parse_chat_request
+from dotsvlm_serving.api.openai_models import (CompletionRequest, parse_chat_request, parse_completion_request,
+                                              text_completion_chunk, text_completion_response)
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAFAAH/iZk9HQAAAABJRU5ErkJggg==")
 
@@ -66,6 +67,76 @@ def test_bad_requests_get_400_with_the_field(body: bytes, fragment: str) -> None
     body_json = ei.value.body()
     assert set(body_json["error"]) == {"message", "type", "param", "code"}
     assert body_json["error"]["type"] == "invalid_request_error"
+
+
+def test_refusals_of_n_and_logprobs_name_the_deployments_engine() -> None:
+    with pytest.raises(ApiError, match=r"n > 1 is not supported by this server \(llm.engine vllm\)"):
+        parse_chat_request(req(n=2), engine="vllm")
+    with pytest.raises(ApiError, match=r"logprobs are not supported by this server \(llm.engine transformers\)"):
+        parse_chat_request(req(logprobs=True), engine="transformers")
+
+
+def completion(**kw) -> bytes:
+    body = {"model": "dots.vlm1", "prompt": "Once upon a time"}
+    body.update(kw)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("body, fragment, param", [
+    (b"", "empty; send a JSON completions request", None),
+    (json.dumps({"model": "dots.vlm1"}).encode(), "prompt: Field required", "prompt"),
+    (completion(prompt=""), "must not be empty", "prompt"),
+    (completion(prompt=[]), "must not be empty", "prompt"),
+    (completion(prompt=["a", "b"]), "a batch of 2 prompts is not supported", "prompt"),
+    (completion(prompt=[[1, 2], [3]]), "a batch of 2 prompts is not supported", "prompt"),
+    (completion(prompt=[1, "a"]), "a string or a list of token ids", "prompt"),
+    (completion(n=3), "n > 1 is not supported by this server (llm.engine transformers)", None),
+    (completion(logprobs=2), "logprobs are not supported by this server (llm.engine transformers)", None),
+    (completion(logprobs=99), "logprobs", "logprobs"),
+    (completion(echo=True), "echo is not supported", None),
+    (completion(suffix="end"), "suffix is not supported", None),
+    (completion(best_of=3), "best_of is not supported", None),
+    (completion(max_tokens=0), "max_tokens", "max_tokens"),
+    (completion(stop=["a", "b", "c", "d", "e"]), "at most 4", "stop"),
+    (completion(presence_penalty=1), "presence_penalty", None),
+    (completion(temperature=5), "temperature", "temperature"),
+])
+def test_bad_completion_requests_get_400_with_the_field(body: bytes, fragment: str, param: str | None) -> None:
+    with pytest.raises(ApiError) as ei:
+        parse_completion_request(body, engine="transformers")
+    assert ei.value.status == 400 and fragment in ei.value.message, ei.value.message
+    assert ei.value.body()["error"]["param"] == param
+
+
+def test_completion_requests_take_one_prompt_as_text_or_token_ids_with_openais_defaults() -> None:
+    r = parse_completion_request(completion(stream=True, stream_options={"include_usage": True}, stop="\n", seed=1,
+                                            logprobs=None, echo=False, n=1, user="u"))
+    assert isinstance(r, CompletionRequest) and r.prompt == "Once upon a time" and r.stop == ["\n"]
+    assert r.max_tokens == 16 and r.completion_limit() == 16  # OpenAI's default for completions
+    assert parse_completion_request(completion(prompt=["just one"])).prompt == "just one"
+    assert parse_completion_request(completion(prompt=[5, 6, 7], max_tokens=3)).prompt == [5, 6, 7]
+    assert parse_completion_request(completion(prompt=[[5, 6]])).prompt == [5, 6]
+
+
+def test_text_completion_response_shapes() -> None:
+    body = text_completion_response("cmpl-1", "m", "ever after", "length", {"prompt_tokens": 4, "completion_tokens": 2})
+    assert body["object"] == "text_completion" and body["choices"] == [
+        {"index": 0, "text": "ever after", "finish_reason": "length", "logprobs": None}]
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert text_completion_chunk("cmpl-1", "m", 1, text="a")["choices"][0]["text"] == "a"
+    last = text_completion_chunk("cmpl-1", "m", 1, usage={"prompt_tokens": 1, "completion_tokens": 1})
+    assert last["choices"] == [] and last["usage"]["total_tokens"] == 2
+
+
+def test_the_model_cards_sglang_request_is_accepted_as_it_is() -> None:
+    """The request of the dots.vlm1 README ("API Usage"; the authors' SGLang server), unchanged. Its
+    "model": "model" needs servedName "model" and its max_tokens a context of more than 32768 tokens, as
+    the production spec has: docs/serving.md."""
+    card = {"model": "model", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hello, how are you?"}]}],
+            "temperature": 0.1, "top_p": 0.9, "max_tokens": 32768}
+    r = parse_chat_request(json.dumps(card).encode())
+    assert (r.model, r.temperature, r.top_p, r.completion_limit()) == ("model", 0.1, 0.9, 32768)
+    assert r.to_model_messages() == ([{"role": "user", "content": [{"type": "text", "text": "Hello, how are you?"}]}], [])
 
 
 def test_neutral_values_of_unsupported_fields_and_text_response_format_are_accepted() -> None:

@@ -1,20 +1,26 @@
-"""The OpenAI chat-completions request and response shapes, and their validation.
+"""The OpenAI chat-completions and (text) completions request and response shapes, and their validation.
 
-Requests are validated here (pydantic) and turned into the model package's message format
+Chat requests are validated here (pydantic) and turned into the model package's message format
 (`{"role", "content": str | [{"type": "text"} | {"type": "image"}]}`) plus the list of image URLs in
-order of appearance. Unknown top-level fields are ignored (clients send many); fields that would
-silently change the meaning of a request and that this server does not implement are refused.
+order of appearance; completions requests carry one text prompt, used as it is (no chat template).
+Unknown top-level fields are ignored (clients send many); fields that would silently change the meaning
+of a request and that this server does not implement are refused. Both kinds share the sampling fields
+and their checks (`GenerationRequest`). Parse with the deployment's engine name as context
+(`parse_chat_request(body, engine=...)`), so a refusal can say which engine it is about.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .errors import ApiError
+
+_R = TypeVar("_R", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -98,30 +104,28 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "modalities": (None, ["text"]),
     "continue_final_message": (None, False),
     "skip_special_tokens": (None, True),
+    "suffix": (None, ""),
 }
 
 
-class ChatCompletionRequest(BaseModel):
+class GenerationRequest(BaseModel):
+    """The fields chat and completions requests share: model, sampling, limits, streaming."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="extension: 0 or -1 disables")
     seed: int | None = None
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
-    logprobs: bool | None = None
-    tools: list[Any] | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence tokens")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -145,11 +149,37 @@ class ChatCompletionRequest(BaseModel):
         return stops
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "ChatCompletionRequest":
+    def _shared_unsupported(self, info: ValidationInfo) -> "GenerationRequest":
+        engine = _engine_of(info)
         if self.n != 1:
-            raise ValueError("n > 1 is not supported: send one request per completion")
+            raise ValueError(f"n > 1 is not supported by this server{engine}: send one request per completion "
+                             "(with different seeds for different samples)")
+        if (self.presence_penalty or 0) != 0 or (self.frequency_penalty or 0) != 0:
+            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
+        return self
+
+    def completion_limit(self) -> int | None:
+        return self.max_tokens
+
+
+def _engine_of(info: ValidationInfo) -> str:
+    """' (llm.engine vllm)' when the caller passed the deployment's engine as validation context."""
+    engine = (info.context or {}).get("engine") if isinstance(info.context, dict) else None
+    return f" (llm.engine {engine})" if engine else ""
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self, info: ValidationInfo) -> "ChatCompletionRequest":
         if self.logprobs:
-            raise ValueError("logprobs are not supported by this server; remove logprobs or set it to false")
+            raise ValueError(f"logprobs are not supported by this server{_engine_of(info)}; remove logprobs or set "
+                             "it to false")
         if self.response_format is not None and self.response_format.type != "text":
             raise ValueError(f"response_format {self.response_format.type} (structured output) is not supported by "
                              f"this server yet: remove response_format, or ask for JSON in the prompt and "
@@ -158,8 +188,6 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("tools / function calling are not supported by this server")
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must not be an assistant message (continuation is not supported)")
-        if (self.presence_penalty or 0) != 0 or (self.frequency_penalty or 0) != 0:
-            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
         return self
 
     def completion_limit(self) -> int | None:
@@ -183,6 +211,38 @@ class ChatCompletionRequest(BaseModel):
                     urls.append(p.image_url.url)
             out.append({"role": role, "content": parts})
         return out, urls
+
+
+# OpenAI's default max_tokens for /v1/completions (vLLM's server has the same); chat has none.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+class CompletionRequest(GenerationRequest):
+    """/v1/completions: one text prompt, continued as it is (no chat template, no images)."""
+
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        """OpenAI's prompt is a string, a token-id list, or a batch of either: one prompt per request here."""
+        if isinstance(v, list) and v and all(isinstance(x, (str, list)) for x in v):
+            if len(v) > 1:
+                raise ValueError(f"a batch of {len(v)} prompts is not supported: send one request per prompt")
+            v = v[0]
+        if v == "" or v == []:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise ValueError("prompt must be a string or a list of token ids (integers)")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self, info: ValidationInfo) -> "CompletionRequest":
+        if self.logprobs is not None:
+            raise ValueError(f"logprobs are not supported by this server{_engine_of(info)}; remove logprobs")
+        return self
 
 
 _TAGS = frozenset({"text", "image_url"})
@@ -214,12 +274,21 @@ def _describe(errs: list[dict[str, Any]]) -> tuple[str, str]:
     return where, msg
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    """Validate a request body; raise a 400 `ApiError` that names the offending field."""
+def parse_chat_request(body: bytes, *, engine: str | None = None) -> ChatCompletionRequest:
+    """Validate a chat request body; raise a 400 `ApiError` that names the offending field."""
+    return _parse(ChatCompletionRequest, body, "chat-completions", engine)
+
+
+def parse_completion_request(body: bytes, *, engine: str | None = None) -> CompletionRequest:
+    """Validate a /v1/completions request body; raise a 400 `ApiError` that names the offending field."""
+    return _parse(CompletionRequest, body, "completions", engine)
+
+
+def _parse(model: type[_R], body: bytes, what: str, engine: str | None) -> _R:
     if not body:
-        raise ApiError(400, "the request body is empty; send a JSON chat-completions request")
+        raise ApiError(400, f"the request body is empty; send a JSON {what} request")
     try:
-        return ChatCompletionRequest.model_validate_json(body)
+        return model.model_validate_json(body, context={"engine": engine})
     except ValidationError as exc:
         errs = exc.errors(include_url=False)
         if errs and errs[0]["type"] == "json_invalid":
@@ -236,6 +305,10 @@ def new_completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
 
+def new_text_completion_id() -> str:
+    return "cmpl-" + uuid.uuid4().hex
+
+
 def completion_response(cid: str, model: str, text: str, finish_reason: str, usage: dict[str, int],
                         created: int | None = None) -> dict[str, Any]:
     return {"id": cid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
@@ -249,6 +322,25 @@ def chunk(cid: str, model: str, created: int, *, delta: dict[str, Any] | None = 
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
                                          "logprobs": None}]
     out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": choices}
+    if usage is not None:
+        out["usage"] = _usage(usage)
+    return out
+
+
+def text_completion_response(cid: str, model: str, text: str, finish_reason: str, usage: dict[str, int],
+                             created: int | None = None) -> dict[str, Any]:
+    """The body of a /v1/completions answer (object text_completion)."""
+    return {"id": cid, "object": "text_completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+            "usage": _usage(usage)}
+
+
+def text_completion_chunk(cid: str, model: str, created: int, *, text: str | None = None,
+                          finish_reason: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One server-sent event of a streamed /v1/completions answer (the usage-only chunk has no choices)."""
+    choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+    out: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
                            "choices": choices}
     if usage is not None:
         out["usage"] = _usage(usage)

@@ -28,8 +28,9 @@ from ..autoscaling.signals import NO_DATA, VISION_PENDING_IMAGES, VISION_PENDING
 from ..api.auth import ApiKeyAuth
 from ..api.errors import ApiError, error_body
 from ..api.images import FetchPolicy, decode_data_url, load_image_bytes
-from ..api.openai_models import (ChatCompletionRequest, chunk, completion_response, models_response,
-                                 new_completion_id, parse_chat_request)
+from ..api.openai_models import (CompletionRequest, GenerationRequest, chunk, completion_response, models_response,
+                                 new_completion_id, new_text_completion_id, parse_chat_request,
+                                 parse_completion_request, text_completion_chunk, text_completion_response)
 from ..events import ErrorEvent, Event, FinishEvent
 from ..metrics.catalog import NO_MODALITY
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
@@ -56,8 +57,8 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    msg = {404: "no such endpoint: use /v1/chat/completions, /v1/models or /health (metrics are on each Ray "
-                "node's metrics port, not on the API)",
+    msg = {404: "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/models or /health (metrics "
+                "are on each Ray node's metrics port, not on the API)",
            405: "method not allowed on this endpoint"}.get(exc.status_code, str(exc.detail))
     return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code)
 
@@ -172,12 +173,20 @@ class Ingress:
     # ------------------------------------------------------------------------------- chat completions
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
+        return await self._counted(self._chat, request)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._counted(self._completion, request)
+
+    async def _counted(self, handler: Any, request: Request) -> Response:
+        """Runs one generation endpoint with the in-flight gauge, the request counter and the refusals."""
         t0 = time.monotonic()
         self._in_flight += 1
         status = 500
         info = {"modality": NO_MODALITY}
         try:
-            response = await self._chat(request, t0, info)
+            response = await handler(request, t0, info)
             status = response.status_code
             return response
         except ApiError as exc:
@@ -190,13 +199,30 @@ class Ingress:
             self._in_flight -= 1
             self.metrics.inc("dotsvlm_requests", code=str(status), modality=info["modality"])
 
-    async def _chat(self, request: Request, t0: float, info: dict[str, str]) -> Response:
+    def _declared_size(self, request: Request) -> str | None:
+        """Authenticates, then refuses a body whose Content-Length is over the limit (413); returns it."""
         self.auth.check(request.headers.get("authorization"))
         limit = self.cfg.api.body_limit()
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body is {declared} bytes, over the {limit}-byte limit: send smaller "
                                 "images or fewer of them")
+        return declared
+
+    def _check_body_size(self, body: bytes) -> None:
+        limit = self.cfg.api.body_limit()
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over the {limit}-byte limit: send smaller images or fewer of them")
+
+    def _check_model(self, req: GenerationRequest) -> None:
+        if req.model != self.model.served_model_name:
+            raise ApiError(404, f"the model {req.model!r} does not exist: this server serves "
+                                f"{self.model.served_model_name!r} (see /v1/models)", param="model",
+                           code="model_not_found")
+
+    async def _chat(self, request: Request, t0: float, info: dict[str, str]) -> Response:
+        declared = self._declared_size(request)
+        engine = self.cfg.engine
         # Backpressure on memory: a large body (images) is counted against the image bytes this replica
         # may hold from before it is read (429 when they are full), then its images' own bytes until the
         # request's first token (they are kept until then to encode again if embeddings are lost).
@@ -206,18 +232,15 @@ class Ingress:
             held = int(declared)
         try:
             body = await request.body()
-            if len(body) > limit:
-                raise ApiError(413, f"the request body is over the {limit}-byte limit: send smaller images or fewer of them")
+            self._check_body_size(body)
             if not held and len(body) > LARGE_BODY:  # no Content-Length (chunked upload)
                 self.admission.reserve_bytes(len(body), time.monotonic())
                 held = len(body)
             # Parsing a large body (base64 images) is CPU work: off the event loop.
-            req = await asyncio.to_thread(parse_chat_request, body) if len(body) > LARGE_BODY else parse_chat_request(body)
+            req = (await asyncio.to_thread(parse_chat_request, body, engine=engine) if len(body) > LARGE_BODY
+                   else parse_chat_request(body, engine=engine))
             del body
-            if req.model != self.model.served_model_name:
-                raise ApiError(404, f"the model {req.model!r} does not exist: this server serves "
-                                    f"{self.model.served_model_name!r} (see /v1/models)", param="model",
-                               code="model_not_found")
+            self._check_model(req)
             messages, urls = req.to_model_messages()
             info["modality"] = _modality(len(urls))
             images, sizes = await self._load_images(urls)
@@ -237,8 +260,44 @@ class Ingress:
             if held:
                 self.admission.bytes.release(held, time.monotonic())
         if req.stream:
-            return await self._stream(cid, req, events, t0, n_images)
-        return await self._complete(cid, events, t0, n_images)
+            return await self._stream("chat", cid, req, events, t0, n_images)
+        return await self._complete("chat", cid, events, t0, n_images)
+
+    async def _completion(self, request: Request, t0: float, info: dict[str, str]) -> Response:
+        """/v1/completions: the prompt continued as it is, text only, with the chat endpoint's limits and
+        errors (a body has no images, so it holds no image bytes)."""
+        self._declared_size(request)
+        body = await request.body()
+        self._check_body_size(body)
+        req = parse_completion_request(body, engine=self.cfg.engine)
+        self._check_model(req)
+        info["modality"] = _modality(0)
+        ids = self._completion_prompt_ids(req)
+        params = self._sampling(req, len(ids))
+        cid = new_text_completion_id()
+        events = await self.relay.submit(cid, ids, [], [], params, req.stream, t0 + self.cfg.api.request_timeout_s)
+        if req.stream:
+            return await self._stream("text", cid, req, events, t0, 0)
+        return await self._complete("text", cid, events, t0, 0)
+
+    def _completion_prompt_ids(self, req: CompletionRequest) -> list[int]:
+        """The prompt's token ids (text is tokenised without special tokens added, as the chat template's
+        text is); image-pad tokens are refused: a completion has no images to put there."""
+        if isinstance(req.prompt, str):
+            ids = list(self.tokenizer.encode(req.prompt, add_special_tokens=False))
+        else:
+            vocab = len(self.tokenizer)
+            bad = [t for t in req.prompt if not 0 <= t < vocab]
+            if bad:
+                raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                               param="prompt")
+            ids = list(req.prompt)
+        if not ids:
+            raise ApiError(400, "prompt: the prompt has no tokens", param="prompt")
+        if self.model_config.image_token_id in ids:
+            raise ApiError(400, "prompt: the prompt contains the image-pad token <|imgpad|>, which /v1/completions "
+                                "cannot fill: send images through /v1/chat/completions", param="prompt")
+        return ids
 
     def _hold_images(self, held: int, image_bytes: int) -> int:
         """From the body's bytes to the images' own (fewer for data: URLs, which are base64 in the body;
@@ -281,16 +340,17 @@ class Ingress:
         except ImageError as exc:
             raise ApiError(400, str(exc), param="messages", code="invalid_image") from None
 
-    def _sampling(self, req: ChatCompletionRequest, prompt_tokens: int) -> dict[str, Any]:
+    def _sampling(self, req: GenerationRequest, prompt_tokens: int) -> dict[str, Any]:
         cfg = self.cfg
+        where = "prompt" if isinstance(req, CompletionRequest) else "messages"
         room = cfg.context_length - prompt_tokens
         limit = req.completion_limit()
         if limit is None:
             if room < 1:
-                raise self._too_long(prompt_tokens, 1)
+                raise self._too_long(prompt_tokens, 1, where)
             limit = min(cfg.max_new_tokens_default, room)
         elif prompt_tokens + limit > cfg.context_length:
-            raise self._too_long(prompt_tokens, limit)
+            raise self._too_long(prompt_tokens, limit, where)
         kv = cfg.kv_cache_tokens
         if prompt_tokens + limit > kv:
             raise ApiError(400, f"the request needs {prompt_tokens + limit} KV-cache tokens but an LLM replica has "
@@ -299,12 +359,13 @@ class Ingress:
                 "top_p": 1.0 if req.top_p is None else req.top_p, "top_k": max(0, req.top_k or 0),
                 "seed": req.seed, "stop": tuple(req.stop or ()), "ignore_eos": req.ignore_eos}
 
-    def _too_long(self, prompt: int, completion: int) -> ApiError:
+    def _too_long(self, prompt: int, completion: int, where: str) -> ApiError:
         ctx = self.cfg.context_length
+        shorten = ("shorten the messages, send fewer or smaller images" if where == "messages"
+                   else "shorten the prompt")
         return ApiError(400, f"this model's maximum context length is {ctx} tokens, but the request needs "
-                             f"{prompt + completion} ({prompt} in the messages, {completion} for the completion): "
-                             "shorten the messages, send fewer or smaller images, or lower max_tokens",
-                        param="messages", code="context_length_exceeded")
+                             f"{prompt + completion} ({prompt} in the {where}, {completion} for the completion): "
+                             f"{shorten}, or lower max_tokens", param=where, code="context_length_exceeded")
 
     @staticmethod
     def _error_of(ev: ErrorEvent) -> ApiError:
@@ -327,7 +388,9 @@ class Ingress:
         self.metrics.inc("dotsvlm_completion_tokens", u.get("completion_tokens", 0), modality=modality)
         self.metrics.observe("dotsvlm_request_duration_seconds", now - t0, modality=modality)
 
-    async def _complete(self, cid: str, events: AsyncIterator[Event], t0: float, n_images: int) -> Response:
+    async def _complete(self, shape: str, cid: str, events: AsyncIterator[Event], t0: float,
+                        n_images: int) -> Response:
+        """One JSON answer in the endpoint's shape (`shape`: chat, or text for /v1/completions)."""
         text: list[str] = []
         first = True
         first_at = None
@@ -346,13 +409,14 @@ class Ingress:
                 elif kind == "finish":
                     text.append(ev.get("text", ""))
                     self._observe_finish(ev, t0, n_images, first_at)
-                    return JSONResponse(completion_response(cid, self.model.served_model_name, "".join(text),
-                                                            ev["finish_reason"], ev["usage"]))
+                    answer = completion_response if shape == "chat" else text_completion_response
+                    return JSONResponse(answer(cid, self.model.served_model_name, "".join(text), ev["finish_reason"],
+                                               ev["usage"]))
         finally:
             await events.aclose()  # a client that went away (cancellation) cancels the generation
         raise ApiError(503, "the generation ended without a result; retry the request")
 
-    async def _stream(self, cid: str, req: ChatCompletionRequest, events: AsyncIterator[Event], t0: float,
+    async def _stream(self, shape: str, cid: str, req: GenerationRequest, events: AsyncIterator[Event], t0: float,
                       n_images: int) -> Response:
         first = await events.__anext__()  # errors before the first token become HTTP errors
         if first["type"] == "error":
@@ -363,24 +427,33 @@ class Ingress:
         def sse(obj: dict) -> bytes:
             return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
+        def piece(text: str | None, finish_reason: str | None = None, usage: dict | None = None) -> bytes:
+            """A chunk in the endpoint's shape: chat deltas or text completions; text None = usage only."""
+            if shape == "text":
+                return sse(text_completion_chunk(cid, model, created, text=text, finish_reason=finish_reason,
+                                                 usage=usage))
+            delta = None if text is None else ({"content": text} if text else {})
+            return sse(chunk(cid, model, created, delta=delta, finish_reason=finish_reason, usage=usage))
+
         async def body() -> AsyncIterator[bytes]:
             first_at = self._observe_first_token(t0, n_images)
-            yield sse(chunk(cid, model, created, delta={"role": "assistant", "content": ""}))
+            if shape == "chat":
+                yield sse(chunk(cid, model, created, delta={"role": "assistant", "content": ""}))
             pending: list[Event] = [first]
             try:
                 while True:
                     ev = pending.pop(0) if pending else await events.__anext__()
                     if ev["type"] == "token" and ev.get("text"):
-                        yield sse(chunk(cid, model, created, delta={"content": ev["text"]}))
+                        yield piece(ev["text"])
                     elif ev["type"] == "error":
                         yield sse(error_body(int(ev.get("code", 500)), str(ev.get("message"))))
                         break
                     elif ev["type"] == "finish":
                         if ev.get("text"):
-                            yield sse(chunk(cid, model, created, delta={"content": ev["text"]}))
-                        yield sse(chunk(cid, model, created, delta={}, finish_reason=ev["finish_reason"]))
+                            yield piece(ev["text"])
+                        yield piece("", finish_reason=ev["finish_reason"])
                         if include_usage:
-                            yield sse(chunk(cid, model, created, usage=ev["usage"]))
+                            yield piece(None, usage=ev["usage"])
                         self._observe_finish(ev, t0, n_images, first_at)
                         break
             except StopAsyncIteration:
