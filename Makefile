@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup serve test test-quick binaries crd monitoring
+.PHONY: setup serve test test-quick binaries crd monitoring dashboard-pictures
 setup:
 	@scripts/setup.sh
 
@@ -30,3 +30,9 @@ crd: setup
 ## Regenerate the chart's Grafana dashboards and alert rules from code (monitoring/dashboards.py, alerts.py).
 monitoring: setup
 	@$(PY) -m dotsvlm_operator.monitoring.generate
+
+## Draw each Grafana dashboard from a live test run (local Ray + Prometheus) into docs/images/dashboards/.
+## The pictures come from our matplotlib script (monitoring/render.py), not from Grafana.
+dashboard-pictures: setup
+	@DOTSVLM_DASHBOARD_PICTURES=$(CURDIR)/docs/images/dashboards $(PY) -m pytest -q \
+		tests/serving/test_serving_observability.py -k every_dashboard_panel $(PYTEST_ARGS)
