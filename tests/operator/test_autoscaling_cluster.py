@@ -231,4 +231,6 @@ def test_image_burst_scales_vision_first_then_llm_pods_follow_streams_survive_th
     # The newest decision holds the pool ("Stable"); the last change says why it went to zero.
     assert st["vision"]["lastScale"]["reason"] in ("IdleToZero", "LowLoad"), st["vision"]
     assert st["llm"]["lastScale"]["reason"] == "LowLoad", st["llm"]
-    assert st["queue"]["depth"] == 0
+    # Nothing is left in the tensor queue (the status follows the ingress's report within a few seconds).
+    poll(lambda: (get_json(kube, "dvlm", name, "-n", ns)["status"].get("queue") or {}).get("depth") == 0, 60,
+         "an empty tensor queue in the status", diag)
