@@ -61,7 +61,7 @@ def main() -> int:
     from dotsvlm_serving.node_drain import drain_node
     from dotsvlm_serving.serve_config import (APP_NAME, CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, LLM_DEPLOYMENT,
                                               LLM_POOL_RESOURCE, POOL_RESOURCE_CAPACITY, VISION_POOL_RESOURCE,
-                                              ServeAppConfig, serve_deploy_body)
+                                              ServeAppConfig)
 
     port, model_dir = int(sys.argv[1]), sys.argv[2]
     model = ensure_tiny_checkpoint(model_dir)
@@ -89,7 +89,7 @@ def main() -> int:
                     "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
             "api": {"api_keys_env": None, "request_timeout_s": 300}})
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(
-            serve_deploy_body(cfg, http_port=port, http_host="127.0.0.1")))
+            cfg.deploy_body(http_port=port, http_host="127.0.0.1")))
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 600
         import httpx
