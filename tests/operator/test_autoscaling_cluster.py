@@ -22,6 +22,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -75,8 +76,25 @@ async def _send(url: str, bodies: list[dict], outcomes: Counter, problems: list[
         await asyncio.gather(*(one(b) for b in bodies))
 
 
-def _in_background(url: str, bodies: list[dict], outcomes: Counter, problems: list[str]) -> threading.Thread:
-    t = threading.Thread(target=lambda: asyncio.run(_send(url, bodies, outcomes, problems)), daemon=True)
+def _sustained(url: str, make_body: Callable[[int], dict], workers: int, stop: threading.Event,
+               sent: list[int], outcomes: Counter, problems: list[str]) -> threading.Thread:
+    """`workers` requests in flight at all times (a new one as soon as one ends) until `stop` is set: the load
+    lasts until what the test waits for has happened, however fast this machine serves it."""
+    async def worker(w: int) -> None:
+        i = 0
+        while not stop.is_set():
+            n = workers * i + w + 1
+            sent.append(n)
+            served = outcomes[200]
+            await _send(url, [make_body(n)], outcomes, problems)
+            if outcomes[200] == served:  # pushed back (429/503): wait as a polite client would, then retry
+                await asyncio.sleep(1.0)
+            i += 1
+
+    async def run() -> None:
+        await asyncio.gather(*(worker(w) for w in range(workers)))
+
+    t = threading.Thread(target=lambda: asyncio.run(run()), daemon=True)
     t.start()
     return t
 
@@ -160,26 +178,30 @@ def test_image_burst_scales_vision_first_then_llm_pods_follow_streams_survive_th
     # 1. Image-heavy burst: vision wakes first, then the LLM pool grows; pods follow.
     outcomes: Counter = Counter()
     problems: list[str] = []
-    burst = [_body(i, image=True, max_tokens=48) for i in range(1, 25)]
+    sent: list[int] = []
+    stop_burst = threading.Event()
     t_burst = time.monotonic()
-    sender = _in_background(api, burst, outcomes, problems)
-    poll(lambda: (s := watch.sample())["vision_pods"] and s["vision_pods"] >= 1 and s["llm_pods"] == 2,
-         300, "vision pods woken and a second LLM pod while the burst runs", diag)
-    # The order of the policy's decisions: vision woke before the LLM pool grew (the pods of both may be
-    # added in one pass, ahead of demand, so the order is read from the decisions).
-    poll(lambda: (watch.sample()["policy_llm"] or 0) >= 2, 120, "the policy's LLM decision of 2", diag)
-    t_vision = watch.first("policy_vision", lambda v: v >= 1)
-    t_llm = watch.first("policy_llm", lambda v: v >= 2)
-    assert t_vision is not None and t_llm is not None, diag()
-    assert t_vision <= t_llm, f"the LLM pool grew before the vision pool woke:\n{watch.table()}"
-    assert t_vision - t_burst < 120, diag()
-    # Serve's second LLM replica runs (the status counts Serve's RUNNING replicas), so the streams below
-    # can sit on two replicas.
-    poll(lambda: watch.sample()["llm_current"] == 2, 240, "two running LLM replicas", diag)
+    sender = _sustained(api, lambda n: _body(n, image=True, max_tokens=48), 24, stop_burst, sent, outcomes, problems)
+    try:
+        poll(lambda: (s := watch.sample())["vision_pods"] and s["vision_pods"] >= 1 and s["llm_pods"] == 2,
+             300, "vision pods woken and a second LLM pod while the burst runs", diag)
+        # The order of the policy's decisions: vision woke before the LLM pool grew (the pods of both may be
+        # added in one pass, ahead of demand, so the order is read from the decisions).
+        poll(lambda: (watch.sample()["policy_llm"] or 0) >= 2, 120, "the policy's LLM decision of 2", diag)
+        t_vision = watch.first("policy_vision", lambda v: v >= 1)
+        t_llm = watch.first("policy_llm", lambda v: v >= 2)
+        assert t_vision is not None and t_llm is not None, diag()
+        assert t_vision <= t_llm, f"the LLM pool grew before the vision pool woke:\n{watch.table()}"
+        assert t_vision - t_burst < 120, diag()
+        # Serve's second LLM replica runs (the status counts Serve's RUNNING replicas), so the streams below
+        # can sit on two replicas.
+        poll(lambda: watch.sample()["llm_current"] == 2, 240, "two running LLM replicas", diag)
+    finally:
+        stop_burst.set()
     sender.join(timeout=400)
     assert not sender.is_alive(), f"the burst did not finish: {outcomes}\n{diag()}"
-    assert sum(outcomes.values()) == len(burst), outcomes
-    assert outcomes[200] >= len(burst) // 2, (outcomes, problems[:5])
+    assert sum(outcomes.values()) == len(sent), (len(sent), outcomes)
+    assert outcomes[200] >= len(sent) // 2, (outcomes, problems[:5])
     assert not problems, problems[:5]
 
     # 2. Streams keep both LLM replicas busy (one running request each; a new stream as soon as one ends)

@@ -38,6 +38,8 @@ def run(snapshots, sp: p.PolicySpec, *, start: dict | None = None, dt: float = 1
         d = p.decide(snap, sp, state, now=1000.0 + i * dt, current=current)
         current = {k: d[k].desired for k in d}
         out.append(d)
+        for pool, dec in d.items():  # the metrics pre-create a series for each action a pool can take
+            assert dec.direction == "hold" or (dec.direction, dec.reason) in p.ACTIONS[pool], (pool, dec)
     return out
 
 

@@ -53,6 +53,13 @@ STABLE = "Stable"
 STABILIZING = "Stabilizing"
 METRICS_MISSING = "MetricsMissing"
 METRICS_STALE = "MetricsStale"
+# The (direction, reason) pairs a pool's scaling actions carry (a step down is always LowLoad or IdleToZero).
+ACTIONS: dict[Pool, tuple[tuple[str, str], ...]] = {
+    "vision": tuple(("up", r) for r in (WAKE_UP, VISION_REQUESTS, VISION_BACKLOG, ENCODE_LATENCY))
+    + (("down", LOW_LOAD), ("down", IDLE_TO_ZERO)),
+    "llm": tuple(("up", r) for r in (LLM_DEMAND, DEMAND_TREND, VISION_LEAD, QUEUE_AGE, KV_CACHE, TTFT_IMAGE, TTFT_TEXT,
+                                     ITL)) + (("down", LOW_LOAD),),
+}
 REASONS = (VISION_BACKLOG, ENCODE_LATENCY, VISION_REQUESTS, WAKE_UP, IDLE_TO_ZERO, LLM_DEMAND, DEMAND_TREND, VISION_LEAD,
            QUEUE_AGE, KV_CACHE, TTFT_IMAGE, TTFT_TEXT, ITL, LOW_LOAD, STABLE, STABILIZING, METRICS_MISSING,
            METRICS_STALE)

@@ -22,7 +22,7 @@ from typing import Any
 from ..serve_config import (INGRESS_DEPLOYMENT, LLM_DEPLOYMENT, QUEUE_DEPLOYMENT, VISION_DEPLOYMENT, SLOConfig,
                             LLMAutoscaling, VisionAutoscaling)
 from . import signals as sig
-from .policy import Decision, LLMSignals, PolicySpec, PolicyState, PoolState, Snapshot, VisionSignals, decide
+from .policy import ACTIONS, Decision, LLMSignals, PolicySpec, PolicyState, PoolState, Snapshot, VisionSignals, decide
 
 log = logging.getLogger("ray.serve")
 
@@ -109,6 +109,12 @@ class _Metrics:
         self.decisions = metrics.Counter("dotsvlm_autoscaler_decisions",
                                          description="Autoscaling decisions per pool, direction and reason",
                                          tag_keys=(*resource, "pool", "direction", "reason")).set_default_tags(resource)
+        # Every action's series exists at 0 from the start: Prometheus's increase() needs a sample before the
+        # first decision, or the dashboards miss each series' first action. Ray's public Counter.inc refuses 0,
+        # so the zero goes through the method inc() itself records with.
+        for pool, actions in ACTIONS.items():
+            for direction, reason in actions:
+                self.decisions._record(0, tags={"pool": pool, "direction": direction, "reason": reason})
 
     def record(self, d: Decision) -> None:
         self.desired.set(d.desired, tags={"pool": d.pool})
