@@ -85,6 +85,7 @@ def app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAppConfi
             api_keys_env=serve_config.API_KEYS_ENV if spec.api.api_key_secret_ref else None,
             request_timeout_s=spec.api.request_timeout_seconds,
             max_image_bytes_in_flight=spec.api.max_image_bytes_in_flight),
+        slo=slo(spec.slo),
         control_resource=serve_config.CONTROL_RESOURCE,
     )
 

@@ -57,6 +57,13 @@ class SLOConfig(_Strict):
     inter_token_s: float = Field(0.2, gt=0, description="time between two generated tokens")
 
 
+# The pool fields that Serve's own per-deployment AutoscalingConfig has, with the same meaning: they travel
+# in the deployment's `autoscaling_config` (Serve applies the bounds; the policy reads them all from its
+# context's `ctx.config`). Every other knob, and the SLO, travel in the Ingress's slice
+# (`AutoscalingPolicyConfig`). Why the split: "Where the autoscaling settings travel" in docs/autoscaling.md.
+SERVE_AUTOSCALING_FIELDS = frozenset({"min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests"})
+
+
 class AutoscalingTargets(_Strict):
     """One pool's replica bounds (Ray Serve applies them) and the knobs of dotsvlm's autoscaling policy
     (`dotsvlm_serving.autoscaling.policy`), which Serve calls as the application's autoscaling policy."""
@@ -85,6 +92,18 @@ class AutoscalingTargets(_Strict):
         if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
             raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
         return self
+
+    def policy_knobs(self) -> dict[str, Any]:
+        """The knobs only dotsvlm's policy reads (windows, steps, signal weights): all but Serve's fields."""
+        return self.model_dump(mode="json", exclude=set(SERVE_AUTOSCALING_FIELDS))
+
+    @classmethod
+    def from_serve(cls, knobs: dict[str, Any], serve_autoscaling: Any | None) -> "AutoscalingTargets":
+        """The pool's targets again, on the policy's side: its knobs (`policy_knobs`) and the Serve fields
+        from the AutoscalingConfig that Serve holds for its deployment now (`ctx.config`; None: unknown,
+        the defaults)."""
+        serve = {} if serve_autoscaling is None else {f: getattr(serve_autoscaling, f) for f in SERVE_AUTOSCALING_FIELDS}
+        return cls.model_validate({**knobs, **serve})
 
 
 class VisionAutoscaling(AutoscalingTargets):
@@ -262,6 +281,18 @@ class ServedModel(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"]
 
 
+class AutoscalingPolicyConfig(_Strict):
+    """The settings of dotsvlm's autoscaling policy that Serve's per-deployment AutoscalingConfig has no
+    field for: the SLO and each pool's `policy_knobs()`. They are part of the Ingress's slice, so a change
+    reconfigures the ingress in place; the ingress writes them where the policy, in Serve's controller,
+    reads them (`serve_policy.publish_settings`). Not the policy's kwargs: Ray hashes those into every
+    deployment's version (see `ServeAppConfig.autoscaling_policy`)."""
+
+    slo: SLOConfig
+    vision: dict[str, Any]  # VisionAutoscaling.policy_knobs()
+    llm: dict[str, Any]  # LLMAutoscaling.policy_knobs()
+
+
 # Each deployment's own slice of the config: its Serve `user_config`, validated by its `reconfigure`.
 # No defaults here: the values come from `ServeAppConfig`, the one home of the defaults.
 class IngressConfig(_Strict):
@@ -274,6 +305,9 @@ class IngressConfig(_Strict):
     kv_cache_tokens: int  # an LLM replica's budget (LLMPoolConfig.kv_cache_budget())
     enqueue_timeout_s: float
     engine: EngineName  # the LLM pool's engine: named in the refusals of what it cannot give (n, logprobs)
+    # dotsvlm's autoscaling policy settings that Serve has no field for; the ingress hands them to the
+    # policy (None: no pool autoscales).
+    autoscaling: AutoscalingPolicyConfig | None = None
 
 
 class VisionEncoderConfig(_Strict):
@@ -321,8 +355,10 @@ METRICS_PUSH_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 
 
 def autoscaling(t: AutoscalingTargets) -> dict[str, Any]:
-    """Serve's autoscaling config for a deployment that dotsvlm's application-level policy sizes: Serve
-    applies the bounds; the policy (autoscaling/policy.py) applies the targets, windows and steps."""
+    """Serve's autoscaling config for a deployment that dotsvlm's application-level policy sizes: the
+    pool's `SERVE_AUTOSCALING_FIELDS` (Serve applies the bounds; the policy reads them all from
+    `ctx.config`, so a change reaches it without a restart). Serve's own delays are zero: Serve would
+    apply them on top of the policy's decisions, and the policy keeps its own windows."""
     cfg: dict[str, Any] = {"min_replicas": t.min_replicas, "max_replicas": t.max_replicas,
                            "target_ongoing_requests": t.target_ongoing_requests,
                            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0, "look_back_period_s": LOOK_BACK_PERIOD_S}
@@ -403,7 +439,14 @@ class ServeAppConfig(_Strict):
         return IngressConfig(api=self.api, vision=self.vision.stage_limits(), context_length=self.llm.context_length,
                              max_new_tokens_default=self.llm.max_new_tokens_default,
                              kv_cache_tokens=self.llm.kv_cache_budget(), enqueue_timeout_s=self.queue.enqueue_timeout_s,
-                             engine=self.llm.engine)
+                             engine=self.llm.engine, autoscaling=self.policy_config())
+
+    def policy_config(self) -> AutoscalingPolicyConfig | None:
+        """The policy's settings beyond Serve's fields (None: fixed sizes, no policy runs)."""
+        if not self.autoscaled():
+            return None
+        return AutoscalingPolicyConfig(slo=self.slo, vision=self.vision.autoscaling.policy_knobs(),
+                                       llm=self.llm.autoscaling.policy_knobs())
 
     def vision_encoder_config(self) -> VisionEncoderConfig:
         return VisionEncoderConfig(max_batch_pixels=self.vision.max_batch_pixels,
@@ -456,13 +499,31 @@ class ServeAppConfig(_Strict):
         return any(a.min_replicas != a.max_replicas for a in (self.vision.autoscaling, self.llm.autoscaling))
 
     def autoscaling_policy(self) -> dict | None:
-        """The application-level `autoscaling_policy` of the Serve config (None: fixed sizes)."""
+        """The application-level `autoscaling_policy` of the Serve config (None: fixed sizes): the policy's
+        import path only, the same for every spec, so that no setting is part of it.
+
+        What Ray 2.60 (as installed) does with each place a setting could travel:
+        - the application's `autoscaling_policy`, its `policy_kwargs` included, is hashed into the
+          application's code version (`ray/serve/_private/deploy_utils.py` `get_app_code_version`, the
+          "autoscaling_policy" key), which every deployment's version carries: a change restarts every
+          replica (`application_state.py` `apply_app_config`; `version.py` `requires_actor_restart`). The
+          kwargs reach the policy only when Serve instantiates it after a rebuild
+          (`autoscaling_state.py` `_resolve_policy_callable`). A deployment-level `policy` is hashed too
+          (`get_app_code_version`, "deployment_autoscaling_policies").
+        - a deployment's `autoscaling_config` is not: `version.py` `_get_serialized_options` keeps only its
+          `metrics_interval_s` and `look_back_period_s` in the version; the rest is applied on the next
+          deploy without touching a replica (`DeploymentAutoscalingState.register`), and the policy reads
+          it every call as `ctx.config` (with `ctx.capacity_adjusted_min_replicas`/`max_replicas`).
+          Serve also applies its `upscale_delay_s`, `downscale_delay_s` and scaling factors on top of
+          an application-level policy's decisions (`autoscaling_policy.py`
+          `_apply_app_level_autoscaling_config`), so those stay neutral and dotsvlm's own windows travel
+          elsewhere; its extra keys are dropped (a pydantic model).
+        - a deployment's `user_config` is applied in place (`reconfigure`), but the controller-side
+          policy cannot read it: hence the Ingress's slice carries `policy_config()` and the ingress
+          writes it to Ray's internal KV for the policy (`serve_policy.publish_settings`)."""
         if not self.autoscaled():
             return None
-        return {"policy_function": AUTOSCALING_POLICY_PATH,
-                "policy_kwargs": {"slo": self.slo.model_dump(mode="json"),
-                                  "vision": self.vision.autoscaling.model_dump(mode="json"),
-                                  "llm": self.llm.autoscaling.model_dump(mode="json")}}
+        return {"policy_function": AUTOSCALING_POLICY_PATH}
 
     def deploy_body(self, *, http_port: int = 8000, route_prefix: str = "/", http_host: str = "0.0.0.0") -> dict:
         """The JSON body for `PUT /api/serve/applications/` on the Ray head's dashboard (and for

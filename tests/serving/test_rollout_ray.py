@@ -11,6 +11,9 @@ must end with its finish reason and `[DONE]`, none may fail.
   queue's included.
 - LLM engine setting (max running requests): the LLM replicas are replaced (drained), vision and queue
   keep theirs; the ingress reconfigures in place (it checks requests against the LLM's limits).
+- With the autoscaling policy on: an LLM autoscaling knob, a pool's maxReplicas and the SLO each restart
+  no replica, and the policy's published decisions (`GET /-/autoscaler`) show it decides with the new
+  value; the operator's drift check sees the head run each config.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _config(model: Path, port: int, **changes: dict) -> tuple[dict, object]:
                  "queue": {"max_items": 64, "enqueue_timeout_s": 60},
                  "api": {"api_keys_env": None, "request_timeout_s": 240}}
     for section, values in changes.items():
-        raw[section] = {**raw[section], **values}
+        raw[section] = {**raw.get(section, {}), **values}
     cfg = ServeAppConfig.model_validate(raw)
     return cfg.deploy_body(http_port=port, http_host="127.0.0.1"), cfg
 
@@ -300,3 +303,89 @@ def _read_log(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+# Autoscaled, but so that nothing scales under the test's load: the vision pool may grow (1-2) and the
+# LLM pool is fixed at 2 until (b) lets it grow; targets and SLO far above what the load reaches.
+QUIET_AUTOSCALING = {
+    "vision": {"max_batch_pixels": 1_000_000, "max_batch_wait_ms": 5,
+               "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1000}},
+    "llm": {"context_length": 512, "max_running_requests": 4, "max_new_tokens_default": 16,
+            "autoscaling": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 1000,
+                            "downscale_delay_s": 120}},
+    "slo": {"image_ttft_s": 120, "text_ttft_s": 60, "inter_token_s": 30}}
+
+
+def _with(base: dict, **changes: dict) -> dict:
+    """`base` with some fields of its sections (and their `autoscaling`) changed."""
+    out = {k: {**v, "autoscaling": {**v.get("autoscaling", {})}} if "autoscaling" in v else dict(v)
+           for k, v in base.items()}
+    for section, values in changes.items():
+        for key, value in values.items():
+            if key == "autoscaling":
+                out[section]["autoscaling"].update(value)
+            else:
+                out[section][key] = value
+    return out
+
+
+def _autoscaler(head: Head) -> dict:
+    r = httpx.get(head.api + "/-/autoscaler", timeout=30)
+    r.raise_for_status()
+    return r.json().get("decisions") or {}
+
+
+def test_autoscaling_knob_bound_and_slo_changes_restart_no_replica(head: Head) -> None:
+    from dotsvlm_operator.serve_drift import config_drift
+
+    # Turning the policy on is a new application code version (every replica restarts): done first.
+    head.deploy(**QUIET_AUTOSCALING)
+    head.wait_for("the application with the autoscaling policy", lambda a: _all_running(a, SIZES) and (
+        a.get("deployed_app_config") or {}).get("autoscaling_policy") is not None, 420)
+
+    def published(check: Callable[[dict], bool], what: str) -> dict:
+        deadline = time.monotonic() + 90
+        last: dict = {}
+        while time.monotonic() < deadline:
+            try:
+                last = _autoscaler(head)
+            except httpx.HTTPError as exc:
+                last = {"error": repr(exc)}
+            try:
+                if check(last):
+                    return last
+            except (KeyError, TypeError):  # no decision yet, or one published before the settings
+                pass
+            time.sleep(1.0)
+        raise AssertionError(f"the policy's decisions do not show {what} within 90 s: {last}")
+
+    published(lambda d: d["llm"]["settings"]["target_ongoing_requests"] == 1000, "the first settings")
+    before = head.replicas()
+    steps = [
+        ("(a) an LLM autoscaling knob", _with(QUIET_AUTOSCALING, llm={"autoscaling": {
+            "target_ongoing_requests": 900, "downscale_delay_s": 45}}),
+         lambda d: (d["llm"]["settings"]["target_ongoing_requests"], d["llm"]["settings"]["downscale_delay_s"]) == (900, 45)),
+        ("(b) the LLM pool's maxReplicas", _with(QUIET_AUTOSCALING, llm={"autoscaling": {
+            "target_ongoing_requests": 900, "downscale_delay_s": 45, "max_replicas": 3}}),
+         lambda d: d["llm"]["settings"]["max_replicas"] == 3 and d["llm"]["desired"] <= 3),
+        ("(c) the SLO", _with(QUIET_AUTOSCALING, llm={"autoscaling": {
+            "target_ongoing_requests": 900, "downscale_delay_s": 45, "max_replicas": 3}},
+            slo={"text_ttft_s": 50, "image_ttft_s": 100}),
+         lambda d: (d["llm"]["slo"]["text_ttft_s"], d["vision"]["slo"]["image_ttft_s"]) == (50, 100)),
+    ]
+    with Load(head.api) as load:
+        load.wait_for_requests(3, 180)
+        for what, changes, took_effect in steps:
+            head.deploy(**changes)
+            body = _config(head.model, head.api_port, **changes)[0]
+            head.wait_for(f"{what}: the head runs the new config", lambda a: config_drift(
+                body, a.get("deployed_app_config")) is None and _all_running(a, SIZES), 120)
+            decisions = published(took_effect, f"{what} in effect")
+            print(f"{what}: llm {decisions['llm']['settings']} slo {decisions['llm']['slo']}")
+            load.wait_for_requests(2, 180)  # still serving after the change
+    after = head.replicas()
+    assert load.outcomes["failed"] == 0, load.failures
+    print(f"autoscaling changes under load: {dict(load.outcomes)}")
+    for name in DEPLOYMENTS:  # nothing restarted: every replica kept its id and process
+        assert _ids(after, name) == _ids(before, name), name
+        assert {r["pid"] for r in after[name].values()} == {r["pid"] for r in before[name].values()}, name

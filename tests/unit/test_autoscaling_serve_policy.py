@@ -33,6 +33,7 @@ class _Ctx:
     target_num_replicas: int
     raw_metrics: dict[str, dict[str, list[_Sample]]]
     policy_state: dict[str, Any] = field(default_factory=dict)
+    config: Any = None  # Serve's AutoscalingConfig of the deployment
 
 
 def _ctx(replicas: dict[str, dict[str, float]], target: int, now: float, age: float = 0.5) -> _Ctx:
@@ -86,20 +87,30 @@ def test_without_queue_or_ingress_reports_the_pools_have_no_signals() -> None:
     assert snap.vision is None and snap.llm is None
 
 
+def _serve_configs(cfg: ServeAppConfig, by_name: dict[str, _Ctx]) -> None:
+    """Each context's `config` as Serve builds it from the deploy body's autoscaling_config."""
+    from ray.serve.config import AutoscalingConfig
+
+    for name, options in cfg.deployment_options().items():
+        by_name[name].config = AutoscalingConfig(**options["autoscaling_config"])
+
+
 def test_the_policy_class_decides_both_pools_and_keeps_its_state_per_deployment(monkeypatch) -> None:
     published: list[dict] = []
-    monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now: published.append(decisions))
+    monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now, spec: published.append(decisions))
     monkeypatch.setattr(serve_policy, "_Metrics", lambda: type("M", (), {"record": lambda self, d: None})())
     cfg = ServeAppConfig.model_validate({"model_path": "/m",
                                          "vision": {"autoscaling": {"min_replicas": 0, "max_replicas": 6,
                                                                     "upscale_delay_s": 0}},
                                          "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4,
                                                                  "upscale_delay_s": 0}}})
-    policy = serve_policy.DotsVLMAutoscalingPolicy(**cfg.autoscaling_policy()["policy_kwargs"])
+    assert cfg.autoscaling_policy() == {"policy_function": serve_policy.__name__ + ":DotsVLMAutoscalingPolicy"}
+    policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: cfg.policy_config())
     import time
 
     now = time.time()
     by_name = _contexts(now)
+    _serve_configs(cfg, by_name)
     contexts = {_DeploymentID(name): ctx for name, ctx in by_name.items()}
     decisions, state = policy(contexts)
     named = {dep.name: n for dep, n in decisions.items()}
@@ -108,3 +119,74 @@ def test_the_policy_class_decides_both_pools_and_keeps_its_state_per_deployment(
     assert {dep.name for dep in state} == {VISION_DEPLOYMENT, LLM_DEPLOYMENT}
     assert all(serve_policy.STATE_KEY in s for s in state.values())
     assert published and set(published[0]) == {"vision", "llm"}
+
+
+def test_the_policy_reads_bounds_from_serve_and_knobs_from_the_ingress_on_every_call(monkeypatch) -> None:
+    """No setting is the policy's kwargs (Ray would restart every replica on a change): a new bound or
+    target arrives in the deployment's AutoscalingConfig (ctx.config), the SLO and windows in the
+    settings the ingress hands over, and the next calls decide with them."""
+    import time
+
+    published: list[tuple[dict, Any]] = []
+    monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now, spec: published.append((decisions, spec)))
+    monkeypatch.setattr(serve_policy, "_Metrics", lambda: type("M", (), {"record": lambda self, d: None})())
+    monkeypatch.setattr(serve_policy, "SETTINGS_REFRESH_S", 0.0)
+    raw = {"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 0, "max_replicas": 6, "upscale_delay_s": 0}},
+           "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 0}}}
+    current = {"cfg": ServeAppConfig.model_validate(raw)}
+    policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: current["cfg"].policy_config())
+
+    def call() -> tuple[dict[str, int], Any]:
+        by_name = _contexts(time.time())
+        _serve_configs(current["cfg"], by_name)
+        decisions, _ = policy({_DeploymentID(name): ctx for name, ctx in by_name.items()})
+        return {dep.name: n for dep, n in decisions.items()}, policy._last_spec
+
+    first, spec = call()
+    assert first[VISION_DEPLOYMENT] == 2, "8 image requests in the vision stage at the default target of 4"
+    assert first[LLM_DEPLOYMENT] == 3, "the queue's oldest item (1.2 s) is over half the text TTFT target (2 s)"
+    assert spec.vision.max_replicas == 6 and spec.slo.text_ttft_s == 2.0
+    raw["vision"]["autoscaling"] = {**raw["vision"]["autoscaling"], "max_replicas": 3, "target_ongoing_requests": 1}
+    raw["slo"] = {"text_ttft_s": 4.0}
+    current["cfg"] = ServeAppConfig.model_validate(raw)
+    second, spec = call()
+    assert second[VISION_DEPLOYMENT] == 3, "target 1 asks for 8; the new maxReplicas bounds it"
+    assert second[LLM_DEPLOYMENT] == 2, "1.2 s in the queue is within half the new text TTFT target"
+    assert (spec.vision.max_replicas, spec.vision.target_ongoing_requests, spec.slo.text_ttft_s) == (3, 1, 4.0)
+    assert spec.vision.upscale_delay_s == 0 and spec.llm.max_replicas == 4
+    assert published[-1][1] is spec, "the decision is published with the settings it was made with"
+
+
+def test_without_settings_the_policy_holds_every_pool_and_keeps_serves_state(monkeypatch) -> None:
+    import time
+
+    monkeypatch.setattr(serve_policy, "_Metrics", lambda: type("M", (), {"record": lambda self, d: None})())
+    policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: None)
+    by_name = _contexts(time.time())
+    by_name[LLM_DEPLOYMENT].policy_state = {"serve-internal": 1}
+    decisions, state = policy({_DeploymentID(name): ctx for name, ctx in by_name.items()})
+    assert decisions == {}, "no decision: Serve keeps every target"
+    assert {dep.name: s for dep, s in state.items()}[LLM_DEPLOYMENT] == {"serve-internal": 1}
+
+
+def test_published_decisions_carry_the_settings_they_were_made_with(monkeypatch) -> None:
+    """What the operator's status and a person at /-/autoscaler read: the pool's bounds, target and SLO."""
+    from dotsvlm_serving.autoscaling.policy import Decision, PolicySpec, PolicyState
+
+    stored: dict[str, bytes] = {}
+    import ray.experimental.internal_kv as kv
+
+    monkeypatch.setattr(kv, "_internal_kv_put", lambda key, value, overwrite, namespace: stored.update({key: value}))
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key, namespace: stored.get(key))
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "slo": {"text_ttft_s": 1.5},
+                                         "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}}})
+    spec = PolicySpec(slo=cfg.slo, vision=cfg.vision.autoscaling, llm=cfg.llm.autoscaling)
+    d = Decision(pool="llm", desired=2, current=1, raw=2, reason="QueueDepth", message="m")
+    serve_policy.publish({"llm": d}, PolicyState(), 1000.0, spec)
+    record = serve_policy.read_published()
+    assert record["llm"]["settings"]["max_replicas"] == 3 and record["llm"]["slo"]["text_ttft_s"] == 1.5
+    assert record["llm"]["settings"]["target_ongoing_requests"] == cfg.llm.autoscaling.target_ongoing_requests
+    settings = cfg.policy_config()
+    assert settings is not None
+    serve_policy.publish_settings(settings)
+    assert serve_policy.read_settings() == settings

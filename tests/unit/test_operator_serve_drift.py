@@ -100,3 +100,28 @@ def test_observe_serve_deploys_again_on_drift_once_per_interval_and_says_why(mon
     assert observe().drift is None and len(puts) == 1
     state.drift_deployed_at -= handlers.DRIFT_REDEPLOY_INTERVAL_S
     assert observe().drift and len(puts) == 2
+
+
+def test_an_autoscaling_change_reaches_the_head_once() -> None:
+    """A knob, a bound or the SLO travels in the deploy body (Serve's autoscaling_config, the Ingress's
+    slice), not in the policy: the body's hash changes (the operator deploys it), the config the head ran
+    before is drift at the knob's own place, and the new config as the head echoes it is none (no
+    redeploy loop). The policy itself stays the same."""
+    raw = spec().model_dump(by_alias=True)
+    before = serve_app.deploy_body(spec())
+    for path, value, where in ((("llm", "autoscaling", "targetOngoingRequests"), 9.0, "autoscaling_config"),
+                               (("llm", "autoscaling", "downscaleDelaySeconds"), 33.0, "user_config.autoscaling.llm"),
+                               # the first difference: the ingress's vision backlog limit follows maxReplicas
+                               (("vision", "maxReplicas"), 5, "user_config.vision.max_pending_pixels"),
+                               (("slo", "textTTFTSeconds"), 1.5, "user_config.autoscaling.slo")):
+        changed = copy.deepcopy(raw)
+        node = changed
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        after = serve_app.deploy_body(models.DotsVLMDeploymentSpec.model_validate(changed))
+        assert serve_app.body_hash(after) != serve_app.body_hash(before), path
+        assert after["applications"][0]["autoscaling_policy"] == before["applications"][0]["autoscaling_policy"]
+        drift = config_drift(after, as_serve_echoes(before))
+        assert drift is not None and where in drift, (path, drift)
+        assert config_drift(after, as_serve_echoes(after)) is None, path

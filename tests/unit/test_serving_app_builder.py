@@ -207,11 +207,13 @@ def test_an_autoscaled_pool_puts_dotsvlm_policy_on_the_application() -> None:
     assert bound[VISION_DEPLOYMENT]._deployment_config.autoscaling_config.min_replicas == 0
     assert bound[QUEUE_DEPLOYMENT]._deployment_config.autoscaling_config.max_replicas == 1
     policy = cfg.deploy_body()["applications"][0]["autoscaling_policy"]
-    assert policy["policy_function"] == AUTOSCALING_POLICY_PATH
-    assert policy["policy_kwargs"]["vision"]["max_replicas"] == 4 and "image_ttft_s" in policy["policy_kwargs"]["slo"]
+    assert policy == {"policy_function": AUTOSCALING_POLICY_PATH}, "no setting in the policy (Ray hashes it)"
+    settings = bound[INGRESS_DEPLOYMENT]._deployment_config.user_config["autoscaling"]
+    assert "image_ttft_s" in settings["slo"] and settings["vision"]["idle_to_zero_s"] == 300
 
     fixed = ServeAppConfig.model_validate({"model_path": "/m"})
     assert "autoscaling_policy" not in fixed.deploy_body()["applications"][0]
+    assert fixed.ingress_config().autoscaling is None
     ingress = build_app(fixed.model_dump(mode="json"))._bound_deployment
     assert ingress._deployment_config.autoscaling_config is None and ingress._deployment_config.num_replicas == 1
 
@@ -291,6 +293,78 @@ def test_a_pool_change_touches_only_that_deployment_and_never_rays_code_version(
 
     # The model is the application's args: a change to it restarts everything.
     assert _code_version(ServeAppConfig.model_validate({"model_path": "/other"})) != _code_version(base)
+
+
+def _versions(cfg: ServeAppConfig) -> dict[str, object]:
+    """Each deployment's version as the installed Ray computes it from the deploy body."""
+    from ray.serve._private.config import DeploymentConfig
+    from ray.serve._private.version import DeploymentVersion
+
+    code = _code_version(cfg)
+    out = {}
+    for name, d in _deployments(cfg).items():
+        config = DeploymentConfig(user_config=d["user_config"], autoscaling_config=d.get("autoscaling_config"),
+                                  num_replicas=d.get("num_replicas"))
+        out[name] = DeploymentVersion(code, config, d["ray_actor_options"],
+                                      placement_group_bundles=d.get("placement_group_bundles"),
+                                      placement_group_strategy=d.get("placement_group_strategy"))
+    return out
+
+
+AUTOSCALED = {"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 0, "max_replicas": 4}},
+              "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}}}
+
+
+@pytest.mark.parametrize("change", [
+    {"llm": {"autoscaling": {"target_ongoing_requests": 6}}},
+    {"llm": {"autoscaling": {"downscale_delay_s": 30, "replica_startup_s": 60, "vision_lead_weight": 0}}},
+    {"vision": {"autoscaling": {"max_replicas": 6}}},
+    {"llm": {"autoscaling": {"min_replicas": 2, "max_replicas": 5, "initial_replicas": 2}}},
+    {"slo": {"image_ttft_s": 5, "inter_token_s": 0.1}},
+], ids=["llm-target", "llm-windows", "vision-max", "llm-bounds", "slo"])
+def test_autoscaling_settings_restart_no_replica(change: dict) -> None:
+    """Checked with the installed Ray's own version code: an autoscaling knob, a bound or the SLO leaves
+    the application's code version and every deployment's actor version alone (no replica restarts);
+    only the Ingress (whose slice carries the policy's settings) reconfigures in place."""
+    import copy
+
+    raw = copy.deepcopy(AUTOSCALED)
+    for section, values in change.items():
+        raw.setdefault(section, {})
+        for key, value in values.items():
+            raw[section][key] = {**raw[section].get(key, {}), **value} if isinstance(value, dict) else value
+    base, new = ServeAppConfig.model_validate(AUTOSCALED), ServeAppConfig.model_validate(raw)
+    assert _code_version(new) == _code_version(base)
+    before, after = _versions(base), _versions(new)
+    for name in before:
+        assert not before[name].requires_actor_restart(after[name]), name
+    reconfigured = {name for name in before if before[name].requires_actor_reconfigure(after[name])}
+    assert reconfigured <= {"Ingress"}, reconfigured
+    assert _changed(base, new) <= {"Ingress", "VisionEncoder", "LLMServer"}
+
+
+def test_each_autoscaling_knob_has_one_place_in_the_serve_config() -> None:
+    """Serve's fields (bounds, target) travel in the deployment's autoscaling_config, every other knob and
+    the SLO in the Ingress's slice; the policy gets each pool's targets back whole."""
+    from ray.serve.config import AutoscalingConfig
+
+    from dotsvlm_serving.serve_config import SERVE_AUTOSCALING_FIELDS, LLMAutoscaling, VisionAutoscaling
+
+    cfg = ServeAppConfig.model_validate({**AUTOSCALED, "llm": {"autoscaling": {
+        "min_replicas": 1, "max_replicas": 3, "initial_replicas": 2, "downscale_delay_s": 45}}})
+    deps = _deployments(cfg)
+    settings = deps["Ingress"]["user_config"]["autoscaling"]
+    for pool, targets_cls, name in (("vision", VisionAutoscaling, "VisionEncoder"), ("llm", LLMAutoscaling, "LLMServer")):
+        targets = getattr(cfg, pool).autoscaling
+        serve = deps[name]["autoscaling_config"]
+        assert set(settings[pool]) == set(targets_cls.model_fields) - SERVE_AUTOSCALING_FIELDS
+        assert not set(settings[pool]) & set(serve) - {"upscale_delay_s", "downscale_delay_s"}
+        assert (serve["upscale_delay_s"], serve["downscale_delay_s"]) == (0.0, 0.0), "Serve would delay on top"
+        assert targets_cls.from_serve(settings[pool], AutoscalingConfig(**serve)) == targets
+    assert settings["llm"]["downscale_delay_s"] == 45 and deps["LLMServer"]["autoscaling_config"]["initial_replicas"] == 2
+    assert settings["slo"] == cfg.slo.model_dump(mode="json")
+    for name in ("VisionEncoder", "TensorQueue", "LLMServer"):
+        assert "autoscaling" not in deps[name]["user_config"], "the settings have one carrier"
 
 
 def test_the_deploy_body_is_what_rays_schema_accepts_and_leaves_no_option_to_the_code() -> None:

@@ -8,8 +8,15 @@ the simulator runs), and returns the target replicas of VisionEncoder and LLMSer
 TensorQueue are registered only so their reports reach the controller; their size is left alone.
 
 Each decision is also published: `dotsvlm_autoscaler_*` metrics through `ray.util.metrics`, and the
-latest decision per pool as JSON in Ray's internal KV (`DECISIONS_KV_KEY`), which the ingress serves
-to the operator for the resource's status.
+latest decision per pool as JSON in Ray's internal KV (`DECISIONS_KV_KEY`), with the settings it was
+made with, which the ingress serves to the operator for the resource's status.
+
+The policy takes no kwargs (Ray would hash them into every deployment's version: a settings change
+would restart every replica; see `ServeAppConfig.autoscaling_policy`). It reads its settings every call
+instead: each pool's bounds and target from Serve's own AutoscalingConfig of the deployment
+(`ctx.config`, updated in place on a deploy), the SLO and the other knobs from Ray's internal KV
+(`SETTINGS_KV_KEY`), where the ingress writes them from its slice (`publish_settings`, in its
+`reconfigure`). Until they are there, the policy holds every pool at its size.
 """
 
 from __future__ import annotations
@@ -19,17 +26,20 @@ import logging
 import time
 from typing import Any
 
-from ..serve_config import (INGRESS_DEPLOYMENT, LLM_DEPLOYMENT, QUEUE_DEPLOYMENT, VISION_DEPLOYMENT, SLOConfig,
-                            LLMAutoscaling, VisionAutoscaling)
+from ..serve_config import (INGRESS_DEPLOYMENT, LLM_DEPLOYMENT, QUEUE_DEPLOYMENT, VISION_DEPLOYMENT,
+                            AutoscalingPolicyConfig, LLMAutoscaling, VisionAutoscaling)
 from . import signals as sig
 from .policy import ACTIONS, Decision, LLMSignals, PolicySpec, PolicyState, PoolState, Snapshot, VisionSignals, decide
 
 log = logging.getLogger("ray.serve")
 
 DECISIONS_KV_KEY = b"dotsvlm/autoscaler/decisions"
+SETTINGS_KV_KEY = b"dotsvlm/autoscaler/settings"
 KV_NAMESPACE = "dotsvlm"
 STATE_KEY = "dotsvlm"
 PUBLISH_INTERVAL_S = 2.0
+# How often the policy reads its settings from the KV (Serve calls it several times a second).
+SETTINGS_REFRESH_S = 1.0
 
 
 def _latest(ctx: Any, now: float) -> tuple[dict[str, float], float, int]:
@@ -122,17 +132,46 @@ class _Metrics:
             self.decisions.inc(tags={"pool": d.pool, "direction": d.direction, "reason": d.reason})
 
 
-def publish(decisions: dict[str, Decision], state: PolicyState, now: float) -> None:
-    """The latest decision per pool where the ingress can read it (Ray's internal KV)."""
+def publish(decisions: dict[str, Decision], state: PolicyState, now: float, spec: PolicySpec | None = None) -> None:
+    """The latest decision per pool where the ingress can read it (Ray's internal KV), with the pool's
+    settings and the SLO it was decided with."""
     from ray.experimental import internal_kv
 
     record = {pool: {"desired": d.desired, "current": d.current, "raw": d.raw, "reason": d.reason,
                      "message": d.message, "direction": d.direction, "time": now,
                      "last_change": {"reason": state.pool(pool).last_reason,  # type: ignore[arg-type]
                                      "message": state.pool(pool).last_message,  # type: ignore[arg-type]
-                                     "time": state.pool(pool).last_change_at}}  # type: ignore[arg-type]
+                                     "time": state.pool(pool).last_change_at},  # type: ignore[arg-type]
+                     **({"settings": getattr(spec, pool).model_dump(mode="json"),
+                         "slo": spec.slo.model_dump(mode="json")} if spec is not None else {})}
               for pool, d in decisions.items()}
     internal_kv._internal_kv_put(DECISIONS_KV_KEY, json.dumps(record).encode(), overwrite=True, namespace=KV_NAMESPACE)
+
+
+def publish_settings(settings: AutoscalingPolicyConfig) -> None:
+    """The policy's settings beyond Serve's fields, for the policy to read (the ingress's reconfigure)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(SETTINGS_KV_KEY, settings.model_dump_json().encode(), overwrite=True,
+                                 namespace=KV_NAMESPACE)
+
+
+def read_settings() -> AutoscalingPolicyConfig | None:
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(SETTINGS_KV_KEY, namespace=KV_NAMESPACE)
+    return AutoscalingPolicyConfig.model_validate_json(raw) if raw else None
+
+
+def policy_spec(settings: AutoscalingPolicyConfig, contexts: dict[str, Any]) -> PolicySpec:
+    """The pure policy's spec from the settings and, per pool, the AutoscalingConfig Serve holds for its
+    deployment now (`ctx.config`: bounds and target)."""
+    def serve_config(name: str) -> Any:
+        ctx = contexts.get(name)
+        return getattr(ctx, "config", None) if ctx is not None else None
+    return PolicySpec(slo=settings.slo,
+                      vision=VisionAutoscaling.from_serve(settings.vision, serve_config(VISION_DEPLOYMENT)),  # type: ignore[arg-type]
+                      llm=LLMAutoscaling.from_serve(settings.llm, serve_config(LLM_DEPLOYMENT)))  # type: ignore[arg-type]
 
 
 def read_published() -> dict[str, Any] | None:
@@ -143,19 +182,51 @@ def read_published() -> dict[str, Any] | None:
 
 
 class DotsVLMAutoscalingPolicy:
-    """Instantiated once by Serve with `policy_kwargs` = {"slo": ..., "vision": ..., "llm": ...}."""
+    """Instantiated once by Serve, without kwargs; its settings are read on every call (module docstring)."""
 
-    def __init__(self, slo: dict, vision: dict, llm: dict) -> None:
-        self.spec = PolicySpec(slo=SLOConfig.model_validate(slo), vision=VisionAutoscaling.model_validate(vision),
-                               llm=LLMAutoscaling.model_validate(llm))
+    def __init__(self, read: Any = None) -> None:
+        self._read = read or read_settings  # tests pass their own
+        self._settings: AutoscalingPolicyConfig | None = None
+        self._settings_at = float("-inf")
         self._metrics: _Metrics | None = None
         self._last_logged: dict[str, tuple[int, str]] = {}
         self._published_at = 0.0
+        self._said_waiting = False
+        self._last_spec: PolicySpec | None = None  # what the last decision was made with
+
+    def settings(self, now: float) -> AutoscalingPolicyConfig | None:
+        """The latest settings the ingress wrote, read at most every SETTINGS_REFRESH_S; the last ones
+        read are kept when the KV cannot be read."""
+        if now - self._settings_at >= SETTINGS_REFRESH_S:
+            self._settings_at = now
+            try:
+                self._settings = self._read() or self._settings
+            except Exception:  # the KV unreachable for a moment: keep deciding with what was read
+                log.exception("dotsvlm autoscaler: could not read the policy's settings; keeping the last ones")
+        return self._settings
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
         by_name = {dep_id.name: ctx for dep_id, ctx in contexts.items()}
         ids = {dep_id.name: dep_id for dep_id in contexts}
         now = time.time()
+        settings = self.settings(now)
+        spec = None
+        if settings is not None:
+            try:
+                spec = policy_spec(settings, by_name)
+            except ValueError as exc:  # settings another version wrote, say: hold until the ingress writes again
+                if not self._said_waiting:
+                    log.error("dotsvlm autoscaler: the policy's settings do not fit this version (%s); every pool "
+                              "keeps its size until the ingress hands over new ones", exc)
+                    self._said_waiting = True
+        if spec is None:  # the ingress has not written them yet: hold, keep the state
+            if not self._said_waiting:
+                log.info("dotsvlm autoscaler: waiting for the ingress to hand over the policy's settings; "
+                         "every pool keeps its size")
+                self._said_waiting = True
+            return {}, {dep_id: dict(ctx.policy_state or {}) for dep_id, ctx in contexts.items()}
+        self._said_waiting = False
+        self._last_spec = spec
         state = PolicyState(
             vision=PoolState.from_json((by_name[VISION_DEPLOYMENT].policy_state or {}).get(STATE_KEY))
             if VISION_DEPLOYMENT in by_name else PoolState(),
@@ -163,17 +234,17 @@ class DotsVLMAutoscalingPolicy:
             if LLM_DEPLOYMENT in by_name else PoolState())
         current = {pool: by_name[name].target_num_replicas
                    for pool, name in (("vision", VISION_DEPLOYMENT), ("llm", LLM_DEPLOYMENT)) if name in by_name}
-        decisions = decide(snapshot_from_contexts(by_name, now), self.spec, state, now, current=current)  # type: ignore[arg-type]
+        decisions = decide(snapshot_from_contexts(by_name, now), spec, state, now, current=current)  # type: ignore[arg-type]
         out: dict[Any, int] = {}
         new_state: dict[Any, dict] = {}
         for pool, name in (("vision", VISION_DEPLOYMENT), ("llm", LLM_DEPLOYMENT)):
             if name in ids:
                 out[ids[name]] = decisions[pool].desired  # type: ignore[index]
                 new_state[ids[name]] = {STATE_KEY: state.pool(pool).to_json()}  # type: ignore[arg-type]
-        self._report(decisions, state, now)  # type: ignore[arg-type]
+        self._report(decisions, state, now, spec)  # type: ignore[arg-type]
         return out, new_state
 
-    def _report(self, decisions: dict[str, Decision], state: PolicyState, now: float) -> None:
+    def _report(self, decisions: dict[str, Decision], state: PolicyState, now: float, spec: PolicySpec) -> None:
         try:
             if self._metrics is None:
                 self._metrics = _Metrics()
@@ -188,7 +259,7 @@ class DotsVLMAutoscalingPolicy:
                                  d.message)
                 self._last_logged[d.pool] = key
             if changed or now - self._published_at >= PUBLISH_INTERVAL_S:
-                publish(decisions, state, now)
+                publish(decisions, state, now, spec)
                 self._published_at = now
         except Exception:  # reporting must never stop scaling
             log.exception("dotsvlm autoscaler: could not publish the decision")

@@ -37,7 +37,7 @@ from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.config import load_config
 from ..model.preprocess import ImageError, probe_image
 from ..model.prompt import load_tokenizer
-from ..serve_config import INGRESS_DEPLOYMENT, IngressConfig, ServedModel
+from ..serve_config import INGRESS_DEPLOYMENT, AutoscalingPolicyConfig, IngressConfig, ServedModel
 from .backpressure import IngressAdmission, read_reports, sum_reports
 from .relay import Relay
 
@@ -124,8 +124,23 @@ class Ingress:
             self.relay.enqueue_timeout_s = cfg.enqueue_timeout_s
             self.relay.request_timeout_s = cfg.api.request_timeout_s
         self.cfg = cfg
+        if cfg.autoscaling is not None:
+            await self._hand_over_policy_settings(cfg.autoscaling)
         log.info("Ingress: config applied in place (context %d tokens, KV budget %d tokens)", cfg.context_length,
                  cfg.kv_cache_tokens)
+
+    async def _hand_over_policy_settings(self, settings: AutoscalingPolicyConfig) -> None:
+        """The autoscaling policy's settings (SLO, windows, steps) reach the policy through this slice: Serve's
+        controller cannot read a deployment's user_config, and the policy's own kwargs would restart every
+        replica on a change (serve_config.ServeAppConfig.autoscaling_policy). A failure is logged, never
+        raised: the policy keeps deciding with the settings it has."""
+        try:
+            await asyncio.to_thread(serve_policy.publish_settings, settings)
+            log.info("Ingress: autoscaling settings handed to the policy (SLO image TTFT %g s, text TTFT %g s, "
+                     "inter-token %g s)", settings.slo.image_ttft_s, settings.slo.text_ttft_s,
+                     settings.slo.inter_token_s)
+        except Exception:
+            log.exception("Ingress: could not hand the autoscaling settings to the policy")
 
     # ------------------------------------------------------------------------------- small endpoints
     @app.get("/health")
