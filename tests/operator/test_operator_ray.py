@@ -10,6 +10,7 @@ which also checks that the operator uses an existing token instead of generating
 from __future__ import annotations
 
 import copy
+import json
 import os
 import secrets
 import shutil
@@ -25,6 +26,9 @@ import httpx
 import pytest
 import yaml
 from dvlm_support import condition, get_json, load_example, poll
+
+from dotsvlm_operator import models, serve_app
+from dotsvlm_operator.serve_drift import config_drift
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.ray]
 
@@ -126,7 +130,9 @@ def test_operator_deploys_the_serve_app_to_a_token_protected_ray_head(kube, ns, 
     cr["metadata"]["name"] = name
     cr["spec"]["model"] = {"path": str(tiny_model), "mountPath": str(tiny_model.parent), "quantization": "none",
                            "dtype": "float32", "volume": {"hostPath": {"path": str(tiny_model.parent)}}}
-    cr["spec"]["vision"] = {"gpusPerReplica": 0, "minReplicas": 1, "maxReplicas": 1}
+    # The vision pool autoscales (so dotsvlm's policy runs) but never grows under this test's text requests.
+    cr["spec"]["vision"] = {"gpusPerReplica": 0, "minReplicas": 1, "maxReplicas": 2,
+                            "autoscaling": {"targetOngoingRequests": 1000}}
     cr["spec"]["llm"] = {"gpusPerReplica": 0, "tensorParallel": 1, "contextLength": 1024, "maxRunningRequests": 4,
                          "maxNewTokensDefault": 8}
     cr["spec"]["api"] = {"port": api_port}
@@ -200,3 +206,36 @@ def test_operator_deploys_the_serve_app_to_a_token_protected_ray_head(kube, ns, 
     r = httpx.post(f"http://127.0.0.1:{api_port}/v1/chat/completions", timeout=120,
                    json={"model": "dots.vlm1", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200, r.text
+
+    # An autoscaling change (the SLO, an LLM window) reaches the head, once, and restarts no replica: it
+    # travels in the Ingress's slice (reconfigured in place), and the policy decides with it.
+    def replica_ids() -> dict[str, set[str]]:
+        app = httpx.get(f"{url}/api/serve/applications/", headers=headers, timeout=10).json()["applications"]["dotsvlm"]
+        return {n: {r["replica_id"] for r in d.get("replicas") or []} for n, d in app["deployments"].items()}
+
+    def ingress_settings() -> dict:
+        apps = httpx.get(f"{url}/api/serve/applications/", headers=headers, timeout=10).json()
+        app = apps["applications"]["dotsvlm"]["deployed_app_config"]
+        return next(d for d in app["deployments"] if d["name"] == "Ingress")["user_config"]["autoscaling"]
+
+    ids = replica_ids()
+    hash_before = get_json(kube, "dvlm", name, "-n", ns)["status"]["serveApp"]["configHash"]
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", json.dumps(
+        {"spec": {"slo": {"textTTFTSeconds": 1.5}, "llm": {"autoscaling": {"downscaleDelaySeconds": 45}}}}))
+    poll(lambda: (lambda a: a["slo"]["text_ttft_s"] == 1.5 and a["llm"]["downscale_delay_s"] == 45)(ingress_settings()),
+         120, "the new SLO and LLM window in the head's config", diag)
+
+    def decided_with() -> dict | None:
+        decisions = httpx.get(f"http://127.0.0.1:{api_port}/-/autoscaler", timeout=10).json().get("decisions") or {}
+        llm = decisions.get("llm") or {}
+        return llm if (llm.get("slo") or {}).get("text_ttft_s") == 1.5 and (
+            llm.get("settings") or {}).get("downscale_delay_s") == 45 else None
+    poll(decided_with, 60, "the policy deciding with the new SLO and window (/-/autoscaler)", diag)
+    got = poll(lambda: (s := get_json(kube, "dvlm", name, "-n", ns)["status"]["serveApp"])["configHash"] != hash_before
+               and s, 60, "the new config's hash in the status", diag)
+    app = httpx.get(f"{url}/api/serve/applications/", headers=headers, timeout=10).json()["applications"]["dotsvlm"]
+    assert config_drift(serve_app.deploy_body(models.DotsVLMDeploymentSpec.model_validate(
+        get_json(kube, "dvlm", name, "-n", ns)["spec"])), app["deployed_app_config"]) is None, "no drift: no loop"
+    assert got["configHash"] and replica_ids() == ids, "no replica restarted"
+    drifts = [e for e in get_json(kube, "events", "-n", ns)["items"] if e["reason"] == "ServeConfigDrift"]
+    assert not any("autoscaling" in e["message"] for e in drifts), drifts
