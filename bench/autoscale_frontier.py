@@ -53,15 +53,15 @@ D_DELAYS = (10.0, 120.0)  # dotsvlm's defaults (AutoscalingTargets)
 
 # Per trace: LLM sizes for (a) and (c), the vision variants of (c) as (target, (up, down) delays), (d)'s LLM
 # targets, (c*)'s LLM targets. The ranges bracket (a)'s 99% size (autoscale_sim.md) and (d)'s GPU-hours;
-# the 24-h day (45 s a run) gets the points that matter there and two vision variants (5% image requests).
+# the 24-h day (45 s of CPU a run) gets the points that matter there and one vision variant (5% image requests).
 _VISION_FULL = tuple((vt, dl) for dl in (SERVE_DELAYS, D_DELAYS) for vt in (1.0, 2.0, 4.0))
 _D_TARGETS = (24.0, 32.0, 40.0, 44.0, 48.0, 52.0, 56.0, 60.0, 64.0)
 GRIDS: dict[str, dict] = {
     "image_burst": {"llm_sizes": range(1, 8), "vision": _VISION_FULL, "d_targets": _D_TARGETS, "cstar_targets": (24.0, 32.0, 48.0, 56.0)},
     "text_day": {"llm_sizes": range(1, 8), "vision": _VISION_FULL, "d_targets": _D_TARGETS, "cstar_targets": (32.0, 48.0, 56.0)},
     "shifting_mix": {"llm_sizes": range(1, 6), "vision": _VISION_FULL, "d_targets": _D_TARGETS, "cstar_targets": (32.0, 48.0, 56.0)},
-    "text_day_24h": {"llm_sizes": range(2, 6), "vision": ((2.0, SERVE_DELAYS), (2.0, D_DELAYS)),
-                     "d_targets": (40.0, 48.0, 52.0, 56.0, 60.0, 64.0), "cstar_targets": (48.0, 56.0)},
+    "text_day_24h": {"llm_sizes": range(3, 6), "vision": ((2.0, D_DELAYS),),
+                     "d_targets": (48.0, 52.0, 56.0, 60.0), "cstar_targets": (48.0, 56.0)},
 }
 QUICK = {"llm_sizes": range(1, 4), "vision": ((2.0, D_DELAYS),), "d_targets": (48.0, 56.0), "cstar_targets": (48.0,)}
 DEFAULT_D_TARGET = 48.0  # 3/4 of the cost model's 64 running requests: the serve contract's default
