@@ -338,7 +338,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["traces"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(max(5.2 * len(names), 7.0), 5.0), squeeze=False)
     for ax, name in zip(axes[0], names):
         an = report["traces"][name]
         for pts, front, color, label in ((an["c_points"], an["c_front"], "tab:red", "(c) Serve default"),
@@ -360,7 +360,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel("SLO attainment (%)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("GPU-hours against SLO attainment (simulated); (d)'s points labelled with its LLM target")
+    fig.suptitle("GPU-hours against SLO attainment (simulated)\n(d)'s points labelled with its LLM target", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
