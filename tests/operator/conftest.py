@@ -6,7 +6,7 @@ import copy
 from collections.abc import Iterator
 
 import pytest
-from dvlm_support import CRD_FILE, PEERING_CRD_FILE, load_example
+from dvlm_support import CRD_FILE, PEERING_CRD_FILE, load_example, release_namespace
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,14 @@ def crd(kube) -> Iterator[None]:
     # Discovery in kubectl may lag the CRD by a moment.
     kube.wait_for(lambda: kube.kubectl("get", "dvlm", "-A", check=False).returncode == 0, 30, "kubectl to know 'dvlm'")
     yield
+
+
+@pytest.fixture
+def ns(kube, crd, request) -> Iterator[str]:
+    """A fresh namespace per test (named after the module's NAMESPACE_PREFIX), deleted with what is in it."""
+    name = kube.create_namespace(getattr(request.module, "NAMESPACE_PREFIX", "t"))
+    yield name
+    release_namespace(kube, name)
 
 
 @pytest.fixture

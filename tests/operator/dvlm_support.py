@@ -134,3 +134,12 @@ def poll(predicate: Callable[[], Any], timeout: float, what: str, on_fail: Calla
             extra = f"\n--- diagnostics ---\n{on_fail()}" if on_fail else ""
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last}){extra}")
         time.sleep(0.5)
+
+
+def release_namespace(kube, name: str) -> None:
+    """Delete a test namespace and wait for it to go. The operator may be gone already: drop the finalizers of
+    its DotsVLMDeployments first, or the namespace would wait for them forever."""
+    for cr in (get_json(kube, "dvlm", "-n", name) or {}).get("items", []):
+        kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", name, "--type=merge",
+                     "-p", '{"metadata":{"finalizers":null}}', check=False)
+    kube.delete_namespace(name, wait=True)

@@ -28,9 +28,11 @@ import httpx
 import pytest
 import yaml
 from dvlm_support import get_json, load_example, poll
-from test_operator_ray import _free_port, ns, ray_head, tiny_model  # noqa: F401  (fixtures)
+from test_operator_ray import _free_port, ray_head, tiny_model  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.ray]
+
+NAMESPACE_PREFIX = "ray-scale"  # the `ns` fixture (conftest.py) names test namespaces after it
 
 FAST = {"upscaleDelaySeconds": 1, "downscaleDelaySeconds": 6, "scaleDownIntervalSeconds": 2, "replicaStartupSeconds": 10}
 

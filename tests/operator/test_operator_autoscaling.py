@@ -13,21 +13,14 @@ import json
 
 import pytest
 import yaml
-from dvlm_support import condition, get_json, load_example, poll
+from dvlm_support import get_json, load_example, poll
 
 from support.fake_ray_head import LLM, VISION, FakeRayHead
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
-@pytest.fixture
-def ns(kube, crd):
-    name = kube.create_namespace("scale")
-    yield name
-    for cr in (get_json(kube, "dvlm", "-n", name) or {}).get("items", []):
-        kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", name, "--type=merge",
-                     "-p", '{"metadata":{"finalizers":null}}', check=False)
-    kube.delete_namespace(name, wait=True)
+NAMESPACE_PREFIX = "scale"  # the `ns` fixture (conftest.py) names test namespaces after it
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ a closed local port (--ray-head-url-override) and must say so in status instead 
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import yaml
-from dvlm_support import condition, get_json, load_example, poll
+from dvlm_support import condition, get_json, load_example, poll, release_namespace
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -69,12 +68,8 @@ def ns(kube, crd):
     name = kube.create_namespace("op")
     kube.apply(WEIGHTS % {"ns": name})
     yield name
-    # The operator may be gone already: drop its finalizers so the namespace can go, and wait for it
-    # (and its pods) to go so the next test has all fake GPUs.
-    for cr in (get_json(kube, "dvlm", "-n", name) or {}).get("items", []):
-        kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", name, "--type=merge",
-                     "-p", '{"metadata":{"finalizers":null}}', check=False)
-    kube.delete_namespace(name, wait=True)
+    # Wait for the namespace (and its pods) to go so the next test has all fake GPUs.
+    release_namespace(kube, name)
     kube.kubectl("delete", "pv", f"weights-{name}", "--ignore-not-found", "--wait=false")
 
 

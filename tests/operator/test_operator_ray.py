@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -106,14 +105,7 @@ def tiny_model(tmp_path_factory) -> Path:
     return ensure_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny")
 
 
-@pytest.fixture
-def ns(kube, crd):
-    name = kube.create_namespace("ray")
-    yield name
-    for cr in (get_json(kube, "dvlm", "-n", name) or {}).get("items", []):
-        kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", name, "--type=merge",
-                     "-p", '{"metadata":{"finalizers":null}}', check=False)
-    kube.delete_namespace(name, wait=True)
+NAMESPACE_PREFIX = "ray"  # the `ns` fixture (conftest.py) names test namespaces after it
 
 
 def test_operator_deploys_the_serve_app_to_a_token_protected_ray_head(kube, ns, operator_factory, ray_head,

@@ -16,14 +16,7 @@ from support.fake_ray_head import LLM, VISION, FakeRayHead
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
-@pytest.fixture
-def ns(kube, crd):
-    name = kube.create_namespace("safe")
-    yield name
-    for cr in (get_json(kube, "dvlm", "-n", name) or {}).get("items", []):
-        kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", name, "--type=merge",
-                     "-p", '{"metadata":{"finalizers":null}}', check=False)
-    kube.delete_namespace(name, wait=True)
+NAMESPACE_PREFIX = "safe"  # the `ns` fixture (conftest.py) names test namespaces after it
 
 
 @pytest.fixture
