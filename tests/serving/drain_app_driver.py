@@ -53,9 +53,9 @@ def _stream(url: str) -> dict:
 def main() -> int:
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
+    from serving_support import start_cluster
 
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
     from dotsvlm_serving.node_drain import drain_node
@@ -66,18 +66,8 @@ def main() -> int:
     port, model_dir = int(sys.argv[1]), sys.argv[2]
     model = ensure_tiny_checkpoint(model_dir)
     pools = {VISION_POOL_RESOURCE: POOL_RESOURCE_CAPACITY, LLM_POOL_RESOURCE: POOL_RESOURCE_CAPACITY}
-    for attempt in range(5):
-        cluster = Cluster(initialize_head=False)
-        try:
-            cluster.add_node(num_cpus=2, include_dashboard=False, resources={CONTROL_RESOURCE: CONTROL_RESOURCE_CAPACITY})
-            for _ in range(2):
-                cluster.add_node(num_cpus=2, resources=pools)
-            cluster.wait_for_nodes()
-            break
-        except Exception as exc:  # Ray gives a raylet a fixed 30 s to start: a very busy machine can miss it
-            cluster.shutdown()
-            if attempt == 4 or "timed out during startup" not in str(exc):
-                raise
+    cluster = start_cluster(dict(num_cpus=2, include_dashboard=False, resources={CONTROL_RESOURCE: CONTROL_RESOURCE_CAPACITY}),
+                            [dict(num_cpus=2, resources=pools)] * 2)
     try:
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})

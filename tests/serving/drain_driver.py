@@ -20,23 +20,12 @@ TOKEN_INTERVAL_S = 0.25
 def main() -> int:
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
+    from serving_support import start_cluster
 
     from dotsvlm_serving.node_drain import drain_node
 
     port = int(sys.argv[1])
-    for attempt in range(5):
-        cluster = Cluster(initialize_head=False)
-        try:
-            cluster.add_node(num_cpus=2, include_dashboard=False)
-            for _ in range(2):
-                cluster.add_node(num_cpus=1, resources={"pool": 1})
-            cluster.wait_for_nodes()
-            break
-        except Exception as exc:  # Ray gives a raylet a fixed 30 s to start: a very busy machine can miss it
-            cluster.shutdown()
-            if attempt == 4 or "timed out during startup" not in str(exc):
-                raise
+    cluster = start_cluster(dict(num_cpus=2, include_dashboard=False), [dict(num_cpus=1, resources={"pool": 1})] * 2)
     try:
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -38,11 +38,16 @@ class Served:
 
     def queue_stats(self) -> dict:
         """The tensor queue's own stats() (what its metrics are published from), read directly."""
-        from ray import serve
+        return queue_stats()
 
-        from dotsvlm_serving.serve_config import APP_NAME
 
-        return serve.get_deployment_handle("TensorQueue", APP_NAME).stats.remote().result(timeout_s=30)
+def queue_stats() -> dict:
+    """The tensor queue's own stats(), from the Serve application on the Ray this process is connected to."""
+    from ray import serve
+
+    from dotsvlm_serving.serve_config import APP_NAME
+
+    return serve.get_deployment_handle("TensorQueue", APP_NAME).stats.remote().result(timeout_s=30)
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
@@ -58,3 +63,44 @@ def wait_healthy(url: str, timeout_s: float) -> None:
             last = repr(exc)
         time.sleep(0.3)
     raise AssertionError(f"not healthy within {timeout_s} s: {last}")
+
+
+
+def _startup_timeout(exc: Exception) -> bool:
+    # Ray gives a new raylet a fixed 30 s to register; a very busy 2-core machine can miss it.
+    return "timed out during startup" in str(exc)
+
+
+def start_cluster(head: dict, workers: list[dict], attempts: int = 5):
+    """A `ray.cluster_utils.Cluster` with a head and worker raylets (add_node arguments), all registered.
+    A raylet that misses its start-up window gets a fresh cluster (up to `attempts`); other errors raise."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(attempts):
+        cluster = Cluster(initialize_head=False)
+        try:
+            cluster.add_node(**head)
+            for worker in workers:
+                cluster.add_node(**worker)
+            cluster.wait_for_nodes()
+            return cluster
+        except Exception as exc:  # noqa: BLE001
+            cluster.shutdown()
+            if attempt == attempts - 1 or not _startup_timeout(exc):
+                raise
+            print("a raylet start timed out (busy machine): starting the cluster again", flush=True)
+    raise AssertionError("unreachable")
+
+
+def add_node_with_retry(cluster, attempts: int = 3, **node_args):
+    """`cluster.add_node(**node_args)` on a running cluster, tried again when the raylet misses its start-up
+    window; other errors raise at once."""
+    for attempt in range(attempts):
+        try:
+            node = cluster.add_node(**node_args)
+            cluster.wait_for_nodes()
+            return node
+        except Exception as exc:  # noqa: BLE001
+            if attempt == attempts - 1 or not _startup_timeout(exc):
+                raise
+            print("a raylet start timed out (busy machine): trying again", flush=True)

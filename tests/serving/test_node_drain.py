@@ -58,3 +58,30 @@ def test_draining_the_llm_replicas_node_finishes_its_stream_with_the_same_tokens
     assert out["stopping_before_stream_end"] is True, out  # Serve stopped the replica while it streamed
     assert out["drain"]["drained"] is True, out  # the node then left by itself
     assert out["node_before"] not in out["nodes_after"], out
+
+
+def test_rolling_both_pools_one_at_a_time_loses_no_request(tmp_path) -> None:
+    """What a `spec.image` change does to the pools (the operator rolls vision, then LLM): for each pool a
+    new raylet joins, the old one drains as its pod's preStop drains it (deadline from the pool's default
+    grace period) and goes. Image requests and long streams run all the while: every one ends 200 with all
+    its tokens, each pool's replica ends on its new node, and the ingress and the tensor queue (on the head)
+    keep their replicas. The head's own restart in an image change is not covered (see docs/operator.md)."""
+    from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
+
+    model = ensure_tiny_checkpoint(tmp_path / "tiny")
+    driver = Path(__file__).with_name("pool_roll_driver.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, str(driver), str(_free_port()), str(model)], env=env, capture_output=True,
+                          text=True, timeout=1200, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    out = json.loads(lines[-1])
+    assert out["clients_done"], "a request hung"
+    assert not out["failures"], f"requests lost or cut short while the pools rolled: {out['failures'][:5]}"
+    assert out["by_kind"]["image"] >= 4 and out["by_kind"]["stream"] >= 4, out["by_kind"]
+    for roll in out["rolls"]:
+        assert roll["drained"] is True, roll  # the old node left by itself once its work was done
+        assert roll["old_node"] not in roll["now_on"], roll
+    assert out["rolls"][1]["requests_ok_so_far"] > out["rolls"][0]["requests_ok_so_far"], out["rolls"]  # served between
+    assert out["control_after"] == out["control_before"], out  # ingress and queue untouched
+    assert all(len(nodes) == 1 for nodes in out["replicas_after"].values()), out["replicas_after"]

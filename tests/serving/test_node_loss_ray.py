@@ -21,7 +21,7 @@ import time
 
 import httpx
 import pytest
-from serving_support import _free_port, wait_healthy
+from serving_support import _free_port, add_node_with_retry, queue_stats, start_cluster, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -35,14 +35,6 @@ def _llm_nodes() -> dict[str, str]:
 
     return {aid: a["Address"]["NodeID"] for aid, a in gcs_state.actors().items()
             if a.get("State") == "ALIVE" and "LLMServer" in (a.get("Name") or "")}
-
-
-def _queue_stats() -> dict:
-    from ray import serve
-
-    from dotsvlm_serving.serve_config import APP_NAME
-
-    return serve.get_deployment_handle("TensorQueue", APP_NAME).stats.remote().result(timeout_s=30)
 
 
 async def _one(client: httpx.AsyncClient, i: int) -> tuple[str, int, str]:
@@ -76,33 +68,20 @@ def _check(kind: str, code: int, text: str) -> str:
     return "stream-error"
 
 
-def _retry_start(start, what: str):
-    """Ray gives a new raylet a fixed 30 s to register; on a busy 2-core machine it may miss that: try again."""
-    for attempt in range(3):
-        try:
-            return start()
-        except Exception as exc:  # noqa: BLE001
-            if attempt == 2 or "timed out during startup" not in str(exc):
-                raise
-            print(f"{what}: raylet start timed out (busy machine), trying again")
-
-
 def test_llm_node_lost_under_load_requests_end_cleanly_and_a_new_node_gets_the_replica(tmp_path) -> None:
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from dotsvlm_serving.app import deploy_local
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
     from dotsvlm_serving.serve_config import CONTROL_RESOURCE, ServeAppConfig
 
     model = ensure_tiny_checkpoint(tmp_path / "tiny")
-    cluster = Cluster()
+    cluster = start_cluster(dict(num_cpus=4, resources={POOL: 1, CONTROL_RESOURCE: 1000}, include_dashboard=False,
+                                 env_vars={"OMP_NUM_THREADS": "1"}),
+                            [dict(num_cpus=2, resources={POOL: 1}, env_vars={"OMP_NUM_THREADS": "1"})])
+    (worker,) = cluster.worker_nodes
     try:
-        _retry_start(lambda: cluster.add_node(num_cpus=4, resources={POOL: 1, CONTROL_RESOURCE: 1000}, include_dashboard=False,
-                                              env_vars={"OMP_NUM_THREADS": "1"}), "head node")
-        worker = _retry_start(lambda: cluster.add_node(num_cpus=2, resources={POOL: 1},
-                                                       env_vars={"OMP_NUM_THREADS": "1"}), "worker node")
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         cfg = ServeAppConfig.model_validate({
@@ -134,7 +113,7 @@ def test_llm_node_lost_under_load_requests_end_cleanly_and_a_new_node_gets_the_r
                 task = asyncio.ensure_future(load)
                 until = time.monotonic() + 60
                 while time.monotonic() < until:  # remove the node once both replicas hold work
-                    consumers = (await asyncio.to_thread(_queue_stats))["consumers"]
+                    consumers = (await asyncio.to_thread(queue_stats))["consumers"]
                     if len(consumers) == 2 and all(c["leased"] > 0 for c in consumers.values()):
                         break
                     await asyncio.sleep(0.1)
@@ -158,8 +137,7 @@ def test_llm_node_lost_under_load_requests_end_cleanly_and_a_new_node_gets_the_r
                        json={"model": "dots.vlm1", "max_tokens": 8, "messages": [{"role": "user", "content": "still there?"}]})
         assert r.status_code == 200, r.text
         # ...and a replacement node (the operator's replacement pod) gets the missing replica from Serve.
-        _retry_start(lambda: cluster.add_node(num_cpus=2, resources={POOL: 1}, env_vars={"OMP_NUM_THREADS": "1"}),
-                     "replacement node")
+        add_node_with_retry(cluster, num_cpus=2, resources={POOL: 1}, env_vars={"OMP_NUM_THREADS": "1"})
         deadline = time.monotonic() + 240
         while len(_llm_nodes()) < 2:
             assert time.monotonic() < deadline, f"no second LLM replica on the new node: {_llm_nodes()}"
