@@ -287,8 +287,8 @@ def markdown(report: dict) -> str:
         need = _h(vc["gpu_hours_needed"]) if vc["gpu_hours_needed"] is not None else f"cannot (best {_pct(an['c_reaches'])})"
         get = _pct(vc["attainment_at_equal_gpu_hours"]) if vc["attainment_at_equal_gpu_hours"] is not None else "below its cheapest setting"
         verdict = "**yes**" if vc["wins_both"] else ("no: " + ", ".join(
-            s for s, ok in (("(c) is cheaper for the same SLO", not vc["d_fewer_gpu_hours"]),
-                            ("(c) gets more SLO for the same GPU-h", not vc["d_higher_attainment"])) if ok))
+            s for s, ok in (("(c) needs no more GPU-h for the same SLO", not vc["d_fewer_gpu_hours"]),
+                            ("(c) gets as much SLO or more for the same GPU-h", not vc["d_higher_attainment"])) if ok))
         star = "-" if vs is None else (f"{_h(vs['gpu_hours_needed']) if vs['gpu_hours_needed'] is not None else 'cannot'} / "
                                        f"{_got(vs['attainment_at_equal_gpu_hours'])}")
         a99 = an["a99"]
