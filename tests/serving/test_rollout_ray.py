@@ -338,10 +338,16 @@ def _autoscaler(head: Head) -> dict:
 def test_autoscaling_knob_bound_and_slo_changes_restart_no_replica(head: Head) -> None:
     from dotsvlm_operator.serve_drift import config_drift
 
-    # Turning the policy on is a new application code version (every replica restarts): done first.
+    # Turning the policy on is a new application code version (every replica restarts): done first, and
+    # waited for until no replica from before is left.
+    fixed = {rid for replicas in head.replicas().values() for rid in replicas}
     head.deploy(**QUIET_AUTOSCALING)
-    head.wait_for("the application with the autoscaling policy", lambda a: _all_running(a, SIZES) and (
-        a.get("deployed_app_config") or {}).get("autoscaling_policy") is not None, 420)
+
+    def restarted(app: dict) -> bool:
+        ids = {r["replica_id"] for d in (app.get("deployments") or {}).values() for r in d.get("replicas") or []}
+        return _all_running(app, SIZES) and not ids & fixed and (
+            app.get("deployed_app_config") or {}).get("autoscaling_policy") is not None
+    head.wait_for("the application with the autoscaling policy, every replica new", restarted, 420)
 
     def published(check: Callable[[dict], bool], what: str) -> dict:
         deadline = time.monotonic() + 90
