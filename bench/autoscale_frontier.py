@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
-import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from autoscale_model import controllers, traces  # noqa: E402
 from autoscale_model.costs import CostModel  # noqa: E402
 from autoscale_model.run import simulate  # noqa: E402
-from autoscale_sim import LLM_MAX, RESULTS, TARGET, VISION_MAX, _commit, policy_spec, size_fixed  # noqa: E402
+from autoscale_sim import (LLM_MAX, RESULTS, TARGET, VISION_MAX, _commit, policy_spec, size_fixed,  # noqa: E402
+                           write_report)
 
 from dotsvlm_serving.serve_config import SLOConfig  # noqa: E402
 
@@ -409,17 +408,7 @@ def main(argv: list[str] | None = None) -> int:
               "traces": {name: analyse(name, points) for name in args.traces}, "plot": None}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not args.no_plot:
-        png = out.with_suffix(".png")
-        plot(report, png)
-        report["plot"] = str(png.relative_to(Path.cwd())) if png.is_relative_to(Path.cwd()) else str(png)
-    report["wall_s"] = round(time.time() - t0, 1)
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    report["cpu_s"] = round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 1)
-    report["load_average_1m"] = round(os.getloadavg()[0], 1)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, out, t0, draw=None if args.no_plot else plot, render=markdown)
     return 0
 
 

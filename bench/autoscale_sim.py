@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -387,19 +388,29 @@ def main(argv: list[str] | None = None) -> int:
         "traces": {o["trace"]["name"]: o | {"verdict": verdict(o)} for o in outs},
         "plot": None,
     }
-    if not args.no_plot:
+    write_report(report, out, t0, draw=None if args.no_plot else plot, render=markdown,
+                 stored=lambda r: {**r, "traces": {k: {kk: vv for kk, vv in v.items() if kk != "timelines"}
+                                                   for k, v in r["traces"].items()}})
+    return 0
+
+
+def write_report(report: dict, out: Path, t0: float, *, draw: Callable[[dict, Path], None] | None,
+                 render: Callable[[dict], str], stored: Callable[[dict], dict] = lambda r: r) -> None:
+    """A benchmark's results beside `out`: the plot (unless `draw` is None), what the run cost (wall and CPU
+    seconds, the load it ran under), `stored(report)` as JSON and `render(report)` as markdown, also printed.
+    Shared by autoscale_sim.py and autoscale_frontier.py."""
+    if draw is not None:
         png = out.with_suffix(".png")
-        plot(report, png)
+        draw(report, png)
         report["plot"] = str(png.relative_to(Path.cwd())) if png.is_relative_to(Path.cwd()) else str(png)
     report["wall_s"] = round(time.time() - t0, 1)
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     report["cpu_s"] = round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 1)
     report["load_average_1m"] = round(os.getloadavg()[0], 1)
-    slim = {**report, "traces": {k: {kk: vv for kk, vv in v.items() if kk != "timelines"} for k, v in report["traces"].items()}}
-    out.with_suffix(".json").write_text(json.dumps(slim, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
+    text = render(report)
+    out.with_suffix(".json").write_text(json.dumps(stored(report), indent=1) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
