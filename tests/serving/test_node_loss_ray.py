@@ -21,7 +21,7 @@ import time
 
 import httpx
 import pytest
-from serving_support import _free_port, add_node_with_retry, queue_stats, start_cluster, stop_cluster, wait_healthy
+from serving_support import _free_port, add_node_with_retry, queue_stats, start_cluster, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -144,4 +144,9 @@ def test_llm_node_lost_under_load_requests_end_cleanly_and_a_new_node_gets_the_r
             time.sleep(1)
         assert len(set(_llm_nodes().values())) == 2
     finally:
-        stop_cluster(cluster)
+        try:
+            serve.shutdown()
+        except Exception:  # noqa: BLE001  (Serve may never have started)
+            pass
+        ray.shutdown()
+        cluster.shutdown()
