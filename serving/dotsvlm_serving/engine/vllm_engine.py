@@ -293,4 +293,8 @@ def engine_args(model: ServedModel, llm: LLMServerConfig, model_dir: str, args_c
     if not on_gpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         kw["enforce_eager"] = True  # no graph compilation on CPU: it costs minutes of start-up for little
+        if model.dtype == "float32":
+            # On a CPU with AMX vLLM picks its AMX MLA backend, which packs only 16-bit or quantized weights
+            # ("expect weight to be bfloat16, float16, ..." at load); its reference CPU MLA takes float32.
+            kw["attention_backend"] = "CPU_MLA"
     return args_cls(**kw)
