@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,8 +95,13 @@ class _Stop:
     env: tuple[dict[str, Any], ...] = ()
 
 
-# The head: Ray stops at once (every pool worker goes with it anyway).
-_HEAD_STOP = _Stop(["ray", "stop"], 60)
+def _head_stop(spec: models.DotsVLMDeploymentSpec) -> _Stop:
+    """The head drains the API first (`dotsvlm drain-head`, dotsvlm_serving.head_drain): new requests get
+    503 with Retry-After, the open ones (at most the request timeout) finish; then SIGTERM stops Ray
+    (every pool worker goes with it: without GCS fault tolerance they cannot outlive the head)."""
+    deadline = int(math.ceil(spec.api.request_timeout_seconds))
+    return _Stop(["dotsvlm", "drain-head", f"--address=127.0.0.1:{naming.GCS_PORT}", f"--deadline-seconds={deadline}",
+                  f"--retry-after-seconds={naming.HEAD_RESTART_RETRY_AFTER_S}"], deadline + naming.POD_STOP_MARGIN_S)
 
 
 def _pool_stop(owner: Owner, grace_seconds: int) -> _Stop:
@@ -197,7 +203,7 @@ def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, image: str
     probe = {"tcpSocket": {"port": naming.GCS_PORT}, "periodSeconds": 10, "failureThreshold": 6}
     template = _pod_template(owner, spec, naming.COMPONENT_HEAD, cmd, ports, _resources(spec.head.resources, 0),
                              spec.head.node_selector, spec.head.tolerations, "2Gi", {"readinessProbe": probe},
-                             _HEAD_STOP, image=image)
+                             _head_stop(spec), image=image)
     dep = _deployment(owner, naming.head_name(owner.name), naming.COMPONENT_HEAD, 1, template)
     dep["spec"]["strategy"] = {"type": "Recreate"}  # one GCS at a time
     return dep

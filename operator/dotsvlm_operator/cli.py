@@ -72,13 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     drain = sub.add_parser("drain-node", help=(
         "drain this Ray node before its pod stops (the pool pods' preStop hook): Ray Serve moves its replicas "
         "away and they finish their requests; waits until the node has left or the deadline"))
-    drain.add_argument("--address", default=None, help="the Ray head's GCS, host:port (default: $RAY_ADDRESS)")
-    drain.add_argument("--deadline-seconds", type=float, required=True,
-                       help="when the pod will be killed, from now (its termination grace period, less a margin)")
+    _stop_hook_arguments(drain)
     drain.add_argument("--node-ip", default=None, help="the node's IP (default: $DOTSVLM_POD_IP, else this host's)")
     drain.add_argument("--node-id", default=None, help="the node's hex id (instead of --node-ip)")
     drain.add_argument("--reason", default=None, help="why, for Ray's logs")
     drain.set_defaults(func=_lazy("dotsvlm_serving.node_drain", "cli_main", "serving"))
+
+    head = sub.add_parser("drain-head", help=(
+        "drain the API before the Ray head stops (the head pod's preStop hook): new requests get 503 with "
+        "Retry-After, the open ones finish; waits until none is open or the deadline"))
+    _stop_hook_arguments(head)
+    head.add_argument("--retry-after-seconds", type=int, default=60,
+                      help="the Retry-After that refused requests get (about how long the head takes to come back)")
+    head.set_defaults(func=_lazy("dotsvlm_serving.head_drain", "cli_main", "serving"))
 
     model = sub.add_parser("model", help="model utilities")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
@@ -89,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--force", action="store_true", help="overwrite a non-empty directory")
     tiny.set_defaults(func=_lazy("dotsvlm_serving.model.tiny", "cli_main", "serving"))
     return p
+
+
+def _stop_hook_arguments(parser: argparse.ArgumentParser) -> None:
+    """What both preStop hooks (drain-node, drain-head) need: the Ray head and when the pod is killed."""
+    parser.add_argument("--address", default=None, help="the Ray head's GCS, host:port (default: $RAY_ADDRESS)")
+    parser.add_argument("--deadline-seconds", type=float, required=True,
+                        help="when the pod will be killed, from now (its termination grace period, less a margin)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,9 @@ RAYLET_HEALTH_PATH = "/api/local_raylet_healthz"
 # Of a pool pod's termination grace period, the drain (preStop: `dotsvlm drain-node`) may take all but
 # this; the rest is for Ray to stop on SIGTERM.
 POD_STOP_MARGIN_S = 15
+# The Retry-After of requests refused while the head drains (`dotsvlm drain-head`): about how long a head
+# pod takes to stop, start and have the application deployed again.
+HEAD_RESTART_RETRY_AFTER_S = 60
 # The pod's IP, from the downward API: `dotsvlm drain-node` finds its Ray node by it.
 POD_IP_ENV = "DOTSVLM_POD_IP"
 # The operator's own namespace (downward API in the chart); the NetworkPolicies admit it from there.

@@ -117,6 +117,16 @@ def _default_node_ip() -> str:
     return get_node_ip_address()
 
 
+def run_before_deadline(work, timeout_s: float) -> list:
+    """`work()`'s result in a one-item list, or [] when it has not returned within `timeout_s`: Ray's client
+    retries an unreachable GCS for longer than a short deadline, and a stop hook's deadline must win."""
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(work()), daemon=True)
+    worker.start()
+    worker.join(timeout=timeout_s)
+    return done
+
+
 def cli_main(args: argparse.Namespace) -> int:
     """`dotsvlm drain-node`: always exits 0 (a failed drain is logged; the pod stops anyway)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s drain-node %(message)s")
@@ -125,16 +135,9 @@ def cli_main(args: argparse.Namespace) -> int:
         print("dotsvlm drain-node: give --address host:port (the Ray head's GCS) or set RAY_ADDRESS", file=sys.stderr)
         return 0
     node_ip = None if args.node_id else (args.node_ip or _default_node_ip())
-    done: list[DrainResult] = []
-
-    def run() -> None:
-        done.append(drain_node(address, deadline_s=args.deadline_seconds, node_id=args.node_id, node_ip=node_ip,
-                               reason=args.reason or f"pod {socket.gethostname()} is stopping"))
-
-    # Ray's client retries an unreachable GCS for longer than a short deadline: the deadline wins.
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout=args.deadline_seconds + 1)
+    done = run_before_deadline(lambda: drain_node(
+        address, deadline_s=args.deadline_seconds, node_id=args.node_id, node_ip=node_ip,
+        reason=args.reason or f"pod {socket.gethostname()} is stopping"), args.deadline_seconds + 1)
     if not done:
         log.warning("gave up at the deadline (%.0f s): the Ray head did not answer", args.deadline_seconds)
         return 0

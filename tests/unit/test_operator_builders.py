@@ -112,9 +112,14 @@ def test_pool_pods_drain_their_ray_node_before_they_stop_within_a_grace_period_t
         assert env[naming.POD_IP_ENV]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
         assert 0 < int(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]["value"]) < naming.POD_STOP_MARGIN_S
         assert f"--dashboard-agent-listen-port={naming.AGENT_PORT}" in c["command"]
-    # The head stops Ray at once: every worker goes with it anyway.
-    head = kids[("Deployment", "dots-ray-head")]["spec"]["template"]["spec"]["containers"][0]
-    assert head["lifecycle"]["preStop"]["exec"]["command"] == ["ray", "stop"]
+    # The head drains the API first: new requests get 503 with Retry-After, the open ones (at most the
+    # request timeout) finish; then SIGTERM stops Ray.
+    kids = _kids(_spec(api__requestTimeoutSeconds=300))
+    head_pod = kids[("Deployment", "dots-ray-head")]["spec"]["template"]["spec"]
+    assert head_pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == [
+        "dotsvlm", "drain-head", "--address=127.0.0.1:6379", "--deadline-seconds=300",
+        f"--retry-after-seconds={naming.HEAD_RESTART_RETRY_AFTER_S}"]
+    assert head_pod["terminationGracePeriodSeconds"] == 300 + naming.POD_STOP_MARGIN_S
 
 
 def test_llm_grace_period_must_hold_the_llm_replicas_graceful_shutdown() -> None:

@@ -94,13 +94,15 @@ class IngressAdmission:
                 log.warning("could not read the vision pool's replicas from Serve", exc_info=True)
             await asyncio.sleep(interval_s)
 
-    async def publish_forever(self, key: str, pending_pixels: Any, interval_s: float = WATCH_INTERVAL_S) -> None:
-        """Write this replica's figures where every ingress replica can sum them (Ray's internal KV)."""
+    async def publish_forever(self, key: str, pending_pixels: Any, interval_s: float = WATCH_INTERVAL_S,
+                              extra: Any = dict) -> None:
+        """Write this replica's figures where every ingress replica can sum them (Ray's internal KV), with
+        `extra()` (the open requests and the head drain, which `dotsvlm drain-head` reads)."""
         from ray.experimental import internal_kv
 
         while True:
             try:
-                record = json.dumps({"time": time.time(), **self.figures(int(pending_pixels()))}).encode()
+                record = json.dumps({"time": time.time(), **self.figures(int(pending_pixels())), **extra()}).encode()
                 await asyncio.to_thread(internal_kv._internal_kv_put, REPORT_KV_PREFIX + key, record,
                                         overwrite=True, namespace=KV_NAMESPACE)
             except asyncio.CancelledError:

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import pipeline
+from .. import head_drain, pipeline
 from ..autoscaling import serve_policy
 from ..autoscaling.signals import NO_DATA, VISION_PENDING_IMAGES, VISION_PENDING_PIXELS, IngressSignals
 from ..api.auth import ApiKeyAuth
@@ -88,6 +88,9 @@ class Ingress:
         self.signals = IngressSignals()  # what this replica reports to the autoscaler
         self.admission: IngressAdmission | None = None  # backpressure (image bytes held, vision backlog): reconfigure
         self._in_flight = 0
+        # Admitted and not fully answered (a stream counts until its last byte): what a head drain waits for.
+        self._open = 0
+        self._head_drain: head_drain.HeadDrain | None = None  # set while `dotsvlm drain-head` runs
         # The gauges come from the same signals the autoscaler reads (record_autoscaling_stats).
         publisher = StatsPublisher(
             self.metrics, lambda: {**self.signals.stats(time.monotonic()), "in_flight": self._in_flight,
@@ -112,7 +115,9 @@ class Ingress:
             loop = asyncio.get_running_loop()
             self._watching = loop.create_task(self.admission.watch_vision_replicas())
             self._reporting = loop.create_task(self.admission.publish_forever(
-                serve.get_replica_context().replica_id.unique_id, lambda: self.signals.pending_pixels))
+                serve.get_replica_context().replica_id.unique_id, lambda: self.signals.pending_pixels,
+                extra=lambda: {"open_requests": self._open, "head_draining": self._draining_head() is not None}))
+            self._watching_drain = loop.create_task(self._watch_head_drain())
             pre = self.model_config.preprocess
             self.relay = Relay(self.vision, self.queue, self.metrics, self.signals, self.admission,
                                hidden_size=int(self.model_config.vision.hidden_size),
@@ -142,9 +147,28 @@ class Ingress:
         except Exception:
             log.exception("Ingress: could not hand the autoscaling settings to the policy")
 
+    async def _watch_head_drain(self, interval_s: float = 0.5) -> None:
+        """Follow the head-drain flag (`head_drain.DRAIN_KV_KEY`), set by the head pod's preStop hook."""
+        while True:
+            try:
+                self._head_drain = await asyncio.to_thread(head_drain.read_flag)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the last known flag stays; it expires by itself
+                log.warning("could not read the head-drain flag", exc_info=True)
+            await asyncio.sleep(interval_s)
+
+    def _draining_head(self) -> head_drain.HeadDrain | None:
+        flag = self._head_drain
+        return flag if flag is not None and flag.active(time.time()) else None
+
     # ------------------------------------------------------------------------------- small endpoints
     @app.get("/health")
     async def health(self) -> JSONResponse:
+        drain = self._draining_head()
+        if drain is not None:
+            return JSONResponse({"status": "draining", "reason": drain.message()}, 503,
+                                headers={"Retry-After": str(drain.retry_after_s)})
         try:
             stats = await asyncio.wait_for(self.queue.stats.remote(), timeout=5)
         except Exception as exc:
@@ -198,11 +222,20 @@ class Ingress:
         """Runs one generation endpoint with the in-flight gauge, the request counter and the refusals."""
         t0 = time.monotonic()
         self._in_flight += 1
+        self._open += 1
         status = 500
         info = {"modality": NO_MODALITY}
+        streaming = False
         try:
+            drain = self._draining_head()
+            if drain is not None:
+                raise ApiError(503, drain.message(), code="head_restarting",
+                               headers={"Retry-After": str(drain.retry_after_s)})
             response = await handler(request, t0, info)
             status = response.status_code
+            if isinstance(response, StreamingResponse):
+                response.body_iterator = self._closing(response.body_iterator)
+                streaming = True
             return response
         except ApiError as exc:
             status = exc.status
@@ -212,7 +245,17 @@ class Ingress:
             raise
         finally:
             self._in_flight -= 1
+            if not streaming:
+                self._open -= 1
             self.metrics.inc("dotsvlm_requests", code=str(status), modality=info["modality"])
+
+    async def _closing(self, body: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """A stream's body, counted open until its last chunk is sent (or the client left)."""
+        try:
+            async for part in body:
+                yield part
+        finally:
+            self._open -= 1
 
     def _declared_size(self, request: Request) -> str | None:
         """Authenticates, then refuses a body whose Content-Length is over the limit (413); returns it."""
