@@ -51,17 +51,13 @@ def _stream(url: str) -> dict:
 
 
 def main() -> int:
-    import ray
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-    from serving_support import start_cluster
+    from serving_support import serve_app_on_cluster, start_cluster, stop_cluster
 
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
     from dotsvlm_serving.node_drain import drain_node
     from dotsvlm_serving.serve_config import (APP_NAME, CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, LLM_DEPLOYMENT,
-                                              LLM_POOL_RESOURCE, POOL_RESOURCE_CAPACITY, VISION_POOL_RESOURCE,
-                                              ServeAppConfig)
+                                              LLM_POOL_RESOURCE, POOL_RESOURCE_CAPACITY, VISION_POOL_RESOURCE)
 
     port, model_dir = int(sys.argv[1]), sys.argv[2]
     model = ensure_tiny_checkpoint(model_dir)
@@ -69,29 +65,12 @@ def main() -> int:
     cluster = start_cluster(dict(num_cpus=2, include_dashboard=False, resources={CONTROL_RESOURCE: CONTROL_RESOURCE_CAPACITY}),
                             [dict(num_cpus=2, resources=pools)] * 2)
     try:
-        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-        cfg = ServeAppConfig.model_validate({
+        url = serve_app_on_cluster(cluster, port, {
             "model_path": str(model), "control_resource": CONTROL_RESOURCE,
             "vision": {"pool_resource": VISION_POOL_RESOURCE, "autoscaling": {"min_replicas": 0, "max_replicas": 1}},
             "llm": {"pool_resource": LLM_POOL_RESOURCE, "context_length": 2048, "max_running_requests": 2,
                     "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-            "api": {"api_keys_env": None, "request_timeout_s": 300}})
-        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(
-            cfg.deploy_body(http_port=port, http_host="127.0.0.1")))
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 600
-        import httpx
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the application did not become healthy")
-            time.sleep(1)
+            "api": {"api_keys_env": None, "request_timeout_s": 300}}, {"OMP_NUM_THREADS": "1"})
 
         from ray._private import state
 
@@ -139,12 +118,7 @@ def main() -> int:
             }), flush=True)
         return 0
     finally:
-        try:
-            serve.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
-        ray.shutdown()
-        cluster.shutdown()
+        stop_cluster(cluster)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ TOKEN_INTERVAL_S = 0.25
 def main() -> int:
     import ray
     from ray import serve
-    from serving_support import start_cluster
+    from serving_support import start_cluster, stop_cluster
 
     from dotsvlm_serving.node_drain import drain_node
 
@@ -67,12 +67,7 @@ def main() -> int:
                           "expected": list(range(STREAM_TOKENS))}), flush=True)
         return 0
     finally:
-        try:
-            serve.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
-        ray.shutdown()
-        cluster.shutdown()
+        stop_cluster(cluster)
 
 
 if __name__ == "__main__":

@@ -104,3 +104,35 @@ def add_node_with_retry(cluster, attempts: int = 3, **node_args):
             if attempt == attempts - 1 or not _startup_timeout(exc):
                 raise
             print("a raylet start timed out (busy machine): trying again", flush=True)
+
+
+def serve_app_on_cluster(cluster, port: int, config: dict, env: dict[str, str]) -> str:
+    """Connect to a test cluster, start Serve's HTTP proxy on its head only and deploy the dotsvlm application
+    from `config` (a ServeAppConfig) the way the operator does; its URL once /health answers."""
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from dotsvlm_serving.serve_config import ServeAppConfig
+
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False, runtime_env={"env_vars": env})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    body = ServeAppConfig.model_validate(config).deploy_body(http_port=port, http_host="127.0.0.1")
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(body))
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, 600)
+    return url
+
+
+def stop_cluster(cluster) -> None:
+    """Serve (if it started), this process's Ray connection, then every raylet of the test cluster."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve may never have started
+        pass
+    ray.shutdown()
+    cluster.shutdown()

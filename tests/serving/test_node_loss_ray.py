@@ -21,7 +21,7 @@ import time
 
 import httpx
 import pytest
-from serving_support import _free_port, add_node_with_retry, queue_stats, start_cluster, wait_healthy
+from serving_support import _free_port, add_node_with_retry, queue_stats, start_cluster, stop_cluster, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -76,6 +76,7 @@ def test_llm_node_lost_under_load_requests_end_cleanly_and_a_new_node_gets_the_r
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
     from dotsvlm_serving.serve_config import CONTROL_RESOURCE, ServeAppConfig
 
+    assert not ray.is_initialized(), "this test starts its own two-node Ray (run it before the shared `served` app)"
     model = ensure_tiny_checkpoint(tmp_path / "tiny")
     cluster = start_cluster(dict(num_cpus=4, resources={POOL: 1, CONTROL_RESOURCE: 1000}, include_dashboard=False,
                                  env_vars={"OMP_NUM_THREADS": "1"}),
@@ -144,9 +145,4 @@ def test_llm_node_lost_under_load_requests_end_cleanly_and_a_new_node_gets_the_r
             time.sleep(1)
         assert len(set(_llm_nodes().values())) == 2
     finally:
-        try:
-            serve.shutdown()
-        except Exception:  # noqa: BLE001  (Serve may never have started)
-            pass
-        ray.shutdown()
-        cluster.shutdown()
+        stop_cluster(cluster)

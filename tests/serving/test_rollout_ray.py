@@ -11,9 +11,10 @@ must end with its finish reason and `[DONE]`, none may fail.
   queue's included.
 - LLM engine setting (max running requests): the LLM replicas are replaced (drained), vision and queue
   keep theirs; the ingress reconfigures in place (it checks requests against the LLM's limits).
-- With the autoscaling policy on: an LLM autoscaling knob, a pool's maxReplicas and the SLO each restart
-  no replica, and the policy's published decisions (`GET /-/autoscaler`) show it decides with the new
-  value; the operator's drift check sees the head run each config.
+- Turning autoscaling on (a pool's bounds apart), an LLM autoscaling knob, a pool's maxReplicas, the
+  SLO, and turning autoscaling off again each restart no replica, and the policy's published decisions
+  (`GET /-/autoscaler`) show it decides with the new value; the operator's drift check sees the head
+  run each config.
 """
 
 from __future__ import annotations
@@ -329,45 +330,51 @@ def _with(base: dict, **changes: dict) -> dict:
     return out
 
 
+# The same with both pools fixed (equal bounds): autoscaling off.
+QUIET_FIXED = _with(QUIET_AUTOSCALING, vision={"autoscaling": {"max_replicas": 1}})
+
+
 def _autoscaler(head: Head) -> dict:
     r = httpx.get(head.api + "/-/autoscaler", timeout=30)
     r.raise_for_status()
     return r.json().get("decisions") or {}
 
 
-def test_autoscaling_knob_bound_and_slo_changes_restart_no_replica(head: Head) -> None:
+def _published(head: Head, check: Callable[[dict], bool], what: str) -> dict:
+    """The policy's published decisions once `check` holds for them (90 s at most)."""
+    deadline = time.monotonic() + 90
+    last: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            last = _autoscaler(head)
+        except httpx.HTTPError as exc:
+            last = {"error": repr(exc)}
+        try:
+            if check(last):
+                return last
+        except (KeyError, TypeError):  # no decision yet, or one published before the settings
+            pass
+        time.sleep(1.0)
+    raise AssertionError(f"the policy's decisions do not show {what} within 90 s: {last}")
+
+
+def test_autoscaling_on_off_knob_bound_and_slo_changes_restart_no_replica(head: Head) -> None:
     from dotsvlm_operator.serve_drift import config_drift
 
-    # Turning the policy on is a new application code version (every replica restarts): done first, and
-    # waited for until no replica from before is left.
-    fixed = {rid for replicas in head.replicas().values() for rid in replicas}
-    head.deploy(**QUIET_AUTOSCALING)
+    # First the same engine settings with both pools fixed (equal bounds): the LLM replicas restart once
+    # here, as the previous test left other engine settings.
+    head.deploy(**QUIET_FIXED)
+    fixed_body = _config(head.model, head.api_port, **QUIET_FIXED)[0]
+    head.wait_for("the fixed config running", lambda a: config_drift(
+        fixed_body, a.get("deployed_app_config")) is None and _all_running(a, SIZES), 420)
 
-    def restarted(app: dict) -> bool:
-        ids = {r["replica_id"] for d in (app.get("deployments") or {}).values() for r in d.get("replicas") or []}
-        return _all_running(app, SIZES) and not ids & fixed and (
-            app.get("deployed_app_config") or {}).get("autoscaling_policy") is not None
-    head.wait_for("the application with the autoscaling policy, every replica new", restarted, 420)
-
-    def published(check: Callable[[dict], bool], what: str) -> dict:
-        deadline = time.monotonic() + 90
-        last: dict = {}
-        while time.monotonic() < deadline:
-            try:
-                last = _autoscaler(head)
-            except httpx.HTTPError as exc:
-                last = {"error": repr(exc)}
-            try:
-                if check(last):
-                    return last
-            except (KeyError, TypeError):  # no decision yet, or one published before the settings
-                pass
-            time.sleep(1.0)
-        raise AssertionError(f"the policy's decisions do not show {what} within 90 s: {last}")
-
-    published(lambda d: d["llm"]["settings"]["target_ongoing_requests"] == 1000, "the first settings")
+    # The policy runs for fixed pools too (between equal bounds): that is what makes turning it on cheap.
+    _published(head, lambda d: (d["vision"]["settings"]["max_replicas"], d["llm"]["settings"]["target_ongoing_requests"])
+               == (1, 1000), "the fixed config's settings")
     before = head.replicas()
     steps = [
+        ("(0) turning autoscaling on", QUIET_AUTOSCALING,
+         lambda d: (d["vision"]["settings"]["max_replicas"], d["vision"]["settings"]["min_replicas"]) == (2, 1)),
         ("(a) an LLM autoscaling knob", _with(QUIET_AUTOSCALING, llm={"autoscaling": {
             "target_ongoing_requests": 900, "downscale_delay_s": 45}}),
          lambda d: (d["llm"]["settings"]["target_ongoing_requests"], d["llm"]["settings"]["downscale_delay_s"]) == (900, 45)),
@@ -378,6 +385,8 @@ def test_autoscaling_knob_bound_and_slo_changes_restart_no_replica(head: Head) -
             "target_ongoing_requests": 900, "downscale_delay_s": 45, "max_replicas": 3}},
             slo={"text_ttft_s": 50, "image_ttft_s": 100}),
          lambda d: (d["llm"]["slo"]["text_ttft_s"], d["vision"]["slo"]["image_ttft_s"]) == (50, 100)),
+        ("(d) turning autoscaling off", _with(QUIET_FIXED, slo={"text_ttft_s": 50, "image_ttft_s": 100}),
+         lambda d: (d["vision"]["settings"]["max_replicas"], d["llm"]["settings"]["max_replicas"]) == (1, 2)),
     ]
     with Load(head.api) as load:
         load.wait_for_requests(3, 180)
@@ -386,7 +395,7 @@ def test_autoscaling_knob_bound_and_slo_changes_restart_no_replica(head: Head) -
             body = _config(head.model, head.api_port, **changes)[0]
             head.wait_for(f"{what}: the head runs the new config", lambda a: config_drift(
                 body, a.get("deployed_app_config")) is None and _all_running(a, SIZES), 120)
-            decisions = published(took_effect, f"{what} in effect")
+            decisions = _published(head, took_effect, f"{what} in effect")
             print(f"{what}: llm {decisions['llm']['settings']} slo {decisions['llm']['slo']}")
             load.wait_for_requests(2, 180)  # still serving after the change
     after = head.replicas()

@@ -62,6 +62,7 @@ class LLMServer:
         self._outbox: list[Event] = []
         self._last_take = 0.0
         self._draining = False
+        self._drained = asyncio.Event()  # set by the run loop: draining, no work left, every event delivered
         self.metrics = ReplicaMetrics("llm")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -141,9 +142,13 @@ class LLMServer:
                 self.engine.cancel(rid)
             self._to_cancel.clear()
         if self.engine.has_work():
-            self._outbox += await self.engine.step()
+            events = await self.engine.step()  # (not `outbox += await`: the outbox may be swapped meanwhile)
+            self._outbox += events
         await self._publish(wait=not self.engine.has_work())
         if self._draining and not self.engine.has_work():
+            # Only here is the drain over: the engine reports no work while its last step still runs (in a
+            # thread), so a watcher of has_work() alone could leave the queue before the finish event is sent.
+            self._drained.set()
             await asyncio.sleep(0.1)  # nothing left to do and nothing to take: do not spin
 
     async def _publish(self, *, wait: bool) -> None:
@@ -205,9 +210,13 @@ class LLMServer:
         if not hasattr(self, "_run_task"):  # the engine was never built: nothing to drain
             return
         self._draining = True
-        deadline = time.monotonic() + self.DRAIN_TIMEOUT_S
-        while self.engine.has_work() and time.monotonic() < deadline and not self._run_task.done():
-            await asyncio.sleep(0.1)
+        drained = asyncio.ensure_future(self._drained.wait())
+        await asyncio.wait({drained, self._run_task}, timeout=self.DRAIN_TIMEOUT_S,
+                           return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+        # The run loop stops before the last publish: one publisher at a time, events stay in order.
+        self._run_task.cancel()
+        await asyncio.gather(self._run_task, return_exceptions=True)
         try:
             await self._publish(wait=True)
         except Exception:
@@ -216,7 +225,6 @@ class LLMServer:
             await self.queue.leave.remote(self.consumer_id)  # leases still held go back to the queue
         except Exception:
             log.exception("could not leave the tensor queue; its lease will expire")
-        self._run_task.cancel()
         self._hb_task.cancel()
         try:
             await self.engine.shutdown()
