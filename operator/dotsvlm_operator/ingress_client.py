@@ -74,7 +74,7 @@ class SLOReport(_Lenient):
 
 
 class AutoscalerReport(_Lenient):
-    decisions: dict[str, PoolDecision] | None = None  # None: no pool autoscales (or no decision yet)
+    decisions: dict[str, PoolDecision] | None = None  # None: no decision yet
     queue: QueueReport | None = None
     slo: SLOReport | None = None
     admission: AdmissionReport | None = None

@@ -176,6 +176,11 @@ class VisionAutoscaling(Autoscaling):
     """Autoscaling of the vision pool: encode backlog against the measured encode rate, encode latency
     against its share of the image-TTFT target, image requests per replica."""
 
+    upscale_delay_seconds: float = Field(
+        _contract(VisionAutoscaling, "upscale_delay_s"), ge=0, le=3600, description=(
+            "How long every signal must ask for more vision replicas before the pool grows. Default 0 (as "
+            "Kubernetes' HPA scales up): the encode backlog is measured, and a vision replica is one GPU and "
+            "starts within a minute; the downscale delay still keeps the pool from flapping."))
     encode_budget_fraction: float = Field(
         _contract(VisionAutoscaling, "encode_budget_fraction"), gt=0, le=1, description=(
             "Share of slo.imageTTFTSeconds that encoding (queueing included) may take; the pool grows so its "

@@ -325,7 +325,7 @@ def _autoscaler_status(report: AutoscalerReport | None) -> models.AutoscalerStat
             f"the pools at Serve's target and retries)")[:1000])
     pools = sorted((report.decisions or {}).keys())
     return models.AutoscalerStatus(reachable=True, url=report.url or None, message=(
-        f"decisions for {', '.join(pools)}" if pools else "no pool autoscales (minReplicas == maxReplicas) or no decision yet"))
+        f"decisions for {', '.join(pools)}" if pools else "no decision yet (the policy decides within a few seconds of the application starting)"))
 
 
 def _condition(type_: str, status: bool, reason: str, message: str, generation: int | None,

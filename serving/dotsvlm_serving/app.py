@@ -32,7 +32,7 @@ def parse_config(args: dict[str, Any]) -> ServeAppConfig:
 def deploy_local(cfg: ServeAppConfig, *, host: str, port: int) -> None:
     """Deploy the application on the Ray this process is connected to the way the operator does: as a
     Serve config (what `PUT /api/serve/applications/` takes), so that dotsvlm's autoscaling policy is
-    the application's policy when a pool autoscales (`serve.run` cannot install an application-level
+    the application's policy (for fixed pools too; `serve.run` cannot install an application-level
     policy) and a later config changes only the deployments it concerns. Uses the Serve client call
     behind that REST endpoint: no dashboard needed."""
     from ray import serve

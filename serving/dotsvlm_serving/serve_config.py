@@ -107,6 +107,11 @@ class AutoscalingTargets(_Strict):
 
 
 class VisionAutoscaling(AutoscalingTargets):
+    # No up window by default, as Kubernetes' HPA scales up: the encode backlog is a measurement, not a
+    # guess, a vision replica is one GPU and starts within a minute, and every second an image burst waits on a
+    # small pool also idles the LLM pool behind it (bench/results/autoscale_frontier.md: the image burst
+    # reaches 99.7% instead of 95.7% at the same GPU-hours). Scale-down keeps its window.
+    upscale_delay_s: float = Field(0.0, ge=0)
     # Share of the image-TTFT target that encoding (queueing included) may take.
     encode_budget_fraction: float = Field(0.5, gt=0, le=1)
     # With min_replicas 0: no image work for this long scales the pool to zero.
@@ -367,11 +372,10 @@ def autoscaling(t: AutoscalingTargets) -> dict[str, Any]:
     return cfg
 
 
-def replica_options(t: AutoscalingTargets, autoscaled: bool) -> dict[str, Any]:
-    """With the policy on, every deployment gets an autoscaling config (fixed ones with min == max), so
-    that each replica's `record_autoscaling_stats` reaches the policy; without it, a fixed count."""
-    if not autoscaled:
-        return {"num_replicas": t.max_replicas}
+def replica_options(t: AutoscalingTargets) -> dict[str, Any]:
+    """Every deployment gets an autoscaling config, a fixed one too (min == max), so that each replica's
+    `record_autoscaling_stats` reaches the policy and turning a pool's autoscaling on or off only moves
+    its bounds (no replica restarts: see `ServeAppConfig.autoscaling_policy`)."""
     return {"autoscaling_config": autoscaling(t)}
 
 
@@ -441,10 +445,8 @@ class ServeAppConfig(_Strict):
                              kv_cache_tokens=self.llm.kv_cache_budget(), enqueue_timeout_s=self.queue.enqueue_timeout_s,
                              engine=self.llm.engine, autoscaling=self.policy_config())
 
-    def policy_config(self) -> AutoscalingPolicyConfig | None:
-        """The policy's settings beyond Serve's fields (None: fixed sizes, no policy runs)."""
-        if not self.autoscaled():
-            return None
+    def policy_config(self) -> AutoscalingPolicyConfig:
+        """The policy's settings beyond Serve's fields (for fixed sizes too: the policy always runs)."""
         return AutoscalingPolicyConfig(slo=self.slo, vision=self.vision.autoscaling.policy_knobs(),
                                        llm=self.llm.autoscaling.policy_knobs())
 
@@ -467,29 +469,26 @@ class ServeAppConfig(_Strict):
         config's per-deployment overrides, so that Ray versions each deployment by its own options: a
         change to one deployment's options restarts (or, `user_config` alone, reconfigures) only it.
         Options about a deployment's code (concurrency, graceful shutdown) stay beside it in `deployments/`."""
-        auto = self.autoscaled()
         cpu_share = 0.0 if self.device == "cpu" else 1.0  # on CPU, Ray's CPU accounting must not block replicas
         single = AutoscalingTargets(min_replicas=1, max_replicas=1)
         n = self.api.ingress_replicas
         llm = self.llm_server_config()
         llm_opts = llm_placement(self.llm, num_cpus=cpu_share)
         env = {RESTART_DIGEST_ENV: llm.restart_digest()}
-        llm_opts["ray_actor_options"] = _with_env(llm_opts["ray_actor_options"], auto, env)
+        llm_opts["ray_actor_options"] = _with_env(llm_opts["ray_actor_options"], env)
         opts = {
-            INGRESS_DEPLOYMENT: {**replica_options(AutoscalingTargets(min_replicas=n, max_replicas=n), auto),
-                                 "ray_actor_options": _with_env(control_options({"num_cpus": 0}, self.control_resource),
-                                                                auto),
+            INGRESS_DEPLOYMENT: {**replica_options(AutoscalingTargets(min_replicas=n, max_replicas=n)),
+                                 "ray_actor_options": _with_env(control_options({"num_cpus": 0}, self.control_resource)),
                                  "user_config": self.ingress_config().model_dump(mode="json")},
-            VISION_DEPLOYMENT: {**replica_options(self.vision.autoscaling, auto),
+            VISION_DEPLOYMENT: {**replica_options(self.vision.autoscaling),
                                 "ray_actor_options": _with_env(actor_options(
                                     num_gpus=self.vision.gpus_per_replica, pool_resource=self.vision.pool_resource,
-                                    num_cpus=cpu_share), auto),
+                                    num_cpus=cpu_share)),
                                 "user_config": self.vision_encoder_config().model_dump(mode="json")},
-            QUEUE_DEPLOYMENT: {**replica_options(single, auto),
-                               "ray_actor_options": _with_env(control_options({"num_cpus": 0}, self.control_resource),
-                                                              auto),
+            QUEUE_DEPLOYMENT: {**replica_options(single),
+                               "ray_actor_options": _with_env(control_options({"num_cpus": 0}, self.control_resource)),
                                "user_config": self.queue.model_dump(mode="json")},
-            LLM_DEPLOYMENT: {**replica_options(self.llm.autoscaling, auto), **llm_opts,
+            LLM_DEPLOYMENT: {**replica_options(self.llm.autoscaling), **llm_opts,
                              "user_config": llm.model_dump(mode="json")},
         }
         return opts
@@ -498,9 +497,10 @@ class ServeAppConfig(_Strict):
         """Whether a pool may change size: then dotsvlm's policy runs as the application's autoscaler."""
         return any(a.min_replicas != a.max_replicas for a in (self.vision.autoscaling, self.llm.autoscaling))
 
-    def autoscaling_policy(self) -> dict | None:
-        """The application-level `autoscaling_policy` of the Serve config (None: fixed sizes): the policy's
-        import path only, the same for every spec, so that no setting is part of it.
+    def autoscaling_policy(self) -> dict:
+        """The application-level `autoscaling_policy` of the Serve config: the policy's import path only,
+        the same for every spec, fixed sizes included, so that no setting is part of it and turning a
+        pool's autoscaling on or off restarts nothing (a fixed pool is one whose bounds are equal).
 
         What Ray 2.60 (as installed) does with each place a setting could travel:
         - the application's `autoscaling_policy`, its `policy_kwargs` included, is hashed into the
@@ -521,31 +521,21 @@ class ServeAppConfig(_Strict):
         - a deployment's `user_config` is applied in place (`reconfigure`), but the controller-side
           policy cannot read it: hence the Ingress's slice carries `policy_config()` and the ingress
           writes it to Ray's internal KV for the policy (`serve_policy.publish_settings`)."""
-        if not self.autoscaled():
-            return None
         return {"policy_function": AUTOSCALING_POLICY_PATH}
 
     def deploy_body(self, *, http_port: int = 8000, route_prefix: str = "/", http_host: str = "0.0.0.0") -> dict:
         """The JSON body for `PUT /api/serve/applications/` on the Ray head's dashboard (and for
         `deploy_apps` locally): the application with the model as its `args`, each deployment's options
-        (`deployment_options`) and dotsvlm's autoscaling policy when a pool autoscales."""
-        deployments = []
-        for name, opts in self.deployment_options().items():
-            if "autoscaling_config" in opts:  # say both, so nothing falls back to what the code set
-                opts = {"num_replicas": None, **opts}
-            else:
-                opts = {**opts, "autoscaling_config": None}
-            deployments.append({"name": name, **opts})
+        (`deployment_options`) and dotsvlm's autoscaling policy (always: fixed pools have equal bounds)."""
+        # num_replicas: None says so explicitly, so that nothing falls back to what the code set.
+        deployments = [{"name": name, "num_replicas": None, **opts} for name, opts in self.deployment_options().items()]
         application: dict = {"name": APP_NAME, "route_prefix": route_prefix, "import_path": APP_IMPORT_PATH,
                              "args": self.served_model().model_dump(mode="json"), "deployments": deployments}
-        policy = self.autoscaling_policy()
-        if policy is not None:
-            application["autoscaling_policy"] = policy
+        application["autoscaling_policy"] = self.autoscaling_policy()
         return {"http_options": {"host": http_host, "port": http_port}, "applications": [application]}
 
 
-def _with_env(opts: dict[str, Any], autoscaled: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Replica actor options with environment variables: the restart digest, and when the policy runs,
-    the settings that make the replicas report to it every second."""
-    env_vars = {**(METRICS_PUSH_ENV if autoscaled else {}), **(env or {})}
-    return {**opts, "runtime_env": {"env_vars": env_vars}} if env_vars else opts
+def _with_env(opts: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Replica actor options with environment variables: the settings that make the replicas report to
+    the policy every second, and the restart digest."""
+    return {**opts, "runtime_env": {"env_vars": {**METRICS_PUSH_ENV, **(env or {})}}}

@@ -151,6 +151,17 @@ def test_flapping_input_gives_no_oscillation() -> None:
         assert {d[pool].desired for d in ds} == {1}, f"{pool} moved on flapping input"
 
 
+def test_flapping_input_without_an_up_window_grows_once_and_holds_through_the_down_window() -> None:
+    # The vision pool's default: no up window (as the HPA), the down window still holds it.
+    heavy = lambda c: p.Snapshot(vision(c["vision"], requests=12, pixels=12e6), llm(c["llm"]))
+    light = lambda c: p.Snapshot(vision(c["vision"]), llm(c["llm"]))
+    ds = run([heavy if i % 2 == 0 else light for i in range(100)], spec(vision={"downscale_delay_s": 120}))
+    v = [d["vision"].desired for d in ds]
+    assert v[0] > 1, "no up window: the first backlog grows the pool"
+    assert all(b >= a for a, b in zip(v, v[1:])), f"the pool went down on flapping input: {v}"
+    assert sum(1 for a, b in zip(v, v[1:]) if a != b) <= 2, f"the pool kept moving: {v}"
+
+
 def test_sustained_load_then_quiet_scales_up_then_down_after_the_window() -> None:
     heavy = lambda c: p.Snapshot(vision(c["vision"], requests=12, pixels=12e6), llm(c["llm"], running=20))
     light = lambda c: p.Snapshot(vision(c["vision"]), llm(c["llm"]))
@@ -207,3 +218,18 @@ def test_replicas_still_starting_are_not_cancelled_by_a_scale_down() -> None:
     assert "still starting" in d.message
     later = p.decide(p.Snapshot(vision(1), llm(1)), sp, state, 70.0, current={"vision": 1, "llm": 5})["llm"]
     assert later.desired == 4, "after the start-up time, the unneeded replicas may go"
+
+
+def test_by_default_the_vision_pool_grows_at_the_first_backlog_and_the_llm_pool_waits_its_window() -> None:
+    """Defaults as a user gets them: no up window on the vision pool (a burst of images must not wait on a
+    small pool while the LLM pool behind it idles), 10 s on the LLM pool (its replicas are 16 GPUs)."""
+    sp = p.PolicySpec(slo=SLOConfig(), vision=VisionAutoscaling(max_replicas=16), llm=LLMAutoscaling(max_replicas=8))
+    assert sp.vision.upscale_delay_s == 0 and sp.llm.upscale_delay_s == 10
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 1}
+    calm = p.Snapshot(vision(1), llm(1, running=4))
+    for t in range(0, 60, 5):  # both pools watched long enough for every window to count
+        cur = {k: d.desired for k, d in p.decide(calm, sp, state, float(t), current=cur).items()}
+    burst = p.Snapshot(vision(1, requests=60, pixels=40e6), llm(1, depth=40, running=8))
+    d = p.decide(burst, sp, state, 60.0, current=cur)
+    assert d["vision"].desired == 5 and d["vision"].reason == p.VISION_REQUESTS  # 1 running + step 4, at once
+    assert d["llm"].desired == 1 and d["llm"].reason == p.STABILIZING and "upscaleDelaySeconds (10 s)" in d["llm"].message

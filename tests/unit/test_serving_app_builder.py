@@ -21,8 +21,8 @@ def test_autoscaling_from_targets() -> None:
     # Serve applies the bounds; dotsvlm's policy applies the windows, so Serve's own delays are zero.
     assert autoscaling(t) == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 2,
                               "upscale_delay_s": 0.0, "downscale_delay_s": 0.0, "look_back_period_s": 10.5}
-    assert replica_options(AutoscalingTargets(min_replicas=2, max_replicas=2), False) == {"num_replicas": 2}
-    assert "autoscaling_config" in replica_options(t, True)
+    fixed = replica_options(AutoscalingTargets(min_replicas=2, max_replicas=2))["autoscaling_config"]
+    assert (fixed["min_replicas"], fixed["max_replicas"]) == (2, 2)  # a fixed pool: equal bounds
 
 
 def test_invalid_config_is_refused_clearly() -> None:
@@ -116,12 +116,27 @@ def test_vision_batches_fifo_by_pixel_budget() -> None:
 _KEEP: list[object] = []
 
 
+def _draining_server(queue: object, engine: object):
+    """An LLMServer with fake queue and engine and its run loop started: what `__del__` drains."""
+    import asyncio
+
+    from dotsvlm_serving.deployments.llm import LLMServer
+
+    srv = object.__new__(LLMServer)
+    srv.queue, srv.engine = queue, engine
+    srv.consumer_id, srv._to_cancel, srv._publishing, srv._outbox = "c", set(), None, []
+    srv._last_take, srv._draining, srv._drained = 0.0, False, asyncio.Event()
+    srv._run_task = asyncio.create_task(srv._run_forever())
+    srv._hb_task = asyncio.create_task(asyncio.sleep(3600))
+    srv._publishing_metrics = asyncio.create_task(asyncio.sleep(3600))
+    _KEEP.append(srv)  # never garbage-collected here: that would call the async __del__ unawaited
+    return srv
+
+
 def test_llm_replica_drains_before_leaving() -> None:
     """Graceful shutdown: no new work is taken, running requests finish, their events are delivered,
     then the replica leaves the queue (which hands back anything still leased)."""
     import asyncio
-
-    from dotsvlm_serving.deployments.llm import LLMServer
 
     calls: list[str] = []
 
@@ -170,19 +185,71 @@ def test_llm_replica_drains_before_leaving() -> None:
             return {}
 
     async def main() -> None:
-        srv = object.__new__(LLMServer)
-        srv.queue, srv.engine = FakeQueue(), FakeEngine()
-        srv.consumer_id, srv._to_cancel, srv._publishing, srv._outbox = "c", set(), None, []
-        srv._last_take, srv._draining = 0.0, False
-        srv._run_task = asyncio.create_task(srv._run_forever())
-        srv._hb_task = asyncio.create_task(asyncio.sleep(3600))
-        srv._publishing_metrics = asyncio.create_task(asyncio.sleep(3600))
-        srv._timing = {}  # no request is timed: nothing is observed (no metrics object needed)
-        _KEEP.append(srv)  # never garbage-collected here: that would call the async __del__ unawaited
+        srv = _draining_server(FakeQueue(), FakeEngine())
         await srv.__del__()
         assert srv.engine.steps_left == 0  # ran to completion
         assert "take" not in calls  # draining: nothing new taken
         assert calls[-2:] == ["leave", "engine shutdown"] and "publish" in calls[:-2]  # delivered, then left
+
+    asyncio.run(main())
+
+
+def test_a_draining_llm_replica_delivers_the_finish_event_of_its_last_step_before_it_leaves() -> None:
+    """The engine's step runs in a thread and reports no work as soon as the last request finishes,
+    before the step returns its finish event. Leaving the queue then would turn that finish into
+    "the LLM replica shut down while generating this answer" for a stream that got every token."""
+    import asyncio
+
+    log: list[tuple[str, object]] = []
+
+    class Method:
+        def __init__(self, name: str, result):
+            self.name, self.result = name, result
+
+        def remote(self, *args):
+            log.append((self.name, [e["type"] for e in args[1]] if self.name == "publish" else None))
+
+            async def call():
+                await asyncio.sleep(0.01)
+                return self.result
+            return call()
+
+    class FakeQueue:
+        take = Method("take", [])
+        publish = Method("publish", [])
+        leave = Method("leave", None)
+
+    class SlowStepEngine:
+        tokens_left = 3
+
+        def has_work(self) -> bool:
+            return self.tokens_left > 0
+
+        def free_slots(self) -> int:
+            return 0
+
+        def free_tokens(self) -> int:
+            return 0
+
+        async def step(self) -> list[dict]:
+            self.tokens_left -= 1  # the thread's state changes first...
+            await asyncio.sleep(0.3)  # ...the events come back a decode step later
+            return [{"request_id": "r", "type": "finish" if self.tokens_left == 0 else "token"}]
+
+        async def shutdown(self) -> None:
+            log.append(("engine shutdown", None))
+
+        def stats(self) -> dict:
+            return {}
+
+    async def main() -> None:
+        srv = _draining_server(FakeQueue(), SlowStepEngine())
+        await asyncio.sleep(0.45)  # inside the second step
+        await srv.__del__()
+        published = [t for name, types in log if name == "publish" for t in types]
+        assert published == ["token", "token", "finish"], log
+        names = [name for name, _ in log]
+        assert names.index("leave") > max(i for i, n in enumerate(names) if n == "publish"), log
 
     asyncio.run(main())
 
@@ -211,11 +278,13 @@ def test_an_autoscaled_pool_puts_dotsvlm_policy_on_the_application() -> None:
     settings = bound[INGRESS_DEPLOYMENT]._deployment_config.user_config["autoscaling"]
     assert "image_ttft_s" in settings["slo"] and settings["vision"]["idle_to_zero_s"] == 300
 
+    # Fixed sizes run the same policy between equal bounds: turning autoscaling on later restarts nothing.
     fixed = ServeAppConfig.model_validate({"model_path": "/m"})
-    assert "autoscaling_policy" not in fixed.deploy_body()["applications"][0]
-    assert fixed.ingress_config().autoscaling is None
+    assert fixed.deploy_body()["applications"][0]["autoscaling_policy"] == policy
+    assert fixed.ingress_config().autoscaling is not None
     ingress = build_app(fixed.model_dump(mode="json"))._bound_deployment
-    assert ingress._deployment_config.autoscaling_config is None and ingress._deployment_config.num_replicas == 1
+    auto = ingress._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas) == (1, 1)
 
 
 def test_engine_defaults_and_option_errors_say_what_to_fix() -> None:
@@ -321,9 +390,12 @@ AUTOSCALED = {"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 0, 
     {"vision": {"autoscaling": {"max_replicas": 6}}},
     {"llm": {"autoscaling": {"min_replicas": 2, "max_replicas": 5, "initial_replicas": 2}}},
     {"slo": {"image_ttft_s": 5, "inter_token_s": 0.1}},
-], ids=["llm-target", "llm-windows", "vision-max", "llm-bounds", "slo"])
+    {"vision": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+     "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}}},
+], ids=["llm-target", "llm-windows", "vision-max", "llm-bounds", "slo", "autoscaling-off"])
 def test_autoscaling_settings_restart_no_replica(change: dict) -> None:
-    """Checked with the installed Ray's own version code: an autoscaling knob, a bound or the SLO leaves
+    """Checked with the installed Ray's own version code: an autoscaling knob, a bound, the SLO, or turning
+    both pools' autoscaling off (equal bounds) leaves
     the application's code version and every deployment's actor version alone (no replica restarts);
     only the Ingress (whose slice carries the policy's settings) reconfigures in place."""
     import copy
