@@ -7,13 +7,15 @@ A single run compares two settings; a grid compares two strategies. For every tr
   (Serve sees no LLM load, since LLM replicas pull from the tensor queue, so the pool stays at its
   minimum and `min_replicas` is the only LLM knob that does anything; its `target_ongoing_requests` is
   inert), and the vision pool's `target_ongoing_requests` with Serve's own delays (30 s up, 600 s down)
-  and with (d)'s (10 s, 120 s); same bounds as (d) (vision 1-16, LLM up to 12);
+  and with (d)'s (LLM 10 s / 120 s, vision 0 s / 120 s); same bounds as (d) (vision 1-16, LLM up to 12);
 - (c*) the same rule if Serve COULD count the LLM's requests (running + waiting + queued, as if the LLM
   were called through handles): a hypothetical, to see whether (d) wins on its rules or only on what it
   can see; its LLM `target_ongoing_requests` swept, (d)'s delays;
 - (d) dotsvlm's policy, its LLM `targetOngoingRequests` swept (the default is 3/4 of
   maxRunningRequests = 48); plus, at the default target, the stabilisation made faster and the trend
-  turned off, to tell what the target costs from what the windows cost;
+  turned off, to tell what the target costs from what the windows cost; and, at the default target,
+  the LLM pool's `minReplicas` raised, the one knob (c) is swept over (a burst that outgrows the pool
+  faster than an LLM replica starts can only be met by a floor; both strategies get that floor);
 - (a) one co-located pool fixed at n replicas, for (a)'s 99% size and the 40% target.
 
 Then, for each (d) point: the GPU-hours (c) needs to reach (d)'s SLO attainment and the attainment (c)
@@ -45,24 +47,31 @@ from autoscale_model.run import simulate  # noqa: E402
 from autoscale_sim import (LLM_MAX, RESULTS, TARGET, VISION_MAX, _commit, policy_spec, size_fixed,  # noqa: E402
                            write_report)
 
-from dotsvlm_serving.serve_config import SLOConfig  # noqa: E402
+from dotsvlm_serving.serve_config import LLMAutoscaling, SLOConfig, VisionAutoscaling  # noqa: E402
 
 SERVE_DELAYS = (30.0, 600.0)  # Ray Serve 2.60's AutoscalingConfig defaults
-D_DELAYS = (10.0, 120.0)  # dotsvlm's defaults (AutoscalingTargets)
+D_DELAYS = (LLMAutoscaling().upscale_delay_s, LLMAutoscaling().downscale_delay_s)  # dotsvlm's LLM defaults: 10 s / 120 s
+D_VISION_DELAYS = (VisionAutoscaling().upscale_delay_s, VisionAutoscaling().downscale_delay_s)  # vision: 0 s / 120 s
 
 # Per trace: LLM sizes for (a) and (c), the vision variants of (c) as (target, (up, down) delays), (d)'s LLM
 # targets, (c*)'s LLM targets. The ranges bracket (a)'s 99% size (autoscale_sim.md) and (d)'s GPU-hours;
 # the 24-h day (45 s of CPU a run) gets the points that matter there and one vision variant (5% image requests).
-_VISION_FULL = tuple((vt, dl) for dl in (SERVE_DELAYS, D_DELAYS) for vt in (1.0, 2.0, 4.0))
+# (c)'s vision pool also gets (d)'s earlier vision delays (10 s / 120 s): more (c) settings only help (c).
+_VISION_FULL = tuple((vt, dl) for dl in (SERVE_DELAYS, D_DELAYS, D_VISION_DELAYS) for vt in (1.0, 2.0, 4.0))
 _D_TARGETS = (24.0, 32.0, 40.0, 44.0, 48.0, 52.0, 56.0, 60.0, 64.0)
+# d_mins: (d)'s LLM minReplicas floors tried at the default target (the sweep above runs at 1).
 GRIDS: dict[str, dict] = {
-    "image_burst": {"llm_sizes": range(1, 8), "vision": _VISION_FULL, "d_targets": _D_TARGETS, "cstar_targets": (24.0, 32.0, 48.0, 56.0)},
-    "text_day": {"llm_sizes": range(1, 8), "vision": _VISION_FULL, "d_targets": _D_TARGETS, "cstar_targets": (32.0, 48.0, 56.0)},
-    "shifting_mix": {"llm_sizes": range(1, 6), "vision": _VISION_FULL, "d_targets": _D_TARGETS, "cstar_targets": (32.0, 48.0, 56.0)},
-    "text_day_24h": {"llm_sizes": range(3, 6), "vision": ((2.0, D_DELAYS),),
-                     "d_targets": (48.0, 52.0, 56.0, 60.0), "cstar_targets": (48.0, 56.0)},
+    "image_burst": {"llm_sizes": range(1, 8), "vision": _VISION_FULL, "d_targets": _D_TARGETS, "cstar_targets": (24.0, 32.0, 48.0, 56.0),
+                    "d_mins": (2, 3, 4, 5)},
+    "text_day": {"llm_sizes": range(1, 8), "vision": _VISION_FULL, "d_targets": _D_TARGETS, "cstar_targets": (32.0, 48.0, 56.0),
+                 "d_mins": (2, 3, 4)},
+    "shifting_mix": {"llm_sizes": range(1, 6), "vision": _VISION_FULL, "d_targets": _D_TARGETS, "cstar_targets": (32.0, 48.0, 56.0),
+                     "d_mins": (2, 3)},
+    "text_day_24h": {"llm_sizes": range(3, 6), "vision": ((2.0, D_VISION_DELAYS),),
+                     "d_targets": (48.0, 52.0, 56.0, 60.0), "cstar_targets": (48.0, 56.0), "d_mins": ()},
 }
-QUICK = {"llm_sizes": range(1, 4), "vision": ((2.0, D_DELAYS),), "d_targets": (48.0, 56.0), "cstar_targets": (48.0,)}
+QUICK = {"llm_sizes": range(1, 4), "vision": ((2.0, D_VISION_DELAYS),), "d_targets": (48.0, 56.0), "cstar_targets": (48.0,),
+         "d_mins": (2,)}
 DEFAULT_D_TARGET = 48.0  # 3/4 of the cost model's 64 running requests: the serve contract's default
 # (d) at the default target with other stabilisation: what the windows and the trend cost.
 D_VARIANTS = {
@@ -110,7 +119,7 @@ def run_point(job: dict) -> dict:
                                        _serve_cfg(p["llm_min"], LLM_MAX, 2.0, tuple(p["vision_delays"])))
         res = simulate(trace, costs, "disaggregated", ctl, vision=job["v0"], llm=p["llm_min"], slo=slo, strategy="c")
     elif kind == "cstar":
-        ctl = ServeDefaultSeeingLLM(_serve_cfg(1, VISION_MAX, 2.0, D_DELAYS), _serve_cfg(1, LLM_MAX, p["llm_target"], D_DELAYS))
+        ctl = ServeDefaultSeeingLLM(_serve_cfg(1, VISION_MAX, 2.0, D_VISION_DELAYS), _serve_cfg(1, LLM_MAX, p["llm_target"], D_DELAYS))
         res = simulate(trace, costs, "disaggregated", ctl, vision=job["v0"], llm=job["l0"], slo=slo, strategy="cstar")
     elif kind == "d":
         spec = policy_spec(slo, costs, llm_target=p["llm_target"])
@@ -206,13 +215,15 @@ def _setting(p: dict) -> str:
     if p["kind"] == "cstar":
         return f"(c*) LLM target {x['llm_target']:g}"
     extra = f", {x['variant']}" if x.get("variant") else ""
-    return f"(d) LLM target {x['llm_target']:g}{extra}"
+    floor = f", LLM min {x['llm_min']}" if x.get("llm_min") else ""
+    return f"(d) LLM target {x['llm_target']:g}{floor}{extra}"
 
 
 def analyse(name: str, points: list[dict]) -> dict:
     by = lambda k: [p for p in points if p["trace"] == name and p["kind"] == k]  # noqa: E731
     a_pts, c_pts, cs_pts = by("a"), by("c"), by("cstar")
-    d_pts = [p for p in by("d") if not p["params"].get("variant")]
+    d_pts = [p for p in by("d") if not p["params"].get("variant") and not p["params"].get("llm_min")]
+    d_min_pts = [p for p in by("d") if p["params"].get("llm_min")]
     variants = [p for p in by("d") if p["params"].get("variant")]
     a_ok = [p for p in a_pts if p["slo_attainment"] >= TARGET]
     a99 = min(a_ok, key=lambda p: p["gpu_hours"]) if a_ok else None
@@ -224,9 +235,20 @@ def analyse(name: str, points: list[dict]) -> dict:
                      "vs_cstar": compare(d, cs_front) if cs_front else None,
                      "saving_vs_a99": (1 - d["gpu_hours"] / a99["gpu_hours"]) if a99 else None,
                      "meets_99": d["slo_attainment"] >= TARGET, "meets_99_per_modality": modal >= TARGET})
+    min_rows = [{"llm_min": d["params"]["llm_min"], "point": d, "vs_c": compare(d, c_front),
+                 "saving_vs_a99": (1 - d["gpu_hours"] / a99["gpu_hours"]) if a99 else None,
+                 "meets_99": d["slo_attainment"] >= TARGET}
+                for d in sorted(d_min_pts, key=lambda p: p["params"]["llm_min"])]
     ok = [r for r in rows if r["meets_99_per_modality"]]
     best = min(ok, key=lambda r: r["point"]["gpu_hours"]) if ok else None
-    return {"a99": a99, "a_points": a_pts, "c_points": c_pts, "c_front": c_front, "cstar_points": cs_pts,
+    # The cheapest (d) setting of the whole grid that beats (c) on both axes at >= 99% attainment.
+    winners = [r for r in rows + min_rows if r["vs_c"]["wins_both"] and r["meets_99"]]
+    best_vs_c = min(winners, key=lambda r: r["point"]["gpu_hours"]) if winners else None
+    return {"d_min_rows": min_rows, "best_d_beating_c_at_99": best_vs_c and {
+                "setting": _setting(best_vs_c["point"]), "gpu_hours": best_vs_c["point"]["gpu_hours"],
+                "slo_attainment": best_vs_c["point"]["slo_attainment"], "saving_vs_a99": best_vs_c["saving_vs_a99"],
+                "c_needs": best_vs_c["vs_c"]["gpu_hours_needed"], "c_gets": best_vs_c["vs_c"]["attainment_at_equal_gpu_hours"]},
+            "a99": a99, "a_points": a_pts, "c_points": c_pts, "c_front": c_front, "cstar_points": cs_pts,
             "cstar_front": cs_front, "d_rows": rows, "d_variants": variants,
             "c_reaches": max((p["slo_attainment"] for p in c_pts), default=None),
             "a_reaches_99": a99 is not None, "best_d_at_99_per_modality": best and {
@@ -270,7 +292,7 @@ def markdown(report: dict) -> str:
          "(c)'s grid: the LLM pool's `min_replicas` (Serve's request count sees no LLM load, since LLM replicas pull "
          "from the tensor queue: the pool stays at its minimum, so this is the one LLM knob that acts and "
          "`target_ongoing_requests` is inert there), the vision pool's `target_ongoing_requests` 1/2/4, with Serve's "
-         "delays (30 s up / 600 s down) and with (d)'s (10 s / 120 s); bounds as (d): vision 1-16, LLM up to 12. "
+         "delays (30 s up / 600 s down) and with (d)'s (LLM 10 s / 120 s, vision 0 s / 120 s: each tried on (c)'s vision pool); bounds as (d): vision 1-16, LLM up to 12. "
          "(c*) is a hypothetical: Serve's rule if it could count the LLM's requests (running + waiting + queued), "
          "its LLM target swept. (d): dotsvlm's policy with `replicaStartupSeconds` set to the modelled start-up, its "
          "LLM `targetOngoingRequests` swept (default 48 = 3/4 of 64).", "",
@@ -296,6 +318,26 @@ def markdown(report: dict) -> str:
                   f"{best['saving_vs_a99']:.0%}" if best and best["saving_vs_a99"] is not None else "none in the grid")
         L.append(f"| {name} | {d['gpu_hours']:.1f} / {d['slo_attainment']:.2%} | {need} | {get} | {verdict} | {star} | "
                  f"{_h(a99 and a99['gpu_hours'])} | {_saving(row['saving_vs_a99'])} | {best_s} |")
+    L += ["", "## Per trace, (d) at the default LLM target with the LLM `minReplicas` floor (c) is swept over", "",
+          "(c)'s only LLM knob is a floor, and a burst that outgrows the pool faster than an LLM replica starts "
+          f"({CostModel().llm_start_s:g} s here) can only be met by one; so (d) gets the same floor. Each (d) setting "
+          "against (c)'s frontier as above; the last column names the cheapest (d) setting of the whole grid (target "
+          "sweep and floors) that beats (c) on both axes at 99% or more.", "",
+          "| trace | (d) LLM min | GPU-h / SLO | (c) needs for that SLO | (c) gets at those GPU-h | both axes vs (c) | saving vs (a) at 99% | "
+          "cheapest (d) beating (c) on both axes at >= 99% |", "|---|---|---|---|---|---|---|---|"]
+    for name, an in report["traces"].items():
+        best = an.get("best_d_beating_c_at_99")
+        best_s = (f"{best['setting']}: {best['gpu_hours']:.1f} GPU-h / {best['slo_attainment']:.2%} ((c) needs "
+                  f"{_h(best['c_needs']) if best['c_needs'] is not None else 'more than any setting'}, gets "
+                  f"{_got(best['c_gets'])}), {_saving(best['saving_vs_a99'])} vs (a)" if best else "none")
+        for i, r in enumerate(an.get("d_min_rows") or []):
+            d, vc = r["point"], r["vs_c"]
+            L.append(f"| {name if i == 0 else ''} | {r['llm_min']} | {d['gpu_hours']:.1f} / {d['slo_attainment']:.2%} | "
+                     f"{_h(vc['gpu_hours_needed']) if vc['gpu_hours_needed'] is not None else 'cannot'} | "
+                     f"{_got(vc['attainment_at_equal_gpu_hours'])} | {'**yes**' if vc['wins_both'] else 'no'} | "
+                     f"{_saving(r['saving_vs_a99'])} | {best_s if i == 0 else ''} |")
+        if not an.get("d_min_rows"):
+            L.append(f"| {name} | (not run) | | | | | | {best_s} |")
     for name, an in report["traces"].items():
         L += ["", f"## {name}", "", "(d) over its LLM target, each against (c)'s frontier (interpolated) and (c*)'s:", "",
               "| (d) LLM target | GPU-h | SLO | TTFT image / text / ITL | rejected | requests per LLM replica | (c) needs | "
@@ -353,6 +395,13 @@ def plot(report: dict, path: Path) -> None:
         for r in an["d_rows"]:
             ax.annotate(f"{r['llm_target']:g}", (r["point"]["gpu_hours"], 100 * r["point"]["slo_attainment"]), fontsize=7,
                         color="tab:blue", textcoords="offset points", xytext=(3, -9))
+        floors = an.get("d_min_rows") or []
+        if floors:
+            ax.scatter([r["point"]["gpu_hours"] for r in floors], [100 * r["point"]["slo_attainment"] for r in floors],
+                       marker="^", s=28, color="tab:green", label="(d) default target, LLM min raised", zorder=3)
+            for r in floors:
+                ax.annotate(f"min {r['llm_min']}", (r["point"]["gpu_hours"], 100 * r["point"]["slo_attainment"]),
+                            fontsize=7, color="tab:green", textcoords="offset points", xytext=(3, 3))
         ax.axhline(100 * TARGET, color="black", lw=0.7, ls=":")
         ax.set_title(name)
         ax.set_xlabel("GPU-hours")
@@ -380,6 +429,9 @@ def jobs_for(name: str, duration: float | None, grid: dict) -> list[dict]:
     out += [base | {"kind": "d", "params": {"llm_target": t}} for t in grid["d_targets"]]
     out += [base | {"kind": "d", "params": {"llm_target": DEFAULT_D_TARGET, "variant": v, "llm_overrides": o}}
             for v, o in D_VARIANTS.items()]
+    out += [base | {"l0": max(l0, m), "kind": "d",
+                    "params": {"llm_target": DEFAULT_D_TARGET, "llm_min": m, "llm_overrides": {"min_replicas": m}}}
+            for m in grid.get("d_mins", ())]
     return out
 
 

@@ -61,5 +61,9 @@ def test_quick_grid_end_to_end(frontier, tmp_path: Path) -> None:
         assert {"gpu_hours_needed", "attainment_at_equal_gpu_hours", "wins_both"} <= r["vs_c"].keys()
     # Serve's request count sees no LLM load: each (c) point's LLM pool stays at the minimum it was given.
     assert all(p["peak_replicas_llm"] == p["params"]["llm_min"] for p in an["c_points"])
+    # (d) also gets (c)'s LLM floor: its pool never goes below the min it was given.
+    assert [r["llm_min"] for r in an["d_min_rows"]] == list(frontier.QUICK["d_mins"])
+    assert all(r["point"]["peak_replicas_llm"] >= r["llm_min"] for r in an["d_min_rows"])
+    assert "best_d_beating_c_at_99" in an
     assert "bench/autoscale_frontier.py" in report["command"]
     assert "(c) needs" in out.with_suffix(".md").read_text()
