@@ -207,6 +207,18 @@ def test_a_growing_demand_scales_the_llm_pool_ahead_by_the_replica_start_up_time
     assert ahead < 80, "the trend sizes the pool well before the demand itself needs it"
 
 
+def test_a_step_in_demand_is_met_by_the_demand_rule_not_extrapolated_as_a_trend() -> None:
+    """Flat at 8 requests for 60 s, then 40 more within 10 s, then flat: the window's slope stays steep for
+    a start-up time after the step, but demand no longer grows, so the pool sizes for the 48 there are
+    (6 replicas), not for a growth that has stopped (the image burst of bench/autoscale_frontier.py)."""
+    sp = spec(llm={"replica_startup_s": 120, "max_scale_up_step": 8})
+    level = [8.0] * 60 + [8.0 + 4 * k for k in range(1, 11)] + [48.0] * 60
+    steps = [lambda c, r=r: p.Snapshot(vision(c["vision"]), llm(c["llm"], running=r)) for r in level]
+    ds = [d["llm"] for d in run(steps, sp)]
+    assert max(d.desired for d in ds) == 6, [d.desired for d in ds]
+    assert all(d.reason != p.DEMAND_TREND for d in ds)
+
+
 def test_replicas_still_starting_are_not_cancelled_by_a_scale_down() -> None:
     sp = spec(llm={"replica_startup_s": 60, "downscale_delay_s": 5, "max_scale_up_step": 4})
     state = p.PolicyState()

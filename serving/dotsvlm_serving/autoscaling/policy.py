@@ -230,20 +230,29 @@ TREND_MIN_WINDOW_S = 60.0
 TREND_MAX_WINDOW_S = 600.0
 
 
-def demand_slope(state: PoolState, demand: float, now: float, lead_s: float) -> float:
-    """Requests per second by which demand has grown over the recent window (least squares over one sample
-    per second; the window is the replica start-up time, 60-600 s). 0 until half the window is seen."""
-    window = min(max(lead_s, TREND_MIN_WINDOW_S), TREND_MAX_WINDOW_S)
-    second = math.floor(now)
-    hist = [(t, d) for t, d in state.demand if second - t <= window and t != second] + [(second, demand)]
-    state.demand = hist
-    if hist[-1][0] - hist[0][0] < window / 2 or len(hist) < 10:
-        return 0.0
+def _slope(hist: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (second, demand) points."""
     n = len(hist)
     mt = sum(t for t, _ in hist) / n
     md = sum(d for _, d in hist) / n
     var = sum((t - mt) ** 2 for t, _ in hist)
     return sum((t - mt) * (d - md) for t, d in hist) / var if var else 0.0
+
+
+def demand_slope(state: PoolState, demand: float, now: float, lead_s: float) -> tuple[float, float]:
+    """Requests per second by which demand has grown over the recent window (least squares over one sample
+    per second; the window is the replica start-up time, 60-600 s), and the least it grew by in any third
+    of the window: growth in every third is a trend; a step, however steep, lies within at most two
+    thirds. (0, 0) until half the window is seen."""
+    window = min(max(lead_s, TREND_MIN_WINDOW_S), TREND_MAX_WINDOW_S)
+    second = math.floor(now)
+    hist = [(t, d) for t, d in state.demand if second - t <= window and t != second] + [(second, demand)]
+    state.demand = hist
+    if hist[-1][0] - hist[0][0] < window / 2 or len(hist) < 10:
+        return 0.0, 0.0
+    t0, span = hist[0][0], hist[-1][0] - hist[0][0]
+    thirds = [[(t, d) for t, d in hist if k * span / 3 <= t - t0 <= (k + 1) * span / 3] for k in range(3)]
+    return _slope(hist), min(_slope(part) if len(part) >= 2 else 0.0 for part in thirds)
 
 
 def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, slo: SLOConfig,
@@ -258,9 +267,12 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
                                   f"{demand:.0f} requests running, waiting or queued; target {per:g} per replica"
                                   if demand else "no LLM work")]
     if cfg.replica_startup_s > 0:
-        slope = demand_slope(state, demand, now, cfg.replica_startup_s)
-        # Noise on a steady load has a small slope too: a trend counts once it adds half a replica's worth.
-        if slope * cfg.replica_startup_s >= per / 2:
+        slope, least = demand_slope(state, demand, now, cfg.replica_startup_s)
+        # Noise on a steady load has a small slope too: a trend counts once it adds half a replica's worth,
+        # and only while demand grew in every third of the window (a quarter replica's worth). A step (a
+        # burst that arrives within a minute) keeps the window's slope steep for a whole start-up time after
+        # it stopped growing; extrapolating it orders replicas that arrive after the demand rule met the step.
+        if slope * cfg.replica_startup_s >= per / 2 and least * cfg.replica_startup_s >= per / 4:
             ahead = demand + slope * cfg.replica_startup_s
             candidates.append(_Recommendation(
                 _ceil(ahead / per), DEMAND_TREND,
