@@ -241,18 +241,21 @@ def _slope(hist: list[tuple[float, float]]) -> float:
 
 def demand_slope(state: PoolState, demand: float, now: float, lead_s: float) -> tuple[float, float]:
     """Requests per second by which demand has grown over the recent window (least squares over one sample
-    per second; the window is the replica start-up time, 60-600 s), and the least it grew by in any third
-    of the window: growth in every third is a trend; a step, however steep, lies within at most two
-    thirds. (0, 0) until half the window is seen."""
+    per second; the window is the replica start-up time, 60-600 s), and the least it grew by from one
+    quarter of the window to the next (mean against mean, per second). A ramp grows from every quarter to
+    the next; a step, however steep, leaves a quarter to quarter change near zero once it is older than a
+    quarter window or before it. (0, 0) until half the window is seen."""
     window = min(max(lead_s, TREND_MIN_WINDOW_S), TREND_MAX_WINDOW_S)
     second = math.floor(now)
     hist = [(t, d) for t, d in state.demand if second - t <= window and t != second] + [(second, demand)]
     state.demand = hist
     if hist[-1][0] - hist[0][0] < window / 2 or len(hist) < 10:
         return 0.0, 0.0
-    t0, span = hist[0][0], hist[-1][0] - hist[0][0]
-    thirds = [[(t, d) for t, d in hist if k * span / 3 <= t - t0 <= (k + 1) * span / 3] for k in range(3)]
-    return _slope(hist), min(_slope(part) if len(part) >= 2 else 0.0 for part in thirds)
+    t0, quarter = hist[0][0], (hist[-1][0] - hist[0][0]) / 4
+    parts = [[d for t, d in hist if k * quarter <= t - t0 <= (k + 1) * quarter] for k in range(4)]
+    means = [sum(part) / len(part) for part in parts if part]
+    least = min((b - a for a, b in zip(means, means[1:])), default=0.0)
+    return _slope(hist), least / quarter
 
 
 def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, slo: SLOConfig,
@@ -269,10 +272,11 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
     if cfg.replica_startup_s > 0:
         slope, least = demand_slope(state, demand, now, cfg.replica_startup_s)
         # Noise on a steady load has a small slope too: a trend counts once it adds half a replica's worth,
-        # and only while demand grew in every third of the window (a quarter replica's worth). A step (a
-        # burst that arrives within a minute) keeps the window's slope steep for a whole start-up time after
-        # it stopped growing; extrapolating it orders replicas that arrive after the demand rule met the step.
-        if slope * cfg.replica_startup_s >= per / 2 and least * cfg.replica_startup_s >= per / 4:
+        # and only while demand grew from every quarter of the window to the next by at least half the
+        # window's slope. A step (a burst that arrives within a minute, then holds) keeps the window's slope
+        # steep for a whole start-up time after it stopped growing; extrapolating it bought replicas that
+        # arrived after the demand rule had met the step (bench/results/autoscale_frontier.md).
+        if slope * cfg.replica_startup_s >= per / 2 and least >= slope / 2:
             ahead = demand + slope * cfg.replica_startup_s
             candidates.append(_Recommendation(
                 _ceil(ahead / per), DEMAND_TREND,
