@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .deployments.backpressure import KV_NAMESPACE, REPORT_KV_PREFIX, REPORT_STALE_S
-from .node_drain import run_before_deadline
+from .node_drain import RAY_ADDRESS_ENV, run_before_deadline
 
 log = logging.getLogger("dotsvlm.drain-head")
 
 DRAIN_KV_KEY = "dotsvlm/head-drain"
-RAY_ADDRESS_ENV = "RAY_ADDRESS"
 
 
 @dataclass(frozen=True)
