@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, metavar="FILE",
                        help="YAML/JSON with Serve config fields merged over the local defaults, e.g. "
                             "{vision: {autoscaling: {min_replicas: 0, max_replicas: 2}}} (see docs/autoscaling.md)")
+    serve.add_argument("--ready-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="how long to wait for every deployment to be ready (default 600; a busy or slow "
+                            "machine, or a large checkpoint, may need more)")
     serve.set_defaults(func=_lazy("dotsvlm_serving.embedded", "cli_main", "serving"))
 
     drain = sub.add_parser("drain-node", help=(

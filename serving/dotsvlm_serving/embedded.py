@@ -83,8 +83,14 @@ def read_overrides(path: str) -> dict:
     return data
 
 
-def wait_healthy(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+def wait_healthy(url: str, timeout_s: float, progress_every_s: float = 30.0,
+                 report=None) -> None:
+    """Polls /health until it answers 200. Every `progress_every_s` it reports what the application
+    still waits for (the health body names it), so a slow start-up is visibly alive."""
+    report = report or say
+    start = time.monotonic()
+    deadline = start + timeout_s
+    next_report = start + progress_every_s
     last = ""
     while time.monotonic() < deadline:
         try:
@@ -92,11 +98,25 @@ def wait_healthy(url: str, timeout_s: float) -> None:
                 if r.status == 200:
                     return
         except urllib.error.HTTPError as exc:
-            last = exc.read().decode(errors="replace")
+            last = _health_reason(exc.read().decode(errors="replace"))
         except OSError as exc:
-            last = str(exc)
+            last = f"the HTTP proxy does not answer yet ({exc})"
+        now = time.monotonic()
+        if now >= next_report:
+            report(f"still starting after {now - start:.0f} s: {last or 'no answer yet'}")
+            next_report = now + progress_every_s
         time.sleep(0.5)
-    raise TimeoutError(f"the application did not become healthy within {timeout_s:g} s: {last}")
+    raise TimeoutError(f"the application did not become healthy within {timeout_s:g} s: {last or 'no answer'}. "
+                       "On a busy or slow machine, or with a large checkpoint, replicas can take longer to start: "
+                       "try again with a larger --ready-timeout")
+
+
+def _health_reason(body: str) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.strip()[:300]
+    return str(data.get("reason") or data.get("status") or body)[:300] if isinstance(data, dict) else body[:300]
 
 
 def curl_example(url: str, model: str, with_key: bool) -> str:
@@ -135,6 +155,9 @@ def cli_main(args: argparse.Namespace) -> int:
 
     from .app import deploy_local
 
+    if getattr(args, "ready_timeout", 600.0) <= 0:
+        say(f"error: --ready-timeout must be a positive number of seconds (got {args.ready_timeout:g})")
+        return 2
     if args.model:
         model = Path(args.model)
         if not (model / "config.json").is_file():
@@ -164,7 +187,7 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on {args.host}:{args.port} ...")
         deploy_local(cfg, host=args.host, port=args.port)
-        wait_healthy(url, timeout_s=300)
+        wait_healthy(url, timeout_s=getattr(args, "ready_timeout", 600.0))
     except BaseException as exc:
         say(f"error: deployment failed: {exc}")
         _shutdown(args.detach)

@@ -1,0 +1,70 @@
+"""`dotsvlm serve` waits for /health: a slow start-up shows progress, a timeout says what to do."""
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from dotsvlm_serving import embedded
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    ready_after = 0  # /health answers 503 this many times, then 200
+    calls = 0
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        type(self).calls += 1
+        ok = type(self).calls > type(self).ready_after
+        body = json.dumps({"status": "ok"} if ok else
+                          {"status": "unavailable", "reason": "no LLM replica is ready yet"}).encode()
+        self.send_response(200 if ok else 503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[str, type[_Health]]]:
+    handler = type("Handler", (_Health,), {"calls": 0, "ready_after": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_a_slow_start_reports_what_it_still_waits_for(health_server) -> None:
+    url, handler = health_server
+    handler.ready_after = 3
+    said: list[str] = []
+    embedded.wait_healthy(url, timeout_s=30, progress_every_s=0.0, report=said.append)
+    assert handler.calls == 4
+    assert said, "no progress was reported while the application was starting"
+    assert all("still starting after" in s and "no LLM replica is ready yet" in s for s in said), said
+
+
+def test_a_timeout_names_the_reason_and_the_flag_to_raise(health_server) -> None:
+    url, handler = health_server
+    handler.ready_after = 10**9
+    with pytest.raises(TimeoutError) as err:
+        embedded.wait_healthy(url, timeout_s=1.0, progress_every_s=60.0, report=lambda _m: None)
+    assert "no LLM replica is ready yet" in str(err.value)
+    assert "--ready-timeout" in str(err.value)
+
+
+def test_serve_takes_a_ready_timeout() -> None:
+    from dotsvlm_operator.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--ready-timeout", "1200"])
+    assert args.ready_timeout == 1200.0
+    assert build_parser().parse_args(["serve"]).ready_timeout == 600.0
