@@ -146,6 +146,11 @@ def _pod_template(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: s
         "lifecycle": {"preStop": {"exec": {"command": stop.pre_stop}}},
         **probes,
     }
+    if component != naming.COMPONENT_HEAD:
+        # A pool pod's crash leaves its last log lines as the termination message, which the status quotes
+        # (status.crash_summary: e.g. a new image's Ray version that the running head refuses). Not on the
+        # head: a changed head template restarts Ray for the whole deployment on an operator upgrade.
+        container["terminationMessagePolicy"] = "FallbackToLogsOnError"
     if resources:
         container["resources"] = resources
     pod: dict[str, Any] = {

@@ -38,6 +38,32 @@ NO_LLM_REPLICA = "NoLLMReplica"
 ROLLING_OUT = "RollingOut"
 
 
+# Ray refuses a node whose Ray or Python version differs from the head's (`ray start` exits 1 with this).
+_VERSION_MISMATCH = re.compile(r"Version mismatch:.*?Ray: (\S+)\s+Python: (\S+).*?Ray: (\S+)\s+Python: (\S+)", re.S)
+RAY_VERSION_HINT = ("a new image with another Ray or Python version cannot join the running Ray head, so it cannot "
+                    "roll pool by pool: set spec.image back to the running image to restore the pool, and for the "
+                    "upgrade create a new DotsVLMDeployment beside this one and move traffic to it, or delete and "
+                    "re-create this one (docs/operator.md, \"A new spec.image\").")
+
+
+def crash_summary(terminated: dict[str, Any]) -> str:
+    """What the last run of a crashing container said: its exit code and, from its termination message
+    (the pods set `terminationMessagePolicy: FallbackToLogsOnError`, so the last log lines when it wrote
+    none), Ray's version mismatch spelled out or the last line, the one that usually names the error."""
+    code = terminated.get("exitCode")
+    text = (terminated.get("message") or "").strip()
+    head = f"the container exited with code {code}" if code is not None else "the container keeps exiting"
+    m = _VERSION_MISMATCH.search(text)
+    if m:
+        return (f"{head}: Ray version mismatch: the Ray head runs Ray {m[1]} (Python {m[2]}), this image has Ray "
+                f"{m[3]} (Python {m[4]}). To fix: {RAY_VERSION_HINT}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return f"{head} (kubectl logs --previous shows why)."
+    last = lines[-1] if len(lines[-1]) <= 300 else lines[-1][:297] + "..."
+    return f"{head}: {last} (kubectl logs --previous has the rest)."
+
+
 @dataclass(frozen=True)
 class PodView:
     """The few facts about a pod that status needs."""
@@ -67,7 +93,9 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
         waiting = (cs.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in BAD_WAITING_REASONS:
-            problem = f"{waiting['reason']}: {waiting.get('message') or 'see kubectl describe pod'}"
+            crash = ((cs.get("lastState") or {}).get("terminated") or {}) if waiting["reason"] == "CrashLoopBackOff" else {}
+            problem = (f"CrashLoopBackOff: {crash_summary(crash)}" if crash else
+                       f"{waiting['reason']}: {waiting.get('message') or 'see kubectl describe pod'}")
             break
     return PodView(
         name=meta.get("name", "?"),

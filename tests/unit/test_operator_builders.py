@@ -122,6 +122,15 @@ def test_pool_pods_drain_their_ray_node_before_they_stop_within_a_grace_period_t
     assert head_pod["terminationGracePeriodSeconds"] == 300 + naming.POD_STOP_MARGIN_S
 
 
+def test_a_crashing_pool_pod_leaves_its_last_log_lines_for_the_status_and_the_head_template_stays_put() -> None:
+    kids = _kids(_spec())
+    for name in ("dots-vision", "dots-llm"):
+        (c,) = kids[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+        assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"  # status.crash_summary quotes it
+    (head,) = kids[("Deployment", "dots-ray-head")]["spec"]["template"]["spec"]["containers"]
+    assert "terminationMessagePolicy" not in head  # a changed head template restarts Ray on an operator upgrade
+
+
 def test_llm_grace_period_must_hold_the_llm_replicas_graceful_shutdown() -> None:
     from dotsvlm_serving.serve_config import LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S
 

@@ -97,6 +97,49 @@ def test_crashing_pod_is_degraded() -> None:
     assert cond(st, "Degraded").reason == "PodFailing" and "pull access denied" in cond(st, "Degraded").message
 
 
+RAY_MISMATCH_LOG = """Traceback (most recent call last):
+  File "/usr/local/bin/ray", line 8, in <module>
+RuntimeError: Version mismatch: The cluster was started with:
+    Ray: 2.60.0
+    Python: 3.11.7
+This process on node 10.0.3.7 was started with:
+    Ray: 2.61.1
+    Python: 3.11.9
+"""
+
+
+def _crashing(name: str, comp: str, terminated: dict | None) -> dict:
+    cs = {"name": "ray", "restartCount": 4,
+          "state": {"waiting": {"reason": "CrashLoopBackOff",
+                                "message": f"back-off 1m20s restarting failed container=ray pod={name}"}}}
+    if terminated is not None:
+        cs["lastState"] = {"terminated": terminated}
+    return {"metadata": {"name": name, "labels": {"app.kubernetes.io/component": comp}}, "spec": {"nodeName": "n1"},
+            "status": {"conditions": [{"type": "PodScheduled", "status": "True"}], "containerStatuses": [cs]}}
+
+
+def test_a_new_image_with_another_ray_version_says_so_and_what_to_do() -> None:
+    """The first pool pod of an image with another Ray version cannot join the running head: the status
+    names both versions and the way out, not the kubelet's back-off."""
+    pv = pod_view(_crashing("dots-vision-new", "vision",
+                            {"exitCode": 1, "reason": "Error", "message": RAY_MISMATCH_LOG}))
+    st, _ = run([ready("h", "ray-head")] + [ready(f"v{i}", "vision") for i in range(3)] + [pv, ready("l1", "llm")],
+                ServeObservation(URL, True, "RUNNING"))
+    msg = cond(st, "Degraded").message
+    assert cond(st, "Degraded").reason == "PodFailing"
+    assert "dots-vision-new" in msg and "exited with code 1" in msg
+    assert "head runs Ray 2.60.0 (Python 3.11.7), this image has Ray 2.61.1 (Python 3.11.9)" in msg
+    assert "set spec.image back" in msg and "back-off" not in msg
+
+
+def test_a_crash_loop_quotes_the_last_line_the_container_wrote() -> None:
+    pv = pod_view(_crashing("dots-llm-x", "llm", {"exitCode": 137, "message": "loading shard 3\nOSError: no space left\n"}))
+    assert pv.problem == ("CrashLoopBackOff: the container exited with code 137: OSError: no space left "
+                          "(kubectl logs --previous has the rest).")
+    # Before the first restart is recorded, the kubelet's own message is all there is.
+    assert pod_view(_crashing("dots-llm-y", "llm", None)).problem.startswith("CrashLoopBackOff: back-off")
+
+
 def test_pod_view_reads_unschedulable() -> None:
     raw = {"metadata": {"name": "p", "labels": {"app.kubernetes.io/component": "vision"}}, "spec": {},
            "status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": SCHED}]}}
