@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .deployments.backpressure import KV_NAMESPACE, REPORT_KV_PREFIX, REPORT_STALE_S
-from .node_drain import RAY_ADDRESS_ENV, run_before_deadline
+from .node_drain import run_before_deadline, stop_hook_address
 
 log = logging.getLogger("dotsvlm.drain-head")
 
@@ -132,10 +130,8 @@ def drain_head(gcs: Any, *, deadline_s: float, retry_after_s: int, poll_s: float
 
 def cli_main(args: argparse.Namespace) -> int:
     """`dotsvlm drain-head`: always exits 0 (a failed drain is logged; the pod stops anyway)."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s drain-head %(message)s")
-    address = args.address or os.environ.get(RAY_ADDRESS_ENV)
+    address = stop_hook_address(args, "drain-head")
     if not address:
-        print("dotsvlm drain-head: give --address host:port (the Ray head's GCS) or set RAY_ADDRESS", file=sys.stderr)
         return 0
     def run() -> DrainResult:
         try:

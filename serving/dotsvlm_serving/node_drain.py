@@ -127,12 +127,20 @@ def run_before_deadline(work, timeout_s: float) -> list:
     return done
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    """`dotsvlm drain-node`: always exits 0 (a failed drain is logged; the pod stops anyway)."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s drain-node %(message)s")
+def stop_hook_address(args: argparse.Namespace, command: str) -> str | None:
+    """Both stop hooks (drain-node, drain-head) log to stderr under their name and need the GCS address:
+    --address, else $RAY_ADDRESS; None (and why, said) when neither is given."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {command} %(message)s")
     address = args.address or os.environ.get(RAY_ADDRESS_ENV)
     if not address:
-        print("dotsvlm drain-node: give --address host:port (the Ray head's GCS) or set RAY_ADDRESS", file=sys.stderr)
+        print(f"dotsvlm {command}: give --address host:port (the Ray head's GCS) or set RAY_ADDRESS", file=sys.stderr)
+    return address or None
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """`dotsvlm drain-node`: always exits 0 (a failed drain is logged; the pod stops anyway)."""
+    address = stop_hook_address(args, "drain-node")
+    if not address:
         return 0
     node_ip = None if args.node_id else (args.node_ip or _default_node_ip())
     done = run_before_deadline(lambda: drain_node(
