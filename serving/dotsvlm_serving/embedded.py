@@ -155,7 +155,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     from .app import deploy_local
 
-    if getattr(args, "ready_timeout", 600.0) <= 0:
+    if args.ready_timeout <= 0:
         say(f"error: --ready-timeout must be a positive number of seconds (got {args.ready_timeout:g})")
         return 2
     if args.model:
@@ -187,7 +187,7 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on {args.host}:{args.port} ...")
         deploy_local(cfg, host=args.host, port=args.port)
-        wait_healthy(url, timeout_s=getattr(args, "ready_timeout", 600.0))
+        wait_healthy(url, timeout_s=args.ready_timeout)
     except BaseException as exc:
         say(f"error: deployment failed: {exc}")
         _shutdown(args.detach)
