@@ -155,7 +155,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     from .app import deploy_local
 
-    if args.ready_timeout <= 0:
+    if not args.ready_timeout > 0:  # NaN too
         say(f"error: --ready-timeout must be a positive number of seconds (got {args.ready_timeout:g})")
         return 2
     if args.model:
