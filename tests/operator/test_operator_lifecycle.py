@@ -337,8 +337,11 @@ def test_pod_monitor_and_rules_follow_the_switches_when_their_crds_exist(kube, m
     assert not _scrape_annotated(kube, ns, name)  # scraped by the PodMonitor only, never twice
     # The operator's own metrics, on its own port: reconciles and the status's per-pool replicas.
     who = {"dotsvlm_namespace": ns, "dotsvlm_deployment": name}
-    text = poll(lambda: (t := _scrape(metrics_port)) and _sample(t, "dotsvlm_pool_desired_replicas", pool="llm", **who)
-                is not None and t, 60, "the operator's metrics", lambda: f"{_scrape(metrics_port)}\n{op.log_tail()}")
+    # The pool gauges are set during a pass and the reconcile counter after it: wait for a finished pass.
+    text = poll(lambda: (t := _scrape(metrics_port))
+                and _sample(t, "dotsvlm_operator_reconciles_total", result="success", **who) is not None and t,
+                60, "a finished reconcile in the operator's metrics",
+                lambda: f"{_scrape(metrics_port)}\n{op.log_tail()}")
     assert _sample(text, "dotsvlm_pool_desired_replicas", pool="llm", **who) == 1  # the small example's minReplicas
     assert _sample(text, "dotsvlm_pool_max_replicas", pool="vision", **who) is not None
     assert _sample(text, "dotsvlm_operator_reconciles_total", result="success", **who) >= 1
