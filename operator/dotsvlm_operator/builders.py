@@ -20,7 +20,7 @@ from typing import Any
 from dotsvlm_serving import serve_config
 from dotsvlm_serving.metrics.catalog import DEPLOYMENT_ENV, NAMESPACE_ENV
 
-from dotsvlm_operator import models, naming, serve_app
+from dotsvlm_operator import models, naming, rollout, serve_app
 from dotsvlm_operator.monitoring import alerts, scrape
 from dotsvlm_operator.naming import Owner
 
@@ -132,12 +132,11 @@ def _pool_probes(startup_timeout_seconds: int) -> dict[str, Any]:
 
 def _pod_template(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: str, command: list[str],
                   ports: list[dict], resources: dict, node_selector: dict | None, tolerations: list | None,
-                  shm_size: str, probes: dict[str, Any], stop: _Stop, affinity: dict | None = None,
-                  image: str | None = None) -> dict[str, Any]:
+                  shm_size: str, probes: dict[str, Any], stop: _Stop, affinity: dict | None = None) -> dict[str, Any]:
     volumes, mounts = _volumes(owner, spec, shm_size)
     container: dict[str, Any] = {
         "name": "ray",
-        "image": image or spec.image,
+        "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": command,
         "env": _ray_env(owner, spec) + list(stop.env),
@@ -194,7 +193,7 @@ def _metrics_port(spec: models.DotsVLMDeploymentSpec) -> list[str]:
     return [f"--metrics-export-port={naming.METRICS_PORT}"] if spec.monitoring.enabled else []
 
 
-def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, image: str | None = None) -> dict[str, Any]:
+def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
     # The head advertises the control resource: the Ingress and TensorQueue replicas run here, where
     # GPU-pool churn cannot take them down.
     cmd = ["ray", "start", "--head", f"--port={naming.GCS_PORT}", "--dashboard-host=0.0.0.0",
@@ -208,7 +207,7 @@ def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, image: str
     probe = {"tcpSocket": {"port": naming.GCS_PORT}, "periodSeconds": 10, "failureThreshold": 6}
     template = _pod_template(owner, spec, naming.COMPONENT_HEAD, cmd, ports, _resources(spec.head.resources, 0),
                              spec.head.node_selector, spec.head.tolerations, "2Gi", {"readinessProbe": probe},
-                             _head_stop(spec), image=image)
+                             _head_stop(spec))
     dep = _deployment(owner, naming.head_name(owner.name), naming.COMPONENT_HEAD, 1, template)
     dep["spec"]["strategy"] = {"type": "Recreate"}  # one GCS at a time
     return dep
@@ -220,8 +219,7 @@ def _worker_command(owner: Owner, spec: models.DotsVLMDeploymentSpec, resource: 
             f"--dashboard-agent-listen-port={naming.AGENT_PORT}", *_metrics_port(spec), "--block"]
 
 
-def vision_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int,
-                      image: str | None = None) -> dict[str, Any]:
+def vision_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int) -> dict[str, Any]:
     """Vision pool: one pod per vision replica, each with gpusPerReplica GPUs."""
     pool = spec.vision
     template = _pod_template(
@@ -229,13 +227,12 @@ def vision_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas
         _worker_command(owner, spec, serve_config.VISION_POOL_RESOURCE, pool.gpus_per_replica),
         [{"name": "metrics", "containerPort": naming.METRICS_PORT}], _resources(pool.resources, pool.gpus_per_replica),
         pool.node_selector, pool.tolerations, pool.shm_size, _pool_probes(pool.startup_timeout_seconds),
-        _pool_stop(owner, pool.termination_grace_period_seconds), image=image)
+        _pool_stop(owner, pool.termination_grace_period_seconds))
     return _deployment(owner, naming.pool_name(owner.name, naming.COMPONENT_VISION), naming.COMPONENT_VISION,
                        replicas, template)
 
 
-def llm_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int,
-                   image: str | None = None) -> dict[str, Any]:
+def llm_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int) -> dict[str, Any]:
     """LLM pool: replicas x nodesPerReplica pods, each with gpusPerReplica/nodesPerReplica GPUs."""
     pool = spec.llm
     gpus = pool.gpus_per_pod
@@ -250,7 +247,7 @@ def llm_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: i
         owner, spec, naming.COMPONENT_LLM, _worker_command(owner, spec, serve_config.LLM_POOL_RESOURCE, gpus),
         [{"name": "metrics", "containerPort": naming.METRICS_PORT}], _resources(pool.resources, gpus),
         pool.node_selector, pool.tolerations, pool.shm_size, _pool_probes(pool.startup_timeout_seconds),
-        _pool_stop(owner, pool.termination_grace_period_seconds), affinity, image=image)
+        _pool_stop(owner, pool.termination_grace_period_seconds), affinity)
     return _deployment(owner, naming.pool_name(owner.name, naming.COMPONENT_LLM), naming.COMPONENT_LLM,
                        replicas * pool.nodes_per_replica, template)
 
@@ -351,7 +348,7 @@ def token_hash(token: str) -> str:
 def children(owner: Owner, spec: models.DotsVLMDeploymentSpec, *, vision_replicas: int, llm_replicas: int,
              pod_monitor_supported: bool = False, prometheus_rule_supported: bool = False,
              ray_token_hash: str | None = None, operator_namespace: str | None = None,
-             images: dict[str, str] | None = None) -> list[dict[str, Any]]:
+             templates: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every object that server-side apply keeps in place for this deployment (the token Secret aside).
 
     `ray_token_hash` goes into every Ray pod template: Ray reads its token once at start, so a new token
@@ -359,16 +356,17 @@ def children(owner: Owner, spec: models.DotsVLMDeploymentSpec, *, vision_replica
     `*_supported`: whether the Prometheus Operator's CRDs exist. Without a PodMonitor the Ray pods
     carry scrape annotations instead (never both: each pod would be scraped twice).
     `operator_namespace`: where the operator runs; the NetworkPolicy admits its pods from there only.
-    `images`: the image per Ray component while a new spec.image rolls one group at a time (`rollout`);
-    spec.image for those not given."""
-    images = images or {}
+    `templates`: the pod template per Ray component while a template change rolls one group at a time
+    (`rollout.plan_templates`); the one the spec builds for those not given. Each Ray Deployment records
+    the template it runs (`rollout.with_template`)."""
+    templates = templates or {}
     objs = [
         serve_config_map(owner, spec),
         head_service(owner, spec),
         api_service(owner, spec),
-        head_deployment(owner, spec, images.get(naming.COMPONENT_HEAD)),
-        vision_deployment(owner, spec, vision_replicas, images.get(naming.COMPONENT_VISION)),
-        llm_deployment(owner, spec, llm_replicas, images.get(naming.COMPONENT_LLM)),
+        head_deployment(owner, spec),
+        vision_deployment(owner, spec, vision_replicas),
+        llm_deployment(owner, spec, llm_replicas),
         pod_disruption_budget(owner, naming.COMPONENT_VISION),
         pod_disruption_budget(owner, naming.COMPONENT_LLM),
         network_policy(owner, spec, operator_namespace),
@@ -382,7 +380,15 @@ def children(owner: Owner, spec: models.DotsVLMDeploymentSpec, *, vision_replica
         objs.append(prometheus_rule(owner))
     if ray_token_hash:
         annotations[naming.ANNOTATION_TOKEN_HASH] = ray_token_hash
-    for obj in objs:
+    for i, obj in enumerate(objs):
         if obj["kind"] == "Deployment":
             obj["spec"]["template"]["metadata"]["annotations"].update(annotations)
+            component = obj["metadata"]["labels"][naming.LABEL_COMPONENT]
+            objs[i] = rollout.with_template(obj, templates.get(component, obj["spec"]["template"]))
     return objs
+
+
+def ray_templates(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The pod template of each Ray component's Deployment among built children."""
+    return {o["metadata"]["labels"][naming.LABEL_COMPONENT]: o["spec"]["template"] for o in objs
+            if o["kind"] == "Deployment"}

@@ -96,7 +96,7 @@ class ResourceState:
     serve_body: tuple[str, dict[str, Any], str] | None = None  # (spec JSON, Serve body, its hash)
     drift_deployed_at: float = float("-inf")  # monotonic time of the last re-deploy over a drifted config
     live: dict[str, dict[str, Any]] = field(default_factory=dict)  # Deployment name -> as the API server has it
-    image_plan: rollout.ImagePlan | None = None  # the image per Ray component (a new image rolls in turn)
+    template_plan: rollout.TemplatePlan | None = None  # the pod template per Ray component (a change rolls in turn)
 
 
 CONFIG = OperatorConfig()
@@ -195,12 +195,12 @@ async def _on_child_event(labels: dict[str, str] | None, namespace: str | None, 
     kind = _KIND_OF_PLURAL.get(resource.plural, resource.plural)
     key = _child_key(kind, name or "")
     if kind == "Deployment":
-        # Its rollout's progress (status) decides when the next group takes a new image.
+        # Its rollout's progress (status) decides when the next group takes its new pod template.
         if type == "DELETED":
             state.live.pop(name or "", None)
         else:
             state.live[name or ""] = dict(body)
-        if state.image_plan is not None and state.image_plan.rolling:
+        if state.template_plan is not None and state.template_plan.rolling:
             state.full = True
             state.wake.set()
     ours = state.applied.get(key)
@@ -421,22 +421,27 @@ def _previous_replicas(spec: models.DotsVLMDeploymentSpec, old: models.DotsVLMDe
     return pods // (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1)
 
 
+def _build(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str, pods: dict[str, int],
+           installed: dict[str, bool], templates: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return builders.children(owner, spec, vision_replicas=pods[naming.COMPONENT_VISION],
+                             llm_replicas=pods[naming.COMPONENT_LLM] // spec.llm.nodes_per_replica,
+                             pod_monitor_supported=installed["PodMonitor"],
+                             prometheus_rule_supported=installed["PrometheusRule"],
+                             ray_token_hash=builders.token_hash(token),
+                             operator_namespace=CONFIG.operator_namespace, templates=templates)
+
+
 def _children(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str, pods: dict[str, int],
               installed: dict[str, bool], state: ResourceState,
               generation: int | None) -> list[tuple[dict[str, Any], str]]:
     """The children (pure builders), built again only when their inputs changed: the pod loop asks every
     few seconds and nearly always gets the same answer. `installed`: which Prometheus Operator CRDs exist.
-    The Ray components' images are those of the last rollout plan (`state.image_plan`)."""
-    images = state.image_plan.images if state.image_plan is not None else {}
+    The Ray components' pod templates are those of the last rollout plan (`state.template_plan`)."""
+    templates = state.template_plan.templates if state.template_plan is not None else {}
     inputs = (generation, spec.model_dump_json(), token, tuple(sorted(pods.items())), tuple(sorted(installed.items())),
-              tuple(sorted(images.items())))
+              builders.object_hash(templates))
     if state.built is None or state.built[0] != inputs:
-        objs = builders.children(owner, spec, vision_replicas=pods[naming.COMPONENT_VISION],
-                                 llm_replicas=pods[naming.COMPONENT_LLM] // spec.llm.nodes_per_replica,
-                                 pod_monitor_supported=installed["PodMonitor"],
-                                 prometheus_rule_supported=installed["PrometheusRule"],
-                                 ray_token_hash=builders.token_hash(token),
-                                 operator_namespace=CONFIG.operator_namespace, images=images)
+        objs = _build(owner, spec, token, pods, installed, templates)
         state.built = (inputs, [(obj, builders.object_hash(obj)) for obj in objs])
     return state.built[1]
 
@@ -481,7 +486,8 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     # Children first, with the pods the pools were last sized for: a new resource gets its children at once.
     sized = {pool: builders.desired_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
              * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
-    state.image_plan = await asyncio.to_thread(_plan_images, k, owner, spec, state)
+    desired = builders.ray_templates(_build(owner, spec, token, sized, installed, {}))
+    state.template_plan = await asyncio.to_thread(_plan_templates, k, owner, desired, state)
     objs = _children(owner, spec, token, sized, installed, state, generation)
     kept = {obj["kind"] for obj, _ in objs}
 
@@ -513,11 +519,11 @@ _RAY_DEPLOYMENTS = {naming.COMPONENT_HEAD: naming.head_name, naming.COMPONENT_VI
                     naming.COMPONENT_LLM: lambda n: naming.pool_name(n, naming.COMPONENT_LLM)}
 
 
-def _plan_images(k: Kube, owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
-                 state: ResourceState) -> rollout.ImagePlan:
-    """Which image each Ray component's pods get now: a new spec.image rolls the vision pool, then the LLM
-    pool, then the head, each once the one before has finished. Live Deployments come from the watch;
-    one not seen yet (a restarted operator) is read once."""
+def _plan_templates(k: Kube, owner: naming.Owner, desired: dict[str, dict[str, Any]],
+                    state: ResourceState) -> rollout.TemplatePlan:
+    """Which pod template each Ray component gets now: a template change (a new spec.image, say) rolls
+    the vision pool, then the LLM pool, then the head, each once the one before has finished. Live
+    Deployments come from the watch; one not seen yet (a restarted operator) is read once."""
     live: dict[str, dict[str, Any] | None] = {}
     for component, name_of in _RAY_DEPLOYMENTS.items():
         name = name_of(owner.name)
@@ -526,7 +532,7 @@ def _plan_images(k: Kube, owner: naming.Owner, spec: models.DotsVLMDeploymentSpe
             if got is not None:
                 state.live[name] = got
         live[component] = state.live.get(name)
-    return rollout.plan_images(spec.image, live)
+    return rollout.plan_templates(desired, live)
 
 
 async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: ResourceState) -> None:
@@ -593,7 +599,7 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
     new, transitions = compute_status(spec=spec, generation=generation, pods=pods, desired=desired, serve=serve,
                                       endpoint=naming.endpoint(owner, spec.api.port), old=old, now=_now(),
                                       plans=plans, report=report, now_unix=now_unix,
-                                      rollout=state.image_plan.message if state.image_plan is not None else None)
+                                      rollout=state.template_plan.message if state.template_plan is not None else None)
     unschedulable = {pool: sum(1 for p in pods if p.component == pool and p.unschedulable and not p.deleting)
                      for pool in POOLS}
     METRICS.observe_status(owner.namespace, owner.name, spec, new, unschedulable)

@@ -30,6 +30,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_DEPLOYMENT = "dotsvlm.io/deployment"
 ANNOTATION_SPEC_HASH = "dotsvlm.io/pod-spec-hash"
 ANNOTATION_TOKEN_HASH = "dotsvlm.io/ray-token-hash"
+# On each Ray Deployment: the pod template the operator last applied (JSON), so that a template change rolls
+# one group at a time even across an operator restart (rollout.py).
+ANNOTATION_POD_TEMPLATE = "dotsvlm.io/pod-template"
 # Kubernetes' own: the ReplicaSet controller removes pods with the lowest cost first on scale-down.
 ANNOTATION_POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 # Pods of the operator carry this label; the NetworkPolicy lets them reach the Ray ports.

@@ -1,11 +1,16 @@
-"""Pure: a new `spec.image` rolls the Ray pods one group at a time (vision pool, then LLM pool, then head).
+"""Pure: a change to the Ray pod templates rolls one group at a time (vision pool, then LLM pool, then head).
 
-Changing the image changes every Ray pod template at once, so Kubernetes would replace the vision and
-LLM pools (and the head) together: both pools short of a pod at the same time, the head's restart on
-top. Instead the operator gives each group the new image only when the group before it has finished
-its rollout (every pod updated and available): the vision pool first (it is cheap to restart and
-requests with images only wait), then the LLM pool, then the head. Each pool's pods drain as they stop
+A new `spec.image` (or pull secrets, scrape annotations, an operator upgrade that builds the pods another
+way) changes every Ray pod template at once, so Kubernetes would replace the vision and LLM pools (and
+the head) together: both pools short of a pod at the same time, the head's restart on top. Instead the
+operator gives each group its new template only when the group before it has finished its rollout
+(every pod updated and available): the vision pool first (it is cheap to restart and requests with
+images only wait), then the LLM pool, then the head. Each pool's pods drain as they stop
 (`dotsvlm drain-node`), one at a time (the Deployments' maxUnavailable 1, maxSurge 0).
+
+A group that waits keeps the template it runs: each Ray Deployment carries the template the operator last
+applied (`naming.ANNOTATION_POD_TEMPLATE`), so the plan survives an operator restart. A new Ray token is
+the exception: Ray pods with another token cannot join the head, so every group takes it at once.
 
 The head goes last because its restart restarts Ray itself (the GCS): every Serve replica and request
 of the deployment goes with it, and the pools' Ray processes rejoin the new head.
@@ -13,22 +18,49 @@ of the deployment goes with it, and the pools' Ray processes rejoin the new head
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from dotsvlm_operator import naming
 
-# The groups in the order they take a new image.
+# The groups in the order they take a new template.
 ORDER = (naming.COMPONENT_VISION, naming.COMPONENT_LLM, naming.COMPONENT_HEAD)
 _LABEL = {naming.COMPONENT_VISION: "vision pool", naming.COMPONENT_LLM: "LLM pool", naming.COMPONENT_HEAD: "Ray head"}
 
 
-def deployment_image(dep: dict[str, Any] | None) -> str | None:
-    """The image a live Deployment's pod template runs (its `ray` container)."""
-    if not dep:
+def _template_json(template: dict[str, Any]) -> str:
+    return json.dumps(template, sort_keys=True, separators=(",", ":"))
+
+
+def with_template(dep: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """A built Deployment that runs `template`, recording it in the annotation the next plan reads."""
+    out = copy.deepcopy(dep)
+    out["spec"]["template"] = copy.deepcopy(template)
+    out["metadata"].setdefault("annotations", {})[naming.ANNOTATION_POD_TEMPLATE] = _template_json(template)
+    return out
+
+
+def applied_template(dep: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pod template the operator last applied to a live Deployment (None: unknown, e.g. made by an
+    operator version before this annotation, or edited by hand into something that is not JSON)."""
+    raw = (((dep or {}).get("metadata") or {}).get("annotations") or {}).get(naming.ANNOTATION_POD_TEMPLATE)
+    try:
+        got = json.loads(raw) if raw else None
+    except ValueError:
         return None
-    containers = (((dep.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+    return got if isinstance(got, dict) else None
+
+
+def template_image(template: dict[str, Any] | None) -> str | None:
+    """The image of a pod template's `ray` container."""
+    containers = ((template or {}).get("spec") or {}).get("containers") or []
     return next((c.get("image") for c in containers if c.get("name") == "ray"), None)
+
+
+def _token(template: dict[str, Any] | None) -> str | None:
+    return (((template or {}).get("metadata") or {}).get("annotations") or {}).get(naming.ANNOTATION_TOKEN_HASH)
 
 
 def rollout_progress(dep: dict[str, Any]) -> tuple[bool, str]:
@@ -43,46 +75,54 @@ def rollout_progress(dep: dict[str, Any]) -> tuple[bool, str]:
 
 
 @dataclass(frozen=True)
-class ImagePlan:
-    """The image each group's pod template gets now, and what a person should know while it rolls."""
+class TemplatePlan:
+    """The pod template each group gets now, and what a person should know while it rolls."""
 
-    images: dict[str, str]
+    templates: dict[str, dict[str, Any]]
     message: str | None = None  # None: no rollout in progress
 
     @property
     def rolling(self) -> bool:
         return self.message is not None
 
+    @property
+    def images(self) -> dict[str, str | None]:
+        return {group: template_image(t) for group, t in self.templates.items()}
 
-def plan_images(image: str, live: dict[str, dict[str, Any] | None]) -> ImagePlan:
-    """`image` (spec.image) for every group that already runs it or whose turn it is; the image it runs
-    for a group that waits for the one before it to finish. `live`: the groups' Deployments as the API
-    server has them (None: not created yet; it starts with `image`)."""
-    images: dict[str, str] = {}
+
+def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str, Any] | None]) -> TemplatePlan:
+    """`desired[group]` (the template the spec builds) for every group that already runs it or whose turn
+    it is; the template it runs for a group that waits for the one before it to finish. `live`: the
+    groups' Deployments as the API server has them (None: not created yet; it starts with its desired
+    template; one without the annotation, made by an older operator, takes its desired one at once)."""
+    currents = {group: applied_template(live.get(group)) for group in ORDER}
+    token_changed = any(_token(currents[g]) not in (None, _token(desired[g])) for g in ORDER if currents[g])
+    templates: dict[str, dict[str, Any]] = {}
     rolling: list[str] = []
     waiting: list[str] = []
+    new_image = False
     before_done = True  # every group before this one has finished its rollout
     for group in ORDER:
-        dep = live.get(group)
-        current = deployment_image(dep)
-        if dep is None or current is None:
-            images[group] = image
+        dep, current, want = live.get(group), currents[group], desired[group]
+        if dep is None or current is None or token_changed:
+            templates[group] = want
             continue
-        if current != image and not before_done:
-            images[group] = current
+        changed = current != want
+        new_image = new_image or (changed and template_image(current) != template_image(want))
+        if changed and not before_done:
+            templates[group] = current
             waiting.append(f"the {_LABEL[group]}")
-            before_done = False
             continue
-        images[group] = image
-        done, progress = rollout_progress(dep) if current == image else (False, "starting")
+        templates[group] = want
+        done, progress = rollout_progress(dep) if not changed else (False, "starting")
         st = dep.get("status") or {}
         old_pods_left = int(st.get("replicas") or 0) > int(st.get("updatedReplicas") or 0)
-        if current != image or (not done and old_pods_left):
+        if changed or (not done and old_pods_left):
             rolling.append(f"the {_LABEL[group]} ({progress})")
         before_done = before_done and done
     if not rolling and not waiting:
-        return ImagePlan(images)
+        return TemplatePlan(templates)
     parts = (["rolling " + " and ".join(rolling)] if rolling else []) + (
         ["then " + ", then ".join(waiting)] if waiting else [])
-    return ImagePlan(images, f"new image {image}: " + "; ".join(parts)
-                     + " (one group at a time; pool pods drain as they stop)")
+    what = f"new image {template_image(desired[ORDER[0]])}" if new_image else "new pod settings"
+    return TemplatePlan(templates, f"{what}: " + "; ".join(parts) + " (one group at a time; pool pods drain as they stop)")

@@ -34,7 +34,7 @@ BAD_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "
 SERVE_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
 # Ready=False reason: the LLM pool (every request needs it) is at zero replicas.
 NO_LLM_REPLICA = "NoLLMReplica"
-# Progressing reason: a new image rolls one group at a time.
+# Progressing reason: a pod-template change (a new image, say) rolls one group at a time.
 ROLLING_OUT = "RollingOut"
 
 

@@ -1,59 +1,135 @@
-"""A new image rolls the vision pool, then the LLM pool, then the head: each waits for the one before."""
+"""A change to the Ray pod templates (a new image, new pod settings) rolls the vision pool, then the LLM
+pool, then the head: each waits for the one before, on the template it runs."""
 
 from __future__ import annotations
 
-from dotsvlm_operator.rollout import plan_images, rollout_progress
+from pathlib import Path
+
+import yaml
+
+from dotsvlm_operator import builders, models, naming
+from dotsvlm_operator.rollout import applied_template, plan_templates, rollout_progress, with_template
+
+REPO = Path(__file__).resolve().parents[2]
+OWNER = naming.Owner("dots", "ml", "uid-123")
+GROUPS = ("vision", "llm", "ray-head")
 
 
-def dep(image: str, replicas: int = 2, updated: int | None = None, available: int | None = None,
+def templates(image: str, token: str = "t1", **spec_patch) -> dict[str, dict]:
+    """The pod templates the real builders make for the example with `image` and a Ray token."""
+    raw = yaml.safe_load((REPO / "examples" / "dotsvlm.yaml").read_text())["spec"]
+    spec = models.DotsVLMDeploymentSpec.model_validate({**raw, "image": image, **spec_patch})
+    objs = builders.children(OWNER, spec, vision_replicas=1, llm_replicas=1, ray_token_hash=token)
+    return builders.ray_templates(objs)
+
+
+def dep(template: dict, replicas: int = 2, updated: int | None = None, available: int | None = None,
         total: int | None = None, generation: int = 2, observed: int = 2) -> dict:
-    return {"metadata": {"generation": generation}, "spec": {"replicas": replicas, "template": {"spec": {
-        "containers": [{"name": "ray", "image": image}]}}},
-            "status": {"observedGeneration": observed, "replicas": replicas if total is None else total,
+    """A live Deployment that the operator applied with `template`, and its rollout status."""
+    built = with_template({"metadata": {"generation": generation}, "spec": {"replicas": replicas}}, template)
+    built["status"] = {"observedGeneration": observed, "replicas": replicas if total is None else total,
                        "updatedReplicas": replicas if updated is None else updated,
-                       "availableReplicas": replicas if available is None else available}}
+                       "availableReplicas": replicas if available is None else available}
+    return built
 
 
-def test_new_resource_gets_the_image_everywhere_and_no_rollout() -> None:
-    plan = plan_images("img:2", {"vision": None, "llm": None, "ray-head": None})
-    assert plan.images == {"vision": "img:2", "llm": "img:2", "ray-head": "img:2"} and not plan.rolling
+def live_of(t: dict[str, dict], **kw) -> dict[str, dict]:
+    return {g: dep(t[g], 1 if g == "ray-head" else 2, **kw) for g in GROUPS}
 
 
-def test_unchanged_image_is_no_rollout_even_while_a_pool_scales() -> None:
-    live = {"vision": dep("img:1", 3, updated=3, available=1), "llm": dep("img:1"), "ray-head": dep("img:1", 1)}
-    plan = plan_images("img:1", live)
-    assert set(plan.images.values()) == {"img:1"} and not plan.rolling
+def test_new_resource_gets_its_templates_everywhere_and_no_rollout() -> None:
+    want = templates("img:2")
+    plan = plan_templates(want, {"vision": None, "llm": None, "ray-head": None})
+    assert plan.templates == want and not plan.rolling
 
 
-def test_vision_first_then_llm_then_head() -> None:
-    # The image changes: only the vision pool gets it.
-    live = {"vision": dep("img:1"), "llm": dep("img:1"), "ray-head": dep("img:1", 1)}
-    plan = plan_images("img:2", live)
+def test_unchanged_templates_are_no_rollout_even_while_a_pool_scales() -> None:
+    t = templates("img:1")
+    live = live_of(t)
+    live["vision"] = dep(t["vision"], 3, updated=3, available=1)
+    plan = plan_templates(t, live)
+    assert plan.templates == t and not plan.rolling
+
+
+def test_new_image_rolls_vision_first_then_llm_then_head() -> None:
+    old, new = templates("img:1"), templates("img:2")
+    live = live_of(old)
+    # The image changes: only the vision pool gets its new template; the others keep the one they run.
+    plan = plan_templates(new, live)
     assert plan.images == {"vision": "img:2", "llm": "img:1", "ray-head": "img:1"}
+    assert plan.templates["llm"] == old["llm"] and plan.templates["ray-head"] == old["ray-head"]
     assert plan.message.startswith("new image img:2: rolling the vision pool (starting); then the LLM pool, then the Ray head")
     # The vision pool rolls (one new pod, one old): the LLM pool still waits.
-    live["vision"] = dep("img:2", updated=1, available=1, total=3, generation=3, observed=3)
-    plan = plan_images("img:2", live)
-    assert plan.images["llm"] == "img:1" and "the vision pool (1 of 2 pods updated, 1 available, 1 old left)" in plan.message
+    live["vision"] = dep(new["vision"], updated=1, available=1, total=3, generation=3, observed=3)
+    plan = plan_templates(new, live)
+    assert plan.templates["llm"] == old["llm"] and "the vision pool (1 of 2 pods updated, 1 available, 1 old left)" in plan.message
     # The controller has not seen the new template yet: not done either.
-    live["vision"] = dep("img:2", generation=4, observed=3)
-    assert plan_images("img:2", live).images["llm"] == "img:1"
+    live["vision"] = dep(new["vision"], generation=4, observed=3)
+    assert plan_templates(new, live).templates["llm"] == old["llm"]
     # The vision rollout is complete: the LLM pool's turn; the head still waits.
-    live["vision"] = dep("img:2", generation=4, observed=4)
-    plan = plan_images("img:2", live)
+    live["vision"] = dep(new["vision"], generation=4, observed=4)
+    plan = plan_templates(new, live)
     assert plan.images == {"vision": "img:2", "llm": "img:2", "ray-head": "img:1"}
     assert "rolling the LLM pool (starting); then the Ray head" in plan.message
-    live["llm"] = dep("img:2", updated=1, available=1, total=2)
-    assert plan_images("img:2", live).images["ray-head"] == "img:1"
+    live["llm"] = dep(new["llm"], updated=1, available=1, total=2)
+    assert plan_templates(new, live).templates["ray-head"] == old["ray-head"]
     # Both pools done: the head.
-    live["llm"] = dep("img:2")
-    plan = plan_images("img:2", live)
-    assert plan.images["ray-head"] == "img:2" and "rolling the Ray head" in plan.message
-    live["ray-head"] = dep("img:2", 1)
-    assert not plan_images("img:2", live).rolling
+    live["llm"] = dep(new["llm"])
+    plan = plan_templates(new, live)
+    assert plan.templates["ray-head"] == new["ray-head"] and "rolling the Ray head" in plan.message
+    live["ray-head"] = dep(new["ray-head"], 1)
+    assert not plan_templates(new, live).rolling
+
+
+def test_any_template_change_is_sequenced_not_only_the_image() -> None:
+    # A new pull secret changes every Ray pod template, the image stays: still one group at a time.
+    old, new = templates("img:1"), templates("img:1", imagePullSecrets=["regcred"])
+    assert all(old[g] != new[g] for g in GROUPS)
+    plan = plan_templates(new, live_of(old))
+    assert plan.templates == {"vision": new["vision"], "llm": old["llm"], "ray-head": old["ray-head"]}
+    assert plan.message.startswith("new pod settings: rolling the vision pool (starting); then the LLM pool, then the Ray head")
+
+
+def test_a_change_to_one_pool_rolls_that_pool_alone_and_at_once() -> None:
+    old = templates("img:1")
+    new = templates("img:1", llm={**yaml.safe_load((REPO / "examples" / "dotsvlm.yaml").read_text())["spec"]["llm"],
+                                  "shmSize": "64Gi"})
+    assert new["vision"] == old["vision"] and new["llm"] != old["llm"]
+    plan = plan_templates(new, live_of(old))
+    assert plan.templates == new and "rolling the LLM pool (starting)" in plan.message and "then" not in plan.message
+
+
+def test_a_new_ray_token_reaches_every_group_at_once() -> None:
+    # Ray pods with another token cannot join the head: holding any group would leave it locked out.
+    old, new = templates("img:1", token="t1"), templates("img:2", token="t2")
+    plan = plan_templates(new, live_of(old))
+    assert plan.templates == new
+
+
+def test_a_deployment_without_the_annotation_takes_its_new_template() -> None:
+    # Made by an operator before the annotation: the template it runs is unknown, so it cannot be held.
+    old, new = templates("img:1"), templates("img:2")
+    live = live_of(old)
+    del live["llm"]["metadata"]["annotations"]
+    live["ray-head"]["metadata"]["annotations"][naming.ANNOTATION_POD_TEMPLATE] = "{not json"
+    assert applied_template(live["ray-head"]) is None
+    plan = plan_templates(new, live)
+    assert plan.templates == {"vision": new["vision"], "llm": new["llm"], "ray-head": new["ray-head"]}
+
+
+def test_built_deployments_record_the_template_they_run() -> None:
+    raw = yaml.safe_load((REPO / "examples" / "dotsvlm.yaml").read_text())["spec"]
+    spec = models.DotsVLMDeploymentSpec.model_validate(raw)
+    held = templates("img:0")
+    objs = builders.children(OWNER, spec, vision_replicas=3, llm_replicas=1, templates={"llm": held["llm"]})
+    deps = {o["metadata"]["labels"][naming.LABEL_COMPONENT]: o for o in objs if o["kind"] == "Deployment"}
+    assert deps["llm"]["spec"]["template"] == held["llm"] and applied_template(deps["llm"]) == held["llm"]
+    assert applied_template(deps["vision"]) == deps["vision"]["spec"]["template"] != held["vision"]
+    assert deps["vision"]["spec"]["replicas"] == 3
 
 
 def test_rollout_progress_counts_old_pods() -> None:
-    assert rollout_progress(dep("i")) == (True, "2 of 2 pods updated, 2 available")
-    assert rollout_progress(dep("i", updated=2, available=2, total=3))[0] is False
-    assert rollout_progress(dep("i", replicas=0, updated=0, available=0))[0] is True
+    t = templates("i")["vision"]
+    assert rollout_progress(dep(t)) == (True, "2 of 2 pods updated, 2 available")
+    assert rollout_progress(dep(t, updated=2, available=2, total=3))[0] is False
+    assert rollout_progress(dep(t, replicas=0, updated=0, available=0))[0] is True
