@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,19 +50,14 @@ def queue_stats() -> dict:
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(url + "/health", timeout=5)
-            if r.status_code == 200:
-                return
-            last = r.text
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(0.3)
-    raise AssertionError(f"not healthy within {timeout_s} s: {last}")
+    """The wait `dotsvlm serve` does (embedded.wait_healthy: its error names what the application still
+    waits for), quiet, and failing as an assertion, which the tests' retry loops catch."""
+    from dotsvlm_serving.embedded import wait_healthy as wait
 
+    try:
+        wait(url, timeout_s, progress_every_s=float("inf"))
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from exc
 
 
 def _startup_timeout(exc: Exception) -> bool:
