@@ -1,8 +1,8 @@
 """Nothing lost on updates (issue 14), operator side, on the test control plane (pods on kwok).
 
 The status never says Ready while the pool every request needs has no replica; a new image rolls the
-pools one at a time; the NetworkPolicy admits the operator only from its own namespace. The Ray head
-is the fake one (tests/support/fake_ray_head.py), which plays Serve's targets and replicas.
+pools one at a time (so does any change that reaches every Ray pod); the NetworkPolicy admits the
+operator only from its own namespace. The Ray head is the fake one (tests/support/fake_ray_head.py), which plays Serve's targets and replicas.
 """
 
 from __future__ import annotations
@@ -80,6 +80,30 @@ def _complete(dep: dict) -> bool:
             and st.get("replicas", 0) == want and st.get("availableReplicas", 0) == want)
 
 
+def _watch_roll_order(kube, ns: str, name: str, took, status, diag) -> set[str]:
+    """Watch the three Deployments until each has taken the change (`took(deployment)`): each must take it
+    only once the one before has finished its rollout (vision, LLM, head). The RollingOut messages seen."""
+    order: list[str] = []
+    rolling_messages: set[str] = set()
+    polls = 0
+    while len(order) < 3:
+        polls += 1
+        assert polls < 1200, f"the rollout did not finish: {order}\n{diag()}"
+        deps = _deployments(kube, ns, name)
+        for component, before in (("vision", None), ("llm", "vision"), ("ray-head", "llm")):
+            if component in order or not took(deps[component]):
+                continue
+            if before is not None:
+                assert order and order[-1] == before, f"{component} took the change before {before}: {order}"
+                assert _complete(deps[before]), f"{component} took the change while {before} still rolled: {deps[before]['status']}"
+            order.append(component)
+        progressing = condition({"status": status()}, "Progressing") or {}
+        if progressing.get("reason") == "RollingOut":
+            rolling_messages.add(progressing["message"])
+    assert order == ["vision", "llm", "ray-head"]
+    return rolling_messages
+
+
 def test_a_new_image_rolls_vision_then_llm_then_head_each_after_the_last_finished(kube, ns, fake_head,
                                                                                   operator_factory) -> None:
     head, url = fake_head
@@ -102,27 +126,10 @@ def test_a_new_image_rolls_vision_then_llm_then_head_each_after_the_last_finishe
     assert {_image(d) for d in deps.values()} == {"dotsvlm-serving:1"}
 
     kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", '{"spec":{"image":"dotsvlm-serving:2"}}')
-    # Watch the three Deployments: each takes the new image only once the one before has finished.
-    order: list[str] = []
-    rolling_messages: set[str] = set()
-    deadline_polls = 0
-    while len(order) < 3:
-        deadline_polls += 1
-        assert deadline_polls < 1200, f"the rollout did not finish: {order}\n{diag()}"
-        deps = _deployments(kube, ns, name)
-        for component, before in (("vision", None), ("llm", "vision"), ("ray-head", "llm")):
-            if component in order or _image(deps[component]) != "dotsvlm-serving:2":
-                continue
-            if before is not None:
-                assert order and order[-1] == before, f"{component} took the new image before {before}: {order}"
-                assert _complete(deps[before]), f"{component} took the new image while {before} still rolled: {deps[before]['status']}"
-            order.append(component)
-        progressing = condition({"status": status()}, "Progressing") or {}
-        if progressing.get("reason") == "RollingOut":
-            rolling_messages.add(progressing["message"])
-    assert order == ["vision", "llm", "ray-head"]
-    assert any("rolling the vision pool" in m and "then the LLM pool, then the Ray head" in m for m in rolling_messages), \
-        rolling_messages
+    # Each of the three Deployments takes the new image only once the one before has finished.
+    messages = _watch_roll_order(kube, ns, name, lambda d: _image(d) == "dotsvlm-serving:2", status, diag)
+    assert any(m.startswith("new image dotsvlm-serving:2: rolling the vision pool")
+               and "then the LLM pool, then the Ray head" in m for m in messages), messages
     # Every pool pod of the new image drains its Ray node when it stops.
     for pod in get_json(kube, "pods", "-n", ns, "-l", f"dotsvlm.io/deployment={name},app.kubernetes.io/component in (vision,llm)")["items"]:
         c = pod["spec"]["containers"][0]
@@ -130,6 +137,14 @@ def test_a_new_image_rolls_vision_then_llm_then_head_each_after_the_last_finishe
             assert c["lifecycle"]["preStop"]["exec"]["command"][:2] == ["dotsvlm", "drain-node"]
     poll(lambda: (c := condition({"status": status()}, "Progressing")) and c["reason"] != "RollingOut"
          and all(_complete(d) for d in _deployments(kube, ns, name).values()), 120, "the rollout finished", diag)
+    # Not only the image: any change that reaches every Ray pod (here a pull secret) rolls the same way, and a
+    # group that waits keeps the whole template it runs.
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", '{"spec":{"imagePullSecrets":["regcred"]}}')
+    messages = _watch_roll_order(kube, ns, name, lambda d: d["spec"]["template"]["spec"].get("imagePullSecrets")
+                                 == [{"name": "regcred"}], status, diag)
+    assert any(m.startswith("new pod settings: rolling the vision pool") for m in messages), messages
+    poll(lambda: (c := condition({"status": status()}, "Progressing")) and c["reason"] != "RollingOut"
+         and all(_complete(d) for d in _deployments(kube, ns, name).values()), 120, "the second rollout finished", diag)
 
 
 def test_network_policy_admits_the_operator_only_from_its_own_namespace(kube, ns, operator_factory) -> None:
