@@ -487,7 +487,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     sized = {pool: builders.desired_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
              * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
     desired = builders.ray_templates(_build(owner, spec, token, sized, installed, {}))
-    state.template_plan = await asyncio.to_thread(_plan_templates, k, owner, desired, state)
+    state.template_plan = await asyncio.to_thread(_plan_templates, k, owner, desired, state, old is None)
     objs = _children(owner, spec, token, sized, installed, state, generation)
     kept = {obj["kind"] for obj, _ in objs}
 
@@ -520,14 +520,15 @@ _RAY_DEPLOYMENTS = {naming.COMPONENT_HEAD: naming.head_name, naming.COMPONENT_VI
 
 
 def _plan_templates(k: Kube, owner: naming.Owner, desired: dict[str, dict[str, Any]],
-                    state: ResourceState) -> rollout.TemplatePlan:
+                    state: ResourceState, new_resource: bool) -> rollout.TemplatePlan:
     """Which pod template each Ray component gets now: a template change (a new spec.image, say) rolls
     the vision pool, then the LLM pool, then the head, each once the one before has finished. Live
-    Deployments come from the watch; one not seen yet (a restarted operator) is read once."""
+    Deployments come from the watch; one not seen yet (a restarted operator) is read once. A new
+    resource (no status yet) has none to read: three calls fewer for each of a burst of creates."""
     live: dict[str, dict[str, Any] | None] = {}
     for component, name_of in _RAY_DEPLOYMENTS.items():
         name = name_of(owner.name)
-        if name not in state.live:
+        if name not in state.live and not new_resource:
             got = k.get("Deployment", owner.namespace, name)
             if got is not None:
                 state.live[name] = got
