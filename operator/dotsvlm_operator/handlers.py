@@ -148,6 +148,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=naming.GROUP)
     settings.persistence.finalizer = f"{naming.GROUP}/operator"
+    # Our Events are explicit (kopf.event, each with a reason a person can filter on). kopf would also post
+    # every INFO log line about a resource as an Event (reason "Logging"): each transition twice, each pool
+    # resize once more, a burst of creates several hundred extra API writes.
+    settings.posting.loggers = False
     settings.peering.priority = CONFIG.priority
     settings.peering.lifetime = 30
     settings.watching.server_timeout = 300

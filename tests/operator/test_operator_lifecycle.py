@@ -143,6 +143,8 @@ def test_full_sample_children_placement_and_status(kube, ns, operator_factory) -
     events = poll(lambda: [e for e in get_json(kube, "events", "-n", ns)["items"]
                            if e["involvedObject"].get("kind") == "DotsVLMDeployment"], 30, "an Event on the resource")
     assert any(e["reason"] == "RayHeadUnreachable" for e in events), [e["reason"] for e in events]
+    # Only the operator's own Events: not each of its log lines a second time (kopf's "Logging" Events).
+    assert not [e["message"] for e in events if e["reason"] == "Logging"]
     # --log-format json: every line is a JSON object; lines about a resource name it.
     lines = [json.loads(line) for line in op.log_path.read_text().splitlines() if line.strip()]
     assert any(rec.get("object", {}).get("name") == name and rec.get("severity") for rec in lines)
