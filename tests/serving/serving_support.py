@@ -102,7 +102,8 @@ def add_node_with_retry(cluster, attempts: int = 3, **node_args):
 
 def serve_app_on_cluster(cluster, port: int, config: dict, env: dict[str, str]) -> str:
     """Connect to a test cluster, start Serve's HTTP proxy on its head only and deploy the dotsvlm application
-    from `config` (a ServeAppConfig) the way the operator does; its URL once /health answers."""
+    from `config` (a ServeAppConfig) the way the operator does; its URL once /health answers (on `port`, or
+    on another free one if `port` was taken by the time the proxy bound it)."""
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -111,7 +112,18 @@ def serve_app_on_cluster(cluster, port: int, config: dict, env: dict[str, str]) 
     from dotsvlm_serving.serve_config import ServeAppConfig
 
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False, runtime_env={"env_vars": env})
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    attempts = 3
+    for attempt in range(attempts):
+        try:
+            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+            break
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the proxy's error in a RayTaskError
+            # The port was free when chosen; one of the cluster's own processes may have taken it since
+            # (a clean-clone CI run on 2026-12-02: "Failed to bind to address"). Another port then, not a failed test.
+            if "Failed to bind" not in str(exc) or attempt == attempts - 1:
+                raise
+            serve.shutdown()
+            port = _free_port()
     body = ServeAppConfig.model_validate(config).deploy_body(http_port=port, http_host="127.0.0.1")
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(body))
     url = f"http://127.0.0.1:{port}"

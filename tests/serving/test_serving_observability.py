@@ -103,9 +103,12 @@ async def _send(url: str, bodies: list[dict]) -> list[int]:
                 return r.status_code
         return (await client.post("/v1/chat/completions", json=body)).status_code
 
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120,
+    # The client waits longer than the stacks' own request timeouts (120 s and 180 s): a slow answer is the
+    # server's to end (with its error), not the client's (a clean-clone CI run on 2026-12-02, load 9 on
+    # 2 cores: the autoscaled stack's wave, waking its vision pool, passed the client's former 120 s).
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=240,
                                  limits=httpx.Limits(max_connections=len(bodies))) as client:
-        return list(await asyncio.wait_for(asyncio.gather(*(one(client, b) for b in bodies)), timeout=240))
+        return list(await asyncio.wait_for(asyncio.gather(*(one(client, b) for b in bodies)), timeout=420))
 
 
 @pytest.fixture(scope="module")
