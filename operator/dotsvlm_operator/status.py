@@ -125,7 +125,8 @@ class ServeObservation:
 
 @dataclass(frozen=True)
 class Transition:
-    """A condition that changed status or reason: worth a Kubernetes Event."""
+    """A condition that changed status or reason: worth a Kubernetes Event (not a first Degraded=False, nor a
+    Progressing change that the Ready change beside it already tells with the same reason)."""
 
     type: str
     status: str
@@ -435,13 +436,18 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
         degraded = _condition("Degraded", False, "AsExpected", "no problem found.", generation, olds, now)
     conditions = [ready, progressing, degraded]
 
-    transitions = []
+    transitions: list[Transition] = []
     for c in conditions:
         prev = olds.get(c.type)
-        if prev is None or prev.status != c.status or prev.reason != c.reason:
-            warning = (c.type == "Degraded" and c.status == "True") or (c.type == "Ready" and prev is not None
-                                                                        and prev.status == "True" and c.status == "False")
-            transitions.append(Transition(c.type, c.status, c.reason, c.message, warning))
+        if prev is not None and prev.status == c.status and prev.reason == c.reason:
+            continue
+        warning = (c.type == "Degraded" and c.status == "True") or (c.type == "Ready" and prev is not None
+                                                                    and prev.status == "True" and c.status == "False")
+        if prev is None and c.type == "Degraded" and not warning:
+            continue  # a new resource with no problem: nothing to tell
+        if c.type == "Progressing" and any(t.type == "Ready" and t.reason == c.reason for t in transitions):
+            continue  # the Ready Event just said it, with the same reason and words
+        transitions.append(Transition(c.type, c.status, c.reason, c.message, warning))
 
     queue, slo, backpressure = _queue_and_slo(spec, report, old, now_unix)
     status = models.DotsVLMDeploymentStatus(

@@ -44,7 +44,9 @@ def test_all_ready_and_serve_running_is_ready() -> None:
     assert cond(st, "Progressing").status == "False" and cond(st, "Degraded").status == "False"
     assert st.vision.ready_of_desired == "4/4" and st.llm.ready_of_desired == "1/1" and st.llm.ready_pods == 2
     assert st.observed_generation == 3 and st.endpoint.endswith("/v1")
-    assert {t.type for t in tr} == {"Ready", "Progressing", "Degraded"}  # first status: every condition is new
+    # First status: one Event per condition that tells something (a new resource with no problem gets no
+    # "Degraded=False" Event).
+    assert {t.type for t in tr} == {"Ready", "Progressing"}
 
 
 def test_pending_vision_pods_give_the_schedulers_reason_and_a_fix() -> None:
@@ -160,6 +162,17 @@ def test_transition_times_kept_and_only_changes_reported() -> None:
     ready = [t for t in tr if t.type == "Ready"][0]
     assert ready.status == "False" and ready.warning
     assert cond(broken, "Ready").last_transition_time == "2026-01-03T00:00:00Z"
+
+
+def test_a_new_resource_gets_one_event_while_it_starts_not_one_per_condition() -> None:
+    pods = [PodView("h", "ray-head", scheduled=True)]
+    st, tr = run(pods, ServeObservation(URL, False, "Unknown", "no head yet"))
+    assert cond(st, "Ready").status == "False" and cond(st, "Progressing").status == "True"
+    assert cond(st, "Ready").reason == cond(st, "Progressing").reason
+    assert [(t.type, t.status) for t in tr] == [("Ready", "False")]
+    # A problem on a new resource is told at once.
+    st, tr = run([PodView("h", "ray-head", unschedulable=SCHED)], ServeObservation(URL, False, "Unknown", "no head yet"))
+    assert any(t.type == "Degraded" and t.status == "True" and t.warning for t in tr)
 
 
 def test_deleting_pods_do_not_count() -> None:
