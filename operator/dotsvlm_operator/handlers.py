@@ -20,6 +20,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import ssl
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -97,6 +98,7 @@ class ResourceState:
     drift_deployed_at: float = float("-inf")  # monotonic time of the last re-deploy over a drifted config
     live: dict[str, dict[str, Any]] = field(default_factory=dict)  # Deployment name -> as the API server has it
     template_plan: rollout.TemplatePlan | None = None  # the pod template per Ray component (a change rolls in turn)
+    generation: int | None = None  # the spec generation the last full pass started from
 
 
 CONFIG = OperatorConfig()
@@ -106,16 +108,30 @@ _crds: dict[str, tuple[bool, float]] = {}  # Prometheus Operator kind -> (CRD pr
 MONITORING_KINDS = ("PodMonitor", "PrometheusRule")
 
 
-_http: httpx.AsyncClient | None = None
+_http: dict[tuple[str, str], httpx.AsyncClient] = {}  # (namespace, name) -> the client of that deployment
+_tls: ssl.SSLContext | None = None
 
 
-def http() -> httpx.AsyncClient:
-    """One HTTP client for every Ray head and ingress: its connections are reused, and building a client
-    (it loads the TLS trust store) is too costly to do on every pass of every resource."""
-    global _http
-    if _http is None:
-        _http = httpx.AsyncClient(limits=httpx.Limits(max_connections=200, max_keepalive_connections=100))
-    return _http
+def http(owner: naming.Owner) -> httpx.AsyncClient:
+    """The HTTP client of one deployment (its Ray head and its ingress), kept while its daemon runs so its
+    connections are reused. One client per deployment, not one for all: httpcore's pool is a list that each
+    request scans, so with 100 deployments every call walked 100 idle connections (a third of the
+    operator's CPU in a burst of creates). The TLS trust store is loaded once and shared."""
+    global _tls
+    key = (owner.namespace, owner.name)
+    client = _http.get(key)
+    if client is None:
+        if _tls is None:
+            _tls = httpx.create_ssl_context()
+        client = _http[key] = httpx.AsyncClient(verify=_tls, limits=httpx.Limits(max_connections=8,
+                                                                                 max_keepalive_connections=4))
+    return client
+
+
+async def _forget_http(key: tuple[str, str]) -> None:
+    client = _http.pop(key, None)
+    if client is not None:
+        await client.aclose()
 
 
 def kube() -> Kube:
@@ -129,14 +145,26 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _trigger(namespace: str | None, name: str | None, *, full: bool = True) -> None:
-    state = _resources.get((namespace or "", name or ""))
-    if state is not None:
-        state.full = state.full or full
-        state.wake.set()
 
 
 # --- operator settings -------------------------------------------------------------------------------------
+
+class NoDiffBaseStorage(kopf.DiffBaseStorage):
+    """No diff-base: kopf builds every watched object's "essence" (a deep copy of it) on every watch event,
+    to find what changed for on.create/on.update/on.field handlers. This operator has none (a daemon and
+    event handlers; it compares what it builds with what it applied itself), so that copy of each pod and
+    Deployment event was wasted: a tenth of the operator's CPU in a burst of creates. A change-detecting
+    handler would need kopf's annotation storage back (tests/unit/test_operator_settings.py says so)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return None
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
+
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -146,7 +174,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         concurrent.futures.ThreadPoolExecutor(max_workers=KUBE_THREADS, thread_name_prefix="kube"))
     # Keep kopf's bookkeeping in annotations, out of our structural status.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=naming.GROUP)
+    settings.persistence.diffbase_storage = NoDiffBaseStorage()
     settings.persistence.finalizer = f"{naming.GROUP}/operator"
     # Our Events are explicit (kopf.event, each with a reason a person can filter on). kopf would also post
     # every INFO log line about a resource as an Event (reason "Logging"): each transition twice, each pool
@@ -160,17 +188,21 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def close_http(**_: Any) -> None:
-    if _http is not None:
-        await _http.aclose()
+    for key in list(_http):
+        await _forget_http(key)
 
 
 # --- triggers ----------------------------------------------------------------------------------------------
 
 @kopf.on.event(naming.GROUP, naming.VERSION, naming.PLURAL)
 async def on_resource_event(name: str | None, namespace: str | None, body: kopf.Body, **_: Any) -> None:
-    """A spec change (new generation) wakes the resource's reconcile loop at once."""
-    if body.get("metadata", {}).get("generation") != body.get("status", {}).get("observedGeneration"):
-        _trigger(namespace, name)
+    """A spec change (a generation the loop has not reconciled yet) wakes the resource's reconcile loop at
+    once. Not kopf's own patch of a new resource (its finalizer), nor a status write: a burst of creates
+    would otherwise make a second full pass of each."""
+    state = _resources.get((namespace or "", name or ""))
+    if state is not None and body.get("metadata", {}).get("generation") != state.generation:
+        state.full = True
+        state.wake.set()
 
 
 _KIND_OF_PLURAL = {"deployments": "Deployment", "services": "Service", "configmaps": "ConfigMap", "secrets": "Secret",
@@ -285,6 +317,7 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
         if _resources.get(key) is state:
             del _resources[key]
             METRICS.forget(namespace, name)
+            await _forget_http(key)
         METRICS.managed(len(_resources))
 
 
@@ -347,7 +380,7 @@ async def observe_serve(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
     url = head_url(owner)
     deployed = old.serve_app.config_hash if old else None
     drift = None
-    async with RayHeadClient(url, token, timeout=CONFIG.head_timeout_seconds, http=http()) as client:
+    async with RayHeadClient(url, token, timeout=CONFIG.head_timeout_seconds, http=http(owner)) as client:
         try:
             app = await client.application()
             if deployed == digest and app.status not in ("NOT_DEPLOYED", "DELETING"):
@@ -474,7 +507,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     state.full = False
     meta = body["metadata"]
     owner = naming.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
-    generation = meta.get("generation")
+    generation = state.generation = meta.get("generation")
     old = state.status or _old_status(body)
     try:
         spec = models.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
@@ -485,7 +518,14 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
 
     k = kube()
     forced = time.monotonic() - state.last_full >= CONFIG.resync_seconds
-    token = state.token = await asyncio.to_thread(k.ensure_token, owner, new_resource=old is None)
+    token_key = _child_key("Secret", naming.token_secret_name(owner.name))
+    if state.token is None or forced or token_key in state.dirty:
+        # Read again on the resync, or when the watch saw someone else change or delete the Secret. Its
+        # version is remembered, so the watch event of our own create or read is not taken for a change.
+        state.dirty.discard(token_key)
+        state.token, version = await asyncio.to_thread(k.ensure_token, owner, new_resource=old is None)
+        state.applied[token_key] = ("", version)
+    token = state.token
     installed = {kind: await asyncio.to_thread(_crd_installed, kind) for kind in MONITORING_KINDS}
     # Children first, with the pods the pools were last sized for: a new resource gets its children at once.
     sized = {pool: builders.desired_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
@@ -569,7 +609,7 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
         serve = await observe_serve(owner, spec, state.token, old, logger, state)
         if serve.reachable and serve.app is not None and serve.status not in ("NOT_DEPLOYED", "Unknown"):
             report = await ingress_client.fetch_report(api_url(owner, spec), state.api_key,
-                                                       timeout=CONFIG.head_timeout_seconds, http=http())
+                                                       timeout=CONFIG.head_timeout_seconds, http=http(owner))
     now_unix = time.time()
     plans = {pool: pod_sizing.plan_pool(_pool_spec(spec, pool), deployment=serve_deployment(serve, pool),
                                         raw_wish=raw_wish(report, pool, now_unix),

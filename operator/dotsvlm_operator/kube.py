@@ -141,36 +141,38 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def ensure_token(self, owner: naming.Owner, *, new_resource: bool = False) -> str:
+    def ensure_token(self, owner: naming.Owner, *, new_resource: bool = False) -> tuple[str, str | None]:
         """The deployment's Ray token: read it, or generate it once. Never rotated by the operator.
-        `new_resource`: the Secret most likely does not exist yet, so create first (one call, not two)."""
+        `new_resource`: the Secret most likely does not exist yet, so create first (one call, not two).
+        Returns the token and the Secret's resourceVersion (so its watch event is known as ours)."""
         name = naming.token_secret_name(owner.name)
         if new_resource:
-            token = self._create_token(owner)
-            if token is not None:
-                return token
+            made = self._create_token(owner)
+            if made is not None:
+                return made
         for _ in range(3):
             secret = self.get("Secret", owner.namespace, name)
             if secret is not None:
                 data = (secret.get("data") or {}).get(naming.TOKEN_KEY)
                 if data:
-                    return base64.b64decode(data).decode()
+                    return base64.b64decode(data).decode(), secret["metadata"].get("resourceVersion")
                 # A Secret without the key (edited by hand): put a fresh token in.
                 token = secrets.token_hex(32)
-                self.apply(builders.token_secret(owner, token))
-                return token
-            token = self._create_token(owner)
-            if token is not None:
-                return token
+                live = self.apply(builders.token_secret(owner, token))
+                return token, ((live or {}).get("metadata") or {}).get("resourceVersion")
+            made = self._create_token(owner)
+            if made is not None:
+                return made
         raise RuntimeError(f"could not read or create Secret {owner.namespace}/{name}")
 
-    def _create_token(self, owner: naming.Owner) -> str | None:
-        """Create the token Secret; None when it exists already (409: another pass created it; read that one)."""
+    def _create_token(self, owner: naming.Owner) -> tuple[str, str | None] | None:
+        """Create the token Secret: (token, resourceVersion); None when it exists already (409: another pass
+        created it; read that one)."""
         token = secrets.token_hex(32)
         try:
-            self._call("POST", f"{KINDS['Secret'][0]}/namespaces/{owner.namespace}/secrets",
-                       body=builders.token_secret(owner, token), content_type="application/json")
-            return token
+            made = self._call("POST", f"{KINDS['Secret'][0]}/namespaces/{owner.namespace}/secrets",
+                              body=builders.token_secret(owner, token), content_type="application/json")
+            return token, ((made or {}).get("metadata") or {}).get("resourceVersion")
         except ApiException as exc:
             if exc.status != 409:
                 raise

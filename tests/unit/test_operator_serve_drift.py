@@ -81,8 +81,8 @@ def test_observe_serve_deploys_again_on_drift_once_per_interval_and_says_why(mon
         return httpx.Response(200, json={"applications": {"dotsvlm": {
             "status": "RUNNING", "message": "", "deployments": {}, "deployed_app_config": running["app"]}}})
 
-    monkeypatch.setattr(handlers, "_http", httpx.AsyncClient(transport=httpx.MockTransport(handler)))
     owner = naming.Owner("d", "ns", "uid")
+    monkeypatch.setattr(handlers, "_http", {("ns", "d"): httpx.AsyncClient(transport=httpx.MockTransport(handler))})
     digest = serve_app.body_hash(body)
     old = models.DotsVLMDeploymentStatus(serve_app=models.ServeAppStatus(status="RUNNING", config_hash=digest))
     state = handlers.ResourceState()

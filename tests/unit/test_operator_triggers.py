@@ -1,0 +1,144 @@
+"""What wakes a resource's full pass: a spec change or someone else's change to a child, never the echo of
+the operator's own writes (kopf's finalizer patch, the token Secret it created, the children it applied).
+A burst of creates made a second full pass of most new resources before (a Secret read, a pod list and a
+status write each, on a control plane that was already the bottleneck)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from typing import Any
+
+import kopf
+import pytest
+
+from dotsvlm_operator import handlers, naming
+
+NS, NAME = "ns", "demo"
+GENERATION_KINDS = {"Deployment", "PodDisruptionBudget", "NetworkPolicy"}  # the API server sets metadata.generation
+
+
+class FakeKube:
+    """The calls reconcile_once makes, answered as an empty cluster would, each write with a new version."""
+
+    def __init__(self) -> None:
+        self.version = 100
+        self.calls: list[str] = []
+        self.objects: dict[str, dict[str, Any]] = {}
+
+    def _stored(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.version += 1
+        live = copy.deepcopy(obj)
+        live["metadata"]["resourceVersion"] = str(self.version)
+        if obj["kind"] in GENERATION_KINDS:
+            live["metadata"]["generation"] = 1
+        self.objects[f"{obj['kind']}/{obj['metadata']['name']}"] = live
+        return live
+
+    def ensure_token(self, owner: naming.Owner, *, new_resource: bool = False) -> tuple[str, str | None]:
+        self.calls.append("ensure_token")
+        secret = {"kind": "Secret", "metadata": {"name": naming.token_secret_name(owner.name),
+                                                 "labels": naming.owned_labels(owner.name)}}
+        return "t" * 64, self._stored(secret)["metadata"]["resourceVersion"]
+
+    def has_crd(self, kind: str) -> bool:
+        return False
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(f"apply {obj['kind']}/{obj['metadata']['name']}")
+        return self._stored(obj)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(f"get {kind}/{name}")
+        return self.objects.get(f"{kind}/{name}")
+
+    def list_pods(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
+        self.calls.append("list_pods")
+        return []
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.calls.append("patch_status")
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        return None
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> FakeKube:
+    fake = FakeKube()
+    monkeypatch.setattr(handlers, "_kube", fake)
+    monkeypatch.setattr(handlers, "_crds", {})
+    monkeypatch.setattr(kopf, "event", lambda *a, **k: None)
+    monkeypatch.setattr(handlers.CONFIG, "head_url_override", None)
+    monkeypatch.setattr(handlers, "_resources", {})
+    return fake
+
+
+def resource(generation: int = 1, finalizer: bool = False) -> kopf.Body:
+    spec = {"image": "img", "model": {"path": "/models/x", "quantization": "none",
+                                      "volume": {"persistentVolumeClaim": {"claimName": "w"}}},
+            "vision": {"gpusPerReplica": 0}, "llm": {"gpusPerReplica": 0, "tensorParallel": 1}}
+    meta: dict[str, Any] = {"name": NAME, "namespace": NS, "uid": "u-1", "generation": generation}
+    if finalizer:
+        meta["finalizers"] = ["dotsvlm.io/operator"]
+    return kopf.Body({"apiVersion": "dotsvlm.io/v1alpha1", "kind": "DotsVLMDeployment", "metadata": meta, "spec": spec})
+
+
+PLURALS = {"Deployment": ("apps", "v1", "deployments"), "Service": ("", "v1", "services"),
+           "ConfigMap": ("", "v1", "configmaps"), "Secret": ("", "v1", "secrets"),
+           "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
+           "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies")}
+
+
+def child_event(live: dict[str, Any], type: str = "ADDED") -> None:
+    group, version, plural = PLURALS[live["kind"]]
+    asyncio.run(handlers._on_child_event(labels={naming.LABEL_DEPLOYMENT: NAME}, namespace=NS,
+                                         name=live["metadata"]["name"], body=kopf.Body(live), type=type,
+                                         resource=kopf.Resource(group, version, plural)))
+
+
+def first_pass(cluster: FakeKube) -> handlers.ResourceState:
+    state = handlers._resources[(NS, NAME)] = handlers.ResourceState()
+    asyncio.run(handlers.reconcile_once(resource(), logging.getLogger("test"), state))
+    state.wake.clear()
+    return state
+
+
+def test_a_new_resource_needs_one_full_pass_the_echoes_of_its_own_writes_wake_none(cluster: FakeKube) -> None:
+    state = first_pass(cluster)
+    assert "ensure_token" in cluster.calls and "patch_status" in cluster.calls
+    assert sum(c.startswith("apply ") for c in cluster.calls) == 9  # the 10th child, the token Secret, is created apart
+
+    # kopf adds its finalizer (same generation), then the watch delivers every object the pass wrote.
+    asyncio.run(handlers.on_resource_event(name=NAME, namespace=NS, body=resource(finalizer=True)))
+    for live in cluster.objects.values():
+        child_event(live)
+    assert not state.wake.is_set() and not state.full and not state.dirty
+
+    # A controller's status update of a Deployment keeps its generation: still nothing to do.
+    deployment = next(o for o in cluster.objects.values() if o["kind"] == "Deployment")
+    child_event(dict(deployment, metadata=dict(deployment["metadata"], resourceVersion="999")), type="MODIFIED")
+    assert not state.full
+
+
+def test_a_spec_change_wakes_a_full_pass(cluster: FakeKube) -> None:
+    state = first_pass(cluster)
+    asyncio.run(handlers.on_resource_event(name=NAME, namespace=NS, body=resource(generation=2, finalizer=True)))
+    assert state.wake.is_set() and state.full
+
+
+def test_someone_elses_change_to_the_token_secret_is_read_again_on_the_next_pass(cluster: FakeKube) -> None:
+    state = first_pass(cluster)
+    token_key = f"Secret/{naming.token_secret_name(NAME)}"
+    secret = cluster.objects[token_key]
+    child_event(dict(secret, metadata=dict(secret["metadata"], resourceVersion="5000")), type="MODIFIED")
+    assert state.wake.is_set() and state.full and token_key in state.dirty
+
+    cluster.calls.clear()
+    asyncio.run(handlers.reconcile_once(resource(finalizer=True), logging.getLogger("test"), state))
+    assert "ensure_token" in cluster.calls and token_key not in state.dirty
+    # And a pass with nothing changed reads no Secret and applies nothing.
+    cluster.calls.clear()
+    asyncio.run(handlers.reconcile_once(resource(finalizer=True), logging.getLogger("test"), state))
+    assert "ensure_token" not in cluster.calls and not any(c.startswith("apply ") for c in cluster.calls)
