@@ -89,6 +89,10 @@ class FakeRayHead:
         head = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as the Ray dashboard and Serve's proxy: a connection per call would make the
+            # operator's client look costlier than it is (bench/operator_bench.py measures it).
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
