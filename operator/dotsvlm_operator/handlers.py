@@ -99,6 +99,9 @@ class ResourceState:
     live: dict[str, dict[str, Any]] = field(default_factory=dict)  # Deployment name -> as the API server has it
     template_plan: rollout.TemplatePlan | None = None  # the pod template per Ray component (a change rolls in turn)
     generation: int | None = None  # the spec generation the last full pass started from
+    # The last answer of the Ray head and the ingress, with its monotonic time: a pass woken by pod events
+    # uses it while it is younger than the pod loop's period (a rollout's pod events do not each call both).
+    observed: tuple[float, ServeObservation, ingress_client.AutoscalerReport | None] | None = None
 
 
 CONFIG = OperatorConfig()
@@ -280,6 +283,7 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
     failures = 0
     try:
         while not stopped:
+            woken = state.wake.is_set()  # by an event, not by the pod loop's timer
             state.wake.clear()
             full = state.full or time.monotonic() - state.last_full >= CONFIG.resync_seconds or failures > 0
             started = time.monotonic()
@@ -288,7 +292,7 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
                     await reconcile_once(body, logger, state)
                     METRICS.reconciled(namespace, name, time.monotonic() - started, ok=True)
                 else:
-                    await size_pods_once(body, logger, state)
+                    await size_pods_once(body, logger, state, reuse_observation=woken)
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - one bad pass must not end the loop
                 failures += 1
@@ -580,9 +584,11 @@ def _plan_templates(k: Kube, owner: naming.Owner, desired: dict[str, dict[str, A
     return rollout.plan_templates(desired, live)
 
 
-async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: ResourceState) -> None:
+async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: ResourceState, *,
+                         reuse_observation: bool = False) -> None:
     """The light pass (pod loop): Serve's targets -> pool pods; status when it changed. No Kubernetes API
-    call unless something changed."""
+    call unless something changed. `reuse_observation`: woken by a pod event, it may use the Ray head's and
+    the ingress's last answer if it is younger than the pod loop's period (the timer's passes always ask)."""
     meta = body["metadata"]
     owner = naming.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
     try:
@@ -594,22 +600,35 @@ async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: Resourc
         state.full = True
         return
     old = state.status or _old_status(body)
-    await _size_and_report(body, owner, spec, meta.get("generation"), old, state, _installed_as_last_seen(), logger)
+    await _size_and_report(body, owner, spec, meta.get("generation"), old, state, _installed_as_last_seen(), logger,
+                           reuse_observation=reuse_observation)
 
 
 async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
                            generation: int | None, old: models.DotsVLMDeploymentStatus | None, state: ResourceState,
-                           installed: dict[str, bool], logger: logging.Logger) -> None:
+                           installed: dict[str, bool], logger: logging.Logger, *,
+                           reuse_observation: bool = False) -> None:
     """Observe Serve and the autoscaler, size the pools' pods, write status and Events."""
     k = kube()
     assert state.token is not None
     pods = [pod_view(p) for p in state.pods.values()]
-    serve = report = None
+    serve: ServeObservation | None = None
+    report: ingress_client.AutoscalerReport | None = None
     if CONFIG.head_url_override or _head_ready(pods):
-        serve = await observe_serve(owner, spec, state.token, old, logger, state)
-        if serve.reachable and serve.app is not None and serve.status not in ("NOT_DEPLOYED", "Unknown"):
-            report = await ingress_client.fetch_report(api_url(owner, spec), state.api_key,
-                                                       timeout=CONFIG.head_timeout_seconds, http=http(owner))
+        cached = state.observed
+        if reuse_observation and cached is not None and time.monotonic() - cached[0] < CONFIG.pod_loop_seconds:
+            _, serve, report = cached
+        else:
+            serve = await observe_serve(owner, spec, state.token, old, logger, state)
+            if serve.reachable and serve.app is not None and serve.status not in ("NOT_DEPLOYED", "Unknown"):
+                report = await ingress_client.fetch_report(api_url(owner, spec), state.api_key,
+                                                           timeout=CONFIG.head_timeout_seconds, http=http(owner))
+            # Only a running application's answer is worth reusing (one still being deployed, or a head
+            # not answering, is asked again at once); its drift was acted on and told once.
+            state.observed = ((time.monotonic(), replace(serve, drift=None), report)
+                              if report is not None or serve.status == "RUNNING" else None)
+    else:
+        state.observed = None
     now_unix = time.time()
     plans = {pool: pod_sizing.plan_pool(_pool_spec(spec, pool), deployment=serve_deployment(serve, pool),
                                         raw_wish=raw_wish(report, pool, now_unix),

@@ -142,3 +142,42 @@ def test_someone_elses_change_to_the_token_secret_is_read_again_on_the_next_pass
     cluster.calls.clear()
     asyncio.run(handlers.reconcile_once(resource(finalizer=True), logging.getLogger("test"), state))
     assert "ensure_token" not in cluster.calls and not any(c.startswith("apply ") for c in cluster.calls)
+
+
+def test_pod_events_reuse_a_fresh_answer_of_the_head_the_timer_always_asks(cluster: FakeKube, monkeypatch) -> None:
+    """A rollout or a scale-up brings a stream of pod events, each a light pass: they size the pods from the
+    head's last answer while it is younger than the pod loop's period, instead of two HTTP calls each."""
+    from dotsvlm_operator import ingress_client
+    from dotsvlm_operator.ray_head import ServeApp
+    from dotsvlm_operator.status import ServeObservation
+
+    calls = {"head": 0, "ingress": 0}
+
+    async def observe(*_a, **_k):
+        calls["head"] += 1
+        return ServeObservation(url="http://head", reachable=True, status="RUNNING", app=ServeApp("RUNNING"),
+                                drift="told once")
+
+    async def report(*_a, **_k):
+        calls["ingress"] += 1
+        return None
+
+    monkeypatch.setattr(handlers, "observe_serve", observe)
+    monkeypatch.setattr(ingress_client, "fetch_report", report)
+    monkeypatch.setattr(handlers.CONFIG, "head_url_override", "http://head")
+    monkeypatch.setattr(handlers.CONFIG, "pod_loop_seconds", 5.0)
+    state = first_pass(cluster)
+    assert calls == {"head": 1, "ingress": 1}
+    log = logging.getLogger("test")
+    body = resource(finalizer=True)
+
+    for _ in range(3):  # pod events
+        asyncio.run(handlers.size_pods_once(body, log, state, reuse_observation=True))
+    assert calls == {"head": 1, "ingress": 1}
+    assert state.observed is not None and state.observed[1].drift is None  # a drift is not told again
+    asyncio.run(handlers.size_pods_once(body, log, state))  # the timer
+    assert calls == {"head": 2, "ingress": 2}
+    # Older than the period: a pod event asks again.
+    state.observed = (state.observed[0] - 5.0, *state.observed[1:])
+    asyncio.run(handlers.size_pods_once(body, log, state, reuse_observation=True))
+    assert calls == {"head": 3, "ingress": 3}
