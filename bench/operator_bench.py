@@ -117,10 +117,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def apiserver_requests_by_kind(cluster) -> dict[str, float]:
+    """apiserver_request_total per "VERB resource[/subresource]" (all clients; WATCH and LIST included)."""
+    import re
+    out = cluster.kubectl("get", "--raw", "/metrics").stdout
+    counts: dict[str, float] = {}
+    for line in out.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+        key = f"{labels.get('verb', '?')} {labels.get('resource', '?')}"
+        if labels.get("subresource"):
+            key += f"/{labels['subresource']}"
+        counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 def apiserver_requests(cluster) -> float:
     """apiserver_request_total over every verb and resource (all clients)."""
-    out = cluster.kubectl("get", "--raw", "/metrics").stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("apiserver_request_total{"))
+    return sum(apiserver_requests_by_kind(cluster).values())
+
+
+def per_resource(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """Requests per resource by kind between two readings, largest first (kinds under 0.1 left out)."""
+    diff = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / n for k in after}
+    return {k: round(v, 1) for k, v in sorted(diff.items(), key=lambda kv: -kv[1]) if v >= 0.1}
+
+
+def kinds_table(burst: dict[str, float], floor: dict[str, float]) -> str:
+    keys = list(burst) + [k for k in floor if k not in burst]
+    return "\n".join(f"| {k} | {burst.get(k, 0)} | {floor.get(k, 0)} |" for k in keys)
 
 
 def create(api, ns: str, name: str) -> float:
@@ -170,10 +196,12 @@ def children_manifests(ns: str, name: str) -> list[dict]:
     return out
 
 
-def floor_burst(ns: str, template: list[dict], old: str, names: list[str], threads: int) -> dict[str, float]:
+def floor_burst(ns: str, template: list[dict], old: str, names: list[str], threads: int) -> tuple[float, dict[str, float]]:
     """The same children for `names`, written directly with the operator's own client (server-side apply,
     as the operator writes them; no operator logic; one thread per resource, `threads` at once, as the
-    operator does): what the control plane itself allows on this machine."""
+    operator does): what the control plane itself allows on this machine. All are asked for at once:
+    returns that moment, and when a thread took each resource up (a resource may wait for a thread, as
+    a resource waits for the operator's threads)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from dotsvlm_operator.kube import Kube
@@ -188,7 +216,8 @@ def floor_burst(ns: str, template: list[dict], old: str, names: list[str], threa
         return t0
 
     with ThreadPoolExecutor(threads) as ex:
-        return dict(zip(names, ex.map(one, names)))
+        asked = time.monotonic()
+        return asked, dict(zip(names, ex.map(one, names)))
 
 
 def main() -> int:
@@ -200,6 +229,12 @@ def main() -> int:
     ap.add_argument("--old-cli", action="store_true",
                     help="for an operator from before the pod loop (no --api-url-override / --pod-loop-seconds): "
                          "compare against it with PYTHONPATH=<old checkout>/operator:<old checkout>/serving")
+    ap.add_argument("--floor-threads", type=int, default=None,
+                    help="threads of the floor phase (default: the operator's, dotsvlm_operator.kube.KUBE_THREADS)")
+    ap.add_argument("--profile-burst", metavar="FILE",
+                    help="record the stacks of the operator thread that holds the GIL during the burst with py-spy (must be installed) into FILE (collapsed stacks, one per line)")
+    ap.add_argument("--profile-loop", metavar="FILE",
+                    help="the same for the pod loop's steady-state window")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "operator_bench"))
     args = ap.parse_args()
     n = args.resources
@@ -264,18 +299,36 @@ def main() -> int:
         from dotsvlm_operator.kube import KUBE_THREADS
         clock = ChildClock(floor_ns)
         fnames = [f"floor-{i:03d}" for i in range(n)]
-        fstarts = floor_burst(floor_ns, children_manifests(seq_ns, "seq-000"), "seq-000", fnames, KUBE_THREADS)
+        floor_before = apiserver_requests_by_kind(cluster)
+        floor_threads = args.floor_threads or KUBE_THREADS
+        fasked, fstarts = floor_burst(floor_ns, children_manifests(seq_ns, "seq-000"), "seq-000", fnames, floor_threads)
         fdone = wait_complete(clock, fnames, 600)
+        floor_kinds = per_resource(floor_before, apiserver_requests_by_kind(cluster), n)
         clock.close()
-        floor = [fdone[nm] - fstarts[nm] for nm in fnames]
+        floor = [fdone[nm] - fasked for nm in fnames]  # all asked for at once, as the burst's resources
+        floor_in_thread = [fdone[nm] - fstarts[nm] for nm in fnames]
         cluster.kubectl("delete", "namespace", floor_ns, "--wait=true", "--timeout=600s", timeout=660)
         # (b) all at once
         clock = ChildClock(burst_ns)
         names = [f"burst-{i:03d}" for i in range(n)]
-        k8s_before_burst = apiserver_requests(cluster)
-        starts = {nm: create(api, burst_ns, nm) for nm in names}
+        burst_before = apiserver_requests_by_kind(cluster)
+        spy = (subprocess.Popen(["py-spy", "record", "--pid", str(op.pid), "--output", args.profile_burst, "--rate", "200", "--gil",
+                                 "--format", "raw"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if args.profile_burst else None)
+        cpu_burst0 = cpu_seconds(op.pid)
+        # All at once: one thread per create (one after another, the last create came seconds after the first).
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(names)) as ex:
+            starts = dict(zip(names, ex.map(lambda nm: create(api, burst_ns, nm), names)))
+        creates_s = max(starts.values()) - min(starts.values())
         done = wait_complete(clock, names, 600)
-        k8s_burst = apiserver_requests(cluster) - k8s_before_burst
+        burst_after = apiserver_requests_by_kind(cluster)
+        cpu_burst = cpu_seconds(op.pid) - cpu_burst0
+        if spy is not None:
+            spy.send_signal(2)  # py-spy writes its file on SIGINT
+            spy.wait(timeout=60)
+        k8s_burst = sum(burst_after.values()) - sum(burst_before.values())
+        burst_kinds = per_resource(burst_before, burst_after, n)
         clock.close()
         burst = [done[nm] - starts[nm] for nm in names]
         burst_all = max(done.values()) - min(starts.values())
@@ -305,7 +358,12 @@ def main() -> int:
                                            "message": "1 replica(s) fit the load"})
         time.sleep(2 * args.pod_loop_seconds)
         k8s0, head0, cpu0, t0 = apiserver_requests(cluster), head_call("/-/fake/requests"), cpu_seconds(op.pid), time.monotonic()
+        spy = (subprocess.Popen(["py-spy", "record", "--pid", str(op.pid), "--output", args.profile_loop, "--rate", "200", "--gil",
+                                 "--format", "raw", "--duration", str(int(args.loop_window))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if args.profile_loop else None)
         time.sleep(args.loop_window)
+        if spy is not None:
+            spy.wait(timeout=60)
         k8s1, head1, cpu1, t1 = apiserver_requests(cluster), head_call("/-/fake/requests"), cpu_seconds(op.pid), time.monotonic()
         minutes, total = (t1 - t0) / 60, 2 * n
         served = lambda counts: sum(v for k, v in counts.items() if "/-/fake/" not in k)  # noqa: E731
@@ -326,10 +384,16 @@ def main() -> int:
                                "max": round(max(seq) * 1000, 1), "all": ms(seq)},
                 "burst": {"n": n, "p50": round(pct(burst, 50) * 1000, 1), "p95": round(pct(burst, 95) * 1000, 1),
                           "max": round(max(burst) * 1000, 1), "all_done_s": round(burst_all, 2),
-                          "apiserver_requests_per_resource_all_clients": round(k8s_burst / n, 1), "all": ms(burst)},
-                "floor_direct_creates": {"n": n, "threads": KUBE_THREADS, "p50": round(pct(floor, 50) * 1000, 1),
+                          "apiserver_requests_per_resource_all_clients": round(k8s_burst / n, 1),
+                          "apiserver_requests_per_resource_by_kind": burst_kinds,
+                          "operator_cpu_s": round(cpu_burst, 2), "creates_spread_s": round(creates_s, 2),
+                          "all": ms(burst)},
+                "floor_direct_creates": {"n": n, "threads": floor_threads, "p50": round(pct(floor, 50) * 1000, 1),
                                          "p95": round(pct(floor, 95) * 1000, 1), "max": round(max(floor) * 1000, 1),
-                                         "all": ms(floor)},
+                                         "all_done_s": round(max(fdone.values()) - fasked, 2),
+                                         "once_in_a_thread": {"p50": round(pct(floor_in_thread, 50) * 1000, 1),
+                                                              "p95": round(pct(floor_in_thread, 95) * 1000, 1)},
+                                         "apiserver_requests_per_resource_by_kind": floor_kinds, "all": ms(floor)},
             },
             "operator_rss_mib": {"idle_0_resources": round(rss_idle, 1), "resources": 2 * n,
                                  "mean": round(statistics.mean(samples), 1), "max": round(max(samples), 1),
@@ -355,14 +419,24 @@ The operator, the control plane and this script share the machine (1-minute load
 |---|---|---|---|
 | create -> all {N_CHILDREN} children present, one resource at a time (n={n}) | {c['sequential']['p50']} ms | {c['sequential']['p95']} ms | {c['sequential']['max']} ms |
 | same, {n} resources created at once | {c['burst']['p50']} ms | {c['burst']['p95']} ms | {c['burst']['max']} ms |
-| floor: the same {N_CHILDREN} children of {n} resources server-side applied directly at once, no operator ({c['floor_direct_creates']['threads']} threads, one per resource, as the operator) | {c['floor_direct_creates']['p50']} ms | {c['floor_direct_creates']['p95']} ms | {c['floor_direct_creates']['max']} ms |
+| floor: the same {N_CHILDREN} children of {n} resources server-side applied directly, all asked for at once, no operator ({c['floor_direct_creates']['threads']} threads, one per resource, as the operator) | {c['floor_direct_creates']['p50']} ms | {c['floor_direct_creates']['p95']} ms | {c['floor_direct_creates']['max']} ms |
+| the floor's time per resource once a thread takes it up (what earlier runs called the floor) | {c['floor_direct_creates']['once_in_a_thread']['p50']} ms | {c['floor_direct_creates']['once_in_a_thread']['p95']} ms | |
 
 The floor is what this machine's control plane allows without any operator: the operator's burst p95 is
 {c['burst']['p95'] / c['floor_direct_creates']['p95']:.2f}x the floor's, measured in the same run.
 
-All {n} burst resources complete {c['burst']['all_done_s']} s after the first create; the API server
+The burst's {n} creates (one thread each, from this script) were sent within {c['burst']['creates_spread_s']} s; each
+resource's time counts from its own create. The floor's {n} resources all complete {c['floor_direct_creates']['all_done_s']} s after they were asked for.
+All {n} burst resources complete {c['burst']['all_done_s']} s after the first create (the operator used
+{c['burst']['operator_cpu_s']} CPU-s until then, of the machine's {results['machine']['cpus']} cores); the API server
 answered {c['burst']['apiserver_requests_per_resource_all_clients']} requests per resource until then
 (all clients: the creates, the operator, the controllers, kwok).
+
+Requests per resource by verb and kind, all clients, until all children exist (the burst; the floor):
+
+| request | burst | floor |
+|---|---|---|
+{kinds_table(c['burst']['apiserver_requests_per_resource_by_kind'], c['floor_direct_creates']['apiserver_requests_per_resource_by_kind'])}
 
 Operator memory (RSS): {r['idle_0_resources']} MiB idle; with {r['resources']} resources reconciled
 (and their {3 * r['resources']} pods watched) mean {r['mean']} MiB, max {r['max']} MiB over {r['settle_s']:.0f} s.
