@@ -535,7 +535,8 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     sized = {pool: builders.desired_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
              * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
     desired = builders.ray_templates(_build(owner, spec, token, sized, installed, {}))
-    state.template_plan = await asyncio.to_thread(_plan_templates, k, owner, desired, state, old is None)
+    state.template_plan = await asyncio.to_thread(_plan_templates, k, owner, desired, state, old is None,
+                                                  spec.rollout_strategy == "AllAtOnce")
     objs = _children(owner, spec, token, sized, installed, state, generation)
     kept = {obj["kind"] for obj, _ in objs}
 
@@ -568,7 +569,7 @@ _RAY_DEPLOYMENTS = {naming.COMPONENT_HEAD: naming.head_name, naming.COMPONENT_VI
 
 
 def _plan_templates(k: Kube, owner: naming.Owner, desired: dict[str, dict[str, Any]],
-                    state: ResourceState, new_resource: bool) -> rollout.TemplatePlan:
+                    state: ResourceState, new_resource: bool, all_at_once: bool) -> rollout.TemplatePlan:
     """Which pod template each Ray component gets now: a template change (a new spec.image, say) rolls
     the vision pool, then the LLM pool, then the head, each once the one before has finished. Live
     Deployments come from the watch; one not seen yet (a restarted operator) is read once. A new
@@ -581,7 +582,7 @@ def _plan_templates(k: Kube, owner: naming.Owner, desired: dict[str, dict[str, A
             if got is not None:
                 state.live[name] = got
         live[component] = state.live.get(name)
-    return rollout.plan_templates(desired, live)
+    return rollout.plan_templates(desired, live, all_at_once=all_at_once)
 
 
 async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: ResourceState, *,

@@ -442,6 +442,13 @@ class DotsVLMDeploymentSpec(_Api):
     image: str = Field(..., min_length=1, max_length=1024, description="Serving image (Ray + dotsvlm_serving) used by every Ray pod.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy for image.")
     image_pull_secrets: list[str] | None = Field(None, description="Names of Secrets used to pull image.")
+    rollout_strategy: Literal["OneGroupAtATime", "AllAtOnce"] = Field("OneGroupAtATime", description=(
+        "How a change that reaches every Ray pod (a new image, pull secrets, ...) rolls. OneGroupAtATime: the "
+        "vision pool, then the LLM pool, then the Ray head, each once the one before has finished, pool pods "
+        "drained one at a time (the deployment serves until the head restarts). AllAtOnce: all three take it "
+        "together; the way to change the Ray or Python version of the image, since Ray refuses nodes of another "
+        "version (one group at a time, the first new vision pod cannot join the old head and the rollout stops "
+        "there). New requests get 503 until the new head and pools serve."))
     model: ModelSpec = Field(..., description="The checkpoint and how it is served.")
     vision: VisionPool = Field(default_factory=VisionPool, description="The vision-encoder pool.")
     llm: LLMPool = Field(default_factory=LLMPool, description="The language-model pool.")

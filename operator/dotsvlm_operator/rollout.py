@@ -10,7 +10,9 @@ images only wait), then the LLM pool, then the head. Each pool's pods drain as t
 
 A group that waits keeps the template it runs: each Ray Deployment carries the template the operator last
 applied (`naming.ANNOTATION_POD_TEMPLATE`), so the plan survives an operator restart. A new Ray token is
-the exception: Ray pods with another token cannot join the head, so every group takes it at once.
+the exception: Ray pods with another token cannot join the head, so every group takes it at once. So does
+every change under `spec.rolloutStrategy: AllAtOnce`, the way to a new Ray version (Ray refuses nodes of
+another version: one group at a time, the first new vision pod could not join the old head).
 
 The head goes last because its restart restarts Ray itself (the GCS): every Serve replica and request
 of the deployment goes with it, and the pools' Ray processes rejoin the new head.
@@ -90,17 +92,19 @@ class TemplatePlan:
         return {group: template_image(t) for group, t in self.templates.items()}
 
 
-def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str, Any] | None]) -> TemplatePlan:
+def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str, Any] | None], *,
+                   all_at_once: bool = False) -> TemplatePlan:
     """`desired[group]` (the template the spec builds) for every group that already runs it or whose turn
     it is; the template it runs for a group that waits for the one before it to finish. `live`: the
     groups' Deployments as the API server has them (None: not created yet; it starts with its desired
-    template; one without the annotation, made by an older operator, takes its desired one at once)."""
+    template; one without the annotation, made by an older operator, takes its desired one at once).
+    `all_at_once` (spec.rolloutStrategy AllAtOnce, for a new Ray version): no group waits."""
     currents = {group: applied_template(live.get(group)) for group in ORDER}
     token_changed = any(_token(currents[g]) not in (None, _token(desired[g])) for g in ORDER if currents[g])
     templates: dict[str, dict[str, Any]] = {}
     rolling: list[str] = []
     waiting: list[str] = []
-    new_image = False
+    new_image = any_changed = False
     before_done = True  # every group before this one has finished its rollout
     for group in ORDER:
         dep, current, want = live.get(group), currents[group], desired[group]
@@ -108,8 +112,9 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
             templates[group] = want
             continue
         changed = current != want
+        any_changed = any_changed or changed
         new_image = new_image or (changed and template_image(current) != template_image(want))
-        if changed and not before_done:
+        if changed and not before_done and not all_at_once:
             templates[group] = current
             waiting.append(f"the {_LABEL[group]}")
             continue
@@ -124,5 +129,9 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
         return TemplatePlan(templates)
     parts = (["rolling " + " and ".join(rolling)] if rolling else []) + (
         ["then " + ", then ".join(waiting)] if waiting else [])
-    what = f"new image {template_image(desired[ORDER[0]])}" if new_image else "new pod settings"
-    return TemplatePlan(templates, f"{what}: " + "; ".join(parts) + " (one group at a time; pool pods drain as they stop)")
+    image = template_image(desired[ORDER[0]])
+    # Once every group has its template, the old one is gone from the plan's view: name the image only.
+    what = f"new image {image}" if new_image else "new pod settings" if any_changed else f"pods of image {image}"
+    how = ("all at once (rolloutStrategy AllAtOnce): new requests get 503 until the new head and pools serve"
+           if all_at_once else "one group at a time; pool pods drain as they stop")
+    return TemplatePlan(templates, f"{what}: " + "; ".join(parts) + f" ({how})")

@@ -41,9 +41,11 @@ ROLLING_OUT = "RollingOut"
 # Ray refuses a node whose Ray or Python version differs from the head's (`ray start` exits 1 with this).
 _VERSION_MISMATCH = re.compile(r"Version mismatch:.*?Ray: (\S+)\s+Python: (\S+).*?Ray: (\S+)\s+Python: (\S+)", re.S)
 RAY_VERSION_HINT = ("a new image with another Ray or Python version cannot join the running Ray head, so it cannot "
-                    "roll pool by pool: set spec.image back to the running image to restore the pool, and for the "
-                    "upgrade create a new DotsVLMDeployment beside this one and move traffic to it, or delete and "
-                    "re-create this one (docs/operator.md, \"A new spec.image\").")
+                    "roll pool by pool: set spec.rolloutStrategy to AllAtOnce, and the head and both pools take the "
+                    "image together (new requests get 503 until they serve again); or set spec.image back to the "
+                    "running image to restore the pool, and create a new DotsVLMDeployment beside this one for the "
+                    "upgrade and move traffic to it (docs/operator.md, \"A new spec.image\"). Under AllAtOnce this "
+                    "passes by itself once the new head runs.")
 
 
 def crash_summary(terminated: dict[str, Any]) -> str:

@@ -7,6 +7,8 @@ operator only from its own namespace. The Ray head is the fake one (tests/suppor
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from dvlm_support import condition, get_json, load_example, poll
@@ -145,6 +147,19 @@ def test_a_new_image_rolls_vision_then_llm_then_head_each_after_the_last_finishe
     assert any(m.startswith("new pod settings: rolling the vision pool") for m in messages), messages
     poll(lambda: (c := condition({"status": status()}, "Progressing")) and c["reason"] != "RollingOut"
          and all(_complete(d) for d in _deployments(kube, ns, name).values()), 120, "the second rollout finished", diag)
+
+    # A new Ray version: one group at a time, the first new vision pod could not join the old head and the
+    # rollout would stop there. rolloutStrategy AllAtOnce gives every group the image together: here the new
+    # vision pod cannot start at all (no node matches), yet the LLM pool and the head take the image.
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", json.dumps({"spec": {
+        "image": "dotsvlm-serving:3", "rolloutStrategy": "AllAtOnce",
+        "vision": {"nodeSelector": {"nvidia.com/gpu.product": "no-such-gpu"}}}}))
+    deps = poll(lambda: (d := _deployments(kube, ns, name)) and all(_image(x) == "dotsvlm-serving:3" for x in d.values())
+                and d, 60, "every group on the new image at once", diag)
+    assert not _complete(deps["vision"]), deps["vision"]["status"]  # it did not wait for the vision pool
+    rolling = poll(lambda: (c := condition({"status": status()}, "Progressing")) and c["reason"] == "RollingOut"
+                   and "rolloutStrategy AllAtOnce" in c["message"] and c, 60, "the AllAtOnce rollout in the status", diag)
+    assert "dotsvlm-serving:3: rolling the vision pool" in rolling["message"], rolling
 
 
 def test_network_policy_admits_the_operator_only_from_its_own_namespace(kube, ns, operator_factory) -> None:

@@ -133,3 +133,33 @@ def test_rollout_progress_counts_old_pods() -> None:
     assert rollout_progress(dep(t)) == (True, "2 of 2 pods updated, 2 available")
     assert rollout_progress(dep(t, updated=2, available=2, total=3))[0] is False
     assert rollout_progress(dep(t, replicas=0, updated=0, available=0))[0] is True
+
+
+def test_all_at_once_gives_every_group_the_new_image_together_and_says_so() -> None:
+    """spec.rolloutStrategy AllAtOnce (a new Ray version): no group waits for the one before, so the new
+    vision pods do not stop at a head that refuses their Ray version."""
+    old, new = templates("img:1"), templates("img:2", rolloutStrategy="AllAtOnce")
+    live = live_of(old)
+    plan = plan_templates(new, live, all_at_once=True)
+    assert plan.templates == new
+    assert plan.message.startswith("new image img:2: rolling the vision pool (starting) and the LLM pool (starting) "
+                                   "and the Ray head (starting)")
+    assert "all at once (rolloutStrategy AllAtOnce)" in plan.message
+    # The next pass: every group has its template (the old image is no longer in view), the vision pool rolls.
+    live = {g: dep(new[g], 1 if g == "ray-head" else 2) for g in GROUPS}
+    live["vision"] = dep(new["vision"], updated=1, available=1, total=2)
+    plan = plan_templates(new, live, all_at_once=True)
+    assert plan.message.startswith("pods of image img:2: rolling the vision pool (1 of 2 pods updated, 1 available)")
+    # Once every group runs it, the rollout is over.
+    assert not plan_templates(new, live_of(new), all_at_once=True).rolling
+    # The strategy itself is not a pod setting: switching it alone rolls nothing.
+    assert templates("img:1", rolloutStrategy="AllAtOnce") == old
+
+
+def test_a_ray_version_mismatch_says_how_to_upgrade_ray() -> None:
+    from dotsvlm_operator.status import crash_summary
+    log = ("RuntimeError: Version mismatch: The cluster was started with:\n    Ray: 2.60.0\n    Python: 3.11.7\n"
+           "This process on node 10.0.0.5 was started with:\n    Ray: 2.61.1\n    Python: 3.11.9\n")
+    got = crash_summary({"exitCode": 1, "message": log})
+    assert "the Ray head runs Ray 2.60.0 (Python 3.11.7), this image has Ray 2.61.1 (Python 3.11.9)" in got
+    assert "spec.rolloutStrategy to AllAtOnce" in got
