@@ -94,6 +94,7 @@ class ResourceState:
     api_key: str | None = None
     status: models.DotsVLMDeploymentStatus | None = None  # the last status written
     built: tuple[tuple, list[tuple[dict[str, Any], str]]] | None = None  # (inputs, [(child, digest)]) last built
+    spec_built: tuple[tuple, list[dict[str, Any]]] | None = None  # (inputs, children with the spec's own templates)
     serve_body: tuple[str, dict[str, Any], str] | None = None  # (spec JSON, Serve body, its hash)
     drift_deployed_at: float = float("-inf")  # monotonic time of the last re-deploy over a drifted config
     live: dict[str, dict[str, Any]] = field(default_factory=dict)  # Deployment name -> as the API server has it
@@ -472,17 +473,22 @@ def _build(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str, 
                              operator_namespace=CONFIG.operator_namespace, templates=templates)
 
 
+def _build_inputs(generation: int | None, spec: models.DotsVLMDeploymentSpec, token: str, pods: dict[str, int],
+                  installed: dict[str, bool]) -> tuple:
+    return (generation, spec.model_dump_json(), token, tuple(sorted(pods.items())), tuple(sorted(installed.items())))
+
+
 def _children(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: str, pods: dict[str, int],
-              installed: dict[str, bool], state: ResourceState,
-              generation: int | None) -> list[tuple[dict[str, Any], str]]:
+              installed: dict[str, bool], state: ResourceState, generation: int | None,
+              prebuilt: list[dict[str, Any]] | None = None) -> list[tuple[dict[str, Any], str]]:
     """The children (pure builders), built again only when their inputs changed: the pod loop asks every
     few seconds and nearly always gets the same answer. `installed`: which Prometheus Operator CRDs exist.
-    The Ray components' pod templates are those of the last rollout plan (`state.template_plan`)."""
+    The Ray components' pod templates are those of the last rollout plan (`state.template_plan`);
+    `prebuilt`: the same children already built with exactly those templates."""
     templates = state.template_plan.templates if state.template_plan is not None else {}
-    inputs = (generation, spec.model_dump_json(), token, tuple(sorted(pods.items())), tuple(sorted(installed.items())),
-              builders.object_hash(templates))
+    inputs = (*_build_inputs(generation, spec, token, pods, installed), builders.object_hash(templates))
     if state.built is None or state.built[0] != inputs:
-        objs = _build(owner, spec, token, pods, installed, templates)
+        objs = prebuilt if prebuilt is not None else _build(owner, spec, token, pods, installed, templates)
         state.built = (inputs, [(obj, builders.object_hash(obj)) for obj in objs])
     return state.built[1]
 
@@ -534,10 +540,17 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     # Children first, with the pods the pools were last sized for: a new resource gets its children at once.
     sized = {pool: builders.desired_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
              * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
-    desired = builders.ray_templates(_build(owner, spec, token, sized, installed, {}))
+    # The children as the spec builds them (pod templates included): built once per change of their inputs,
+    # and reused as the children themselves when no group waits in a rollout (nearly always).
+    inputs = _build_inputs(generation, spec, token, sized, installed)
+    if state.spec_built is None or state.spec_built[0] != inputs:
+        state.spec_built = (inputs, _build(owner, spec, token, sized, installed, {}))
+    built = state.spec_built[1]
+    desired = builders.ray_templates(built)
     state.template_plan = await asyncio.to_thread(_plan_templates, k, owner, desired, state, old is None,
                                                   spec.rollout_strategy == "AllAtOnce")
-    objs = _children(owner, spec, token, sized, installed, state, generation)
+    objs = _children(owner, spec, token, sized, installed, state, generation,
+                     prebuilt=built if state.template_plan.templates == desired else None)
     kept = {obj["kind"] for obj, _ in objs}
 
     def apply_all() -> None:
