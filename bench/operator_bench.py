@@ -23,12 +23,14 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,9 +119,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def py_spy(pid: int, out: str, duration: float | None = None) -> subprocess.Popen:
+    """py-spy recording the stacks of whichever thread of `pid` holds the GIL into `out` (collapsed stacks);
+    it writes the file when `duration` ends or on SIGINT."""
+    cmd = ["py-spy", "record", "--pid", str(pid), "--output", out, "--rate", "200", "--gil", "--format", "raw"]
+    if duration is not None:
+        cmd += ["--duration", str(int(duration))]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def apiserver_requests_by_kind(cluster) -> dict[str, float]:
     """apiserver_request_total per "VERB resource[/subresource]" (all clients; WATCH and LIST included)."""
-    import re
     out = cluster.kubectl("get", "--raw", "/metrics").stdout
     counts: dict[str, float] = {}
     for line in out.splitlines():
@@ -202,8 +212,6 @@ def floor_burst(ns: str, template: list[dict], old: str, names: list[str], threa
     operator does): what the control plane itself allows on this machine. All are asked for at once:
     returns that moment, and when a thread took each resource up (a resource may wait for a thread, as
     a resource waits for the operator's threads)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from dotsvlm_operator.kube import Kube
     kube = Kube()
     text = json.dumps(template)
@@ -312,12 +320,9 @@ def main() -> int:
         clock = ChildClock(burst_ns)
         names = [f"burst-{i:03d}" for i in range(n)]
         burst_before = apiserver_requests_by_kind(cluster)
-        spy = (subprocess.Popen(["py-spy", "record", "--pid", str(op.pid), "--output", args.profile_burst, "--rate", "200", "--gil",
-                                 "--format", "raw"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if args.profile_burst else None)
+        spy = py_spy(op.pid, args.profile_burst) if args.profile_burst else None
         cpu_burst0 = cpu_seconds(op.pid)
         # All at once: one thread per create (one after another, the last create came seconds after the first).
-        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(len(names)) as ex:
             starts = dict(zip(names, ex.map(lambda nm: create(api, burst_ns, nm), names)))
         creates_s = max(starts.values()) - min(starts.values())
@@ -358,9 +363,7 @@ def main() -> int:
                                            "message": "1 replica(s) fit the load"})
         time.sleep(2 * args.pod_loop_seconds)
         k8s0, head0, cpu0, t0 = apiserver_requests(cluster), head_call("/-/fake/requests"), cpu_seconds(op.pid), time.monotonic()
-        spy = (subprocess.Popen(["py-spy", "record", "--pid", str(op.pid), "--output", args.profile_loop, "--rate", "200", "--gil",
-                                 "--format", "raw", "--duration", str(int(args.loop_window))],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if args.profile_loop else None)
+        spy = py_spy(op.pid, args.profile_loop, duration=args.loop_window) if args.profile_loop else None
         time.sleep(args.loop_window)
         if spy is not None:
             spy.wait(timeout=60)
