@@ -23,6 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dotsvlm_serving.autoscaling.signals import P90_WINDOW_S
+
 from .costs import CostModel
 from .traces import Request, Trace
 
@@ -84,7 +86,7 @@ class LLMReplica:
 class RecentValues:
     """(time, value) samples of the last `window_s` seconds; p90 like the replicas report it."""
 
-    def __init__(self, window_s: float = 30.0) -> None:
+    def __init__(self, window_s: float = P90_WINDOW_S) -> None:
         self.window_s = window_s
         self.times: deque = deque()
         self.values: deque = deque()
@@ -125,6 +127,7 @@ class Cluster:
         self.itl = RecentValues()
         self.encode_work = deque()  # (t, pixels, busy seconds) of finished encodes, for the measured rate
         self._seq = 0
+        self.completed = 0  # requests the LLM pool finished (the tensor queue's `completed` counter)
         self.timeline: list[dict] = []
         self.set_target("vision", vision if mode == "disaggregated" else 0, initial=True)
         self.set_target("llm", llm, initial=True)
@@ -273,6 +276,7 @@ class Cluster:
             while r.running and r.running[0][0] <= r.clock + 1e-9:
                 target, _, o = heapq.heappop(r.running)
                 o.finished_at = max(t0 + used + max(target - before, 0.0) * step, o.first_token_at)
+                self.completed += 1
                 r.kv_reserved -= o.req.prefill_tokens + o.req.output_tokens
                 if o.itl is not None and o.req.output_tokens > 1:
                     self.itl.add(o.finished_at, o.itl)

@@ -166,7 +166,7 @@ class DotsVLM:
                          waiting_producers=len(c.producers), running=sum(len(r.running) for r in c.llm),
                          waiting=sum(len(r.waiting) for r in c.llm), kv_used_fraction=kv,
                          ttft_image_s=c.ttft["image"].p90(now), ttft_text_s=c.ttft["text"].p90(now),
-                         inter_token_s=c.itl.p90(now))
+                         inter_token_s=c.itl.p90(now), completed_total=float(c.completed))
         return Snapshot(vision=v, llm=llm)
 
     def tick(self, c: Cluster) -> None:

@@ -245,3 +245,41 @@ def test_by_default_the_vision_pool_grows_at_the_first_backlog_and_the_llm_pool_
     d = p.decide(burst, sp, state, 60.0, current=cur)
     assert d["vision"].desired == 5 and d["vision"].reason == p.VISION_REQUESTS  # 1 running + step 4, at once
     assert d["llm"].desired == 1 and d["llm"].reason == p.STABILIZING and "upscaleDelaySeconds (10 s)" in d["llm"].message
+
+
+def _replicas_join_a_backlog(sp: p.PolicySpec, *, arrivals: float, report_completed: bool = True) -> list[p.Decision]:
+    """2 LLM replicas held a queue of 240 while 4 more started; now all 6 run full (48 in service, 8 each)
+    and finish 12 requests a second while `arrivals` a second come in. The text TTFT p90 is far over its
+    target throughout: it measures requests that waited in the backlog."""
+    state, done, depth, out = p.PolicyState(), 0.0, 240.0, []
+    p.decide(p.Snapshot(vision(1), llm(2, depth=depth, running=16, completed_total=0.0)), sp, state, -1.0,
+             current={"vision": 1, "llm": 6})
+    for t in range(90):
+        depth = max(depth + arrivals - 12, 0.0)
+        running = 48 if depth else arrivals * 4  # 4 s in service each
+        done += 12 if depth else arrivals
+        snap = p.Snapshot(vision(1), llm(6, depth=depth, running=running, ttft_text_s=10.0 if t < 40 else 0.5,
+                                         completed_total=done if report_completed else None))
+        out.append(p.decide(snap, sp, state, float(t), current={"vision": 1, "llm": 6})["llm"])
+    assert p.PoolState.from_json(state.llm.to_json()) == state.llm
+    return out
+
+
+def test_a_backlog_the_pool_empties_before_a_new_replica_could_start_buys_no_replicas() -> None:
+    """The image burst of bench/autoscale_sim.py: replicas asked for during the burst come up to a queue that
+    built up while they started. The six empty it in ~27 s; a replica asked for now would serve in 120 s,
+    after it is gone. Counting the queue one request per slot (or the backlog's TTFT) asked for more."""
+    sp = spec(llm={"replica_startup_s": 120, "max_scale_up_step": 8, "upscale_delay_s": 5, "max_replicas": 12})
+    ds = _replicas_join_a_backlog(sp, arrivals=3)
+    assert max(d.desired for d in ds) == 6, [(d.desired, d.reason, d.message) for d in ds if d.desired > 6][:2]
+    assert any("drains by itself" in d.message and "3.0 requests/s" in d.message for d in ds), [d.message for d in ds[10:13]]
+    assert any("measuring how fast the pool empties the queue" in d.message for d in ds[:5])
+    blind = _replicas_join_a_backlog(sp, arrivals=3, report_completed=False)
+    assert max(d.desired for d in blind) > 6, "without the pool's completion rate the backlog counts as demand"
+
+
+def test_a_backlog_that_keeps_growing_after_replicas_joined_still_scales_the_pool() -> None:
+    sp = spec(llm={"replica_startup_s": 120, "max_scale_up_step": 8, "upscale_delay_s": 5, "max_replicas": 12})
+    ds = _replicas_join_a_backlog(sp, arrivals=20)  # more arrive than six replicas finish
+    up = next(i for i, d in enumerate(ds) if d.desired > 6)
+    assert p.FLOW_MIN_S <= up <= p.FLOW_MIN_S + 10 and ds[up].reason == p.LLM_DEMAND

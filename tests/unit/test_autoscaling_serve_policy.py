@@ -54,7 +54,8 @@ def _contexts(now: float, *, ingress_age: float = 0.5, vision_replicas: int = 1)
     vision = {f"v{i}": {sig.ENCODE_PIXELS_PER_S: 2e6 if i == 0 else 4e6} for i in range(vision_replicas)}
     llm = {"l1": {sig.LLM_RUNNING: 4, sig.LLM_WAITING: 1, sig.LLM_KV_USED_FRACTION: 0.5},
            "l2": {sig.LLM_RUNNING: 2, sig.LLM_WAITING: 0, sig.LLM_KV_USED_FRACTION: 0.7}}
-    queue = {"q": {sig.QUEUE_DEPTH: 7, sig.QUEUE_OLDEST_AGE: 1.2, sig.QUEUE_WAITING_PRODUCERS: 2, sig.QUEUE_REJECTED: 0}}
+    queue = {"q": {sig.QUEUE_DEPTH: 7, sig.QUEUE_OLDEST_AGE: 1.2, sig.QUEUE_WAITING_PRODUCERS: 2, sig.QUEUE_REJECTED: 0,
+                   sig.QUEUE_COMPLETED: 41}}
     return {INGRESS_DEPLOYMENT: _ctx(ingress, 2, now, ingress_age), VISION_DEPLOYMENT: _ctx(vision, vision_replicas, now),
             LLM_DEPLOYMENT: _ctx(llm, 2, now), QUEUE_DEPLOYMENT: _ctx(queue, 1, now)}
 
@@ -68,6 +69,7 @@ def test_snapshot_sums_counts_over_replicas_and_takes_the_worst_latency() -> Non
     two = serve_policy.snapshot_from_contexts(_contexts(1000.0, vision_replicas=3), 1000.0).vision
     assert two is not None and two.encode_pixels_per_s == pytest.approx((2e6 + 4e6 + 4e6) / 3), "mean rate per replica"
     assert (m.running, m.waiting, m.queue_depth, m.waiting_producers) == (6, 1, 7, 2)
+    assert m.completed_total == 41, "the queue's completed counter: the LLM pool's service rate"
     assert m.kv_used_fraction == pytest.approx(0.6), "mean KV use over the LLM replicas"
     assert (m.ttft_image_s, m.ttft_text_s, m.inter_token_s) == (4.0, 1.5, 0.08), "no-data samples are not latencies"
     assert v.age_s == pytest.approx(0.5)
@@ -190,3 +192,8 @@ def test_published_decisions_carry_the_settings_they_were_made_with(monkeypatch)
     assert settings is not None
     serve_policy.publish_settings(settings)
     assert serve_policy.read_settings() == settings
+
+
+def test_the_queue_reports_how_many_requests_the_llm_pool_finished() -> None:
+    stats = sig.queue_stats({"depth": 3, "oldest_age_s": 0.5, "counters": {"completed": 9, "rejected_full": 1}})
+    assert stats[sig.QUEUE_COMPLETED] == 9 and stats[sig.QUEUE_REJECTED] == 1

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..serve_config import LLMAutoscaling, SLOConfig, VisionAutoscaling
+from .signals import P90_WINDOW_S
 
 Pool = Literal["vision", "llm"]
 POOLS: tuple[Pool, ...] = ("vision", "llm")
@@ -92,6 +93,7 @@ class LLMSignals:
     ttft_text_s: float | None = None
     inter_token_s: float | None = None  # recent p90 inter-token latency
     age_s: float = 0.0
+    completed_total: float | None = None  # requests the pool has finished (the queue's counter; None: not reported)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,10 @@ class PoolState:
     last_change_at: float | None = None
     observed_since: float | None = None  # first decision on signals: windows count from here
     demand: list[tuple[float, float]] = field(default_factory=list)  # LLM: (second, demand) for the trend
+    flow: list[tuple[float, float, float]] = field(default_factory=list)  # LLM: (second, completed, demand)
+    running_seen: int | None = None  # LLM: running replicas at the last decision
+    running_rose_at: float | None = None  # LLM: when replicas last joined (the flow is measured from here)
+    drained_at: float | None = None  # LLM: last time the queue was seen draining by itself
 
     def to_json(self) -> dict:
         return {"target": self.target, "recommendations": [list(r) for r in self.recommendations],
@@ -133,7 +139,9 @@ class PoolState:
                 "last_work_at": self.last_work_at, "learned_rate": self.learned_rate,
                 "last_reason": self.last_reason, "last_message": self.last_message,
                 "last_change_at": self.last_change_at, "observed_since": self.observed_since,
-                "demand": [list(d) for d in self.demand]}
+                "demand": [list(d) for d in self.demand], "flow": [list(f) for f in self.flow],
+                "running_seen": self.running_seen, "running_rose_at": self.running_rose_at,
+                "drained_at": self.drained_at}
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "PoolState":
@@ -144,7 +152,10 @@ class PoolState:
                    last_work_at=raw.get("last_work_at"), learned_rate=raw.get("learned_rate"),
                    last_reason=raw.get("last_reason", STABLE), last_message=raw.get("last_message", ""),
                    last_change_at=raw.get("last_change_at"), observed_since=raw.get("observed_since"),
-                   demand=[(float(t), float(d)) for t, d in raw.get("demand", [])])
+                   demand=[(float(t), float(d)) for t, d in raw.get("demand", [])],
+                   flow=[(float(t), float(c), float(d)) for t, c, d in raw.get("flow", [])],
+                   running_seen=raw.get("running_seen"), running_rose_at=raw.get("running_rose_at"),
+                   drained_at=raw.get("drained_at"))
 
 
 @dataclass
@@ -258,17 +269,102 @@ def demand_slope(state: PoolState, demand: float, now: float, lead_s: float) -> 
     return _slope(hist), least / quarter
 
 
+FLOW_WINDOW_S = 30.0
+FLOW_MIN_S = 10.0
+
+
+@dataclass(frozen=True)
+class Flow:
+    """How work moves through the LLM pool over the last FLOW_WINDOW_S."""
+
+    completion_rate: float  # requests per second the pool finishes
+    growth: float  # requests per second by which the work in the system (running, waiting, queued) grows
+
+    @property
+    def arrival_rate(self) -> float:
+        return max(self.completion_rate + self.growth, 0.0)
+
+
+def measure_flow(state: PoolState, completed: float, demand: float, now: float) -> Flow | None:
+    """The pool's completion rate (from the queue's cumulative counter) and the growth of its work
+    (least-squares slope, one sample per second), since replicas last joined: a window that predates them
+    says nothing of how fast the pool drains now. None until FLOW_MIN_S have been seen, and again after the
+    counter went back (a new queue replica counts from zero)."""
+    second = math.floor(now)
+    since = state.running_rose_at if state.running_rose_at is not None else -math.inf
+    hist = [f for f in state.flow if second - f[0] <= FLOW_WINDOW_S and f[0] != second and f[0] >= since]
+    if hist and completed < hist[-1][1]:
+        hist = []
+    hist.append((second, completed, demand))
+    state.flow = hist
+    span = second - hist[0][0]
+    if span < FLOW_MIN_S or len(hist) < 5:
+        return None
+    return Flow(completion_rate=(completed - hist[0][1]) / span, growth=_slope([(t, d) for t, _, d in hist]))
+
+
+@dataclass(frozen=True)
+class _Drain:
+    """A backlog the running replicas empty before a replica asked for now could serve."""
+
+    backlog: float
+    empty_in_s: float
+    flow: Flow
+    sustained: float  # requests in service at the arrival rate (Little's law: arrival rate x time in service)
+
+
+def draining_backlog(s: LLMSignals, flow: Flow | None, startup_s: float) -> _Drain | None:
+    """Queued requests count as demand only while the queue is not about to empty by itself.
+
+    A backlog that built up while replicas were starting (an image burst meets a pool that needs minutes to
+    grow) is still there when they arrive; counted one request per slot, it bought replicas that came up
+    after the grown pool had emptied the queue (bench/results/autoscale_sim.md, image_burst: LLM 6 -> 10,
+    the last four after the burst). While the work in the system falls fast enough that the queue empties
+    within replicaStartupSeconds, the pool is sized for what keeps arriving instead."""
+    backlog = s.queue_depth + s.waiting_producers
+    if flow is None or backlog <= 0 or flow.growth >= 0 or flow.completion_rate <= 0 or startup_s <= 0:
+        return None
+    empty_in = backlog / -flow.growth
+    if empty_in >= startup_s:
+        return None
+    in_service = s.running + s.waiting
+    return _Drain(backlog=backlog, empty_in_s=empty_in, flow=flow,
+                  sustained=in_service * flow.arrival_rate / flow.completion_rate)
+
+
 def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, slo: SLOConfig,
-                  state: PoolState, now: float = 0.0) -> _Recommendation:
+                  state: PoolState, now: float = 0.0, target: int | None = None) -> _Recommendation:
     """Raw replica count for the LLM pool, including the vision pool's backlog as a leading signal."""
     current = max(s.running_replicas, 0)
     demand = s.running + s.waiting + s.queue_depth + s.waiting_producers
     lead = (v.pending_requests * cfg.vision_lead_weight) if v is not None else 0.0
     per = cfg.target_ongoing_requests
-    base = _ceil(demand / per)
-    candidates = [_Recommendation(base, LLM_DEMAND if demand else LOW_LOAD,
-                                  f"{demand:.0f} requests running, waiting or queued; target {per:g} per replica"
-                                  if demand else "no LLM work")]
+    if state.running_seen is not None and current > state.running_seen:
+        state.running_rose_at = now
+    state.running_seen = current
+    flow = measure_flow(state, s.completed_total, demand, now) if s.completed_total is not None else None
+    backlog = s.queue_depth + s.waiting_producers
+    joined_s = now - state.running_rose_at if state.running_rose_at is not None else math.inf
+    if flow is None and s.completed_total is not None and backlog > 0 and joined_s < FLOW_MIN_S and target:
+        # Replicas that joined a moment ago have not touched the backlog yet: asking for more on it now buys
+        # replicas for work that they are about to take (HPA's readiness delay has the same reason).
+        return _Recommendation(max(target, current), LLM_DEMAND, (
+            f"replicas joined {joined_s:.0f} s ago with {backlog:.0f} requests queued: measuring how fast the pool "
+            f"empties the queue with them ({FLOW_MIN_S:g} s) before asking for more"))
+    drain = draining_backlog(s, flow, cfg.replica_startup_s)
+    if drain is not None:
+        state.drained_at = now
+        sized = drain.sustained
+        described = (f"the tensor queue drains by itself ({drain.backlog:.0f} queued, falling by "
+                     f"{-drain.flow.growth:.1f}/s: empty in {drain.empty_in_s:.0f} s, before a replica asked for now "
+                     f"would serve, replicaStartupSeconds {cfg.replica_startup_s:g}); sized for what keeps arriving: "
+                     f"{drain.flow.arrival_rate:.1f} requests/s x {(s.running + s.waiting) / drain.flow.completion_rate:.1f} s "
+                     f"in service = {sized:.0f} requests; target {per:g} per replica")
+    else:
+        sized = demand
+        described = f"{demand:.0f} requests running, waiting or queued; target {per:g} per replica"
+    base = _ceil(sized / per)
+    candidates = [_Recommendation(base, LLM_DEMAND if demand else LOW_LOAD, described if demand else "no LLM work")]
     if cfg.replica_startup_s > 0:
         slope, least = demand_slope(state, demand, now, cfg.replica_startup_s)
         # Noise on a steady load has a small slope too: a trend counts once it adds half a replica's worth,
@@ -284,10 +380,13 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
                 f"{cfg.replica_startup_s:g} s (replicaStartupSeconds), target {per:g} per replica"))
     if lead > 0:
         candidates.append(_Recommendation(
-            _ceil((demand + lead) / per), VISION_LEAD,
+            _ceil((sized + lead) / per), VISION_LEAD,
             f"{v.pending_requests:.0f} image requests being encoded now will reach the tensor queue in seconds: "
-            f"{demand:.0f} + {lead:.0f} requests, target {per:g} per replica"))
-    if current:
+            f"{sized:.0f} + {lead:.0f} requests, target {per:g} per replica"))
+    # The waits of requests in a draining backlog (queue age, TTFT) are the past, and KV use and inter-token
+    # latency peak while replicas run full on it: a replica asked for now comes up after the backlog is gone
+    # and helps none of them.
+    if current and drain is None:
         age_target = slo.text_ttft_s * cfg.queue_age_fraction
         if s.queue_depth > 0 and s.queue_oldest_age_s > age_target:
             candidates.append(_Recommendation(
@@ -297,9 +396,11 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
             candidates.append(_Recommendation(
                 _ceil(current * s.kv_used_fraction / cfg.kv_cache_target), KV_CACHE,
                 f"KV cache {s.kv_used_fraction:.0%} used, target {cfg.kv_cache_target:.0%}"))
-        for value, target, reason, what in [(s.ttft_image_s, slo.image_ttft_s, TTFT_IMAGE, "image TTFT"),
-                                            (s.ttft_text_s, slo.text_ttft_s, TTFT_TEXT, "text TTFT"),
-                                            (s.inter_token_s, slo.inter_token_s, ITL, "inter-token latency")]:
+        # The p90s cover the last P90_WINDOW_S: just after a backlog drained, they are its waits still.
+        latencies = [] if state.drained_at is not None and now - state.drained_at < P90_WINDOW_S else [
+            (s.ttft_image_s, slo.image_ttft_s, TTFT_IMAGE, "image TTFT"), (s.ttft_text_s, slo.text_ttft_s, TTFT_TEXT, "text TTFT"),
+            (s.inter_token_s, slo.inter_token_s, ITL, "inter-token latency")]
+        for value, target, reason, what in latencies:
             if value is not None and value > target and demand > 0:
                 candidates.append(_Recommendation(
                     _ceil(current * min(value / target, 2.0)), reason,
@@ -419,6 +520,6 @@ def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
             raw = recommend_vision(v, spec.vision, spec.slo, st, now)  # type: ignore[arg-type]
         else:
             fresh_v = v if v is not None and v.age_s <= spec.vision.metrics_stale_s else None
-            raw = recommend_llm(llm, fresh_v, spec.llm, spec.slo, st, now)  # type: ignore[arg-type]
+            raw = recommend_llm(llm, fresh_v, spec.llm, spec.slo, st, now, target=cur)  # type: ignore[arg-type]
         out[pool] = _stabilise(pool, raw, cur, sig.running_replicas, cfg.min_replicas, cfg.max_replicas, cfg, st, now)
     return out

@@ -95,7 +95,7 @@ def snapshot_from_contexts(contexts: dict[str, Any], now: float) -> Snapshot:
             l_signals = LLMSignals(
                 running_replicas=running,
                 queue_depth=q.get(sig.QUEUE_DEPTH, 0.0), queue_oldest_age_s=q.get(sig.QUEUE_OLDEST_AGE, 0.0),
-                waiting_producers=q.get(sig.QUEUE_WAITING_PRODUCERS, 0.0),
+                waiting_producers=q.get(sig.QUEUE_WAITING_PRODUCERS, 0.0), completed_total=q.get(sig.QUEUE_COMPLETED),
                 running=ll.get(sig.LLM_RUNNING, 0.0), waiting=ll.get(sig.LLM_WAITING, 0.0),
                 kv_used_fraction=ll.get(sig.LLM_KV_USED_FRACTION, 0.0) / running if running else 0.0,
                 ttft_image_s=ing.get(sig.TTFT_IMAGE_P90), ttft_text_s=ing.get(sig.TTFT_TEXT_P90),

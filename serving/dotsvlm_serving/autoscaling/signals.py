@@ -12,6 +12,7 @@ import math
 from collections import deque
 
 NO_DATA = -1.0  # Serve accepts only numbers: "no sample in the window" travels as -1
+P90_WINDOW_S = 30.0  # the latencies' p90s cover this many recent seconds
 
 # Ingress (summed over ingress replicas).
 VISION_PENDING_REQUESTS = "vision_pending_requests"
@@ -28,6 +29,7 @@ QUEUE_DEPTH = "queue_depth"
 QUEUE_OLDEST_AGE = "queue_oldest_age_s"
 QUEUE_WAITING_PRODUCERS = "queue_waiting_producers"
 QUEUE_REJECTED = "queue_rejected_total"
+QUEUE_COMPLETED = "queue_completed_total"  # requests the LLM pool finished (cumulative): its service rate
 # LLMServer replicas.
 LLM_RUNNING = "llm_running"
 LLM_WAITING = "llm_waiting"
@@ -57,7 +59,7 @@ class IngressSignals:
     """The ingress's view: image work it has sent to the vision stage and not got back (so the backlog is
     known even while the vision pool has no replica), and recent latencies per modality."""
 
-    def __init__(self, window_s: float = 30.0) -> None:
+    def __init__(self, window_s: float = P90_WINDOW_S) -> None:
         self.pending_requests = 0
         self.pending_images = 0
         self.pending_pixels = 0
@@ -111,7 +113,8 @@ def queue_stats(stats: dict) -> dict[str, float]:
     counters = stats.get("counters", {})
     return {QUEUE_DEPTH: float(stats.get("depth", 0)), QUEUE_OLDEST_AGE: float(stats.get("oldest_age_s", 0.0)),
             QUEUE_WAITING_PRODUCERS: float(stats.get("waiting_producers", 0)),
-            QUEUE_REJECTED: float(counters.get("rejected_full", 0))}
+            QUEUE_REJECTED: float(counters.get("rejected_full", 0)),
+            QUEUE_COMPLETED: float(counters.get("completed", 0))}
 
 
 def llm_stats(stats: dict[str, float]) -> dict[str, float]:
