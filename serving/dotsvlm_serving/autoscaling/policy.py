@@ -343,6 +343,7 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
         state.running_rose_at = now
     state.running_seen = current
     flow = measure_flow(state, s.completed_total, demand, now) if s.completed_total is not None else None
+    trend = demand_slope(state, demand, now, cfg.replica_startup_s) if cfg.replica_startup_s > 0 else None
     backlog = s.queue_depth + s.waiting_producers
     joined_s = now - state.running_rose_at if state.running_rose_at is not None else math.inf
     if flow is None and s.completed_total is not None and backlog > 0 and joined_s < FLOW_MIN_S and target:
@@ -365,8 +366,8 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
         described = f"{demand:.0f} requests running, waiting or queued; target {per:g} per replica"
     base = _ceil(sized / per)
     candidates = [_Recommendation(base, LLM_DEMAND if demand else LOW_LOAD, described if demand else "no LLM work")]
-    if cfg.replica_startup_s > 0:
-        slope, least = demand_slope(state, demand, now, cfg.replica_startup_s)
+    if trend is not None:
+        slope, least = trend
         # Noise on a steady load has a small slope too: a trend counts once it adds half a replica's worth,
         # and only while demand grew from every quarter of the window to the next by at least half the
         # window's slope. A step (a burst that arrives within a minute, then holds) keeps the window's slope
