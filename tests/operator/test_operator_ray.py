@@ -81,9 +81,12 @@ def ray_head(tmp_path):
         poll(up, 120, "the Ray dashboard", lambda: (tmp_path / "ray.log").read_text()[-3000:])
         yield url, token
     finally:
+        # Ray's own processes stop at SIGTERM; `ray start --block` then asks the (stopped) GCS to drain the node
+        # and gives up only after 30 s (with Serve replicas on the node, its drain takes those 30 s too). Nothing
+        # here needs that drain: a few seconds, then SIGKILL for what is left.
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            proc.wait(timeout=5)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
