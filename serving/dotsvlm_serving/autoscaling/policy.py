@@ -310,33 +310,37 @@ class _Drain:
     backlog: float
     empty_in_s: float
     flow: Flow
-    sustained: float  # requests in service at the arrival rate (Little's law: arrival rate x time in service)
+    in_service_s: float  # how long a request spends in service now (Little's law: in service / completion rate)
+
+    @property
+    def sustained(self) -> float:
+        """Requests in service at the arrival rate (Little's law: arrival rate x time in service)."""
+        return self.flow.arrival_rate * self.in_service_s
 
 
-def draining_backlog(s: LLMSignals, flow: Flow | None, startup_s: float) -> _Drain | None:
+def draining_backlog(backlog: float, in_service: float, flow: Flow | None, startup_s: float) -> _Drain | None:
     """Queued requests count as demand only while the queue is not about to empty by itself.
 
     A backlog that built up while replicas were starting (an image burst meets a pool that needs minutes to
     grow) is still there when they arrive; counted one request per slot, it bought replicas that came up
     after the grown pool had emptied the queue (bench/results/autoscale_sim.md, image_burst: LLM 6 -> 10,
     the last four after the burst). While the work in the system falls fast enough that the queue empties
-    within replicaStartupSeconds, the pool is sized for what keeps arriving instead."""
-    backlog = s.queue_depth + s.waiting_producers
+    within replicaStartupSeconds, the pool is sized for what keeps arriving instead. `backlog`: queued and
+    waiting for room; `in_service`: running and waiting (taken by a replica)."""
     if flow is None or backlog <= 0 or flow.growth >= 0 or flow.completion_rate <= 0 or startup_s <= 0:
         return None
     empty_in = backlog / -flow.growth
     if empty_in >= startup_s:
         return None
-    in_service = s.running + s.waiting
-    return _Drain(backlog=backlog, empty_in_s=empty_in, flow=flow,
-                  sustained=in_service * flow.arrival_rate / flow.completion_rate)
+    return _Drain(backlog=backlog, empty_in_s=empty_in, flow=flow, in_service_s=in_service / flow.completion_rate)
 
 
 def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, slo: SLOConfig,
                   state: PoolState, now: float = 0.0, target: int | None = None) -> _Recommendation:
     """Raw replica count for the LLM pool, including the vision pool's backlog as a leading signal."""
     current = max(s.running_replicas, 0)
-    demand = s.running + s.waiting + s.queue_depth + s.waiting_producers
+    in_service, backlog = s.running + s.waiting, s.queue_depth + s.waiting_producers
+    demand = in_service + backlog
     lead = (v.pending_requests * cfg.vision_lead_weight) if v is not None else 0.0
     per = cfg.target_ongoing_requests
     if state.running_seen is not None and current > state.running_seen:
@@ -344,7 +348,6 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
     state.running_seen = current
     flow = measure_flow(state, s.completed_total, demand, now) if s.completed_total is not None else None
     trend = demand_slope(state, demand, now, cfg.replica_startup_s) if cfg.replica_startup_s > 0 else None
-    backlog = s.queue_depth + s.waiting_producers
     joined_s = now - state.running_rose_at if state.running_rose_at is not None else math.inf
     if flow is None and s.completed_total is not None and backlog > 0 and joined_s < FLOW_MIN_S and target:
         # Replicas that joined a moment ago have not touched the backlog yet: asking for more on it now buys
@@ -352,14 +355,14 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
         return _Recommendation(max(target, current), LLM_DEMAND, (
             f"replicas joined {joined_s:.0f} s ago with {backlog:.0f} requests queued: measuring how fast the pool "
             f"empties the queue with them ({FLOW_MIN_S:g} s) before asking for more"))
-    drain = draining_backlog(s, flow, cfg.replica_startup_s)
+    drain = draining_backlog(backlog, in_service, flow, cfg.replica_startup_s)
     if drain is not None:
         state.drained_at = now
         sized = drain.sustained
         described = (f"the tensor queue drains by itself ({drain.backlog:.0f} queued, falling by "
                      f"{-drain.flow.growth:.1f}/s: empty in {drain.empty_in_s:.0f} s, before a replica asked for now "
                      f"would serve, replicaStartupSeconds {cfg.replica_startup_s:g}); sized for what keeps arriving: "
-                     f"{drain.flow.arrival_rate:.1f} requests/s x {(s.running + s.waiting) / drain.flow.completion_rate:.1f} s "
+                     f"{drain.flow.arrival_rate:.1f} requests/s x {drain.in_service_s:.1f} s "
                      f"in service = {sized:.0f} requests; target {per:g} per replica")
     else:
         sized = demand
