@@ -13,8 +13,6 @@ import copy
 import json
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +23,7 @@ import httpx
 import pytest
 import yaml
 from dvlm_support import condition, get_json, load_example, poll
+from support.ray_head import stop_ray_head
 
 from dotsvlm_operator import models, serve_app
 from dotsvlm_operator.serve_drift import config_drift
@@ -39,19 +38,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _pids_using(path: Path) -> list[int]:
-    """Processes whose command line names `path` (our own Ray's temp dir, unique per test)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if str(path).encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
 
 
 @pytest.fixture
@@ -81,25 +67,8 @@ def ray_head(tmp_path):
         poll(up, 120, "the Ray dashboard", lambda: (tmp_path / "ray.log").read_text()[-3000:])
         yield url, token
     finally:
-        # Ray's own processes stop at SIGTERM; `ray start --block` then asks the (stopped) GCS to drain the node
-        # and gives up only after 30 s (with Serve replicas on the node, its drain takes those 30 s too). Nothing
-        # here needs that drain: a few seconds, then SIGKILL for what is left.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        # Ray may leave processes in their own sessions: kill, by pid, those that run from our temp dir.
-        for pid in _pids_using(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_ray_head(proc, temp_dir)
         log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from pathlib import Path
 import httpx
 import pytest
 from serving_support import _free_port
+from support.ray_head import stop_ray_head
 from test_serving_app import image_part, png
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -57,18 +56,6 @@ def _config(model: Path, port: int, **changes: dict) -> tuple[dict, object]:
         raw[section] = {**raw.get(section, {}), **values}
     cfg = ServeAppConfig.model_validate(raw)
     return cfg.deploy_body(http_port=port, http_host="127.0.0.1"), cfg
-
-
-def _pids_using(path: Path) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if str(path).encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
 
 
 class Head:
@@ -148,31 +135,11 @@ def _start_head(tmp: Path, token_file: Path) -> tuple[subprocess.Popen, Path, st
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        _stop_head(proc, temp_dir)
+        stop_ray_head(proc, temp_dir)
         text = log_path.read_text(errors="replace")
         if attempt == 2 or "timed out during startup" not in text:
             raise AssertionError(f"no Ray dashboard: {text[-3000:]}")
     raise AssertionError("unreachable")
-
-
-def _stop_head(proc: subprocess.Popen, temp_dir: Path) -> None:
-    # Ray's own processes stop at SIGTERM; `ray start --block` then asks the (stopped) GCS to drain the node
-    # and gives up only after 30 s (with Serve replicas on the node, its drain takes those 30 s too). Nothing
-    # here needs that drain: a few seconds, then SIGKILL for what is left.
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=5)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in _pids_using(temp_dir):  # Ray's processes in their own sessions, by pid, ours only
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +163,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         assert config_drift(_config(model, api_port)[0], h.app().get("deployed_app_config")) is None
         yield h
     finally:
-        _stop_head(proc, temp_dir)
+        stop_ray_head(proc, temp_dir)
 
 
 class Load:
