@@ -1,6 +1,10 @@
 """Shared fixtures. The `kube` fixture (a real control plane) lives in tests/support/cluster.py, the
 `docker_engine` fixture (a private Docker engine for the images) in tests/support/images.py."""
 
+import logging
+import os
+import sys
+
 import pytest
 
 pytest_plugins = ["support.cluster", "support.images"]
@@ -35,10 +39,8 @@ def pytest_unconfigure(config) -> None:
     That step crashed once (CI run of stop 19: "516 passed", then `make: Segmentation fault`, exit 2), so a
     green suite was reported as a failure. Skipping it loses nothing: Ray was shut down by the fixtures,
     and the processes the tests start are stopped by their own teardowns."""
-    import sys
     if _exit_status is None or "ray" not in sys.modules or config.pluginmanager.has_plugin("pytester"):
         return
-    import logging, os
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
