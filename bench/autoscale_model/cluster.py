@@ -128,6 +128,7 @@ class Cluster:
         self.encode_work = deque()  # (t, pixels, busy seconds) of finished encodes, for the measured rate
         self._seq = 0
         self.completed = 0  # requests the LLM pool finished (the tensor queue's `completed` counter)
+        self.vision_admitted_pixels = 0  # pixels the ingress sent to the vision stage (its counter)
         self.timeline: list[dict] = []
         self.set_target("vision", vision if mode == "disaggregated" else 0, initial=True)
         self.set_target("llm", llm, initial=True)
@@ -176,6 +177,7 @@ class Cluster:
                 o.overhead_s = self.c.path_overhead_s(o.req.pixels)
                 if o.req.has_images:
                     self.ingress_wait.append(o)
+                    self.vision_admitted_pixels += o.req.pixels
                 else:
                     self._enqueue(o, o.req.t)
             else:

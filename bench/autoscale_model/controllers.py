@@ -155,7 +155,8 @@ class DotsVLM:
         pend, imgs, px = c.vision_pending()
         v = VisionSignals(running_replicas=c.running_replicas("vision"), pending_requests=pend, pending_images=imgs,
                           pending_pixels=px, encode_pixels_per_s=c.encode_rate(),
-                          encode_latency_s=c.encode_lat.p90(now))
+                          encode_latency_s=c.encode_lat.p90(now),
+                          admitted_pixels_total=float(c.vision_admitted_pixels))
         running = c.running_replicas("llm")
         ready = [r for r in c.llm if r.ready(now) and not r.draining]
         kv = sum(r.kv_reserved / c.c.kv_tokens for r in ready) / running if running else 0.0

@@ -145,8 +145,10 @@ class Autoscaling(_Api):
 
     target_ongoing_requests: float = Field(
         _contract(AutoscalingTargets, "target_ongoing_requests"), gt=0, le=10000, description=(
-            "Vision pool: image requests in the vision stage per replica. LLM pool: requests running, waiting or "
-            "queued per replica (keep it below maxRunningRequests). Higher packs replicas harder."))
+            "Vision pool: image requests in the vision stage per replica, used only until a replica has measured "
+            "its encode rate (then the pool is sized for the pixels arriving and waiting). LLM pool: requests "
+            "running, waiting or queued per replica (keep it below maxRunningRequests). Higher packs replicas "
+            "harder."))
     upscale_delay_seconds: float = Field(
         _contract(AutoscalingTargets, "upscale_delay_s"), ge=0, le=3600, description=(
             "How long every signal must ask for more replicas before the pool grows (a pool at zero wakes at once)."))

@@ -71,7 +71,8 @@ class AutoscalingTargets(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
-    # vision: image requests in the vision stage per replica; llm: running + waiting + queued requests per replica.
+    # vision: image requests in the vision stage per replica (until an encode rate is measured); llm: running +
+    # waiting + queued requests per replica.
     target_ongoing_requests: float = Field(4.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(120.0, ge=0)

@@ -51,6 +51,77 @@ def test_vision_backlog_scales_the_vision_pool_up_to_drain_within_its_budget() -
     assert "40.0 MP" in d["vision"].message
 
 
+def _steady_images(sp: p.PolicySpec, *, seconds: int, mp_per_s: float, queued: callable, mp_each: float = 1.0,
+                   start: int = 1, latency: float | None = None) -> list[int]:
+    """Images arrive at `mp_per_s` (the ingresses' pixel counter grows by it); `queued(t, replicas)` is the
+    number of image requests (`mp_each` MP each) in the stage at second t. The running replicas follow the
+    decisions at once."""
+    state, cur, out = p.PolicyState(), {"vision": start, "llm": 1}, []
+    for t in range(seconds):
+        n = queued(t, cur["vision"])
+        snap = p.Snapshot(vision(cur["vision"], requests=n, pixels=n * mp_each * 1e6, admitted_pixels_total=t * mp_per_s * 1e6,
+                                 encode_latency_s=latency), llm(1))
+        cur = {k: d.desired for k, d in p.decide(snap, sp, state, float(t), current=cur).items()}
+        out.append(cur["vision"])
+    return out
+
+
+def test_the_vision_pool_is_sized_for_the_pixels_arriving_not_for_momentary_queues() -> None:
+    """1.5 replicas' worth of images arrive (1 MP/s per replica): the pool holds 2 while the stage's queue
+    comes and goes. Before, requests in the stage per replica set the size: a queue of 5 requests grew the
+    pool, its absence shrank it, over and over (the shifting mix: 32 vision actions in an hour)."""
+    sp = spec(vision={"downscale_delay_s": 30, "max_scale_up_step": 4})
+    flapping = lambda t, n: 6 if t % 7 == 0 else 0  # 6 small requests (target 4 per replica) every 7 s
+    v = _steady_images(sp, seconds=200, mp_per_s=1.5, queued=flapping, mp_each=0.2)
+    assert v[-1] == 2 and max(v[20:]) == 2, f"the pool should hold 2: {v}"
+    assert sum(1 for a, b in zip(v[20:], v[21:]) if a != b) == 0, f"the pool kept moving: {v}"
+    # The same queues with half a replica's worth arriving: one replica clears each in 1.2 s, well inside the
+    # 5-s encode budget, so the pool stays at one (the request count alone asked for two each time).
+    light = _steady_images(sp, seconds=200, mp_per_s=0.5, queued=flapping, mp_each=0.2)
+    assert light[-1] == 1 and sum(1 for a, b in zip(light[20:], light[21:]) if a != b) == 0, light
+
+
+def test_requests_in_the_stage_size_the_vision_pool_only_until_an_encode_rate_is_measured() -> None:
+    d = run([lambda c: p.Snapshot(vision(c["vision"], requests=12, pixels=1e6, rate=None), llm(c["llm"]))], spec())[0]
+    assert d["vision"].desired == 3 and d["vision"].reason == p.VISION_REQUESTS, d["vision"]
+    assert "no encode rate measured yet" in d["vision"].message
+    measured = run([lambda c: p.Snapshot(vision(c["vision"], requests=12, pixels=1e6), llm(c["llm"]))], spec())[0]
+    assert measured["vision"].desired == 1, "1 MP at 1 MP/s clears well within the 5-s budget"
+
+
+def test_an_encode_p90_from_before_replicas_joined_does_not_grow_the_pool_again() -> None:
+    """The encode p90 covers 30 s: right after new replicas joined it still shows the queue they were asked
+    for. Read then, it doubled the pool on every reading (image burst: 5 -> 12 replicas on a stale p90)."""
+    sp = spec(vision={"max_scale_up_step": 8, "max_replicas": 16})
+    backlog = lambda t, n: 30 if t < 3 else 0  # 30 MP at once, cleared once the pool has grown
+    v = _steady_images(sp, seconds=25, mp_per_s=1.0, queued=backlog, latency=12.0)
+    assert max(v) == 6, f"30 MP to clear within 5 s at 1 MP/s per replica = 6, once: {v}"
+    later = _steady_images(sp, seconds=60, mp_per_s=1.0, queued=backlog, latency=12.0)
+    assert later[45] > 6, "a p90 still over budget a full window after they joined grows the pool again"
+
+
+def test_a_ramp_in_vision_arrivals_counts_as_soon_as_the_last_seconds_show_it() -> None:
+    """A burst that ramps up within a minute: the last 10 s show it before the 30-s mean does (the image burst
+    with an LLM floor of 4 lost 3.5 points of attainment while the pool waited for the mean)."""
+    state, total = p.PoolState(), 0.0
+    for t in range(31):
+        total += 1e6 if t <= 20 else 5e6
+        rate = p.measure_arrivals(state, total, float(t))
+    assert rate == pytest.approx(5e6), "the last 10 s"
+    for t in range(31, 62):  # the burst ends: both windows come down
+        rate = p.measure_arrivals(state, total, float(t))
+    assert rate == pytest.approx(0.0)
+
+
+def test_a_vision_arrival_counter_that_went_back_is_measured_afresh() -> None:
+    state = p.PoolState()
+    assert p.measure_arrivals(state, 0.0, 0.0) is None
+    assert p.measure_arrivals(state, 20e6, 10.0) == pytest.approx(2e6)
+    assert p.measure_arrivals(state, 5e6, 11.0) is None, "an ingress replica left with its count"
+    assert p.measure_arrivals(state, 25e6, 21.0) == pytest.approx(2e6)
+    assert p.measure_arrivals(state, None, 22.0) is None and state.arrivals == []
+
+
 def test_step_limit_and_bounds_are_respected() -> None:
     sp = spec(vision={"max_scale_up_step": 2, "max_replicas": 5})
     ds = run([lambda c: p.Snapshot(vision(c["vision"], requests=50, pixels=500e6), llm(c["llm"]))] * 4, sp)
@@ -243,7 +314,7 @@ def test_by_default_the_vision_pool_grows_at_the_first_backlog_and_the_llm_pool_
         cur = {k: d.desired for k, d in p.decide(calm, sp, state, float(t), current=cur).items()}
     burst = p.Snapshot(vision(1, requests=60, pixels=40e6), llm(1, depth=40, running=8))
     d = p.decide(burst, sp, state, 60.0, current=cur)
-    assert d["vision"].desired == 5 and d["vision"].reason == p.VISION_REQUESTS  # 1 running + step 4, at once
+    assert d["vision"].desired == 5 and d["vision"].reason == p.VISION_BACKLOG  # 1 running + step 4, at once
     assert d["llm"].desired == 1 and d["llm"].reason == p.STABILIZING and "upscaleDelaySeconds (10 s)" in d["llm"].message
 
 

@@ -46,10 +46,10 @@ def _ctx(replicas: dict[str, dict[str, float]], target: int, now: float, age: fl
 
 def _contexts(now: float, *, ingress_age: float = 0.5, vision_replicas: int = 1) -> dict[str, _Ctx]:
     ingress = {"i1": {sig.VISION_PENDING_REQUESTS: 3, sig.VISION_PENDING_IMAGES: 4, sig.VISION_PENDING_PIXELS: 4e6,
-                      sig.ENCODE_LATENCY_P90: 0.5, sig.TTFT_IMAGE_P90: sig.NO_DATA, sig.TTFT_TEXT_P90: 1.5,
+                      sig.VISION_ADMITTED_PIXELS: 30e6, sig.ENCODE_LATENCY_P90: 0.5, sig.TTFT_IMAGE_P90: sig.NO_DATA, sig.TTFT_TEXT_P90: 1.5,
                       sig.ITL_P90: 0.05},
                "i2": {sig.VISION_PENDING_REQUESTS: 5, sig.VISION_PENDING_IMAGES: 5, sig.VISION_PENDING_PIXELS: 6e6,
-                      sig.ENCODE_LATENCY_P90: 2.5, sig.TTFT_IMAGE_P90: 4.0, sig.TTFT_TEXT_P90: sig.NO_DATA,
+                      sig.VISION_ADMITTED_PIXELS: 50e6, sig.ENCODE_LATENCY_P90: 2.5, sig.TTFT_IMAGE_P90: 4.0, sig.TTFT_TEXT_P90: sig.NO_DATA,
                       sig.ITL_P90: 0.08}}
     vision = {f"v{i}": {sig.ENCODE_PIXELS_PER_S: 2e6 if i == 0 else 4e6} for i in range(vision_replicas)}
     llm = {"l1": {sig.LLM_RUNNING: 4, sig.LLM_WAITING: 1, sig.LLM_KV_USED_FRACTION: 0.5},
@@ -65,6 +65,7 @@ def test_snapshot_sums_counts_over_replicas_and_takes_the_worst_latency() -> Non
     v, m = snap.vision, snap.llm
     assert v is not None and m is not None
     assert (v.pending_requests, v.pending_images, v.pending_pixels) == (8, 9, 10e6), "summed over both ingresses"
+    assert v.admitted_pixels_total == 80e6, "the ingresses' pixel counters add up to the stage's arrivals"
     assert v.encode_latency_s == 2.5 and v.encode_pixels_per_s == 2e6
     two = serve_policy.snapshot_from_contexts(_contexts(1000.0, vision_replicas=3), 1000.0).vision
     assert two is not None and two.encode_pixels_per_s == pytest.approx((2e6 + 4e6 + 4e6) / 3), "mean rate per replica"
@@ -111,7 +112,7 @@ def test_the_policy_class_decides_both_pools_and_keeps_its_state_per_deployment(
     import time
 
     now = time.time()
-    by_name = _contexts(now)
+    by_name = _contexts(now, vision_replicas=0)  # image requests wait on a vision pool at zero
     _serve_configs(cfg, by_name)
     contexts = {_DeploymentID(name): ctx for name, ctx in by_name.items()}
     decisions, state = policy(contexts)
@@ -139,7 +140,7 @@ def test_the_policy_reads_bounds_from_serve_and_knobs_from_the_ingress_on_every_
     policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: current["cfg"].policy_config())
 
     def call() -> tuple[dict[str, int], Any]:
-        by_name = _contexts(time.time())
+        by_name = _contexts(time.time(), vision_replicas=0)  # no encode rate measured: requests per replica count
         _serve_configs(current["cfg"], by_name)
         decisions, _ = policy({_DeploymentID(name): ctx for name, ctx in by_name.items()})
         return {dep.name: n for dep, n in decisions.items()}, policy._last_spec

@@ -274,10 +274,12 @@ AUTOSCALER = Dashboard(
          Panel("Desired vs ready replicas", "Per pool, from the operator's status.",
                [(gauge("dotsvlm_pool_desired_replicas", "max", "pool"), "desired {{pool}}"),
                 (gauge("dotsvlm_pool_ready_replicas", "max", "pool"), "ready {{pool}}")], "short"),
-         Panel("Vision backlog", "Images and pixels sent to the vision pool and not back yet (its scaling signal, "
-               "counted by the ingress replicas).",
+         Panel("Vision backlog and arrivals", "Images and pixels sent to the vision pool and not back yet, and "
+               "pixels arriving per second: the pool is sized for the arrivals plus the backlog cleared within its "
+               "encode budget (counted by the ingress replicas).",
                [(gauge("dotsvlm_vision_pending_images"), "images"),
-                (gauge("dotsvlm_vision_pending_pixels"), "pixels")], "short"),
+                (gauge("dotsvlm_vision_pending_pixels"), "pixels"),
+                (rate("dotsvlm_vision_admitted_pixels"), "pixels arriving /s")], "short"),
          Panel("Tensor queue depth and oldest age", "The LLM pool's scaling signals from the queue.",
                [(gauge("dotsvlm_queue_depth", "max"), "depth"),
                 (gauge("dotsvlm_queue_oldest_age_seconds", "max"), "oldest age (s)")], "short"),

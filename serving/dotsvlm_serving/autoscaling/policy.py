@@ -78,6 +78,8 @@ class VisionSignals:
     encode_pixels_per_s: float | None = None  # busy throughput of one replica (None: not measured yet)
     encode_latency_s: float | None = None  # recent p90 of encode time as the ingress sees it (queueing included)
     age_s: float = 0.0  # how old the newest sample is
+    # pixels the ingresses have sent to the vision stage (cumulative; None: not reported): the arrival rate
+    admitted_pixels_total: float | None = None
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,11 @@ class PoolState:
     observed_since: float | None = None  # first decision on signals: windows count from here
     demand: list[tuple[float, float]] = field(default_factory=list)  # LLM: (second, demand) for the trend
     flow: list[tuple[float, float, float]] = field(default_factory=list)  # LLM: (second, completed, demand)
-    running_seen: int | None = None  # LLM: running replicas at the last decision
-    running_rose_at: float | None = None  # LLM: when replicas last joined (the flow is measured from here)
+    running_seen: int | None = None  # running replicas at the last decision
+    # when replicas last joined (LLM: the flow is measured from here; vision: the encode p90 from here)
+    running_rose_at: float | None = None
     drained_at: float | None = None  # LLM: last time the queue was seen draining by itself
+    arrivals: list[tuple[float, float]] = field(default_factory=list)  # vision: (second, pixels admitted so far)
 
     def to_json(self) -> dict:
         return {"target": self.target, "recommendations": [list(r) for r in self.recommendations],
@@ -141,7 +145,7 @@ class PoolState:
                 "last_change_at": self.last_change_at, "observed_since": self.observed_since,
                 "demand": [list(d) for d in self.demand], "flow": [list(f) for f in self.flow],
                 "running_seen": self.running_seen, "running_rose_at": self.running_rose_at,
-                "drained_at": self.drained_at}
+                "drained_at": self.drained_at, "arrivals": [list(a) for a in self.arrivals]}
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "PoolState":
@@ -155,7 +159,8 @@ class PoolState:
                    demand=[(float(t), float(d)) for t, d in raw.get("demand", [])],
                    flow=[(float(t), float(c), float(d)) for t, c, d in raw.get("flow", [])],
                    running_seen=raw.get("running_seen"), running_rose_at=raw.get("running_rose_at"),
-                   drained_at=raw.get("drained_at"))
+                   drained_at=raw.get("drained_at"),
+                   arrivals=[(float(t), float(p)) for t, p in raw.get("arrivals", [])])
 
 
 @dataclass
@@ -197,17 +202,62 @@ def _strongest(candidates: list[_Recommendation]) -> _Recommendation:
     return max(candidates, key=lambda c: c.replicas)  # first of equals wins: candidates are in priority order
 
 
+ARRIVAL_WINDOW_S = 30.0
+ARRIVAL_MIN_S = 10.0
+
+
+def measure_arrivals(state: PoolState, admitted_total: float | None, now: float) -> float | None:
+    """Pixels per second sent to the vision stage over the last ARRIVAL_WINDOW_S, from the ingresses'
+    cumulative counter (one sample per second). None until ARRIVAL_MIN_S have been seen, and again after the
+    counter went back (an ingress replica left and took its count with it)."""
+    if admitted_total is None:
+        state.arrivals = []
+        return None
+    second = math.floor(now)
+    hist = [a for a in state.arrivals if second - a[0] <= ARRIVAL_WINDOW_S and a[0] != second]
+    if hist and admitted_total < hist[-1][1]:
+        hist = []
+    hist.append((second, admitted_total))
+    state.arrivals = hist
+    span = second - hist[0][0]
+    if span < ARRIVAL_MIN_S:
+        return None
+    # The last ARRIVAL_MIN_S too: a burst that ramps up shows there first (the whole window lags it); the pool
+    # shrinks only once both have been low for its down window.
+    recent = [a for a in hist if second - a[0] <= ARRIVAL_MIN_S]
+    recent_rate = (admitted_total - recent[0][1]) / (second - recent[0][0]) if second > recent[0][0] else 0.0
+    return max((admitted_total - hist[0][1]) / span, recent_rate)
+
+
+def _note_running(state: PoolState, running: int, now: float) -> float:
+    """Seconds since replicas last joined the pool (inf: none joined while the policy watched)."""
+    if state.running_seen is not None and running > state.running_seen:
+        state.running_rose_at = now
+    state.running_seen = running
+    return now - state.running_rose_at if state.running_rose_at is not None else math.inf
+
+
 def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, state: PoolState,
                      now: float) -> _Recommendation:
-    """Raw replica count for the vision pool from its own signals."""
+    """Raw replica count for the vision pool from its own signals.
+
+    Once a replica has measured its encode rate, the pool is sized for the work: the pixels arriving per
+    second, plus the backlog drained within the encode budget, against that rate. A count of requests in
+    the stage (Serve's own rule) is only the first guess: it scaled on every momentary queue a single
+    replica could absorb, and flapped (bench/results/autoscale_sim.md, shifting mix: 32 vision actions
+    where one fixed replica met the SLO)."""
     busy = s.pending_requests > 0 or s.pending_images > 0
     if busy:
         state.last_work_at = now
     if s.encode_pixels_per_s:
         state.learned_rate = s.encode_pixels_per_s
+    arriving = measure_arrivals(state, s.admitted_pixels_total, now)
+    joined_s = _note_running(state, s.running_replicas, now)
     budget_s = slo.image_ttft_s * cfg.encode_budget_fraction
     current = max(s.running_replicas, 0)
-    if not busy:
+    rate = s.encode_pixels_per_s or state.learned_rate
+    # Arrivals keep a busy pool's size between bursts of queueing; with no work and no arrivals it may shrink.
+    if not busy and not (rate and arriving):
         idle_for = now - state.last_work_at if state.last_work_at is not None else math.inf
         if cfg.min_replicas == 0 and idle_for >= cfg.idle_to_zero_s:
             since = f"for {idle_for:.0f} s" if state.last_work_at is not None else "since the autoscaler started"
@@ -215,20 +265,26 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
                                    f"(idleToZeroSeconds {cfg.idle_to_zero_s:.0f}): scale to zero")
         # Below the idle window a pool allowed to reach zero keeps one warm replica.
         return _Recommendation(max(cfg.min_replicas, min(current, 1)), LOW_LOAD, "no image work waiting")
-    candidates = [_Recommendation(1, WAKE_UP, f"{s.pending_requests:.0f} image request(s) waiting and "
-                                  f"{current} vision replica(s) running")]
-    candidates.append(_Recommendation(
-        _ceil(s.pending_requests / cfg.target_ongoing_requests), VISION_REQUESTS,
-        f"{s.pending_requests:.0f} image requests in the vision stage, target {cfg.target_ongoing_requests:g} per replica"))
-    rate = s.encode_pixels_per_s or state.learned_rate
+    candidates = []
+    if busy:
+        candidates.append(_Recommendation(1, WAKE_UP, f"{s.pending_requests:.0f} image request(s) waiting and "
+                                          f"{current} vision replica(s) running"))
     if rate:
         backlog_s = s.pending_pixels / rate
+        arriving_s = (arriving or 0.0) / rate  # replicas' worth of new work per second
         candidates.append(_Recommendation(
-            _ceil(backlog_s / budget_s), VISION_BACKLOG,
-            f"encode backlog {s.pending_pixels / 1e6:.1f} MP = {backlog_s:.1f} s of work at {rate / 1e6:.2f} MP/s "
-            f"per replica; each replica may hold {budget_s:.1f} s ({cfg.encode_budget_fraction:g} of the "
-            f"{slo.image_ttft_s:g} s image TTFT target)"))
-    if s.encode_latency_s is not None and current and s.encode_latency_s > budget_s:
+            _ceil(arriving_s + backlog_s / budget_s), VISION_BACKLOG,
+            f"{(arriving or 0.0) / 1e6:.1f} MP/s of images arriving and an encode backlog of "
+            f"{s.pending_pixels / 1e6:.1f} MP to clear within {budget_s:.1f} s ({cfg.encode_budget_fraction:g} of "
+            f"the {slo.image_ttft_s:g} s image TTFT target), at {rate / 1e6:.2f} MP/s per replica"))
+    else:
+        candidates.append(_Recommendation(
+            _ceil(s.pending_requests / cfg.target_ongoing_requests), VISION_REQUESTS,
+            f"{s.pending_requests:.0f} image requests in the vision stage, target {cfg.target_ongoing_requests:g} "
+            f"per replica (no encode rate measured yet)"))
+    # The p90 covers the last P90_WINDOW_S: until that long after replicas joined, it still shows the queue
+    # they were asked for, and each reading would multiply the pool again.
+    if s.encode_latency_s is not None and current and s.encode_latency_s > budget_s and joined_s >= P90_WINDOW_S:
         ratio = min(s.encode_latency_s / budget_s, 2.0)
         candidates.append(_Recommendation(
             _ceil(current * ratio), ENCODE_LATENCY,
@@ -343,12 +399,9 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
     demand = in_service + backlog
     lead = (v.pending_requests * cfg.vision_lead_weight) if v is not None else 0.0
     per = cfg.target_ongoing_requests
-    if state.running_seen is not None and current > state.running_seen:
-        state.running_rose_at = now
-    state.running_seen = current
+    joined_s = _note_running(state, current, now)
     flow = measure_flow(state, s.completed_total, demand, now) if s.completed_total is not None else None
     trend = demand_slope(state, demand, now, cfg.replica_startup_s) if cfg.replica_startup_s > 0 else None
-    joined_s = now - state.running_rose_at if state.running_rose_at is not None else math.inf
     if flow is None and s.completed_total is not None and backlog > 0 and joined_s < FLOW_MIN_S and target:
         # Replicas that joined a moment ago have not touched the backlog yet: asking for more on it now buys
         # replicas for work that they are about to take (HPA's readiness delay has the same reason).

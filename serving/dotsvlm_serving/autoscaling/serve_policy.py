@@ -85,6 +85,7 @@ def snapshot_from_contexts(contexts: dict[str, Any], now: float) -> Snapshot:
             pending_pixels=ing.get(sig.VISION_PENDING_PIXELS, 0.0),
             encode_pixels_per_s=vis.get(sig.ENCODE_PIXELS_PER_S),
             encode_latency_s=ing.get(sig.ENCODE_LATENCY_P90),
+            admitted_pixels_total=ing.get(sig.VISION_ADMITTED_PIXELS),
             age_s=ing_age)
     l_signals = None
     if llm is not None and queue is not None:

@@ -18,6 +18,7 @@ P90_WINDOW_S = 30.0  # the latencies' p90s cover this many recent seconds
 VISION_PENDING_REQUESTS = "vision_pending_requests"
 VISION_PENDING_IMAGES = "vision_pending_images"
 VISION_PENDING_PIXELS = "vision_pending_pixels"
+VISION_ADMITTED_PIXELS = "vision_admitted_pixels_total"  # pixels sent to the vision stage (cumulative): demand
 ENCODE_LATENCY_P90 = "encode_latency_p90_s"
 TTFT_IMAGE_P90 = "ttft_image_p90_s"
 TTFT_TEXT_P90 = "ttft_text_p90_s"
@@ -63,6 +64,7 @@ class IngressSignals:
         self.pending_requests = 0
         self.pending_images = 0
         self.pending_pixels = 0
+        self.admitted_pixels = 0
         self.encode = RecentValues(window_s)
         self.ttft = {"image": RecentValues(window_s), "text": RecentValues(window_s)}
         self.itl = RecentValues(window_s)
@@ -71,6 +73,7 @@ class IngressSignals:
         self.pending_requests += 1
         self.pending_images += images
         self.pending_pixels += pixels
+        self.admitted_pixels += pixels
 
     def vision_finished(self, images: int, pixels: int, now: float, seconds: float | None) -> None:
         self.pending_requests -= 1
@@ -95,6 +98,7 @@ class IngressSignals:
         return {VISION_PENDING_REQUESTS: float(self.pending_requests),
                 VISION_PENDING_IMAGES: float(self.pending_images),
                 VISION_PENDING_PIXELS: float(self.pending_pixels),
+                VISION_ADMITTED_PIXELS: float(self.admitted_pixels),
                 ENCODE_LATENCY_P90: self.encode.p90(now),
                 TTFT_IMAGE_P90: self.ttft["image"].p90(now),
                 TTFT_TEXT_P90: self.ttft["text"].p90(now),

@@ -96,6 +96,7 @@ class Relay:
         if admit:
             self.admission.check_pixels(pixels, self.signals.pending_pixels, t)
         self.signals.vision_started(len(images), pixels)
+        self.metrics.inc("dotsvlm_vision_admitted_pixels", pixels)
         encoded = None
         try:
             ref = await self.vision.encode.remote(images, pixels)._to_object_ref()

@@ -95,6 +95,8 @@ SERVING_METRICS: tuple[MetricSpec, ...] = (
        "Images this ingress replica sent to the vision pool and has not got back (the autoscaler's vision backlog)"),
     _m("dotsvlm_vision_pending_pixels", "gauge", "ingress",
        "Pixels (after resize) of the images this ingress replica waits for from the vision pool"),
+    _m("dotsvlm_vision_admitted_pixels", "counter", "ingress",
+       "Pixels (after resize) this ingress replica sent to the vision pool: its rate is the demand the pool is sized for"),
     _m("dotsvlm_vision_request_seconds", "histogram", "ingress",
        "Time for one request's images to come back from the vision pool (queueing and batching included)", (),
        LATENCY_BUCKETS),
