@@ -72,6 +72,23 @@ def _ray_env(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> list[dict[str,
     return env
 
 
+def gcs_fault_tolerance_env(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: str) -> list[dict[str, Any]]:
+    """Ray's GCS fault tolerance (spec.head.gcsFaultTolerance), as KubeRay sets it up: the head's GCS keeps its
+    tables in Redis under this deployment's namespace; the pool pods' Ray processes wait for a new head for
+    headRestartToleranceSeconds (Ray's default is 60 s) instead of exiting."""
+    ft = spec.head.gcs_fault_tolerance
+    if ft is None:
+        return []
+    if component != naming.COMPONENT_HEAD:
+        return [{"name": "RAY_gcs_rpc_server_reconnect_timeout_s", "value": str(ft.head_restart_tolerance_seconds)}]
+    env: list[dict[str, Any]] = [{"name": "RAY_REDIS_ADDRESS", "value": ft.redis_address},
+                                 {"name": "RAY_external_storage_namespace", "value": ft.storage_namespace or owner.uid}]
+    if ft.password_secret_ref is not None:
+        ref = ft.password_secret_ref
+        env.append({"name": naming.REDIS_PASSWORD_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env
+
+
 def _volumes(owner: Owner, spec: models.DotsVLMDeploymentSpec, shm_size: str) -> tuple[list[dict], list[dict]]:
     volumes = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
@@ -139,7 +156,7 @@ def _pod_template(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: s
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": command,
-        "env": _ray_env(owner, spec) + list(stop.env),
+        "env": _ray_env(owner, spec) + gcs_fault_tolerance_env(owner, spec, component) + list(stop.env),
         "ports": ports,
         "volumeMounts": mounts,
         "lifecycle": {"preStop": {"exec": {"command": stop.pre_stop}}},
@@ -193,13 +210,20 @@ def _metrics_port(spec: models.DotsVLMDeploymentSpec) -> list[str]:
     return [f"--metrics-export-port={naming.METRICS_PORT}"] if spec.monitoring.enabled else []
 
 
+def _redis_password(spec: models.DotsVLMDeploymentSpec) -> list[str]:
+    """`ray start` takes the Redis password only as an argument: Kubernetes puts the Secret's value there from
+    the container's environment ($(VAR) in a command)."""
+    ft = spec.head.gcs_fault_tolerance
+    return [f"--redis-password=$({naming.REDIS_PASSWORD_ENV})"] if ft is not None and ft.password_secret_ref else []
+
+
 def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
     # The head advertises the control resource: the Ingress and TensorQueue replicas run here, where
     # GPU-pool churn cannot take them down.
     cmd = ["ray", "start", "--head", f"--port={naming.GCS_PORT}", "--dashboard-host=0.0.0.0",
            f"--dashboard-port={naming.DASHBOARD_PORT}", "--num-gpus=0",
            f"--resources={json.dumps({serve_config.CONTROL_RESOURCE: serve_config.CONTROL_RESOURCE_CAPACITY})}",
-           *_metrics_port(spec), "--block"]
+           *_metrics_port(spec), *_redis_password(spec), "--block"]
     ports = [{"name": "gcs", "containerPort": naming.GCS_PORT},
              {"name": "dashboard", "containerPort": naming.DASHBOARD_PORT},
              {"name": "serve", "containerPort": spec.api.port},

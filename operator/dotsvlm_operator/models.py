@@ -416,12 +416,44 @@ class ApiSpec(_Api):
     ))
 
 
+class RedisPasswordRef(_Api):
+    """A key in a Secret in the same namespace as the DotsVLMDeployment."""
+
+    name: str = Field(..., min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                      description="Name of the Secret (same namespace).")
+    key: str = Field("password", min_length=1, max_length=253, description="Key in the Secret whose value is the Redis password.")
+
+
+class GcsFaultTolerance(_Api):
+    """Ray's GCS fault tolerance: the head keeps the cluster's state (nodes, actors, Serve's checkpoint, the
+    internal KV) in an external Redis. When the head pod restarts (a crash, an eviction, the last step of an
+    image rollout) the pool pods and their replicas keep running and rejoin the new head: the LLM does not
+    reload its weights. The API and the tensor queue run on the head and restart with it."""
+
+    redis_address: str = Field(..., min_length=3, max_length=260,
+                               pattern=r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}$", description=(
+        "host:port of a Redis (6.2 or later) that the head pod can reach, e.g. redis.redis.svc.cluster.local:6379. "
+        "It holds the cluster's state: if Redis loses it while the head is down, the pools restart too."))
+    password_secret_ref: RedisPasswordRef | None = Field(
+        None, description="Secret key holding the Redis password. Unset: Redis without a password.")
+    storage_namespace: str | None = Field(None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_-]+$", description=(
+        "Prefix of this deployment's keys in Redis. Default: the resource's UID, so a deployment deleted and "
+        "created again starts afresh. The keys stay in Redis when the resource is deleted (docs/operator.md says "
+        "how to remove them)."))
+    head_restart_tolerance_seconds: int = Field(600, ge=30, le=86400, description=(
+        "How long the pool pods' Ray processes wait for a new head before they give up and their pods restart "
+        "(their replicas with them). Cover the head pod's scheduling, image pull and start."))
+
+
 class HeadSpec(_Api):
     """The Ray head pod (GCS, dashboard, Serve controller and HTTP proxy). It needs no GPU."""
 
     node_selector: dict[str, str] | None = Field(None, description="Node labels the head pod requires.")
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the head pod.")
     resources: Resources | None = Field(None, description="CPU and memory for the head pod.")
+    gcs_fault_tolerance: GcsFaultTolerance | None = Field(None, description=(
+        "Keep the Ray cluster's state in an external Redis so that the pools (and the LLM's loaded weights) "
+        "survive a restart of the head pod. Unset: a head restart restarts every Ray process of the deployment."))
 
 
 class MonitoringSpec(_Api):

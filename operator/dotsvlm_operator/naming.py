@@ -77,6 +77,8 @@ OPERATOR_NAMESPACE_ENV = "POD_NAMESPACE"
 TOKEN_KEY = "token"
 TOKEN_MOUNT = "/etc/dotsvlm/ray-token"
 TOKEN_PATH = f"{TOKEN_MOUNT}/{TOKEN_KEY}"
+# The head pod's Redis password (spec.head.gcsFaultTolerance), from the user's Secret.
+REDIS_PASSWORD_ENV = "DOTSVLM_REDIS_PASSWORD"
 
 
 @dataclass(frozen=True)

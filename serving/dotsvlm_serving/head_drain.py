@@ -34,20 +34,29 @@ DRAIN_KV_KEY = "dotsvlm/head-drain"
 
 @dataclass(frozen=True)
 class HeadDrain:
-    """The flag an ingress replica reads: refuse new requests until `until` (unix time)."""
+    """The flag an ingress replica reads: refuse new requests until `until` (unix time), if the replica was
+    already running when the drain began (`since`).
+
+    With GCS fault tolerance (`spec.head.gcsFaultTolerance`) Ray's internal KV lives in Redis and outlives
+    the head: the new head's ingress replicas read the flag of the drain that stopped the old one. They
+    started after it began, so it is not theirs (the ingress runs on the head: one clock)."""
 
     until: float
     retry_after_s: int
+    since: float | None = None  # None: a flag written before `since` existed, for every replica
 
     def active(self, now: float) -> bool:
         return now < self.until
+
+    def applies_to(self, replica_started_at: float, now: float) -> bool:
+        return self.active(now) and (self.since is None or replica_started_at < self.since)
 
     def message(self) -> str:
         return (f"this deployment is restarting its Ray head (a rollout or a head pod restart): the requests already "
                 f"running finish, new ones are refused until it is back; retry in {self.retry_after_s} s")
 
     def to_json(self) -> bytes:
-        return json.dumps({"until": self.until, "retry_after_s": self.retry_after_s}).encode()
+        return json.dumps({"until": self.until, "retry_after_s": self.retry_after_s, "since": self.since}).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | None) -> "HeadDrain | None":
@@ -55,7 +64,9 @@ class HeadDrain:
             return None
         try:
             d = json.loads(raw)
-            return cls(until=float(d["until"]), retry_after_s=int(d["retry_after_s"]))
+            since = d.get("since")
+            return cls(until=float(d["until"]), retry_after_s=int(d["retry_after_s"]),
+                       since=None if since is None else float(since))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -106,10 +117,10 @@ def _reports(gcs: Any) -> list[dict[str, Any]]:
 
 def drain_head(gcs: Any, *, deadline_s: float, retry_after_s: int, poll_s: float = 0.5,
                clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> DrainResult:
-    """Set the flag (held until the deadline, so a later head never inherits it) and wait until every
-    ingress replica has seen it and has nothing open, or the deadline."""
+    """Set the flag (held until the deadline, and only for the ingress replicas running now, so a later head
+    never inherits it) and wait until every ingress replica has seen it and has nothing open, or the deadline."""
     started = clock()
-    gcs.internal_kv_put(DRAIN_KV_KEY.encode(), HeadDrain(started + deadline_s, retry_after_s).to_json(), True,
+    gcs.internal_kv_put(DRAIN_KV_KEY.encode(), HeadDrain(started + deadline_s, retry_after_s, started).to_json(), True,
                         KV_NAMESPACE.encode())
     log.info("new requests are refused (503, Retry-After %d s); waiting up to %.0f s for the open ones",
              retry_after_s, deadline_s)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,3 +146,14 @@ def stop_cluster(cluster) -> None:
         pass
     ray.shutdown()
     cluster.shutdown()
+
+
+def run_driver(tmp_path: Path, driver: str, *args: str, timeout: float) -> dict:
+    """Run a driver script of this folder in its own process (its own Ray cluster), with a free port as its
+    first argument; the JSON line it printed last."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name(driver)), str(_free_port()), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(lines[-1])

@@ -11,30 +11,14 @@ these tests may already hold a local Ray in this one.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from serving_support import _free_port
+from serving_support import run_driver
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def _run_driver(tmp_path: Path, driver: str, *args: str, timeout: float) -> dict:
-    """Run a driver script in its own process (its own Ray cluster); the JSON line it printed last."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name(driver)), str(_free_port()), *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(lines[-1])
-
-
 def test_draining_a_node_lets_its_streaming_request_complete_and_moves_the_replica(tmp_path) -> None:
-    out = _run_driver(tmp_path, "drain_driver.py", timeout=600)
+    out = run_driver(tmp_path, "drain_driver.py", timeout=600)
     assert out["error"] is None, out
     assert out["tokens"] == out["expected"], out  # every token of the stream, none lost or repeated
     assert out["drain"]["drained"] is True, out  # the node left by itself once its work was done ...
@@ -50,7 +34,7 @@ def test_draining_the_llm_replicas_node_finishes_its_stream_with_the_same_tokens
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
 
     model = ensure_tiny_checkpoint(tmp_path / "tiny")
-    out = _run_driver(tmp_path, "drain_app_driver.py", str(model), timeout=900)
+    out = run_driver(tmp_path, "drain_app_driver.py", str(model), timeout=900)
     assert out["status"] == 200 and out["error"] is None, out
     assert out["finish"] == "length" and out["same_text"] is True, out  # every token, none lost or repeated
     assert out["stopping_before_stream_end"] is True, out  # Serve stopped the replica while it streamed
@@ -67,7 +51,7 @@ def test_rolling_both_pools_one_at_a_time_loses_no_request(tmp_path) -> None:
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
 
     model = ensure_tiny_checkpoint(tmp_path / "tiny")
-    out = _run_driver(tmp_path, "pool_roll_driver.py", str(model), timeout=1200)
+    out = run_driver(tmp_path, "pool_roll_driver.py", str(model), timeout=1200)
     assert out["clients_done"], "a request hung"
     assert not out["failures"], f"requests lost or cut short while the pools rolled: {out['failures'][:5]}"
     assert out["by_kind"]["image"] >= 4 and out["by_kind"]["stream"] >= 4, out["by_kind"]

@@ -335,3 +335,47 @@ def test_backpressure_limits_reach_the_contract() -> None:
     app = serve_app.app_config(spec)
     assert (app.vision.max_pending_pixels_per_replica, app.vision.max_pending_pixels) == (50_000_000, 200_000_000)
     assert app.api.max_image_bytes_in_flight == 300_000_000
+
+
+def _env(dep: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_gcs_fault_tolerance_keeps_the_state_in_redis_and_the_pools_wait_for_a_new_head() -> None:
+    plain = _kids(_spec())
+    head_name, vision_name, llm_name = (naming.head_name("dots"), naming.pool_name("dots", naming.COMPONENT_VISION),
+                                        naming.pool_name("dots", naming.COMPONENT_LLM))
+    for name in (head_name, vision_name, llm_name):
+        env = _env(plain[("Deployment", name)])
+        assert not {"RAY_REDIS_ADDRESS", "RAY_gcs_rpc_server_reconnect_timeout_s"} & set(env), "off by default"
+    kids = _kids(_spec(head__gcsFaultTolerance={"redisAddress": "redis.redis.svc:6379",
+                                                "passwordSecretRef": {"name": "redis-auth"}}))
+    head = kids[("Deployment", head_name)]
+    env = _env(head)
+    assert env["RAY_REDIS_ADDRESS"]["value"] == "redis.redis.svc:6379"
+    assert env["RAY_external_storage_namespace"]["value"] == "uid-123", "the resource's UID by default"
+    assert env[naming.REDIS_PASSWORD_ENV]["valueFrom"] == {"secretKeyRef": {"name": "redis-auth", "key": "password"}}
+    cmd = head["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert f"--redis-password=$({naming.REDIS_PASSWORD_ENV})" in cmd and cmd[-1] == "--block"
+    for name in (vision_name, llm_name):
+        pool_env = _env(kids[("Deployment", name)])
+        assert pool_env["RAY_gcs_rpc_server_reconnect_timeout_s"]["value"] == "600"
+        assert "RAY_REDIS_ADDRESS" not in pool_env, "only the head's GCS talks to Redis"
+    named = _kids(_spec(head__gcsFaultTolerance={"redisAddress": "10.0.0.5:6380", "storageNamespace": "prod-a",
+                                                 "headRestartToleranceSeconds": 900}))
+    assert _env(named[("Deployment", head_name)])["RAY_external_storage_namespace"]["value"] == "prod-a"
+    assert "--redis-password" not in " ".join(named[("Deployment", head_name)]["spec"]["template"]["spec"]
+                                              ["containers"][0]["command"])
+    assert _env(named[("Deployment", vision_name)])["RAY_gcs_rpc_server_reconnect_timeout_s"]["value"] == "900"
+
+
+@pytest.mark.parametrize("ft, field", [
+    ({"redisAddress": "redis"}, "redisAddress"),
+    ({"redisAddress": "redis://redis:6379"}, "redisAddress"),
+    ({"redisAddress": "redis:6379", "storageNamespace": "a/b"}, "storageNamespace"),
+    ({"redisAddress": "redis:6379", "headRestartToleranceSeconds": 5}, "headRestartToleranceSeconds"),
+])
+def test_a_bad_gcs_fault_tolerance_setting_names_its_field(ft: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        _spec(head__gcsFaultTolerance=ft)
+    assert field in str(err.value)

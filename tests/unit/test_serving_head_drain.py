@@ -66,8 +66,15 @@ def test_the_drain_waits_for_every_replica_to_see_the_flag_and_finish_its_open_r
     assert res.drained and "2 ingress replica(s) drained" in res.message, res
     assert len(polls) == 4  # not before the last open request ended
     flag = HeadDrain.from_json(gcs.kv[DRAIN_KV_KEY.encode()])
-    assert flag == HeadDrain(until=1060.0, retry_after_s=30)  # held until the deadline, never for ever
+    assert flag == HeadDrain(until=1060.0, retry_after_s=30, since=1000.0)  # held until the deadline, never for ever
     assert flag.active(1059.0) and not flag.active(1060.0)
+    # A replica of the next head (GCS fault tolerance keeps the KV in Redis) started after the drain began:
+    # the flag is not its own; a replica that ran when it began follows it.
+    assert flag.applies_to(replica_started_at=900.0, now=1030.0)
+    assert not flag.applies_to(replica_started_at=1020.0, now=1030.0)
+    assert not flag.applies_to(replica_started_at=900.0, now=1060.0)
+    old = HeadDrain.from_json(b'{"until": 1060.0, "retry_after_s": 30}')
+    assert old is not None and old.applies_to(replica_started_at=1020.0, now=1030.0), "a flag from before 'since'"
     assert "retry in 30 s" in flag.message()
 
 

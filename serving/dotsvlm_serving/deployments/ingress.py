@@ -91,6 +91,7 @@ class Ingress:
         # Admitted and not fully answered (a stream counts until its last byte): what a head drain waits for.
         self._open = 0
         self._head_drain: head_drain.HeadDrain | None = None  # set while `dotsvlm drain-head` runs
+        self._started_at = time.time()  # a drain that began after this replica started is its to follow
         # The gauges come from the same signals the autoscaler reads (record_autoscaling_stats).
         publisher = StatsPublisher(
             self.metrics, lambda: {**self.signals.stats(time.monotonic()), "in_flight": self._in_flight,
@@ -160,7 +161,7 @@ class Ingress:
 
     def _draining_head(self) -> head_drain.HeadDrain | None:
         flag = self._head_drain
-        return flag if flag is not None and flag.active(time.time()) else None
+        return flag if flag is not None and flag.applies_to(self._started_at, time.time()) else None
 
     # ------------------------------------------------------------------------------- small endpoints
     @app.get("/health")
