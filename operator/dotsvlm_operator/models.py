@@ -187,6 +187,11 @@ class VisionAutoscaling(Autoscaling):
         _contract(VisionAutoscaling, "encode_budget_fraction"), gt=0, le=1, description=(
             "Share of slo.imageTTFTSeconds that encoding (queueing included) may take; the pool grows so its "
             "backlog drains within it."))
+    encode_utilization: float = Field(
+        _contract(VisionAutoscaling, "encode_utilization"), gt=0, le=1, description=(
+            "Share of a vision replica's measured encode rate that arriving images may use; the rest absorbs "
+            "bursts. The pool is sized for (pixels arriving per second / this) plus its backlog drained within "
+            "the encode budget."))
     idle_to_zero_seconds: float = Field(
         _contract(VisionAutoscaling, "idle_to_zero_s"), ge=0, le=86400, description=(
             "With minReplicas 0: no image work for this long scales the pool to zero. The next image request "

@@ -30,6 +30,7 @@ def vision_autoscaling(pool: models.VisionPool) -> serve_config.VisionAutoscalin
     a = pool.autoscaling
     return serve_config.VisionAutoscaling(**_common(a, pool.min_replicas, pool.max_replicas),
                                           encode_budget_fraction=a.encode_budget_fraction,
+                                          encode_utilization=a.encode_utilization,
                                           idle_to_zero_s=a.idle_to_zero_seconds)
 
 

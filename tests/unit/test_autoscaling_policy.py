@@ -67,18 +67,23 @@ def _steady_images(sp: p.PolicySpec, *, seconds: int, mp_per_s: float, queued: c
 
 
 def test_the_vision_pool_is_sized_for_the_pixels_arriving_not_for_momentary_queues() -> None:
-    """1.5 replicas' worth of images arrive (1 MP/s per replica): the pool holds 2 while the stage's queue
-    comes and goes. Before, requests in the stage per replica set the size: a queue of 5 requests grew the
-    pool, its absence shrank it, over and over (the shifting mix: 32 vision actions in an hour)."""
-    sp = spec(vision={"downscale_delay_s": 30, "max_scale_up_step": 4})
+    """1.5 replicas' worth of images arrive (0.75 MP/s at 1 MP/s per replica, each replica at most half busy
+    with them): the pool holds 2 while the stage's queue comes and goes. Before, requests in the stage per
+    replica set the size: a queue of 5 requests grew the pool, its absence shrank it, over and over (the
+    shifting mix: 32 vision actions in an hour)."""
+    sp = spec(vision={"downscale_delay_s": 30, "max_scale_up_step": 4, "encode_utilization": 0.5})
     flapping = lambda t, n: 6 if t % 7 == 0 else 0  # 6 small requests (target 4 per replica) every 7 s
-    v = _steady_images(sp, seconds=200, mp_per_s=1.5, queued=flapping, mp_each=0.2)
+    v = _steady_images(sp, seconds=200, mp_per_s=0.75, queued=flapping, mp_each=0.2)
     assert v[-1] == 2 and max(v[20:]) == 2, f"the pool should hold 2: {v}"
     assert sum(1 for a, b in zip(v[20:], v[21:]) if a != b) == 0, f"the pool kept moving: {v}"
     # The same queues with half a replica's worth arriving: one replica clears each in 1.2 s, well inside the
     # 5-s encode budget, so the pool stays at one (the request count alone asked for two each time).
-    light = _steady_images(sp, seconds=200, mp_per_s=0.5, queued=flapping, mp_each=0.2)
+    light = _steady_images(sp, seconds=200, mp_per_s=0.25, queued=flapping, mp_each=0.2)
     assert light[-1] == 1 and sum(1 for a, b in zip(light[20:], light[21:]) if a != b) == 0, light
+    # The share of a replica that arrivals may take sets the headroom: all of it, and one replica suffices.
+    full = _steady_images(spec(vision={"downscale_delay_s": 30, "encode_utilization": 1.0}), seconds=200,
+                          mp_per_s=0.75, queued=flapping, mp_each=0.2)
+    assert full[-1] == 1, full
 
 
 def test_requests_in_the_stage_size_the_vision_pool_only_until_an_encode_rate_is_measured() -> None:

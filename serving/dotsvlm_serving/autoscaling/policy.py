@@ -242,7 +242,7 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
     """Raw replica count for the vision pool from its own signals.
 
     Once a replica has measured its encode rate, the pool is sized for the work: the pixels arriving per
-    second, plus the backlog drained within the encode budget, against that rate. A count of requests in
+    second (at `encode_utilization` of that rate), plus the backlog drained within the encode budget. A count of requests in
     the stage (Serve's own rule) is only the first guess: it scaled on every momentary queue a single
     replica could absorb, and flapped (bench/results/autoscale_sim.md, shifting mix: 32 vision actions
     where one fixed replica met the SLO)."""
@@ -271,12 +271,13 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
                                           f"{current} vision replica(s) running"))
     if rate:
         backlog_s = s.pending_pixels / rate
-        arriving_s = (arriving or 0.0) / rate  # replicas' worth of new work per second
+        arriving_s = (arriving or 0.0) / (rate * cfg.encode_utilization)  # replicas for the new work
         candidates.append(_Recommendation(
             _ceil(arriving_s + backlog_s / budget_s), VISION_BACKLOG,
-            f"{(arriving or 0.0) / 1e6:.1f} MP/s of images arriving and an encode backlog of "
+            f"{(arriving or 0.0) / 1e6:.1f} MP/s of images arriving (each replica taking at most "
+            f"{cfg.encode_utilization:g} of its {rate / 1e6:.2f} MP/s) and an encode backlog of "
             f"{s.pending_pixels / 1e6:.1f} MP to clear within {budget_s:.1f} s ({cfg.encode_budget_fraction:g} of "
-            f"the {slo.image_ttft_s:g} s image TTFT target), at {rate / 1e6:.2f} MP/s per replica"))
+            f"the {slo.image_ttft_s:g} s image TTFT target)"))
     else:
         candidates.append(_Recommendation(
             _ceil(s.pending_requests / cfg.target_ongoing_requests), VISION_REQUESTS,
