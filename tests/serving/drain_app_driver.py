@@ -52,7 +52,7 @@ def _stream(url: str) -> dict:
 
 def main() -> int:
     from ray import serve
-    from serving_support import serve_app_on_cluster, start_cluster, stop_cluster
+    from serving_support import pool_app_config, serve_app_on_cluster, start_cluster, stop_cluster
 
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
     from dotsvlm_serving.node_drain import drain_node
@@ -65,12 +65,9 @@ def main() -> int:
     cluster = start_cluster(dict(num_cpus=2, include_dashboard=False, resources={CONTROL_RESOURCE: CONTROL_RESOURCE_CAPACITY}),
                             [dict(num_cpus=2, resources=pools)] * 2)
     try:
-        url = serve_app_on_cluster(cluster, port, {
-            "model_path": str(model), "control_resource": CONTROL_RESOURCE,
-            "vision": {"pool_resource": VISION_POOL_RESOURCE, "autoscaling": {"min_replicas": 0, "max_replicas": 1}},
-            "llm": {"pool_resource": LLM_POOL_RESOURCE, "context_length": 2048, "max_running_requests": 2,
-                    "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-            "api": {"api_keys_env": None, "request_timeout_s": 300}}, {"OMP_NUM_THREADS": "1"})
+        url = serve_app_on_cluster(cluster, port, pool_app_config(model, request_timeout_s=300, vision_min=0,
+                                                                  context_length=2048, max_running_requests=2),
+                                   {"OMP_NUM_THREADS": "1"})
 
         from ray._private import state
 

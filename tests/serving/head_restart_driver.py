@@ -40,13 +40,13 @@ def _ask(url: str) -> dict[str, str]:
 
 def main() -> int:
     import ray
-    from ray._private import state
-    from serving_support import serve_app_on_cluster, start_cluster, stop_cluster, wait_healthy
+    from serving_support import (live_replicas, pool_app_config, serve_app_on_cluster, start_cluster, stop_cluster,
+                                 wait_healthy)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for support.*
     from support.redis_server import RedisServer
 
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
-    from dotsvlm_serving.serve_config import (APP_NAME, CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, LLM_DEPLOYMENT,
+    from dotsvlm_serving.serve_config import (CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, LLM_DEPLOYMENT,
                                               LLM_POOL_RESOURCE, POOL_RESOURCE_CAPACITY, VISION_DEPLOYMENT,
                                               VISION_POOL_RESOURCE)
 
@@ -64,24 +64,9 @@ def main() -> int:
         VISION_POOL_RESOURCE: POOL_RESOURCE_CAPACITY, LLM_POOL_RESOURCE: POOL_RESOURCE_CAPACITY})])
     address = cluster.address
     try:
-        url = serve_app_on_cluster(cluster, port, {
-            "model_path": str(model), "control_resource": CONTROL_RESOURCE,
-            "vision": {"pool_resource": VISION_POOL_RESOURCE, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-            "llm": {"pool_resource": LLM_POOL_RESOURCE, "context_length": 1024, "max_running_requests": 4,
-                    "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-            "api": {"api_keys_env": None, "request_timeout_s": 120}}, env)
-
-        def replicas() -> dict[str, list[tuple[str, int]]]:
-            """(actor id, pid) of each live replica, by deployment."""
-            out: dict[str, list[tuple[str, int]]] = {}
-            for aid, a in state.actors().items():
-                name = a.get("ActorClassName") or ""
-                if a.get("State") == "ALIVE" and name.startswith(f"ServeReplica:{APP_NAME}:"):
-                    out.setdefault(name.rsplit(":", 1)[1], []).append((aid, a["Pid"]))
-            return out
-
+        url = serve_app_on_cluster(cluster, port, pool_app_config(model, request_timeout_s=120), env)
         answer_before = _ask(url)
-        before = replicas()
+        before = live_replicas("Pid")
         ray.shutdown()  # this driver is a client of the head too: reconnect after
         pool_pids = [pid for dep in (VISION_DEPLOYMENT, LLM_DEPLOYMENT) for _, pid in before.get(dep, [])]
         cluster.remove_node(cluster.head_node, allow_graceful=False)  # the head pod dies
@@ -93,7 +78,7 @@ def main() -> int:
         wait_healthy(url, 300)
         answer_after = _ask(url)
         back_s = time.monotonic() - killed_at
-        after = replicas()
+        after = live_replicas("Pid")
         print(json.dumps({"answer_before": answer_before, "answer_after": answer_after, "back_s": round(back_s, 1),
                           "before": before, "after": after, "alive_during_outage": alive_during,
                           "alive_after": {pid: os.path.exists(f"/proc/{pid}") for pid in pool_pids}}), flush=True)

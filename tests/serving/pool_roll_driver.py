@@ -65,14 +65,14 @@ def _request(url: str, i: int, stream: bool) -> dict:
 
 
 def main() -> int:
-    from ray._private import state
-    from serving_support import add_node_with_retry, serve_app_on_cluster, start_cluster, stop_cluster
+    from serving_support import (add_node_with_retry, live_replicas, pool_app_config, serve_app_on_cluster,
+                                 start_cluster, stop_cluster)
 
     from dotsvlm_operator.models import LLMPool, VisionPool
     from dotsvlm_operator.naming import POD_STOP_MARGIN_S
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
     from dotsvlm_serving.node_drain import drain_node
-    from dotsvlm_serving.serve_config import (APP_NAME, CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, INGRESS_DEPLOYMENT,
+    from dotsvlm_serving.serve_config import (CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, INGRESS_DEPLOYMENT,
                                               LLM_DEPLOYMENT, LLM_POOL_RESOURCE, POOL_RESOURCE_CAPACITY, QUEUE_DEPLOYMENT,
                                               VISION_DEPLOYMENT, VISION_POOL_RESOURCE)
 
@@ -88,21 +88,11 @@ def main() -> int:
         dict(num_cpus=2, include_dashboard=False, resources={CONTROL_RESOURCE: CONTROL_RESOURCE_CAPACITY}, env_vars=env),
         [pool_node["vision"], pool_node["llm"]])
     try:
-        url = serve_app_on_cluster(cluster, port, {
-            "model_path": str(model), "control_resource": CONTROL_RESOURCE,
-            "vision": {"pool_resource": VISION_POOL_RESOURCE, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-            "llm": {"pool_resource": LLM_POOL_RESOURCE, "context_length": 1024, "max_running_requests": 4,
-                    "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-            "api": {"api_keys_env": None, "request_timeout_s": 300}}, env)
+        url = serve_app_on_cluster(cluster, port, pool_app_config(model, request_timeout_s=300), env)
 
         def replicas() -> dict[str, list[tuple[str, str]]]:
             """(actor id, node id) of each live replica, by deployment."""
-            out: dict[str, list[tuple[str, str]]] = {}
-            for aid, a in state.actors().items():
-                name = a.get("ActorClassName") or ""
-                if a.get("State") == "ALIVE" and name.startswith(f"ServeReplica:{APP_NAME}:"):
-                    out.setdefault(name.rsplit(":", 1)[1], []).append((aid, a["Address"]["NodeID"]))
-            return out
+            return live_replicas("NodeID")
 
         results: list[dict] = []
         stop = threading.Event()

@@ -157,3 +157,33 @@ def run_driver(tmp_path: Path, driver: str, *args: str, timeout: float) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and lines, f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(lines[-1])
+
+
+def pool_app_config(model: str, *, request_timeout_s: float, vision_min: int = 1, context_length: int = 1024,
+                    max_running_requests: int = 4) -> dict:
+    """The application as the operator configures it on Kubernetes, for a test cluster whose nodes carry the
+    pools' resources: one vision and one LLM replica on pool nodes, the API and the queue on the control node."""
+    from dotsvlm_serving.serve_config import CONTROL_RESOURCE, LLM_POOL_RESOURCE, VISION_POOL_RESOURCE
+
+    return {"model_path": str(model), "control_resource": CONTROL_RESOURCE,
+            "vision": {"pool_resource": VISION_POOL_RESOURCE,
+                       "autoscaling": {"min_replicas": vision_min, "max_replicas": 1}},
+            "llm": {"pool_resource": LLM_POOL_RESOURCE, "context_length": context_length,
+                    "max_running_requests": max_running_requests, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+            "api": {"api_keys_env": None, "request_timeout_s": request_timeout_s}}
+
+
+def live_replicas(detail: str) -> dict[str, list[tuple[str, object]]]:
+    """(actor id, the actor's `detail`: "Pid" or "NodeID") of each live replica of the application, by
+    deployment (this process must be connected to the cluster)."""
+    from ray._private import state
+
+    from dotsvlm_serving.serve_config import APP_NAME
+
+    out: dict[str, list[tuple[str, object]]] = {}
+    for aid, a in state.actors().items():
+        name = a.get("ActorClassName") or ""
+        if a.get("State") == "ALIVE" and name.startswith(f"ServeReplica:{APP_NAME}:"):
+            value = a["Address"]["NodeID"] if detail == "NodeID" else a[detail]
+            out.setdefault(name.rsplit(":", 1)[1], []).append((aid, value))
+    return out
