@@ -25,7 +25,7 @@ def _gcs():
 
 def test_head_drain_finishes_open_streams_and_refuses_new_requests_with_retry_after(served: Served) -> None:
     from dotsvlm_serving.deployments.backpressure import KV_NAMESPACE
-    from dotsvlm_serving.head_drain import DRAIN_KV_KEY, drain_head
+    from dotsvlm_serving.head_drain import DRAIN_KV_KEY, HeadDrain, _reports, drain_head, drain_state
 
     gcs = _gcs()
     stream_end: list[float] = []
@@ -51,22 +51,24 @@ def test_head_drain_finishes_open_streams_and_refuses_new_requests_with_retry_af
         (drain_head(gcs, deadline_s=180, retry_after_s=7), time.monotonic())), daemon=True)
     drainer.start()
     try:
-        # Every ingress replica refuses new requests once it has seen the flag (within a second or two).
-        refused = 0
-        deadline = time.monotonic() + 30
+        # Wait until every ingress replica reports it has seen the flag (its watcher polls every 0.5 s, its
+        # report follows), then every new request and every health check is refused, whichever replica serves it.
+        deadline = time.monotonic() + 60  # a report of a replica gone since counts for REPORT_STALE_S (30 s)
+        while True:
+            flag = HeadDrain.from_json(gcs.internal_kv_get(DRAIN_KV_KEY.encode(), KV_NAMESPACE.encode()))
+            state = drain_state(_reports(gcs), flag.since, time.time()) if flag and flag.since else None
+            if state is not None and state.replicas >= 2 and state.draining == state.replicas:
+                break
+            assert time.monotonic() < deadline, f"the ingress replicas did not see the drain within 60 s: {state}"
+            time.sleep(0.2)
         with served.client() as c:
-            while refused < 6:
-                assert time.monotonic() < deadline, "new requests were still admitted 30 s into the drain"
+            for _ in range(6):
                 r = c.post("/v1/chat/completions", json=chat(max_tokens=2))
-                if r.status_code == 503:
-                    assert r.headers["retry-after"] == "7", r.headers
-                    assert "restarting its Ray head" in r.json()["error"]["message"], r.text
-                    refused += 1
-                else:
-                    refused = 0  # a replica that has not seen the flag yet
-                    time.sleep(0.2)
-            health = c.get("/health")
-            assert health.status_code == 503 and health.json()["status"] == "draining", health.text
+                assert r.status_code == 503, r.text
+                assert r.headers["retry-after"] == "7", r.headers
+                assert "restarting its Ray head" in r.json()["error"]["message"], r.text
+                health = c.get("/health")
+                assert health.status_code == 503 and health.json()["status"] == "draining", health.text
         t.join(240)
         drainer.join(240)
         assert stream_end and chunks[-1] == "data: [DONE]", chunks[-3:]
