@@ -421,11 +421,9 @@ class ApiSpec(_Api):
     ))
 
 
-class RedisPasswordRef(_Api):
-    """A key in a Secret in the same namespace as the DotsVLMDeployment."""
+class RedisPasswordRef(SecretKeyRef):
+    """A key in a Secret in the same namespace as the DotsVLMDeployment (SecretKeyRef, another default key)."""
 
-    name: str = Field(..., min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-                      description="Name of the Secret (same namespace).")
     key: str = Field("password", min_length=1, max_length=253, description="Key in the Secret whose value is the Redis password.")
 
 

@@ -188,8 +188,12 @@ def cli_main(args: argparse.Namespace) -> int:
         say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on {args.host}:{args.port} ...")
         deploy_local(cfg, host=args.host, port=args.port)
         wait_healthy(url, timeout_s=args.ready_timeout)
+    except KeyboardInterrupt:
+        say("interrupted while deploying: shutting down ...")
+        _shutdown(args.detach)
+        return 130
     except BaseException as exc:
-        say(f"error: deployment failed: {exc}")
+        say(f"error: deployment failed: {str(exc) or type(exc).__name__}")
         _shutdown(args.detach)
         return 1
     say(f"ready: OpenAI-compatible endpoint {url}/v1 (model {cfg.served_model_name!r})")

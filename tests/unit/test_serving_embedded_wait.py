@@ -68,3 +68,30 @@ def test_serve_takes_a_ready_timeout() -> None:
     args = build_parser().parse_args(["serve", "--ready-timeout", "1200"])
     assert args.ready_timeout == 1200.0
     assert build_parser().parse_args(["serve"]).ready_timeout == 600.0
+
+
+@pytest.mark.parametrize("raised, code, said", [
+    (KeyboardInterrupt(), 130, "interrupted while deploying: shutting down"),
+    (TimeoutError(), 1, "error: deployment failed: TimeoutError"),  # an exception without a message names its type
+])
+def test_deploy_that_stops_says_why_and_shuts_ray_down(monkeypatch, tmp_path, capsys, raised, code, said) -> None:
+    import argparse
+
+    from dotsvlm_serving import app
+
+    (tmp_path / "config.json").write_text("{}")
+    shutdowns: list[bool] = []
+
+    def deploy(*_a, **_k):
+        raise raised
+
+    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(embedded, "_shutdown", shutdowns.append)
+    monkeypatch.setattr(app, "deploy_local", deploy)
+    args = argparse.Namespace(detach=False, ready_timeout=5.0, model=str(tmp_path), config=None, host="127.0.0.1",
+                              port=8000)
+    assert embedded.cli_main(args) == code
+    out = capsys.readouterr().out
+    assert said in out, out
+    assert "deployment failed: \n" not in out
+    assert shutdowns == [False]

@@ -202,6 +202,18 @@ def _strongest(candidates: list[_Recommendation]) -> _Recommendation:
     return max(candidates, key=lambda c: c.replicas)  # first of equals wins: candidates are in priority order
 
 
+def _add_counter_sample(hist: list, sample: tuple, window_s: float, since: float = -math.inf) -> list:
+    """A cumulative counter's history, one sample per second (`sample` = (second, total, ...)): the samples of
+    the last `window_s` seconds taken at or after `since`, then `sample`. It starts over when the counter went
+    back (the replica that counted left, or a new one counts from zero)."""
+    second = sample[0]
+    kept = [h for h in hist if second - h[0] <= window_s and h[0] != second and h[0] >= since]
+    if kept and sample[1] < kept[-1][1]:
+        kept = []
+    kept.append(sample)
+    return kept
+
+
 ARRIVAL_WINDOW_S = 30.0
 ARRIVAL_MIN_S = 10.0
 
@@ -214,11 +226,7 @@ def measure_arrivals(state: PoolState, admitted_total: float | None, now: float)
         state.arrivals = []
         return None
     second = math.floor(now)
-    hist = [a for a in state.arrivals if second - a[0] <= ARRIVAL_WINDOW_S and a[0] != second]
-    if hist and admitted_total < hist[-1][1]:
-        hist = []
-    hist.append((second, admitted_total))
-    state.arrivals = hist
+    state.arrivals = hist = _add_counter_sample(state.arrivals, (second, admitted_total), ARRIVAL_WINDOW_S)
     span = second - hist[0][0]
     if span < ARRIVAL_MIN_S:
         return None
@@ -349,11 +357,7 @@ def measure_flow(state: PoolState, completed: float, demand: float, now: float) 
     counter went back (a new queue replica counts from zero)."""
     second = math.floor(now)
     since = state.running_rose_at if state.running_rose_at is not None else -math.inf
-    hist = [f for f in state.flow if second - f[0] <= FLOW_WINDOW_S and f[0] != second and f[0] >= since]
-    if hist and completed < hist[-1][1]:
-        hist = []
-    hist.append((second, completed, demand))
-    state.flow = hist
+    state.flow = hist = _add_counter_sample(state.flow, (second, completed, demand), FLOW_WINDOW_S, since)
     span = second - hist[0][0]
     if span < FLOW_MIN_S or len(hist) < 5:
         return None
