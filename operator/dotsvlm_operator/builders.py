@@ -416,3 +416,37 @@ def ray_templates(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The pod template of each Ray component's Deployment among built children."""
     return {o["metadata"]["labels"][naming.LABEL_COMPONENT]: o["spec"]["template"] for o in objs
             if o["kind"] == "Deployment"}
+
+
+# --- on deletion ------------------------------------------------------------------------------------------------
+
+REDIS_CLEANUP_DEADLINE_S = 300  # the Job's activeDeadlineSeconds: Ray alone retries a lost Redis for a minute
+
+
+def redis_cleanup_job(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
+    """The Job that removes the deployment's Ray state from Redis once the resource is deleted
+    (spec.head.gcsFaultTolerance): the head's image, Redis settings and placement, `dotsvlm cleanup-redis`.
+    Owned by the resource, so it goes with it."""
+    container: dict[str, Any] = {
+        "name": "cleanup-redis",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["dotsvlm", "cleanup-redis"],
+        "env": gcs_fault_tolerance_env(owner, spec, naming.COMPONENT_HEAD),
+        # The operator quotes the last log line when the Job fails (a wrong password, say).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod: dict[str, Any] = {"containers": [container], "restartPolicy": "Never", "enableServiceLinks": False}
+    if spec.head.node_selector:
+        pod["nodeSelector"] = dict(spec.head.node_selector)
+    if spec.head.tolerations:
+        pod["tolerations"] = [t.to_api() for t in spec.head.tolerations]
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _meta(owner, naming.redis_cleanup_job_name(owner.name), naming.COMPONENT_REDIS_CLEANUP),
+        "spec": {"backoffLimit": 2, "activeDeadlineSeconds": REDIS_CLEANUP_DEADLINE_S,
+                 "template": {"metadata": {"labels": naming.labels(owner, naming.COMPONENT_REDIS_CLEANUP)},
+                              "spec": pod}},
+    }

@@ -31,7 +31,7 @@ import kopf
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
-from dotsvlm_operator import builders, ingress_client, models, naming, pod_sizing, rollout, serve_app, serve_drift
+from dotsvlm_operator import builders, deletion, ingress_client, models, naming, pod_sizing, rollout, serve_app, serve_drift
 from dotsvlm_operator.kube import KUBE_THREADS, Kube
 from dotsvlm_operator.monitoring.operator_metrics import METRICS
 from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError, ServeApp
@@ -324,6 +324,54 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
             METRICS.forget(namespace, name)
             await _forget_http(key)
         METRICS.managed(len(_resources))
+
+
+# --- on deletion ---------------------------------------------------------------------------------------------
+
+@kopf.on.delete(naming.GROUP, naming.VERSION, naming.PLURAL, id="redis-cleanup")
+async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime: Any, logger: logging.Logger,
+                             **_: Any) -> None:
+    """With spec.head.gcsFaultTolerance: stop the head, then remove its state from Redis (deletion.next_step)
+    before the resource goes. Without it there is nothing outside Kubernetes to remove."""
+    if not ((body.get("spec") or {}).get("head") or {}).get("gcsFaultTolerance"):
+        return
+    try:
+        spec = models.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
+    except ValidationError as exc:
+        kopf.event(body, type="Warning", reason="RedisStateLeft",
+                   message=f"the spec is not valid, so its Ray state in Redis cannot be removed: {exc}"[:1000])
+        return
+    ft = spec.head.gcs_fault_tolerance
+    if ft is None:
+        return
+    if (namespace, name) in _resources:
+        raise kopf.TemporaryError("waiting for the reconcile loop to stop", delay=1)
+    meta = body.get("metadata") or {}
+    owner = naming.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    k = kube()
+    head = await asyncio.to_thread(k.get, "Deployment", namespace, naming.head_name(name))
+    job = await asyncio.to_thread(k.get, "Job", namespace, naming.redis_cleanup_job_name(name))
+    pods = await asyncio.to_thread(k.list_pods, namespace, name)
+    by_component = {c: [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_COMPONENT) == c]
+                    for c in (naming.COMPONENT_HEAD, naming.COMPONENT_REDIS_CLEANUP)}
+    step = deletion.next_step(ft, owner.uid, head_deployment=head is not None,
+                              head_pods=len(by_component[naming.COMPONENT_HEAD]), job=job,
+                              job_pods=by_component[naming.COMPONENT_REDIS_CLEANUP],
+                              elapsed_s=runtime.total_seconds())
+    if step.action == "done":
+        logger.info(step.message)
+        kopf.event(body, type="Normal", reason="RedisStateRemoved", message=step.message[:1000])
+        return
+    if step.action == "give_up":
+        logger.warning(step.message)
+        kopf.event(body, type="Warning", reason="RedisStateLeft", message=step.message[:1000])
+        return
+    if step.action == "stop_head":
+        await asyncio.to_thread(k.delete, "Deployment", namespace, naming.head_name(name))
+    elif step.action == "run_job":
+        await asyncio.to_thread(k.apply, builders.redis_cleanup_job(owner, spec))
+    logger.info(step.message)
+    raise kopf.TemporaryError(step.message, delay=2)
 
 
 def error_text(exc: BaseException) -> str:

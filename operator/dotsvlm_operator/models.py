@@ -441,8 +441,8 @@ class GcsFaultTolerance(_Api):
         None, description="Secret key holding the Redis password. Unset: Redis without a password.")
     storage_namespace: str | None = Field(None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_-]+$", description=(
         "Prefix of this deployment's keys in Redis. Default: the resource's UID, so a deployment deleted and "
-        "created again starts afresh. The keys stay in Redis when the resource is deleted (docs/operator.md says "
-        "how to remove them)."))
+        "created again starts afresh. When the resource is deleted, the operator stops the head and removes "
+        "these keys with a Job (`dotsvlm cleanup-redis`, the head's image and Redis settings)."))
     head_restart_tolerance_seconds: int = Field(600, ge=30, le=86400, description=(
         "How long the pool pods' Ray processes wait for a new head before they give up and their pods restart "
         "(their replicas with them). Cover the head pod's scheduling, image pull and start."))

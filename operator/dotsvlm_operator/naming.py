@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dotsvlm_serving import redis_cleanup
+
 # --- the custom resource ---------------------------------------------------------------------------------
 GROUP = "dotsvlm.io"
 VERSION = "v1alpha1"
@@ -49,6 +51,7 @@ COMPONENT_SERVE_CONFIG = "serve-config"
 COMPONENT_RAY_TOKEN = "ray-token"
 COMPONENT_NETWORK_POLICY = "network-policy"
 COMPONENT_MONITORING = "monitoring"
+COMPONENT_REDIS_CLEANUP = "redis-cleanup"
 
 # --- Ray's ports on the head ---------------------------------------------------------------------------------
 GCS_PORT = 6379
@@ -77,8 +80,9 @@ OPERATOR_NAMESPACE_ENV = "POD_NAMESPACE"
 TOKEN_KEY = "token"
 TOKEN_MOUNT = "/etc/dotsvlm/ray-token"
 TOKEN_PATH = f"{TOKEN_MOUNT}/{TOKEN_KEY}"
-# The head pod's Redis password (spec.head.gcsFaultTolerance), from the user's Secret.
-REDIS_PASSWORD_ENV = "DOTSVLM_REDIS_PASSWORD"
+# The head pod's Redis password (spec.head.gcsFaultTolerance), from the user's Secret; `dotsvlm cleanup-redis`
+# reads it too.
+REDIS_PASSWORD_ENV = redis_cleanup.REDIS_PASSWORD_ENV
 
 
 @dataclass(frozen=True)
@@ -162,3 +166,8 @@ def selector(owner: Owner, component: str) -> dict[str, str]:
 def owned_labels(name: str) -> dict[str, str]:
     """Every object and pod this operator made for the deployment `name`."""
     return {LABEL_DEPLOYMENT: name, LABEL_MANAGED_BY: MANAGER}
+
+
+def redis_cleanup_job_name(name: str) -> str:
+    """The Job that removes a deleted deployment's Ray state from Redis (spec.head.gcsFaultTolerance)."""
+    return f"{name}-redis-cleanup"

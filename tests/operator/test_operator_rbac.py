@@ -1,4 +1,7 @@
-"""The operator works with exactly the permissions examples/operator.yaml grants (a ServiceAccount token)."""
+"""The operator works with exactly the permissions examples/operator.yaml grants (a ServiceAccount token),
+deletion included: with GCS fault tolerance it stops the head, then runs the Job that removes the Ray state
+from Redis (kwok completes the Job's pod; `dotsvlm cleanup-redis` itself is tested on a real Redis in
+tests/serving/test_redis_cleanup.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_facto
         cr = load_example("dotsvlm-small.yaml")
         cr["spec"]["monitoring"] = {"podMonitor": True, "prometheusRule": True}
         cr["spec"]["model"]["volume"] = {"hostPath": {"path": "/mnt/weights"}}
+        cr["spec"].setdefault("head", {})["gcsFaultTolerance"] = {"redisAddress": "redis.redis.svc:6379",
+                                                                   "passwordSecretRef": {"name": "redis-auth"}}
         kube.apply(yaml.safe_dump(cr), namespace=ns)
         name = cr["metadata"]["name"]
         got = poll(lambda: (c := get_json(kube, "dvlm", name, "-n", ns)) and condition(c, "Progressing")
@@ -37,6 +42,24 @@ def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_facto
         assert "forbidden" not in log.lower(), op.log_tail()
         assert "reconcile failed" not in log
         assert get_json(kube, "networkpolicy", f"{name}-ray", "-n", ns)
+
+        uid = got["metadata"]["uid"]
+        kube.kubectl("delete", "dvlm", name, "-n", ns, "--wait=false")
+        job = poll(lambda: get_json(kube, "job", f"{name}-redis-cleanup", "-n", ns), 90,
+                   "the Job that removes the Ray state from Redis", op.log_tail)
+        assert get_json(kube, "deployment", f"{name}-ray-head", "-n", ns) is None, "the head must stop first"
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == ["dotsvlm", "cleanup-redis"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_external_storage_namespace"]["value"] == uid
+        assert env["DOTSVLM_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "redis-auth"
+        poll(lambda: get_json(kube, "dvlm", name, "-n", ns) is None, 120,
+             "the resource gone once the cleanup Job completed", op.log_tail)
+        events = get_json(kube, "events", "-n", ns, "--field-selector", f"involvedObject.name={name}")
+        removed = [e for e in events["items"] if e["reason"] == "RedisStateRemoved"]
+        assert removed and uid in removed[0]["message"], [(e["reason"], e["message"]) for e in events["items"]]
+        log = op.log_path.read_text()
+        assert "forbidden" not in log.lower(), op.log_tail()
     finally:
         for cr in (get_json(kube, "dvlm", "-n", ns) or {}).get("items", []):
             kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", ns, "--type=merge",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,13 +80,23 @@ def main() -> int:
         answer_after = _ask(url)
         back_s = time.monotonic() - killed_at
         after = live_replicas("Pid")
-        print(json.dumps({"answer_before": answer_before, "answer_after": answer_after, "back_s": round(back_s, 1),
-                          "before": before, "after": after, "alive_during_outage": alive_during,
-                          "alive_after": {pid: os.path.exists(f"/proc/{pid}") for pid in pool_pids}}), flush=True)
+        out = {"answer_before": answer_before, "answer_after": answer_after, "back_s": round(back_s, 1),
+               "before": before, "after": after, "alive_during_outage": alive_during,
+               "alive_after": {pid: os.path.exists(f"/proc/{pid}") for pid in pool_pids}}
+        stop_cluster(cluster)  # the resource is deleted: its head is gone; then the operator's cleanup Job runs
+        cluster = None
+        pattern = f"RAY{os.environ['RAY_external_storage_namespace']}@*"
+        out["keys_before_cleanup"] = len(redis.keys(pattern))
+        cleanup = subprocess.run([sys.executable, "-m", "dotsvlm_operator.cli", "cleanup-redis"], capture_output=True,
+                                 text=True, timeout=300)
+        out["cleanup"] = {"rc": cleanup.returncode, "said": (cleanup.stdout + cleanup.stderr).strip()[-500:]}
+        out["keys_after_cleanup"] = len(redis.keys(pattern))
+        print(json.dumps(out), flush=True)
         return 0
     finally:
         try:
-            stop_cluster(cluster)
+            if cluster is not None:
+                stop_cluster(cluster)
         finally:
             redis.stop()
 

@@ -4,7 +4,8 @@ On a real local Ray with an external Redis (tests/support/redis_server.py: Debia
 is killed outright and started again on the same GCS port with the same Redis, as a new head pod comes up
 behind the same Service. The vision and LLM replicas on the pool node are the same actors in the same
 processes afterwards (the LLM did not reload its weights) and answer the same greedy request with the same
-tokens; the API and the tensor queue, which run on the head, are new replicas. The cluster runs in its own
+tokens; the API and the tensor queue, which run on the head, are new replicas. When the deployment is then
+deleted (the head stopped), `dotsvlm cleanup-redis` removes Ray's keys from Redis. The cluster runs in its own
 process (tests/serving/head_restart_driver.py).
 """
 
@@ -26,3 +27,7 @@ def test_the_pools_and_their_replicas_outlive_a_head_restart_with_gcs_fault_tole
         assert after.get(deployment) and after[deployment] != before[deployment], (deployment, out)
     assert "answer" in out["answer_before"], out
     assert out["answer_after"] == out["answer_before"], out  # the same model answers, token for token
+    # Deleted for good: `dotsvlm cleanup-redis` (the operator's Job) removes what Ray left in Redis.
+    assert out["keys_before_cleanup"] > 0, out
+    assert out["cleanup"]["rc"] == 0 and "removed the Ray state" in out["cleanup"]["said"], out
+    assert out["keys_after_cleanup"] == 0, out

@@ -58,6 +58,7 @@ class RedisServer:
 
     def __init__(self, password: str | None = None) -> None:
         binary, env = ensure_redis_server()
+        self.password = password
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -77,6 +78,16 @@ class RedisServer:
                     raise RuntimeError(f"redis-server did not start on port {self.port}")
                 time.sleep(0.1)
         self.address = f"127.0.0.1:{self.port}"
+
+    def keys(self, pattern: str) -> list[str]:
+        """The keys matching `pattern` (redis-cli, from the same package as the server)."""
+        binary, env = ensure_redis_server()
+        args = [str(binary.parent / "redis-cli"), "-p", str(self.port), "--no-auth-warning"]
+        if self.password:
+            args += ["-a", self.password]
+        out = subprocess.run([*args, "--scan", "--pattern", pattern], env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True, timeout=30)
+        return out.stdout.split()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
