@@ -89,6 +89,15 @@ def gcs_fault_tolerance_env(owner: Owner, spec: models.DotsVLMDeploymentSpec, co
     return env
 
 
+def redis_container(owner: Owner, spec: models.DotsVLMDeploymentSpec, command: str) -> dict[str, Any]:
+    """A container that runs `dotsvlm <command>` (check-redis, cleanup-redis) with the head's image and Redis
+    settings. Its last log line is its termination message: one sentence that says what to fix, which the
+    status (an init container in CrashLoopBackOff) or the deletion's Event (a failed Job) quotes."""
+    return {"name": command, "image": spec.image, "imagePullPolicy": spec.image_pull_policy,
+            "command": ["dotsvlm", command], "env": gcs_fault_tolerance_env(owner, spec, naming.COMPONENT_HEAD),
+            "terminationMessagePolicy": "FallbackToLogsOnError"}
+
+
 def _volumes(owner: Owner, spec: models.DotsVLMDeploymentSpec, shm_size: str) -> tuple[list[dict], list[dict]]:
     volumes = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
@@ -149,7 +158,8 @@ def _pool_probes(startup_timeout_seconds: int) -> dict[str, Any]:
 
 def _pod_template(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: str, command: list[str],
                   ports: list[dict], resources: dict, node_selector: dict | None, tolerations: list | None,
-                  shm_size: str, probes: dict[str, Any], stop: _Stop, affinity: dict | None = None) -> dict[str, Any]:
+                  shm_size: str, probes: dict[str, Any], stop: _Stop, affinity: dict | None = None,
+                  init_containers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     volumes, mounts = _volumes(owner, spec, shm_size)
     container: dict[str, Any] = {
         "name": "ray",
@@ -170,6 +180,7 @@ def _pod_template(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: s
     if resources:
         container["resources"] = resources
     pod: dict[str, Any] = {
+        **({"initContainers": init_containers} if init_containers else {}),
         "containers": [container],
         "volumes": volumes,
         "enableServiceLinks": False,
@@ -229,9 +240,12 @@ def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[st
              {"name": "serve", "containerPort": spec.api.port},
              {"name": "metrics", "containerPort": naming.METRICS_PORT}]
     probe = {"tcpSocket": {"port": naming.GCS_PORT}, "periodSeconds": 10, "failureThreshold": 6}
+    # `ray start --head` reads Redis first and, when it cannot, aborts with a stack trace that hides why: with
+    # gcsFaultTolerance a check runs first and fails with one line that says what to fix (the status quotes it).
+    init = [redis_container(owner, spec, "check-redis")] if spec.head.gcs_fault_tolerance is not None else []
     template = _pod_template(owner, spec, naming.COMPONENT_HEAD, cmd, ports, _resources(spec.head.resources, 0),
                              spec.head.node_selector, spec.head.tolerations, "2Gi", {"readinessProbe": probe},
-                             _head_stop(spec))
+                             _head_stop(spec), init_containers=init)
     dep = _deployment(owner, naming.head_name(owner.name), naming.COMPONENT_HEAD, 1, template)
     dep["spec"]["strategy"] = {"type": "Recreate"}  # one GCS at a time
     return dep
@@ -427,16 +441,8 @@ def redis_cleanup_job(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[
     """The Job that removes the deployment's Ray state from Redis once the resource is deleted
     (spec.head.gcsFaultTolerance): the head's image, Redis settings and placement, `dotsvlm cleanup-redis`.
     Owned by the resource, so it goes with it."""
-    container: dict[str, Any] = {
-        "name": "cleanup-redis",
-        "image": spec.image,
-        "imagePullPolicy": spec.image_pull_policy,
-        "command": ["dotsvlm", "cleanup-redis"],
-        "env": gcs_fault_tolerance_env(owner, spec, naming.COMPONENT_HEAD),
-        # The operator quotes the last log line when the Job fails (a wrong password, say).
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    pod: dict[str, Any] = {"containers": [container], "restartPolicy": "Never", "enableServiceLinks": False}
+    pod: dict[str, Any] = {"containers": [redis_container(owner, spec, "cleanup-redis")], "restartPolicy": "Never",
+                           "enableServiceLinks": False}
     if spec.head.node_selector:
         pod["nodeSelector"] = dict(spec.head.node_selector)
     if spec.head.tolerations:

@@ -89,13 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the Retry-After that refused requests get (about how long the head takes to come back)")
     head.set_defaults(func=_lazy("dotsvlm_serving.head_drain", "cli_main", "serving"))
 
+    check = sub.add_parser("check-redis", help=(
+        "check that the Ray head can use the external Redis of spec.head.gcsFaultTolerance (the head pod's init "
+        "container); on failure the last line says what to fix. The password comes from $DOTSVLM_REDIS_PASSWORD"))
+    check.add_argument("--address", default=None, help="Redis host:port (default: $RAY_REDIS_ADDRESS)")
+    check.set_defaults(func=_lazy("dotsvlm_serving.redis_state", "check_main", "serving"))
+
     redis = sub.add_parser("cleanup-redis", help=(
         "remove a deleted deployment's Ray state from the external Redis of spec.head.gcsFaultTolerance (the "
         "operator runs it in a Job when the resource is deleted); the password comes from $DOTSVLM_REDIS_PASSWORD"))
     redis.add_argument("--address", default=None, help="Redis host:port (default: $RAY_REDIS_ADDRESS)")
     redis.add_argument("--storage-namespace", default=None,
                        help="the deployment's storage namespace (default: $RAY_external_storage_namespace)")
-    redis.set_defaults(func=_lazy("dotsvlm_serving.redis_cleanup", "cli_main", "serving"))
+    redis.set_defaults(func=_lazy("dotsvlm_serving.redis_state", "cleanup_main", "serving"))
 
     model = sub.add_parser("model", help="model utilities")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")

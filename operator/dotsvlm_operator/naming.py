@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dotsvlm_serving import redis_cleanup
+from dotsvlm_serving import redis_state
 
 # --- the custom resource ---------------------------------------------------------------------------------
 GROUP = "dotsvlm.io"
@@ -80,9 +80,9 @@ OPERATOR_NAMESPACE_ENV = "POD_NAMESPACE"
 TOKEN_KEY = "token"
 TOKEN_MOUNT = "/etc/dotsvlm/ray-token"
 TOKEN_PATH = f"{TOKEN_MOUNT}/{TOKEN_KEY}"
-# The head pod's Redis password (spec.head.gcsFaultTolerance), from the user's Secret; `dotsvlm cleanup-redis`
-# reads it too.
-REDIS_PASSWORD_ENV = redis_cleanup.REDIS_PASSWORD_ENV
+# The head pod's Redis password (spec.head.gcsFaultTolerance), from the user's Secret; `dotsvlm check-redis`
+# and `dotsvlm cleanup-redis` read it too.
+REDIS_PASSWORD_ENV = redis_state.REDIS_PASSWORD_ENV
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def crash_summary(terminated: dict[str, Any]) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return f"{head} (kubectl logs --previous shows why)."
-    last = lines[-1] if len(lines[-1]) <= 300 else lines[-1][:297] + "..."
+    last = lines[-1] if len(lines[-1]) <= 500 else lines[-1][:497] + "..."
     return f"{head}: {last} (kubectl logs --previous has the rest)."
 
 

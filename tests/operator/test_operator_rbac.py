@@ -1,7 +1,7 @@
 """The operator works with exactly the permissions examples/operator.yaml grants (a ServiceAccount token),
 deletion included: with GCS fault tolerance it stops the head, then runs the Job that removes the Ray state
 from Redis (kwok completes the Job's pod; `dotsvlm cleanup-redis` itself is tested on a real Redis in
-tests/serving/test_redis_cleanup.py)."""
+tests/serving/test_redis_state.py)."""
 
 from __future__ import annotations
 

@@ -80,3 +80,14 @@ def test_the_job_runs_the_heads_image_redis_settings_and_placement_and_goes_with
     assert {e["name"]: e for e in head["containers"][0]["env"]}[naming.REDIS_PASSWORD_ENV] == env[naming.REDIS_PASSWORD_ENV]
     assert pod["restartPolicy"] == "Never" and pod["nodeSelector"] == head["nodeSelector"] == {"pool": "cpu"}
     assert job["spec"]["activeDeadlineSeconds"] > 0 and job["spec"]["backoffLimit"] >= 1
+
+
+def test_with_fault_tolerance_the_head_checks_redis_first_with_the_same_settings() -> None:
+    spec = _spec(passwordSecretRef={"name": "redis-auth"})
+    pod = builders.head_deployment(OWNER, spec)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["dotsvlm", "check-redis"] and init["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert init["env"] == builders.redis_container(OWNER, spec, "cleanup-redis")["env"]
+    plain = yaml.safe_load((REPO / "examples" / "dotsvlm.yaml").read_text())["spec"]
+    assert "initContainers" not in builders.head_deployment(
+        OWNER, models.DotsVLMDeploymentSpec.model_validate(plain))["spec"]["template"]["spec"]

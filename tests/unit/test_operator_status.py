@@ -376,3 +376,17 @@ def test_a_rolling_image_is_progressing_and_says_which_group_is_next() -> None:
     p = cond(st, "Progressing")
     assert p.status == "True" and p.reason == "RollingOut" and p.message.startswith(msg)
     assert cond(st, "Ready").status == "True"
+
+
+def test_a_head_that_cannot_use_redis_says_what_to_fix() -> None:
+    """With gcsFaultTolerance, the head's init container (`dotsvlm check-redis`) ends its log with the reason."""
+    line = ("dotsvlm check-redis: error: the Ray head cannot use Redis at redis.redis.svc.cluster.local:6379: "
+            "RedisError: Could not establish connection to Redis redis.redis.svc.cluster.local:6379 (context.err = 1) "
+            "(check spec.head.gcsFaultTolerance.redisAddress, and that Redis is up and reachable from this namespace)")
+    raw = _crashing("dots-ray-head-x", "ray-head", {"exitCode": 1, "message": line + "\n"})
+    raw["status"]["initContainerStatuses"] = raw["status"].pop("containerStatuses")
+    pv = pod_view(raw)
+    st, _ = run([pv] + [ready(f"v{i}", "vision") for i in range(4)] + [ready("l1", "llm")],
+                ServeObservation(URL, False, "Unknown", "no head"))
+    msg = cond(st, "Degraded").message
+    assert "dots-ray-head-x" in msg and "gcsFaultTolerance.redisAddress" in msg and "..." not in msg, msg
