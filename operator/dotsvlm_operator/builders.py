@@ -440,7 +440,8 @@ REDIS_CLEANUP_DEADLINE_S = 300  # the Job's activeDeadlineSeconds: Ray alone ret
 def redis_cleanup_job(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
     """The Job that removes the deployment's Ray state from Redis once the resource is deleted
     (spec.head.gcsFaultTolerance): the head's image, Redis settings and placement, `dotsvlm cleanup-redis`.
-    Owned by the resource, so it goes with it."""
+    Not owned by the resource: a foreground deletion (`kubectl delete --cascade=foreground`) would remove it
+    before it ran. The deletion handler removes it when done; the annotation names the resource it serves."""
     pod: dict[str, Any] = {"containers": [redis_container(owner, spec, "cleanup-redis")], "restartPolicy": "Never",
                            "enableServiceLinks": False}
     if spec.head.node_selector:
@@ -451,7 +452,9 @@ def redis_cleanup_job(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[
         pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
     return {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": _meta(owner, naming.redis_cleanup_job_name(owner.name), naming.COMPONENT_REDIS_CLEANUP),
+        "metadata": {"name": naming.redis_cleanup_job_name(owner.name), "namespace": owner.namespace,
+                     "labels": naming.labels(owner, naming.COMPONENT_REDIS_CLEANUP),
+                     "annotations": {naming.ANNOTATION_OWNER_UID: owner.uid}},
         "spec": {"backoffLimit": 2, "activeDeadlineSeconds": REDIS_CLEANUP_DEADLINE_S,
                  "template": {"metadata": {"labels": naming.labels(owner, naming.COMPONENT_REDIS_CLEANUP)},
                               "spec": pod}},

@@ -3,7 +3,7 @@
 Every child goes with the resource (ownerReferences). One thing outside Kubernetes does not: with
 `spec.head.gcsFaultTolerance` the Ray head keeps its tables in an external Redis, and Ray never removes
 them. As KubeRay does, the deletion first stops the head (its GCS would write them again), then runs a Job
-(`dotsvlm cleanup-redis`, builders.redis_cleanup_job) and lets the resource go once it finished. A cleanup
+(`dotsvlm cleanup-redis`, builders.redis_cleanup_job), deletes the Job once it finished and lets the resource go. A cleanup
 that fails or takes too long never keeps the resource from being deleted: it is said in a Warning Event
 with the command that removes the keys by hand.
 

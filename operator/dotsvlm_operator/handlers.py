@@ -350,7 +350,12 @@ async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime
     owner = naming.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
     k = kube()
     head = await asyncio.to_thread(k.get, "Deployment", namespace, naming.head_name(name))
-    job = await asyncio.to_thread(k.get, "Job", namespace, naming.redis_cleanup_job_name(name))
+    job_name = naming.redis_cleanup_job_name(name)
+    job = await asyncio.to_thread(k.get, "Job", namespace, job_name)
+    if job is not None and ((job.get("metadata") or {}).get("annotations") or {}).get(naming.ANNOTATION_OWNER_UID) != owner.uid:
+        # Left by an earlier resource of the same name (its cleanup was interrupted): not this one's answer.
+        await asyncio.to_thread(k.delete, "Job", namespace, job_name)
+        raise kopf.TemporaryError(f"removing the Job {job_name} of an earlier resource of this name", delay=2)
     pods = await asyncio.to_thread(k.list_pods, namespace, name)
     by_component = {c: [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_COMPONENT) == c]
                     for c in (naming.COMPONENT_HEAD, naming.COMPONENT_REDIS_CLEANUP)}
@@ -358,13 +363,13 @@ async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime
                               head_pods=len(by_component[naming.COMPONENT_HEAD]), job=job,
                               job_pods=by_component[naming.COMPONENT_REDIS_CLEANUP],
                               elapsed_s=runtime.total_seconds())
-    if step.action == "done":
-        logger.info(step.message)
-        kopf.event(body, type="Normal", reason="RedisStateRemoved", message=step.message[:1000])
-        return
-    if step.action == "give_up":
-        logger.warning(step.message)
-        kopf.event(body, type="Warning", reason="RedisStateLeft", message=step.message[:1000])
+    if step.action in ("done", "give_up"):
+        done = step.action == "done"
+        (logger.info if done else logger.warning)(step.message)
+        kopf.event(body, type="Normal" if done else "Warning", reason="RedisStateRemoved" if done else "RedisStateLeft",
+                   message=step.message[:1000])
+        if job is not None:
+            await asyncio.to_thread(k.delete, "Job", namespace, job_name)
         return
     if step.action == "stop_head":
         await asyncio.to_thread(k.delete, "Deployment", namespace, naming.head_name(name))

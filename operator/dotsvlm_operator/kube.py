@@ -136,8 +136,10 @@ class Kube:
             raise
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Delete the object and, in the background, what it owns (a Job's pods too: the API orphans them by
+        default)."""
         try:
-            self._call("DELETE", self._path(kind, namespace, name))
+            self._call("DELETE", self._path(kind, namespace, name), query=[("propagationPolicy", "Background")])
         except ApiException as exc:
             if exc.status != 404:
                 raise

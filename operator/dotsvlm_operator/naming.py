@@ -37,6 +37,8 @@ ANNOTATION_TOKEN_HASH = "dotsvlm.io/ray-token-hash"
 ANNOTATION_POD_TEMPLATE = "dotsvlm.io/pod-template"
 # Kubernetes' own: the ReplicaSet controller removes pods with the lowest cost first on scale-down.
 ANNOTATION_POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+# On the Redis cleanup Job (not owned: it outlives its resource): the UID of the resource it cleans up after.
+ANNOTATION_OWNER_UID = "dotsvlm.io/owner-uid"
 # Pods of the operator carry this label; the NetworkPolicy lets them reach the Ray ports.
 OPERATOR_POD_LABELS = {LABEL_NAME: "dotsvlm-operator"}
 # Kubernetes sets it on every namespace (its name): a namespaceSelector for one namespace.

@@ -55,6 +55,8 @@ def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_facto
         assert env["DOTSVLM_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "redis-auth"
         poll(lambda: get_json(kube, "dvlm", name, "-n", ns) is None, 120,
              "the resource gone once the cleanup Job completed", op.log_tail)
+        poll(lambda: get_json(kube, "job", f"{name}-redis-cleanup", "-n", ns) is None, 60,
+             "the cleanup Job removed after it completed", op.log_tail)
         events = get_json(kube, "events", "-n", ns, "--field-selector", f"involvedObject.name={name}")
         removed = [e for e in events["items"] if e["reason"] == "RedisStateRemoved"]
         assert removed and uid in removed[0]["message"], [(e["reason"], e["message"]) for e in events["items"]]
