@@ -87,3 +87,10 @@ def next_step(ft: models.GcsFaultTolerance, uid: str, *, head_deployment: bool, 
     if job is None:
         return Step("run_job", f"removing {where} (Job `dotsvlm cleanup-redis`)")
     return Step("wait", f"waiting for the Job that removes {where}")
+
+
+def cannot_run(ft: models.GcsFaultTolerance, uid: str, reason: str) -> Step:
+    """The Job cannot be created (its namespace is being deleted, say): give up at once, never hold the deletion."""
+    return Step("give_up", f"the Ray state (storage namespace {storage_namespace(ft, uid)!r}) in Redis at "
+                           f"{ft.redis_address} was not removed: {reason}. The resource is deleted anyway; remove the "
+                           f"keys by hand: {manual_command(ft, uid)}")

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import kopf
+from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -363,6 +364,14 @@ async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime
                               head_pods=len(by_component[naming.COMPONENT_HEAD]), job=job,
                               job_pods=by_component[naming.COMPONENT_REDIS_CLEANUP],
                               elapsed_s=runtime.total_seconds())
+    if step.action == "run_job":
+        try:
+            await asyncio.to_thread(k.apply, builders.redis_cleanup_job(owner, spec))
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            # Refused for good: the namespace is being deleted, or the operator may not create Jobs there.
+            step = deletion.cannot_run(ft, owner.uid, f"the cleanup Job could not be created: {error_text(exc)}")
     if step.action in ("done", "give_up"):
         done = step.action == "done"
         (logger.info if done else logger.warning)(step.message)
@@ -373,8 +382,6 @@ async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime
         return
     if step.action == "stop_head":
         await asyncio.to_thread(k.delete, "Deployment", namespace, naming.head_name(name))
-    elif step.action == "run_job":
-        await asyncio.to_thread(k.apply, builders.redis_cleanup_job(owner, spec))
     logger.info(step.message)
     raise kopf.TemporaryError(step.message, delay=2)
 

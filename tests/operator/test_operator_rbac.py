@@ -5,6 +5,8 @@ tests/serving/test_redis_state.py)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import yaml
 from dvlm_support import EXAMPLES, condition, get_json, load_example, poll, write_sa_kubeconfig
@@ -62,6 +64,17 @@ def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_facto
         assert removed and uid in removed[0]["message"], [(e["reason"], e["message"]) for e in events["items"]]
         log = op.log_path.read_text()
         assert "forbidden" not in log.lower(), op.log_tail()
+
+        # A namespace deleted with such a resource in it: no Job can be created there any more, so the
+        # operator gives up on Redis at once instead of holding the namespace's deletion.
+        cr["metadata"]["name"] = "second"
+        kube.apply(yaml.safe_dump(cr), namespace=ns)
+        poll(lambda: get_json(kube, "deployment", "second-ray-head", "-n", ns), 60, "the second head", op.log_tail)
+        started = time.monotonic()
+        kube.kubectl("delete", "namespace", ns, "--wait=false")
+        poll(lambda: get_json(kube, "namespace", ns) is None, 120, "the namespace gone", op.log_tail)
+        assert time.monotonic() - started < 90
+        assert "the cleanup Job could not be created" in op.log_path.read_text(), op.log_tail()
     finally:
         for cr in (get_json(kube, "dvlm", "-n", ns) or {}).get("items", []):
             kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", ns, "--type=merge",
