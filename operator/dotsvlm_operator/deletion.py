@@ -34,6 +34,10 @@ def storage_namespace(ft: models.GcsFaultTolerance, uid: str) -> str:
     return ft.storage_namespace or uid
 
 
+def _where(ft: models.GcsFaultTolerance, uid: str) -> str:
+    return f"the Ray state (storage namespace {storage_namespace(ft, uid)!r}) in Redis at {ft.redis_address}"
+
+
 def manual_command(ft: models.GcsFaultTolerance, uid: str) -> str:
     host, _, port = ft.redis_address.rpartition(":")
     auth = " -a <password>" if ft.password_secret_ref is not None else ""
@@ -67,19 +71,17 @@ def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
 
 def next_step(ft: models.GcsFaultTolerance, uid: str, *, head_deployment: bool, head_pods: int,
               job: dict[str, Any] | None, job_pods: list[dict[str, Any]], elapsed_s: float) -> Step:
-    where = f"the Ray state (storage namespace {storage_namespace(ft, uid)!r}) in Redis at {ft.redis_address}"
+    where = _where(ft, uid)
     if job is not None:
         state = _job_state(job)
         if state == "succeeded":
             return Step("done", f"removed {where}")
         if state == "failed":
-            return Step("give_up", f"could not remove {where}: {job_failure(job, job_pods)}. The resource is "
-                                   f"deleted anyway; remove the keys by hand: {manual_command(ft, uid)}")
+            return give_up(ft, uid, f"the cleanup Job failed: {job_failure(job, job_pods)}")
     if elapsed_s > CLEANUP_TIMEOUT_S:
         doing = ("the Ray head pod did not stop" if head_deployment or head_pods else
                  "the cleanup Job did not finish (kubectl describe job shows why: no node for its pod?)")
-        return Step("give_up", f"{where} was not removed: {doing} within {CLEANUP_TIMEOUT_S:.0f} s. The resource "
-                               f"is deleted anyway; remove the keys by hand: {manual_command(ft, uid)}")
+        return give_up(ft, uid, f"{doing} within {CLEANUP_TIMEOUT_S:.0f} s")
     if head_deployment:
         return Step("stop_head", f"stopping the Ray head before removing {where}")
     if head_pods:
@@ -89,8 +91,8 @@ def next_step(ft: models.GcsFaultTolerance, uid: str, *, head_deployment: bool, 
     return Step("wait", f"waiting for the Job that removes {where}")
 
 
-def cannot_run(ft: models.GcsFaultTolerance, uid: str, reason: str) -> Step:
-    """The Job cannot be created (its namespace is being deleted, say): give up at once, never hold the deletion."""
-    return Step("give_up", f"the Ray state (storage namespace {storage_namespace(ft, uid)!r}) in Redis at "
-                           f"{ft.redis_address} was not removed: {reason}. The resource is deleted anyway; remove the "
-                           f"keys by hand: {manual_command(ft, uid)}")
+def give_up(ft: models.GcsFaultTolerance, uid: str, reason: str) -> Step:
+    """Leave the keys (the Job failed, took too long, or cannot be created because its namespace is being
+    deleted): never hold the deletion; say why and how to finish by hand."""
+    return Step("give_up", f"{_where(ft, uid)} was not removed: {reason}. The resource is deleted anyway; remove "
+                           f"the keys by hand: {manual_command(ft, uid)}")

@@ -347,8 +347,7 @@ async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime
         return
     if (namespace, name) in _resources:
         raise kopf.TemporaryError("waiting for the reconcile loop to stop", delay=1)
-    meta = body.get("metadata") or {}
-    owner = naming.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    owner = naming.Owner.of(body["metadata"])
     k = kube()
     head = await asyncio.to_thread(k.get, "Deployment", namespace, naming.head_name(name))
     job_name = naming.redis_cleanup_job_name(name)
@@ -371,7 +370,7 @@ async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime
             if exc.status != 403:
                 raise
             # Refused for good: the namespace is being deleted, or the operator may not create Jobs there.
-            step = deletion.cannot_run(ft, owner.uid, f"the cleanup Job could not be created: {error_text(exc)}")
+            step = deletion.give_up(ft, owner.uid, f"the cleanup Job could not be created: {error_text(exc)}")
     if step.action in ("done", "give_up"):
         done = step.action == "done"
         (logger.info if done else logger.warning)(step.message)
@@ -576,7 +575,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     state = state if state is not None else ResourceState()
     state.full = False
     meta = body["metadata"]
-    owner = naming.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    owner = naming.Owner.of(meta)
     generation = state.generation = meta.get("generation")
     old = state.status or _old_status(body)
     try:
@@ -664,7 +663,7 @@ async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     call unless something changed. `reuse_observation`: woken by a pod event, it may use the Ray head's and
     the ingress's last answer if it is younger than the pod loop's period (the timer's passes always ask)."""
     meta = body["metadata"]
-    owner = naming.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    owner = naming.Owner.of(meta)
     try:
         spec = models.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
     except ValidationError:

@@ -95,6 +95,11 @@ class Owner:
     namespace: str
     uid: str
 
+    @classmethod
+    def of(cls, metadata: Any) -> "Owner":
+        """The resource's own metadata (a kopf body's) -> its Owner."""
+        return cls(name=metadata["name"], namespace=metadata["namespace"], uid=metadata["uid"])
+
     def ref(self) -> dict[str, Any]:
         return {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
                 "controller": True, "blockOwnerDeletion": True}

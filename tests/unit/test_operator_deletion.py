@@ -60,7 +60,7 @@ def test_a_cleanup_that_takes_too_long_gives_up_and_says_which_part_hung() -> No
     assert head.action == "give_up" and "head pod did not stop" in head.message
     job = _step(job=_job(active=1), elapsed_s=late, spec=_spec(storageNamespace="prod-a"))
     assert job.action == "give_up" and "Job did not finish" in job.message and "'RAYprod-a@*'" in job.message
-    refused = deletion.cannot_run(_spec().head.gcs_fault_tolerance, OWNER.uid, "namespace is being terminated")
+    refused = deletion.give_up(_spec().head.gcs_fault_tolerance, OWNER.uid, "namespace is being terminated")
     assert refused.action == "give_up" and "namespace is being terminated" in refused.message
     assert "redis-cli" in refused.message
     # A finished Job counts even when the answer comes late.
