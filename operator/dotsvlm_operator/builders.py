@@ -20,7 +20,7 @@ from typing import Any
 from dotsvlm_serving import serve_config
 from dotsvlm_serving.metrics.catalog import DEPLOYMENT_ENV, NAMESPACE_ENV
 
-from dotsvlm_operator import models, naming, rollout, serve_app
+from dotsvlm_operator import models, naming, redis_cleanup, rollout, serve_app
 from dotsvlm_operator.monitoring import alerts, scrape
 from dotsvlm_operator.naming import Owner
 
@@ -81,6 +81,11 @@ def gcs_fault_tolerance_env(owner: Owner, spec: models.DotsVLMDeploymentSpec, co
         return []
     if component != naming.COMPONENT_HEAD:
         return [{"name": "RAY_gcs_rpc_server_reconnect_timeout_s", "value": str(ft.head_restart_tolerance_seconds)}]
+    return _redis_env(owner, ft)
+
+
+def _redis_env(owner: Owner, ft: models.GcsFaultTolerance) -> list[dict[str, Any]]:
+    """How a process finds the Ray state in Redis (what redis_cleanup.head_uses reads back from a head pod)."""
     env: list[dict[str, Any]] = [{"name": "RAY_REDIS_ADDRESS", "value": ft.redis_address},
                                  {"name": "RAY_external_storage_namespace", "value": ft.storage_namespace or owner.uid}]
     if ft.password_secret_ref is not None:
@@ -89,12 +94,16 @@ def gcs_fault_tolerance_env(owner: Owner, spec: models.DotsVLMDeploymentSpec, co
     return env
 
 
-def redis_container(owner: Owner, spec: models.DotsVLMDeploymentSpec, command: str) -> dict[str, Any]:
+def redis_container(owner: Owner, spec: models.DotsVLMDeploymentSpec, command: str,
+                    ft: models.GcsFaultTolerance | None = None) -> dict[str, Any]:
     """A container that runs `dotsvlm <command>` (check-redis, cleanup-redis) with the head's image and Redis
-    settings. Its last log line is its termination message: one sentence that says what to fix, which the
-    status (an init container in CrashLoopBackOff) or the deletion's Event (a failed Job) quotes."""
+    settings (or `ft`'s: a place the head used before). Its last log line is its termination message: one
+    sentence that says what to fix, which the status (an init container in CrashLoopBackOff) or a cleanup's
+    Event (a failed Job) quotes."""
+    ft = ft or spec.head.gcs_fault_tolerance
+    assert ft is not None
     return {"name": command, "image": spec.image, "imagePullPolicy": spec.image_pull_policy,
-            "command": ["dotsvlm", command], "env": gcs_fault_tolerance_env(owner, spec, naming.COMPONENT_HEAD),
+            "command": ["dotsvlm", command], "env": _redis_env(owner, ft),
             "terminationMessagePolicy": "FallbackToLogsOnError"}
 
 
@@ -437,12 +446,17 @@ def ray_templates(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 REDIS_CLEANUP_DEADLINE_S = 300  # the Job's activeDeadlineSeconds: Ray alone retries a lost Redis for a minute
 
 
-def redis_cleanup_job(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
-    """The Job that removes the deployment's Ray state from Redis once the resource is deleted
-    (spec.head.gcsFaultTolerance): the head's image, Redis settings and placement, `dotsvlm cleanup-redis`.
-    Not owned by the resource: a foreground deletion (`kubectl delete --cascade=foreground`) would remove it
-    before it ran. The deletion handler removes it when done; the annotation names the resource it serves."""
-    pod: dict[str, Any] = {"containers": [redis_container(owner, spec, "cleanup-redis")], "restartPolicy": "Never",
+def redis_cleanup_job(owner: Owner, spec: models.DotsVLMDeploymentSpec,
+                      previous: models.RedisStateStatus | None = None) -> dict[str, Any]:
+    """The Job that removes the deployment's Ray state from Redis (spec.head.gcsFaultTolerance): the head's
+    image, Redis settings and placement, `dotsvlm cleanup-redis`.
+    - Once the resource is deleted (no `previous`): not owned by the resource, since a foreground deletion
+      (`kubectl delete --cascade=foreground`) would remove it before it ran. The deletion handler removes it
+      when done; the annotation names the resource it serves.
+    - For the place the head used before the spec moved it (`previous`, from status.redisState): owned by the
+      resource, and its annotation names the place it empties."""
+    ft = redis_cleanup.settings(previous) if previous is not None else spec.head.gcs_fault_tolerance
+    pod: dict[str, Any] = {"containers": [redis_container(owner, spec, "cleanup-redis", ft)], "restartPolicy": "Never",
                            "enableServiceLinks": False}
     if spec.head.node_selector:
         pod["nodeSelector"] = dict(spec.head.node_selector)
@@ -450,12 +464,15 @@ def redis_cleanup_job(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[
         pod["tolerations"] = [t.to_api() for t in spec.head.tolerations]
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    labels = naming.labels(owner, naming.COMPONENT_REDIS_CLEANUP)
+    if previous is None:
+        meta = {"name": naming.redis_cleanup_job_name(owner.name), "namespace": owner.namespace, "labels": labels,
+                "annotations": {naming.ANNOTATION_OWNER_UID: owner.uid}}
+    else:
+        meta = _meta(owner, naming.previous_redis_cleanup_job_name(owner.name), naming.COMPONENT_REDIS_CLEANUP)
+        meta["annotations"] = {naming.ANNOTATION_REDIS_PLACE: redis_cleanup.place_label(previous)}
     return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": naming.redis_cleanup_job_name(owner.name), "namespace": owner.namespace,
-                     "labels": naming.labels(owner, naming.COMPONENT_REDIS_CLEANUP),
-                     "annotations": {naming.ANNOTATION_OWNER_UID: owner.uid}},
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
         "spec": {"backoffLimit": 2, "activeDeadlineSeconds": REDIS_CLEANUP_DEADLINE_S,
-                 "template": {"metadata": {"labels": naming.labels(owner, naming.COMPONENT_REDIS_CLEANUP)},
-                              "spec": pod}},
+                 "template": {"metadata": {"labels": labels}, "spec": pod}},
     }

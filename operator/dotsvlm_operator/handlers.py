@@ -22,6 +22,7 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +33,8 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
-from dotsvlm_operator import builders, deletion, ingress_client, models, naming, pod_sizing, rollout, serve_app, serve_drift
+from dotsvlm_operator import (builders, ingress_client, models, naming, pod_sizing, redis_cleanup, rollout, serve_app,
+                              serve_drift)
 from dotsvlm_operator.kube import KUBE_THREADS, Kube
 from dotsvlm_operator.monitoring.operator_metrics import METRICS
 from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError, ServeApp
@@ -330,10 +332,12 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
 # --- on deletion ---------------------------------------------------------------------------------------------
 
 @kopf.on.delete(naming.GROUP, naming.VERSION, naming.PLURAL, id="redis-cleanup")
-async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime: Any, logger: logging.Logger,
-                             **_: Any) -> None:
-    """With spec.head.gcsFaultTolerance: stop the head, then remove its state from Redis (deletion.next_step)
+async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime: Any, retry: int,
+                             logger: logging.Logger, **_: Any) -> None:
+    """With spec.head.gcsFaultTolerance: stop the head, then remove its state from Redis (redis_cleanup.next_step)
     before the resource goes. Without it there is nothing outside Kubernetes to remove."""
+    if retry == 0:
+        _warn_unfinished_move(body, logger)
     if not ((body.get("spec") or {}).get("head") or {}).get("gcsFaultTolerance"):
         return
     try:
@@ -357,12 +361,9 @@ async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime
         await asyncio.to_thread(k.delete, "Job", namespace, job_name)
         raise kopf.TemporaryError(f"removing the Job {job_name} of an earlier resource of this name", delay=2)
     pods = await asyncio.to_thread(k.list_pods, namespace, name)
-    by_component = {c: [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_COMPONENT) == c]
-                    for c in (naming.COMPONENT_HEAD, naming.COMPONENT_REDIS_CLEANUP)}
-    step = deletion.next_step(ft, owner.uid, head_deployment=head is not None,
-                              head_pods=len(by_component[naming.COMPONENT_HEAD]), job=job,
-                              job_pods=by_component[naming.COMPONENT_REDIS_CLEANUP],
-                              elapsed_s=runtime.total_seconds())
+    step = redis_cleanup.next_step(ft, owner.uid, head_deployment=head is not None,
+                                   head_pods=sum(1 for p in pods if _component(p) == naming.COMPONENT_HEAD), job=job,
+                                   job_pods=_job_pods(pods, job_name), elapsed_s=runtime.total_seconds())
     if step.action == "run_job":
         try:
             await asyncio.to_thread(k.apply, builders.redis_cleanup_job(owner, spec))
@@ -370,7 +371,7 @@ async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime
             if exc.status != 403:
                 raise
             # Refused for good: the namespace is being deleted, or the operator may not create Jobs there.
-            step = deletion.give_up(ft, owner.uid, f"the cleanup Job could not be created: {error_text(exc)}")
+            step = redis_cleanup.give_up(ft, owner.uid, f"the cleanup Job could not be created: {error_text(exc)}")
     if step.action in ("done", "give_up"):
         done = step.action == "done"
         (logger.info if done else logger.warning)(step.message)
@@ -383,6 +384,79 @@ async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime
         await asyncio.to_thread(k.delete, "Deployment", namespace, naming.head_name(name))
     logger.info(step.message)
     raise kopf.TemporaryError(step.message, delay=2)
+
+
+def _warn_unfinished_move(body: kopf.Body, logger: logging.Logger) -> None:
+    """Deleted while the keys at a previous place were still to be removed (status.redisState): that Job goes
+    with the resource, so say which keys are left and how to remove them."""
+    old = _old_status(body)
+    recorded = old.redis_state if old is not None else None
+    if recorded is None:
+        return
+    uid = body["metadata"]["uid"]
+    try:
+        spec = models.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
+        if redis_cleanup.same_place(recorded, redis_cleanup.location(spec.head.gcs_fault_tolerance, uid)):
+            return
+    except ValidationError:
+        pass
+    step = redis_cleanup.give_up_previous(recorded, uid, "the resource was deleted before the operator removed it")
+    logger.warning(step.message)
+    kopf.event(body, type="Warning", reason="RedisStateLeft", message=step.message[:1000])
+
+
+def _component(pod: dict[str, Any]) -> str | None:
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_COMPONENT)
+
+
+def _job_pods(pods: Iterable[dict[str, Any]], job_name: str) -> list[dict[str, Any]]:
+    """The pods of one Job (the Job controller labels them with its name)."""
+    return [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get("job-name") == job_name]
+
+
+async def _redis_state(body: kopf.Body, owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
+                       old: models.DotsVLMDeploymentStatus | None, state: ResourceState,
+                       logger: logging.Logger) -> models.RedisStateStatus | None:
+    """status.redisState: where the head keeps the Ray state in Redis. After the spec moved it, the keys at the
+    previous place are removed once no head pod uses it (redis_cleanup.previous_step); no API call otherwise."""
+    wanted = redis_cleanup.location(spec.head.gcs_fault_tolerance, owner.uid)
+    recorded = old.redis_state if old is not None else None
+    if recorded is None or redis_cleanup.same_place(recorded, wanted):
+        return wanted
+    k = kube()
+    job_name = naming.previous_redis_cleanup_job_name(owner.name)
+    head_uses = any(redis_cleanup.head_uses(p, recorded) for p in state.pods.values()
+                    if _component(p) == naming.COMPONENT_HEAD)
+    job = None if head_uses else await asyncio.to_thread(k.get, "Job", owner.namespace, job_name)
+    if job is not None and ((job.get("metadata") or {}).get("annotations") or {}).get(
+            naming.ANNOTATION_REDIS_PLACE) != redis_cleanup.place_label(recorded):
+        # Left by an earlier move that was given up: not this place's answer.
+        await asyncio.to_thread(k.delete, "Job", owner.namespace, job_name)
+        return recorded.model_copy(update={"message": f"removing the Job {job_name} of an earlier move first"})
+    step = redis_cleanup.previous_step(recorded, wanted, owner.uid, head_uses_recorded=head_uses, job=job,
+                                       job_pods=_job_pods(state.pods.values(), job_name),
+                                       job_age_s=redis_cleanup.job_age_s(job, time.time()) if job is not None else 0.0)
+    if step.action == "record":
+        return wanted
+    if step.action == "run_job":
+        try:
+            await asyncio.to_thread(k.apply, builders.redis_cleanup_job(owner, spec, previous=recorded))
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            step = redis_cleanup.give_up_previous(recorded, owner.uid,
+                                                  f"the cleanup Job could not be created: {error_text(exc)}")
+    if step.action in ("done", "give_up"):
+        done = step.action == "done"
+        (logger.info if done else logger.warning)(step.message)
+        kopf.event(body, type="Normal" if done else "Warning", reason="RedisStateRemoved" if done else "RedisStateLeft",
+                   message=step.message[:1000])
+        if job is not None:
+            await asyncio.to_thread(k.delete, "Job", owner.namespace, job_name)
+        return wanted
+    if recorded.message != step.message:
+        logger.info(step.message)
+    return recorded.model_copy(update={"message": step.message})
 
 
 def error_text(exc: BaseException) -> str:
@@ -733,10 +807,12 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
 
     desired = {pool: (dep.target if (dep := serve_deployment(serve, pool)) is not None and dep.target is not None
                       else plans[pool].replicas) for pool in POOLS}
+    redis_state = await _redis_state(body, owner, spec, old, state, logger)
     new, transitions = compute_status(spec=spec, generation=generation, pods=pods, desired=desired, serve=serve,
                                       endpoint=naming.endpoint(owner, spec.api.port), old=old, now=_now(),
                                       plans=plans, report=report, now_unix=now_unix,
-                                      rollout=state.template_plan.message if state.template_plan is not None else None)
+                                      rollout=state.template_plan.message if state.template_plan is not None else None,
+                                      redis_state=redis_state)
     unschedulable = {pool: sum(1 for p in pods if p.component == pool and p.unschedulable and not p.deleting)
                      for pool in POOLS}
     METRICS.observe_status(owner.namespace, owner.name, spec, new, unschedulable)

@@ -442,7 +442,9 @@ class GcsFaultTolerance(_Api):
     storage_namespace: str | None = Field(None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_-]+$", description=(
         "Prefix of this deployment's keys in Redis. Default: the resource's UID, so a deployment deleted and "
         "created again starts afresh. When the resource is deleted, the operator stops the head and removes "
-        "these keys with a Job (`dotsvlm cleanup-redis`, the head's image and Redis settings)."))
+        "these keys with a Job (`dotsvlm cleanup-redis`, the head's image and Redis settings); after a change of "
+        "storageNamespace or redisAddress, it removes the previous place's keys once the head has moved "
+        "(status.redisState)."))
     head_restart_tolerance_seconds: int = Field(600, ge=30, le=86400, description=(
         "How long the pool pods' Ray processes wait for a new head before they give up and their pods restart "
         "(their replicas with them). Cover the head pod's scheduling, image pull and start."))
@@ -609,6 +611,17 @@ class ServeAppStatus(_Api):
     last_drift_time: str | None = Field(None, description="When lastDrift was found and corrected (RFC 3339).")
 
 
+class RedisStateStatus(_Api):
+    """Where the Ray head keeps this deployment's cluster state in Redis (spec.head.gcsFaultTolerance)."""
+
+    redis_address: str = Field(..., description="host:port of the Redis.")
+    storage_namespace: str = Field(..., description="Prefix of the deployment's keys (Ray names them RAY<namespace>@<table>).")
+    password_secret_ref: RedisPasswordRef | None = Field(None, description="The Secret key with the Redis password, if any.")
+    message: str | None = Field(None, description=(
+        "Set while this place is no longer the spec's (a new redisAddress or storageNamespace, or fault "
+        "tolerance turned off): what the operator is doing to remove its keys."))
+
+
 class DotsVLMDeploymentStatus(_Api):
     """Observed state, written by the operator."""
 
@@ -622,3 +635,8 @@ class DotsVLMDeploymentStatus(_Api):
     slo: SLOStatus | None = Field(None, description="Observed p90 latencies against spec.slo, with met / missed per target.")
     autoscaler: AutoscalerStatus | None = Field(None, description="Whether the autoscaler's report could be read.")
     endpoint: str | None = Field(None, description="Base URL of the OpenAI-compatible API inside the cluster.")
+    redis_state: RedisStateStatus | None = Field(None, description=(
+        "With spec.head.gcsFaultTolerance: where the head keeps the Ray state in Redis. After the spec moves it "
+        "(a new redisAddress or storageNamespace, or fault tolerance off), this names the previous place until "
+        "the operator has removed its keys (Job <name>-redis-cleanup-previous; Events RedisStateRemoved or "
+        "RedisStateLeft), then the new one."))

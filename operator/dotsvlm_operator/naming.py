@@ -39,6 +39,8 @@ ANNOTATION_POD_TEMPLATE = "dotsvlm.io/pod-template"
 ANNOTATION_POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 # On the Redis cleanup Job (not owned: it outlives its resource): the UID of the resource it cleans up after.
 ANNOTATION_OWNER_UID = "dotsvlm.io/owner-uid"
+# On the Job that empties the place in Redis the head used before the spec moved it: that place (address/namespace).
+ANNOTATION_REDIS_PLACE = "dotsvlm.io/redis-place"
 # Pods of the operator carry this label; the NetworkPolicy lets them reach the Ray ports.
 OPERATOR_POD_LABELS = {LABEL_NAME: "dotsvlm-operator"}
 # Kubernetes sets it on every namespace (its name): a namespaceSelector for one namespace.
@@ -178,3 +180,8 @@ def owned_labels(name: str) -> dict[str, str]:
 def redis_cleanup_job_name(name: str) -> str:
     """The Job that removes a deleted deployment's Ray state from Redis (spec.head.gcsFaultTolerance)."""
     return f"{name}-redis-cleanup"
+
+
+def previous_redis_cleanup_job_name(name: str) -> str:
+    """The Job that removes the Ray state from the place in Redis the head used before the spec moved it."""
+    return f"{name}-redis-cleanup-previous"

@@ -372,14 +372,16 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                    desired: dict[str, int], serve: ServeObservation | None, endpoint: str,
                    old: models.DotsVLMDeploymentStatus | None, now: str,
                    plans: dict[str, PoolPlan] | None = None, report: AutoscalerReport | None = None,
-                   now_unix: float | None = None,
-                   rollout: str | None = None) -> tuple[models.DotsVLMDeploymentStatus, list[Transition]]:
+                   now_unix: float | None = None, rollout: str | None = None,
+                   redis_state: models.RedisStateStatus | None = None,
+                   ) -> tuple[models.DotsVLMDeploymentStatus, list[Transition]]:
     """The status for the observed world, and the condition changes since `old`.
 
     `serve` is None when the head was not asked (its pod is not ready yet). `desired`: replicas per pool
     (Serve's target, or the spec's minimum until Serve answers); `plans`: the pods per pool
     (pod_sizing); `report`: the autoscaler's report from the ingress (None: not asked); `rollout`: how a
-    new image is rolling (None: it is not)."""
+    new image is rolling (None: it is not); `redis_state`: where the head keeps the Ray state in Redis
+    (handlers._redis_state)."""
     plans = plans or {}
     now_unix = now_unix if now_unix is not None else datetime.strptime(now, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
     f = _Findings()
@@ -466,6 +468,7 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
         slo=slo,
         autoscaler=_autoscaler_status(report) if report is not None else (old.autoscaler if old else None),
         endpoint=endpoint,
+        redis_state=redis_state,
     )
     return status, transitions
 

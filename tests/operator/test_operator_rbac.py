@@ -1,10 +1,12 @@
 """The operator works with exactly the permissions examples/operator.yaml grants (a ServiceAccount token),
 deletion included: with GCS fault tolerance it stops the head, then runs the Job that removes the Ray state
-from Redis (kwok completes the Job's pod; `dotsvlm cleanup-redis` itself is tested on a real Redis in
-tests/serving/test_redis_state.py)."""
+from Redis. A move of that state (another storage namespace) empties the previous place the same way once
+the head has moved (kwok completes the Jobs' pods; `dotsvlm cleanup-redis` itself is tested on a real Redis
+in tests/serving/test_redis_state.py)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -46,6 +48,30 @@ def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_facto
         assert get_json(kube, "networkpolicy", f"{name}-ray", "-n", ns)
 
         uid = got["metadata"]["uid"]
+        place = poll(lambda: (get_json(kube, "dvlm", name, "-n", ns)["status"].get("redisState")), 30,
+                     "status.redisState", op.log_tail)
+        assert place["storageNamespace"] == uid and place["redisAddress"] == "redis.redis.svc:6379", place
+
+        # The state moves to another storage namespace: the head rolls, then a Job empties the previous place.
+        kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge",
+                     "-p", json.dumps({"spec": {"head": {"gcsFaultTolerance": {"storageNamespace": "moved"}}}}))
+        previous = poll(lambda: get_json(kube, "job", f"{name}-redis-cleanup-previous", "-n", ns), 120,
+                        "the Job that empties the previous place in Redis", op.log_tail)
+        heads = get_json(kube, "pods", "-n", ns, "-l", f"app.kubernetes.io/component=head,app.kubernetes.io/instance={name}")
+        assert all("moved" in json.dumps(p["spec"]) for p in heads["items"]), "no head pod may still use the old place"
+        (container,) = previous["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == ["dotsvlm", "cleanup-redis"]
+        assert {e["name"]: e.get("value") for e in container["env"]}["RAY_external_storage_namespace"] == uid
+        moved = poll(lambda: (s := get_json(kube, "dvlm", name, "-n", ns)["status"].get("redisState") or {})
+                     and s["storageNamespace"] == "moved" and not s.get("message") and s, 120,
+                     "status.redisState at the new place once the previous one was emptied", op.log_tail)
+        assert moved["redisAddress"] == "redis.redis.svc:6379", moved
+        poll(lambda: get_json(kube, "job", f"{name}-redis-cleanup-previous", "-n", ns) is None, 60,
+             "the Job removed after it emptied the previous place", op.log_tail)
+        events = get_json(kube, "events", "-n", ns, "--field-selector", f"involvedObject.name={name}")
+        assert any(e["reason"] == "RedisStateRemoved" and f"'{uid}'" in e["message"] and "'moved'" in e["message"]
+                   for e in events["items"]), [(e["reason"], e["message"]) for e in events["items"]]
+
         kube.kubectl("delete", "dvlm", name, "-n", ns, "--wait=false")
         job = poll(lambda: get_json(kube, "job", f"{name}-redis-cleanup", "-n", ns), 90,
                    "the Job that removes the Ray state from Redis", op.log_tail)
@@ -53,15 +79,15 @@ def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_facto
         (container,) = job["spec"]["template"]["spec"]["containers"]
         assert container["command"] == ["dotsvlm", "cleanup-redis"]
         env = {e["name"]: e for e in container["env"]}
-        assert env["RAY_external_storage_namespace"]["value"] == uid
+        assert env["RAY_external_storage_namespace"]["value"] == "moved"
         assert env["DOTSVLM_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "redis-auth"
         poll(lambda: get_json(kube, "dvlm", name, "-n", ns) is None, 120,
              "the resource gone once the cleanup Job completed", op.log_tail)
         poll(lambda: get_json(kube, "job", f"{name}-redis-cleanup", "-n", ns) is None, 60,
              "the cleanup Job removed after it completed", op.log_tail)
         events = get_json(kube, "events", "-n", ns, "--field-selector", f"involvedObject.name={name}")
-        removed = [e for e in events["items"] if e["reason"] == "RedisStateRemoved"]
-        assert removed and uid in removed[0]["message"], [(e["reason"], e["message"]) for e in events["items"]]
+        assert any(e["reason"] == "RedisStateRemoved" and "storage namespace 'moved')" in e["message"]
+                   and "now" not in e["message"] for e in events["items"]), [(e["reason"], e["message"]) for e in events["items"]]
         log = op.log_path.read_text()
         assert "forbidden" not in log.lower(), op.log_tail()
 
