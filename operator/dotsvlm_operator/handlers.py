@@ -22,7 +22,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -364,21 +364,9 @@ async def remove_redis_state(name: str, namespace: str, body: kopf.Body, runtime
     step = redis_cleanup.next_step(ft, owner.uid, head_deployment=head is not None,
                                    head_pods=sum(1 for p in pods if _component(p) == naming.COMPONENT_HEAD), job=job,
                                    job_pods=_job_pods(pods, job_name), elapsed_s=runtime.total_seconds())
-    if step.action == "run_job":
-        try:
-            await asyncio.to_thread(k.apply, builders.redis_cleanup_job(owner, spec))
-        except ApiException as exc:
-            if exc.status != 403:
-                raise
-            # Refused for good: the namespace is being deleted, or the operator may not create Jobs there.
-            step = redis_cleanup.give_up(ft, owner.uid, f"the cleanup Job could not be created: {error_text(exc)}")
+    step = await _cleanup_job_step(body, step, job, lambda: builders.redis_cleanup_job(owner, spec),
+                                   lambda why: redis_cleanup.give_up(ft, owner.uid, why), logger)
     if step.action in ("done", "give_up"):
-        done = step.action == "done"
-        (logger.info if done else logger.warning)(step.message)
-        kopf.event(body, type="Normal" if done else "Warning", reason="RedisStateRemoved" if done else "RedisStateLeft",
-                   message=step.message[:1000])
-        if job is not None:
-            await asyncio.to_thread(k.delete, "Job", namespace, job_name)
         return
     if step.action == "stop_head":
         await asyncio.to_thread(k.delete, "Deployment", namespace, naming.head_name(name))
@@ -403,6 +391,29 @@ def _warn_unfinished_move(body: kopf.Body, logger: logging.Logger) -> None:
     step = redis_cleanup.give_up_previous(recorded, uid, "the resource was deleted before the operator removed it")
     logger.warning(step.message)
     kopf.event(body, type="Warning", reason="RedisStateLeft", message=step.message[:1000])
+
+
+async def _cleanup_job_step(body: kopf.Body, step: redis_cleanup.Step, job: dict[str, Any] | None,
+                            make_job: Callable[[], dict[str, Any]], give_up_with: Callable[[str], redis_cleanup.Step],
+                            logger: logging.Logger) -> redis_cleanup.Step:
+    """Act on a Redis cleanup's step: create the Job ("run_job"; refused for good with 403, e.g. its namespace is
+    being deleted: give up), or at the end post RedisStateRemoved / RedisStateLeft and delete the Job."""
+    k = kube()
+    if step.action == "run_job":
+        try:
+            await asyncio.to_thread(k.apply, make_job())
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            step = give_up_with(f"the cleanup Job could not be created: {error_text(exc)}")
+    if step.action in ("done", "give_up"):
+        done = step.action == "done"
+        (logger.info if done else logger.warning)(step.message)
+        kopf.event(body, type="Normal" if done else "Warning", reason="RedisStateRemoved" if done else "RedisStateLeft",
+                   message=step.message[:1000])
+        if job is not None:
+            await asyncio.to_thread(k.delete, "Job", job["metadata"]["namespace"], job["metadata"]["name"])
+    return step
 
 
 def _component(pod: dict[str, Any]) -> str | None:
@@ -438,21 +449,9 @@ async def _redis_state(body: kopf.Body, owner: naming.Owner, spec: models.DotsVL
                                        job_age_s=redis_cleanup.job_age_s(job, time.time()) if job is not None else 0.0)
     if step.action == "record":
         return wanted
-    if step.action == "run_job":
-        try:
-            await asyncio.to_thread(k.apply, builders.redis_cleanup_job(owner, spec, previous=recorded))
-        except ApiException as exc:
-            if exc.status != 403:
-                raise
-            step = redis_cleanup.give_up_previous(recorded, owner.uid,
-                                                  f"the cleanup Job could not be created: {error_text(exc)}")
+    step = await _cleanup_job_step(body, step, job, lambda: builders.redis_cleanup_job(owner, spec, previous=recorded),
+                                   lambda why: redis_cleanup.give_up_previous(recorded, owner.uid, why), logger)
     if step.action in ("done", "give_up"):
-        done = step.action == "done"
-        (logger.info if done else logger.warning)(step.message)
-        kopf.event(body, type="Normal" if done else "Warning", reason="RedisStateRemoved" if done else "RedisStateLeft",
-                   message=step.message[:1000])
-        if job is not None:
-            await asyncio.to_thread(k.delete, "Job", owner.namespace, job_name)
         return wanted
     if recorded.message != step.message:
         logger.info(step.message)

@@ -18,6 +18,7 @@ handlers._redis_state) read the objects, act and ask again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -116,15 +117,22 @@ def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     return "no reason given"
 
 
+def _ended(job: dict[str, Any], job_pods: list[dict[str, Any]], done: str,
+           give_up_with: Callable[[str], Step]) -> Step | None:
+    """A finished cleanup Job's step ("done", or "give_up" quoting why it failed); None while it runs."""
+    state = _job_state(job)
+    if state == "succeeded":
+        return Step("done", done)
+    if state == "failed":
+        return give_up_with(f"the cleanup Job failed: {job_failure(job, job_pods)}")
+    return None
+
+
 def next_step(ft: models.GcsFaultTolerance, uid: str, *, head_deployment: bool, head_pods: int,
               job: dict[str, Any] | None, job_pods: list[dict[str, Any]], elapsed_s: float) -> Step:
     where = _where(ft, uid)
-    if job is not None:
-        state = _job_state(job)
-        if state == "succeeded":
-            return Step("done", f"removed {where}")
-        if state == "failed":
-            return give_up(ft, uid, f"the cleanup Job failed: {job_failure(job, job_pods)}")
+    if job is not None and (end := _ended(job, job_pods, f"removed {where}", lambda why: give_up(ft, uid, why))):
+        return end
     if elapsed_s > CLEANUP_TIMEOUT_S:
         doing = ("the Ray head pod did not stop" if head_deployment or head_pods else
                  "the cleanup Job did not finish (kubectl describe job shows why: no node for its pod?)")
@@ -145,7 +153,6 @@ def give_up(ft: models.GcsFaultTolerance, uid: str, reason: str) -> Step:
                            f"the keys by hand: {manual_command(ft, uid)}")
 
 
-
 def previous_step(recorded: models.RedisStateStatus | None, wanted: models.RedisStateStatus | None, uid: str, *,
                   head_uses_recorded: bool, job: dict[str, Any] | None, job_pods: list[dict[str, Any]],
                   job_age_s: float) -> Step:
@@ -159,11 +166,8 @@ def previous_step(recorded: models.RedisStateStatus | None, wanted: models.Redis
     now = ("fault tolerance is off now" if wanted is None else
            f"the head keeps it in storage namespace {wanted.storage_namespace!r} at {wanted.redis_address} now")
     if job is not None:
-        state = _job_state(job)
-        if state == "succeeded":
-            return Step("done", f"removed {where}: {now}")
-        if state == "failed":
-            return give_up_previous(recorded, uid, f"the cleanup Job failed: {job_failure(job, job_pods)}")
+        if end := _ended(job, job_pods, f"removed {where}: {now}", lambda why: give_up_previous(recorded, uid, why)):
+            return end
         if job_age_s > CLEANUP_TIMEOUT_S:
             return give_up_previous(recorded, uid, f"the cleanup Job did not finish within {CLEANUP_TIMEOUT_S:.0f} s "
                                                    "(kubectl describe job shows why: no node for its pod?)")
