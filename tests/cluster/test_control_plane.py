@@ -75,7 +75,7 @@ def gpu_overcommit(kube: KubeCluster):
 
     running, pending = kube.wait_for(settled, 120, "4 Running pods and 1 unschedulable pod")
     yield running, pending
-    kube.delete_namespace(ns)
+    kube.discard_namespace(ns)
 
 
 def test_gpu_pods_are_scheduled_onto_gpu_nodes_and_run(kube: KubeCluster, gpu_overcommit) -> None:

@@ -137,9 +137,12 @@ def poll(predicate: Callable[[], Any], timeout: float, what: str, on_fail: Calla
 
 
 def release_namespace(kube, name: str) -> None:
-    """Delete a test namespace and wait for it to go. The operator may be gone already: drop the finalizers of
-    its DotsVLMDeployments first, or the namespace would wait for them forever."""
+    """Delete a test namespace, leaving the next test nothing that acts or holds a fake GPU (without waiting for
+    the namespace to go: KubeCluster.discard_namespace). The operator may be gone already: drop the finalizers
+    of its DotsVLMDeployments first, or they would stay forever; then they go, so that no operator of a later
+    test meets them."""
     for cr in (get_json(kube, "dvlm", "-n", name) or {}).get("items", []):
         kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", name, "--type=merge",
                      "-p", '{"metadata":{"finalizers":null}}', check=False)
-    kube.delete_namespace(name, wait=True)
+    kube.discard_namespace(name)
+    kube.kubectl("delete", "dvlm", "--all", "-n", name, "--ignore-not-found", "--timeout=60s", check=False)

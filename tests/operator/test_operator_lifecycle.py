@@ -68,7 +68,7 @@ def ns(kube, crd):
     name = kube.create_namespace("op")
     kube.apply(WEIGHTS % {"ns": name})
     yield name
-    # Wait for the namespace (and its pods) to go so the next test has all fake GPUs.
+    # Its pods go at once, so the next test has all fake GPUs.
     release_namespace(kube, name)
     kube.kubectl("delete", "pv", f"weights-{name}", "--ignore-not-found", "--wait=false")
 

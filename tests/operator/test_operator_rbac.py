@@ -11,7 +11,7 @@ import time
 
 import pytest
 import yaml
-from dvlm_support import EXAMPLES, condition, get_json, load_example, poll, write_sa_kubeconfig
+from dvlm_support import EXAMPLES, condition, get_json, load_example, poll, release_namespace, write_sa_kubeconfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -102,7 +102,4 @@ def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_facto
         assert time.monotonic() - started < 90
         assert "the cleanup Job could not be created" in op.log_path.read_text(), op.log_tail()
     finally:
-        for cr in (get_json(kube, "dvlm", "-n", ns) or {}).get("items", []):
-            kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", ns, "--type=merge",
-                         "-p", '{"metadata":{"finalizers":null}}', check=False)
-        kube.delete_namespace(ns, wait=True)
+        release_namespace(kube, ns)

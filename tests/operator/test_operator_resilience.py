@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from dvlm_support import condition, get_json, load_example, poll
+from dvlm_support import condition, get_json, load_example, poll, release_namespace
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -33,10 +33,7 @@ def children(kube, ns: str, name: str) -> list[str]:
 
 def _cleanup(kube, namespaces: list[str]) -> None:
     for ns in namespaces:
-        for cr in (get_json(kube, "dvlm", "-n", ns) or {}).get("items", []):
-            kube.kubectl("patch", "dvlm", cr["metadata"]["name"], "-n", ns, "--type=merge",
-                         "-p", '{"metadata":{"finalizers":null}}', check=False)
-        kube.delete_namespace(ns, wait=True)
+        release_namespace(kube, ns)
 
 
 @pytest.fixture

@@ -1,11 +1,10 @@
-"""A stopping pool pod drains its Ray node first (the pods' preStop: `dotsvlm drain-node`), on a real
-local Ray cluster with two worker raylets: a streaming request on the drained node completes, Serve
-moves the replica to the other worker, and the drain returns when the node has left (not at its deadline).
+"""A stopping pool pod drains its Ray node first (the pods' preStop: `dotsvlm drain-node`), on a real local
+Ray cluster with the dotsvlm application (tiny model), a head and two pool raylets: a stream on the LLM
+replica of a drained node finishes with the tokens it gets undisturbed, Serve moves the replica to the
+other node, and the drain returns when the node has left (not at its deadline). Then both pools roll, one
+node at a time, under load.
 
-Then the same with the dotsvlm application: a stream on the LLM replica of a drained node finishes with
-the tokens it gets undisturbed.
-
-Each cluster runs in its own process (tests/serving/drain_driver.py, drain_app_driver.py): a session of
+Each cluster runs in its own process (tests/serving/drain_app_driver.py, pool_roll_driver.py): a session of
 these tests may already hold a local Ray in this one.
 """
 
@@ -15,15 +14,6 @@ import pytest
 from serving_support import run_driver
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def test_draining_a_node_lets_its_streaming_request_complete_and_moves_the_replica(tmp_path) -> None:
-    out = run_driver(tmp_path, "drain_driver.py", timeout=600)
-    assert out["error"] is None, out
-    assert out["tokens"] == out["expected"], out  # every token of the stream, none lost or repeated
-    assert out["drain"]["drained"] is True, out  # the node left by itself once its work was done ...
-    assert out["drain"]["seconds"] < 120, out  # ... before the deadline
-    assert out["node_after"] != out["node_before"], out  # Serve runs the replica on the other worker now
 
 
 def test_draining_the_llm_replicas_node_finishes_its_stream_with_the_same_tokens(tmp_path) -> None:
