@@ -277,11 +277,12 @@ def _read_log(path: Path) -> str:
 
 
 # Autoscaled, but so that nothing scales under the test's load: the vision pool may grow (1-2) and the
-# LLM pool is fixed at 2 until (b) lets it grow; targets and SLO far above what the load reaches.
+# LLM pool is fixed at 2 until (b) lets it grow; targets and SLO far above what the load reaches. The LLM
+# engine settings are those the engine-change test leaves (max_running_requests 3).
 QUIET_AUTOSCALING = {
     "vision": {"max_batch_pixels": 1_000_000, "max_batch_wait_ms": 5,
                "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1000}},
-    "llm": {"context_length": 512, "max_running_requests": 4, "max_new_tokens_default": 16,
+    "llm": {"context_length": 512, "max_running_requests": 3, "max_new_tokens_default": 16,
             "autoscaling": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 1000,
                             "downscale_delay_s": 120}},
     "slo": {"image_ttft_s": 120, "text_ttft_s": 60, "inter_token_s": 30}}
@@ -331,8 +332,8 @@ def _published(head: Head, check: Callable[[dict], bool], what: str) -> dict:
 def test_autoscaling_on_off_knob_bound_and_slo_changes_restart_no_replica(head: Head) -> None:
     from dotsvlm_operator.serve_drift import config_drift
 
-    # First the same engine settings with both pools fixed (equal bounds): the LLM replicas restart once
-    # here, as the previous test left other engine settings.
+    # First the engine settings the previous test left, with both pools fixed (equal bounds): nothing restarts
+    # after that test (run alone, the LLM replicas restart once here for the new engine settings).
     head.deploy(**QUIET_FIXED)
     fixed_body = _config(head.model, head.api_port, **QUIET_FIXED)[0]
     head.wait_for("the fixed config running", lambda a: config_drift(
