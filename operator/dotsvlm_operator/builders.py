@@ -85,7 +85,7 @@ def gcs_fault_tolerance_env(owner: Owner, spec: models.DotsVLMDeploymentSpec, co
 
 
 def _redis_env(owner: Owner, ft: models.GcsFaultTolerance) -> list[dict[str, Any]]:
-    """How a process finds the Ray state in Redis (what redis_cleanup.head_uses reads back from a head pod)."""
+    """How a process finds the Ray state in Redis (what redis_cleanup.place_of reads back from a head pod)."""
     env: list[dict[str, Any]] = [{"name": "RAY_REDIS_ADDRESS", "value": ft.redis_address},
                                  {"name": "RAY_external_storage_namespace", "value": ft.storage_namespace or owner.uid}]
     if ft.password_secret_ref is not None:

@@ -436,8 +436,8 @@ async def _redis_state(body: kopf.Body, owner: naming.Owner, spec: models.DotsVL
         return wanted
     k = kube()
     job_name = naming.previous_redis_cleanup_job_name(owner.name)
-    head_uses = any(redis_cleanup.head_uses(p, recorded) for p in state.pods.values()
-                    if _component(p) == naming.COMPONENT_HEAD)
+    heads = [p for p in state.pods.values() if _component(p) == naming.COMPONENT_HEAD]
+    head_uses = any(redis_cleanup.head_uses(p, recorded) for p in heads)
     job = None if head_uses else await asyncio.to_thread(k.get, "Job", owner.namespace, job_name)
     if job is not None and ((job.get("metadata") or {}).get("annotations") or {}).get(
             naming.ANNOTATION_REDIS_PLACE) != redis_cleanup.place_label(recorded):
@@ -452,7 +452,7 @@ async def _redis_state(body: kopf.Body, owner: naming.Owner, spec: models.DotsVL
     step = await _cleanup_job_step(body, step, job, lambda: builders.redis_cleanup_job(owner, spec, previous=recorded),
                                    lambda why: redis_cleanup.give_up_previous(recorded, owner.uid, why), logger)
     if step.action in ("done", "give_up"):
-        return wanted
+        return redis_cleanup.after_cleanup(heads, wanted)
     if recorded.message != step.message:
         logger.info(step.message)
     return recorded.model_copy(update={"message": step.message})

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from dotsvlm_operator import models
+from dotsvlm_operator.naming import REDIS_PASSWORD_ENV
 
 # From the first attempt: the head's stop (its drain may take the head's termination grace period) and the Job.
 CLEANUP_TIMEOUT_S = 900.0
@@ -77,13 +78,31 @@ def manual_command(ft: models.GcsFaultTolerance, uid: str) -> str:
     return f"{cli} --scan --pattern 'RAY{storage_namespace(ft, uid)}@*' | xargs {cli} del"
 
 
-def head_uses(pod: dict[str, Any], loc: models.RedisStateStatus) -> bool:
-    """Whether this head pod's Ray keeps (or may still write) its state at `loc`: its env says so."""
+def place_of(pod: dict[str, Any]) -> models.RedisStateStatus | None:
+    """Where this head pod's Ray keeps (or may still write) its state: its env says so (builders._redis_env)."""
     for c in (pod.get("spec") or {}).get("containers") or []:
-        env = {e.get("name"): e.get("value") for e in c.get("env") or []}
-        if (env.get("RAY_REDIS_ADDRESS"), env.get("RAY_external_storage_namespace")) == (loc.redis_address, loc.storage_namespace):
-            return True
-    return False
+        env = {e.get("name"): e for e in c.get("env") or []}
+        address = (env.get("RAY_REDIS_ADDRESS") or {}).get("value")
+        namespace = (env.get("RAY_external_storage_namespace") or {}).get("value")
+        if address and namespace:
+            ref = ((env.get(REDIS_PASSWORD_ENV) or {}).get("valueFrom") or {}).get("secretKeyRef")
+            return models.RedisStateStatus(redis_address=address, storage_namespace=namespace,
+                                           password_secret_ref=ref)
+    return None
+
+
+def head_uses(pod: dict[str, Any], loc: models.RedisStateStatus) -> bool:
+    return same_place(place_of(pod), loc)
+
+
+def after_cleanup(head_pods: list[dict[str, Any]], wanted: models.RedisStateStatus | None) -> models.RedisStateStatus | None:
+    """What status.redisState records once a previous place was emptied: the spec's place, unless a head pod
+    still uses a third one (the spec moved again meanwhile, L1 -> L2 -> L3): that one is emptied next."""
+    for pod in head_pods:
+        loc = place_of(pod)
+        if loc is not None and not same_place(loc, wanted):
+            return loc
+    return wanted
 
 
 def _job_state(job: dict[str, Any]) -> Literal["succeeded", "failed", "running"]:

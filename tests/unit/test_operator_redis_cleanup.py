@@ -187,3 +187,18 @@ def test_a_deletion_during_a_move_says_which_keys_of_the_previous_place_are_left
     body["status"]["redisState"]["storageNamespace"] = "prod-b"
     handlers._warn_unfinished_move(body, logging.getLogger("test"))
     assert len(events) == 1
+
+
+def test_a_third_place_a_head_still_uses_after_a_cleanup_is_emptied_next() -> None:
+    """The spec moved L1 -> L2 -> L3 while L1 was being emptied: a head pod still on L2 makes L2 the next
+    place to empty, instead of recording L3 and leaving L2's keys behind."""
+    def head(**ft) -> dict:
+        return {"spec": builders.head_deployment(OWNER, _spec(**ft))["spec"]["template"]["spec"]}
+
+    on_l2 = head(storageNamespace="l2", passwordSecretRef={"name": "redis-auth"})
+    assert redis_cleanup.place_of(on_l2) == _place("l2", password_secret_ref={"name": "redis-auth", "key": "password"})
+    l3 = _place("l3")
+    assert redis_cleanup.after_cleanup([on_l2, head(storageNamespace="l3")], l3).storage_namespace == "l2"
+    assert redis_cleanup.after_cleanup([head(storageNamespace="l3")], l3) == l3
+    assert redis_cleanup.after_cleanup([], None) is None  # fault tolerance off and no head left on Redis
+    assert redis_cleanup.after_cleanup([on_l2], None).storage_namespace == "l2"
