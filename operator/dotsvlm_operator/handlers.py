@@ -384,9 +384,9 @@ def _warn_unfinished_move(body: kopf.Body, logger: logging.Logger) -> None:
     uid = body["metadata"]["uid"]
     try:
         spec = models.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
-        if redis_cleanup.same_place(recorded, redis_cleanup.location(spec.head.gcs_fault_tolerance, uid)):
+        if not redis_cleanup.moved(recorded, redis_cleanup.location(spec.head.gcs_fault_tolerance, uid)):
             return
-    except ValidationError:
+    except ValidationError:  # the spec's place is unknown: say what the status names
         pass
     step = redis_cleanup.give_up_previous(recorded, uid, "the resource was deleted before the operator removed it")
     logger.warning(step.message)
@@ -432,8 +432,9 @@ async def _redis_state(body: kopf.Body, owner: naming.Owner, spec: models.DotsVL
     previous place are removed once no head pod uses it (redis_cleanup.previous_step); no API call otherwise."""
     wanted = redis_cleanup.location(spec.head.gcs_fault_tolerance, owner.uid)
     recorded = old.redis_state if old is not None else None
-    if recorded is None or redis_cleanup.same_place(recorded, wanted):
+    if not redis_cleanup.moved(recorded, wanted):
         return wanted
+    assert recorded is not None
     k = kube()
     job_name = naming.previous_redis_cleanup_job_name(owner.name)
     heads = [p for p in state.pods.values() if _component(p) == naming.COMPONENT_HEAD]

@@ -62,6 +62,11 @@ def same_place(a: models.RedisStateStatus | None, b: models.RedisStateStatus | N
     return a is not None and b is not None and (a.redis_address, a.storage_namespace) == (b.redis_address, b.storage_namespace)
 
 
+def moved(recorded: models.RedisStateStatus | None, wanted: models.RedisStateStatus | None) -> bool:
+    """Whether the keys at `recorded` (status.redisState) are left to remove: the spec's place is another one."""
+    return recorded is not None and not same_place(recorded, wanted)
+
+
 def place_label(loc: models.RedisStateStatus) -> str:
     """`loc` as one annotation value: the Job that cleans it says which place it cleans."""
     return f"{loc.redis_address}/{loc.storage_namespace}"
@@ -178,8 +183,9 @@ def previous_step(recorded: models.RedisStateStatus | None, wanted: models.Redis
     """After the spec moved the Ray state (a new address or storage namespace, or fault tolerance off): remove
     the keys at the place the head used before (`recorded`, from status.redisState) once no head pod uses it.
     "record": nothing to remove, status.redisState becomes `wanted`; "done" / "give_up" likewise, after the Job."""
-    if recorded is None or wanted is not None and same_place(recorded, wanted):
+    if not moved(recorded, wanted):
         return Step("record", "")
+    assert recorded is not None
     old = settings(recorded)
     where = _where(old, uid)
     now = ("fault tolerance is off now" if wanted is None else
