@@ -130,11 +130,20 @@ class _Stop:
     env: tuple[dict[str, Any], ...] = ()
 
 
+def head_keeps_api(spec: models.DotsVLMDeploymentSpec) -> bool:
+    """Whether the API keeps answering while the head restarts: it runs on the API pool, and the pools'
+    Ray processes (the API pool's among them) outlive the head because the GCS state is in Redis."""
+    return spec.api_pool is not None and spec.head.gcs_fault_tolerance is not None
+
+
 def _head_stop(spec: models.DotsVLMDeploymentSpec) -> _Stop:
     """The head drains the API first (`dotsvlm drain-head`, dotsvlm_serving.head_drain): new requests get
     503 with Retry-After, the open ones (at most the request timeout) finish; then SIGTERM stops Ray
-    (every pool worker goes with it: without GCS fault tolerance they cannot outlive the head)."""
+    (every pool worker goes with it: without GCS fault tolerance they cannot outlive the head). Not when
+    the API outlives the head (`head_keeps_api`): it keeps answering through the restart."""
     deadline = int(math.ceil(spec.api.request_timeout_seconds))
+    if head_keeps_api(spec):
+        return _Stop([], naming.POD_STOP_MARGIN_S * 2)
     return _Stop(["dotsvlm", "drain-head", f"--address=127.0.0.1:{naming.GCS_PORT}", f"--deadline-seconds={deadline}",
                   f"--retry-after-seconds={naming.HEAD_RESTART_RETRY_AFTER_S}"], deadline + naming.POD_STOP_MARGIN_S)
 
@@ -178,9 +187,10 @@ def _pod_template(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: s
         "env": _ray_env(owner, spec) + gcs_fault_tolerance_env(owner, spec, component) + list(stop.env),
         "ports": ports,
         "volumeMounts": mounts,
-        "lifecycle": {"preStop": {"exec": {"command": stop.pre_stop}}},
         **probes,
     }
+    if stop.pre_stop:
+        container["lifecycle"] = {"preStop": {"exec": {"command": stop.pre_stop}}}
     if component != naming.COMPONENT_HEAD:
         # A pool pod's crash leaves its last log lines as the termination message, which the status quotes
         # (status.crash_summary: e.g. a new image's Ray version that the running head refuses). Not on the
@@ -237,12 +247,16 @@ def _redis_password(spec: models.DotsVLMDeploymentSpec) -> list[str]:
     return [f"--redis-password=$({naming.REDIS_PASSWORD_ENV})"] if ft is not None and ft.password_secret_ref else []
 
 
+def _control_resources() -> str:
+    return f"--resources={json.dumps({serve_config.CONTROL_RESOURCE: serve_config.CONTROL_RESOURCE_CAPACITY})}"
+
+
 def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
-    # The head advertises the control resource: the Ingress and TensorQueue replicas run here, where
-    # GPU-pool churn cannot take them down.
+    # Without an API pool the head advertises the control resource: the Ingress and TensorQueue replicas
+    # run here, where GPU-pool churn cannot take them down. With one, they run on its pods only.
+    control = [_control_resources()] if spec.api_pool is None else []
     cmd = ["ray", "start", "--head", f"--port={naming.GCS_PORT}", "--dashboard-host=0.0.0.0",
-           f"--dashboard-port={naming.DASHBOARD_PORT}", "--num-gpus=0",
-           f"--resources={json.dumps({serve_config.CONTROL_RESOURCE: serve_config.CONTROL_RESOURCE_CAPACITY})}",
+           f"--dashboard-port={naming.DASHBOARD_PORT}", "--num-gpus=0", *control,
            *_metrics_port(spec), *_redis_password(spec), "--block"]
     ports = [{"name": "gcs", "containerPort": naming.GCS_PORT},
              {"name": "dashboard", "containerPort": naming.DASHBOARD_PORT},
@@ -260,10 +274,35 @@ def head_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[st
     return dep
 
 
-def _worker_command(owner: Owner, spec: models.DotsVLMDeploymentSpec, resource: str, gpus: int) -> list[str]:
+def _worker_command(owner: Owner, spec: models.DotsVLMDeploymentSpec, resource: str | None, gpus: int) -> list[str]:
+    resources = (f"--resources={json.dumps({resource: serve_config.POOL_RESOURCE_CAPACITY})}" if resource
+                 else _control_resources())
     return ["ray", "start", f"--address={naming.head_service_host(owner)}:{naming.GCS_PORT}", f"--num-gpus={gpus}",
-            f"--resources={json.dumps({resource: serve_config.POOL_RESOURCE_CAPACITY})}",
-            f"--dashboard-agent-listen-port={naming.AGENT_PORT}", *_metrics_port(spec), "--block"]
+            resources, f"--dashboard-agent-listen-port={naming.AGENT_PORT}", *_metrics_port(spec), "--block"]
+
+
+def api_pool_grace_seconds(spec: models.DotsVLMDeploymentSpec) -> int:
+    """An API pod's grace period: its Ingress replica's open requests may take the request timeout."""
+    pool = spec.api_pool
+    assert pool is not None
+    if pool.termination_grace_period_seconds is not None:
+        return pool.termination_grace_period_seconds
+    return int(math.ceil(spec.api.request_timeout_seconds)) + 2 * naming.POD_STOP_MARGIN_S
+
+
+def api_pool_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
+    """API pool (spec.apiPool): CPU pods that advertise the control resource, so the Ingress and
+    TensorQueue replicas run there (and Serve's HTTP proxy answers there, behind the API Service). A new pod
+    comes up before an old one drains (maxSurge 1): Serve moves the old pod's replicas to it."""
+    pool = spec.api_pool
+    assert pool is not None
+    template = _pod_template(
+        owner, spec, naming.COMPONENT_API_POOL, _worker_command(owner, spec, None, 0),
+        [{"name": "serve", "containerPort": spec.api.port}, {"name": "metrics", "containerPort": naming.METRICS_PORT}],
+        _resources(pool.resources, 0), pool.node_selector, pool.tolerations, "2Gi",
+        _pool_probes(pool.startup_timeout_seconds), _pool_stop(owner, api_pool_grace_seconds(spec)))
+    return _deployment(owner, naming.pool_name(owner.name, naming.COMPONENT_API_POOL), naming.COMPONENT_API_POOL,
+                       pool.replicas, template, max_surge=1)
 
 
 def vision_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int) -> dict[str, Any]:
@@ -311,10 +350,15 @@ def head_service(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, 
             "spec": {"type": "ClusterIP", "selector": naming.selector(owner, naming.COMPONENT_HEAD), "ports": ports}}
 
 
+def api_component(spec: models.DotsVLMDeploymentSpec) -> str:
+    """The pods whose Serve proxy the API Service sends requests to."""
+    return naming.COMPONENT_HEAD if spec.api_pool is None else naming.COMPONENT_API_POOL
+
+
 def api_service(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": _meta(owner, naming.api_service_name(owner.name), naming.COMPONENT_API),
-            "spec": {"type": spec.api.service_type, "selector": naming.selector(owner, naming.COMPONENT_HEAD),
+            "spec": {"type": spec.api.service_type, "selector": naming.selector(owner, api_component(spec)),
                      "ports": [{"name": "http", "port": spec.api.port, "targetPort": spec.api.port}]}}
 
 
@@ -418,6 +462,8 @@ def children(owner: Owner, spec: models.DotsVLMDeploymentSpec, *, vision_replica
         pod_disruption_budget(owner, naming.COMPONENT_LLM),
         network_policy(owner, spec, operator_namespace),
     ]
+    if spec.api_pool is not None:
+        objs[6:6] = [api_pool_deployment(owner, spec), pod_disruption_budget(owner, naming.COMPONENT_API_POOL)]
     annotations: dict[str, str] = {}
     if uses_pod_monitor(spec, pod_monitor_supported):
         objs.append(pod_monitor(owner, spec))

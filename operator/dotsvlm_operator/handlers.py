@@ -695,6 +695,14 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
                 old_obj = k.get(kind, owner.namespace, owner.name)
                 if old_obj and any(r.get("uid") == owner.uid for r in old_obj["metadata"].get("ownerReferences") or []):
                     k.delete(kind, owner.namespace, owner.name)
+        api_pool = naming.pool_name(owner.name, naming.COMPONENT_API_POOL)
+        if spec.api_pool is None and api_pool in state.live:
+            # spec.apiPool removed: its pods go (the API and the queue move back to the head, which restarts
+            # with the control resource). The watch saw the Deployment, so nothing is read to find it.
+            for kind in ("Deployment", "PodDisruptionBudget"):
+                k.delete(kind, owner.namespace, api_pool)
+                state.applied.pop(_child_key(kind, api_pool), None)
+            state.live.pop(api_pool, None)
         if spec.api.api_key_secret_ref is not None:
             ref = spec.api.api_key_secret_ref
             keys = k.secret_value(owner.namespace, ref.name, ref.key)
@@ -711,7 +719,8 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
 
 
 _RAY_DEPLOYMENTS = {naming.COMPONENT_HEAD: naming.head_name, naming.COMPONENT_VISION: lambda n: naming.pool_name(n, naming.COMPONENT_VISION),
-                    naming.COMPONENT_LLM: lambda n: naming.pool_name(n, naming.COMPONENT_LLM)}
+                    naming.COMPONENT_LLM: lambda n: naming.pool_name(n, naming.COMPONENT_LLM),
+                    naming.COMPONENT_API_POOL: lambda n: naming.pool_name(n, naming.COMPONENT_API_POOL)}
 
 
 def _plan_templates(k: Kube, owner: naming.Owner, desired: dict[str, dict[str, Any]],
@@ -722,6 +731,8 @@ def _plan_templates(k: Kube, owner: naming.Owner, desired: dict[str, dict[str, A
     resource (no status yet) has none to read: three calls fewer for each of a burst of creates."""
     live: dict[str, dict[str, Any] | None] = {}
     for component, name_of in _RAY_DEPLOYMENTS.items():
+        if component not in desired:  # the API pool, when the spec has none
+            continue
         name = name_of(owner.name)
         if name not in state.live and not new_resource:
             got = k.get("Deployment", owner.namespace, name)

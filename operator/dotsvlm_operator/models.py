@@ -461,6 +461,27 @@ class HeadSpec(_Api):
         "survive a restart of the head pod. Unset: a head restart restarts every Ray process of the deployment."))
 
 
+class ApiPool(_Api):
+    """CPU pods that run the API (Ray Serve's HTTP proxy and the Ingress replicas) and the tensor queue, in
+    place of the Ray head. With head.gcsFaultTolerance the API then keeps answering while the head restarts
+    (the last step of an image rollout, a head pod evicted or lost); without it a head restart still restarts
+    every Ray process. It also spreads the API's work (request validation, image download and decode checks)
+    over more CPUs than the head has."""
+
+    replicas: int = Field(2, ge=1, le=100, description=(
+        "API pods; each runs one Ingress replica and a Serve HTTP proxy behind the API Service, one of them the "
+        "tensor queue. Two or more keep the API answering while one of them stops."))
+    node_selector: dict[str, str] | None = Field(None, description="Node labels the API pods require.")
+    tolerations: list[Toleration] | None = Field(None, description="Tolerations for the API pods.")
+    resources: Resources | None = Field(None, description="CPU and memory for each API pod.")
+    termination_grace_period_seconds: int | None = Field(None, ge=60, le=86400, description=(
+        "How long a stopping API pod (rollout, node drain) may take before Kubernetes kills it. The pod first "
+        "drains its Ray node: Ray Serve starts its Ingress (and the tensor queue) on another API pod and the "
+        f"old replica finishes its open requests and streams. Default: api.requestTimeoutSeconds + "
+        f"{2 * POD_STOP_MARGIN_S} s."))
+    startup_timeout_seconds: int = _startup_field(600, "API")
+
+
 class MonitoringSpec(_Api):
     """Prometheus integration."""
 
@@ -494,6 +515,9 @@ class DotsVLMDeploymentSpec(_Api):
     queue: QueueSpec = Field(default_factory=QueueSpec, description="Limits of the tensor queue between the pools.")
     api: ApiSpec = Field(default_factory=ApiSpec, description="The OpenAI-compatible API.")
     head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head pod.")
+    api_pool: ApiPool | None = Field(None, description=(
+        "Run the API and the tensor queue on pods of their own instead of the Ray head (see ApiPool). Unset: "
+        "they run on the head. Turning it on or off restarts the head once (Ray's resources move)."))
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Metrics and scraping.")
     slo: SLOSpec = Field(default_factory=SLOSpec, description="Latency targets per modality, for the autoscaler and the status.")
 
@@ -622,6 +646,13 @@ class RedisStateStatus(_Api):
         "tolerance turned off): what the operator is doing to remove its keys."))
 
 
+class ApiPoolStatus(_Api):
+    """The API pool's pods (spec.apiPool)."""
+
+    pods: int = Field(0, description="API pods that exist (not stopping).")
+    ready_pods: int = Field(0, description="API pods whose Ray node is up: the API Service sends requests to them.")
+
+
 class DotsVLMDeploymentStatus(_Api):
     """Observed state, written by the operator."""
 
@@ -629,6 +660,7 @@ class DotsVLMDeploymentStatus(_Api):
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing and Degraded.")
     vision: PoolStatus = Field(default_factory=PoolStatus, description="The vision pool.")
     llm: PoolStatus = Field(default_factory=PoolStatus, description="The LLM pool.")
+    api_pool: ApiPoolStatus | None = Field(None, description="The API pool's pods; unset without spec.apiPool.")
     serve_app: ServeAppStatus = Field(default_factory=ServeAppStatus, description="The Ray Serve application.")
     queue: QueueStatus | None = Field(None, description="The tensor queue between the pools (depth, oldest item, rejections).")
     backpressure: BackpressureStatus | None = Field(None, description="The vision stage's backlog and the image bytes held against their limits, and the requests refused with 429 by reason.")

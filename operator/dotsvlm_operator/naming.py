@@ -51,6 +51,7 @@ COMPONENT_HEAD = "ray-head"
 COMPONENT_VISION = "vision"
 COMPONENT_LLM = "llm"
 COMPONENT_API = "api"
+COMPONENT_API_POOL = "api-pool"  # the pods that run the API and the queue (spec.apiPool)
 COMPONENT_SERVE_CONFIG = "serve-config"
 COMPONENT_RAY_TOKEN = "ray-token"
 COMPONENT_NETWORK_POLICY = "network-policy"

@@ -5,7 +5,7 @@ way) changes every Ray pod template at once, so Kubernetes would replace the vis
 the head) together: both pools short of a pod at the same time, the head's restart on top. Instead the
 operator gives each group its new template only when the group before it has finished its rollout
 (every pod updated and available): the vision pool first (it is cheap to restart and requests with
-images only wait), then the LLM pool, then the head. Each pool's pods drain as they stop
+images only wait), then the LLM pool, then the API pool (spec.apiPool, if any), then the head. Each pool's pods drain as they stop
 (`dotsvlm drain-node`), one at a time (the Deployments' maxUnavailable 1, maxSurge 0).
 
 A group that waits keeps the template it runs: each Ray Deployment carries the template the operator last
@@ -27,9 +27,10 @@ from typing import Any
 
 from dotsvlm_operator import naming
 
-# The groups in the order they take a new template.
-ORDER = (naming.COMPONENT_VISION, naming.COMPONENT_LLM, naming.COMPONENT_HEAD)
-_LABEL = {naming.COMPONENT_VISION: "vision pool", naming.COMPONENT_LLM: "LLM pool", naming.COMPONENT_HEAD: "Ray head"}
+# The groups in the order they take a new template (the API pool only where the spec has one).
+ORDER = (naming.COMPONENT_VISION, naming.COMPONENT_LLM, naming.COMPONENT_API_POOL, naming.COMPONENT_HEAD)
+_LABEL = {naming.COMPONENT_VISION: "vision pool", naming.COMPONENT_LLM: "LLM pool",
+          naming.COMPONENT_API_POOL: "API pool", naming.COMPONENT_HEAD: "Ray head"}
 
 
 def _template_json(template: dict[str, Any]) -> str:
@@ -99,14 +100,15 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
     groups' Deployments as the API server has them (None: not created yet; it starts with its desired
     template; one without the annotation, made by an older operator, takes its desired one at once).
     `all_at_once` (spec.rolloutStrategy AllAtOnce, for a new Ray version): no group waits."""
-    currents = {group: applied_template(live.get(group)) for group in ORDER}
-    token_changed = any(_token(currents[g]) not in (None, _token(desired[g])) for g in ORDER if currents[g])
+    order = [group for group in ORDER if group in desired]
+    currents = {group: applied_template(live.get(group)) for group in order}
+    token_changed = any(_token(currents[g]) not in (None, _token(desired[g])) for g in order if currents[g])
     templates: dict[str, dict[str, Any]] = {}
     rolling: list[str] = []
     waiting: list[str] = []
     new_image = any_changed = False
     before_done = True  # every group before this one has finished its rollout
-    for group in ORDER:
+    for group in order:
         dep, current, want = live.get(group), currents[group], desired[group]
         if dep is None or current is None or token_changed:
             templates[group] = want
@@ -129,7 +131,7 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
         return TemplatePlan(templates)
     parts = (["rolling " + " and ".join(rolling)] if rolling else []) + (
         ["then " + ", then ".join(waiting)] if waiting else [])
-    image = template_image(desired[ORDER[0]])
+    image = template_image(desired[order[0]])
     # Once every group has its template, the old one is gone from the plan's view: name the image only.
     what = f"new image {image}" if new_image else "new pod settings" if any_changed else f"pods of image {image}"
     how = ("all at once (rolloutStrategy AllAtOnce): new requests get 503 until the new head and pools serve"

@@ -85,7 +85,9 @@ def app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAppConfi
         api=serve_config.ApiConfig(
             api_keys_env=serve_config.API_KEYS_ENV if spec.api.api_key_secret_ref else None,
             request_timeout_s=spec.api.request_timeout_seconds,
-            max_image_bytes_in_flight=spec.api.max_image_bytes_in_flight),
+            max_image_bytes_in_flight=spec.api.max_image_bytes_in_flight,
+            # One Ingress replica per API pod (Serve spreads them over the pods), or one on the head.
+            ingress_replicas=spec.api_pool.replicas if spec.api_pool is not None else 1),
         slo=slo(spec.slo),
         control_resource=serve_config.CONTROL_RESOURCE,
     )

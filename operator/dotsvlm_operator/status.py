@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from dotsvlm_operator import models
-from dotsvlm_operator.naming import (ANNOTATION_POD_DELETION_COST, COMPONENT_HEAD, COMPONENT_LLM, COMPONENT_VISION,
-                                     LABEL_COMPONENT)
+from dotsvlm_operator.naming import (ANNOTATION_POD_DELETION_COST, COMPONENT_API_POOL, COMPONENT_HEAD, COMPONENT_LLM,
+                                     COMPONENT_VISION, LABEL_COMPONENT)
 
 if TYPE_CHECKING:
     from dotsvlm_operator.ingress_client import AutoscalerReport, PoolDecision
@@ -293,6 +293,33 @@ def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: models.Do
                               + (f" ({plan.reason}: {plan.message})" if plan is not None else "")))
 
 
+def _api_pool_findings(pods: list[PodView], spec: models.DotsVLMDeploymentSpec, f: _Findings) -> models.ApiPoolStatus | None:
+    """spec.apiPool: its pods carry the API (the Service sends requests only to them) and the tensor queue."""
+    if spec.api_pool is None:
+        return None
+    want = spec.api_pool.replicas
+    live = [p for p in pods if p.component == COMPONENT_API_POOL and not p.deleting]
+    pending = [p for p in live if p.unschedulable]
+    if pending:
+        why = pending[0].unschedulable or ""
+        hint = VOLUME_HINT if _volume_problem(why) else (
+            "each API pod needs room for its CPU and memory (apiPool.resources) on a node that matches "
+            "apiPool.nodeSelector and apiPool.tolerations; add such nodes or lower apiPool.resources")
+        f.degraded.append(("Unschedulable", f"{len(pending)} of {len(live)} API pods pending: {_first_sentence(why)} "
+                                            f"To fix: {hint}."))
+    broken = [p for p in live if p.problem]
+    if broken:
+        f.degraded.append(("PodFailing", f"API pod {broken[0].name} cannot start: {broken[0].problem}"
+                           + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else "")))
+    ready = sum(p.ready for p in live)
+    if ready == 0:
+        f.waiting.append(("APIPodsNotReady", f"API pool: 0 of {want} pods ready (the API Service has no pod to send "
+                                             f"requests to)"))
+    elif ready < want:
+        f.progressing.append(("Scaling", f"API pool: {ready} of {want} pods ready"))
+    return models.ApiPoolStatus(pods=len(live), ready_pods=ready)
+
+
 def _target(target: float, observed: float | None) -> models.SLOTargetStatus:
     return models.SLOTargetStatus(target_seconds=target,
                                   observed_p90_seconds=None if observed is None else round(observed, 4),
@@ -398,6 +425,7 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
         f.waiting.append(("HeadNotReady", "the Ray head pod is not ready yet"))
     _pool_findings(COMPONENT_VISION, pods, desired[COMPONENT_VISION], spec, plans.get(COMPONENT_VISION), f)
     _pool_findings(COMPONENT_LLM, pods, desired[COMPONENT_LLM], spec, plans.get(COMPONENT_LLM), f)
+    api_pool = _api_pool_findings(pods, spec, f)
 
     serve_status = models.ServeAppStatus()
     if serve is not None:
@@ -462,6 +490,7 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
         llm=_pool_status(COMPONENT_LLM, pods, desired[COMPONENT_LLM], spec.llm.nodes_per_replica,
                          serve_deployment(serve, COMPONENT_LLM), plans.get(COMPONENT_LLM),
                          pool_decision(report, COMPONENT_LLM), old.llm if old else None),
+        api_pool=api_pool,
         serve_app=serve_status,
         queue=queue,
         backpressure=backpressure,

@@ -395,8 +395,8 @@ def actor_options(*, num_gpus: float, pool_resource: str | None, num_cpus: float
 
 def control_options(opts: dict[str, Any] | None, control_resource: str | None) -> dict[str, Any]:
     """The Ingress's and TensorQueue's actor options, pinned (one unit of `control_resource`) to the nodes
-    that advertise it, the Ray head, where GPU-pool churn (scale-down, rollout, node drain) cannot
-    take them down; unpinned when None (a local Ray)."""
+    that advertise it (the Ray head, or the API pool's pods when the spec has one), where GPU-pool churn
+    (scale-down, rollout, node drain) cannot take them down; unpinned when None (a local Ray)."""
     out = dict(opts or {})
     if control_resource:
         out["resources"] = {**out.get("resources", {}), control_resource: 1}
@@ -483,6 +483,9 @@ class ServeAppConfig(_Strict):
         llm_opts["ray_actor_options"] = _with_env(llm_opts["ray_actor_options"], env)
         opts = {
             INGRESS_DEPLOYMENT: {**replica_options(AutoscalingTargets(min_replicas=n, max_replicas=n)),
+                                 # A stopping Ingress replica (its API pod drains) finishes its open requests
+                                 # and streams, which may take the request timeout.
+                                 "graceful_shutdown_timeout_s": self.api.request_timeout_s,
                                  "ray_actor_options": _with_env(control_options({"num_cpus": 0}, self.control_resource)),
                                  "user_config": self.ingress_config().model_dump(mode="json")},
             VISION_DEPLOYMENT: {**replica_options(self.vision.autoscaling),

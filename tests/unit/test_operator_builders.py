@@ -379,3 +379,50 @@ def test_a_bad_gcs_fault_tolerance_setting_names_its_field(ft: dict, field: str)
     with pytest.raises(ValidationError) as err:
         _spec(head__gcsFaultTolerance=ft)
     assert field in str(err.value)
+
+
+def test_an_api_pool_takes_the_api_and_the_queue_off_the_head() -> None:
+    """spec.apiPool: CPU pods advertise the control resource (the head no longer does), the API Service sends
+    requests to their Serve proxies, one Ingress replica per pod, and each pod drains its Ray node as it
+    stops, a new one first (maxSurge 1), within a grace period that holds a request's whole timeout."""
+    spec = _spec(apiPool={"replicas": 3, "resources": {"requests": {"cpu": "8", "memory": "16Gi"}},
+                          "nodeSelector": {"pool": "cpu"}})
+    kids = _kids(spec)
+    advertised = f'--resources={{"{serve_config.CONTROL_RESOURCE}": {serve_config.CONTROL_RESOURCE_CAPACITY}}}'
+    api = kids[("Deployment", "dots-api-pool")]
+    assert api["spec"]["replicas"] == 3
+    assert api["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 1}
+    pod = api["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert advertised in c["command"] and "--num-gpus=0" in c["command"] and "--address=dots-ray-head.ml.svc:6379" in c["command"]
+    assert {"name": "serve", "containerPort": 8000} in c["ports"]
+    assert c["resources"]["requests"] == {"cpu": "8", "memory": "16Gi"} and "nvidia.com/gpu" not in str(c["resources"])
+    assert pod["nodeSelector"] == {"pool": "cpu"}
+    assert c["lifecycle"]["preStop"]["exec"]["command"][:2] == ["dotsvlm", "drain-node"]
+    assert pod["terminationGracePeriodSeconds"] == 600 + 2 * naming.POD_STOP_MARGIN_S  # api.requestTimeoutSeconds 600
+    assert kids[("PodDisruptionBudget", "dots-api-pool")]["spec"]["maxUnavailable"] == 1
+    head = kids[("Deployment", "dots-ray-head")]["spec"]["template"]["spec"]["containers"][0]
+    assert not any(serve_config.CONTROL_RESOURCE in arg for arg in head["command"])
+    assert kids[("Service", "dots-api")]["spec"]["selector"] == naming.selector(OWNER, naming.COMPONENT_API_POOL)
+    # Without GCS fault tolerance a head restart restarts every Ray process, the API pool's too: the head
+    # still drains the API first. With it the API outlives the head: no drain.
+    assert head["lifecycle"]["preStop"]["exec"]["command"][:2] == ["dotsvlm", "drain-head"]
+    ft = _spec(apiPool={"replicas": 2}, head={"gcsFaultTolerance": {"redisAddress": "redis:6379"}})
+    ft_head = _kids(ft)[("Deployment", "dots-ray-head")]["spec"]["template"]["spec"]
+    assert "lifecycle" not in ft_head["containers"][0] and ft_head["terminationGracePeriodSeconds"] <= 60
+    # The Serve config: one Ingress replica per API pod, each finishing its open requests when it stops.
+    opts = serve_app.app_config(spec).deployment_options()[serve_config.INGRESS_DEPLOYMENT]
+    assert opts["autoscaling_config"]["min_replicas"] == opts["autoscaling_config"]["max_replicas"] == 3
+    assert opts["graceful_shutdown_timeout_s"] == 600
+    assert opts["ray_actor_options"]["resources"] == {serve_config.CONTROL_RESOURCE: 1}
+    # Without an API pool: nothing of it, and the head keeps the API.
+    plain = _kids(_spec())
+    assert ("Deployment", "dots-api-pool") not in plain and ("PodDisruptionBudget", "dots-api-pool") not in plain
+    assert plain[("Service", "dots-api")]["spec"]["selector"] == naming.selector(OWNER, naming.COMPONENT_HEAD)
+    assert serve_app.app_config(_spec()).api.ingress_replicas == 1
+
+
+def test_an_api_pool_grace_period_below_a_minute_is_refused() -> None:
+    with pytest.raises(ValidationError, match="terminationGracePeriodSeconds|termination_grace_period_seconds"):
+        _spec(apiPool={"terminationGracePeriodSeconds": 10})
+    assert builders.api_pool_grace_seconds(_spec(apiPool={"terminationGracePeriodSeconds": 90})) == 90

@@ -163,3 +163,19 @@ def test_a_ray_version_mismatch_says_how_to_upgrade_ray() -> None:
     got = crash_summary({"exitCode": 1, "message": log})
     assert "the Ray head runs Ray 2.60.0 (Python 3.11.7), this image has Ray 2.61.1 (Python 3.11.9)" in got
     assert "spec.rolloutStrategy to AllAtOnce" in got
+
+
+def test_an_api_pool_rolls_after_the_llm_pool_and_before_the_head() -> None:
+    pool = {"apiPool": {"replicas": 2}}
+    old, new = templates("img:1", **pool), templates("img:2", **pool)
+    groups = ("vision", "llm", "api-pool", "ray-head")
+    live = {g: dep(old[g], 1 if g == "ray-head" else 2) for g in groups}
+    live["vision"] = dep(new["vision"])
+    live["llm"] = dep(new["llm"])
+    plan = plan_templates(new, live)
+    assert plan.images == {"vision": "img:2", "llm": "img:2", "api-pool": "img:2", "ray-head": "img:1"}
+    assert "rolling the API pool" in plan.message and "then the Ray head" in plan.message
+    live["api-pool"] = dep(new["api-pool"], 2, updated=1, available=2, total=3)
+    assert plan_templates(new, live).images["ray-head"] == "img:1"  # the API pool has not finished
+    live["api-pool"] = dep(new["api-pool"])
+    assert plan_templates(new, live).images["ray-head"] == "img:2"

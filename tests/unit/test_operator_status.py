@@ -390,3 +390,19 @@ def test_a_head_that_cannot_use_redis_says_what_to_fix() -> None:
                 ServeObservation(URL, False, "Unknown", "no head"))
     msg = cond(st, "Degraded").message
     assert "dots-ray-head-x" in msg and "gcsFaultTolerance.redisAddress" in msg and "..." not in msg, msg
+
+
+def test_an_api_pool_without_a_ready_pod_is_not_ready_and_says_why() -> None:
+    s = models.DotsVLMDeploymentSpec.model_validate({**spec().model_dump(by_alias=True, exclude_none=True),
+                                                     "apiPool": {"replicas": 2}})
+    serve = ServeObservation(URL, True, "RUNNING")
+    st, _ = run(healthy_pods() + [PodView("a0", "api-pool", scheduled=True), PodView("a1", "api-pool", scheduled=True)],
+                serve, s=s)
+    assert cond(st, "Ready").status == "False" and cond(st, "Ready").reason == "APIPodsNotReady"
+    assert "0 of 2" in cond(st, "Ready").message and st.api_pool.pods == 2 and st.api_pool.ready_pods == 0
+    st, _ = run(healthy_pods() + [ready("a0", "api-pool"), PodView("a1", "api-pool", unschedulable=SCHED)], serve, s=s)
+    assert cond(st, "Ready").status == "True" and cond(st, "Progressing").reason == "Scaling"
+    assert cond(st, "Degraded").reason == "Unschedulable" and "apiPool.resources" in cond(st, "Degraded").message
+    st, _ = run(healthy_pods() + [ready("a0", "api-pool"), ready("a1", "api-pool")], serve, s=s)
+    assert cond(st, "Ready").status == "True" and st.api_pool.ready_pods == 2
+    assert run(healthy_pods(), serve)[0].api_pool is None
