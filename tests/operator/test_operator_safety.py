@@ -82,17 +82,18 @@ def _complete(dep: dict) -> bool:
             and st.get("replicas", 0) == want and st.get("availableReplicas", 0) == want)
 
 
-def _watch_roll_order(kube, ns: str, name: str, took, status, diag) -> set[str]:
-    """Watch the three Deployments until each has taken the change (`took(deployment)`): each must take it
-    only once the one before has finished its rollout (vision, LLM, head). The RollingOut messages seen."""
+def _watch_roll_order(kube, ns: str, name: str, took, status, diag,
+                      groups: tuple[str, ...] = ("vision", "llm", "ray-head")) -> set[str]:
+    """Watch the Ray Deployments until each has taken the change (`took(deployment)`): each must take it
+    only once the one before has finished its rollout (`groups`, in order). The RollingOut messages seen."""
     order: list[str] = []
     rolling_messages: set[str] = set()
     polls = 0
-    while len(order) < 3:
+    while len(order) < len(groups):
         polls += 1
         assert polls < 1200, f"the rollout did not finish: {order}\n{diag()}"
         deps = _deployments(kube, ns, name)
-        for component, before in (("vision", None), ("llm", "vision"), ("ray-head", "llm")):
+        for component, before in zip(groups, (None, *groups[:-1])):
             if component in order or not took(deps[component]):
                 continue
             if before is not None:
@@ -102,7 +103,7 @@ def _watch_roll_order(kube, ns: str, name: str, took, status, diag) -> set[str]:
         progressing = condition({"status": status()}, "Progressing") or {}
         if progressing.get("reason") == "RollingOut":
             rolling_messages.add(progressing["message"])
-    assert order == ["vision", "llm", "ray-head"]
+    assert order == list(groups)
     return rolling_messages
 
 
@@ -160,6 +161,61 @@ def test_a_new_image_rolls_vision_then_llm_then_head_each_after_the_last_finishe
     rolling = poll(lambda: (c := condition({"status": status()}, "Progressing")) and c["reason"] == "RollingOut"
                    and "rolloutStrategy AllAtOnce" in c["message"] and c, 60, "the AllAtOnce rollout in the status", diag)
     assert "dotsvlm-serving:3: rolling the vision pool" in rolling["message"], rolling
+
+
+def test_an_api_pool_serves_the_api_service_rolls_before_the_head_and_goes_when_removed(kube, ns, fake_head,
+                                                                                        operator_factory) -> None:
+    """spec.apiPool: the API Service's endpoints are the API pods, the head stops advertising the control
+    resource (the Ingress and the queue can only run on the API pods), a new image rolls vision, LLM, API pool,
+    then head; without spec.apiPool again, its pods go and the Service is the head's once more."""
+    head, url = fake_head
+    op = operator_factory([ns], head_url=url, extra=["--api-url-override", url, "--pod-loop-seconds", "1"])
+    name = "dots-api"
+    cr = _small(name)
+    cr["spec"]["image"] = "dotsvlm-serving:1"
+    cr["spec"]["apiPool"] = {"replicas": 2, "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}
+    kube.apply(yaml.safe_dump(cr), namespace=ns)
+
+    def status() -> dict:
+        return (get_json(kube, "dvlm", name, "-n", ns) or {}).get("status") or {}
+
+    def diag() -> str:
+        return f"status: {status()}\n{op.log_tail()}"
+
+    def pods(component: str) -> list[dict]:
+        return get_json(kube, "pods", "-n", ns, "-l",
+                        f"dotsvlm.io/deployment={name},app.kubernetes.io/component={component}")["items"]
+
+    def endpoints() -> set[str]:
+        slices = get_json(kube, "endpointslices", "-n", ns, "-l", f"kubernetes.io/service-name={name}-api")["items"]
+        return {a for s in slices for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready")
+                for a in e["addresses"]}
+
+    poll(lambda: (c := condition({"status": status()}, "Ready")) and c["status"] == "True"
+         and (status().get("apiPool") or {}).get("readyPods") == 2, 120, "Ready with 2 API pods ready", diag)
+    api_ips = {p["status"]["podIP"] for p in pods("api-pool")}
+    assert len(api_ips) == 2
+    poll(lambda: endpoints() == api_ips, 60, "the API Service's endpoints are the API pods", diag)
+    head_command = _deployments(kube, ns, name)["ray-head"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert not any("dotsvlm_control" in arg for arg in head_command), head_command
+    api_command = _deployments(kube, ns, name)["api-pool"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert any("dotsvlm_control" in arg for arg in api_command), api_command
+
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", '{"spec":{"image":"dotsvlm-serving:2"}}')
+    messages = _watch_roll_order(kube, ns, name, lambda d: _image(d) == "dotsvlm-serving:2", status, diag,
+                                 groups=("vision", "llm", "api-pool", "ray-head"))
+    assert any("then the LLM pool, then the API pool, then the Ray head" in m for m in messages), messages
+    poll(lambda: (c := condition({"status": status()}, "Progressing")) and c["reason"] != "RollingOut"
+         and all(_complete(d) for d in _deployments(kube, ns, name).values()), 120, "the rollout finished", diag)
+
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=json", "-p", '[{"op":"remove","path":"/spec/apiPool"}]')
+    poll(lambda: "api-pool" not in _deployments(kube, ns, name) and not pods("api-pool"), 90,
+         "the API pool's Deployment and pods gone", diag)
+    assert get_json(kube, "pdb", f"{name}-api-pool", "-n", ns) is None
+    head_ip = poll(lambda: [p["status"].get("podIP") for p in pods("ray-head") if p["status"].get("podIP")
+                            and not p["metadata"].get("deletionTimestamp")], 90, "the head pod", diag)[0]
+    poll(lambda: endpoints() == {head_ip}, 120, "the API Service's endpoint is the head again", diag)
+    poll(lambda: "apiPool" not in status(), 60, "status.apiPool gone", diag)
 
 
 def test_network_policy_admits_the_operator_only_from_its_own_namespace(kube, ns, operator_factory) -> None:
