@@ -104,10 +104,13 @@ def add_node_with_retry(cluster, attempts: int = 3, **node_args):
             print("a raylet start timed out (busy machine): trying again", flush=True)
 
 
-def serve_app_on_cluster(cluster, port: int, config: dict, env: dict[str, str]) -> str:
-    """Connect to a test cluster, start Serve's HTTP proxy on its head only and deploy the dotsvlm application
-    from `config` (a ServeAppConfig) the way the operator does; its URL once /health answers (on `port`, or
-    on another free one if `port` was taken by the time the proxy bound it)."""
+def serve_app_on_cluster(cluster, port: int, config: dict, env: dict[str, str],
+                         proxy_location: str = "HeadOnly") -> str:
+    """Connect to a test cluster, start Serve's HTTP proxies (on the head only, or "EveryNode": also on each
+    node with a replica, where a worker node's proxy binds that node's RAY_SERVE_WORKER_PROXY_HTTP_PORT if
+    it has one) and deploy the dotsvlm application from `config` (a ServeAppConfig) the way the operator
+    does; the head proxy's URL once /health answers (on `port`, or on another free one if `port` was taken by
+    the time the proxy bound it)."""
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -119,7 +122,7 @@ def serve_app_on_cluster(cluster, port: int, config: dict, env: dict[str, str]) 
     attempts = 3
     for attempt in range(attempts):
         try:
-            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+            serve.start(proxy_location=proxy_location, http_options={"host": "127.0.0.1", "port": port})
             break
         except Exception as exc:  # noqa: BLE001 - Ray wraps the proxy's error in a RayTaskError
             # The port was free when chosen; one of the cluster's own processes may have taken it since
@@ -129,6 +132,7 @@ def serve_app_on_cluster(cluster, port: int, config: dict, env: dict[str, str]) 
             serve.shutdown()
             port = _free_port()
     body = ServeAppConfig.model_validate(config).deploy_body(http_port=port, http_host="127.0.0.1")
+    body["proxy_location"] = proxy_location  # what Serve runs with: started above (a deploy does not change it)
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(body))
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, 600)
