@@ -221,7 +221,7 @@ def _pod_template(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: s
 
 
 def _deployment(owner: Owner, name: str, component: str, replicas: int, template: dict,
-                max_surge: int | str = 0) -> dict[str, Any]:
+                max_surge: int | str = 0, max_unavailable: int = 1) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -230,7 +230,7 @@ def _deployment(owner: Owner, name: str, component: str, replicas: int, template
             "replicas": replicas,
             "selector": {"matchLabels": naming.selector(owner, component)},
             # GPU pools: never ask for more GPUs during a rollout than the pool holds.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": max_surge, "maxUnavailable": 1}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": max_surge, "maxUnavailable": max_unavailable}},
             "template": template,
         },
     }
@@ -293,7 +293,7 @@ def api_pool_grace_seconds(spec: models.DotsVLMDeploymentSpec) -> int:
 def api_pool_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
     """API pool (spec.apiPool): CPU pods that advertise the control resource, so the Ingress and
     TensorQueue replicas run there (and Serve's HTTP proxy answers there, behind the API Service). A new pod
-    comes up before an old one drains (maxSurge 1): Serve moves the old pod's replicas to it."""
+    is up before an old one drains (maxSurge 1, maxUnavailable 0): Serve moves the old pod's replicas to it."""
     pool = spec.api_pool
     assert pool is not None
     template = _pod_template(
@@ -302,7 +302,7 @@ def api_pool_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dic
         _resources(pool.resources, 0), pool.node_selector, pool.tolerations, "2Gi",
         _pool_probes(pool.startup_timeout_seconds), _pool_stop(owner, api_pool_grace_seconds(spec)))
     return _deployment(owner, naming.pool_name(owner.name, naming.COMPONENT_API_POOL), naming.COMPONENT_API_POOL,
-                       pool.replicas, template, max_surge=1)
+                       pool.replicas, template, max_surge=1, max_unavailable=0)
 
 
 def vision_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec, replicas: int) -> dict[str, Any]:

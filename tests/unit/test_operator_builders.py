@@ -384,14 +384,15 @@ def test_a_bad_gcs_fault_tolerance_setting_names_its_field(ft: dict, field: str)
 def test_an_api_pool_takes_the_api_and_the_queue_off_the_head() -> None:
     """spec.apiPool: CPU pods advertise the control resource (the head no longer does), the API Service sends
     requests to their Serve proxies, one Ingress replica per pod, and each pod drains its Ray node as it
-    stops, a new one first (maxSurge 1), within a grace period that holds a request's whole timeout."""
+    stops, once a new one is up (maxSurge 1, maxUnavailable 0), within a grace period that holds a request's
+    whole timeout."""
     spec = _spec(apiPool={"replicas": 3, "resources": {"requests": {"cpu": "8", "memory": "16Gi"}},
                           "nodeSelector": {"pool": "cpu"}})
     kids = _kids(spec)
     advertised = f'--resources={{"{serve_config.CONTROL_RESOURCE}": {serve_config.CONTROL_RESOURCE_CAPACITY}}}'
     api = kids[("Deployment", "dots-api-pool")]
     assert api["spec"]["replicas"] == 3
-    assert api["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 1}
+    assert api["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     pod = api["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert advertised in c["command"] and "--num-gpus=0" in c["command"] and "--address=dots-ray-head.ml.svc:6379" in c["command"]
