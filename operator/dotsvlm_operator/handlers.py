@@ -382,15 +382,17 @@ def _warn_unfinished_move(body: kopf.Body, logger: logging.Logger) -> None:
     if recorded is None:
         return
     uid = body["metadata"]["uid"]
+    left: list[models.RedisPlace] = [recorded, *(recorded.pending or [])]
     try:
         spec = models.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
-        if not redis_cleanup.moved(recorded, redis_cleanup.location(spec.head.gcs_fault_tolerance, uid)):
-            return
+        wanted = redis_cleanup.location(spec.head.gcs_fault_tolerance, uid)
+        left = [p for p in left if not redis_cleanup.same_place(p, wanted)]  # the deletion's own Job empties that one
     except ValidationError:  # the spec's place is unknown: say what the status names
         pass
-    step = redis_cleanup.give_up_previous(recorded, uid, "the resource was deleted before the operator removed it")
-    logger.warning(step.message)
-    kopf.event(body, type="Warning", reason="RedisStateLeft", message=step.message[:1000])
+    for place in left:
+        step = redis_cleanup.give_up_previous(place, uid, "the resource was deleted before the operator removed it")
+        logger.warning(step.message)
+        kopf.event(body, type="Warning", reason="RedisStateLeft", message=step.message[:1000])
 
 
 async def _cleanup_job_step(body: kopf.Body, step: redis_cleanup.Step, job: dict[str, Any] | None,
@@ -433,11 +435,13 @@ async def _redis_state(body: kopf.Body, owner: naming.Owner, spec: models.DotsVL
     wanted = redis_cleanup.location(spec.head.gcs_fault_tolerance, owner.uid)
     recorded = old.redis_state if old is not None else None
     if not redis_cleanup.moved(recorded, wanted):
-        return wanted
+        # Back at the recorded place (L1 -> L2 -> L1): the places in between are still to be emptied.
+        return redis_cleanup.after_cleanup(recorded, wanted) if recorded is not None and recorded.pending else wanted
     assert recorded is not None
     k = kube()
     job_name = naming.previous_redis_cleanup_job_name(owner.name)
     heads = [p for p in state.pods.values() if _component(p) == naming.COMPONENT_HEAD]
+    recorded = redis_cleanup.with_pending(recorded, wanted, heads)
     head_uses = any(redis_cleanup.head_uses(p, recorded) for p in heads)
     job = None if head_uses else await asyncio.to_thread(k.get, "Job", owner.namespace, job_name)
     if job is not None and ((job.get("metadata") or {}).get("annotations") or {}).get(
@@ -453,7 +457,7 @@ async def _redis_state(body: kopf.Body, owner: naming.Owner, spec: models.DotsVL
     step = await _cleanup_job_step(body, step, job, lambda: builders.redis_cleanup_job(owner, spec, previous=recorded),
                                    lambda why: redis_cleanup.give_up_previous(recorded, owner.uid, why), logger)
     if step.action in ("done", "give_up"):
-        return redis_cleanup.after_cleanup(heads, wanted)
+        return redis_cleanup.after_cleanup(recorded, wanted)
     if recorded.message != step.message:
         logger.info(step.message)
     return recorded.model_copy(update={"message": step.message})

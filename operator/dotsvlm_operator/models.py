@@ -635,15 +635,23 @@ class ServeAppStatus(_Api):
     last_drift_time: str | None = Field(None, description="When lastDrift was found and corrected (RFC 3339).")
 
 
-class RedisStateStatus(_Api):
-    """Where the Ray head keeps this deployment's cluster state in Redis (spec.head.gcsFaultTolerance)."""
+class RedisPlace(_Api):
+    """A place in Redis where a Ray head keeps (or kept) this deployment's cluster state."""
 
     redis_address: str = Field(..., description="host:port of the Redis.")
     storage_namespace: str = Field(..., description="Prefix of the deployment's keys (Ray names them RAY<namespace>@<table>).")
     password_secret_ref: RedisPasswordRef | None = Field(None, description="The Secret key with the Redis password, if any.")
+
+
+class RedisStateStatus(RedisPlace):
+    """Where the Ray head keeps this deployment's cluster state in Redis (spec.head.gcsFaultTolerance)."""
+
     message: str | None = Field(None, description=(
         "Set while this place is no longer the spec's (a new redisAddress or storageNamespace, or fault "
         "tolerance turned off): what the operator is doing to remove its keys."))
+    pending: list[RedisPlace] | None = Field(None, description=(
+        "Other places a Ray head pod used while this one's keys were being removed (the spec moved again "
+        "meanwhile): each is emptied in turn, once no head pod uses it."))
 
 
 class ApiPoolStatus(_Api):

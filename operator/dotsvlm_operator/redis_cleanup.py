@@ -51,13 +51,13 @@ def location(ft: models.GcsFaultTolerance | None, uid: str) -> models.RedisState
                                    password_secret_ref=ft.password_secret_ref)
 
 
-def settings(loc: models.RedisStateStatus) -> models.GcsFaultTolerance:
+def settings(loc: models.RedisPlace) -> models.GcsFaultTolerance:
     """The fault-tolerance settings that reach `loc` (a Job's Redis environment is built from these)."""
     return models.GcsFaultTolerance(redis_address=loc.redis_address, storage_namespace=loc.storage_namespace,
                                     password_secret_ref=loc.password_secret_ref)
 
 
-def same_place(a: models.RedisStateStatus | None, b: models.RedisStateStatus | None) -> bool:
+def same_place(a: models.RedisPlace | None, b: models.RedisPlace | None) -> bool:
     """The same keys: one Redis, one namespace (a new password Secret for the same Redis moves nothing)."""
     return a is not None and b is not None and (a.redis_address, a.storage_namespace) == (b.redis_address, b.storage_namespace)
 
@@ -100,14 +100,28 @@ def head_uses(pod: dict[str, Any], loc: models.RedisStateStatus) -> bool:
     return same_place(place_of(pod), loc)
 
 
-def after_cleanup(head_pods: list[dict[str, Any]], wanted: models.RedisStateStatus | None) -> models.RedisStateStatus | None:
-    """What status.redisState records once a previous place was emptied: the spec's place, unless a head pod
-    still uses a third one (the spec moved again meanwhile, L1 -> L2 -> L3): that one is emptied next."""
+def with_pending(recorded: models.RedisStateStatus, wanted: models.RedisPlace | None,
+                 head_pods: list[dict[str, Any]]) -> models.RedisStateStatus:
+    """`recorded` (a previous place being emptied), with every third place a head pod uses now added to its
+    `pending` list: the spec moved again meanwhile (L1 -> L2 -> L3), and L2's keys must be emptied too, even
+    if its head pod is gone by the time L1's cleanup ends."""
+    pending = list(recorded.pending or [])
     for pod in head_pods:
         loc = place_of(pod)
-        if loc is not None and not same_place(loc, wanted):
-            return loc
-    return wanted
+        if loc is None or same_place(loc, wanted) or same_place(loc, recorded) or any(same_place(loc, p) for p in pending):
+            continue
+        pending.append(models.RedisPlace.model_validate(loc.model_dump(include={"redis_address", "storage_namespace",
+                                                                                 "password_secret_ref"})))
+    return recorded.model_copy(update={"pending": pending or None})
+
+
+def after_cleanup(recorded: models.RedisStateStatus, wanted: models.RedisStateStatus | None) -> models.RedisStateStatus | None:
+    """What status.redisState records once `recorded` was emptied (or given up): the next pending place that is
+    not the spec's, keeping the rest pending, or else the spec's place."""
+    rest = [p for p in recorded.pending or [] if not same_place(p, wanted)]
+    if not rest:
+        return wanted
+    return models.RedisStateStatus.model_validate({**rest[0].model_dump(), "pending": rest[1:] or None})
 
 
 def _job_state(job: dict[str, Any]) -> Literal["succeeded", "failed", "running"]:
@@ -202,7 +216,7 @@ def previous_step(recorded: models.RedisStateStatus | None, wanted: models.Redis
     return Step("run_job", f"removing {where}, {now} (Job `dotsvlm cleanup-redis`)")
 
 
-def give_up_previous(recorded: models.RedisStateStatus, uid: str, reason: str) -> Step:
+def give_up_previous(recorded: models.RedisPlace, uid: str, reason: str) -> Step:
     old = settings(recorded)
     return Step("give_up", f"{_where(old, uid)} was not removed: {reason}. Remove the keys by hand: "
                            f"{manual_command(old, uid)}")

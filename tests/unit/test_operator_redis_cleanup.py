@@ -187,18 +187,39 @@ def test_a_deletion_during_a_move_says_which_keys_of_the_previous_place_are_left
     body["status"]["redisState"]["storageNamespace"] = "prod-b"
     handlers._warn_unfinished_move(body, logging.getLogger("test"))
     assert len(events) == 1
+    # A place still pending (the spec moved back to prod-b meanwhile): its keys are named too.
+    body["status"]["redisState"]["pending"] = [{"redisAddress": "redis.redis.svc:6379", "storageNamespace": "prod-c"}]
+    handlers._warn_unfinished_move(body, logging.getLogger("test"))
+    assert len(events) == 2 and "'RAYprod-c@*'" in events[1]["message"]
 
 
-def test_a_third_place_a_head_still_uses_after_a_cleanup_is_emptied_next() -> None:
-    """The spec moved L1 -> L2 -> L3 while L1 was being emptied: a head pod still on L2 makes L2 the next
-    place to empty, instead of recording L3 and leaving L2's keys behind."""
+def test_a_third_place_a_head_used_during_a_cleanup_is_emptied_next_even_once_that_head_is_gone() -> None:
+    """The spec moved L1 -> L2 -> L3 while L1 was being emptied: a head pod seen on L2 puts L2 on the pending
+    list, so L2 is the next place to empty, even when its head pod is gone by the time L1's cleanup ends
+    (instead of recording L3 and leaving L2's keys behind)."""
     def head(**ft) -> dict:
         return {"spec": builders.head_deployment(OWNER, _spec(**ft))["spec"]["template"]["spec"]}
 
     on_l2 = head(storageNamespace="l2", passwordSecretRef={"name": "redis-auth"})
     assert redis_cleanup.place_of(on_l2) == _place("l2", password_secret_ref={"name": "redis-auth", "key": "password"})
-    l3 = _place("l3")
-    assert redis_cleanup.after_cleanup([on_l2, head(storageNamespace="l3")], l3).storage_namespace == "l2"
-    assert redis_cleanup.after_cleanup([head(storageNamespace="l3")], l3) == l3
-    assert redis_cleanup.after_cleanup([], None) is None  # fault tolerance off and no head left on Redis
-    assert redis_cleanup.after_cleanup([on_l2], None).storage_namespace == "l2"
+    l1, l3 = _place("l1"), _place("l3")
+    # While L1 is emptied, the L2 head is seen (and an L3 head, and an L1 head: neither is pending).
+    seen = redis_cleanup.with_pending(l1, l3, [on_l2, head(storageNamespace="l3"), head(storageNamespace="l1")])
+    assert [p.storage_namespace for p in seen.pending] == ["l2"]
+    assert seen.pending[0].password_secret_ref.name == "redis-auth"
+    # Seen again on a later pass: not twice. Then the L2 head is gone: L2 stays pending.
+    seen = redis_cleanup.with_pending(seen, l3, [on_l2])
+    seen = redis_cleanup.with_pending(seen, l3, [head(storageNamespace="l3")])
+    assert [p.storage_namespace for p in seen.pending] == ["l2"]
+    # L1 emptied: L2 is recorded next (the L2 head is gone by now), and moving away from it is a move.
+    nxt = redis_cleanup.after_cleanup(seen, l3)
+    assert nxt.storage_namespace == "l2" and not nxt.pending and redis_cleanup.moved(nxt, l3)
+    assert _previous(nxt, l3).action == "run_job"
+    assert redis_cleanup.after_cleanup(nxt, l3) == l3  # then the spec's place
+    assert redis_cleanup.after_cleanup(l1, None) is None  # fault tolerance off, nothing pending
+    # Two pending places are emptied in turn; one that is the spec's again is not emptied at all.
+    two = redis_cleanup.with_pending(l1, l3, [on_l2, head(storageNamespace="l4")])
+    assert [p.storage_namespace for p in two.pending] == ["l2", "l4"]
+    step = redis_cleanup.after_cleanup(two, l3)
+    assert step.storage_namespace == "l2" and [p.storage_namespace for p in step.pending] == ["l4"]
+    assert redis_cleanup.after_cleanup(step, _place("l4")) == _place("l4")
