@@ -2,7 +2,9 @@
 
 Plain dicts on the wire (they cross Ray actor calls); these TypedDicts say what each kind carries.
 A request's stream is any number of `token` (and, after a redelivery, `restart`) events, ended by
-exactly one terminal event: `finish` or `error`.
+exactly one terminal event: `finish` or `error`. The LLM replica numbers the events it sends (`i`, from 0
+for each delivery of a request), so that the tensor queue hands them out in order even when two of its
+replicas each received some (a hand-over); events the queue makes itself (`restart`, some errors) have none.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class TokenEvent(TypedDict):
     """New text of the answer (may be empty while a possible stop string is held back)."""
 
     request_id: str
+    i: NotRequired[int]  # its place in the answer (set by the LLM replica)
     type: Literal["token"]
     text: str
 
@@ -27,6 +30,7 @@ class FinishEvent(TypedDict):
     """The answer is complete; `text` is whatever was still held back."""
 
     request_id: str
+    i: NotRequired[int]  # its place in the answer (set by the LLM replica)
     type: Literal["finish"]
     finish_reason: Literal["stop", "length", "cancelled"]
     text: str
@@ -38,6 +42,7 @@ class ErrorEvent(TypedDict):
     embeddings were lost before generation, so the ingress may encode the images again."""
 
     request_id: str
+    i: NotRequired[int]  # its place in the answer (set by the LLM replica)
     type: Literal["error"]
     code: int
     message: str

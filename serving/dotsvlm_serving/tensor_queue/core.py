@@ -9,7 +9,14 @@ Semantics (docs/serving.md, "Tensor queue"):
 - a consumer that stops heartbeating for `lease_timeout_s` is declared dead: its leased items are put
   back at the head of the queue (redelivered) when nothing has been streamed to the client yet and the
   delivery budget allows, otherwise the request fails with a clear error;
-- results flow back through per-request mailboxes that the ingress long-polls.
+- results flow back through per-request mailboxes that the ingress long-polls; an event the LLM replica
+  numbered (`i`, its place in the request's answer) is handed out only after every earlier one, so that
+  two queue replicas receiving alternate calls cannot reorder an answer;
+- hand-over: when Serve replaces the queue replica (its node drains, its options change), the old one
+  (the *predecessor*) and the new one (the *successor*) are both in hand-over mode while both live: work
+  the other one holds is not called unknown (its events are kept in an *orphan* mailbox), the
+  predecessor sends producers to the successor (`QueueMoved`), and when it stops it gives its whole state
+  (`snapshot`) to the successor, which merges it (`adopt`): nothing queued, leased or undelivered is lost.
 
 `TensorQueueCore` is wrapped by a Ray Serve deployment (`deployments/queue.py`); keeping the logic here
 makes it unit-testable without Ray.
@@ -41,12 +48,20 @@ async def _wait_until(ready: Callable[[], bool], changed: asyncio.Event, wait_s:
         except asyncio.TimeoutError:
             return
 
+# How long a long-poll waits during a hand-over: the stopping replica's ongoing calls end quickly.
+HANDOFF_POLL_S = 0.5
+
+
 class QueueFull(Exception):
     """No room in the queue within the enqueue timeout."""
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class QueueMoved(Exception):
+    """This queue replica is being replaced: put the item into its successor (the caller retries)."""
 
 
 class ItemTooLarge(ValueError):
@@ -67,13 +82,47 @@ class QueueItem:
     deliveries: int = 0
 
 
+# A put's wait ends with one of these: room was reserved for it, or the queue is moving.
+_ADMITTED, _MOVED = "admitted", "moved"
+
+
 @dataclass
 class _Mailbox:
-    events: list[Event] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)  # ready for the ingress, in order
     waiter: asyncio.Event = field(default_factory=asyncio.Event)
     streamed: bool = False  # a token event was published (so a redelivery would repeat output)
-    done: bool = False
+    done: bool = False  # the terminal event is in `events` (or was handed out)
     last_touch: float = field(default_factory=time.monotonic)
+    next_index: int = 0  # the numbered event (`i`) that may be handed out next
+    held: dict[int, Event] = field(default_factory=dict)  # numbered events that came before an earlier one
+    orphan: bool = False  # the request is not known here (yet): kept during a hand-over only
+
+    def accept(self, ev: Event) -> bool:
+        """Queue the event for the ingress, in its answer's order; True if something became ready."""
+        i = ev.get("i")  # type: ignore[union-attr]
+        if i is None:  # made by the queue itself (restart, error): in arrival order
+            self._ready(ev)
+            if ev["type"] == "restart":  # the next delivery numbers its events from 0 again
+                self.next_index, self.held = 0, {}
+            return True
+        if i < self.next_index or i in self.held:
+            return False  # a repeat
+        self.held[i] = ev
+        ready = False
+        while self.next_index in self.held:
+            self._ready(self.held.pop(self.next_index))
+            self.next_index += 1
+            ready = True
+        return ready
+
+    def _ready(self, ev: Event) -> None:
+        if self.done:
+            return
+        if ev["type"] == "token":
+            self.streamed = True
+        self.events.append(ev)
+        if ev["type"] in TERMINAL_EVENTS:
+            self.done = True
 
 
 @dataclass
@@ -83,6 +132,58 @@ class _Consumer:
     leased: dict[str, QueueItem] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
     stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MailboxState:
+    """A mailbox as it travels in a snapshot."""
+
+    events: list[Event]
+    held: dict[int, Event]
+    next_index: int
+    streamed: bool
+    orphan: bool
+
+
+@dataclass
+class QueueSnapshot:
+    """What a stopping queue replica gives its successor (`TensorQueueCore.snapshot`); it travels as one
+    Ray call's argument, so the image embeddings' object refs inside the items stay tracked."""
+
+    items: list[tuple[QueueItem, float]]  # (item, seconds it has waited)
+    mailboxes: dict[str, MailboxState]
+    leases: dict[str, tuple[list[QueueItem], list[str]]]  # consumer -> (leased items, cancelled request ids)
+    ended: list[str]
+    cancelled: list[str]
+
+
+def _merge_mailbox(box: _Mailbox, other: MailboxState) -> None:
+    """Put two replicas' views of one answer together, in order. Each numbered event reached one replica;
+    what either replica already handed out is the prefix below the larger `next_index` of the two."""
+    def handed_out(ready: list[Event], next_index: int) -> int:
+        numbered = [ev["i"] for ev in ready if ev.get("i") is not None]  # type: ignore[union-attr]
+        return min(numbered) if numbered else next_index
+
+    start = max(handed_out(box.events, box.next_index), handed_out(other.events, other.next_index))
+    pending = list(other.events) + list(box.events)
+    numbered = {**other.held, **box.held}
+    unnumbered = []
+    for ev in pending:
+        i = ev.get("i")  # type: ignore[union-attr]
+        if i is None:
+            unnumbered.append(ev)
+        else:
+            numbered[i] = ev
+    box.events, box.held, box.done = [], {}, False
+    box.next_index = start
+    box.streamed = box.streamed or other.streamed
+    box.orphan = box.orphan and other.orphan
+    for ev in unnumbered:  # made by a queue (a restart or an error): before what follows
+        box._ready(ev)
+    for i in sorted(numbered):
+        if i >= start:
+            box.accept(numbered[i])
+    box.waiter.set()
 
 
 class TensorQueueCore:
@@ -107,8 +208,14 @@ class TensorQueueCore:
         self._mailboxes: dict[str, _Mailbox] = {}
         self._consumers: dict[str, _Consumer] = {}
         self._seq = itertools.count()
+        # Hand-over (module docstring): None, "predecessor" or "successor"; what happened to requests this
+        # replica did not know while it was in hand-over mode, to apply once the predecessor's state is here.
+        self.handoff: str | None = None
+        self._ended_unknown: set[str] = set()  # their terminal event was handed out or published here
+        self._cancelled_unknown: set[str] = set()
         self.counters: dict[str, int] = {"enqueued": 0, "rejected_full": 0, "taken": 0, "redelivered": 0,
-                                         "failed_consumer_lost": 0, "cancelled": 0, "completed": 0}
+                                         "failed_consumer_lost": 0, "cancelled": 0, "completed": 0,
+                                         "moved": 0, "adopted": 0}
 
     def set_limits(self, *, max_items: int, max_bytes: int, lease_timeout_s: float, max_deliveries: int) -> None:
         """New limits, in place: what is queued stays (even over a lowered limit: producers wait until
@@ -127,14 +234,17 @@ class TensorQueueCore:
         if item.nbytes > self.max_bytes:
             raise ItemTooLarge(f"the request's image embeddings take {item.nbytes} bytes, more than the tensor "
                                f"queue's whole budget ({self.max_bytes} bytes): send fewer or smaller images")
-        if item.request_id in self._mailboxes:
+        if item.request_id in self._mailboxes and not self._mailboxes[item.request_id].orphan:
             raise ValueError(f"duplicate request id {item.request_id}")
+        if self.handoff == "predecessor":
+            self.counters["moved"] += 1
+            raise QueueMoved("this tensor queue replica is being replaced; put the request into its successor")
         if self._put_waiters or not self._has_room(item.nbytes):
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             entry = (fut, item.nbytes)
             self._put_waiters.append(entry)
             try:
-                await asyncio.wait_for(asyncio.shield(fut), timeout=timeout_s)
+                outcome = await asyncio.wait_for(asyncio.shield(fut), timeout=timeout_s)
             except asyncio.TimeoutError:
                 if not fut.done():
                     self._put_waiters.remove(entry)
@@ -145,23 +255,34 @@ class TensorQueueCore:
                         f"{self._bytes} bytes) for {timeout_s:g} s; retry later",
                         retry_after_s=self.retry_after_hint()) from None
             except BaseException:
-                if fut.done():
+                if fut.done() and not fut.cancelled() and fut.result() == _ADMITTED:
                     self._release_reservation(item.nbytes)
                 elif entry in self._put_waiters:
                     self._put_waiters.remove(entry)
                 self._wake_producers()
                 raise
+            if outcome == _MOVED:
+                self.counters["moved"] += 1
+                raise QueueMoved("this tensor queue replica is being replaced; put the request into its successor")
             self._release_reservation(item.nbytes)
         item.enqueued_at = time.monotonic()
         self._items.append(item)
         self._bytes += item.nbytes
-        self._mailboxes[item.request_id] = _Mailbox()
+        orphan = self._mailboxes.get(item.request_id)  # (a hand-over: events that came before the item)
+        box = self._mailboxes[item.request_id] = orphan or _Mailbox()
+        box.orphan = False
         self.counters["enqueued"] += 1
         self._item_available.set()
         self._wake_producers()
 
     def _wake_producers(self) -> None:
         """Admit waiting producers in arrival order while there is room, reserving it for them."""
+        if self.handoff == "predecessor":
+            for fut, _ in self._put_waiters:
+                if not fut.done():
+                    fut.set_result(_MOVED)
+            self._put_waiters.clear()
+            return
         while self._put_waiters:
             fut, nbytes = self._put_waiters[0]
             if fut.done():
@@ -172,7 +293,7 @@ class TensorQueueCore:
             self._put_waiters.popleft()
             self._reserved_items += 1
             self._reserved_bytes += nbytes
-            fut.set_result(None)
+            fut.set_result(_ADMITTED)
 
     def _release_reservation(self, nbytes: int) -> None:
         self._reserved_items -= 1
@@ -222,7 +343,8 @@ class TensorQueueCore:
         """Deliver events (`dotsvlm_serving.events`) to their requests' mailboxes; doubles as
         a heartbeat. Returns the ids of this consumer's requests that it should stop: cancelled by
         their clients, or unknown here (this queue replica replaced one that died: the ingress has
-        enqueued those requests again under new ids, so the consumer must not keep generating them)."""
+        enqueued those requests again under new ids, so the consumer must not keep generating them).
+        During a hand-over nothing is called unknown: the other replica may hold it."""
         c = self._touch(consumer_id)
         if stats is not None:
             c.stats = dict(stats)
@@ -230,21 +352,23 @@ class TensorQueueCore:
         for ev in events:
             rid = ev["request_id"]
             box = self._mailboxes.get(rid)
+            if box is None and self.handoff is not None and rid not in self._ended_unknown:
+                box = self._mailboxes[rid] = _Mailbox(orphan=True)
             if ev["type"] in TERMINAL_EVENTS:
                 if c.leased.pop(rid, None) is not None:
                     self.counters["completed"] += 1
+                elif self.handoff is not None:
+                    self._ended_unknown.add(rid)  # its lease may be in the other replica's state
                 c.cancelled.discard(rid)
             elif box is None and rid not in c.leased:
                 unknown.add(rid)
-            if box is None or box.done:
-                continue
-            if ev["type"] == "token":
-                box.streamed = True
-            box.events.append(ev)
-            if ev["type"] in TERMINAL_EVENTS:
-                box.done = True
-            box.waiter.set()
+            if box is not None and box.accept(ev):
+                box.waiter.set()
         return sorted(c.cancelled | unknown)
+
+    def unknown_requests(self, request_ids: list[str]) -> bool:
+        """Whether any of these requests is unknown here (the adapter then checks for a hand-over)."""
+        return any(rid not in self._mailboxes for rid in request_ids)
 
     def heartbeat(self, consumer_id: str, stats: dict[str, float] | None = None) -> list[str]:
         return self.publish(consumer_id, [], stats)
@@ -258,14 +382,21 @@ class TensorQueueCore:
     # ---------------------------------------------------------------- clients (the ingress)
     async def next_events(self, request_id: str, wait_s: float, *, until_done: bool = False,
                           linger_s: float = 0.0) -> list[Event]:
-        """Long-poll a request's mailbox. Returns [] on timeout; raises KeyError for an unknown id. With
+        """Long-poll a request's mailbox. Returns [] on timeout; raises KeyError for an unknown id (during
+        a hand-over it waits instead, at most HANDOFF_POLL_S: the other replica may hold it). With
         `until_done` (a non-streaming client) it waits for the terminal event, so one call usually
         carries the whole answer. With `linger_s`, once there are events it waits up to that long for
         more (or the terminal one), so a stream's tokens travel in batches rather than one call per
         token. The mailbox is removed once its terminal event has been returned."""
         box = self._mailboxes.get(request_id)
         if box is None:
-            raise KeyError(request_id)
+            if self.handoff is None:
+                raise KeyError(request_id)
+            if request_id in self._ended_unknown:
+                return []
+            box = self._mailboxes[request_id] = _Mailbox(orphan=True)
+        if self.handoff is not None:  # short polls, so that a stopping replica drains within seconds
+            wait_s, linger_s = min(wait_s, HANDOFF_POLL_S), min(linger_s, HANDOFF_POLL_S)
         box.last_touch = time.monotonic()
         await _wait_until(lambda: bool(box.events) and (not until_done or box.done), box.waiter, wait_s)
         if linger_s > 0 and box.events and not box.done:
@@ -274,12 +405,16 @@ class TensorQueueCore:
         box.last_touch = time.monotonic()
         if box.done and events and events[-1]["type"] in TERMINAL_EVENTS:
             self._mailboxes.pop(request_id, None)
+            if self.handoff is not None:
+                self._ended_unknown.add(request_id)  # the other replica's copy of it is stale
         return events
 
     def cancel(self, request_id: str) -> bool:
         """The client went away: drop a queued item at once, or ask the leasing consumer to stop."""
         box = self._mailboxes.pop(request_id, None)
-        found = box is not None
+        found = box is not None and not box.orphan
+        if self.handoff is not None and not found:
+            self._cancelled_unknown.add(request_id)  # applied once the other replica's state is here
         for i, it in enumerate(self._items):
             if it.request_id == request_id:
                 del self._items[i]
@@ -298,7 +433,9 @@ class TensorQueueCore:
         """Declare consumers without a heartbeat for `lease_timeout_s` dead; drop stale mailboxes.
         Returns the dead consumer ids."""
         now = time.monotonic() if now is None else now
-        dead = [c for c in self._consumers.values() if now - c.last_seen > self.lease_timeout_s]
+        # A predecessor's consumers heartbeat its successor now: their leases travel with the snapshot.
+        dead = [c for c in self._consumers.values()
+                if now - c.last_seen > self.lease_timeout_s and self.handoff != "predecessor"]
         for c in dead:
             self._declare_dead(c, reason=f"the LLM replica stopped responding (no heartbeat for "
                                          f"{self.lease_timeout_s:g} s)")
@@ -331,6 +468,83 @@ class TensorQueueCore:
             self._bytes += item.nbytes
         if requeue:
             self._item_available.set()
+
+    # ---------------------------------------------------------------- hand-over
+    def begin_handoff(self, role: str) -> None:
+        """Another replica of this queue is alive: `role` "predecessor" if this one is older (it sends
+        producers on and gives its state away when it stops), else "successor" (it adopts that state)."""
+        if role not in ("predecessor", "successor"):
+            raise ValueError(f"unknown hand-over role {role!r}")
+        if self.handoff == role:
+            return
+        self.handoff = role
+        if role == "predecessor":
+            self._wake_producers()  # waiting producers go to the successor
+
+    def snapshot(self) -> QueueSnapshot:
+        """Everything this replica holds that its successor must carry on: queued items (with their
+        age), leases, undelivered events, and what it learnt about requests it did not know."""
+        now = time.monotonic()
+        return QueueSnapshot(
+            items=[(it, now - it.enqueued_at) for it in self._items],
+            mailboxes={rid: MailboxState(events=list(b.events), held=dict(b.held), next_index=b.next_index,
+                                         streamed=b.streamed, orphan=b.orphan)
+                       for rid, b in self._mailboxes.items()},
+            leases={cid: (list(c.leased.values()), sorted(c.cancelled)) for cid, c in self._consumers.items()},
+            ended=sorted(self._ended_unknown), cancelled=sorted(self._cancelled_unknown))
+
+    def adopt(self, snap: QueueSnapshot) -> dict[str, int]:
+        """Merge a predecessor's snapshot and leave hand-over mode. Its items go ahead of this replica's
+        (they are older); each answer's events from both replicas are put back in order. Returns counts."""
+        now = time.monotonic()
+        ended = self._ended_unknown | set(snap.ended)
+        cancelled = self._cancelled_unknown | set(snap.cancelled)
+        for rid, state in snap.mailboxes.items():
+            box = self._mailboxes.get(rid)
+            if box is None:
+                if rid in ended:
+                    continue  # its answer was handed out here
+                box = self._mailboxes[rid] = _Mailbox(orphan=True)
+            _merge_mailbox(box, state)
+        items = [(it, age) for it, age in snap.items if it.request_id not in cancelled | ended]
+        for it, age in reversed(items):
+            it.enqueued_at = now - age
+            self._items.appendleft(it)
+            self._bytes += it.nbytes
+        leases = 0
+        for cid, (leased, cancelled_by_client) in snap.leases.items():
+            c = self._touch(cid)
+            c.cancelled.update(cancelled_by_client)
+            for it in leased:
+                if it.request_id not in ended:
+                    c.leased.setdefault(it.request_id, it)
+                    leases += 1
+        for rid in cancelled:
+            self.cancel(rid)
+        self.counters["adopted"] += len(items) + leases
+        self._end_handoff()
+        return {"items": len(items), "leases": leases, "mailboxes": len(snap.mailboxes)}
+
+    def end_handoff(self) -> None:
+        """The predecessor is gone without a snapshot (it was killed): what only it knew is lost, and the
+        usual recovery applies (the ingress enqueues those requests again, LLM replicas stop them)."""
+        self._end_handoff()
+
+    def _end_handoff(self) -> None:
+        self.handoff = None
+        self._ended_unknown.clear()
+        self._cancelled_unknown.clear()
+        for rid, box in list(self._mailboxes.items()):
+            if box.orphan:  # known to neither replica: unknown from now on
+                del self._mailboxes[rid]
+            elif box.held and not box.done:  # an event that went to the other replica was lost
+                box.held = {}
+                box._ready(ErrorEvent(request_id=rid, type="error", code=503,
+                                      message="part of this answer was lost while the tensor queue moved to "
+                                              "another node; please retry the request"))
+            box.waiter.set()
+        self._item_available.set()
+        self._wake_producers()
 
     # ---------------------------------------------------------------- observability
     def oldest_age_s(self) -> float:

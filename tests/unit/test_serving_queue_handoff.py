@@ -1,0 +1,213 @@
+"""The tensor queue's hand-over, without Ray: when Serve replaces the queue replica, the old one (predecessor)
+and the new one (successor) both live for a while and each receives some of the calls; the old one then
+gives its state to the new one. Nothing queued, leased or undelivered may be lost, no answer may be
+reordered, and an LLM replica must not be told to stop work the other replica holds."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dotsvlm_serving.deployments.queue_peers import STALE_S, Peer, handoff_role
+from dotsvlm_serving.tensor_queue import QueueItem, QueueMoved, TensorQueueCore
+
+
+def item(rid: str, stream: bool = True) -> QueueItem:
+    return QueueItem(request_id=rid, nbytes=10, reserved_tokens=10, payload={"id": rid}, stream=stream)
+
+
+def tok(rid: str, i: int, text: str) -> dict:
+    return {"request_id": rid, "type": "token", "text": text, "i": i}
+
+
+def fin(rid: str, i: int) -> dict:
+    return {"request_id": rid, "type": "finish", "finish_reason": "length", "text": "", "i": i,
+            "usage": {"prompt_tokens": 1, "completion_tokens": i}}
+
+
+def pair() -> tuple[TensorQueueCore, TensorQueueCore]:
+    old, new = TensorQueueCore(max_items=8, max_bytes=10_000), TensorQueueCore(max_items=8, max_bytes=10_000)
+    return old, new
+
+
+async def drain_text(q: TensorQueueCore, rid: str) -> tuple[str, str | None]:
+    """Everything the ingress can read of an answer right now: its text and how it ended."""
+    text, end = [], None
+    for ev in await q.next_events(rid, 0.01):
+        text.append(ev.get("text", ""))
+        end = ev["type"] if ev["type"] in ("finish", "error") else end
+    return "".join(text), end
+
+
+def test_an_answer_split_between_the_two_replicas_reaches_the_client_whole_and_in_order() -> None:
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a"), 1)
+        assert [i.request_id for i in await old.take("llm1", max_items=1, token_budget=100, wait_s=0)] == ["a"]
+        assert old.publish("llm1", [tok("a", 0, "He")]) == []
+        assert await drain_text(old, "a") == ("He", None)  # the client saw the first token
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        # The router alternates: token 1 to the new replica, token 2 to the old, then the end to the new.
+        assert new.publish("llm1", [tok("a", 1, "ll")]) == []  # not "unknown": the LLM keeps generating
+        assert old.publish("llm1", [tok("a", 2, "o")]) == []
+        assert new.publish("llm1", [fin("a", 3)]) == []
+        assert await drain_text(old, "a") == ("", None)  # token 2 waits for token 1
+        assert await drain_text(new, "a") == ("", None)  # the new replica cannot hand out token 1 first either
+        counts = new.adopt(old.snapshot())
+        assert counts["leases"] == 0  # the request ended while the lease was still in the old state
+        assert await drain_text(new, "a") == ("llo", "finish")
+        assert new.handoff is None and new.stats()["leased"] == 0
+    asyncio.run(main())
+
+
+def test_queued_and_leased_work_moves_ahead_of_new_work_and_a_lost_lease_is_redelivered_later() -> None:
+    async def main() -> None:
+        old, new = pair()
+        for rid in ("q1", "q2", "l1"):
+            await old.put(item(rid), 1)
+        await old.take("llm1", max_items=1, token_budget=10, wait_s=0)  # q1 leased
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        with pytest.raises(QueueMoved):  # producers go to the successor
+            await old.put(item("late"), 1)
+        await new.put(item("n1"), 1)
+        counts = new.adopt(old.snapshot())
+        assert counts == {"items": 2, "leases": 1, "mailboxes": 3}
+        got = await new.take("llm2", max_items=8, token_budget=1000, wait_s=0)
+        assert [i.request_id for i in got] == ["q2", "l1", "n1"]  # older work first
+        assert new.stats()["consumers"]["llm1"]["leased"] == 1  # the lease came along ...
+        new.leave("llm1")  # ... and when llm1 leaves (or dies), q1 goes back to the queue as before
+        assert [i.request_id for i in await new.take("llm2", max_items=8, token_budget=1000, wait_s=0)] == ["q1"]
+    asyncio.run(main())
+
+
+def test_a_producer_waiting_for_room_in_the_old_replica_is_sent_to_the_new_one_at_once() -> None:
+    async def main() -> None:
+        old = TensorQueueCore(max_items=1, max_bytes=1000)
+        await old.put(item("a"), 1)
+        waiting = asyncio.create_task(old.put(item("b"), 30))
+        await asyncio.sleep(0.01)
+        old.begin_handoff("predecessor")
+        with pytest.raises(QueueMoved):
+            await asyncio.wait_for(waiting, 1)  # not after its 30 s: the old replica must stop soon
+        assert old.stats()["waiting_producers"] == 0 and old.counters["moved"] == 1
+    asyncio.run(main())
+
+
+def test_the_ingress_polling_the_new_replica_waits_for_the_adopted_answer_instead_of_enqueueing_again() -> None:
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a"), 1)
+        new.begin_handoff("successor")
+        poll = asyncio.create_task(new.next_events("a", 5.0))  # no KeyError: the old replica may hold it
+        await asyncio.sleep(0.01)
+        old.begin_handoff("predecessor")
+        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        old.publish("llm1", [tok("a", 0, "x")])
+        new.adopt(old.snapshot())
+        assert [ev["text"] for ev in await asyncio.wait_for(poll, 1)] == ["x"]
+    asyncio.run(main())
+
+
+def test_cancellations_and_answers_seen_by_either_replica_apply_after_the_merge() -> None:
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("gone"), 1)
+        await old.put(item("leased"), 1)
+        await old.put(item("done"), 1)
+        await old.take("llm1", max_items=2, token_budget=100, wait_s=0)  # gone + leased
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        assert new.cancel("gone") is False  # the client left; the new replica did not know it yet
+        assert new.publish("llm1", [fin("leased", 0)]) == []
+        assert await drain_text(new, "leased") == ("", "finish")  # handed out by the new replica
+        new.adopt(old.snapshot())
+        assert new.publish("llm1", []) == ["gone"]  # the LLM replica is told to stop it
+        assert [i.request_id for i in await new.take("llm2", max_items=8, token_budget=1000, wait_s=0)] == ["done"]
+        assert new.stats()["consumers"]["llm1"]["leased"] == 1  # "gone" until llm1 stops it; "leased" ended
+        with pytest.raises(KeyError):
+            await new.next_events("leased", 0.01)  # the old copy of a finished answer is not revived
+    asyncio.run(main())
+
+
+def test_without_a_snapshot_the_new_replica_forgets_what_only_the_old_one_knew() -> None:
+    async def main() -> None:
+        new = TensorQueueCore(max_items=8, max_bytes=10_000)
+        new.begin_handoff("successor")
+        assert new.publish("llm1", [tok("x", 3, "?")]) == []
+        new.end_handoff()  # the old replica was killed
+        assert new.publish("llm1", [tok("x", 4, "?")]) == ["x"]  # now unknown: stop generating it
+        with pytest.raises(KeyError):  # the ingress enqueues it again
+            await new.next_events("x", 0.01)
+    asyncio.run(main())
+
+
+def test_an_event_lost_between_the_replicas_fails_the_answer_rather_than_leaving_a_hole() -> None:
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a"), 1)
+        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        old.publish("llm1", [tok("a", 0, "A")])
+        old.publish("llm1", [tok("a", 2, "C")])  # event 1 never arrived anywhere
+        new.begin_handoff("successor")
+        new.adopt(old.snapshot())
+        evs = await new.next_events("a", 0.01)
+        assert [e["type"] for e in evs] == ["token", "error"] and evs[-1]["code"] == 503
+    asyncio.run(main())
+
+
+def test_the_older_live_replica_is_the_predecessor_and_a_silent_one_does_not_count() -> None:
+    old, new = Peer("r-old", 100.0, 200.0), Peer("r-new", 150.0, 200.0)
+    assert handoff_role(old, [old, new], now=201.0) == "predecessor"
+    assert handoff_role(new, [old, new], now=201.0) == "successor"
+    assert handoff_role(new, [new], now=201.0) is None
+    assert handoff_role(new, [Peer("r-old", 100.0, 200.0 - STALE_S - 1), new], now=201.0) is None
+
+
+class _MovingQueue:
+    """A queue handle whose replica answers "moved" `moves` times before one takes the request."""
+
+    def __init__(self, moves: int) -> None:
+        self.moves, self.puts = moves, []
+        self.put = self  # queue.put.remote(...)
+
+    async def _answer(self, item: QueueItem) -> dict:
+        self.puts.append(item.request_id)
+        if len(self.puts) <= self.moves:
+            return {"ok": False, "reason": "moved", "message": "being replaced"}
+        return {"ok": True}
+
+    def remote(self, item: QueueItem, timeout: float):
+        return self._answer(item)
+
+
+def _relay(queue: _MovingQueue):
+    from dotsvlm_serving.deployments.relay import Relay, _Held
+
+    relay = object.__new__(Relay)
+    relay.queue, relay.enqueue_timeout_s = queue, 5.0
+    return relay, _Held(base_id="r", item=item("r"))
+
+
+def test_the_ingress_puts_a_request_the_old_replica_sent_on_into_the_new_one_under_the_same_id() -> None:
+    import time
+
+    queue = _MovingQueue(moves=2)
+    relay, req = _relay(queue)
+    asyncio.run(relay._enqueue(req, time.monotonic() + 60))
+    assert queue.puts == ["r", "r", "r"]  # the old replica did not take it: no fresh id, nothing to cancel
+
+
+def test_a_queue_that_keeps_moving_gives_a_503_that_says_to_retry(monkeypatch) -> None:
+    import time
+
+    from dotsvlm_serving.deployments import relay as relay_mod
+    from dotsvlm_serving.api.errors import ApiError
+
+    monkeypatch.setattr(relay_mod, "QUEUE_RECOVERY_S", 0.6)
+    relay, req = _relay(_MovingQueue(moves=10**6))
+    with pytest.raises(ApiError) as err:
+        asyncio.run(relay._enqueue(req, time.monotonic() + 60))
+    assert err.value.status == 503 and "retry" in str(err.value)
