@@ -124,7 +124,7 @@ def _draining_server(queue: object, engine: object):
 
     srv = object.__new__(LLMServer)
     srv.queue, srv.engine = queue, engine
-    srv.consumer_id, srv._to_cancel, srv._publishing, srv._outbox = "c", set(), None, []
+    srv.consumer_id, srv._to_cancel, srv._publishing, srv._outbox, srv._sent = "c", set(), None, [], {}
     srv._last_take, srv._draining, srv._drained = 0.0, False, asyncio.Event()
     srv._run_task = asyncio.create_task(srv._run_forever())
     srv._hb_task = asyncio.create_task(asyncio.sleep(3600))

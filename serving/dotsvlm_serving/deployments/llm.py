@@ -20,7 +20,7 @@ from ray import serve
 
 from ..engine import EngineInput, EngineLimitError, SamplingParams
 from ..engine.factory import build_engine
-from ..events import ErrorEvent, Event
+from ..events import ErrorEvent, Event, is_terminal
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.preprocess import ImageError
 from ..autoscaling.signals import llm_stats
@@ -60,6 +60,7 @@ class LLMServer:
         self._to_cancel: set[str] = set()
         self._publishing: asyncio.Future[list[str]] | None = None
         self._outbox: list[Event] = []
+        self._sent: dict[str, int] = {}  # events numbered so far per request (this delivery): their `i`
         self._last_take = 0.0
         self._draining = False
         self._drained = asyncio.Event()  # set by the run loop: draining, no work left, every event delivered
@@ -134,6 +135,7 @@ class LLMServer:
             items: list[QueueItem] = await self.queue.take.remote(
                 self.consumer_id, room, self.engine.free_tokens(), 0.0 if busy else 1.0)
             for item in items:
+                self._sent.pop(item.request_id, None)  # a new delivery numbers its events from 0
                 err = await asyncio.to_thread(self._admit, item)
                 if err is not None:
                     self._outbox.append(err)
@@ -163,10 +165,22 @@ class LLMServer:
             if not self._outbox:
                 return
             events, self._outbox = self._outbox, []
+            self._number(events)
             call = self.queue.publish.remote(self.consumer_id, events, self.engine.stats())
             self._publishing = asyncio.ensure_future(self._resolve(call))
             if not wait:
                 return
+
+    def _number(self, events: list[Event]) -> None:
+        """Give each event its place in its request's answer (`i`): while the tensor queue moves, two of its
+        replicas may each receive some of an answer's events, and they put them back in this order."""
+        for ev in events:
+            rid = ev["request_id"]
+            ev["i"] = self._sent.get(rid, 0)
+            if is_terminal(ev):
+                self._sent.pop(rid, None)
+            else:
+                self._sent[rid] = ev["i"] + 1
 
     @staticmethod
     async def _resolve(call: Any) -> list[str]:

@@ -3,21 +3,29 @@
 It holds only `QueueItem`s with small `TensorHandle`s (the embeddings stay in the object store) and
 the per-request result mailboxes. Results are returned as status dicts rather than raised exceptions
 so that callers in other processes get typed outcomes without depending on exception pickling.
+
+When Serve replaces the replica (its API pod or node drains, its options change) it starts the new one
+before it stops the old one; the two find each other (`queue_peers`), and the old one gives its whole
+state to the new one as it stops (`__del__` -> `adopt`): queued requests, leases and undelivered events
+carry on, and open streams go on where they were (docs/serving.md, "Tensor queue").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
+import ray
 from ray import serve
 
 from ..events import Event
 from ..autoscaling.signals import queue_stats
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..serve_config import QUEUE_DEPLOYMENT, QueueConfig
-from ..tensor_queue import ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
+from ..tensor_queue import ItemTooLarge, QueueFull, QueueItem, QueueMoved, QueueSnapshot, TensorQueueCore
+from .queue_peers import HEARTBEAT_S, PeerRegistry, handoff_role
 
 log = logging.getLogger("ray.serve")
 
@@ -39,15 +47,84 @@ class TensorQueue:
             "dotsvlm_queue_leased_items": "leased", "dotsvlm_queue_max_items": "max_items",
             "dotsvlm_queue_max_bytes": "max_bytes", "dotsvlm_queue_consumers": "consumer_count",
         }, labelled_counters={"dotsvlm_queue_events": ("counters", "event")})
+        self.peers: PeerRegistry | None = None
+        self._peers_checked = 0.0
+        try:
+            ctx = serve.get_replica_context()
+            self.peers = PeerRegistry(ctx.app_name, ctx.replica_id.unique_id, time.time(),
+                                      ray.get_runtime_context().get_actor_name())
+        except Exception:  # noqa: BLE001 - outside Serve (tests): no hand-over
+            log.warning("TensorQueue: not in a Serve replica; no hand-over to a successor")
+        await self._check_peers()  # before the first request: a successor knows at once that it is one
         loop = asyncio.get_running_loop()
         self._reaper = loop.create_task(self._reap_forever())
         self._publishing = loop.create_task(publisher.run_forever())
+        self._peering = loop.create_task(self._peers_forever())
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.cfg = QueueConfig.model_validate(user_config)
         self.core.set_limits(max_items=self.cfg.max_items, max_bytes=self.cfg.max_bytes,
                              lease_timeout_s=self.cfg.lease_timeout_s, max_deliveries=self.cfg.max_deliveries)
         log.info("TensorQueue: config applied in place: %s", self.cfg.model_dump(mode="json"))
+
+    async def _check_peers(self) -> None:
+        """Heartbeat, and take (or leave) a hand-over role from which other replicas are alive."""
+        if self.peers is None:
+            return
+        self._peers_checked = time.monotonic()
+        try:
+            me, peers = await asyncio.wait_for(asyncio.to_thread(self.peers.beat), 5.0)
+        except Exception as exc:  # noqa: BLE001 - the GCS restarting: keep the role we have
+            log.debug("TensorQueue: heartbeat failed: %s", exc)
+            return
+        role = handoff_role(me, peers, time.time())
+        if role is not None and self.core.handoff is None:
+            log.info("TensorQueue: another replica of the queue is alive: this one is its %s", role)
+            self.core.begin_handoff(role)
+        elif role is None and self.core.handoff == "successor":
+            log.warning("TensorQueue: the replica this one replaces stopped without handing over its state; "
+                        "requests only it knew are enqueued again by the API")
+            self.core.end_handoff()
+
+    async def _peers_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await self._check_peers()
+
+    async def _maybe_handoff(self, request_ids: list[str]) -> None:
+        """A request unknown here may be the other replica's: check for one before calling it unknown."""
+        if (self.core.handoff is None and self.core.unknown_requests(request_ids)
+                and time.monotonic() - self._peers_checked > 0.2):
+            await self._check_peers()
+
+    async def adopt(self, snapshot: QueueSnapshot) -> dict[str, int]:
+        """The replica this one replaces gives its state as it stops."""
+        counts = self.core.adopt(snapshot)
+        log.info("TensorQueue: adopted the previous replica's state: %s", counts)
+        return counts
+
+    async def __del__(self) -> None:
+        """Stopping (Serve has drained the calls in flight): give the state to the successor."""
+        for task in ("_peering", "_reaper"):
+            if hasattr(self, task):
+                getattr(self, task).cancel()
+        if getattr(self, "peers", None) is None:
+            return
+        await self._check_peers()
+        if self.core.handoff == "predecessor":
+            snap = self.core.snapshot()
+            try:
+                ctx = serve.get_replica_context()
+                successor = serve.get_deployment_handle(QUEUE_DEPLOYMENT, app_name=ctx.app_name)
+                counts = await asyncio.wait_for(successor.adopt.remote(snap), 15.0)
+                log.info("TensorQueue: handed its state to the replica that replaces it: %s", counts)
+            except Exception:
+                log.exception("TensorQueue: could not hand its state to the replica that replaces it; the API "
+                              "enqueues those requests again")
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.peers.leave), 5.0)
+        except Exception:  # noqa: BLE001 - the key goes stale and is forgotten
+            pass
 
     async def _reap_forever(self) -> None:
         while True:
@@ -62,6 +139,8 @@ class TensorQueue:
             await self.core.put(item, self.cfg.enqueue_timeout_s if timeout_s is None else timeout_s)
         except QueueFull as exc:
             return {"ok": False, "reason": "full", "message": str(exc), "retry_after_s": exc.retry_after_s}
+        except QueueMoved as exc:
+            return {"ok": False, "reason": "moved", "message": str(exc)}
         except ItemTooLarge as exc:
             return {"ok": False, "reason": "too_large", "message": str(exc)}
         return {"ok": True}
@@ -70,6 +149,7 @@ class TensorQueue:
         return await self.core.take(consumer_id, max_items=max_items, token_budget=token_budget, wait_s=wait_s)
 
     async def publish(self, consumer_id: str, events: list[Event], stats: dict[str, float] | None = None) -> list[str]:
+        await self._maybe_handoff([ev["request_id"] for ev in events])
         return self.core.publish(consumer_id, events, stats)
 
     async def heartbeat(self, consumer_id: str, stats: dict[str, float] | None = None) -> list[str]:
@@ -81,6 +161,7 @@ class TensorQueue:
     async def next_events(self, request_id: str, wait_s: float, until_done: bool = False,
                           linger_s: float = 0.0) -> list[Event] | None:
         """None when the request is unknown (e.g. the queue replica restarted and lost it)."""
+        await self._maybe_handoff([request_id])
         try:
             return await self.core.next_events(request_id, wait_s, until_done=until_done, linger_s=linger_s)
         except KeyError:
@@ -99,4 +180,8 @@ class TensorQueue:
 
 # This deployment's own Serve options; its one replica, CPU share and slice come from
 # ServeAppConfig.deployment_options().
-TensorQueueDeployment = serve.deployment(name=QUEUE_DEPLOYMENT, max_ongoing_requests=100_000)(TensorQueue)
+# A stopping replica's calls in flight end within a second or two (hand-over polls are short, producers are
+# sent on), then `__del__` hands the state over (up to 15 s): Serve must not kill it before.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+TensorQueueDeployment = serve.deployment(name=QUEUE_DEPLOYMENT, max_ongoing_requests=100_000,
+                                         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)(TensorQueue)

@@ -148,13 +148,21 @@ class Relay:
     async def _enqueue(self, req: _Held, deadline: float) -> None:
         """Put the request's item in the queue: 429 when it stays full, 400 when it can never fit. While
         the queue replica is unreachable (lost, being replaced by Serve), retry for up to
-        QUEUE_RECOVERY_S, each time under a fresh id, then fail with 503."""
+        QUEUE_RECOVERY_S, each time under a fresh id, then fail with 503; one that is being replaced and
+        answers "moved" is retried the same way (under the same id: it did not take the request)."""
         give_up = min(deadline, time.monotonic() + QUEUE_RECOVERY_S)
         while True:
             timeout = max(0.0, min(self.enqueue_timeout_s, deadline - time.monotonic()))
             try:
                 res = await asyncio.wait_for(self.queue.put.remote(req.item, timeout), timeout + CALL_MARGIN_S)
-                break
+                if res["ok"] or res["reason"] != "moved":
+                    break
+                # The replica that answered is being replaced: its successor takes the request.
+                if time.monotonic() + QUEUE_RETRY_S >= give_up:
+                    raise ApiError(503, f"the tensor queue was moving and its new replica did not take the request "
+                                        f"within {QUEUE_RECOVERY_S:g} s; retry the request")
+                await asyncio.sleep(QUEUE_RETRY_S)
+                continue
             except _UNREACHABLE as exc:
                 if time.monotonic() + QUEUE_RETRY_S >= give_up:
                     raise ApiError(503, f"the tensor queue is unavailable ({type(exc).__name__}) and no replacement "

@@ -123,7 +123,8 @@ SERVING_METRICS: tuple[MetricSpec, ...] = (
     _m("dotsvlm_queue_consumers", "gauge", "queue", "LLM replicas heartbeating to the queue"),
     _m("dotsvlm_queue_events", "counter", "queue",
        "Tensor queue events: enqueued, taken, completed, cancelled, rejected_full (429), redelivered (an LLM "
-       "replica died holding it), failed_consumer_lost", ("event",)),
+       "replica died holding it), failed_consumer_lost, moved (sent on to the replica replacing this one), "
+       "adopted (items and leases taken over from the replica this one replaced)", ("event",)),
     _m("dotsvlm_queue_wait_seconds", "histogram", "queue",
        "Time an item waited in the queue before an LLM replica took it", (), LATENCY_BUCKETS),
     # --- LLM pool (LLMServer replicas), from engine.stats() and each request
