@@ -36,6 +36,7 @@ SHORT_EVERY_S = 0.25  # short requests to the other API node: about this often
 def _stream(url: str, request_id: str, first_token: threading.Event | None = None) -> dict:
     """One long greedy stream: its text, how it ended, when each content chunk came (time.monotonic())."""
     import httpx
+    from serving_support import sse_events
 
     body = {"model": "dots.vlm1", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
             "messages": [{"role": "user", "content": "Tell me a very long story about a lighthouse."}]}
@@ -47,10 +48,7 @@ def _stream(url: str, request_id: str, first_token: threading.Event | None = Non
             status = r.status_code
             if r.status_code != 200:
                 error = r.read().decode()[:500]
-            for line in r.iter_lines() if r.status_code == 200 else ():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
+            for event in sse_events(r.iter_lines() if r.status_code == 200 else ()):
                 if "error" in event:
                     error = event["error"]
                     continue

@@ -25,6 +25,7 @@ DRAIN_DEADLINE_S = 62
 
 def _stream(url: str) -> dict:
     import httpx
+    from serving_support import sse_events
 
     body = {"model": "dots.vlm1", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
             "messages": [{"role": "user", "content": "Tell me a very long story about a lighthouse."}]}
@@ -33,10 +34,7 @@ def _stream(url: str) -> dict:
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
         if r.status_code != 200:
             return {"status": r.status_code, "error": r.read().decode()[:500]}
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+        for event in sse_events(r.iter_lines()):
             if "error" in event:
                 error = event["error"]
                 continue

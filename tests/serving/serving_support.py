@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,13 @@ def queue_stats() -> dict:
     from dotsvlm_serving.serve_config import APP_NAME
 
     return serve.get_deployment_handle("TensorQueue", APP_NAME).stats.remote().result(timeout_s=30)
+
+
+def sse_events(lines) -> Iterator[dict]:
+    """The JSON events of an OpenAI server-sent-event stream (its `data: ...` lines, without `[DONE]`)."""
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
