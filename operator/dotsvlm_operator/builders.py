@@ -282,12 +282,14 @@ def _worker_command(owner: Owner, spec: models.DotsVLMDeploymentSpec, resource: 
 
 
 def api_pool_grace_seconds(spec: models.DotsVLMDeploymentSpec) -> int:
-    """An API pod's grace period: its Ingress replica's open requests may take the request timeout."""
+    """An API pod's grace period: its Ingress replica's open requests may take the request timeout, and its
+    tensor queue replica's hand-over up to the queue's graceful shutdown."""
     pool = spec.api_pool
     assert pool is not None
     if pool.termination_grace_period_seconds is not None:
         return pool.termination_grace_period_seconds
-    return int(math.ceil(spec.api.request_timeout_seconds)) + 2 * naming.POD_STOP_MARGIN_S
+    longest = max(spec.api.request_timeout_seconds, serve_config.QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S)
+    return int(math.ceil(longest)) + 2 * naming.POD_STOP_MARGIN_S
 
 
 def api_pool_deployment(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:

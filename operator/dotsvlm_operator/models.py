@@ -477,7 +477,8 @@ class ApiPool(_Api):
     termination_grace_period_seconds: int | None = Field(None, ge=60, le=86400, description=(
         "How long a stopping API pod (rollout, node drain) may take before Kubernetes kills it. The pod first "
         "drains its Ray node: Ray Serve starts its Ingress (and the tensor queue) on another API pod and the "
-        f"old replica finishes its open requests and streams. Default: api.requestTimeoutSeconds + "
+        "old replica finishes its open requests and streams (the old tensor queue hands its state to the new "
+        "one). Default: api.requestTimeoutSeconds (at least 45) + "
         f"{2 * POD_STOP_MARGIN_S} s."))
     startup_timeout_seconds: int = _startup_field(600, "API")
 

@@ -43,6 +43,9 @@ API_KEYS_ENV = "DOTSVLM_API_KEYS"
 # keeps the LLM pods' termination grace period above it.
 LLM_DRAIN_TIMEOUT_S = 50.0
 LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S = LLM_DRAIN_TIMEOUT_S + 10
+# The tensor queue's replica, stopping, may wait for its replacement and hand its state over
+# (deployments/queue.py): Serve must not kill it before, nor an API pod's grace period end.
+QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S = 45.0
 
 
 class _Strict(BaseModel):

@@ -375,3 +375,48 @@ def test_autoscaling_on_off_knob_bound_and_slo_changes_restart_no_replica(head: 
     for name in DEPLOYMENTS:  # nothing restarted: every replica kept its id and process
         assert _ids(after, name) == _ids(before, name), name
         assert {r["pid"] for r in after[name].values()} == {r["pid"] for r in before[name].values()}, name
+
+
+def test_a_queue_options_change_hands_the_queue_over_and_fails_no_request(head: Head) -> None:
+    """Serve replaces the tensor queue's replica when the queue's own options change (a dotsvlm upgrade that
+    changes its actor options, the control resource). The old replica hands its state to the new one as it
+    stops (docs/serving.md, "When the queue moves"): no stream open across the change ends, no request is
+    enqueued again or fails, and nothing else restarts."""
+    from dotsvlm_operator.serve_drift import config_drift
+
+    base = _with(QUIET_FIXED, slo={"text_ttft_s": 50, "image_ttft_s": 100})  # what the previous test left
+    head.deploy(**base)
+    base_body = _config(head.model, head.api_port, **base)[0]
+    head.wait_for("the base config running", lambda a: config_drift(
+        base_body, a.get("deployed_app_config")) is None and _all_running(a, SIZES), 420)
+    changed = _config(head.model, head.api_port, **base)[0]
+    for dep in changed["applications"][0]["deployments"]:
+        if dep["name"] == "TensorQueue":  # one more env var: a new actor-options version of the queue only
+            dep["ray_actor_options"]["runtime_env"]["env_vars"]["DOTSVLM_TEST_QUEUE_GENERATION"] = "2"
+    before = head.replicas()
+    old_queue = _ids(before, "TensorQueue")
+
+    async def deploy_changed() -> None:
+        from dotsvlm_operator.ray_head import RayHeadClient
+
+        async with RayHeadClient(head.dashboard, head.token, timeout=30) as client:
+            await client.deploy(changed)
+
+    with Load(head.api, workers=3) as load:
+        load.wait_for_requests(3, 180)
+        asyncio.run(deploy_changed())
+        head.wait_for("a new queue replica running, the old one gone", lambda a: _all_running(a, SIZES) and not old_queue & {
+            r["replica_id"] for r in ((a.get("deployments") or {}).get("TensorQueue") or {}).get("replicas") or []}, 240)
+        load.wait_for_requests(6, 180)  # served through the new replica
+    after = head.replicas()
+    assert load.outcomes["failed"] == 0, load.failures
+    print(f"queue options change under load: {dict(load.outcomes)}")
+    for name in ("Ingress", "VisionEncoder", "LLMServer"):
+        assert _ids(after, name) == _ids(before, name), name
+    old_log = _read_log(head.logs / next(iter(before["TensorQueue"].values()))["log_file_path"].lstrip("/"))
+    new_log = _read_log(head.logs / next(iter(after["TensorQueue"].values()))["log_file_path"].lstrip("/"))
+    print("queue hand-over:", [line.split("TensorQueue: ", 1)[1][:160] for line in (old_log + new_log).splitlines()
+                               if "TensorQueue: " in line and "config applied" not in line])
+    assert "handed its state to the replica that replaces it" in old_log, old_log[-3000:]
+    assert "adopted the previous replica's state" in new_log, new_log[-3000:]
+    assert "stopped without handing over" not in new_log, new_log[-3000:]

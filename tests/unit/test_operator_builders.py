@@ -427,3 +427,15 @@ def test_an_api_pool_grace_period_below_a_minute_is_refused() -> None:
     with pytest.raises(ValidationError, match="terminationGracePeriodSeconds|termination_grace_period_seconds"):
         _spec(apiPool={"terminationGracePeriodSeconds": 10})
     assert builders.api_pool_grace_seconds(_spec(apiPool={"terminationGracePeriodSeconds": 90})) == 90
+
+
+def test_an_api_pods_grace_period_leaves_room_for_the_tensor_queues_hand_over() -> None:
+    """With a short request timeout the API pod still lives long enough for its queue replica to wait for its
+    replacement and hand its state over (serve_config.QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S) after the drain."""
+    from dotsvlm_serving.serve_config import QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S
+
+    short = _spec(apiPool={"replicas": 2}, api__requestTimeoutSeconds=5)
+    grace = builders.api_pool_grace_seconds(short)
+    assert grace - 2 * naming.POD_STOP_MARGIN_S >= QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S
+    long = _spec(apiPool={"replicas": 2}, api__requestTimeoutSeconds=900)
+    assert builders.api_pool_grace_seconds(long) == 900 + 2 * naming.POD_STOP_MARGIN_S

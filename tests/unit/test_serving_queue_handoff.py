@@ -211,3 +211,20 @@ def test_a_queue_that_keeps_moving_gives_a_503_that_says_to_retry(monkeypatch) -
     with pytest.raises(ApiError) as err:
         asyncio.run(relay._enqueue(req, time.monotonic() + 60))
     assert err.value.status == 503 and "retry" in str(err.value)
+
+
+def test_a_stopping_replica_waits_for_a_successor_only_when_it_holds_work() -> None:
+    """`holds_state` decides whether a stopping replica waits for its replacement (a rolling update of the
+    queue's options stops it first): a queued item, a lease or an answer not yet read all count."""
+    async def main() -> None:
+        q = TensorQueueCore(max_items=8, max_bytes=10_000)
+        assert not q.holds_state()  # an idle queue stops at once (e.g. the application is deleted)
+        await q.put(item("a"), 1)
+        assert q.holds_state()  # queued
+        await q.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        assert q.holds_state()  # leased
+        q.publish("llm1", [fin("a", 0)])
+        assert q.holds_state()  # answered, not yet read by the ingress
+        assert (await drain_text(q, "a"))[1] == "finish"
+        assert not q.holds_state()
+    asyncio.run(main())

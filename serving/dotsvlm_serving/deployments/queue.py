@@ -23,7 +23,7 @@ from ray import serve
 from ..events import Event
 from ..autoscaling.signals import queue_stats
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
-from ..serve_config import QUEUE_DEPLOYMENT, QueueConfig
+from ..serve_config import QUEUE_DEPLOYMENT, QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S, QueueConfig
 from ..tensor_queue import ItemTooLarge, QueueFull, QueueItem, QueueMoved, QueueSnapshot, TensorQueueCore
 from .queue_peers import HEARTBEAT_S, PeerRegistry, handoff_role
 
@@ -111,12 +111,21 @@ class TensorQueue:
         if getattr(self, "peers", None) is None:
             return
         await self._check_peers()
+        if self.core.handoff is None and self.core.holds_state():
+            # A rolling update of the queue's own options stops this replica before its replacement starts
+            # (a node drain starts the replacement first): wait for it rather than drop what is held.
+            log.info("TensorQueue: stopping with work in hand; waiting up to %.0f s for the replica that "
+                     "replaces it", SUCCESSOR_WAIT_S)
+            deadline = time.monotonic() + SUCCESSOR_WAIT_S
+            while self.core.handoff is None and time.monotonic() < deadline:
+                await asyncio.sleep(HEARTBEAT_S / 2)
+                await self._check_peers()
         if self.core.handoff == "predecessor":
             snap = self.core.snapshot()
             try:
                 ctx = serve.get_replica_context()
                 successor = serve.get_deployment_handle(QUEUE_DEPLOYMENT, app_name=ctx.app_name)
-                counts = await asyncio.wait_for(successor.adopt.remote(snap), 15.0)
+                counts = await asyncio.wait_for(successor.adopt.remote(snap), ADOPT_TIMEOUT_S)
                 log.info("TensorQueue: handed its state to the replica that replaces it: %s", counts)
             except Exception:
                 log.exception("TensorQueue: could not hand its state to the replica that replaces it; the API "
@@ -181,7 +190,10 @@ class TensorQueue:
 # This deployment's own Serve options; its one replica, CPU share and slice come from
 # ServeAppConfig.deployment_options().
 # A stopping replica's calls in flight end within a second or two (hand-over polls are short, producers are
-# sent on), then `__del__` hands the state over (up to 15 s): Serve must not kill it before.
-GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+# sent on), then `__del__` waits for its successor when none has appeared yet (a rolling update of the queue's
+# options stops the old replica first; up to SUCCESSOR_WAIT_S) and hands the state over (up to
+# ADOPT_TIMEOUT_S): Serve must not kill it before (serve_config.QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S).
+SUCCESSOR_WAIT_S = 20.0
+ADOPT_TIMEOUT_S = 15.0
 TensorQueueDeployment = serve.deployment(name=QUEUE_DEPLOYMENT, max_ongoing_requests=100_000,
-                                         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)(TensorQueue)
+                                         graceful_shutdown_timeout_s=QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S)(TensorQueue)

@@ -481,6 +481,10 @@ class TensorQueueCore:
         if role == "predecessor":
             self._wake_producers()  # waiting producers go to the successor
 
+    def holds_state(self) -> bool:
+        """Whether a successor would have anything to carry on: queued items, leases or open answers."""
+        return bool(self._items or self._mailboxes or any(c.leased for c in self._consumers.values()))
+
     def snapshot(self) -> QueueSnapshot:
         """Everything this replica holds that its successor must carry on: queued items (with their
         age), leases, undelivered events, and what it learnt about requests it did not know."""
