@@ -36,7 +36,7 @@ SHORT_EVERY_S = 0.25  # short requests to the other API node: about this often
 def _stream(url: str, request_id: str, first_token: threading.Event | None = None) -> dict:
     """One long greedy stream: its text, how it ended, when each content chunk came (time.monotonic())."""
     import httpx
-    from serving_support import sse_events
+    from serving_support import chat_deltas
 
     body = {"model": "dots.vlm1", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
             "messages": [{"role": "user", "content": "Tell me a very long story about a lighthouse."}]}
@@ -48,17 +48,14 @@ def _stream(url: str, request_id: str, first_token: threading.Event | None = Non
             status = r.status_code
             if r.status_code != 200:
                 error = r.read().decode()[:500]
-            for event in sse_events(r.iter_lines() if r.status_code == 200 else ()):
-                if "error" in event:
-                    error = event["error"]
-                    continue
-                choice = event["choices"][0]
-                if choice.get("delta", {}).get("content"):
-                    text.append(choice["delta"]["content"])
+            for content, finished, err in chat_deltas(r.iter_lines() if r.status_code == 200 else ()):
+                error = err or error
+                if content:
+                    text.append(content)
                     arrived.append(time.monotonic())
                     if first_token is not None:
                         first_token.set()
-                finish = choice.get("finish_reason") or finish
+                finish = finished or finish
     except httpx.HTTPError as exc:  # the connection was cut: what had come until then
         error = f"{type(exc).__name__}: {exc}"
     if first_token is not None:

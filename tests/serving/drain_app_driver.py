@@ -25,7 +25,7 @@ DRAIN_DEADLINE_S = 62
 
 def _stream(url: str) -> dict:
     import httpx
-    from serving_support import sse_events
+    from serving_support import chat_deltas
 
     body = {"model": "dots.vlm1", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
             "messages": [{"role": "user", "content": "Tell me a very long story about a lighthouse."}]}
@@ -34,16 +34,13 @@ def _stream(url: str) -> dict:
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
         if r.status_code != 200:
             return {"status": r.status_code, "error": r.read().decode()[:500]}
-        for event in sse_events(r.iter_lines()):
-            if "error" in event:
-                error = event["error"]
-                continue
-            choice = event["choices"][0]
-            if choice.get("delta", {}).get("content"):
-                text.append(choice["delta"]["content"])
+        for content, finished, err in chat_deltas(r.iter_lines()):
+            error = err or error
+            if content:
+                text.append(content)
                 chunks += 1
                 first_at = first_at or time.monotonic()
-            finish = choice.get("finish_reason") or finish
+            finish = finished or finish
     return {"status": 200, "text": "".join(text), "finish": finish, "error": error, "chunks": chunks,
             "ended_at": time.monotonic(), "seconds": round(time.monotonic() - started, 1)}
 

@@ -54,11 +54,17 @@ def queue_stats() -> dict:
     return serve.get_deployment_handle("TensorQueue", APP_NAME).stats.remote().result(timeout_s=30)
 
 
-def sse_events(lines) -> Iterator[dict]:
-    """The JSON events of an OpenAI server-sent-event stream (its `data: ...` lines, without `[DONE]`)."""
+def chat_deltas(lines) -> Iterator[tuple[str | None, str | None, object]]:
+    """(content, finish_reason, error) for each event of a streamed chat answer (its `data: ...` lines)."""
     for line in lines:
-        if line.startswith("data: ") and line != "data: [DONE]":
-            yield json.loads(line[6:])
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if "error" in event:
+            yield None, None, event["error"]
+            continue
+        choice = event["choices"][0]
+        yield choice.get("delta", {}).get("content"), choice.get("finish_reason"), None
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
