@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -19,9 +20,17 @@ IMAGE_HOST = "127.0.0.2"  # the allow-listed image server; 127.0.0.1 stays refus
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral range (32768 up), where
+    Ray's own gRPC servers and workers get theirs: a port picked here is bound by a Serve proxy only once the
+    cluster is up, and one from the ephemeral range was taken meanwhile by a Ray process (seen in CI)."""
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32767")
 
 
 # What the operator sets on every Ray pod; the metrics carry them as dotsvlm_namespace/dotsvlm_deployment.
