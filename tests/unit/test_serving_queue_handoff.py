@@ -167,15 +167,26 @@ def test_the_older_live_replica_is_the_predecessor_and_a_silent_one_does_not_cou
 
 
 class _MovingQueue:
-    """A queue handle whose replica answers "moved" `moves` times before one takes the request."""
+    """A queue handle whose replica answers "moved" `moves` times (or, with `lost`, whose call fails as when
+    the replica is gone) before one takes the request."""
 
-    def __init__(self, moves: int) -> None:
-        self.moves, self.puts = moves, []
+    def __init__(self, moves: int, lost: bool = False) -> None:
+        self.moves, self.lost, self.puts, self.cancelled = moves, lost, [], []
         self.put = self  # queue.put.remote(...)
+        self.cancel = self._Cancel(self.cancelled)  # queue.cancel.remote(rid)
+
+    class _Cancel:
+        def __init__(self, into: list) -> None:
+            self.into = into
+
+        async def remote(self, rid: str) -> None:
+            self.into.append(rid)
 
     async def _answer(self, item: QueueItem) -> dict:
         self.puts.append(item.request_id)
         if len(self.puts) <= self.moves:
+            if self.lost:
+                raise asyncio.TimeoutError
             return {"ok": False, "reason": "moved", "message": "being replaced"}
         return {"ok": True}
 
@@ -187,7 +198,7 @@ def _relay(queue: _MovingQueue):
     from dotsvlm_serving.deployments.relay import Relay, _Held
 
     relay = object.__new__(Relay)
-    relay.queue, relay.enqueue_timeout_s = queue, 5.0
+    relay.queue, relay.enqueue_timeout_s, relay._background = queue, 5.0, set()
     return relay, _Held(base_id="r", item=item("r"))
 
 
@@ -198,6 +209,20 @@ def test_the_ingress_puts_a_request_the_old_replica_sent_on_into_the_new_one_und
     relay, req = _relay(queue)
     asyncio.run(relay._enqueue(req, time.monotonic() + 60))
     assert queue.puts == ["r", "r", "r"]  # the old replica did not take it: no fresh id, nothing to cancel
+
+
+def test_a_lost_queue_replica_gets_the_request_again_under_a_fresh_id_and_the_old_one_cancelled() -> None:
+    import time
+
+    queue = _MovingQueue(moves=1, lost=True)
+    relay, req = _relay(queue)
+
+    async def main() -> None:
+        await relay._enqueue(req, time.monotonic() + 60)
+        await asyncio.gather(*relay._background)
+    asyncio.run(main())
+    assert queue.puts == ["r", "r-q1"]  # it may have arrived: a fresh id, and the first one cancelled
+    assert queue.cancelled == ["r"]
 
 
 def test_a_queue_that_keeps_moving_gives_a_503_that_says_to_retry(monkeypatch) -> None:

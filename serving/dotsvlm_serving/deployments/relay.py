@@ -153,25 +153,25 @@ class Relay:
         give_up = min(deadline, time.monotonic() + QUEUE_RECOVERY_S)
         while True:
             timeout = max(0.0, min(self.enqueue_timeout_s, deadline - time.monotonic()))
+            unreachable: BaseException | None = None
             try:
                 res = await asyncio.wait_for(self.queue.put.remote(req.item, timeout), timeout + CALL_MARGIN_S)
                 if res["ok"] or res["reason"] != "moved":
                     break
                 # The replica that answered is being replaced: its successor takes the request.
-                if time.monotonic() + QUEUE_RETRY_S >= give_up:
-                    raise ApiError(503, f"the tensor queue was moving and its new replica did not take the request "
-                                        f"within {QUEUE_RECOVERY_S:g} s; retry the request")
-                await asyncio.sleep(QUEUE_RETRY_S)
-                continue
             except _UNREACHABLE as exc:
-                if time.monotonic() + QUEUE_RETRY_S >= give_up:
-                    raise ApiError(503, f"the tensor queue is unavailable ({type(exc).__name__}) and no replacement "
-                                        f"answered within {QUEUE_RECOVERY_S:g} s; retry the request") from None
+                unreachable = exc
+            if time.monotonic() + QUEUE_RETRY_S >= give_up:
+                why = ("the tensor queue was moving and its new replica did not take the request"
+                       if unreachable is None else
+                       f"the tensor queue is unavailable ({type(unreachable).__name__}) and no replacement answered")
+                raise ApiError(503, f"{why} within {QUEUE_RECOVERY_S:g} s; retry the request") from None
+            if unreachable is not None:
                 log.warning("request %s: the tensor queue did not take it (%s); trying again", req.rid,
-                            type(exc).__name__)
+                            type(unreachable).__name__)
                 self.cancel_later(req.rid)  # in case it did arrive
                 req.renew()
-                await asyncio.sleep(QUEUE_RETRY_S)
+            await asyncio.sleep(QUEUE_RETRY_S)
         if not res["ok"]:
             if res["reason"] == "full":
                 raise ApiError(429, res["message"], code=QUEUE_FULL,

@@ -237,8 +237,7 @@ class TensorQueueCore:
         if item.request_id in self._mailboxes and not self._mailboxes[item.request_id].orphan:
             raise ValueError(f"duplicate request id {item.request_id}")
         if self.handoff == "predecessor":
-            self.counters["moved"] += 1
-            raise QueueMoved("this tensor queue replica is being replaced; put the request into its successor")
+            raise self._moved()
         if self._put_waiters or not self._has_room(item.nbytes):
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             entry = (fut, item.nbytes)
@@ -262,8 +261,7 @@ class TensorQueueCore:
                 self._wake_producers()
                 raise
             if outcome == _MOVED:
-                self.counters["moved"] += 1
-                raise QueueMoved("this tensor queue replica is being replaced; put the request into its successor")
+                raise self._moved()
             self._release_reservation(item.nbytes)
         item.enqueued_at = time.monotonic()
         self._items.append(item)
@@ -274,6 +272,10 @@ class TensorQueueCore:
         self.counters["enqueued"] += 1
         self._item_available.set()
         self._wake_producers()
+
+    def _moved(self) -> QueueMoved:
+        self.counters["moved"] += 1
+        return QueueMoved("this tensor queue replica is being replaced; put the request into its successor")
 
     def _wake_producers(self) -> None:
         """Admit waiting producers in arrival order while there is room, reserving it for them."""
@@ -510,7 +512,8 @@ class TensorQueueCore:
                     continue  # its answer was handed out here
                 box = self._mailboxes[rid] = _Mailbox(orphan=True)
             _merge_mailbox(box, state)
-        items = [(it, age) for it, age in snap.items if it.request_id not in cancelled | ended]
+        dropped = cancelled | ended
+        items = [(it, age) for it, age in snap.items if it.request_id not in dropped]
         for it, age in reversed(items):
             it.enqueued_at = now - age
             self._items.appendleft(it)
@@ -526,15 +529,13 @@ class TensorQueueCore:
         for rid in cancelled:
             self.cancel(rid)
         self.counters["adopted"] += len(items) + leases
-        self._end_handoff()
+        self.end_handoff()
         return {"items": len(items), "leases": leases, "mailboxes": len(snap.mailboxes)}
 
     def end_handoff(self) -> None:
-        """The predecessor is gone without a snapshot (it was killed): what only it knew is lost, and the
-        usual recovery applies (the ingress enqueues those requests again, LLM replicas stop them)."""
-        self._end_handoff()
-
-    def _end_handoff(self) -> None:
+        """Leave hand-over mode: after `adopt`, or when the predecessor is gone without a snapshot (it was
+        killed): then what only it knew is lost, and the usual recovery applies (the ingress enqueues those
+        requests again, LLM replicas stop them)."""
         self.handoff = None
         self._ended_unknown.clear()
         self._cancelled_unknown.clear()
