@@ -4,10 +4,11 @@ It holds only `QueueItem`s with small `TensorHandle`s (the embeddings stay in th
 the per-request result mailboxes. Results are returned as status dicts rather than raised exceptions
 so that callers in other processes get typed outcomes without depending on exception pickling.
 
-When Serve replaces the replica (its API pod or node drains, its options change) it starts the new one
-before it stops the old one; the two find each other (`queue_peers`), and the old one gives its whole
+When Serve replaces the replica (its API pod or node drains, its options change), the old and the new one
+live side by side for a while (a drain starts the new one first; a rolling update stops the old one first,
+which then waits for the new one); the two find each other (`queue_peers`), and the old one gives its whole
 state to the new one as it stops (`__del__` -> `adopt`): queued requests, leases and undelivered events
-carry on, and open streams go on where they were (docs/serving.md, "Tensor queue").
+carry on, and open streams go on where they were (docs/serving.md, "When the queue moves: the hand-over").
 """
 
 from __future__ import annotations
