@@ -126,6 +126,7 @@ def _draining_server(queue: object, engine: object):
     srv.queue, srv.engine = queue, engine
     srv.consumer_id, srv._to_cancel, srv._publishing, srv._outbox, srv._sent = "c", set(), None, [], {}
     srv._last_take, srv._draining, srv._drained = 0.0, False, asyncio.Event()
+    srv.cfg, srv._active, srv._lost, srv._discarding = None, set(), False, False
     srv._run_task = asyncio.create_task(srv._run_forever())
     srv._hb_task = asyncio.create_task(asyncio.sleep(3600))
     srv._publishing_metrics = asyncio.create_task(asyncio.sleep(3600))
@@ -477,3 +478,75 @@ def test_dotsvlm_serve_pins_the_ingress_and_queue_to_its_own_node_which_advertis
 
     assert embedded.local_config("/m").control_resource == CONTROL_RESOURCE
     assert embedded.CONTROL_RESOURCES == {CONTROL_RESOURCE: CONTROL_RESOURCE_CAPACITY}
+
+
+def test_an_llm_replica_the_queue_declared_lost_drops_its_copies_and_rejoins_under_a_new_id() -> None:
+    """A replica that stalled past the lease timeout was declared lost; its request went to another
+    replica. When the queue answers it with None, it must cancel its own copy, publish none of that copy's
+    further events (the answer now comes from the other replica), and take work again under a new id only
+    once its engine has let go of the copy (a redelivery of the same request may come back to it)."""
+    import asyncio
+    import time
+
+    published: list[tuple[str, list[str]]] = []
+    takes: list[str] = []
+
+    class FakeQueue:
+        class take:
+            @staticmethod
+            def remote(cid, *a):
+                takes.append(cid)
+
+                async def call():
+                    await asyncio.sleep(0.01)
+                    return [] if cid != "c" else None
+                return call()
+
+        class publish:
+            @staticmethod
+            def remote(cid, events, stats):
+                published.append((cid, [e["type"] for e in events]))
+
+                async def call():
+                    return None if cid == "c" else []  # "c" was declared lost
+                return call()
+
+    class FakeEngine:
+        def __init__(self) -> None:
+            self.running, self.cancelled = {"r"}, []
+
+        def has_work(self) -> bool:
+            return bool(self.running)
+
+        def free_slots(self) -> int:
+            return 0 if self.running else 4
+
+        def free_tokens(self) -> int:
+            return 1000
+
+        def cancel(self, rid: str) -> None:
+            self.cancelled.append(rid)
+
+        async def step(self) -> list[dict]:
+            await asyncio.sleep(0.01)
+            if self.cancelled and "r" in self.running:
+                self.running.clear()
+                return [{"request_id": "r", "type": "finish", "finish_reason": "cancelled"}]
+            return [{"request_id": "r", "type": "token", "text": "t"}]
+
+        def stats(self) -> dict:
+            return {}
+
+    async def main() -> None:
+        srv = _draining_server(FakeQueue(), FakeEngine())
+        srv._active.add("r")
+        deadline = time.monotonic() + 10
+        while not any(cid != "c" for cid in takes):
+            assert time.monotonic() < deadline, (takes, published)
+            await asyncio.sleep(0.01)
+        srv._run_task.cancel()
+        assert srv.engine.cancelled == ["r"] and not srv.engine.running
+        assert srv.consumer_id != "c" and all(cid == "c" for cid, _ in published), published
+        assert "finish" not in [t for _, types in published for t in types]  # the dropped copy's end stays here
+
+    asyncio.run(main())

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dotsvlm_serving.tensor_queue import ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
+from dotsvlm_serving.tensor_queue import ConsumerLost, ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
 
 
 def item(rid: str, nbytes: int = 10, tokens: int = 10, stream: bool = False) -> QueueItem:
@@ -166,4 +166,58 @@ def test_a_replacement_queue_tells_consumers_to_stop_requests_it_does_not_know()
         assert stop == ["orphan"]
         assert q.heartbeat("r1") == []  # told once, not forever
         assert await q.next_events("known", 0) == [{"request_id": "known", "type": "token", "text": "y"}]
+    run(main())
+
+
+def test_a_replica_declared_lost_that_comes_back_is_refused_and_the_redelivered_answer_is_whole() -> None:
+    """A stalled LLM replica (no heartbeat for the lease timeout) is declared lost and its request goes to
+    another; when the stalled one calls again it must not publish into that answer (two copies of one
+    answer) and must rejoin under a new id; the new delivery, numbered from 0, reaches the client whole."""
+    def tok(i: int, text: str) -> dict:
+        return {"request_id": "a", "type": "token", "text": text, "i": i}
+
+    async def main() -> None:
+        q = TensorQueueCore(max_items=10, max_bytes=1000, lease_timeout_s=0.05, max_deliveries=3)
+        await q.put(item("a"), 1)
+        await q.take("slow", max_items=1, token_budget=100, wait_s=0)
+        q.publish("slow", [tok(0, "x"), tok(1, "y")])
+        await asyncio.sleep(0.1)
+        assert q.reap() == ["slow"]
+        (again,) = await q.take("other", max_items=1, token_budget=100, wait_s=0)
+        assert again.request_id == "a" and again.deliveries == 2
+        # The stalled replica wakes up: every call it makes is refused, its late events are dropped.
+        with pytest.raises(ConsumerLost):
+            q.publish("slow", [tok(2, "STALE")])
+        with pytest.raises(ConsumerLost):
+            q.heartbeat("slow")
+        with pytest.raises(ConsumerLost):
+            await q.take("slow", max_items=1, token_budget=100, wait_s=0)
+        assert "slow" not in q.stats()["consumers"]
+        q.publish("other", [tok(0, "x"), tok(1, "y"), tok(2, "z"),
+                            {"request_id": "a", "type": "finish", "finish_reason": "length", "text": "", "i": 3,
+                             "usage": {"prompt_tokens": 1, "completion_tokens": 3}}])
+        events = await q.next_events("a", wait_s=1, until_done=True)
+        after_restart = events[[e["type"] for e in events].index("restart") + 1:]
+        assert "".join(e.get("text", "") for e in after_restart) == "xyz", events
+        assert after_restart[-1]["type"] == "finish"
+        # Under a new id the replica is a consumer like any other.
+        await q.put(item("b"), 1)
+        assert [i.request_id for i in await q.take("slow-2", max_items=1, token_budget=100, wait_s=0)] == ["b"]
+    run(main())
+
+
+def test_a_successor_refuses_the_replicas_its_predecessor_declared_lost() -> None:
+    async def main() -> None:
+        old = TensorQueueCore(max_items=10, max_bytes=1000, lease_timeout_s=0.05)
+        new = TensorQueueCore(max_items=10, max_bytes=1000, lease_timeout_s=0.05)
+        await old.put(item("a"), 1)
+        await old.take("slow", max_items=1, token_budget=100, wait_s=0)
+        await asyncio.sleep(0.1)
+        old.reap()
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        new.adopt(old.snapshot())
+        with pytest.raises(ConsumerLost):
+            new.heartbeat("slow")
+        assert [i.request_id for i in await new.take("other", max_items=1, token_budget=100, wait_s=0)] == ["a"]
     run(main())

@@ -58,9 +58,12 @@ class LLMServer:
         self.cfg: LLMServerConfig | None = None  # the slice: set by reconfigure, which builds the engine
         self.consumer_id = f"llm-{uuid.uuid4().hex[:12]}"
         self._to_cancel: set[str] = set()
-        self._publishing: asyncio.Future[list[str]] | None = None
+        self._publishing: asyncio.Future[tuple[str, list[str] | None]] | None = None
         self._outbox: list[Event] = []
         self._sent: dict[str, int] = {}  # events numbered so far per request (this delivery): their `i`
+        self._active: set[str] = set()  # requests handed to the engine whose terminal event is not out yet
+        self._lost = False  # the queue declared this replica lost: rejoin (`_rejoin`) before anything else
+        self._discarding = False  # after a rejoin: the engine's dropped copies are still winding down
         self._last_take = 0.0
         self._draining = False
         self._drained = asyncio.Event()  # set by the run loop: draining, no work left, every event delivered
@@ -104,7 +107,8 @@ class LLMServer:
         while True:
             period = max(0.2, self.cfg.lease_timeout_s / 4)  # type: ignore[union-attr]
             try:
-                self._to_cancel.update(await self.queue.heartbeat.remote(self.consumer_id, self.engine.stats()))
+                cid = self.consumer_id
+                self._cancel_or_rejoin(cid, await self.queue.heartbeat.remote(cid, self.engine.stats()))
             except Exception:
                 log.exception("heartbeat to the tensor queue failed")
             await asyncio.sleep(period)
@@ -125,27 +129,37 @@ class LLMServer:
         most every TAKE_INTERVAL_S, and events are published by one call in flight at a time that
         overlaps the following steps (events produced meanwhile wait in the outbox and go together), so
         the latency of actor calls stays off the decode loop."""
+        if self._lost:
+            self._rejoin()
         busy = self.engine.has_work()
-        room = 0 if self._draining else self.engine.free_slots()
+        room = 0 if self._draining or self._discarding else self.engine.free_slots()
         now = time.monotonic()
         if room and (not busy or now - self._last_take >= self.TAKE_INTERVAL_S):
             if not busy:
                 await self._publish(wait=True)
             self._last_take = now
-            items: list[QueueItem] = await self.queue.take.remote(
-                self.consumer_id, room, self.engine.free_tokens(), 0.0 if busy else 1.0)
-            for item in items:
+            cid = self.consumer_id
+            items: list[QueueItem] | None = await self.queue.take.remote(
+                cid, room, self.engine.free_tokens(), 0.0 if busy else 1.0)
+            self._cancel_or_rejoin(cid, [] if items is not None else None)
+            for item in items or []:
                 self._sent.pop(item.request_id, None)  # a new delivery numbers its events from 0
                 err = await asyncio.to_thread(self._admit, item)
                 if err is not None:
                     self._outbox.append(err)
+                else:
+                    self._active.add(item.request_id)
         if self._to_cancel:
             for rid in self._to_cancel:
                 self.engine.cancel(rid)
             self._to_cancel.clear()
         if self.engine.has_work():
             events = await self.engine.step()  # (not `outbox += await`: the outbox may be swapped meanwhile)
-            self._outbox += events
+            if not self._discarding:
+                self._outbox += events
+        if self._discarding and not self.engine.has_work():
+            self._discarding = False
+            log.info("LLM replica: the dropped copies have stopped; taking work again as %s", self.consumer_id)
         await self._publish(wait=not self.engine.has_work())
         if self._draining and not self.engine.has_work():
             # Only here is the drain over: the engine reports no work while its last step still runs (in a
@@ -161,13 +175,13 @@ class LLMServer:
                 if not (wait or self._publishing.done()):
                     return
                 pending, self._publishing = self._publishing, None
-                self._to_cancel.update(await pending)
+                self._cancel_or_rejoin(*await pending)
             if not self._outbox:
                 return
             events, self._outbox = self._outbox, []
             self._number(events)
             call = self.queue.publish.remote(self.consumer_id, events, self.engine.stats())
-            self._publishing = asyncio.ensure_future(self._resolve(call))
+            self._publishing = asyncio.ensure_future(self._resolve(self.consumer_id, call))
             if not wait:
                 return
 
@@ -179,12 +193,39 @@ class LLMServer:
             ev["i"] = self._sent.get(rid, 0)
             if is_terminal(ev):
                 self._sent.pop(rid, None)
+                self._active.discard(rid)
             else:
                 self._sent[rid] = ev["i"] + 1
 
     @staticmethod
-    async def _resolve(call: Any) -> list[str]:
-        return await call
+    async def _resolve(consumer_id: str, call: Any) -> tuple[str, list[str] | None]:
+        return consumer_id, await call
+
+    def _cancel_or_rejoin(self, consumer_id: str, answer: list[str] | None) -> None:
+        """A queue call's answer: requests to stop, or None when the queue declared this replica lost (it
+        answers so only for the id the call was made with; an older id's answer is stale)."""
+        if answer is not None:
+            self._to_cancel.update(answer)
+        elif consumer_id == self.consumer_id:
+            self._lost = True
+
+    def _rejoin(self) -> None:
+        """The queue declared this replica lost (it missed heartbeats for the lease timeout: a stall, a
+        network cut) and gave its requests to other replicas, or back to the queue. Drop every copy still
+        running here, without publishing any more of their events, and take work again under a new id
+        once the engine has let go of them (a redelivery of one of them may come back here)."""
+        old, self.consumer_id = self.consumer_id, f"llm-{uuid.uuid4().hex[:12]}"
+        log.warning("LLM replica: the tensor queue declared it lost (no heartbeat within %.0f s) and gave its %d "
+                    "request(s) to other replicas; dropping them here and joining again as %s (was %s)",
+                    self.cfg.lease_timeout_s if self.cfg else 0, len(self._active), self.consumer_id, old)
+        for rid in self._active:
+            self.engine.cancel(rid)
+        self._active.clear()
+        self._sent.clear()
+        self._outbox.clear()
+        self._to_cancel.clear()
+        self._lost = False
+        self._discarding = self.engine.has_work()
 
     def _admit(self, item: QueueItem) -> ErrorEvent | None:
         """Fetch the embeddings and hand the request to the engine; an error event if that fails."""

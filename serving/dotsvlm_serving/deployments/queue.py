@@ -25,7 +25,7 @@ from ..events import Event
 from ..autoscaling.signals import queue_stats
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..serve_config import QUEUE_DEPLOYMENT, QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S, QueueConfig
-from ..tensor_queue import ItemTooLarge, QueueFull, QueueItem, QueueMoved, QueueSnapshot, TensorQueueCore
+from ..tensor_queue import ConsumerLost, ItemTooLarge, QueueFull, QueueItem, QueueMoved, QueueSnapshot, TensorQueueCore
 from .queue_peers import HEARTBEAT_S, PeerRegistry, handoff_role
 
 log = logging.getLogger("ray.serve")
@@ -155,15 +155,28 @@ class TensorQueue:
             return {"ok": False, "reason": "too_large", "message": str(exc)}
         return {"ok": True}
 
-    async def take(self, consumer_id: str, max_items: int, token_budget: int, wait_s: float) -> list[QueueItem]:
-        return await self.core.take(consumer_id, max_items=max_items, token_budget=token_budget, wait_s=wait_s)
+    # take, publish and heartbeat answer None to an LLM replica that was declared lost (`ConsumerLost`): it
+    # drops what it still runs (other replicas have it now) and joins again under a new id.
+    async def take(self, consumer_id: str, max_items: int, token_budget: int,
+                   wait_s: float) -> list[QueueItem] | None:
+        try:
+            return await self.core.take(consumer_id, max_items=max_items, token_budget=token_budget, wait_s=wait_s)
+        except ConsumerLost:
+            return None
 
-    async def publish(self, consumer_id: str, events: list[Event], stats: dict[str, float] | None = None) -> list[str]:
+    async def publish(self, consumer_id: str, events: list[Event],
+                      stats: dict[str, float] | None = None) -> list[str] | None:
         await self._maybe_handoff([ev["request_id"] for ev in events])
-        return self.core.publish(consumer_id, events, stats)
+        try:
+            return self.core.publish(consumer_id, events, stats)
+        except ConsumerLost:
+            return None
 
-    async def heartbeat(self, consumer_id: str, stats: dict[str, float] | None = None) -> list[str]:
-        return self.core.heartbeat(consumer_id, stats)
+    async def heartbeat(self, consumer_id: str, stats: dict[str, float] | None = None) -> list[str] | None:
+        try:
+            return self.core.heartbeat(consumer_id, stats)
+        except ConsumerLost:
+            return None
 
     async def leave(self, consumer_id: str) -> None:
         self.core.leave(consumer_id)

@@ -48,6 +48,8 @@ async def _wait_until(ready: Callable[[], bool], changed: asyncio.Event, wait_s:
         except asyncio.TimeoutError:
             return
 
+# How long a lost consumer's id is remembered (it is refused meanwhile; one gone that long is not coming back).
+LOST_CONSUMER_TTL_S = 3600.0
 # How long a long-poll waits during a hand-over: the stopping replica's ongoing calls end quickly.
 HANDOFF_POLL_S = 0.5
 
@@ -62,6 +64,11 @@ class QueueFull(Exception):
 
 class QueueMoved(Exception):
     """This queue replica is being replaced: put the item into its successor (the caller retries)."""
+
+
+class ConsumerLost(Exception):
+    """The calling LLM replica was declared lost (no heartbeat within the lease timeout) and its work was
+    given to others: it must drop what it still runs and join again under a new consumer id."""
 
 
 class ItemTooLarge(ValueError):
@@ -155,6 +162,7 @@ class QueueSnapshot:
     leases: dict[str, tuple[list[QueueItem], list[str]]]  # consumer -> (leased items, cancelled request ids)
     ended: list[str]
     cancelled: list[str]
+    lost: list[str] = field(default_factory=list)  # consumers declared lost (refused if they call again)
 
 
 def _merge_mailbox(box: _Mailbox, other: MailboxState) -> None:
@@ -207,6 +215,10 @@ class TensorQueueCore:
         self._item_available = asyncio.Event()
         self._mailboxes: dict[str, _Mailbox] = {}
         self._consumers: dict[str, _Consumer] = {}
+        # Consumers declared lost -> when. One that was only slow (a stall longer than the lease timeout) and
+        # calls again gets ConsumerLost rather than a fresh registration: its leases went to others, and its
+        # copies of those requests must not publish into their mailboxes (two copies of one answer).
+        self._lost: dict[str, float] = {}
         self._seq = itertools.count()
         # Hand-over (module docstring): None, "predecessor" or "successor"; what happened to requests this
         # replica did not know while it was in hand-over mode, to apply once the predecessor's state is here.
@@ -308,6 +320,8 @@ class TensorQueueCore:
 
     # ---------------------------------------------------------------- consumers
     def _touch(self, consumer_id: str) -> _Consumer:
+        if consumer_id in self._lost:
+            raise ConsumerLost(f"LLM replica {consumer_id} was declared lost; its work went to other replicas")
         now = time.monotonic()
         c = self._consumers.get(consumer_id)
         if c is None:
@@ -444,10 +458,14 @@ class TensorQueueCore:
         for rid, box in list(self._mailboxes.items()):
             if box.done and now - box.last_touch > self.mailbox_ttl_s:
                 del self._mailboxes[rid]
+        for cid, at in list(self._lost.items()):
+            if now - at > LOST_CONSUMER_TTL_S:
+                del self._lost[cid]
         return [c.consumer_id for c in dead]
 
     def _declare_dead(self, c: _Consumer, *, reason: str) -> None:
         self._consumers.pop(c.consumer_id, None)
+        self._lost[c.consumer_id] = time.monotonic()
         requeue: list[QueueItem] = []
         for rid, item in c.leased.items():
             box = self._mailboxes.get(rid)
@@ -460,8 +478,9 @@ class TensorQueueCore:
                 box.done = True
             else:
                 self.counters["redelivered"] += 1
-                # Tell the client to discard partial output it may have buffered (non-streaming only).
-                box.events.append(RestartEvent(request_id=rid, type="restart"))
+                # Tell the client to discard partial output it may have buffered (non-streaming only); the
+                # next delivery numbers its events from 0 again (accept() resets the order for a restart).
+                box.accept(RestartEvent(request_id=rid, type="restart"))
                 box.streamed = False
                 requeue.append(item)
             box.waiter.set()
@@ -497,7 +516,7 @@ class TensorQueueCore:
                                          streamed=b.streamed, orphan=b.orphan)
                        for rid, b in self._mailboxes.items()},
             leases={cid: (list(c.leased.values()), sorted(c.cancelled)) for cid, c in self._consumers.items()},
-            ended=sorted(self._ended_unknown), cancelled=sorted(self._cancelled_unknown))
+            ended=sorted(self._ended_unknown), cancelled=sorted(self._cancelled_unknown), lost=sorted(self._lost))
 
     def adopt(self, snap: QueueSnapshot) -> dict[str, int]:
         """Merge a predecessor's snapshot and leave hand-over mode. Its items go ahead of this replica's
@@ -519,13 +538,17 @@ class TensorQueueCore:
             self._items.appendleft(it)
             self._bytes += it.nbytes
         leases = 0
+        for cid in snap.lost:
+            self._lost.setdefault(cid, now)
         for cid, (leased, cancelled_by_client) in snap.leases.items():
-            c = self._touch(cid)
+            c = self._consumers.setdefault(cid, _Consumer(cid, now))
             c.cancelled.update(cancelled_by_client)
             for it in leased:
                 if it.request_id not in ended:
                     c.leased.setdefault(it.request_id, it)
                     leases += 1
+            if cid in self._lost:  # declared lost here meanwhile: what it held goes to other replicas
+                self._declare_dead(c, reason="the LLM replica stopped responding")
         for rid in cancelled:
             self.cancel(rid)
         self.counters["adopted"] += len(items) + leases
