@@ -28,7 +28,8 @@ import httpx
 import pytest
 import yaml
 from dvlm_support import get_json, load_example, poll
-from test_operator_ray import _free_port, ray_head, tiny_model  # noqa: F401  (fixtures)
+from support.ports import free_port
+from test_operator_ray import ray_head, tiny_model  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.ray]
 
@@ -146,7 +147,7 @@ def test_image_burst_scales_vision_first_then_llm_pods_follow_streams_survive_th
     name = "dots-scale"
     kube.apply(yaml.safe_dump({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-ray-token"},
                                "stringData": {"token": token}}), namespace=ns)
-    api_port = _free_port()
+    api_port = free_port()
     api = f"http://127.0.0.1:{api_port}"
     cr = load_example("dotsvlm-small.yaml")
     cr["metadata"]["name"] = name

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import socket
 import subprocess
 import urllib.request
 import uuid
@@ -24,6 +23,7 @@ from dvlm_support import CRD_FILE, REPO, condition, get_json, load_example, poll
 
 from dotsvlm_operator import crd as crd_gen, naming
 from support.cluster import build_binaries
+from support.ports import free_port
 
 pytestmark = [pytest.mark.slow]
 cluster = pytest.mark.cluster
@@ -133,10 +133,6 @@ def chart_copy_with_monitoring_files(tmp_path: Path) -> Path:
     return chart
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from dvlm_support import condition, get_json, load_example, poll, write_sa_kubeconfig
 
-from support.cluster import REPO, _free_port, build_binaries
+from support.cluster import REPO, build_binaries
+from support.ports import free_port
 from support.images import DockerEngine, build_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
@@ -62,7 +63,7 @@ def test_operator_container_reconciles_a_sample_as_the_chart_service_account(
         (spec,) = live["spec"]["template"]["spec"]["containers"]
         kubeconfig = write_sa_kubeconfig(kube, release_ns, fullname, tmp_path / "sa.kubeconfig")
         kubeconfig.chmod(0o644)  # readable by the container's user
-        health = _free_port()
+        health = free_port()
         args = [a for a in spec["args"] if not a.startswith(("--liveness", "--resync-seconds"))]
         args += [f"--liveness=http://127.0.0.1:{health}/healthz", "--resync-seconds=5",
                  "--ray-head-url-override=http://127.0.0.1:9/"]

@@ -11,6 +11,7 @@ import json
 import pytest
 import yaml
 from dvlm_support import condition, get_json, load_example, poll, release_namespace
+from support.ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -288,12 +289,6 @@ def monitoring_crds(kube):
         kube.kubectl("delete", "crd", f"{plural}.monitoring.coreos.com", "--ignore-not-found", "--wait=false")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _sample(text: str, name: str, **labels: str) -> float | None:

@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,12 @@ from support.ray_head import stop_ray_head
 
 from dotsvlm_operator import models, serve_app
 from dotsvlm_operator.serve_drift import config_drift
+from support.ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.ray]
 
 VENV_BIN = Path(sys.executable).parent
 
-
-def _free_port() -> int:
-    # The OS hands out ephemeral ports (32768+), outside Ray's worker port range (10002-19999).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -47,7 +41,7 @@ def ray_head(tmp_path):
     token_file = tmp_path / "ray-token"
     token_file.write_text(token)
     temp_dir = Path(tempfile.mkdtemp(prefix="rayop-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    gcs, dash, client, agent = (_free_port() for _ in range(4))
+    gcs, dash, client, agent = (free_port() for _ in range(4))
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), OMP_NUM_THREADS="1",
                RAY_USAGE_STATS_ENABLED="0")
     log = open(tmp_path / "ray.log", "wb")
@@ -89,7 +83,7 @@ def test_operator_deploys_the_serve_app_to_a_token_protected_ray_head(kube, ns, 
     name = "dots-ray"
     kube.apply(yaml.safe_dump({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-ray-token"},
                                "stringData": {"token": token}}), namespace=ns)
-    api_port = _free_port()
+    api_port = free_port()
     cr = load_example("dotsvlm-small.yaml")
     cr["metadata"]["name"] = name
     cr["spec"]["model"] = {"path": str(tiny_model), "mountPath": str(tiny_model.parent), "quantization": "none",

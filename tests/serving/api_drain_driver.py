@@ -98,7 +98,7 @@ def _progress(step: str, t0: float) -> None:
 def main() -> int:
     import ray
     from ray import serve
-    from serving_support import (_free_port, live_replicas, pool_app_config, serve_app_on_cluster, start_cluster,
+    from serving_support import (free_port, live_replicas, pool_app_config, serve_app_on_cluster, start_cluster,
                                  wait_healthy)
 
     from dotsvlm_operator.naming import POD_STOP_MARGIN_S
@@ -119,7 +119,7 @@ def main() -> int:
     writer = threading.Thread(target=lambda: written.update(model=ensure_tiny_checkpoint(model_dir)))
     writer.start()
     env = {"OMP_NUM_THREADS": "1"}
-    ports = {"pool": _free_port(), "a": _free_port(), "b": _free_port()}
+    ports = {"pool": free_port(), "a": free_port(), "b": free_port()}
 
     def worker(role: str, resources: dict, num_cpus: int) -> dict:
         return dict(num_cpus=num_cpus, resources=resources,

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from serving_support import (API_KEY, IMAGE_HOST, KEYS_ENV, TEST_DEPLOYMENT, TEST_NAMESPACE, Served, _free_port,
+from serving_support import (API_KEY, IMAGE_HOST, KEYS_ENV, TEST_DEPLOYMENT, TEST_NAMESPACE, Served, free_port,
                              wait_healthy)
 
 
@@ -76,7 +76,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Itera
     })
     from dotsvlm_serving.metrics.catalog import DEPLOYMENT_ENV, NAMESPACE_ENV
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     for attempt in range(3):
         try:
             ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",

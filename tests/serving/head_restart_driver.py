@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 LEAD_S = 2.0  # the client is sending this long before the head is killed
 OUTAGE_S = 5.0  # the head is down this long (a new pod is scheduled, pulls, starts)
@@ -134,9 +133,8 @@ def _nodes() -> dict[str, str]:
 
 def main() -> int:
     import ray
-    from serving_support import (_free_port, pool_app_config, serve_app_on_cluster, start_cluster, stop_cluster,
+    from serving_support import (free_port, pool_app_config, serve_app_on_cluster, start_cluster, stop_cluster,
                                  wait_healthy)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for support.*
     from support.redis_server import RedisServer
 
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
@@ -144,7 +142,7 @@ def main() -> int:
                                               POOL_RESOURCE_CAPACITY, VISION_POOL_RESOURCE)
 
     port, model_dir = int(sys.argv[1]), sys.argv[2]
-    pool_port, api_port = _free_port(), _free_port()
+    pool_port, api_port = free_port(), free_port()
     model = ensure_tiny_checkpoint(model_dir)
     redis = RedisServer()
     # What the operator sets on the head pod (builders.gcs_fault_tolerance_env) and on the worker pods.

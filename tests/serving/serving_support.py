@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,23 +12,12 @@ from pathlib import Path
 
 import httpx
 
+from support.ports import free_port
+
 API_KEY = "test-key-1"
 KEYS_ENV = "DOTSVLM_TEST_API_KEYS"
 IMAGE_HOST = "127.0.0.2"  # the allow-listed image server; 127.0.0.1 stays refused
 
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral range (32768 up), where
-    Ray's own gRPC servers and workers get theirs: a port picked here is bound by a Serve proxy only once the
-    cluster is up, and one from the ephemeral range was taken meanwhile by a Ray process (seen in CI)."""
-    for port in random.sample(range(20000, 32768), 200):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port between 20000 and 32767")
 
 
 # What the operator sets on every Ray pod; the metrics carry them as dotsvlm_namespace/dotsvlm_deployment.
@@ -153,7 +140,7 @@ def serve_app_on_cluster(cluster, port: int, config: dict, env: dict[str, str],
             if "Failed to bind" not in str(exc) or attempt == attempts - 1:
                 raise
             serve.shutdown()
-            port = _free_port()
+            port = free_port()
     body = ServeAppConfig.model_validate(config).deploy_body(http_port=port, http_host="127.0.0.1")
     body["proxy_location"] = proxy_location  # what Serve runs with: started above (a deploy does not change it)
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(body))
@@ -178,8 +165,10 @@ def stop_cluster(cluster) -> None:
 def run_driver(tmp_path: Path, driver: str, *args: str, timeout: float) -> dict:
     """Run a driver script of this folder in its own process (its own Ray cluster), with a free port as its
     first argument; the JSON line it printed last."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name(driver)), str(_free_port()), *args], env=env,
+    tests_dir = str(Path(__file__).resolve().parents[1])  # for `support.*`, as under pytest
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name(driver)), str(free_port()), *args], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and lines, f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

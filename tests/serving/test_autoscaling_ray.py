@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from serving_support import _free_port, wait_healthy
+from serving_support import free_port, wait_healthy
 from test_serving_app import image_part, png
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -77,7 +77,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     model = ensure_tiny_checkpoint(tmp / "tiny")
     cfg = tmp / "serve.yaml"
     cfg.write_text(yaml.safe_dump(CONFIG))
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("dotsvlm")
     log = (tmp / "serve.log").open("w")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from serving_support import _free_port, wait_healthy
+from serving_support import free_port, wait_healthy
 
 from dotsvlm_serving.admission import IMAGE_BYTES_FULL, VISION_BACKLOG_FULL
 from dotsvlm_serving.serve_config import (APP_NAME, CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, INGRESS_DEPLOYMENT,
@@ -106,7 +106,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-        port = _free_port()
+        port = free_port()
         # Both nodes share this machine's address: one HTTP proxy (on the head) takes the port.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         body = _config(str(model)).deploy_body(http_port=port, http_host="127.0.0.1")

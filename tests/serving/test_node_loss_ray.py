@@ -21,7 +21,7 @@ import time
 
 import httpx
 import pytest
-from serving_support import _free_port, add_node_with_retry, queue_stats, start_cluster, stop_cluster, wait_healthy
+from serving_support import free_port, add_node_with_retry, queue_stats, start_cluster, stop_cluster, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -94,7 +94,7 @@ def test_llm_node_lost_under_load_requests_end_cleanly_and_a_new_node_gets_the_r
             "queue": {"lease_timeout_s": 5.0, "max_deliveries": 3},
             "api": {"request_timeout_s": 240},
         })
-        port = _free_port()
+        port = free_port()
         # Both raylets share this machine's network: one HTTP proxy, on the head (in Kubernetes each Ray
         # pod has its own address and Serve's default of a proxy per node is fine).
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})

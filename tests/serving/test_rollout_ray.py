@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving_support import _free_port
+from serving_support import free_port
 from support.ray_head import stop_ray_head
 from test_serving_app import image_part, png
 
@@ -113,7 +113,7 @@ def _start_head(tmp: Path, token_file: Path) -> tuple[subprocess.Popen, Path, st
     process group and temp dir; tried again when Ray's fixed start-up window is missed on a busy machine."""
     for attempt in range(3):
         temp_dir = Path(tempfile.mkdtemp(prefix="rayroll-", dir="/tmp"))  # short: Ray's socket paths have a limit
-        gcs, dash, client, agent = (_free_port() for _ in range(4))
+        gcs, dash, client, agent = (free_port() for _ in range(4))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                "RAY_AUTH_TOKEN_PATH": str(token_file)}
         env.pop("DOTSVLM_API_KEYS", None)
@@ -153,7 +153,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     token_file.write_text(token)
     proc, temp_dir, dashboard = _start_head(tmp, token_file)
     try:
-        api_port = _free_port()
+        api_port = free_port()
         h = Head(dashboard, token, f"http://127.0.0.1:{api_port}", model, api_port, temp_dir)
         h.deploy()
         h.wait_for("the application running", lambda a: _all_running(a, SIZES), 420)

@@ -13,7 +13,8 @@ import uuid
 import httpx
 import pytest
 
-from support.cluster import _free_port, wait_for
+from support.cluster import wait_for
+from support.ports import free_port
 from support.images import DockerEngine, build_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
@@ -45,7 +46,7 @@ def test_serving_image_runs_ray_as_its_non_root_user(docker_engine: DockerEngine
 
 def test_serving_container_serves_the_tiny_model_and_a_chat_request_with_an_image(
         docker_engine: DockerEngine, serving_image: str) -> None:
-    port = _free_port()
+    port = free_port()
     container = f"dotsvlm-serving-{uuid.uuid4().hex[:6]}"
     url = f"http://127.0.0.1:{port}"
     try:

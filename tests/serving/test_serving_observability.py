@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from serving_support import API_KEY, TEST_DEPLOYMENT, TEST_NAMESPACE, Served, _free_port, wait_healthy
+from serving_support import API_KEY, TEST_DEPLOYMENT, TEST_NAMESPACE, Served, free_port, wait_healthy
 from support.cluster import wait_for
 from support.prometheus import PrometheusServer, promtool
 
@@ -118,7 +118,7 @@ def operator_endpoint():
 
     from dotsvlm_operator import models as m
     from dotsvlm_operator.monitoring.operator_metrics import OperatorMetrics
-    from serving_support import _free_port
+    from serving_support import free_port
 
     metrics = OperatorMetrics()
     spec = m.DotsVLMDeploymentSpec.model_validate({"image": "x", "model": {"path": "/m", "volume": {
@@ -137,7 +137,7 @@ def operator_endpoint():
     metrics.reconciled(TEST_NAMESPACE, TEST_DEPLOYMENT, 0.2, ok=True)
     metrics.reconciled(TEST_NAMESPACE, TEST_DEPLOYMENT, 0.05, ok=False)
     metrics.managed(1)
-    port = _free_port()
+    port = free_port()
     metrics.serve(port, addr="127.0.0.1")
     stop = threading.Event()
 
@@ -172,7 +172,7 @@ def autoscaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Autoscaled]
     env.pop("DOTSVLM_API_KEYS", None)
     attempts = 4
     for attempt in range(attempts):  # Ray gives its raylet a fixed 30 s (and its agent less): a busy machine can miss it
-        port = _free_port()
+        port = free_port()
         log_path = tmp / f"serve-{attempt}.log"
         with log_path.open("w") as log:
             proc = subprocess.Popen([str(Path(sys.executable).with_name("dotsvlm")), "serve", "--model", str(model),

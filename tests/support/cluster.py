@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from support.ports import free_port
 
 T = TypeVar("T")
 
@@ -76,11 +76,6 @@ DEFAULT_NODES = tuple(
 def _log(msg: str) -> None:
     print(f"[kube-fixture {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -187,7 +182,7 @@ class KubeCluster:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         b = self.bin_dir
-        etcd_client, etcd_peer, apiserver, kcm, sched, kwok = (_free_port() for _ in range(6))
+        etcd_client, etcd_peer, apiserver, kcm, sched, kwok = (free_port() for _ in range(6))
         peer = f"http://127.0.0.1:{etcd_peer}"
         client = f"http://127.0.0.1:{etcd_client}"
         # kwokctl binds every component to 0.0.0.0; these overrides keep the whole plane on loopback.

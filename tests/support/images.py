@@ -39,7 +39,8 @@ from typing import Any
 
 import pytest
 
-from support.cluster import CACHE, REPO, _free_port, _log, wait_for
+from support.cluster import CACHE, REPO, _log, wait_for
+from support.ports import free_port
 
 BASE_TAG = "dotsvlm-base:bookworm"
 DEBIAN_MIRROR = os.environ.get("DOTSVLM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -242,7 +243,7 @@ class served_folder:
         try:
             self.server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEELHOUSE_PORT), handler)
         except OSError:
-            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", _free_port()), handler)
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
         self.port = self.server.server_address[1]
 
     def __enter__(self) -> str:

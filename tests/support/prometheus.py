@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,10 @@ from typing import Any
 
 import httpx
 import yaml
+from support.ports import free_port
 
 PACKAGE = "prometheus"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_prometheus() -> tuple[str, str]:
@@ -62,7 +57,7 @@ class PrometheusServer:
 
     def __init__(self, workdir: Path, jobs: dict[str, dict[str, Any]], interval: str = "1s") -> None:
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {"global": {"scrape_interval": interval, "evaluation_interval": interval},
                   "scrape_configs": [{"job_name": name, **job} for name, job in jobs.items()]}

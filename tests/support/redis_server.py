@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from support.ports import free_port
 
 CACHE = Path(os.environ.get("DOTSVLM_CACHE", Path.home() / ".cache" / "dotsvlm")) / "redis"
 PACKAGES = ("redis-tools", "libjemalloc2", "liblzf1")
@@ -59,9 +60,7 @@ class RedisServer:
     def __init__(self, password: str | None = None) -> None:
         binary, env = ensure_redis_server()
         self.password = password
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         args = [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         if password:
             args += ["--requirepass", password]
