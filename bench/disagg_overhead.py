@@ -23,8 +23,6 @@ import io
 import json
 import os
 import platform
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +33,9 @@ from pathlib import Path
 
 import httpx
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.ports import free_port  # noqa: E402  (the tests' picker: away from the ports Ray takes)
 
 CASES = {"text-only": [], "1 image 448x448": [(448, 448)], "3 images (224x224, 640x480, 300x900)": [(224, 224), (640, 480), (300, 900)]}
 MAX_TOKENS = 64
@@ -74,18 +75,6 @@ replica, because every token is its own SSE chunk through Serve's proxy, and the
 the queue and the replica share these 2 CPUs with the decode; the added 3-6 ms per token is above the
 0.5 ms target. On a GPU the decode step does not compete with them for the CPU, and a real step takes
 tens of ms (not measured: no GPU)."""
-
-
-def free_port() -> int:
-    """A port above Ray's worker ports and below the ephemeral range Ray's own servers take."""
-    for port in random.sample(range(20000, 32768), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port between 20000 and 32767")
 
 
 def http_floor_app():
@@ -220,10 +209,11 @@ def measure(reps: int) -> dict:
         r, s, r1, s1 = med(ref_ms[name]), med(srv_ms[name]), med(ref_first_ms[name]), med(ttft_ms[name])
         ref_tok, srv_tok = (r - r1) / (MAX_TOKENS - 1), (s - s1) / (MAX_TOKENS - 1)
         http = med(floor_ms[name])
-        rows[name] = {"http_floor_ms_median": http, "added_first_token_beyond_http_ms": s1 - r1 - http,"reference_ms_median": r, "disaggregated_ms_median": s, "overhead_ms": s - r,
+        rows[name] = {"reference_ms_median": r, "disaggregated_ms_median": s, "overhead_ms": s - r,
                       "ratio": s / r, "reference_first_token_ms_median": r1, "disaggregated_ttft_ms_median": s1,
                       "added_first_token_ms": s1 - r1, "reference_ms_per_token": ref_tok,
                       "disaggregated_ms_per_token": srv_tok, "added_ms_per_token": srv_tok - ref_tok,
+                      "http_floor_ms_median": http, "added_first_token_beyond_http_ms": s1 - r1 - http,
                       "reference_ms": ref_ms[name], "disaggregated_ms": srv_ms[name]}
     return {"cases": rows, "code": str(Path(dotsvlm_serving.__file__).parent)}
 

@@ -133,8 +133,6 @@ def chart_copy_with_monitoring_files(tmp_path: Path) -> Path:
     return chart
 
 
-
-
 @pytest.fixture(scope="module")
 def prometheus_operator_crds(kube):
     kube.apply(PROMETHEUS_OPERATOR_CRDS)

@@ -289,8 +289,6 @@ def monitoring_crds(kube):
         kube.kubectl("delete", "crd", f"{plural}.monitoring.coreos.com", "--ignore-not-found", "--wait=false")
 
 
-
-
 def _sample(text: str, name: str, **labels: str) -> float | None:
     """The value of the sample `name` with exactly these labels in a Prometheus exposition."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -33,7 +33,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.ray]
 VENV_BIN = Path(sys.executable).parent
 
 
-
 @pytest.fixture
 def ray_head(tmp_path):
     """`ray start --head --block` with token auth in its own process group; killed at the end."""

@@ -19,7 +19,6 @@ KEYS_ENV = "DOTSVLM_TEST_API_KEYS"
 IMAGE_HOST = "127.0.0.2"  # the allow-listed image server; 127.0.0.1 stays refused
 
 
-
 # What the operator sets on every Ray pod; the metrics carry them as dotsvlm_namespace/dotsvlm_deployment.
 TEST_NAMESPACE = "obs-test"
 TEST_DEPLOYMENT = "dots-test"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+
 from support.ports import free_port
 
 T = TypeVar("T")
@@ -75,7 +76,6 @@ DEFAULT_NODES = tuple(
 
 def _log(msg: str) -> None:
     print(f"[kube-fixture {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
 
 
 def _pid_alive(pid: int) -> bool:

@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 import yaml
+
 from support.ports import free_port
 
 PACKAGE = "prometheus"
-
 
 
 def ensure_prometheus() -> tuple[str, str]:

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
 from support.ports import free_port
 
 CACHE = Path(os.environ.get("DOTSVLM_CACHE", Path.home() / ".cache" / "dotsvlm")) / "redis"
