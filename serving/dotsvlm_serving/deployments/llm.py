@@ -138,10 +138,10 @@ class LLMServer:
             if not busy:
                 await self._publish(wait=True)
             self._last_take = now
-            cid = self.consumer_id
             items: list[QueueItem] | None = await self.queue.take.remote(
-                cid, room, self.engine.free_tokens(), 0.0 if busy else 1.0)
-            self._cancel_or_rejoin(cid, [] if items is not None else None)
+                self.consumer_id, room, self.engine.free_tokens(), 0.0 if busy else 1.0)
+            if items is None:  # (the id cannot have changed meanwhile: only this loop rejoins)
+                self._lost = True
             for item in items or []:
                 self._sent.pop(item.request_id, None)  # a new delivery numbers its events from 0
                 err = await asyncio.to_thread(self._admit, item)
