@@ -57,6 +57,9 @@ class RestartEvent(TypedDict):
 
 
 Event = TokenEvent | FinishEvent | ErrorEvent | RestartEvent
+# The events one answer of the tensor queue carried (non-empty; ends at the terminal event, if it holds
+# it): the ingress sends a batch's text as one stream chunk.
+EventBatch = list[Event]
 
 # The kinds that end a request's stream.
 TERMINAL_EVENTS = frozenset({"finish", "error"})

@@ -31,7 +31,7 @@ from ..api.images import FetchPolicy, decode_data_url, load_image_bytes
 from ..api.openai_models import (CompletionRequest, GenerationRequest, chunk, completion_response, models_response,
                                  new_completion_id, new_text_completion_id, parse_chat_request,
                                  parse_completion_request, text_completion_chunk, text_completion_response)
-from ..events import ErrorEvent, Event, FinishEvent
+from ..events import ErrorEvent, EventBatch, FinishEvent
 from ..metrics.catalog import NO_MODALITY
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.config import load_config
@@ -447,39 +447,42 @@ class Ingress:
         self.metrics.inc("dotsvlm_completion_tokens", u.get("completion_tokens", 0), modality=modality)
         self.metrics.observe("dotsvlm_request_duration_seconds", now - t0, modality=modality)
 
-    async def _complete(self, shape: str, cid: str, events: AsyncIterator[Event], t0: float,
+    async def _complete(self, shape: str, cid: str, events: AsyncIterator[EventBatch], t0: float,
                         n_images: int) -> Response:
         """One JSON answer in the endpoint's shape (`shape`: chat, or text for /v1/completions)."""
         text: list[str] = []
         first = True
         first_at = None
         try:
-            async for ev in events:
-                kind = ev["type"]
-                if first and kind in ("token", "finish"):
-                    first_at = self._observe_first_token(t0, n_images)
-                    first = False
-                if kind == "restart":
-                    text.clear()
-                elif kind == "token":
-                    text.append(ev.get("text", ""))
-                elif kind == "error":
-                    raise self._error_of(ev)
-                elif kind == "finish":
-                    text.append(ev.get("text", ""))
-                    self._observe_finish(ev, t0, n_images, first_at)
-                    answer = completion_response if shape == "chat" else text_completion_response
-                    return JSONResponse(answer(cid, self.model.served_model_name, "".join(text), ev["finish_reason"],
-                                               ev["usage"]))
+            async for batch in events:
+                for ev in batch:
+                    kind = ev["type"]
+                    if first and kind in ("token", "finish"):
+                        first_at = self._observe_first_token(t0, n_images)
+                        first = False
+                    if kind == "restart":
+                        text.clear()
+                    elif kind == "token":
+                        text.append(ev.get("text", ""))
+                    elif kind == "error":
+                        raise self._error_of(ev)
+                    elif kind == "finish":
+                        text.append(ev.get("text", ""))
+                        self._observe_finish(ev, t0, n_images, first_at)
+                        answer = completion_response if shape == "chat" else text_completion_response
+                        return JSONResponse(answer(cid, self.model.served_model_name, "".join(text),
+                                                   ev["finish_reason"], ev["usage"]))
         finally:
             await events.aclose()  # a client that went away (cancellation) cancels the generation
         raise ApiError(503, "the generation ended without a result; retry the request")
 
-    async def _stream(self, shape: str, cid: str, req: GenerationRequest, events: AsyncIterator[Event], t0: float,
-                      n_images: int) -> Response:
+    async def _stream(self, shape: str, cid: str, req: GenerationRequest, events: AsyncIterator[EventBatch],
+                      t0: float, n_images: int) -> Response:
+        """SSE chunks: the text of the events that arrived together goes out as one chunk (a client that
+        reads more slowly than tokens come gets fewer, longer chunks; none waits for more text)."""
         first = await events.__anext__()  # errors before the first token become HTTP errors
-        if first["type"] == "error":
-            raise self._error_of(first)
+        if first[0]["type"] == "error":
+            raise self._error_of(first[0])
         model, created = self.model.served_model_name, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -498,22 +501,24 @@ class Ingress:
             first_at = self._observe_first_token(t0, n_images)
             if shape == "chat":
                 yield sse(chunk(cid, model, created, delta={"role": "assistant", "content": ""}))
-            pending: list[Event] = [first]
+            batch: EventBatch | None = first
             try:
                 while True:
-                    ev = pending.pop(0) if pending else await events.__anext__()
-                    if ev["type"] == "token" and ev.get("text"):
-                        yield piece(ev["text"])
-                    elif ev["type"] == "error":
-                        yield sse(error_body(int(ev.get("code", 500)), str(ev.get("message"))))
+                    if batch is None:
+                        batch = await events.__anext__()
+                    text = "".join(ev.get("text", "") for ev in batch if ev["type"] in ("token", "finish"))
+                    end = batch[-1]
+                    batch = None
+                    if text:
+                        yield piece(text)
+                    if end["type"] == "error":
+                        yield sse(error_body(int(end.get("code", 500)), str(end.get("message"))))
                         break
-                    elif ev["type"] == "finish":
-                        if ev.get("text"):
-                            yield piece(ev["text"])
-                        yield piece("", finish_reason=ev["finish_reason"])
+                    if end["type"] == "finish":
+                        yield piece("", finish_reason=end["finish_reason"])
                         if include_usage:
-                            yield piece(None, usage=ev["usage"])
-                        self._observe_finish(ev, t0, n_images, first_at)
+                            yield piece(None, usage=end["usage"])
+                        self._observe_finish(end, t0, n_images, first_at)
                         break
             except StopAsyncIteration:
                 yield sse(error_body(503, "the generation ended without a result; retry the request"))

@@ -28,7 +28,7 @@ from ..admission import QUEUE_FULL
 from ..api.errors import ApiError
 from ..autoscaling.signals import IngressSignals
 from .backpressure import IngressAdmission
-from ..events import Event, RestartEvent, is_terminal
+from ..events import EventBatch, RestartEvent, is_terminal
 from ..metrics.publish import ReplicaMetrics
 from ..tensor_queue import QueueItem, RayObjectTransport, TensorHandle
 
@@ -119,9 +119,10 @@ class Relay:
         return RayObjectTransport.from_ref(ref, shape=(sum(counts), self.hidden_size), dtype=self.embed_dtype)
 
     async def submit(self, cid: str, ids: list[int], images: list[bytes], counts: list[int],
-                     params: dict[str, Any], stream: bool, deadline: float) -> AsyncIterator[Event]:
-        """Encode + enqueue, and return the request's event iterator; retries once from the vision step
-        when the LLM replica reports that the embeddings were lost."""
+                     params: dict[str, Any], stream: bool, deadline: float) -> AsyncIterator[EventBatch]:
+        """Encode + enqueue, and return the request's events, in the batches they arrived in (the ingress
+        sends a batch's text as one chunk); retries once from the vision step when the LLM replica
+        reports that the embeddings were lost."""
         attempts = 2 if images else 1
         for attempt in range(attempts):
             # Admitted once: encoding again (embeddings lost) is not refused.
@@ -138,7 +139,7 @@ class Relay:
             except BaseException:
                 self.cancel_later(req.rid)
                 raise
-            if first["type"] == "error" and first.get("stage") == "vision" and attempt + 1 < attempts:
+            if first[0]["type"] == "error" and first[0].get("stage") == "vision" and attempt + 1 < attempts:
                 log.warning("request %s: embeddings lost, encoding again", req.rid)
                 self.metrics.inc("dotsvlm_vision_retries")
                 continue
@@ -178,23 +179,24 @@ class Relay:
                                headers={"Retry-After": str(int(res["retry_after_s"]))})
             raise ApiError(400, res["message"], code="request_too_large")
 
-    async def _prepend(self, first: Event, rest: AsyncIterator[Event], req: _Held) -> AsyncIterator[Event]:
-        finished = is_terminal(first)
+    async def _prepend(self, first: EventBatch, rest: AsyncIterator[EventBatch],
+                       req: _Held) -> AsyncIterator[EventBatch]:
+        finished = any(is_terminal(ev) for ev in first)
         try:
             yield first
             if finished:
                 return
-            async for ev in rest:
-                finished = is_terminal(ev)
-                yield ev
+            async for batch in rest:
+                finished = any(is_terminal(ev) for ev in batch)
+                yield batch
                 if finished:
                     return
         finally:
             if not finished:
                 self.cancel_later(req.rid)
 
-    async def _events(self, req: _Held, deadline: float, *, until_done: bool = False) -> AsyncIterator[Event]:
-        """The request's events until its terminal one. When the queue no longer knows the request (its
+    async def _events(self, req: _Held, deadline: float, *, until_done: bool = False) -> AsyncIterator[EventBatch]:
+        """The request's events until its terminal one, a non-empty batch per answer of the queue. When the queue no longer knows the request (its
         replica died and Serve replaced it: the queued and leased items died with it), the request is
         enqueued again from what this ingress holds, unless tokens already reached a streaming client
         (then 503, as when an LLM replica dies mid-stream)."""
@@ -219,13 +221,15 @@ class Relay:
                 had_tokens = req.tokens_seen
                 await self._requeue(req, deadline, lost)
                 if had_tokens:  # a non-streaming answer: drop what was buffered
-                    yield RestartEvent(request_id=req.rid, type="restart")
+                    yield [RestartEvent(request_id=req.rid, type="restart")]
                 continue
-            for ev in evs:
-                req.events_seen = True
-                if ev["type"] == "token":
-                    req.tokens_seen = True
-                yield ev
+            if not evs:
+                continue
+            req.events_seen = True
+            if any(ev["type"] == "token" for ev in evs):
+                req.tokens_seen = True
+            end = next((i for i, ev in enumerate(evs) if is_terminal(ev)), len(evs) - 1)
+            yield evs[:end + 1]
 
     async def _requeue(self, req: _Held, deadline: float, why: str) -> None:
         if req.item.stream and req.tokens_seen:
