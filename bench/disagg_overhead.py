@@ -7,7 +7,8 @@ fixed cost of the path (HTTP, Serve routing, queue hops, event polling), not que
 
 Split into the two costs that matter: the added time at the first token (disaggregated streaming TTFT
 minus the reference's time for one token) and the added time per generated token (the disaggregated
-time after the first token minus the reference's, per token).
+time after the first token minus the reference's, per token). The per-token cost is split again by
+driving the LLM replica's own engine in this process ("LLM engine alone"): what is left is the path's.
 
 `--before REF` also measures git revision REF's serving code (its `serving/` first on PYTHONPATH, in a
 separate process) before this checkout's, in one invocation.
@@ -67,14 +68,24 @@ one-way hops a queue between two pools needs (in, take, publish, out) cost ~7-12
 the 10 ms target beyond HTTP is not met here (~22-28 ms). Tried and not kept, because no change stood
 out of the run-to-run noise (+-5 ms): a 1 ms GIL switch interval in the LLM replica; Ray's
 throughput-optimized Serve settings (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0,
-RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0); publishing at most every 20 ms between a request's
-first and last event.
+RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0) (publishing at most every 20 ms does not change the
+first token: a request's first event is published at once).
 
-Per token: the tiny model's decode step takes ~2 ms in the reference and 5.5-7.5 ms in the LLM
-replica, because every token is its own SSE chunk through Serve's proxy, and the proxy, the ingress,
-the queue and the replica share these 2 CPUs with the decode; the added 3-6 ms per token is above the
-0.5 ms target. On a GPU the decode step does not compete with them for the CPU, and a real step takes
-tens of ms (not measured: no GPU)."""
+Per token, split in two: "LLM engine alone" drives the LLM replica's own engine in the benchmark's
+process (add, then steps in a worker thread, as the replica does; no Serve, no queue), so "path beyond
+the engine" is what the hops add per token, and the rest of "added per token" (engine minus
+reference, ~0.5-0.8 ms) is the engine's own bookkeeping over the reference's bare loop (batching,
+detokenizing, stop strings, its step in a thread). Since 2026-12-05 the LLM replica publishes a
+request's first and last events at once and the tokens between at most every 20 ms
+(`LLMServer.PUBLISH_INTERVAL_S`, the cadence at which the ingress fetches them) instead of about once
+per decode step, and the ingress sends the text of one fetch as one SSE chunk: in one run against the
+code before (the `before` rows), the path beyond the engine fell from 2.3-2.6 to 1.2-1.6 ms per token
+(two earlier runs of the same pair: 1.9-2.2 -> 1.2-1.7 and 2.2-4.2 -> 1.2-1.7; the SSE chunking alone
+made no difference that stood out of the noise, the publish cadence did). What is left is CPU contention: the proxy, the
+ingress, the queue and Ray's own processes share these 2 CPUs with the decode; the 0.5 ms target is
+not met here. On a GPU a real decode step takes tens of ms, longer than the publish interval, so each
+step's tokens are published at once, and the hops' CPU does not compete with the decode (not measured:
+no GPU)."""
 
 
 def http_floor_app():
@@ -106,12 +117,18 @@ def http_floor_app():
 
 def measure(reps: int) -> dict:
     """Reference and disaggregated timings with the code importable here (PYTHONPATH decides which)."""
+    import asyncio
+
+    import numpy as np
     import ray
     import torch
     from ray import serve
 
     import dotsvlm_serving
+    from dotsvlm_serving import pipeline
     from dotsvlm_serving.app import build_app
+    from dotsvlm_serving.engine import EngineInput, SamplingParams
+    from dotsvlm_serving.engine.factory import build_engine
     from dotsvlm_serving.model.preprocess import decode_image
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
     from dotsvlm_serving.reference import ReferencePipeline
@@ -136,6 +153,33 @@ def measure(reps: int) -> dict:
     srv_ms: dict[str, list[float]] = {n: [] for n in CASES}
     ttft_ms: dict[str, list[float]] = {n: [] for n in CASES}
     floor_ms: dict[str, list[float]] = {n: [] for n in CASES}
+
+    # The LLM replica's own engine, driven here without Serve or the queue (as the replica drives it: add,
+    # then a step in a worker thread until the finish event): what decoding costs before any hop. The
+    # prompt and the image embeddings are made once per case (not timed).
+    engine = build_engine(cfg.served_model(), cfg.llm_server_config())
+    engine_inputs = {}
+    for name in CASES:
+        pil = [decode_image(b, max_bytes=10**8) for b in images[name]]
+        counts = pipeline.token_counts(pil, ref.config, ref.limits)
+        ids = pipeline.prompt_ids(ref.tokenizer, ref.config, messages(name, False), counts)
+        embeds = np.concatenate(pipeline.encode_images(ref.tower, pil, ref.config, ref.limits)) if pil else None
+        engine_inputs[name] = (ids, embeds)
+    loop = asyncio.new_event_loop()
+    engine_ms: dict[str, list[float]] = {n: [] for n in CASES}
+    engine_first_ms: dict[str, list[float]] = {n: [] for n in CASES}
+
+    def engine_alone(name: str, n_tokens: int) -> float:
+        ids, embeds = engine_inputs[name]
+
+        async def run() -> None:
+            engine.add(EngineInput(f"bench-{time.monotonic_ns()}", ids, embeds,
+                                   SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)))
+            while not any(ev["type"] in ("finish", "error") for ev in await engine.step()):
+                pass
+        t = time.perf_counter()
+        loop.run_until_complete(run())
+        return 1000 * (time.perf_counter() - t)
 
     def reference(name: str, n_tokens: int) -> float:
         t = time.perf_counter()
@@ -193,13 +237,17 @@ def measure(reps: int) -> dict:
                     whole, first_token = reference(name, MAX_TOKENS), reference(name, 1)
                     total, ttft = served(c, "/v1/chat/completions", body)
                     _, floor = served(c, "/floor/", body)
+                    eng_whole, eng_first = engine_alone(name, MAX_TOKENS), engine_alone(name, 1)
                     if i:  # the first is a warm-up
+                        engine_ms[name].append(eng_whole)
+                        engine_first_ms[name].append(eng_first)
                         ref_ms[name].append(whole)
                         ref_first_ms[name].append(first_token)
                         srv_ms[name].append(total)
                         ttft_ms[name].append(ttft)
                         floor_ms[name].append(floor)
     finally:
+        loop.close()
         serve.shutdown()
         ray.shutdown()
 
@@ -209,11 +257,13 @@ def measure(reps: int) -> dict:
         r, s, r1, s1 = med(ref_ms[name]), med(srv_ms[name]), med(ref_first_ms[name]), med(ttft_ms[name])
         ref_tok, srv_tok = (r - r1) / (MAX_TOKENS - 1), (s - s1) / (MAX_TOKENS - 1)
         http = med(floor_ms[name])
+        eng_tok = (med(engine_ms[name]) - med(engine_first_ms[name])) / (MAX_TOKENS - 1)
         rows[name] = {"reference_ms_median": r, "disaggregated_ms_median": s, "overhead_ms": s - r,
                       "ratio": s / r, "reference_first_token_ms_median": r1, "disaggregated_ttft_ms_median": s1,
                       "added_first_token_ms": s1 - r1, "reference_ms_per_token": ref_tok,
                       "disaggregated_ms_per_token": srv_tok, "added_ms_per_token": srv_tok - ref_tok,
                       "http_floor_ms_median": http, "added_first_token_beyond_http_ms": s1 - r1 - http,
+                      "engine_alone_ms_per_token": eng_tok, "path_ms_per_token": srv_tok - eng_tok,
                       "reference_ms": ref_ms[name], "disaggregated_ms": srv_ms[name]}
     return {"cases": rows, "code": str(Path(dotsvlm_serving.__file__).parent)}
 
@@ -229,6 +279,10 @@ def run_child(reps: int, pythonpath: str | None) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"child run failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def main() -> None:
@@ -266,8 +320,9 @@ def main() -> None:
              "reference, the disaggregated request and the HTTP floor alternate, so they see the same load.", "",
              "| code | request | reference (ms) | disaggregated (ms) | ratio | reference 1st token (ms) | "
              "disaggregated TTFT (ms) | added at 1st token (ms) | HTTP floor (ms) | **added at 1st token beyond "
-             "HTTP (ms)** | reference per token (ms) | disaggregated per token (ms) | **added per token (ms)** |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "HTTP (ms)** | reference per token (ms) | disaggregated per token (ms) | **added per token (ms)** | "
+             "LLM engine alone per token (ms) | **path beyond the engine per token (ms)** |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run_name, run in runs.items():
         for name, r in run["cases"].items():
             lines.append(f"| {run_name} ({run['revision']}) | {name} | {r['reference_ms_median']:.1f} | "
@@ -275,7 +330,8 @@ def main() -> None:
                          f"{r['disaggregated_ttft_ms_median']:.1f} | {r['added_first_token_ms']:.1f} | "
                          f"{r['http_floor_ms_median']:.1f} | {r['added_first_token_beyond_http_ms']:.1f} | "
                          f"{r['reference_ms_per_token']:.2f} | {r['disaggregated_ms_per_token']:.2f} | "
-                         f"{r['added_ms_per_token']:.2f} |")
+                         f"{r['added_ms_per_token']:.2f} | {_fmt(r.get('engine_alone_ms_per_token'))} | "
+                         f"{_fmt(r.get('path_ms_per_token'))} |")
     lines += NOTES.splitlines()
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -255,6 +255,77 @@ def test_a_draining_llm_replica_delivers_the_finish_event_of_its_last_step_befor
     asyncio.run(main())
 
 
+def test_an_llm_replica_publishes_a_requests_first_and_last_event_at_once_and_the_tokens_between_in_batches() -> None:
+    """One publish call per PUBLISH_INTERVAL_S while the engine decodes, not one per step: the first token
+    (time to first token) and the finish are not held back, every event arrives once, in order."""
+    import asyncio
+    import time
+
+    from dotsvlm_serving.deployments.llm import LLMServer
+
+    sent: list[tuple[float, list[str]]] = []
+
+    class Method:
+        def __init__(self, name: str, result):
+            self.name, self.result = name, result
+
+        def remote(self, *args):
+            if self.name == "publish":
+                sent.append((time.monotonic(), [f"{e['type']}{e['i']}" for e in args[1]]))
+
+            async def call():
+                await asyncio.sleep(0.001)
+                return self.result
+            return call()
+
+    class FakeQueue:
+        take = Method("take", [])
+        publish = Method("publish", [])
+        leave = Method("leave", None)
+
+    class Engine:
+        steps, started_at = 0, 0.0
+
+        def has_work(self) -> bool:
+            return self.steps < 60
+
+        def free_slots(self) -> int:
+            return 1  # (an idle loop waits in take: the fake's take answers [] after 1 ms)
+
+        def free_tokens(self) -> int:
+            return 0
+
+        async def step(self) -> list[dict]:
+            await asyncio.sleep(0.002)  # a 2 ms decode step
+            self.steps += 1
+            if self.steps == 1:
+                self.started_at = time.monotonic()
+            return [{"request_id": "r", "type": "finish" if self.steps == 60 else "token"}]
+
+        async def shutdown(self) -> None:
+            pass
+
+        def stats(self) -> dict:
+            return {}
+
+    async def main() -> None:
+        engine = Engine()
+        srv = _draining_server(FakeQueue(), engine)
+        deadline = time.monotonic() + 10
+        while not (sent and sent[-1][1][-1].startswith("finish")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        finished_at = time.monotonic()
+        await srv.__del__()
+        events = [e for _, batch in sent for e in batch]
+        assert events == [f"token{i}" for i in range(59)] + ["finish59"], sent  # each once, in order
+        assert sent[0][1] == ["token0"] and sent[0][0] - engine.started_at < 0.01  # the first token at once
+        assert finished_at - sent[-1][0] < 0.05  # the finish without waiting out an interval
+        assert len(sent) <= 2 + (sent[-1][0] - sent[0][0]) / LLMServer.PUBLISH_INTERVAL_S + 1, sent  # batched
+        assert len(sent) < 30, sent  # 60 steps of 2 ms: far fewer calls than steps
+
+    asyncio.run(main())
+
+
 def test_an_autoscaled_pool_puts_dotsvlm_policy_on_the_application() -> None:
     """Every deployment reports to the policy (autoscaling config, fast metrics push); the deploy body
     names dotsvlm's policy with the spec's knobs; fixed sizes need none of it."""

@@ -47,6 +47,11 @@ def _image_error(exc: BaseException) -> str | None:
 
 class LLMServer:
     TAKE_INTERVAL_S = 0.05
+    # While the engine runs, tokens in the middle of an answer are published at most this often (first
+    # and last events at once): one call per PUBLISH_INTERVAL_S, not one per decode step. The ingress
+    # fetches a stream's tokens at the same cadence (relay.STREAM_BATCH_S).
+    PUBLISH_INTERVAL_S = 0.02
+    _published_at = 0.0  # when the last publish call was sent (monotonic)
     # Graceful shutdown (scale-down, rolling update, node drain): stop taking work and finish what is
     # running for up to this long; what is left is handed back to the queue at once. Serve waits
     # GRACEFUL_SHUTDOWN_TIMEOUT_S (below) for this before it kills the replica.
@@ -127,8 +132,9 @@ class LLMServer:
     async def _iteration(self) -> None:
         """Admit (pull) -> one engine step -> publish. While the engine is busy, the queue is polled at
         most every TAKE_INTERVAL_S, and events are published by one call in flight at a time that
-        overlaps the following steps (events produced meanwhile wait in the outbox and go together), so
-        the latency of actor calls stays off the decode loop."""
+        overlaps the following steps (events produced meanwhile wait in the outbox and go together; the
+        middle of an answer at most every PUBLISH_INTERVAL_S), so the latency and the CPU of actor calls
+        stay off the decode loop."""
         if self._lost:
             self._rejoin()
         busy = self.engine.has_work()
@@ -178,12 +184,19 @@ class LLMServer:
                 self._cancel_or_rejoin(*await pending)
             if not self._outbox:
                 return
+            if not wait and not self._urgent() and time.monotonic() - self._published_at < self.PUBLISH_INTERVAL_S:
+                return
+            self._published_at = time.monotonic()
             events, self._outbox = self._outbox, []
             self._number(events)
             call = self.queue.publish.remote(self.consumer_id, events, self.engine.stats())
             self._publishing = asyncio.ensure_future(self._resolve(self.consumer_id, call))
             if not wait:
                 return
+
+    def _urgent(self) -> bool:
+        """The outbox holds an event that must not wait: a request's first (time to first token) or last."""
+        return any(is_terminal(ev) or ev["request_id"] not in self._sent for ev in self._outbox)
 
     def _number(self, events: list[Event]) -> None:
         """Give each event its place in its request's answer (`i`): while the tensor queue moves, two of its
