@@ -196,10 +196,10 @@ class Relay:
                 self.cancel_later(req.rid)
 
     async def _events(self, req: _Held, deadline: float, *, until_done: bool = False) -> AsyncIterator[EventBatch]:
-        """The request's events until its terminal one, a non-empty batch per answer of the queue. When the queue no longer knows the request (its
-        replica died and Serve replaced it: the queued and leased items died with it), the request is
-        enqueued again from what this ingress holds, unless tokens already reached a streaming client
-        (then 503, as when an LLM replica dies mid-stream)."""
+        """The request's events until its terminal one, a non-empty batch per answer of the queue. When
+        the queue no longer knows the request (its replica died and Serve replaced it: the queued and
+        leased items died with it), the request is enqueued again from what this ingress holds, unless
+        tokens already reached a streaming client (then 503, as when an LLM replica dies mid-stream)."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
