@@ -95,13 +95,31 @@ def _bodies() -> list[tuple[dict, tuple[str, str]]]:
     return out
 
 
-async def _send(url: str, bodies: list[dict]) -> list[int]:
-    async def one(client: httpx.AsyncClient, body: dict) -> int:
+class Code(int):
+    """A status code that keeps the answer's text (so a failed assertion says why the server refused)."""
+    text: str = ""
+
+
+def _code(status: int, text: str) -> Code:
+    code = Code(status)
+    code.text = text[:300]
+    return code
+
+
+def _unexpected(codes: list[int], items: list[tuple[dict, tuple[str, str]]]) -> list[tuple[int, int, str]]:
+    """(index, code, answer) of each answer that is neither the expected code nor a 429 (a full queue)."""
+    return [(i, int(c), getattr(c, "text", "")) for i, (c, (_, (code, _))) in enumerate(zip(codes, items))
+            if str(c) != code and c != 429]
+
+
+async def _send(url: str, bodies: list[dict]) -> list[Code]:
+    async def one(client: httpx.AsyncClient, body: dict) -> Code:
         if body.get("stream"):
             async with client.stream("POST", "/v1/chat/completions", json=body) as r:
                 await r.aread()
-                return r.status_code
-        return (await client.post("/v1/chat/completions", json=body)).status_code
+                return _code(r.status_code, r.text)
+        r = await client.post("/v1/chat/completions", json=body)
+        return _code(r.status_code, r.text)
 
     # The client waits longer than the stacks' own request timeouts (120 s and 180 s): a slow answer is the
     # server's to end (with its error), not the client's (a clean-clone CI run on 2026-12-02, load 9 on
@@ -278,7 +296,7 @@ def load(autoscaled: Autoscaled, served: Served, prometheus: PrometheusServer) -
     auto_codes = asyncio.run(_send(autoscaled.url, [b for b, _ in _bodies()[:12]] + [
         {"model": "dots.vlm1", "messages": [{"role": "user", "content": f"Demand {i}"}], "max_tokens": 24,
          "ignore_eos": True} for i in range(16)]))
-    assert set(auto_codes) == {200}, auto_codes
+    assert set(auto_codes) == {200}, [(i, int(c), c.text) for i, c in enumerate(auto_codes) if c != 200]
     # A first wave creates every series (Ray exports a histogram or counter from its first observation,
     # and a rate needs a later sample that grew), then the measured load.
     # Other modules may have used `served` first, so the counts start where they left them; read them once
@@ -299,7 +317,7 @@ def load(autoscaled: Autoscaled, served: Served, prometheus: PrometheusServer) -
     codes += asyncio.run(_send(served.url, [b for b, _ in items[-BURST:]]))
     sent = Counter((str(c), modality) for c, (_, (_, modality)) in zip(codes, items))
     # The queue may refuse some of the burst (429); whatever was answered is what must be counted.
-    assert all(str(c) == code or c == 429 for c, (_, (code, _)) in zip(codes, items)), codes
+    assert not _unexpected(codes, items), f"unexpected answers (index, code, body): {_unexpected(codes, items)}"
     assert sent[("200", "image")] and sent[("200", "text")], sent
     return {"before": before, "sent": dict(sent), "items": items}
 
