@@ -221,3 +221,32 @@ def test_a_successor_refuses_the_replicas_its_predecessor_declared_lost() -> Non
             new.heartbeat("slow")
         assert [i.request_id for i in await new.take("other", max_items=1, token_budget=100, wait_s=0)] == ["a"]
     run(main())
+
+
+def test_one_long_poll_for_many_streams_returns_every_streams_events_once_and_in_order() -> None:
+    async def main() -> None:
+        q = TensorQueueCore(max_items=10, max_bytes=1000)
+        for rid in ("a", "b", "c"):
+            await q.put(item(rid, stream=True), 1)
+        await q.take("r", max_items=3, token_budget=100, wait_s=0)
+        # Nothing yet: the poll waits, then wakes when any one of them has events.
+        t = asyncio.get_running_loop().time()
+        assert await q.next_events_many(["a", "b", "c"], 0.05) == {"a": [], "b": [], "c": []}
+        assert asyncio.get_running_loop().time() - t >= 0.04
+        poll = asyncio.create_task(q.next_events_many(["a", "b", "c"], 5.0, linger_s=0.05))
+        await asyncio.sleep(0.01)
+        q.publish("r", [{"request_id": "b", "type": "token", "text": "b1", "i": 0}])
+        await asyncio.sleep(0.01)  # within the linger: travels in the same answer
+        q.publish("r", [{"request_id": "c", "type": "token", "text": "c1", "i": 0},
+                        {"request_id": "b", "type": "token", "text": "b2", "i": 1}])
+        got = await asyncio.wait_for(poll, 1)
+        assert {rid: [e["text"] for e in evs] for rid, evs in got.items()} == {"a": [], "b": ["b1", "b2"], "c": ["c1"]}
+        # A stream that finishes ends the linger at once, and its mailbox goes; another one unknown is None.
+        q.publish("r", [{"request_id": "a", "type": "finish", "finish_reason": "stop", "text": "", "i": 0}])
+        t = asyncio.get_running_loop().time()
+        got = await q.next_events_many(["a", "b"], 5.0, linger_s=2.0)
+        assert asyncio.get_running_loop().time() - t < 1.0
+        assert [e["type"] for e in got["a"]] == ["finish"] and got["b"] == []
+        got = await q.next_events_many(["a", "b"], 5.0)
+        assert got == {"a": None, "b": []}  # answered at once: "a" is news
+    run(main())

@@ -190,6 +190,13 @@ class TensorQueue:
         except KeyError:
             return None
 
+    async def next_events_many(self, request_ids: list[str], wait_s: float,
+                               linger_s: float = 0.0) -> dict[str, list[Event] | None]:
+        """One long-poll for an ingress's streams (`TensorQueueCore.next_events_many`); None for each
+        request unknown here."""
+        await self._maybe_handoff(request_ids)
+        return await self.core.next_events_many(request_ids, wait_s, linger_s=linger_s)
+
     async def cancel(self, request_id: str) -> bool:
         return self.core.cancel(request_id)
 

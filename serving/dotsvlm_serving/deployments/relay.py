@@ -45,6 +45,58 @@ _UNREACHABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErr
 STREAM_BATCH_S = 0.02
 # Slack over a queue call's own wait before the call counts as unanswered.
 CALL_MARGIN_S = 10.0
+# How long one shared long-poll for the ingress's streams waits when none of them has events: a stream
+# that comes back for more while the poll is out joins the next one, so this bounds its extra wait.
+STREAMS_POLL_S = 0.05
+
+
+class StreamPoller:
+    """One long-poll to the tensor queue for all of this ingress's streams that already had their first
+    event, instead of one call per stream per batch (`TensorQueue.next_events_many`): under load the
+    queue and the ingress handle one call per cadence rather than one per open stream. A stream asks
+    with `next_events(rid)` and gets its events ([] when it has none yet; None when the queue does not
+    know it), or the call's exception; the next shared call starts as soon as the last one answered."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self._waiting: dict[str, asyncio.Future[list | None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.calls = 0  # shared calls made (tests and benchmarks compare with the streams served)
+
+    async def next_events(self, rid: str) -> list | None:
+        fut: asyncio.Future[list | None] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        if self._task is None or self._task.done():
+            # A fresh context: Serve cancels what a request's context started when that request ends.
+            self._task = asyncio.get_running_loop().create_task(self._run(), context=contextvars.Context())
+        try:
+            return await fut
+        finally:
+            if self._waiting.get(rid) is fut:  # cancelled before the shared call took it
+                del self._waiting[rid]
+
+    async def _run(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(0)  # the streams answered by the last call ask again together
+            batch, self._waiting = self._waiting, {}
+            if not batch:  # the only stream waiting went away meanwhile
+                continue
+            self.calls += 1
+            try:
+                got = await asyncio.wait_for(
+                    self.queue.next_events_many.remote(list(batch), STREAMS_POLL_S, STREAM_BATCH_S),
+                    STREAMS_POLL_S + STREAM_BATCH_S + CALL_MARGIN_S)
+                answers = {rid: got.get(rid, []) for rid in batch}
+            except BaseException as exc:  # each stream handles it as its own call's failure
+                for fut in batch.values():
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the poll stopped"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for rid, fut in batch.items():
+                if not fut.done():
+                    fut.set_result(answers[rid])
 
 
 @dataclass
@@ -82,6 +134,7 @@ class Relay:
         self.enqueue_timeout_s = enqueue_timeout_s
         self.request_timeout_s = request_timeout_s
         self._background: set[asyncio.Task[Any]] = set()
+        self.streams = StreamPoller(queue)
         self.requeued_total = 0  # requests enqueued again after the queue lost them
 
     async def encode(self, images: list[bytes], counts: list[int], deadline: float, *, admit: bool = True) -> TensorHandle:
@@ -207,11 +260,13 @@ class Relay:
                 raise ApiError(504, f"the request did not finish within {self.request_timeout_s:g} s")
             wait_s = min(5.0, remaining)
             try:
-                # After the first event (time to first token stays untouched), tokens are fetched in
-                # batches: one call per STREAM_BATCH_S at most, not one per token.
-                linger = STREAM_BATCH_S if req.events_seen else 0.0
-                evs = await asyncio.wait_for(self.queue.next_events.remote(req.rid, wait_s, until_done, linger),
-                                             wait_s + linger + CALL_MARGIN_S)
+                # After the first event (time to first token stays untouched: its own call), a stream's
+                # tokens are fetched in batches, with the ingress's other streams in one shared call.
+                if req.events_seen and not until_done:
+                    evs = await self.streams.next_events(req.rid)
+                else:
+                    evs = await asyncio.wait_for(self.queue.next_events.remote(req.rid, wait_s, until_done, 0.0),
+                                                 wait_s + CALL_MARGIN_S)
                 lost = "it restarted" if evs is None else ""
             except _UNREACHABLE as exc:
                 evs, lost = None, type(exc).__name__

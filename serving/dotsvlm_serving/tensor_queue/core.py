@@ -97,12 +97,20 @@ _ADMITTED, _MOVED = "admitted", "moved"
 class _Mailbox:
     events: list[Event] = field(default_factory=list)  # ready for the ingress, in order
     waiter: asyncio.Event = field(default_factory=asyncio.Event)
+    # Long-polls over several mailboxes at once (next_events_many) wait on one event of their own.
+    watchers: set[asyncio.Event] = field(default_factory=set)
     streamed: bool = False  # a token event was published (so a redelivery would repeat output)
     done: bool = False  # the terminal event is in `events` (or was handed out)
     last_touch: float = field(default_factory=time.monotonic)
     next_index: int = 0  # the numbered event (`i`) that may be handed out next
     held: dict[int, Event] = field(default_factory=dict)  # numbered events that came before an earlier one
     orphan: bool = False  # the request is not known here (yet): kept during a hand-over only
+
+    def wake(self) -> None:
+        """Something changed: events arrived, the box was ended, or it is no longer the request's."""
+        self.waiter.set()
+        for w in self.watchers:
+            w.set()
 
     def accept(self, ev: Event) -> bool:
         """Queue the event for the ingress, in its answer's order; True if something became ready."""
@@ -191,7 +199,7 @@ def _merge_mailbox(box: _Mailbox, other: MailboxState) -> None:
     for i in sorted(numbered):
         if i >= start:
             box.accept(numbered[i])
-    box.waiter.set()
+    box.wake()
 
 
 class TensorQueueCore:
@@ -379,7 +387,7 @@ class TensorQueueCore:
             elif box is None and rid not in c.leased:
                 unknown.add(rid)
             if box is not None and box.accept(ev):
-                box.waiter.set()
+                box.wake()
         return sorted(c.cancelled | unknown)
 
     def unknown_requests(self, request_ids: list[str]) -> bool:
@@ -404,19 +412,70 @@ class TensorQueueCore:
         carries the whole answer. With `linger_s`, once there are events it waits up to that long for
         more (or the terminal one), so a stream's tokens travel in batches rather than one call per
         token. The mailbox is removed once its terminal event has been returned."""
-        box = self._mailboxes.get(request_id)
+        box = self._poll_box(request_id)
         if box is None:
-            if self.handoff is None:
-                raise KeyError(request_id)
-            if request_id in self._ended_unknown:
-                return []
-            box = self._mailboxes[request_id] = _Mailbox(orphan=True)
+            return []
         if self.handoff is not None:  # short polls, so that a stopping replica drains within seconds
             wait_s, linger_s = min(wait_s, HANDOFF_POLL_S), min(linger_s, HANDOFF_POLL_S)
         box.last_touch = time.monotonic()
         await _wait_until(lambda: bool(box.events) and (not until_done or box.done), box.waiter, wait_s)
         if linger_s > 0 and box.events and not box.done:
             await _wait_until(lambda: box.done, box.waiter, linger_s)
+        return self._take_events(request_id, box)
+
+    async def next_events_many(self, request_ids: list[str], wait_s: float,
+                               linger_s: float = 0.0) -> dict[str, list[Event] | None]:
+        """One long-poll for several streaming requests (an ingress's streams after their first event):
+        waits until any of them has events, lingers up to `linger_s` for more (or until those that have
+        events are done), then returns every request's events: a list for each (empty when it has none
+        yet) and None for an id this replica does not know (next_events' KeyError). One call per cadence
+        for all of an ingress's streams instead of one per stream."""
+        out: dict[str, list[Event] | None] = {}
+        boxes: dict[str, _Mailbox] = {}
+        for rid in dict.fromkeys(request_ids):
+            try:
+                box = self._poll_box(rid)
+            except KeyError:
+                out[rid] = None
+                continue
+            if box is None:
+                out[rid] = []
+            else:
+                boxes[rid] = box
+        if self.handoff is not None:
+            wait_s, linger_s = min(wait_s, HANDOFF_POLL_S), min(linger_s, HANDOFF_POLL_S)
+        if out or not boxes:  # an unknown one is news already: answer at once
+            wait_s = linger_s = 0.0
+        changed = asyncio.Event()
+        for box in boxes.values():
+            box.last_touch = time.monotonic()
+            box.watchers.add(changed)
+        try:
+            gone = lambda: any(self._mailboxes.get(rid) is not box for rid, box in boxes.items())  # noqa: E731
+            await _wait_until(lambda: gone() or any(b.events for b in boxes.values()), changed, wait_s)
+            if linger_s > 0 and not gone():
+                await _wait_until(lambda: all(b.done for b in boxes.values() if b.events), changed, linger_s)
+        finally:
+            for box in boxes.values():
+                box.watchers.discard(changed)
+        for rid, box in boxes.items():
+            out[rid] = self._take_events(rid, box)
+        return out
+
+    def _poll_box(self, request_id: str) -> _Mailbox | None:
+        """The request's mailbox for a long-poll; None when it ended unknown during a hand-over; KeyError
+        when this replica does not know it (during a hand-over an orphan box waits for its events)."""
+        box = self._mailboxes.get(request_id)
+        if box is None:
+            if self.handoff is None:
+                raise KeyError(request_id)
+            if request_id in self._ended_unknown:
+                return None
+            box = self._mailboxes[request_id] = _Mailbox(orphan=True)
+        return box
+
+    def _take_events(self, request_id: str, box: _Mailbox) -> list[Event]:
+        """Hand out what the box holds; the box goes once its terminal event has been handed out."""
         events, box.events = box.events, []
         box.last_touch = time.monotonic()
         if box.done and events and events[-1]["type"] in TERMINAL_EVENTS:
@@ -483,7 +542,7 @@ class TensorQueueCore:
                 box.accept(RestartEvent(request_id=rid, type="restart"))
                 box.streamed = False
                 requeue.append(item)
-            box.waiter.set()
+            box.wake()
         for item in reversed(requeue):  # back at the head, in their original order
             self._items.appendleft(item)
             self._bytes += item.nbytes
@@ -570,7 +629,7 @@ class TensorQueueCore:
                 box._ready(ErrorEvent(request_id=rid, type="error", code=503,
                                       message="part of this answer was lost while the tensor queue moved to "
                                               "another node; please retry the request"))
-            box.waiter.set()
+            box.wake()
         self._item_available.set()
         self._wake_producers()
 
