@@ -299,6 +299,8 @@ def measure(seconds: float, load_fraction: float, seed: int, fixed_rate: float |
 
     port = free_port()
     env = {"OMP_NUM_THREADS": "1"}
+    if os.environ.get("PYTHONPATH"):  # --before: the replicas import that revision's serving code too
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     for attempt in range(3):  # on a loaded machine the raylet can miss Ray's fixed 30 s start window
         try:
             ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
