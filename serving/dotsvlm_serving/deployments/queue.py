@@ -182,11 +182,12 @@ class TensorQueue:
         self.core.leave(consumer_id)
 
     async def next_events(self, request_id: str, wait_s: float, until_done: bool = False,
-                          linger_s: float = 0.0) -> list[Event] | None:
-        """None when the request is unknown (e.g. the queue replica restarted and lost it)."""
+                          _unused_linger_s: float = 0.0) -> list[Event] | None:
+        """None when the request is unknown (e.g. the queue replica restarted and lost it). The fourth
+        argument is ignored: ingresses of earlier releases still send it during an image rollout."""
         await self._maybe_handoff([request_id])
         try:
-            return await self.core.next_events(request_id, wait_s, until_done=until_done, linger_s=linger_s)
+            return await self.core.next_events(request_id, wait_s, until_done=until_done)
         except KeyError:
             return None
 

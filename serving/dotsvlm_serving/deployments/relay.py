@@ -265,7 +265,7 @@ class Relay:
                 if req.events_seen and not until_done:
                     evs = await self.streams.next_events(req.rid)
                 else:
-                    evs = await asyncio.wait_for(self.queue.next_events.remote(req.rid, wait_s, until_done, 0.0),
+                    evs = await asyncio.wait_for(self.queue.next_events.remote(req.rid, wait_s, until_done),
                                                  wait_s + CALL_MARGIN_S)
                 lost = "it restarted" if evs is None else ""
             except _UNREACHABLE as exc:

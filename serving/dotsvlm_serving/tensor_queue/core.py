@@ -404,23 +404,19 @@ class TensorQueueCore:
             self._declare_dead(c, reason="the LLM replica shut down")
 
     # ---------------------------------------------------------------- clients (the ingress)
-    async def next_events(self, request_id: str, wait_s: float, *, until_done: bool = False,
-                          linger_s: float = 0.0) -> list[Event]:
+    async def next_events(self, request_id: str, wait_s: float, *, until_done: bool = False) -> list[Event]:
         """Long-poll a request's mailbox. Returns [] on timeout; raises KeyError for an unknown id (during
         a hand-over it waits instead, at most HANDOFF_POLL_S: the other replica may hold it). With
         `until_done` (a non-streaming client) it waits for the terminal event, so one call usually
-        carries the whole answer. With `linger_s`, once there are events it waits up to that long for
-        more (or the terminal one), so a stream's tokens travel in batches rather than one call per
-        token. The mailbox is removed once its terminal event has been returned."""
+        carries the whole answer. (Streams after their first event use next_events_many, which lingers
+        to batch tokens.) The mailbox is removed once its terminal event has been returned."""
         box = self._poll_box(request_id)
         if box is None:
             return []
         if self.handoff is not None:  # short polls, so that a stopping replica drains within seconds
-            wait_s, linger_s = min(wait_s, HANDOFF_POLL_S), min(linger_s, HANDOFF_POLL_S)
+            wait_s = min(wait_s, HANDOFF_POLL_S)
         box.last_touch = time.monotonic()
         await _wait_until(lambda: bool(box.events) and (not until_done or box.done), box.waiter, wait_s)
-        if linger_s > 0 and box.events and not box.done:
-            await _wait_until(lambda: box.done, box.waiter, linger_s)
         return self._take_events(request_id, box)
 
     async def next_events_many(self, request_ids: list[str], wait_s: float,
