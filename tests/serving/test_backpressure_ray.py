@@ -9,7 +9,9 @@ that starts at zero replicas:
 - a burst of large images far over the vision stage's limit: the excess gets 429 with Retry-After and
   an OpenAI error body, the rest completes, the ingress's and the vision replica's memory stay far
   below what holding the whole burst would take, the report counts the refusals, and the service
-  answers normally afterwards.
+  answers normally afterwards;
+- deleting an application whose queue replica holds work takes seconds: the replica does not wait for a
+  successor that cannot come.
 """
 
 from __future__ import annotations
@@ -269,3 +271,27 @@ def test_service_answers_normally_after_the_burst(stack: Stack) -> None:
     r = httpx.post(stack.url + "/v1/chat/completions", timeout=120,
                    json={"model": "dots.vlm1", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def test_deleting_an_application_whose_queue_holds_work_does_not_wait_for_a_successor(stack: Stack) -> None:
+    """A stopping queue replica that holds work waits up to SUCCESSOR_WAIT_S for the replica that replaces it
+    (a rolling update of its options); when the application is being deleted none will come, and the
+    deletion (and so `serve.shutdown()`, and Ctrl-C on `dotsvlm serve`) must not take that long. A queue of
+    its own, in an application of its own, so the stack's queue is left alone."""
+    from ray import serve
+
+    from dotsvlm_serving.deployments.queue import SUCCESSOR_WAIT_S, TensorQueueDeployment
+    from dotsvlm_serving.tensor_queue import QueueItem
+
+    app = "queue-delete-check"
+    handle = serve.run(TensorQueueDeployment.options(ray_actor_options={"num_cpus": 0}).bind(),
+                       name=app, route_prefix=None)
+    res = handle.put.remote(QueueItem(request_id="nobody-takes-it", nbytes=0, reserved_tokens=1,
+                                      payload={})).result(timeout_s=30)
+    assert res["ok"], res
+    assert handle.stats.remote().result(timeout_s=30)["depth"] == 1  # nothing consumes it: the replica holds work
+    started = time.monotonic()
+    serve.delete(app)  # blocks until the application is gone
+    took = time.monotonic() - started
+    print(f"deleting an application whose queue held an item took {took:.1f} s (successor wait: {SUCCESSOR_WAIT_S:g} s)")
+    assert took < SUCCESSOR_WAIT_S / 2

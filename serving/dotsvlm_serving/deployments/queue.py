@@ -49,9 +49,11 @@ class TensorQueue:
             "dotsvlm_queue_max_bytes": "max_bytes", "dotsvlm_queue_consumers": "consumer_count",
         }, labelled_counters={"dotsvlm_queue_events": ("counters", "event")})
         self.peers: PeerRegistry | None = None
+        self._app_name = ""
         self._peers_checked = 0.0
         try:
             ctx = serve.get_replica_context()
+            self._app_name = ctx.app_name
             self.peers = PeerRegistry(ctx.app_name, ctx.replica_id.unique_id, time.time(),
                                       ray.get_runtime_context().get_actor_name())
         except Exception:  # noqa: BLE001 - outside Serve (tests): no hand-over
@@ -112,7 +114,7 @@ class TensorQueue:
         if getattr(self, "peers", None) is None:
             return
         await self._check_peers()
-        if self.core.handoff is None and self.core.holds_state():
+        if self.core.handoff is None and self.core.holds_state() and not await self._app_going():
             # A rolling update of the queue's own options stops this replica before its replacement starts
             # (a node drain starts the replacement first): wait for it rather than drop what is held.
             log.info("TensorQueue: stopping with work in hand; waiting up to %.0f s for the replica that "
@@ -121,6 +123,8 @@ class TensorQueue:
             while self.core.handoff is None and time.monotonic() < deadline:
                 await asyncio.sleep(HEARTBEAT_S / 2)
                 await self._check_peers()
+                if self.core.handoff is None and await self._app_going():
+                    break
         if self.core.handoff == "predecessor":
             snap = self.core.snapshot()
             try:
@@ -135,6 +139,17 @@ class TensorQueue:
             await asyncio.wait_for(asyncio.to_thread(self.peers.leave), 5.0)
         except Exception:  # noqa: BLE001 - the key goes stale and is forgotten
             pass
+
+    async def _app_going(self) -> bool:
+        """Whether no replica will replace this one: the application (or this deployment) is being
+        deleted, so waiting for a successor would only delay the deletion by SUCCESSOR_WAIT_S."""
+        if self.peers is None:
+            return True
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), 5.0)
+        except Exception:  # noqa: BLE001 - the controller unreachable: wait, as before
+            return False
+        return no_successor_coming(status, self._app_name)
 
     async def _reap_forever(self) -> None:
         while True:
@@ -207,6 +222,16 @@ class TensorQueue:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook: depth, oldest age and waiting producers for the autoscaling policy."""
         return queue_stats(self.core.stats())
+
+
+def no_successor_coming(status: Any, app_name: str) -> bool:
+    """From `serve.status()`: True when the application is gone or being deleted, or the queue's
+    deployment is, so a stopping queue replica has nobody to hand its state to."""
+    app = status.applications.get(app_name)
+    if app is None or str(getattr(app.status, "value", app.status)) == "DELETING":
+        return True
+    dep = app.deployments.get(QUEUE_DEPLOYMENT)
+    return dep is None or str(getattr(dep.status_trigger, "value", dep.status_trigger)) == "DELETING"
 
 
 # This deployment's own Serve options; its one replica, CPU share and slice come from
