@@ -20,32 +20,21 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.ports import free_port  # noqa: E402  (the tests' picker: away from the ports Ray takes)
+from bench_serving import healthy, noise_png, run_child, serve_app, serving_code_at, working_tree_revision
 
 CASES = {"text-only": [], "1 image 448x448": [(448, 448)], "3 images (224x224, 640x480, 300x900)": [(224, 224), (640, 480), (300, 900)]}
 MAX_TOKENS = 64
-
-
-def png(w: int, h: int) -> bytes:
-    buf = io.BytesIO()
-    Image.effect_noise((w, h), 60).convert("RGB").save(buf, "PNG")
-    return buf.getvalue()
 
 
 NOTES = """
@@ -120,25 +109,22 @@ def measure(reps: int) -> dict:
     import asyncio
 
     import numpy as np
-    import ray
     import torch
-    from ray import serve
 
     import dotsvlm_serving
     from dotsvlm_serving import pipeline
-    from dotsvlm_serving.app import build_app
     from dotsvlm_serving.engine import EngineInput, SamplingParams
     from dotsvlm_serving.engine.factory import build_engine
     from dotsvlm_serving.model.preprocess import decode_image
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
     from dotsvlm_serving.reference import ReferencePipeline
-    from dotsvlm_serving.serve_config import APP_NAME, ServeAppConfig
+    from dotsvlm_serving.serve_config import ServeAppConfig
 
     torch.set_num_threads(1)
     model_dir = ensure_tiny_checkpoint(Path(tempfile.gettempdir()) / "dotsvlm-bench-tiny")
     cfg = ServeAppConfig.model_validate({"model_path": str(model_dir), "api": {"api_keys_env": None}})
     ref = ReferencePipeline(model_dir, limits=cfg.api.images)
-    images = {name: [png(w, h) for w, h in sizes] for name, sizes in CASES.items()}
+    images = {name: [noise_png(w, h, 60) for w, h in sizes] for name, sizes in CASES.items()}
 
     def messages(name: str, api: bool) -> list[dict]:
         parts: list[dict] = []
@@ -199,37 +185,14 @@ def measure(reps: int) -> dict:
         end = time.perf_counter()
         return 1000 * (end - t), 1000 * ((first or end) - t)
 
-    port = free_port()
-    env = {"OMP_NUM_THREADS": "1"}
-    if os.environ.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    for attempt in range(3):  # on a loaded machine the raylet can miss Ray's fixed 30 s start window
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-                     log_to_driver=False, runtime_env={"env_vars": env})
-            break
-        except Exception as exc:
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            ray.shutdown()
+    def ready(url: str) -> bool:
+        return healthy(url) and httpx.post(url + "/floor/").status_code == 200
+
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
-        serve.run(http_floor_app(), name="http-floor", route_prefix="/floor", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200 and httpx.post(url + "/floor/").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("the served app or the HTTP floor app did not become ready within 300 s")
         # Interleaved (reference, disaggregated, floor for each repetition), so that the three see the
         # same load on a shared machine and their differences are not a drift of the load.
-        with httpx.Client(base_url=url, timeout=120) as c:
+        with serve_app(cfg.model_dump(mode="json"), extra_apps=[("http-floor", "/floor", http_floor_app())],
+                       ready=ready) as url, httpx.Client(base_url=url, timeout=120) as c:
             for name in CASES:
                 body = {"model": cfg.served_model_name, "messages": messages(name, True), "max_tokens": MAX_TOKENS,
                         "temperature": 0, "ignore_eos": True, "stream": True}
@@ -248,8 +211,6 @@ def measure(reps: int) -> dict:
                         floor_ms[name].append(floor)
     finally:
         loop.close()
-        serve.shutdown()
-        ray.shutdown()
 
     rows = {}
     med = statistics.median
@@ -268,17 +229,9 @@ def measure(reps: int) -> dict:
     return {"cases": rows, "code": str(Path(dotsvlm_serving.__file__).parent)}
 
 
-def run_child(reps: int, pythonpath: str | None) -> dict:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    else:
-        env.pop("PYTHONPATH", None)
-    p = subprocess.run([sys.executable, __file__, "--child", "--reps", str(reps), "--max-tokens", str(MAX_TOKENS)],
-                       env=env, capture_output=True, text=True, timeout=3000)
-    if p.returncode != 0:
-        raise SystemExit(f"child run failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def child(reps: int, pythonpath: str | None) -> dict:
+    """One measuring run of the serving code on `pythonpath`."""
+    return run_child(__file__, ["--reps", str(reps), "--max-tokens", str(MAX_TOKENS)], pythonpath, timeout_s=3000)
 
 
 def _fmt(v: float | None) -> str:
@@ -301,13 +254,10 @@ def main() -> None:
         print(json.dumps(measure(args.reps)))
         return
     runs: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.before:
-            archive = subprocess.run(["git", "archive", args.before, "serving"], check=True, capture_output=True).stdout
-            tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp, filter="data")
-            runs["before"] = run_child(args.reps, str(Path(tmp) / "serving")) | {"revision": args.before}
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        runs["after"] = run_child(args.reps, None) | {"revision": f"{head} (+ working tree)"}
+    if args.before:
+        with serving_code_at(args.before) as pythonpath:
+            runs["before"] = child(args.reps, pythonpath) | {"revision": args.before}
+    runs["after"] = child(args.reps, None) | {"revision": working_tree_revision()}
     result = {"what": f"one request at a time, greedy, {MAX_TOKENS} new tokens, tiny checkpoint, CPU",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "reps": args.reps,
               "command": " ".join(["bench/disagg_overhead.py"] + sys.argv[1:]), "runs": runs}

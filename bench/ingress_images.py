@@ -22,16 +22,16 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_serving import (REPLICA_DEPLOYMENTS, ROLES, cpu_by_role, run_child, serve_app, serving_code_at,
+                           working_tree_revision)
 
 NOTES = """
 Reading it: the end-to-end rate on this machine is set by the model's compute (vision tower and
@@ -99,85 +99,30 @@ async def load(url: str, model: str, n_requests: int) -> dict:
             "probes": len(probe_ms)}
 
 
-def replica_processes() -> dict:
-    """psutil.Process of each deployment's (single) replica, by deployment name (asked of the actor)."""
-    import psutil
-    import ray
-
-    out = {}
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        if a["name"].startswith("SERVE_REPLICA::"):
-            actor = ray.get_actor(a["name"], namespace=a["namespace"])
-            pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
-            out[a["name"].split("#")[1]] = psutil.Process(pid)
-    return out
-
-
 def measure(n_requests: int) -> dict:
     """One run against the code importable here (PYTHONPATH decides which)."""
-    import ray
-    import httpx
-    from ray import serve
-
     import dotsvlm_serving
-    from dotsvlm_serving.app import build_app
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
-    from dotsvlm_serving.serve_config import APP_NAME, ServeAppConfig
+    from dotsvlm_serving.serve_config import ServeAppConfig
 
     model_dir = ensure_tiny_checkpoint(Path(tempfile.gettempdir()) / "dotsvlm-bench-tiny")
     cfg = ServeAppConfig.model_validate({"model_path": str(model_dir), "api": {"api_keys_env": None},
                                          "llm": {"context_length": 4096}})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"OMP_NUM_THREADS": "1"}
-    if os.environ.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    for attempt in range(3):  # on a loaded machine the raylet can miss Ray's fixed 30 s start window
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-                     log_to_driver=False, runtime_env={"env_vars": env})
-            break
-        except Exception as exc:
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            ray.shutdown()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        procs = replica_processes()
-        cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+    with serve_app(cfg.model_dump(mode="json")) as url:
+        cpu0 = cpu_by_role()
         out = asyncio.run(load(url, cfg.served_model_name, n_requests))
-        # CPU seconds each deployment's replica spent (warm-up included: 8 more requests)
-        n_images = out["requests"] + CONCURRENCY
-        for k, p in procs.items():
-            out[f"{k.lower()}_cpu_ms_per_image"] = 1000 * (sum(p.cpu_times()[:2]) - cpu0[k]) / n_images
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        cpu1 = cpu_by_role()
+    # CPU seconds each deployment's (single) replica spent (warm-up included: 8 more requests)
+    n_images = out["requests"] + CONCURRENCY
+    for dep in REPLICA_DEPLOYMENTS:
+        if ROLES[dep] in cpu0:
+            out[f"{dep.lower()}_cpu_ms_per_image"] = 1000 * (cpu1[ROLES[dep]] - cpu0[ROLES[dep]]) / n_images
     return out | {"code": str(Path(dotsvlm_serving.__file__).parent)}
 
 
-def run_child(n_requests: int, pythonpath: str | None) -> dict:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    else:
-        env.pop("PYTHONPATH", None)
-    p = subprocess.run([sys.executable, __file__, "--child", "--requests", str(n_requests)], env=env,
-                       capture_output=True, text=True, timeout=1200)
-    if p.returncode != 0:
-        raise SystemExit(f"child run failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def child(n_requests: int, pythonpath: str | None) -> dict:
+    """One measuring run of the serving code on `pythonpath`."""
+    return run_child(__file__, ["--requests", str(n_requests)], pythonpath, timeout_s=1200)
 
 
 def main() -> None:
@@ -193,13 +138,10 @@ def main() -> None:
         print(json.dumps(measure(args.requests)))
         return
     runs: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.before:
-            archive = subprocess.run(["git", "archive", args.before, "serving"], check=True, capture_output=True).stdout
-            tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp, filter="data")
-            runs["before"] = run_child(args.requests, str(Path(tmp) / "serving")) | {"revision": args.before}
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        runs["after"] = run_child(args.requests, None) | {"revision": f"{head} (+ working tree)"}
+    if args.before:
+        with serving_code_at(args.before) as pythonpath:
+            runs["before"] = child(args.requests, pythonpath) | {"revision": args.before}
+    runs["after"] = child(args.requests, None) | {"revision": working_tree_revision()}
     result = {"what": f"{CONCURRENCY} concurrent chat requests, one {SIDE}x{SIDE} JPEG each, max_tokens 1, tiny checkpoint, CPU",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": runs}
     if "before" in runs:

@@ -24,24 +24,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import os
 import platform
 import random
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.ports import free_port  # noqa: E402  (the tests' picker: away from the ports Ray takes)
+from bench_serving import (cpu_by_role, cpu_since, noise_png, run_child, serve_app, serving_code_at,
+                           working_tree_revision)
 
 MAX_TOKENS = 32
 BURST_TEXT = 30  # the test suite's burst (tests/serving/test_serving_observability.py)
@@ -74,12 +70,6 @@ targets are far off on 2 CPUs; with a real model the decode is on the GPU and th
 taken from it (not measured: no GPU)."""
 
 
-def png(w: int, h: int, seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.effect_noise((w, h), 40 + seed % 40).convert("RGB").save(buf, "PNG")
-    return buf.getvalue()
-
-
 @dataclass
 class Arrival:
     at: float  # seconds after the load starts
@@ -104,41 +94,6 @@ class Load:
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds by process role during the load
 
 
-def _role(cmdline: list[str], name: str) -> str | None:
-    """Which part of the stack a process is, from its title (Ray names its workers `ray::<actor>`)."""
-    title = " ".join(cmdline)
-    for key, role in (("Ingress", "ingress"), ("TensorQueue", "tensor queue"), ("LLMServer", "LLM replica"),
-                      ("VisionEncoder", "vision replica"), ("ProxyActor", "HTTP proxy"),
-                      ("ServeController", "Serve controller")):
-        if title.startswith("ray::") and key in title.split()[0]:
-            return role
-    if "raylet" in name or "gcs_server" in name or title.startswith("ray::") or "ray/" in title:
-        return "Ray (raylet, GCS, agents, idle workers)"
-    return None
-
-
-def cpu_by_role() -> dict[str, float]:
-    """CPU seconds (user + system) so far of each process of the stack, summed by role; this process is
-    "benchmark (client or engine)"."""
-    import psutil
-
-    out: dict[str, float] = {}
-    me = os.getpid()
-    for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
-        info = proc.info
-        if info["cpu_times"] is None:
-            continue
-        role = "benchmark (client or engine)" if info["pid"] == me else _role(info["cmdline"] or [], info["name"] or "")
-        if role:
-            out[role] = out.get(role, 0.0) + info["cpu_times"].user + info["cpu_times"].system
-    return out
-
-
-def cpu_since(before: dict[str, float]) -> dict[str, float]:
-    now = cpu_by_role()
-    return {k: v - before.get(k, 0.0) for k, v in now.items() if v - before.get(k, 0.0) > 0}
-
-
 def poisson(rate: float, seconds: float, rng: random.Random) -> list[float]:
     out, t = [], 0.0
     while True:
@@ -153,7 +108,7 @@ def text_arrivals(times: list[float], tag: str) -> list[Arrival]:
 
 
 def with_images(text: list[Arrival], times: list[float]) -> list[Arrival]:
-    imgs = [Arrival(t, "Describe this picture.", png(*IMAGE_SIDE, i)) for i, t in enumerate(times)]
+    imgs = [Arrival(t, "Describe this picture.", noise_png(*IMAGE_SIDE, 40 + i % 40)) for i, t in enumerate(times)]
     return sorted(text + imgs, key=lambda a: a.at)
 
 
@@ -275,17 +230,14 @@ def in_engine(engine, tokenizer_ids, load: Load) -> None:
 def measure(seconds: float, load_fraction: float, seed: int, fixed_rate: float | None = None) -> dict:
     """The six loads against the code importable here (PYTHONPATH decides which); `fixed_rate` (text
     requests/s) skips the calibration, so that two revisions see the same arrivals."""
-    import ray
     import torch
-    from ray import serve
 
     import dotsvlm_serving
     from dotsvlm_serving import pipeline
-    from dotsvlm_serving.app import build_app
     from dotsvlm_serving.engine.factory import build_engine
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
     from dotsvlm_serving.reference import ReferencePipeline
-    from dotsvlm_serving.serve_config import APP_NAME, ServeAppConfig
+    from dotsvlm_serving.serve_config import ServeAppConfig
 
     torch.set_num_threads(1)
     model_dir = ensure_tiny_checkpoint(Path(tempfile.gettempdir()) / "dotsvlm-bench-tiny")
@@ -297,34 +249,8 @@ def measure(seconds: float, load_fraction: float, seed: int, fixed_rate: float |
         return pipeline.prompt_ids(ref.tokenizer, ref.config, [{"role": "user", "content": [
             {"type": "text", "text": text}]}], [])
 
-    port = free_port()
-    env = {"OMP_NUM_THREADS": "1"}
-    if os.environ.get("PYTHONPATH"):  # --before: the replicas import that revision's serving code too
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    for attempt in range(3):  # on a loaded machine the raylet can miss Ray's fixed 30 s start window
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-                     log_to_driver=False, runtime_env={"env_vars": env})
-            break
-        except Exception as exc:
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            ray.shutdown()
     loads: list[Load] = []
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("the served application did not become ready within 300 s")
+    with serve_app(cfg.model_dump(mode="json")) as url:
         model = cfg.served_model_name
         in_engine(engine, ids, Load("warm-up", text_arrivals([0.0] * 4, "warm-up")))
         if fixed_rate is None:
@@ -356,9 +282,6 @@ def measure(seconds: float, load_fraction: float, seed: int, fixed_rate: float |
                 asyncio.run(over_http(url, model, load))
             load.cpu_s = cpu_since(cpu0)
             loads.append(load)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     rows = {ld.name: {"text": summary(ld, False), "image": summary(ld, True), "wall_s": ld.wall_s,
                       "cpu_s": ld.cpu_s} for ld in loads}
@@ -384,18 +307,11 @@ def _f(v: float) -> str:
     return "-" if v != v else f"{v:.0f}"
 
 
-def run_child(args: argparse.Namespace, pythonpath: str | None, rate: float | None) -> dict:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    else:
-        env.pop("PYTHONPATH", None)
-    cmd = [sys.executable, __file__, "--child", "--seconds", str(args.seconds), "--load", str(args.load),
-           "--seed", str(args.seed)] + (["--rate", str(rate)] if rate is not None else [])
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=3000)
-    if p.returncode != 0:
-        raise SystemExit("the measuring run failed (its output is above)")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def child(args: argparse.Namespace, pythonpath: str | None, rate: float | None) -> dict:
+    """One measuring run (its progress shown as it goes) of the serving code on `pythonpath`."""
+    child_args = ["--seconds", str(args.seconds), "--load", str(args.load), "--seed", str(args.seed)]
+    child_args += ["--rate", str(rate)] if rate is not None else []
+    return run_child(__file__, child_args, pythonpath, timeout_s=3000, stream_stderr=True)
 
 
 def report(run: dict, label: str) -> list[str]:
@@ -441,14 +357,11 @@ def main() -> None:
     load1 = os.getloadavg()[0]
     runs: dict[str, dict] = {}
     rate = args.rate
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.before:
-            archive = subprocess.run(["git", "archive", args.before, "serving"], check=True, capture_output=True).stdout
-            tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp, filter="data")
-            runs["before"] = run_child(args, str(Path(tmp) / "serving"), rate) | {"revision": args.before}
-            rate = runs["before"]["rate_text_rps"]
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        runs["after"] = run_child(args, None, rate) | {"revision": f"{head} (+ working tree)"}
+    if args.before:
+        with serving_code_at(args.before) as pythonpath:
+            runs["before"] = child(args, pythonpath, rate) | {"revision": args.before}
+        rate = runs["before"]["rate_text_rps"]
+    runs["after"] = child(args, None, rate) | {"revision": working_tree_revision()}
     first = next(iter(runs.values()))
     result = {"what": f"open-loop load, streaming, greedy, {MAX_TOKENS} new tokens, tiny checkpoint, CPU",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
