@@ -166,6 +166,16 @@ def test_the_older_live_replica_is_the_predecessor_and_a_silent_one_does_not_cou
     assert handoff_role(new, [Peer("r-old", 100.0, 200.0 - STALE_S - 1), new], now=201.0) is None
 
 
+def test_a_replica_that_adopted_its_predecessors_state_does_not_become_its_successor_again() -> None:
+    """CI of 2026-12-06: the old replica still beat between its hand-over and its leaving; the new one took
+    the successor role a second time, and when the old one left it logged a lost hand-over and would have
+    failed the answers it held. After adopting, an older replica no longer counts; a younger one does."""
+    old, new, newer = Peer("r-old", 100.0, 200.0), Peer("r-new", 150.0, 200.0), Peer("r-newer", 190.0, 200.0)
+    assert handoff_role(new, [old, new], now=201.0, adopted=True) is None
+    assert handoff_role(new, [old, new, newer], now=201.0, adopted=True) == "predecessor"
+    assert handoff_role(old, [old, new], now=201.0, adopted=True) == "predecessor"  # only older ones drop
+
+
 class _MovingQueue:
     """A queue handle whose replica answers "moved" `moves` times (or, with `lost`, whose call fails as when
     the replica is gone) before one takes the request."""

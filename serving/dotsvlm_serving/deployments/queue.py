@@ -51,6 +51,7 @@ class TensorQueue:
         self.peers: PeerRegistry | None = None
         self._app_name = ""
         self._peers_checked = 0.0
+        self._adopted = False
         try:
             ctx = serve.get_replica_context()
             self._app_name = ctx.app_name
@@ -80,7 +81,7 @@ class TensorQueue:
         except Exception as exc:  # noqa: BLE001 - the GCS restarting: keep the role we have
             log.debug("TensorQueue: heartbeat failed: %s", exc)
             return
-        role = handoff_role(me, peers, time.time())
+        role = handoff_role(me, peers, time.time(), adopted=self._adopted)
         if role is not None and self.core.handoff is None:
             log.info("TensorQueue: another replica of the queue is alive: this one is its %s", role)
             self.core.begin_handoff(role)
@@ -103,6 +104,7 @@ class TensorQueue:
     async def adopt(self, snapshot: QueueSnapshot) -> dict[str, int]:
         """The replica this one replaces gives its state as it stops."""
         counts = self.core.adopt(snapshot)
+        self._adopted = True  # the replica that gave it may beat once more as it stops: not a predecessor now
         log.info("TensorQueue: adopted the previous replica's state: %s", counts)
         return counts
 

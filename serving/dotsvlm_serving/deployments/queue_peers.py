@@ -29,10 +29,15 @@ class Peer:
     actor_name: str | None = None  # its Serve replica actor, looked up to tell a killed replica at once
 
 
-def handoff_role(me: Peer, peers: list[Peer], now: float) -> str | None:
+def handoff_role(me: Peer, peers: list[Peer], now: float, adopted: bool = False) -> str | None:
     """None when this is the only live replica; "predecessor" when a younger one is alive (this one is
-    being replaced), "successor" when an older one is alive (this one replaces it)."""
-    others = [p for p in peers if p.replica_id != me.replica_id and now - p.seen_at <= STALE_S]
+    being replaced), "successor" when an older one is alive (this one replaces it).
+
+    `adopted`: this replica has taken its predecessor's state. That predecessor's heartbeat stays until
+    it has finished stopping, a moment after its hand-over; it must not make this one a successor a
+    second time, whose end (the predecessor leaving "without" a hand-over) would drop answers in transit."""
+    others = [p for p in peers if p.replica_id != me.replica_id and now - p.seen_at <= STALE_S
+              and not (adopted and (p.started_at, p.replica_id) < (me.started_at, me.replica_id))]
     if not others:
         return None
     older = any((p.started_at, p.replica_id) < (me.started_at, me.replica_id) for p in others)
