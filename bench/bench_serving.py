@@ -114,6 +114,34 @@ def working_tree_revision() -> str:
     return f"{head} (+ working tree)"
 
 
+def bench_environment() -> None:
+    """One thread per torch op and no usage report, in this process and (inherited) its children: on 2
+    CPUs a torch pool per replica would fight the others, and the figures would say so, not the code."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def before_and_after(before: str | None, run: Callable[[str | None, dict[str, dict]], dict]) -> dict[str, dict]:
+    """`{"before": ..., "after": ...}`: `run(pythonpath, earlier runs)` for `before`'s serving code (when
+    given), then for this checkout's, each labelled with its `revision`. The earlier runs are handed on
+    so that the second can reuse what the first measured (load_latency's calibrated rate)."""
+    runs: dict[str, dict] = {}
+    if before:
+        with serving_code_at(before) as pythonpath:
+            runs["before"] = run(pythonpath, runs) | {"revision": before}
+    runs["after"] = run(None, runs) | {"revision": working_tree_revision()}
+    return runs
+
+
+def write_results(out: str, result: dict, lines: Sequence[str]) -> None:
+    """`out`.json (every figure) and `out`.md (the tables a person reads, also printed)."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def run_child(script: str, args: Sequence[str], pythonpath: str | None, *, timeout_s: float,
               stream_stderr: bool = False) -> dict:
     """Run `script --child ARGS` in a fresh interpreter and return the JSON of its last stdout line.

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from bench_serving import healthy, noise_png, run_child, serve_app, serving_code_at, working_tree_revision
+from bench_serving import before_and_after, bench_environment, healthy, noise_png, run_child, serve_app, write_results
 
 CASES = {"text-only": [], "1 image 448x448": [(448, 448)], "3 images (224x224, 640x480, 300x900)": [(224, 224), (640, 480), (300, 900)]}
 MAX_TOKENS = 64
@@ -68,13 +68,24 @@ detokenizing, stop strings, its step in a thread). Since 2026-12-05 the LLM repl
 request's first and last events at once and the tokens between at most every 20 ms
 (`LLMServer.PUBLISH_INTERVAL_S`, the cadence at which the ingress fetches them) instead of about once
 per decode step, and the ingress sends the text of one fetch as one SSE chunk: in one run against the
-code before (the `before` rows), the path beyond the engine fell from 2.3-2.6 to 1.2-1.6 ms per token
+code before (`--before b99bdf5`, the table this file held at commit 063010d), the path beyond the engine fell from 2.3-2.6 to 1.2-1.6 ms per token
 (two earlier runs of the same pair: 1.9-2.2 -> 1.2-1.7 and 2.2-4.2 -> 1.2-1.7; the SSE chunking alone
 made no difference that stood out of the noise, the publish cadence did). What is left is CPU contention: the proxy, the
 ingress, the queue and Ray's own processes share these 2 CPUs with the decode; the 0.5 ms target is
 not met here. On a GPU a real decode step takes tens of ms, longer than the publish interval, so each
 step's tokens are published at once, and the hops' CPU does not compete with the decode (not measured:
-no GPU)."""
+no GPU).
+
+The table above (2026-12-05, `--before d906ef1`) compares the code before the ingress's shared
+long-poll (3040f08: one `next_events_many` call per ingress replica for all open streams after their
+first event, instead of one call per stream every 20 ms) with the code after it, the tensor queue's
+dropped single-request linger (d916c8e) and the benchmarks' shared set-up (e035d4e). One request at
+a time, as here, the two are the same within the run-to-run noise (beyond HTTP at the first token
+20.6-64.4 vs 21.2-71.5 ms; beyond the engine per token 1.08-1.70 vs 1.27-1.40 ms): the shared poll
+was made for many open streams, and `bench/results/load_latency.md` measures what it changed there
+(ingress CPU per request 31 -> 21 ms, text p99 under load 1045 -> 581 ms). It was run to check that
+it costs a lone request nothing, which it does not.
+"""
 
 
 def http_floor_app():
@@ -248,22 +259,14 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/disagg_overhead")
     args = ap.parse_args()
     MAX_TOKENS = args.max_tokens
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    bench_environment()
     if args.child:
         print(json.dumps(measure(args.reps)))
         return
-    runs: dict[str, dict] = {}
-    if args.before:
-        with serving_code_at(args.before) as pythonpath:
-            runs["before"] = child(args.reps, pythonpath) | {"revision": args.before}
-    runs["after"] = child(args.reps, None) | {"revision": working_tree_revision()}
+    runs = before_and_after(args.before, lambda pythonpath, _: child(args.reps, pythonpath))
     result = {"what": f"one request at a time, greedy, {MAX_TOKENS} new tokens, tiny checkpoint, CPU",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "reps": args.reps,
               "command": " ".join(["bench/disagg_overhead.py"] + sys.argv[1:]), "runs": runs}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Disaggregated path vs single-process reference (per request, CPU, tiny model)", "",
              f"Machine: {os.cpu_count()} CPUs; `{result['command']}`; {args.reps} requests per case, one at a time, "
              f"greedy, {MAX_TOKENS} new tokens; the disaggregated figure is end to end over HTTP (streaming); the "
@@ -283,8 +286,7 @@ def main() -> None:
                          f"{r['added_ms_per_token']:.2f} | {_fmt(r.get('engine_alone_ms_per_token'))} | "
                          f"{_fmt(r.get('path_ms_per_token'))} |")
     lines += NOTES.splitlines()
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, result, lines)
 
 
 if __name__ == "__main__":

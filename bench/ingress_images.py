@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_serving import (REPLICA_DEPLOYMENTS, ROLES, cpu_by_role, run_child, serve_app, serving_code_at,
-                           working_tree_revision)
+from bench_serving import (REPLICA_DEPLOYMENTS, ROLES, before_and_after, bench_environment, cpu_by_role, run_child,
+                           serve_app, write_results)
 
 NOTES = """
 Reading it: the end-to-end rate on this machine is set by the model's compute (vision tower and
@@ -132,25 +132,17 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench/results/ingress_images")
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    bench_environment()
     if args.child:
         print(json.dumps(measure(args.requests)))
         return
-    runs: dict[str, dict] = {}
-    if args.before:
-        with serving_code_at(args.before) as pythonpath:
-            runs["before"] = child(args.requests, pythonpath) | {"revision": args.before}
-    runs["after"] = child(args.requests, None) | {"revision": working_tree_revision()}
+    runs = before_and_after(args.before, lambda pythonpath, _: child(args.requests, pythonpath))
     result = {"what": f"{CONCURRENCY} concurrent chat requests, one {SIDE}x{SIDE} JPEG each, max_tokens 1, tiny checkpoint, CPU",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": runs}
     if "before" in runs:
         result["images_per_s_ratio_after_to_before"] = runs["after"]["images_per_s"] / runs["before"]["images_per_s"]
         result["ingress_capacity_ratio_after_to_before"] = (runs["before"]["ingress_cpu_ms_per_image"]
                                                             / runs["after"]["ingress_cpu_ms_per_image"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     cmd = " ".join(["bench/ingress_images.py"] + sys.argv[1:])
     lines = ["# Images/s at the ingress (8 concurrent 1-MP image requests)", "",
              f"Machine: {os.cpu_count()} CPUs, {platform.platform()}; `{cmd}`", "",
@@ -166,8 +158,7 @@ def main() -> None:
         lines += ["", f"Ratios after / before: ingress capacity (images/s per ingress core) "
                       f"**{result['ingress_capacity_ratio_after_to_before']:.1f}**; end-to-end images/s on this machine "
                       f"**{result['images_per_s_ratio_after_to_before']:.2f}**", "", NOTES.strip()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, result, lines)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import httpx
 
-from bench_serving import (cpu_by_role, cpu_since, noise_png, run_child, serve_app, serving_code_at,
-                           working_tree_revision)
+from bench_serving import (before_and_after, bench_environment, cpu_by_role, cpu_since, noise_png, run_child,
+                           serve_app, write_results)
 
 MAX_TOKENS = 32
 BURST_TEXT = 30  # the test suite's burst (tests/serving/test_serving_observability.py)
@@ -349,27 +349,19 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench/results/load_latency")
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    bench_environment()
     if args.child:
         print(json.dumps(measure(args.seconds, args.load, args.seed, args.rate)))
         return
     load1 = os.getloadavg()[0]
-    runs: dict[str, dict] = {}
-    rate = args.rate
-    if args.before:
-        with serving_code_at(args.before) as pythonpath:
-            runs["before"] = child(args, pythonpath, rate) | {"revision": args.before}
-        rate = runs["before"]["rate_text_rps"]
-    runs["after"] = child(args, None, rate) | {"revision": working_tree_revision()}
+    # The second run sends at the rate the first calibrated, so both carry the same load.
+    runs = before_and_after(args.before, lambda pythonpath, earlier: child(
+        args, pythonpath, earlier["before"]["rate_text_rps"] if earlier else args.rate))
     first = next(iter(runs.values()))
     result = {"what": f"open-loop load, streaming, greedy, {MAX_TOKENS} new tokens, tiny checkpoint, CPU",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "load_average_1m": [load1, os.getloadavg()[0]]},
               "command": " ".join(["bench/load_latency.py"] + sys.argv[1:]), "runs": runs}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Latency under load: the path and image traffic (CPU, tiny model)", "",
              f"Machine: {os.cpu_count()} CPUs (1-minute load average {load1:.1f} at the start, "
              f"{os.getloadavg()[0]:.1f} at the end); `{result['command']}`. Streamed text throughput through the "
@@ -381,8 +373,7 @@ def main() -> None:
     for name, run in runs.items():
         lines += report(run, f"{name}: {run['revision']}")
     lines += NOTES.splitlines()
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, result, lines)
 
 
 if __name__ == "__main__":
