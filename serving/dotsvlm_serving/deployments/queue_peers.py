@@ -37,11 +37,15 @@ def handoff_role(me: Peer, peers: list[Peer], now: float, adopted: bool = False)
     it has finished stopping, a moment after its hand-over; it must not make this one a successor a
     second time, whose end (the predecessor leaving "without" a hand-over) would drop answers in transit."""
     others = [p for p in peers if p.replica_id != me.replica_id and now - p.seen_at <= STALE_S
-              and not (adopted and (p.started_at, p.replica_id) < (me.started_at, me.replica_id))]
+              and not (adopted and _older(p, me))]
     if not others:
         return None
-    older = any((p.started_at, p.replica_id) < (me.started_at, me.replica_id) for p in others)
-    return "successor" if older else "predecessor"
+    return "successor" if any(_older(p, me) for p in others) else "predecessor"
+
+
+def _older(a: Peer, b: Peer) -> bool:
+    """Whether `a` started before `b` (the replica id breaks a tie, so two replicas never both are)."""
+    return (a.started_at, a.replica_id) < (b.started_at, b.replica_id)
 
 
 class PeerRegistry:
