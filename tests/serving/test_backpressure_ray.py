@@ -11,7 +11,9 @@ that starts at zero replicas:
   below what holding the whole burst would take, the report counts the refusals, and the service
   answers normally afterwards;
 - deleting an application whose queue replica holds work takes seconds: the replica does not wait for a
-  successor that cannot come.
+  successor that cannot come;
+- with the vision pool at zero and no node where a vision replica can start (no free GPU), an image
+  request ends at its deadline with a 504 that says what to do, and text requests are answered meanwhile.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ BURST = 40
 DECODED_BYTES_PER_PIXEL = 12  # float32 x 3 channels after normalisation (PIL's 3 bytes/pixel come on top)
 
 
-def _config(model_path: str) -> ServeAppConfig:
-    return ServeAppConfig.model_validate({
+def _config(model_path: str, **changes: dict) -> ServeAppConfig:
+    """The stack's application; `changes` update its sections (e.g. vision={...})."""
+    body = {
         "model_path": model_path,
         "control_resource": CONTROL_RESOURCE,
         "vision": {"pool_resource": VISION_POOL_RESOURCE, "max_batch_pixels": 1_000_000, "max_batch_wait_ms": 5,
@@ -61,12 +64,17 @@ def _config(model_path: str) -> ServeAppConfig:
         "api": {"api_keys_env": None, "request_timeout_s": 240, "max_image_bytes_in_flight": INGRESS_BYTES,
                 "images": {"max_image_bytes": 4_000_000}},
         "slo": {"image_ttft_s": 120, "text_ttft_s": 60, "inter_token_s": 10},
-    })
+    }
+    for section, values in changes.items():
+        body[section] = {**body[section], **values}
+    return ServeAppConfig.model_validate(body)
 
 
 @dataclass
 class Stack:
     url: str
+    port: int
+    model: str
     head_node: str
     worker_node: str
 
@@ -115,7 +123,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(body))
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 300)
-        yield Stack(url=url, head_node=cluster.head_node.node_id, worker_node=worker.node_id)
+        yield Stack(url=url, port=port, model=str(model), head_node=cluster.head_node.node_id,
+                    worker_node=worker.node_id)
     finally:
         try:
             serve.shutdown()
@@ -295,3 +304,31 @@ def test_deleting_an_application_whose_queue_holds_work_does_not_wait_for_a_succ
     took = time.monotonic() - started
     print(f"deleting an application whose queue held an item took {took:.1f} s (successor wait: {SUCCESSOR_WAIT_S:g} s)")
     assert took < SUCCESSOR_WAIT_S / 2
+
+
+def test_an_image_request_ends_with_a_504_at_its_deadline_when_no_vision_replica_can_start(stack: Stack) -> None:
+    """Serve gives the ingress a vision call's result only once a replica has taken the call: with the pool
+    at zero and its woken replica unable to start (here: no node has the vision pool's resource, as when no
+    GPU is free), that wait had no end. Text-only requests never wait for the vision pool. Last in this
+    module: it replaces the stack's application."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    timeout_s = 8.0
+    serve.delete(APP_NAME)
+    cfg = _config(stack.model, vision={"pool_resource": "dotsvlm-no-node-has-this"},
+                  api={"request_timeout_s": timeout_s})
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(
+        cfg.deploy_body(http_port=stack.port, http_host="127.0.0.1")))
+    wait_healthy(stack.url, 300)
+    started = time.monotonic()
+    r = httpx.post(stack.url + "/v1/chat/completions", json=_image_body(_png(224, 3)), timeout=120)
+    took = time.monotonic() - started
+    assert r.status_code == 504, r.text
+    assert "vision.minReplicas" in r.json()["error"]["message"], r.text
+    assert took < timeout_s + 20, f"the 504 came {took:.1f} s after the request, its timeout is {timeout_s:g} s"
+    assert _running(VISION_DEPLOYMENT) == 0
+    r = httpx.post(stack.url + "/v1/chat/completions", timeout=60,
+                   json={"model": "dots.vlm1", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text

@@ -151,3 +151,51 @@ def test_gate_holds_decoded_pixels_under_the_limit_in_arrival_order() -> None:
         assert gate.held == 50
 
     asyncio.run(scenario())
+
+
+class _NeverAssigned:
+    """A vision handle's response while the pool has no replica that can run: Serve never hands out the
+    reference (it waits to assign the call to a replica)."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.encode = self  # vision.encode.remote(...)
+
+    def remote(self, images: list[bytes], pixels: int) -> "_NeverAssigned":
+        return self
+
+    async def _to_object_ref(self) -> None:
+        await asyncio.Event().wait()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _NoMetrics:
+    def inc(self, *_: object) -> None: ...
+
+    def observe(self, *_: object) -> None: ...
+
+
+def test_an_image_request_gets_a_504_at_its_deadline_while_no_vision_replica_can_take_it() -> None:
+    """The vision pool at zero waking a replica that never starts (no free GPU): the request must end at its
+    deadline with a 504 that says what to do, not wait forever; its call is cancelled and its pixels leave
+    the backlog the autoscaler and the admission read."""
+    import time
+
+    from dotsvlm_serving.api.errors import ApiError
+    from dotsvlm_serving.autoscaling.signals import IngressSignals
+    from dotsvlm_serving.deployments.relay import Relay
+
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 0}}})
+    relay = object.__new__(Relay)
+    relay.vision, relay.metrics, relay.signals = _NeverAssigned(), _NoMetrics(), IngressSignals()
+    relay.admission = IngressAdmission(cfg.ingress_config())
+    relay.pixels_per_token, relay.hidden_size, relay.embed_dtype = 196, 8, "float32"
+    started = time.monotonic()
+    with pytest.raises(ApiError) as err:
+        asyncio.run(asyncio.wait_for(relay.encode([b"png"], [4], started + 0.3), 10))
+    assert time.monotonic() - started < 5
+    assert err.value.status == 504 and "vision.minReplicas" in str(err.value) and "retry" in str(err.value)
+    assert relay.vision.cancelled
+    assert relay.signals.pending_pixels == 0 and relay.signals.pending_requests == 0

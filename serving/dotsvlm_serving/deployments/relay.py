@@ -120,6 +120,12 @@ class _Held:
         self.item = dataclasses.replace(self.item, request_id=f"{self.base_id}-q{self._n}", deliveries=0)
 
 
+VISION_TIMEOUT = ("the vision encoder did not finish this request's images before the request timeout "
+                  "(api.requestTimeoutSeconds): the vision pool may be starting a replica (it scales to zero when "
+                  "vision.minReplicas is 0) or have none that can start (no free GPU: see the resource's status); "
+                  "retry, or keep a vision replica warm with vision.minReplicas: 1")
+
+
 class Relay:
     """Used by the ingress; holds the vision and tensor-queue handles and the cancellations in flight."""
 
@@ -152,16 +158,22 @@ class Relay:
         self.metrics.inc("dotsvlm_vision_admitted_pixels", pixels)
         encoded = None
         try:
-            ref = await self.vision.encode.remote(images, pixels)._to_object_ref()
+            response = self.vision.encode.remote(images, pixels)
+            # Serve hands out the reference only once a replica has taken the call: while the pool has no
+            # replica that can run (scaled to zero, or its new replica waits for a GPU) that wait has no
+            # end of its own, so the request's deadline bounds it.
+            try:
+                ref = await asyncio.wait_for(response._to_object_ref(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise ApiError(504, VISION_TIMEOUT) from None
             # Readiness without fetching the bytes here (fetch_local=False); a short poll keeps the
             # event loop free for other requests.
             delay = 0.001
             while not ray.wait([ref], timeout=0, fetch_local=False)[0]:
                 if time.monotonic() > deadline:
-                    raise ApiError(504, "the vision encoder did not finish this request's images before the request "
-                                        "timeout: the vision pool may be starting a replica (it scales to zero when "
-                                        "vision.minReplicas is 0) or be out of GPUs; retry, or keep a vision replica "
-                                        "warm with vision.minReplicas: 1")
+                    response.cancel()  # the vision replica drops a cancelled caller's images from its batches
+                    raise ApiError(504, VISION_TIMEOUT)
                 await asyncio.sleep(delay)
                 delay = min(0.01, delay * 2)
             encoded = time.monotonic() - t
