@@ -126,6 +126,7 @@ def _draining_server(queue: object, engine: object):
     srv.queue, srv.engine = queue, engine
     srv.consumer_id, srv._to_cancel, srv._publishing, srv._outbox, srv._sent = "c", set(), None, [], {}
     srv._last_take, srv._draining, srv._drained = 0.0, False, asyncio.Event()
+    srv._take_overdue_at = None
     srv.cfg, srv._active, srv._lost, srv._discarding = None, set(), False, False
     srv._run_task = asyncio.create_task(srv._run_forever())
     srv._hb_task = asyncio.create_task(asyncio.sleep(3600))
@@ -251,6 +252,61 @@ def test_a_draining_llm_replica_delivers_the_finish_event_of_its_last_step_befor
         assert published == ["token", "token", "finish"], log
         names = [name for name, _ in log]
         assert names.index("leave") > max(i for i, n in enumerate(names) if n == "publish"), log
+
+    asyncio.run(main())
+
+
+def test_an_idle_llm_replica_whose_queue_is_deleted_with_it_leaves_without_waiting_out_the_drain(monkeypatch) -> None:
+    """Deleting the application deletes the queue's deployment with the LLM's: the idle replica's take in
+    flight then waits for a queue replica that never comes (Serve holds such a call), and its drain used to
+    wait the whole DRAIN_TIMEOUT_S (50 s). Nothing runs and nothing is left to send: it leaves at once."""
+    import asyncio
+    import time
+
+    from dotsvlm_serving.deployments.llm import LLMServer
+
+    monkeypatch.setattr(LLMServer, "TAKE_OVERDUE_S", 0.2)
+    monkeypatch.setattr(LLMServer, "LEAVE_TIMEOUT_S", 0.2)
+    calls: list[str] = []
+
+    class Method:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def remote(self, *args):
+            calls.append(self.name)
+
+            async def never():
+                await asyncio.Event().wait()
+            return never()
+
+    class GoneQueue:
+        take, publish, leave = Method("take"), Method("publish"), Method("leave")
+
+    class IdleEngine:
+        def has_work(self) -> bool:
+            return False
+
+        def free_slots(self) -> int:
+            return 4
+
+        def free_tokens(self) -> int:
+            return 1000
+
+        async def shutdown(self) -> None:
+            calls.append("engine shutdown")
+
+        def stats(self) -> dict:
+            return {}
+
+    async def main() -> None:
+        srv = _draining_server(GoneQueue(), IdleEngine())
+        await asyncio.sleep(0.05)  # the loop is in its take
+        started = time.monotonic()
+        await srv.__del__()
+        assert time.monotonic() - started < 5, "the drain waited for a queue that is gone"
+        assert calls == ["take", "leave", "engine shutdown"], calls
+        assert srv._run_task.cancelled()
 
     asyncio.run(main())
 

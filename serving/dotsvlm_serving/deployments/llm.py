@@ -56,6 +56,11 @@ class LLMServer:
     # running for up to this long; what is left is handed back to the queue at once. Serve waits
     # GRACEFUL_SHUTDOWN_TIMEOUT_S (below) for this before it kills the replica.
     DRAIN_TIMEOUT_S = LLM_DRAIN_TIMEOUT_S
+    # A take answers within its own wait (at most 1 s) plus the call's time; one this much later waits
+    # for a queue replica that is not there. Leaving the queue is bounded too: a lease not handed back
+    # expires in the queue.
+    TAKE_OVERDUE_S = 5.0
+    LEAVE_TIMEOUT_S = 8.0
 
     async def __init__(self, model: ServedModel, queue: Any) -> None:
         self.model = model
@@ -70,6 +75,7 @@ class LLMServer:
         self._lost = False  # the queue declared this replica lost: rejoin (`_rejoin`) before anything else
         self._discarding = False  # after a rejoin: the engine's dropped copies are still winding down
         self._last_take = 0.0
+        self._take_overdue_at: float | None = None  # while a take is in flight: when it should have returned
         self._draining = False
         self._drained = asyncio.Event()  # set by the run loop: draining, no work left, every event delivered
         self.metrics = ReplicaMetrics("llm")
@@ -144,8 +150,13 @@ class LLMServer:
             if not busy:
                 await self._publish(wait=True)
             self._last_take = now
-            items: list[QueueItem] | None = await self.queue.take.remote(
-                self.consumer_id, room, self.engine.free_tokens(), 0.0 if busy else 1.0)
+            wait_s = 0.0 if busy else 1.0
+            self._take_overdue_at = now + wait_s + self.TAKE_OVERDUE_S
+            try:
+                items: list[QueueItem] | None = await self.queue.take.remote(
+                    self.consumer_id, room, self.engine.free_tokens(), wait_s)
+            finally:
+                self._take_overdue_at = None
             if items is None:  # (the id cannot have changed meanwhile: only this loop rejoins)
                 self._lost = True
             for item in items or []:
@@ -264,6 +275,21 @@ class LLMServer:
             return ErrorEvent(request_id=item.request_id, type="error", code=500,
                               message=f"the LLM replica could not start this request: {type(exc).__name__}: {exc}")
 
+    async def _idle_behind_a_lost_take(self) -> None:
+        """Returns when the drain is over although the run loop cannot say so: it waits on a take long
+        overdue (the queue's deployment is being deleted with this one, and Serve holds a call to a
+        deployment without replicas until one appears), and nothing is running or left to send. The
+        run loop is then cancelled, and `leave` hands back whatever that take may still lease here."""
+        while True:
+            await asyncio.sleep(0.25)
+            overdue = self._take_overdue_at
+            if (overdue is not None and time.monotonic() > overdue and not self.engine.has_work()
+                    and not self._outbox and self._publishing is None):
+                log.info("LLM replica: nothing left to drain; the tensor queue has not answered a take for "
+                         "%.0f s (is it being deleted too?): leaving without waiting for it",
+                         time.monotonic() - overdue + self.TAKE_OVERDUE_S)
+                return
+
     async def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
@@ -279,9 +305,11 @@ class LLMServer:
             return
         self._draining = True
         drained = asyncio.ensure_future(self._drained.wait())
-        await asyncio.wait({drained, self._run_task}, timeout=self.DRAIN_TIMEOUT_S,
+        idle = asyncio.ensure_future(self._idle_behind_a_lost_take())
+        await asyncio.wait({drained, idle, self._run_task}, timeout=self.DRAIN_TIMEOUT_S,
                            return_when=asyncio.FIRST_COMPLETED)
         drained.cancel()
+        idle.cancel()
         # The run loop stops before the last publish: one publisher at a time, events stay in order.
         self._run_task.cancel()
         await asyncio.gather(self._run_task, return_exceptions=True)
@@ -289,8 +317,8 @@ class LLMServer:
             await self._publish(wait=True)
         except Exception:
             log.exception("final publish failed")
-        try:
-            await self.queue.leave.remote(self.consumer_id)  # leases still held go back to the queue
+        try:  # leases still held go back to the queue (bounded: a queue being deleted too never answers)
+            await asyncio.wait_for(self.queue.leave.remote(self.consumer_id), self.LEAVE_TIMEOUT_S)
         except Exception:
             log.exception("could not leave the tensor queue; its lease will expire")
         self._hb_task.cancel()
