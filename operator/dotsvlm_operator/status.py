@@ -10,6 +10,7 @@ Everything the status shows is computed here (the operator's own metrics read th
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ BAD_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "
 SERVE_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
 # Ready=False reason: the LLM pool (every request needs it) is at zero replicas.
 NO_LLM_REPLICA = "NoLLMReplica"
+LLM_REPLICA_STARTING = "LLMReplicaStarting"
 # Progressing reason: a pod-template change (a new image, say) rolls one group at a time.
 ROLLING_OUT = "RollingOut"
 
@@ -243,7 +245,7 @@ def _pool_status(pool: str, pods: list[PodView], desired: int, per_replica: int,
 
 
 def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: models.DotsVLMDeploymentSpec,
-                   plan: PoolPlan | None, f: _Findings) -> None:
+                   plan: PoolPlan | None, f: _Findings, dep: DeploymentView | None = None) -> None:
     live = [p for p in pods if p.component == pool and not p.deleting]
     per = spec.llm.nodes_per_replica if pool == COMPONENT_LLM else 1
     minimum = spec.llm.min_replicas if pool == COMPONENT_LLM else spec.vision.min_replicas
@@ -286,6 +288,20 @@ def _pool_findings(pool: str, pods: list[PodView], desired: int, spec: models.Do
                 "api.requestTimeoutSeconds); set vision.minReplicas to 1 to keep one warm")
     elif ready // per < serving_floor:
         f.waiting.append(("PodsNotReady", f"{label} pool: {ready // per} of {desired} replicas ready{unit}"))
+    elif dep is not None and serving_floor >= 1 and dep.running == 0:
+        # Ready pods are Ray nodes; the replica on them may still load the model (minutes for a large
+        # checkpoint), e.g. when the pool wakes from zero while the application stays RUNNING.
+        counts = sorted(Counter(r.state for r in dep.replicas).items())
+        states = ", ".join(f"{n} {st}" for st, n in counts) or "none yet"
+        if pool == COMPONENT_LLM:
+            f.waiting.append((LLM_REPLICA_STARTING, (
+                f"the LLM pool's pods are ready but no LLM replica is running in Ray Serve yet (replicas: {states}); "
+                "a starting replica loads the model first, which can take minutes for a large checkpoint. Requests "
+                "wait in the queue until one runs, or time out")))
+        else:
+            f.progressing.append(("VisionReplicaStarting", (
+                f"the vision pool's pods are ready but no vision replica is running in Ray Serve yet (replicas: "
+                f"{states}); text requests are answered, requests with images wait until one runs")))
     elif ready < desired * per:
         f.progressing.append(("Scaling", f"{label} pool: {ready // per} of {desired} replicas ready{unit}"))
     elif len(live) != want_pods or ready < want_pods:
@@ -423,8 +439,10 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
         f.degraded.append(("PodFailing", f"the Ray head pod {p.name} cannot start: {p.problem}"))
     if not any(p.ready for p in head_pods):
         f.waiting.append(("HeadNotReady", "the Ray head pod is not ready yet"))
-    _pool_findings(COMPONENT_VISION, pods, desired[COMPONENT_VISION], spec, plans.get(COMPONENT_VISION), f)
-    _pool_findings(COMPONENT_LLM, pods, desired[COMPONENT_LLM], spec, plans.get(COMPONENT_LLM), f)
+    _pool_findings(COMPONENT_VISION, pods, desired[COMPONENT_VISION], spec, plans.get(COMPONENT_VISION), f,
+                   serve_deployment(serve, COMPONENT_VISION))
+    _pool_findings(COMPONENT_LLM, pods, desired[COMPONENT_LLM], spec, plans.get(COMPONENT_LLM), f,
+                   serve_deployment(serve, COMPONENT_LLM))
     api_pool = _api_pool_findings(pods, spec, f)
 
     serve_status = models.ServeAppStatus()

@@ -62,8 +62,13 @@ def test_llm_pool_at_zero_is_not_ready_and_says_why(kube, ns, fake_head, operato
     assert cond["status"] == "False"
     assert "no request can be answered" in cond["message"] and "set llm.minReplicas to 1 or more" in cond["message"]
     assert get_json(kube, "deployment", f"{name}-llm", "-n", ns)["spec"]["replicas"] == 0
-    # The autoscaler wakes the pool: one LLM replica, its pod ready -> Ready.
-    head.set_deployment(LLM, 1)
+    # The autoscaler wakes the pool: its pod is ready, but the replica still loads the model -> not Ready yet.
+    head.set_deployment(LLM, 1, [("STARTING", None)])
+    cond = poll(lambda: (c := ready_condition()) and c["reason"] == "LLMReplicaStarting" and c, 90,
+                "Ready=False with reason LLMReplicaStarting while the LLM replica starts", diag)
+    assert cond["status"] == "False" and "1 STARTING" in cond["message"]
+    # The replica runs -> Ready.
+    head.set_deployment(LLM, 1, [("RUNNING", None)])
     poll(lambda: (c := ready_condition()) and c["status"] == "True", 90, "Ready=True once an LLM replica runs", diag)
 
 

@@ -30,8 +30,9 @@ LLM = "LLMServer"
 class FakeRayHead:
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        # A working head: one running replica per pool (on no pod the operator knows: node_ip None).
         self.deployments: dict[str, dict[str, Any]] = {
-            VISION: {"target": 1, "replicas": []}, LLM: {"target": 1, "replicas": []}}
+            VISION: {"target": 1, "replicas": [("RUNNING", None)]}, LLM: {"target": 1, "replicas": [("RUNNING", None)]}}
         self.decisions: dict[str, dict[str, Any]] | None = None
         self.queue = {"depth": 0, "bytes": 0, "oldest_age_s": 0.0, "waiting_producers": 0, "max_items": 64,
                       "rejected_total": 0, "redelivered_total": 0}

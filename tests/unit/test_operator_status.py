@@ -406,3 +406,29 @@ def test_an_api_pool_without_a_ready_pod_is_not_ready_and_says_why() -> None:
     st, _ = run(healthy_pods() + [ready("a0", "api-pool"), ready("a1", "api-pool")], serve, s=s)
     assert cond(st, "Ready").status == "True" and st.api_pool.ready_pods == 2
     assert run(healthy_pods(), serve)[0].api_pool is None
+
+
+def test_ready_pods_whose_llm_replica_still_starts_are_not_ready_and_say_why() -> None:
+    """The LLM pool woke from zero: its pods are ready Ray nodes, the application stays RUNNING, but the
+    replica still loads the model, so nothing can be answered yet: not Ready until Serve runs it."""
+    s = spec(minReplicas=0, maxReplicas=2)
+    pods = healthy_pods()
+
+    def obs(llm_state: str | None, vision_state: str = "RUNNING") -> ServeObservation:
+        vision = tuple(ReplicaView(vision_state, f"10.0.0.{i}") for i in range(4))
+        llm = (ReplicaView(llm_state, "10.0.1.0"),) if llm_state else ()
+        app = ServeApp("RUNNING", "", {"VisionEncoder": DeploymentView(4, vision), "LLMServer": DeploymentView(1, llm)})
+        return ServeObservation(URL, True, "RUNNING", app=app)
+
+    st, _ = run(pods, obs("STARTING"), s=s)
+    r = cond(st, "Ready")
+    assert r.status == "False" and r.reason == "LLMReplicaStarting"
+    assert "1 STARTING" in r.message and "loads the model" in r.message
+    assert cond(st, "Progressing").status == "True"
+    st, _ = run(pods, obs(None), s=s, old=st)
+    assert cond(st, "Ready").reason == "LLMReplicaStarting" and "none yet" in cond(st, "Ready").message
+    st, _ = run(pods, obs("RUNNING"), s=s, old=st)
+    assert cond(st, "Ready").status == "True"
+    # A vision replica starting: text is answered (Ready), the status says images wait.
+    st, _ = run(pods, obs("RUNNING", vision_state="STARTING"), s=s, old=st)
+    assert cond(st, "Ready").status == "True" and cond(st, "Progressing").reason == "VisionReplicaStarting"
