@@ -199,3 +199,66 @@ def test_an_image_request_gets_a_504_at_its_deadline_while_no_vision_replica_can
     assert err.value.status == 504 and "vision.minReplicas" in str(err.value) and "retry" in str(err.value)
     assert relay.vision.cancelled
     assert relay.signals.pending_pixels == 0 and relay.signals.pending_requests == 0
+
+
+def test_http_images_count_at_their_largest_size_while_they_download() -> None:
+    """An http(s) image's size is known only once it is in: while it downloads it is counted at
+    api.images.max_image_bytes, so concurrent downloads cannot exceed the ingress's image bytes; a
+    request alone still goes in, and what it held is released when it ends."""
+    import json
+    from types import SimpleNamespace
+
+    from dotsvlm_serving.api.auth import ApiKeyAuth
+    from dotsvlm_serving.api.errors import ApiError
+    from dotsvlm_serving.api.images import FetchPolicy
+    from dotsvlm_serving.deployments.ingress import Ingress
+
+    mib = 1024 * 1024
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "api": {
+        "api_keys_env": None, "max_image_bytes_in_flight": 48 * mib, "images": {"max_image_bytes": 20 * mib}}}
+    ).ingress_config()
+    ing = object.__new__(Ingress)
+    ing.cfg, ing.admission, ing.auth = cfg, IngressAdmission(cfg), ApiKeyAuth.from_env(None)
+    ing.fetch_policy = FetchPolicy.from_config(max_bytes=20 * mib, timeout_s=5, fetch_allow=[])
+    ing.model = SimpleNamespace(served_model_name="dots.vlm1")
+    downloading, finish = asyncio.Event(), asyncio.Event()
+    held_while_downloading: list[int] = []
+
+    async def download(urls: list[str]):
+        held_while_downloading.append(ing.admission.bytes.held)
+        downloading.set()
+        await finish.wait()
+        raise ApiError(400, "stop here")  # the rest of the request is not under test
+
+    ing._load_images = download
+
+    def request(n_images: int) -> SimpleNamespace:
+        parts = [{"type": "image_url", "image_url": {"url": f"https://images.example/{i}.png"}} for i in range(n_images)]
+        body = json.dumps({"model": "dots.vlm1", "messages": [{"role": "user", "content": parts}]}).encode()
+
+        async def read() -> bytes:
+            return body
+        return SimpleNamespace(headers={"content-length": str(len(body))}, body=read)
+
+    async def main() -> None:
+        first = asyncio.create_task(ing._chat(request(2), 0.0, {}))
+        await downloading.wait()
+        assert held_while_downloading == [40 * mib]  # two images at 20 MiB each
+        with pytest.raises(ApiError) as err:  # 40 + 20 MiB > 48 MiB: refused before it downloads
+            await ing._chat(request(1), 0.0, {})
+        assert err.value.status == 429 and err.value.code == IMAGE_BYTES_FULL
+        finish.set()
+        with pytest.raises(ApiError):
+            await first
+        assert ing.admission.bytes.held == 0
+        downloading.clear()
+        finish.clear()
+        alone = asyncio.create_task(ing._chat(request(3), 0.0, {}))  # 60 MiB > 48, but alone: admitted
+        await downloading.wait()
+        assert held_while_downloading[-1] == 60 * mib
+        finish.set()
+        with pytest.raises(ApiError):
+            await alone
+        assert ing.admission.bytes.held == 0
+
+    asyncio.run(main())

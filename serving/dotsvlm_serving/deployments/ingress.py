@@ -302,6 +302,11 @@ class Ingress:
             self._check_model(req)
             messages, urls = req.to_model_messages()
             info["modality"] = _modality(len(urls))
+            # An http(s) image is counted at its largest allowed size while it downloads (its size is known
+            # only once it is in), so concurrent downloads stay within the limit too.
+            fetched = sum(1 for u in urls if u[:5].lower() != "data:")
+            if fetched and len(urls) <= self.cfg.api.images.max_images_per_request:
+                held = self._hold_images(held, held + fetched * self.fetch_policy.max_bytes)
             images, sizes = await self._load_images(urls)
             held = self._hold_images(held, sum(len(d) for d in images))
             counts = self._token_counts(sizes)
