@@ -78,15 +78,15 @@ def test_official_openai_client(served: Served) -> None:
     assert r2.choices[0].message.content == r.choices[0].message.content  # seeded sampling is reproducible
 
     for content in ["Stream me.", [image_part(png(100, 100)), {"type": "text", "text": "Stream about it."}]]:
-        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
-                                                max_tokens=9, stream=True, stream_options={"include_usage": True},
-                                                extra_body={"ignore_eos": True})
+        ask = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 9, "temperature": 0,
+               "extra_body": {"ignore_eos": True}}
+        stream = client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
         chunks = list(stream)
         finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         assert finish == ["length"]
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 9
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert isinstance(text, str)
+        assert text and text == client.chat.completions.create(**ask).choices[0].message.content  # the same answer
 
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=served.url + "/v1", api_key="wrong", max_retries=0).models.list()
