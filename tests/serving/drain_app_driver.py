@@ -3,7 +3,7 @@
 A head node with the control resource (the API and the tensor queue run there, as on the operator's
 head) and two worker nodes with the pool resources (as two pool pods); the dotsvlm application with
 the tiny model and one LLM replica. A long streaming request runs on that replica; its node is drained
-the way a stopping pool pod drains itself. Prints one JSON line: the streamed text against the same
+the way a stopping pool pod drains itself (its preStop command, `dotsvlm drain-node`). Prints one JSON line: the streamed text against the same
 request's text before the drain, how the stream ended, the drain's result, where the LLM replica runs.
 """
 
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 MAX_TOKENS = 1500
 # The drain's deadline: Serve stops a replica on a draining node at the latest its graceful-shutdown
@@ -50,7 +52,6 @@ def main() -> int:
     from serving_support import pool_app_config, serve_app_on_cluster, start_cluster, stop_cluster
 
     from dotsvlm_serving.model.tiny import ensure_tiny_checkpoint
-    from dotsvlm_serving.node_drain import drain_node
     from dotsvlm_serving.serve_config import (APP_NAME, CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, LLM_DEPLOYMENT,
                                               LLM_POOL_RESOURCE, POOL_RESOURCE_CAPACITY, VISION_POOL_RESOURCE)
 
@@ -95,8 +96,13 @@ def main() -> int:
         watcher.start()
         time.sleep(2)  # the request runs on the LLM replica now
         drain_started = time.monotonic()
-        res = drain_node(cluster.address, deadline_s=DRAIN_DEADLINE_S, node_id=node, poll_s=0.5)
-        result.update(drained=res.drained, message=res.message, seconds=res.seconds)
+        # The pod's preStop itself, as the operator writes it (`dotsvlm drain-node`), with the node named by id:
+        # here every node has the same IP, which is how a pool pod finds its node (unit-tested).
+        hook = subprocess.run([str(Path(sys.executable).with_name("dotsvlm")), "drain-node",
+                               f"--address={cluster.address}", f"--deadline-seconds={DRAIN_DEADLINE_S}",
+                               f"--node-id={node}"], capture_output=True, text=True, timeout=DRAIN_DEADLINE_S + 60)
+        result.update(drained="the node finished draining" in hook.stderr, exit_code=hook.returncode,
+                      message=hook.stderr.strip()[-500:], seconds=round(time.monotonic() - drain_started, 1))
         t.join(timeout=300)
         print(json.dumps({
             "same_text": streamed.get("text") == reference.get("text"), "reference_chunks": reference.get("chunks"),

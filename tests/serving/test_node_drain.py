@@ -28,7 +28,7 @@ def test_draining_the_llm_replicas_node_finishes_its_stream_with_the_same_tokens
     assert out["status"] == 200 and out["error"] is None, out
     assert out["finish"] == "length" and out["same_text"] is True, out  # every token, none lost or repeated
     assert out["stopping_before_stream_end"] is True, out  # Serve stopped the replica while it streamed
-    assert out["drain"]["drained"] is True, out  # the node then left by itself
+    assert out["drain"]["drained"] is True and out["drain"]["exit_code"] == 0, out  # the node then left by itself
     assert out["node_before"] not in out["nodes_after"], out
 
 
