@@ -380,6 +380,13 @@ def autoscaling(t: AutoscalingTargets) -> dict[str, Any]:
     return cfg
 
 
+# The deployments that only the application calls (vision, tensor queue, LLM) log no line per call: the
+# queue alone answers several calls per request and one long-poll per LLM replica every second, which was
+# a few % of its CPU under load and hundreds of log lines per second. The Ingress keeps its access log
+# (one line per HTTP request). Serve applies a change of it in place, without restarting a replica.
+INTERNAL_LOGGING: dict[str, Any] = {"logging_config": {"enable_access_log": False}}
+
+
 def replica_options(t: AutoscalingTargets) -> dict[str, Any]:
     """Every deployment gets an autoscaling config, a fixed one too (min == max), so that each replica's
     `record_autoscaling_stats` reaches the policy and turning a pool's autoscaling on or off only moves
@@ -491,15 +498,15 @@ class ServeAppConfig(_Strict):
                                  "graceful_shutdown_timeout_s": self.api.request_timeout_s,
                                  "ray_actor_options": _with_env(control_options({"num_cpus": 0}, self.control_resource)),
                                  "user_config": self.ingress_config().model_dump(mode="json")},
-            VISION_DEPLOYMENT: {**replica_options(self.vision.autoscaling),
+            VISION_DEPLOYMENT: {**replica_options(self.vision.autoscaling), **INTERNAL_LOGGING,
                                 "ray_actor_options": _with_env(actor_options(
                                     num_gpus=self.vision.gpus_per_replica, pool_resource=self.vision.pool_resource,
                                     num_cpus=cpu_share)),
                                 "user_config": self.vision_encoder_config().model_dump(mode="json")},
-            QUEUE_DEPLOYMENT: {**replica_options(single),
+            QUEUE_DEPLOYMENT: {**replica_options(single), **INTERNAL_LOGGING,
                                "ray_actor_options": _with_env(control_options({"num_cpus": 0}, self.control_resource)),
                                "user_config": self.queue.model_dump(mode="json")},
-            LLM_DEPLOYMENT: {**replica_options(self.llm.autoscaling), **llm_opts,
+            LLM_DEPLOYMENT: {**replica_options(self.llm.autoscaling), **llm_opts, **INTERNAL_LOGGING,
                              "user_config": llm.model_dump(mode="json")},
         }
         return opts

@@ -677,3 +677,13 @@ def test_an_llm_replica_the_queue_declared_lost_drops_its_copies_and_rejoins_und
         assert "finish" not in [t for _, types in published for t in types]  # the dropped copy's end stays here
 
     asyncio.run(main())
+
+
+def test_only_the_ingress_writes_an_access_log_line_per_call() -> None:
+    """The calls between the deployments (several per request into the queue, a long-poll per LLM replica
+    every second) would flood the logs; the Ingress keeps one line per HTTP request."""
+    body = ServeAppConfig.model_validate({"model_path": "/m"}).deploy_body(http_port=8000)
+    deps = {d["name"]: d for d in body["applications"][0]["deployments"]}
+    assert "logging_config" not in deps["Ingress"]
+    for name in ("VisionEncoder", "TensorQueue", "LLMServer"):
+        assert deps[name]["logging_config"] == {"enable_access_log": False}, name
