@@ -260,5 +260,10 @@ def test_http_images_count_at_their_largest_size_while_they_download() -> None:
         with pytest.raises(ApiError):
             await alone
         assert ing.admission.bytes.held == 0
+        # Too many images: the 400 that says so, before anything is held or downloaded.
+        with pytest.raises(ApiError) as err:
+            await ing._chat(request(cfg.api.images.max_images_per_request + 1), 0.0, {})
+        assert err.value.status == 400 and err.value.code == "too_many_images"
+        assert len(held_while_downloading) == 2 and ing.admission.bytes.held == 0
 
     asyncio.run(main())

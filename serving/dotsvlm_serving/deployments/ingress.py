@@ -304,8 +304,9 @@ class Ingress:
             info["modality"] = _modality(len(urls))
             # An http(s) image is counted at its largest allowed size while it downloads (its size is known
             # only once it is in), so concurrent downloads stay within the limit too.
-            fetched = sum(1 for u in urls if u[:5].lower() != "data:")
-            if fetched and len(urls) <= self.cfg.api.images.max_images_per_request:
+            self._check_image_count(urls)
+            fetched = sum(1 for u in urls if not _is_data_url(u))
+            if fetched:
                 held = self._hold_images(held, held + fetched * self.fetch_policy.max_bytes)
             images, sizes = await self._load_images(urls)
             held = self._hold_images(held, sum(len(d) for d in images))
@@ -372,19 +373,22 @@ class Ingress:
             self.admission.bytes.release(held - image_bytes, time.monotonic())
         return image_bytes
 
-    async def _load_images(self, urls: list[str]) -> tuple[list[bytes], list[tuple[int, int]]]:
-        """The images' file bytes and their (width, height), read from their headers. The decode, resize
-        and patchify happen on the vision pool, so this replica's event loop stays free (and the
-        images travel compressed)."""
-        lim = self.cfg.api.images
-        if len(urls) > lim.max_images_per_request:
-            raise ApiError(400, f"the request has {len(urls)} images, over the limit of {lim.max_images_per_request} "
+    def _check_image_count(self, urls: list[str]) -> None:
+        limit = self.cfg.api.images.max_images_per_request
+        if len(urls) > limit:
+            raise ApiError(400, f"the request has {len(urls)} images, over the limit of {limit} "
                                 "per request: send fewer images", param="messages", code="too_many_images")
+
+    async def _load_images(self, urls: list[str]) -> tuple[list[bytes], list[tuple[int, int]]]:
+        """The images' file bytes and their (width, height), read from their headers (their count was
+        checked: `_check_image_count`). The decode, resize and patchify happen on the vision pool, so this
+        replica's event loop stays free (and the images travel compressed)."""
+        lim = self.cfg.api.images
         if not urls:
             return [], []
 
         async def load(url: str) -> bytes:
-            if url[:5].lower() == "data:":  # base64 of megabytes: off the event loop
+            if _is_data_url(url):  # base64 of megabytes: off the event loop
                 return await asyncio.to_thread(decode_data_url, url, max_bytes=self.fetch_policy.max_bytes)
             return await load_image_bytes(url, self.fetch_policy)
 
@@ -535,6 +539,11 @@ class Ingress:
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": cid})
+
+
+def _is_data_url(url: str) -> bool:
+    """An image sent in the body (base64), not fetched from a server."""
+    return url[:5].lower() == "data:"
 
 
 def _modality(n_images: int) -> str:
