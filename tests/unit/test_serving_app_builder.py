@@ -135,6 +135,33 @@ def _draining_server(queue: object, engine: object):
     return srv
 
 
+class _StepsEngine:
+    """An engine with `steps` decode steps of one request left (tokens, the last a finish), room for more;
+    its shutdown is noted in `calls`."""
+
+    def __init__(self, steps: int, calls: list[str]) -> None:
+        self.steps_left, self.calls = steps, calls
+
+    def has_work(self) -> bool:
+        return self.steps_left > 0
+
+    def free_slots(self) -> int:
+        return 4
+
+    def free_tokens(self) -> int:
+        return 1000
+
+    async def shutdown(self) -> None:
+        self.calls.append("engine shutdown")
+
+    async def step(self) -> list[dict]:
+        self.steps_left -= 1
+        return [{"request_id": "r", "type": "finish" if self.steps_left == 0 else "token"}]
+
+    def stats(self) -> dict:
+        return {}
+
+
 def test_llm_replica_drains_before_leaving() -> None:
     """Graceful shutdown: no new work is taken, running requests finish, their events are delivered,
     then the replica leaves the queue (which hands back anything still leased)."""
@@ -164,30 +191,8 @@ def test_llm_replica_drains_before_leaving() -> None:
         publish = Method("publish", [])
         leave = Method("leave", None)
 
-    class FakeEngine:
-        steps_left = 3
-
-        def has_work(self) -> bool:
-            return self.steps_left > 0
-
-        def free_slots(self) -> int:
-            return 4
-
-        def free_tokens(self) -> int:
-            return 1000
-
-        async def shutdown(self) -> None:
-            calls.append("engine shutdown")
-
-        async def step(self) -> list[dict]:
-            self.steps_left -= 1
-            return [{"request_id": "r", "type": "finish" if self.steps_left == 0 else "token"}]
-
-        def stats(self) -> dict:
-            return {}
-
     async def main() -> None:
-        srv = _draining_server(FakeQueue(), FakeEngine())
+        srv = _draining_server(FakeQueue(), _StepsEngine(3, calls))
         await srv.__del__()
         assert srv.engine.steps_left == 0  # ran to completion
         assert "take" not in calls  # draining: nothing new taken
@@ -283,24 +288,8 @@ def test_an_idle_llm_replica_whose_queue_is_deleted_with_it_leaves_without_waiti
     class GoneQueue:
         take, publish, leave = Method("take"), Method("publish"), Method("leave")
 
-    class IdleEngine:
-        def has_work(self) -> bool:
-            return False
-
-        def free_slots(self) -> int:
-            return 4
-
-        def free_tokens(self) -> int:
-            return 1000
-
-        async def shutdown(self) -> None:
-            calls.append("engine shutdown")
-
-        def stats(self) -> dict:
-            return {}
-
     async def main() -> None:
-        srv = _draining_server(GoneQueue(), IdleEngine())
+        srv = _draining_server(GoneQueue(), _StepsEngine(0, calls))
         await asyncio.sleep(0.05)  # the loop is in its take
         started = time.monotonic()
         await srv.__del__()
