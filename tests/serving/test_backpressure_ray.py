@@ -171,6 +171,18 @@ def test_first_image_request_waits_for_a_vision_pool_at_zero(stack: Stack) -> No
 
 
 def test_ingress_and_queue_run_on_the_control_node_and_pools_on_their_workers(stack: Stack) -> None:
+    """Where each replica runs, and what its actor asks Ray for: a 0-CPU replica with no resource of its own
+    could land on the head by chance (one node in two), so the request for the control resource is checked
+    in what Serve runs, not only its outcome."""
+    from ray.serve.context import _get_global_client
+
+    deployments = _get_global_client().get_serve_details()["applications"][APP_NAME]["deployments"]
+    asked = {d: deployments[d]["deployment_config"]["ray_actor_options"].get("resources") or {}
+             for d in (INGRESS_DEPLOYMENT, QUEUE_DEPLOYMENT, VISION_DEPLOYMENT, LLM_DEPLOYMENT)}
+    assert asked[INGRESS_DEPLOYMENT].get(CONTROL_RESOURCE) == 1, asked
+    assert asked[QUEUE_DEPLOYMENT].get(CONTROL_RESOURCE) == 1, asked
+    assert asked[VISION_DEPLOYMENT].get(VISION_POOL_RESOURCE) == 1 and CONTROL_RESOURCE not in asked[VISION_DEPLOYMENT]
+    assert asked[LLM_DEPLOYMENT].get(LLM_POOL_RESOURCE) == 1 and CONTROL_RESOURCE not in asked[LLM_DEPLOYMENT]
     nodes = {d: {a["Address"]["NodeID"] for a in _replicas(d)}
              for d in (INGRESS_DEPLOYMENT, QUEUE_DEPLOYMENT, VISION_DEPLOYMENT, LLM_DEPLOYMENT)}
     assert nodes[INGRESS_DEPLOYMENT] == {stack.head_node}
