@@ -34,6 +34,7 @@ class PoolDecision(_Lenient):
     current: int
     raw: int
     reason: str
+    signal: str | None = None  # the rule that set raw (absent from serving before 2026-12-06)
     message: str = ""
     direction: Literal["up", "down", "hold"] = "hold"
     time: float | None = None

@@ -547,6 +547,9 @@ class ScalingDecisionStatus(_Api):
     direction: Literal["up", "down", "hold"] | None = Field(None, description="up, down or hold.")
     desired: int | None = Field(None, description="Replicas the decision set.")
     raw: int | None = Field(None, description="Replicas the signals alone asked for (before windows and step limits).")
+    signal: str | None = Field(None, description=(
+        "The rule that set raw, also when reason says the pool holds (e.g. Stable with signal VisionBacklog: the "
+        "measured encode rate sized the pool)."))
     time: str | None = Field(None, description="When the decision was made (RFC 3339).")
 
 
@@ -582,6 +585,9 @@ class QueueStatus(_Api):
     waiting_producers: int = Field(0, description="Requests waiting for room in a full queue.")
     max_items: int | None = Field(None, description="The queue's item limit (queue.maxItems).")
     rejected_total: int = Field(0, description="Requests answered 429 because the queue stayed full (since the queue started).")
+    last_rejection_time: str | None = Field(None, description=(
+        "When the operator first saw rejectedTotal grow (RFC 3339, within the status's refresh of ~10 s): "
+        "how recent the last refusal is. Unset while the queue has refused nothing."))
     redelivered_total: int = Field(0, description="Items delivered again after an LLM replica died holding them.")
     observed_time: str | None = Field(None, description="When these values were read (RFC 3339); refreshed every few seconds under change.")
 
@@ -595,6 +601,9 @@ class BackpressureStatus(_Api):
     image_bytes_limit: int = Field(0, description="Their limit (api.maxImageBytesInFlight x API replicas).")
     rejected_total: int = Field(0, description="Requests answered 429 because a stage was full (since the API replicas started).")
     rejected: dict[str, int] | None = Field(None, description="The same by reason: vision_backlog_full, image_bytes_full, queue_full.")
+    last_rejection_time: str | None = Field(None, description=(
+        "When the operator first saw rejectedTotal grow (RFC 3339, within the status's refresh of ~10 s): "
+        "how recent the last refusal is. Unset while nothing was refused."))
     observed_time: str | None = Field(None, description="When these values were read (RFC 3339).")
 
 

@@ -185,7 +185,7 @@ def _iso(unix: float | None) -> str | None:
 
 def _decision_status(d: PoolDecision) -> models.ScalingDecisionStatus:
     return models.ScalingDecisionStatus(reason=d.reason, message=d.message[:1000], direction=d.direction,
-                                        desired=d.desired, raw=d.raw, time=_iso(d.time))
+                                        desired=d.desired, raw=d.raw, signal=d.signal, time=_iso(d.time))
 
 
 def _last_scale(d: PoolDecision) -> models.ScalingDecisionStatus | None:
@@ -230,8 +230,9 @@ def _pool_status(pool: str, pods: list[PodView], desired: int, per_replica: int,
         new = _decision_status(decision)
         # Keep the old record (and its time) while the outcome and the reason stay the same: the policy
         # publishes every 2 s, the status need not change with it.
-        if last_decision is None or (new.reason, new.desired, new.raw, new.direction) != (
-                last_decision.reason, last_decision.desired, last_decision.raw, last_decision.direction):
+        if last_decision is None or (new.reason, new.signal, new.desired, new.raw, new.direction) != (
+                last_decision.reason, last_decision.signal, last_decision.desired, last_decision.raw,
+                last_decision.direction):
             last_decision = new
         last_scale = _last_scale(decision) or last_scale
     return models.PoolStatus(
@@ -342,6 +343,17 @@ def _target(target: float, observed: float | None) -> models.SLOTargetStatus:
                                   met=None if observed is None else observed <= target)
 
 
+def _last_rejection(total: int, old: models.QueueStatus | models.BackpressureStatus | None,
+                    now_unix: float) -> str | None:
+    """When the refusals were last seen to grow: `rejectedTotal` counts since the replicas started, so on its own
+    it cannot say whether a refusal is a minute or a day old. A count that went back (the replicas restarted)
+    and is not zero has refused since: that is now too."""
+    before = old.rejected_total if old is not None else 0
+    if total > before or (total and total < before):
+        return _iso(now_unix)
+    return old.last_rejection_time if old is not None else None
+
+
 def _backpressure(report: AutoscalerReport, old: models.BackpressureStatus | None,
                   now_unix: float) -> models.BackpressureStatus | None:
     if report.admission is None:
@@ -350,7 +362,8 @@ def _backpressure(report: AutoscalerReport, old: models.BackpressureStatus | Non
     new = models.BackpressureStatus(
         vision_pending_pixels=a.pending_pixels, vision_pending_pixels_limit=a.pending_pixels_limit,
         image_bytes=a.image_bytes, image_bytes_limit=a.image_bytes_limit, rejected_total=a.rejected_total,
-        rejected=dict(sorted(a.rejected.items())) or None, observed_time=_iso(now_unix))
+        rejected=dict(sorted(a.rejected.items())) or None,
+        last_rejection_time=_last_rejection(a.rejected_total, old, now_unix), observed_time=_iso(now_unix))
     if old is not None and old.model_copy(update={"observed_time": None}) == new.model_copy(update={"observed_time": None}):
         return old  # same figures: no status write just for the time
     return new
@@ -375,6 +388,7 @@ def _queue_and_slo(spec: models.DotsVLMDeploymentSpec, report: AutoscalerReport 
         queue = models.QueueStatus(depth=q.depth, bytes=q.bytes, oldest_age_seconds=round(q.oldest_age_s, 2),
                                    waiting_producers=q.waiting_producers, max_items=q.max_items,
                                    rejected_total=q.rejected_total, redelivered_total=q.redelivered_total,
+                                   last_rejection_time=_last_rejection(q.rejected_total, old_q, now_unix),
                                    observed_time=_iso(now_unix))
         if old_q is not None and old_q.model_copy(update={"observed_time": None}) == queue.model_copy(
                 update={"observed_time": None}):

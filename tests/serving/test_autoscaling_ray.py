@@ -140,7 +140,9 @@ def test_text_burst_never_wakes_the_vision_pool(stack: Stack) -> None:
 
 def test_image_burst_wakes_vision_then_grows_llm_and_nothing_is_lost(stack: Stack) -> None:
     """Image requests keep coming (twelve at a time, a new one as soon as one ends) until the LLM pool has
-    grown, so the check does not depend on how fast this machine serves a fixed burst."""
+    grown and the vision pool is sized from the encode rate its replica measured (the signal VisionBacklog:
+    the live rate reached the policy through Serve), so the check does not depend on how fast this machine
+    serves a fixed burst."""
     # The text burst before may have grown the LLM pool: start from one replica, so "vision first" is seen.
     stack.wait_for("the LLM pool back to one replica before the image burst", lambda d: d["llm"]["desired"] == 1, 120)
     stack.seen.clear()
@@ -163,9 +165,12 @@ def test_image_burst_wakes_vision_then_grows_llm_and_nothing_is_lost(stack: Stac
 
         load = [asyncio.create_task(sender(w)) for w in range(12)]
         deadline = time.monotonic() + 240
+        llm_grown = rate_seen = False
         while time.monotonic() < deadline and not grown.is_set():
             d = (await asyncio.to_thread(stack.decisions)).get("decisions") or {}
-            if (d.get("llm") or {}).get("desired", 0) >= 2:
+            llm_grown = llm_grown or (d.get("llm") or {}).get("desired", 0) >= 2
+            rate_seen = rate_seen or (d.get("vision") or {}).get("signal") == "VisionBacklog"
+            if llm_grown and rate_seen:
                 grown.set()
             await asyncio.sleep(0.5)
         grown.set()
@@ -178,6 +183,10 @@ def test_image_burst_wakes_vision_then_grows_llm_and_nothing_is_lost(stack: Stac
     assert vision_up, f"the vision pool never woke: {stack.seen[-3:]}"
     assert llm_up, f"the LLM pool never grew under {len(sent)} image requests: {stack.seen[-3:]}"
     assert vision_up[0] <= llm_up[0], "the vision pool scales first, the LLM pool as its work arrives"
+    assert stack.seen[vision_up[0]]["vision"]["last_change"]["reason"] == "WakeUp", stack.seen[vision_up[0]]
+    backlog = [d["vision"] for d in stack.seen if d["vision"].get("signal") == "VisionBacklog"]
+    assert backlog, f"the vision replica's measured encode rate never sized the pool: {stack.seen[-3:]}"
+    assert "MP/s" in backlog[-1]["message"], backlog[-1]
     reasons = {d["llm"]["reason"] for d in stack.seen[llm_up[0]:llm_up[0] + 1]} | {
         d["llm"]["last_change"]["reason"] for d in stack.seen if d["llm"]["desired"] >= 2}
     assert reasons & {"VisionLeadingSignal", "LLMDemand", "QueueAge"}, reasons

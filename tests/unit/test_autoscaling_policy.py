@@ -205,6 +205,29 @@ def test_vision_scales_to_zero_after_the_idle_window_and_wakes_at_once() -> None
     assert d["vision"].desired == 1 and d["vision"].direction == "up"
 
 
+def test_from_zero_the_reason_is_wake_up_and_with_a_replica_running_the_measured_rate_names_the_size() -> None:
+    """Image work waiting always keeps one replica. From zero that is a WakeUp; once a replica runs and has
+    measured its encode rate, the backlog rule that asks for the same one replica is the decision's signal,
+    so the status shows the pool sized from the measured rate (a person reads the MP/s behind it)."""
+    sp = spec(vision={"min_replicas": 0, "idle_to_zero_s": 30})
+    state = p.PolicyState()
+    woken = p.decide(p.Snapshot(vision(0, requests=1, pixels=2e5), llm(1)), sp, state, 0.0,
+                     current={"vision": 0, "llm": 1})["vision"]
+    assert (woken.desired, woken.reason, woken.signal) == (1, p.WAKE_UP, p.WAKE_UP)
+    held = p.decide(p.Snapshot(vision(1, requests=1, pixels=2e5), llm(1)), sp, state, 1.0,
+                    current={"vision": 1, "llm": 1})["vision"]
+    assert (held.desired, held.reason, held.signal) == (1, p.STABLE, p.VISION_BACKLOG), held
+    assert "MP/s" in held.message
+    # No rate measured yet: the request count sizes it, still not WakeUp.
+    fresh = p.decide(p.Snapshot(vision(1, requests=1, pixels=2e5, rate=None), llm(1)), sp, p.PolicyState(), 0.0,
+                     current={"vision": 1, "llm": 1})["vision"]
+    assert fresh.signal == p.VISION_REQUESTS, fresh
+    # Stale metrics: the hold's own reason is its signal.
+    stale = p.decide(p.Snapshot(vision(1, requests=1, pixels=2e5, age_s=999), llm(1)), sp, p.PolicyState(), 0.0,
+                     current={"vision": 1, "llm": 1})["vision"]
+    assert stale.signal == stale.reason == p.METRICS_STALE
+
+
 def test_a_wake_up_that_serve_made_is_recorded_as_one() -> None:
     """Serve may start a replica for a request waiting on a pool at zero before the policy runs: the
     status and the Event must still say WakeUp, not an empty Stable."""

@@ -214,7 +214,8 @@ def autoscaled_spec() -> models.DotsVLMDeploymentSpec:
 def report(vision_desired=3, reason="VisionBacklog", t=T0, **slo):
     return parse_report({
         "decisions": {
-            "vision": {"desired": vision_desired, "current": 2, "raw": 4, "reason": reason, "message": "backlog 9 Mpx",
+            "vision": {"desired": vision_desired, "current": 2, "raw": 4, "reason": reason, "signal": reason,
+                       "message": "backlog 9 Mpx",
                        "direction": "up", "time": t, "last_change": {"reason": reason, "message": "backlog 9 Mpx", "time": t}},
             "llm": {"desired": 1, "current": 1, "raw": 1, "reason": "MetricsStale", "message": "signals are 40 s old",
                     "direction": "hold", "time": t, "last_change": {"reason": None, "message": None, "time": None}}},
@@ -256,6 +257,7 @@ def test_pool_status_shows_serves_target_current_pods_and_the_decision() -> None
     assert (v.desired_replicas, v.current_replicas, v.ready_replicas, v.desired_pods, v.pods) == (3, 2, 2, 3, 2)
     assert v.ready_of_desired == "2/3" and v.pods_reason == pod_sizing.SERVE_TARGET
     assert v.last_decision.reason == "VisionBacklog" and v.last_decision.direction == "up"
+    assert v.last_decision.signal == "VisionBacklog" and st.llm.last_decision.signal is None  # an older serving: unset
     assert v.last_decision.time == "2026-01-01T00:00:00Z" and v.last_scale.reason == "VisionBacklog"
     # Missing or stale metrics: the decision says so, in the status.
     assert st.llm.last_decision.reason == "MetricsStale" and "40 s old" in st.llm.last_decision.message
@@ -305,6 +307,31 @@ def test_queue_figures_are_written_at_most_every_few_seconds() -> None:
     assert soon.queue.depth == 7
     later, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), busy, old=first, now_unix=T0 + 30)
     assert later.queue.depth == 9
+
+
+def test_the_status_says_when_refusals_were_last_seen_to_grow() -> None:
+    """rejectedTotal counts since the replicas started: the time it last grew says whether they are recent."""
+    first, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report())
+    assert first.queue.last_rejection_time == "2026-01-01T00:00:01Z"
+    assert first.backpressure.last_rejection_time == "2026-01-01T00:00:01Z"
+    # Nothing new refused a minute later: the time stays (the queue's depth moved, so it was written).
+    calm = report()
+    calm.queue.depth = 3
+    later, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), calm, old=first, now_unix=T0 + 61)
+    assert later.queue.depth == 3 and later.queue.last_rejection_time == "2026-01-01T00:00:01Z"
+    assert later.backpressure.last_rejection_time == "2026-01-01T00:00:01Z"
+    # More refusals (the vision stage's only): only the backpressure's time moves.
+    more = report()
+    more.admission.rejected_total = 9
+    again, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), more, old=later, now_unix=T0 + 121)
+    assert again.backpressure.last_rejection_time == "2026-01-01T00:02:01Z"
+    assert again.queue.last_rejection_time == "2026-01-01T00:00:01Z"
+    assert again.to_api()["backpressure"]["lastRejectionTime"] == "2026-01-01T00:02:01Z"
+    # A queue that never refused has no time.
+    none = report()
+    none.queue.rejected_total = 0
+    quiet, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), none)
+    assert quiet.queue.last_rejection_time is None
 
 
 def test_an_event_per_change_of_the_desired_replicas() -> None:

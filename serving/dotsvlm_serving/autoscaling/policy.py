@@ -180,6 +180,7 @@ class Decision:
     current: int  # the target before this decision
     reason: str  # one of REASONS: the signal that set `raw` (or why the pool holds)
     message: str  # for a person: the numbers behind the decision
+    signal: str = ""  # the signal that set `raw` even when `reason` says the pool holds (Stable, Stabilizing)
 
     @property
     def direction(self) -> Literal["up", "down", "hold"]:
@@ -274,9 +275,12 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
         # Below the idle window a pool allowed to reach zero keeps one warm replica.
         return _Recommendation(max(cfg.min_replicas, min(current, 1)), LOW_LOAD, "no image work waiting")
     candidates = []
-    if busy:
-        candidates.append(_Recommendation(1, WAKE_UP, f"{s.pending_requests:.0f} image request(s) waiting and "
-                                          f"{current} vision replica(s) running"))
+    # Work waiting always keeps one replica. From zero that is the story (WakeUp); with replicas running, a
+    # sizing from the measured signals that also asks for one says more, so it wins the tie.
+    wake = _Recommendation(1, WAKE_UP, f"{s.pending_requests:.0f} image request(s) waiting and "
+                                       f"{current} vision replica(s) running")
+    if busy and current == 0:
+        candidates.append(wake)
     if rate:
         backlog_s = s.pending_pixels / rate
         arriving_s = (arriving or 0.0) / (rate * cfg.encode_utilization)  # replicas for the new work
@@ -291,6 +295,8 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
             _ceil(s.pending_requests / cfg.target_ongoing_requests), VISION_REQUESTS,
             f"{s.pending_requests:.0f} image requests in the vision stage, target {cfg.target_ongoing_requests:g} "
             f"per replica (no encode rate measured yet)"))
+    if busy and current > 0:
+        candidates.append(wake)
     # The p90 covers the last P90_WINDOW_S: until that long after replicas joined, it still shows the queue
     # they were asked for, and each reading would multiply the pool again.
     if s.encode_latency_s is not None and current and s.encode_latency_s > budget_s and joined_s >= P90_WINDOW_S:
@@ -519,7 +525,8 @@ def _stabilise(pool: Pool, raw: _Recommendation, current: int, running: int, lo:
         state.last_change_at = now
         state.last_reason, state.last_message = reason, message
     state.target = desired
-    return Decision(pool=pool, desired=desired, raw=raw_n, current=current, reason=reason, message=message)
+    return Decision(pool=pool, desired=desired, raw=raw_n, current=current, reason=reason, message=message,
+                    signal=raw.reason)
 
 
 def _why_waiting(raw_n: int, current: int, running: int, cfg: VisionAutoscaling | LLMAutoscaling,
@@ -538,7 +545,8 @@ def _why_waiting(raw_n: int, current: int, running: int, cfg: VisionAutoscaling 
 
 def _hold(pool: Pool, current: int, reason: str, message: str, state: PoolState) -> Decision:
     state.target = current
-    return Decision(pool=pool, desired=current, raw=current, current=current, reason=reason, message=message)
+    return Decision(pool=pool, desired=current, raw=current, current=current, reason=reason, message=message,
+                    signal=reason)
 
 
 def _note_outside_change(pool: Pool, st: PoolState, cur: int, now: float) -> None:

@@ -138,7 +138,7 @@ def publish(decisions: dict[str, Decision], state: PolicyState, now: float, spec
     settings and the SLO it was decided with."""
     from ray.experimental import internal_kv
 
-    record = {pool: {"desired": d.desired, "current": d.current, "raw": d.raw, "reason": d.reason,
+    record = {pool: {"desired": d.desired, "current": d.current, "raw": d.raw, "reason": d.reason, "signal": d.signal,
                      "message": d.message, "direction": d.direction, "time": now,
                      "last_change": {"reason": state.pool(pool).last_reason,  # type: ignore[arg-type]
                                      "message": state.pool(pool).last_message,  # type: ignore[arg-type]
