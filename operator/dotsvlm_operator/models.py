@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
+from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from dotsvlm_serving.serve_config import (LLM_DRAIN_TIMEOUT_S, LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S, ApiConfig, AutoscalingTargets, LLMAutoscaling,
+from dotsvlm_serving.serve_config import (LLM_DRAIN_TIMEOUT_S, LLM_SHUTDOWN_MARGIN_S, ApiConfig, AutoscalingTargets, LLMAutoscaling,
                                           LLMPoolConfig, QueueConfig, SLOConfig, VisionAutoscaling, VisionPoolConfig)
 
 from dotsvlm_operator.naming import POD_STOP_MARGIN_S, RAY_HEAD_PORTS
@@ -53,8 +53,10 @@ def _rules(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
 
 # Ray Serve's default graceful-shutdown timeout of a replica (the vision encoder keeps it).
 _SERVE_GRACEFUL_SHUTDOWN_S = 20
-# The LLM pods' grace period must hold the LLM replica's graceful shutdown, plus Ray's own stop.
-MIN_LLM_GRACE_S = int(LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S) + POD_STOP_MARGIN_S
+# The LLM pods' grace period must hold the LLM replica's graceful shutdown (its drain, llm.drainTimeoutSeconds,
+# then the margin to send the last events and leave the queue), plus Ray's own stop.
+LLM_GRACE_OVER_DRAIN_S = int(LLM_SHUTDOWN_MARGIN_S) + POD_STOP_MARGIN_S
+MIN_LLM_GRACE_S = 1 + LLM_GRACE_OVER_DRAIN_S
 MIN_VISION_GRACE_S = _SERVE_GRACEFUL_SHUTDOWN_S + POD_STOP_MARGIN_S
 
 
@@ -347,6 +349,12 @@ class LLMPool(_Api):
          "vllm engine (the default when llm.gpusPerReplica > 0): remove them or use the vllm engine"),
         ("!has(self.maxPrefillTokens) || !has(self.chunkedPrefill) || self.chunkedPrefill",
          "llm.maxPrefillTokens is the chunk size of chunked prefill, which llm.chunkedPrefill turns off: remove one"),
+        (f"self.terminationGracePeriodSeconds >= self.drainTimeoutSeconds + {LLM_GRACE_OVER_DRAIN_S}",
+         # A plain message: a messageExpression quoting the values costs more than the CRD's CEL budget allows.
+         f"llm.terminationGracePeriodSeconds must be at least llm.drainTimeoutSeconds + {LLM_GRACE_OVER_DRAIN_S}: a "
+         f"stopping pod drains its replica, which then sends its last events and leaves the queue "
+         f"({int(LLM_SHUTDOWN_MARGIN_S)} s), and Ray stops ({POD_STOP_MARGIN_S} s). Raise "
+         f"llm.terminationGracePeriodSeconds or lower llm.drainTimeoutSeconds"),
     ))
 
     engine: Literal["vllm", "transformers"] | None = Field(
@@ -381,14 +389,32 @@ class LLMPool(_Api):
     shm_size: str = Field("64Gi", pattern=QUANTITY_PATTERN, description="Size of the in-memory /dev/shm volume (NCCL and Ray's object store use it).")
     termination_grace_period_seconds: int = _grace_field(
         300, MIN_LLM_GRACE_S, "LLM", f"the LLM replica finishes its running requests for up to "
-        f"{LLM_DRAIN_TIMEOUT_S:.0f} s and hands the rest back to the queue; Serve waits "
-        f"{LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S:.0f} s for it")
+        f"drainTimeoutSeconds and hands the rest back to the queue; Serve waits {LLM_SHUTDOWN_MARGIN_S:.0f} s "
+        f"longer for it. At least drainTimeoutSeconds + {LLM_GRACE_OVER_DRAIN_S}")
+    drain_timeout_seconds: int = Field(int(LLM_DRAIN_TIMEOUT_S), ge=1, le=86400, description=(
+        "How long a stopping LLM replica (scale-down, rollout, node drain, a new engine setting) keeps decoding "
+        "the requests it runs, taking no new ones, before it hands the rest back to the tensor queue: a "
+        "non-streaming request then starts over on another replica (its client sees nothing of it), a stream "
+        "that has sent tokens ends with an error event (code 503: retry). Raise it when answers run long (a "
+        "stream of 4000 tokens at 30 ms a token takes 2 minutes), with terminationGracePeriodSeconds at least "
+        f"this + {LLM_GRACE_OVER_DRAIN_S}. Changing it restarts no replica."))
     startup_timeout_seconds: int = _startup_field(3600, "LLM")
     autoscaling: LLMAutoscaling = Field(default_factory=LLMAutoscaling, description="How the autoscaler sizes the pool.")
 
     @property
     def gpus_per_pod(self) -> int:
         return self.gpus_per_replica // self.nodes_per_replica
+
+    @model_validator(mode="after")
+    def _grace_holds_the_drain(self) -> "LLMPool":
+        """The CEL rule above, for specs read outside the API server (the operator's tests, `dotsvlm`)."""
+        need = self.drain_timeout_seconds + LLM_GRACE_OVER_DRAIN_S
+        if self.termination_grace_period_seconds < need:
+            raise ValueError(
+                f"llm.terminationGracePeriodSeconds must be at least llm.drainTimeoutSeconds + {LLM_GRACE_OVER_DRAIN_S} "
+                f"({need}; it is {self.termination_grace_period_seconds}): raise llm.terminationGracePeriodSeconds "
+                f"or lower llm.drainTimeoutSeconds")
+        return self
 
 
 class QueueSpec(_Api):

@@ -76,6 +76,7 @@ def app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAppConfi
             cuda_graph_max_batch_size=spec.llm.cuda_graph_max_batch_size,
             chunked_prefill=spec.llm.chunked_prefill,
             max_prefill_tokens=spec.llm.max_prefill_tokens,
+            drain_timeout_s=spec.llm.drain_timeout_seconds,
             autoscaling=llm_autoscaling(spec.llm),
         ),
         queue=serve_config.QueueConfig(

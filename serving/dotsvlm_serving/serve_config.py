@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -38,11 +38,12 @@ AUTOSCALING_POLICY_PATH = "dotsvlm_serving.autoscaling.serve_policy:DotsVLMAutos
 # Environment variable that holds the comma-separated API keys (the operator fills it from a Secret).
 API_KEYS_ENV = "DOTSVLM_API_KEYS"
 # An LLM replica told to stop (scale-down, rollout, its node draining) finishes its running requests for
-# up to LLM_DRAIN_TIMEOUT_S and hands the rest back to the queue; Serve waits
-# LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S for it (the drain plus time to deliver the last events). The operator
-# keeps the LLM pods' termination grace period above it.
+# up to its drain timeout (`LLMPoolConfig.drain_timeout_s`, default LLM_DRAIN_TIMEOUT_S) and hands the rest
+# back to the queue; Serve waits LLM_SHUTDOWN_MARGIN_S longer for it (time to deliver the last events and
+# leave the queue). The operator keeps the LLM pods' termination grace period above that.
 LLM_DRAIN_TIMEOUT_S = 50.0
-LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S = LLM_DRAIN_TIMEOUT_S + 10
+LLM_SHUTDOWN_MARGIN_S = 10.0
+LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S = LLM_DRAIN_TIMEOUT_S + LLM_SHUTDOWN_MARGIN_S
 # The tensor queue's replica, stopping, may wait for its replacement and hand its state over
 # (deployments/queue.py): Serve must not kill it before, nor an API pod's grace period end.
 QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S = 45.0
@@ -206,7 +207,14 @@ class LLMPoolConfig(_Strict):
     cuda_graph_max_batch_size: int | None = Field(None, ge=1, le=4096)
     chunked_prefill: bool | None = None
     max_prefill_tokens: int | None = Field(None, ge=16)
+    # How long a stopping replica finishes its running requests before it hands the rest back to the queue.
+    drain_timeout_s: float = Field(LLM_DRAIN_TIMEOUT_S, ge=1, le=86400)
     autoscaling: LLMAutoscaling = LLMAutoscaling()
+
+    def graceful_shutdown_timeout_s(self) -> float:
+        """How long Serve lets a stopping LLM replica run before it kills it: the drain, then the margin to
+        send the last events and leave the queue."""
+        return self.drain_timeout_s + LLM_SHUTDOWN_MARGIN_S
 
     @model_validator(mode="after")
     def _engine_options(self) -> "LLMPoolConfig":
@@ -333,8 +341,10 @@ class VisionEncoderConfig(_Strict):
 
 
 class LLMServerConfig(_Strict):
-    """The LLM replica's engine and its queue lease. Only `lease_timeout_s` is applied in place; a change
-    to any other field restarts the LLM replicas (draining them), through `restart_digest`."""
+    """The LLM replica's engine, its queue lease and its drain. `IN_PLACE` fields are applied in place; a
+    change to any other field restarts the LLM replicas (draining them), through `restart_digest`."""
+
+    IN_PLACE: ClassVar[frozenset[str]] = frozenset({"lease_timeout_s", "drain_timeout_s"})
 
     engine: EngineName
     gpus_per_replica: float
@@ -348,12 +358,13 @@ class LLMServerConfig(_Strict):
     chunked_prefill: bool | None
     max_prefill_tokens: int | None
     lease_timeout_s: float
+    drain_timeout_s: float = LLM_DRAIN_TIMEOUT_S
 
     def restart_digest(self) -> str:
-        """A digest of what the engine is built from (all but the lease). It is an environment variable
-        of the replica actors (`RESTART_DIGEST_ENV`): Ray restarts the replicas of a deployment whose
+        """A digest of what the engine is built from (all but the `IN_PLACE` fields). It is an environment
+        variable of the replica actors (`RESTART_DIGEST_ENV`): Ray restarts the replicas of a deployment whose
         actor options change, and only calls `reconfigure` when only its `user_config` changes."""
-        engine = self.model_dump(mode="json", exclude={"lease_timeout_s"})
+        engine = self.model_dump(mode="json", exclude=set(self.IN_PLACE))
         return hashlib.sha256(json.dumps(engine, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -507,6 +518,8 @@ class ServeAppConfig(_Strict):
                                "ray_actor_options": _with_env(control_options({"num_cpus": 0}, self.control_resource)),
                                "user_config": self.queue.model_dump(mode="json")},
             LLM_DEPLOYMENT: {**replica_options(self.llm.autoscaling), **llm_opts, **INTERNAL_LOGGING,
+                             # Ray applies a change of it in place (a "NeedsReconfigure" option), as the slice.
+                             "graceful_shutdown_timeout_s": self.llm.graceful_shutdown_timeout_s(),
                              "user_config": llm.model_dump(mode="json")},
         }
         return opts

@@ -83,6 +83,8 @@ INVALID = [
     ("negative-min-replicas", _set("spec.vision.minReplicas", -1),
      "spec.vision.minReplicas in body should be greater than or equal to 0"),
     ("bad-quantization", _set("spec.model.quantization", "int4"), 'spec.model.quantization: Unsupported value: "int4"'),
+    ("llm-grace-shorter-than-drain", _set("spec.llm.drainTimeoutSeconds", 600),
+     "llm.terminationGracePeriodSeconds must be at least llm.drainTimeoutSeconds + 25"),
 ]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -420,3 +422,83 @@ def test_a_queue_options_change_hands_the_queue_over_and_fails_no_request(head: 
     assert "handed its state to the replica that replaces it" in old_log, old_log[-3000:]
     assert "adopted the previous replica's state" in new_log, new_log[-3000:]
     assert "stopped without handing over" not in new_log, new_log[-3000:]
+
+
+def _queue(head: Head) -> dict:
+    r = httpx.get(head.api + "/-/autoscaler", timeout=30)
+    r.raise_for_status()
+    return r.json()["queue"]
+
+
+def _wait(what: str, check: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.2)
+
+
+def test_an_llm_replica_that_stops_hands_back_what_outlasts_its_drain(head: Head) -> None:
+    """llm.drain_timeout_s on a real Ray: one request per LLM replica (max_running_requests 1), each far
+    longer than the 1-s drain; the pool goes from two replicas to one. The stopping replica finishes
+    nothing in time and hands its request back to the queue: a non-streaming request starts over on the
+    other replica and is answered in full (its client sees nothing of it; the queue counts one
+    redelivery); a stream that has sent tokens ends with an error event (503, retry), not silently. The
+    other replica's request is untouched."""
+    tokens = 1200  # ~5-10 s on this machine's CPU: far over the drain
+    llm = {"context_length": 1536, "max_running_requests": 1, "max_new_tokens_default": 16, "drain_timeout_s": 1}
+
+    def deploy(replicas: int) -> None:
+        head.deploy(llm={**llm, "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}})
+
+        def ready(a: dict) -> bool:
+            dep = (a.get("deployments") or {}).get("LLMServer") or {}
+            cfg = dep.get("deployment_config") or {}
+            return (cfg.get("user_config") or {}).get("drain_timeout_s") == 1 and cfg.get(
+                "graceful_shutdown_timeout_s") == 11 and _all_running(a, {**SIZES, "LLMServer": replicas})
+        head.wait_for(f"{replicas} LLM replica(s) with the 1-s drain running", ready, 420)
+
+    def body(i: int, stream: bool) -> dict:
+        return {"model": "dots.vlm1", "messages": [{"role": "user", "content": f"long answer {i}"}],
+                "max_tokens": tokens, "ignore_eos": True, "stream": stream}
+
+    # Non-streaming: the handed-back request starts over on the other replica.
+    deploy(2)
+    redelivered = _queue(head)["redelivered_total"]
+    with httpx.Client(base_url=head.api, timeout=240) as client, ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(client.post, "/v1/chat/completions", json=body(i, False)) for i in range(2)]
+        _wait("both requests generating, one on each LLM replica", lambda: _queue(head)["leased"] == 2, 60)
+        t0 = time.monotonic()
+        deploy(1)
+        results = [a.result(timeout=240) for a in answers]
+    for r in results:
+        assert r.status_code == 200, r.text[-500:]
+        assert r.json()["usage"]["completion_tokens"] == tokens and r.json()["choices"][0]["finish_reason"] == "length"
+    assert _queue(head)["redelivered_total"] == redelivered + 1, "the stopping replica did not hand its request back"
+    print(f"drain timeout, non-streaming: both answered in full {time.monotonic() - t0:.1f} s after the scale-down")
+
+    # Streaming: a stream that has sent tokens cannot start over; it ends with a clear error.
+    deploy(2)
+    first_token = [threading.Event(), threading.Event()]
+    texts = ["", ""]
+
+    def stream(i: int) -> None:
+        with httpx.stream("POST", head.api + "/v1/chat/completions", json=body(10 + i, True), timeout=240) as r:
+            assert r.status_code == 200, r.read()
+            for piece in r.iter_text():
+                texts[i] += piece
+                if re.search(r'"content":"[^"]', texts[i]):  # a token (the first chunk's content is empty)
+                    first_token[i].set()
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    _wait("both streams sending tokens", lambda: all(e.is_set() for e in first_token), 60)
+    assert _queue(head)["leased"] == 2
+    deploy(1)
+    for t in threads:
+        t.join(240)
+    ends = sorted("finish" if '"finish_reason":"length"' in x else "error" if '"error"' in x else "other" for x in texts)
+    assert ends == ["error", "finish"], [x[-400:] for x in texts]
+    cut = next(x for x in texts if '"error"' in x)
+    assert '"service_unavailable"' in cut and "shut down while generating this answer; please retry" in cut, cut[-400:]
+    assert all(x.rstrip().endswith("data: [DONE]") for x in texts), [x[-200:] for x in texts]

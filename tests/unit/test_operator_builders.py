@@ -135,8 +135,16 @@ def test_llm_grace_period_must_hold_the_llm_replicas_graceful_shutdown() -> None
     from dotsvlm_serving.serve_config import LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S
 
     assert models.LLMPool().termination_grace_period_seconds - naming.POD_STOP_MARGIN_S > LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S
-    with pytest.raises(ValidationError, match="greater than or equal to 75"):
+    with pytest.raises(ValidationError, match=r"terminationGracePeriodSeconds must be at least "
+                                              r"llm.drainTimeoutSeconds \+ 25 \(75; it is 60\)"):
         _spec(llm__terminationGracePeriodSeconds=60)
+    # A longer drain needs a longer grace period; with it, Serve waits the drain plus its margin.
+    with pytest.raises(ValidationError, match=r"\(625; it is 300\)"):
+        _spec(llm__drainTimeoutSeconds=600)
+    spec = _spec(llm__drainTimeoutSeconds=600, llm__terminationGracePeriodSeconds=625)
+    opts = serve_app.app_config(spec).deployment_options()["LLMServer"]
+    assert opts["graceful_shutdown_timeout_s"] == 610 and opts["user_config"]["drain_timeout_s"] == 600
+    assert _kids(spec)[("Deployment", "dots-llm")]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 625
 
 
 def test_startup_probe_allows_a_long_load_and_the_spec_sets_it() -> None:

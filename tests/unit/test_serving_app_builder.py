@@ -490,7 +490,8 @@ def _versions(cfg: ServeAppConfig) -> dict[str, object]:
     out = {}
     for name, d in _deployments(cfg).items():
         config = DeploymentConfig(user_config=d["user_config"], autoscaling_config=d.get("autoscaling_config"),
-                                  num_replicas=d.get("num_replicas"))
+                                  num_replicas=d.get("num_replicas"),
+                                  **{k: d[k] for k in ("graceful_shutdown_timeout_s",) if k in d})
         out[name] = DeploymentVersion(code, config, d["ray_actor_options"],
                                       placement_group_bundles=d.get("placement_group_bundles"),
                                       placement_group_strategy=d.get("placement_group_strategy"))
@@ -530,6 +531,19 @@ def test_autoscaling_settings_restart_no_replica(change: dict) -> None:
     reconfigured = {name for name in before if before[name].requires_actor_reconfigure(after[name])}
     assert reconfigured <= {"Ingress"}, reconfigured
     assert _changed(base, new) <= {"Ingress", "VisionEncoder", "LLMServer"}
+
+
+def test_a_longer_llm_drain_reconfigures_the_llm_replicas_in_place() -> None:
+    """llm.drain_timeout_s travels in the LLM's slice (the replica reads it when it stops) and sets Serve's
+    graceful shutdown timeout with the margin after it: the installed Ray applies both without a restart."""
+    base = ServeAppConfig.model_validate({"model_path": "/m"})
+    longer = ServeAppConfig.model_validate({"model_path": "/m", "llm": {"drain_timeout_s": 600}})
+    llm = _deployments(longer)["LLMServer"]
+    assert llm["graceful_shutdown_timeout_s"] == 610 and llm["user_config"]["drain_timeout_s"] == 600
+    assert _deployments(base)["LLMServer"]["graceful_shutdown_timeout_s"] == 60  # the default drain: 50 s
+    before, after = _versions(base)["LLMServer"], _versions(longer)["LLMServer"]
+    assert not before.requires_actor_restart(after) and before.requires_actor_reconfigure(after)
+    assert _changed(base, longer) == {"LLMServer"}
 
 
 def test_each_autoscaling_knob_has_one_place_in_the_serve_config() -> None:

@@ -193,6 +193,7 @@ class Ingress:
             "decisions": await asyncio.to_thread(serve_policy.read_published),
             "queue": {"depth": queue["depth"], "bytes": queue["bytes"], "oldest_age_s": queue["oldest_age_s"],
                       "waiting_producers": queue["waiting_producers"], "max_items": queue["max_items"],
+                      "leased": queue.get("leased", 0),  # items an LLM replica is generating now
                       "rejected_total": counters.get("rejected_full", 0),
                       "redelivered_total": counters.get("redelivered", 0)},
             "slo": {k: (None if v == NO_DATA else v) for k, v in recent.items() if k.endswith("_p90_s")},

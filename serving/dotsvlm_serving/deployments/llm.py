@@ -53,8 +53,9 @@ class LLMServer:
     PUBLISH_INTERVAL_S = 0.02
     _published_at = 0.0  # when the last publish call was sent (monotonic)
     # Graceful shutdown (scale-down, rolling update, node drain): stop taking work and finish what is
-    # running for up to this long; what is left is handed back to the queue at once. Serve waits
-    # GRACEFUL_SHUTDOWN_TIMEOUT_S (below) for this before it kills the replica.
+    # running for up to this long (the slice's drain_timeout_s, llm.drainTimeoutSeconds); what is left is
+    # handed back to the queue at once. Serve waits the deployment's graceful_shutdown_timeout_s
+    # (LLMPoolConfig.graceful_shutdown_timeout_s(): LLM_SHUTDOWN_MARGIN_S more) before it kills the replica.
     DRAIN_TIMEOUT_S = LLM_DRAIN_TIMEOUT_S
     # A take answers within its own wait (at most 1 s) plus the call's time; one this much later waits
     # for a queue replica that is not there. Leaving the queue is bounded too: a lease not handed back
@@ -95,6 +96,7 @@ class LLMServer:
             raise ValueError("the LLM replica's engine settings cannot change in place: restart its replicas")
         first = self.cfg is None
         self.cfg = cfg
+        self.DRAIN_TIMEOUT_S = cfg.drain_timeout_s  # read when the replica stops: the latest value counts
         if first:
             await self._start()
 
@@ -335,8 +337,9 @@ class LLMServer:
             raise RuntimeError("the LLM engine loop stopped")
 
 
-# The drain, plus time to deliver the last events and hand back the leases (the contract's value: the
-# operator sizes the LLM pods' termination grace period from it).
+# The default drain, plus time to deliver the last events and hand back the leases; the deploy body sets the
+# pool's own (ServeAppConfig.deployment_options), and the operator sizes the LLM pods' termination grace
+# period from it.
 GRACEFUL_SHUTDOWN_TIMEOUT_S = LLM_GRACEFUL_SHUTDOWN_TIMEOUT_S
 # This deployment's own Serve options; its slice, replicas and placement (GPUs, pool resource, one
 # bundle per node) come from ServeAppConfig.deployment_options().
