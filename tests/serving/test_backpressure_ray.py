@@ -10,6 +10,9 @@ that starts at zero replicas:
   an OpenAI error body, the rest completes, the ingress's and the vision replica's memory stay far
   below what holding the whole burst would take, the report counts the refusals, and the service
   answers normally afterwards;
+- a burst of requests whose images are http(s) URLs on a slow server: each download holds its room
+  (the image size limit) from its start, so at most the ingress's byte budget downloads at once and the
+  rest get 429 before a byte is fetched;
 - deleting an application whose queue replica holds work takes seconds: the replica does not wait for a
   successor that cannot come;
 - with the vision pool at zero and no node where a vision replica can start (no free GPU), an image
@@ -33,7 +36,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from serving_support import free_port, wait_healthy
+from serving_support import IMAGE_HOST, free_port, wait_healthy
 
 from dotsvlm_serving.admission import IMAGE_BYTES_FULL, VISION_BACKLOG_FULL
 from dotsvlm_serving.serve_config import (APP_NAME, CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, INGRESS_DEPLOYMENT,
@@ -62,7 +65,7 @@ def _config(model_path: str, **changes: dict) -> ServeAppConfig:
                 "max_new_tokens_default": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
         "queue": {"max_items": 64, "enqueue_timeout_s": 120},
         "api": {"api_keys_env": None, "request_timeout_s": 240, "max_image_bytes_in_flight": INGRESS_BYTES,
-                "images": {"max_image_bytes": 4_000_000}},
+                "images": {"max_image_bytes": 4_000_000, "fetch_allow": [f"{IMAGE_HOST}/32"]}},
         "slo": {"image_ttft_s": 120, "text_ttft_s": 60, "inter_token_s": 10},
     }
     for section, values in changes.items():
@@ -283,6 +286,103 @@ def test_burst_far_over_the_vision_capacity_is_refused_with_429_and_memory_stays
     assert report["image_bytes"] == 0 and report["pending_pixels"] == 0, report  # everything released
     assert report["pending_pixels_limit"] == PER_REPLICA_PIXELS and report["image_bytes_limit"] == INGRESS_BYTES
     assert report["vision_replicas"] == 1  # read from Serve's status by the ingress (it started at 0)
+
+
+class SlowImageServer:
+    """Serves one PNG at /img-N.png slowly (in 64 KiB pieces), counting the downloads running at once."""
+
+    def __init__(self, png: bytes, seconds: float) -> None:
+        import http.server
+
+        self.png, self.pause = png, seconds / max(1, len(png) // 65536)
+        self.lock = threading.Lock()
+        self.running = self.most = self.served = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with outer.lock:
+                    outer.running += 1
+                    outer.most = max(outer.most, outer.running)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(outer.png)))
+                    self.end_headers()
+                    for i in range(0, len(outer.png), 65536):
+                        self.wfile.write(outer.png[i:i + 65536])
+                        time.sleep(outer.pause)
+                finally:
+                    with outer.lock:
+                        outer.running -= 1
+                        outer.served += 1
+
+        self.server = http.server.ThreadingHTTPServer((IMAGE_HOST, 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{IMAGE_HOST}:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "SlowImageServer":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_burst_of_image_urls_downloads_no_more_than_the_byte_budget_at_once(stack: Stack) -> None:
+    """Each http(s) image holds api.images.maxImageBytes (4 MB here) of the ingress's 16 MiB from the
+    moment its download starts (its size is unknown until it ends): four downloads at once. A burst of
+    BURST such requests against a server that takes ~2 s per image: the rest are refused with 429
+    (image_bytes_full, Retry-After) before anything is fetched, so the server sees at most four downloads
+    at once, and the ingress's memory grows by far less than the burst's images."""
+    png = _png(SIDE, 300)
+    (ingress,) = _replicas(INGRESS_DEPLOYMENT)
+    budget = INGRESS_BYTES // 4_000_000
+    results: list[tuple[int, dict, dict]] = []
+    with SlowImageServer(png, seconds=2.0) as server:
+        def body(i: int) -> dict:
+            return {"model": "dots.vlm1", "max_tokens": 2, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"{server.url}/img-{i}.png"}},
+                {"type": "text", "text": "describe"}]}]}
+
+        async def burst() -> None:
+            async with httpx.AsyncClient(base_url=stack.url, timeout=240,
+                                         limits=httpx.Limits(max_connections=BURST)) as client:
+                async def one(i: int) -> None:
+                    r = await client.post("/v1/chat/completions", json=body(i))
+                    results.append((r.status_code, dict(r.headers), r.json()))
+                await asyncio.gather(*(one(i) for i in range(BURST)))
+
+        # The baseline: the peak of one such request alone, so the burst's growth over it is what it holds at once.
+        with PeakRSS({"ingress": ingress["Pid"]}) as alone:
+            r = httpx.post(stack.url + "/v1/chat/completions", json=body(BURST), timeout=240)
+            assert r.status_code == 200, r.text
+        server.most = server.served = 0
+        with PeakRSS({"ingress": ingress["Pid"]}, base=alone.peak) as rss:
+            asyncio.run(burst())
+        most, served = server.most, server.served
+    codes = Counter(code for code, _, _ in results)
+    refused = [(h, b) for c, h, b in results if c == 429]
+    print(f"URL burst: outcomes {dict(codes)}; downloads {served}, at most {most} at once (budget {budget}); "
+          f"ingress RSS growth over one request alone {rss.growth('ingress') / 1e6:.0f} MB (the burst's images: "
+          f"{BURST * len(png) / 1e6:.0f} MB)")
+    assert set(codes) <= {200, 429} and sum(codes.values()) == BURST, codes
+    assert codes[200] >= 1 and codes[429] >= BURST // 2, codes
+    assert most <= budget, f"{most} downloads ran at once; the ingress's byte budget holds {budget}"
+    assert served <= BURST - sum(1 for _, b in refused if b["error"]["code"] == IMAGE_BYTES_FULL), \
+        "a request refused for image bytes was downloaded anyway"
+    for headers, b in refused:
+        assert int(headers["retry-after"]) >= 1 and b["error"]["code"] in (IMAGE_BYTES_FULL, VISION_BACKLOG_FULL), b
+    assert any(b["error"]["code"] == IMAGE_BYTES_FULL for _, b in refused), refused[:2]
+    assert rss.growth("ingress") < BURST * len(png) * 0.5
+    deadline = time.monotonic() + 30  # everything released once the burst is over (written every 2 s)
+    while (report := httpx.get(stack.url + "/-/autoscaler", timeout=10).json()["admission"])["image_bytes"]:
+        assert time.monotonic() < deadline, report
+        time.sleep(0.5)
 
 
 def test_service_answers_normally_after_the_burst(stack: Stack) -> None:
