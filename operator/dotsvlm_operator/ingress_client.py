@@ -47,6 +47,7 @@ class QueueReport(_Lenient):
     oldest_age_s: float = 0.0
     waiting_producers: int = 0
     max_items: int | None = None
+    leased: int | None = None  # absent from serving before 2026-12-06
     rejected_total: int = 0
     redelivered_total: int = 0
 

@@ -610,6 +610,8 @@ class QueueStatus(_Api):
     oldest_age_seconds: float = Field(0.0, description="Age of the oldest waiting item.")
     waiting_producers: int = Field(0, description="Requests waiting for room in a full queue.")
     max_items: int | None = Field(None, description="The queue's item limit (queue.maxItems).")
+    leased: int | None = Field(None, description=(
+        "Items LLM replicas have taken and are generating now (they leave the queue when their answer ends)."))
     rejected_total: int = Field(0, description="Requests answered 429 because the queue stayed full (since the queue started).")
     last_rejection_time: str | None = Field(None, description=(
         "When the operator first saw rejectedTotal grow (RFC 3339, within the status's refresh of ~10 s): "

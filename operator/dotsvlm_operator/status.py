@@ -386,7 +386,7 @@ def _queue_and_slo(spec: models.DotsVLMDeploymentSpec, report: AutoscalerReport 
     if report.queue is not None:
         q = report.queue
         queue = models.QueueStatus(depth=q.depth, bytes=q.bytes, oldest_age_seconds=round(q.oldest_age_s, 2),
-                                   waiting_producers=q.waiting_producers, max_items=q.max_items,
+                                   waiting_producers=q.waiting_producers, max_items=q.max_items, leased=q.leased,
                                    rejected_total=q.rejected_total, redelivered_total=q.redelivered_total,
                                    last_rejection_time=_last_rejection(q.rejected_total, old_q, now_unix),
                                    observed_time=_iso(now_unix))

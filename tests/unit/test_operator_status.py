@@ -219,7 +219,7 @@ def report(vision_desired=3, reason="VisionBacklog", t=T0, **slo):
                        "direction": "up", "time": t, "last_change": {"reason": reason, "message": "backlog 9 Mpx", "time": t}},
             "llm": {"desired": 1, "current": 1, "raw": 1, "reason": "MetricsStale", "message": "signals are 40 s old",
                     "direction": "hold", "time": t, "last_change": {"reason": None, "message": None, "time": None}}},
-        "queue": {"depth": 7, "bytes": 1000, "oldest_age_s": 1.234, "waiting_producers": 1, "max_items": 64,
+        "queue": {"depth": 7, "bytes": 1000, "oldest_age_s": 1.234, "waiting_producers": 1, "max_items": 64, "leased": 3,
                   "rejected_total": 2, "redelivered_total": 0},
         "slo": {"ttft_image_p90_s": 2.5, "ttft_text_p90_s": 0.4, "inter_token_p90_s": None, "encode_latency_p90_s": 0.3,
                 **slo},
@@ -269,6 +269,7 @@ def test_pool_status_shows_serves_target_current_pods_and_the_decision() -> None
 def test_queue_and_slo_against_the_targets() -> None:
     st, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report())
     assert st.queue.depth == 7 and st.queue.oldest_age_seconds == 1.23 and st.queue.rejected_total == 2
+    assert st.queue.leased == 3 and st.to_api()["queue"]["leased"] == 3
     assert st.slo.image_ttft.met is False and st.slo.image_ttft.target_seconds == 2.0
     assert st.slo.text_ttft.met is True and st.slo.inter_token.met is None  # no data: neither met nor missed
     api = st.to_api()
