@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-MAX_TOKENS = 1500
+MAX_TOKENS = 3000  # ~30 s while draining (~20 s undisturbed): Serve stops the old Ingress replica 12-15 s into the drain
 REQUEST_TIMEOUT_S = 120.0  # modest: a drain that does not finish fails in minutes, not ten
 STREAM_ID = "api-drain-long-stream"  # its x-request-id: the Ingress replica's access log names it
 SHORT_EVERY_S = 0.25  # short requests to the other API node: about this often
@@ -142,7 +142,7 @@ def main() -> int:
         role_of[cluster.head_node.node_id] = "head"
         node_of = {r: nid for nid, r in role_of.items()}
         config = pool_app_config(written["model"], request_timeout_s=REQUEST_TIMEOUT_S, vision_min=0,
-                                 context_length=2048, max_running_requests=4)
+                                 context_length=MAX_TOKENS + 256, max_running_requests=4)
         config["api"]["ingress_replicas"] = 2  # one per API node (Serve spreads a deployment's replicas)
         serve_app_on_cluster(cluster, port, config, env, proxy_location="EveryNode")
         urls = {r: f"http://127.0.0.1:{ports[r]}" for r in ("a", "b")}

@@ -444,8 +444,10 @@ def test_an_llm_replica_that_stops_hands_back_what_outlasts_its_drain(head: Head
     other replica and is answered in full (its client sees nothing of it; the queue counts one
     redelivery); a stream that has sent tokens ends with an error event (503, retry), not silently. The
     other replica's request is untouched."""
-    tokens = 1200  # ~5-10 s on this machine's CPU: far over the drain
-    llm = {"context_length": 1536, "max_running_requests": 1, "max_new_tokens_default": 16, "drain_timeout_s": 1}
+    # ~15-30 s on this machine's CPU: far over the 1-s drain, and over the 5-15 s that applying the scale-down
+    # takes under the suite's load (at 1200 tokens a stream sometimes finished before its replica was stopped)
+    tokens = 3000
+    llm = {"context_length": tokens + 256, "max_running_requests": 1, "max_new_tokens_default": 16, "drain_timeout_s": 1}
 
     def deploy(replicas: int) -> None:
         head.deploy(llm={**llm, "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}})
@@ -480,6 +482,7 @@ def test_an_llm_replica_that_stops_hands_back_what_outlasts_its_drain(head: Head
     deploy(2)
     first_token = [threading.Event(), threading.Event()]
     texts = ["", ""]
+    ended = [0.0, 0.0]
 
     def stream(i: int) -> None:
         with httpx.stream("POST", head.api + "/v1/chat/completions", json=body(10 + i, True), timeout=240) as r:
@@ -488,17 +491,21 @@ def test_an_llm_replica_that_stops_hands_back_what_outlasts_its_drain(head: Head
                 texts[i] += piece
                 if re.search(r'"content":"[^"]', texts[i]):  # a token (the first chunk's content is empty)
                     first_token[i].set()
+        ended[i] = time.monotonic()
 
     threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(2)]
     for t in threads:
         t.start()
     _wait("both streams sending tokens", lambda: all(e.is_set() for e in first_token), 60)
     assert _queue(head)["leased"] == 2
+    t0 = time.monotonic()
     deploy(1)
+    applied = time.monotonic() - t0
     for t in threads:
         t.join(240)
     ends = sorted("finish" if '"finish_reason":"length"' in x else "error" if '"error"' in x else "other" for x in texts)
-    assert ends == ["error", "finish"], [x[-400:] for x in texts]
+    assert ends == ["error", "finish"], (f"scale-down applied {applied:.1f} s after it was asked for; streams ended "
+                                         f"{[round(e - t0, 1) for e in ended]} s after", [x[-400:] for x in texts])
     cut = next(x for x in texts if '"error"' in x)
     assert '"service_unavailable"' in cut and "shut down while generating this answer; please retry" in cut, cut[-400:]
     assert all(x.rstrip().endswith("data: [DONE]") for x in texts), [x[-200:] for x in texts]
