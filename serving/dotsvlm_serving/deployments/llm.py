@@ -70,6 +70,9 @@ class LLMServer:
         self.consumer_id = f"llm-{uuid.uuid4().hex[:12]}"
         self._to_cancel: set[str] = set()
         self._publishing: asyncio.Future[tuple[str, list[str] | None]] | None = None
+        # A take sent while the engine runs: its answer is admitted at the next iteration, so the call's round
+        # trip overlaps a decode step instead of stalling it.
+        self._taking: asyncio.Future[tuple[str, list[QueueItem] | None]] | None = None
         self._outbox: list[Event] = []
         self._sent: dict[str, int] = {}  # events numbered so far per request (this delivery): their `i`
         self._active: set[str] = set()  # requests handed to the engine whose terminal event is not out yet
@@ -139,35 +142,31 @@ class LLMServer:
 
     async def _iteration(self) -> None:
         """Admit (pull) -> one engine step -> publish. While the engine is busy, the queue is polled at
-        most every TAKE_INTERVAL_S, and events are published by one call in flight at a time that
-        overlaps the following steps (events produced meanwhile wait in the outbox and go together; the
-        middle of an answer at most every PUBLISH_INTERVAL_S), so the latency and the CPU of actor calls
-        stay off the decode loop."""
+        most every TAKE_INTERVAL_S by a take whose answer is admitted at a later iteration, and events are
+        published by one call in flight at a time that overlaps the following steps (events produced
+        meanwhile wait in the outbox and go together; the middle of an answer at most every
+        PUBLISH_INTERVAL_S), so the latency and the CPU of actor calls stay off the decode loop. An idle
+        engine long-polls the queue instead."""
         if self._lost:
             self._rejoin()
         busy = self.engine.has_work()
+        if self._taking is not None and (self._taking.done() or not busy):
+            await self._admit_taken()  # (an idle engine waits for it: it has nothing else to do)
+            busy = self.engine.has_work()
         room = 0 if self._draining or self._discarding else self.engine.free_slots()
         now = time.monotonic()
-        if room and (not busy or now - self._last_take >= self.TAKE_INTERVAL_S):
-            if not busy:
-                await self._publish(wait=True)
+        if room and self._taking is None and (not busy or now - self._last_take >= self.TAKE_INTERVAL_S):
             self._last_take = now
-            wait_s = 0.0 if busy else 1.0
-            self._take_overdue_at = now + wait_s + self.TAKE_OVERDUE_S
-            try:
-                items: list[QueueItem] | None = await self.queue.take.remote(
-                    self.consumer_id, room, self.engine.free_tokens(), wait_s)
-            finally:
-                self._take_overdue_at = None
-            if items is None:  # (the id cannot have changed meanwhile: only this loop rejoins)
-                self._lost = True
-            for item in items or []:
-                self._sent.pop(item.request_id, None)  # a new delivery numbers its events from 0
-                err = await asyncio.to_thread(self._admit, item)
-                if err is not None:
-                    self._outbox.append(err)
-                else:
-                    self._active.add(item.request_id)
+            if busy:  # the room stays: only this loop admits work, and running requests only free it
+                self._take_overdue_at = now + self.TAKE_OVERDUE_S
+                self._taking = asyncio.ensure_future(self._resolve_take(
+                    self.consumer_id, self.queue.take.remote(self.consumer_id, room, self.engine.free_tokens(), 0.0)))
+            else:
+                await self._publish(wait=True)
+                self._take_overdue_at = now + 1.0 + self.TAKE_OVERDUE_S
+                self._taking = asyncio.ensure_future(self._resolve_take(
+                    self.consumer_id, self.queue.take.remote(self.consumer_id, room, self.engine.free_tokens(), 1.0)))
+                await self._admit_taken()
         if self._to_cancel:
             for rid in self._to_cancel:
                 self.engine.cancel(rid)
@@ -180,11 +179,39 @@ class LLMServer:
             self._discarding = False
             log.info("LLM replica: the dropped copies have stopped; taking work again as %s", self.consumer_id)
         await self._publish(wait=not self.engine.has_work())
-        if self._draining and not self.engine.has_work():
+        if self._draining and not self.engine.has_work() and self._taking is None:
             # Only here is the drain over: the engine reports no work while its last step still runs (in a
             # thread), so a watcher of has_work() alone could leave the queue before the finish event is sent.
+            # A take sent before the drain began is admitted first (next iteration): its items run here.
             self._drained.set()
             await asyncio.sleep(0.1)  # nothing left to do and nothing to take: do not spin
+
+    @staticmethod
+    async def _resolve_take(consumer_id: str, call: Any) -> tuple[str, list[QueueItem] | None]:
+        return consumer_id, await call
+
+    async def _admit_taken(self) -> None:
+        """Wait for the take in flight and hand its items to the engine. None: the queue declared this replica
+        lost. Items taken under an id this replica has since given up were given back by the queue when it
+        declared that id lost (or answered None): they are not run here."""
+        taking = self._taking
+        try:
+            consumer_id, items = await taking  # type: ignore[misc]
+        finally:
+            self._taking = None
+            self._take_overdue_at = None
+        if consumer_id != self.consumer_id:
+            return
+        if items is None:
+            self._lost = True
+            return
+        for item in items:
+            self._sent.pop(item.request_id, None)  # a new delivery numbers its events from 0
+            err = await asyncio.to_thread(self._admit, item)
+            if err is not None:
+                self._outbox.append(err)
+            else:
+                self._active.add(item.request_id)
 
     async def _publish(self, *, wait: bool) -> None:
         """Send the outbox when no publish is in flight (events stay in order); with wait, also wait
@@ -315,6 +342,8 @@ class LLMServer:
         # The run loop stops before the last publish: one publisher at a time, events stay in order.
         self._run_task.cancel()
         await asyncio.gather(self._run_task, return_exceptions=True)
+        if self._taking is not None:  # what it may lease here goes back with `leave` below
+            self._taking.cancel()
         try:
             await self._publish(wait=True)
         except Exception:
