@@ -76,15 +76,20 @@ not met here. On a GPU a real decode step takes tens of ms, longer than the publ
 step's tokens are published at once, and the hops' CPU does not compete with the decode (not measured:
 no GPU).
 
-The table above (2026-12-05, `--before d906ef1`) compares the code before the ingress's shared
-long-poll (3040f08: one `next_events_many` call per ingress replica for all open streams after their
-first event, instead of one call per stream every 20 ms) with the code after it, the tensor queue's
-dropped single-request linger (d916c8e) and the benchmarks' shared set-up (e035d4e). One request at
-a time, as here, the two are the same within the run-to-run noise (beyond HTTP at the first token
-20.6-64.4 vs 21.2-71.5 ms; beyond the engine per token 1.08-1.70 vs 1.27-1.40 ms): the shared poll
-was made for many open streams, and `bench/results/load_latency.md` measures what it changed there
-(ingress CPU per request 31 -> 21 ms, text p99 under load 1045 -> 581 ms). It was run to check that
-it costs a lone request nothing, which it does not.
+The table above (2026-12-06, `--reps 20 --before 72bf2ae`) compares the code before and after the LLM
+replica's take stopped being awaited inside its decode loop (b08944a: while the engine is busy, the
+take that asks the queue for more work, about every 50 ms, runs beside the next decode steps and its
+items are admitted when it returns, instead of stalling the loop for its ~3-4 ms round trip). On these
+2 CPUs no difference stands out of the run-to-run noise: path beyond the engine per token
+1.51/1.09/3.04 -> 1.44/0.91/1.13 ms (text / 1 image / 3 images) here, 1.62/1.82/1.10 -> 1.49/0.98/2.32
+in a 10-repetition run the same hour, and 0.92/0.74/0.63 -> 0.64/0.62/0.36 in one run on 2026-12-06
+before it was committed; the first token is unchanged (beyond HTTP 22-59 ms either way). It was kept
+because what it removes matters where decode steps are the GPU's (a 3-4 ms stall every 50 ms is up to
+~7% of decode time there) and the real-Ray drain, rollout and node-loss tests pass with it (not
+measured on a GPU: none here). Earlier (2026-12-05, `--before d906ef1`) the same benchmark showed that
+the ingress's shared long-poll (3040f08) costs a lone request nothing (beyond the engine per token
+1.08-1.70 vs 1.27-1.40 ms); `bench/results/load_latency.md` measures what it changed under load
+(ingress CPU per request 31 -> 21 ms, text p99 1045 -> 581 ms).
 """
 
 

@@ -57,6 +57,12 @@ from: on this machine the proxy, the ingress, the queue, the vision replica and 
 CPUs, so every CPU-ms the path spends per request is taken from the decode (on GPU nodes the pools do
 not compete for it), and image requests add decoding, preprocessing and the vision tower.
 
+2026-12-06, `--before 72bf2ae` (the tables above, one run, same arrivals): the LLM replica's take no
+longer stalls its decode loop (b08944a). Nothing stands out of the noise on 2 CPUs (the engine alone,
+which the change does not touch, moved 213 -> 144 ms at p99 between the two runs): text p99 513 -> 738
+ms sustained text-only, 2838 -> 2089 ms with images mixed in, 965 -> 897 and 1507 -> 1411 ms in the
+burst; the LLM replica's CPU per request is the same (48 -> 51, 35 -> 36 ms).
+
 2026-12-05, `--before d906ef1` (one run, same arrivals): after its first event, each stream used to
 long-poll the tensor queue on its own (one Serve call per open stream every ~20 ms, in the ingress and
 in the queue); now one shared long-poll per ingress replica serves all its streams
