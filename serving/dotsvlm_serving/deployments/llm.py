@@ -157,15 +157,13 @@ class LLMServer:
         now = time.monotonic()
         if room and self._taking is None and (not busy or now - self._last_take >= self.TAKE_INTERVAL_S):
             self._last_take = now
-            if busy:  # the room stays: only this loop admits work, and running requests only free it
-                self._take_overdue_at = now + self.TAKE_OVERDUE_S
-                self._taking = asyncio.ensure_future(self._resolve_take(
-                    self.consumer_id, self.queue.take.remote(self.consumer_id, room, self.engine.free_tokens(), 0.0)))
-            else:
+            if not busy:
                 await self._publish(wait=True)
-                self._take_overdue_at = now + 1.0 + self.TAKE_OVERDUE_S
-                self._taking = asyncio.ensure_future(self._resolve_take(
-                    self.consumer_id, self.queue.take.remote(self.consumer_id, room, self.engine.free_tokens(), 1.0)))
+            wait_s = 0.0 if busy else 1.0
+            self._take_overdue_at = now + wait_s + self.TAKE_OVERDUE_S
+            self._taking = asyncio.ensure_future(self._resolve(
+                self.consumer_id, self.queue.take.remote(self.consumer_id, room, self.engine.free_tokens(), wait_s)))
+            if not busy:  # (busy: the room stays, as only this loop admits work and running requests only free it)
                 await self._admit_taken()
         if self._to_cancel:
             for rid in self._to_cancel:
@@ -185,10 +183,6 @@ class LLMServer:
             # A take sent before the drain began is admitted first (next iteration): its items run here.
             self._drained.set()
             await asyncio.sleep(0.1)  # nothing left to do and nothing to take: do not spin
-
-    @staticmethod
-    async def _resolve_take(consumer_id: str, call: Any) -> tuple[str, list[QueueItem] | None]:
-        return consumer_id, await call
 
     async def _admit_taken(self) -> None:
         """Wait for the take in flight and hand its items to the engine. None: the queue declared this replica
@@ -251,7 +245,8 @@ class LLMServer:
                 self._sent[rid] = ev["i"] + 1
 
     @staticmethod
-    async def _resolve(consumer_id: str, call: Any) -> tuple[str, list[str] | None]:
+    async def _resolve(consumer_id: str, call: Any) -> tuple[str, Any]:
+        """A queue call's answer with the consumer id it was sent under (a rejoin may change the id meanwhile)."""
         return consumer_id, await call
 
     def _cancel_or_rejoin(self, consumer_id: str, answer: list[str] | None) -> None:
