@@ -425,6 +425,12 @@ class QueueSpec(_Api):
     enqueue_timeout_seconds: float = Field(_contract(QueueConfig, "enqueue_timeout_s"), ge=0, le=3600, description="How long a request waits for room in a full queue before it is answered 429.")
     lease_timeout_seconds: float = Field(_contract(QueueConfig, "lease_timeout_s"), gt=0, le=3600, description="How long an LLM replica may go without a heartbeat before it is declared dead and the items it holds are delivered again (or their requests fail, if tokens were already streamed).")
     max_deliveries: int = Field(_contract(QueueConfig, "max_deliveries"), ge=1, le=10, description="How often an item is delivered before its request fails with an error (a replica died holding it).")
+    embedding_transport: Literal["ObjectStore", "NIXL"] = Field("ObjectStore", description=(
+        "How image embeddings travel from a vision replica to an LLM replica. ObjectStore (default): through Ray's "
+        "object store, in host memory (shared memory on one node). NIXL: Ray's direct tensor transport with NIXL: "
+        "the embeddings stay on the vision replica's GPU until the LLM replica pulls them, GPU to GPU over NVLink or "
+        "RDMA; for GPU pools (on CPU it works but is slower than ObjectStore). Needs NIXL in the serving image "
+        "(dotsvlm[serving] installs it); changed in place, without restarting a replica."))
 
 
 class ApiSpec(_Api):

@@ -15,6 +15,9 @@ from dotsvlm_serving import serve_config
 
 from dotsvlm_operator import models
 
+# spec.queue.embeddingTransport -> the serving config's name for it
+EMBEDDING_TRANSPORT: dict[str, serve_config.EmbeddingTransport] = {"ObjectStore": "object-store", "NIXL": "nixl"}
+
 
 def _common(auto: models.Autoscaling, lo: int, hi: int) -> dict[str, Any]:
     out = dict(min_replicas=lo, max_replicas=hi, upscale_delay_s=auto.upscale_delay_seconds,
@@ -82,7 +85,8 @@ def app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAppConfi
         queue=serve_config.QueueConfig(
             max_items=spec.queue.max_items, max_bytes=spec.queue.max_bytes,
             enqueue_timeout_s=spec.queue.enqueue_timeout_seconds, lease_timeout_s=spec.queue.lease_timeout_seconds,
-            max_deliveries=spec.queue.max_deliveries),
+            max_deliveries=spec.queue.max_deliveries,
+            embedding_transport=EMBEDDING_TRANSPORT[spec.queue.embedding_transport]),
         api=serve_config.ApiConfig(
             api_keys_env=serve_config.API_KEYS_ENV if spec.api.api_key_secret_ref else None,
             request_timeout_s=spec.api.request_timeout_seconds,

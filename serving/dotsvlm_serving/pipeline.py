@@ -53,10 +53,11 @@ def preprocess(images: list[Image.Image], cfg: DotsVLMConfig, limits: ImageLimit
 
 
 @torch.inference_mode()
-def encode_preprocessed(tower: torch.nn.Module, pre: PreprocessedImages) -> list[torch.Tensor]:
-    """Vision embeddings per image ([tokens_i, hidden], in the tower's dtype, on the CPU), several
-    images packed in one forward."""
-    out = tower(pre.pixel_values, pre.grid_thw).cpu()
+def encode_preprocessed(tower: torch.nn.Module, pre: PreprocessedImages, to_cpu: bool = True) -> list[torch.Tensor]:
+    """Vision embeddings per image ([tokens_i, hidden], in the tower's dtype, on the CPU or, `to_cpu`
+    False, on the tower's device), several images packed in one forward."""
+    out = tower(pre.pixel_values, pre.grid_thw)
+    out = out.cpu() if to_cpu else out
     return list(torch.split(out, pre.num_tokens))
 
 

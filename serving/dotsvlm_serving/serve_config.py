@@ -249,6 +249,9 @@ class LLMPoolConfig(_Strict):
         return self.kv_cache_tokens or self.context_length * self.max_running_requests
 
 
+EmbeddingTransport = Literal["object-store", "nixl"]
+
+
 class QueueConfig(_Strict):
     max_items: int = Field(256, ge=1)
     max_bytes: int = Field(4 * 1024**3, ge=1024)
@@ -257,6 +260,9 @@ class QueueConfig(_Strict):
     lease_timeout_s: float = Field(10.0, gt=0)
     # Deliveries of one item before the request fails instead of being redelivered again.
     max_deliveries: int = Field(2, ge=1)
+    # How image embeddings travel from a vision replica to an LLM replica (tensor_queue/transport.py):
+    # Ray's object store, or Ray's direct transport with NIXL (device memory to device memory on GPUs).
+    embedding_transport: EmbeddingTransport = "object-store"
 
 
 class ImageLimits(_Strict):
@@ -338,6 +344,7 @@ class VisionEncoderConfig(_Strict):
     max_batch_wait_ms: float
     max_pending_pixels_per_replica: int  # decoded pixels one replica holds at once
     images: ImageLimits
+    embedding_transport: EmbeddingTransport = "object-store"  # how its answers travel (QueueConfig's)
 
 
 class LLMServerConfig(_Strict):
@@ -480,7 +487,7 @@ class ServeAppConfig(_Strict):
         return VisionEncoderConfig(max_batch_pixels=self.vision.max_batch_pixels,
                                    max_batch_wait_ms=self.vision.max_batch_wait_ms,
                                    max_pending_pixels_per_replica=self.vision.max_pending_pixels_per_replica,
-                                   images=self.api.images)
+                                   images=self.api.images, embedding_transport=self.queue.embedding_transport)
 
     def llm_server_config(self) -> LLMServerConfig:
         engine_fields = set(LLMServerConfig.model_fields) - {"kv_cache_tokens", "lease_timeout_s"}

@@ -164,6 +164,50 @@ def test_disaggregated_path_equals_single_process_reference(served: Served) -> N
     assert ended, "no case without ignore_eos ended at EOS: pick a prompt the tiny model ends by itself"
 
 
+def test_embeddings_sent_by_nixl_give_the_object_stores_answers(served: Served) -> None:
+    """`queue.embeddingTransport: NIXL`: the vision replica keeps its embeddings and the LLM replica pulls them
+    with Ray's direct transport (NIXL, here CPU memory to CPU memory); the answers are token for token those
+    of the object store's path. (The vision replica's slice is applied through its `reconfigure`, called
+    here directly: that Serve applies a vision slice in place is test_rollout_ray's, and that the setting
+    reaches the slice is test_operator_builders'.)"""
+    from ray import serve
+
+    from dotsvlm_serving.serve_config import APP_NAME, VISION_DEPLOYMENT, ServeAppConfig
+
+    vision = serve.get_deployment_handle(VISION_DEPLOYMENT, APP_NAME)  # one replica here
+    cases = [([image_part(png(300, 200)), {"type": "text", "text": "Describe."}], 12),
+             ([image_part(png(64, 64)), image_part(png(90, 160)), {"type": "text", "text": "Compare."}], 10)]
+
+    def answers() -> list[str]:
+        with served.client() as c:
+            out = []
+            for content, n in cases:
+                r = c.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": content}],
+                                                            max_tokens=n, temperature=0, ignore_eos=True))
+                assert r.status_code == 200, r.text
+                out.append(r.json()["choices"][0]["message"]["content"])
+            return out
+
+    def use(transport: str) -> None:
+        cfg = ServeAppConfig.model_validate({**served.config, "queue": {**served.config["queue"],
+                                                                        "embedding_transport": transport}})
+        vision.reconfigure.remote(cfg.vision_encoder_config().model_dump(mode="json")).result(timeout_s=60)
+
+    def direct_answers() -> float:
+        return vision.stats.remote().result(timeout_s=30)["answers_direct"]
+
+    by_store = answers()
+    before = direct_answers()
+    use("nixl")
+    try:
+        assert answers() == by_store
+        assert direct_answers() == before + len(cases)  # they did travel by NIXL
+    finally:
+        use("object-store")
+    assert answers() == by_store and direct_answers() == before + len(cases)
+    assert_healthy_and_serving(served)
+
+
 # --------------------------------------------------------------------------------------- burst
 def test_burst_larger_than_the_queue(served: Served) -> None:
     n = 40  # queue holds 6, two LLM replicas run 4 each: most of the burst must be refused with 429

@@ -297,6 +297,21 @@ def test_token_hash_is_in_every_ray_pod_template_and_changes_with_the_token() ->
     assert token not in json.dumps(objs)  # the token itself never lands in a pod template
 
 
+def test_the_embedding_transport_reaches_the_vision_replicas_slice_and_a_wrong_one_is_refused() -> None:
+    """queue.embeddingTransport: ObjectStore by default; NIXL makes the vision replicas answer by Ray's direct
+    transport (their slice says so, applied in place); anything else is refused with the accepted values."""
+    assert serve_app.app_config(_spec()).queue.embedding_transport == "object-store"
+    spec = _spec(queue__embeddingTransport="NIXL")
+    app = serve_app.app_config(spec)
+    assert app.queue.embedding_transport == "nixl"
+    vision = next(d for d in serve_app.deploy_body(spec)["applications"][0]["deployments"]
+                  if d["name"] == serve_config.VISION_DEPLOYMENT)
+    assert vision["user_config"]["embedding_transport"] == "nixl"
+    with pytest.raises(ValidationError) as err:
+        _spec(queue__embeddingTransport="RDMA")
+    assert "ObjectStore" in str(err.value) and "NIXL" in str(err.value)
+
+
 def test_resource_defaults_are_the_contracts_defaults_field_by_field() -> None:
     """A field the resource leaves unset serves with the contract's default (queue, autoscaling, vision
     batching, tokens, request timeout); the resource's own production defaults (pool sizes, GPUs,

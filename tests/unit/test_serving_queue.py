@@ -250,3 +250,17 @@ def test_one_long_poll_for_many_streams_returns_every_streams_events_once_and_in
         got = await q.next_events_many(["a", "b"], 5.0)
         assert got == {"a": None, "b": []}  # answered at once: "a" is news
     run(main())
+
+
+def test_a_direct_transport_the_image_cannot_run_is_refused_with_what_to_change(monkeypatch) -> None:
+    """queue.embeddingTransport NIXL on an image without NIXL: the vision replica's reconfigure refuses it
+    with the fix (install nixl, or go back to ObjectStore); the object store needs nothing."""
+    import sys
+
+    from dotsvlm_serving.tensor_queue import check_direct_transport
+
+    check_direct_transport("object-store")
+    monkeypatch.setitem(sys.modules, "nixl", None)  # import nixl -> ImportError
+    with pytest.raises(ValueError) as err:
+        check_direct_transport("nixl")
+    assert "pip install nixl" in str(err.value) and "ObjectStore" in str(err.value)

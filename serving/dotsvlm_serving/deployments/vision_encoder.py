@@ -11,7 +11,9 @@ waits in a FIFO; a batch takes requests from its head while their resized pixels
 company. All images of a batch go through the tower in one packed forward (block-diagonal attention
 keeps them independent). The result of `encode` is the request's embeddings [image tokens, hidden]
 in the tower's dtype, as the ndarray `tensor_queue.to_wire` makes of it (bf16 as an int16 view), which
-the ingress hands to the tensor queue by object reference. An image that fails to decode fails the
+the ingress hands to the tensor queue by object reference; with `queue.embedding_transport: nixl` it is
+a `DirectTensorRef` instead: the tensor stays here, on the tower's device, until the LLM replica pulls it
+with Ray's direct transport. An image that fails to decode fails the
 call with `ImageError` ("image N: ..."), which the LLM replica reports to the client as a 400.
 """
 
@@ -36,7 +38,7 @@ from ..model.config import load_config
 from ..model.preprocess import ImageError, PreprocessedImages, decode_image, probe_image
 from ..autoscaling.signals import vision_stats
 from ..serve_config import VISION_DEPLOYMENT, ServedModel, VisionEncoderConfig
-from ..tensor_queue import to_wire
+from ..tensor_queue import DirectTensorRef, check_direct_transport, to_wire
 
 log = logging.getLogger("ray.serve")
 
@@ -62,7 +64,8 @@ class VisionEncoder:
                                        config=self.model_config)
         self._jobs: list[_Job] = []
         self._wake = asyncio.Event()
-        self._stats = {"batches": 0, "images": 0, "pixels_total": 0.0, "encode_seconds_total": 0.0}
+        # answers_direct: answers whose embeddings went by Ray's direct transport (queue.embedding_transport)
+        self._stats = {"batches": 0, "images": 0, "pixels_total": 0.0, "encode_seconds_total": 0.0, "answers_direct": 0}
         self._encoding_images = 0
         self._preparing_images = 0
         # Decoded pixels this replica holds (preparing, waiting, encoding) stay within its share of the
@@ -84,7 +87,9 @@ class VisionEncoder:
         self._publishing = loop.create_task(publisher.run_forever())
 
     async def reconfigure(self, user_config: dict) -> None:
-        self.cfg = VisionEncoderConfig.model_validate(user_config)
+        cfg = VisionEncoderConfig.model_validate(user_config)
+        check_direct_transport(cfg.embedding_transport)  # refused here, before a request would fail on it
+        self.cfg = cfg
         self._gate.set_limit(self.cfg.max_pending_pixels_per_replica)
         self._wake.set()  # a waiting batch re-reads its wait and budget
         log.info("VisionEncoder: config applied in place: batch budget %d pixels, wait %g ms", self.cfg.max_batch_pixels,
@@ -112,7 +117,7 @@ class VisionEncoder:
         pre = self.model_config.preprocess
         return sum(pipeline.token_counts_for_sizes(sizes, self.model_config, lim)) * (pre.patch_size * pre.merge_size) ** 2
 
-    async def encode(self, images: list[bytes], pixels: int | None = None) -> np.ndarray:
+    async def encode(self, images: list[bytes], pixels: int | None = None) -> np.ndarray | DirectTensorRef:
         """The request's images (their file bytes, in order) -> embeddings [tokens, hidden] (wire form).
         `pixels`: their pixels after resize, as the ingress counted them (read from the headers if not
         given); the request is decoded once they fit under this replica's limit."""
@@ -162,7 +167,9 @@ class VisionEncoder:
                 self._encoding_images = n_images
                 try:
                     pre = PreprocessedImages.concat([j.pre for j in batch])
-                    per_image = await asyncio.to_thread(pipeline.encode_preprocessed, self.tower, pre)
+                    direct = self.cfg.embedding_transport != "object-store"
+                    per_image = await asyncio.to_thread(pipeline.encode_preprocessed, self.tower, pre,
+                                                        to_cpu=not direct)
                 except Exception as exc:  # give every caller the error instead of hanging them
                     log.exception("vision encode failed")
                     for j in batch:
@@ -182,7 +189,10 @@ class VisionEncoder:
                 for j in batch:
                     n = j.n_images
                     if not j.future.done():
-                        j.future.set_result(to_wire(torch.cat(per_image[i:i + n])))
+                        out = torch.cat(per_image[i:i + n])
+                        j.future.set_result(DirectTensorRef.put(out, self.cfg.embedding_transport) if direct
+                                            else to_wire(out))
+                        self._stats["answers_direct"] += direct
                     i += n
 
     async def stats(self) -> dict[str, float]:

@@ -157,7 +157,8 @@ class VLLMEngine(InferenceEngine):
         if rows.shape[1] != self.hidden_size:
             raise ValueError(f"image embeddings are {rows.shape[1]} wide, the language model {self.hidden_size}")
         embeds = torch.zeros(len(ids), self.hidden_size, dtype=getattr(torch, self.dtype))
-        embeds[torch.tensor([not t for t in is_token])] = rows.to(embeds.dtype)
+        # (rows that came by NIXL are on this replica's GPU: vLLM takes prompt embeddings in host memory)
+        embeds[torch.tensor([not t for t in is_token])] = rows.to(device="cpu", dtype=embeds.dtype)
         return {"prompt_embeds": embeds, "prompt_token_ids": ids, "prompt_is_token_ids": is_token}
 
     def cancel(self, request_id: str) -> None:

@@ -1,7 +1,8 @@
 """The tensor queue between the vision and LLM pools: queue semantics (`core`) and transports."""
 
 from .core import ConsumerLost, ItemTooLarge, QueueFull, QueueItem, QueueMoved, QueueSnapshot, TensorQueueCore
-from .transport import RayObjectTransport, TensorHandle, TensorTransport, TransportError, from_wire, to_wire
+from .transport import (DirectTensorRef, RayObjectTransport, TensorHandle, TensorTransport,
+                        TransportError, check_direct_transport, from_wire, to_wire)
 
-__all__ = ["ConsumerLost", "ItemTooLarge", "QueueFull", "QueueItem", "QueueMoved", "QueueSnapshot", "TensorQueueCore", "RayObjectTransport", "TensorHandle",
+__all__ = ["DirectTensorRef", "check_direct_transport", "ConsumerLost", "ItemTooLarge", "QueueFull", "QueueItem", "QueueMoved", "QueueSnapshot", "TensorQueueCore", "RayObjectTransport", "TensorHandle",
            "TensorTransport", "TransportError", "from_wire", "to_wire"]

@@ -1,9 +1,14 @@
 """How embeddings travel from the vision pool to the LLM pool.
 
 The queue itself only ever holds small `TensorHandle`s; the bytes move through a `TensorTransport`.
-`RayObjectTransport` uses Ray object references (shared memory on one node, the object manager across
-nodes). A GPU-direct transport (NCCL/NIXL) can implement the same two calls later: `put` on the
-producer returns a handle, `get` on the consumer materialises the tensor.
+`RayObjectTransport` resolves a Ray object reference (the vision replica's answer), in one of two forms
+(`queue.embedding_transport`, which the vision replica reads):
+- "object-store": the answer is the embeddings themselves, as the wire ndarray (`to_wire`): shared memory
+  on one node (the consumer maps it, no copy), Ray's object manager across nodes, host memory either way.
+- "nixl": the answer is a small `DirectTensorRef`, a reference made by Ray's direct transport (RDT,
+  `ray.put(tensor, _tensor_transport="nixl")`): the tensor stays in the vision replica's memory, on its
+  device, and the consumer's `ray.get` pulls it with NIXL (GPU to GPU over NVLink or RDMA where the pools
+  have GPUs; CPU memory otherwise). Needs the `nixl` package in both replicas' image.
 """
 
 from __future__ import annotations
@@ -34,6 +39,35 @@ class TensorHandle:
 
 class TransportError(RuntimeError):
     """The tensor behind a handle could not be fetched (its producer or owner died, or it failed)."""
+
+
+@dataclass(frozen=True)
+class DirectTensorRef:
+    """A vision replica's answer when its embeddings travel by Ray's direct transport: the reference to
+    a tensor that stays in that replica's memory until the consumer pulls it (see the module's text)."""
+
+    ref: list  # [ObjectRef]: in a list, so that Ray passes the reference through calls instead of resolving it
+    transport: str  # RDT's name for it ("nixl")
+
+    @classmethod
+    def put(cls, tensor: Any, transport: str = "nixl") -> DirectTensorRef:
+        """Only in a Ray actor (a Serve replica): RDT keeps the tensor in the actor that put it."""
+        import ray
+
+        return cls([ray.put(tensor.contiguous(), _tensor_transport=transport)], transport)
+
+
+def check_direct_transport(name: str) -> None:
+    """Raise a ValueError a person can act on when this process cannot send embeddings the way
+    `queue.embedding_transport` names (checked where they are made, before a request depends on it)."""
+    if name == "nixl":
+        try:
+            import nixl  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(
+                f"queue.embeddingTransport is NIXL but the serving image has no working NIXL ({exc}): install "
+                f"it in the image (`pip install nixl`, part of dotsvlm[serving]) or set queue.embeddingTransport "
+                f"to ObjectStore") from None
 
 
 def dtype_name(dtype: Any) -> str:
@@ -74,6 +108,15 @@ def from_wire(array: np.ndarray, dtype: str) -> Any:
     return t.view(getattr(torch, dtype)) if dtype in _WIRE_VIEW else t
 
 
+def _fetch(ref: Any, timeout_s: float | None) -> Any:
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except Exception as exc:  # ObjectLostError, OwnerDiedError, GetTimeoutError, the producer's error
+        raise TransportError(f"image embeddings could not be fetched: {type(exc).__name__}: {exc}") from exc
+
+
 @runtime_checkable
 class TensorTransport(Protocol):
     name: str
@@ -86,7 +129,8 @@ class TensorTransport(Protocol):
 
 
 class RayObjectTransport:
-    """Tensor transport over Ray object references (zero-copy reads from the node's shared memory)."""
+    """Tensor transport over Ray object references: the object store (zero-copy reads from the node's
+    shared memory) or, when the reference resolves to a `DirectTensorRef`, Ray's direct transport."""
 
     name = "ray"
 
@@ -106,19 +150,27 @@ class RayObjectTransport:
         return TensorHandle(transport=cls.name, shape=tuple(int(s) for s in shape), dtype=name, nbytes=nbytes,
                             payload=[ref])
 
-    def get_array(self, handle: TensorHandle, *, timeout_s: float | None = None) -> np.ndarray:
-        """The wire ndarray, zero-copy from the node's object store."""
-        import ray
-
+    def _resolve(self, handle: TensorHandle, timeout_s: float | None) -> np.ndarray | DirectTensorRef:
         if handle.transport != self.name:
             raise TransportError(f"handle from transport {handle.transport!r} given to {self.name!r}")
-        try:
-            value = ray.get(handle.payload[0], timeout=timeout_s)
-        except Exception as exc:  # ObjectLostError, OwnerDiedError, GetTimeoutError, the producer's error
-            raise TransportError(f"image embeddings could not be fetched: {type(exc).__name__}: {exc}") from exc
+        return _fetch(handle.payload[0], timeout_s)
+
+    @staticmethod
+    def _array(value: Any, handle: TensorHandle) -> np.ndarray:
         if not isinstance(value, np.ndarray) or tuple(value.shape) != handle.shape:
             raise TransportError(f"transport returned {type(value).__name__} of unexpected shape")
         return value
 
+    def get_array(self, handle: TensorHandle, *, timeout_s: float | None = None) -> np.ndarray:
+        """The wire ndarray, zero-copy from the node's object store (object-store answers only)."""
+        return self._array(self._resolve(handle, timeout_s), handle)
+
     def get(self, handle: TensorHandle, *, timeout_s: float | None = None) -> Any:
-        return from_wire(self.get_array(handle, timeout_s=timeout_s), handle.dtype)
+        value = self._resolve(handle, timeout_s)
+        if not isinstance(value, DirectTensorRef):
+            return from_wire(self._array(value, handle), handle.dtype)
+        tensor = _fetch(value.ref[0], timeout_s)  # pulled by RDT (NIXL) into this process, on the sender's device type
+        if tuple(tensor.shape) != handle.shape or dtype_name(tensor.dtype) != handle.dtype:
+            raise TransportError(f"{value.transport} returned a {tuple(tensor.shape)} {tensor.dtype} tensor, "
+                                 f"expected {handle.shape} {handle.dtype}")
+        return tensor
