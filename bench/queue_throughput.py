@@ -12,7 +12,8 @@ bytes once.
 Two queue front-ends (the TensorQueue deployment's class as a plain Ray actor, and behind Ray Serve handles, as
 the application deploys it), each on a Ray started as usual and on one started with
 `RAY_preallocate_plasma_memory=1` (the object store's shared memory is touched once at start, so a
-`put` does not pay a page fault per 4 KiB page of fresh memory).
+`put` does not pay a page fault per 4 KiB page of fresh memory); and, on the usual Ray, the embeddings
+by Ray's direct transport with NIXL instead of the object store (`queue.embeddingTransport: NIXL`).
 
     .venv/bin/python bench/queue_throughput.py [--items 60] [--out bench/results/queue_throughput]
 """
@@ -67,10 +68,12 @@ def put_alone_gbps(reps: int = 30) -> float:
     return NBYTES / statistics.median(times) / 1e9
 
 
-def run_pipeline(queue, serve_mode: bool, items: int) -> dict:
+def run_pipeline(queue, serve_mode: bool, items: int, direct: str | None = None) -> dict:
+    """`direct`: the embeddings go by Ray's direct transport (e.g. "nixl"), as a vision replica sends them
+    with queue.embedding_transport set: the producer keeps the tensor and the consumer pulls it."""
     import ray
 
-    from dotsvlm_serving.tensor_queue import QueueItem, RayObjectTransport, from_wire
+    from dotsvlm_serving.tensor_queue import DirectTensorRef, QueueItem, RayObjectTransport, from_wire
 
     def call(method: str, *args):
         m = getattr(queue, method)
@@ -88,9 +91,13 @@ def run_pipeline(queue, serve_mode: bool, items: int) -> dict:
             puts = []
             for i in range(n):
                 t = time.perf_counter()
-                h = tr.put(arr)
+                if direct:  # the vision replica's answer: a small DirectTensorRef, by object reference
+                    h = RayObjectTransport.from_ref(ray.put(DirectTensorRef.put(arr, direct)), shape=SHAPE,
+                                                    dtype=arr.dtype)
+                else:
+                    h = tr.put(arr)
                 puts.append(time.perf_counter() - t)
-                item = QueueItem(request_id=f"r{i}", nbytes=h.nbytes, reserved_tokens=1, payload={"embeds": h})
+                item = QueueItem(request_id=f"{direct or 'store'}-{i}", nbytes=h.nbytes, reserved_tokens=1, payload={"embeds": h})
                 res = queue.put.remote(item, 60.0)
                 res = res.result() if serve_mode else ray.get(res)
                 assert res["ok"], res
@@ -111,13 +118,18 @@ def run_pipeline(queue, serve_mode: bool, items: int) -> dict:
                 for it in batch:
                     t = time.perf_counter()
                     h = it.payload["embeds"]
-                    wire = tr.get_array(h)  # zero-copy from shared memory
-                    x = from_wire(wire, h.dtype)
-                    buf.copy_(x)
+                    if direct:  # received into this process's memory by the transport itself
+                        x = tr.get(h)
+                        buf.copy_(x)
+                        copies += int(x.dtype != torch.bfloat16)
+                    else:
+                        wire = tr.get_array(h)  # zero-copy from shared memory
+                        x = from_wire(wire, h.dtype)
+                        buf.copy_(x)
+                        # a copy anywhere before `buf` would show as memory not backed by the object store
+                        copies += int(x.dtype != torch.bfloat16 or wire.flags.writeable
+                                      or x.data_ptr() != wire.ctypes.data)
                     lat.append(time.perf_counter() - t)
-                    # a copy anywhere before `buf` would show as memory not backed by the object store
-                    copies += int(x.dtype != torch.bfloat16 or wire.flags.writeable
-                                  or x.data_ptr() != wire.ctypes.data)
                     done = queue.publish.remote("bench-consumer", [{"request_id": it.request_id, "type": "finish"}])
                     done.result() if serve_mode else ray.get(done)
                     got += 1
@@ -152,9 +164,13 @@ of 13: a ratio of two slowed figures. On a quiet machine (this run) the pipeline
 the memcpy: besides the put, every item costs the producer's and the consumer's queue calls and the
 consumer's mapping, on 2 CPUs shared by four processes. The issue asks for Ray's own transports, not a
 hand-made shared-memory ring; a faster CPU path would have to come from Ray (on GPU nodes, its GPU
-transport moves the tensors without host copies). On GPU nodes a GPU-direct
-transport (Ray's RDT: NIXL/CUDA IPC) avoids both host copies (docs/serving.md; not measured here: no
-GPU)."""
+transport moves the tensors without host copies).
+
+The last row is `queue.embeddingTransport: NIXL`: the producer keeps the tensor (Ray's direct transport,
+`ray.put(tensor, _tensor_transport="nixl")`, as a vision replica does with that setting) and the
+consumer pulls it with NIXL (UCX) into its own memory. On CPU it is several times slower than the object
+store (the consumer's pull dominates), which is why ObjectStore is the default; NIXL is for GPU pools,
+where it moves the embeddings GPU to GPU without the two host copies (not measured here: no GPU)."""
 
 
 def main() -> None:
@@ -193,6 +209,9 @@ def main() -> None:
             actor = ray.remote(num_cpus=0)(TensorQueue).remote()
             ray.get(actor.reconfigure.remote(qcfg.model_dump(mode="json")))  # what Serve does before serving
             direct = run_pipeline(actor, False, args.items)
+            if label == "default":
+                nixl = run_pipeline(actor, False, args.items, direct="nixl")
+                result["queue_ray_actor_nixl"] = nixl | {"ratio_to_memcpy": nixl["gbps"] / baseline}
             serve.start(http_options={"host": "127.0.0.1", "port": 0})
             handle = serve.run(TensorQueueDeployment.options(num_replicas=1, user_config=qcfg.model_dump(mode="json")).bind(),
                                name="qbench", route_prefix=None)
@@ -219,7 +238,8 @@ def main() -> None:
     for key, name in [("queue_ray_actor_default", "queue as Ray actor"),
                       ("queue_serve_deployment_default", "queue as Serve deployment"),
                       ("queue_ray_actor_preallocated", "queue as Ray actor, preallocated object store"),
-                      ("queue_serve_deployment_preallocated", "queue as Serve deployment, preallocated object store")]:
+                      ("queue_serve_deployment_preallocated", "queue as Serve deployment, preallocated object store"),
+                      ("queue_ray_actor_nixl", "queue as Ray actor, embeddings by Ray's direct transport (NIXL, CPU memory)")]:
         r = result[key]
         lines.append(f"| {name} | {r['items_per_s']:.1f} | {r['gbps']:.2f} | {r['ratio_to_memcpy']:.3f} | "
                      f"{r['put_ms_median']:.2f} | {r['fetch_copy_ms_median']:.2f} | {r['consumer_extra_copies']} |")
