@@ -165,9 +165,11 @@ class VisionEncoder:
                 n_images = sum(j.n_images for j in batch)
                 t0 = time.monotonic()
                 self._encoding_images = n_images
+                # read once per batch: a reconfigure while it runs applies to the next one
+                transport = self.cfg.embedding_transport
+                direct = transport != "object-store"
                 try:
                     pre = PreprocessedImages.concat([j.pre for j in batch])
-                    direct = self.cfg.embedding_transport != "object-store"
                     per_image = await asyncio.to_thread(pipeline.encode_preprocessed, self.tower, pre,
                                                         to_cpu=not direct)
                 except Exception as exc:  # give every caller the error instead of hanging them
@@ -187,13 +189,18 @@ class VisionEncoder:
                 self.metrics.observe("dotsvlm_vision_encode_seconds", took)
                 i = 0
                 for j in batch:
-                    n = j.n_images
-                    if not j.future.done():
-                        out = torch.cat(per_image[i:i + n])
-                        j.future.set_result(DirectTensorRef.put(out, self.cfg.embedding_transport) if direct
-                                            else to_wire(out))
-                        self._stats["answers_direct"] += direct
-                    i += n
+                    part, i = per_image[i:i + j.n_images], i + j.n_images
+                    if j.future.done():
+                        continue
+                    out = torch.cat(part)
+                    try:
+                        answer = DirectTensorRef.put(out, transport) if direct else to_wire(out)
+                    except Exception as exc:  # (a failed put) fails this caller, not the batching loop
+                        log.exception("vision answer failed")
+                        j.future.set_exception(RuntimeError(f"vision encoder failed: {exc}"))
+                        continue
+                    j.future.set_result(answer)
+                    self._stats["answers_direct"] += direct
 
     async def stats(self) -> dict[str, float]:
         backlog = (self._gated_images + self._preparing_images
