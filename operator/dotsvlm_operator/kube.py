@@ -109,6 +109,8 @@ class Kube:
         except ApiException as exc:
             if not _replaceable(exc) or self.get(obj["kind"], meta["namespace"], meta["name"]) is None:
                 raise  # refused (e.g. by an admission policy), or nothing to replace
+            if not self._valid_as_new(obj):
+                raise  # our own object is invalid (from a spec the API server refuses): keep the live one
             # The live object cannot be merged with ours: a hand edit added a list entry that clashes
             # (e.g. a second Service port with our port's name), or an immutable field differs. Replace it.
             log.warning(f"{obj['kind']} {meta['namespace']}/{meta['name']} cannot be updated in place "
@@ -126,6 +128,23 @@ class Kube:
                         raise
                     time.sleep(0.5)
             raise
+
+    def _valid_as_new(self, obj: dict[str, Any]) -> bool:
+        """Whether the API server would accept `obj` as a new object (a dry-run create: it validates before it
+        finds the name taken). A 422 that re-creating could fix comes from the live object; one that a dry-run
+        create also gets comes from ours, and deleting the live object (a pool's running pods) would only
+        leave nothing in its place."""
+        meta = obj["metadata"]
+        try:
+            self._call("POST", self._path(obj["kind"], meta["namespace"]), body=obj,
+                       query=[("dryRun", "All"), ("fieldManager", naming.MANAGER)], content_type="application/json")
+        except ApiException as exc:
+            if exc.status == 409:  # valid; the name is taken (by the live object)
+                return True
+            if exc.status == 422:
+                return False
+            raise
+        return True
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

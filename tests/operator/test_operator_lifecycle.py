@@ -401,3 +401,17 @@ def test_refused_child_shows_in_status_and_recovers(kube, ns, no_load_balancers,
     poll(lambda: (c := condition(get_json(kube, "dvlm", name, "-n", ns), "Degraded")) and c["reason"] != "ReconcileFailed",
          60, "the failure to clear once the spec is fixed", op.log_tail)
     assert get_json(kube, "service", f"{name}-api", "-n", ns)["spec"]["type"] == "ClusterIP"
+
+    # A spec the CRD accepts but the API server refuses in a child (a node label value over 63 characters): the
+    # status says so with the API server's words, and the running pool stays as it was (the operator re-creates a
+    # child only when the live object is in its way, never when its own is invalid).
+    vision = get_json(kube, "deployment", f"{name}-vision", "-n", ns)
+    bad = {"spec": {"vision": {"nodeSelector": {"pool": "v" * 64}}}}
+    kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", json.dumps(bad))
+    c = poll(lambda: (c := failed()) and "nodeSelector" in c["message"] and c, 90,
+             "Degraded=ReconcileFailed naming the node selector", op.log_tail)
+    assert "must be no more than 63 characters" in c["message"], c
+    now = get_json(kube, "deployment", f"{name}-vision", "-n", ns)
+    assert now and now["metadata"]["uid"] == vision["metadata"]["uid"], "the vision pool's Deployment was replaced"
+    assert not now["metadata"].get("deletionTimestamp")
+    assert "re-creating it" not in op.log_path.read_text(errors="replace")
