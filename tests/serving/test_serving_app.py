@@ -297,6 +297,10 @@ MALFORMED: list[tuple[str, dict | bytes, int, str]] = [
     ("body-too-large", chat(messages=[{"role": "user", "content": "x" * 7_000_000}]), 413, "request body"),
     ("assistant-last", chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
      400, "last message"),
+    ("malformed-ipv6-url", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "http://[::1/x.png"}}]}]), 400, "malformed"),
+    ("tool-choice-required", chat(tool_choice="required"), 400, "tool_choice is not supported"),
+    ("seed-overflow", chat(seed=2**64), 400, "seed"),
 ]
 
 
@@ -312,6 +316,18 @@ def test_malformed_requests_get_clear_4xx(served: Served, name: str, body: dict 
     err = r.json()["error"]
     assert fragment in err["message"], err
     assert err["type"] and set(err) == {"message", "type", "param", "code"}
+
+
+def test_a_chunked_upload_over_the_body_limit_gets_413(served: Served) -> None:
+    def chunks():  # no Content-Length: the limit can only be found by reading
+        yield b'{"model": "dots.vlm1", "messages": [{"role": "user", "content": "'
+        for _ in range(8):
+            yield b"x" * 1_000_000
+        yield b'"}]}'
+
+    with served.client() as c:
+        r = c.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "request body is over the" in r.json()["error"]["message"], r.text
 
 
 def test_auth_routes_and_fetch_allow_list(served: Served) -> None:

@@ -236,9 +236,9 @@ def test_http_images_count_at_their_largest_size_while_they_download() -> None:
         parts = [{"type": "image_url", "image_url": {"url": f"https://images.example/{i}.png"}} for i in range(n_images)]
         body = json.dumps({"model": "dots.vlm1", "messages": [{"role": "user", "content": parts}]}).encode()
 
-        async def read() -> bytes:
-            return body
-        return SimpleNamespace(headers={"content-length": str(len(body))}, body=read)
+        async def stream():
+            yield body
+        return SimpleNamespace(headers={"content-length": str(len(body))}, stream=stream)
 
     async def main() -> None:
         first = asyncio.create_task(ing._chat(request(2), 0.0, {}))

@@ -59,6 +59,12 @@ def req(**kw) -> bytes:
     (req(min_p=0.1), "min_p is not supported"),
     (req(stop=["a", "b", "c", "d", "e"]), "at most 4"),
     (req(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]), "last message"),
+    (req(seed=2**64), "seed"),
+    (req(seed=-(2**63) - 1), "seed"),
+    (req(tool_choice="required"), "tool_choice is not supported"),
+    (req(functions=[{"name": "f", "parameters": {}}]), "functions is not supported"),
+    (req(function_call={"name": "f"}), "function_call is not supported"),
+    (req(stream_options={"include_usage": True}), "stream_options is only allowed when stream is true"),
 ])
 def test_bad_requests_get_400_with_the_field(body: bytes, fragment: str) -> None:
     with pytest.raises(ApiError) as ei:
@@ -100,6 +106,9 @@ def completion(**kw) -> bytes:
     (completion(stop=["a", "b", "c", "d", "e"]), "at most 4", "stop"),
     (completion(presence_penalty=1), "presence_penalty", None),
     (completion(temperature=5), "temperature", "temperature"),
+    (completion(response_format={"type": "json_object"}), "response_format json_object (structured output)", None),
+    (completion(tools=[{"type": "function", "function": {"name": "f"}}]), "tools / function calling", None),
+    (completion(stream_options={"include_usage": True}), "only allowed when stream is true", None),
 ])
 def test_bad_completion_requests_get_400_with_the_field(body: bytes, fragment: str, param: str | None) -> None:
     with pytest.raises(ApiError) as ei:
@@ -141,8 +150,10 @@ def test_the_model_cards_sglang_request_is_accepted_as_it_is() -> None:
 
 def test_neutral_values_of_unsupported_fields_and_text_response_format_are_accepted() -> None:
     r = parse_chat_request(req(response_format={"type": "text"}, logit_bias={}, repetition_penalty=1.0, min_p=0,
-                               logprobs=False, top_logprobs=0, user="u1", seed=7))
+                               logprobs=False, top_logprobs=0, user="u1", seed=7, tool_choice="none",
+                               stream=False, stream_options=None))
     assert r.response_format is not None and r.response_format.type == "text" and r.seed == 7
+    assert parse_chat_request(req(seed=2**63 - 1, tool_choice="auto", functions=[])).seed == 2**63 - 1
 
 
 def test_conversion_numbers_images_across_turns() -> None:
@@ -196,6 +207,13 @@ def test_bad_schemes_are_refused(url: str) -> None:
     with pytest.raises(ApiError) as ei:
         load(url)
     assert ei.value.status == 400
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x.png", "https://[zz]/a.png"])
+def test_a_malformed_image_url_is_the_clients_error_not_a_server_error(url: str) -> None:
+    with pytest.raises(ApiError) as ei:
+        load(url)
+    assert ei.value.status == 400 and "malformed" in ei.value.message and ei.value.code == "invalid_image_url"
 
 
 def test_public_address_classification() -> None:
@@ -272,3 +290,26 @@ def test_api_keys() -> None:
         with pytest.raises(ApiError) as ei:
             auth.check(header)
         assert ei.value.status == 401 and ei.value.body()["error"]["type"] == "authentication_error"
+
+
+def test_a_chunked_body_over_the_limit_is_refused_without_reading_the_rest() -> None:
+    from dotsvlm_serving.api.body import read_limited
+
+    read = 0
+
+    async def endless():  # a chunked upload with no Content-Length, as long as the client likes
+        nonlocal read
+        while True:
+            read += 1
+            yield b"x" * 1000
+
+    with pytest.raises(ApiError) as ei:
+        asyncio.run(read_limited(endless(), 10_000))
+    assert ei.value.status == 413 and "over the 10000-byte limit" in ei.value.message
+    assert read == 11  # stopped at the chunk that passed the limit
+
+    async def two():
+        yield b'{"a": '
+        yield b"1}"
+
+    assert asyncio.run(read_limited(two(), 100)) == b'{"a": 1}'

@@ -138,6 +138,9 @@ def test_sampling_seed_top_k_top_p() -> None:
     g = tp.make_generator()
     assert {sample_token(logits, tp, g) for _ in range(50)} <= {1, 2}
     assert sample_token(logits, SamplingParams(max_tokens=1, temperature=0), None) == 1
+    # A temperature too small to divide by (the logits would overflow to inf) samples greedily, not a 500.
+    tiny = SamplingParams(max_tokens=1, temperature=1e-40, seed=3)
+    assert {sample_token(logits * 1e3, tiny, tiny.make_generator()) for _ in range(5)} == {1}
 
 
 def test_holdback_for_partial_stop_strings() -> None:

@@ -153,7 +153,10 @@ async def fetch_image(url: str, policy: FetchPolicy, *, client: httpx.AsyncClien
 
 
 async def _fetch_once(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes | str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket: "http://[::1/x"
+        raise _bad(f"image URL is malformed ({exc}): {url[:200]!r}") from None
     if parts.scheme not in ("http", "https"):
         raise _bad(f"image URL scheme {parts.scheme!r} is not supported; use http(s) or a data: URL")
     host = parts.hostname

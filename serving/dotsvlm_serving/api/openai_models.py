@@ -105,6 +105,10 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "continue_final_message": (None, False),
     "skip_special_tokens": (None, True),
     "suffix": (None, ""),
+    # Function calling by its older names, and a tool choice without tools ("none" and "auto" choose nothing).
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "tool_choice": (None, "none", "auto"),
 }
 
 
@@ -117,7 +121,7 @@ class GenerationRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="extension: 0 or -1 disables")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit signed integer")
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -126,6 +130,8 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence tokens")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    tools: list[Any] | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -156,6 +162,14 @@ class GenerationRequest(BaseModel):
                              "(with different seeds for different samples)")
         if (self.presence_penalty or 0) != 0 or (self.frequency_penalty or 0) != 0:
             raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(f"response_format {self.response_format.type} (structured output) is not supported by "
+                             f"this server yet: remove response_format, or ask for JSON in the prompt and "
+                             f"validate the answer yourself")
+        if self.tools:
+            raise ValueError("tools / function calling are not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
         return self
 
     def completion_limit(self) -> int | None:
@@ -172,20 +186,12 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    tools: list[Any] | None = None
-    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _unsupported(self, info: ValidationInfo) -> "ChatCompletionRequest":
         if self.logprobs:
             raise ValueError(f"logprobs are not supported by this server{_engine_of(info)}; remove logprobs or set "
                              "it to false")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format {self.response_format.type} (structured output) is not supported by "
-                             f"this server yet: remove response_format, or ask for JSON in the prompt and "
-                             f"validate the answer yourself")
-        if self.tools:
-            raise ValueError("tools / function calling are not supported by this server")
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must not be an assistant message (continuation is not supported)")
         return self

@@ -26,6 +26,7 @@ from .. import head_drain, pipeline
 from ..autoscaling import serve_policy
 from ..autoscaling.signals import NO_DATA, VISION_PENDING_IMAGES, VISION_PENDING_PIXELS, IngressSignals
 from ..api.auth import ApiKeyAuth
+from ..api.body import read_limited, too_large
 from ..api.errors import ApiError, error_body
 from ..api.images import FetchPolicy, decode_data_url, load_image_bytes
 from ..api.openai_models import (CompletionRequest, GenerationRequest, chunk, completion_response, models_response,
@@ -265,14 +266,11 @@ class Ingress:
         limit = self.cfg.api.body_limit()
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the request body is {declared} bytes, over the {limit}-byte limit: send smaller "
-                                "images or fewer of them")
+            raise too_large(limit, declared)
         return declared
 
-    def _check_body_size(self, body: bytes) -> None:
-        limit = self.cfg.api.body_limit()
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is over the {limit}-byte limit: send smaller images or fewer of them")
+    async def _read_body(self, request: Request) -> bytes:
+        return await read_limited(request.stream(), self.cfg.api.body_limit())
 
     def _check_model(self, req: GenerationRequest) -> None:
         if req.model != self.model.served_model_name:
@@ -291,8 +289,7 @@ class Ingress:
             self.admission.reserve_bytes(int(declared), time.monotonic())
             held = int(declared)
         try:
-            body = await request.body()
-            self._check_body_size(body)
+            body = await self._read_body(request)
             if not held and len(body) > LARGE_BODY:  # no Content-Length (chunked upload)
                 self.admission.reserve_bytes(len(body), time.monotonic())
                 held = len(body)
@@ -333,8 +330,7 @@ class Ingress:
         """/v1/completions: the prompt continued as it is, text only, with the chat endpoint's limits and
         errors (a body has no images, so it holds no image bytes)."""
         self._declared_size(request)
-        body = await request.body()
-        self._check_body_size(body)
+        body = await self._read_body(request)
         req = parse_completion_request(body, engine=self.cfg.engine)
         self._check_model(req)
         info["modality"] = _modality(0)
@@ -393,7 +389,13 @@ class Ingress:
                 return await asyncio.to_thread(decode_data_url, url, max_bytes=self.fetch_policy.max_bytes)
             return await load_image_bytes(url, self.fetch_policy)
 
-        datas = await asyncio.gather(*(load(u) for u in urls))
+        loads = [asyncio.ensure_future(load(u)) for u in urls]
+        try:
+            datas = await asyncio.gather(*loads)
+        except BaseException:
+            for task in loads:  # the first bad image ends the request: the other downloads stop too
+                task.cancel()
+            raise
         sizes = []
         for i, d in enumerate(datas):
             try:

@@ -6,19 +6,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+# A temperature below this samples greedily (as vLLM does): dividing the logits by it would overflow them
+# to inf and leave no distribution to draw from.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
     def make_generator(self) -> torch.Generator | None:
-        if self.temperature == 0:
+        if self.greedy:
             return None
         g = torch.Generator(device="cpu")
         if self.seed is not None:
@@ -30,7 +38,7 @@ class SamplingParams:
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick the next token from one row of logits ([vocab])."""
-    if params.temperature == 0 or generator is None:
+    if params.greedy or generator is None:
         return int(torch.argmax(logits).item())
     scores = logits.float().cpu() / params.temperature
     if params.top_k > 0 and params.top_k < scores.numel():
