@@ -8,9 +8,10 @@ are snake_case in Python and camelCase in the API (alias generator).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from dotsvlm_serving.serve_config import (LLM_DRAIN_TIMEOUT_S, LLM_SHUTDOWN_MARGIN_S, ApiConfig, AutoscalingTargets, LLMAutoscaling,
@@ -20,11 +21,13 @@ from dotsvlm_operator.naming import POD_STOP_MARGIN_S, RAY_HEAD_PORTS
 
 # Largest context the DeepSeek-V3 language model supports (max_position_embeddings).
 MAX_CONTEXT_LENGTH = 163840
-# Kubernetes quantities ("16Gi", "500m", 2) and label values.
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# Kubernetes quantities ("16Gi", "500m", "1.5", "1e3", 2), not negative: a number, then one suffix at most (a
+# binary one, a decimal one, or an exponent), as Kubernetes' own parser reads them. (The pattern Kubernetes'
+# own schemas carry is looser: it lets "-1Gi" or "1.2.3Gi" through to a refusal of the pool's Deployment.)
+QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # How Kubernetes' own types write a resource.Quantity in a CRD schema.
-_QUANTITY_SCHEMA = {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN,
+_QUANTITY_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}], "pattern": QUANTITY_PATTERN,
                     "x-kubernetes-int-or-string": True}
 
 
@@ -103,6 +106,11 @@ class Toleration(_Api):
     model_config = ConfigDict(json_schema_extra=_rules(
         ("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
          "a toleration with operator Exists matches every value: remove 'value' or use operator Equal"),
+        ("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+         "a toleration without a key must have operator Exists (it then tolerates every taint): add a key, or set "
+         "operator: Exists"),
+        ("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+         "tolerationSeconds applies only to effect NoExecute: set effect: NoExecute, or remove tolerationSeconds"),
     ))
 
     key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists tolerates every taint.")
@@ -112,6 +120,19 @@ class Toleration(_Api):
         None, description="Taint effect to tolerate; empty tolerates every effect.")
     toleration_seconds: int | None = Field(
         None, ge=0, description="With effect NoExecute: how long the pod stays bound after the taint appears.")
+
+    @model_validator(mode="after")
+    def _as_kubernetes_checks(self) -> "Toleration":
+        """The CRD's rules (above), for a spec read without it: Kubernetes refuses such a toleration in a pod."""
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists matches every value: remove 'value' or use operator Equal")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must have operator Exists (it then tolerates every taint): "
+                             "add a key, or set operator: Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds applies only to effect NoExecute: set effect: NoExecute, or remove "
+                             "tolerationSeconds")
+        return self
 
 
 class Resources(_Api):
@@ -131,6 +152,15 @@ class Resources(_Api):
     limits: dict[str, int | str] | None = Field(
         None, description="Resource limits, e.g. {memory: 400Gi}.",
         json_schema_extra={"additionalProperties": _QUANTITY_SCHEMA, "maxProperties": 32})
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _quantities(cls, v: dict[str, int | str] | None) -> dict[str, int | str] | None:
+        """The CRD's check, for a spec read without it: each value a Kubernetes quantity, not negative."""
+        for name, q in (v or {}).items():
+            if isinstance(q, int) and q < 0 or isinstance(q, str) and not re.match(QUANTITY_PATTERN, q):
+                raise ValueError(f"{name}: {q!r} is not a Kubernetes quantity (e.g. 16, 500m, 200Gi; not negative)")
+        return v
 
 
 class SecretKeyRef(_Api):
@@ -420,7 +450,7 @@ class LLMPool(_Api):
 class QueueSpec(_Api):
     """The tensor queue between the pools: bounded, FIFO, with backpressure (full -> wait, then HTTP 429)."""
 
-    max_items: int = Field(_contract(QueueConfig, "max_items"), ge=1, le=1_000_000, description="Most image-embedding items waiting for an LLM replica.")
+    max_items: int = Field(_contract(QueueConfig, "max_items"), ge=1, le=1_000_000, description="Most requests waiting for an LLM replica (one item per request, text-only too; image embeddings stay in Ray's object store).")
     max_bytes: int = Field(_contract(QueueConfig, "max_bytes"), ge=1024, description="Most bytes of embeddings waiting for an LLM replica.")
     enqueue_timeout_seconds: float = Field(_contract(QueueConfig, "enqueue_timeout_s"), ge=0, le=3600, description="How long a request waits for room in a full queue before it is answered 429.")
     lease_timeout_seconds: float = Field(_contract(QueueConfig, "lease_timeout_s"), gt=0, le=3600, description="How long an LLM replica may go without a heartbeat before it is declared dead and the items it holds are delivered again (or their requests fail, if tokens were already streamed).")
@@ -463,7 +493,8 @@ class GcsFaultTolerance(_Api):
     """Ray's GCS fault tolerance: the head keeps the cluster's state (nodes, actors, Serve's checkpoint, the
     internal KV) in an external Redis. When the head pod restarts (a crash, an eviction, the last step of an
     image rollout) the pool pods and their replicas keep running and rejoin the new head: the LLM does not
-    reload its weights. The API and the tensor queue run on the head and restart with it."""
+    reload its weights. The API and the tensor queue run on the head and restart with it (unless spec.apiPool
+    moves them to pods of their own)."""
 
     redis_address: str = Field(..., min_length=3, max_length=260,
                                pattern=r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}$", description=(
@@ -537,8 +568,9 @@ class DotsVLMDeploymentSpec(_Api):
     image_pull_secrets: list[str] | None = Field(None, description="Names of Secrets used to pull image.")
     rollout_strategy: Literal["OneGroupAtATime", "AllAtOnce"] = Field("OneGroupAtATime", description=(
         "How a change that reaches every Ray pod (a new image, pull secrets, ...) rolls. OneGroupAtATime: the "
-        "vision pool, then the LLM pool, then the Ray head, each once the one before has finished, pool pods "
-        "drained one at a time (the deployment serves until the head restarts). AllAtOnce: all three take it "
+        "vision pool, then the LLM pool, then the API pool (with spec.apiPool), then the Ray head, each once the one "
+        "before has finished, pool pods drained one at a time (the deployment serves until the head restarts). "
+        "AllAtOnce: every group takes it "
         "together; the way to change the Ray or Python version of the image, since Ray refuses nodes of another "
         "version (one group at a time, the first new vision pod cannot join the old head and the rollout stops "
         "there). New requests get 503 until the new head and pools serve."))

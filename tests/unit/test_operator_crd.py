@@ -79,3 +79,20 @@ def test_samples_validate_against_the_models() -> None:
     full = models.DotsVLMDeploymentSpec.model_validate(yaml.safe_load((REPO / "examples" / "dotsvlm.yaml").read_text())["spec"])
     assert (full.llm.tensor_parallel, full.llm.nodes_per_replica, full.llm.gpus_per_pod) == (16, 2, 8)
     assert (full.llm.context_length, full.llm.max_running_requests, full.model.quantization) == (65536, 64, "fp8")
+
+
+def test_a_spec_read_without_the_crd_refuses_what_kubernetes_would_refuse_in_a_pod() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    for bad in ({"requests": {"cpu": -4}}, {"limits": {"memory": "-1Gi"}}, {"limits": {"memory": "1.2.3Gi"}}):
+        with pytest.raises(ValidationError, match="is not a Kubernetes quantity"):
+            models.Resources.model_validate(bad)
+    assert models.Resources.model_validate({"requests": {"cpu": 16, "memory": "200Gi"}, "limits": {"cpu": "500m"}})
+    with pytest.raises(ValidationError, match="without a key must have operator Exists"):
+        models.Toleration.model_validate({"operator": "Equal", "value": "x"})
+    with pytest.raises(ValidationError, match="tolerationSeconds applies only to effect NoExecute"):
+        models.Toleration.model_validate({"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 5})
+    assert models.Toleration.model_validate({"operator": "Exists"})
+    assert models.Toleration.model_validate({"key": "gpu", "operator": "Exists", "effect": "NoExecute",
+                                             "tolerationSeconds": 30})
