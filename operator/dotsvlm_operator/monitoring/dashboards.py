@@ -263,7 +263,7 @@ AUTOSCALER = Dashboard(
     [("Decisions", [
         Panel("Autoscaler desired replicas", "Replicas the pool autoscaler wants, per pool.",
               [(gauge("dotsvlm_autoscaler_desired_replicas", "max", "pool"), "{{pool}}")], "short"),
-        Panel("Decisions", "Scale decisions per pool and direction (up, down, hold) over 5 minutes.",
+        Panel("Decisions", "Scale decisions per pool and direction (up, down) over 5 minutes.",
               [(f'sum by (pool, direction) (increase({prom("dotsvlm_autoscaler_decisions")}{sel()}[5m]))',
                 "{{pool}} {{direction}}")], "short"),
         Panel("Decisions by reason", "Why the autoscaler decided, per pool, over 5 minutes.",

@@ -141,7 +141,7 @@ AUTOSCALER_METRICS: tuple[MetricSpec, ...] = (
     _m("dotsvlm_autoscaler_desired_replicas", "gauge", "autoscaler",
        "Replicas the pool autoscaler wants for a pool", ("pool",)),
     _m("dotsvlm_autoscaler_decisions", "counter", "autoscaler",
-       "Pool autoscaler decisions by direction (up, down, hold) and reason", ("pool", "direction", "reason")),
+       "Pool autoscaler decisions by direction (up, down) and reason", ("pool", "direction", "reason")),
 )
 
 _RESOURCE = (NAMESPACE_LABEL, DEPLOYMENT_LABEL)
