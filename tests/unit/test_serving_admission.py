@@ -267,3 +267,35 @@ def test_http_images_count_at_their_largest_size_while_they_download() -> None:
         assert len(held_while_downloading) == 2 and ing.admission.bytes.held == 0
 
     asyncio.run(main())
+
+
+def test_the_first_bad_image_of_a_request_stops_its_other_downloads(monkeypatch) -> None:
+    """A request with a slow image URL and a bad one ends with the bad one's 400 at once, and the slow
+    download stops with it rather than running on after its bytes were released."""
+    from dotsvlm_serving.api.errors import ApiError
+    from dotsvlm_serving.api.images import FetchPolicy
+    from dotsvlm_serving.deployments import ingress as ingress_module
+
+    cancelled = asyncio.Event()
+
+    async def fake_load(url: str, policy) -> bytes:
+        if "slow" in url:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        raise ApiError(400, "fetching the image URL returned HTTP 404", code="invalid_image_url")
+
+    monkeypatch.setattr(ingress_module, "load_image_bytes", fake_load)
+    ing = object.__new__(ingress_module.Ingress)
+    ing.cfg = ServeAppConfig.model_validate({"model_path": "/m", "api": {"api_keys_env": None}}).ingress_config()
+    ing.fetch_policy = FetchPolicy.from_config(max_bytes=1 << 20, timeout_s=5, fetch_allow=[])
+
+    async def main() -> None:
+        with pytest.raises(ApiError) as err:
+            await asyncio.wait_for(ing._load_images(["https://a.example/slow.png", "https://a.example/bad.png"]), 10)
+        assert err.value.status == 400
+        await asyncio.wait_for(cancelled.wait(), 5)
+
+    asyncio.run(main())
