@@ -183,6 +183,10 @@ def load(url: str, pol: FetchPolicy | None = None) -> bytes:
 
 def test_data_urls() -> None:
     assert load("data:image/png;base64," + base64.b64encode(PNG).decode()) == PNG
+    # Base64 broken into lines, as the `base64` tool writes it by default, is the same image.
+    assert load("data:image/png;base64," + base64.encodebytes(PNG * 3).decode()) == PNG * 3
+    with pytest.raises(ApiError, match="only A-Z, a-z, 0-9"):
+        load("data:image/png;base64,iVBO Rw0K@@")
     for url, code in [("data:text/plain;base64,QUJD", 400), ("data:image/png;base64,@@@", 400),
                       ("data:image/png;base64", 400), ("data:image/png;base64," + "A" * 20_000, 413)]:
         with pytest.raises(ApiError) as ei:

@@ -51,6 +51,18 @@ def _bad(msg: str) -> ApiError:
 
 # ------------------------------------------------------------------------------------------ data: URLs
 
+def _b64_wrapped(payload: str) -> bytes:
+    """Base64 broken into lines (the `base64` tool's default, some clients' too): the same without the
+    whitespace; anything else that is not base64 is the client's error."""
+    joined = "".join(payload.split())
+    try:
+        if joined == payload.strip():
+            raise ValueError
+        return base64.b64decode(joined, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("data: URL payload is not valid base64 (only A-Z, a-z, 0-9, +, / and = padding)") from None
+
+
 def decode_data_url(url: str, *, max_bytes: int) -> bytes:
     """`data:image/png;base64,....` -> bytes, refusing non-image media types and oversize payloads
     before decoding them."""
@@ -68,7 +80,7 @@ def decode_data_url(url: str, *, max_bytes: int) -> bytes:
         try:
             data = base64.b64decode(payload.strip(), validate=True)
         except (binascii.Error, ValueError):
-            raise _bad("data: URL payload is not valid base64") from None
+            data = _b64_wrapped(payload)
     else:
         data = unquote_to_bytes(payload)
     if len(data) > max_bytes:

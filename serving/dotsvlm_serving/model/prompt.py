@@ -100,7 +100,7 @@ def render_chat(messages: list[dict[str, Any]], image_token_counts: list[int], *
         role = m.get("role")
         if role == "system":
             if i != 0:
-                raise ValueError(f"messages[{i}] is a system message: only the first message may be a system message")
+                raise ValueError(f"messages[{i}] is a system (or developer) message: only the first message may be one")
             system = "".join(_text(p["text"], i) for p in _parts(m.get("content"), "system", i))
             continue
         if role not in _ROLE_TAGS:
