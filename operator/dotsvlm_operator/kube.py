@@ -138,12 +138,8 @@ class Kube:
         try:
             self._call("POST", self._path(obj["kind"], meta["namespace"]), body=obj,
                        query=[("dryRun", "All"), ("fieldManager", naming.MANAGER)], content_type="application/json")
-        except ApiException as exc:
-            if exc.status == 409:  # valid; the name is taken (by the live object)
-                return True
-            if exc.status == 422:
-                return False
-            raise
+        except ApiException as exc:  # 409: valid, the name is taken (by the live object); else refused or unknown
+            return exc.status == 409
         return True
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
