@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from .serve_config import CONTROL_RESOURCE, CONTROL_RESOURCE_CAPACITY, LLMPoolConfig, QueueConfig, ServeAppConfig
 
@@ -81,6 +83,23 @@ def read_overrides(path: str) -> dict:
         raise ValueError(f"--config {path} must hold a mapping of Serve config fields, e.g. "
                          "{vision: {autoscaling: {min_replicas: 0, max_replicas: 2}}}")
     return data
+
+
+def config_errors(exc: Any, path: str | None) -> str:
+    """A pydantic ValidationError of the Serve config as a person reads it: one line per field, the field's
+    path, what is wrong; a camelCase name (the custom resource's spelling) gets its snake_case one."""
+    where = f"--config {path}" if path else "the serving config"
+    lines = [f"{where} does not fit the Serve config (its names: serving/dotsvlm_serving/serve_config.py; an "
+             "example: examples/serve-autoscaling.yaml):"]
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            name = str(err["loc"][-1]) if err["loc"] else ""
+            snake = re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+            msg = "not a field here" + (f" (names are snake_case here: {snake}, not {name})" if snake != name else "")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
 
 
 def wait_healthy(url: str, timeout_s: float, progress_every_s: float = 30.0,
@@ -170,7 +189,10 @@ def cli_main(args: argparse.Namespace) -> int:
         model = ensure_tiny_checkpoint(TINY_MODEL_DIR)
     try:
         cfg = local_config(str(model.resolve()), read_overrides(args.config) if args.config else None)
-    except (ValueError, ValidationError) as exc:
+    except ValidationError as exc:
+        say(f"error: {config_errors(exc, args.config)}")
+        return 2
+    except ValueError as exc:
         say(f"error: {exc}")
         return 2
     keys_env = cfg.api.api_keys_env

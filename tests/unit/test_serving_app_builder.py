@@ -32,6 +32,20 @@ def test_invalid_config_is_refused_clearly() -> None:
         parse_config({"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}})
 
 
+def test_a_config_file_with_the_custom_resources_names_is_told_the_serve_configs() -> None:
+    from pydantic import ValidationError
+
+    from dotsvlm_serving.embedded import config_errors, local_config
+
+    with pytest.raises(ValidationError) as ei:
+        local_config("/m", {"vision": {"minReplicas": 0}, "llm": {"max_running_requests": 0, "foo": 1}})
+    text = config_errors(ei.value, "my.yaml")
+    assert text.startswith("--config my.yaml does not fit the Serve config") and "examples/serve-autoscaling.yaml" in text
+    assert "  vision.minReplicas: not a field here (names are snake_case here: min_replicas, not minReplicas)" in text
+    assert "  llm.foo: not a field here\n" in text + "\n" and "llm.max_running_requests: Input should be greater" in text
+    assert "errors.pydantic.dev" not in text
+
+
 def test_build_app_binds_the_four_deployments_with_pool_resources() -> None:
     cfg = ServeAppConfig.model_validate({
         "model_path": "/models/x", "device": "cuda",
