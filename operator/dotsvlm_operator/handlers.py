@@ -675,7 +675,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     token = state.token
     installed = {kind: await asyncio.to_thread(_crd_installed, kind) for kind in MONITORING_KINDS}
     # Children first, with the pods the pools were last sized for: a new resource gets its children at once.
-    sized = {pool: builders.desired_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
+    sized = {pool: pod_sizing.kept_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
              * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
     # The children as the spec builds them (pod templates included): built once per change of their inputs,
     # and reused as the children themselves when no group waits in a rollout (nearly always).

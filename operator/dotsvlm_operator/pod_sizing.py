@@ -77,12 +77,18 @@ def plan_pool(pool: models.VisionPool | models.LLMPool, *, deployment: Deploymen
     # holds; otherwise only its first node is, and nodesPerReplica pods are kept for each such replica.
     occupying = [r for r in (deployment.replicas if deployment else ()) if r.state in OCCUPYING_STATES and r.ips]
     unspanned = sum(1 for r in occupying if not r.node_ips) if nodes_per_replica > 1 else 0
-    floor_pods = max(hosting, (len(occupying) if unspanned else 0) * nodes_per_replica)
+    # A replica whose other nodes are not known makes every pod of the pool possibly one of them (their deletion
+    # cost is 0 like an empty pod's): none goes until the spans are known again.
+    floor_pods = max(hosting, len(live) if unspanned else 0)
 
     if deployment is None or deployment.target is None:
-        replicas = desired_replicas(pool, previous_replicas)
+        # Nothing is known about the replicas on the pods: the pool keeps the size it was last given (not even
+        # lowered to a lowered maxReplicas), and the pods' deletion costs stay as they were.
+        replicas = kept_replicas(pool, previous_replicas)
         reason, message = SERVE_UNKNOWN, (f"Serve's target is not known (the Ray head was not asked or did not answer): "
                                           f"keeping {replicas} replica(s)")
+        return PoolPlan(replicas=replicas, pods=replicas * nodes_per_replica, hosting_pods=hosting,
+                        reason=reason, message=message, costs={})
     else:
         target = desired_replicas(pool, deployment.target)
         replicas, reason, message = target, SERVE_TARGET, f"Serve wants {deployment.target} replica(s)"
@@ -97,10 +103,19 @@ def plan_pool(pool: models.VisionPool | models.LLMPool, *, deployment: Deploymen
                                                         f"signals ask for {raw_wish}: pods for {replicas} start ahead of demand")
     want_pods = replicas * nodes_per_replica
     if floor_pods > want_pods:
-        reason, message = DRAINING, (f"{message}; {floor_pods} pod(s) still host replicas, and a pod goes only after "
-                                     f"its replicas drained and left it")
+        why = (f"the nodes of {unspanned} replica(s) spanning several pods are not known (Ray's state API did not "
+               f"say): no pod goes until they are" if unspanned else
+               f"{floor_pods} pod(s) still host replicas, and a pod goes only after its replicas drained and left it")
+        reason, message = DRAINING, f"{message}; {why}"
     return PoolPlan(replicas=replicas, pods=max(want_pods, floor_pods), hosting_pods=hosting, reason=reason,
                     message=message, costs=costs)
+
+
+def kept_replicas(pool: models.VisionPool | models.LLMPool, previous_replicas: int | None) -> int:
+    """The replicas a full pass (a spec change, the resync) sizes a pool for: the size the pod loop last gave it,
+    raised to minReplicas. Never lowered there, not even to a lowered maxReplicas: a pod goes only when the pod
+    loop has seen its replicas drain and leave it (`plan_pool`)."""
+    return max(pool.min_replicas, pool.min_replicas if previous_replicas is None else previous_replicas)
 
 
 def cost_patches(pods: list[PodView], costs: dict[str, int]) -> dict[str, str]:

@@ -65,11 +65,28 @@ def test_llm_floor_keeps_every_pod_of_a_multi_node_replica() -> None:
     assert plan.pods == 4 and plan.pods % 2 == 0
 
 
-def test_unknown_target_keeps_the_previous_size_within_bounds() -> None:
-    plan = pod_sizing.plan_pool(vision(max_=4), deployment=None, raw_wish=None, pods=[], previous_replicas=6)
-    assert plan.pods == 4 and plan.reason == pod_sizing.SERVE_UNKNOWN
+def test_unknown_target_keeps_the_previous_size_at_least_the_minimum() -> None:
     plan = pod_sizing.plan_pool(vision(min_=2), deployment=None, raw_wish=None, pods=[], previous_replicas=None)
-    assert plan.pods == 2
+    assert plan.pods == 2 and plan.reason == pod_sizing.SERVE_UNKNOWN
+    plan = pod_sizing.plan_pool(vision(min_=3), deployment=None, raw_wish=None, pods=[], previous_replicas=1)
+    assert plan.pods == 3
+
+
+def test_unknown_target_removes_no_pod_and_leaves_their_costs() -> None:
+    # maxReplicas was lowered to 3 while 5 replicas run, and the Ray head does not answer this pass: nothing says
+    # which pods still host replicas, so none goes and no deletion cost is reset to 0.
+    pods = [pod(i, cost="1000") for i in range(5)]
+    plan = pod_sizing.plan_pool(vision(max_=3), deployment=None, raw_wish=None, pods=pods, previous_replicas=5)
+    assert plan.pods == 5 and plan.reason == pod_sizing.SERVE_UNKNOWN and "keeping 5 replica(s)" in plan.message
+    assert plan.costs == {} and pod_sizing.cost_patches(pods, plan.costs) == {}
+
+
+def test_a_full_pass_never_lowers_a_pool_only_the_pod_loop_does() -> None:
+    # The spec's maxReplicas drops 5 -> 3 while 5 replicas run: the full pass keeps the 5 pods the pod loop gave
+    # the pool (it lowers them once the replicas drained); a raised minReplicas grows the pool at once.
+    assert pod_sizing.kept_replicas(vision(max_=3), 5) == 5
+    assert pod_sizing.kept_replicas(vision(min_=4, max_=8), 2) == 4
+    assert pod_sizing.kept_replicas(vision(min_=2), None) == 2
 
 
 def test_scale_to_zero() -> None:
@@ -145,7 +162,8 @@ def test_an_llm_replica_over_two_nodes_protects_both_of_its_pods() -> None:
                                 previous_replicas=2)
     assert plan.pods == 2 and plan.reason == pod_sizing.SERVE_TARGET
     assert plan.costs == {"p0": 1000, "p1": 0, "p2": 1000, "p3": 0}, "the staying replica's second pod would go"
-    # Without the state API's answer only the first node is known: nodesPerReplica pods are kept for it,
-    # and the second pod's cost cannot be told (the old behaviour, still safe on the pod count).
+    # Without the state API's answer only the first node is known: the second pod's cost cannot be told (0, like
+    # the leaving replica's pods), so lowering the Deployment could take it: no pod goes until the spans are known.
     plan = pod_sizing.plan_pool(llm(nodes=2), deployment=staying, raw_wish=1, pods=pods, previous_replicas=2)
-    assert plan.pods == 2 and plan.costs["p0"] == 1000 and plan.costs["p2"] == 0
+    assert plan.pods == 4 and plan.reason == pod_sizing.DRAINING and "are not known" in plan.message
+    assert plan.costs["p0"] == 1000 and plan.costs["p2"] == 0
