@@ -107,8 +107,9 @@ def plan_pool(pool: models.VisionPool | models.LLMPool, *, deployment: Deploymen
                f"say): no pod goes until they are" if unspanned else
                f"{floor_pods} pod(s) still host replicas, and a pod goes only after its replicas drained and left it")
         reason, message = DRAINING, f"{message}; {why}"
-    return PoolPlan(replicas=replicas, pods=max(want_pods, floor_pods), hosting_pods=hosting, reason=reason,
-                    message=message, costs=costs)
+    pods_needed = max(want_pods, floor_pods)
+    return PoolPlan(replicas=replicas, pods=-(-pods_needed // nodes_per_replica) * nodes_per_replica,
+                    hosting_pods=hosting, reason=reason, message=message, costs=costs)
 
 
 def kept_replicas(pool: models.VisionPool | models.LLMPool, previous_replicas: int | None) -> int:

@@ -167,3 +167,7 @@ def test_an_llm_replica_over_two_nodes_protects_both_of_its_pods() -> None:
     plan = pod_sizing.plan_pool(llm(nodes=2), deployment=staying, raw_wish=1, pods=pods, previous_replicas=2)
     assert plan.pods == 4 and plan.reason == pod_sizing.DRAINING and "are not known" in plan.message
     assert plan.costs["p0"] == 1000 and plan.costs["p2"] == 0
+    # An odd number of pods (one more is starting) is kept as whole replicas' worth: rounded up, never down.
+    plan = pod_sizing.plan_pool(llm(nodes=2), deployment=staying, raw_wish=1, pods=pods + [pod(4, comp="llm")],
+                                previous_replicas=2)
+    assert plan.pods == 6
