@@ -404,14 +404,37 @@ def test_a_queue_options_change_hands_the_queue_over_and_fails_no_request(head: 
         async with RayHeadClient(head.dashboard, head.token, timeout=30) as client:
             await client.deploy(changed)
 
+    # A long stream open across the change: the old replica holds its lease and mailbox when it stops (the load's
+    # short requests alone may all have ended while Serve drained the old replica's calls), so it must hand over.
+    long: dict = {}
+    streaming = threading.Event()
+
+    def long_stream() -> None:
+        body = {"model": "dots.vlm1", "messages": [{"role": "user", "content": "a long story, please"}],
+                "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=head.api, timeout=240) as client, \
+                client.stream("POST", "/v1/chat/completions", json=body) as r:
+            chunks = []
+            for chunk in r.iter_text():
+                chunks.append(chunk)
+                streaming.set()
+            long.update(status=r.status_code, text="".join(chunks))
+        streaming.set()
+
     with Load(head.api, workers=3) as load:
         load.wait_for_requests(3, 180)
+        streamer = threading.Thread(target=long_stream, daemon=True)
+        streamer.start()
+        assert streaming.wait(120), "the long stream did not start"
         asyncio.run(deploy_changed())
         head.wait_for("a new queue replica running, the old one gone", lambda a: _all_running(a, SIZES) and not old_queue & {
             r["replica_id"] for r in ((a.get("deployments") or {}).get("TensorQueue") or {}).get("replicas") or []}, 240)
         load.wait_for_requests(6, 180)  # served through the new replica
+        streamer.join(240)
     after = head.replicas()
     assert load.outcomes["failed"] == 0, load.failures
+    text = long.get("text", "")
+    assert long.get("status") == 200 and '"finish_reason":"length"' in text and '"error"' not in text, text[-600:]
     print(f"queue options change under load: {dict(load.outcomes)}")
     for name in ("Ingress", "VisionEncoder", "LLMServer"):
         assert _ids(after, name) == _ids(before, name), name
