@@ -592,10 +592,14 @@ def _pool_spec(spec: models.DotsVLMDeploymentSpec, pool: str) -> models.VisionPo
 
 
 def _previous_replicas(spec: models.DotsVLMDeploymentSpec, old: models.DotsVLMDeploymentStatus | None,
-                       pool: str) -> int | None:
-    """The replicas the pool's pods were last sized for (kept while Serve cannot be asked)."""
+                       pool: str, live: dict[str, Any] | None) -> int | None:
+    """The replicas the pool's pods were last sized for (kept while Serve cannot be asked). When the status does
+    not say (a restarted operator that cannot read it, e.g. a field of a newer version), the live Deployment's
+    size: sizing the pool at minReplicas would remove pods that still host replicas."""
     pods = getattr(old, pool).desired_pods if old is not None else None
-    if pods is None:
+    if pods is None and live is not None:
+        pods = (live.get("spec") or {}).get("replicas")
+    if not isinstance(pods, int):
         return None
     return pods // (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1)
 
@@ -670,12 +674,17 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
         # Read again on the resync, or when the watch saw someone else change or delete the Secret. Its
         # version is remembered, so the watch event of our own create or read is not taken for a change.
         state.dirty.discard(token_key)
-        state.token, version = await asyncio.to_thread(k.ensure_token, owner, new_resource=old is None)
+        state.token, version = await asyncio.to_thread(k.ensure_token, owner, new_resource=not body.get("status"))
         state.applied[token_key] = ("", version)
     token = state.token
     installed = {kind: await asyncio.to_thread(_crd_installed, kind) for kind in MONITORING_KINDS}
     # Children first, with the pods the pools were last sized for: a new resource gets its children at once.
-    sized = {pool: pod_sizing.kept_replicas(_pool_spec(spec, pool), _previous_replicas(spec, old, pool))
+    # A resource with no status yet is new: it has no children to read. One whose status the operator cannot
+    # read (`old` None) is not: its live Deployments are read (once) for their sizes and pod templates.
+    new_resource = not body.get("status")
+    await asyncio.to_thread(_read_live, k, owner, state, new_resource)
+    sized = {pool: pod_sizing.kept_replicas(_pool_spec(spec, pool), _previous_replicas(
+                 spec, old, pool, state.live.get(_RAY_DEPLOYMENTS[pool](owner.name))))
              * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
     # The children as the spec builds them (pod templates included): built once per change of their inputs,
     # and reused as the children themselves when no group waits in a rollout (nearly always).
@@ -684,8 +693,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
         state.spec_built = (inputs, _build(owner, spec, token, sized, installed, {}))
     built = state.spec_built[1]
     desired = builders.ray_templates(built)
-    state.template_plan = await asyncio.to_thread(_plan_templates, k, owner, desired, state, old is None,
-                                                  spec.rollout_strategy == "AllAtOnce")
+    state.template_plan = _plan_templates(owner, desired, state, spec.rollout_strategy == "AllAtOnce")
     objs = _children(owner, spec, token, sized, installed, state, generation,
                      prebuilt=built if state.template_plan.templates == desired else None)
     kept = {obj["kind"] for obj, _ in objs}
@@ -727,22 +735,26 @@ _RAY_DEPLOYMENTS = {naming.COMPONENT_HEAD: naming.head_name, naming.COMPONENT_VI
                     naming.COMPONENT_API_POOL: lambda n: naming.pool_name(n, naming.COMPONENT_API_POOL)}
 
 
-def _plan_templates(k: Kube, owner: naming.Owner, desired: dict[str, dict[str, Any]],
-                    state: ResourceState, new_resource: bool, all_at_once: bool) -> rollout.TemplatePlan:
-    """Which pod template each Ray component gets now: a template change (a new spec.image, say) rolls
-    the vision pool, then the LLM pool, then the head, each once the one before has finished. Live
-    Deployments come from the watch; one not seen yet (a restarted operator) is read once. A new
-    resource (no status yet) has none to read: three calls fewer for each of a burst of creates."""
-    live: dict[str, dict[str, Any] | None] = {}
-    for component, name_of in _RAY_DEPLOYMENTS.items():
-        if component not in desired:  # the API pool, when the spec has none
-            continue
+def _read_live(k: Kube, owner: naming.Owner, state: ResourceState, new_resource: bool) -> None:
+    """The live Ray Deployments come from the watch; one not seen yet (a restarted operator) is read once. A new
+    resource has none to read: three calls fewer for each of a burst of creates."""
+    if new_resource:
+        return
+    for name_of in _RAY_DEPLOYMENTS.values():
         name = name_of(owner.name)
-        if name not in state.live and not new_resource:
+        if name not in state.live:
             got = k.get("Deployment", owner.namespace, name)
             if got is not None:
                 state.live[name] = got
-        live[component] = state.live.get(name)
+
+
+def _plan_templates(owner: naming.Owner, desired: dict[str, dict[str, Any]], state: ResourceState,
+                    all_at_once: bool) -> rollout.TemplatePlan:
+    """Which pod template each Ray component gets now: a template change (a new spec.image, say) rolls
+    the vision pool, then the LLM pool, then the head, each once the one before has finished (live
+    Deployments as `_read_live` left them)."""
+    live = {component: state.live.get(name_of(owner.name)) for component, name_of in _RAY_DEPLOYMENTS.items()
+            if component in desired}  # the API pool only when the spec has one
     return rollout.plan_templates(desired, live, all_at_once=all_at_once)
 
 
@@ -795,7 +807,8 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
     plans = {pool: pod_sizing.plan_pool(_pool_spec(spec, pool), deployment=serve_deployment(serve, pool),
                                         raw_wish=raw_wish(report, pool, now_unix),
                                         pods=[p for p in pods if p.component == pool],
-                                        previous_replicas=_previous_replicas(spec, old, pool))
+                                        previous_replicas=_previous_replicas(
+                                            spec, old, pool, state.live.get(_RAY_DEPLOYMENTS[pool](owner.name))))
              for pool in POOLS}
 
     # Shrinking pool: rank its pods first (empty ones go first), then lower the Deployment's replicas.

@@ -197,3 +197,21 @@ def test_a_full_pass_builds_the_children_once_and_a_pass_with_nothing_new_builds
     monkeypatch.setattr(handlers.CONFIG, "resync_seconds", 0.0)  # forced: every child applied again
     asyncio.run(handlers.reconcile_once(resource(finalizer=True), logging.getLogger("test"), state))
     assert builds == []
+
+
+def test_a_restarted_operator_that_cannot_read_the_status_keeps_the_pools_live_sizes(cluster: FakeKube) -> None:
+    """After a downgrade the stored status may hold a field this version does not know, and cannot be read:
+    the pools keep their live Deployments' sizes (sizing them at minReplicas would remove pods that still host
+    replicas), and a new resource (no status at all) reads no Deployment."""
+    first_pass(cluster)
+    assert not any(c.startswith("get Deployment/") for c in cluster.calls)
+    vision = naming.pool_name(NAME, naming.COMPONENT_VISION)
+    cluster.objects[f"Deployment/{vision}"]["spec"]["replicas"] = 3  # the pod loop grew the pool
+    assert handlers._old_status(body := kopf.Body({**resource(finalizer=True),
+                                                   "status": {"vision": {"desiredPods": 3, "fromANewerVersion": 1}}})) is None
+
+    restarted = handlers._resources[(NS, NAME)] = handlers.ResourceState()
+    cluster.calls.clear()
+    asyncio.run(handlers.reconcile_once(body, logging.getLogger("test"), restarted))
+    assert f"get Deployment/{vision}" in cluster.calls
+    assert cluster.objects[f"Deployment/{vision}"]["spec"]["replicas"] == 3
