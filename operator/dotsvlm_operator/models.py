@@ -100,17 +100,20 @@ class _Api(BaseModel):
 # --- small reusable pieces ---------------------------------------------------------------------------
 
 
+_EXISTS_WITH_VALUE = "a toleration with operator Exists matches every value: remove 'value' or use operator Equal"
+_NO_KEY_NOT_EXISTS = ("a toleration without a key must have operator Exists (it then tolerates every taint): add a key, "
+                      "or set operator: Exists")
+_SECONDS_NOT_NOEXECUTE = ("tolerationSeconds applies only to effect NoExecute: set effect: NoExecute, or remove "
+                          "tolerationSeconds")
+
+
 class Toleration(_Api):
     """A Kubernetes toleration, copied onto the pool's pods (see `kubectl explain pod.spec.tolerations`)."""
 
     model_config = ConfigDict(json_schema_extra=_rules(
-        ("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
-         "a toleration with operator Exists matches every value: remove 'value' or use operator Equal"),
-        ("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
-         "a toleration without a key must have operator Exists (it then tolerates every taint): add a key, or set "
-         "operator: Exists"),
-        ("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
-         "tolerationSeconds applies only to effect NoExecute: set effect: NoExecute, or remove tolerationSeconds"),
+        ("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''", _EXISTS_WITH_VALUE),
+        ("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')", _NO_KEY_NOT_EXISTS),
+        ("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')", _SECONDS_NOT_NOEXECUTE),
     ))
 
     key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists tolerates every taint.")
@@ -123,15 +126,14 @@ class Toleration(_Api):
 
     @model_validator(mode="after")
     def _as_kubernetes_checks(self) -> "Toleration":
-        """The CRD's rules (above), for a spec read without it: Kubernetes refuses such a toleration in a pod."""
+        """The CRD's rules (above, same messages), for a spec read without it: Kubernetes refuses such a
+        toleration in a pod."""
         if self.operator == "Exists" and self.value:
-            raise ValueError("a toleration with operator Exists matches every value: remove 'value' or use operator Equal")
+            raise ValueError(_EXISTS_WITH_VALUE)
         if not self.key and self.operator != "Exists":
-            raise ValueError("a toleration without a key must have operator Exists (it then tolerates every taint): "
-                             "add a key, or set operator: Exists")
+            raise ValueError(_NO_KEY_NOT_EXISTS)
         if self.toleration_seconds is not None and self.effect != "NoExecute":
-            raise ValueError("tolerationSeconds applies only to effect NoExecute: set effect: NoExecute, or remove "
-                             "tolerationSeconds")
+            raise ValueError(_SECONDS_NOT_NOEXECUTE)
         return self
 
 
