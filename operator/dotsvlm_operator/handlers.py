@@ -190,6 +190,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.priority = CONFIG.priority
     settings.peering.lifetime = 30
     settings.watching.server_timeout = 300
+    # The child watches' label filter, sent to the API server: the handlers' own `labels=` filters only after
+    # kopf has listed and watched every pod, Secret, ... of the cluster (Helm's release Secrets included).
+    settings.watching.label_selectors[_is_child_resource] = CHILD_LABEL_SELECTOR
+    settings.watching.chunk_size = 500  # the first list of each watch in pages, not one reply
     settings.networking.request_timeout = 60
 
 
@@ -268,11 +272,18 @@ async def _on_pod_event(labels: dict[str, str] | None, namespace: str | None, na
 
 
 _CHILD_SELECTOR = {naming.LABEL_MANAGED_BY: naming.MANAGER, naming.LABEL_DEPLOYMENT: kopf.PRESENT}
+CHILD_LABEL_SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGER},{naming.LABEL_DEPLOYMENT}"  # the same, for the API
+_CHILD_KINDS = [("", "v1", "pods"), ("apps", "v1", "deployments"), ("", "v1", "services"),
+                ("", "v1", "configmaps"), ("", "v1", "secrets"), ("policy", "v1", "poddisruptionbudgets"),
+                ("networking.k8s.io", "v1", "networkpolicies")]
+
+
+def _is_child_resource(resource: kopf.Resource) -> bool:
+    return (resource.group, resource.version, resource.plural) in _CHILD_KINDS
+
+
 kopf.on.event("", "v1", "pods", labels=_CHILD_SELECTOR, id="child-pods")(_on_pod_event)
-for _group, _version, _plural in [("apps", "v1", "deployments"), ("", "v1", "services"),
-                                  ("", "v1", "configmaps"), ("", "v1", "secrets"),
-                                  ("policy", "v1", "poddisruptionbudgets"),
-                                  ("networking.k8s.io", "v1", "networkpolicies")]:
+for _group, _version, _plural in _CHILD_KINDS[1:]:
     kopf.on.event(_group or None, _version, _plural, labels=_CHILD_SELECTOR, id=f"child-{_plural}")(_on_child_event)
 
 

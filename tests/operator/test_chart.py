@@ -190,7 +190,9 @@ def test_defaults_render_a_restricted_least_privilege_operator(helm_bin) -> None
     # No rule grants what the operator never does.
     (role,) = of_kind(objs, "ClusterRole")
     verbs = {v for rule in role["rules"] for v in rule["verbs"]}
-    assert "*" not in verbs and "update" not in verbs and "deletecollection" not in verbs
+    assert "*" not in verbs and "deletecollection" not in verbs
+    # update only on the finalizers subresource (what blockOwnerDeletion needs), never on an object.
+    assert all(rule["resources"] == ["dotsvlmdeployments/finalizers"] for rule in role["rules"] if "update" in rule["verbs"])
     assert not any("*" in rule["resources"] for rule in role["rules"])
 
 

@@ -191,6 +191,8 @@ class KubeCluster:
             f"etcd=listen-peer-urls={peer}", f"etcd=initial-advertise-peer-urls={peer}",
             f"etcd=initial-cluster=node0={peer}",
             "kube-apiserver=bind-address=127.0.0.1", "kube-apiserver=advertise-address=127.0.0.1",
+            # As OpenShift runs it: an ownerReference with blockOwnerDeletion needs update on the owner's finalizers.
+            "kube-apiserver=enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             "kube-controller-manager=bind-address=127.0.0.1", "kube-scheduler=bind-address=127.0.0.1",
             f"kwok-controller=server-address=127.0.0.1:{kwok}",
         ]

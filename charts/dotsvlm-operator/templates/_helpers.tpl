@@ -68,6 +68,11 @@ deletes/re-creates children; it never updates with PUT. Pods are only read; even
 - apiGroups: [dotsvlm.io]
   resources: [dotsvlmdeployments/status]
   verbs: [patch]
+# The children's ownerReferences set blockOwnerDeletion (foreground deletion waits for them); where the
+# OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift), that needs update on finalizers.
+- apiGroups: [dotsvlm.io]
+  resources: [dotsvlmdeployments/finalizers]
+  verbs: [update]
 - apiGroups: [""]
   resources: [services, configmaps, secrets]
   verbs: [get, list, watch, create, patch, delete]
