@@ -166,13 +166,18 @@ def test_helm_lint_strict(helm_bin) -> None:
 def test_defaults_render_a_restricted_least_privilege_operator(helm_bin) -> None:
     objs = render(helm_bin)
     assert sorted(o["kind"] for o in objs) == sorted(
-        ["ServiceAccount", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "Deployment"])
+        ["ServiceAccount", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"])
+    # The operator's metrics are on (alerts and dashboards read them), scraped by annotation without a ServiceMonitor.
+    (metrics_service,) = of_kind(objs, "Service")
+    assert metrics_service["spec"]["ports"][0]["port"] == 9090
     # The CRD is the generated one, kept on uninstall.
     (crd,) = of_kind(objs, "CustomResourceDefinition")
     assert crd["spec"] == crd_gen.crd_manifest()["spec"]
     assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     (deployment,) = of_kind(objs, "Deployment")
     pod = deployment["spec"]["template"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
+    assert "--metrics-port=9090" in container(objs)["args"]
     # Every DotsVLMDeployment's NetworkPolicy lets the operator in by this label, from its own namespace,
     # which the operator learns from its pod.
     assert naming.OPERATOR_POD_LABELS.items() <= pod["metadata"]["labels"].items()
@@ -238,6 +243,9 @@ def test_monitoring_objects_render_from_the_shipped_files(helm_bin, tmp_path) ->
     (service,) = of_kind(objs, "Service")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert "metrics" in [p["name"] for p in container(objs)["ports"]]
+    # Scraped through the ServiceMonitor, never also by annotation (twice).
+    (deployment,) = of_kind(objs, "Deployment")
+    assert "prometheus.io/scrape" not in (deployment["spec"]["template"]["metadata"].get("annotations") or {})
     # With files present (a placeholder in a copy of the chart), they are wired through.
     objs = render(helm_bin, *on, chart=chart_copy_with_monitoring_files(tmp_path))
     (dashboard,) = [c for c in of_kind(objs, "ConfigMap") if "test_placeholder.json" in c["data"]]
@@ -251,7 +259,8 @@ def test_monitoring_objects_render_from_the_shipped_files(helm_bin, tmp_path) ->
         "Check {{ $labels.namespace }}/{{ $labels.deployment }}."
     # Switched off: nothing.
     assert not {"ServiceMonitor", "PrometheusRule", "ConfigMap", "Service"} & {
-        o["kind"] for o in render(helm_bin, chart=chart_copy_with_monitoring_files(tmp_path / "off"))}
+        o["kind"] for o in render(helm_bin, "--set", "metrics.enabled=false",
+                                  chart=chart_copy_with_monitoring_files(tmp_path / "off"))}
 
 
 @cluster
