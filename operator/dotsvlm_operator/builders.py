@@ -413,10 +413,11 @@ def pod_monitor(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, A
                               naming.owned_labels(owner.name), spec.monitoring.scrape_interval)
 
 
-def prometheus_rule(owner: Owner) -> dict[str, Any]:
-    """dotsvlm's alerts, narrowed to this deployment's series."""
+def prometheus_rule(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
+    """dotsvlm's alerts, narrowed to this deployment's series and held to its spec.slo."""
     return alerts.prometheus_rule(_meta(owner, naming.prometheus_rule_name(owner.name), naming.COMPONENT_MONITORING),
-                                  owner.namespace, owner.name)
+                                  owner.namespace, owner.name,
+                                  {"text": spec.slo.text_ttft_seconds, "image": spec.slo.image_ttft_seconds})
 
 
 def uses_pod_monitor(spec: models.DotsVLMDeploymentSpec, pod_monitor_supported: bool) -> bool:
@@ -472,7 +473,7 @@ def children(owner: Owner, spec: models.DotsVLMDeploymentSpec, *, vision_replica
     elif spec.monitoring.enabled:
         annotations.update(scrape.scrape_annotations(naming.METRICS_PORT))
     if uses_prometheus_rule(spec, prometheus_rule_supported):
-        objs.append(prometheus_rule(owner))
+        objs.append(prometheus_rule(owner, spec))
     if ray_token_hash:
         annotations[naming.ANNOTATION_TOKEN_HASH] = ray_token_hash
     for i, obj in enumerate(objs):

@@ -283,6 +283,14 @@ def test_prometheus_rule_only_when_asked_and_supported_and_narrowed_to_the_deplo
     (rule,) = [o for o in objs if o["kind"] == "PrometheusRule"]
     exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
     assert exprs and all('dotsvlm_namespace="ml",dotsvlm_deployment="dots"' in e for e in exprs)
+    # Its time-to-first-token alert holds the deployment to its own spec.slo (p90), as the autoscaler does.
+    objs = builders.children(OWNER, _spec(monitoring__prometheusRule=True, slo__textTTFTSeconds=0.75,
+                                          slo__imageTTFTSeconds=4), vision_replicas=1, llm_replicas=1,
+                             prometheus_rule_supported=True)
+    (rule,) = [o for o in objs if o["kind"] == "PrometheusRule"]
+    (ttft,) = [r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "DotsVLMTimeToFirstTokenHigh"]
+    assert "histogram_quantile(0.9," in ttft["expr"] and "> 0.75" in ttft["expr"] and "> 4" in ttft["expr"]
+    assert "text 0.75 s, image 4 s" in ttft["annotations"]["description"]
 
 
 def test_token_hash_is_in_every_ray_pod_template_and_changes_with_the_token() -> None:

@@ -17,19 +17,27 @@ from typing import Any, Literal
 
 import yaml
 from dotsvlm_serving.metrics.catalog import DEPLOYMENT_LABEL, NAMESPACE_LABEL, prom
+from dotsvlm_serving.serve_config import SLOConfig
 
 GROUP = "dotsvlm"
 BY = f"{NAMESPACE_LABEL}, {DEPLOYMENT_LABEL}"
-# Time-to-first-token targets (p95, seconds) per modality; the overview dashboard draws the same lines.
-TTFT_TARGET_SECONDS: dict[str, float] = {"text": 2.0, "image": 5.0}
+# Time to first token is held to the same service level the autoscaler scales against and status.slo reports
+# on: spec.slo's p90 per modality. The chart's rules (every deployment) and the overview dashboard use its
+# defaults; the operator's per-deployment PrometheusRule uses the deployment's own spec.slo.
+TTFT_QUANTILE = 0.9
+TTFT_TARGET_SECONDS: dict[str, float] = {"text": SLOConfig().text_ttft_s, "image": SLOConfig().image_ttft_s}
 ERROR_RATIO = 0.05
+_TARGETS = "@TTFT_TARGETS@"  # in a description: the targets its rule uses
 
 
 class Sel:
-    """A label selector: the deployment's own labels (empty for the chart's generic rules) plus extras."""
+    """A label selector: the deployment's own labels (empty for the chart's generic rules) plus extras, and
+    the deployment's time-to-first-token targets (spec.slo; the defaults for the chart's rules)."""
 
-    def __init__(self, namespace: str | None = None, deployment: str | None = None) -> None:
+    def __init__(self, namespace: str | None = None, deployment: str | None = None,
+                 ttft_targets: dict[str, float] | None = None) -> None:
         self.base = [] if namespace is None else [f'{NAMESPACE_LABEL}="{namespace}"', f'{DEPLOYMENT_LABEL}="{deployment}"']
+        self.ttft_targets = ttft_targets or TTFT_TARGET_SECONDS
 
     def __call__(self, *extra: str) -> str:
         matchers = [*self.base, *extra]
@@ -48,7 +56,8 @@ class Alert:
     def rule(self, sel: Sel) -> dict[str, Any]:
         return {"alert": self.name, "expr": self.expr(sel), "for": self.for_,
                 "labels": {"severity": self.severity},
-                "annotations": {"summary": self.summary, "description": self.description}}
+                "annotations": {"summary": self.summary, "description": self.description.replace(
+                    _TARGETS, ", ".join(f"{k} {v:g} s" for k, v in sel.ttft_targets.items()))}}
 
 
 def _pool(metric: str, pool: str, s: Sel) -> str:
@@ -62,9 +71,10 @@ def _sum_rate(metric: str, s: Sel, *match: str, window: str = "5m") -> str:
 
 def _ttft(s: Sel) -> str:
     parts = []
-    for modality, target in TTFT_TARGET_SECONDS.items():
+    for modality, target in s.ttft_targets.items():
         bucket = prom("dotsvlm_time_to_first_token_seconds") + "_bucket" + s(f'modality="{modality}"')
-        parts.append(f"histogram_quantile(0.95, sum by ({BY}, modality, le) (rate({bucket}[10m]))) > {target:g}")
+        parts.append(f"histogram_quantile({TTFT_QUANTILE:g}, sum by ({BY}, modality, le) (rate({bucket}[10m])))"
+                     f" > {target:g}")
     return "\n  or\n".join(f"({p})" for p in parts)
 
 
@@ -75,7 +85,9 @@ ALERTS: tuple[Alert, ...] = (
         "DotsVLMVisionPoolSaturated",
         lambda s: (f"{_pool('dotsvlm_pool_desired_replicas', 'vision', s)} >= "
                    f"{_pool('dotsvlm_pool_max_replicas', 'vision', s)}\n"
-                   f"and on ({BY}) sum by ({BY}) ({prom('dotsvlm_vision_pending_images')}{s()}) > 0"),
+                   # Images waiting for a batch: sent by the ingresses and not back, less those being encoded.
+                   f"and on ({BY}) (sum by ({BY}) ({prom('dotsvlm_vision_pending_images')}{s()})\n"
+                   f"  - sum by ({BY}) ({prom('dotsvlm_vision_encoding_images')}{s()})) > 0"),
         "10m", "warning",
         f"{WHO}: the vision pool is at its maximum replicas and images are still waiting",
         "The vision pool wants maxReplicas ({{ $value | printf \"%.0f\" }}) and its replicas still have a backlog, so requests "
@@ -125,10 +137,10 @@ ALERTS: tuple[Alert, ...] = (
         "DotsVLMTimeToFirstTokenHigh",
         _ttft,
         "10m", "warning",
-        f"{WHO}: p95 time to first token is over target for {{{{ $labels.modality }}}} requests",
-        "The 95th percentile time to first token of {{ $labels.modality }} requests is {{ $value | "
-        "printf \"%.2f\" }} s (targets: " + ", ".join(f"{k} {v:g} s" for k, v in TTFT_TARGET_SECONDS.items())
-        + "). For image requests check the vision pool (backlog, encode latency); for all, the tensor queue "
+        f"{WHO}: p90 time to first token is over target for {{{{ $labels.modality }}}} requests",
+        "The 90th percentile time to first token of {{ $labels.modality }} requests is {{ $value | "
+        "printf \"%.2f\" }} s (targets, spec.slo: " + _TARGETS + "), although the autoscaler scales "
+        "against the same targets: its pools are most likely at maxReplicas or short of GPUs. For image requests check the vision pool (backlog, encode latency); for all, the tensor queue "
         "wait and the LLM pool's running requests. See the 'Overview' dashboard."),
     Alert(
         "DotsVLMHighErrorRate",
@@ -193,7 +205,9 @@ def alerts_file() -> str:
     return head + dump({"groups": rule_groups()})
 
 
-def prometheus_rule(meta: dict[str, Any], namespace: str, deployment: str) -> dict[str, Any]:
-    """The PrometheusRule the operator renders for one deployment (its rules see only its own series)."""
+def prometheus_rule(meta: dict[str, Any], namespace: str, deployment: str,
+                    ttft_targets: dict[str, float] | None = None) -> dict[str, Any]:
+    """The PrometheusRule the operator renders for one deployment (its rules see only its own series, and
+    hold it to its own spec.slo)."""
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": meta,
-            "spec": {"groups": rule_groups(Sel(namespace, deployment))}}
+            "spec": {"groups": rule_groups(Sel(namespace, deployment, ttft_targets))}}

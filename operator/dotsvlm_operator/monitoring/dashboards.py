@@ -20,7 +20,7 @@ from grafana_foundation_sdk.builders import timeseries as gts
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 
-from dotsvlm_operator.monitoring.alerts import TTFT_TARGET_SECONDS
+from dotsvlm_operator.monitoring.alerts import TTFT_QUANTILE, TTFT_TARGET_SECONDS
 
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 S = f'{NAMESPACE_LABEL}=~"$namespace",{DEPLOYMENT_LABEL}=~"$deployment"'
@@ -122,9 +122,9 @@ def _replicas(pool: str) -> Panel:
 
 
 def _ttft_with_targets() -> list[tuple[str, str]]:
-    out = [(quantile(0.95, "dotsvlm_time_to_first_token_seconds", "modality"), "p95 {{modality}}"),
+    out = [(quantile(TTFT_QUANTILE, "dotsvlm_time_to_first_token_seconds", "modality"), "p90 {{modality}}"),
            (quantile(0.5, "dotsvlm_time_to_first_token_seconds", "modality"), "p50 {{modality}}")]
-    out += [(f"vector({t:g})", f"target {m}") for m, t in TTFT_TARGET_SECONDS.items()]
+    out += [(f"vector({t:g})", f"target {m} (spec.slo default)") for m, t in TTFT_TARGET_SECONDS.items()]
     return out
 
 
@@ -146,7 +146,8 @@ OVERVIEW = Dashboard(
               [(gauge("dotsvlm_requests_in_flight"), "in flight")], "short", "stat", width=4),
     ]),
      ("Latency per modality", [
-         Panel("Time to first token", "p50 and p95 per modality, against the alert targets (DotsVLMTimeToFirstTokenHigh).",
+         Panel("Time to first token", "p50 and p90 per modality, against spec.slo's default targets (the autoscaler "
+               "scales against each deployment's own; DotsVLMTimeToFirstTokenHigh fires over them).",
                _ttft_with_targets(), "s", width=8),
          Panel("Inter-token latency", "Per-request mean time between output tokens, p50 and p95 per modality.",
                [(quantile(0.95, "dotsvlm_inter_token_latency_seconds", "modality"), "p95 {{modality}}"),
@@ -283,10 +284,12 @@ AUTOSCALER = Dashboard(
          Panel("Tensor queue depth and oldest age", "The LLM pool's scaling signals from the queue.",
                [(gauge("dotsvlm_queue_depth", "max"), "depth"),
                 (gauge("dotsvlm_queue_oldest_age_seconds", "max"), "oldest age (s)")], "short"),
-         Panel("LLM running requests and KV use", "The LLM pool's own load, summed over replicas.",
+         Panel("LLM running requests and KV reserved", "The LLM pool's own load, summed over replicas. KV "
+               "reserved is the policy's KV-cache signal: tokens reserved by admitted requests (prompt plus "
+               "max_tokens) over the pool's KV capacity.",
                [(gauge("dotsvlm_llm_running_requests"), "running"),
-                (f'{gauge("dotsvlm_llm_kv_cache_used_tokens")} / {gauge("dotsvlm_llm_kv_cache_capacity_tokens")}',
-                 "KV use (fraction)")], "short"),
+                (f'{gauge("dotsvlm_llm_kv_cache_reserved_tokens")} / {gauge("dotsvlm_llm_kv_cache_capacity_tokens")}',
+                 "KV reserved (fraction)")], "short"),
      ])],
 )
 
