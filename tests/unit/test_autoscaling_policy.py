@@ -382,3 +382,72 @@ def test_a_backlog_that_keeps_growing_after_replicas_joined_still_scales_the_poo
     ds = _replicas_join_a_backlog(sp, arrivals=20)  # more arrive than six replicas finish
     up = next(i for i, d in enumerate(ds) if d.desired > 6)
     assert p.FLOW_MIN_S <= up <= p.FLOW_MIN_S + 10 and ds[up].reason == p.LLM_DEMAND
+
+
+def _quiet_vision_pool(admitted_at: set[int], seconds: int, sp: p.PolicySpec) -> list[p.Decision]:
+    """A vision pool (minReplicas 0) whose image work is seen waiting only at t=0; afterwards one image is
+    admitted at each second in `admitted_at`, encoded by the warm replica between two stats samples (pending
+    is 0 at every sample). The pool's running replicas follow its target at once."""
+    state, cur, admitted, out = p.PolicyState(), {"vision": 1, "llm": 1}, 0.0, []
+    for t in range(seconds):
+        if t in admitted_at:
+            admitted += 0.5e6
+        seen = t == 0
+        snap = p.Snapshot(vision(cur["vision"], requests=int(seen), pixels=0.5e6 * seen, rate=4e6,
+                                 admitted_pixels_total=admitted), llm(1))
+        d = p.decide(snap, sp, state, 1000.0 + t, current=cur)
+        cur = {k: x.desired for k, x in d.items()}
+        out.append(d["vision"])
+    assert p.PoolState.from_json(state.vision.to_json()) == state.vision
+    return out
+
+
+def test_images_admitted_between_two_stats_samples_count_as_image_work() -> None:
+    """The ingress records its stats every ~2 s and a warm replica encodes a small image in ~0.2 s: most
+    images are never seen waiting. The admitted counter counts each one, so one image every 160 s (under
+    idleToZeroSeconds) keeps the warm replica; sampled waits alone sent it to zero (and the next image met a
+    cold pool)."""
+    sp = spec(vision={"min_replicas": 0, "idle_to_zero_s": 300, "downscale_delay_s": 120, "scale_down_interval_s": 30})
+    ds = _quiet_vision_pool(set(range(160, 1200, 160)), 1200, sp)
+    assert all(d.desired == 1 for d in ds), next((d.current, d.desired, d.message) for d in ds if d.desired != 1)
+    # With no image after t=0, the pool goes to zero all the same.
+    assert _quiet_vision_pool(set(), 1200, sp)[-1].desired == 0
+
+
+def test_the_vision_pool_goes_to_zero_idle_to_zero_seconds_after_the_last_image() -> None:
+    """The idle timer is the scale-to-zero's window: the down window does not come on top of it (300 s, as
+    documented, not 300 + 120)."""
+    sp = spec(vision={"min_replicas": 0, "idle_to_zero_s": 300, "downscale_delay_s": 120, "scale_down_interval_s": 30})
+    ds = _quiet_vision_pool(set(), 700, sp)
+    zero = next(t for t, d in enumerate(ds) if d.desired == 0)
+    assert zero == 300, zero
+    assert ds[zero].reason == p.IDLE_TO_ZERO and "no image work for 300 s" in ds[zero].message
+    # Never any image work since the autoscaler started: also idleToZeroSeconds of watching, not at once.
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 1}
+    for t in range(400):
+        d = p.decide(p.Snapshot(vision(cur["vision"], rate=4e6), llm(1)), sp, state, 1000.0 + t, current=cur)["vision"]
+        cur["vision"] = d.desired
+        if d.desired == 0:
+            break
+    assert t == 300 and "300 s since the autoscaler started watching" in d.message, (t, d.message)
+
+
+def test_after_stale_metrics_the_windows_start_again() -> None:
+    """A window counts only once watched in full: recommendations from before a gap in the signals do not
+    fill it, so the first (momentarily low) fresh reading does not shrink the pool."""
+    sp = spec(llm={"downscale_delay_s": 60, "target_ongoing_requests": 48})
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 4}
+    for t in range(300):  # 4 replicas' worth of demand
+        cur = {k: d.desired for k, d in p.decide(p.Snapshot(vision(1), llm(4, running=180)), sp, state,
+                                                   float(t), current=cur).items()}
+    for t in range(300, 500):  # the LLM signals are stale: the pool holds
+        d = p.decide(p.Snapshot(vision(1), llm(4, running=180, age_s=40)), sp, state, float(t), current=cur)["llm"]
+        assert d.reason == p.METRICS_STALE and d.desired == 4
+    first = p.decide(p.Snapshot(vision(1), llm(4, running=10)), sp, state, 500.0, current=cur)["llm"]
+    assert first.desired == 4 and first.reason == p.STABILIZING, first
+    # The low reading that lasts the whole down window after the gap does shrink it.
+    for t in range(501, 562):
+        d = p.decide(p.Snapshot(vision(1), llm(4, running=10)), sp, state, float(t), current=cur)["llm"]
+        if d.desired < 4:
+            break
+    assert t == 560 and d.reason == p.LOW_LOAD and d.desired == 3, (t, d)

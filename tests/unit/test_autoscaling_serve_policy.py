@@ -34,6 +34,11 @@ class _Ctx:
     raw_metrics: dict[str, dict[str, list[_Sample]]]
     policy_state: dict[str, Any] = field(default_factory=dict)
     config: Any = None  # Serve's AutoscalingConfig of the deployment
+    total_num_requests: float = 0.0  # requests at the deployment's handles and replicas, as Serve counts them
+
+    @property
+    def current_num_replicas(self) -> int:
+        return len(self.running_replicas)
 
 
 def _ctx(replicas: dict[str, dict[str, float]], target: int, now: float, age: float = 0.5) -> _Ctx:
@@ -198,3 +203,101 @@ def test_published_decisions_carry_the_settings_they_were_made_with(monkeypatch)
 def test_the_queue_reports_how_many_requests_the_llm_pool_finished() -> None:
     stats = sig.queue_stats({"depth": 3, "oldest_age_s": 0.5, "counters": {"completed": 9, "rejected_full": 1}})
     assert stats[sig.QUEUE_COMPLETED] == 9 and stats[sig.QUEUE_REJECTED] == 1
+
+
+def _serve_wrapped_app(cfg: ServeAppConfig, monkeypatch) -> tuple[Any, list[tuple[str, str, str]], list[dict]]:
+    """dotsvlm's policy wrapped as Ray Serve (as installed) wraps an application-level policy; the actions it
+    counts in `dotsvlm_autoscaler_decisions` and what it publishes."""
+    from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
+
+    counted: list[tuple[str, str, str]] = []
+    published: list[dict] = []
+
+    class _Counted:
+        def record(self, d: Any) -> None:
+            if d.direction != "hold":
+                counted.append((d.pool, d.direction, d.reason))
+
+    monkeypatch.setattr(serve_policy, "_Metrics", _Counted)
+    monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now, spec: published.append(
+        {pool: (d, state.pool(pool).last_reason, state.pool(pool).last_message) for pool, d in decisions.items()}))
+    monkeypatch.setattr(serve_policy, "PUBLISH_INTERVAL_S", 0.0)
+    policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: cfg.policy_config())
+    return _apply_app_level_autoscaling_config(policy), counted, published
+
+
+def _app_contexts(now: float, targets: dict[str, int], running: dict[str, int], states: dict[str, dict],
+                  cfg: ServeAppConfig, *, images_waiting: int) -> dict[_DeploymentID, _Ctx]:
+    ingress = {"i1": {sig.VISION_PENDING_REQUESTS: images_waiting, sig.VISION_PENDING_IMAGES: images_waiting,
+                      sig.VISION_PENDING_PIXELS: 2e6 * images_waiting, sig.VISION_ADMITTED_PIXELS: 2e6 * images_waiting,
+                      sig.ENCODE_LATENCY_P90: sig.NO_DATA, sig.TTFT_IMAGE_P90: sig.NO_DATA,
+                      sig.TTFT_TEXT_P90: sig.NO_DATA, sig.ITL_P90: sig.NO_DATA}}
+    reports = {INGRESS_DEPLOYMENT: ingress,
+               VISION_DEPLOYMENT: {f"v{i}": {sig.ENCODE_PIXELS_PER_S: sig.NO_DATA} for i in range(running[VISION_DEPLOYMENT])},
+               LLM_DEPLOYMENT: {"l1": {sig.LLM_RUNNING: 0, sig.LLM_WAITING: 0, sig.LLM_KV_USED_FRACTION: 0}},
+               QUEUE_DEPLOYMENT: {"q": {sig.QUEUE_DEPTH: 0, sig.QUEUE_OLDEST_AGE: 0, sig.QUEUE_WAITING_PRODUCERS: 0,
+                                        sig.QUEUE_COMPLETED: 0}}}
+    by_name = {}
+    for name, replicas in reports.items():
+        ctx = _ctx(replicas, targets[name], now)
+        ctx.running_replicas = [f"{name}-{i}" for i in range(running[name])]
+        ctx.policy_state = dict(states.get(name, {}))
+        ctx.total_num_requests = images_waiting if name == VISION_DEPLOYMENT else 0
+        by_name[name] = ctx
+    _serve_configs(cfg, by_name)
+    return {_DeploymentID(name): ctx for name, ctx in by_name.items()}
+
+
+def test_a_cold_wake_up_records_and_counts_the_replica_serve_starts(monkeypatch) -> None:
+    """While no replica of a pool runs and requests wait, Serve starts max(1, target) replicas and ignores the
+    policy's number (`_get_cold_start_scale_up_replicas`). The policy records and publishes that: one action
+    0 -> 1 (WakeUp), not an "up 1 -> 4" on every tick of the wake-up; once the replica runs, the policy sizes
+    the pool."""
+    import time
+
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 0, "max_replicas": 8}},
+                                         "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}})
+    wrapped, counted, published = _serve_wrapped_app(cfg, monkeypatch)
+    targets = {VISION_DEPLOYMENT: 0, LLM_DEPLOYMENT: 1, INGRESS_DEPLOYMENT: 1, QUEUE_DEPLOYMENT: 1}
+    running = {VISION_DEPLOYMENT: 0, LLM_DEPLOYMENT: 1, INGRESS_DEPLOYMENT: 1, QUEUE_DEPLOYMENT: 1}
+    states: dict[str, dict] = {}
+
+    def tick() -> None:
+        decisions, state = wrapped(_app_contexts(time.time(), targets, running, states, cfg, images_waiting=16))
+        targets.update({dep.name: n for dep, n in decisions.items()})
+        states.update({dep.name: s for dep, s in state.items()})
+
+    for _ in range(20):  # the replica is starting
+        tick()
+        d, last_reason, last_message = published[-1]["vision"]
+        assert targets[VISION_DEPLOYMENT] == 1 and d.desired == 1, "published: what Serve applies"
+        assert last_reason == serve_policy.WAKE_UP and "starts 1 replica(s) first" in last_message, last_message
+    assert [c for c in counted if c[0] == "vision"] == [("vision", "up", serve_policy.WAKE_UP)]
+    assert published[0]["vision"][0].direction == "up" and published[-1]["vision"][0].direction == "hold"
+    running[VISION_DEPLOYMENT] = 1  # it runs: Serve applies the policy's number again
+    tick()
+    assert targets[VISION_DEPLOYMENT] == 4, "16 image requests at 4 per replica"
+    assert [c for c in counted if c[0] == "vision"][1:] == [("vision", "up", "VisionRequests")]
+
+
+def test_a_scale_to_zero_that_serve_stops_at_one_replica_is_not_taken_for_a_wake_up(monkeypatch) -> None:
+    """Serve takes a pool to zero only from one replica: an IdleToZero step 2 -> 0 is applied as 2 -> 1. The
+    policy records 1, so the next call does not see a target that "moved outside the autoscaler" from 0 to 1
+    (a WakeUp that never happened)."""
+    import time
+
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"autoscaling": {
+        "min_replicas": 0, "max_replicas": 8, "max_scale_down_step": 2, "idle_to_zero_s": 0, "downscale_delay_s": 0}},
+        "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}})
+    wrapped, counted, published = _serve_wrapped_app(cfg, monkeypatch)
+    targets = {VISION_DEPLOYMENT: 2, LLM_DEPLOYMENT: 1, INGRESS_DEPLOYMENT: 1, QUEUE_DEPLOYMENT: 1}
+    states: dict[str, dict] = {}
+    for _ in range(3):
+        decisions, state = wrapped(_app_contexts(time.time(), targets, dict(targets), states, cfg, images_waiting=0))
+        targets.update({dep.name: n for dep, n in decisions.items()})
+        states.update({dep.name: s for dep, s in state.items()})
+        time.sleep(0.01)
+    assert targets[VISION_DEPLOYMENT] == 1
+    d, last_reason, last_message = published[-1]["vision"]
+    assert last_reason == "IdleToZero" and "only from 1 replica: 2 -> 1" in last_message, (last_reason, last_message)
+    assert [c for c in counted if c[0] == "vision"] == [("vision", "down", "IdleToZero")]

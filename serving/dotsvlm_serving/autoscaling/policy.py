@@ -136,6 +136,9 @@ class PoolState:
     running_rose_at: float | None = None
     drained_at: float | None = None  # LLM: last time the queue was seen draining by itself
     arrivals: list[tuple[float, float]] = field(default_factory=list)  # vision: (second, pixels admitted so far)
+    # vision: the ingresses' admitted-pixels counter at the last decision (its growth is image work, also work
+    # that came and went between two stats samples)
+    admitted_seen: float | None = None
 
     def to_json(self) -> dict:
         return {"target": self.target, "recommendations": [list(r) for r in self.recommendations],
@@ -145,7 +148,8 @@ class PoolState:
                 "last_change_at": self.last_change_at, "observed_since": self.observed_since,
                 "demand": [list(d) for d in self.demand], "flow": [list(f) for f in self.flow],
                 "running_seen": self.running_seen, "running_rose_at": self.running_rose_at,
-                "drained_at": self.drained_at, "arrivals": [list(a) for a in self.arrivals]}
+                "drained_at": self.drained_at, "arrivals": [list(a) for a in self.arrivals],
+                "admitted_seen": self.admitted_seen}
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "PoolState":
@@ -160,7 +164,8 @@ class PoolState:
                    flow=[(float(t), float(c), float(d)) for t, c, d in raw.get("flow", [])],
                    running_seen=raw.get("running_seen"), running_rose_at=raw.get("running_rose_at"),
                    drained_at=raw.get("drained_at"),
-                   arrivals=[(float(t), float(p)) for t, p in raw.get("arrivals", [])])
+                   arrivals=[(float(t), float(p)) for t, p in raw.get("arrivals", [])],
+                   admitted_seen=raw.get("admitted_seen"))
 
 
 @dataclass
@@ -256,8 +261,13 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
     replica could absorb, and flapped (bench/results/autoscale_sim.md, shifting mix: 32 vision actions
     where one fixed replica met the SLO)."""
     busy = s.pending_requests > 0 or s.pending_images > 0
-    if busy:
+    # Work waiting at a stats sample, or images admitted since the last one: the ingress records its stats every
+    # ~2 s and a warm replica encodes a small image in a fraction of that, so most images are never seen
+    # waiting; the admitted counter counts each one.
+    admitted = s.admitted_pixels_total
+    if busy or (admitted is not None and state.admitted_seen is not None and admitted > state.admitted_seen):
         state.last_work_at = now
+    state.admitted_seen = admitted
     if s.encode_pixels_per_s:
         state.learned_rate = s.encode_pixels_per_s
     arriving = measure_arrivals(state, s.admitted_pixels_total, now)
@@ -267,11 +277,15 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
     rate = s.encode_pixels_per_s or state.learned_rate
     # Arrivals keep a busy pool's size between bursts of queueing; with no work and no arrivals it may shrink.
     if not busy and not (rate and arriving):
-        idle_for = now - state.last_work_at if state.last_work_at is not None else math.inf
+        # The idle timer is the scale-to-zero's window (it is exempt from the down window): with no work seen
+        # yet it counts from when the policy started watching fresh signals, so that a restart is no idle time.
+        idle_since = state.last_work_at if state.last_work_at is not None else state.observed_since
+        idle_for = now - idle_since if idle_since is not None else 0.0
         if cfg.min_replicas == 0 and idle_for >= cfg.idle_to_zero_s:
-            since = f"for {idle_for:.0f} s" if state.last_work_at is not None else "since the autoscaler started"
+            since = (f"for {idle_for:.0f} s" if state.last_work_at is not None
+                     else f"in the {idle_for:.0f} s since the autoscaler started watching")
             return _Recommendation(0, IDLE_TO_ZERO, f"no image work {since} "
-                                   f"(idleToZeroSeconds {cfg.idle_to_zero_s:.0f}): scale to zero")
+                                   f"(idleToZeroSeconds {cfg.idle_to_zero_s:g}): scale to zero")
         # Below the idle window a pool allowed to reach zero keeps one warm replica.
         return _Recommendation(max(cfg.min_replicas, min(current, 1)), LOW_LOAD, "no image work waiting")
     candidates = []
@@ -463,7 +477,7 @@ def recommend_llm(s: LLMSignals, v: VisionSignals | None, cfg: LLMAutoscaling, s
         if s.kv_used_fraction > cfg.kv_cache_target:
             candidates.append(_Recommendation(
                 _ceil(current * s.kv_used_fraction / cfg.kv_cache_target), KV_CACHE,
-                f"KV cache {s.kv_used_fraction:.0%} used, target {cfg.kv_cache_target:.0%}"))
+                f"KV cache {s.kv_used_fraction:.0%} reserved by admitted requests, target {cfg.kv_cache_target:.0%}"))
         # The p90s cover the last P90_WINDOW_S: just after a backlog drained, they are its waits still.
         latencies = [] if state.drained_at is not None and now - state.drained_at < P90_WINDOW_S else [
             (s.ttft_image_s, slo.image_ttft_s, TTFT_IMAGE, "image TTFT"), (s.ttft_text_s, slo.text_ttft_s, TTFT_TEXT, "text TTFT"),
@@ -498,7 +512,13 @@ def _stabilise(pool: Pool, raw: _Recommendation, current: int, running: int, lo:
     # A window counts only once it has been watched in full (after a restart, too); from zero there is
     # no waiting: a request is already waiting for the replica.
     up_to = raw_n if wake_up else (min(up_window) if observed >= cfg.upscale_delay_s else current)
-    down_to = max(down_window) if observed >= cfg.downscale_delay_s else current
+    # IdleToZero is asked for only after idleToZeroSeconds without image work: that is its window already
+    # (with the down window on top, the pool went to zero idleToZeroSeconds + downscaleDelaySeconds after the
+    # last image).
+    if raw.reason == IDLE_TO_ZERO:
+        down_to = raw_n
+    else:
+        down_to = max(down_window) if observed >= cfg.downscale_delay_s else current
     if up_to > current:
         # Step from what actually runs: replicas that could not be placed do not earn more replicas.
         desired = max(current, min(up_to, running + cfg.max_scale_up_step, hi))
@@ -545,6 +565,10 @@ def _why_waiting(raw_n: int, current: int, running: int, cfg: VisionAutoscaling 
 
 def _hold(pool: Pool, current: int, reason: str, message: str, state: PoolState) -> Decision:
     state.target = current
+    # Nothing was watched while the signals were missing or stale: the windows start again with the next
+    # fresh reading (a window counts only once watched in full), not on recommendations from before the gap.
+    state.observed_since = None
+    state.recommendations = []
     return Decision(pool=pool, desired=current, raw=current, current=current, reason=reason, message=message,
                     signal=reason)
 

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from dataclasses import replace
 from typing import Any
 
 from ..serve_config import (INGRESS_DEPLOYMENT, LLM_DEPLOYMENT, QUEUE_DEPLOYMENT, VISION_DEPLOYMENT,
                             AutoscalingPolicyConfig, LLMAutoscaling, VisionAutoscaling)
 from . import signals as sig
-from .policy import ACTIONS, Decision, LLMSignals, PolicySpec, PolicyState, PoolState, Snapshot, VisionSignals, decide
+from .policy import (ACTIONS, WAKE_UP, Decision, LLMSignals, PolicySpec, PolicyState, PoolState, Snapshot, VisionSignals,
+                     _note_outside_change, decide)
 
 log = logging.getLogger("ray.serve")
 
@@ -102,6 +105,55 @@ def snapshot_from_contexts(contexts: dict[str, Any], now: float) -> Snapshot:
                 ttft_image_s=ing.get(sig.TTFT_IMAGE_P90), ttft_text_s=ing.get(sig.TTFT_TEXT_P90),
                 inter_token_s=ing.get(sig.ITL_P90), age_s=max(q_age, ing_age if ing_n else 0.0))
     return Snapshot(vision=v_signals, llm=l_signals)
+
+
+def serve_applies(ctx: Any, desired: int) -> tuple[int, bool]:
+    """The target Ray Serve sets for a deployment when the policy returns `desired`, and whether that is
+    Serve's cold start. Ray 2.60 (as installed) wraps an application-level policy
+    (`ray/serve/autoscaling_policy.py`, `_apply_app_level_autoscaling_config`); its delays and scaling factors
+    are neutral here (`serve_config.autoscaling`), but two of its rules still override the policy:
+    - cold start (`_get_cold_start_scale_up_replicas`): while no replica of the deployment RUNS and requests
+      wait at its handles, Serve sets max(ceil(upscaling factor), target) = max(1, target) and never looks
+      at the policy's number: a pool woken from zero starts one replica first;
+    - to zero only from one (`_apply_delay_logic`): a scale-down from more than 1 replica stops at 1."""
+    target = ctx.target_num_replicas
+    running = getattr(ctx, "current_num_replicas", None)
+    running = len(ctx.running_replicas or []) if running is None else running
+    if running == 0 and (getattr(ctx, "total_num_requests", 0) or 0) > 0:
+        factor = ctx.config.get_upscaling_factor() if getattr(ctx, "config", None) is not None else 1.0
+        return max(math.ceil(factor), target), True
+    if desired < target and target != 1:
+        return max(1, desired), False
+    return desired, False
+
+
+def _as_applied(d: Decision, applied: int, cold: bool, st: PoolState, before: PoolState, now: float) -> Decision:
+    """`d` as Serve applies it (`serve_applies`): the state records the target Serve sets and the change it
+    makes (the policy's next call compares Serve's target with the recorded one), not the number Serve
+    ignored; the decision published and counted is that change."""
+    # Undo what `decide` recorded for the change it asked for (it is not made), keeping what it noted of a
+    # change made outside the policy before it decided.
+    if before.target is not None and d.current != before.target:
+        _note_outside_change(d.pool, before, d.current, now)
+    st.last_reason, st.last_message, st.last_change_at = before.last_reason, before.last_message, before.last_change_at
+    st.last_scale_up_at, st.last_scale_down_at = before.last_scale_up_at, before.last_scale_down_at
+    st.target = applied
+    if cold:
+        reason = WAKE_UP
+        message = (f"no {d.pool} replica runs yet and requests wait: Ray Serve starts {applied} replica(s) first "
+                   f"(a cold start) until one runs; the autoscaler asks for {d.desired} ({d.signal}: {d.message})")
+    else:
+        reason = d.reason
+        message = (f"{d.message}; Ray Serve takes a pool to zero only from 1 replica: {d.current} -> {applied} now, "
+                   f"to zero next")
+    if applied > d.current:
+        st.last_scale_up_at = now
+    elif applied < d.current:
+        st.last_scale_down_at = now
+    if applied != d.current:
+        st.last_change_at = now
+        st.last_reason, st.last_message = reason, message
+    return replace(d, desired=applied, reason=reason, message=message)
 
 
 class _Metrics:
@@ -235,12 +287,18 @@ class DotsVLMAutoscalingPolicy:
             if LLM_DEPLOYMENT in by_name else PoolState())
         current = {pool: by_name[name].target_num_replicas
                    for pool, name in (("vision", VISION_DEPLOYMENT), ("llm", LLM_DEPLOYMENT)) if name in by_name}
+        before = {pool: state.pool(pool).to_json() for pool in ("vision", "llm")}  # type: ignore[arg-type]
         decisions = decide(snapshot_from_contexts(by_name, now), spec, state, now, current=current)  # type: ignore[arg-type]
         out: dict[Any, int] = {}
         new_state: dict[Any, dict] = {}
         for pool, name in (("vision", VISION_DEPLOYMENT), ("llm", LLM_DEPLOYMENT)):
             if name in ids:
-                out[ids[name]] = decisions[pool].desired  # type: ignore[index]
+                d = decisions[pool]  # type: ignore[index]
+                applied, cold = serve_applies(by_name[name], d.desired)
+                if applied != d.desired:  # Serve overrides the policy here: record and publish what it applies
+                    d = decisions[pool] = _as_applied(  # type: ignore[index]
+                        d, applied, cold, state.pool(pool), PoolState.from_json(before[pool]), now)  # type: ignore[arg-type]
+                out[ids[name]] = d.desired
                 new_state[ids[name]] = {STATE_KEY: state.pool(pool).to_json()}  # type: ignore[arg-type]
         self._report(decisions, state, now, spec)  # type: ignore[arg-type]
         return out, new_state
