@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -241,11 +243,11 @@ def test_http_images_count_at_their_largest_size_while_they_download() -> None:
         return SimpleNamespace(headers={"content-length": str(len(body))}, stream=stream)
 
     async def main() -> None:
-        first = asyncio.create_task(ing._chat(request(2), 0.0, {}))
+        first = asyncio.create_task(ing._chat(request(2), time.monotonic(), {}))
         await downloading.wait()
         assert held_while_downloading == [40 * mib]  # two images at 20 MiB each
         with pytest.raises(ApiError) as err:  # 40 + 20 MiB > 48 MiB: refused before it downloads
-            await ing._chat(request(1), 0.0, {})
+            await ing._chat(request(1), time.monotonic(), {})
         assert err.value.status == 429 and err.value.code == IMAGE_BYTES_FULL
         finish.set()
         with pytest.raises(ApiError):
@@ -253,7 +255,7 @@ def test_http_images_count_at_their_largest_size_while_they_download() -> None:
         assert ing.admission.bytes.held == 0
         downloading.clear()
         finish.clear()
-        alone = asyncio.create_task(ing._chat(request(3), 0.0, {}))  # 60 MiB > 48, but alone: admitted
+        alone = asyncio.create_task(ing._chat(request(3), time.monotonic(), {}))  # 60 MiB > 48, but alone: admitted
         await downloading.wait()
         assert held_while_downloading[-1] == 60 * mib
         finish.set()
@@ -262,7 +264,7 @@ def test_http_images_count_at_their_largest_size_while_they_download() -> None:
         assert ing.admission.bytes.held == 0
         # Too many images: the 400 that says so, before anything is held or downloaded.
         with pytest.raises(ApiError) as err:
-            await ing._chat(request(cfg.api.images.max_images_per_request + 1), 0.0, {})
+            await ing._chat(request(cfg.api.images.max_images_per_request + 1), time.monotonic(), {})
         assert err.value.status == 400 and err.value.code == "too_many_images"
         assert len(held_while_downloading) == 2 and ing.admission.bytes.held == 0
 
@@ -299,3 +301,63 @@ def test_the_first_bad_image_of_a_request_stops_its_other_downloads(monkeypatch)
         await asyncio.wait_for(cancelled.wait(), 5)
 
     asyncio.run(main())
+
+
+def _bare_ingress(api: dict):
+    from dotsvlm_serving.api.auth import ApiKeyAuth
+    from dotsvlm_serving.deployments.ingress import Ingress
+
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "api": {"api_keys_env": None, **api}}).ingress_config()
+    ing = object.__new__(Ingress)
+    ing.cfg, ing.admission, ing.auth = cfg, IngressAdmission(cfg), ApiKeyAuth.from_env(None)
+    return ing
+
+
+def test_a_body_that_does_not_arrive_within_the_request_timeout_is_refused_and_releases_its_bytes() -> None:
+    """A client that declares a large body and sends it slowly holds image-byte budget while it does; a few of
+    them would refuse every image request. The body must arrive within the request's time: 408, all released."""
+    from types import SimpleNamespace
+
+    from dotsvlm_serving.api.errors import ApiError
+
+    ing = _bare_ingress({"request_timeout_s": 0.3})
+
+    async def trickle():
+        yield b'{"model": "dots.vlm1", '
+        await asyncio.Event().wait()  # the rest never comes
+
+    async def main() -> None:
+        slow = SimpleNamespace(headers={"content-length": str(8 * 1024 * 1024)}, stream=trickle)
+        with pytest.raises(ApiError) as err:
+            await asyncio.wait_for(ing._chat(slow, time.monotonic(), {}), 10)
+        assert err.value.status == 408 and "request timeout" in err.value.message
+        assert ing.admission.bytes.held == 0
+
+    asyncio.run(main())
+
+
+def test_a_client_that_leaves_is_counted_499_and_a_ray_failure_503_never_500() -> None:
+    """DotsVLMHighErrorRate pages on 5xx: a client that disconnects (Serve cancels the call) is not a server
+    error, and a Ray failure is answered 503 (retry), so it is counted as one."""
+    import ray
+
+    ing = _bare_ingress({})
+    counted: list[str] = []
+    ing.metrics = SimpleNamespace(inc=lambda name, **labels: counted.append(labels.get("code")))
+    ing._in_flight = ing._open = 0
+    ing._draining_head = lambda: None
+
+    async def leaves(request, t0, info):
+        raise asyncio.CancelledError
+
+    async def ray_fails(request, t0, info):
+        raise ray.exceptions.ActorDiedError()
+
+    async def main() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await ing._counted(leaves, None)
+        with pytest.raises(ray.exceptions.RayError):
+            await ing._counted(ray_fails, None)
+
+    asyncio.run(main())
+    assert counted == ["499", "503"] and ing._in_flight == 0 and ing._open == 0

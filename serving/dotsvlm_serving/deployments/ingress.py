@@ -33,7 +33,7 @@ from ..api.openai_models import (CompletionRequest, GenerationRequest, chunk, co
                                  new_completion_id, new_text_completion_id, parse_chat_request,
                                  parse_completion_request, text_completion_chunk, text_completion_response)
 from ..events import ErrorEvent, EventBatch, FinishEvent
-from ..metrics.catalog import NO_MODALITY
+from ..metrics.catalog import CLIENT_CLOSED, NO_MODALITY
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.config import load_config
 from ..model.preprocess import ImageError, probe_image
@@ -246,6 +246,14 @@ class Ingress:
             if stage is not None:
                 self.metrics.inc("dotsvlm_rejected_requests", stage=stage, reason=str(exc.code))
             raise
+        except asyncio.CancelledError:
+            # The client went away before the answer (Serve cancels the call): not a server error, and counted
+            # as one it would page (DotsVLMHighErrorRate counts 5xx). 499, nginx's "client closed request".
+            status = CLIENT_CLOSED
+            raise
+        except ray.exceptions.RayError:
+            status = 503  # as `_unexpected` answers it
+            raise
         finally:
             self._in_flight -= 1
             if not streaming:
@@ -269,8 +277,16 @@ class Ingress:
             raise too_large(limit, declared)
         return declared
 
-    async def _read_body(self, request: Request) -> bytes:
-        return await read_limited(request.stream(), self.cfg.api.body_limit())
+    async def _read_body(self, request: Request, t0: float) -> bytes:
+        """The body, within the request's time: a client that declares a large body and sends it slowly holds
+        image-byte budget (`reserve_bytes`) while it does, and enough of them would refuse every image request."""
+        limit_s = self.cfg.api.request_timeout_s
+        try:
+            return await asyncio.wait_for(read_limited(request.stream(), self.cfg.api.body_limit()),
+                                          max(0.0, t0 + limit_s - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within the request timeout ({limit_s:g} s): "
+                                f"send it faster, or send a smaller body", code="body_timeout") from None
 
     def _check_model(self, req: GenerationRequest) -> None:
         if req.model != self.model.served_model_name:
@@ -289,7 +305,7 @@ class Ingress:
             self.admission.reserve_bytes(int(declared), time.monotonic())
             held = int(declared)
         try:
-            body = await self._read_body(request)
+            body = await self._read_body(request, t0)
             if not held and len(body) > LARGE_BODY:  # no Content-Length (chunked upload)
                 self.admission.reserve_bytes(len(body), time.monotonic())
                 held = len(body)
@@ -330,7 +346,7 @@ class Ingress:
         """/v1/completions: the prompt continued as it is, text only, with the chat endpoint's limits and
         errors (a body has no images, so it holds no image bytes)."""
         self._declared_size(request)
-        body = await self._read_body(request)
+        body = await self._read_body(request, t0)
         req = parse_completion_request(body, engine=self.cfg.engine)
         self._check_model(req)
         info["modality"] = _modality(0)
