@@ -142,6 +142,7 @@ def _draining_server(queue: object, engine: object):
     srv._last_take, srv._draining, srv._drained = 0.0, False, asyncio.Event()
     srv._take_overdue_at, srv._taking = None, None
     srv.cfg, srv._active, srv._lost, srv._discarding = None, set(), False, False
+    srv._unacked, srv._failed_steps, srv._step_error = [], 0, ""
     srv._run_task = asyncio.create_task(srv._run_forever())
     srv._hb_task = asyncio.create_task(asyncio.sleep(3600))
     srv._publishing_metrics = asyncio.create_task(asyncio.sleep(3600))
@@ -150,6 +151,9 @@ def _draining_server(queue: object, engine: object):
 
 
 class _StepsEngine:
+    def health_error(self) -> None:  # healthy (InferenceEngine's default)
+        return None
+
     """An engine with `steps` decode steps of one request left (tokens, the last a finish), room for more;
     its shutdown is noted in `calls`."""
 
@@ -241,6 +245,9 @@ def test_a_draining_llm_replica_delivers_the_finish_event_of_its_last_step_befor
         leave = Method("leave", None)
 
     class SlowStepEngine:
+        def health_error(self) -> None:  # healthy (InferenceEngine's default)
+            return None
+
         tokens_left = 3
 
         def has_work(self) -> bool:
@@ -343,6 +350,9 @@ def test_an_llm_replica_publishes_a_requests_first_and_last_event_at_once_and_th
         leave = Method("leave", None)
 
     class Engine:
+        def health_error(self) -> None:  # healthy (InferenceEngine's default)
+            return None
+
         steps, started_at = 0, 0.0
 
         def has_work(self) -> bool:
@@ -656,6 +666,9 @@ def test_an_llm_replica_the_queue_declared_lost_drops_its_copies_and_rejoins_und
                 return call()
 
     class FakeEngine:
+        def health_error(self) -> None:  # healthy (InferenceEngine's default)
+            return None
+
         def __init__(self) -> None:
             self.running, self.cancelled = {"r"}, []
 

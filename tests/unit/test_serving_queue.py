@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dotsvlm_serving.tensor_queue import ConsumerLost, ItemTooLarge, QueueFull, QueueItem, TensorQueueCore
+from dotsvlm_serving.tensor_queue import ConsumerLost, ItemTooLarge, QueueFull, QueueItem, QueueMoved, TensorQueueCore
 
 
 def item(rid: str, nbytes: int = 10, tokens: int = 10, stream: bool = False) -> QueueItem:
@@ -58,6 +58,31 @@ def test_waiting_producers_are_admitted_in_order_when_a_consumer_takes() -> None
         assert [i.request_id for i in await q.take("r", max_items=1, token_budget=100, wait_s=0)] == ["b"]
         await asyncio.wait_for(p2, 1)
         assert [i.request_id for i in await q.take("r", max_items=1, token_budget=100, wait_s=0)] == ["c"]
+    run(main())
+
+
+@pytest.mark.parametrize("wake", ["take", "moved"])
+def test_a_producer_woken_in_the_turn_its_timeout_fires_keeps_the_wake(wake: str) -> None:
+    """A zero enqueue timeout fires in the same loop turn in which a take reserves room for the producer
+    (or the queue moves): the wake must count. Before, the put failed with UnboundLocalError and the
+    reservation leaked, so a 1-slot queue refused everything from then on."""
+    async def main() -> None:
+        q = TensorQueueCore(max_items=1, max_bytes=1000)
+        await q.put(item("a"), 1)
+        producer = asyncio.create_task(q.put(item("b"), 0))
+        # Runs after the producer has started waiting and before its timeout is delivered to it.
+        if wake == "take":
+            asyncio.create_task(q.take("r", max_items=1, token_budget=100, wait_s=0))
+        else:
+            asyncio.get_running_loop().call_soon(q.begin_handoff, "predecessor")
+        if wake == "moved":
+            with pytest.raises(QueueMoved):
+                await producer
+            return
+        await producer  # admitted: the room the take made is its own
+        assert [i.request_id for i in await q.take("r", max_items=1, token_budget=100, wait_s=0)] == ["b"]
+        await q.put(item("c"), 0)  # nothing leaked: the slot is free again
+        assert q.stats()["depth"] == 1
     run(main())
 
 

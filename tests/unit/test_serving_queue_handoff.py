@@ -235,6 +235,38 @@ def test_a_lost_queue_replica_gets_the_request_again_under_a_fresh_id_and_the_ol
     assert queue.cancelled == ["r"]
 
 
+class _SilentQueue(_MovingQueue):
+    """A queue handle whose replica takes the put but whose answer has not come back yet."""
+
+    def __init__(self) -> None:
+        super().__init__(moves=0)
+        self.arrived = asyncio.Event()
+
+    async def _answer(self, item: QueueItem) -> dict:
+        self.puts.append(item.request_id)
+        self.arrived.set()
+        await asyncio.Event().wait()  # the reply is still on its way
+        return {"ok": True}
+
+
+def test_a_client_that_goes_away_while_its_put_is_out_has_the_request_cancelled() -> None:
+    """The queue may already hold the item when the client disconnects (the put's await is cancelled):
+    without a cancel, an LLM replica would generate the whole answer for nobody."""
+    import time
+
+    async def main() -> None:
+        queue = _SilentQueue()
+        relay, req = _relay(queue)
+        enqueue = asyncio.create_task(relay._enqueue(req, time.monotonic() + 60))
+        await queue.arrived.wait()
+        enqueue.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await enqueue
+        await asyncio.gather(*relay._background)
+        assert queue.cancelled == ["r"]
+    asyncio.run(main())
+
+
 def test_a_queue_that_keeps_moving_gives_a_503_that_says_to_retry(monkeypatch) -> None:
     import time
 
@@ -262,4 +294,51 @@ def test_a_stopping_replica_waits_for_a_successor_only_when_it_holds_work() -> N
         assert q.holds_state()  # answered, not yet read by the ingress
         assert (await drain_text(q, "a"))[1] == "finish"
         assert not q.holds_state()
+    asyncio.run(main())
+
+
+class _Peers:
+    """A `PeerRegistry` whose live replicas the test sets (`others`); every heartbeat is fresh."""
+
+    def __init__(self, me: str, started_at: float) -> None:
+        self.me, self.started_at, self.others = me, started_at, []
+
+    def beat(self) -> tuple[Peer, list[Peer]]:
+        import time
+
+        now = time.time()
+        me = Peer(self.me, self.started_at, now)
+        return me, [me, *(Peer(rid, started, now) for rid, started in self.others)]
+
+
+def test_a_predecessor_whose_successor_vanished_serves_again() -> None:
+    """A younger replica heartbeated (this one became its predecessor), then crashed before this one
+    stopped: this one must leave the role, else every put is "moved" to nobody (the API's retries end in
+    503s) and `reap` never declares a dead LLM replica dead."""
+    import time
+
+    from dotsvlm_serving.deployments.queue import TensorQueue
+
+    class Queue(TensorQueue):
+        def __del__(self) -> None:  # Serve's stop hook (a coroutine): not run by the garbage collector here
+            pass
+
+    async def main() -> None:
+        q = object.__new__(Queue)
+        q.core, q.peers = TensorQueueCore(max_items=8, max_bytes=10_000), _Peers("r-old", 100.0)
+        q._adopted, q._peers_checked = False, 0.0
+        await q.put(item("a"), 1)
+        await q.core.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        q.peers.others = [("r-new", 150.0)]
+        await q._check_peers()
+        assert q.core.handoff == "predecessor"
+        assert (await q.put(item("b"), 1))["reason"] == "moved"
+        q.core._consumers["llm1"].last_seen -= 60  # its heartbeats went to the successor meanwhile
+        q.peers.others = []  # the successor crashed
+        await q._check_peers()
+        assert q.core.handoff is None
+        assert await q.put(item("b"), 1) == {"ok": True}
+        assert q.core.reap() == []  # llm1 gets a lease timeout to heartbeat this replica again ...
+        lease = q.core.lease_timeout_s
+        assert q.core.reap(now=time.monotonic() + lease + 1) == ["llm1"]  # ... a silent one is dead after it
     asyncio.run(main())

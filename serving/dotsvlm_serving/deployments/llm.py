@@ -62,6 +62,9 @@ class LLMServer:
     # expires in the queue.
     TAKE_OVERDUE_S = 5.0
     LEAVE_TIMEOUT_S = 8.0
+    # Engine steps failed in a row before the replica calls itself unhealthy (its health check fails and
+    # Serve replaces it): one can be a bad batch, a run of them is a broken engine (a lost device, say).
+    MAX_FAILED_STEPS = 3
 
     async def __init__(self, model: ServedModel, queue: Any) -> None:
         self.model = model
@@ -74,12 +77,18 @@ class LLMServer:
         # trip overlaps a decode step instead of stalling it.
         self._taking: asyncio.Future[tuple[str, list[QueueItem] | None]] | None = None
         self._outbox: list[Event] = []
+        # The numbered events of the publish call in flight, kept until it succeeds: a call that failed (a
+        # blip of the queue replica) is sent again, first, with the next one; the queue drops repeats by their
+        # number (`i`), while a lost number would hold back every later event of its answer for good.
+        self._unacked: list[Event] = []
         self._sent: dict[str, int] = {}  # events numbered so far per request (this delivery): their `i`
         self._active: set[str] = set()  # requests handed to the engine whose terminal event is not out yet
         self._lost = False  # the queue declared this replica lost: rejoin (`_rejoin`) before anything else
         self._discarding = False  # after a rejoin: the engine's dropped copies are still winding down
         self._last_take = 0.0
         self._take_overdue_at: float | None = None  # while a take is in flight: when it should have returned
+        self._failed_steps = 0  # engine steps failed in a row
+        self._step_error = ""  # the last one's exception, for the health check's message
         self._draining = False
         self._drained = asyncio.Event()  # set by the run loop: draining, no work left, every event delivered
         self.metrics = ReplicaMetrics("llm")
@@ -137,7 +146,7 @@ class LLMServer:
                 raise
             except Exception:
                 log.exception("LLM engine iteration failed")
-                self._publishing = None  # the outbox is kept and sent on the next iteration
+                self._publishing = None  # the outbox and a failed call's events are sent on the next iteration
                 await asyncio.sleep(0.5)
 
     async def _iteration(self) -> None:
@@ -153,7 +162,8 @@ class LLMServer:
         if self._taking is not None and (self._taking.done() or not busy):
             await self._admit_taken()  # (an idle engine waits for it: it has nothing else to do)
             busy = self.engine.has_work()
-        room = 0 if self._draining or self._discarding else self.engine.free_slots()
+        unhealthy = self._unhealthy() is not None  # (takes no work: it would only fail it)
+        room = 0 if self._draining or self._discarding or unhealthy else self.engine.free_slots()
         now = time.monotonic()
         if room and self._taking is None and (not busy or now - self._last_take >= self.TAKE_INTERVAL_S):
             self._last_take = now
@@ -170,7 +180,13 @@ class LLMServer:
                 self.engine.cancel(rid)
             self._to_cancel.clear()
         if self.engine.has_work():
-            events = await self.engine.step()  # (not `outbox += await`: the outbox may be swapped meanwhile)
+            try:
+                events = await self.engine.step()  # (not `outbox += await`: the outbox may be swapped meanwhile)
+            except Exception as exc:
+                self._failed_steps += 1
+                self._step_error = f"{type(exc).__name__}: {exc}"
+                raise
+            self._failed_steps = 0
             if not self._discarding:
                 self._outbox += events
         if self._discarding and not self.engine.has_work():
@@ -183,6 +199,8 @@ class LLMServer:
             # A take sent before the drain began is admitted first (next iteration): its items run here.
             self._drained.set()
             await asyncio.sleep(0.1)  # nothing left to do and nothing to take: do not spin
+        elif unhealthy and not self.engine.has_work():
+            await asyncio.sleep(0.5)  # takes no work until Serve replaces it: do not spin
 
     async def _admit_taken(self) -> None:
         """Wait for the take in flight and hand its items to the engine. None: the queue declared this replica
@@ -216,13 +234,16 @@ class LLMServer:
                     return
                 pending, self._publishing = self._publishing, None
                 self._cancel_or_rejoin(*await pending)
-            if not self._outbox:
+                self._unacked = []
+            if not (self._outbox or self._unacked):
                 return
-            if not wait and not self._urgent() and time.monotonic() - self._published_at < self.PUBLISH_INTERVAL_S:
+            if (not wait and not self._unacked and not self._urgent()
+                    and time.monotonic() - self._published_at < self.PUBLISH_INTERVAL_S):
                 return
             self._published_at = time.monotonic()
             events, self._outbox = self._outbox, []
             self._number(events)
+            events = self._unacked = self._unacked + events  # (not renumbered: a repeat is known by its `i`)
             call = self.queue.publish.remote(self.consumer_id, events, self.engine.stats())
             self._publishing = asyncio.ensure_future(self._resolve(self.consumer_id, call))
             if not wait:
@@ -271,6 +292,7 @@ class LLMServer:
         self._active.clear()
         self._sent.clear()
         self._outbox.clear()
+        self._unacked = []  # (events of the copies given up: not to be sent again)
         self._to_cancel.clear()
         self._lost = False
         self._discarding = self.engine.has_work()
@@ -308,7 +330,7 @@ class LLMServer:
             await asyncio.sleep(0.25)
             overdue = self._take_overdue_at
             if (overdue is not None and time.monotonic() > overdue and not self.engine.has_work()
-                    and not self._outbox and self._publishing is None):
+                    and not self._outbox and not self._unacked and self._publishing is None):
                 log.info("LLM replica: nothing left to drain; the tensor queue has not answered a take for "
                          "%.0f s (is it being deleted too?): leaving without waiting for it",
                          time.monotonic() - overdue + self.TAKE_OVERDUE_S)
@@ -330,8 +352,9 @@ class LLMServer:
         self._draining = True
         drained = asyncio.ensure_future(self._drained.wait())
         idle = asyncio.ensure_future(self._idle_behind_a_lost_take())
-        await asyncio.wait({drained, idle, self._run_task}, timeout=self.DRAIN_TIMEOUT_S,
-                           return_when=asyncio.FIRST_COMPLETED)
+        # A broken engine finishes nothing: what it holds goes back to the queue at once.
+        drain_s = self.DRAIN_TIMEOUT_S if self._unhealthy() is None else 0.0
+        await asyncio.wait({drained, idle, self._run_task}, timeout=drain_s, return_when=asyncio.FIRST_COMPLETED)
         drained.cancel()
         idle.cancel()
         # The run loop stops before the last publish: one publisher at a time, events stay in order.
@@ -354,11 +377,23 @@ class LLMServer:
             log.exception("engine shutdown failed")
         self._publishing_metrics.cancel()
 
+    def _unhealthy(self) -> str | None:
+        """Why this replica's engine can serve no more (its health check then fails), or None."""
+        why = self.engine.health_error()
+        if why is None and self._failed_steps >= self.MAX_FAILED_STEPS:
+            why = f"its last {self._failed_steps} steps failed, the last with {self._step_error}"
+        return why
+
     def check_health(self) -> None:
         if not hasattr(self, "_run_task"):
             raise RuntimeError("the LLM engine was not built (no reconfigure with the deployment's config yet)")
         if self._run_task.done():
             raise RuntimeError("the LLM engine loop stopped")
+        why = self._unhealthy()
+        if why is not None:
+            raise RuntimeError(f"the LLM engine is broken ({why}); this replica takes no new requests and Serve "
+                               "replaces it. If its replacements fail the same way, see their logs for the "
+                               "engine's first error (a lost GPU, out of memory, engine settings)")
 
 
 # The default drain, plus time to deliver the last events and hand back the leases; the deploy body sets the

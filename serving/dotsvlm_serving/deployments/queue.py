@@ -89,6 +89,12 @@ class TensorQueue:
             log.warning("TensorQueue: the replica this one replaces stopped without handing over its state; "
                         "requests only it knew are enqueued again by the API")
             self.core.end_handoff()
+        elif role is None and self.core.handoff == "predecessor":
+            # Its replacement is gone (crashed, or stopped first): this replica is the queue again, or every
+            # put would be sent on to nobody and no dead LLM replica would ever be declared dead.
+            log.warning("TensorQueue: the replica that was to replace this one is gone; this one serves again "
+                        "(what only the other one knew is enqueued again by the API)")
+            self.core.end_handoff()
 
     async def _peers_forever(self) -> None:
         while True:

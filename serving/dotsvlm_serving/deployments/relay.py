@@ -227,6 +227,10 @@ class Relay:
                 # The replica that answered is being replaced: its successor takes the request.
             except _UNREACHABLE as exc:
                 unreachable = exc
+                self.cancel_later(req.rid)  # in case it did arrive
+            except BaseException:  # the client went away (CancelledError) while the put was out: the queue
+                self.cancel_later(req.rid)  # may have taken it, and an LLM replica would answer it for nobody
+                raise
             if time.monotonic() + QUEUE_RETRY_S >= give_up:
                 why = ("the tensor queue was moving and its new replica did not take the request"
                        if unreachable is None else
@@ -235,7 +239,6 @@ class Relay:
             if unreachable is not None:
                 log.warning("request %s: the tensor queue did not take it (%s); trying again", req.rid,
                             type(unreachable).__name__)
-                self.cancel_later(req.rid)  # in case it did arrive
                 req.renew()
             await asyncio.sleep(QUEUE_RETRY_S)
         if not res["ok"]:

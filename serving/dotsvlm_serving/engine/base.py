@@ -108,5 +108,10 @@ class InferenceEngine(abc.ABC):
     def stats(self) -> dict[str, float]:
         """At least STATS_KEYS, as floats."""
 
+    def health_error(self) -> str | None:
+        """Why this engine can run no more requests (the replica must be replaced), or None. Asked on every
+        loop iteration and health check of the replica, so it must be cheap. Default: healthy."""
+        return None
+
     async def shutdown(self) -> None:
         """Free the engine's processes and devices."""

@@ -262,6 +262,12 @@ class VLLMEngine(InferenceEngine):
                 "kv_tokens_reserved": float(self.reserved_tokens()), "kv_tokens_capacity": float(self.budget.kv_tokens),
                 "tokens_generated_total": float(self.tokens_generated)}
 
+    def health_error(self) -> str | None:
+        # AsyncLLM.errored: its engine core process died; every request would now fail with EngineDeadError.
+        if getattr(self.llm, "errored", False):
+            return "vLLM's engine core has stopped (EngineDeadError); its first error is in this replica's log"
+        return None
+
     async def shutdown(self) -> None:
         for req in list(self._reqs.values()):
             if req.task is not None:

@@ -273,6 +273,9 @@ class TensorQueueCore:
                         f"the server is at capacity: the tensor queue stayed full ({len(self._items)} items, "
                         f"{self._bytes} bytes) for {timeout_s:g} s; retry later",
                         retry_after_s=self.retry_after_hint()) from None
+                # Woken (room reserved, or the queue moved) in the very turn the timeout fired: the wake
+                # counts, else the reservation would never be released.
+                outcome = fut.result()
             except BaseException:
                 if fut.done() and not fut.cancelled() and fut.result() == _ADMITTED:
                     self._release_reservation(item.nbytes)
@@ -611,9 +614,16 @@ class TensorQueueCore:
         return {"items": len(items), "leases": leases, "mailboxes": len(snap.mailboxes)}
 
     def end_handoff(self) -> None:
-        """Leave hand-over mode: after `adopt`, or when the predecessor is gone without a snapshot (it was
-        killed): then what only it knew is lost, and the usual recovery applies (the ingress enqueues those
-        requests again, LLM replicas stop them)."""
+        """Leave hand-over mode: after `adopt`, or when the other replica is gone without a snapshot (a
+        killed predecessor, or a successor gone before this predecessor stopped): then what only it knew is
+        lost, and the usual recovery applies (the ingress enqueues those requests again, LLM replicas stop
+        them)."""
+        if self.handoff == "predecessor":
+            # Its consumers heartbeated the successor meanwhile (`reap` spared them): give them a lease
+            # timeout to find this replica again before they count as dead.
+            now = time.monotonic()
+            for c in self._consumers.values():
+                c.last_seen = now
         self.handoff = None
         self._ended_unknown.clear()
         self._cancelled_unknown.clear()

@@ -1,0 +1,150 @@
+"""The LLM replica's loop without Ray or a model: a fake engine, and a queue handle backed by a real queue
+core. A failed publish must not lose numbered events; a broken engine must fail the health check and stop
+taking work."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from ray.exceptions import ActorUnavailableError
+
+from dotsvlm_serving.deployments import llm as llm_mod
+from dotsvlm_serving.deployments.llm import LLMServer
+from dotsvlm_serving.engine.base import InferenceEngine
+from dotsvlm_serving.tensor_queue import QueueItem, TensorQueueCore
+
+
+class _Engine(InferenceEngine):
+    """Holds one running request; `step` raises `fail` when set (a broken engine)."""
+
+    name = "fake"
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.fail, self.dead, self.running = fail, None, {"a"}
+
+    def check_limits(self, prompt_tokens: int, max_tokens: int) -> None:
+        pass
+
+    def add(self, request) -> None:
+        self.running.add(request.request_id)
+
+    def cancel(self, request_id: str) -> None:
+        self.running.discard(request_id)
+
+    async def step(self) -> list:
+        if self.fail is not None:
+            raise self.fail
+        return []
+
+    def has_work(self) -> bool:
+        return bool(self.running)
+
+    def free_slots(self) -> int:
+        return 4
+
+    def free_tokens(self) -> int:
+        return 1000
+
+    def stats(self) -> dict[str, float]:
+        return {"running": float(len(self.running)), "pending": 0.0, "kv_tokens_reserved": 0.0,
+                "kv_tokens_capacity": 1000.0}
+
+    def health_error(self) -> str | None:
+        return self.dead
+
+
+class _Queue:
+    """The queue handle's methods the replica calls, backed by a real queue core. `fail_publish`: how many
+    publish calls fail (ActorUnavailableError, a blip of the queue replica); with `reached`, the failed
+    calls did arrive (only their reply was lost)."""
+
+    def __init__(self, core: TensorQueueCore, fail_publish: int = 0, reached: bool = False) -> None:
+        self.core, self.fail_publish, self.reached, self.takes = core, fail_publish, reached, 0
+
+        async def publish(cid: str, events: list, stats: dict) -> list[str] | None:
+            if self.fail_publish > 0:
+                self.fail_publish -= 1
+                if self.reached:
+                    core.publish(cid, [dict(ev) for ev in events], stats)
+                raise ActorUnavailableError("the connection to it was lost", None)
+            return core.publish(cid, [dict(ev) for ev in events], stats)
+
+        async def nothing() -> list[QueueItem]:
+            return []
+
+        def take(cid: str, max_items: int, token_budget: int, wait_s: float):
+            self.takes += 1  # (counted when the call is made)
+            return nothing()
+        self.publish, self.take = SimpleNamespace(remote=publish), SimpleNamespace(remote=take)
+
+
+class _Replica(LLMServer):
+    def __del__(self) -> None:  # Serve's stop hook (a coroutine): not run by the garbage collector here
+        pass
+
+
+async def _replica(monkeypatch, queue: _Queue, engine: _Engine) -> LLMServer:
+    monkeypatch.setattr(llm_mod, "ReplicaMetrics", lambda source: None)  # no Ray here
+    llm = object.__new__(_Replica)
+    await LLMServer.__init__(llm, model=None, queue=queue)
+    llm.engine = engine
+    return llm
+
+
+async def _leased(core: TensorQueueCore, llm: LLMServer) -> None:
+    await core.put(QueueItem(request_id="a", nbytes=1, reserved_tokens=10, payload={}, stream=True), 1)
+    await core.take(llm.consumer_id, max_items=1, token_budget=100, wait_s=0)
+
+
+def _tok(text: str) -> dict:
+    return {"request_id": "a", "type": "token", "text": text}
+
+
+@pytest.mark.parametrize("reached", [False, True], ids=["call-lost", "reply-lost"])
+def test_a_publish_that_failed_is_sent_again_so_the_answer_is_whole_and_in_order(monkeypatch, reached: bool) -> None:
+    """Before, the failed call's numbered events were dropped: later events waited in the mailbox for the
+    missing number until the request timed out (and a lost terminal event leaked the lease)."""
+    async def main() -> None:
+        core = TensorQueueCore(max_items=8, max_bytes=1000)
+        llm = await _replica(monkeypatch, _Queue(core, fail_publish=1, reached=reached), _Engine())
+        await _leased(core, llm)
+        llm._outbox = [_tok("He")]
+        with pytest.raises(ActorUnavailableError):  # the run loop logs it and goes on
+            await llm._publish(wait=True)
+        llm._outbox = [_tok("llo"), {"request_id": "a", "type": "finish", "finish_reason": "stop", "text": "",
+                                     "usage": {"prompt_tokens": 1, "completion_tokens": 2}}]
+        await llm._publish(wait=True)
+        evs = await core.next_events("a", 0)
+        assert [(ev["type"], ev["text"]) for ev in evs] == [("token", "He"), ("token", "llo"), ("finish", "")]
+        assert core.stats()["leased"] == 0  # the terminal event arrived: the lease is released
+    asyncio.run(main())
+
+
+def test_an_engine_that_fails_every_step_fails_the_health_check_and_takes_no_more_work(monkeypatch) -> None:
+    async def main() -> None:
+        core = TensorQueueCore(max_items=8, max_bytes=1000)
+        queue, engine = _Queue(core), _Engine(fail=RuntimeError("CUDA error: an illegal memory access"))
+        llm = await _replica(monkeypatch, queue, engine)
+        llm._run_task = asyncio.get_running_loop().create_future()  # the run loop: alive
+        for _ in range(LLMServer.MAX_FAILED_STEPS - 1):
+            with pytest.raises(RuntimeError):
+                await llm._iteration()
+        llm.check_health()  # a few failed steps can be bad batches
+        with pytest.raises(RuntimeError):
+            await llm._iteration()
+        with pytest.raises(RuntimeError, match="engine is broken.*illegal memory access.*replaces it"):
+            llm.check_health()
+        await asyncio.sleep(0)  # the take sent by the first iteration answers ...
+        takes, llm._last_take = queue.takes, 0.0  # ... and another would be due now
+        with pytest.raises(RuntimeError):
+            await llm._iteration()
+        assert queue.takes == takes  # no new work for a broken engine
+        engine.fail = None
+        await llm._iteration()  # a step that works again resets the count
+        llm.check_health()
+        engine.dead = "vLLM's engine core has stopped (EngineDeadError)"  # the engine's own health hook
+        with pytest.raises(RuntimeError, match="EngineDeadError"):
+            llm.check_health()
+    asyncio.run(main())
