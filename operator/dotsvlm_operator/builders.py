@@ -407,15 +407,22 @@ def network_policy(owner: Owner, spec: models.DotsVLMDeploymentSpec, operator_na
     }
 
 
+def _monitoring_meta(owner: Owner, spec: models.DotsVLMDeploymentSpec, name: str) -> dict[str, Any]:
+    """A monitoring object's metadata, with spec.monitoring.labels for the Prometheus that selects it (ours win)."""
+    meta = _meta(owner, name, naming.COMPONENT_MONITORING)
+    meta["labels"] = {**(spec.monitoring.labels or {}), **meta["labels"]}
+    return meta
+
+
 def pod_monitor(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
     """Scrapes every Ray pod of the deployment (head and pool workers) once, on its metrics port."""
-    return scrape.pod_monitor(_meta(owner, naming.pod_monitor_name(owner.name), naming.COMPONENT_MONITORING),
+    return scrape.pod_monitor(_monitoring_meta(owner, spec, naming.pod_monitor_name(owner.name)),
                               naming.owned_labels(owner.name), spec.monitoring.scrape_interval)
 
 
 def prometheus_rule(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[str, Any]:
     """dotsvlm's alerts, narrowed to this deployment's series and held to its spec.slo."""
-    return alerts.prometheus_rule(_meta(owner, naming.prometheus_rule_name(owner.name), naming.COMPONENT_MONITORING),
+    return alerts.prometheus_rule(_monitoring_meta(owner, spec, naming.prometheus_rule_name(owner.name)),
                                   owner.namespace, owner.name,
                                   {"text": spec.slo.text_ttft_seconds, "image": spec.slo.image_ttft_seconds})
 

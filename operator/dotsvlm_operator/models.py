@@ -26,6 +26,7 @@ MAX_CONTEXT_LENGTH = 163840
 # own schemas carry is looser: it lets "-1Gi" or "1.2.3Gi" through to a refusal of the pool's Deployment.)
 QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"  # a Kubernetes label value (at most 63)
 # How Kubernetes' own types write a resource.Quantity in a CRD schema.
 _QUANTITY_SCHEMA = {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN, "minimum": 0,
                     "x-kubernetes-int-or-string": True}
@@ -555,6 +556,14 @@ class MonitoringSpec(_Api):
     pod_monitor: bool = Field(True, description="Create a PodMonitor that scrapes every Ray pod when the Prometheus Operator's PodMonitor CRD is installed. Without that CRD, or when false, the Ray pods carry prometheus.io/scrape annotations instead.")
     prometheus_rule: bool = Field(False, description="Create a PrometheusRule with dotsvlm's alerts for this deployment (needs the PrometheusRule CRD). Leave false when the Helm chart installs the alert rules for every deployment.")
     scrape_interval: str = Field("30s", pattern=r"^[0-9]+(ms|s|m|h)$", description="Scrape interval of the PodMonitor, e.g. 30s.")
+    labels: dict[str, str] | None = Field(
+        None, description=(
+            "Extra labels on the PodMonitor and the PrometheusRule, for a Prometheus that selects them by label: "
+            "kube-prometheus-stack selects `release: <its Helm release>` by default, so without that label it "
+            "scrapes none of this deployment's metrics and loads none of its alerts. The operator's own labels "
+            "(app.kubernetes.io/*, dotsvlm.io/*) cannot be overridden."),
+        json_schema_extra={"maxProperties": 16, "additionalProperties": {
+            "type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}})
 
 
 class DotsVLMDeploymentSpec(_Api):

@@ -90,6 +90,8 @@ INVALID = [
     ("toleration-seconds-without-noexecute", _set("spec.llm.tolerations", [
         {"key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}]),
      "tolerationSeconds applies only to effect NoExecute"),
+    ("monitoring-label-value-not-a-label", _set("spec.monitoring.labels", {"release": "kube prometheus"}),
+     "spec.monitoring.labels.release in body should match"),
     ("negative-min-replicas", _set("spec.vision.minReplicas", -1),
      "spec.vision.minReplicas in body should be greater than or equal to 0"),
     ("bad-quantization", _set("spec.model.quantization", "int4"), 'spec.model.quantization: Unsupported value: "int4"'),

@@ -293,6 +293,21 @@ def test_prometheus_rule_only_when_asked_and_supported_and_narrowed_to_the_deplo
     assert "text 0.75 s, image 4 s" in ttft["annotations"]["description"]
 
 
+def test_monitoring_labels_reach_the_pod_monitor_and_the_rule_and_cannot_replace_the_operators() -> None:
+    """kube-prometheus-stack selects PodMonitors and PrometheusRules by `release: <name>`: without a way to add
+    it, it scraped none of the deployment's metrics and loaded none of its alerts."""
+    objs = builders.children(OWNER, _spec(monitoring__prometheusRule=True, monitoring__labels={
+        "release": "kube-prometheus-stack", naming.LABEL_DEPLOYMENT: "someone-else"}), vision_replicas=1,
+        llm_replicas=1, pod_monitor_supported=True, prometheus_rule_supported=True)
+    monitoring = [o for o in objs if o["kind"] in ("PodMonitor", "PrometheusRule")]
+    assert len(monitoring) == 2
+    for obj in monitoring:
+        assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert obj["metadata"]["labels"][naming.LABEL_DEPLOYMENT] == OWNER.name
+    # The other children do not carry them.
+    assert not any("release" in o["metadata"].get("labels", {}) for o in objs if o not in monitoring)
+
+
 def test_token_hash_is_in_every_ray_pod_template_and_changes_with_the_token() -> None:
     one = _by_name(builders.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=builders.token_hash("a")))
     two = _by_name(builders.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=builders.token_hash("b")))
