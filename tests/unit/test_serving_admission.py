@@ -123,6 +123,21 @@ def test_report_sums_fresh_ingress_replicas_only() -> None:
     assert sum_reports([], now)["vision_replicas"] is None
 
 
+def test_status_slo_reports_the_worst_fresh_ingress_replica_as_the_policy_reads_it() -> None:
+    """status.slo came from whichever ingress replica answered: with several it could say "met" while the
+    policy, which takes the worst replica's p90, scaled up for a miss."""
+    from dotsvlm_serving.deployments.backpressure import worst_p90s
+
+    now = 1000.0
+    own = {"ttft_text_p90_s": 0.5, "ttft_image_p90_s": None}
+    records = [{"time": now - 1, "p90_s": {"ttft_text_p90_s": 3.0, "ttft_image_p90_s": None}},
+               {"time": now - 2, "p90_s": {"ttft_text_p90_s": 0.4, "ttft_image_p90_s": 6.0}},
+               {"time": now - 600, "p90_s": {"ttft_text_p90_s": 99.0}},  # a replica gone long ago
+               {"time": now - 1}]  # one from before this field
+    assert worst_p90s(records, now, own) == {"ttft_text_p90_s": 3.0, "ttft_image_p90_s": 6.0}
+    assert worst_p90s([], now, own) == own
+
+
 def test_gate_holds_decoded_pixels_under_the_limit_in_arrival_order() -> None:
     async def scenario() -> None:
         gate = AmountGate(limit=10)

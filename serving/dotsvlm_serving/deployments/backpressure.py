@@ -145,6 +145,18 @@ def sum_reports(records: list[dict[str, Any]], now: float) -> dict[str, Any]:
             "rejected": dict(rejected), "rejected_total": sum(rejected.values())}
 
 
+def worst_p90s(records: list[dict[str, Any]], now: float, own: dict[str, float]) -> dict[str, float | None]:
+    """The observed p90 latencies for status.slo as the autoscaling policy reads them: the worst ingress
+    replica's (its snapshot takes the max over replicas), not whichever replica answered. `own`: this
+    replica's, newer than its last report; a key no replica has data for is None."""
+    fresh = [r.get("p90_s") or {} for r in records if now - float(r.get("time", 0.0)) <= REPORT_STALE_S]
+    out: dict[str, float | None] = {}
+    for key in own:
+        values = [float(v) for v in (own[key], *(f.get(key) for f in fresh)) if v is not None]
+        out[key] = max(values) if values else None
+    return out
+
+
 def read_reports() -> list[dict[str, Any]]:
     from ray.experimental import internal_kv
 

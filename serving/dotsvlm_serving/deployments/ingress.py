@@ -39,7 +39,7 @@ from ..model.config import load_config
 from ..model.preprocess import ImageError, probe_image
 from ..model.prompt import load_tokenizer
 from ..serve_config import INGRESS_DEPLOYMENT, AutoscalingPolicyConfig, IngressConfig, ServedModel
-from .backpressure import IngressAdmission, read_reports, sum_reports
+from .backpressure import IngressAdmission, read_reports, sum_reports, worst_p90s
 from .relay import Relay
 
 log = logging.getLogger("ray.serve")
@@ -118,7 +118,8 @@ class Ingress:
             self._watching = loop.create_task(self.admission.watch_vision_replicas())
             self._reporting = loop.create_task(self.admission.publish_forever(
                 serve.get_replica_context().replica_id.unique_id, lambda: self.signals.pending_pixels,
-                extra=lambda: {"open_requests": self._open, "head_draining": self._draining_head() is not None}))
+                extra=lambda: {"open_requests": self._open, "head_draining": self._draining_head() is not None,
+                               "p90_s": self._p90s()}))
             self._watching_drain = loop.create_task(self._watch_head_drain())
             pre = self.model_config.preprocess
             self.relay = Relay(self.vision, self.queue, self.metrics, self.signals, self.admission,
@@ -189,7 +190,7 @@ class Ingress:
         except Exception as exc:
             return JSONResponse(error_body(503, f"tensor queue not reachable: {exc}"), 503)
         counters = queue.get("counters", {})
-        recent = self.signals.stats(time.monotonic())
+        reports = await asyncio.to_thread(read_reports)
         return JSONResponse({
             "decisions": await asyncio.to_thread(serve_policy.read_published),
             "queue": {"depth": queue["depth"], "bytes": queue["bytes"], "oldest_age_s": queue["oldest_age_s"],
@@ -197,11 +198,17 @@ class Ingress:
                       "leased": queue.get("leased", 0),  # items an LLM replica is generating now
                       "rejected_total": counters.get("rejected_full", 0),
                       "redelivered_total": counters.get("redelivered", 0)},
-            "slo": {k: (None if v == NO_DATA else v) for k, v in recent.items() if k.endswith("_p90_s")},
+            # The worst ingress replica's p90s, as the policy reads them (not only this replica's).
+            "slo": worst_p90s(reports, time.time(), self._p90s()),
             # Backpressure before the queue, summed over the ingress replicas: the vision stage's backlog
             # against its limit, image bytes held, and the requests answered 429 by reason.
-            "admission": sum_reports(await asyncio.to_thread(read_reports), time.time()),
+            "admission": sum_reports(reports, time.time()),
         })
+
+    def _p90s(self) -> dict[str, float | None]:
+        """This replica's recent p90 latencies (None: no request of that kind lately)."""
+        return {k: (None if v == NO_DATA else v) for k, v in self.signals.stats(time.monotonic()).items()
+                if k.endswith("_p90_s")}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook: this replica's signals for the autoscaling policy (autoscaling/signals.py)."""
