@@ -115,7 +115,7 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF"])
 def test_decode_common_formats_to_rgb(fmt: str) -> None:
     data = _encode(Image.new("RGB", (40, 30), (200, 100, 50)), fmt)
     img = decode_image(data, max_bytes=1 << 20)
@@ -152,3 +152,45 @@ def test_decode_errors_are_clear() -> None:
     with pytest.raises(ImageError, match="aspect ratio"):
         decode_image(_encode(Image.new("RGB", (402, 2)), "PNG"), max_bytes=1 << 20)
     assert issubclass(ImageError, ValueError)
+
+
+def test_formats_outside_the_list_are_refused_at_the_header() -> None:
+    """ICO decodes whole at open (on the ingress's event loop), ICNS holds an image of another size than its
+    header says (the prompt then counted the wrong number of image tokens, and the request failed as if
+    its embeddings were lost), EPS runs Ghostscript: only the listed formats are read."""
+    from dotsvlm_serving.model.preprocess import probe_image
+
+    icon = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "ICO")
+    with pytest.raises(ImageError, match="could not be decoded.*PNG, JPEG, WebP, GIF, BMP, TIFF"):
+        probe_image(icon, max_bytes=1 << 20)
+
+
+def test_a_photo_is_turned_as_its_exif_orientation_says_in_the_probe_and_the_decode() -> None:
+    """A phone photo's pixels are stored as the sensor saw them, with an EXIF tag that says how to turn them:
+    the model sees it the way viewers show it, and the prompt is sized for that same shape."""
+    from dotsvlm_serving.model.preprocess import probe_image
+
+    stored = Image.new("RGB", (80, 20), (255, 255, 255))
+    stored.paste((0, 0, 0), (0, 0, 10, 20))  # a black band on the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    data = _encode(stored, "JPEG", exif=exif.tobytes(), quality=95)
+    assert probe_image(data, max_bytes=1 << 20) == (20, 80)
+    img = decode_image(data, max_bytes=1 << 20)
+    assert img.size == (20, 80)
+    assert np.asarray(img, dtype=int)[2, 10].max() < 60  # the band is now at the top
+
+
+def test_deep_greyscale_is_scaled_to_8_bits_not_clipped_white() -> None:
+    ramp = (np.arange(256, dtype=np.uint16).reshape(1, 256).repeat(4, 0) * 257)
+    data = _encode(Image.fromarray(ramp), "PNG")  # a 16-bit greyscale scan
+    img = np.asarray(decode_image(data, max_bytes=1 << 20), dtype=int)
+    assert abs(img[0, 128, 0] - 128) <= 1 and img[0, 0, 0] == 0 and img[0, 255, 0] == 255
+    floats = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32))  # a float TIFF in [0, 1]
+    assert abs(int(np.asarray(decode_image(_encode(floats, "TIFF"), max_bytes=1 << 20))[0, 0, 0]) - 128) <= 1
+
+
+def test_a_colour_key_transparency_composites_on_white() -> None:
+    img = Image.new("RGB", (8, 8), (0, 0, 0))
+    data = _encode(img, "PNG", transparency=(0, 0, 0))  # tRNS: black is transparent
+    assert tuple(np.asarray(decode_image(data, max_bytes=1 << 20))[0, 0]) == (255, 255, 255)

@@ -27,6 +27,17 @@ MAX_ASPECT_RATIO = 200
 # Hard cap on an image's original size (pixels), before resizing: about 16k x 10k. Larger inputs are a
 # decoding-memory risk and are refused rather than downscaled.
 DEFAULT_MAX_INPUT_PIXELS = 178_956_970
+# The formats read: what cameras, phones, browsers and screenshot tools write. Pillow reads many more, some of
+# which decode whole at open (ICO: on the ingress's event loop), hold several images of other sizes than the
+# header says (ICNS: the prompt then counts the wrong number of image tokens), or run external programs (EPS).
+Image.init()  # registers every plugin, so that Image.OPEN lists what this Pillow reads
+FORMATS = tuple(f for f in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if f in Image.OPEN)
+_FORMAT_NAMES = ", ".join({"WEBP": "WebP"}.get(f, f) for f in FORMATS[:-1]) + f" or {FORMATS[-1]}"
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# EXIF orientation -> the turn that shows the image as viewers do (as PIL.ImageOps.exif_transpose does it).
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
 
 
 class ImageError(ValueError):
@@ -36,18 +47,29 @@ class ImageError(ValueError):
 def probe_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> tuple[int, int]:
     """(width, height) from the image's header, with every check that does not need the pixels (size in
     bytes, format, zero size, aspect ratio, original pixel cap). Cheap: nothing is decoded, so the
-    ingress can size the prompt while the full decode happens on the vision pool."""
-    return open_image(data, max_bytes=max_bytes, max_input_pixels=max_input_pixels).size
+    ingress can size the prompt while the full decode happens on the vision pool. The size is as the image
+    is shown: a photo whose EXIF orientation turns it a quarter has its width and height swapped."""
+    img = open_image(data, max_bytes=max_bytes, max_input_pixels=max_input_pixels)
+    w, h = img.size
+    return (h, w) if _orientation(img) in _ROTATED else (w, h)
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
-    """Decode PNG / JPEG / WebP / GIF (first frame) / anything Pillow reads into an RGB image."""
+    """Decode PNG / JPEG / WebP / GIF (first frame) / BMP / TIFF / AVIF into an RGB image, turned as its EXIF
+    orientation says (as viewers show a phone photo), with transparency over white."""
     img = open_image(data, max_bytes=max_bytes, max_input_pixels=max_input_pixels)
+    header, orientation = img.size, _orientation(img)  # both as `probe_image` sized the prompt
     try:
-        img.seek(0)  # first frame of an animated GIF / WebP
         img.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            # Composite transparency over white, like a browser shows it, instead of black.
+        if img.size != header:
+            raise ImageError(f"the image's header says {header[0]}x{header[1]} but its data is {img.size[0]}x"
+                             f"{img.size[1]}: send a valid {_FORMAT_NAMES} file")
+        if orientation in _TURNS:
+            img = img.transpose(_TURNS[orientation])
+        img = _to_8_bit(img)
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            # Composite transparency (an alpha channel, or a palette or colour key) over white, like a browser
+            # shows it, instead of black.
             rgba = img.convert("RGBA")
             bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(bg, rgba).convert("RGB")
@@ -56,6 +78,34 @@ def decode_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT
         raise
     except Exception as exc:
         raise ImageError(f"the image data is corrupt or truncated ({type(exc).__name__}: {exc}): send the complete file") from exc
+
+
+def _orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag (1-8) from the header, before any pixel is read; None without one. (A PNG's
+    eXIf chunk after its pixel data is not read: Pillow would decode the image to reach it, on the ingress's
+    event loop, and the probe and the decode must agree.)"""
+    if img.format == "PNG" and "exif" not in img.info:
+        return None
+    try:
+        value = img.getexif().get(0x0112)
+    except Exception:  # a broken EXIF block: shown as stored
+        return None
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else None
+
+
+def _to_8_bit(img: Image.Image) -> Image.Image:
+    """Greyscale of more than 8 bits (16-bit PNGs, 32-bit integer or float TIFFs) as 8-bit greyscale, scaled:
+    Pillow's convert("RGB") clips them, and a 16-bit scan came out almost all white."""
+    if img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        # 16-bit values (what a 16-bit PNG opens as in mode I), a float image in [0, 1], else its own range.
+        scale = 255.0 / (65535.0 if img.mode == "I" and top <= 65535 else 1.0 if img.mode == "F" and top <= 1.0
+                         else max(top, 1.0))
+        return Image.fromarray(np.clip(a * scale, 0, 255).round().astype(np.uint8), mode="L")
+    return img
 
 
 def open_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
@@ -67,12 +117,12 @@ def open_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT_M
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own pixel cap below
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
         w, h = img.size  # from the header: nothing decoded yet
     except Image.DecompressionBombError as exc:
         raise ImageError(f"the image has too many pixels ({exc}): downscale it before sending") from exc
     except Exception as exc:  # PIL raises several types for bad data
-        raise ImageError(f"the image could not be decoded ({type(exc).__name__}): send a valid PNG, JPEG, WebP or GIF file") from exc
+        raise ImageError(f"the image could not be decoded ({type(exc).__name__}): send a valid {_FORMAT_NAMES} file") from exc
     _check_size(h, w)
     if w * h > max_input_pixels:
         raise ImageError(f"the image is {w}x{h} = {w * h} pixels, over the limit of {max_input_pixels} pixels: downscale it before sending")
