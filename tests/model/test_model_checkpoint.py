@@ -189,3 +189,21 @@ def test_fp8_checkpoint_in_bfloat16(tiny_fp8_dir: Path) -> None:
     with torch.inference_mode():
         out = llm(input_ids=torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(out.float()).all()
+
+
+def test_an_unreadable_shard_or_index_is_named_among_the_files(tiny_dir: Path, tmp_path: Path) -> None:
+    """The real checkpoint has ~150 shards: a partial download must say which file to fetch again."""
+    from dotsvlm_serving.model.config import load_config
+
+    d = _copy(tiny_dir, tmp_path / "cut")
+    shard = d / _index(d)["model.embed_tokens.weight"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"shard {shard} cannot be read.*download it again"):
+        load_llm(d)
+    d = _copy(tiny_dir, tmp_path / "index")
+    (d / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json is not a valid index"):
+        load_vision_tower(d)
+    (d / "config.json").write_text('{"a": 1,')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_config(d)

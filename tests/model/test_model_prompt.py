@@ -98,3 +98,13 @@ def test_config_and_prompt_import_without_torch() -> None:
     code = ("import sys, dotsvlm_serving.model, dotsvlm_serving.model.config, dotsvlm_serving.model.prompt; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_a_tokenizer_from_another_checkpoint_is_refused_at_start(tiny_tokenizer, tiny_config) -> None:
+    """config.json's image_token_id must be the tokenizer's <|imgpad|>: otherwise the service starts, text works,
+    and every image request gets a 400 that blames the client."""
+    from dotsvlm_serving.model.prompt import check_image_token
+
+    check_image_token(tiny_tokenizer, tiny_config.image_token_id, "/models/x")
+    with pytest.raises(ValueError, match=r"/models/x/config.json gives image_token_id 128815 .* encodes <\|imgpad\|> as"):
+        check_image_token(tiny_tokenizer, 128815, "/models/x")

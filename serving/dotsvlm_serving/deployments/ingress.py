@@ -37,7 +37,7 @@ from ..metrics.catalog import CLIENT_CLOSED, NO_MODALITY
 from ..metrics.publish import ReplicaMetrics, StatsPublisher
 from ..model.config import load_config
 from ..model.preprocess import ImageError, probe_image
-from ..model.prompt import load_tokenizer
+from ..model.prompt import check_image_token, load_tokenizer
 from ..serve_config import INGRESS_DEPLOYMENT, AutoscalingPolicyConfig, IngressConfig, ServedModel
 from .backpressure import IngressAdmission, read_reports, sum_reports, worst_p90s
 from .relay import Relay
@@ -85,6 +85,7 @@ class Ingress:
         self.vision, self.queue, self.llm = vision, queue, llm
         self.model_config = load_config(model.model_path)
         self.tokenizer = load_tokenizer(model.model_path)
+        check_image_token(self.tokenizer, self.model_config.image_token_id, model.model_path)
         self.metrics = ReplicaMetrics("ingress")
         self.signals = IngressSignals()  # what this replica reports to the autoscaler
         self.admission: IngressAdmission | None = None  # backpressure (image bytes held, vision backlog): reconfigure

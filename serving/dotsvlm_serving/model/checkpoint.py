@@ -42,7 +42,11 @@ def weight_map(model_dir: str | Path) -> dict[str, Path]:
     d = Path(model_dir)
     index = d / INDEX_NAME
     if index.is_file():
-        wm = json.loads(index.read_text()).get("weight_map") or {}
+        try:
+            wm = json.loads(index.read_text()).get("weight_map") or {}
+        except (ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a valid index ({type(exc).__name__}: {exc}): download it "
+                                  f"again") from exc
         out = {k: d / v for k, v in wm.items()}
         for f in sorted(set(out.values())):
             if not f.is_file():
@@ -53,10 +57,22 @@ def weight_map(model_dir: str | Path) -> dict[str, Path]:
         raise CheckpointError(f"no *.safetensors files and no {INDEX_NAME} in {d}")
     out = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as h:
+        with _opened(f) as h:
             for k in h.keys():
                 out[k] = f
     return out
+
+
+@contextlib.contextmanager
+def _opened(f: Path) -> Any:
+    """A shard's handle; a shard that cannot be read (a partial download) is named, among ~150."""
+    try:
+        handle = safe_open(str(f), framework="pt", device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"shard {f} cannot be read ({type(exc).__name__}: {exc}): it is most likely "
+                              f"incomplete; download it again") from exc
+    with handle as h:
+        yield h
 
 
 class _Shards:
@@ -77,16 +93,20 @@ class _Shards:
         return self.wm[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return tuple(self._read(key, lambda h: h.get_slice(key).get_shape()))
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        return self._read(key, lambda h: h.get_tensor(key))
 
-    def _handle(self, key: str) -> Any:
+    def _read(self, key: str, how: Any) -> Any:
         f = self.wm[key]
         if f not in self._open:
-            self._open[f] = self._stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-        return self._open[f]
+            self._open[f] = self._stack.enter_context(_opened(f))
+        try:
+            return how(self._open[f])
+        except Exception as exc:  # the index names a tensor the shard does not hold, or its bytes are cut
+            raise CheckpointError(f"tensor '{key}' cannot be read from shard {f} ({type(exc).__name__}: {exc}): "
+                                  f"the shard or {INDEX_NAME} is incomplete or from another download") from exc
 
 
 def _shape_error(key: str, expected: tuple[int, ...], found: tuple[int, ...], file: Path) -> CheckpointError:

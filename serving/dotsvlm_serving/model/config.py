@@ -167,7 +167,17 @@ def load_config(model_dir: str | Path) -> DotsVLMConfig:
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: is {d} a dots.vlm1 checkpoint directory?")
-    raw = json.loads(cfg_path.read_text())
+    raw = _read_json(cfg_path)
     pre_path = d / "preprocessor_config.json"
-    pre = json.loads(pre_path.read_text()) if pre_path.is_file() else None
+    pre = _read_json(pre_path) if pre_path.is_file() else None
     return DotsVLMConfig.from_dict(raw, pre)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): fix or download it again") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    return raw

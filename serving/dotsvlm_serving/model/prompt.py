@@ -44,6 +44,17 @@ def load_tokenizer(model_dir: str | Path) -> "PreTrainedTokenizerFast":
     return PreTrainedTokenizerFast.from_pretrained(str(d))
 
 
+def check_image_token(tokenizer: Any, image_token_id: int, model_dir: str | Path) -> None:
+    """Refuse to start when the tokenizer's <|imgpad|> is not the id the model puts image embeddings at: text
+    would work and every image request would fail with a 400 that blames the client."""
+    found = tokenizer.convert_tokens_to_ids(IMG_PAD)
+    if found != image_token_id or found == tokenizer.unk_token_id:
+        raise ValueError(
+            f"{Path(model_dir) / 'config.json'} gives image_token_id {image_token_id} (128815 when it has none), "
+            f"but the tokenizer in {model_dir} encodes {IMG_PAD} as {found}: the tokenizer files and config.json "
+            f"are from different checkpoints; use the pair of one dots.vlm1 checkpoint")
+
+
 def _parts(content: Any, role: str, index: int) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
