@@ -376,3 +376,19 @@ def test_a_client_that_leaves_is_counted_499_and_a_ray_failure_503_never_500() -
 
     asyncio.run(main())
     assert counted == ["499", "503"] and ing._in_flight == 0 and ing._open == 0
+
+
+def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized() -> None:
+    """Tokenizing megabytes takes seconds (on the ingress's event loop, every other request stalled) and
+    gigabytes, only to find the prompt too long: a text no tokenization can fit is refused from its length."""
+    from dotsvlm_serving.api.errors import ApiError
+
+    ing = _bare_ingress({})
+    ing.tokenizer = SimpleNamespace(get_vocab=lambda: {"a": 0, "abc": 1, "<|longest|>": 2})
+    ing._max_token_chars = None
+    longest = len("<|longest|>")
+    assert ing._check_text_fits(ing.cfg.context_length * longest, "prompt") == ing.cfg.context_length * longest
+    with pytest.raises(ApiError) as err:
+        ing._check_text_fits(ing.cfg.context_length * longest + 1, "messages")
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded" and "shorten the messages" in \
+        err.value.message

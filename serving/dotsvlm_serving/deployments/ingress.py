@@ -47,6 +47,7 @@ log = logging.getLogger("ray.serve")
 # Bodies over this size carry images (a chat's text is far smaller): they are read off the event loop
 # and count against the image bytes the replica may hold.
 LARGE_BODY = 65536
+TOKENIZE_OFF_LOOP_CHARS = 65536  # text longer than this is tokenized in a thread
 
 app = FastAPI(title="dotsvlm", docs_url=None, redoc_url=None)
 
@@ -78,6 +79,8 @@ class Ingress:
     """Its slice (`IngressConfig`: API limits, the vision stage's backlog limits, the LLM's token limits, the enqueue timeout) arrives
     through `reconfigure`, before the first request and whenever only the slice changes; it applies in
     place, to the requests that arrive after it."""
+
+    _max_token_chars: int | None = None  # the vocabulary's longest token, in characters (`_check_text_fits`)
 
     def __init__(self, model: ServedModel, vision: Any, queue: Any, llm: Any) -> None:
         self.model = model
@@ -324,6 +327,7 @@ class Ingress:
             self._check_model(req)
             messages, urls = req.to_model_messages()
             info["modality"] = _modality(len(urls))
+            chars = self._check_text_fits(_text_chars(messages), "messages")  # before any image is fetched
             # An http(s) image is counted at its largest allowed size while it downloads (its size is known
             # only once it is in), so concurrent downloads stay within the limit too.
             self._check_image_count(urls)
@@ -334,7 +338,10 @@ class Ingress:
             held = self._hold_images(held, sum(len(d) for d in images))
             counts = self._token_counts(sizes)
             try:
-                ids = pipeline.prompt_ids(self.tokenizer, self.model_config, messages, counts)
+                # Tokenizing a long text is CPU work (seconds for megabytes): off the event loop.
+                ids = (await asyncio.to_thread(pipeline.prompt_ids, self.tokenizer, self.model_config, messages, counts)
+                       if chars > TOKENIZE_OFF_LOOP_CHARS else
+                       pipeline.prompt_ids(self.tokenizer, self.model_config, messages, counts))
             except ValueError as exc:
                 raise ApiError(400, str(exc), param="messages") from None
             params = self._sampling(req, len(ids))
@@ -355,10 +362,19 @@ class Ingress:
         errors (a body has no images, so it holds no image bytes)."""
         self._declared_size(request)
         body = await self._read_body(request, t0)
-        req = parse_completion_request(body, engine=self.cfg.engine)
+        engine = self.cfg.engine
+        req = (await asyncio.to_thread(parse_completion_request, body, engine=engine) if len(body) > LARGE_BODY
+               else parse_completion_request(body, engine=engine))
+        del body
         self._check_model(req)
         info["modality"] = _modality(0)
-        ids = self._completion_prompt_ids(req)
+        if isinstance(req.prompt, str):
+            self._check_text_fits(len(req.prompt), "prompt")
+        elif len(req.prompt) > self.cfg.context_length:
+            raise self._too_long(len(req.prompt), 1, "prompt")
+        ids = (await asyncio.to_thread(self._completion_prompt_ids, req)
+               if isinstance(req.prompt, str) and len(req.prompt) > TOKENIZE_OFF_LOOP_CHARS
+               else self._completion_prompt_ids(req))
         params = self._sampling(req, len(ids))
         cid = new_text_completion_id()
         events = await self.relay.submit(cid, ids, [], [], params, req.stream, t0 + self.cfg.api.request_timeout_s)
@@ -453,6 +469,21 @@ class Ingress:
         return {"max_tokens": int(limit), "temperature": 1.0 if req.temperature is None else req.temperature,
                 "top_p": 1.0 if req.top_p is None else req.top_p, "top_k": max(0, req.top_k or 0),
                 "seed": req.seed, "stop": tuple(req.stop or ()), "ignore_eos": req.ignore_eos}
+
+    def _check_text_fits(self, chars: int, where: str) -> int:
+        """Refuse, before tokenizing it, a text too long for the context whatever its tokens: no token is longer
+        than the vocabulary's longest (in characters), so it needs at least chars / that many. Tokenizing
+        megabytes takes seconds and gigabytes of memory only to find the same."""
+        if chars <= self.cfg.context_length:  # fits, whatever its tokens (each has at least one character)
+            return chars
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        least = -(-chars // self._max_token_chars)
+        if least > self.cfg.context_length:
+            raise ApiError(400, f"this model's maximum context length is {self.cfg.context_length} tokens, but the "
+                                f"{where} has {chars} characters, which cannot take fewer than {least} tokens: "
+                                f"shorten the {where}", param=where, code="context_length_exceeded")
+        return chars
 
     def _too_long(self, prompt: int, completion: int, where: str) -> ApiError:
         ctx = self.cfg.context_length
@@ -571,6 +602,18 @@ class Ingress:
 def _is_data_url(url: str) -> bool:
     """An image sent in the body (base64), not fetched from a server."""
     return url[:5].lower() == "data:"
+
+
+def _text_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of text in the model's messages (strings, or the text parts of a list)."""
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return total
 
 
 def _modality(n_images: int) -> str:
