@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .model.config import DotsVLMConfig
-from .model.preprocess import PreprocessedImages, image_token_count, preprocess_images
+from .model.preprocess import PreprocessedImages, image_token_count, preprocess_images, resize_for_model
 from .model.prompt import encode_chat
 from .serve_config import ImageLimits
 
@@ -41,6 +41,14 @@ def resized_pixels(images: list[Image.Image], cfg: DotsVLMConfig, limits: ImageL
 
 def prompt_ids(tokenizer: Any, cfg: DotsVLMConfig, messages: list[dict[str, Any]], counts: list[int]) -> list[int]:
     return encode_chat(tokenizer, messages, counts, image_token_id=cfg.image_token_id)
+
+
+def resized(image: Image.Image, cfg: DotsVLMConfig, limits: ImageLimits) -> Image.Image:
+    """One decoded image at the size `preprocess` gives it: a server resizes each as soon as it is decoded, so a
+    request of large images holds one of them at full size, not all."""
+    lo, hi = pixel_bounds(cfg, limits)
+    return resize_for_model(image, factor=cfg.preprocess.patch_size * cfg.preprocess.merge_size,
+                            min_pixels=lo, max_pixels=hi)
 
 
 def preprocess(images: list[Image.Image], cfg: DotsVLMConfig, limits: ImageLimits) -> PreprocessedImages:

@@ -194,3 +194,17 @@ def test_a_colour_key_transparency_composites_on_white() -> None:
     img = Image.new("RGB", (8, 8), (0, 0, 0))
     data = _encode(img, "PNG", transparency=(0, 0, 0))  # tRNS: black is transparent
     assert tuple(np.asarray(decode_image(data, max_bytes=1 << 20))[0, 0]) == (255, 255, 255)
+
+
+def test_resizing_each_image_first_gives_the_same_model_input() -> None:
+    """A server resizes each image as soon as it is decoded (one full-size image in memory at a time): the
+    patches are bit for bit those of resizing inside preprocess_images."""
+    from dotsvlm_serving.model.preprocess import resize_for_model
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(300, 500), (20, 30), (1000, 90)]]
+    kw = {"min_pixels": 3136, "max_pixels": 200_000}
+    whole = preprocess_images(images, **kw)
+    first = preprocess_images([resize_for_model(i, factor=28, **kw) for i in images], **kw)
+    assert torch.equal(whole.pixel_values, first.pixel_values) and torch.equal(whole.grid_thw, first.grid_thw)

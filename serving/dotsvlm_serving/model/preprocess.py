@@ -214,6 +214,18 @@ def patchify(pixels: np.ndarray, *, patch_size: int = 14, merge_size: int = 2, t
     return np.ascontiguousarray(x.reshape(gh * gw, c * t * p * p)), (1, gh, gw)
 
 
+def resize_for_model(img: Image.Image, *, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    """The image in RGB at its `smart_resize` size (bicubic). Idempotent: an image already at that size comes back
+    as it is, so a server may resize each image as soon as it is decoded (one full-size image in memory at a
+    time) and `preprocess_images` gives the same result."""
+    w, h = img.size
+    rh, rw = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    if (rw, rh) != (w, h):
+        rgb = rgb.resize((rw, rh), resample=Image.Resampling.BICUBIC)
+    return rgb
+
+
 def preprocess_images(images: list[Image.Image], *, min_pixels: int = DEFAULTS.min_pixels, max_pixels: int = DEFAULTS.max_pixels,
                       max_images: int | None = None, patch_size: int = DEFAULTS.patch_size, merge_size: int = DEFAULTS.merge_size,
                       temporal_patch_size: int = DEFAULTS.temporal_patch_size,
@@ -227,11 +239,7 @@ def preprocess_images(images: list[Image.Image], *, min_pixels: int = DEFAULTS.m
     std = np.asarray(image_std, dtype=np.float32).reshape(3, 1, 1)
     rows, grids, tokens = [], [], []
     for img in images:
-        w, h = img.size
-        rh, rw = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
-        if (rw, rh) != (w, h):
-            rgb = rgb.resize((rw, rh), resample=Image.Resampling.BICUBIC)
+        rgb = resize_for_model(img, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
         arr = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) * np.float32(1 / 255)
         arr = (arr - mean) / std
         r, grid = patchify(arr, patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
