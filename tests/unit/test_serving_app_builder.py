@@ -717,3 +717,42 @@ def test_only_the_ingress_writes_an_access_log_line_per_call() -> None:
     assert "logging_config" not in deps["Ingress"]
     for name in ("VisionEncoder", "TensorQueue", "LLMServer"):
         assert deps[name]["logging_config"] == {"enable_access_log": False}, name
+
+
+def test_a_vision_replica_whose_tower_fails_every_batch_fails_its_health_check(monkeypatch) -> None:
+    """One failed batch (each caller gets the error) leaves the replica healthy; a run of them is a broken tower,
+    and the health check says so, so Serve replaces it instead of it failing every image request sent to it."""
+    import asyncio
+
+    import pytest
+    import torch
+
+    from dotsvlm_serving import pipeline
+    from dotsvlm_serving.deployments.vision_encoder import VisionEncoder, _Job
+    from dotsvlm_serving.model.preprocess import PreprocessedImages
+
+    def broken(*_a, **_k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(pipeline, "encode_preprocessed", broken)
+
+    async def main() -> None:
+        enc = object.__new__(VisionEncoder)
+        enc.cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"max_batch_wait_ms": 0}}).vision_encoder_config()
+        enc._jobs, enc._wake, enc.tower, enc._encoding_images = [], asyncio.Event(), None, 0
+        enc._failed_batches, enc._batch_error = 0, ""
+        enc._loop = asyncio.create_task(enc._batch_forever())
+        pre = PreprocessedImages(torch.zeros(4, 1176), torch.tensor([[1, 2, 2]]), [1])
+        loop = asyncio.get_running_loop()
+        for n in range(VisionEncoder.MAX_FAILED_BATCHES):
+            enc.check_health()  # healthy until the run is long enough
+            job = _Job(pre, 784, loop.create_future(), 0.0)
+            enc._jobs.append(job)
+            enc._wake.set()
+            with pytest.raises(RuntimeError, match="vision encoder failed"):
+                await asyncio.wait_for(job.future, 10)
+        with pytest.raises(RuntimeError, match="the vision tower is broken: its last 3 batches failed.*CUDA error"):
+            enc.check_health()
+        enc._loop.cancel()
+
+    asyncio.run(main())

@@ -57,6 +57,8 @@ class VisionEncoder:
     `reconfigure`, before the first request and whenever only the slice changes; it applies in place
     (to the next batch, and to requests that arrive after it), so the tower stays loaded."""
 
+    MAX_FAILED_BATCHES = 3
+
     async def __init__(self, model: ServedModel) -> None:
         self.cfg: VisionEncoderConfig | None = None  # set by reconfigure before the first request
         self.model_config = load_config(model.model_path)
@@ -68,6 +70,8 @@ class VisionEncoder:
         self._stats = {"batches": 0, "images": 0, "pixels_total": 0.0, "encode_seconds_total": 0.0, "answers_direct": 0}
         self._encoding_images = 0
         self._preparing_images = 0
+        self._failed_batches = 0  # encode batches failed in a row (`check_health`)
+        self._batch_error = ""
         # Decoded pixels this replica holds (preparing, waiting, encoding) stay within its share of the
         # vision stage's limit; further requests wait here still compressed, in arrival order.
         self._gate = AmountGate(0)  # its limit comes with the slice (reconfigure)
@@ -177,12 +181,15 @@ class VisionEncoder:
                                                         to_cpu=not direct)
                 except Exception as exc:  # give every caller the error instead of hanging them
                     log.exception("vision encode failed")
+                    self._failed_batches += 1
+                    self._batch_error = f"{type(exc).__name__}: {exc}"
                     for j in batch:
                         if not j.future.done():
                             j.future.set_exception(RuntimeError(f"vision encoder failed: {exc}"))
                     continue
                 finally:
                     self._encoding_images = 0
+                self._failed_batches = 0
                 self._stats["batches"] += 1
                 self._stats["images"] += n_images
                 took = time.monotonic() - t0
@@ -218,6 +225,12 @@ class VisionEncoder:
     def check_health(self) -> None:
         if self._loop.done():
             raise RuntimeError("the vision batching loop stopped")
+        if self._failed_batches >= self.MAX_FAILED_BATCHES:
+            # One failed batch can be a bad input; a run of them is a broken tower (a lost device, say): Serve
+            # replaces the replica instead of it failing every image request sent to it.
+            raise RuntimeError(f"the vision tower is broken: its last {self._failed_batches} batches failed, the last "
+                               f"with {self._batch_error}; Serve replaces this replica. If its replacements fail the "
+                               "same way, see their logs (a lost GPU, out of memory)")
 
 
 # This deployment's own Serve options; its slice, replicas, GPUs and pool resource come from
