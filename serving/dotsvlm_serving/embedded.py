@@ -103,15 +103,23 @@ def config_errors(exc: Any, path: str | None) -> str:
 
 
 def wait_healthy(url: str, timeout_s: float, progress_every_s: float = 30.0,
-                 report=None) -> None:
+                 report=None, failure=None) -> None:
     """Polls /health until it answers 200. Every `progress_every_s` it reports what the application
-    still waits for (the health body names it), so a slow start-up is visibly alive."""
+    still waits for (the health body names it), so a slow start-up is visibly alive. `failure()` (every
+    FAILURE_POLL_S): why Serve gave up deploying, or None; it ends the wait at once with that reason (a
+    replica whose constructor fails, on a bad checkpoint say, would otherwise wait out the whole timeout)."""
     report = report or say
     start = time.monotonic()
     deadline = start + timeout_s
     next_report = start + progress_every_s
+    next_failure_check = start + FAILURE_POLL_S
     last = ""
     while time.monotonic() < deadline:
+        if failure is not None and time.monotonic() >= next_failure_check:
+            next_failure_check = time.monotonic() + FAILURE_POLL_S
+            why = failure()
+            if why:
+                raise RuntimeError(f"Ray Serve could not start the application: {why}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as r:
                 if r.status == 200:
@@ -128,6 +136,31 @@ def wait_healthy(url: str, timeout_s: float, progress_every_s: float = 30.0,
     raise TimeoutError(f"the application did not become healthy within {timeout_s:g} s: {last or 'no answer'}. "
                        "On a busy or slow machine, or with a large checkpoint, replicas can take longer to start: "
                        "try again with a larger --ready-timeout")
+
+
+FAILURE_POLL_S = 2.0
+
+
+def serve_failure() -> str | None:
+    """Why Serve gave up deploying the application (DEPLOY_FAILED: a deployment whose replicas fail to start,
+    for example on a bad checkpoint), with the error's last line; None while it deploys or runs."""
+    from ray import serve
+
+    from .serve_config import APP_NAME
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # the controller is busy or restarting: ask again later
+        return None
+    if app is None:
+        return None
+    failed = [(name, d.message) for name, d in app.deployments.items() if str(d.status).endswith("DEPLOY_FAILED")]
+    if not failed and not str(app.status).endswith("DEPLOY_FAILED"):
+        return None
+    name, message = failed[0] if failed else ("the application", app.message)
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    error = lines[-1] if lines else "no message"
+    return f"{name} failed: {error} (the whole error is in Ray's logs, /tmp/ray/session_latest/logs/serve/)"
 
 
 def _health_reason(body: str) -> str:
@@ -209,7 +242,7 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on {args.host}:{args.port} ...")
         deploy_local(cfg, host=args.host, port=args.port)
-        wait_healthy(url, timeout_s=args.ready_timeout)
+        wait_healthy(url, timeout_s=args.ready_timeout, failure=serve_failure)
     except KeyboardInterrupt:
         say("interrupted while deploying: shutting down ...")
         _shutdown(args.detach)

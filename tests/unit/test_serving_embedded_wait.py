@@ -95,3 +95,14 @@ def test_deploy_that_stops_says_why_and_shuts_ray_down(monkeypatch, tmp_path, ca
     assert said in out, out
     assert "deployment failed: \n" not in out
     assert shutdowns == [False]
+
+
+def test_a_deployment_serve_gave_up_on_ends_the_wait_at_once_with_its_error(health_server, monkeypatch) -> None:
+    """A replica whose constructor fails (a bad checkpoint) never makes /health answer 200: the wait ends as
+    soon as Serve gives up, with the error, instead of after --ready-timeout with "not ready yet"."""
+    url, handler = health_server
+    handler.ready_after = 10**9
+    monkeypatch.setattr(embedded, "FAILURE_POLL_S", 0.05)
+    with pytest.raises(RuntimeError, match="could not start the application: LLMServer failed: CheckpointError: shard"):
+        embedded.wait_healthy(url, timeout_s=60, progress_every_s=60.0, report=lambda _m: None,
+                              failure=lambda: "LLMServer failed: CheckpointError: shard x cannot be read")
