@@ -196,6 +196,42 @@ def test_a_colour_key_transparency_composites_on_white() -> None:
     assert tuple(np.asarray(decode_image(data, max_bytes=1 << 20))[0, 0]) == (255, 255, 255)
 
 
+def test_a_16_bit_colour_key_composites_on_white_like_an_8_bit_one() -> None:
+    """A 16-bit greyscale PNG's tRNS key is a 16-bit value: its pixels (and only they, not the others that
+    scale to the same 8-bit grey) come out white, as an 8-bit image's keyed pixels do."""
+    deep = np.array([[1000, 1000, 1200], [30000, 65535, 0]], dtype=np.uint16)
+    data = _encode(Image.fromarray(deep), "PNG", transparency=1000)  # mode I;16 with a 16-bit key
+    img = np.asarray(decode_image(data, max_bytes=1 << 20), dtype=int)[..., 0]
+    assert img.tolist() == [[255, 255, 1200 >> 8], [30000 >> 8, 255, 0]]
+    shallow = np.array([[3, 3, 4], [117, 255, 0]], dtype=np.uint8)
+    data = _encode(Image.fromarray(shallow), "PNG", transparency=3)  # the 8-bit image with the same key
+    assert np.asarray(decode_image(data, max_bytes=1 << 20), dtype=int)[..., 0].tolist() == img.tolist()
+    keyed = Image.fromarray(deep.astype(np.int32))  # mode I with a key, as an older Pillow opens a 16-bit PNG
+    keyed.info["transparency"] = 1000
+    from dotsvlm_serving.model import preprocess
+
+    got = preprocess._to_8_bit(keyed).convert("RGBA")
+    white = Image.alpha_composite(Image.new("RGBA", got.size, (255, 255, 255, 255)), got).convert("L")
+    assert np.asarray(white, dtype=int).tolist() == [[255, 255, 5], [117, 255, 0]]
+
+
+def test_deep_greyscale_in_8_bit_range_or_with_nan_is_not_black() -> None:
+    """A 32-bit integer image whose values are all within 0..255 is already 8-bit (200 was divided by 65535,
+    to ~1); a float image with a NaN ("no data") keeps its other pixels (one NaN made the image black)."""
+    ints = Image.fromarray(np.array([[200, 0], [255, 17]], dtype=np.int32))
+    img = np.asarray(decode_image(_encode(ints, "TIFF"), max_bytes=1 << 20), dtype=int)[..., 0]
+    assert img.tolist() == [[200, 0], [255, 17]]
+    sixteen = Image.fromarray(np.array([[65535, 0], [32896, 257]], dtype=np.int32))  # 16-bit values in mode I
+    img = np.asarray(decode_image(_encode(sixteen, "TIFF"), max_bytes=1 << 20), dtype=int)[..., 0]
+    assert img.tolist() == [[255, 0], [128, 1]]
+    floats = Image.fromarray(np.array([[0.5, np.nan], [1.0, 0.0]], dtype=np.float32))
+    img = np.asarray(decode_image(_encode(floats, "TIFF"), max_bytes=1 << 20), dtype=int)[..., 0]
+    assert img.tolist() == [[128, 0], [255, 0]]
+    floats = Image.fromarray(np.array([[25.0, np.nan], [100.0, 0.0]], dtype=np.float32))  # its own range
+    img = np.asarray(decode_image(_encode(floats, "TIFF"), max_bytes=1 << 20), dtype=int)[..., 0]
+    assert img.tolist() == [[64, 0], [255, 0]]
+
+
 def test_resizing_each_image_first_gives_the_same_model_input() -> None:
     """A server resizes each image as soon as it is decoded (one full-size image in memory at a time): the
     patches are bit for bit those of resizing inside preprocess_images."""

@@ -95,17 +95,37 @@ def _orientation(img: Image.Image) -> int | None:
 
 def _to_8_bit(img: Image.Image) -> Image.Image:
     """Greyscale of more than 8 bits (16-bit PNGs, 32-bit integer or float TIFFs) as 8-bit greyscale, scaled:
-    Pillow's convert("RGB") clips them, and a 16-bit scan came out almost all white."""
+    Pillow's convert("RGB") clips them, and a 16-bit scan came out almost all white. A colour key
+    (`info["transparency"]`, one grey value at the image's own depth) is kept as an alpha channel ("LA")
+    built from the unscaled values, so its pixels, and only they, are composited on white as an 8-bit key is."""
     if img.mode.startswith("I;16"):
-        return Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), mode="L")
+        a = np.asarray(img)
+        return _with_key(img, a, (a.astype(np.uint32) >> 8).astype(np.uint8))
     if img.mode in ("I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        top = float(a.max()) if a.size else 0.0
-        # 16-bit values (what a 16-bit PNG opens as in mode I), a float image in [0, 1], else its own range.
-        scale = 255.0 / (65535.0 if img.mode == "I" and top <= 65535 else 1.0 if img.mode == "F" and top <= 1.0
-                         else max(top, 1.0))
-        return Image.fromarray(np.clip(a * scale, 0, 255).round().astype(np.uint8), mode="L")
+        finite = np.isfinite(a)
+        top = float(np.nanmax(np.where(finite, a, np.nan))) if finite.any() else 0.0
+        # NaN (a float TIFF's "no data") as black, +inf as the brightest finite value: one NaN made the
+        # maximum NaN and the whole image black.
+        values = np.nan_to_num(a, nan=0.0, posinf=top, neginf=0.0)
+        if img.mode == "I":
+            # Values within 0..255 are already 8-bit; 16-bit values (what a 16-bit PNG opens as in mode I)
+            # over 65535; else the image's own range. (200 was divided by 65535 and came out black.)
+            full = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+        else:  # a float image in [0, 1], else its own range
+            full = 1.0 if top <= 1.0 else top
+        return _with_key(img, a, np.clip(values * (255.0 / full), 0, 255).round().astype(np.uint8))
     return img
+
+
+def _with_key(img: Image.Image, original: np.ndarray, grey: np.ndarray) -> Image.Image:
+    """`grey` as "L", or as "LA" transparent where `original` equals the image's colour key: Image.fromarray
+    drops `info`, and a key scaled to 8 bits would also catch the other values that scale to it."""
+    key = img.info.get("transparency")
+    if isinstance(key, (int, float)) and not isinstance(key, bool):
+        alpha = np.where(original == key, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey, alpha], axis=-1), mode="LA")
+    return Image.fromarray(grey, mode="L")
 
 
 def open_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
