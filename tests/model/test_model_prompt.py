@@ -86,6 +86,21 @@ def test_encode_chat_expands_pads_and_round_trips(tiny_tokenizer, tiny_config) -
     assert ids[pad_positions[0] - 1] == tiny_tokenizer.convert_tokens_to_ids("<|img|>")
 
 
+def test_encode_chat_gives_the_ids_of_tokenizing_every_pad(tiny_tokenizer) -> None:
+    """Each image's pads are expanded after tokenizing one of them: the ids are those of the fully rendered prompt,
+    across turns, images beside text and beside each other."""
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare <|img| this"},
+                                         {"type": "image"}, {"type": "image"}]},
+            {"role": "assistant", "content": "They differ."},
+            {"role": "user", "content": [{"type": "text", "text": "and"}, {"type": "image"}]}]
+    counts = [1275, 1, 3, 999]
+    assert encode_chat(tiny_tokenizer, msgs, counts) == tiny_tokenizer.encode(render_chat(msgs, counts),
+                                                                              add_special_tokens=False)
+    with pytest.raises(ValueError, match="every image needs at least one"):
+        encode_chat(tiny_tokenizer, msgs, [1, 0, 1, 1])
+
+
 def test_stop_token_ids(tiny_tokenizer) -> None:
     ids = stop_token_ids(tiny_tokenizer)
     for s in STOP_STRINGS:

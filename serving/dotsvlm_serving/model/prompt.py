@@ -136,15 +136,33 @@ def render_chat(messages: list[dict[str, Any]], image_token_counts: list[int], *
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], image_token_counts: list[int], *,
                 add_generation_prompt: bool = True, image_token_id: int | None = None) -> list[int]:
-    """Token ids of the rendered prompt; checks that the pad tokens came out exactly as counted."""
-    text = render_chat(messages, image_token_counts, add_generation_prompt=add_generation_prompt)
+    """Token ids of the rendered prompt; checks that the pad tokens came out exactly as counted.
+
+    The prompt is tokenized with one pad per image, and each pad id is then repeated its image's count: the
+    same ids as tokenizing every pad (a special token is always one id, whatever is beside it), without
+    tokenizing ~1000 pads per image (8 large images: 115k pads, ~0.1 s of CPU per request)."""
+    counts = [int(n) for n in image_token_counts]
+    bad = [n for n in counts if n <= 0]
+    if bad:
+        raise ValueError(f"an image has {bad[0]} tokens: every image needs at least one")
+    text = render_chat(messages, [1] * len(counts), add_generation_prompt=add_generation_prompt)
     ids = tokenizer.encode(text, add_special_tokens=False)
     pad_id = image_token_id if image_token_id is not None else tokenizer.convert_tokens_to_ids(IMG_PAD)
     found = sum(1 for t in ids if t == pad_id)
-    if found != sum(image_token_counts):
-        raise ValueError(f"the prompt tokenised to {found} image-pad tokens, expected {sum(image_token_counts)}: "
+    if found != len(counts):
+        raise ValueError(f"the prompt tokenised to {found} image-pad tokens, expected {len(counts)}: "
                          "the tokenizer does not treat <|imgpad|> as one special token")
-    return list(ids)
+    if not counts:
+        return list(ids)
+    out: list[int] = []
+    image = 0
+    for t in ids:
+        if t == pad_id:
+            out.extend([t] * counts[image])
+            image += 1
+        else:
+            out.append(t)
+    return out
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
