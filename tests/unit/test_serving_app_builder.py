@@ -143,6 +143,7 @@ def _draining_server(queue: object, engine: object):
     srv._take_overdue_at, srv._taking = None, None
     srv.cfg, srv._active, srv._lost, srv._discarding = None, set(), False, False
     srv._unacked, srv._failed_steps, srv._step_error = [], 0, ""
+    srv._publish_failing_since, srv._publish_error = None, ""
     srv._run_task = asyncio.create_task(srv._run_forever())
     srv._hb_task = asyncio.create_task(asyncio.sleep(3600))
     srv._publishing_metrics = asyncio.create_task(asyncio.sleep(3600))

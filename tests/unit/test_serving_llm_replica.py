@@ -148,3 +148,31 @@ def test_an_engine_that_fails_every_step_fails_the_health_check_and_takes_no_mor
         with pytest.raises(RuntimeError, match="EngineDeadError"):
             llm.check_health()
     asyncio.run(main())
+
+
+def test_publishes_that_keep_failing_fail_the_health_check_and_one_that_works_clears_it(monkeypatch) -> None:
+    """A blip of the queue replica is re-sent and forgiven; answers that cannot be sent for a minute would
+    never reach anyone, so the replica asks Serve to replace it instead of looking healthy."""
+    async def main() -> None:
+        core = TensorQueueCore(max_items=8, max_bytes=1000)
+        queue = _Queue(core, fail_publish=10**6)
+        llm = await _replica(monkeypatch, queue, _Engine())
+        llm._run_task = asyncio.get_running_loop().create_future()
+        await _leased(core, llm)
+        llm._outbox = [_tok("He")]
+        with pytest.raises(ActorUnavailableError):
+            await llm._publish(wait=True)
+        llm._publish_failing_since -= LLMServer.PUBLISH_FAILING_UNHEALTHY_S - 5  # (the first failure: 55 s ago)
+        with pytest.raises(ActorUnavailableError):
+            await llm._publish(wait=True)
+        llm.check_health()  # failing for under a minute: a queue hand-over, say
+        llm._publish_failing_since -= 6
+        with pytest.raises(ActorUnavailableError):
+            await llm._publish(wait=True)
+        with pytest.raises(RuntimeError, match="could not be sent to the tensor queue for 61 s.*ActorUnavailable"):
+            llm.check_health()
+        queue.fail_publish = 0
+        await llm._publish(wait=True)
+        llm.check_health()
+        assert [ev["text"] for ev in await core.next_events("a", 0)] == ["He"]
+    asyncio.run(main())

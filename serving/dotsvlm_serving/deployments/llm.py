@@ -65,6 +65,10 @@ class LLMServer:
     # Engine steps failed in a row before the replica calls itself unhealthy (its health check fails and
     # Serve replaces it): one can be a bad batch, a run of them is a broken engine (a lost device, say).
     MAX_FAILED_STEPS = 3
+    # Publishing answers failing for this long in a row (every try re-sends the unacknowledged events) also
+    # makes the replica unhealthy: a tensor queue replica's hand-over takes seconds, not minutes, so a
+    # publish that never succeeds is this replica's fault, and its answers would never reach anyone.
+    PUBLISH_FAILING_UNHEALTHY_S = 60.0
 
     async def __init__(self, model: ServedModel, queue: Any) -> None:
         self.model = model
@@ -89,6 +93,8 @@ class LLMServer:
         self._take_overdue_at: float | None = None  # while a take is in flight: when it should have returned
         self._failed_steps = 0  # engine steps failed in a row
         self._step_error = ""  # the last one's exception, for the health check's message
+        self._publish_failing_since: float | None = None  # the first of the publish calls failed in a row
+        self._publish_error = ""
         self._draining = False
         self._drained = asyncio.Event()  # set by the run loop: draining, no work left, every event delivered
         self.metrics = ReplicaMetrics("llm")
@@ -233,7 +239,14 @@ class LLMServer:
                 if not (wait or self._publishing.done()):
                     return
                 pending, self._publishing = self._publishing, None
-                self._cancel_or_rejoin(*await pending)
+                try:
+                    answer = await pending
+                except Exception as exc:  # (sent again, with what came meanwhile, on the next iteration)
+                    self._publish_failing_since = self._publish_failing_since or time.monotonic()
+                    self._publish_error = f"{type(exc).__name__}: {exc}"
+                    raise
+                self._publish_failing_since = None
+                self._cancel_or_rejoin(*answer)
                 self._unacked = []
             if not (self._outbox or self._unacked):
                 return
@@ -382,6 +395,10 @@ class LLMServer:
         why = self.engine.health_error()
         if why is None and self._failed_steps >= self.MAX_FAILED_STEPS:
             why = f"its last {self._failed_steps} steps failed, the last with {self._step_error}"
+        failing = time.monotonic() - self._publish_failing_since if self._publish_failing_since is not None else 0.0
+        if why is None and failing >= self.PUBLISH_FAILING_UNHEALTHY_S:
+            why = (f"its answers could not be sent to the tensor queue for {failing:.0f} s, the last try with "
+                   f"{self._publish_error}")
         return why
 
     def check_health(self) -> None:
