@@ -693,7 +693,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     # A resource with no status yet is new: it has no children to read. One whose status the operator cannot
     # read (`old` None) is not: its live Deployments are read (once) for their sizes and pod templates.
     new_resource = not body.get("status")
-    await asyncio.to_thread(_read_live, k, owner, state, new_resource)
+    await asyncio.to_thread(_read_live, k, owner, state, new_resource, spec.api_pool is not None)
     sized = {pool: pod_sizing.kept_replicas(_pool_spec(spec, pool), _previous_replicas(
                  spec, old, pool, state.live.get(_RAY_DEPLOYMENTS[pool](owner.name))))
              * (spec.llm.nodes_per_replica if pool == naming.COMPONENT_LLM else 1) for pool in POOLS}
@@ -746,12 +746,15 @@ _RAY_DEPLOYMENTS = {naming.COMPONENT_HEAD: naming.head_name, naming.COMPONENT_VI
                     naming.COMPONENT_API_POOL: lambda n: naming.pool_name(n, naming.COMPONENT_API_POOL)}
 
 
-def _read_live(k: Kube, owner: naming.Owner, state: ResourceState, new_resource: bool) -> None:
+def _read_live(k: Kube, owner: naming.Owner, state: ResourceState, new_resource: bool, api_pool: bool) -> None:
     """The live Ray Deployments come from the watch; one not seen yet (a restarted operator) is read once. A new
-    resource has none to read: three calls fewer for each of a burst of creates."""
+    resource has none to read: three calls fewer for each of a burst of creates. The API pool's only when the
+    spec has one (else a call for nothing on every pass, and one being deleted would be read back)."""
     if new_resource:
         return
-    for name_of in _RAY_DEPLOYMENTS.values():
+    for component, name_of in _RAY_DEPLOYMENTS.items():
+        if component == naming.COMPONENT_API_POOL and not api_pool:
+            continue
         name = name_of(owner.name)
         if name not in state.live:
             got = k.get("Deployment", owner.namespace, name)

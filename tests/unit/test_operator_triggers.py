@@ -214,4 +214,5 @@ def test_a_restarted_operator_that_cannot_read_the_status_keeps_the_pools_live_s
     cluster.calls.clear()
     asyncio.run(handlers.reconcile_once(body, logging.getLogger("test"), restarted))
     assert f"get Deployment/{vision}" in cluster.calls
+    assert f"get Deployment/{naming.pool_name(NAME, naming.COMPONENT_API_POOL)}" not in cluster.calls  # no apiPool
     assert cluster.objects[f"Deployment/{vision}"]["spec"]["replicas"] == 3
