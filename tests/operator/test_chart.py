@@ -178,6 +178,12 @@ def test_defaults_render_a_restricted_least_privilege_operator(helm_bin) -> None
     pod = deployment["spec"]["template"]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
     assert "--metrics-port=9090" in container(objs)["args"]
+    # A pod annotation of the user's own overrides ours, key by key (not written twice: a duplicate YAML key).
+    custom_args = ("--set", "podAnnotations.prometheus\\.io/path=/m", "--set", "podAnnotations.a=b")
+    assert helm(helm_bin, "template", "dvlm", str(CHART), *custom_args).stdout.count("prometheus.io/path:") == 1
+    (custom,) = of_kind(render(helm_bin, *custom_args), "Deployment")
+    assert custom["spec"]["template"]["metadata"]["annotations"] == {
+        "a": "b", "prometheus.io/path": "/m", "prometheus.io/port": "9090", "prometheus.io/scrape": "true"}
     # Every DotsVLMDeployment's NetworkPolicy lets the operator in by this label, from its own namespace,
     # which the operator learns from its pod.
     assert naming.OPERATOR_POD_LABELS.items() <= pod["metadata"]["labels"].items()
