@@ -51,10 +51,12 @@ def resized(image: Image.Image, cfg: DotsVLMConfig, limits: ImageLimits) -> Imag
                             min_pixels=lo, max_pixels=hi)
 
 
-def preprocess(images: list[Image.Image], cfg: DotsVLMConfig, limits: ImageLimits) -> PreprocessedImages:
-    """Resize, normalise and patchify (CPU; releases the GIL in Pillow and numpy, so threads scale)."""
+def preprocess(images: list[Image.Image], cfg: DotsVLMConfig, limits: ImageLimits, *,
+               resized: bool = False) -> PreprocessedImages:
+    """Resize, normalise and patchify (CPU; releases the GIL in Pillow and numpy, so threads scale). `resized`:
+    each image comes from `resized` (resizing twice can change its size)."""
     lo, hi = pixel_bounds(cfg, limits)
-    return preprocess_images(images, min_pixels=lo, max_pixels=hi, patch_size=cfg.preprocess.patch_size,
+    return preprocess_images(images, resized=resized, min_pixels=lo, max_pixels=hi, patch_size=cfg.preprocess.patch_size,
                              merge_size=cfg.preprocess.merge_size,
                              temporal_patch_size=cfg.preprocess.temporal_patch_size,
                              image_mean=cfg.preprocess.image_mean, image_std=cfg.preprocess.image_std)

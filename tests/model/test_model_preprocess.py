@@ -232,15 +232,19 @@ def test_deep_greyscale_in_8_bit_range_or_with_nan_is_not_black() -> None:
     assert img.tolist() == [[64, 0], [255, 0]]
 
 
-def test_resizing_each_image_first_gives_the_same_model_input() -> None:
+@pytest.mark.parametrize(("size", "max_pixels"), [((500, 300), 200_000), ((30, 20), 200_000), ((90, 1000), 200_000),
+                                                  ((5636, 32), 11_289_600), ((22775, 117), 100_000)])
+def test_resizing_each_image_first_gives_the_same_model_input(size, max_pixels) -> None:
     """A server resizes each image as soon as it is decoded (one full-size image in memory at a time): the
-    patches are bit for bit those of resizing inside preprocess_images."""
+    patches are bit for bit those of resizing inside preprocess_images, and the image tokens are those the
+    ingress counts from the original size. (Resizing twice gave a 5636x32 image "aspect ratio 201:1 (5628x28)",
+    and a 22775x117 one at 100,000 pixels fewer embeddings than prompt tokens.)"""
     from dotsvlm_serving.model.preprocess import resize_for_model
 
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in
-              [(300, 500), (20, 30), (1000, 90)]]
-    kw = {"min_pixels": 3136, "max_pixels": 200_000}
-    whole = preprocess_images(images, **kw)
-    first = preprocess_images([resize_for_model(i, factor=28, **kw) for i in images], **kw)
+    w, h = size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    kw = {"min_pixels": 3136, "max_pixels": max_pixels}
+    whole = preprocess_images([image], **kw)
+    first = preprocess_images([resize_for_model(image, factor=28, **kw)], resized=True, **kw)
     assert torch.equal(whole.pixel_values, first.pixel_values) and torch.equal(whole.grid_thw, first.grid_thw)
+    assert first.num_tokens == [image_token_count(h, w, **kw)]

@@ -105,12 +105,12 @@ class VisionEncoder:
         for i, data in enumerate(images):
             try:
                 # Resized at once: the request holds one image at its original size at a time (a 13000x13000
-                # PNG is 500 MB decoded), not all of them; `preprocess` then finds each at its size.
+                # PNG is 500 MB decoded), not all of them; `preprocess` then takes each at its size.
                 decoded.append(pipeline.resized(decode_image(data, max_bytes=lim.max_image_bytes),
                                                 self.model_config, lim))
             except ImageError as exc:
                 raise ImageError(f"image {i + 1}: {exc}") from None
-        return pipeline.preprocess(decoded, self.model_config, lim)
+        return pipeline.preprocess(decoded, self.model_config, lim, resized=True)
 
     def _resized_pixels(self, images: list[bytes]) -> int:
         """Pixels after resize, from the images' headers (what the ingress counts)."""

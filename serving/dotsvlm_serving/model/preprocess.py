@@ -235,9 +235,9 @@ def patchify(pixels: np.ndarray, *, patch_size: int = 14, merge_size: int = 2, t
 
 
 def resize_for_model(img: Image.Image, *, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
-    """The image in RGB at its `smart_resize` size (bicubic). Idempotent: an image already at that size comes back
-    as it is, so a server may resize each image as soon as it is decoded (one full-size image in memory at a
-    time) and `preprocess_images` gives the same result."""
+    """The image in RGB at its `smart_resize` size (bicubic). A server may resize each image as soon as it is
+    decoded (one full-size image in memory at a time) and pass `resized=True` to `preprocess_images`: resizing
+    again is not a no-op (`smart_resize`'s rounding can move a resized size, or past the aspect-ratio limit)."""
     w, h = img.size
     rh, rw = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     rgb = img if img.mode == "RGB" else img.convert("RGB")
@@ -250,8 +250,10 @@ def preprocess_images(images: list[Image.Image], *, min_pixels: int = DEFAULTS.m
                       max_images: int | None = None, patch_size: int = DEFAULTS.patch_size, merge_size: int = DEFAULTS.merge_size,
                       temporal_patch_size: int = DEFAULTS.temporal_patch_size,
                       image_mean: tuple[float, float, float] = DEFAULTS.image_mean,
-                      image_std: tuple[float, float, float] = DEFAULTS.image_std) -> PreprocessedImages:
-    """Resize (bicubic), rescale 1/255, normalise and patchify each image; pack them in order."""
+                      image_std: tuple[float, float, float] = DEFAULTS.image_std,
+                      resized: bool = False) -> PreprocessedImages:
+    """Resize (bicubic), rescale 1/255, normalise and patchify each image; pack them in order. `resized`: the
+    images come from `resize_for_model` with these bounds already, and are used at their size."""
     if max_images is not None and len(images) > max_images:
         raise ImageError(f"the request has {len(images)} images, over the limit of {max_images} per request: send fewer images")
     factor = patch_size * merge_size
@@ -259,7 +261,10 @@ def preprocess_images(images: list[Image.Image], *, min_pixels: int = DEFAULTS.m
     std = np.asarray(image_std, dtype=np.float32).reshape(3, 1, 1)
     rows, grids, tokens = [], [], []
     for img in images:
-        rgb = resize_for_model(img, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        if resized:
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+        else:
+            rgb = resize_for_model(img, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
         arr = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) * np.float32(1 / 255)
         arr = (arr - mean) / std
         r, grid = patchify(arr, patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
