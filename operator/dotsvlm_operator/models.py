@@ -27,6 +27,12 @@ MAX_CONTEXT_LENGTH = 163840
 QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"  # a Kubernetes label value (at most 63)
+# A Kubernetes label key (a qualified name): an optional DNS-subdomain prefix and "/", then a name of at most 63
+# characters; with the second pattern, the prefix is at most 253. Both read the same in RE2 (the CRD's CEL) and
+# Python's `re` (with fullmatch), and have no backslash, so they go into a CEL string literal as they are.
+LABEL_KEY_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_KEY_PREFIX_PATTERN = r"^([^/]{0,253}/)?[^/]*$"
 # How Kubernetes' own types write a resource.Quantity in a CRD schema.
 _QUANTITY_SCHEMA = {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN, "minimum": 0,
                     "x-kubernetes-int-or-string": True}
@@ -549,6 +555,14 @@ class ApiPool(_Api):
     startup_timeout_seconds: int = _startup_field(600, "API")
 
 
+_LABEL_KEY_NOT_A_LABEL = (
+    "every key of monitoring.labels must be a Kubernetes label key: a name of at most 63 letters, digits, '-', '_' "
+    "or '.' that starts and ends with a letter or digit, optionally after a DNS subdomain of at most 253 characters "
+    "and a '/' (e.g. release, or example.com/team); the PodMonitor and the PrometheusRule are refused otherwise")
+_LABEL_KEYS_RULE = (f"self.all(k, k.matches('{LABEL_KEY_PATTERN}') && k.matches('{LABEL_KEY_PREFIX_PATTERN}'))",
+                    _LABEL_KEY_NOT_A_LABEL)
+
+
 class MonitoringSpec(_Api):
     """Prometheus integration."""
 
@@ -563,7 +577,17 @@ class MonitoringSpec(_Api):
             "scrapes none of this deployment's metrics and loads none of its alerts. The operator's own labels "
             "(app.kubernetes.io/*, dotsvlm.io/*) cannot be overridden."),
         json_schema_extra={"maxProperties": 16, "additionalProperties": {
-            "type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}})
+            "type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}, **_rules(_LABEL_KEYS_RULE)})
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, labels: dict[str, str] | None) -> dict[str, str] | None:
+        """The CRD's rule on the keys (above, same message), for a spec read without it: Kubernetes refuses
+        the PodMonitor (422) on every reconcile otherwise."""
+        for key in labels or {}:
+            if not (re.fullmatch(LABEL_KEY_PATTERN, key) and re.fullmatch(LABEL_KEY_PREFIX_PATTERN, key)):
+                raise ValueError(f"{_LABEL_KEY_NOT_A_LABEL} (got {key!r})")
+        return labels
 
 
 class DotsVLMDeploymentSpec(_Api):

@@ -308,6 +308,23 @@ def test_monitoring_labels_reach_the_pod_monitor_and_the_rule_and_cannot_replace
     assert not any("release" in o["metadata"].get("labels", {}) for o in objs if o not in monitoring)
 
 
+
+def test_a_monitoring_label_key_that_kubernetes_refuses_is_refused_in_the_spec() -> None:
+    """A key like "my label" (or of 70 characters) passed admission, then every apply of the PodMonitor got a 422
+    and blocked the whole reconcile: the spec refuses it, with the message of the CRD's own rule."""
+    from dotsvlm_operator import crd
+
+    for key in ("my label", "a" * 70, "/release", "Example.com/team", "a.b/c/d", "x" * 254 + "/team", "release\n", ""):
+        with pytest.raises(ValidationError, match="every key of monitoring.labels must be a Kubernetes label key"):
+            _spec(monitoring__labels={key: "kube-prometheus-stack"})
+    ok = {"release": "kube-prometheus-stack", "a" * 63: "x", "example.com/team": "ml", "x" * 253 + "/a_b.c-d": ""}
+    assert _spec(monitoring__labels=ok).monitoring.labels == ok
+    # The CRD carries the same check (a CEL rule on the map's keys), with the same message.
+    labels = crd.openapi_schema()["properties"]["spec"]["properties"]["monitoring"]["properties"]["labels"]
+    (rule,) = labels["x-kubernetes-validations"]
+    assert rule["rule"].startswith("self.all(k, ") and models.LABEL_KEY_PATTERN in rule["rule"]
+    assert rule["message"] == models._LABEL_KEY_NOT_A_LABEL and labels["maxProperties"] == 16
+
 def test_token_hash_is_in_every_ray_pod_template_and_changes_with_the_token() -> None:
     one = _by_name(builders.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=builders.token_hash("a")))
     two = _by_name(builders.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=builders.token_hash("b")))
