@@ -27,6 +27,7 @@ import ray
 from ..admission import QUEUE_FULL
 from ..api.errors import ApiError
 from ..autoscaling.signals import IngressSignals
+from . import ref_watch
 from .backpressure import IngressAdmission
 from ..events import EventBatch, RestartEvent, is_terminal
 from ..metrics.publish import ReplicaMetrics
@@ -167,15 +168,11 @@ class Relay:
             except asyncio.TimeoutError:
                 response.cancel()
                 raise ApiError(504, VISION_TIMEOUT) from None
-            # Readiness without fetching the bytes here (fetch_local=False); a short poll keeps the
-            # event loop free for other requests.
-            delay = 0.001
-            while not ray.wait([ref], timeout=0, fetch_local=False)[0]:
-                if time.monotonic() > deadline:
-                    response.cancel()  # the vision replica drops a cancelled caller's images from its batches
-                    raise ApiError(504, VISION_TIMEOUT)
-                await asyncio.sleep(delay)
-                delay = min(0.01, delay * 2)
+            # Readiness without fetching the bytes here (they go to the LLM replica): one thread of this
+            # process waits on every request's embeddings (`ref_watch`), instead of each polling Ray.
+            if not await ref_watch.ready(ref, deadline - time.monotonic()):
+                response.cancel()  # the vision replica drops a cancelled caller's images from its batches
+                raise ApiError(504, VISION_TIMEOUT)
             encoded = time.monotonic() - t
             self.admission.pixels_drained.add(t + encoded, pixels)
         finally:
