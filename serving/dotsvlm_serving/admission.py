@@ -88,9 +88,9 @@ def admit_bytes(*, request_bytes: int, held_bytes: int, limit: int,
         return None
     wait = retry_after_s(held_bytes + request_bytes - limit, release_bytes_per_s)
     return Rejection(IMAGE_BYTES_FULL, (
-        f"the API is overloaded with images: this API replica already holds {_mb(held_bytes)} of images of other "
-        f"requests (limit {_mb(limit)}, api.maxImageBytesInFlight) and this request brings {_mb(request_bytes)}. "
-        f"Nothing was processed: retry after {wait} s, or send smaller images."), wait)
+        f"the API is overloaded with large requests: this API replica already holds {_mb(held_bytes)} of images "
+        f"and large bodies of other requests (limit {_mb(limit)}, api.maxImageBytesInFlight) and this request brings "
+        f"{_mb(request_bytes)}. Nothing was processed: retry after {wait} s, or send smaller images or prompts."), wait)
 
 
 class DrainRate:

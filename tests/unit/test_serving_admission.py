@@ -328,23 +328,34 @@ def _bare_ingress(api: dict):
     return ing
 
 
-def test_a_body_that_does_not_arrive_within_the_request_timeout_is_refused_and_releases_its_bytes() -> None:
+@pytest.mark.parametrize("endpoint", ["_chat", "_completion"])
+def test_a_body_that_does_not_arrive_within_the_request_timeout_is_refused_and_releases_its_bytes(endpoint) -> None:
     """A client that declares a large body and sends it slowly holds image-byte budget while it does; a few of
-    them would refuse every image request. The body must arrive within the request's time: 408, all released."""
+    them would refuse every image request. The body must arrive within the request's time: 408, all released.
+    A /v1/completions body is counted too (a prompt may be up to the body limit, ~200 MB: before, any number of
+    them were held beyond the budget)."""
     from types import SimpleNamespace
 
     from dotsvlm_serving.api.errors import ApiError
 
-    ing = _bare_ingress({"request_timeout_s": 0.3})
+    mib = 1024 * 1024
+    ing = _bare_ingress({"request_timeout_s": 0.3, "max_image_bytes_in_flight": 12 * mib})
 
     async def trickle():
         yield b'{"model": "dots.vlm1", '
         await asyncio.Event().wait()  # the rest never comes
 
     async def main() -> None:
-        slow = SimpleNamespace(headers={"content-length": str(8 * 1024 * 1024)}, stream=trickle)
+        slow = SimpleNamespace(headers={"content-length": str(8 * mib)}, stream=trickle)
+        reading = asyncio.create_task(getattr(ing, endpoint)(slow, time.monotonic(), {}))
+        await asyncio.sleep(0.05)
+        assert ing.admission.bytes.held == 8 * mib
+        other = SimpleNamespace(headers={"content-length": str(8 * mib)}, stream=trickle)
+        with pytest.raises(ApiError) as err:  # 8 + 8 MiB > 12 MiB
+            await getattr(ing, endpoint)(other, time.monotonic(), {})
+        assert err.value.status == 429 and err.value.code == IMAGE_BYTES_FULL
         with pytest.raises(ApiError) as err:
-            await asyncio.wait_for(ing._chat(slow, time.monotonic(), {}), 10)
+            await asyncio.wait_for(reading, 10)
         assert err.value.status == 408 and "request timeout" in err.value.message
         assert ing.admission.bytes.held == 0
 

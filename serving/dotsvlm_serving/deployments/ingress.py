@@ -305,21 +305,30 @@ class Ingress:
                                 f"{self.model.served_model_name!r} (see /v1/models)", param="model",
                            code="model_not_found")
 
-    async def _chat(self, request: Request, t0: float, info: dict[str, str]) -> Response:
+    def _reserve_declared(self, request: Request) -> int:
+        """Backpressure on memory: a large body is counted against the bytes this replica may hold (the image
+        bytes' budget) from before it is read (429 when they are full). Returns the bytes held (0: none)."""
         declared = self._declared_size(request)
-        engine = self.cfg.engine
-        # Backpressure on memory: a large body (images) is counted against the image bytes this replica
-        # may hold from before it is read (429 when they are full), then its images' own bytes until the
-        # request's first token (they are kept until then to encode again if embeddings are lost).
-        held = 0
         if declared and declared.isdigit() and int(declared) > LARGE_BODY:
             self.admission.reserve_bytes(int(declared), time.monotonic())
-            held = int(declared)
+            return int(declared)
+        return 0
+
+    def _reserve_read(self, body: bytes, held: int) -> int:
+        """The same for a large body that came without a Content-Length (a chunked upload), once it is in."""
+        if not held and len(body) > LARGE_BODY:
+            self.admission.reserve_bytes(len(body), time.monotonic())
+            return len(body)
+        return held
+
+    async def _chat(self, request: Request, t0: float, info: dict[str, str]) -> Response:
+        engine = self.cfg.engine
+        # A large body (images) holds its bytes until it is parsed, then its images' own bytes until the
+        # request's first token (they are kept until then to encode again if embeddings are lost).
+        held = self._reserve_declared(request)
         try:
             body = await self._read_body(request, t0)
-            if not held and len(body) > LARGE_BODY:  # no Content-Length (chunked upload)
-                self.admission.reserve_bytes(len(body), time.monotonic())
-                held = len(body)
+            held = self._reserve_read(body, held)
             # Parsing a large body (base64 images) is CPU work: off the event loop.
             req = (await asyncio.to_thread(parse_chat_request, body, engine=engine) if len(body) > LARGE_BODY
                    else parse_chat_request(body, engine=engine))
@@ -359,13 +368,19 @@ class Ingress:
 
     async def _completion(self, request: Request, t0: float, info: dict[str, str]) -> Response:
         """/v1/completions: the prompt continued as it is, text only, with the chat endpoint's limits and
-        errors (a body has no images, so it holds no image bytes)."""
-        self._declared_size(request)
-        body = await self._read_body(request, t0)
-        engine = self.cfg.engine
-        req = (await asyncio.to_thread(parse_completion_request, body, engine=engine) if len(body) > LARGE_BODY
-               else parse_completion_request(body, engine=engine))
-        del body
+        errors. A large body holds its bytes, as the chat endpoint's does, until it is parsed (a prompt is up to
+        the body limit, ~200 MB by default: many at once would otherwise be held beyond any budget)."""
+        held = self._reserve_declared(request)
+        try:
+            body = await self._read_body(request, t0)
+            held = self._reserve_read(body, held)
+            engine = self.cfg.engine
+            req = (await asyncio.to_thread(parse_completion_request, body, engine=engine) if len(body) > LARGE_BODY
+                   else parse_completion_request(body, engine=engine))
+            del body
+        finally:
+            if held:
+                self.admission.bytes.release(held, time.monotonic())
         self._check_model(req)
         info["modality"] = _modality(0)
         if isinstance(req.prompt, str):
