@@ -92,7 +92,7 @@ INVALID = [
      "tolerationSeconds applies only to effect NoExecute"),
     ("monitoring-label-value-not-a-label", _set("spec.monitoring.labels", {"release": "kube prometheus"}),
      "spec.monitoring.labels.release in body should match"),
-    ("monitoring-label-key-not-a-label", _set("spec.monitoring.labels", {"my label": "x", "a" * 70: "y"}),
+    ("monitoring-label-key-not-a-label", _set("spec.monitoring.labels", {"my label": "x", "a" * 70: "z"}),
      "every key of monitoring.labels must be a Kubernetes label key"),
     ("negative-min-replicas", _set("spec.vision.minReplicas", -1),
      "spec.vision.minReplicas in body should be greater than or equal to 0"),
