@@ -175,4 +175,13 @@ def test_publishes_that_keep_failing_fail_the_health_check_and_one_that_works_cl
         await llm._publish(wait=True)
         llm.check_health()
         assert [ev["text"] for ev in await core.next_events("a", 0)] == ["He"]
+        # Failing sends followed by a rejoin (the queue declared the replica lost and gave its requests to
+        # others): nothing is left to send, so an idle replica stays healthy however long it waits for work.
+        queue.fail_publish = 10**6
+        llm._outbox = [_tok("lo")]
+        with pytest.raises(ActorUnavailableError):
+            await llm._publish(wait=True)
+        llm._rejoin()
+        llm._publish_failing_since = (llm._publish_failing_since or 0.0) - 3600
+        llm.check_health()
     asyncio.run(main())

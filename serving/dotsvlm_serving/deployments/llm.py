@@ -306,6 +306,7 @@ class LLMServer:
         self._sent.clear()
         self._outbox.clear()
         self._unacked = []  # (events of the copies given up: not to be sent again)
+        self._publish_failing_since = None
         self._to_cancel.clear()
         self._lost = False
         self._discarding = self.engine.has_work()
@@ -395,7 +396,9 @@ class LLMServer:
         why = self.engine.health_error()
         if why is None and self._failed_steps >= self.MAX_FAILED_STEPS:
             why = f"its last {self._failed_steps} steps failed, the last with {self._step_error}"
-        failing = time.monotonic() - self._publish_failing_since if self._publish_failing_since is not None else 0.0
+        # (Only while events still wait to be sent: a rejoin drops them, and an idle replica has none.)
+        failing = (time.monotonic() - self._publish_failing_since
+                   if self._publish_failing_since is not None and self._unacked else 0.0)
         if why is None and failing >= self.PUBLISH_FAILING_UNHEALTHY_S:
             why = (f"its answers could not be sent to the tensor queue for {failing:.0f} s, the last try with "
                    f"{self._publish_error}")
