@@ -101,6 +101,7 @@ class ResourceState:
     serve_body: tuple[str, dict[str, Any], str] | None = None  # (spec JSON, Serve body, its hash)
     drift_deployed_at: float = float("-inf")  # monotonic time of the last re-deploy over a drifted config
     live: dict[str, dict[str, Any]] = field(default_factory=dict)  # Deployment name -> as the API server has it
+    api_pool_read: bool = False  # the API pool's Deployment was read once (spec without apiPool: one left over?)
     template_plan: rollout.TemplatePlan | None = None  # the pod template per Ray component (a change rolls in turn)
     generation: int | None = None  # the spec generation the last full pass started from
     # The last answer of the Ray head and the ingress, with its monotonic time: a pass woken by pod events
@@ -748,13 +749,16 @@ _RAY_DEPLOYMENTS = {naming.COMPONENT_HEAD: naming.head_name, naming.COMPONENT_VI
 
 def _read_live(k: Kube, owner: naming.Owner, state: ResourceState, new_resource: bool, api_pool: bool) -> None:
     """The live Ray Deployments come from the watch; one not seen yet (a restarted operator) is read once. A new
-    resource has none to read: three calls fewer for each of a burst of creates. The API pool's only when the
-    spec has one (else a call for nothing on every pass, and one being deleted would be read back)."""
+    resource has none to read: three calls fewer for each of a burst of creates. Without spec.apiPool, the API
+    pool's is read once per operator run (one left from a spec changed while the operator was down is then
+    deleted), not on every pass (a call for nothing, and one being deleted would be read back)."""
     if new_resource:
         return
     for component, name_of in _RAY_DEPLOYMENTS.items():
         if component == naming.COMPONENT_API_POOL and not api_pool:
-            continue
+            if state.api_pool_read:
+                continue
+            state.api_pool_read = True
         name = name_of(owner.name)
         if name not in state.live:
             got = k.get("Deployment", owner.namespace, name)

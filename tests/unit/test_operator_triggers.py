@@ -63,6 +63,10 @@ class FakeKube:
     def secret_value(self, namespace: str, name: str, key: str) -> str | None:
         return None
 
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.calls.append(f"delete {kind}/{name}")
+        self.objects.pop(f"{kind}/{name}", None)
+
 
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> FakeKube:
@@ -214,5 +218,21 @@ def test_a_restarted_operator_that_cannot_read_the_status_keeps_the_pools_live_s
     cluster.calls.clear()
     asyncio.run(handlers.reconcile_once(body, logging.getLogger("test"), restarted))
     assert f"get Deployment/{vision}" in cluster.calls
-    assert f"get Deployment/{naming.pool_name(NAME, naming.COMPONENT_API_POOL)}" not in cluster.calls  # no apiPool
     assert cluster.objects[f"Deployment/{vision}"]["spec"]["replicas"] == 3
+
+
+def test_an_api_pool_left_from_a_spec_changed_while_the_operator_was_down_is_deleted_once(cluster: FakeKube) -> None:
+    """spec.apiPool removed while the operator was down: its Deployment is read once after the restart (the
+    watch's first list may come before the resource is known) and deleted; later passes do not read it again."""
+    first_pass(cluster)
+    api_pool = naming.pool_name(NAME, naming.COMPONENT_API_POOL)
+    cluster.objects[f"Deployment/{api_pool}"] = {"kind": "Deployment", "metadata": {"name": api_pool}}
+    body = kopf.Body({**resource(finalizer=True), "status": {"phase": "Ready"}})
+    restarted = handlers._resources[(NS, NAME)] = handlers.ResourceState()
+    cluster.calls.clear()
+    asyncio.run(handlers.reconcile_once(body, logging.getLogger("test"), restarted))
+    assert f"get Deployment/{api_pool}" in cluster.calls and f"delete Deployment/{api_pool}" in cluster.calls
+    cluster.calls.clear()
+    restarted.full = True
+    asyncio.run(handlers.reconcile_once(body, logging.getLogger("test"), restarted))
+    assert f"get Deployment/{api_pool}" not in cluster.calls
