@@ -218,6 +218,41 @@ def test_an_image_request_gets_a_504_at_its_deadline_while_no_vision_replica_can
     assert relay.signals.pending_pixels == 0 and relay.signals.pending_requests == 0
 
 
+class _NeverEncoded(_NeverAssigned):
+    """A vision call a replica took (its reference is out) whose embeddings never come (a stuck replica)."""
+
+    async def _to_object_ref(self) -> str:
+        return "never-ready-ref"
+
+
+def test_an_image_request_whose_embeddings_never_come_gets_a_504_at_its_deadline(monkeypatch) -> None:
+    """The wait for the embeddings (one thread for all requests, `ref_watch`) ends at the request's deadline:
+    504, the vision call cancelled, the backlog the autoscaler reads emptied."""
+    import time
+
+    from dotsvlm_serving.api.errors import ApiError
+    from dotsvlm_serving.autoscaling.signals import IngressSignals
+    from dotsvlm_serving.deployments import ref_watch
+    from dotsvlm_serving.deployments.relay import Relay
+
+    def never_ready(refs, *, num_returns, timeout, fetch_local):
+        time.sleep(timeout)
+        return [], list(refs)
+
+    monkeypatch.setattr(ref_watch.ray, "wait", never_ready)
+    cfg = ServeAppConfig.model_validate({"model_path": "/m"})
+    relay = object.__new__(Relay)
+    relay.vision, relay.metrics, relay.signals = _NeverEncoded(), _NoMetrics(), IngressSignals()
+    relay.admission = IngressAdmission(cfg.ingress_config())
+    relay.pixels_per_token, relay.hidden_size, relay.embed_dtype = 196, 8, "float32"
+    started = time.monotonic()
+    with pytest.raises(ApiError) as err:
+        asyncio.run(asyncio.wait_for(relay.encode([b"png"], [4], started + 0.3), 10))
+    assert 0.3 <= time.monotonic() - started < 5
+    assert err.value.status == 504 and relay.vision.cancelled
+    assert relay.signals.pending_pixels == 0 and relay.signals.pending_requests == 0
+
+
 def test_http_images_count_at_their_largest_size_while_they_download() -> None:
     """An http(s) image's size is known only once it is in: while it downloads it is counted at
     api.images.max_image_bytes, so concurrent downloads cannot exceed the ingress's image bytes; a

@@ -71,3 +71,26 @@ def test_a_cancelled_waiter_is_forgotten(monkeypatch) -> None:
         await asyncio.gather(w, return_exceptions=True)
         assert watcher.waiting() == 0
     asyncio.run(main())
+
+
+def test_a_ref_ready_at_the_deadline_is_found_and_a_failing_ray_wait_is_an_error_not_a_silent_timeout(monkeypatch) -> None:
+    fake = _FakeRay()
+    monkeypatch.setattr(ref_watch.ray, "wait", fake.wait)
+    watcher = ref_watch.RefWatcher()
+
+    async def main() -> None:
+        fake.ready.add("done")
+        assert await watcher.ready("done", 0.0) is True  # the deadline came as it was answered: not a 504
+
+        def broken(refs, **_):
+            raise TypeError("wait() got an unexpected keyword argument")
+        monkeypatch.setattr(ref_watch.ray, "wait", broken)
+        started = time.monotonic()
+        try:
+            await watcher.ready("r", 30.0)
+            raise AssertionError("no error")
+        except RuntimeError as exc:
+            assert "could not say whether the embeddings are ready" in str(exc) and "TypeError" in str(exc)
+        assert time.monotonic() - started < 5  # at once, not at the request's deadline
+        assert watcher.waiting() == 0
+    asyncio.run(main())

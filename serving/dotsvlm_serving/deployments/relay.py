@@ -170,7 +170,12 @@ class Relay:
                 raise ApiError(504, VISION_TIMEOUT) from None
             # Readiness without fetching the bytes here (they go to the LLM replica): one thread of this
             # process waits on every request's embeddings (`ref_watch`), instead of each polling Ray.
-            if not await ref_watch.ready(ref, deadline - time.monotonic()):
+            try:
+                ready = await ref_watch.ready(ref, deadline - time.monotonic())
+            except BaseException:  # the client went away, or Ray cannot say: the encode is not wanted
+                response.cancel()
+                raise
+            if not ready:
                 response.cancel()  # the vision replica drops a cancelled caller's images from its batches
                 raise ApiError(504, VISION_TIMEOUT)
             encoded = time.monotonic() - t
