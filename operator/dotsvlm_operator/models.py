@@ -15,7 +15,8 @@ from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, field_validat
 from pydantic.alias_generators import to_camel
 
 from dotsvlm_serving.serve_config import (LLM_DRAIN_TIMEOUT_S, LLM_SHUTDOWN_MARGIN_S, ApiConfig, AutoscalingTargets, LLMAutoscaling,
-                                          LLMPoolConfig, QueueConfig, SLOConfig, VisionAutoscaling, VisionPoolConfig)
+                                          EngineName, LLMPoolConfig, QueueConfig, SLOConfig, VisionAutoscaling,
+                                          VisionPoolConfig)
 
 from dotsvlm_operator.naming import POD_STOP_MARGIN_S, RAY_HEAD_PORTS
 
@@ -396,7 +397,9 @@ class LLMPool(_Api):
          f"llm.terminationGracePeriodSeconds or lower llm.drainTimeoutSeconds"),
     ))
 
-    engine: Literal["vllm", "transformers"] | None = Field(
+    # (serving's type itself: typing caches `Literal[...] | None` by the literal's values, whatever their order,
+    # so a second Literal of the same engines in another order gave the CRD's enum in whichever order was cached)
+    engine: EngineName | None = Field(
         None, description=(
             "The LLM replica's inference engine. vllm: the production engine, tensor parallel over all GPUs of the "
             "replica, across nodes. transformers: dotsvlm's own loop on one device (CPU pools, small test models). "

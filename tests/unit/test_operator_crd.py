@@ -20,6 +20,18 @@ def test_checked_in_crd_matches_dotsvlm_crd_output() -> None:
         "crds/dotsvlm.io_dotsvlmdeployments.yaml is stale: run `make crd` (or `dotsvlm crd > crds/...`) and commit it")
 
 
+def test_the_crd_is_the_same_whatever_was_imported_before() -> None:
+    """typing caches `Literal[...] | None` by the literal's values, not their order: the engine enum came out in
+    the order of whichever equal type was cached, and a process that had imported much before (the whole test
+    suite) generated ["vllm", "transformers"] where the file says ["transformers", "vllm"]."""
+    script = ("import typing, yaml, dotsvlm_serving.serve_config\n"
+              "for clear in typing._cleanups: clear()  # as a long import history evicts the cache\n"
+              "from dotsvlm_operator import crd\n"
+              f"print(crd.crd_manifest() == yaml.safe_load(open({str(CRD_FILE)!r})))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
+
+
 def _walk(node, path="schema"):
     yield path, node
     if isinstance(node, dict):
