@@ -207,3 +207,47 @@ def test_an_unreadable_shard_or_index_is_named_among_the_files(tiny_dir: Path, t
     (d / "config.json").write_text('{"a": 1,')
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         load_config(d)
+
+
+class _FailingHandle:
+    """A shard handle whose reads fail the way the operating system or the machine fails them."""
+
+    def __init__(self, real, exc: BaseException) -> None:
+        self._real, self._exc = real, exc
+
+    def __enter__(self):
+        self._real.__enter__()
+        return self
+
+    def __exit__(self, *a):
+        return self._real.__exit__(*a)
+
+    def keys(self):
+        return self._real.keys()
+
+    def get_slice(self, key):
+        return self._real.get_slice(key)
+
+    def get_tensor(self, key):
+        raise self._exc
+
+
+@pytest.mark.parametrize("exc", [OSError(5, "Input/output error"), OSError(13, "Permission denied")])
+def test_an_io_failure_blames_the_volume_not_the_download(tiny_dir: Path, monkeypatch, exc: OSError) -> None:
+    """An NFS mount that drops mid-load must not send the user to download 600 GB again."""
+    real = ckpt.safe_open
+    monkeypatch.setattr(ckpt, "safe_open", lambda *a, **k: _FailingHandle(real(*a, **k), exc))
+    with pytest.raises(CheckpointError) as info:
+        load_vision_tower(tiny_dir)
+    msg = str(info.value)
+    assert exc.strerror in msg and "volume" in msg and "download" not in msg
+    monkeypatch.setattr(ckpt, "safe_open", lambda *a, **k: (_ for _ in ()).throw(exc))
+    with pytest.raises(CheckpointError, match=f"{exc.strerror}.*volume"):
+        load_vision_tower(tiny_dir)
+
+
+def test_running_out_of_memory_is_not_reported_as_a_bad_checkpoint(tiny_dir: Path, monkeypatch) -> None:
+    real = ckpt.safe_open
+    monkeypatch.setattr(ckpt, "safe_open", lambda *a, **k: _FailingHandle(real(*a, **k), MemoryError()))
+    with pytest.raises(MemoryError):
+        load_llm(tiny_dir)

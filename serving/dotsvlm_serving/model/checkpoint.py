@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import fp8
@@ -68,9 +68,11 @@ def _opened(f: Path) -> Any:
     """A shard's handle; a shard that cannot be read (a partial download) is named, among ~150."""
     try:
         handle = safe_open(str(f), framework="pt", device="cpu")
-    except Exception as exc:
-        raise CheckpointError(f"shard {f} cannot be read ({type(exc).__name__}: {exc}): it is most likely "
-                              f"incomplete; download it again") from exc
+    except SafetensorError as exc:
+        raise CheckpointError(f"shard {f} cannot be read ({exc}): it is most likely incomplete; download it "
+                              f"again") from exc
+    except OSError as exc:
+        raise _io_error(f"shard {f}", exc) from exc
     with handle as h:
         yield h
 
@@ -104,9 +106,18 @@ class _Shards:
             self._open[f] = self._stack.enter_context(_opened(f))
         try:
             return how(self._open[f])
-        except Exception as exc:  # the index names a tensor the shard does not hold, or its bytes are cut
-            raise CheckpointError(f"tensor '{key}' cannot be read from shard {f} ({type(exc).__name__}: {exc}): "
-                                  f"the shard or {INDEX_NAME} is incomplete or from another download") from exc
+        except SafetensorError as exc:  # the index names a tensor the shard does not hold, or its bytes are cut
+            raise CheckpointError(f"tensor '{key}' cannot be read from shard {f} ({exc}): the shard or "
+                                  f"{INDEX_NAME} is incomplete or from another download") from exc
+        except OSError as exc:  # the bytes are there but the volume failed: downloading again would not help
+            raise _io_error(f"tensor '{key}' in shard {f}", exc) from exc
+
+
+def _io_error(what: str, exc: OSError) -> CheckpointError:
+    """An I/O failure is the volume's (a network mount, a permission), not the download's."""
+    return CheckpointError(f"{what} cannot be read: {exc.strerror or exc} (OSError {exc.errno}); check the file's "
+                           f"permissions and the volume it is on (a network mount that dropped, a full or failed "
+                           f"disk)")
 
 
 def _shape_error(key: str, expected: tuple[int, ...], found: tuple[int, ...], file: Path) -> CheckpointError:
