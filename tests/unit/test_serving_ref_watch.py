@@ -8,6 +8,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from dotsvlm_serving.deployments import ref_watch
 
 
@@ -31,9 +33,15 @@ class _FakeRay:
             time.sleep(0.001)
 
 
-def test_each_waiter_wakes_when_its_ref_is_ready_and_ray_is_not_polled_per_waiter(monkeypatch) -> None:
-    fake = _FakeRay()
-    monkeypatch.setattr(ref_watch.ray, "wait", fake.wait)
+@pytest.fixture
+def fake(monkeypatch) -> _FakeRay:
+    """ref_watch's ray.wait replaced by a `_FakeRay`."""
+    f = _FakeRay()
+    monkeypatch.setattr(ref_watch.ray, "wait", f.wait)
+    return f
+
+
+def test_each_waiter_wakes_when_its_ref_is_ready_and_ray_is_not_polled_per_waiter(fake: _FakeRay) -> None:
     watcher = ref_watch.RefWatcher()
 
     async def main() -> None:
@@ -57,10 +65,8 @@ def test_each_waiter_wakes_when_its_ref_is_ready_and_ray_is_not_polled_per_waite
     asyncio.run(main())
 
 
-def test_a_cancelled_waiter_is_forgotten(monkeypatch) -> None:
+def test_a_cancelled_waiter_is_forgotten(fake: _FakeRay) -> None:
     """A client that goes away cancels its request: its ref is no longer waited on."""
-    fake = _FakeRay()
-    monkeypatch.setattr(ref_watch.ray, "wait", fake.wait)
     watcher = ref_watch.RefWatcher()
 
     async def main() -> None:
@@ -73,9 +79,7 @@ def test_a_cancelled_waiter_is_forgotten(monkeypatch) -> None:
     asyncio.run(main())
 
 
-def test_a_ref_ready_at_the_deadline_is_found_and_a_failing_ray_wait_is_an_error_not_a_silent_timeout(monkeypatch) -> None:
-    fake = _FakeRay()
-    monkeypatch.setattr(ref_watch.ray, "wait", fake.wait)
+def test_a_ref_ready_at_the_deadline_is_found_and_a_failing_ray_wait_is_an_error_not_a_silent_timeout(fake: _FakeRay, monkeypatch) -> None:
     watcher = ref_watch.RefWatcher()
 
     async def main() -> None:
