@@ -48,6 +48,36 @@ def metrics_port() -> int:
     raise OSError("no free port for Ray's metrics export")
 
 
+def listen_error(host: str, port: int) -> str | None:
+    """Why the API could not listen on host:port, found before Ray starts: Ray's own error comes from inside
+    Serve's proxy actor, as a traceback, after the whole start-up. None: it can."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        return f"--port must be between 1 and 65535 (got {port})"
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"--host {host!r} is not an address or a name this machine can resolve ({exc})"
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy's server does
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is in use by another program (a `dotsvlm serve --detach` still "
+                        f"running? `ray stop` stops it); choose another with --port")
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return (f"--host {host} is not an address of this machine (127.0.0.1 for this machine only, "
+                        f"0.0.0.0 for every interface, or one of its own addresses)")
+            if exc.errno == errno.EACCES:
+                return f"listening on port {port} needs privileges this user lacks; choose one from 1024 up"
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def say(msg: str) -> None:
     print(f"dotsvlm: {msg}", flush=True)
 
@@ -209,6 +239,9 @@ def cli_main(args: argparse.Namespace) -> int:
 
     if not args.ready_timeout > 0:  # NaN too
         say(f"error: --ready-timeout must be a positive number of seconds (got {args.ready_timeout:g})")
+        return 2
+    if problem := listen_error(args.host, args.port):
+        say(f"error: {problem}")
         return 2
     if args.model:
         model = Path(args.model)

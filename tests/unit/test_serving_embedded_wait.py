@@ -106,3 +106,26 @@ def test_a_deployment_serve_gave_up_on_ends_the_wait_at_once_with_its_error(heal
     with pytest.raises(RuntimeError, match="could not start the application: LLMServer failed: CheckpointError: shard"):
         embedded.wait_healthy(url, timeout_s=60, progress_every_s=60.0, report=lambda _m: None,
                               failure=lambda: "LLMServer failed: CheckpointError: shard x cannot be read")
+
+
+def test_a_port_or_host_the_api_cannot_listen_on_is_refused_before_ray_starts(monkeypatch, capsys) -> None:
+    """Before, Ray started, deployed, and then printed the proxy actor's traceback."""
+    import argparse
+    import socket
+
+    started: list[bool] = []
+    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: started.append(True))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [("127.0.0.1", 99999, "--port must be between 1 and 65535 (got 99999)"),
+                 ("127.0.0.1", port, f"port {port} on 127.0.0.1 is in use by another program"),
+                 ("192.0.2.250", 8000, "--host 192.0.2.250 is not an address of this machine"),
+                 ("no-such-host.invalid", 8000, "--host 'no-such-host.invalid' is not an address or a name")]
+        for host, p, said in cases:
+            args = argparse.Namespace(detach=False, ready_timeout=5.0, model=None, config=None, host=host, port=p)
+            assert embedded.cli_main(args) == 2
+            assert said in capsys.readouterr().out
+    assert not started
+    assert embedded.listen_error("127.0.0.1", port) is None  # free again once its holder closed
