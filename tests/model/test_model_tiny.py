@@ -81,3 +81,12 @@ def test_cli_refuses_non_empty_dir_without_force(tmp_path: Path, capsys) -> None
     out = capsys.readouterr().out
     assert "config.json" in out and "FP8" in out
     assert is_complete_checkpoint(d) and (d / "notes.txt").exists()
+
+
+def test_init_tiny_into_a_place_it_cannot_write_says_so_without_a_traceback(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = argparse.Namespace(dir=str(blocker / "model"), seed=0, fp8=False, force=False)
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write the checkpoint to {blocker / 'model'}: Not a directory" in err

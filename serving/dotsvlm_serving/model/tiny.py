@@ -179,7 +179,12 @@ def cli_main(args: argparse.Namespace) -> int:
     if d.is_dir() and any(d.iterdir()) and not getattr(args, "force", False):
         print(f"dotsvlm: {d} is not empty; pass --force to overwrite the checkpoint files in it", file=sys.stderr)
         return 1
-    write_tiny_checkpoint(d, seed=int(getattr(args, "seed", 0)), fp8=bool(getattr(args, "fp8", False)))
+    try:
+        write_tiny_checkpoint(d, seed=int(getattr(args, "seed", 0)), fp8=bool(getattr(args, "fp8", False)))
+    except OSError as exc:  # a parent that cannot be made, a read-only or full disk
+        print(f"dotsvlm: cannot write the checkpoint to {d}: {exc.strerror or exc}"
+              f"{f' ({exc.filename})' if exc.filename and str(exc.filename) != str(d) else ''}", file=sys.stderr)
+        return 1
     files = sorted(p for p in d.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in files)
     print(f"wrote a tiny dots.vlm1 checkpoint to {d} ({len(files)} files, {size / 1024:.0f} KiB, seed {args.seed}"
