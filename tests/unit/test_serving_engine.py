@@ -181,3 +181,69 @@ def test_transformers_engine_behind_the_interface_writes_image_rows_and_streams(
     assert final["gone"]["finish_reason"] == "cancelled" and final["img"]["usage"]["prompt_tokens"] == 6
     with pytest.raises(EngineLimitError, match="maximum context length is 256"):
         engine.add(EngineInput("long", [1] * 250, None, SamplingParams(max_tokens=10)))
+
+
+def test_one_request_that_fails_in_a_decode_step_ends_alone_and_the_others_decode_as_alone(
+        llm: DeepseekV3ForCausalLM, monkeypatch) -> None:
+    """A request whose token cannot be sampled in a decode step (say NaN logits for its row) gets an error
+    event and leaves the batch; the rest of the batch goes on exactly as before, and step does not raise."""
+    from dotsvlm_serving.engine import engine as engine_mod
+
+    real = engine_mod.sample_token
+    calls: dict[int | None, int] = {}
+
+    def sample(logits, params, generator):
+        calls[params.seed] = calls.get(params.seed, 0) + 1
+        if params.seed == 666 and calls[params.seed] == 3:  # its third token: in a decode step
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_mod, "sample_token", sample)
+    g = torch.Generator().manual_seed(5)
+    good_e, bad_e, late_e = (torch.randn(n, 64, generator=g) for n in (7, 11, 4))
+    expected = greedy_alone(llm, good_e, 8)
+    late_expected = greedy_alone(llm, late_e, 5)
+    eng = make_engine(llm)
+    results = run_all(eng, {0: [EngineRequest("good", good_e, SamplingParams(max_tokens=8, temperature=0, seed=1)),
+                                EngineRequest("bad", bad_e, SamplingParams(max_tokens=8, temperature=0, seed=666))],
+                            1: [EngineRequest("late", late_e, SamplingParams(max_tokens=5, temperature=0, seed=2))]})
+    assert results["bad"]["final"]["type"] == "error" and results["bad"]["final"]["code"] == 500
+    assert "RuntimeError" in results["bad"]["final"]["message"]
+    assert results["good"]["text"] == detok(expected) and results["good"]["final"]["finish_reason"] == "length"
+    assert results["late"]["text"] == detok(late_expected)
+    assert not eng.has_work()
+
+
+def test_a_decode_step_that_raises_keeps_the_events_it_made_before(llm: DeepseekV3ForCausalLM, monkeypatch) -> None:
+    """The batch's forward failing must not lose what the step already produced: a request that ended in
+    its prefill (max_tokens=1) or was cancelled still gets its terminal event (else its client waits for
+    nothing and its lease is never given back); the running ones end with an error, the engine is usable."""
+    g = torch.Generator().manual_seed(6)
+    eng = make_engine(llm)
+    eng.add(EngineRequest("running", torch.randn(5, 64, generator=g), SamplingParams(max_tokens=20, temperature=0)))
+    eng.add(EngineRequest("gone", torch.randn(5, 64, generator=g), SamplingParams(max_tokens=20, temperature=0)))
+    eng.step()
+    eng.cancel("gone")
+    eng.add(EngineRequest("one", torch.randn(5, 64, generator=g), SamplingParams(max_tokens=1, temperature=0)))
+    real_forward = llm.forward
+
+    def broken(*args, **kw):
+        if "input_ids" in kw:  # the batch's decode, not a prefill
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_forward(*args, **kw)
+
+    monkeypatch.setattr(llm, "forward", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        eng.step()
+    monkeypatch.setattr(llm, "forward", real_forward)
+    assert eng.has_work()
+    events = eng.step()
+    final = {ev["request_id"]: ev for ev in events if ev["type"] in ("finish", "error")}
+    assert final["one"]["type"] == "finish" and final["one"]["finish_reason"] == "length"
+    assert final["gone"]["finish_reason"] == "cancelled"
+    assert final["running"]["type"] == "error" and final["running"]["code"] == 500
+    assert not eng.has_work()
+    # The engine serves the next request as if nothing had happened.
+    e = torch.randn(6, 64, generator=g)
+    assert run_all(eng, {0: [EngineRequest("next", e, SamplingParams(max_tokens=4, temperature=0))]})["next"]["text"] \
+        == detok(greedy_alone(llm, e, 4))

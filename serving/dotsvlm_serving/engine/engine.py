@@ -5,7 +5,9 @@ positions), then joins one shared, left-padded `DynamicCache`; every `step()` ad
 requests between decode steps and advances all running requests by one token. Left padding is masked
 by a 2-D attention mask and positions are passed per sequence, so a request decodes exactly as it would
 alone (the equivalence test checks this token for token). Finished and cancelled requests leave the
-batch at once and free their KV rows.
+batch at once and free their KV rows. A request whose own token fails (sampling, detokenizing) ends with
+an error and the rest of the batch goes on; a failed batch forward ends the running requests with an
+error and keeps the step's other events for the next step.
 
 Not thread-safe: one engine thread calls `add`, `cancel` and `step`.
 """
@@ -64,6 +66,8 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, cache_len] 1 = real token
         self._cancelled: set[str] = set()
+        # Events of a step that raised (its batch forward failed), handed out by the next step.
+        self._undelivered: list[Event] = []
         self.tokens_generated = 0
 
     # ------------------------------------------------------------------ admission
@@ -77,7 +81,7 @@ class Engine:
         return self.budget.free_tokens(self.reserved_tokens())
 
     def has_work(self) -> bool:
-        return bool(self._running or self._pending)
+        return bool(self._running or self._pending or self._undelivered)
 
     def num_running(self) -> int:
         return len(self._running) + len(self._pending)
@@ -96,7 +100,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """Admit pending requests (prefill), then run one decode step for the whole batch."""
-        events: list[Event] = []
+        events, self._undelivered = self._undelivered, []
         self._apply_cancellations(events)
         while self._pending:
             req = self._pending.pop(0)
@@ -106,7 +110,18 @@ class Engine:
                 events.append(ErrorEvent(request_id=req.request_id, type="error", code=500,
                                          message=f"prefill failed: {type(exc).__name__}: {exc}"))
         if self._running:
-            self._decode(events)
+            try:
+                self._decode(events)
+            except Exception as exc:
+                # The batch's forward failed: its KV cache may be half updated, so its requests cannot go on.
+                # They end with an error, and what this step made before (prefills, cancellations) is kept
+                # for the next step: raising loses nothing, and the caller still sees the step fail.
+                for seq in self._running:
+                    events.append(ErrorEvent(request_id=seq.req.request_id, type="error", code=500,
+                                             message=f"generation failed: {type(exc).__name__}: {exc}"))
+                self._running, self._cache, self._mask = [], None, None
+                self._undelivered = events
+                raise
         return events
 
     def _apply_cancellations(self, events: list[Event]) -> None:
@@ -143,7 +158,13 @@ class Engine:
         finished: list[int] = []
         for i, seq in enumerate(self._running):
             seq.length += 1
-            if self._on_token(seq, sample_token(out.logits[i, -1], seq.req.params, seq.generator), events):
+            try:
+                done = self._on_token(seq, sample_token(out.logits[i, -1], seq.req.params, seq.generator), events)
+            except Exception as exc:  # this request's token (say NaN logits): it ends, the batch goes on
+                events.append(ErrorEvent(request_id=seq.req.request_id, type="error", code=500,
+                                         message=f"generation failed: {type(exc).__name__}: {exc}"))
+                done = True
+            if done:
                 finished.append(i)
         self._drop_rows(finished)
 
