@@ -96,19 +96,20 @@ def completion(**kw) -> bytes:
     (completion(prompt=["a", "b"]), "a batch of 2 prompts is not supported", "prompt"),
     (completion(prompt=[[1, 2], [3]]), "a batch of 2 prompts is not supported", "prompt"),
     (completion(prompt=[1, "a"]), "a string or a list of token ids", "prompt"),
-    (completion(n=3), "n > 1 is not supported by this server (llm.engine transformers)", None),
-    (completion(logprobs=2), "logprobs are not supported by this server (llm.engine transformers)", None),
+    (completion(n=3), "n > 1 is not supported by this server (llm.engine transformers)", "n"),
+    (completion(logprobs=2), "logprobs are not supported by this server (llm.engine transformers)", "logprobs"),
     (completion(logprobs=99), "logprobs", "logprobs"),
-    (completion(echo=True), "echo is not supported", None),
-    (completion(suffix="end"), "suffix is not supported", None),
-    (completion(best_of=3), "best_of is not supported", None),
+    (completion(echo=True), "echo is not supported", "echo"),
+    (completion(suffix="end"), "suffix is not supported", "suffix"),
+    (completion(best_of=3), "best_of is not supported", "best_of"),
     (completion(max_tokens=0), "max_tokens", "max_tokens"),
     (completion(stop=["a", "b", "c", "d", "e"]), "at most 4", "stop"),
-    (completion(presence_penalty=1), "presence_penalty", None),
+    (completion(presence_penalty=1), "presence_penalty", "presence_penalty"),
     (completion(temperature=5), "temperature", "temperature"),
-    (completion(response_format={"type": "json_object"}), "response_format json_object (structured output)", None),
-    (completion(tools=[{"type": "function", "function": {"name": "f"}}]), "tools / function calling", None),
-    (completion(stream_options={"include_usage": True}), "only allowed when stream is true", None),
+    (completion(response_format={"type": "json_object"}), "response_format json_object (structured output)",
+     "response_format"),
+    (completion(tools=[{"type": "function", "function": {"name": "f"}}]), "tools / function calling", "tools"),
+    (completion(stream_options={"include_usage": True}), "only allowed when stream is true", "stream_options"),
 ])
 def test_bad_completion_requests_get_400_with_the_field(body: bytes, fragment: str, param: str | None) -> None:
     with pytest.raises(ApiError) as ei:
@@ -154,6 +155,70 @@ def test_neutral_values_of_unsupported_fields_and_text_response_format_are_accep
                                stream=False, stream_options=None))
     assert r.response_format is not None and r.response_format.type == "text" and r.seed == 7
     assert parse_chat_request(req(seed=2**63 - 1, tool_choice="auto", functions=[])).seed == 2**63 - 1
+    assert parse_chat_request(req(add_generation_prompt=True, chat_template=None, stop_token_ids=[],
+                                  include_stop_str_in_output=False, spaces_between_special_tokens=True)).n == 1
+
+
+@pytest.mark.parametrize("field, value", [
+    ("stop_token_ids", [128001]),  # vLLM's and SGLang's: end the answer at these token ids
+    ("include_stop_str_in_output", True),  # vLLM's: keep the stop string in the text
+    ("no_stop_trim", True),  # SGLang's spelling of the same
+    ("bad_words", ["darn"]),
+    ("allowed_token_ids", [1, 2, 3]),
+    ("logits_processors", ["my.module:Processor"]),
+    ("length_penalty", 0.5),
+    ("truncate_prompt_tokens", 100),  # the prompt would be cut to its last 100 tokens
+    ("add_generation_prompt", False),  # the prompt would end without the assistant's tag
+    ("chat_template", "{{ messages }}"),  # another template than the model's
+    ("return_tokens_as_token_ids", True),
+    ("spaces_between_special_tokens", False),
+])
+def test_vllm_and_sglang_extensions_that_change_the_answer_are_refused_not_ignored(field: str, value) -> None:
+    """A vLLM or SGLang user sends these through extra_body; ignoring them answers something else than asked
+    (a stop token not honoured, the stop string missing from the text, a prompt not truncated)."""
+    chat_only = field in ("add_generation_prompt", "chat_template")  # a text completion has no chat template
+    for parse, body in [(parse_chat_request, req(**{field: value}))] + (
+            [] if chat_only else [(parse_completion_request, completion(**{field: value}))]):
+        with pytest.raises(ApiError) as ei:
+            parse(body)
+        err = ei.value.body()["error"]
+        assert ei.value.status == 400 and f"{field} is not supported" in err["message"], err
+        assert err["param"] == field and err["code"] == "unsupported_parameter", err
+
+
+def test_refusals_of_unsupported_fields_name_the_field_as_param() -> None:
+    """OpenAI's own refusal of a parameter names it in error.param (clients show it): ours too."""
+    for body, param in [(req(logit_bias={"42": 10}), "logit_bias"), (req(n=2), "n"), (req(logprobs=True), "logprobs"),
+                        (req(presence_penalty=1), "presence_penalty"), (req(frequency_penalty=-1), "frequency_penalty"),
+                        (req(response_format={"type": "json_object"}), "response_format"),
+                        (req(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+                        (req(stream_options={"include_usage": True}), "stream_options")]:
+        with pytest.raises(ApiError) as ei:
+            parse_chat_request(body)
+        assert ei.value.param == param, (param, ei.value.message)
+
+
+def test_fields_openai_allows_to_be_null_take_their_default() -> None:
+    """OpenAI's API (and vLLM's server) take null for these optional fields, as 'use the default'; some
+    clients send every field, null when unset."""
+    r = parse_chat_request(req(stream=None, n=None, ignore_eos=None, stream_options=None))
+    assert (r.stream, r.n, r.ignore_eos) == (False, 1, False)
+    r = parse_chat_request(req(stream=True, stream_options={"include_usage": None}))
+    assert r.stream and r.stream_options is not None and not r.stream_options.include_usage
+    r = parse_completion_request(completion(stream=None, n=None, echo=None))
+    assert (r.stream, r.n) == (False, 1)
+
+
+def test_stream_options_beyond_include_usage() -> None:
+    """OpenAI's include_obfuscation only pads chunks against a side channel: accepted (no padding is sent);
+    vLLM's continuous_usage_stats (usage in every chunk) is refused with what to do instead."""
+    r = parse_chat_request(req(stream=True, stream_options={"include_usage": True, "include_obfuscation": True}))
+    assert r.stream_options is not None and r.stream_options.include_usage
+    assert parse_chat_request(req(stream=True, stream_options={"continuous_usage_stats": False})).stream
+    with pytest.raises(ApiError) as ei:
+        parse_chat_request(req(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert "continuous_usage_stats is not supported" in ei.value.message and "include_usage" in ei.value.message
+    assert ei.value.param == "stream_options.continuous_usage_stats"
 
 
 def test_conversion_numbers_images_across_turns() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -70,11 +70,34 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # OpenAI's: random padding in each chunk against a length side channel. Accepted; no padding is sent.
+    include_obfuscation: bool | None = None
+    # vLLM's: usage in every chunk. Not implemented: the answer's events do not carry a running token count.
+    continuous_usage_stats: bool | None = None
+
+    @field_validator("include_usage", mode="before")
+    @classmethod
+    def _null_is_default(cls, v: Any) -> Any:
+        return False if v is None else v
+
+    @model_validator(mode="after")
+    def _refuse_continuous_usage(self) -> "StreamOptions":
+        if self.continuous_usage_stats:
+            raise unsupported("stream_options.continuous_usage_stats is not supported by this server: remove it; "
+                              "stream_options.include_usage gives the usage in a last chunk",
+                              "stream_options.continuous_usage_stats")
+        return self
 
 
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")  # json_schema carries its own fields
     type: Literal["text", "json_object", "json_schema"]
+
+
+def unsupported(message: str, param: str) -> ApiError:
+    """The 400 for a request field this server does not honour, naming it as OpenAI does (`param`, and
+    `code: unsupported_parameter`). Raised from the models' validators: pydantic passes it through as it is."""
+    return ApiError(400, message, param=param, code="unsupported_parameter")
 
 
 # Request fields (OpenAI's, and the extensions vLLM's and SGLang's servers take) that this server cannot
@@ -105,11 +128,31 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "continue_final_message": (None, False),
     "skip_special_tokens": (None, True),
     "suffix": (None, ""),
+    # vLLM's and SGLang's sampling and decoding extensions (sent through the OpenAI client's extra_body).
+    "stop_token_ids": (None, []),
+    "include_stop_str_in_output": (None, False),
+    "no_stop_trim": (None, False),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None, []),
+    "logits_processors": (None, []),
+    "length_penalty": (None, 1, 1.0),
+    "truncate_prompt_tokens": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "spaces_between_special_tokens": (None, True),
     # Function calling by its older names, and a tool choice without tools ("none" and "auto" choose nothing).
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "tool_choice": (None, "none", "auto"),
 }
+
+# The same for the chat endpoint only (vLLM's chat-template options; a text completion has no template).
+UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
+    "add_generation_prompt": (None, True),
+    "chat_template": (None,),
+}
+
+# OpenAI's API takes null for these optional fields as "the default" (so does vLLM's server).
+_NULL_IS_DEFAULT = {"stream": False, "n": 1, "ignore_eos": False}
 
 
 class GenerationRequest(BaseModel):
@@ -133,13 +176,18 @@ class GenerationRequest(BaseModel):
     tools: list[Any] | None = None
     response_format: ResponseFormat | None = None
 
+    unsupported_fields: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED_FIELDS
+
     @model_validator(mode="before")
     @classmethod
     def _refuse_unhonoured(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for name, neutral in UNSUPPORTED_FIELDS.items():
+            for name, neutral in cls.unsupported_fields.items():
                 if name in data and data[name] not in neutral:
-                    raise ValueError(f"{name} is not supported by this server; remove it from the request")
+                    raise unsupported(f"{name} is not supported by this server; remove it from the request", name)
+            nulls = [k for k in _NULL_IS_DEFAULT if k in data and data[k] is None]
+            if nulls:
+                data = {**data, **{k: _NULL_IS_DEFAULT[k] for k in nulls}}
         return data
 
     @field_validator("stop")
@@ -158,18 +206,19 @@ class GenerationRequest(BaseModel):
     def _shared_unsupported(self, info: ValidationInfo) -> "GenerationRequest":
         engine = _engine_of(info)
         if self.n != 1:
-            raise ValueError(f"n > 1 is not supported by this server{engine}: send one request per completion "
-                             "(with different seeds for different samples)")
-        if (self.presence_penalty or 0) != 0 or (self.frequency_penalty or 0) != 0:
-            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
+            raise unsupported(f"n > 1 is not supported by this server{engine}: send one request per completion "
+                              "(with different seeds for different samples)", "n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if (getattr(self, name) or 0) != 0:
+                raise unsupported("presence_penalty and frequency_penalty are not supported; leave them at 0", name)
         if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format {self.response_format.type} (structured output) is not supported by "
-                             f"this server yet: remove response_format, or ask for JSON in the prompt and "
-                             f"validate the answer yourself")
+            raise unsupported(f"response_format {self.response_format.type} (structured output) is not supported by "
+                              f"this server yet: remove response_format, or ask for JSON in the prompt and "
+                              f"validate the answer yourself", "response_format")
         if self.tools:
-            raise ValueError("tools / function calling are not supported by this server")
+            raise unsupported("tools / function calling are not supported by this server", "tools")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
         return self
 
     def completion_limit(self) -> int | None:
@@ -183,6 +232,8 @@ def _engine_of(info: ValidationInfo) -> str:
 
 
 class ChatCompletionRequest(GenerationRequest):
+    unsupported_fields: ClassVar[dict[str, tuple[Any, ...]]] = {**UNSUPPORTED_FIELDS, **UNSUPPORTED_CHAT_FIELDS}
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
@@ -190,8 +241,8 @@ class ChatCompletionRequest(GenerationRequest):
     @model_validator(mode="after")
     def _unsupported(self, info: ValidationInfo) -> "ChatCompletionRequest":
         if self.logprobs:
-            raise ValueError(f"logprobs are not supported by this server{_engine_of(info)}; remove logprobs or set "
-                             "it to false")
+            raise unsupported(f"logprobs are not supported by this server{_engine_of(info)}; remove logprobs or set "
+                              "it to false", "logprobs")
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must not be an assistant message (continuation is not supported)")
         return self
@@ -247,7 +298,8 @@ class CompletionRequest(GenerationRequest):
     @model_validator(mode="after")
     def _unsupported(self, info: ValidationInfo) -> "CompletionRequest":
         if self.logprobs is not None:
-            raise ValueError(f"logprobs are not supported by this server{_engine_of(info)}; remove logprobs")
+            raise unsupported(f"logprobs are not supported by this server{_engine_of(info)}; remove logprobs",
+                              "logprobs")
         return self
 
 
