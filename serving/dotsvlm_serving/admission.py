@@ -57,6 +57,12 @@ def retry_after_s(excess: float, rate_per_s: float | None) -> int:
     return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(excess / rate_per_s))))
 
 
+def _excess(request: int, ahead: int, limit: int) -> int:
+    """What must drain before a refused request goes in: its excess over the limit, or all the work ahead when
+    that comes first (a request larger than the limit goes in alone)."""
+    return min(ahead + request - limit, ahead)
+
+
 def _mpx(pixels: float) -> str:
     return f"{pixels / 1e6:.1f} Mpx"
 
@@ -71,7 +77,7 @@ def admit_pixels(*, request_pixels: int, pending_pixels: int, limit: int, runnin
     ingress replica's backlog and share."""
     if pending_pixels <= 0 or pending_pixels + request_pixels <= limit:
         return None
-    wait = retry_after_s(pending_pixels + request_pixels - limit, drain_pixels_per_s)
+    wait = retry_after_s(_excess(request_pixels, pending_pixels, limit), drain_pixels_per_s)
     replicas = f"{running_replicas} vision replica{'s' if running_replicas != 1 else ''} running"
     return Rejection(VISION_BACKLOG_FULL, (
         f"the vision encoder is overloaded: {_mpx(pending_pixels)} of images already wait to be encoded on this "
@@ -86,7 +92,7 @@ def admit_bytes(*, request_bytes: int, held_bytes: int, limit: int,
     """None: this ingress replica may hold the request's image bytes too."""
     if held_bytes <= 0 or held_bytes + request_bytes <= limit:
         return None
-    wait = retry_after_s(held_bytes + request_bytes - limit, release_bytes_per_s)
+    wait = retry_after_s(_excess(request_bytes, held_bytes, limit), release_bytes_per_s)
     return Rejection(IMAGE_BYTES_FULL, (
         f"the API is overloaded with large requests: this API replica already holds {_mb(held_bytes)} of images "
         f"and large bodies of other requests (limit {_mb(limit)}, api.maxImageBytesInFlight) and this request brings "

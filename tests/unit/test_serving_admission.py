@@ -438,3 +438,18 @@ def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized() -> 
         ing._check_text_fits(ing.cfg.context_length * longest + 1, "messages")
     assert err.value.status == 400 and err.value.code == "context_length_exceeded" and "shorten the messages" in \
         err.value.message
+
+
+def test_retry_after_counts_only_the_wait_until_the_request_goes_in_alone() -> None:
+    """A request larger than the limit goes in as soon as nothing else waits (alone), so its Retry-After is the
+    time the work ahead needs to drain, not the time its own excess over the limit would: 1 Mpx pending at
+    10 Mpx/s said "retry after 40 s" to a 500 Mpx request that would go in within a second."""
+    r = admit_pixels(request_pixels=500 * MPX, pending_pixels=1 * MPX, limit=100 * MPX, running_replicas=1,
+                     drain_pixels_per_s=10 * MPX)
+    assert r is not None and r.retry_after_s == 1 and "retry after 1 s" in r.message
+    r = admit_bytes(request_bytes=500 * MPX, held_bytes=30 * MPX, limit=100 * MPX, release_bytes_per_s=10 * MPX)
+    assert r is not None and r.retry_after_s == 3
+    # Within the limit the excess still decides: 10 Mpx over at 5 Mpx/s.
+    r = admit_pixels(request_pixels=30 * MPX, pending_pixels=80 * MPX, limit=100 * MPX, running_replicas=2,
+                     drain_pixels_per_s=5 * MPX)
+    assert r is not None and r.retry_after_s == 2
