@@ -451,3 +451,34 @@ def test_after_stale_metrics_the_windows_start_again() -> None:
         if d.desired < 4:
             break
     assert t == 560 and d.reason == p.LOW_LOAD and d.desired == 3, (t, d)
+
+
+def test_a_wall_clock_that_steps_back_neither_freezes_the_pools_nor_skips_a_window() -> None:
+    """Serve calls the policy with time.time(): a clock stepped back (NTP, a VM resumed) left every time in the
+    state in the future, so for as long as the step (here 300 s) no window counted as watched and neither pool
+    could grow under a burst. The step counts as no time passing: the windows go on where they were."""
+    sp = spec(vision={"max_scale_up_step": 16}, llm={"upscale_delay_s": 10, "downscale_delay_s": 60,
+                                                     "target_ongoing_requests": 48})
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 1}
+    for t in range(1000, 1100):  # quiet
+        cur = {k: d.desired for k, d in p.decide(p.Snapshot(vision(cur["vision"]), llm(cur["llm"], running=10)), sp,
+                                                   state, float(t), current=cur).items()}
+    assert cur == {"vision": 1, "llm": 1}
+    burst = lambda: p.Snapshot(vision(cur["vision"], requests=4, pixels=40e6), llm(cur["llm"], running=150))
+    seen = []
+    for t in range(800, 815):  # the clock steps back 300 s as a burst arrives
+        ds = p.decide(burst(), sp, state, t + 0.5, current=cur)
+        cur = {k: d.desired for k, d in ds.items()}
+        seen.append(dict(cur))
+    # The first reading falls in the same second as the last quiet one (no time passed), as it would have
+    # without the step; the next one grows the vision pool (no up window), the LLM pool grows after its 10 s.
+    assert [c["vision"] for c in seen[:2]] == [1, 8], seen
+    assert next(i for i, c in enumerate(seen) if c["llm"] > 1) == 11 and seen[-1]["llm"] == 4, seen
+    # A step back does not make the windows shorter either: the low load must last the full down window.
+    for t in range(815, 830):
+        ds = p.decide(p.Snapshot(vision(cur["vision"]), llm(cur["llm"], running=10)), sp, state, float(t), current=cur)
+        cur = {k: d.desired for k, d in ds.items()}
+    for t in range(500, 560):  # back again, by 330 s
+        d = p.decide(p.Snapshot(vision(cur["vision"]), llm(cur["llm"], running=10)), sp, state, float(t), current=cur)
+        cur = {k: x.desired for k, x in d.items()}
+        assert cur["llm"] == 4 or t >= 500 + 60 - 15, (t, d["llm"])

@@ -139,6 +139,7 @@ class PoolState:
     # vision: the ingresses' admitted-pixels counter at the last decision (its growth is image work, also work
     # that came and went between two stats samples)
     admitted_seen: float | None = None
+    clock: float | None = None  # `now` of the last decision: a clock that stepped back is found by it
 
     def to_json(self) -> dict:
         return {"target": self.target, "recommendations": [list(r) for r in self.recommendations],
@@ -149,7 +150,7 @@ class PoolState:
                 "demand": [list(d) for d in self.demand], "flow": [list(f) for f in self.flow],
                 "running_seen": self.running_seen, "running_rose_at": self.running_rose_at,
                 "drained_at": self.drained_at, "arrivals": [list(a) for a in self.arrivals],
-                "admitted_seen": self.admitted_seen}
+                "admitted_seen": self.admitted_seen, "clock": self.clock}
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "PoolState":
@@ -165,7 +166,7 @@ class PoolState:
                    running_seen=raw.get("running_seen"), running_rose_at=raw.get("running_rose_at"),
                    drained_at=raw.get("drained_at"),
                    arrivals=[(float(t), float(p)) for t, p in raw.get("arrivals", [])],
-                   admitted_seen=raw.get("admitted_seen"))
+                   admitted_seen=raw.get("admitted_seen"), clock=raw.get("clock"))
 
 
 @dataclass
@@ -586,12 +587,33 @@ def _note_outside_change(pool: Pool, st: PoolState, cur: int, now: float) -> Non
         st.last_scale_up_at = now
 
 
+def follow_clock(state: PolicyState, now: float) -> None:
+    """The live policy runs on the wall clock (Serve calls it with time.time()). When that clock steps back
+    (NTP, a VM resumed), every time the state holds lies in the future: no window counted as watched, no
+    scale-down interval or idle time passed, and the pools froze for as long as the step. The step counts as
+    no time passing: every time in the state moves back by as much (the one-per-second samples by whole
+    seconds), so the windows and timers go on where they were. Called by `decide`; idempotent."""
+    for st in (state.vision, state.llm):
+        if st.clock is not None and now < st.clock:
+            back, back_s = now - st.clock, math.floor(now) - math.floor(st.clock)
+            for name in ("last_scale_down_at", "last_scale_up_at", "last_work_at", "last_change_at", "observed_since",
+                         "running_rose_at", "drained_at"):
+                if getattr(st, name) is not None:
+                    setattr(st, name, getattr(st, name) + back)
+            st.recommendations = [(t + back_s, lo, hi) for t, lo, hi in st.recommendations]
+            st.demand = [(t + back_s, d) for t, d in st.demand]
+            st.flow = [(t + back_s, c, d) for t, c, d in st.flow]
+            st.arrivals = [(t + back_s, a) for t, a in st.arrivals]
+        st.clock = now
+
+
 def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
            current: dict[Pool, int] | None = None) -> dict[Pool, Decision]:
     """One decision per pool. `state` is updated in place; `current` is each pool's present target
     (Serve's target replica count; defaults to the state's last decision, then the running count)."""
     out: dict[Pool, Decision] = {}
     v, llm = snapshot.vision, snapshot.llm
+    follow_clock(state, now)
     for pool in POOLS:
         cfg = spec.vision if pool == "vision" else spec.llm
         st = state.pool(pool)
