@@ -757,3 +757,57 @@ def test_a_vision_replica_whose_tower_fails_every_batch_fails_its_health_check(m
         enc._loop.cancel()
 
     asyncio.run(main())
+
+
+def test_a_request_the_vision_tower_cannot_take_fails_alone_not_the_requests_batched_with_it(monkeypatch) -> None:
+    """A batch packs several requests' images into one forward; when it failed, every caller got the error, so one
+    request the tower could not take failed the others batched with it by chance (and, encoded again with them on
+    the relay's retry, failed them twice). Now the batch's requests are encoded again each alone: only that one
+    fails, the others get their embeddings, and the replica stays healthy."""
+    import asyncio
+
+    import pytest
+    import torch
+
+    from dotsvlm_serving import pipeline
+    from dotsvlm_serving.deployments.vision_encoder import VisionEncoder, _Job
+    from dotsvlm_serving.model.preprocess import PreprocessedImages
+
+    forwards: list[int] = []
+
+    def tower(_tower, pre, to_cpu=True):
+        forwards.append(len(pre.num_tokens))
+        if (pre.pixel_values == 7).any():
+            raise RuntimeError("the tower cannot take this input")
+        return list(torch.split(pre.pixel_values[::4, :4], pre.num_tokens))  # a row per 4 patches (merged)
+
+    monkeypatch.setattr(pipeline, "encode_preprocessed", tower)
+
+    class NoMetrics:
+        def observe(self, *_a) -> None: ...
+
+    async def main() -> None:
+        enc = object.__new__(VisionEncoder)
+        enc.cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"max_batch_wait_ms": 50}}).vision_encoder_config()
+        enc._jobs, enc._wake, enc.tower, enc._encoding_images = [], asyncio.Event(), None, 0
+        enc._failed_batches, enc._batch_error, enc.metrics = 0, "", NoMetrics()
+        enc._stats = {"batches": 0, "images": 0, "pixels_total": 0.0, "encode_seconds_total": 0.0, "answers_direct": 0}
+        enc._loop = asyncio.create_task(enc._batch_forever())
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for value in (1.0, 7.0, 2.0):  # the second request is the one the tower cannot take
+            pre = PreprocessedImages(torch.full((4, 1176), value), torch.tensor([[1, 2, 2]]), [1])
+            jobs.append(_Job(pre, 784, loop.create_future(), 0.0, 1))
+        enc._jobs.extend(jobs)
+        enc._wake.set()
+        good1, bad, good2 = await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs), return_exceptions=True), 10)
+        assert forwards[0] == 3  # one packed forward first
+        assert isinstance(bad, RuntimeError) and "cannot take this input" in str(bad)
+        assert float(good1[0][0]) == 1.0 and float(good2[0][0]) == 2.0
+        enc.check_health()
+        assert enc._failed_batches == 0
+        enc._loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await enc._loop
+
+    asyncio.run(main())

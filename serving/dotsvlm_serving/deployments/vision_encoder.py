@@ -14,7 +14,9 @@ in the tower's dtype, as the ndarray `tensor_queue.to_wire` makes of it (bf16 as
 the ingress hands to the tensor queue by object reference; with `queue.embedding_transport: nixl` it is
 a `DirectTensorRef` instead: the tensor stays here, on the tower's device, until the LLM replica pulls it
 with Ray's direct transport. An image that fails to decode fails the
-call with `ImageError` ("image N: ..."), which the LLM replica reports to the client as a 400.
+call with `ImageError` ("image N: ..."), which the LLM replica reports to the client as a 400. A batch
+whose forward fails is encoded again one request at a time, so a request the tower cannot take fails
+only its own call.
 """
 
 from __future__ import annotations
@@ -169,48 +171,62 @@ class VisionEncoder:
                 batch = self._next_batch()
                 if not batch:
                     break
-                n_images = sum(j.n_images for j in batch)
-                t0 = time.monotonic()
-                self._encoding_images = n_images
-                # read once per batch: a reconfigure while it runs applies to the next one
-                transport = self.cfg.embedding_transport
-                direct = transport != "object-store"
-                try:
-                    pre = PreprocessedImages.concat([j.pre for j in batch])
-                    per_image = await asyncio.to_thread(pipeline.encode_preprocessed, self.tower, pre,
-                                                        to_cpu=not direct)
-                except Exception as exc:  # give every caller the error instead of hanging them
-                    log.exception("vision encode failed")
-                    self._failed_batches += 1
-                    self._batch_error = f"{type(exc).__name__}: {exc}"
-                    for j in batch:
-                        if not j.future.done():
-                            j.future.set_exception(RuntimeError(f"vision encoder failed: {exc}"))
-                    continue
-                finally:
-                    self._encoding_images = 0
-                self._failed_batches = 0
-                self._stats["batches"] += 1
-                self._stats["images"] += n_images
-                took = time.monotonic() - t0
-                self._stats["pixels_total"] += sum(j.pixels for j in batch)
-                self._stats["encode_seconds_total"] += took
-                self.metrics.observe("dotsvlm_vision_batch_images", n_images)
-                self.metrics.observe("dotsvlm_vision_encode_seconds", took)
-                i = 0
+                await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        """One packed forward for the batch, and each caller's answer. When a batch of several requests fails,
+        each request is encoded again alone, so that one request the tower cannot take (its input, or the
+        memory of that batch) fails only its own caller, not the others batched with it by chance."""
+        n_images = sum(j.n_images for j in batch)
+        t0 = time.monotonic()
+        self._encoding_images = n_images
+        # read once per batch: a reconfigure while it runs applies to the next one
+        transport = self.cfg.embedding_transport
+        direct = transport != "object-store"
+        pre = None
+        try:
+            pre = PreprocessedImages.concat([j.pre for j in batch])
+            per_image = await asyncio.to_thread(pipeline.encode_preprocessed, self.tower, pre, to_cpu=not direct)
+        except Exception as exc:  # give every caller the error instead of hanging them
+            if len(batch) > 1:
+                log.warning("vision encode of a batch of %d requests failed (%s: %s); encoding each alone", len(batch),
+                            type(exc).__name__, exc)
+                pre = None  # (the packed batch's memory goes before its requests are encoded again)
                 for j in batch:
-                    part, i = per_image[i:i + j.n_images], i + j.n_images
-                    if j.future.done():
-                        continue
-                    out = torch.cat(part)
-                    try:
-                        answer = DirectTensorRef.put(out, transport) if direct else to_wire(out)
-                    except Exception as exc:  # (a failed put) fails this caller, not the batching loop
-                        log.exception("vision answer failed")
-                        j.future.set_exception(RuntimeError(f"vision encoder failed: {exc}"))
-                        continue
-                    j.future.set_result(answer)
-                    self._stats["answers_direct"] += direct
+                    if not j.future.done():
+                        await self._run_batch([j])
+                return
+            log.exception("vision encode failed")
+            self._failed_batches += 1
+            self._batch_error = f"{type(exc).__name__}: {exc}"
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(RuntimeError(f"vision encoder failed: {exc}"))
+            return
+        finally:
+            self._encoding_images = 0
+        self._failed_batches = 0
+        self._stats["batches"] += 1
+        self._stats["images"] += n_images
+        took = time.monotonic() - t0
+        self._stats["pixels_total"] += sum(j.pixels for j in batch)
+        self._stats["encode_seconds_total"] += took
+        self.metrics.observe("dotsvlm_vision_batch_images", n_images)
+        self.metrics.observe("dotsvlm_vision_encode_seconds", took)
+        i = 0
+        for j in batch:
+            part, i = per_image[i:i + j.n_images], i + j.n_images
+            if j.future.done():
+                continue
+            out = torch.cat(part)
+            try:
+                answer = DirectTensorRef.put(out, transport) if direct else to_wire(out)
+            except Exception as exc:  # (a failed put) fails this caller, not the batching loop
+                log.exception("vision answer failed")
+                j.future.set_exception(RuntimeError(f"vision encoder failed: {exc}"))
+                continue
+            j.future.set_result(answer)
+            self._stats["answers_direct"] += direct
 
     async def stats(self) -> dict[str, float]:
         backlog = (self._gated_images + self._preparing_images
