@@ -301,3 +301,33 @@ def test_a_scale_to_zero_that_serve_stops_at_one_replica_is_not_taken_for_a_wake
     d, last_reason, last_message = published[-1]["vision"]
     assert last_reason == "IdleToZero" and "only from 1 replica: 2 -> 1" in last_message, (last_reason, last_message)
     assert [c for c in counted if c[0] == "vision"] == [("vision", "down", "IdleToZero")]
+
+
+def test_a_stat_that_is_not_a_number_is_no_sample_and_does_not_stop_the_policy(monkeypatch) -> None:
+    """A replica's report with NaN or inf in it (a rate over a zero time, a broken engine counter) reached
+    `decide` as it was: `math.ceil(nan)` raised in every call, so neither pool was sized again. Such a value
+    counts as no sample, like NO_DATA; the other replicas' values still count."""
+    import time
+
+    monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now, spec: None)
+    monkeypatch.setattr(serve_policy, "_Metrics", lambda: type("M", (), {"record": lambda self, d: None})())
+    now = time.time()
+    by_name = _contexts(now, vision_replicas=2)
+    bad = {VISION_DEPLOYMENT: ("v1", sig.ENCODE_PIXELS_PER_S, float("inf")),
+           INGRESS_DEPLOYMENT: ("i2", sig.VISION_PENDING_PIXELS, float("nan")),
+           LLM_DEPLOYMENT: ("l2", sig.LLM_RUNNING, float("nan")),
+           QUEUE_DEPLOYMENT: ("q", sig.QUEUE_OLDEST_AGE, float("-inf"))}
+    for name, (rid, stat, value) in bad.items():
+        by_name[name].raw_metrics[stat][rid] = [_Sample(now - 0.5, value)]
+    by_name[INGRESS_DEPLOYMENT].raw_metrics[sig.ITL_P90]["i1"] = [_Sample(now - 0.5, float("nan"))]
+    snap = serve_policy.snapshot_from_contexts(by_name, now)
+    v, m = snap.vision, snap.llm
+    assert v is not None and m is not None
+    assert v.encode_pixels_per_s == 2e6 and v.pending_pixels == 4e6, "only the finite values"
+    assert m.running == 4 and m.queue_oldest_age_s == 0.0 and m.inter_token_s == 0.08
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"autoscaling": {"max_replicas": 6}},
+                                         "llm": {"autoscaling": {"max_replicas": 4}}})
+    _serve_configs(cfg, by_name)
+    policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: cfg.policy_config())
+    decisions, _ = policy({_DeploymentID(name): ctx for name, ctx in by_name.items()})
+    assert {dep.name for dep in decisions} == {VISION_DEPLOYMENT, LLM_DEPLOYMENT}

@@ -47,8 +47,9 @@ SETTINGS_REFRESH_S = 1.0
 
 def _latest(ctx: Any, now: float) -> tuple[dict[str, float], float, int]:
     """Each stat's newest value per running replica, reduced over replicas: counts are summed, p90
-    latencies take the worst replica, rates the mean. NO_DATA values ("no sample") are left out. Also
-    the age of the newest sample and how many replicas reported."""
+    latencies take the worst replica, rates the mean. NO_DATA values ("no sample") are left out, and so are
+    values that are not finite numbers (NaN, inf: `decide` cannot size a pool on them, and raised). Also the
+    age of the newest sample and how many replicas reported."""
     values: dict[str, list[float]] = {}
     newest = 0.0
     reporters: set[Any] = set()
@@ -59,7 +60,8 @@ def _latest(ctx: Any, now: float) -> tuple[dict[str, float], float, int]:
             last = max(series, key=lambda s: s.timestamp)
             newest = max(newest, last.timestamp)
             reporters.add(replica)
-            values.setdefault(name, []).append(last.value)
+            if math.isfinite(last.value):
+                values.setdefault(name, []).append(last.value)
     totals: dict[str, float] = {}
     for name, vals in values.items():
         if name.endswith("_p90_s") or name == sig.ENCODE_PIXELS_PER_S:
