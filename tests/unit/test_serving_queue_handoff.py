@@ -6,6 +6,7 @@ reordered, and an LLM replica must not be told to stop work the other replica ho
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -341,4 +342,54 @@ def test_a_predecessor_whose_successor_vanished_serves_again() -> None:
         assert q.core.reap() == []  # llm1 gets a lease timeout to heartbeat this replica again ...
         lease = q.core.lease_timeout_s
         assert q.core.reap(now=time.monotonic() + lease + 1) == ["llm1"]  # ... a silent one is dead after it
+    asyncio.run(main())
+
+
+def test_a_hole_left_by_a_replica_that_vanished_mid_hand_over_fails_the_answer_instead_of_hanging() -> None:
+    """The successor died during the hand-over with one event of a stream (it never gives its state back): the
+    old replica serves again, and the LLM replica's later events, its last one included, come to it behind
+    the hole. Nothing can fill the hole, so the answer must end with a 503 within the lease timeout, not
+    hold its end back until the client's request timeout (the mailbox is then freed like any other)."""
+    async def main() -> None:
+        old, new = (TensorQueueCore(max_items=8, max_bytes=10_000, lease_timeout_s=0.4) for _ in range(2))
+        await old.put(item("a"), 1)
+        await old.put(item("b"), 1)
+        await old.take("llm1", max_items=2, token_budget=100, wait_s=0)
+        old.publish("llm1", [tok("a", 0, "A")])
+        assert await drain_text(old, "a") == ("A", None)
+        old.begin_handoff("predecessor")
+        new.begin_handoff("successor")
+        new.publish("llm1", [tok("a", 1, "B"), tok("b", 0, "x")])  # then the successor is killed
+        old.end_handoff()  # its heartbeat went stale: the old replica is the queue again
+        old.publish("llm1", [tok("a", 2, "C"), fin("a", 3), tok("b", 1, "y")])
+        assert await drain_text(old, "a") == ("", None)  # held behind the hole
+        await asyncio.sleep(0.2)
+        assert old.heartbeat("llm1") == [] and old.reap() == []  # (the LLM replica is alive)
+        assert await drain_text(old, "a") == ("", None)  # (a moment's hole is not yet a lost event)
+        await asyncio.sleep(0.3)
+        assert old.heartbeat("llm1") == [] and old.reap() == []
+        evs = await old.next_events("a", 0.01)
+        assert [e["type"] for e in evs] == ["error"] and evs[0]["code"] == 503
+        assert "a" not in old._mailboxes
+        # "b" is still being generated: it fails the same way, and its LLM replica is told to stop it.
+        evs = await old.next_events("b", 0.01)
+        assert [e["type"] for e in evs] == ["error"] and evs[0]["code"] == 503
+        assert old.heartbeat("llm1") == ["b"]
+    asyncio.run(main())
+
+
+def test_a_hole_is_not_called_lost_while_the_hand_over_runs() -> None:
+    """During the hand-over the other replica holds the missing event: the answer waits for the merge."""
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a"), 1)
+        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        old.begin_handoff("predecessor")
+        new.begin_handoff("successor")
+        new.publish("llm1", [tok("a", 0, "A")])
+        old.publish("llm1", [tok("a", 1, "B"), fin("a", 2)])
+        for q in (old, new):
+            q.reap(now=time.monotonic() + q.lease_timeout_s + 1)
+        new.adopt(old.snapshot())
+        assert await drain_text(new, "a") == ("AB", "finish")
     asyncio.run(main())

@@ -105,6 +105,9 @@ class _Mailbox:
     next_index: int = 0  # the numbered event (`i`) that may be handed out next
     held: dict[int, Event] = field(default_factory=dict)  # numbered events that came before an earlier one
     orphan: bool = False  # the request is not known here (yet): kept during a hand-over only
+    # Since when `held` has waited for an earlier event (None: nothing held). Outside a hand-over only a lost
+    # event leaves a hole for that long: `reap` then ends the answer instead of holding its end back forever.
+    gap_since: float | None = None
 
     def wake(self) -> None:
         """Something changed: events arrived, the box was ended, or it is no longer the request's."""
@@ -118,7 +121,7 @@ class _Mailbox:
         if i is None:  # made by the queue itself (restart, error): in arrival order
             self._ready(ev)
             if ev["type"] == "restart":  # the next delivery numbers its events from 0 again
-                self.next_index, self.held = 0, {}
+                self.next_index, self.held, self.gap_since = 0, {}, None
             return True
         if i < self.next_index or i in self.held:
             return False  # a repeat
@@ -128,7 +131,15 @@ class _Mailbox:
             self._ready(self.held.pop(self.next_index))
             self.next_index += 1
             ready = True
+        self.gap_since = (self.gap_since or time.monotonic()) if self.held else None
         return ready
+
+    def fail_hole(self, request_id: str) -> None:
+        """An event this answer needs was lost (it reached a queue replica that is gone): end the answer."""
+        self.held, self.gap_since = {}, None
+        self._ready(ErrorEvent(request_id=request_id, type="error", code=503,
+                               message="part of this answer was lost while the tensor queue moved to "
+                                       "another node; please retry the request"))
 
     def _ready(self, ev: Event) -> None:
         if self.done:
@@ -190,7 +201,7 @@ def _merge_mailbox(box: _Mailbox, other: MailboxState) -> None:
             unnumbered.append(ev)
         else:
             numbered[i] = ev
-    box.events, box.held, box.done = [], {}, False
+    box.events, box.held, box.done, box.gap_since = [], {}, False, None
     box.next_index = start
     box.streamed = box.streamed or other.streamed
     box.orphan = box.orphan and other.orphan
@@ -516,6 +527,11 @@ class TensorQueueCore:
         for rid, box in list(self._mailboxes.items()):
             if box.done and now - box.last_touch > self.mailbox_ttl_s:
                 del self._mailboxes[rid]
+            elif (self.handoff is None and box.held and not box.done and box.gap_since is not None
+                  and now - box.gap_since > self.lease_timeout_s):
+                # A hole outside a hand-over, for a lease timeout: its event went to a queue replica that
+                # vanished during one (a successor killed, an adoption that failed). Nothing can fill it.
+                self._fail_hole(rid, box)
         for cid, at in list(self._lost.items()):
             if now - at > LOST_CONSUMER_TTL_S:
                 del self._lost[cid]
@@ -547,6 +563,14 @@ class TensorQueueCore:
             self._bytes += item.nbytes
         if requeue:
             self._item_available.set()
+
+    def _fail_hole(self, rid: str, box: _Mailbox) -> None:
+        """End an answer that lost an event; the LLM replica still generating it is told to stop."""
+        box.fail_hole(rid)
+        for c in self._consumers.values():
+            if rid in c.leased:
+                c.cancelled.add(rid)
+        box.wake()
 
     # ---------------------------------------------------------------- hand-over
     def begin_handoff(self, role: str) -> None:
@@ -631,10 +655,7 @@ class TensorQueueCore:
             if box.orphan:  # known to neither replica: unknown from now on
                 del self._mailboxes[rid]
             elif box.held and not box.done:  # an event that went to the other replica was lost
-                box.held = {}
-                box._ready(ErrorEvent(request_id=rid, type="error", code=503,
-                                      message="part of this answer was lost while the tensor queue moved to "
-                                              "another node; please retry the request"))
+                self._fail_hole(rid, box)
             box.wake()
         self._item_available.set()
         self._wake_producers()
