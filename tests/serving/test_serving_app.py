@@ -57,10 +57,13 @@ def assert_healthy_and_serving(served: Served) -> None:
 
 # --------------------------------------------------------------------------------------- openai client
 def test_official_openai_client(served: Served) -> None:
-    from openai import AuthenticationError, OpenAI
+    from openai import AuthenticationError, NotFoundError, OpenAI
 
     client = OpenAI(base_url=served.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(NotFoundError):
+        client.models.retrieve("gpt-4o")
 
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=10,
                                        extra_body={"ignore_eos": True})
@@ -301,6 +304,7 @@ MALFORMED: list[tuple[str, dict | bytes, int, str]] = [
         "url": "http://[::1/x.png"}}]}]), 400, "malformed"),
     ("tool-choice-required", chat(tool_choice="required"), 400, "tool_choice is not supported"),
     ("seed-overflow", chat(seed=2**64), 400, "seed"),
+    ("vllm-stop-token-ids", chat(stop_token_ids=[1]), 400, "stop_token_ids is not supported"),
 ]
 
 
@@ -338,7 +342,9 @@ def test_auth_routes_and_fetch_allow_list(served: Served) -> None:
         assert r.status_code == 401
         assert anon.get("/health").status_code == 200  # probes need no key
         assert anon.get("/nope").status_code == 404 and "no such endpoint" in anon.get("/nope").json()["error"]["message"]
-        assert anon.get("/v1/chat/completions").status_code == 405
+        wrong_method = anon.get("/v1/chat/completions")
+        assert wrong_method.status_code == 405 and wrong_method.headers.get("allow") == "POST"
+        assert "use POST" in wrong_method.json()["error"]["message"]
     with served.client() as c:
         # an allow-listed local image server is fetched; the same content by data: URL gives the same prompt size
         r = c.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": [

@@ -382,3 +382,53 @@ def test_a_chunked_body_over_the_limit_is_refused_without_reading_the_rest() -> 
         yield b"1}"
 
     assert asyncio.run(read_limited(two(), 100)) == b'{"a": 1}'
+
+
+def test_a_wrong_method_gets_405_with_the_allowed_methods() -> None:
+    """HTTP's 405 names the allowed methods in an Allow header; the message says which method to use."""
+    from starlette.testclient import TestClient
+
+    from dotsvlm_serving.deployments.ingress import app
+
+    r = TestClient(app).get("/v1/chat/completions")
+    assert r.status_code == 405 and r.headers.get("allow") == "POST", r.headers
+    err = r.json()["error"]
+    assert "GET" in err["message"] and "use POST" in err["message"], err
+
+
+def test_retrieving_the_served_model_by_id() -> None:
+    """The OpenAI client's models.retrieve(id) asks GET /v1/models/{id}: the served model, or a 404 naming it."""
+    from types import SimpleNamespace
+
+    from dotsvlm_serving.deployments.ingress import Ingress
+
+    ing = object.__new__(Ingress)
+    ing.auth, ing.created = ApiKeyAuth([]), 1700000000
+    ing.model = SimpleNamespace(served_model_name="dots.vlm1")
+    request = SimpleNamespace(headers={})
+    r = asyncio.run(ing.model_info("dots.vlm1", request))
+    assert json.loads(r.body) == {"id": "dots.vlm1", "object": "model", "created": 1700000000, "owned_by": "dotsvlm"}
+    with pytest.raises(ApiError) as ei:
+        asyncio.run(ing.model_info("gpt-4o", request))
+    assert ei.value.status == 404 and ei.value.code == "model_not_found" and "'dots.vlm1'" in ei.value.message
+    with pytest.raises(ApiError) as ei:
+        asyncio.run(Ingress.model_info(SimpleNamespace(auth=ApiKeyAuth(["k"])), "dots.vlm1", request))
+    assert ei.value.status == 401
+
+
+@pytest.mark.parametrize("parse, body, fragment", [
+    # A field that takes a string or a list: the message names both, not only the list.
+    (parse_chat_request, req(stop=5), "stop: stop must be a string or a list of up to 4 strings"),
+    (parse_completion_request, completion(prompt=5), "prompt: prompt must be a string or a list of token ids"),
+    (parse_chat_request, req(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]),
+     'image_url must be an object {"url": ...} (or the URL as a string)'),
+    # A body for the other endpoint: say which one it is for.
+    (parse_chat_request, json.dumps({"model": "dots.vlm1", "prompt": "hi"}).encode(),
+     "messages: Field required (a body with prompt is for POST /v1/completions)"),
+    (parse_completion_request, json.dumps({"model": "dots.vlm1", "messages": [{"role": "user", "content": "x"}]}).encode(),
+     "prompt: Field required (a body with messages is for POST /v1/chat/completions)"),
+])
+def test_type_errors_say_what_the_field_takes_and_which_endpoint_a_body_is_for(parse, body: bytes, fragment: str) -> None:
+    with pytest.raises(ApiError) as ei:
+        parse(body)
+    assert ei.value.status == 400 and fragment in ei.value.message, ei.value.message

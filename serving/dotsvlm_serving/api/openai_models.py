@@ -329,7 +329,24 @@ def _describe(errs: list[dict[str, Any]]) -> tuple[str, str]:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "list_type" and where.endswith("content"):
         msg = "content must be a string or a list of content parts ({\"type\": \"text\"} or {\"type\": \"image_url\"})"
+    elif first["type"] in ("list_type", "model_type", "dict_type", "string_type"):
+        # A field that takes a string or a list (or an object): name what it takes, not only one branch.
+        field = where.rsplit(".", 1)[-1]
+        if field in _EITHER:
+            msg = f"{field} must be {_EITHER[field]}"
+    elif first["type"] == "missing" and where in _OTHER_ENDPOINT and isinstance(first.get("input"), dict):
+        other, endpoint = _OTHER_ENDPOINT[where]
+        if other in first["input"]:
+            msg += f" (a body with {other} is for POST {endpoint})"
     return where, msg
+
+
+# What a field that takes one of several shapes takes, for its type errors.
+_EITHER = {"stop": "a string or a list of up to 4 strings",
+           "prompt": "a string or a list of token ids (integers)",
+           "image_url": 'an object {"url": ...} (or the URL as a string)'}
+# A body missing its endpoint's field but holding the other endpoint's: sent to the wrong endpoint.
+_OTHER_ENDPOINT = {"messages": ("prompt", "/v1/completions"), "prompt": ("messages", "/v1/chat/completions")}
 
 
 def parse_chat_request(body: bytes, *, engine: str | None = None) -> ChatCompletionRequest:

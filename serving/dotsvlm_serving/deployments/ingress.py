@@ -58,11 +58,14 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    headers = dict(exc.headers or {})  # a 405's Allow header among them
+    allowed = headers.get("Allow") or headers.get("allow")
     msg = {404: "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/models or /health (metrics "
                 "are on each Ray node's metrics port, not on the API)",
-           405: "method not allowed on this endpoint"}.get(exc.status_code, str(exc.detail))
-    return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code)
+           405: f"method {request.method} is not allowed on {request.url.path}"
+                + (f": use {allowed}" if allowed else "")}.get(exc.status_code, str(exc.detail))
+    return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code, headers=headers or None)
 
 
 @app.exception_handler(Exception)
@@ -222,6 +225,16 @@ class Ingress:
     async def models(self, request: Request) -> JSONResponse:
         self.auth.check(request.headers.get("authorization"))
         return JSONResponse(models_response(self.model.served_model_name, self.created))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(self, model_id: str, request: Request) -> JSONResponse:
+        """The OpenAI client's `models.retrieve(id)`: the served model, or 404 for another name."""
+        self.auth.check(request.headers.get("authorization"))
+        name = self.model.served_model_name
+        if model_id != name:
+            raise ApiError(404, f"the model {model_id!r} does not exist: this server serves {name!r}",
+                           param="model", code="model_not_found")
+        return JSONResponse(models_response(name, self.created)["data"][0])
 
     # ------------------------------------------------------------------------------- chat completions
     @app.post("/v1/chat/completions")
