@@ -811,3 +811,60 @@ def test_a_request_the_vision_tower_cannot_take_fails_alone_not_the_requests_bat
             await enc._loop
 
     asyncio.run(main())
+
+
+def test_a_vision_caller_that_goes_away_lets_go_of_its_images_and_its_pixels_only_once_decoded() -> None:
+    """A client that leaves cancels its vision call. Its decoded images were kept in the batching FIFO until the
+    loop next looked (behind a running forward), and its pixels left the replica's gate at once although a thread
+    was still decoding them, so the next request decoded beside them: more decoded memory than the limit. Now the
+    job leaves at once, and the pixels stay held until the decode thread is done."""
+    import asyncio
+    import concurrent.futures
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    from dotsvlm_serving.admission import AmountGate
+    from dotsvlm_serving.deployments.vision_encoder import VisionEncoder
+    from dotsvlm_serving.model.preprocess import PreprocessedImages
+
+    release = threading.Event()
+
+    def prepare(images: list[bytes]) -> PreprocessedImages:
+        if images == [b"slow"]:
+            release.wait(10)
+        return PreprocessedImages(torch.zeros(4, 1176), torch.tensor([[1, 2, 2]]), [1])
+
+    async def main() -> None:
+        enc = object.__new__(VisionEncoder)
+        enc._gate, enc._gated_images, enc._preparing_images = AmountGate(1000), 0, 0
+        enc._prepare_pool = concurrent.futures.ThreadPoolExecutor(2)
+        enc._jobs, enc._wake, enc._prepare = [], asyncio.Event(), prepare
+        enc.model_config = SimpleNamespace(preprocess=SimpleNamespace(patch_size=14))
+        # Cancelled while its thread decodes: the pixels stay held until the thread is done.
+        slow = asyncio.create_task(enc.encode([b"slow"], 700))
+        await asyncio.sleep(0.05)
+        assert enc._gate.held == 700
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
+        assert enc._gate.held == 700
+        release.set()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if enc._gate.held == 0:
+                break
+        assert enc._gate.held == 0
+        # Cancelled while its job waits for a batch (no batching loop here: it is busy): the job goes at once.
+        waiting = asyncio.create_task(enc.encode([b"fast"], 700))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if enc._jobs:
+                break
+        assert len(enc._jobs) == 1 and enc._gate.held == 700
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert enc._jobs == [] and enc._gate.held == 0
+        enc._prepare_pool.shutdown()
+
+    asyncio.run(main())

@@ -22,10 +22,10 @@ only its own call.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +79,7 @@ class VisionEncoder:
         self._gate = AmountGate(0)  # its limit comes with the slice (reconfigure)
         self._gated_images = 0
         # Decode + resize + patchify, per request, in parallel with each other and with the forward.
-        self._prepare_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2),
+        self._prepare_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2),
                                                 thread_name_prefix="vision-prepare")
         self.metrics = ReplicaMetrics("vision")
         publisher = StatsPublisher(self.metrics, self.stats,
@@ -136,19 +136,33 @@ class VisionEncoder:
             await self._gate.acquire(need)
         finally:
             self._gated_images -= len(images)
+        loop = asyncio.get_running_loop()
+        prepared: concurrent.futures.Future[PreprocessedImages] | None = None
+        job: _Job | None = None
         try:
             self._preparing_images += len(images)
             try:
-                pre = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, self._prepare, images)
+                prepared = self._prepare_pool.submit(self._prepare, images)
+                pre = await asyncio.wrap_future(prepared)
             finally:
                 self._preparing_images -= len(images)
             pixels = int(pre.grid_thw.prod(dim=1).sum()) * self.model_config.preprocess.patch_size ** 2
-            fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-            self._jobs.append(_Job(pre, pixels, fut, time.monotonic(), len(images)))
+            fut: asyncio.Future[np.ndarray] = loop.create_future()
+            job = _Job(pre, pixels, fut, time.monotonic(), len(images))
+            del pre
+            self._jobs.append(job)
             self._wake.set()
             return await fut
         finally:
-            self._gate.release(need)
+            # A caller that went away (the client left: Serve cancels the call) lets go of its decoded images at
+            # once, not when the batching loop next looks; and its pixels stay held while a thread still decodes
+            # them (a cancel does not stop the thread), so the replica's decoded memory stays within its limit.
+            if job is not None:
+                self._jobs = [j for j in self._jobs if j is not job]
+            if prepared is None or prepared.done():
+                self._gate.release(need)
+            else:  # (the callback runs in the preparing thread)
+                prepared.add_done_callback(lambda _: loop.call_soon_threadsafe(self._gate.release, need))
 
     def _next_batch(self) -> list[_Job]:
         self._jobs = [j for j in self._jobs if not j.future.done()]  # drop cancelled callers
