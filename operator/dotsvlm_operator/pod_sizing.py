@@ -14,7 +14,10 @@ room for them. A vision replica needs one pod, an LLM replica `nodesPerReplica` 
 
 `deletion_costs` ranks the pods for the ReplicaSet controller through the
 `controller.kubernetes.io/pod-deletion-cost` annotation: pods hosting replicas are expensive, empty pods
-cheap, so lowering the Deployment's replicas removes empty pods first, never a random one.
+cheap, so lowering the Deployment's replicas removes empty pods first, never a random one. The controller reads
+that cost only after its own criteria (unassigned, then pending, then not-ready pods go first), so a pod hosting a
+replica that is not ready (its readiness probe has not passed yet) would go before an empty ready pod: the pool
+keeps every pod until those that Kubernetes removes first are empty (`kubernetes_removes_first`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,23 @@ def deletion_costs(pods: list[PodView], deployment: DeploymentView | None) -> di
     return {p.name: COST_PER_REPLICA * per_ip.get(p.ip or "", 0) for p in pods if not p.deleting}
 
 
+def _deletion_rank(pod: PodView, cost: int) -> tuple[bool, bool, int]:
+    """The ReplicaSet controller's order for removing pods, as far as it is known here (the lowest goes first):
+    unassigned before assigned, not ready before ready (a pod still pending is not ready either), then the
+    pod-deletion-cost (kubernetes `controller.ActivePodsWithRanks.Less`, steps 1-4)."""
+    return pod.scheduled, pod.ready, cost
+
+
+def kubernetes_removes_first(live: list[PodView], costs: dict[str, int]) -> int:
+    """How many pods the ReplicaSet controller can remove before it reaches one that hosts a replica: the empty
+    pods that rank below every hosting pod. An empty ready pod ranks above a not-ready pod with a replica."""
+    hosting = [_deletion_rank(p, costs.get(p.name, 0)) for p in live if costs.get(p.name, 0) > 0]
+    if not hosting:
+        return len(live)
+    first = min(hosting)
+    return sum(1 for p in live if costs.get(p.name, 0) == 0 and _deletion_rank(p, 0) < first)
+
+
 def plan_pool(pool: models.VisionPool | models.LLMPool, *, deployment: DeploymentView | None, raw_wish: int | None,
               pods: list[PodView], previous_replicas: int | None) -> PoolPlan:
     """The pool's pod count (see the module docstring). `deployment` None: Serve could not be asked (head
@@ -79,7 +99,10 @@ def plan_pool(pool: models.VisionPool | models.LLMPool, *, deployment: Deploymen
     unspanned = sum(1 for r in occupying if not r.node_ips) if nodes_per_replica > 1 else 0
     # A replica whose other nodes are not known makes every pod of the pool possibly one of them (their deletion
     # cost is 0 like an empty pod's): none goes until the spans are known again.
-    floor_pods = max(hosting, len(live) if unspanned else 0)
+    # Kubernetes removes not-ready pods before it reads the deletion cost: an empty ready pod cannot go while a
+    # pod with a replica that is not ready (yet) would go first.
+    shielded = len(live) - kubernetes_removes_first(live, costs)
+    floor_pods = max(hosting, shielded, len(live) if unspanned else 0)
 
     if deployment is None or deployment.target is None:
         # Nothing is known about the replicas on the pods: the pool keeps the size it was last given (not even
@@ -103,8 +126,12 @@ def plan_pool(pool: models.VisionPool | models.LLMPool, *, deployment: Deploymen
                                                         f"signals ask for {raw_wish}: pods for {replicas} start ahead of demand")
     want_pods = replicas * nodes_per_replica
     if floor_pods > want_pods:
+        not_ready = sum(1 for p in live if costs.get(p.name, 0) > 0 and not p.ready)
         why = (f"the nodes of {unspanned} replica(s) spanning several pods are not known (Ray's state API did not "
                f"say): no pod goes until they are" if unspanned else
+               f"{not_ready} pod(s) hosting replicas are not ready, and Kubernetes removes a not-ready pod before an "
+               f"empty ready one (it reads the deletion cost only after readiness): no ready pod goes until they are "
+               f"ready or empty" if shielded > hosting else
                f"{floor_pods} pod(s) still host replicas, and a pod goes only after its replicas drained and left it")
         reason, message = DRAINING, f"{message}; {why}"
     pods_needed = max(want_pods, floor_pods)

@@ -171,3 +171,26 @@ def test_an_llm_replica_over_two_nodes_protects_both_of_its_pods() -> None:
     plan = pod_sizing.plan_pool(llm(nodes=2), deployment=staying, raw_wish=1, pods=pods + [pod(4, comp="llm")],
                                 previous_replicas=2)
     assert plan.pods == 6
+
+
+def test_a_pod_hosting_a_replica_that_is_not_ready_is_not_ranked_below_an_empty_ready_pod() -> None:
+    """Kubernetes' ReplicaSet removes not-ready pods before it reads the deletion cost (unassigned < pending <
+    not ready < lower pod-deletion-cost): with a replica starting on a pod whose readiness probe has not passed
+    yet and an empty ready pod beside it, lowering the Deployment by one removed the pod with the replica. The
+    pool keeps its pods until every pod that Kubernetes would remove first is empty."""
+    # p0 is ready and empty, p1 not ready with a replica starting on it, p2 ready with a running replica.
+    pods = [pod(0), pod(1, ready=False), pod(2)]
+    plan = pod_sizing.plan_pool(vision(), deployment=dep(2, ("STARTING", 1), ("RUNNING", 2)), raw_wish=2, pods=pods,
+                                previous_replicas=3)
+    assert plan.pods == 3 and plan.reason == pod_sizing.DRAINING and "not ready" in plan.message, plan
+    assert plan.costs == {"p0": 0, "p1": 1000, "p2": 1000}
+    # Once p1 is ready the empty pod ranks first again and goes.
+    pods = [pod(0), pod(1), pod(2)]
+    plan = pod_sizing.plan_pool(vision(), deployment=dep(2, ("RUNNING", 1), ("RUNNING", 2)), raw_wish=2, pods=pods,
+                                previous_replicas=3)
+    assert plan.pods == 2 and plan.reason == pod_sizing.SERVE_TARGET
+    # An empty pod that is not ready itself still goes before the not-ready pod with a replica (lower cost).
+    pods = [pod(0, ready=False), pod(1, ready=False), pod(2)]
+    plan = pod_sizing.plan_pool(vision(), deployment=dep(2, ("STARTING", 1), ("RUNNING", 2)), raw_wish=2, pods=pods,
+                                previous_replicas=3)
+    assert plan.pods == 2 and plan.reason == pod_sizing.SERVE_TARGET
