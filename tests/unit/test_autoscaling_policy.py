@@ -323,7 +323,7 @@ def test_replicas_still_starting_are_not_cancelled_by_a_scale_down() -> None:
     state = p.PolicyState()
     p.decide(p.Snapshot(vision(1), llm(1, depth=40)), sp, state, 0.0, current={"vision": 1, "llm": 1})
     assert state.llm.target == 5
-    for t in range(1, 40):  # the burst is gone, but the 4 new replicas have not started yet
+    for t in range(1, 60):  # the burst is gone, but the 4 new replicas have not started yet
         d = p.decide(p.Snapshot(vision(1), llm(1)), sp, state, float(t), current={"vision": 1, "llm": 5})["llm"]
         assert d.desired == 5, d
     assert "still starting" in d.message
@@ -482,3 +482,21 @@ def test_a_wall_clock_that_steps_back_neither_freezes_the_pools_nor_skips_a_wind
         d = p.decide(p.Snapshot(vision(cur["vision"]), llm(cur["llm"], running=10)), sp, state, float(t), current=cur)
         cur = {k: x.desired for k, x in d.items()}
         assert cur["llm"] == 4 or t >= 500 + 60 - 15, (t, d["llm"])
+
+
+def test_after_a_gap_without_decisions_the_windows_start_again() -> None:
+    """No decision for longer than metricsStaleSeconds (the controller stalled, or the clock stepped forward):
+    nothing was watched in between, so the first reading after the gap does not fill the down window on its
+    own (it shrank the LLM pool at once)."""
+    sp = spec(llm={"downscale_delay_s": 60, "target_ongoing_requests": 48})
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 4}
+    for t in range(300):  # 4 replicas' worth of demand
+        cur = {k: d.desired for k, d in p.decide(p.Snapshot(vision(1), llm(4, running=180)), sp, state,
+                                                   float(t), current=cur).items()}
+    first = p.decide(p.Snapshot(vision(1), llm(4, running=10)), sp, state, 500.0, current=cur)["llm"]
+    assert first.desired == 4 and first.reason == p.STABILIZING, first
+    for t in range(501, 562):
+        d = p.decide(p.Snapshot(vision(1), llm(4, running=10)), sp, state, float(t), current=cur)["llm"]
+        if d.desired < 4:
+            break
+    assert t == 560 and d.reason == p.LOW_LOAD and d.desired == 3, (t, d)

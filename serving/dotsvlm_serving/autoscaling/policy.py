@@ -587,13 +587,20 @@ def _note_outside_change(pool: Pool, st: PoolState, cur: int, now: float) -> Non
         st.last_scale_up_at = now
 
 
-def follow_clock(state: PolicyState, now: float) -> None:
+def follow_clock(state: PolicyState, now: float, spec: PolicySpec | None = None) -> None:
     """The live policy runs on the wall clock (Serve calls it with time.time()). When that clock steps back
     (NTP, a VM resumed), every time the state holds lies in the future: no window counted as watched, no
     scale-down interval or idle time passed, and the pools froze for as long as the step. The step counts as
     no time passing: every time in the state moves back by as much (the one-per-second samples by whole
-    seconds), so the windows and timers go on where they were. Called by `decide`; idempotent."""
-    for st in (state.vision, state.llm):
+    seconds), so the windows and timers go on where they were.
+
+    With `spec`: when no decision was made for longer than a pool's `metrics_stale_s` (the controller stalled,
+    or the clock stepped forward), nothing was watched in between, as with stale signals: the windows start
+    again (a single reading after the gap shrank the pool at once). Called by `decide`; idempotent."""
+    for pool, st in (("vision", state.vision), ("llm", state.llm)):
+        cfg = getattr(spec, pool) if spec is not None else None
+        if st.clock is not None and cfg is not None and now - st.clock > cfg.metrics_stale_s:
+            st.observed_since, st.recommendations = None, []
         if st.clock is not None and now < st.clock:
             back, back_s = now - st.clock, math.floor(now) - math.floor(st.clock)
             for name in ("last_scale_down_at", "last_scale_up_at", "last_work_at", "last_change_at", "observed_since",
@@ -613,7 +620,7 @@ def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
     (Serve's target replica count; defaults to the state's last decision, then the running count)."""
     out: dict[Pool, Decision] = {}
     v, llm = snapshot.vision, snapshot.llm
-    follow_clock(state, now)
+    follow_clock(state, now, spec)
     for pool in POOLS:
         cfg = spec.vision if pool == "vision" else spec.llm
         st = state.pool(pool)

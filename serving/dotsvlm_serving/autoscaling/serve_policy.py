@@ -289,7 +289,7 @@ class DotsVLMAutoscalingPolicy:
             if LLM_DEPLOYMENT in by_name else PoolState())
         current = {pool: by_name[name].target_num_replicas
                    for pool, name in (("vision", VISION_DEPLOYMENT), ("llm", LLM_DEPLOYMENT)) if name in by_name}
-        follow_clock(state, now)  # before `before`: what `_as_applied` restores must be on the same clock
+        follow_clock(state, now, spec)  # before `before`: what `_as_applied` restores must be on the same clock
         before = {pool: state.pool(pool).to_json() for pool in ("vision", "llm")}  # type: ignore[arg-type]
         decisions = decide(snapshot_from_contexts(by_name, now), spec, state, now, current=current)  # type: ignore[arg-type]
         out: dict[Any, int] = {}
