@@ -358,6 +358,17 @@ def test_auth_routes_and_fetch_allow_list(served: Served) -> None:
     assert_healthy_and_serving(served)
 
 
+def test_a_response_carries_one_request_id_the_clients_own(served: Served) -> None:
+    """Serve answers with the request's x-request-id (the client's, or one it makes), the id in its access log; a
+    stream also carried its completion id under the same header, so clients read both joined ("id, chatcmpl-...")."""
+    with served.client() as c:
+        for stream in (False, True):
+            with c.stream("POST", "/v1/chat/completions", json=chat(stream=stream),
+                          headers={"x-request-id": f"mine-{stream}"}) as r:
+                assert r.status_code == 200 and r.headers.get_list("x-request-id") == [f"mine-{stream}"], r.headers
+                r.read()
+
+
 def wait_cancelled(served: Served, before: float) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

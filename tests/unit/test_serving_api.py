@@ -432,3 +432,16 @@ def test_type_errors_say_what_the_field_takes_and_which_endpoint_a_body_is_for(p
     with pytest.raises(ApiError) as ei:
         parse(body)
     assert ei.value.status == 400 and fragment in ei.value.message, ei.value.message
+
+
+def test_a_system_message_after_the_first_is_refused_before_any_image_is_fetched() -> None:
+    """The model's chat template has one system prompt, at the start. A later system or developer message was
+    refused only after the request's images were downloaded and probed; now the request's validation says so."""
+    body = req(messages=[{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.example/a.png"}}]},
+                         {"role": "developer", "content": "and polite"}, {"role": "user", "content": "go"}])
+    with pytest.raises(ApiError) as ei:
+        parse_chat_request(body)
+    assert ei.value.status == 400 and ei.value.param == "messages[2]", ei.value.message
+    assert "only the first message may be a system (or developer) message" in ei.value.message
+    assert "merge" in ei.value.message

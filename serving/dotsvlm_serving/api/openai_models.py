@@ -245,6 +245,11 @@ class ChatCompletionRequest(GenerationRequest):
                               "it to false", "logprobs")
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must not be an assistant message (continuation is not supported)")
+        late = next((i for i, m in enumerate(self.messages) if i and m.role in ("system", "developer")), None)
+        if late is not None:  # the chat template has one system prompt (model.prompt.render_chat)
+            raise ApiError(400, f"messages[{late}] is a {self.messages[late].role} message: only the first message may "
+                                f"be a system (or developer) message in this model's chat template; merge it into "
+                                f"messages[0]", param=f"messages[{late}]")
         return self
 
     def completion_limit(self) -> int | None:

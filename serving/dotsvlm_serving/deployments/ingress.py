@@ -623,8 +623,9 @@ class Ingress:
                 await events.aclose()
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": cid})
+        # No X-Request-Id here: Serve's proxy adds the request's own (the access log's), and a second would reach
+        # clients joined with it ("<id>, chatcmpl-..."); the completion's id is in every chunk.
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _is_data_url(url: str) -> bool:
