@@ -74,7 +74,7 @@ class _Queue:
         async def nothing() -> list[QueueItem]:
             return []
 
-        def take(cid: str, max_items: int, token_budget: int, wait_s: float):
+        def take(cid: str, max_items: int, token_budget: int, wait_s: float, *more):
             self.takes += 1  # (counted when the call is made)
             return nothing()
         self.publish, self.take = SimpleNamespace(remote=publish), SimpleNamespace(remote=take)
@@ -184,4 +184,88 @@ def test_publishes_that_keep_failing_fail_the_health_check_and_one_that_works_cl
         llm._rejoin()
         llm._publish_failing_since = (llm._publish_failing_since or 0.0) - 3600
         llm.check_health()
+    asyncio.run(main())
+
+
+class _LossyTakeQueue(_Queue):
+    """Takes reach the real core; the first `lose_replies` of them lose their reply (the items are leased, the
+    replica gets ActorUnavailableError)."""
+
+    def __init__(self, core: TensorQueueCore, lose_replies: int) -> None:
+        super().__init__(core)
+        self.lose_replies = lose_replies
+
+        async def take(cid: str, max_items: int, token_budget: int, wait_s: float, *more):
+            items = await core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0, **dict(
+                zip(("take_id", "lost_takes"), more)))
+            if self.lose_replies > 0:
+                self.lose_replies -= 1
+                raise ActorUnavailableError("the connection to it was lost", None)
+            return items
+        self.take = SimpleNamespace(remote=take)
+
+
+def test_items_of_a_take_whose_reply_was_lost_go_back_to_the_queue_and_run(monkeypatch) -> None:
+    """Before, a take that leased items but whose reply never came back (a blip of the queue replica) left
+    them leased to a live replica that never ran them: their clients waited for the request timeout."""
+    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
+
+    async def main() -> None:
+        core = TensorQueueCore(max_items=8, max_bytes=1000)
+        engine = _Engine()
+        engine.running = set()
+        llm = await _replica(monkeypatch, _LossyTakeQueue(core, lose_replies=1), engine)
+        await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, payload={}, stream=True), 1)
+        with pytest.raises(ActorUnavailableError):  # the run loop logs it and goes on
+            await llm._iteration()
+        assert engine.running == set() and core.stats()["leased"] == 1
+        await llm._iteration()
+        assert engine.running == {"b"}  # it runs here after all, once
+        assert core.stats()["leased"] == 1 and core.stats()["depth"] == 0
+    asyncio.run(main())
+
+
+def test_a_take_given_up_before_it_ran_leases_nothing() -> None:
+    """The lost take may still be on its way (or waiting for items) when the replica gives it up."""
+    async def main() -> None:
+        core = TensorQueueCore(max_items=8, max_bytes=1000)
+        assert await core.take("llm1", max_items=1, token_budget=100, wait_s=0, take_id=2, lost_takes=[1]) == []
+        await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, payload={}), 1)
+        assert await core.take("llm1", max_items=1, token_budget=100, wait_s=0, take_id=1) == []  # late
+        assert [it.request_id for it in await core.take("llm1", max_items=1, token_budget=100, wait_s=0,
+                                                        take_id=3)] == ["b"]
+        # A lost take whose items already sent events (they run there after all) keeps them.
+        core.publish("llm1", [{"request_id": "b", "type": "token", "text": "x", "i": 0}])
+        assert await core.take("llm1", max_items=1, token_budget=100, wait_s=0, take_id=4, lost_takes=[3]) == []
+        assert core.stats()["leased"] == 1 and core.stats()["depth"] == 0
+    asyncio.run(main())
+
+
+def test_a_queue_replica_of_an_earlier_release_gets_plain_takes(monkeypatch) -> None:
+    """An image rollout rolls the LLM pool before the queue's replica: its take refuses the numbers."""
+    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
+
+    async def main() -> None:
+        core = TensorQueueCore(max_items=8, max_bytes=1000)
+        queue = _Queue(core)
+
+        async def old_take(cid: str, max_items: int, token_budget: int, wait_s: float):
+            return await core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0)
+
+        def take(*args):
+            try:
+                return old_take(*args)
+            except TypeError as exc:  # (as Ray raises it: when the call is awaited)
+                async def refused(err: TypeError = exc):
+                    raise err
+                return refused()
+        queue.take = SimpleNamespace(remote=take)
+        engine = _Engine()
+        engine.running = set()
+        llm = await _replica(monkeypatch, queue, engine)
+        await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, payload={}), 1)
+        with pytest.raises(TypeError, match="positional argument"):
+            await llm._iteration()
+        await llm._iteration()
+        assert engine.running == {"b"}
     asyncio.run(main())

@@ -52,6 +52,12 @@ class LLMServer:
     # fetches a stream's tokens at the same cadence (relay.STREAM_BATCH_S).
     PUBLISH_INTERVAL_S = 0.02
     _published_at = 0.0  # when the last publish call was sent (monotonic)
+    # Takes are numbered; one whose answer was lost (it may have leased items all the same) is named in the
+    # next take, and the queue puts what it leased back (`TensorQueueCore.take`).
+    _take_seq = 0
+    _taking_sent: tuple[str, int, tuple[int, ...]] = ("", 0, ())  # the take in flight: (consumer, id, lost ids)
+    _lost_takes: tuple[int, ...] = ()
+    _numbered_takes = True  # False while the queue replica is of an earlier release (an image rollout)
     # Graceful shutdown (scale-down, rolling update, node drain): stop taking work and finish what is
     # running for up to this long (the slice's drain_timeout_s, llm.drainTimeoutSeconds); what is left is
     # handed back to the queue at once. Serve waits the deployment's graceful_shutdown_timeout_s
@@ -177,8 +183,11 @@ class LLMServer:
                 await self._publish(wait=True)
             wait_s = 0.0 if busy else 1.0
             self._take_overdue_at = now + wait_s + self.TAKE_OVERDUE_S
-            self._taking = asyncio.ensure_future(self._resolve(
-                self.consumer_id, self.queue.take.remote(self.consumer_id, room, self.engine.free_tokens(), wait_s)))
+            self._take_seq += 1
+            self._taking_sent = (self.consumer_id, self._take_seq if self._numbered_takes else 0, self._lost_takes)
+            numbered = (self._take_seq, list(self._lost_takes)) if self._numbered_takes else ()
+            self._taking = asyncio.ensure_future(self._resolve(self.consumer_id, self.queue.take.remote(
+                self.consumer_id, room, self.engine.free_tokens(), wait_s, *numbered)))
             if not busy:  # (busy: the room stays, as only this loop admits work and running requests only free it)
                 await self._admit_taken()
         if self._to_cancel:
@@ -212,14 +221,26 @@ class LLMServer:
         """Wait for the take in flight and hand its items to the engine. None: the queue declared this replica
         lost. Items taken under an id this replica has since given up were given back by the queue when it
         declared that id lost (or answered None): they are not run here."""
-        taking = self._taking
+        taking, (sent_as, take_id, named) = self._taking, self._taking_sent
         try:
             consumer_id, items = await taking  # type: ignore[misc]
+        except Exception as exc:
+            if take_id and (isinstance(exc, TypeError) or "positional argument" in str(exc)):
+                # A queue replica of an earlier release (an image rollout rolls the LLM pool before the queue's):
+                # its take has no numbers. (Ray's error for a remote TypeError is a TypeError too.)
+                log.warning("LLM replica: the tensor queue does not number takes (an earlier release); "
+                            "taking without numbers until it is replaced")
+                self._numbered_takes, self._lost_takes = False, ()
+            elif sent_as == self.consumer_id and take_id:
+                # Its answer is lost, not necessarily what it leased: the next take names it (repeats are harmless).
+                self._lost_takes = (*self._lost_takes, take_id)
+            raise
         finally:
             self._taking = None
             self._take_overdue_at = None
         if consumer_id != self.consumer_id:
             return
+        self._lost_takes = tuple(t for t in self._lost_takes if t not in named)  # the queue has dealt with them
         if items is None:
             self._lost = True
             return
@@ -308,6 +329,7 @@ class LLMServer:
         self._unacked = []  # (events of the copies given up: not to be sent again)
         self._publish_failing_since = None
         self._to_cancel.clear()
+        self._lost_takes = ()  # (the old id's leases went to others)
         self._lost = False
         self._discarding = self.engine.has_work()
 

@@ -180,10 +180,12 @@ class TensorQueue:
 
     # take, publish and heartbeat answer None to an LLM replica that was declared lost (`ConsumerLost`): it
     # drops what it still runs (other replicas have it now) and joins again under a new id.
-    async def take(self, consumer_id: str, max_items: int, token_budget: int,
-                   wait_s: float) -> list[QueueItem] | None:
+    async def take(self, consumer_id: str, max_items: int, token_budget: int, wait_s: float,
+                   take_id: int | None = None, lost_takes: list[int] | None = None) -> list[QueueItem] | None:
+        """`take_id`, `lost_takes`: `TensorQueueCore.take` (LLM replicas of earlier releases send neither)."""
         try:
-            return await self.core.take(consumer_id, max_items=max_items, token_budget=token_budget, wait_s=wait_s)
+            return await self.core.take(consumer_id, max_items=max_items, token_budget=token_budget, wait_s=wait_s,
+                                        take_id=take_id, lost_takes=lost_takes or ())
         except ConsumerLost:
             return None
 

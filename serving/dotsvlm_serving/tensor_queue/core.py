@@ -158,6 +158,15 @@ class _Consumer:
     leased: dict[str, QueueItem] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
     stats: dict[str, float] = field(default_factory=dict)
+    # A take's answer can be lost on its way back (a blip of this replica's connection): the consumer names
+    # the takes it never got an answer to, and what they leased goes back (`_give_back_take`). Take id ->
+    # the requests it leased (the last few takes), and the ids given up before they ran here.
+    takes: dict[int, list[str]] = field(default_factory=dict)
+    given_up: set[int] = field(default_factory=set)
+
+
+# Takes remembered per consumer (a lost answer is named by the consumer's next take, a moment later).
+_TAKES_KEPT = 16
 
 
 @dataclass
@@ -351,12 +360,22 @@ class TensorQueueCore:
         c.last_seen = now
         return c
 
-    async def take(self, consumer_id: str, *, max_items: int, token_budget: int, wait_s: float) -> list[QueueItem]:
+    async def take(self, consumer_id: str, *, max_items: int, token_budget: int, wait_s: float,
+                   take_id: int | None = None, lost_takes: list[int] | tuple[int, ...] = ()) -> list[QueueItem]:
         """Lease up to `max_items` head items whose reserved tokens fit `token_budget` (FIFO: stops at
-        the first that does not fit). Waits up to `wait_s` when the queue is empty."""
+        the first that does not fit). Waits up to `wait_s` when the queue is empty. `take_id` numbers the
+        consumer's takes; `lost_takes` are earlier ones whose answer never reached it: what they leased and
+        the consumer has not started (no event came for it) goes back to the head of the queue first."""
         c = self._touch(consumer_id)
+        for tid in lost_takes:
+            self._give_back_take(c, tid)
+        if take_id is not None and take_id in c.given_up:
+            return []  # (given up before it ran: its answer would be lost too)
         await _wait_until(lambda: bool(self._items) or max_items <= 0, self._item_available, wait_s)
         c = self._touch(consumer_id)
+        if take_id is not None and take_id in c.given_up:
+            c.given_up.discard(take_id)
+            return []
         out: list[QueueItem] = []
         while self._items and len(out) < max_items:
             head = self._items[0]
@@ -368,6 +387,10 @@ class TensorQueueCore:
             c.leased[head.request_id] = head
             token_budget -= head.reserved_tokens
             out.append(head)
+        if out and take_id is not None:
+            c.takes[take_id] = [it.request_id for it in out]
+            for old in list(c.takes)[:-_TAKES_KEPT]:
+                del c.takes[old]
         if out:
             self.counters["taken"] += len(out)
             self._wake_producers()
@@ -376,6 +399,34 @@ class TensorQueueCore:
                 for item in out:
                     self.observe_wait(now - item.enqueued_at)
         return out
+
+    def _give_back_take(self, c: _Consumer, take_id: int) -> None:
+        """The consumer never got the answer of its take `take_id`: what it leased and has not started
+        goes back to the head of the queue (not counted as a delivery); one given up before it ran here
+        leases nothing when it does."""
+        rids = c.takes.pop(take_id, None)
+        if rids is None:
+            c.given_up.add(take_id)
+            while len(c.given_up) > _TAKES_KEPT:
+                c.given_up.discard(min(c.given_up))
+            return
+        back: list[QueueItem] = []
+        for rid in rids:
+            item = c.leased.get(rid)
+            box = self._mailboxes.get(rid)
+            if item is None or (box is not None and (box.held or box.next_index or box.done)):
+                continue  # ended, or it runs there after all (this delivery's events came)
+            del c.leased[rid]
+            c.cancelled.discard(rid)
+            if box is None:
+                continue  # cancelled by its client meanwhile: nothing to give back
+            item.deliveries -= 1
+            back.append(item)
+        for item in reversed(back):
+            self._items.appendleft(item)
+            self._bytes += item.nbytes
+        if back:
+            self._item_available.set()
 
     def publish(self, consumer_id: str, events: list[Event], stats: dict[str, float] | None = None) -> list[str]:
         """Deliver events (`dotsvlm_serving.events`) to their requests' mailboxes; doubles as
