@@ -500,3 +500,17 @@ def test_after_a_gap_without_decisions_the_windows_start_again() -> None:
         if d.desired < 4:
             break
     assert t == 560 and d.reason == p.LOW_LOAD and d.desired == 3, (t, d)
+
+
+def test_a_vision_pool_whose_one_replica_is_not_running_keeps_it_until_the_idle_window() -> None:
+    """With minReplicas 0 the pool keeps one warm replica until no image work was seen for idleToZeroSeconds.
+    That replica was counted only while it ran: one still starting, restarting after a crash or waiting for a
+    GPU made the pool's wish 0, and the pool went to zero after the down window (60 s here) instead."""
+    sp = spec(vision={"min_replicas": 0, "downscale_delay_s": 60, "idle_to_zero_s": 300})
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 1}
+    for t in range(400):
+        d = p.decide(p.Snapshot(vision(0, admitted_pixels_total=5e6), llm(1)), sp, state, float(t), current=cur)["vision"]
+        cur["vision"] = d.desired
+        if d.desired == 0:
+            break
+    assert t == 300 and d.reason == p.IDLE_TO_ZERO, (t, d)

@@ -453,3 +453,28 @@ def test_retry_after_counts_only_the_wait_until_the_request_goes_in_alone() -> N
     r = admit_pixels(request_pixels=30 * MPX, pending_pixels=80 * MPX, limit=100 * MPX, running_replicas=2,
                      drain_pixels_per_s=5 * MPX)
     assert r is not None and r.retry_after_s == 2
+
+
+def test_an_image_that_cannot_be_loaded_is_named_by_its_number_and_url(monkeypatch) -> None:
+    """With several images, "fetching the image URL returned HTTP 404" did not say which one; the probe's errors
+    already said "image N". Loading errors now do too (with the URL for http(s) images, not a data: payload)."""
+    from dotsvlm_serving.api.errors import ApiError
+    from dotsvlm_serving.api.images import FetchPolicy
+    from dotsvlm_serving.deployments import ingress as ingress_module
+
+    async def fake_load(url: str, policy) -> bytes:
+        if "bad" in url:
+            raise ApiError(400, "fetching the image URL returned HTTP 404", param="messages", code="invalid_image_url")
+        return b"fine"
+
+    monkeypatch.setattr(ingress_module, "load_image_bytes", fake_load)
+    ing = object.__new__(ingress_module.Ingress)
+    ing.cfg = ServeAppConfig.model_validate({"model_path": "/m", "api": {"api_keys_env": None}}).ingress_config()
+    ing.fetch_policy = FetchPolicy.from_config(max_bytes=1 << 20, timeout_s=5, fetch_allow=[])
+    with pytest.raises(ApiError) as err:
+        asyncio.run(ing._load_images(["https://a.example/ok.png", "https://a.example/bad.png"]))
+    assert err.value.status == 400 and err.value.code == "invalid_image_url"
+    assert err.value.message == "image 2 (https://a.example/bad.png): fetching the image URL returned HTTP 404"
+    with pytest.raises(ApiError) as err:
+        asyncio.run(ing._load_images(["https://a.example/ok.png", "data:image/png;base64,!!!"]))
+    assert err.value.message.startswith("image 2: data: URL payload is not valid base64"), err.value.message

@@ -253,7 +253,7 @@ def _note_running(state: PoolState, running: int, now: float) -> float:
 
 
 def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, state: PoolState,
-                     now: float) -> _Recommendation:
+                     now: float, target: int | None = None) -> _Recommendation:
     """Raw replica count for the vision pool from its own signals.
 
     Once a replica has measured its encode rate, the pool is sized for the work: the pixels arriving per
@@ -287,8 +287,10 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
                      else f"in the {idle_for:.0f} s since the autoscaler started watching")
             return _Recommendation(0, IDLE_TO_ZERO, f"no image work {since} "
                                    f"(idleToZeroSeconds {cfg.idle_to_zero_s:g}): scale to zero")
-        # Below the idle window a pool allowed to reach zero keeps one warm replica.
-        return _Recommendation(max(cfg.min_replicas, min(current, 1)), LOW_LOAD, "no image work waiting")
+        # Below the idle window a pool allowed to reach zero keeps one warm replica: the one it has (`target`),
+        # also while that one is not running (starting, restarting, waiting for a GPU); a pool at zero stays there.
+        size = current if target is None else max(target, current)
+        return _Recommendation(max(cfg.min_replicas, min(size, 1)), LOW_LOAD, "no image work waiting")
     candidates = []
     # Work waiting always keeps one replica. From zero that is the story (WakeUp); with replicas running, a
     # sizing from the measured signals that also asks for one says more, so it wins the tie.
@@ -640,7 +642,7 @@ def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
                               f"holding {cur} replica(s)", st)
             continue
         if pool == "vision":
-            raw = recommend_vision(v, spec.vision, spec.slo, st, now)  # type: ignore[arg-type]
+            raw = recommend_vision(v, spec.vision, spec.slo, st, now, target=cur)  # type: ignore[arg-type]
         else:
             fresh_v = v if v is not None and v.age_s <= spec.vision.metrics_stale_s else None
             raw = recommend_llm(llm, fresh_v, spec.llm, spec.slo, st, now, target=cur)  # type: ignore[arg-type]

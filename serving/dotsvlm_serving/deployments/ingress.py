@@ -452,12 +452,17 @@ class Ingress:
         if not urls:
             return [], []
 
-        async def load(url: str) -> bytes:
-            if _is_data_url(url):  # base64 of megabytes: off the event loop
-                return await asyncio.to_thread(decode_data_url, url, max_bytes=self.fetch_policy.max_bytes)
-            return await load_image_bytes(url, self.fetch_policy)
+        async def load(number: int, url: str) -> bytes:
+            try:
+                if _is_data_url(url):  # base64 of megabytes: off the event loop
+                    return await asyncio.to_thread(decode_data_url, url, max_bytes=self.fetch_policy.max_bytes)
+                return await load_image_bytes(url, self.fetch_policy)
+            except ApiError as exc:  # which of the request's images (numbered as the probe's errors are)
+                which = f"image {number}" if _is_data_url(url) else f"image {number} ({url[:200]})"
+                raise ApiError(exc.status, f"{which}: {exc.message}", param=exc.param, code=exc.code,
+                               headers=exc.headers) from None
 
-        loads = [asyncio.ensure_future(load(u)) for u in urls]
+        loads = [asyncio.ensure_future(load(i + 1, u)) for i, u in enumerate(urls)]
         try:
             datas = await asyncio.gather(*loads)
         except BaseException:
