@@ -405,9 +405,13 @@ def test_retrieving_the_served_model_by_id() -> None:
     ing = object.__new__(Ingress)
     ing.auth, ing.created = ApiKeyAuth([]), 1700000000
     ing.model = SimpleNamespace(served_model_name="dots.vlm1")
+    ing.cfg = SimpleNamespace(context_length=4096)
     request = SimpleNamespace(headers={})
     r = asyncio.run(ing.model_info("dots.vlm1", request))
-    assert json.loads(r.body) == {"id": "dots.vlm1", "object": "model", "created": 1700000000, "owned_by": "dotsvlm"}
+    # max_model_len and root as vLLM's server lists them (its clients and benchmarks size prompts by it)
+    assert json.loads(r.body) == {"id": "dots.vlm1", "object": "model", "created": 1700000000, "owned_by": "dotsvlm",
+                                  "root": "dots.vlm1", "max_model_len": 4096}
+    assert json.loads(asyncio.run(ing.models(request)).body)["data"] == [json.loads(r.body)]
     with pytest.raises(ApiError) as ei:
         asyncio.run(ing.model_info("gpt-4o", request))
     assert ei.value.status == 404 and ei.value.code == "model_not_found" and "'dots.vlm1'" in ei.value.message

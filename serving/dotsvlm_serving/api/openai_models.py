@@ -432,5 +432,7 @@ def _usage(u: dict[str, int]) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def models_response(name: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "dotsvlm"}]}
+def models_response(name: str, created: int, max_model_len: int) -> dict[str, Any]:
+    """GET /v1/models; `root` and `max_model_len` (the context: prompt + completion) as vLLM's server lists them."""
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "dotsvlm",
+                                        "root": name, "max_model_len": max_model_len}]}

@@ -224,7 +224,7 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         self.auth.check(request.headers.get("authorization"))
-        return JSONResponse(models_response(self.model.served_model_name, self.created))
+        return JSONResponse(models_response(self.model.served_model_name, self.created, self.cfg.context_length))
 
     @app.get("/v1/models/{model_id:path}")
     async def model_info(self, model_id: str, request: Request) -> JSONResponse:
@@ -234,7 +234,7 @@ class Ingress:
         if model_id != name:
             raise ApiError(404, f"the model {model_id!r} does not exist: this server serves {name!r}",
                            param="model", code="model_not_found")
-        return JSONResponse(models_response(name, self.created)["data"][0])
+        return JSONResponse(models_response(name, self.created, self.cfg.context_length)["data"][0])
 
     # ------------------------------------------------------------------------------- chat completions
     @app.post("/v1/chat/completions")
