@@ -14,6 +14,12 @@ Two bounds, checked by each ingress replica before a request's images go to the 
 A request alone always goes in (nothing else holds room), so every request the API accepts as valid can
 be served, also by a vision pool that is waking up from zero. Retry-After is the time the work ahead
 needs to make room, at the rate this replica measured the stage draining; a fixed guess until it has.
+
+A refused request takes the **next turn** for its pixels (`turn_pixels`): until its Retry-After has passed
+and a grace after it, smaller requests go in only while they leave that room free. Without it, a large
+request (one larger than the share goes in only when nothing is pending) could be refused forever by a
+steady flow of small ones that never let the backlog empty. The largest refused request holds the turn;
+one as large (the refused client, retrying) takes it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ STAGE_OF = {VISION_BACKLOG_FULL: "vision", IMAGE_BYTES_FULL: "ingress", QUEUE_FU
 
 DEFAULT_RETRY_AFTER_S = 5  # before any drain was measured
 MAX_RETRY_AFTER_S = 300
+TURN_GRACE_S = 10.0  # a refused request's next turn lasts its Retry-After and this much more
 
 
 @dataclass(frozen=True)
@@ -72,13 +79,23 @@ def _mb(nbytes: float) -> str:
 
 
 def admit_pixels(*, request_pixels: int, pending_pixels: int, limit: int, running_replicas: int,
-                 drain_pixels_per_s: float | None) -> Rejection | None:
+                 drain_pixels_per_s: float | None, turn_pixels: int = 0, turn_left_s: float = 0.0) -> Rejection | None:
     """None: the request's images may go to the vision stage. `pending_pixels` and `limit` are this
-    ingress replica's backlog and share."""
+    ingress replica's backlog and share; `turn_pixels` the room a larger request refused lately has the next
+    turn for, for `turn_left_s` more seconds."""
+    replicas = f"{running_replicas} vision replica{'s' if running_replicas != 1 else ''} running"
+    if 0 < request_pixels < turn_pixels and turn_left_s > 0:
+        if pending_pixels + request_pixels + turn_pixels <= limit:
+            return None
+        wait = int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(turn_left_s))))
+        return Rejection(VISION_BACKLOG_FULL, (
+            f"the vision encoder is overloaded: {_mpx(pending_pixels)} of images already wait to be encoded on "
+            f"this API replica (its share of the limit is {_mpx(limit)}, {replicas}), and a larger request "
+            f"refused before this one has the next turn for {_mpx(turn_pixels)}. Nothing was processed: retry "
+            f"after {wait} s. The vision pool grows with its backlog up to vision.maxReplicas."), wait)
     if pending_pixels <= 0 or pending_pixels + request_pixels <= limit:
         return None
     wait = retry_after_s(_excess(request_pixels, pending_pixels, limit), drain_pixels_per_s)
-    replicas = f"{running_replicas} vision replica{'s' if running_replicas != 1 else ''} running"
     return Rejection(VISION_BACKLOG_FULL, (
         f"the vision encoder is overloaded: {_mpx(pending_pixels)} of images already wait to be encoded on this "
         f"API replica, its share of the limit is {_mpx(limit)} ({replicas}), and this request's images add "

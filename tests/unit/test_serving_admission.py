@@ -455,6 +455,68 @@ def test_retry_after_counts_only_the_wait_until_the_request_goes_in_alone() -> N
     assert r is not None and r.retry_after_s == 2
 
 
+def _flow(adm: IngressAdmission, *, big: int, small: int, drain_per_s: float, seconds: float) -> dict:
+    """A steady flow of small image requests (one every 0.2 s, each encoded in 0.5 s) and one large request
+    whose client retries after each Retry-After; when (if ever) the large one goes in."""
+    from dotsvlm_serving.api.errors import ApiError
+
+    pending: list[tuple[float, int]] = []  # (done at, pixels)
+    t, next_big, out = 0.0, 2.0, {"big_in_at": None, "small_in": 0, "small_refused": 0}
+    while t < seconds and out["big_in_at"] is None:
+        for done in [p for p in pending if p[0] <= t]:
+            pending.remove(done)
+            adm.pixels_drained.add(t, done[1])
+        held = sum(p for _, p in pending)
+        if t >= next_big:
+            try:
+                adm.check_pixels(big, held, t)
+                out["big_in_at"] = t
+                break
+            except ApiError as exc:
+                next_big = t + int(exc.headers["Retry-After"])
+        try:
+            adm.check_pixels(small, held, t)
+            pending.append((t + max(0.5, (held + small) / drain_per_s), small))
+            out["small_in"] += 1
+        except ApiError:
+            out["small_refused"] += 1
+        t = round(t + 0.2, 6)
+    return out
+
+
+def test_a_request_larger_than_the_share_is_not_starved_by_a_steady_flow_of_small_ones() -> None:
+    """Before, the 8 Mpx request (its share is 5 Mpx: it goes in only when nothing is pending) was refused for
+    the whole minute, every retry, while small requests kept the backlog from ever emptying. Now it takes the
+    next turn: small requests wait until it went in, and then flow again."""
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "api": {"ingress_replicas": 1},
+                                         "vision": {"max_pending_pixels_per_replica": 5 * MPX,
+                                                    "autoscaling": {"min_replicas": 1, "max_replicas": 1}}})
+    adm = IngressAdmission(cfg.ingress_config())
+    adm.pixels_drained.add(0.0, 4 * MPX)  # measured: ~4 Mpx/s
+    out = _flow(adm, big=8 * MPX, small=1 * MPX, drain_per_s=4 * MPX, seconds=60.0)
+    assert out["big_in_at"] is not None and out["big_in_at"] <= 8.0, out
+    assert out["small_in"] >= 1, out  # the flow was there: small ones went in before the large one was refused
+    assert adm.turn[0] == 0  # the turn was taken: the next small request goes in as before
+    adm.check_pixels(1 * MPX, 2 * MPX, out["big_in_at"] + 0.1)
+
+
+def test_a_turn_nobody_takes_expires_and_keeps_only_the_room_it_needs() -> None:
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "api": {"ingress_replicas": 1},
+                                         "vision": {"max_pending_pixels_per_replica": 10 * MPX,
+                                                    "autoscaling": {"min_replicas": 1, "max_replicas": 1}}})
+    adm = IngressAdmission(cfg.ingress_config())
+    with pytest.raises(Exception) as info:
+        adm.check_pixels(6 * MPX, 5 * MPX, 0.0)  # refused: it takes the next turn for 6 Mpx
+    wait = int(info.value.headers["Retry-After"])
+    adm.check_pixels(1 * MPX, 2 * MPX, 1.0)  # 2 + 1 + the turn's 6 fit in 10: it goes in
+    with pytest.raises(Exception) as info:
+        adm.check_pixels(2 * MPX, 3 * MPX, 1.0)  # 3 + 2 + 6 do not: before, 3 + 2 <= 10 went in
+    assert "has the next turn for 6.0 Mpx" in info.value.message
+    assert 1 <= int(info.value.headers["Retry-After"]) <= wait + 10
+    adm.check_pixels(2 * MPX, 3 * MPX, wait + 11.0)  # the client never came back: the turn ended
+    assert adm.turn == (0, 0.0)
+
+
 def test_an_image_that_cannot_be_loaded_is_named_by_its_number_and_url(monkeypatch) -> None:
     """With several images, "fetching the image URL returned HTTP 404" did not say which one; the probe's errors
     already said "image N". Loading errors now do too (with the URL for http(s) images, not a data: payload)."""

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from ..admission import STAGE_OF, ByteBudget, DrainRate, Rejection, admit_pixels, share
+from ..admission import STAGE_OF, TURN_GRACE_S, ByteBudget, DrainRate, Rejection, admit_pixels, share
 from ..api.errors import ApiError
 from ..serve_config import APP_NAME, VISION_DEPLOYMENT, IngressConfig
 
@@ -44,6 +44,7 @@ class IngressAdmission:
         # Until Serve's status was read: the pool's minimum (a fixed pool: its size).
         self.vision_replicas = cfg.vision.min_replicas
         self.rejected: Counter[str] = Counter()  # reason -> requests answered 429
+        self.turn: tuple[int, float] = (0, 0.0)  # pixels a refused request has the next turn for, until (monotonic)
         self.configure(cfg)
 
     def configure(self, cfg: IngressConfig) -> None:
@@ -57,10 +58,16 @@ class IngressAdmission:
         return share(self.vision_limits.pending_pixels_limit(self.vision_replicas), self.ingress_replicas)
 
     def check_pixels(self, request_pixels: int, pending_pixels: int, now: float) -> None:
-        """Raise the 429 when the request's images do not fit in the vision stage now."""
+        """Raise the 429 when the request's images do not fit in the vision stage now. A refused request as
+        large as any refused lately takes the next turn (`admission`: large requests are not starved)."""
+        turn_pixels, until = self.turn if now < self.turn[1] else (0, 0.0)
         rejection = admit_pixels(request_pixels=request_pixels, pending_pixels=pending_pixels,
                                  limit=self.pixel_limit(), running_replicas=self.vision_replicas,
-                                 drain_pixels_per_s=self.pixels_drained.rate(now))
+                                 drain_pixels_per_s=self.pixels_drained.rate(now), turn_pixels=turn_pixels,
+                                 turn_left_s=until - now)
+        if request_pixels >= turn_pixels:
+            self.turn = (0, 0.0) if rejection is None else (request_pixels,
+                                                             now + rejection.retry_after_s + TURN_GRACE_S)
         if rejection is not None:
             raise rejection_error(rejection)
 
