@@ -829,12 +829,13 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
                                             spec, old, pool, state.live.get(_RAY_DEPLOYMENTS[pool](owner.name))))
              for pool in POOLS}
 
-    # Shrinking pool: rank its pods first (empty ones go first), then lower the Deployment's replicas.
+    # Shrinking pool: rank its pods first (empty ones go first), then, on a later pass that sees the new ranks,
+    # lower the Deployment's replicas.
     costs: dict[str, str] = {}
-    for pool, plan in plans.items():
-        live = [p for p in pods if p.component == pool and not p.deleting]
-        if plan.pods < len(live):
-            costs.update(pod_sizing.cost_patches(live, plan.costs))
+    for pool, plan in list(plans.items()):
+        plans[pool], patches = pod_sizing.rank_before_shrinking(
+            plan, [p for p in pods if p.component == pool and not p.deleting])
+        costs.update(patches)
     objs = _children(owner, spec, state.token, {pool: plan.pods for pool, plan in plans.items()}, installed,
                      state, generation)
     pool_objs = [(o, digest) for o, digest in objs if o["kind"] == "Deployment"

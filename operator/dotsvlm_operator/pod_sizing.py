@@ -23,7 +23,7 @@ keeps every pod until those that Kubernetes removes first are empty (`kubernetes
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dotsvlm_operator import models
 from dotsvlm_operator.builders import desired_replicas
@@ -149,3 +149,17 @@ def kept_replicas(pool: models.VisionPool | models.LLMPool, previous_replicas: i
 def cost_patches(pods: list[PodView], costs: dict[str, int]) -> dict[str, str]:
     """Pods whose deletion-cost annotation must change (name -> new value)."""
     return {p.name: str(costs[p.name]) for p in pods if p.name in costs and p.deletion_cost != str(costs[p.name])}
+
+
+def rank_before_shrinking(plan: PoolPlan, live: list[PodView]) -> tuple[PoolPlan, dict[str, str]]:
+    """A shrinking pool's deletion-cost patches, and the plan to apply with them: while any pod's cost must
+    still change, the pool keeps its pods this pass and shrinks on the next, once the watch shows the new costs.
+    Lowering the Deployment in the same step as the patches races them: the ReplicaSet controller ranks the pods
+    from its own cache, which may not have the new costs yet, and would then remove a pod hosting a replica."""
+    if plan.pods >= len(live):
+        return plan, {}
+    patches = cost_patches(live, plan.costs)
+    if not patches:
+        return plan, {}
+    return replace(plan, pods=len(live), message=f"{plan.message}; ranking the pods for removal first (empty pods "
+                                                  f"go first): {len(live) - plan.pods} pod(s) go on the next pass"), patches

@@ -194,3 +194,21 @@ def test_a_pod_hosting_a_replica_that_is_not_ready_is_not_ranked_below_an_empty_
     plan = pod_sizing.plan_pool(vision(), deployment=dep(2, ("STARTING", 1), ("RUNNING", 2)), raw_wish=2, pods=pods,
                                 previous_replicas=3)
     assert plan.pods == 2 and plan.reason == pod_sizing.SERVE_TARGET
+
+
+def test_a_shrinking_pool_ranks_its_pods_first_and_lowers_the_deployment_once_the_ranks_are_seen() -> None:
+    """Before, the cost patches and the smaller Deployment went out in one step: the ReplicaSet controller ranks
+    pods from its own cache, which may not have the new costs yet, and could remove the pod hosting the replica."""
+    d = dep(1, ("RUNNING", 2))
+    unranked = [pod(0), pod(1), pod(2)]  # no costs yet: to the ReplicaSet controller all three are alike
+    plan = pod_sizing.plan_pool(vision(), deployment=d, raw_wish=None, pods=unranked, previous_replicas=3)
+    assert plan.pods == 1
+    held, patches = pod_sizing.rank_before_shrinking(plan, unranked)
+    assert patches == {"p0": "0", "p1": "0", "p2": "1000"}
+    assert held.pods == 3 and "2 pod(s) go on the next pass" in held.message  # this pass: only the ranks
+    ranked = [pod(0, cost="0"), pod(1, cost="0"), pod(2, cost="1000")]  # the watch shows the new costs
+    plan = pod_sizing.plan_pool(vision(), deployment=d, raw_wish=None, pods=ranked, previous_replicas=3)
+    assert pod_sizing.rank_before_shrinking(plan, ranked) == (plan, {}) and plan.pods == 1
+    grow = pod_sizing.plan_pool(vision(), deployment=dep(4, ("RUNNING", 2)), raw_wish=None, pods=unranked,
+                                previous_replicas=3)
+    assert pod_sizing.rank_before_shrinking(grow, unranked) == (grow, {})  # growing needs no ranks
