@@ -269,3 +269,56 @@ def test_a_queue_replica_of_an_earlier_release_gets_plain_takes(monkeypatch) -> 
         await llm._iteration()
         assert engine.running == {"b"}
     asyncio.run(main())
+
+
+def test_running_streams_keep_decoding_while_a_taken_requests_embeddings_arrive(monkeypatch) -> None:
+    """Before, the embeddings of a taken image request were fetched inside the run loop: every running stream
+    paused for as long as they took to arrive (megabytes from another node). Now they come with the take, whose
+    future overlaps the decode steps."""
+    import threading
+    import time
+
+    class _Stepping(_Engine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps: list[float] = []
+            self.added: dict[str, object] = {}
+
+        def add(self, request) -> None:
+            super().add(request)
+            self.added[request.request_id] = request.image_embeds
+
+        async def step(self) -> list:
+            self.steps.append(time.monotonic())
+            await asyncio.sleep(0.01)
+            return []
+
+    fetch: dict[str, float] = {}
+
+    class _SlowTransport:
+        def get(self, handle, *, timeout_s=None):
+            fetch["start"] = time.monotonic()
+            threading.Event().wait(0.4)  # the embeddings on their way
+            fetch["end"] = time.monotonic()
+            return f"rows of {handle}"
+
+    async def main() -> None:
+        core = TensorQueueCore(max_items=8, max_bytes=1000)
+        queue = _Queue(core)
+
+        def take(cid: str, max_items: int, token_budget: int, wait_s: float, *more):
+            return core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0)
+        queue.take = SimpleNamespace(remote=take)
+        engine = _Stepping()
+        llm = await _replica(monkeypatch, queue, engine)
+        llm.transport = _SlowTransport()
+        llm.cfg = SimpleNamespace(lease_timeout_s=10.0)
+        await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, stream=True,
+                                 payload={"ids": [1, 2], "params": {"max_tokens": 4}, "embeds": "handle-b"}), 1)
+        deadline = time.monotonic() + 5
+        while "b" not in engine.added and time.monotonic() < deadline:
+            await llm._iteration()
+        assert engine.added.get("b") == "rows of handle-b"
+        during = [t for t in engine.steps if fetch["start"] < t < fetch["end"]]
+        assert len(during) >= 5, (len(during), len(engine.steps))  # "a" decoded on meanwhile
+    asyncio.run(main())

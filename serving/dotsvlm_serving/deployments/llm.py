@@ -45,6 +45,13 @@ def _image_error(exc: BaseException) -> str | None:
     return None
 
 
+class _Unfetched:
+    """Why a taken item's embeddings could not be fetched with its take (`LLMServer._take`)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 class LLMServer:
     TAKE_INTERVAL_S = 0.05
     # While the engine runs, tokens in the middle of an answer are published at most this often (first
@@ -85,7 +92,7 @@ class LLMServer:
         self._publishing: asyncio.Future[tuple[str, list[str] | None]] | None = None
         # A take sent while the engine runs: its answer is admitted at the next iteration, so the call's round
         # trip overlaps a decode step instead of stalling it.
-        self._taking: asyncio.Future[tuple[str, list[QueueItem] | None]] | None = None
+        self._taking: asyncio.Future[tuple[str, list[QueueItem] | None, dict[str, Any]]] | None = None
         self._outbox: list[Event] = []
         # The numbered events of the publish call in flight, kept until it succeeds: a call that failed (a
         # blip of the queue replica) is sent again, first, with the next one; the queue drops repeats by their
@@ -97,6 +104,7 @@ class LLMServer:
         self._discarding = False  # after a rejoin: the engine's dropped copies are still winding down
         self._last_take = 0.0
         self._take_overdue_at: float | None = None  # while a take is in flight: when it should have returned
+        self._fetched: dict[str, Any] = {}  # while a take's items are admitted: their embeddings (`_take`)
         self._failed_steps = 0  # engine steps failed in a row
         self._step_error = ""  # the last one's exception, for the health check's message
         self._publish_failing_since: float | None = None  # the first of the publish calls failed in a row
@@ -186,7 +194,7 @@ class LLMServer:
             self._take_seq += 1
             self._taking_sent = (self.consumer_id, self._take_seq if self._numbered_takes else 0, self._lost_takes)
             numbered = (self._take_seq, list(self._lost_takes)) if self._numbered_takes else ()
-            self._taking = asyncio.ensure_future(self._resolve(self.consumer_id, self.queue.take.remote(
+            self._taking = asyncio.ensure_future(self._take(self.consumer_id, self.queue.take.remote(
                 self.consumer_id, room, self.engine.free_tokens(), wait_s, *numbered)))
             if not busy:  # (busy: the room stays, as only this loop admits work and running requests only free it)
                 await self._admit_taken()
@@ -223,7 +231,7 @@ class LLMServer:
         declared that id lost (or answered None): they are not run here."""
         taking, (sent_as, take_id, named) = self._taking, self._taking_sent
         try:
-            consumer_id, items = await taking  # type: ignore[misc]
+            consumer_id, items, fetched = await taking  # type: ignore[misc]
         except Exception as exc:
             if take_id and (isinstance(exc, TypeError) or "positional argument" in str(exc)):
                 # A queue replica of an earlier release (an image rollout rolls the LLM pool before the queue's):
@@ -244,13 +252,33 @@ class LLMServer:
         if items is None:
             self._lost = True
             return
-        for item in items:
-            self._sent.pop(item.request_id, None)  # a new delivery numbers its events from 0
-            err = await asyncio.to_thread(self._admit, item)
-            if err is not None:
-                self._outbox.append(err)
-            else:
-                self._active.add(item.request_id)
+        self._fetched = fetched
+        try:
+            for item in items:
+                self._sent.pop(item.request_id, None)  # a new delivery numbers its events from 0
+                err = await asyncio.to_thread(self._admit, item)
+                if err is not None:
+                    self._outbox.append(err)
+                else:
+                    self._active.add(item.request_id)
+        finally:
+            self._fetched = {}
+
+    async def _take(self, consumer_id: str, call: Any) -> tuple[str, list[QueueItem] | None, dict[str, Any]]:
+        """A take's answer with its items' image embeddings already fetched (request id -> the tensor, or the
+        `_Unfetched` error): fetching them (megabytes, from another node's object store or by NIXL) here, in
+        the take's own future, overlaps the running requests' decode steps; fetched in `_admit`, inside the run
+        loop, every running stream paused while one item's embeddings arrived."""
+        consumer_id, items = await self._resolve(consumer_id, call)
+        with_images = [item for item in items or () if item.payload.get("embeds") is not None]
+        results = await asyncio.gather(*(asyncio.to_thread(self._fetch, item) for item in with_images))
+        return consumer_id, items, {item.request_id: r for item, r in zip(with_images, results)}
+
+    def _fetch(self, item: QueueItem) -> Any:
+        try:
+            return self.transport.get(item.payload["embeds"], timeout_s=60)
+        except Exception as exc:  # raised again by `_admit`, which turns it into the request's error event
+            return _Unfetched(exc)
 
     async def _publish(self, *, wait: bool) -> None:
         """Send the outbox when no publish is in flight (events stay in order); with wait, also wait
@@ -339,7 +367,11 @@ class LLMServer:
         try:
             embeds = None
             if p.get("embeds") is not None:
-                embeds = self.transport.get(p["embeds"], timeout_s=60)
+                embeds = self._fetched.pop(item.request_id, None)
+                if embeds is None:  # (not fetched with its take)
+                    embeds = self.transport.get(p["embeds"], timeout_s=60)
+                elif isinstance(embeds, _Unfetched):
+                    raise embeds.error
             params = SamplingParams(**p["params"])
             self.engine.add(EngineInput(item.request_id, p["ids"], embeds, params))
             return None
