@@ -449,3 +449,22 @@ def test_a_system_message_after_the_first_is_refused_before_any_image_is_fetched
     assert ei.value.status == 400 and ei.value.param == "messages[2]", ei.value.message
     assert "only the first message may be a system (or developer) message" in ei.value.message
     assert "merge" in ei.value.message
+
+
+def test_an_address_that_does_not_connect_falls_back_to_the_hosts_next_one(server: str, monkeypatch) -> None:
+    """A host resolving to IPv6 first, from a pod with no IPv6 route: before, only the first address was tried
+    and the image failed although its IPv4 address served."""
+    from dotsvlm_serving.api import images
+
+    async def v6_first(host: str, port: int):
+        return [ipaddress.ip_address("::1"), ipaddress.ip_address("127.0.0.1")]  # the server listens on IPv4 only
+    monkeypatch.setattr(images, "resolve", v6_first)
+    url = server.replace("127.0.0.1", "localhost") + "/img.png"
+    assert load(url, policy(fetch_allow=["localhost"])) == PNG
+
+    async def nowhere(host: str, port: int):
+        return [ipaddress.ip_address("::1")]
+    monkeypatch.setattr(images, "resolve", nowhere)
+    with pytest.raises(ApiError) as ei:
+        load(url, policy(fetch_allow=["localhost"]))
+    assert ei.value.status == 400 and "could not connect to 'localhost' at any of its addresses: ::1" in ei.value.message

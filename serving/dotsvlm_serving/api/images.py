@@ -183,11 +183,26 @@ async def _fetch_once(client: httpx.AsyncClient, url: str, policy: FetchPolicy) 
     addrs = await resolve(host, port)
     for ip in addrs:
         check_address(host, ip, policy)
-    ip = addrs[0]
-    netloc = f"[{ip}]" if ip.version == 6 else str(ip)
-    pinned = parts._replace(netloc=f"{netloc}:{port}").geturl()
     headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*"}
     extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    # Each checked address in turn until one connects, as browsers and curl do: a host that resolves to an
+    # IPv6 address first fails at once in a pod without an IPv6 route, and its IPv4 address serves.
+    refused: list[str] = []
+    for ip in addrs:
+        netloc = f"[{ip}]" if ip.version == 6 else str(ip)
+        pinned = parts._replace(netloc=f"{netloc}:{port}").geturl()
+        try:
+            return await _get(client, url, pinned, headers, extensions, policy)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            refused.append(f"{ip} ({type(exc).__name__}: {exc})")
+    raise _bad(f"fetching the image URL failed: could not connect to {host!r} at any of its addresses: "
+               f"{'; '.join(refused)}")
+
+
+async def _get(client: httpx.AsyncClient, url: str, pinned: str, headers: dict[str, str], extensions: dict[str, str],
+               policy: FetchPolicy) -> bytes | str:
+    """One GET of the pinned address: the image's bytes, or the URL a redirect names. Connection failures
+    are raised as they are (the caller tries the host's next address)."""
     try:
         async with client.stream("GET", pinned, headers=headers, extensions=extensions) as resp:
             if resp.is_redirect:
@@ -208,6 +223,8 @@ async def _fetch_once(client: httpx.AsyncClient, url: str, policy: FetchPolicy) 
                     raise ApiError(413, f"image at URL is more than the {policy.max_bytes}-byte limit",
                                    param="messages", code="image_too_large")
             return bytes(buf)
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        raise
     except httpx.HTTPError as exc:
         raise _bad(f"fetching the image URL failed: {type(exc).__name__}: {exc}") from None
 
