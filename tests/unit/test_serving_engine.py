@@ -247,3 +247,36 @@ def test_a_decode_step_that_raises_keeps_the_events_it_made_before(llm: Deepseek
     e = torch.randn(6, 64, generator=g)
     assert run_all(eng, {0: [EngineRequest("next", e, SamplingParams(max_tokens=4, temperature=0))]})["next"]["text"] \
         == detok(greedy_alone(llm, e, 4))
+
+
+def test_batch_forwards_that_keep_failing_make_the_engine_unhealthy(llm: DeepseekV3ForCausalLM, monkeypatch) -> None:
+    """A failed batch forward ends its batch, and the next step only hands out that step's events, with no
+    forward: that step must not count as the engine working again. Before, the replica's failed-step count
+    went 1, 0, 1, 0 with requests coming one at a time, so a replica whose every decode failed (a broken
+    device) answered every request with a 500 and was never replaced."""
+    import asyncio
+
+    engine = TransformersEngine(llm, detok, image_token_id=200, eos_token_ids=set(), max_running=4,
+                                kv_cache_tokens=4096, context_length=256)
+    real_forward = llm.forward
+
+    def broken(*args, **kw):
+        if "input_ids" in kw:  # the batch's decode, not a prefill
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_forward(*args, **kw)
+
+    monkeypatch.setattr(llm, "forward", broken)
+    for n in range(Engine.MAX_FAILED_FORWARDS):
+        assert engine.health_error() is None
+        engine.add(EngineInput(f"r{n}", [5, 9, 17], None, SamplingParams(max_tokens=6, temperature=0)))
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            asyncio.run(engine.step())
+        final = [ev for ev in asyncio.run(engine.step()) if ev["request_id"] == f"r{n}"][-1]
+        assert final["type"] == "error" and not engine.has_work()
+    assert "illegal memory access" in (engine.health_error() or "")
+    # A forward that works again counts: the run of failures is over.
+    monkeypatch.setattr(llm, "forward", real_forward)
+    engine.add(EngineInput("ok", [5, 9, 17], None, SamplingParams(max_tokens=3, temperature=0)))
+    while engine.has_work():
+        asyncio.run(engine.step())
+    assert engine.health_error() is None

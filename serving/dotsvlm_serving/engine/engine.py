@@ -54,6 +54,11 @@ class _Seq:
 
 
 class Engine:
+    # Batch forwards failed in a row (no forward succeeding between) before `health_error` calls the engine
+    # broken: a failed forward ends its batch, so the step after it has nothing to run and succeeds, and the
+    # replica's own count of failed steps never reaches its limit.
+    MAX_FAILED_FORWARDS = 3
+
     def __init__(self, model: torch.nn.Module, detokenize: Callable[[list[int]], str], *,
                  eos_token_ids: set[int], max_running: int, kv_cache_tokens: int, context_length: int) -> None:
         self.model = model
@@ -68,6 +73,8 @@ class Engine:
         self._cancelled: set[str] = set()
         # Events of a step that raised (its batch forward failed), handed out by the next step.
         self._undelivered: list[Event] = []
+        self.failed_forwards = 0  # batch forwards failed in a row (`health_error`)
+        self._forward_error = ""
         self.tokens_generated = 0
 
     # ------------------------------------------------------------------ admission
@@ -113,6 +120,8 @@ class Engine:
             try:
                 self._decode(events)
             except Exception as exc:
+                self.failed_forwards += 1
+                self._forward_error = f"{type(exc).__name__}: {exc}"
                 # The batch's forward failed: its KV cache may be half updated, so its requests cannot go on.
                 # They end with an error, and what this step made before (prefills, cancellations) is kept
                 # for the next step: raising loses nothing, and the caller still sees the step fail.
@@ -123,6 +132,12 @@ class Engine:
                 self._undelivered = events
                 raise
         return events
+
+    def health_error(self) -> str | None:
+        """Why the engine can run nothing (its batch forwards keep failing: a lost device, say), or None."""
+        if self.failed_forwards >= self.MAX_FAILED_FORWARDS:
+            return f"its last {self.failed_forwards} batch forwards failed, the last with {self._forward_error}"
+        return None
 
     def _apply_cancellations(self, events: list[Event]) -> None:
         if not self._cancelled:
@@ -154,6 +169,7 @@ class Engine:
         mask = torch.cat([self._mask, torch.ones(b, 1, dtype=self._mask.dtype, device=self.device)], dim=1)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self._cache,
                          use_cache=True)
+        self.failed_forwards = 0
         self._mask = mask
         finished: list[int] = []
         for i, seq in enumerate(self._running):

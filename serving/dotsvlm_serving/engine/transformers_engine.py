@@ -53,3 +53,6 @@ class TransformersEngine(InferenceEngine):
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
+
+    def health_error(self) -> str | None:
+        return self.engine.health_error()
