@@ -99,9 +99,9 @@ def openapi_schema() -> dict[str, Any]:
     status.pop("default", None)
     return {
         "x-kubernetes-validations": [{
-            "rule": "size(self.metadata.name) <= 42 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+            "rule": f"size(self.metadata.name) <= {naming.MAX_NAME_LENGTH} && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
             "message": "metadata.name must start with a letter, contain only lowercase letters, digits and '-', "
-                       "and be at most 42 characters long: it prefixes the names of the Services the operator "
+                       f"and be at most {naming.MAX_NAME_LENGTH} characters long: it prefixes the names of the Services the operator "
                        "creates (e.g. <name>-ray-head), which must be DNS labels",
         }],
         "type": "object",

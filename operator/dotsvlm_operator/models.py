@@ -792,5 +792,5 @@ class DotsVLMDeploymentStatus(_Api):
     redis_state: RedisStateStatus | None = Field(None, description=(
         "With spec.head.gcsFaultTolerance: where the head keeps the Ray state in Redis. After the spec moves it "
         "(a new redisAddress or storageNamespace, or fault tolerance off), this names the previous place until "
-        "the operator has removed its keys (Job <name>-redis-cleanup-previous; Events RedisStateRemoved or "
+        "the operator has removed its keys (Job <name>-redis-cleanup-prev; Events RedisStateRemoved or "
         "RedisStateLeft), then the new one."))

@@ -22,6 +22,9 @@ PLURAL = "dotsvlmdeployments"
 SINGULAR = "dotsvlmdeployment"
 SHORT_NAMES = ["dvlm"]
 API_VERSION = f"{GROUP}/{VERSION}"
+# The longest metadata.name the CRD admits: every child's name (the resource's name and a suffix) stays a valid
+# Kubernetes name, at most 63 characters (a DNS label for Services; a label value for a Job's pods).
+MAX_NAME_LENGTH = 42
 
 # --- labels and annotations ----------------------------------------------------------------------------
 MANAGER = "dotsvlm-operator"  # label value and server-side-apply field manager
@@ -184,5 +187,6 @@ def redis_cleanup_job_name(name: str) -> str:
 
 
 def previous_redis_cleanup_job_name(name: str) -> str:
-    """The Job that removes the Ray state from the place in Redis the head used before the spec moved it."""
-    return f"{name}-redis-cleanup-previous"
+    """The Job that removes the Ray state from the place in Redis the head used before the spec moved it. At most
+    63 characters for the longest name the CRD admits (MAX_NAME_LENGTH): a Job's pods carry its name as a label."""
+    return f"{name}-redis-cleanup-prev"

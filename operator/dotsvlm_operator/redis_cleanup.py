@@ -7,7 +7,7 @@ Two moments leave keys behind in the external Redis, and the operator removes th
   `<name>-redis-cleanup`, deletes it once it finished and lets the resource go (`next_step`).
 - **The state moved**: a new `redisAddress` or `storageNamespace`, or fault tolerance turned off. The new head
   starts elsewhere; the old location is emptied once no head pod uses it any more, by the Job
-  `<name>-redis-cleanup-previous` (`previous_step`). `status.redisState` remembers where the head keeps
+  `<name>-redis-cleanup-prev` (`previous_step`). `status.redisState` remembers where the head keeps
   the state, so the operator knows the old location after the spec changed.
 A cleanup that fails or takes too long never blocks anything: it is said in a Warning Event with the command
 that removes the keys by hand.

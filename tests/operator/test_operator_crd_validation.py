@@ -142,3 +142,39 @@ def test_kubectl_explain_reads_the_model_descriptions(kube, crd) -> None:
     out = kube.wait_for(lambda: (p := kube.kubectl("explain", "dotsvlmdeployment.spec.llm.nodesPerReplica",
                                                    check=False)).returncode == 0 and p.stdout, 30, "kubectl explain")
     assert "Pods (one per node) that one LLM replica spans" in out
+
+
+def test_every_child_of_the_longest_admitted_name_is_accepted(kube, ns) -> None:
+    """The CRD admits names of up to 42 characters: every object the operator makes for such a resource (every
+    optional one too: API pool, monitoring, both Redis cleanup Jobs) must pass the API server's own validation.
+    A Job named over 63 characters is refused (its pods' job-name label carries the name), so a resource named
+    with 41 or 42 characters could never empty a moved Redis state, and every pass failed on it."""
+    from dotsvlm_operator import builders, models
+    from dotsvlm_operator.naming import Owner
+
+    obj = copy.deepcopy(load_example("dotsvlm-small.yaml"))
+    name = "d" * 42
+    obj["metadata"]["name"] = name
+    assert _dry_run(kube, obj, ns).returncode == 0  # the CRD admits the name
+    raw = obj["spec"]
+    raw["apiPool"] = {"replicas": 2}
+    raw["head"] = {"gcsFaultTolerance": {"redisAddress": "redis.redis.svc:6379", "passwordSecretRef": {"name": "pw"}}}
+    raw["monitoring"] = {"prometheusRule": True}
+    spec = models.DotsVLMDeploymentSpec.model_validate(raw)
+    owner = Owner(name=name, namespace=ns, uid="0d6c1b5e-9a3f-4b7e-8f2a-1c2d3e4f5a6b")
+    previous = models.RedisStateStatus(redis_address="old.redis.svc:6379", storage_namespace="before")
+    objs = builders.children(owner, spec, vision_replicas=1, llm_replicas=1, ray_token_hash="abc")
+    objs += [builders.token_secret(owner, "t"), builders.redis_cleanup_job(owner, spec),
+             builders.redis_cleanup_job(owner, spec, previous=previous)]
+    kinds = {o["kind"] for o in objs}
+    assert {"Job", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap", "Secret"} <= kinds
+    refused = []
+    for child in objs:
+        if child["kind"] in ("PodMonitor", "PrometheusRule"):
+            continue  # their CRDs are not installed here; their names are the resource's own
+        child = copy.deepcopy(child)
+        child["metadata"].pop("ownerReferences", None)  # the owner does not exist
+        proc = kube.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=yaml.safe_dump(child), check=False)
+        if proc.returncode != 0:
+            refused.append(f"{child['kind']} {child['metadata']['name']}: {proc.stderr.strip()}")
+    assert not refused, "\n".join(refused)

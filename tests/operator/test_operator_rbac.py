@@ -55,7 +55,7 @@ def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_facto
         # The state moves to another storage namespace: the head rolls, then a Job empties the previous place.
         kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge",
                      "-p", json.dumps({"spec": {"head": {"gcsFaultTolerance": {"storageNamespace": "moved"}}}}))
-        previous = poll(lambda: get_json(kube, "job", f"{name}-redis-cleanup-previous", "-n", ns), 120,
+        previous = poll(lambda: get_json(kube, "job", f"{name}-redis-cleanup-prev", "-n", ns), 120,
                         "the Job that empties the previous place in Redis", op.log_tail)
         heads = get_json(kube, "pods", "-n", ns, "-l", f"app.kubernetes.io/component=head,app.kubernetes.io/instance={name}")
         assert all("moved" in json.dumps(p["spec"]) for p in heads["items"]), "no head pod may still use the old place"
@@ -66,7 +66,7 @@ def test_operator_runs_with_the_example_rbac(kube, operator_rbac, operator_facto
                      and s["storageNamespace"] == "moved" and not s.get("message") and s, 120,
                      "status.redisState at the new place once the previous one was emptied", op.log_tail)
         assert moved["redisAddress"] == "redis.redis.svc:6379", moved
-        poll(lambda: get_json(kube, "job", f"{name}-redis-cleanup-previous", "-n", ns) is None, 60,
+        poll(lambda: get_json(kube, "job", f"{name}-redis-cleanup-prev", "-n", ns) is None, 60,
              "the Job removed after it emptied the previous place", op.log_tail)
         events = get_json(kube, "events", "-n", ns, "--field-selector", f"involvedObject.name={name}")
         assert any(e["reason"] == "RedisStateRemoved" and f"'{uid}'" in e["message"] and "'moved'" in e["message"]

@@ -46,6 +46,22 @@ def test_every_child_is_owned_labelled_and_namespaced() -> None:
         assert meta["labels"][naming.LABEL_DEPLOYMENT] == "dots" and meta["labels"][naming.LABEL_MANAGED_BY] == naming.MANAGER
 
 
+def test_every_child_name_of_the_longest_admitted_name_fits_63_characters() -> None:
+    """The CRD admits names of up to naming.MAX_NAME_LENGTH characters; a child named over 63 is refused (a Service
+    name is a DNS label, a Job's name is its pods' job-name label): before, the Job that empties a moved Redis state,
+    <name>-redis-cleanup-previous, had 65 characters for a 42-character name (tests/operator: the API server's 422)."""
+    owner = naming.Owner("d" * naming.MAX_NAME_LENGTH, "ml", "uid-123")
+    spec = _spec(apiPool={"replicas": 2}, head__gcsFaultTolerance={"redisAddress": "redis.redis.svc:6379"},
+                 monitoring__prometheusRule=True)
+    previous = models.RedisStateStatus(redis_address="old.redis.svc:6379", storage_namespace="before")
+    objs = builders.children(owner, spec, vision_replicas=1, llm_replicas=1, pod_monitor_supported=True,
+                             prometheus_rule_supported=True)
+    objs += [builders.token_secret(owner, "t"), builders.redis_cleanup_job(owner, spec),
+             builders.redis_cleanup_job(owner, spec, previous=previous)]
+    too_long = [f"{o['kind']} {o['metadata']['name']}" for o in objs if len(o["metadata"]["name"]) > 63]
+    assert not too_long
+
+
 def test_llm_pool_spans_nodes_with_per_pod_gpus_and_pool_resource() -> None:
     kids = _kids(_spec(), l=2)
     llm = kids[("Deployment", "dots-llm")]

@@ -158,7 +158,7 @@ def test_the_previous_place_job_is_owned_and_reaches_that_place_with_its_own_pas
     spec = _spec(storageNamespace="prod-b")  # the spec moved on: another namespace, no password
     old = _place("prod-a", password_secret_ref={"name": "redis-old", "key": "pw"})
     job = builders.redis_cleanup_job(OWNER, spec, previous=old)
-    assert job["metadata"]["name"] == "dots-redis-cleanup-previous"
+    assert job["metadata"]["name"] == "dots-redis-cleanup-prev"
     assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-123"  # goes with the resource
     assert job["metadata"]["annotations"][naming.ANNOTATION_REDIS_PLACE] == "redis.redis.svc:6379/prod-a"
     (c,) = job["spec"]["template"]["spec"]["containers"]
