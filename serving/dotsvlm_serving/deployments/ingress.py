@@ -261,7 +261,7 @@ class Ingress:
             response = await handler(request, t0, info)
             status = response.status_code
             if isinstance(response, StreamingResponse):
-                response.body_iterator = self._closing(response.body_iterator)
+                response = _ClosingStream(response, self._stream_closed)
                 streaming = True
             return response
         except ApiError as exc:
@@ -279,18 +279,15 @@ class Ingress:
             status = 503  # as `_unexpected` answers it
             raise
         finally:
-            self._in_flight -= 1
             if not streaming:
+                self._in_flight -= 1
                 self._open -= 1
             self.metrics.inc("dotsvlm_requests", code=str(status), modality=info["modality"])
 
-    async def _closing(self, body: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """A stream's body, counted open until its last chunk is sent (or the client left)."""
-        try:
-            async for part in body:
-                yield part
-        finally:
-            self._open -= 1
+    def _stream_closed(self) -> None:
+        """A stream is no longer served: its last chunk went out, or its client left."""
+        self._in_flight -= 1
+        self._open -= 1
 
     def _declared_size(self, request: Request) -> str | None:
         """Authenticates, then refuses a body whose Content-Length is over the limit (413); returns it."""
@@ -631,6 +628,24 @@ class Ingress:
         # No X-Request-Id here: Serve's proxy adds the request's own (the access log's), and a second would reach
         # clients joined with it ("<id>, chatcmpl-..."); the completion's id is in every chunk.
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _ClosingStream(StreamingResponse):
+    """A streaming answer counted in flight (and open, for a head drain) until Starlette is done with it: its
+    last chunk sent, or its client gone, also before the body's first chunk (Starlette stops at the
+    response's start then, and a `finally` in a body generator that never started never runs)."""
+
+    def __init__(self, inner: StreamingResponse, on_close: Any) -> None:  # (no super().__init__: a copy)
+        self.__dict__.update(inner.__dict__)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()
 
 
 def _is_data_url(url: str) -> bool:

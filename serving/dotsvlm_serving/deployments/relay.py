@@ -279,10 +279,14 @@ class Relay:
             try:
                 # After the first event (time to first token stays untouched: its own call), a stream's
                 # tokens are fetched in batches, with the ingress's other streams in one shared call.
+                # A non-streaming answer is fetched whole (`until_done`) only after its first events: the
+                # ingress times the first token when they arrive (the TTFT metric and the autoscaler's TTFT
+                # p90), which a first poll waiting for the whole answer would put at the last token.
                 if req.events_seen and not until_done:
                     evs = await self.streams.next_events(req.rid)
                 else:
-                    evs = await asyncio.wait_for(self.queue.next_events.remote(req.rid, wait_s, until_done),
+                    whole = until_done and req.events_seen
+                    evs = await asyncio.wait_for(self.queue.next_events.remote(req.rid, wait_s, whole),
                                                  wait_s + CALL_MARGIN_S)
                 lost = "it restarted" if evs is None else ""
             except _UNREACHABLE as exc:

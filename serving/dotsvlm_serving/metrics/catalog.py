@@ -81,7 +81,8 @@ SERVING_METRICS: tuple[MetricSpec, ...] = (
     _m("dotsvlm_prompt_tokens", "counter", "ingress", "Prompt tokens of completed requests", ("modality",)),
     _m("dotsvlm_completion_tokens", "counter", "ingress", "Generated tokens of completed requests", ("modality",)),
     _m("dotsvlm_images", "counter", "ingress", "Images received in requests"),
-    _m("dotsvlm_requests_in_flight", "gauge", "ingress", "Requests being served by this ingress replica"),
+    _m("dotsvlm_requests_in_flight", "gauge", "ingress",
+       "Requests being served by this ingress replica (a stream until its last chunk is sent or its client leaves)"),
     _m("dotsvlm_rejected_requests", "counter", "ingress",
        "Requests answered 429 by backpressure, by the stage that was full (vision, ingress, queue) and reason "
        "(vision_backlog_full, image_bytes_full, queue_full)", ("stage", "reason")),
