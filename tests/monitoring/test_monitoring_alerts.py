@@ -148,3 +148,30 @@ def test_promtool_alert_fires_when_it_should_and_stays_silent_otherwise(name: st
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     done = promtool("test", "rules", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_vision_pool_saturated_fires_when_no_vision_replica_runs(tmp_path: Path) -> None:
+    """At maxReplicas with images waiting and no vision replica running (their pods wait for GPUs): no vision
+    replica exports `ray_dotsvlm_vision_encoding_images`, and `pending - encoding` over a missing series was
+    empty, so the alert stayed silent in the very case it is for."""
+    name = "DotsVLMVisionPoolSaturated"
+    rule = _rules()[name]
+    labels = dict(WHO)
+    expected = {"exp_labels": {**labels, "severity": rule["labels"]["severity"]},
+                "exp_annotations": {k: render(v, labels, 2) for k, v in rule["annotations"].items()}}
+    firing = [s("dotsvlm_pool_desired_replicas", 'pool="vision"', const(2)),
+              s("dotsvlm_pool_max_replicas", 'pool="vision"', const(2)),
+              s("ray_dotsvlm_vision_pending_images", 'replica="a"', const(6))]
+    # An idle deployment (nothing pending) at maxReplicas without a vision replica stays silent.
+    silent = [s("dotsvlm_pool_desired_replicas", 'pool="vision"', const(2)),
+              s("dotsvlm_pool_max_replicas", 'pool="vision"', const(2)),
+              s("ray_dotsvlm_vision_pending_images", 'replica="a"', const(0))]
+    doc = {"rule_files": [str(ALERTS_FILE)], "evaluation_interval": "1m",
+           "tests": [{"interval": "1m", "input_series": firing,
+                      "alert_rule_test": [{"eval_time": EVAL, "alertname": name, "exp_alerts": [expected]}]},
+                     {"interval": "1m", "input_series": silent,
+                      "alert_rule_test": [{"eval_time": EVAL, "alertname": name, "exp_alerts": []}]}]}
+    path = tmp_path / "test.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    done = promtool("test", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -85,9 +85,12 @@ ALERTS: tuple[Alert, ...] = (
         "DotsVLMVisionPoolSaturated",
         lambda s: (f"{_pool('dotsvlm_pool_desired_replicas', 'vision', s)} >= "
                    f"{_pool('dotsvlm_pool_max_replicas', 'vision', s)}\n"
-                   # Images waiting for a batch: sent by the ingresses and not back, less those being encoded.
-                   f"and on ({BY}) (sum by ({BY}) ({prom('dotsvlm_vision_pending_images')}{s()})\n"
-                   f"  - sum by ({BY}) ({prom('dotsvlm_vision_encoding_images')}{s()})) > 0"),
+                   # Images waiting for a batch: sent by the ingresses and not back, less those being encoded;
+                   # all of them while no vision replica runs (none exports the encoding gauge then: `a - b`
+                   # of a missing `b` is empty, and the alert would stay silent when replicas cannot start).
+                   f"and on ({BY}) ((sum by ({BY}) ({prom('dotsvlm_vision_pending_images')}{s()})\n"
+                   f"  - sum by ({BY}) ({prom('dotsvlm_vision_encoding_images')}{s()}))\n"
+                   f"  or sum by ({BY}) ({prom('dotsvlm_vision_pending_images')}{s()})) > 0"),
         "10m", "warning",
         f"{WHO}: the vision pool is at its maximum replicas and images are still waiting",
         "The vision pool wants maxReplicas ({{ $value | printf \"%.0f\" }}) and its replicas still have a backlog, so requests "
