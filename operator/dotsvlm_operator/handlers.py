@@ -833,8 +833,11 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
     # lower the Deployment's replicas.
     costs: dict[str, str] = {}
     for pool, plan in list(plans.items()):
+        live_dep = state.live.get(_RAY_DEPLOYMENTS[pool](owner.name))
+        dep_pods = (live_dep.get("spec") or {}).get("replicas") if live_dep is not None else None
         plans[pool], patches = pod_sizing.rank_before_shrinking(
-            plan, [p for p in pods if p.component == pool and not p.deleting])
+            plan, [p for p in pods if p.component == pool and not p.deleting],
+            deployment_pods=dep_pods if isinstance(dep_pods, int) else None)
         costs.update(patches)
     objs = _children(owner, spec, state.token, {pool: plan.pods for pool, plan in plans.items()}, installed,
                      state, generation)

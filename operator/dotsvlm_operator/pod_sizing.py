@@ -151,15 +151,22 @@ def cost_patches(pods: list[PodView], costs: dict[str, int]) -> dict[str, str]:
     return {p.name: str(costs[p.name]) for p in pods if p.name in costs and p.deletion_cost != str(costs[p.name])}
 
 
-def rank_before_shrinking(plan: PoolPlan, live: list[PodView]) -> tuple[PoolPlan, dict[str, str]]:
+def rank_before_shrinking(plan: PoolPlan, live: list[PodView],
+                          deployment_pods: int | None = None) -> tuple[PoolPlan, dict[str, str]]:
     """A shrinking pool's deletion-cost patches, and the plan to apply with them: while any pod's cost must
     still change, the pool keeps its pods this pass and shrinks on the next, once the watch shows the new costs.
     Lowering the Deployment in the same step as the patches races them: the ReplicaSet controller ranks the pods
-    from its own cache, which may not have the new costs yet, and would then remove a pod hosting a replica."""
+    from its own cache, which may not have the new costs yet, and would then remove a pod hosting a replica.
+    `deployment_pods`: the pool Deployment's present replicas. The pool is kept at that size, never raised to the
+    live pods (a rolling update's surge pods are among them); a plan that does not go below it lowers nothing,
+    so its patches need no pass of their own."""
     if plan.pods >= len(live):
         return plan, {}
     patches = cost_patches(live, plan.costs)
     if not patches:
         return plan, {}
-    return replace(plan, pods=len(live), message=f"{plan.message}; ranking the pods for removal first (empty pods "
-                                                  f"go first): {len(live) - plan.pods} pod(s) go on the next pass"), patches
+    keep = len(live) if deployment_pods is None else min(len(live), deployment_pods)
+    if plan.pods >= keep:
+        return plan, patches
+    return replace(plan, pods=keep, message=f"{plan.message}; ranking the pods for removal first (empty pods "
+                                            f"go first): {keep - plan.pods} pod(s) go on the next pass"), patches

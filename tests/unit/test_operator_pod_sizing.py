@@ -212,3 +212,18 @@ def test_a_shrinking_pool_ranks_its_pods_first_and_lowers_the_deployment_once_th
     grow = pod_sizing.plan_pool(vision(), deployment=dep(4, ("RUNNING", 2)), raw_wish=None, pods=unranked,
                                 previous_replicas=3)
     assert pod_sizing.rank_before_shrinking(grow, unranked) == (grow, {})  # growing needs no ranks
+
+
+def test_ranking_before_a_shrink_never_raises_the_deployment_above_its_size() -> None:
+    """While the ranks go out, the pool keeps the Deployment's present size, not the number of live pods: during a
+    rolling update those include the surge pod (here p2, new, without a cost yet), and a Deployment raised to
+    them made the ReplicaSet controller start one more pod (a GPU node) for a pass, each time a new pod came."""
+    d = dep(2, ("RUNNING", 0), ("RUNNING", 1))
+    live = [pod(0, cost="1000"), pod(1, cost="1000"), pod(2, ready=False)]
+    plan = pod_sizing.plan_pool(vision(), deployment=d, raw_wish=None, pods=live, previous_replicas=2)
+    assert plan.pods == 2
+    held, patches = pod_sizing.rank_before_shrinking(plan, live, deployment_pods=2)
+    assert patches == {"p2": "0"} and held.pods == 2  # the Deployment stays at 2: nothing races the ranks
+    # A real shrink (the Deployment at 3) still waits a pass for its ranks, at the Deployment's size.
+    held, patches = pod_sizing.rank_before_shrinking(plan, live, deployment_pods=3)
+    assert patches == {"p2": "0"} and held.pods == 3 and "1 pod(s) go on the next pass" in held.message
