@@ -152,3 +152,28 @@ def test_a_stream_whose_client_left_before_its_body_started_is_no_longer_counted
 
     asyncio.run(main())
     assert ing._in_flight == 0 and ing._open == 0, (ing._in_flight, ing._open)
+
+
+def test_the_vllm_engine_reports_the_kv_cache_tokens_its_replica_publishes() -> None:
+    """The LLM replica publishes `kv_tokens_used` (ray_dotsvlm_llm_kv_cache_used_tokens, the LLM pool dashboard's
+    KV-cache use) and `tokens_generated_total` from its engine's stats(), a missing key as 0. The vLLM engine
+    (production) had no `kv_tokens_used`: KV-cache use read 0 whatever ran. Every engine has them now."""
+    from dotsvlm_serving.engine import STATS_KEYS
+    from dotsvlm_serving.engine.base import EngineInput, RequestBudget
+    from dotsvlm_serving.engine.sampling import SamplingParams
+    from dotsvlm_serving.engine.vllm_engine import VLLMEngine, _Req
+
+    assert {"kv_tokens_used", "tokens_generated_total"} <= set(STATS_KEYS)
+    eng = object.__new__(VLLMEngine)
+    eng.budget = RequestBudget(context_length=4096, kv_tokens=8192, max_running=4)
+
+    def req(rid: str, prompt: int, max_tokens: int, generated: int, started: bool) -> _Req:
+        inp = EngineInput(rid, list(range(prompt)), None, SamplingParams(max_tokens=max_tokens))
+        return _Req(inp, {}, completion_tokens=generated, started=started)
+
+    eng._reqs = {"a": req("a", 100, 50, 20, True), "b": req("b", 30, 10, 0, False)}
+    eng.tokens_generated = 20
+    stats = eng.stats()
+    assert set(STATS_KEYS) <= set(stats)
+    assert stats["kv_tokens_used"] == 120.0  # the running request's prompt and tokens so far
+    assert stats["kv_tokens_reserved"] == 190.0 and stats["tokens_generated_total"] == 20.0

@@ -67,9 +67,11 @@ class RequestBudget:
         return max(0, self.kv_tokens - reserved)
 
 
-# The keys every engine's stats() has: the autoscaler reads them (autoscaling.signals.llm_stats) and
-# the replica sends them with its heartbeats.
-STATS_KEYS = ("running", "pending", "kv_tokens_reserved", "kv_tokens_capacity")
+# The keys every engine's stats() has: the autoscaler reads them (autoscaling.signals.llm_stats), the
+# replica sends them with its heartbeats and publishes them as the LLM pool's metrics (deployments/llm.py:
+# a missing key would read 0 there).
+STATS_KEYS = ("running", "pending", "kv_tokens_reserved", "kv_tokens_capacity", "kv_tokens_used",
+              "tokens_generated_total")
 
 
 class InferenceEngine(abc.ABC):

@@ -260,6 +260,8 @@ class VLLMEngine(InferenceEngine):
         running = sum(1 for r in reqs if r.started)
         return {"running": float(running), "pending": float(len(reqs) - running),
                 "kv_tokens_reserved": float(self.reserved_tokens()), "kv_tokens_capacity": float(self.budget.kv_tokens),
+                # what the running requests hold: their prompts and the tokens generated so far
+                "kv_tokens_used": float(sum(r.inp.prompt_tokens + r.completion_tokens for r in reqs if r.started)),
                 "tokens_generated_total": float(self.tokens_generated)}
 
     def health_error(self) -> str | None:
