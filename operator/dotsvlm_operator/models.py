@@ -62,6 +62,38 @@ def _rules(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": out}
 
 
+def _label_key_message(where: str, refused: str) -> str:
+    return (f"every key of {where} must be a Kubernetes label key: a name of at most 63 letters, digits, '-', '_' "
+            "or '.' that starts and ends with a letter or digit, optionally after a DNS subdomain of at most 253 "
+            f"characters and a '/' (e.g. release, or example.com/team); {refused}")
+
+
+def _label_map_schema(where: str, refused: str, max_properties: int) -> dict[str, Any]:
+    """A map of Kubernetes labels in the CRD: values by pattern, keys by a CEL rule (a map's keys have no schema)."""
+    return {"maxProperties": max_properties,
+            "additionalProperties": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN},
+            **_rules((f"self.all(k, k.matches('{LABEL_KEY_PATTERN}') && k.matches('{LABEL_KEY_PREFIX_PATTERN}'))",
+                      _label_key_message(where, refused)))}
+
+
+def _check_label_map(labels: dict[str, str] | None, where: str, refused: str) -> dict[str, str] | None:
+    """The CRD's checks of a label map (`_label_map_schema`, same key message), for a spec read without it."""
+    for key, value in (labels or {}).items():
+        if not (re.fullmatch(LABEL_KEY_PATTERN, key) and re.fullmatch(LABEL_KEY_PREFIX_PATTERN, key)):
+            raise ValueError(f"{_label_key_message(where, refused)} (got {key!r})")
+        if len(value) > 63 or not re.fullmatch(LABEL_VALUE_PATTERN, value):
+            raise ValueError(f"{where}.{key}: {value!r} is not a Kubernetes label value (at most 63 letters, digits, "
+                             f"'-', '_' or '.', starting and ending with a letter or digit); {refused}")
+    return labels
+
+
+_NODE_SELECTOR_REFUSED = "Kubernetes refuses the pods otherwise"
+
+
+def _node_selector_field(where: str, description: str) -> Any:
+    return Field(None, description=description, json_schema_extra=_label_map_schema(where, _NODE_SELECTOR_REFUSED, 32))
+
+
 # Ray Serve's default graceful-shutdown timeout of a replica (the vision encoder keeps it).
 _SERVE_GRACEFUL_SHUTDOWN_S = 20
 # The LLM pods' grace period must hold the LLM replica's graceful shutdown (its drain, llm.drainTimeoutSeconds,
@@ -124,9 +156,11 @@ class Toleration(_Api):
         ("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')", _SECONDS_NOT_NOEXECUTE),
     ))
 
-    key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists tolerates every taint.")
+    key: str | None = Field(None, max_length=317, pattern=f"^({LABEL_KEY_PATTERN[1:-1]})?$", description=(
+        "Taint key to tolerate (a label key, e.g. nvidia.com/gpu); empty with operator Exists tolerates every taint."))
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default Equal).")
-    value: str | None = Field(None, description="Taint value to match when operator is Equal.")
+    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE_PATTERN,
+                              description="Taint value to match when operator is Equal (a label value).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to tolerate; empty tolerates every effect.")
     toleration_seconds: int | None = Field(
@@ -352,8 +386,10 @@ class VisionPool(_Api):
         None, ge=3136, description=(
             "Backpressure: pixels of images waiting in or for the vision stage in all, whatever the replicas. "
             "Default: maxPendingPixelsPerReplica x maxReplicas."))
-    node_selector: dict[str, str] | None = Field(
-        None, description="Node labels the pool's pods require, e.g. {nvidia.com/gpu.product: NVIDIA-L40S}.")
+    node_selector: dict[str, str] | None = _node_selector_field(
+        "vision.nodeSelector", "Node labels the pool's pods require, e.g. {nvidia.com/gpu.product: NVIDIA-L40S}.")
+    _node_selector_labels = field_validator("node_selector")(
+        lambda v: _check_label_map(v, "vision.nodeSelector", _NODE_SELECTOR_REFUSED))
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods (e.g. for tainted GPU nodes).")
     resources: Resources | None = Field(None, description="CPU and memory for each pod.")
     shm_size: str = Field("16Gi", pattern=QUANTITY_PATTERN, description="Size of the in-memory /dev/shm volume (Ray's object store and NCCL use it).")
@@ -424,8 +460,10 @@ class LLMPool(_Api):
     max_prefill_tokens: int | None = Field(
         None, ge=16, description="vllm: tokens of prompt per engine step with chunked prefill (vLLM "
         "max_num_batched_tokens, SGLang chunked_prefill_size). Default: the engine's.")
-    node_selector: dict[str, str] | None = Field(
-        None, description="Node labels the pool's pods require, e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}.")
+    node_selector: dict[str, str] | None = _node_selector_field(
+        "llm.nodeSelector", "Node labels the pool's pods require, e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}.")
+    _node_selector_labels = field_validator("node_selector")(
+        lambda v: _check_label_map(v, "llm.nodeSelector", _NODE_SELECTOR_REFUSED))
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pool's pods.")
     resources: Resources | None = Field(None, description="CPU and memory for each pod.")
     shm_size: str = Field("64Gi", pattern=QUANTITY_PATTERN, description="Size of the in-memory /dev/shm volume (NCCL and Ray's object store use it).")
@@ -528,7 +566,9 @@ class GcsFaultTolerance(_Api):
 class HeadSpec(_Api):
     """The Ray head pod (GCS, dashboard, Serve controller and HTTP proxy). It needs no GPU."""
 
-    node_selector: dict[str, str] | None = Field(None, description="Node labels the head pod requires.")
+    node_selector: dict[str, str] | None = _node_selector_field("head.nodeSelector", "Node labels the head pod requires.")
+    _node_selector_labels = field_validator("node_selector")(
+        lambda v: _check_label_map(v, "head.nodeSelector", _NODE_SELECTOR_REFUSED))
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the head pod.")
     resources: Resources | None = Field(None, description="CPU and memory for the head pod.")
     gcs_fault_tolerance: GcsFaultTolerance | None = Field(None, description=(
@@ -546,7 +586,9 @@ class ApiPool(_Api):
     replicas: int = Field(2, ge=1, le=100, description=(
         "API pods; each runs one Ingress replica and a Serve HTTP proxy behind the API Service, one of them the "
         "tensor queue. Two or more keep the API answering while one of them stops."))
-    node_selector: dict[str, str] | None = Field(None, description="Node labels the API pods require.")
+    node_selector: dict[str, str] | None = _node_selector_field("apiPool.nodeSelector", "Node labels the API pods require.")
+    _node_selector_labels = field_validator("node_selector")(
+        lambda v: _check_label_map(v, "apiPool.nodeSelector", _NODE_SELECTOR_REFUSED))
     tolerations: list[Toleration] | None = Field(None, description="Tolerations for the API pods.")
     resources: Resources | None = Field(None, description="CPU and memory for each API pod.")
     termination_grace_period_seconds: int | None = Field(None, ge=60, le=86400, description=(
@@ -558,12 +600,7 @@ class ApiPool(_Api):
     startup_timeout_seconds: int = _startup_field(600, "API")
 
 
-_LABEL_KEY_NOT_A_LABEL = (
-    "every key of monitoring.labels must be a Kubernetes label key: a name of at most 63 letters, digits, '-', '_' "
-    "or '.' that starts and ends with a letter or digit, optionally after a DNS subdomain of at most 253 characters "
-    "and a '/' (e.g. release, or example.com/team); the PodMonitor and the PrometheusRule are refused otherwise")
-_LABEL_KEYS_RULE = (f"self.all(k, k.matches('{LABEL_KEY_PATTERN}') && k.matches('{LABEL_KEY_PREFIX_PATTERN}'))",
-                    _LABEL_KEY_NOT_A_LABEL)
+_MONITORING_LABELS_REFUSED = "the PodMonitor and the PrometheusRule are refused otherwise"
 
 
 class MonitoringSpec(_Api):
@@ -579,18 +616,14 @@ class MonitoringSpec(_Api):
             "kube-prometheus-stack selects `release: <its Helm release>` by default, so without that label it "
             "scrapes none of this deployment's metrics and loads none of its alerts. The operator's own labels "
             "(app.kubernetes.io/*, dotsvlm.io/*) cannot be overridden."),
-        json_schema_extra={"maxProperties": 16, "additionalProperties": {
-            "type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}, **_rules(_LABEL_KEYS_RULE)})
+        json_schema_extra=_label_map_schema("monitoring.labels", _MONITORING_LABELS_REFUSED, 16))
 
     @field_validator("labels")
     @classmethod
     def _label_keys(cls, labels: dict[str, str] | None) -> dict[str, str] | None:
-        """The CRD's rule on the keys (above, same message), for a spec read without it: Kubernetes refuses
-        the PodMonitor (422) on every reconcile otherwise."""
-        for key in labels or {}:
-            if not (re.fullmatch(LABEL_KEY_PATTERN, key) and re.fullmatch(LABEL_KEY_PREFIX_PATTERN, key)):
-                raise ValueError(f"{_LABEL_KEY_NOT_A_LABEL} (got {key!r})")
-        return labels
+        """The CRD's checks, for a spec read without it: Kubernetes refuses the PodMonitor (422) on every
+        reconcile otherwise."""
+        return _check_label_map(labels, "monitoring.labels", _MONITORING_LABELS_REFUSED)
 
 
 class DotsVLMDeploymentSpec(_Api):

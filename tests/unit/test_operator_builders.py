@@ -339,7 +339,38 @@ def test_a_monitoring_label_key_that_kubernetes_refuses_is_refused_in_the_spec()
     labels = crd.openapi_schema()["properties"]["spec"]["properties"]["monitoring"]["properties"]["labels"]
     (rule,) = labels["x-kubernetes-validations"]
     assert rule["rule"].startswith("self.all(k, ") and models.LABEL_KEY_PATTERN in rule["rule"]
-    assert rule["message"] == models._LABEL_KEY_NOT_A_LABEL and labels["maxProperties"] == 16
+    assert rule["message"] == models._label_key_message("monitoring.labels", models._MONITORING_LABELS_REFUSED)
+    assert labels["maxProperties"] == 16
+
+
+@pytest.mark.parametrize("pool", ["vision", "llm", "head", "apiPool"])
+def test_a_node_selector_or_toleration_that_kubernetes_refuses_in_a_pod_is_refused_in_the_spec(pool: str) -> None:
+    """A node label value over 63 characters, a key like "gpu type", a toleration key or value that is no label
+    passed admission, then every apply of the pool's Deployment got a 422 (a new resource never got its pods):
+    the CRD refuses them now, and so does the spec model, with the same messages."""
+    from dotsvlm_operator import crd
+
+    extra = {"apiPool": {"replicas": 2}} if pool == "apiPool" else {}
+    def spec_with(**fields):
+        return _spec(**extra, **{f"{pool}__{k}": v for k, v in fields.items()})
+    for key in ("gpu type", "a" * 70, "/pool", "Example.com/gpu"):
+        with pytest.raises(ValidationError, match=f"every key of {pool}.nodeSelector must be a Kubernetes label key"):
+            spec_with(nodeSelector={key: "h100"})
+    for value in ("v" * 64, "L40S only", "-x"):
+        with pytest.raises(ValidationError, match="is not a Kubernetes label value"):
+            spec_with(nodeSelector={"pool": value})
+    ok = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "pool": "", "a" * 63: "v" * 63}
+    assert getattr(spec_with(nodeSelector=ok), {"apiPool": "api_pool"}.get(pool, pool)).node_selector == ok
+    for toleration in ({"key": "gpu node", "operator": "Exists"}, {"key": "gpu", "value": "L40S only"},
+                       {"key": "gpu", "value": "v" * 64}):
+        with pytest.raises(ValidationError, match="should match pattern|at most 63 characters"):
+            spec_with(tolerations=[toleration])
+    spec_with(tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}, {"operator": "Exists"},
+                           {"key": "pool", "value": "gpu-a"}])
+    schema = crd.openapi_schema()["properties"]["spec"]["properties"][pool]["properties"]["nodeSelector"]
+    (rule,) = schema["x-kubernetes-validations"]
+    assert rule["message"] == models._label_key_message(f"{pool}.nodeSelector", models._NODE_SELECTOR_REFUSED)
+    assert schema["additionalProperties"]["pattern"] == models.LABEL_VALUE_PATTERN
 
 def test_token_hash_is_in_every_ray_pod_template_and_changes_with_the_token() -> None:
     one = _by_name(builders.children(OWNER, _spec(), vision_replicas=1, llm_replicas=1, ray_token_hash=builders.token_hash("a")))
