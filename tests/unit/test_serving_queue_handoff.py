@@ -393,3 +393,39 @@ def test_a_hole_is_not_called_lost_while_the_hand_over_runs() -> None:
         new.adopt(old.snapshot())
         assert await drain_text(new, "a") == ("AB", "finish")
     asyncio.run(main())
+
+
+def test_a_take_whose_answer_the_predecessor_never_sent_is_given_back_by_the_successor() -> None:
+    """The likeliest lost take is one the old replica leased as it stopped: the LLM replica names it in its next
+    take, which reaches the new replica. The numbered takes travel with the leases; before, the new replica did
+    not know what that take leased, so its items stayed leased to a live replica that never ran them (their
+    clients waited for the request timeout)."""
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a"), 1)
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        taken = await old.take("llm1", max_items=1, token_budget=100, wait_s=0, take_id=7)
+        assert [i.request_id for i in taken] == ["a"]  # ... and the answer never reached llm1
+        new.adopt(old.snapshot())
+        again = await new.take("llm1", max_items=1, token_budget=100, wait_s=0, take_id=8, lost_takes=[7])
+        assert [i.request_id for i in again] == ["a"] and again[0].deliveries == 1
+        assert new.stats()["leased"] == 1 and new.stats()["depth"] == 0
+    asyncio.run(main())
+
+
+def test_a_lost_take_named_to_the_successor_before_it_adopted_is_given_back_when_it_does() -> None:
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a"), 1)
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        assert [i.request_id for i in await old.take("llm1", max_items=1, token_budget=100, wait_s=0, take_id=7)] \
+            == ["a"]
+        # The LLM replica's next take names it, and reaches the new replica before the old one stopped.
+        assert await new.take("llm1", max_items=1, token_budget=100, wait_s=0, take_id=8, lost_takes=[7]) == []
+        new.adopt(old.snapshot())
+        assert new.stats()["leased"] == 0 and new.stats()["depth"] == 1  # back at the head, for the next take
+        again = await new.take("llm1", max_items=1, token_budget=100, wait_s=0, take_id=9)
+        assert [i.request_id for i in again] == ["a"] and again[0].deliveries == 1
+    asyncio.run(main())

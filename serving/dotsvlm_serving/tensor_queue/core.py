@@ -191,6 +191,10 @@ class QueueSnapshot:
     ended: list[str]
     cancelled: list[str]
     lost: list[str] = field(default_factory=list)  # consumers declared lost (refused if they call again)
+    # consumer -> (its numbered takes: take id -> the requests it leased, and the take ids it gave up): a take
+    # whose answer the predecessor never sent is named to the successor (`TensorQueueCore.take`). (A snapshot
+    # of an earlier release has none.)
+    takes: dict[str, tuple[dict[int, list[str]], list[int]]] = field(default_factory=dict)
 
 
 def _merge_mailbox(box: _Mailbox, other: MailboxState) -> None:
@@ -649,7 +653,9 @@ class TensorQueueCore:
                                          streamed=b.streamed, orphan=b.orphan)
                        for rid, b in self._mailboxes.items()},
             leases={cid: (list(c.leased.values()), sorted(c.cancelled)) for cid, c in self._consumers.items()},
-            ended=sorted(self._ended_unknown), cancelled=sorted(self._cancelled_unknown), lost=sorted(self._lost))
+            ended=sorted(self._ended_unknown), cancelled=sorted(self._cancelled_unknown), lost=sorted(self._lost),
+            takes={cid: (dict(c.takes), sorted(c.given_up)) for cid, c in self._consumers.items()
+                   if c.takes or c.given_up})
 
     def adopt(self, snap: QueueSnapshot) -> dict[str, int]:
         """Merge a predecessor's snapshot and leave hand-over mode. Its items go ahead of this replica's
@@ -673,6 +679,7 @@ class TensorQueueCore:
         leases = 0
         for cid in snap.lost:
             self._lost.setdefault(cid, now)
+        takes = getattr(snap, "takes", None) or {}  # (none from a predecessor of an earlier release)
         for cid, (leased, cancelled_by_client) in snap.leases.items():
             c = self._consumers.setdefault(cid, _Consumer(cid, now))
             c.cancelled.update(cancelled_by_client)
@@ -680,6 +687,19 @@ class TensorQueueCore:
                 if it.request_id not in ended:
                     c.leased.setdefault(it.request_id, it)
                     leases += 1
+            their_takes, their_given_up = takes.get(cid, ({}, []))
+            for tid, rids in their_takes.items():
+                c.takes.setdefault(tid, list(rids))
+            for old in sorted(c.takes)[:-_TAKES_KEPT]:
+                del c.takes[old]
+            for tid in sorted(c.given_up & set(their_takes)):  # named here before its record came: give it back now
+                c.given_up.discard(tid)
+                self._give_back_take(c, tid)
+            for tid in their_given_up:
+                if tid not in c.takes:
+                    c.given_up.add(tid)
+            while len(c.given_up) > _TAKES_KEPT:
+                c.given_up.discard(min(c.given_up))
             if cid in self._lost:  # declared lost here meanwhile: what it held goes to other replicas
                 self._declare_dead(c, reason="the LLM replica stopped responding")
         for rid in cancelled:
