@@ -83,3 +83,17 @@ def test_pod_monitor_uses_the_prometheus_operator_spelling_of_the_relabelings() 
         {{"source_labels": "sourceLabels"}.get(k, k) for k in r} for r in plain]
     renamed = {r["regex"].strip("^$"): r["replacement"] for r in plain if r["action"] == "labelmap"}
     assert renamed == {k: v for k, v in scrape.RAY_LABELS.items() if v}
+
+
+def test_each_dashboards_drop_downs_come_from_a_series_that_exists_while_the_deployment_runs() -> None:
+    """The namespace/deployment drop-downs list the label values of one metric. The vision and LLM dashboards
+    read them from their pool's own replicas, so with the pool at zero (vision scales to zero by default)
+    there was no deployment to choose, and every panel, the ingress's pending images and the replica
+    counts included, was empty: on a cold start, the moment someone looks. (The overview's was a counter,
+    absent until the first request.) A gauge of the ingress, the queue or the operator is always there."""
+    from dotsvlm_operator.monitoring.dashboards import DASHBOARDS
+    from dotsvlm_serving.metrics.catalog import spec
+
+    for name, d in DASHBOARDS.items():
+        m = spec(d.variable_metric)
+        assert m.kind == "gauge" and m.source in ("ingress", "queue", "operator"), (name, m.name, m.source, m.kind)

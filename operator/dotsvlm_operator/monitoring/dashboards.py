@@ -70,7 +70,9 @@ class Dashboard:
     uid: str
     title: str
     description: str
-    variable_metric: str  # a series always present for the namespace/deployment drop-downs
+    # The namespace/deployment drop-downs' source: a gauge of a component that always runs (ingress, queue,
+    # operator), not of a pool that can be at zero, nor a counter that exists only after its first event.
+    variable_metric: str
     rows: list[tuple[str, list[Panel]]] = field(default_factory=list)
 
 
@@ -131,7 +133,7 @@ def _ttft_with_targets() -> list[tuple[str, str]]:
 OVERVIEW = Dashboard(
     "dotsvlm-overview", "dotsvlm / Overview",
     "Traffic, errors and latency of one DotsVLMDeployment, per modality (text-only vs with images).",
-    "dotsvlm_requests",
+    "dotsvlm_requests_in_flight",
     [("Traffic and errors", [
         Panel("Requests per second", "Chat completion requests answered, by modality (none: refused before the "
               "messages were read).", [(rate("dotsvlm_requests", by="modality"), "{{modality}}")], "reqps", width=8),
@@ -169,7 +171,7 @@ OVERVIEW = Dashboard(
 VISION = Dashboard(
     "dotsvlm-vision", "dotsvlm / Vision pool",
     "The vision encoder pool: throughput, batching, latency and backlog, per replica.",
-    "dotsvlm_vision_backlog_images",
+    "dotsvlm_vision_pending_images",  # (the ingress's: there with the pool at zero too)
     [("Work", [
         Panel("Images encoded per second", "Per vision replica.",
               [(rate("dotsvlm_vision_images_encoded", by="replica"), "{{replica}}")], "short"),
@@ -236,7 +238,7 @@ QUEUE = Dashboard(
 LLM = Dashboard(
     "dotsvlm-llm", "dotsvlm / LLM pool",
     "The LLM pool: running and waiting requests, KV-cache use, tokens per second, inter-token latency.",
-    "dotsvlm_llm_running_requests",
+    "dotsvlm_queue_depth",  # (the queue's: there with the pool at zero too)
     [("Load", [
         Panel("Running requests", "Requests decoding, per LLM replica.",
               [(gauge("dotsvlm_llm_running_requests", "sum", "replica"), "{{replica}}")], "short"),
