@@ -5,6 +5,7 @@ taking work."""
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -321,4 +322,49 @@ def test_running_streams_keep_decoding_while_a_taken_requests_embeddings_arrive(
         assert engine.added.get("b") == "rows of handle-b"
         during = [t for t in engine.steps if fetch["start"] < t < fetch["end"]]
         assert len(during) >= 5, (len(during), len(engine.steps))  # "a" decoded on meanwhile
+    asyncio.run(main())
+
+
+def test_takes_are_numbered_again_once_the_queue_replica_of_an_earlier_release_is_replaced(monkeypatch) -> None:
+    """Plain takes are for the queue replica of an earlier release, while an image rollout has not reached it yet.
+    Before, an LLM replica that met one took without numbers for the rest of its life (so a lost take's items
+    stayed leased again), also when its TypeError had another cause; now it tries numbers again a while later."""
+    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
+
+    async def main() -> None:
+        core = TensorQueueCore(max_items=8, max_bytes=1000)
+        queue = _Queue(core)
+        sent: list[tuple] = []
+
+        async def old_take(cid: str, max_items: int, token_budget: int, wait_s: float):
+            return await core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0)
+
+        def take_of_old_release(*args):
+            sent.append(args[4:])
+            try:
+                return old_take(*args)
+            except TypeError as exc:  # (as Ray raises it: when the call is awaited)
+                async def refused(err: TypeError = exc):
+                    raise err
+                return refused()
+
+        async def take_of_this_release(cid: str, max_items: int, token_budget: int, wait_s: float, *more):
+            sent.append(more)
+            return await core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0,
+                                   **dict(zip(("take_id", "lost_takes"), more)))
+
+        queue.take = SimpleNamespace(remote=take_of_old_release)
+        engine = _Engine()
+        engine.running = set()
+        llm = await _replica(monkeypatch, queue, engine)
+        with pytest.raises(TypeError, match="positional argument"):
+            await llm._iteration()
+        await llm._iteration()
+        assert sent[-1] == ()  # plain, to the old replica
+        queue.take = SimpleNamespace(remote=lambda *args: take_of_this_release(*args))  # the queue rolled
+        llm._plain_takes_until = time.monotonic() - 1  # a while later
+        await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, payload={}), 1)
+        await llm._iteration()
+        assert sent[-1] and sent[-1][0] == llm._take_seq  # numbered again
+        assert engine.running == {"b"}
     asyncio.run(main())

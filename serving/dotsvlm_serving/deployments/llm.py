@@ -64,7 +64,11 @@ class LLMServer:
     _take_seq = 0
     _taking_sent: tuple[str, int, tuple[int, ...]] = ("", 0, ())  # the take in flight: (consumer, id, lost ids)
     _lost_takes: tuple[int, ...] = ()
-    _numbered_takes = True  # False while the queue replica is of an earlier release (an image rollout)
+    # Until when takes go without numbers (monotonic): the queue replica refused them, being of an earlier release
+    # (an image rollout rolls the LLM pool before it). Numbers are tried again after PLAIN_TAKES_S: by then the
+    # rollout has usually replaced it (and a refusal with another cause does not turn them off for good).
+    PLAIN_TAKES_S = 60.0
+    _plain_takes_until = 0.0
     # Graceful shutdown (scale-down, rolling update, node drain): stop taking work and finish what is
     # running for up to this long (the slice's drain_timeout_s, llm.drainTimeoutSeconds); what is left is
     # handed back to the queue at once. Serve waits the deployment's graceful_shutdown_timeout_s
@@ -192,8 +196,9 @@ class LLMServer:
             wait_s = 0.0 if busy else 1.0
             self._take_overdue_at = now + wait_s + self.TAKE_OVERDUE_S
             self._take_seq += 1
-            self._taking_sent = (self.consumer_id, self._take_seq if self._numbered_takes else 0, self._lost_takes)
-            numbered = (self._take_seq, list(self._lost_takes)) if self._numbered_takes else ()
+            numbered_takes = now >= self._plain_takes_until
+            self._taking_sent = (self.consumer_id, self._take_seq if numbered_takes else 0, self._lost_takes)
+            numbered = (self._take_seq, list(self._lost_takes)) if numbered_takes else ()
             self._taking = asyncio.ensure_future(self._take(self.consumer_id, self.queue.take.remote(
                 self.consumer_id, room, self.engine.free_tokens(), wait_s, *numbered)))
             if not busy:  # (busy: the room stays, as only this loop admits work and running requests only free it)
@@ -237,8 +242,8 @@ class LLMServer:
                 # A queue replica of an earlier release (an image rollout rolls the LLM pool before the queue's):
                 # its take has no numbers. (Ray's error for a remote TypeError is a TypeError too.)
                 log.warning("LLM replica: the tensor queue does not number takes (an earlier release); "
-                            "taking without numbers until it is replaced")
-                self._numbered_takes, self._lost_takes = False, ()
+                            "taking without numbers for %.0f s, until it is replaced (%s)", self.PLAIN_TAKES_S, exc)
+                self._plain_takes_until, self._lost_takes = time.monotonic() + self.PLAIN_TAKES_S, ()
             elif sent_as == self.consumer_id and take_id:
                 # Its answer is lost, not necessarily what it leased: the next take names it (repeats are harmless).
                 self._lost_takes = (*self._lost_takes, take_id)
