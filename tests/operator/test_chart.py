@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -205,6 +206,53 @@ def test_defaults_render_a_restricted_least_privilege_operator(helm_bin) -> None
     # update only on the finalizers subresource (what blockOwnerDeletion needs), never on an object.
     assert all(rule["resources"] == ["dotsvlmdeployments/finalizers"] for rule in role["rules"] if "update" in rule["verbs"])
     assert not any("*" in rule["resources"] for rule in role["rules"])
+
+
+class _NoDuplicateKeys(yaml.SafeLoader):
+    """Refuses a mapping that writes a key twice, as kubectl and `helm install` do (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        twice = {k for k in keys if keys.count(k) > 1}
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"key(s) written twice: {sorted(twice)}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def test_user_labels_that_repeat_the_charts_write_each_key_once_and_keep_the_selector(helm_bin) -> None:
+    """podLabels, metrics.serviceMonitor.labels, prometheusRule.labels and grafanaDashboards.labels with a key the
+    chart sets too: before, the key was written twice (kubectl and helm install refuse a duplicate key), and a
+    podLabels app.kubernetes.io/instance would have left the Deployment's selector without its pods."""
+    args = ["--set", "podLabels.app\\.kubernetes\\.io/instance=mine", "--set", "podLabels.app\\.kubernetes\\.io/name=x",
+            "--set", "podLabels.app\\.kubernetes\\.io/version=custom", "--set", "podLabels.team=ml",
+            *VALUE_SETS["monitoring"]]
+    for key in ("metrics.serviceMonitor.labels", "prometheusRule.labels", "grafanaDashboards.labels"):
+        args += ["--set", f"{key}.app\\.kubernetes\\.io/part-of=observability", "--set", f"{key}.release=kps"]
+    out = helm(helm_bin, "template", "dvlm", str(CHART), *args).stdout
+    objs = [d for d in yaml.load_all(out, Loader=_NoDuplicateKeys) if d]
+    (deployment,) = of_kind(objs, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    # The selector (and the name the NetworkPolicies admit) stay the chart's; the other labels are the user's.
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert naming.OPERATOR_POD_LABELS.items() <= labels.items()
+    assert labels["team"] == "ml" and labels["app.kubernetes.io/version"] == "custom"
+    for obj in of_kind(objs, "ServiceMonitor") + of_kind(objs, "PrometheusRule") + of_kind(objs, "ConfigMap"):
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "observability", obj["metadata"]
+        assert obj["metadata"]["labels"]["release"] == "kps"
+    assert of_kind(objs, "ServiceMonitor") and of_kind(objs, "PrometheusRule") and of_kind(objs, "ConfigMap")
+
+
+def test_a_long_release_name_still_gives_valid_object_names(helm_bin) -> None:
+    """Helm admits release names of up to 53 characters (dots too); the object names are cut to 63 (the metrics
+    Service's too: before, <fullname>-metrics had up to 71 characters, and a dotted release name made it no DNS
+    label, so `helm install` failed on the Service)."""
+    for release in ("prod-eu-west4-ml-platform-serving-operators", "ml.prod-" + "a" * 45):
+        objs = render(helm_bin, "--set", "metrics.serviceMonitor.enabled=true", release=release)
+        (service,) = of_kind(objs, "Service")
+        assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", service["metadata"]["name"]), service["metadata"]["name"]
+        (monitor,) = of_kind(objs, "ServiceMonitor")
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert all(len(o["metadata"]["name"]) <= 63 for o in objs if o["kind"] != "CustomResourceDefinition")
 
 
 def test_namespaced_mode_renders_roles_in_each_namespace(helm_bin) -> None:

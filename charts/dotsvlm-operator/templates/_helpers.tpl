@@ -23,7 +23,7 @@ the Ray dashboard (operator/dotsvlm_operator/naming.py, OPERATOR_POD_LABELS).
 */}}
 {{- define "dotsvlm-operator.selectorLabels" -}}
 app.kubernetes.io/name: dotsvlm-operator
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end -}}
 
 {{- define "dotsvlm-operator.labels" -}}
@@ -32,6 +32,23 @@ app.kubernetes.io/version: {{ (default .Chart.AppVersion .Values.image.tag) | tr
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: dotsvlm
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 }}
+{{- end -}}
+
+{{/*
+The chart's labels with a user's map over them (dict "root" $ "extra" .Values.<x>.labels), each key written once
+(a key written twice is a duplicate YAML key, which kubectl and `helm install` refuse).
+*/}}
+{{- define "dotsvlm-operator.labelsWith" -}}
+{{- toYaml (mustMergeOverwrite (include "dotsvlm-operator.labels" .root | fromYaml) (.extra | default dict)) -}}
+{{- end -}}
+
+{{/*
+The operator pod's labels: podLabels over the chart's labels, the selector labels over both (the Deployment's
+selector must match its pods, and every DotsVLMDeployment's NetworkPolicy admits the operator by its name label).
+*/}}
+{{- define "dotsvlm-operator.podLabels" -}}
+{{- $labels := mustMergeOverwrite (include "dotsvlm-operator.labels" . | fromYaml) (.Values.podLabels | default dict) -}}
+{{- toYaml (mustMergeOverwrite $labels (include "dotsvlm-operator.selectorLabels" . | fromYaml)) -}}
 {{- end -}}
 
 {{- define "dotsvlm-operator.serviceAccountName" -}}
