@@ -529,7 +529,7 @@ class ApiSpec(_Api):
 
     model_config = ConfigDict(json_schema_extra=_rules(
         (f"!(self.port in [{', '.join(map(str, RAY_HEAD_PORTS))}])",
-         f"api.port must not be one of Ray's own ports on the head ({', '.join(map(str, RAY_HEAD_PORTS))})"),
+         f"api.port must not be one of Ray's own ports on the pods that serve the API ({', '.join(map(str, RAY_HEAD_PORTS))})"),
     ))
 
 

@@ -66,10 +66,12 @@ GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 METRICS_PORT = 8080
 CLIENT_PORT = 10001
-# Ports the API may not take (the CRD's CEL rule on api.port lists them).
-RAY_HEAD_PORTS = (GCS_PORT, DASHBOARD_PORT, METRICS_PORT, CLIENT_PORT)
-# Ray's dashboard agent on every node; it answers /api/local_raylet_healthz (the pool pods' probes).
+# Ray's dashboard agent on every node (the head's too: Ray's default port); it answers /api/local_raylet_healthz
+# (the pool pods' probes).
 AGENT_PORT = 52365
+# Ports the API may not take (the CRD's CEL rule on api.port lists them): Ray's own on the pods where Serve's HTTP
+# proxy runs (the head, or the API pool's pods), where the proxy could not bind the port.
+RAY_HEAD_PORTS = (GCS_PORT, DASHBOARD_PORT, METRICS_PORT, CLIENT_PORT, AGENT_PORT)
 RAYLET_HEALTH_PATH = "/api/local_raylet_healthz"
 
 # --- stopping a pool pod ---------------------------------------------------------------------------------

@@ -67,6 +67,8 @@ INVALID = [
     ("service-type-unknown", _set("spec.api.serviceType", "Ingress"),
      'spec.api.serviceType: Unsupported value: "Ingress"'),
     ("api-port-is-ray-port", _set("spec.api.port", 8265), "api.port must not be one of Ray's own ports"),
+    ("api-port-is-ray-agent-port", _set("spec.api.port", 52365),
+     "api.port must not be one of Ray's own ports on the pods that serve the API (6379, 8265, 8080, 10001, 52365)"),
     ("api-port-privileged", _set("spec.api.port", 80), "spec.api.port in body should be greater than or equal to 1024"),
     ("context-too-long", _set("spec.llm.contextLength", 200000),
      "spec.llm.contextLength in body should be less than or equal to 163840"),
