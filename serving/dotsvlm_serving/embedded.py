@@ -56,15 +56,15 @@ def listen_error(host: str, port: int) -> str | None:
 
     if not 1 <= port <= 65535:
         return f"--port must be between 1 and 65535 (got {port})"
-    try:
-        family, _, _, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                   flags=socket.AI_PASSIVE)[0]
-    except (socket.gaierror, UnicodeError) as exc:
-        return f"--host {host!r} is not an address or a name this machine can resolve ({exc})"
+    # Bound as Serve's proxy binds it (`ray.serve._private.http_util`): IPv6 for an IPv6 address only, else IPv4 with
+    # the name resolved there (`localhost` is 127.0.0.1 to it, even where the name's first address is ::1).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy's server does
         try:
-            s.bind(addr)
+            s.bind((host, port))
+        except (socket.gaierror, UnicodeError) as exc:
+            return f"--host {host!r} is not an address or a name this machine can resolve ({exc})"
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return (f"port {port} on {host} is in use by another program (a `dotsvlm serve --detach` still "

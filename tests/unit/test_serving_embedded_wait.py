@@ -129,3 +129,28 @@ def test_a_port_or_host_the_api_cannot_listen_on_is_refused_before_ray_starts(mo
             assert said in capsys.readouterr().out
     assert not started
     assert embedded.listen_error("127.0.0.1", port) is None  # free again once its holder closed
+
+
+def test_the_listen_check_binds_as_serves_proxy_does_not_the_first_address_of_the_name(monkeypatch) -> None:
+    """Serve's proxy binds a host that is not an IPv6 literal on IPv4 (`localhost` -> 127.0.0.1). The check bound
+    the first address the name resolved to, which for `localhost` is ::1 on many hosts: with 127.0.0.1's port held
+    by another program it said nothing (and the proxy then failed to bind), and on a host without IPv6 it refused
+    `--host localhost` although the proxy would listen."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def ipv6_first(host, *args, **kw):
+        if host == "localhost":  # as with "::1 localhost" in /etc/hosts
+            port = args[0] if args else kw.get("port")
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))] + real("127.0.0.1", *args, **kw)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", ipv6_first)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert f"port {port} on localhost is in use" in (embedded.listen_error("localhost", port) or "")
+    assert embedded.listen_error("localhost", port) is None
+    assert embedded.listen_error("", port) is None and embedded.listen_error("0.0.0.0", port) is None
