@@ -55,7 +55,9 @@ def _resources(res: models.Resources | None, gpus: int) -> dict[str, Any]:
     return out
 
 
-def _ray_env(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> list[dict[str, Any]]:
+def _ray_env(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: str) -> list[dict[str, Any]]:
+    """Every Ray pod's environment; the API keys only where the Ingress runs (`api_component`: the head, or the API
+    pool), so a new api.apiKeySecretRef rolls no GPU pool."""
     env: list[dict[str, Any]] = [
         {"name": "RAY_AUTH_MODE", "value": "token"},
         {"name": "RAY_AUTH_TOKEN_PATH", "value": naming.TOKEN_PATH},
@@ -66,7 +68,7 @@ def _ray_env(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> list[dict[str,
         {"name": DEPLOYMENT_ENV, "value": owner.name},
     ]
     ref = spec.api.api_key_secret_ref
-    if ref is not None:
+    if ref is not None and component == api_component(spec):
         env.append({"name": serve_config.API_KEYS_ENV,
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return env
@@ -184,7 +186,7 @@ def _pod_template(owner: Owner, spec: models.DotsVLMDeploymentSpec, component: s
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": command,
-        "env": _ray_env(owner, spec) + gcs_fault_tolerance_env(owner, spec, component) + list(stop.env),
+        "env": _ray_env(owner, spec, component) + gcs_fault_tolerance_env(owner, spec, component) + list(stop.env),
         "ports": ports,
         "volumeMounts": mounts,
         **probes,

@@ -87,7 +87,10 @@ def test_every_ray_pod_has_token_auth() -> None:
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert env["RAY_AUTH_TOKEN_PATH"]["value"] == naming.TOKEN_PATH
         assert any(v.get("secret", {}).get("secretName") == "dots-ray-token" for v in pod["volumes"])
-        assert env["DOTSVLM_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "dots-api-keys", "key": "api-keys"}
+        # The API keys only where the Ingress runs (here the head: no API pool).
+        assert ("DOTSVLM_API_KEYS" in env) == (name == "dots-ray-head")
+        if name == "dots-ray-head":
+            assert env["DOTSVLM_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "dots-api-keys", "key": "api-keys"}
 
 
 def test_token_secret_is_not_among_the_reapplied_children() -> None:
@@ -196,6 +199,25 @@ def test_vision_change_does_not_touch_llm_or_head_templates() -> None:
             != before[("Deployment", "dots-vision")]["spec"]["template"]["metadata"]["annotations"][ann])
     # The Serve config (deployed through the head's REST API) does follow the change.
     assert after[("ConfigMap", "dots-serve-config")] != before[("ConfigMap", "dots-serve-config")]
+
+
+def test_api_keys_reach_only_the_pods_that_run_the_api_and_changing_them_rolls_no_gpu_pool() -> None:
+    """Only the Ingress reads the API keys, and it runs where the control resource is (the head, or the API pool).
+    Before, every Ray pod had the variable, so setting or changing api.apiKeySecretRef rolled the vision pool and
+    the LLM pool (whose replicas reload the model) for nothing, and a wrong Secret name stopped their pods too."""
+    keys = {"name": "dots-api-keys", "key": "api-keys"}
+    def key_env(dep):
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        return [e for e in c.get("env", []) if e["name"] == serve_config.API_KEYS_ENV]
+    for api_pool, api_dep in ((None, "dots-ray-head"), ({"replicas": 2}, "dots-api-pool")):
+        before = _kids(_spec(apiPool=api_pool, api__apiKeySecretRef=None))
+        after = _kids(_spec(apiPool=api_pool, api__apiKeySecretRef=keys))
+        assert key_env(after[("Deployment", api_dep)]) == [
+            {"name": serve_config.API_KEYS_ENV, "valueFrom": {"secretKeyRef": keys}}]
+        for name in {"dots-ray-head", "dots-vision", "dots-llm", "dots-api-pool"} - {api_dep}:
+            if ("Deployment", name) in after:
+                assert after[("Deployment", name)] == before[("Deployment", name)], name
+                assert not key_env(after[("Deployment", name)])
 
 
 def test_llm_change_does_not_touch_vision_template() -> None:
