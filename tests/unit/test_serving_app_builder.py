@@ -786,7 +786,8 @@ def test_a_request_the_vision_tower_cannot_take_fails_alone_not_the_requests_bat
     class NoMetrics:
         def observe(self, *_a) -> None: ...
 
-    async def main() -> None:
+    async def batch_of(values: tuple[float, ...]) -> tuple[VisionEncoder, list]:
+        """One batch of one-image requests (a request of 7s is one the tower cannot take): the encoder, answers."""
         enc = object.__new__(VisionEncoder)
         enc.cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"max_batch_wait_ms": 50}}).vision_encoder_config()
         enc._jobs, enc._wake, enc.tower, enc._encoding_images = [], asyncio.Event(), None, 0
@@ -795,20 +796,33 @@ def test_a_request_the_vision_tower_cannot_take_fails_alone_not_the_requests_bat
         enc._loop = asyncio.create_task(enc._batch_forever())
         loop = asyncio.get_running_loop()
         jobs = []
-        for value in (1.0, 7.0, 2.0):  # the second request is the one the tower cannot take
+        for value in values:
             pre = PreprocessedImages(torch.full((4, 1176), value), torch.tensor([[1, 2, 2]]), [1])
             jobs.append(_Job(pre, 784, loop.create_future(), 0.0, 1))
         enc._jobs.extend(jobs)
         enc._wake.set()
-        good1, bad, good2 = await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs), return_exceptions=True), 10)
+        return enc, await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs), return_exceptions=True), 10)
+
+    async def stop(enc: VisionEncoder) -> None:
+        enc._loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await enc._loop
+
+    async def main() -> None:
+        enc, (good1, bad, good2) = await batch_of((1.0, 7.0, 2.0))  # the second request: one the tower cannot take
         assert forwards[0] == 3  # one packed forward first
         assert isinstance(bad, RuntimeError) and "cannot take this input" in str(bad)
         assert float(good1[0][0]) == 1.0 and float(good2[0][0]) == 2.0
         enc.check_health()
         assert enc._failed_batches == 0
-        enc._loop.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await enc._loop
+        await stop(enc)
+        # Three such requests batched together by chance: one failed batch, not three (the replica is not
+        # replaced for them; MAX_FAILED_BATCHES batches failing in a row still make it unhealthy).
+        enc, answers = await batch_of((7.0, 7.0, 7.0))
+        assert all(isinstance(a, RuntimeError) for a in answers)
+        assert enc._failed_batches == 1
+        enc.check_health()
+        await stop(enc)
 
     asyncio.run(main())
 

@@ -206,9 +206,13 @@ class VisionEncoder:
                 log.warning("vision encode of a batch of %d requests failed (%s: %s); encoding each alone", len(batch),
                             type(exc).__name__, exc)
                 pre = None  # (the packed batch's memory goes before its requests are encoded again)
+                failed_before = self._failed_batches
                 for j in batch:
                     if not j.future.done():
                         await self._run_batch([j])
+                # The health check counts this as one failed batch, however many of its requests failed alone:
+                # a few inputs the tower cannot take, batched together by chance, do not get the replica replaced.
+                self._failed_batches = min(self._failed_batches, failed_before + 1)
                 return
             log.exception("vision encode failed")
             self._failed_batches += 1
