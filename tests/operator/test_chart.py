@@ -255,6 +255,17 @@ def test_a_long_release_name_still_gives_valid_object_names(helm_bin) -> None:
         assert all(len(o["metadata"]["name"]) <= 63 for o in objs if o["kind"] != "CustomResourceDefinition")
 
 
+def test_the_metrics_port_and_the_health_port_must_differ(helm_bin) -> None:
+    """Both are the operator's own servers in one container: with the same port the second could not bind and the
+    operator crashed at start, after an install that went through. Now the chart refuses it and says which to change."""
+    proc = helm(helm_bin, "template", "dvlm", str(CHART), "--set", "metrics.port=8080", check=False)
+    assert proc.returncode != 0 and "metrics.port and health.port are both 8080" in proc.stderr, proc.stderr
+    proc = helm(helm_bin, "template", "dvlm", str(CHART), "--set", "health.port=9090", check=False)
+    assert proc.returncode != 0 and "metrics.port and health.port are both 9090" in proc.stderr, proc.stderr
+    # With the metrics off, nothing binds their port.
+    helm(helm_bin, "template", "dvlm", str(CHART), "--set", "metrics.port=8080", "--set", "metrics.enabled=false")
+
+
 def test_namespaced_mode_renders_roles_in_each_namespace(helm_bin) -> None:
     objs = render(helm_bin, "--set", "watchNamespaces={ml,ml-staging}")
     assert {r["metadata"]["namespace"] for r in of_kind(objs, "Role")} == {"ml", "ml-staging"}
