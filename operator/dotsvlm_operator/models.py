@@ -179,6 +179,16 @@ class Toleration(_Api):
         return self
 
 
+# The resource names Kubernetes takes in a container (its standard ones, huge pages, or an extended resource with a
+# domain, e.g. example.com/fpga); any other name (memroy, gpu) passed the CRD and was refused in the pool's Deployment.
+_STANDARD_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+_RESOURCE_NAME_RULE = (f"k in [{', '.join(repr(r) for r in _STANDARD_RESOURCES)}] || k.startsWith('hugepages-') "
+                       "|| k.contains('/')")
+_RESOURCE_NAME_MESSAGE = ("every key of resources.requests and resources.limits must be a container resource: cpu, "
+                          "memory, ephemeral-storage, hugepages-<size>, or an extended resource with its domain (e.g. "
+                          "example.com/fpga); Kubernetes refuses the pods otherwise")
+
+
 class Resources(_Api):
     """Extra CPU / memory requests and limits for the pool's Ray container. GPUs are set from the pool's
     GPU fields, not here."""
@@ -188,6 +198,8 @@ class Resources(_Api):
          "do not set nvidia.com/gpu in resources: use the pool's gpusPerReplica instead", ".requests"),
         ("!has(self.limits) || !('nvidia.com/gpu' in self.limits)",
          "do not set nvidia.com/gpu in resources: use the pool's gpusPerReplica instead", ".limits"),
+        (f"!has(self.requests) || self.requests.all(k, {_RESOURCE_NAME_RULE})", _RESOURCE_NAME_MESSAGE, ".requests"),
+        (f"!has(self.limits) || self.limits.all(k, {_RESOURCE_NAME_RULE})", _RESOURCE_NAME_MESSAGE, ".limits"),
     ))
 
     requests: dict[str, int | str] | None = Field(
@@ -202,6 +214,8 @@ class Resources(_Api):
     def _quantities(cls, v: dict[str, int | str] | None) -> dict[str, int | str] | None:
         """The CRD's check, for a spec read without it: each value a Kubernetes quantity, not negative."""
         for name, q in (v or {}).items():
+            if not (name in _STANDARD_RESOURCES or name.startswith("hugepages-") or "/" in name):
+                raise ValueError(f"{_RESOURCE_NAME_MESSAGE} (got {name!r})")
             if isinstance(q, int) and q < 0 or isinstance(q, str) and not re.match(QUANTITY_PATTERN, q):
                 raise ValueError(f"{name}: {q!r} is not a Kubernetes quantity (e.g. 16, 500m, 200Gi; not negative)")
         return v

@@ -571,3 +571,14 @@ def test_an_api_pods_grace_period_leaves_room_for_the_tensor_queues_hand_over() 
     assert grace - 2 * naming.POD_STOP_MARGIN_S >= QUEUE_GRACEFUL_SHUTDOWN_TIMEOUT_S
     long = _spec(apiPool={"replicas": 2}, api__requestTimeoutSeconds=900)
     assert builders.api_pool_grace_seconds(long) == 900 + 2 * naming.POD_STOP_MARGIN_S
+
+
+def test_a_resource_name_kubernetes_does_not_know_is_refused_in_the_spec() -> None:
+    """resources: {requests: {memroy: 200Gi}} (or gpu: 1) passed admission, then every apply of the pool's
+    Deployment got a 422; the CRD refuses it now (tests/operator), and so does the spec model, with its message."""
+    for res in ({"requests": {"memroy": "200Gi"}}, {"limits": {"gpu": 1}}, {"requests": {"CPU": "2"}}):
+        with pytest.raises(ValidationError, match="every key of resources.requests and resources.limits must be"):
+            _spec(llm__resources=res)
+    ok = {"requests": {"cpu": 16, "memory": "200Gi", "ephemeral-storage": "50Gi", "hugepages-2Mi": "1Gi"},
+          "limits": {"memory": "400Gi", "example.com/fpga": 1}}
+    assert _spec(llm__resources=ok).llm.resources.requests == ok["requests"]
