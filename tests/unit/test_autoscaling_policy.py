@@ -432,6 +432,18 @@ def test_the_vision_pool_goes_to_zero_idle_to_zero_seconds_after_the_last_image(
     assert t == 300 and "300 s since the autoscaler started watching" in d.message, (t, d.message)
 
 
+
+def _low_load_at_500_shrinks_the_llm_pool_only_after_its_down_window(sp, state: p.PolicyState, cur: dict) -> None:
+    """From t=500, after a gap in fresh signals or decisions, an LLM pool of 4 at low load: the first reading
+    does not shrink it on its own; a low load lasting the whole 60 s down window does."""
+    first = p.decide(p.Snapshot(vision(1), llm(4, running=10)), sp, state, 500.0, current=cur)["llm"]
+    assert first.desired == 4 and first.reason == p.STABILIZING, first
+    for t in range(501, 562):
+        d = p.decide(p.Snapshot(vision(1), llm(4, running=10)), sp, state, float(t), current=cur)["llm"]
+        if d.desired < 4:
+            break
+    assert t == 560 and d.reason == p.LOW_LOAD and d.desired == 3, (t, d)
+
 def test_after_stale_metrics_the_windows_start_again() -> None:
     """A window counts only once watched in full: recommendations from before a gap in the signals do not
     fill it, so the first (momentarily low) fresh reading does not shrink the pool."""
@@ -443,14 +455,7 @@ def test_after_stale_metrics_the_windows_start_again() -> None:
     for t in range(300, 500):  # the LLM signals are stale: the pool holds
         d = p.decide(p.Snapshot(vision(1), llm(4, running=180, age_s=40)), sp, state, float(t), current=cur)["llm"]
         assert d.reason == p.METRICS_STALE and d.desired == 4
-    first = p.decide(p.Snapshot(vision(1), llm(4, running=10)), sp, state, 500.0, current=cur)["llm"]
-    assert first.desired == 4 and first.reason == p.STABILIZING, first
-    # The low reading that lasts the whole down window after the gap does shrink it.
-    for t in range(501, 562):
-        d = p.decide(p.Snapshot(vision(1), llm(4, running=10)), sp, state, float(t), current=cur)["llm"]
-        if d.desired < 4:
-            break
-    assert t == 560 and d.reason == p.LOW_LOAD and d.desired == 3, (t, d)
+    _low_load_at_500_shrinks_the_llm_pool_only_after_its_down_window(sp, state, cur)
 
 
 def test_a_wall_clock_that_steps_back_neither_freezes_the_pools_nor_skips_a_window() -> None:
@@ -493,13 +498,7 @@ def test_after_a_gap_without_decisions_the_windows_start_again() -> None:
     for t in range(300):  # 4 replicas' worth of demand
         cur = {k: d.desired for k, d in p.decide(p.Snapshot(vision(1), llm(4, running=180)), sp, state,
                                                    float(t), current=cur).items()}
-    first = p.decide(p.Snapshot(vision(1), llm(4, running=10)), sp, state, 500.0, current=cur)["llm"]
-    assert first.desired == 4 and first.reason == p.STABILIZING, first
-    for t in range(501, 562):
-        d = p.decide(p.Snapshot(vision(1), llm(4, running=10)), sp, state, float(t), current=cur)["llm"]
-        if d.desired < 4:
-            break
-    assert t == 560 and d.reason == p.LOW_LOAD and d.desired == 3, (t, d)
+    _low_load_at_500_shrinks_the_llm_pool_only_after_its_down_window(sp, state, cur)
 
 
 def test_a_vision_pool_whose_one_replica_is_not_running_keeps_it_until_the_idle_window() -> None:

@@ -194,6 +194,19 @@ class _NoMetrics:
     def observe(self, *_: object) -> None: ...
 
 
+
+def _bare_relay(vision, config: dict | None = None):
+    """A Relay with only what `encode` needs: the given vision handle, no metrics, fresh signals and admission."""
+    from dotsvlm_serving.autoscaling.signals import IngressSignals
+    from dotsvlm_serving.deployments.relay import Relay
+
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", **(config or {})})
+    relay = object.__new__(Relay)
+    relay.vision, relay.metrics, relay.signals = vision, _NoMetrics(), IngressSignals()
+    relay.admission = IngressAdmission(cfg.ingress_config())
+    relay.pixels_per_token, relay.hidden_size, relay.embed_dtype = 196, 8, "float32"
+    return relay
+
 def test_an_image_request_gets_a_504_at_its_deadline_while_no_vision_replica_can_take_it() -> None:
     """The vision pool at zero waking a replica that never starts (no free GPU): the request must end at its
     deadline with a 504 that says what to do, not wait forever; its call is cancelled and its pixels leave
@@ -201,14 +214,8 @@ def test_an_image_request_gets_a_504_at_its_deadline_while_no_vision_replica_can
     import time
 
     from dotsvlm_serving.api.errors import ApiError
-    from dotsvlm_serving.autoscaling.signals import IngressSignals
-    from dotsvlm_serving.deployments.relay import Relay
 
-    cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 0}}})
-    relay = object.__new__(Relay)
-    relay.vision, relay.metrics, relay.signals = _NeverAssigned(), _NoMetrics(), IngressSignals()
-    relay.admission = IngressAdmission(cfg.ingress_config())
-    relay.pixels_per_token, relay.hidden_size, relay.embed_dtype = 196, 8, "float32"
+    relay = _bare_relay(_NeverAssigned(), {"vision": {"autoscaling": {"min_replicas": 0}}})
     started = time.monotonic()
     with pytest.raises(ApiError) as err:
         asyncio.run(asyncio.wait_for(relay.encode([b"png"], [4], started + 0.3), 10))
@@ -231,20 +238,14 @@ def test_an_image_request_whose_embeddings_never_come_gets_a_504_at_its_deadline
     import time
 
     from dotsvlm_serving.api.errors import ApiError
-    from dotsvlm_serving.autoscaling.signals import IngressSignals
     from dotsvlm_serving.deployments import ref_watch
-    from dotsvlm_serving.deployments.relay import Relay
 
     def never_ready(refs, *, num_returns, timeout, fetch_local):
         time.sleep(timeout)
         return [], list(refs)
 
     monkeypatch.setattr(ref_watch.ray, "wait", never_ready)
-    cfg = ServeAppConfig.model_validate({"model_path": "/m"})
-    relay = object.__new__(Relay)
-    relay.vision, relay.metrics, relay.signals = _NeverEncoded(), _NoMetrics(), IngressSignals()
-    relay.admission = IngressAdmission(cfg.ingress_config())
-    relay.pixels_per_token, relay.hidden_size, relay.embed_dtype = 196, 8, "float32"
+    relay = _bare_relay(_NeverEncoded())
     started = time.monotonic()
     with pytest.raises(ApiError) as err:
         asyncio.run(asyncio.wait_for(relay.encode([b"png"], [4], started + 0.3), 10))

@@ -214,6 +214,19 @@ def test_one_request_that_fails_in_a_decode_step_ends_alone_and_the_others_decod
     assert not eng.has_work()
 
 
+
+def _break_decode(llm: DeepseekV3ForCausalLM, monkeypatch):
+    """Make the batch's decode forward fail as a broken device does (prefills still run); the real forward."""
+    real_forward = llm.forward
+
+    def broken(*args, **kw):
+        if "input_ids" in kw:  # the batch's decode, not a prefill
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_forward(*args, **kw)
+
+    monkeypatch.setattr(llm, "forward", broken)
+    return real_forward
+
 def test_a_decode_step_that_raises_keeps_the_events_it_made_before(llm: DeepseekV3ForCausalLM, monkeypatch) -> None:
     """The batch's forward failing must not lose what the step already produced: a request that ended in
     its prefill (max_tokens=1) or was cancelled still gets its terminal event (else its client waits for
@@ -225,14 +238,7 @@ def test_a_decode_step_that_raises_keeps_the_events_it_made_before(llm: Deepseek
     eng.step()
     eng.cancel("gone")
     eng.add(EngineRequest("one", torch.randn(5, 64, generator=g), SamplingParams(max_tokens=1, temperature=0)))
-    real_forward = llm.forward
-
-    def broken(*args, **kw):
-        if "input_ids" in kw:  # the batch's decode, not a prefill
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_forward(*args, **kw)
-
-    monkeypatch.setattr(llm, "forward", broken)
+    real_forward = _break_decode(llm, monkeypatch)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         eng.step()
     monkeypatch.setattr(llm, "forward", real_forward)
@@ -258,14 +264,7 @@ def test_batch_forwards_that_keep_failing_make_the_engine_unhealthy(llm: Deepsee
 
     engine = TransformersEngine(llm, detok, image_token_id=200, eos_token_ids=set(), max_running=4,
                                 kv_cache_tokens=4096, context_length=256)
-    real_forward = llm.forward
-
-    def broken(*args, **kw):
-        if "input_ids" in kw:  # the batch's decode, not a prefill
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_forward(*args, **kw)
-
-    monkeypatch.setattr(llm, "forward", broken)
+    real_forward = _break_decode(llm, monkeypatch)
     for n in range(Engine.MAX_FAILED_FORWARDS):
         assert engine.health_error() is None
         engine.add(EngineInput(f"r{n}", [5, 9, 17], None, SamplingParams(max_tokens=6, temperature=0)))

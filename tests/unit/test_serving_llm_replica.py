@@ -242,6 +242,24 @@ def test_a_take_given_up_before_it_ran_leases_nothing() -> None:
     asyncio.run(main())
 
 
+
+def _take_of_an_earlier_release(core: TensorQueueCore, sent: list[tuple] | None = None):
+    """The take of a queue replica of an earlier release: four arguments; numbers make it raise TypeError as
+    Ray raises it (when the call is awaited). `sent` records the arguments after the four."""
+    async def old_take(cid: str, max_items: int, token_budget: int, wait_s: float):
+        return await core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0)
+
+    def take(*args):
+        if sent is not None:
+            sent.append(args[4:])
+        try:
+            return old_take(*args)
+        except TypeError as exc:
+            async def refused(err: TypeError = exc):
+                raise err
+            return refused()
+    return take
+
 def test_a_queue_replica_of_an_earlier_release_gets_plain_takes(monkeypatch) -> None:
     """An image rollout rolls the LLM pool before the queue's replica: its take refuses the numbers."""
     monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
@@ -249,18 +267,7 @@ def test_a_queue_replica_of_an_earlier_release_gets_plain_takes(monkeypatch) -> 
     async def main() -> None:
         core = TensorQueueCore(max_items=8, max_bytes=1000)
         queue = _Queue(core)
-
-        async def old_take(cid: str, max_items: int, token_budget: int, wait_s: float):
-            return await core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0)
-
-        def take(*args):
-            try:
-                return old_take(*args)
-            except TypeError as exc:  # (as Ray raises it: when the call is awaited)
-                async def refused(err: TypeError = exc):
-                    raise err
-                return refused()
-        queue.take = SimpleNamespace(remote=take)
+        queue.take = SimpleNamespace(remote=_take_of_an_earlier_release(core))
         engine = _Engine()
         engine.running = set()
         llm = await _replica(monkeypatch, queue, engine)
@@ -335,18 +342,7 @@ def test_takes_are_numbered_again_once_the_queue_replica_of_an_earlier_release_i
         core = TensorQueueCore(max_items=8, max_bytes=1000)
         queue = _Queue(core)
         sent: list[tuple] = []
-
-        async def old_take(cid: str, max_items: int, token_budget: int, wait_s: float):
-            return await core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0)
-
-        def take_of_old_release(*args):
-            sent.append(args[4:])
-            try:
-                return old_take(*args)
-            except TypeError as exc:  # (as Ray raises it: when the call is awaited)
-                async def refused(err: TypeError = exc):
-                    raise err
-                return refused()
+        take_of_old_release = _take_of_an_earlier_release(core, sent)
 
         async def take_of_this_release(cid: str, max_items: int, token_budget: int, wait_s: float, *more):
             sent.append(more)
