@@ -285,6 +285,14 @@ def test_a_malformed_image_url_is_the_clients_error_not_a_server_error(url: str)
     assert ei.value.status == 400 and "malformed" in ei.value.message and ei.value.code == "invalid_image_url"
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/a\x01.png", "http://127.0.0.1:9/" + "a" * 70_000])
+def test_an_image_url_httpx_cannot_send_is_a_400_before_any_connection(url: str) -> None:
+    """A control character or a URL over 64 KiB passed every check and crashed the GET (500)."""
+    with pytest.raises(ApiError) as ei:
+        load(url, policy(fetch_allow=["127.0.0.1"]))
+    assert ei.value.status == 400 and "malformed" in ei.value.message and ei.value.code == "invalid_image_url"
+
+
 def test_public_address_classification() -> None:
     assert is_public_address(ipaddress.ip_address("8.8.8.8"))
     assert not is_public_address(ipaddress.ip_address("172.16.0.1"))

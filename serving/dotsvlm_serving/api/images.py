@@ -167,7 +167,10 @@ async def fetch_image(url: str, policy: FetchPolicy, *, client: httpx.AsyncClien
 async def _fetch_once(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes | str:
     try:
         parts = urlsplit(url)
-    except ValueError as exc:  # e.g. an unclosed IPv6 bracket: "http://[::1/x"
+        # What httpx refuses to send (a control character, a URL over 64 KiB) is the client's error too; its
+        # InvalidURL is no HTTPError, and it came out of the GET as a 500.
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:  # e.g. an unclosed IPv6 bracket: "http://[::1/x"
         raise _bad(f"image URL is malformed ({exc}): {url[:200]!r}") from None
     if parts.scheme not in ("http", "https"):
         raise _bad(f"image URL scheme {parts.scheme!r} is not supported; use http(s) or a data: URL")
