@@ -513,3 +513,42 @@ def test_a_vision_pool_whose_one_replica_is_not_running_keeps_it_until_the_idle_
         if d.desired == 0:
             break
     assert t == 300 and d.reason == p.IDLE_TO_ZERO, (t, d)
+
+
+def _idle_vision_pool_after_a_gap(gap: float, stale_for: int = 0) -> tuple[int, p.Decision]:
+    """A vision pool (minReplicas 0, idleToZeroSeconds 300) whose last image was seen at t=0 and that decided
+    every second for 100 s; then no decision for `gap` seconds (a clock stepped forward), or `stale_for` seconds
+    of stale signals; then quiet, fresh signals every second. The seconds of fresh watching after the gap until
+    the pool went to zero, and that decision."""
+    sp = spec(vision={"min_replicas": 0, "idle_to_zero_s": 300, "downscale_delay_s": 60})
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 1}
+    quiet = lambda age=0.0: p.Snapshot(vision(cur["vision"], rate=4e6, admitted_pixels_total=5e6, age_s=age), llm(1))
+    first = p.Snapshot(vision(1, requests=1, pixels=1e6, rate=4e6, admitted_pixels_total=5e6), llm(1))
+    p.decide(first, sp, state, 0.0, current=cur)
+    for t in range(1, 100):
+        cur = {k: d.desired for k, d in p.decide(quiet(), sp, state, float(t), current=cur).items()}
+    for t in range(100, 100 + stale_for):
+        cur = {k: d.desired for k, d in p.decide(quiet(age=60.0), sp, state, float(t), current=cur).items()}
+    resumed = 100 + stale_for + gap
+    for t in range(400):
+        d = p.decide(quiet(), sp, state, resumed + t, current=cur)["vision"]
+        cur["vision"] = d.desired
+        if d.desired == 0:
+            return t, d
+    raise AssertionError("the pool never went to zero")
+
+
+def test_a_clock_stepped_forward_does_not_send_an_idle_vision_pool_to_zero_at_once() -> None:
+    """The wall clock steps forward by 600 s (NTP, a resumed VM) over a pool idle for 100 s: the step is no
+    idle time (nothing was watched), so the pool keeps its warm replica until 300 s of idleness were seen
+    (100 before the step, 200 after). Before, the first decision after the step saw 700 s without image work
+    and took the pool to zero at once, while the windows (restarted by the gap) held everything else."""
+    t, d = _idle_vision_pool_after_a_gap(600.0)
+    assert 200 <= t <= 201 and d.reason == p.IDLE_TO_ZERO, (t, d)  # 300 s less the ~100 s watched before
+
+
+def test_stale_vision_signals_are_no_idle_time_either() -> None:
+    """While the ingress's signals are stale the pool holds and nothing is watched: a first fresh reading after
+    500 s of stale signals did not hold the pool (as documented) but sent it to zero at once."""
+    t, d = _idle_vision_pool_after_a_gap(0.0, stale_for=500)
+    assert 200 <= t <= 201 and d.reason == p.IDLE_TO_ZERO, (t, d)

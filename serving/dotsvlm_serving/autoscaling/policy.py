@@ -598,9 +598,19 @@ def follow_clock(state: PolicyState, now: float, spec: PolicySpec | None = None)
 
     With `spec`: when no decision was made for longer than a pool's `metrics_stale_s` (the controller stalled,
     or the clock stepped forward), nothing was watched in between, as with stale signals: the windows start
-    again (a single reading after the gap shrank the pool at once). Called by `decide`; idempotent."""
+    again (a single reading after the gap shrank the pool at once). Neither the gap nor the time since a decision
+    that held the pool on missing or stale signals counts as idle time for scale-to-zero: the idle timer moves
+    forward by it, so a vision pool goes to zero only after idleToZeroSeconds of idleness actually watched (the
+    first decision after a clock stepped forward by more than idleToZeroSeconds took it to zero at once).
+    Called by `decide`; idempotent."""
     for pool, st in (("vision", state.vision), ("llm", state.llm)):
         cfg = getattr(spec, pool) if spec is not None else None
+        unwatched = st.clock is not None and now > st.clock and (
+            st.observed_since is None or (cfg is not None and now - st.clock > cfg.metrics_stale_s))
+        if unwatched and st.last_work_at is not None:
+            # `observed_since` is None only after a hold (`_hold`) or a gap: the decision before this one watched
+            # nothing. Idle time watched before it still counts.
+            st.last_work_at += now - st.clock  # type: ignore[operator]
         if st.clock is not None and cfg is not None and now - st.clock > cfg.metrics_stale_s:
             st.observed_since, st.recommendations = None, []
         if st.clock is not None and now < st.clock:
