@@ -476,3 +476,19 @@ def test_an_address_that_does_not_connect_falls_back_to_the_hosts_next_one(serve
     with pytest.raises(ApiError) as ei:
         load(url, policy(fetch_allow=["localhost"]))
     assert ei.value.status == 400 and "could not connect to 'localhost' at any of its addresses: ::1" in ei.value.message
+
+
+def test_without_max_tokens_the_default_completion_fits_a_kv_cache_smaller_than_the_context() -> None:
+    """llm.kv_cache_tokens below llm.context_length: a request that sent no max_tokens gets the completion that
+    fits (it was refused with "lower max_tokens"); one that asks for more than fits is still refused."""
+    from types import SimpleNamespace
+
+    from dotsvlm_serving.deployments.ingress import Ingress
+
+    ing = object.__new__(Ingress)
+    ing.cfg = SimpleNamespace(context_length=4096, kv_cache_tokens=1000, max_new_tokens_default=256)
+    assert ing._sampling(parse_chat_request(req()), 900)["max_tokens"] == 100
+    assert ing._sampling(parse_chat_request(req()), 10)["max_tokens"] == 256
+    with pytest.raises(ApiError) as ei:
+        ing._sampling(parse_chat_request(req(max_tokens=200)), 900)
+    assert ei.value.status == 400 and ei.value.code == "context_length_exceeded" and "1100" in ei.value.message

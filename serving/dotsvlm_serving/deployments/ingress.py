@@ -485,14 +485,16 @@ class Ingress:
         cfg = self.cfg
         where = "prompt" if isinstance(req, CompletionRequest) else "messages"
         room = cfg.context_length - prompt_tokens
+        kv = cfg.kv_cache_tokens
         limit = req.completion_limit()
         if limit is None:
             if room < 1:
                 raise self._too_long(prompt_tokens, 1, where)
-            limit = min(cfg.max_new_tokens_default, room)
+            # The default also fits an LLM replica's KV cache (llm.kv_cache_tokens may be below the context): a
+            # request that sent no max_tokens was refused with "lower max_tokens".
+            limit = min(cfg.max_new_tokens_default, room, max(1, kv - prompt_tokens))
         elif prompt_tokens + limit > cfg.context_length:
             raise self._too_long(prompt_tokens, limit, where)
-        kv = cfg.kv_cache_tokens
         if prompt_tokens + limit > kv:
             raise ApiError(400, f"the request needs {prompt_tokens + limit} KV-cache tokens but an LLM replica has "
                                 f"{kv}: lower max_tokens or shorten the prompt", code="context_length_exceeded")
