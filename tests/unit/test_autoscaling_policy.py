@@ -552,3 +552,28 @@ def test_stale_vision_signals_are_no_idle_time_either() -> None:
     500 s of stale signals did not hold the pool (as documented) but sent it to zero at once."""
     t, d = _idle_vision_pool_after_a_gap(0.0, stale_for=500)
     assert 200 <= t <= 201 and d.reason == p.IDLE_TO_ZERO, (t, d)
+
+
+def test_a_decision_always_lies_within_the_bounds_it_is_decided_with() -> None:
+    """The user changes a pool's bounds while Serve's target is still the old one (outside them): the decision
+    (published to /-/autoscaler, the resource's status and dotsvlm_autoscaler_desired_replicas) said 4 replicas
+    under maxReplicas 2, or 2 under minReplicas 3, for as long as the windows or a hold kept the old target.
+    It is the target within the new bounds, and not counted as a scaling action of the autoscaler."""
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 4}
+    for t in range(100):  # 4 LLM replicas' worth of demand
+        cur = {k: d.desired for k, d in p.decide(p.Snapshot(vision(1), llm(4, running=30)), spec(), state, float(t),
+                                                   current=cur).items()}
+    assert cur["llm"] == 4
+    lowered = spec(llm={"max_replicas": 2})
+    d = p.decide(p.Snapshot(vision(1), llm(4, running=30)), lowered, state, 100.0, current=cur)["llm"]
+    assert (d.desired, d.current, d.direction) == (2, 2, "hold"), d
+    assert "maxReplicas" in state.llm.last_message and state.llm.last_change_at == 100.0, state.llm.last_message
+    stale = p.decide(p.Snapshot(vision(1), llm(4, running=30, age_s=60)), lowered, p.PolicyState(), 0.0, current=cur)
+    assert stale["llm"].desired == 2 and stale["llm"].reason == p.METRICS_STALE, stale["llm"]
+    missing = p.decide(p.Snapshot(vision(1), None), lowered, p.PolicyState(), 0.0, current=cur)["llm"]
+    assert missing.desired == 2, missing
+    # A raised minimum above what runs plus a step: the target is the new minimum at once (Serve applies it).
+    raised = spec(vision={"min_replicas": 3, "max_scale_up_step": 1})
+    d = p.decide(p.Snapshot(vision(1), llm(4, running=30)), raised, p.PolicyState(), 0.0,
+                 current={"vision": 1, "llm": 4})["vision"]
+    assert d.desired == 3 and d.direction == "hold", d

@@ -331,3 +331,22 @@ def test_a_stat_that_is_not_a_number_is_no_sample_and_does_not_stop_the_policy(m
     policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: cfg.policy_config())
     decisions, _ = policy({_DeploymentID(name): ctx for name, ctx in by_name.items()})
     assert {dep.name for dep in decisions} == {VISION_DEPLOYMENT, LLM_DEPLOYMENT}
+
+
+def test_published_decisions_lie_within_the_bounds_published_with_them(monkeypatch) -> None:
+    """maxReplicas lowered from 8 to 2 while Serve's target is still 4: what the policy publishes (desired in
+    /-/autoscaler and the status, dotsvlm_autoscaler_desired_replicas) and returns lies within the new bounds, also
+    while no replica runs and requests wait (Serve's cold start keeps the target it had, then bounds it)."""
+    import time
+
+    raw = {"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 0, "max_replicas": 2}},
+           "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}}
+    cfg = ServeAppConfig.model_validate(raw)
+    wrapped, counted, published = _serve_wrapped_app(cfg, monkeypatch)
+    targets = {VISION_DEPLOYMENT: 4, LLM_DEPLOYMENT: 1, INGRESS_DEPLOYMENT: 1, QUEUE_DEPLOYMENT: 1}
+    for running_vision in (4, 0):
+        running = {VISION_DEPLOYMENT: running_vision, LLM_DEPLOYMENT: 1, INGRESS_DEPLOYMENT: 1, QUEUE_DEPLOYMENT: 1}
+        wrapped(_app_contexts(time.time(), targets, running, {}, cfg, images_waiting=16))
+        d = published[-1]["vision"][0]
+        assert d.desired <= 2 and d.current <= 2, (running_vision, d)
+    assert not [c for c in counted if c[0] == "vision"], "the bounds moved the target, not the autoscaler"

@@ -589,6 +589,21 @@ def _note_outside_change(pool: Pool, st: PoolState, cur: int, now: float) -> Non
         st.last_scale_up_at = now
 
 
+def _note_new_bounds(pool: Pool, st: PoolState, cur: int, bounded: int, cfg: VisionAutoscaling | LLMAutoscaling,
+                     now: float) -> None:
+    """Serve's target lies outside the pool's bounds (the user has just changed them): Serve keeps a pool within
+    its bounds whatever the policy returns, so the pool's target is the nearest bound now. The decision starts
+    from there, so that what is published (desired, current) lies within the bounds published with it, and the
+    move is the bounds' doing, not a scaling action of the autoscaler."""
+    bound = "maxReplicas" if bounded < cur else "minReplicas"
+    st.last_reason, st.last_message = STABLE, (
+        f"{bound} of the {pool} pool is now {bounded} (bounds {cfg.min_replicas}..{cfg.max_replicas}): the target "
+        f"moves from {cur} to {bounded} replica(s)")
+    st.last_change_at = now
+    if bounded > cur:
+        st.last_scale_up_at = now
+
+
 def follow_clock(state: PolicyState, now: float, spec: PolicySpec | None = None) -> None:
     """The live policy runs on the wall clock (Serve calls it with time.time()). When that clock steps back
     (NTP, a VM resumed), every time the state holds lies in the future: no window counted as watched, no
@@ -642,6 +657,10 @@ def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
             cur = st.target if st.target is not None else (sig.running_replicas if sig is not None else cfg.min_replicas)
         if st.target is not None and cur != st.target:
             _note_outside_change(pool, st, cur, now)
+        bounded = max(cfg.min_replicas, min(cfg.max_replicas, cur))
+        if bounded != cur:
+            _note_new_bounds(pool, st, cur, bounded, cfg, now)
+            cur = bounded
         if sig is None:
             out[pool] = _hold(pool, cur, METRICS_MISSING,
                               f"no {pool} metrics reached the autoscaler: holding {cur} replica(s)", st)

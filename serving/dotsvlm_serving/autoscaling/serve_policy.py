@@ -298,6 +298,9 @@ class DotsVLMAutoscalingPolicy:
             if name in ids:
                 d = decisions[pool]  # type: ignore[index]
                 applied, cold = serve_applies(by_name[name], d.desired)
+                # Serve bounds what it applies (its cold start keeps a target the new bounds no longer allow)
+                bounds = spec.vision if pool == "vision" else spec.llm
+                applied = max(bounds.min_replicas, min(bounds.max_replicas, applied))
                 if applied != d.desired:  # Serve overrides the policy here: record and publish what it applies
                     d = decisions[pool] = _as_applied(  # type: ignore[index]
                         d, applied, cold, state.pool(pool), PoolState.from_json(before[pool]), now)  # type: ignore[arg-type]
