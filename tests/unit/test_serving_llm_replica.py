@@ -226,6 +226,46 @@ def test_items_of_a_take_whose_reply_was_lost_go_back_to_the_queue_and_run(monke
     asyncio.run(main())
 
 
+def test_takes_that_keep_failing_name_one_lost_take_and_its_items_still_come_back(monkeypatch) -> None:
+    """Before, every failed take added its id to the list of lost takes, and every later take carried the whole
+    list: while the queue replica stayed unreachable (minutes: 2 takes a second) it grew without bound. Now a
+    take sent while some are lost only names them and leases nothing, so its own loss adds nothing; the item
+    the first lost take leased still goes back to the queue and runs once takes get through again."""
+    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
+
+    async def main() -> None:
+        core = TensorQueueCore(max_items=8, max_bytes=1000)
+        queue = _Queue(core)
+        sent: list[tuple] = []
+        state = {"failing": 1 + 50}  # the first reaches the queue (its reply is lost), then 50 never arrive
+
+        async def take(cid: str, max_items: int, token_budget: int, wait_s: float, *more):
+            sent.append(more)
+            if state["failing"] == 51:
+                await core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0,
+                                **dict(zip(("take_id", "lost_takes"), more)))
+            if state["failing"] > 0:
+                state["failing"] -= 1
+                raise ActorUnavailableError("the connection to it was lost", None)
+            return await core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0,
+                                   **dict(zip(("take_id", "lost_takes"), more)))
+        queue.take = SimpleNamespace(remote=take)
+        engine = _Engine()
+        engine.running = set()
+        llm = await _replica(monkeypatch, queue, engine)
+        await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, payload={}, stream=True), 1)
+        for _ in range(51):
+            with pytest.raises(ActorUnavailableError):  # the run loop logs it and goes on
+                await llm._iteration()
+        assert core.stats()["leased"] == 1 and engine.running == set()
+        assert max(len(more[1]) for more in sent) <= 1, [len(more[1]) for more in sent]
+        await llm._iteration()
+        assert engine.running == {"b"}  # given back, then taken again: it runs here, once
+        assert core.stats()["leased"] == 1 and core.stats()["depth"] == 0
+        assert llm._lost_takes == ()
+    asyncio.run(main())
+
+
 def test_a_take_given_up_before_it_ran_leases_nothing() -> None:
     """The lost take may still be on its way (or waiting for items) when the replica gives it up."""
     async def main() -> None:

@@ -64,6 +64,7 @@ class LLMServer:
     _take_seq = 0
     _taking_sent: tuple[str, int, tuple[int, ...]] = ("", 0, ())  # the take in flight: (consumer, id, lost ids)
     _lost_takes: tuple[int, ...] = ()
+    _giving_back = False  # the take in flight only names lost takes (`_send_take`): it leases nothing
     # Until when takes go without numbers (monotonic): the queue replica refused them, being of an earlier release
     # (an image rollout rolls the LLM pool before it). Numbers are tried again after PLAIN_TAKES_S: by then the
     # rollout has usually replaced it (and a refusal with another cause does not turn them off for good).
@@ -194,15 +195,12 @@ class LLMServer:
             if not busy:
                 await self._publish(wait=True)
             wait_s = 0.0 if busy else 1.0
-            self._take_overdue_at = now + wait_s + self.TAKE_OVERDUE_S
-            self._take_seq += 1
-            numbered_takes = now >= self._plain_takes_until
-            self._taking_sent = (self.consumer_id, self._take_seq if numbered_takes else 0, self._lost_takes)
-            numbered = (self._take_seq, list(self._lost_takes)) if numbered_takes else ()
-            self._taking = asyncio.ensure_future(self._take(self.consumer_id, self.queue.take.remote(
-                self.consumer_id, room, self.engine.free_tokens(), wait_s, *numbered)))
+            giving_back = self._send_take(room, wait_s, now)
             if not busy:  # (busy: the room stays, as only this loop admits work and running requests only free it)
                 await self._admit_taken()
+                if giving_back and not (self._lost_takes or self._lost) and self._taking is None:  # given back: take them now
+                    self._send_take(room, wait_s, now)
+                    await self._admit_taken()
         if self._to_cancel:
             for rid in self._to_cancel:
                 self.engine.cancel(rid)
@@ -230,11 +228,29 @@ class LLMServer:
         elif unhealthy and not self.engine.has_work():
             await asyncio.sleep(0.5)  # takes no work until Serve replaces it: do not spin
 
+    def _send_take(self, room: int, wait_s: float, now: float) -> bool:
+        """Send a take (its answer is admitted by `_admit_taken`). While earlier takes' answers are lost, the
+        take only names them and leases nothing (True): a take that fails then adds no id of its own to name,
+        so the list stays one id long however long takes keep failing (before, each failed take added one, and
+        every later take carried them all). The queue has given them back once one such take is answered."""
+        self._take_overdue_at = now + wait_s + self.TAKE_OVERDUE_S
+        self._take_seq += 1
+        numbered_takes = now >= self._plain_takes_until
+        giving_back = numbered_takes and bool(self._lost_takes)
+        if giving_back:
+            room, wait_s = 0, 0.0
+        self._taking_sent = (self.consumer_id, self._take_seq if numbered_takes else 0, self._lost_takes)
+        self._giving_back = giving_back
+        numbered = (self._take_seq, list(self._lost_takes)) if numbered_takes else ()
+        self._taking = asyncio.ensure_future(self._take(self.consumer_id, self.queue.take.remote(
+            self.consumer_id, room, self.engine.free_tokens(), wait_s, *numbered)))
+        return giving_back
+
     async def _admit_taken(self) -> None:
         """Wait for the take in flight and hand its items to the engine. None: the queue declared this replica
         lost. Items taken under an id this replica has since given up were given back by the queue when it
         declared that id lost (or answered None): they are not run here."""
-        taking, (sent_as, take_id, named) = self._taking, self._taking_sent
+        taking, (sent_as, take_id, named), giving_back = self._taking, self._taking_sent, self._giving_back
         try:
             consumer_id, items, fetched = await taking  # type: ignore[misc]
         except Exception as exc:
@@ -244,7 +260,7 @@ class LLMServer:
                 log.warning("LLM replica: the tensor queue does not number takes (an earlier release); "
                             "taking without numbers for %.0f s, until it is replaced (%s)", self.PLAIN_TAKES_S, exc)
                 self._plain_takes_until, self._lost_takes = time.monotonic() + self.PLAIN_TAKES_S, ()
-            elif sent_as == self.consumer_id and take_id:
+            elif sent_as == self.consumer_id and take_id and not giving_back:
                 # Its answer is lost, not necessarily what it leased: the next take names it (repeats are harmless).
                 self._lost_takes = (*self._lost_takes, take_id)
             raise
