@@ -9,6 +9,7 @@ are snake_case in Python and camelCase in the API (alias generator).
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Any, Literal
 
 from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -27,6 +28,9 @@ MAX_CONTEXT_LENGTH = 163840
 # own schemas carry is looser: it lets "-1Gi" or "1.2.3Gi" through to a refusal of the pool's Deployment.)
 QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A key of a Secret's data: letters, digits, "-", "_", "."; not "." or "..", nor starting with ".." (Kubernetes
+# refuses any other in a pod's secretKeyRef).
+SECRET_KEY_PATTERN = r"^([-_a-zA-Z0-9]|[.][-_a-zA-Z0-9])[-._a-zA-Z0-9]*$"
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"  # a Kubernetes label value (at most 63)
 # A Kubernetes label key (a qualified name): an optional DNS-subdomain prefix and "/", then a name of at most 63
 # characters; with the second pattern, the prefix is at most 253. Both read the same in RE2 (the CRD's CEL) and
@@ -36,7 +40,7 @@ LABEL_KEY_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-
 LABEL_KEY_PREFIX_PATTERN = r"^([^/]{0,253}/)?[^/]*$"
 # How Kubernetes' own types write a resource.Quantity in a CRD schema.
 _QUANTITY_SCHEMA = {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN, "minimum": 0,
-                    "x-kubernetes-int-or-string": True}
+                    "maxLength": 64, "x-kubernetes-int-or-string": True}
 
 
 def _contract(model: type[BaseModel], field: str) -> Any:
@@ -189,6 +193,68 @@ _RESOURCE_NAME_MESSAGE = ("every key of resources.requests and resources.limits 
                           "example.com/fpga); Kubernetes refuses the pods otherwise")
 
 
+# Kubernetes' own checks of a container's requests against its limits (ValidateResourceRequirements): a request
+# is at most its limit; a resource that cannot be overcommitted (huge pages, an extended resource such as
+# example.com/fpga) needs a limit, equal to its request; an extended resource is counted in whole units. The CRD
+# let them through and every apply of the pool's Deployment got a 422 (Degraded=ReconcileFailed, the pool kept
+# its old pods or a new resource never got any).
+_NO_OVERCOMMIT_RULE = "(k.startsWith('hugepages-') || (k.contains('/') && !k.contains('kubernetes.io/')))"
+_EXTENDED_RULE = "(k.contains('/') && !k.contains('kubernetes.io/'))"
+
+
+def _q(side: str) -> str:
+    """A CEL quantity of self.<side>[k] (an int or a string there); isQuantity guards a value the pattern refuses."""
+    return f"quantity(string(self.{side}[k]))"
+
+
+_REQUEST_ABOVE_LIMIT_RULE = (
+    "!has(self.requests) || !has(self.limits) || self.requests.all(k, !(k in self.limits) || "
+    "!isQuantity(string(self.requests[k])) || !isQuantity(string(self.limits[k])) || "
+    f"{_q('requests')}.compareTo({_q('limits')}) <= 0)")
+_REQUEST_ABOVE_LIMIT_MESSAGE = ("every resources.requests value must be at most the resources.limits value of the same "
+                                "resource (e.g. requests {memory: 200Gi} with limits {memory: 400Gi}): lower the "
+                                "request or raise the limit; Kubernetes refuses the pods otherwise")
+_NO_OVERCOMMIT_HINT = ("huge pages and extended resources (a name with a domain, e.g. example.com/fpga) cannot be "
+                       "overcommitted: set resources.limits for them, equal to resources.requests (or the limit alone: "
+                       "the request then defaults to it); Kubernetes refuses the pods otherwise")
+_NO_OVERCOMMIT_RULE_FULL = (
+    f"!has(self.requests) || self.requests.all(k, !{_NO_OVERCOMMIT_RULE} || (has(self.limits) && k in self.limits && "
+    "(!isQuantity(string(self.requests[k])) || !isQuantity(string(self.limits[k])) || "
+    f"{_q('requests')}.compareTo({_q('limits')}) == 0)))")
+_WHOLE_UNITS_MESSAGE = ("an extended resource (a name with a domain, e.g. example.com/fpga) is counted in whole units: "
+                        "use an integer such as 1, not 500m; Kubernetes refuses the pods otherwise")
+
+
+def _whole_units_rule(side: str) -> str:
+    return (f"!has(self.{side}) || self.{side}.all(k, !{_EXTENDED_RULE} || !isQuantity(string(self.{side}[k])) || "
+            f"{_q(side)}.isInteger())")
+
+
+def quantity_value(q: int | str) -> Fraction:
+    """A Kubernetes quantity as an exact number (Kubernetes' parser: one suffix, binary, decimal or an exponent)."""
+    if isinstance(q, int):
+        return Fraction(q)
+    m = re.fullmatch(QUANTITY_PATTERN, q)
+    if m is None:
+        raise ValueError(f"{q!r} is not a Kubernetes quantity")
+    value, suffix = Fraction(m.group(1).rstrip(".")), m.group(3) or ""
+    if suffix[:1] in ("e", "E"):
+        return value * Fraction(10) ** int(suffix[1:])
+    if suffix.endswith("i"):
+        return value * 1024 ** ("KMGTPE".index(suffix[0]) + 1)
+    return value * {"": 1, "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "k": 10**3,
+                    "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}[suffix]
+
+
+def _extended(name: str) -> bool:
+    """An extended resource (a domain outside kubernetes.io): whole units, never overcommitted."""
+    return "/" in name and "kubernetes.io/" not in name
+
+
+def _no_overcommit(name: str) -> bool:
+    return name.startswith("hugepages-") or _extended(name)
+
+
 class Resources(_Api):
     """Extra CPU / memory requests and limits for the pool's Ray container. GPUs are set from the pool's
     GPU fields, not here."""
@@ -200,6 +266,10 @@ class Resources(_Api):
          "do not set nvidia.com/gpu in resources: use the pool's gpusPerReplica instead", ".limits"),
         (f"!has(self.requests) || self.requests.all(k, {_RESOURCE_NAME_RULE})", _RESOURCE_NAME_MESSAGE, ".requests"),
         (f"!has(self.limits) || self.limits.all(k, {_RESOURCE_NAME_RULE})", _RESOURCE_NAME_MESSAGE, ".limits"),
+        (_REQUEST_ABOVE_LIMIT_RULE, _REQUEST_ABOVE_LIMIT_MESSAGE, ".requests"),
+        (_NO_OVERCOMMIT_RULE_FULL, _NO_OVERCOMMIT_HINT, ".requests"),
+        (_whole_units_rule("requests"), _WHOLE_UNITS_MESSAGE, ".requests"),
+        (_whole_units_rule("limits"), _WHOLE_UNITS_MESSAGE, ".limits"),
     ))
 
     requests: dict[str, int | str] | None = Field(
@@ -216,9 +286,31 @@ class Resources(_Api):
         for name, q in (v or {}).items():
             if not (name in _STANDARD_RESOURCES or name.startswith("hugepages-") or "/" in name):
                 raise ValueError(f"{_RESOURCE_NAME_MESSAGE} (got {name!r})")
-            if isinstance(q, int) and q < 0 or isinstance(q, str) and not re.match(QUANTITY_PATTERN, q):
+            if isinstance(q, int) and q < 0 or isinstance(q, str) and (len(q) > 64
+                                                                       or not re.match(QUANTITY_PATTERN, q)):
                 raise ValueError(f"{name}: {q!r} is not a Kubernetes quantity (e.g. 16, 500m, 200Gi; not negative)")
+            if _extended(name) and quantity_value(q).denominator != 1:
+                raise ValueError(f"resources.{name}: {q!r}: {_WHOLE_UNITS_MESSAGE}")
         return v
+
+    @model_validator(mode="after")
+    def _requests_fit_limits(self) -> "Resources":
+        """The CRD's rules on requests against limits (above), for a spec read without it, naming the resource."""
+        limits = self.limits or {}
+        for name, request in (self.requests or {}).items():
+            limit = limits.get(name)
+            if limit is None:
+                if _no_overcommit(name):
+                    raise ValueError(f"resources.requests.{name} is {request} with no resources.limits.{name}: "
+                                     f"{_NO_OVERCOMMIT_HINT}")
+                continue
+            if _no_overcommit(name) and quantity_value(request) != quantity_value(limit):
+                raise ValueError(f"resources.requests.{name} is {request} but resources.limits.{name} is {limit}: "
+                                 f"{_NO_OVERCOMMIT_HINT}")
+            if quantity_value(request) > quantity_value(limit):
+                raise ValueError(f"resources.requests.{name} ({request}) is above resources.limits.{name} ({limit}): "
+                                 "lower the request or raise the limit; Kubernetes refuses the pods otherwise")
+        return self
 
 
 class SecretKeyRef(_Api):
@@ -226,7 +318,8 @@ class SecretKeyRef(_Api):
 
     name: str = Field(..., min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
                       description="Name of the Secret (same namespace).")
-    key: str = Field("api-keys", min_length=1, description="Key in the Secret whose value is a comma-separated list of API keys.")
+    key: str = Field("api-keys", min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN,
+                     description="Key in the Secret whose value is a comma-separated list of API keys.")
 
 
 class Autoscaling(_Api):
@@ -550,7 +643,8 @@ class ApiSpec(_Api):
 class RedisPasswordRef(SecretKeyRef):
     """A key in a Secret in the same namespace as the DotsVLMDeployment (SecretKeyRef, another default key)."""
 
-    key: str = Field("password", min_length=1, max_length=253, description="Key in the Secret whose value is the Redis password.")
+    key: str = Field("password", min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN,
+                     description="Key in the Secret whose value is the Redis password.")
 
 
 class GcsFaultTolerance(_Api):

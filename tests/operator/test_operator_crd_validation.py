@@ -115,6 +115,21 @@ INVALID = [
     ("bad-quantization", _set("spec.model.quantization", "int4"), 'spec.model.quantization: Unsupported value: "int4"'),
     ("llm-grace-shorter-than-drain", _set("spec.llm.drainTimeoutSeconds", 600),
      "llm.terminationGracePeriodSeconds must be at least llm.drainTimeoutSeconds + 25"),
+    ("memory-request-above-limit", _set("spec.vision.resources", {"requests": {"memory": "2Gi"},
+                                                                  "limits": {"memory": "1Gi"}}),
+     "every resources.requests value must be at most the resources.limits value of the same resource"),
+    ("cpu-request-above-limit-int-and-string", _set("spec.head.resources", {"requests": {"cpu": 4},
+                                                                            "limits": {"cpu": "2500m"}}),
+     "spec.head.resources.requests: Invalid value"),
+    ("hugepages-without-limit", _set("spec.llm.resources", {"requests": {"memory": "1Gi", "hugepages-2Mi": "1Gi"}}),
+     "huge pages and extended resources (a name with a domain, e.g. example.com/fpga) cannot be overcommitted"),
+    ("extended-resource-in-millis", _set("spec.llm.resources", {"limits": {"example.com/fpga": "500m"}}),
+     "an extended resource (a name with a domain, e.g. example.com/fpga) is counted in whole units"),
+    ("api-key-secret-key-not-a-key", _set("spec.api.apiKeySecretRef", {"name": "keys", "key": "api keys"}),
+     "spec.api.apiKeySecretRef.key in body should match"),
+    ("redis-password-key-dot-dot", _set("spec.head.gcsFaultTolerance", {
+        "redisAddress": "redis:6379", "passwordSecretRef": {"name": "pw", "key": "..password"}}),
+     "spec.head.gcsFaultTolerance.passwordSecretRef.key in body should match"),
 ]
 
 
@@ -194,3 +209,54 @@ def test_every_child_of_the_longest_admitted_name_is_accepted(kube, ns) -> None:
         if proc.returncode != 0:
             refused.append(f"{child['kind']} {child['metadata']['name']}: {proc.stderr.strip()}")
     assert not refused, "\n".join(refused)
+
+
+# Resources a user may write for a pool: (requests, limits). The CRD must admit exactly those that Kubernetes admits
+# in the pool's Deployment: one it admitted and the Deployment's apply refused left the pool stuck at its old pods
+# (Degraded=ReconcileFailed) or, for a new resource, without any.
+RESOURCES = [
+    ({"cpu": "500m", "memory": "1Gi"}, {"cpu": 1, "memory": "1024Mi"}),
+    ({"memory": "1Gi", "hugepages-2Mi": "1Gi"}, {"hugepages-2Mi": "1024Mi"}),
+    ({"cpu": 1}, {"example.com/fpga": 2}),
+    ({"cpu": "1.5"}, {"cpu": "1500m"}),
+    ({"ephemeral-storage": "10G"}, {"ephemeral-storage": "1e10"}),
+    ({"memory": "2Gi"}, {"memory": "1Gi"}),
+    ({"cpu": 4}, {"cpu": "2500m"}),
+    ({"memory": "1Gi", "hugepages-2Mi": "1Gi"}, None),
+    ({"memory": "1Gi", "hugepages-2Mi": "512Mi"}, {"hugepages-2Mi": "1Gi"}),
+    ({"example.com/fpga": 1}, {"example.com/fpga": 2}),
+    (None, {"example.com/fpga": "500m"}),
+    ({"example.com/fpga": "1.5"}, {"example.com/fpga": "1.5"}),
+]
+
+
+def test_resources_the_crd_admits_are_those_kubernetes_admits_in_the_pool(kube, ns) -> None:
+    from pydantic import ValidationError
+
+    from dotsvlm_operator import builders, models
+    from dotsvlm_operator.naming import Owner
+
+    base = copy.deepcopy(load_example("dotsvlm-small.yaml"))
+    owner = Owner(name=base["metadata"]["name"], namespace=ns, uid="0d6c1b5e-9a3f-4b7e-8f2a-1c2d3e4f5a6b")
+    template = builders.vision_deployment(owner, models.DotsVLMDeploymentSpec.model_validate(base["spec"]), 1)
+    template["metadata"].pop("ownerReferences", None)
+    wrong = []
+    for requests, limits in RESOURCES:
+        res = {k: v for k, v in (("requests", requests), ("limits", limits)) if v is not None}
+        obj = copy.deepcopy(base)
+        obj["spec"]["vision"]["resources"] = res
+        crd_admits = _dry_run(kube, obj, ns).returncode == 0
+        try:
+            models.Resources.model_validate(res)
+            model_admits = True
+        except ValidationError:
+            model_admits = False
+        dep = copy.deepcopy(template)
+        dep["spec"]["template"]["spec"]["containers"][0]["resources"] = {
+            side: {k: str(v) for k, v in values.items()} for side, values in res.items()}
+        proc = kube.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=yaml.safe_dump(dep), check=False)
+        kubernetes_admits = proc.returncode == 0
+        if not crd_admits == model_admits == kubernetes_admits:
+            wrong.append(f"{res}: CRD {crd_admits}, model {model_admits}, Deployment {kubernetes_admits} "
+                         f"{proc.stderr.strip()}")
+    assert not wrong, "\n".join(wrong)

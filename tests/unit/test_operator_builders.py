@@ -580,5 +580,5 @@ def test_a_resource_name_kubernetes_does_not_know_is_refused_in_the_spec() -> No
         with pytest.raises(ValidationError, match="every key of resources.requests and resources.limits must be"):
             _spec(llm__resources=res)
     ok = {"requests": {"cpu": 16, "memory": "200Gi", "ephemeral-storage": "50Gi", "hugepages-2Mi": "1Gi"},
-          "limits": {"memory": "400Gi", "example.com/fpga": 1}}
+          "limits": {"memory": "400Gi", "example.com/fpga": 1, "hugepages-2Mi": "1Gi"}}
     assert _spec(llm__resources=ok).llm.resources.requests == ok["requests"]

@@ -100,7 +100,7 @@ def test_a_spec_read_without_the_crd_refuses_what_kubernetes_would_refuse_in_a_p
     for bad in ({"requests": {"cpu": -4}}, {"limits": {"memory": "-1Gi"}}, {"limits": {"memory": "1.2.3Gi"}}):
         with pytest.raises(ValidationError, match="is not a Kubernetes quantity"):
             models.Resources.model_validate(bad)
-    assert models.Resources.model_validate({"requests": {"cpu": 16, "memory": "200Gi"}, "limits": {"cpu": "500m"}})
+    assert models.Resources.model_validate({"requests": {"cpu": 16, "memory": "200Gi"}, "limits": {"cpu": "16000m"}})
     with pytest.raises(ValidationError, match="without a key must have operator Exists"):
         models.Toleration.model_validate({"operator": "Equal", "value": "x"})
     with pytest.raises(ValidationError, match="tolerationSeconds applies only to effect NoExecute"):
@@ -108,3 +108,48 @@ def test_a_spec_read_without_the_crd_refuses_what_kubernetes_would_refuse_in_a_p
     assert models.Toleration.model_validate({"operator": "Exists"})
     assert models.Toleration.model_validate({"key": "gpu", "operator": "Exists", "effect": "NoExecute",
                                              "tolerationSeconds": 30})
+
+
+def test_a_spec_read_without_the_crd_refuses_requests_kubernetes_refuses_against_limits() -> None:
+    """A request above its limit (or a huge-pages / extended-resource request without an equal limit, or an extended
+    resource in fractions) passed admission, then every apply of the pool's Deployment got a 422. The CRD refuses
+    them now (tests/operator: exactly those Kubernetes refuses), and so does the model, naming the resource."""
+    import pytest
+    from pydantic import ValidationError
+
+    refused = [
+        ({"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}},
+         r"resources.requests.memory \(2Gi\) is above resources.limits.memory \(1Gi\)"),
+        ({"requests": {"cpu": 4}, "limits": {"cpu": "2500m"}}, "resources.requests.cpu"),
+        ({"requests": {"hugepages-2Mi": "1Gi"}}, "with no resources.limits.hugepages-2Mi"),
+        ({"requests": {"example.com/fpga": 1}, "limits": {"example.com/fpga": 2}},
+         "cannot be overcommitted: set resources.limits for them, equal to resources.requests"),
+        ({"limits": {"example.com/fpga": "500m"}}, "is counted in whole units"),
+    ]
+    for res, message in refused:
+        with pytest.raises(ValidationError, match=message):
+            models.Resources.model_validate(res)
+    for ok in ({"requests": {"cpu": "1.5", "memory": "1Gi"}, "limits": {"cpu": "1500m", "memory": "1024Mi"}},
+               {"requests": {"hugepages-2Mi": "1Gi", "memory": "1Gi"}, "limits": {"hugepages-2Mi": "1024Mi"}},
+               {"limits": {"example.com/fpga": 2}}, {"requests": {"ephemeral-storage": "10G"},
+                                                     "limits": {"ephemeral-storage": "1e10"}}):
+        assert models.Resources.model_validate(ok)
+    assert models.quantity_value("1.5Ki") == 1536 and models.quantity_value("250m") * 4 == 1
+
+
+def test_secret_key_names_that_kubernetes_refuses_are_refused_in_the_spec() -> None:
+    """api.apiKeySecretRef.key or a Redis passwordSecretRef key that is no Secret data key ('api keys', 'a/b', '..x')
+    was admitted, then the pods that read it were refused (every apply got a 422)."""
+    import pytest
+    from pydantic import ValidationError
+
+    for key in ("api keys", "team/keys", "..keys", ".", "..", "keys:1"):
+        with pytest.raises(ValidationError, match="should match pattern"):
+            models.SecretKeyRef.model_validate({"name": "keys", "key": key})
+        with pytest.raises(ValidationError, match="should match pattern"):
+            models.RedisPasswordRef.model_validate({"name": "pw", "key": key})
+    for key in ("api-keys", "API_KEYS", ".hidden", "keys.txt", "a..b"):
+        assert models.SecretKeyRef.model_validate({"name": "keys", "key": key}).key == key
+    crd = yaml.safe_load((REPO / "crds" / "dotsvlm.io_dotsvlmdeployments.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert spec["api"]["properties"]["apiKeySecretRef"]["properties"]["key"]["pattern"] == models.SECRET_KEY_PATTERN
