@@ -492,3 +492,34 @@ def test_without_max_tokens_the_default_completion_fits_a_kv_cache_smaller_than_
     with pytest.raises(ApiError) as ei:
         ing._sampling(parse_chat_request(req(max_tokens=200)), 900)
     assert ei.value.status == 400 and ei.value.code == "context_length_exceeded" and "1100" in ei.value.message
+
+
+def test_a_client_gone_while_its_body_arrives_is_counted_499_not_a_server_error() -> None:
+    """A client that drops its upload midway (Starlette's ClientDisconnect from the body's stream) was answered
+    and counted as a 500 with a logged traceback: DotsVLMHighErrorRate counts 5xx. It is a 499, as a client
+    gone later is, and the image bytes it held are released."""
+    from types import SimpleNamespace
+
+    from starlette.requests import ClientDisconnect
+
+    from dotsvlm_serving.deployments.backpressure import IngressAdmission
+    from dotsvlm_serving.deployments.ingress import Ingress
+    from dotsvlm_serving.serve_config import ServeAppConfig
+
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "api": {"api_keys_env": None}}).ingress_config()
+    ing = object.__new__(Ingress)
+    ing.cfg, ing.admission, ing.auth = cfg, IngressAdmission(cfg), ApiKeyAuth([])
+    counted: list[dict] = []
+    ing.metrics = SimpleNamespace(inc=lambda name, *a, **k: counted.append({"name": name, **k}))
+    ing._in_flight = ing._open = 0
+    ing._draining_head = lambda: None
+
+    async def stream():
+        yield b'{"model": "dots.vlm1", "messages": [{"role": "user", "content": [{"type": "image_url", "image_'
+        raise ClientDisconnect()
+
+    request = SimpleNamespace(headers={"content-length": "5000000"}, stream=stream)
+    response = asyncio.run(ing._counted(ing._chat, request))
+    assert response.status_code == 499
+    assert [c["code"] for c in counted if c["name"] == "dotsvlm_requests"] == ["499"]
+    assert ing.admission.bytes.held == 0 and ing._in_flight == 0 and ing._open == 0

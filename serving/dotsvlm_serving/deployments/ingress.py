@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import head_drain, pipeline
 from ..autoscaling import serve_policy
@@ -275,6 +276,11 @@ class Ingress:
             # as one it would page (DotsVLMHighErrorRate counts 5xx). 499, nginx's "client closed request".
             status = CLIENT_CLOSED
             raise
+        except ClientDisconnect:
+            # The same while its body was still arriving (a large image upload cut off): Starlette raises this
+            # from the body's stream. It came out as a 500 with a logged traceback ("unhandled error").
+            status = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
         except ray.exceptions.RayError:
             status = 503  # as `_unexpected` answers it
             raise
