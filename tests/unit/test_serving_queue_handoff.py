@@ -429,3 +429,35 @@ def test_a_lost_take_named_to_the_successor_before_it_adopted_is_given_back_when
         again = await new.take("llm1", max_items=1, token_budget=100, wait_s=0, take_id=9)
         assert [i.request_id for i in again] == ["a"] and again[0].deliveries == 1
     asyncio.run(main())
+
+
+def _answer_after_the_last_restart(events: list[dict]) -> tuple[str, str | None]:
+    """What a non-streaming client ends with: the text after the last restart (it drops what came before)."""
+    text, end = [], None
+    for ev in events:
+        if ev["type"] == "restart":
+            text = []
+        else:
+            text.append(ev.get("text", ""))
+            end = ev["type"] if ev["type"] in ("finish", "error") else end
+    return "".join(text), end
+
+
+def test_a_redelivered_answer_in_the_adopted_state_is_not_mixed_with_its_first_delivery() -> None:
+    """The old replica's mailbox holds an unread non-streaming answer's first tokens, then the restart of its
+    redelivery (its LLM replica left during the hand-over). Before, the merge put the restart first and the first
+    delivery's tokens after it, as if they were the new delivery's: the new delivery's tokens with those numbers
+    were then dropped as repeats, and the client got the old delivery's text with the new one's end."""
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a", stream=False), 1)
+        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        old.publish("llm1", [tok("a", 0, "old-0 "), tok("a", 1, "old-1 ")])  # not read yet (non-streaming)
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        old.leave("llm1")  # the LLM replica shuts down: the request goes back to the queue, with a restart
+        new.adopt(old.snapshot())
+        assert [i.request_id for i in await new.take("llm2", max_items=1, token_budget=100, wait_s=0)] == ["a"]
+        new.publish("llm2", [tok("a", 0, "new-0 "), tok("a", 1, "new-1 "), fin("a", 2)])
+        assert _answer_after_the_last_restart(await new.next_events("a", 0.01)) == ("new-0 new-1 ", "finish")
+    asyncio.run(main())

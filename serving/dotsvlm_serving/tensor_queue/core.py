@@ -204,8 +204,16 @@ def _merge_mailbox(box: _Mailbox, other: MailboxState) -> None:
         numbered = [ev["i"] for ev in ready if ev.get("i") is not None]  # type: ignore[union-attr]
         return min(numbered) if numbered else next_index
 
-    start = max(handed_out(box.events, box.next_index), handed_out(other.events, other.next_index))
-    pending = list(other.events) + list(box.events)
+    def current(ready: list[Event]) -> list[Event]:
+        """A replica's ready events without the numbered ones before its last restart: those are an earlier
+        delivery's (the client drops them at the restart), and the numbers after it count from 0 again. Kept,
+        they came after the restart and took the places of the new delivery's events."""
+        last = max((k for k, ev in enumerate(ready) if ev["type"] == "restart"), default=-1)
+        return [ev for k, ev in enumerate(ready) if k > last or ev.get("i") is None]  # type: ignore[union-attr]
+
+    box_ready, other_ready = current(box.events), current(other.events)
+    start = max(handed_out(box_ready, box.next_index), handed_out(other_ready, other.next_index))
+    pending = other_ready + box_ready
     numbered = {**other.held, **box.held}
     unnumbered = []
     for ev in pending:
