@@ -350,3 +350,26 @@ def test_published_decisions_lie_within_the_bounds_published_with_them(monkeypat
         d = published[-1]["vision"][0]
         assert d.desired <= 2 and d.current <= 2, (running_vision, d)
     assert not [c for c in counted if c[0] == "vision"], "the bounds moved the target, not the autoscaler"
+
+
+def test_a_pool_whose_deployment_serve_did_not_pass_is_neither_decided_nor_published(monkeypatch) -> None:
+    """Serve passes a context only for deployments it has a target for (one being created or deleted has none).
+    The policy published a MetricsMissing decision for such a pool all the same, sized and bounded by defaults
+    (1 replica, bounds 1..1, whatever the pool's size and spec): /-/autoscaler, the resource's status and
+    dotsvlm_autoscaler_desired_replicas showed it. Only the pools Serve passed are decided and published (the
+    status keeps the other's last decision)."""
+    import time
+
+    published: list[dict] = []
+    recorded: list[str] = []
+    monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now, spec: published.append(dict(decisions)))
+    monkeypatch.setattr(serve_policy, "_Metrics", lambda: type("M", (), {"record": lambda self, d: recorded.append(d.pool)})())
+    cfg = ServeAppConfig.model_validate({"model_path": "/m", "vision": {"autoscaling": {"min_replicas": 0, "max_replicas": 6}},
+                                         "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}})
+    policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: cfg.policy_config())
+    by_name = _contexts(time.time())
+    _serve_configs(cfg, by_name)
+    del by_name[VISION_DEPLOYMENT]
+    decisions, _ = policy({_DeploymentID(name): ctx for name, ctx in by_name.items()})
+    assert {dep.name for dep in decisions} == {LLM_DEPLOYMENT}
+    assert set(published[-1]) == {"llm"} and set(recorded) == {"llm"}, (published[-1], recorded)

@@ -306,7 +306,11 @@ class DotsVLMAutoscalingPolicy:
                         d, applied, cold, state.pool(pool), PoolState.from_json(before[pool]), now)  # type: ignore[arg-type]
                 out[ids[name]] = d.desired
                 new_state[ids[name]] = {STATE_KEY: state.pool(pool).to_json()}  # type: ignore[arg-type]
-        self._report(decisions, state, now, spec)  # type: ignore[arg-type]
+        # A pool whose deployment Serve did not pass (being created or deleted) was decided on nothing: its
+        # decision (held at a size and bounds from defaults) is neither published nor counted.
+        self._report({pool: d for pool, d in decisions.items()
+                      if (VISION_DEPLOYMENT if pool == "vision" else LLM_DEPLOYMENT) in ids},
+                     state, now, spec)  # type: ignore[arg-type]
         return out, new_state
 
     def _report(self, decisions: dict[str, Decision], state: PolicyState, now: float, spec: PolicySpec) -> None:
