@@ -154,6 +154,8 @@ VALUE_SETS = {
     "monitoring": ["--set", "metrics.serviceMonitor.enabled=true", "--set", "prometheusRule.enabled=true",
                    "--set", "grafanaDashboards.enabled=true"],
     "two-replicas": ["--set", "replicaCount=2"],
+    # An image pinned by digest: the tag is no label value (before, every object's version label was refused).
+    "digest-tag": ["--set", "image.tag=0.1.0@sha256:" + "0123456789abcdef" * 4],
 }
 
 
@@ -253,6 +255,16 @@ def test_a_long_release_name_still_gives_valid_object_names(helm_bin) -> None:
         (monitor,) = of_kind(objs, "ServiceMonitor")
         assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
         assert all(len(o["metadata"]["name"]) <= 63 for o in objs if o["kind"] != "CustomResourceDefinition")
+
+
+def test_an_image_tag_that_is_no_label_value_still_gives_valid_labels(helm_bin) -> None:
+    """The version label was the image tag as it is: a tag pinned with its digest (0.1.0@sha256:...), or a long one
+    cut at a '-' or '.', is no label value, and the API server refused every object of `helm install`."""
+    digest = "sha256:" + "0123456789abcdef" * 4
+    for tag, version in ((f"0.1.0@{digest}", "0.1.0"), ("v" * 62 + "-x", "v" * 62), ("dev+build.7", "dev_build.7")):
+        objs = render(helm_bin, "--set", f"image.tag={tag}")
+        assert {o["metadata"]["labels"]["app.kubernetes.io/version"] for o in objs} == {version}, tag
+        assert container(objs)["image"] == f"ghcr.io/dotsvlm/dotsvlm-operator:{tag}"
 
 
 def test_the_metrics_port_and_the_health_port_must_differ(helm_bin) -> None:

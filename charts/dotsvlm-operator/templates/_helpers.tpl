@@ -26,9 +26,20 @@ app.kubernetes.io/name: dotsvlm-operator
 app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end -}}
 
+{{/*
+The version label: the image tag as a label value. A tag pinned with its digest (0.1.0@sha256:...) keeps the
+part before the "@"; characters a label value cannot hold become "_", and it is cut to 63 characters that start
+and end with a letter or digit (before, such a tag, or a long one cut at a "." or "-", was no label value and
+`helm install` failed on every object).
+*/}}
+{{- define "dotsvlm-operator.versionLabel" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag | splitList "@" | first | default .Chart.AppVersion -}}
+{{- regexReplaceAll "^[-_.]+|[-_.]+$" (regexReplaceAll "[^-A-Za-z0-9_.]" $tag "_" | trunc 63) "" -}}
+{{- end -}}
+
 {{- define "dotsvlm-operator.labels" -}}
 {{ include "dotsvlm-operator.selectorLabels" . }}
-app.kubernetes.io/version: {{ (default .Chart.AppVersion .Values.image.tag) | trunc 63 | quote }}
+app.kubernetes.io/version: {{ include "dotsvlm-operator.versionLabel" . | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: dotsvlm
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 }}
