@@ -461,3 +461,54 @@ def test_a_redelivered_answer_in_the_adopted_state_is_not_mixed_with_its_first_d
         new.publish("llm2", [tok("a", 0, "new-0 "), tok("a", 1, "new-1 "), fin("a", 2)])
         assert _answer_after_the_last_restart(await new.next_events("a", 0.01)) == ("new-0 new-1 ", "finish")
     asyncio.run(main())
+
+
+class _Router:
+    """A queue handle whose long-polls go to one replica and then to the other (Serve's router during a
+    hand-over)."""
+
+    def __init__(self, *replicas: TensorQueueCore) -> None:
+        self.replicas, self.calls = list(replicas), 0
+        router = self
+
+        class _Call:
+            def __init__(self, method: str) -> None:
+                self.method = method
+
+            def remote(self, *args):
+                core = router.replicas[min(router.calls, len(router.replicas) - 1)]
+                router.calls += 1
+                if self.method == "next_events":  # (the deployment's until_done is positional)
+                    return core.next_events(*args[:2], until_done=args[2])
+                return core.next_events_many(*args)
+        self.next_events, self.next_events_many = _Call("next_events"), _Call("next_events_many")
+
+
+def test_events_both_replicas_hand_out_reach_the_stream_once() -> None:
+    """An LLM replica's publish reached the old replica, but its reply was lost; the old replica handed those
+    tokens to the ingress, and the LLM replica sent them again, with the next ones, to the new replica, which
+    handed them all out: before, the stream carried those tokens twice."""
+    import time
+
+    from dotsvlm_serving.deployments.relay import Relay, StreamPoller, _Held
+
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a"), 1)
+        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        old.publish("llm1", [tok("a", 0, "He"), tok("a", 1, "ll")])  # its reply is lost
+        new.publish("llm1", [tok("a", 0, "He"), tok("a", 1, "ll"), tok("a", 2, "o"), fin("a", 3)])
+        router = _Router(old, new)
+        relay = object.__new__(Relay)
+        relay.queue, relay._background, relay.request_timeout_s = router, set(), 60.0
+        relay.streams = StreamPoller(router)
+        req = _Held(base_id="a", item=item("a"))
+        text = []
+        async for batch in relay._events(req, time.monotonic() + 10):
+            text += [ev.get("text", "") for ev in batch]
+            if batch[-1]["type"] in ("finish", "error"):
+                break
+        assert "".join(text) == "Hello"
+    asyncio.run(main())

@@ -110,6 +110,7 @@ class _Held:
     requeues: int = 0
     tokens_seen: bool = False
     events_seen: bool = False
+    next_i: int = 0  # the numbered event (`i`) of the current delivery that comes next (`_fresh`)
     _n: int = 0
 
     @property
@@ -119,6 +120,24 @@ class _Held:
     def renew(self) -> None:
         self._n += 1
         self.item = dataclasses.replace(self.item, request_id=f"{self.base_id}-q{self._n}", deliveries=0)
+        self.next_i = 0
+
+
+def _fresh(req: _Held, evs: EventBatch) -> EventBatch:
+    """The events the client has not had yet. While the tensor queue moves, both of its replicas may hand out
+    one numbered event: an LLM replica whose publish reached the old one but whose reply was lost sends it
+    again, to the new one (each hands out in order, so a repeat is one below the number expected next)."""
+    out: EventBatch = []
+    for ev in evs:
+        i = ev.get("i")  # type: ignore[union-attr]
+        if ev["type"] == "restart":  # the next delivery numbers its events from 0 again
+            req.next_i = 0
+        elif i is not None:
+            if i < req.next_i:
+                continue
+            req.next_i = i + 1
+        out.append(ev)
+    return out
 
 
 VISION_TIMEOUT = ("the vision encoder did not finish this request's images before the request timeout "
@@ -299,6 +318,7 @@ class Relay:
                 if had_tokens:  # a non-streaming answer: drop what was buffered
                     yield [RestartEvent(request_id=req.rid, type="restart")]
                 continue
+            evs = _fresh(req, evs)
             if not evs:
                 continue
             req.events_seen = True
