@@ -512,3 +512,36 @@ def test_events_both_replicas_hand_out_reach_the_stream_once() -> None:
                 break
         assert "".join(text) == "Hello"
     asyncio.run(main())
+
+
+def test_a_stream_whose_tokens_came_from_the_other_replica_is_not_continued_by_a_redelivery() -> None:
+    """The old replica holds the lease; the new one got (and streamed) the first token. The LLM replica then
+    leaves through the old replica, which saw no token and so redelivers the request with a restart: before,
+    the stream went on with the new delivery's text after the first one's token (a stream cannot take back
+    text); now it ends with a 503 that says to retry."""
+    import time
+
+    from dotsvlm_serving.api.errors import ApiError
+    from dotsvlm_serving.deployments.relay import Relay, StreamPoller, _Held
+
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a"), 1)
+        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        new.publish("llm1", [tok("a", 0, "He")])
+        router = _Router(new, old)
+        relay = object.__new__(Relay)
+        relay.queue, relay._background, relay.request_timeout_s = router, set(), 60.0
+        relay.streams = StreamPoller(router)
+        req = _Held(base_id="a", item=item("a"))
+        events = relay._events(req, time.monotonic() + 10)
+        assert [ev["text"] for ev in await events.__anext__()] == ["He"]
+        old.leave("llm1")
+        assert [i.request_id for i in await old.take("llm2", max_items=1, token_budget=100, wait_s=0)] == ["a"]
+        old.publish("llm2", [tok("a", 0, "Hi"), tok("a", 1, "!"), fin("a", 2)])
+        with pytest.raises(ApiError) as err:
+            await events.__anext__()
+        assert err.value.status == 503 and "retry" in str(err.value)
+    asyncio.run(main())

@@ -131,6 +131,11 @@ def _fresh(req: _Held, evs: EventBatch) -> EventBatch:
     for ev in evs:
         i = ev.get("i")  # type: ignore[union-attr]
         if ev["type"] == "restart":  # the next delivery numbers its events from 0 again
+            if req.item.stream and (req.tokens_seen or any(e["type"] == "token" for e in out)):
+                # The queue redelivers only answers none of whose tokens it holds; during a hand-over the other
+                # replica may have streamed some all the same: the new delivery's text would follow them.
+                raise ApiError(503, "the LLM replica generating this answer stopped while it was streaming (the "
+                                    "tensor queue was moving); retry the request")
             req.next_i = 0
         elif i is not None:
             if i < req.next_i:
