@@ -248,3 +248,24 @@ def test_resizing_each_image_first_gives_the_same_model_input(size, max_pixels) 
     first = preprocess_images([resize_for_model(image, factor=28, **kw)], resized=True, **kw)
     assert torch.equal(whole.pixel_values, first.pixel_values) and torch.equal(whole.grid_thw, first.grid_thw)
     assert first.num_tokens == [image_token_count(h, w, **kw)]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF", "WEBP", "PNG"])
+@pytest.mark.parametrize(("orientation", "shown", "band_at"), [(6, (20, 80), (2, 10)), (2, (80, 20), (10, 77))])
+def test_a_photo_is_turned_once_whatever_its_format(fmt: str, orientation: int, shown: tuple[int, int],
+                                                     band_at: tuple[int, int]) -> None:
+    """Recent Pillows turn a TIFF by its orientation tag themselves (its header's size is the turned one), and the
+    decode turned it again: a TIFF photo reached the model turned twice (a quarter turn off, or not mirrored) and
+    the prompt was sized for that wrong shape. Every format is turned exactly once, in the probe and the decode."""
+    from dotsvlm_serving.model.preprocess import probe_image
+
+    stored = Image.new("RGB", (80, 20), (255, 255, 255))
+    stored.paste((0, 0, 0), (0, 0, 10, 20))  # a black band on the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # 6: shown turned 90 degrees clockwise; 2: shown mirrored left to right
+    data = _encode(stored, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    assert probe_image(data, max_bytes=1 << 20) == shown
+    img = decode_image(data, max_bytes=1 << 20)
+    assert img.size == shown
+    row, col = band_at
+    assert np.asarray(img, dtype=int)[row, col].max() < 60  # 6: the band is at the top; 2: on the right

@@ -40,6 +40,23 @@ _TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: 
           8: Image.Transpose.ROTATE_90}
 
 
+def _pillow_turns_tiffs() -> bool:
+    """Whether this Pillow turns a TIFF by its orientation tag itself (recent ones do: the header's size is the
+    turned one, and load() turns the pixels). Turning it again here turned TIFF photos a second time. Asked of
+    a 2x1 TIFF once, so that older Pillows (pillow>=10) still get the turn from `decode_image`."""
+    try:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        buf = io.BytesIO()
+        Image.new("L", (2, 1)).save(buf, "TIFF", exif=exif)
+        return Image.open(buf).size == (1, 2)
+    except Exception:  # a Pillow that cannot write it: it does not turn either
+        return False
+
+
+_PILLOW_TURNS_TIFFS = _pillow_turns_tiffs()
+
+
 class ImageError(ValueError):
     """An image the service refuses; str() is a message for the API user saying what to fix."""
 
@@ -83,8 +100,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_input_pixels: int = DEFAULT
 def _orientation(img: Image.Image) -> int | None:
     """The EXIF orientation tag (1-8) from the header, before any pixel is read; None without one. (A PNG's
     eXIf chunk after its pixel data is not read: Pillow would decode the image to reach it, on the ingress's
-    event loop, and the probe and the decode must agree.)"""
-    if img.format == "PNG" and "exif" not in img.info:
+    event loop, and the probe and the decode must agree. A TIFF that Pillow turns itself has none to apply.)"""
+    if (img.format == "PNG" and "exif" not in img.info) or (img.format == "TIFF" and _PILLOW_TURNS_TIFFS):
         return None
     try:
         value = img.getexif().get(0x0112)
