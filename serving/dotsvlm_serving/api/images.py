@@ -174,10 +174,7 @@ async def fetch_image(url: str, policy: FetchPolicy, *, client: httpx.AsyncClien
 async def _fetch_once(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes | str:
     try:
         parts = urlsplit(url)
-        # What httpx refuses to send (a control character, a URL over 64 KiB) is the client's error too; its
-        # InvalidURL is no HTTPError, and it came out of the GET as a 500.
-        httpx.URL(url)
-    except (ValueError, httpx.InvalidURL) as exc:  # e.g. an unclosed IPv6 bracket: "http://[::1/x"
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket: "http://[::1/x"
         raise _bad(f"image URL is malformed ({exc}): {url[:200]!r}") from None
     if parts.scheme not in ("http", "https"):
         raise _bad(f"image URL scheme {parts.scheme!r} is not supported; use http(s) or a data: URL")
@@ -235,6 +232,11 @@ async def _get(client: httpx.AsyncClient, url: str, pinned: str, headers: dict[s
             return bytes(buf)
     except (httpx.ConnectError, httpx.ConnectTimeout):
         raise
+    except httpx.InvalidURL as exc:
+        # What httpx refuses to send (a control character, a URL over 64 KiB) is the client's error too: InvalidURL
+        # is no HTTPError, and it came out as a 500. (The host is checked by the resolver, as before: httpx's
+        # stricter IDNA would refuse names that resolve, such as ☃.net.)
+        raise _bad(f"image URL is malformed ({exc}): {url[:200]!r}") from None
     except httpx.HTTPError as exc:
         raise _bad(f"fetching the image URL failed: {type(exc).__name__}: {exc}") from None
 
