@@ -533,3 +533,19 @@ def test_a_client_gone_while_its_body_arrives_is_counted_499_not_a_server_error(
     assert response.status_code == 499
     assert [c["code"] for c in counted if c["name"] == "dotsvlm_requests"] == ["499"]
     assert ing.admission.bytes.held == 0 and ing._in_flight == 0 and ing._open == 0
+
+
+def test_an_image_url_with_an_internationalised_host_name_is_fetched(server: str, monkeypatch) -> None:
+    """http://例え.jp/... resolved, then the GET failed with a 500 (its Host header could not be encoded): the Host
+    header and TLS SNI now carry the name's IDNA form, the one the resolver looked up."""
+    from dotsvlm_serving.api import images
+
+    async def local(host: str, port: int):
+        return [ipaddress.ip_address("127.0.0.1")]
+    monkeypatch.setattr(images, "resolve", local)
+    url = server.replace("127.0.0.1", "例え.jp") + "/img.png"
+    assert load(url, policy(fetch_allow=["127.0.0.1"])) == PNG
+    assert images._ascii_hostport("例え.jp:8080") == "xn--r8jz45g.jp:8080"
+    with pytest.raises(ApiError) as ei:  # a label over 63 characters
+        load("http://" + "é" * 70 + ".example/x.png", policy(fetch_allow=["127.0.0.1"]))
+    assert ei.value.status == 400

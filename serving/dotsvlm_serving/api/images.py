@@ -171,6 +171,19 @@ async def fetch_image(url: str, policy: FetchPolicy, *, client: httpx.AsyncClien
                        code="image_fetch_timeout") from None
 
 
+def _ascii_hostport(hostport: str) -> str:
+    """An internationalised host name ("例え.jp[:port]") as it goes in the Host header and TLS SNI: its IDNA form
+    ("xn--r8jz45g.jp"), the encoding the resolver looked it up in. As it was, the header could not be encoded
+    and the request failed with a 500. (IPv6 literals, the only hosts with several colons, are ASCII.)"""
+    if hostport.isascii():
+        return hostport
+    name, colon, port = hostport.partition(":")
+    try:
+        return name.encode("idna").decode("ascii") + colon + port
+    except UnicodeError as exc:
+        raise _bad(f"image URL host {name!r} is not a valid host name: {exc}") from None
+
+
 async def _fetch_once(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes | str:
     try:
         parts = urlsplit(url)
@@ -190,8 +203,9 @@ async def _fetch_once(client: httpx.AsyncClient, url: str, policy: FetchPolicy) 
     addrs = await resolve(host, port)
     for ip in addrs:
         check_address(host, ip, policy)
-    headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*"}
-    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    hostport = _ascii_hostport(parts.netloc.rsplit("@", 1)[-1])
+    headers = {"Host": hostport, "Accept": "image/*"}
+    extensions = {"sni_hostname": _ascii_hostport(host)} if parts.scheme == "https" else {}
     # Each checked address in turn until one connects, as browsers and curl do: a host that resolves to an
     # IPv6 address first fails at once in a pod without an IPv6 route, and its IPv4 address serves.
     refused: list[str] = []
