@@ -310,6 +310,10 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
                 else:
                     await size_pods_once(body, logger, state, reuse_observation=woken)
                 failures = 0
+            except ChildrenRefused as exc:  # the pass went on; its status says so (Degraded=ReconcileFailed)
+                failures += 1
+                METRICS.reconciled(namespace, name, time.monotonic() - started, ok=False)
+                logger.error(f"the API server refused children ({failures} passes in a row): {exc}")
             except Exception as exc:  # noqa: BLE001 - one bad pass must not end the loop
                 failures += 1
                 METRICS.reconciled(namespace, name, time.monotonic() - started, ok=False)
@@ -646,17 +650,36 @@ def _children(owner: naming.Owner, spec: models.DotsVLMDeploymentSpec, token: st
     return state.built[1]
 
 
-def _apply_changed(k: Kube, objs: list[tuple[dict[str, Any], str]], state: ResourceState, force: bool) -> int:
+class ChildrenRefused(Exception):
+    """The API server refused some children (an admission policy, a value Kubernetes does not allow); the others
+    were applied and the pass went on to size the pools and write the status (Degraded=ReconcileFailed)."""
+
+
+def _apply_changed(k: Kube, objs: list[tuple[dict[str, Any], str]], state: ResourceState, force: bool,
+                   refused: dict[str, str] | None = None) -> int:
     """Server-side apply the objects that changed since we last applied them, that someone else changed,
-    or all of them when `force` (the resync: drift we did not hear about). Returns how many were sent."""
+    or all of them when `force` (the resync: drift we did not hear about). Returns how many were sent.
+
+    `refused`: collect the children the API server refuses (4xx) there, key -> 'Kind name: its words', and go on
+    with the others (a refused LoadBalancer Service must not keep a new resource from its Ray pods); a child
+    already in it is not sent again this pass. Without it the first refusal raises."""
     sent = 0
     for obj, digest in objs:
         key = _child_key(obj["kind"], obj["metadata"]["name"])
         known = state.applied.get(key)
         if not force and known is not None and known[0] == digest and key not in state.dirty:
             continue
+        if refused is not None and key in refused:
+            continue
         state.dirty.discard(key)
-        live = k.apply(obj)
+        try:
+            live = k.apply(obj)
+        except ApiException as exc:
+            if refused is None or not 400 <= (exc.status or 0) < 500:
+                raise
+            state.dirty.add(key)  # sent again on the next full pass
+            refused[key] = f"{obj['kind']} {obj['metadata']['name']}: {error_text(exc)}"
+            continue
         state.applied[key] = (digest, _change_marker(live or {}))
         if obj["kind"] == "Deployment" and live:
             state.live[obj["metadata"]["name"]] = live
@@ -710,8 +733,10 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
                      prebuilt=built if state.template_plan.templates == desired else None)
     kept = {obj["kind"] for obj, _ in objs}
 
+    refused: dict[str, str] = {}
+
     def apply_all() -> None:
-        _apply_changed(k, objs, state, force=forced)
+        _apply_changed(k, objs, state, force=forced, refused=refused)
         for kind in MONITORING_KINDS:
             if installed[kind] and kind not in kept:
                 # Switched off: remove the one this deployment had, if any (objects of the same name
@@ -739,7 +764,9 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
 
     listed = await asyncio.to_thread(k.list_pods, owner.namespace, owner.name)
     state.pods = {p["metadata"]["name"]: p for p in listed}
-    await _size_and_report(body, owner, spec, generation, old, state, installed, logger)
+    await _size_and_report(body, owner, spec, generation, old, state, installed, logger, refused=refused)
+    if refused:
+        raise ChildrenRefused("; ".join(refused.values()))
 
 
 _RAY_DEPLOYMENTS = {naming.COMPONENT_HEAD: naming.head_name, naming.COMPONENT_VISION: lambda n: naming.pool_name(n, naming.COMPONENT_VISION),
@@ -799,8 +826,10 @@ async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: Resourc
 async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,
                            generation: int | None, old: models.DotsVLMDeploymentStatus | None, state: ResourceState,
                            installed: dict[str, bool], logger: logging.Logger, *,
-                           reuse_observation: bool = False) -> None:
-    """Observe Serve and the autoscaler, size the pools' pods, write status and Events."""
+                           reuse_observation: bool = False, refused: dict[str, str] | None = None) -> None:
+    """Observe Serve and the autoscaler, size the pools' pods, write status and Events. `refused`: the full
+    pass's children that the API server refused (status says so; a pool Deployment among them is not sent
+    again)."""
     k = kube()
     assert state.token is not None
     pods = [pod_view(p) for p in state.pods.values()]
@@ -848,7 +877,7 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
         for pod_name, cost in costs.items():
             if not k.patch_pod_annotations(owner.namespace, pod_name, {naming.ANNOTATION_POD_DELETION_COST: cost}):
                 state.pods.pop(pod_name, None)  # gone since the watch told us: its delete event follows
-        return _apply_changed(k, pool_objs, state, force=False)
+        return _apply_changed(k, pool_objs, state, force=False, refused=refused)
     if costs or any(state.applied.get(_child_key("Deployment", o["metadata"]["name"]), ("",))[0] != digest
                     for o, digest in pool_objs):
         await asyncio.to_thread(resize)
@@ -862,7 +891,8 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
                                       endpoint=naming.endpoint(owner, spec.api.port), old=old, now=_now(),
                                       plans=plans, report=report, now_unix=now_unix,
                                       rollout=state.template_plan.message if state.template_plan is not None else None,
-                                      redis_state=redis_state)
+                                      redis_state=redis_state,
+                                      refused=list(refused.values()) if refused else None)
     unschedulable = {pool: sum(1 for p in pods if p.component == pool and p.unschedulable and not p.deleting)
                      for pool in POOLS}
     METRICS.observe_status(owner.namespace, owner.name, spec, new, unschedulable)

@@ -416,6 +416,14 @@ def _autoscaler_status(report: AutoscalerReport | None) -> models.AutoscalerStat
         f"decisions for {', '.join(pools)}" if pools else "no decision yet (the policy decides within a few seconds of the application starting)"))
 
 
+RECONCILE_FAILED = "ReconcileFailed"
+
+
+def refused_message(refused: list[str]) -> str:
+    """Degraded=ReconcileFailed's message for children the API server refused (each 'Kind name: its words')."""
+    return f"the operator could not reconcile this resource and will retry: {'; '.join(refused)}"[:2000]
+
+
 def _condition(type_: str, status: bool, reason: str, message: str, generation: int | None,
                old: dict[str, models.Condition], now: str) -> models.Condition:
     s = "True" if status else "False"
@@ -431,6 +439,7 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                    plans: dict[str, PoolPlan] | None = None, report: AutoscalerReport | None = None,
                    now_unix: float | None = None, rollout: str | None = None,
                    redis_state: models.RedisStateStatus | None = None,
+                   refused: list[str] | None = None,
                    ) -> tuple[models.DotsVLMDeploymentStatus, list[Transition]]:
     """The status for the observed world, and the condition changes since `old`.
 
@@ -438,10 +447,13 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
     (Serve's target, or the spec's minimum until Serve answers); `plans`: the pods per pool
     (pod_sizing); `report`: the autoscaler's report from the ingress (None: not asked); `rollout`: how a
     new image is rolling (None: it is not); `redis_state`: where the head keeps the Ray state in Redis
-    (handlers._redis_state)."""
+    (handlers._redis_state); `refused`: the children the API server refused in this pass, each with its words
+    (the others were applied, and the pass went on)."""
     plans = plans or {}
     now_unix = now_unix if now_unix is not None else datetime.strptime(now, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
     f = _Findings()
+    if refused:
+        f.degraded.append((RECONCILE_FAILED, refused_message(refused)))
     head_pods = [p for p in pods if p.component == COMPONENT_HEAD and not p.deleting]
     if any(p.unschedulable for p in head_pods):
         p = next(p for p in head_pods if p.unschedulable)

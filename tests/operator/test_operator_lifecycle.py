@@ -396,6 +396,14 @@ def test_refused_child_shows_in_status_and_recovers(kube, ns, no_load_balancers,
     c = poll(failed, 90, "Degraded=ReconcileFailed", op.log_tail)
     assert c["status"] == "True"
     assert "LoadBalancer Services are not allowed in this namespace" in c["message"]
+    assert f"Service {name}-api" in c["message"], c
+    # The refused Service does not hold back the other children: the Ray head and both pools get their
+    # Deployments (before, the first refusal ended the pass, so a new resource got no pods at all), and the
+    # status still follows the pools.
+    for deployment in (f"{name}-ray-head", f"{name}-vision", f"{name}-llm"):
+        poll(lambda: get_json(kube, "deployment", deployment, "-n", ns), 30, f"Deployment {deployment}", op.log_tail)
+    cr_now = get_json(kube, "dvlm", name, "-n", ns)
+    assert condition(cr_now, "Ready") is not None and cr_now["status"]["vision"]["desiredPods"] >= 1, cr_now["status"]
 
     kube.kubectl("patch", "dvlm", name, "-n", ns, "--type=merge", "-p", '{"spec":{"api":{"serviceType":"ClusterIP"}}}')
     poll(lambda: (c := condition(get_json(kube, "dvlm", name, "-n", ns), "Degraded")) and c["reason"] != "ReconcileFailed",

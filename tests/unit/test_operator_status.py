@@ -460,3 +460,22 @@ def test_ready_pods_whose_llm_replica_still_starts_are_not_ready_and_say_why() -
     # A vision replica starting: text is answered (Ready), the status says images wait.
     st, _ = run(pods, obs("RUNNING", vision_state="STARTING"), s=s, old=st)
     assert cond(st, "Ready").status == "True" and cond(st, "Progressing").reason == "VisionReplicaStarting"
+
+
+def test_refused_children_show_as_degraded_reconcile_failed_beside_the_pools_findings() -> None:
+    """A child the API server refuses no longer ends the pass: the status is still computed from the pods, with
+    Degraded=ReconcileFailed quoting the refusal first, and it clears once nothing is refused."""
+    words = "Service dots-api: LoadBalancer Services are not allowed in this namespace"
+    pods = healthy_pods()[:-1] + [PodView("l1", "llm", ready=False, scheduled=False, unschedulable=SCHED)]
+    st, tr = compute_status(spec=spec(), generation=3, pods=pods, desired={"vision": 4, "llm": 1}, serve=None,
+                            endpoint="e", old=None, now="2026-01-01T00:00:00Z", refused=[words])
+    degraded = cond(st, "Degraded")
+    assert (degraded.status, degraded.reason) == ("True", "ReconcileFailed")
+    assert degraded.message.startswith(f"the operator could not reconcile this resource and will retry: {words}")
+    assert "1 of 2 LLM pods pending" in degraded.message  # the pods' own findings are still there
+    assert st.vision.ready_replicas == 4
+    assert [t.reason for t in tr if t.type == "Degraded"] == ["ReconcileFailed"]
+    fixed, tr = compute_status(spec=spec(), generation=3, pods=healthy_pods(), desired={"vision": 4, "llm": 1},
+                               serve=None, endpoint="e", old=st, now="2026-01-01T00:00:10Z")
+    assert cond(fixed, "Degraded").reason == "AsExpected"
+    assert [t.reason for t in tr if t.type == "Degraded"] == ["AsExpected"]
