@@ -5,6 +5,8 @@ A request's stream is any number of `token` (and, after a redelivery, `restart`)
 exactly one terminal event: `finish` or `error`. The LLM replica numbers the events it sends (`i`, from 0
 for each delivery of a request), so that the tensor queue hands them out in order even when two of its
 replicas each received some (a hand-over); events the queue makes itself (`restart`, some errors) have none.
+It also marks each with its delivery (`d`: the item's delivery count when it took it; a `restart` carries the
+delivery it starts), so that an earlier delivery's events, which reuse the same numbers, cannot mix in.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class TokenEvent(TypedDict):
 
     request_id: str
     i: NotRequired[int]  # its place in the answer (set by the LLM replica)
+    d: NotRequired[int]  # the delivery it belongs to (set by the LLM replica)
     type: Literal["token"]
     text: str
 
@@ -31,6 +34,7 @@ class FinishEvent(TypedDict):
 
     request_id: str
     i: NotRequired[int]  # its place in the answer (set by the LLM replica)
+    d: NotRequired[int]  # the delivery it belongs to (set by the LLM replica)
     type: Literal["finish"]
     finish_reason: Literal["stop", "length", "cancelled"]
     text: str
@@ -43,6 +47,7 @@ class ErrorEvent(TypedDict):
 
     request_id: str
     i: NotRequired[int]  # its place in the answer (set by the LLM replica)
+    d: NotRequired[int]  # the delivery it belongs to (set by the LLM replica)
     type: Literal["error"]
     code: int
     message: str
@@ -54,6 +59,7 @@ class RestartEvent(TypedDict):
 
     request_id: str
     type: Literal["restart"]
+    d: NotRequired[int]  # the delivery it starts (the queue's redelivery; none when the ingress makes it)
 
 
 Event = TokenEvent | FinishEvent | ErrorEvent | RestartEvent

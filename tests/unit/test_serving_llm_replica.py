@@ -266,6 +266,29 @@ def test_takes_that_keep_failing_name_one_lost_take_and_its_items_still_come_bac
     asyncio.run(main())
 
 
+def test_a_redelivered_request_s_events_carry_its_delivery(monkeypatch) -> None:
+    """The tensor queue tells a redelivery's events from the first delivery's, which reuse their numbers, by
+    the delivery each carries (`d`): while the queue moves, the replica that did not redeliver a request may
+    still hold the first delivery's events."""
+    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
+
+    async def main() -> None:
+        core = TensorQueueCore(max_items=8, max_bytes=1000)
+        engine = _Engine()
+        engine.running = set()
+        llm = await _replica(monkeypatch, _LossyTakeQueue(core, lose_replies=0), engine)
+        await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, payload={}, stream=False), 1)
+        await core.take("llm-gone", max_items=1, token_budget=100, wait_s=0)
+        core.leave("llm-gone")  # its first delivery ends: the request goes back with a restart
+        await llm._iteration()
+        assert engine.running == {"b"}
+        llm._outbox = [{"request_id": "b", "type": "token", "text": "x"}]
+        await llm._publish(wait=True)
+        evs = await core.next_events("b", 0)
+        assert [(ev["type"], ev.get("d")) for ev in evs] == [("restart", 2), ("token", 2)]
+    asyncio.run(main())
+
+
 def test_a_take_given_up_before_it_ran_leases_nothing() -> None:
     """The lost take may still be on its way (or waiting for items) when the replica gives it up."""
     async def main() -> None:

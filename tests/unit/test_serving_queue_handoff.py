@@ -545,3 +545,64 @@ def test_a_stream_whose_tokens_came_from_the_other_replica_is_not_continued_by_a
             await events.__anext__()
         assert err.value.status == 503 and "retry" in str(err.value)
     asyncio.run(main())
+
+
+def _d(ev: dict, d: int) -> dict:
+    return {**ev, "d": d}
+
+
+def test_a_redelivery_while_the_first_delivery_s_events_sit_in_the_other_replica_gives_the_new_answer_only() -> None:
+    """The old replica holds the lease of a non-streaming request; its first delivery's events went to both
+    replicas. Its LLM replica leaves through the old replica, which redelivers it (a restart) to another LLM
+    replica, whose events use the same numbers again. Before, the new replica kept the first delivery's event
+    in the place of the new one's (dropping the new one as a repeat): the client got a mix of both answers."""
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a", stream=False), 1)
+        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        old.publish("llm1", [_d(tok("a", 0, "old-0 "), 1)])
+        new.publish("llm1", [_d(tok("a", 1, "old-1 "), 1)])
+        old.leave("llm1")  # redelivered, with a restart, by the old replica
+        [again] = await old.take("llm2", max_items=1, token_budget=100, wait_s=0)
+        assert again.deliveries == 2
+        new.publish("llm2", [_d(tok("a", 0, "new-0 "), 2), _d(tok("a", 1, "new-1 "), 2)])
+        old.publish("llm2", [_d(fin("a", 2), 2)])
+        new.adopt(old.snapshot())
+        assert _answer_after_the_last_restart(await new.next_events("a", 0.01)) == ("new-0 new-1 ", "finish")
+    asyncio.run(main())
+
+
+def test_the_ingress_keeps_one_restart_and_only_the_new_delivery_when_both_replicas_hand_them_out() -> None:
+    """The old replica hands out the first delivery's tokens and the restart it made; the new replica, which
+    saw neither the restart nor the first tokens, hands out a first delivery's token, then restarts on its own
+    when the new delivery's events come, which the old one partly handed out already."""
+    import time
+
+    from dotsvlm_serving.deployments.relay import Relay, StreamPoller, _Held
+
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a", stream=False), 1)
+        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        old.publish("llm1", [_d(tok("a", 0, "old-0 "), 1)])
+        new.publish("llm1", [_d(tok("a", 1, "old-1 "), 1)])
+        old.leave("llm1")
+        await old.take("llm2", max_items=1, token_budget=100, wait_s=0)
+        old.publish("llm2", [_d(tok("a", 0, "new-0 "), 2)])
+        new.publish("llm2", [_d(tok("a", 0, "new-0 "), 2), _d(tok("a", 1, "new-1 "), 2), _d(fin("a", 2), 2)])
+        router = _Router(old, new)
+        relay = object.__new__(Relay)
+        relay.queue, relay._background, relay.request_timeout_s = router, set(), 60.0
+        relay.streams = StreamPoller(router)
+        req = _Held(base_id="a", item=item("a", stream=False))
+        got: list[dict] = []
+        async for batch in relay._events(req, time.monotonic() + 10, until_done=True):
+            got += batch
+            if batch[-1]["type"] in ("finish", "error"):
+                break
+        assert _answer_after_the_last_restart(got) == ("new-0 new-1 ", "finish"), got
+    asyncio.run(main())

@@ -104,6 +104,7 @@ class LLMServer:
         # number (`i`), while a lost number would hold back every later event of its answer for good.
         self._unacked: list[Event] = []
         self._sent: dict[str, int] = {}  # events numbered so far per request (this delivery): their `i`
+        self._delivery: dict[str, int] = {}  # each running request's delivery (`d`: the item's count), for its events
         self._active: set[str] = set()  # requests handed to the engine whose terminal event is not out yet
         self._lost = False  # the queue declared this replica lost: rejoin (`_rejoin`) before anything else
         self._discarding = False  # after a rejoin: the engine's dropped copies are still winding down
@@ -198,7 +199,7 @@ class LLMServer:
             giving_back = self._send_take(room, wait_s, now)
             if not busy:  # (busy: the room stays, as only this loop admits work and running requests only free it)
                 await self._admit_taken()
-                if giving_back and not (self._lost_takes or self._lost) and self._taking is None:  # given back: take them now
+                if giving_back and not (self._lost_takes or self._lost) and self._taking is None:  # given back: take
                     self._send_take(room, wait_s, now)
                     await self._admit_taken()
         if self._to_cancel:
@@ -277,6 +278,7 @@ class LLMServer:
         try:
             for item in items:
                 self._sent.pop(item.request_id, None)  # a new delivery numbers its events from 0
+                self._delivery[item.request_id] = item.deliveries
                 err = await asyncio.to_thread(self._admit, item)
                 if err is not None:
                     self._outbox.append(err)
@@ -342,8 +344,12 @@ class LLMServer:
         for ev in events:
             rid = ev["request_id"]
             ev["i"] = self._sent.get(rid, 0)
+            d = self._delivery.get(rid)
+            if d:
+                ev["d"] = d
             if is_terminal(ev):
                 self._sent.pop(rid, None)
+                self._delivery.pop(rid, None)
                 self._active.discard(rid)
             else:
                 self._sent[rid] = ev["i"] + 1
@@ -374,6 +380,7 @@ class LLMServer:
             self.engine.cancel(rid)
         self._active.clear()
         self._sent.clear()
+        self._delivery.clear()
         self._outbox.clear()
         self._unacked = []  # (events of the copies given up: not to be sent again)
         self._publish_failing_since = None

@@ -111,6 +111,7 @@ class _Held:
     tokens_seen: bool = False
     events_seen: bool = False
     next_i: int = 0  # the numbered event (`i`) of the current delivery that comes next (`_fresh`)
+    delivery: int = 0  # the current delivery (`d`), 0 until one is known (`_fresh`)
     _n: int = 0
 
     @property
@@ -120,16 +121,22 @@ class _Held:
     def renew(self) -> None:
         self._n += 1
         self.item = dataclasses.replace(self.item, request_id=f"{self.base_id}-q{self._n}", deliveries=0)
-        self.next_i = 0
+        self.next_i = self.delivery = 0
 
 
 def _fresh(req: _Held, evs: EventBatch) -> EventBatch:
     """The events the client has not had yet. While the tensor queue moves, both of its replicas may hand out
-    one numbered event: an LLM replica whose publish reached the old one but whose reply was lost sends it
-    again, to the new one (each hands out in order, so a repeat is one below the number expected next)."""
+    one numbered event (an LLM replica whose publish reached the old one but whose reply was lost sends it
+    again, to the new one; each hands out in order, so a repeat is one below the number expected next), each
+    may make the restart of a redelivery, and the one that did not redeliver may still hold events of the
+    earlier delivery (`d`)."""
     out: EventBatch = []
     for ev in evs:
-        i = ev.get("i")  # type: ignore[union-attr]
+        i, d = ev.get("i"), ev.get("d")  # type: ignore[union-attr]
+        if d is not None:
+            if d < req.delivery or (d == req.delivery and ev["type"] == "restart"):
+                continue  # an earlier delivery's, or the restart the other replica made too
+            req.delivery = d
         if ev["type"] == "restart":  # the next delivery numbers its events from 0 again
             if req.item.stream and (req.tokens_seen or any(e["type"] == "token" for e in out)):
                 # The queue redelivers only answers none of whose tokens it holds; during a hand-over the other

@@ -108,6 +108,11 @@ class _Mailbox:
     # Since when `held` has waited for an earlier event (None: nothing held). Outside a hand-over only a lost
     # event leaves a hole for that long: `reap` then ends the answer instead of holding its end back forever.
     gap_since: float | None = None
+    # The delivery (`d`: the item's delivery count when an LLM replica took it) whose events the box hands out
+    # now; 0 until one is known. Events of an earlier one are dropped: while the queue moves, the replica
+    # that did not redeliver the request may still hold the first delivery's events, whose numbers the new
+    # delivery uses again. (Events of LLM replicas of an earlier release carry none.)
+    delivery: int = 0
 
     def wake(self) -> None:
         """Something changed: events arrived, the box was ended, or it is no longer the request's."""
@@ -117,7 +122,15 @@ class _Mailbox:
 
     def accept(self, ev: Event) -> bool:
         """Queue the event for the ingress, in its answer's order; True if something became ready."""
-        i = ev.get("i")  # type: ignore[union-attr]
+        i, d = ev.get("i"), ev.get("d")  # type: ignore[union-attr]
+        if d is not None:
+            if d < self.delivery or (d == self.delivery and ev["type"] == "restart"):
+                return False  # a superseded delivery's event, or a restart this box has already made
+            if d > self.delivery:
+                self.delivery = d
+                if ev["type"] != "restart" and d > 1:  # the restart came to the replica that redelivered it
+                    self._ready(RestartEvent(request_id=ev["request_id"], type="restart", d=d))
+                    self.next_index, self.held, self.gap_since = 0, {}, None
         if i is None:  # made by the queue itself (restart, error): in arrival order
             self._ready(ev)
             if ev["type"] == "restart":  # the next delivery numbers its events from 0 again
@@ -178,6 +191,7 @@ class MailboxState:
     next_index: int
     streamed: bool
     orphan: bool
+    delivery: int = 0  # `_Mailbox.delivery` (a snapshot of an earlier release has none)
 
 
 @dataclass
@@ -199,31 +213,48 @@ class QueueSnapshot:
 
 def _merge_mailbox(box: _Mailbox, other: MailboxState) -> None:
     """Put two replicas' views of one answer together, in order. Each numbered event reached one replica;
-    what either replica already handed out is the prefix below the larger `next_index` of the two."""
+    what either replica already handed out is the prefix below the larger `next_index` of the two. Only the
+    latest delivery's events count (`_Mailbox.delivery`): a replica that redelivered the request made a restart
+    the other one never saw, and the other one's events of the earlier delivery use the same numbers."""
+    delivery = max(box.delivery, getattr(other, "delivery", 0))
+
+    def stale(ev: Event) -> bool:
+        return ev.get("d", delivery) < delivery  # type: ignore[union-attr, operator]
+
+    def current(ready: list[Event], held: dict[int, Event], next_index: int,
+                side: int) -> tuple[list[Event], dict[int, Event], int]:
+        """A replica's ready events, held events and next number, without an earlier delivery's: the numbered
+        events before its last restart (the client drops them at the restart, and the numbers after it count
+        from 0 again: kept, they took the places of the new delivery's events), and those a later delivery
+        (seen by the other replica) superseded; a replica still on an earlier delivery handed out none of it."""
+        last = max((k for k, ev in enumerate(ready) if ev["type"] == "restart"), default=-1)
+        ready = [ev for k, ev in enumerate(ready)  # type: ignore[union-attr]
+                 if (k > last or ev.get("i") is None) and not stale(ev)]
+        held = {i: ev for i, ev in held.items() if not stale(ev)}
+        return ready, held, 0 if 0 < side < delivery else next_index
+
     def handed_out(ready: list[Event], next_index: int) -> int:
         numbered = [ev["i"] for ev in ready if ev.get("i") is not None]  # type: ignore[union-attr]
         return min(numbered) if numbered else next_index
 
-    def current(ready: list[Event]) -> list[Event]:
-        """A replica's ready events without the numbered ones before its last restart: those are an earlier
-        delivery's (the client drops them at the restart), and the numbers after it count from 0 again. Kept,
-        they came after the restart and took the places of the new delivery's events."""
-        last = max((k for k, ev in enumerate(ready) if ev["type"] == "restart"), default=-1)
-        return [ev for k, ev in enumerate(ready) if k > last or ev.get("i") is None]  # type: ignore[union-attr]
-
-    box_ready, other_ready = current(box.events), current(other.events)
-    start = max(handed_out(box_ready, box.next_index), handed_out(other_ready, other.next_index))
+    box_ready, box_held, box_next = current(box.events, box.held, box.next_index, box.delivery)
+    other_ready, other_held, other_next = current(list(other.events), dict(other.held), other.next_index,
+                                                  getattr(other, "delivery", 0))
+    start = max(handed_out(box_ready, box_next), handed_out(other_ready, other_next))
     pending = other_ready + box_ready
-    numbered = {**other.held, **box.held}
-    unnumbered = []
+    numbered = {**other_held, **box_held}
+    unnumbered: list[Event] = []
+    restarts: set[int] = set()
     for ev in pending:
         i = ev.get("i")  # type: ignore[union-attr]
-        if i is None:
-            unnumbered.append(ev)
-        else:
+        if i is not None:
             numbered[i] = ev
+        elif ev["type"] != "restart" or ev.get("d") is None or ev["d"] not in restarts:  # type: ignore[typeddict-item]
+            unnumbered.append(ev)
+            if ev["type"] == "restart" and ev.get("d") is not None:
+                restarts.add(ev["d"])  # type: ignore[typeddict-item]  # (each replica may have made one)
     box.events, box.held, box.done, box.gap_since = [], {}, False, None
-    box.next_index = start
+    box.next_index, box.delivery = start, delivery
     box.streamed = box.streamed or other.streamed
     box.orphan = box.orphan and other.orphan
     for ev in unnumbered:  # made by a queue (a restart or an error): before what follows
@@ -617,7 +648,7 @@ class TensorQueueCore:
                 self.counters["redelivered"] += 1
                 # Tell the client to discard partial output it may have buffered (non-streaming only); the
                 # next delivery numbers its events from 0 again (accept() resets the order for a restart).
-                box.accept(RestartEvent(request_id=rid, type="restart"))
+                box.accept(RestartEvent(request_id=rid, type="restart", d=item.deliveries + 1))
                 box.streamed = False
                 requeue.append(item)
             box.wake()
@@ -658,7 +689,7 @@ class TensorQueueCore:
         return QueueSnapshot(
             items=[(it, now - it.enqueued_at) for it in self._items],
             mailboxes={rid: MailboxState(events=list(b.events), held=dict(b.held), next_index=b.next_index,
-                                         streamed=b.streamed, orphan=b.orphan)
+                                         streamed=b.streamed, orphan=b.orphan, delivery=b.delivery)
                        for rid, b in self._mailboxes.items()},
             leases={cid: (list(c.leased.values()), sorted(c.cancelled)) for cid, c in self._consumers.items()},
             ended=sorted(self._ended_unknown), cancelled=sorted(self._cancelled_unknown), lost=sorted(self._lost),
