@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from typing import Any
 
 import yaml
@@ -63,6 +64,7 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
             out["exclusiveMaximum"] = True
         else:
             out[key] = value
+    _say_default(out)
     if out.get("type") == "object" and "properties" in out:
         required = set(out.get("required", []))
         for name, sub in out["properties"].items():
@@ -73,6 +75,17 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
                     and "default" not in sub and not sub.get("required")):
                 sub["default"] = {k: v["default"] for k, v in sub["properties"].items() if "default" in v}
     return out
+
+
+def _say_default(node: dict[str, Any]) -> None:
+    """Write a field's scalar default into its description: `kubectl explain` shows the description, never the
+    schema's `default`, so a user could not see what a field left out becomes (vision.minReplicas: 1, api.port:
+    8000, ...). A description that already speaks of its default is left as it is."""
+    default, description = node.get("default"), node.get("description")
+    if (description and isinstance(default, (bool, int, float, str)) and "default" not in description.lower()
+            and default != ""):
+        shown = default if isinstance(default, str) else json.dumps(default)
+        node["description"] = f"{description.rstrip()}{'' if description.rstrip().endswith('.') else '.'} Default: {shown}."
 
 
 def _schema_of(model: type[models._Api]) -> dict[str, Any]:

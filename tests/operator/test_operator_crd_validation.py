@@ -173,6 +173,8 @@ def test_kubectl_explain_reads_the_model_descriptions(kube, crd) -> None:
     out = kube.wait_for(lambda: (p := kube.kubectl("explain", "dotsvlmdeployment.spec.llm.nodesPerReplica",
                                                    check=False)).returncode == 0 and p.stdout, 30, "kubectl explain")
     assert "Pods (one per node) that one LLM replica spans" in out
+    out = kube.kubectl("explain", "dotsvlmdeployment.spec.vision.minReplicas").stdout
+    assert "Default: 1." in out, out  # explain prints no schema default: the description says it
 
 
 def test_every_child_of_the_longest_admitted_name_is_accepted(kube, ns) -> None:

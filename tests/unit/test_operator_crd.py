@@ -153,3 +153,24 @@ def test_secret_key_names_that_kubernetes_refuses_are_refused_in_the_spec() -> N
     crd = yaml.safe_load((REPO / "crds" / "dotsvlm.io_dotsvlmdeployments.yaml").read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert spec["api"]["properties"]["apiKeySecretRef"]["properties"]["key"]["pattern"] == models.SECRET_KEY_PATTERN
+
+
+def test_kubectl_explain_can_tell_each_scalar_default() -> None:
+    """`kubectl explain` prints a field's description, not the schema's default: what vision.minReplicas or api.port
+    become when left out was nowhere to see. The description now ends with it (unless it speaks of its default)."""
+    spec = crd.openapi_schema()["properties"]["spec"]["properties"]
+    assert spec["vision"]["properties"]["minReplicas"]["description"].endswith("Default: 1.")
+    assert spec["api"]["properties"]["port"]["description"].endswith("Default: 8000.")
+    assert spec["api"]["properties"]["serviceType"]["description"].endswith("Default: ClusterIP.")
+    assert spec["monitoring"]["properties"]["enabled"]["description"].endswith("Default: true.")
+    upscale = spec["vision"]["properties"]["autoscaling"]["properties"]["upscaleDelaySeconds"]["description"]
+    assert upscale.count("Default") == 1  # it says its default in its own words
+
+    def walk(node: dict, path: str) -> None:
+        if isinstance(node.get("default"), (bool, int, float, str)) and node.get("description"):
+            assert "default" in node["description"].lower(), f"{path}: its default is not in its description"
+        for name, sub in (node.get("properties") or {}).items():
+            walk(sub, f"{path}.{name}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]")
+    walk(crd.openapi_schema()["properties"]["spec"], "spec")
