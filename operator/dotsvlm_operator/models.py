@@ -872,7 +872,9 @@ class SLOStatus(_Api):
 class AutoscalerStatus(_Api):
     """Whether the operator could read the autoscaler's report from the ingress (GET /-/autoscaler on the API port)."""
 
-    reachable: bool = Field(False, description="The last read succeeded.")
+    reachable: bool = Field(False, description=(
+        "The last read succeeded; false too while the report is not read (the Ray head pod not ready, or the Serve "
+        "application not running): the figures in the status are then the last ones read."))
     message: str = Field("", description="Why it could not be read, or what was read.")
     url: str | None = Field(None, description="Where the operator reads it.")
 

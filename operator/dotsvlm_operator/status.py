@@ -424,6 +424,18 @@ def refused_message(refused: list[str]) -> str:
     return f"the operator could not reconcile this resource and will retry: {'; '.join(refused)}"[:2000]
 
 
+def _autoscaler_not_asked(old: models.AutoscalerStatus | None,
+                          serve: ServeObservation | None) -> models.AutoscalerStatus | None:
+    """The ingress is asked only while the Serve application runs: otherwise say so, rather than keep an old
+    `reachable: true` (the figures below are the last ones read, while the head is down or redeploying)."""
+    if old is None or not old.reachable:
+        return old
+    why = ("the Ray head pod is not ready" if serve is None else "the Ray head does not answer" if not serve.reachable
+           else f"the Serve application is {serve.status}")
+    return models.AutoscalerStatus(reachable=False, url=old.url, message=(
+        f"not read while {why}; the pool sizes, queue and latencies below are the last ones read"))
+
+
 def _condition(type_: str, status: bool, reason: str, message: str, generation: int | None,
                old: dict[str, models.Condition], now: str) -> models.Condition:
     s = "True" if status else "False"
@@ -539,7 +551,8 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
         queue=queue,
         backpressure=backpressure,
         slo=slo,
-        autoscaler=_autoscaler_status(report) if report is not None else (old.autoscaler if old else None),
+        autoscaler=_autoscaler_status(report) if report is not None else _autoscaler_not_asked(
+            old.autoscaler if old else None, serve),
         endpoint=endpoint,
         redis_state=redis_state,
     )

@@ -479,3 +479,20 @@ def test_refused_children_show_as_degraded_reconcile_failed_beside_the_pools_fin
                                serve=None, endpoint="e", old=st, now="2026-01-01T00:00:10Z")
     assert cond(fixed, "Degraded").reason == "AsExpected"
     assert [t.reason for t in tr if t.type == "Degraded"] == ["AsExpected"]
+
+
+def test_the_autoscaler_status_does_not_stay_reachable_while_the_head_is_down() -> None:
+    """The ingress is asked only while Serve runs; with the head pod not ready (or Serve redeploying), status.autoscaler
+    kept its last `reachable: true`, as if the figures below were current."""
+    first, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report())
+    assert first.autoscaler.reachable
+    pods = [PodView("h", "ray-head", ready=False, scheduled=True)] + autoscaled_pods(3)[1:]
+    st, _ = compute_status(spec=autoscaled_spec(), generation=1, pods=pods, desired={"vision": 3, "llm": 1},
+                           serve=None, endpoint="e", old=first, now="2026-01-01T00:00:05Z", report=None)
+    assert not st.autoscaler.reachable and "the Ray head pod is not ready" in st.autoscaler.message
+    assert st.autoscaler.url == first.autoscaler.url and st.queue == first.queue  # the last figures stay
+    again, _ = compute_status(spec=autoscaled_spec(), generation=1, pods=pods, desired={"vision": 3, "llm": 1},
+                              serve=None, endpoint="e", old=st, now="2026-01-01T00:00:10Z", report=None)
+    assert again.autoscaler == st.autoscaler  # no status write on every pass
+    back, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report(), old=again)
+    assert back.autoscaler.reachable
