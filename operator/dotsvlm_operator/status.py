@@ -369,6 +369,21 @@ def _backpressure(report: AutoscalerReport, old: models.BackpressureStatus | Non
     return new
 
 
+def _retarget(slo: models.SLOStatus | None, spec: models.DotsVLMDeploymentSpec) -> models.SLOStatus | None:
+    """Last observed latencies against the spec's targets now: a new spec.slo shows (and `met` follows it) at
+    once, not only with the next report (none comes while the head is down)."""
+    if slo is None:
+        return None
+
+    def again(t: models.SLOTargetStatus | None, target: float) -> models.SLOTargetStatus | None:
+        if t is None or t.target_seconds == target:
+            return t
+        return _target(target, t.observed_p90_seconds)
+    return slo.model_copy(update={"image_ttft": again(slo.image_ttft, spec.slo.image_ttft_seconds),
+                                  "text_ttft": again(slo.text_ttft, spec.slo.text_ttft_seconds),
+                                  "inter_token": again(slo.inter_token, spec.slo.inter_token_seconds)})
+
+
 def _queue_and_slo(spec: models.DotsVLMDeploymentSpec, report: AutoscalerReport | None,
                    old: models.DotsVLMDeploymentStatus | None,
                    now_unix: float) -> tuple[models.QueueStatus | None, models.SLOStatus | None,
@@ -376,6 +391,7 @@ def _queue_and_slo(spec: models.DotsVLMDeploymentSpec, report: AutoscalerReport 
     """The queue and the observed latencies from the report; the old ones when the report is missing, or
     when they were written less than QUEUE_REFRESH_S ago (they change all the time under load)."""
     old_q, old_slo, old_bp = (old.queue, old.slo, old.backpressure) if old else (None, None, None)
+    old_slo = _retarget(old_slo, spec)
     if report is None or report.error:
         return old_q, old_slo, old_bp
     if old_q is not None and old_q.observed_time:

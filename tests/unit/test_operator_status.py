@@ -496,3 +496,19 @@ def test_the_autoscaler_status_does_not_stay_reachable_while_the_head_is_down() 
     assert again.autoscaler == st.autoscaler  # no status write on every pass
     back, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report(), old=again)
     assert back.autoscaler.reachable
+
+
+def test_a_new_slo_target_shows_at_once_against_the_last_observed_latencies() -> None:
+    """status.slo kept the old targets (and met) until the next report, none while the head is down; a user who
+    raised slo.imageTTFTSeconds from 2 to 3 s still read met: false against 2 s."""
+    first, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report())
+    assert (first.slo.image_ttft.target_seconds, first.slo.image_ttft.met) == (2.0, False)
+    raw = autoscaled_spec().model_dump(by_alias=True, exclude_none=True)
+    raw["slo"]["imageTTFTSeconds"] = 3.0
+    pods = [PodView("h", "ray-head", ready=False, scheduled=True)] + autoscaled_pods(3)[1:]
+    st, _ = compute_status(spec=models.DotsVLMDeploymentSpec.model_validate(raw), generation=2, pods=pods,
+                           desired={"vision": 3, "llm": 1}, serve=None, endpoint="e", old=first,
+                           now="2026-01-01T00:00:05Z", report=None)
+    assert (st.slo.image_ttft.target_seconds, st.slo.image_ttft.met) == (3.0, True)
+    assert st.slo.image_ttft.observed_p90_seconds == first.slo.image_ttft.observed_p90_seconds
+    assert st.slo.text_ttft == first.slo.text_ttft
