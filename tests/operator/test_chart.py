@@ -257,6 +257,21 @@ def test_a_long_release_name_still_gives_valid_object_names(helm_bin) -> None:
         assert all(len(o["metadata"]["name"]) <= 63 for o in objs if o["kind"] != "CustomResourceDefinition")
 
 
+def test_a_long_release_name_gives_each_dashboard_its_own_configmap(helm_bin) -> None:
+    """The dashboards' ConfigMaps were named <fullname>-dashboard-<name> cut at 63 characters: with a release name
+    of about 35 characters or more, every dashboard got the same name and `helm install` failed on the second."""
+    dashboards = sorted((CHART / "files" / "dashboards").glob("*.json"))
+    assert len(dashboards) >= 2
+    for release in ("prod-eu-west4-ml-platform-serving-operators", "ml.prod-" + "a" * 45, "dvlm"):
+        objs = render(helm_bin, "--set", "grafanaDashboards.enabled=true", release=release)
+        names = [o["metadata"]["name"] for o in of_kind(objs, "ConfigMap")]
+        assert len(set(names)) == len(dashboards), names
+        for name, path in zip(sorted(names, key=lambda n: n.rsplit("-dashboard-", 1)[1]), dashboards):
+            assert name.endswith("-dashboard-" + path.stem.lower().replace("_", "-")), (name, path)
+            assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*",
+                                                     name), name
+
+
 def test_an_image_tag_that_is_no_label_value_still_gives_valid_labels(helm_bin) -> None:
     """The version label was the image tag as it is: a tag pinned with its digest (0.1.0@sha256:...), or a long one
     cut at a '-' or '.', is no label value, and the API server refused every object of `helm install`."""
