@@ -139,6 +139,7 @@ def _draining_server(queue: object, engine: object):
     srv = object.__new__(LLMServer)
     srv.queue, srv.engine = queue, engine
     srv.consumer_id, srv._to_cancel, srv._publishing, srv._outbox, srv._sent = "c", set(), None, [], {}
+    srv._delivery = {}
     srv._last_take, srv._draining, srv._drained = 0.0, False, asyncio.Event()
     srv._take_overdue_at, srv._taking = None, None
     srv.cfg, srv._active, srv._lost, srv._discarding = None, set(), False, False
