@@ -577,3 +577,19 @@ def test_a_decision_always_lies_within_the_bounds_it_is_decided_with() -> None:
     d = p.decide(p.Snapshot(vision(1), llm(4, running=30)), raised, p.PolicyState(), 0.0,
                  current={"vision": 1, "llm": 4})["vision"]
     assert d.desired == 3 and d.direction == "hold", d
+
+
+def test_a_target_that_serve_moved_to_new_bounds_is_not_taken_for_a_wake_up() -> None:
+    """A vision pool at zero whose minReplicas the user raises to 2: Serve moves its target to 2 as it takes the
+    new bounds. The policy took that for Serve's cold start: the status's last scale and the Event for 0 -> 2 said
+    "a request arrived while the vision pool was at zero" (WakeUp) when none had. It says the bound moved it."""
+    sp = spec(vision={"min_replicas": 0, "idle_to_zero_s": 0, "downscale_delay_s": 0})
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 1}
+    for t in range(5):
+        cur = {k: d.desired for k, d in p.decide(p.Snapshot(vision(cur["vision"]), llm(1)), sp, state, float(t),
+                                                   current=cur).items()}
+    assert cur["vision"] == 0
+    raised = spec(vision={"min_replicas": 2, "idle_to_zero_s": 0, "downscale_delay_s": 0})
+    d = p.decide(p.Snapshot(vision(0), llm(1)), raised, state, 5.0, current={"vision": 2, "llm": 1})["vision"]
+    assert d.desired == 2 and state.vision.last_reason != p.WAKE_UP, (state.vision.last_reason, state.vision.last_message)
+    assert "minReplicas" in state.vision.last_message and state.vision.last_change_at == 5.0, state.vision.last_message

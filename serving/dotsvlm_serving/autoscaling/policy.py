@@ -576,9 +576,15 @@ def _hold(pool: Pool, current: int, reason: str, message: str, state: PoolState)
                     signal=reason)
 
 
-def _note_outside_change(pool: Pool, st: PoolState, cur: int, now: float) -> None:
+def _note_outside_change(pool: Pool, st: PoolState, cur: int, now: float,
+                         cfg: VisionAutoscaling | LLMAutoscaling | None = None) -> None:
     """The target moved without this policy (Serve starting a replica for a request that waits on a pool
-    at zero, or a redeploy): the status and the Event must still say why the pool changed."""
+    at zero, new bounds, or a redeploy): the status and the Event must still say why the pool changed. With `cfg`
+    (the pool's bounds now): a last target outside them that Serve moved to the nearest bound is the bounds' doing
+    (a minReplicas raised above a pool at zero is no request waking it)."""
+    if cfg is not None and st.target is not None and cur == max(cfg.min_replicas, min(cfg.max_replicas, st.target)):
+        _note_new_bounds(pool, st, st.target, cur, cfg, now)
+        return
     if st.target == 0 and cur > 0:
         st.last_reason, st.last_message = WAKE_UP, (
             f"a request arrived while the {pool} pool was at zero: Ray Serve started {cur} replica(s) for it at once")
@@ -656,7 +662,7 @@ def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
         if cur is None:
             cur = st.target if st.target is not None else (sig.running_replicas if sig is not None else cfg.min_replicas)
         if st.target is not None and cur != st.target:
-            _note_outside_change(pool, st, cur, now)
+            _note_outside_change(pool, st, cur, now, cfg)
         bounded = max(cfg.min_replicas, min(cfg.max_replicas, cur))
         if bounded != cur:
             _note_new_bounds(pool, st, cur, bounded, cfg, now)

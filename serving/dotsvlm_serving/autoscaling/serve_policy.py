@@ -129,14 +129,15 @@ def serve_applies(ctx: Any, desired: int) -> tuple[int, bool]:
     return desired, False
 
 
-def _as_applied(d: Decision, applied: int, cold: bool, st: PoolState, before: PoolState, now: float) -> Decision:
+def _as_applied(d: Decision, applied: int, cold: bool, st: PoolState, before: PoolState, now: float,
+                cfg: VisionAutoscaling | LLMAutoscaling | None = None) -> Decision:
     """`d` as Serve applies it (`serve_applies`): the state records the target Serve sets and the change it
     makes (the policy's next call compares Serve's target with the recorded one), not the number Serve
     ignored; the decision published and counted is that change."""
     # Undo what `decide` recorded for the change it asked for (it is not made), keeping what it noted of a
     # change made outside the policy before it decided.
     if before.target is not None and d.current != before.target:
-        _note_outside_change(d.pool, before, d.current, now)
+        _note_outside_change(d.pool, before, d.current, now, cfg)
     st.last_reason, st.last_message, st.last_change_at = before.last_reason, before.last_message, before.last_change_at
     st.last_scale_up_at, st.last_scale_down_at = before.last_scale_up_at, before.last_scale_down_at
     st.target = applied
@@ -303,7 +304,8 @@ class DotsVLMAutoscalingPolicy:
                 applied = max(bounds.min_replicas, min(bounds.max_replicas, applied))
                 if applied != d.desired:  # Serve overrides the policy here: record and publish what it applies
                     d = decisions[pool] = _as_applied(  # type: ignore[index]
-                        d, applied, cold, state.pool(pool), PoolState.from_json(before[pool]), now)  # type: ignore[arg-type]
+                        d, applied, cold, state.pool(pool), PoolState.from_json(before[pool]), now,  # type: ignore[arg-type]
+                        bounds)
                 out[ids[name]] = d.desired
                 new_state[ids[name]] = {STATE_KEY: state.pool(pool).to_json()}  # type: ignore[arg-type]
         # A pool whose deployment Serve did not pass (being created or deleted) was decided on nothing: its
