@@ -247,8 +247,9 @@ def test_user_labels_that_repeat_the_charts_write_each_key_once_and_keep_the_sel
 def test_a_long_release_name_still_gives_valid_object_names(helm_bin) -> None:
     """Helm admits release names of up to 53 characters (dots too); the object names are cut to 63 (the metrics
     Service's too: before, <fullname>-metrics had up to 71 characters, and a dotted release name made it no DNS
-    label, so `helm install` failed on the Service)."""
-    for release in ("prod-eu-west4-ml-platform-serving-operators", "ml.prod-" + "a" * 45):
+    label, so `helm install` failed on the Service). A Service name starts with a letter (Kubernetes refused
+    others until its relaxed Service name validation), a release name may start with a digit."""
+    for release in ("prod-eu-west4-ml-platform-serving-operators", "ml.prod-" + "a" * 45, "2026-ml-ops"):
         objs = render(helm_bin, "--set", "metrics.serviceMonitor.enabled=true", release=release)
         (service,) = of_kind(objs, "Service")
         assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", service["metadata"]["name"]), service["metadata"]["name"]
