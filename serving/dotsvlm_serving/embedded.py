@@ -78,6 +78,19 @@ def listen_error(host: str, port: int) -> str | None:
     return None
 
 
+def checkpoint_config_error(model: Path) -> str | None:
+    """What is wrong with the --model directory's config.json / preprocessor_config.json (read as every replica
+    reads them), found before Ray starts: otherwise each replica's constructor fails the same way and Serve
+    reports it after the whole start-up. None: it reads."""
+    from .model.config import load_config
+
+    try:
+        load_config(model).llm_config()
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
 def say(msg: str) -> None:
     print(f"dotsvlm: {msg}", flush=True)
 
@@ -247,6 +260,9 @@ def cli_main(args: argparse.Namespace) -> int:
         model = Path(args.model)
         if not (model / "config.json").is_file():
             say(f"error: {model} is not a checkpoint directory (no config.json)")
+            return 2
+        if problem := checkpoint_config_error(model):
+            say(f"error: {problem}")
             return 2
     else:
         from .model.tiny import ensure_tiny_checkpoint

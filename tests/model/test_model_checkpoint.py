@@ -251,3 +251,51 @@ def test_running_out_of_memory_is_not_reported_as_a_bad_checkpoint(tiny_dir: Pat
     monkeypatch.setattr(ckpt, "safe_open", lambda *a, **k: _FailingHandle(real(*a, **k), MemoryError()))
     with pytest.raises(MemoryError):
         load_llm(tiny_dir)
+
+
+def _with_config(src: Path, dst: Path, edit) -> Path:
+    """A copy of the checkpoint whose config.json is `edit`ed (only the small files: no shard is read)."""
+    dst.mkdir()
+    for f in ("config.json", "preprocessor_config.json"):
+        shutil.copy(src / f, dst / f)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda c: c.update(image_token_id="abc"), r"'image_token_id' must be a non-negative integer token id \(found 'abc'\)"),
+    (lambda c: c.update(video_token_id=None), r"'video_token_id' must be a non-negative integer token id \(found None\)"),
+    (lambda c: c["vision_config"].update(embed_dim="wide"), r"vision_config\.embed_dim: Input should be a valid integer"),
+    (lambda c: c.update(vision_config=[64]), r"vision_config: Input should be a valid dictionary"),
+    (lambda c: c.update(quantization_config=["fp8"]), r"'quantization_config' must be an object"),
+    (lambda c: c.update(quantization_config={"weight_block_size": [0, 128]}),
+     r"'quantization_config\.weight_block_size' must be two positive integers.*found \[0, 128\]"),
+])
+def test_a_config_key_of_the_wrong_type_names_the_file_and_the_key(tiny_dir: Path, tmp_path: Path, edit, said) -> None:
+    """Before: `int()`'s "invalid literal ... 'abc'", a pydantic error that named neither file nor section, an
+    AttributeError, or (block size 0) a ZeroDivisionError deep in the FP8 loader."""
+    from dotsvlm_serving.model.config import load_config
+
+    d = _with_config(tiny_dir, tmp_path / "bad", edit)
+    with pytest.raises(ValueError, match=said) as info:
+        load_config(d)
+    msg = str(info.value)
+    assert msg.startswith(f"{d / 'config.json'}: ") and "\n" not in msg  # (Serve's status shows the last line only)
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda c: c.update(num_hidden_layers=2.5), r"field 'num_hidden_layers'.*expected int, got float"),
+    (lambda c: c.update(hidden_size="64"), r"field 'hidden_size'.*expected int, got str"),
+    (lambda c: c.pop("hidden_size"), r"LLM hidden_size \(7168, the default: the key is missing\)"),
+])
+def test_a_language_model_key_of_the_wrong_type_names_the_file_and_the_key(tiny_dir: Path, tmp_path: Path, edit,
+                                                                         said) -> None:
+    from dotsvlm_serving.model.config import load_config
+
+    d = _with_config(tiny_dir, tmp_path / "bad", edit)
+    cfg = load_config(d)  # (the ingress reads no LLM key: it still starts)
+    with pytest.raises(ValueError, match=said) as info:
+        cfg.llm_config()
+    assert str(d / "config.json") in str(info.value) and "\n" not in str(info.value)

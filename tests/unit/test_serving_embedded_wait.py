@@ -154,3 +154,31 @@ def test_the_listen_check_binds_as_serves_proxy_does_not_the_first_address_of_th
         assert f"port {port} on localhost is in use" in (embedded.listen_error("localhost", port) or "")
     assert embedded.listen_error("localhost", port) is None
     assert embedded.listen_error("", port) is None and embedded.listen_error("0.0.0.0", port) is None
+
+
+def test_a_model_whose_config_json_does_not_read_is_refused_before_ray_starts(monkeypatch, tmp_path, capsys) -> None:
+    """Before, Ray started and every replica's constructor failed the same way; the user saw, after the whole
+    start-up, the last line of Serve's error: "ValueError: invalid literal for int() with base 10: 'abc'"."""
+    import argparse
+    import socket
+
+    from dotsvlm_serving import app
+
+    started: list[bool] = []
+    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: started.append(True))
+    monkeypatch.setattr(embedded, "_shutdown", lambda _detached: None)
+    monkeypatch.setattr(app, "deploy_local", lambda *a, **k: started.append(True))
+    monkeypatch.setattr(embedded, "wait_healthy", lambda *a, **k: (_ for _ in ()).throw(TimeoutError("deployed")))
+    with socket.socket() as s:  # a free port (8000 may be another local stack's)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for config, said in ((json.dumps({"image_token_id": "abc"}), "'image_token_id' must be a non-negative integer"),
+                         (json.dumps({"num_hidden_layers": 2.5}), "field 'num_hidden_layers'")):
+        (tmp_path / "config.json").write_text(config)
+        args = argparse.Namespace(detach=False, ready_timeout=5.0, model=str(tmp_path), config=None,
+                                  host="127.0.0.1", port=port)
+        assert embedded.cli_main(args) == 2
+        out = capsys.readouterr().out
+        assert f"error: {tmp_path / 'config.json'}" in out or f"of {tmp_path / 'config.json'}" in out, out
+        assert said in out, out
+    assert not started

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import DeepseekV3Config
@@ -114,10 +114,16 @@ class DotsVLMConfig(BaseModel):
     video_token_id: int
     preprocess: PreprocessConfig = PreprocessConfig()
     raw: dict[str, Any]
+    source: str = "config.json"  # where `raw` came from, for error messages
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], preprocess: dict[str, Any] | None = None) -> "DotsVLMConfig":
-        vision = VisionConfig.model_validate(raw.get("vision_config") or {})
+        """Raises ValueError (one line, naming the key and what it holds) for a key of the wrong type."""
+        try:
+            vision = VisionConfig.model_validate(raw.get("vision_config") or {})
+        except ValidationError as exc:
+            raise ValueError(_validation_summary(exc, "vision_config")) from None
+        _check_quantization(raw.get("quantization_config"))
         pre = PreprocessConfig.from_json_dict(preprocess) if preprocess else PreprocessConfig(
             patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
             temporal_patch_size=vision.temporal_patch_size)
@@ -127,8 +133,8 @@ class DotsVLMConfig(BaseModel):
                 f"config.json vision_config (patch_size {vision.patch_size}, spatial_merge_size {vision.spatial_merge_size})")
         return cls(
             vision=vision,
-            image_token_id=int(raw.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID)),
-            video_token_id=int(raw.get("video_token_id", DEFAULT_VIDEO_TOKEN_ID)),
+            image_token_id=_token_id(raw, "image_token_id", DEFAULT_IMAGE_TOKEN_ID),
+            video_token_id=_token_id(raw, "video_token_id", DEFAULT_VIDEO_TOKEN_ID),
             preprocess=pre,
             raw=raw,
         )
@@ -152,17 +158,26 @@ class DotsVLMConfig(BaseModel):
         if kw.get("scoring_func", "sigmoid") != "sigmoid" or kw.get("topk_method", "noaux_tc") != "noaux_tc":
             raise ValueError(f"unsupported MoE router (scoring_func={kw.get('scoring_func')!r}, topk_method={kw.get('topk_method')!r}): "
                              "the DeepSeek-V3 implementation needs scoring_func='sigmoid' and topk_method='noaux_tc'")
-        cfg = DeepseekV3Config(**kw)
+        try:
+            cfg = DeepseekV3Config(**kw)
+        except Exception as exc:  # transformers' strict fields (a huggingface_hub error, not a TypeError): a wrong type
+            # (its message is several lines; Serve's status and `dotsvlm serve` show an error's last one)
+            raise ValueError(f"a language-model key of {self.source} has the wrong type or value: "
+                             f"{' '.join(str(exc).split())}: fix that key") from None
         if cfg.hidden_size != self.vision.hidden_size:
             raise ValueError(
-                f"vision_config.hidden_size ({self.vision.hidden_size}) must equal the LLM hidden_size ({cfg.hidden_size}): "
-                "the patch merger writes into the LLM's input embeddings")
+                f"{self.source}: vision_config.hidden_size ({self.vision.hidden_size}) must equal the LLM hidden_size "
+                f"({cfg.hidden_size}{'' if 'hidden_size' in kw else ', the default: the key is missing'}): the patch "
+                "merger writes into the LLM's input embeddings")
         cfg._attn_implementation = "sdpa"
         return cfg
 
 
 def load_config(model_dir: str | Path) -> DotsVLMConfig:
-    """Read config.json (and preprocessor_config.json when present) from a checkpoint directory."""
+    """Read config.json (and preprocessor_config.json when present) from a checkpoint directory.
+
+    A key of the wrong type is a ValueError that names the file and the key, on one line (Serve's status and
+    `dotsvlm serve` show only an error's last line), not a bare `int()` or pydantic error."""
     d = Path(model_dir)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
@@ -170,7 +185,50 @@ def load_config(model_dir: str | Path) -> DotsVLMConfig:
     raw = _read_json(cfg_path)
     pre_path = d / "preprocessor_config.json"
     pre = _read_json(pre_path) if pre_path.is_file() else None
-    return DotsVLMConfig.from_dict(raw, pre)
+    if pre is not None:
+        try:
+            PreprocessConfig.from_json_dict(pre)
+        except ValidationError as exc:
+            raise ValueError(f"{pre_path}: {_validation_summary(exc, '')}: fix or download it again") from None
+    try:
+        cfg = DotsVLMConfig.from_dict(raw, pre)
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from None
+    return cfg.model_copy(update={"source": str(cfg_path)})
+
+
+def _validation_summary(exc: ValidationError, prefix: str) -> str:
+    """A pydantic error as one line: each wrong key's dotted path, what is wrong, and the value found."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "")
+        found = "" if err["type"].startswith("value_error") else f" (found {err.get('input')!r})"
+        parts.append(f"{loc or prefix or '(top level)'}: {err['msg']}{found}")
+    return "; ".join(parts)
+
+
+def _token_id(raw: dict[str, Any], key: str, default: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"'{key}' must be a non-negative integer token id (found {value!r}): fix the key, or remove "
+                         f"it to use the default {default}")
+    return value
+
+
+def _check_quantization(qc: Any) -> None:
+    """`quantization_config` as the FP8 loader reads it (`weight_block_size`: two positive integers)."""
+    if qc is None:
+        return
+    if not isinstance(qc, dict):
+        raise ValueError(f"'quantization_config' must be an object, e.g. {{\"quant_method\": \"fp8\", "
+                         f"\"weight_block_size\": [128, 128]}} (found {qc!r})")
+    block = qc.get("weight_block_size")
+    if block is None:
+        return
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"'quantization_config.weight_block_size' must be two positive integers, e.g. [128, 128] "
+                         f"(found {block!r})")
 
 
 def _read_json(path: Path) -> dict:
