@@ -299,3 +299,32 @@ def test_a_language_model_key_of_the_wrong_type_names_the_file_and_the_key(tiny_
     with pytest.raises(ValueError, match=said) as info:
         cfg.llm_config()
     assert str(d / "config.json") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_shard_left_as_a_git_lfs_pointer_says_to_fetch_the_lfs_objects(tiny_dir: Path, tmp_path: Path) -> None:
+    """`git clone` of a Hugging Face repository without Git LFS: downloading "again" the same way would not help."""
+    d = _copy(tiny_dir, tmp_path / "lfs")
+    shard = d / _index(d)["vision_tower.post_trunk_norm.weight"]
+    shard.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123abcd\nsize 5368709120\n")
+    with pytest.raises(CheckpointError, match=f"shard {shard} is a Git LFS pointer.*git lfs pull"):
+        load_vision_tower(d)
+
+
+@pytest.mark.parametrize("weight_map, found", [
+    (["model.norm.weight"], "found a list"),
+    ({"model.norm.weight": 5}, "found 'model.norm.weight': 5"),
+])
+def test_an_index_whose_weight_map_is_not_names_to_files_is_named(tiny_dir: Path, tmp_path: Path, weight_map,
+                                                                   found) -> None:
+    """Before: AttributeError "'list' object has no attribute 'items'" or a TypeError from Path / int."""
+    d = _copy(tiny_dir, tmp_path / "index")
+    (d / ckpt.INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json is not a valid index.*{found}"):
+        load_llm(d)
+
+
+def test_a_tensor_stored_as_integers_is_refused_not_loaded_as_nonsense(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "ints")
+    shard = _rewrite(d, "model.norm.weight", torch.ones(64, dtype=torch.int32))
+    with pytest.raises(CheckpointError, match=f"'model.norm.weight' in {shard} is stored as torch.int32"):
+        load_llm(d)

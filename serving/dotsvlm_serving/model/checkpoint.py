@@ -47,6 +47,11 @@ def weight_map(model_dir: str | Path) -> dict[str, Path]:
         except (ValueError, AttributeError) as exc:
             raise CheckpointError(f"{index} is not a valid index ({type(exc).__name__}: {exc}): download it "
                                   f"again") from exc
+        if not isinstance(wm, dict) or not all(isinstance(v, str) and v for v in wm.values()):
+            bad = next((f"'{k}': {v!r}" for k, v in wm.items() if not (isinstance(v, str) and v)), None) \
+                if isinstance(wm, dict) else f"a {type(wm).__name__}"
+            raise CheckpointError(f"{index} is not a valid index: its weight_map must map each tensor name to a "
+                                  f"shard file name (found {bad}): download it again")
         out = {k: d / v for k, v in wm.items()}
         for f in sorted(set(out.values())):
             if not f.is_file():
@@ -69,6 +74,10 @@ def _opened(f: Path) -> Any:
     try:
         handle = safe_open(str(f), framework="pt", device="cpu")
     except SafetensorError as exc:
+        if _is_lfs_pointer(f):
+            raise CheckpointError(f"shard {f} is a Git LFS pointer, not the weights: the checkpoint was cloned "
+                                  f"without Git LFS; run `git lfs install && git lfs pull` in {f.parent}, or "
+                                  f"download it with `huggingface-cli download`") from exc
         raise CheckpointError(f"shard {f} cannot be read ({exc}): it is most likely incomplete; download it "
                               f"again") from exc
     except OSError as exc:
@@ -113,6 +122,15 @@ class _Shards:
             raise _io_error(f"tensor '{key}' in shard {f}", exc) from exc
 
 
+def _is_lfs_pointer(f: Path) -> bool:
+    """A `git clone` without Git LFS leaves each shard as a ~130-byte text file naming the real one."""
+    try:
+        with open(f, "rb") as fh:
+            return fh.read(64).startswith(b"version https://git-lfs.github.com/spec/")
+    except OSError:
+        return False
+
+
 def _io_error(what: str, exc: OSError) -> CheckpointError:
     """An I/O failure is the volume's (a network mount, a permission), not the download's."""
     return CheckpointError(f"{what} cannot be read: {exc.strerror or exc} (OSError {exc.errno}); check the file's "
@@ -130,6 +148,9 @@ def _read(shards: _Shards, key: str, expected: tuple[int, ...], device: torch.de
     if found != tuple(expected):
         raise _shape_error(key, expected, found, shards.file(key))
     t = shards.get(key)
+    if not (t.is_floating_point() or t.is_complex()):  # copied into a float parameter it would load, as nonsense
+        raise CheckpointError(f"tensor '{key}' in {shards.file(key).name} is stored as {t.dtype}, not as floating "
+                              f"point: the checkpoint is not a dots.vlm1 checkpoint or was converted wrongly")
     if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         skey = key[: -len("weight")] + "weight_scale_inv" if key.endswith("weight") else key + "_scale_inv"
         if skey not in shards.wm:
