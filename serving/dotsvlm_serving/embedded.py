@@ -78,6 +78,23 @@ def listen_error(host: str, port: int) -> str | None:
     return None
 
 
+def chosen_model(flag: str | None, overrides: dict | None, config_path: str | None) -> str | None:
+    """The checkpoint to serve: --model, else the --config file's `model_path` (a Serve config field like the
+    others: it was silently replaced by the tiny model), else None (the tiny model). Both, naming different
+    directories, is refused: which one the user meant cannot be told."""
+    in_config = (overrides or {}).get("model_path")
+    if in_config is None:
+        return flag
+    if not isinstance(in_config, str) or not in_config:
+        raise ValueError(f"--config {config_path}: model_path must be a checkpoint directory (found {in_config!r})")
+    if flag is None:
+        return in_config
+    if Path(flag).resolve() != Path(in_config).resolve():
+        raise ValueError(f"--model {flag} and the model_path of --config {config_path} ({in_config}) name different "
+                         "checkpoints: give one of them")
+    return flag
+
+
 def checkpoint_config_error(model: Path) -> str | None:
     """What is wrong with the --model directory's config.json / preprocessor_config.json (read as every replica
     reads them), found before Ray starts: otherwise each replica's constructor fails the same way and Serve
@@ -256,8 +273,14 @@ def cli_main(args: argparse.Namespace) -> int:
     if problem := listen_error(args.host, args.port):
         say(f"error: {problem}")
         return 2
-    if args.model:
-        model = Path(args.model)
+    try:
+        overrides = read_overrides(args.config) if args.config else None
+        model_arg = chosen_model(args.model, overrides, args.config)
+    except ValueError as exc:
+        say(f"error: {exc}")
+        return 2
+    if model_arg:
+        model = Path(model_arg)
         if not (model / "config.json").is_file():
             say(f"error: {model} is not a checkpoint directory (no config.json)")
             return 2
@@ -270,7 +293,7 @@ def cli_main(args: argparse.Namespace) -> int:
         say(f"using the tiny built-in model in {TINY_MODEL_DIR}/ (written if missing)")
         model = ensure_tiny_checkpoint(TINY_MODEL_DIR)
     try:
-        cfg = local_config(str(model.resolve()), read_overrides(args.config) if args.config else None)
+        cfg = local_config(str(model.resolve()), overrides)
     except ValidationError as exc:
         say(f"error: {config_errors(exc, args.config)}")
         return 2

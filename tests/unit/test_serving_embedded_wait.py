@@ -5,6 +5,7 @@ import http.server
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -180,5 +181,41 @@ def test_a_model_whose_config_json_does_not_read_is_refused_before_ray_starts(mo
         assert embedded.cli_main(args) == 2
         out = capsys.readouterr().out
         assert f"error: {tmp_path / 'config.json'}" in out or f"of {tmp_path / 'config.json'}" in out, out
+        assert said in out, out
+    assert not started
+
+
+def test_the_model_path_of_a_config_file_is_served_not_replaced_by_the_tiny_model(monkeypatch, tmp_path,
+                                                                                  capsys) -> None:
+    """`--config` merges Serve config fields over the local defaults; its `model_path` was silently dropped and the
+    tiny model served instead. It is now the checkpoint (read before Ray starts); with a different --model, refused."""
+    import argparse
+    import socket
+
+    from dotsvlm_serving import app
+    from dotsvlm_serving.model import tiny
+
+    monkeypatch.chdir(tmp_path)
+    started: list[str] = []
+    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: started.append("ray"))
+    monkeypatch.setattr(embedded, "_shutdown", lambda _detached: None)
+    monkeypatch.setattr(app, "deploy_local", lambda *a, **k: started.append("deploy"))
+    monkeypatch.setattr(embedded, "wait_healthy", lambda *a, **k: (_ for _ in ()).throw(TimeoutError("deployed")))
+    monkeypatch.setattr(tiny, "ensure_tiny_checkpoint", lambda d, **k: started.append("tiny") or Path(d))
+    ckpt = tmp_path / "mine"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"image_token_id": "abc"}))  # so that reading it shows
+    conf = tmp_path / "serve.yaml"
+    conf.write_text(f"model_path: {ckpt}\n")
+    with socket.socket() as s:  # a free port (8000 may be another local stack's)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for model, said in ((None, f"error: {ckpt / 'config.json'}: 'image_token_id'"),
+                        (str(tmp_path), f"--model {tmp_path} and the model_path of --config {conf} ({ckpt}) name "
+                                        "different checkpoints")):
+        args = argparse.Namespace(detach=False, ready_timeout=5.0, model=model, config=str(conf), host="127.0.0.1",
+                                  port=port)
+        assert embedded.cli_main(args) == 2
+        out = capsys.readouterr().out
         assert said in out, out
     assert not started
