@@ -742,7 +742,10 @@ class DotsVLMDeploymentSpec(_Api):
          "FP8 weights need GPUs: set llm.gpusPerReplica, or set model.quantization to none for a CPU test deployment"),
     ))
 
-    image: str = Field(..., min_length=1, max_length=1024, description="Serving image (Ray + dotsvlm_serving) used by every Ray pod.")
+    # No whitespace: Kubernetes refuses an image with it at either end (a templated "repo:tag " passed the CRD,
+    # then every Ray Deployment got a 422), and one with it inside can never be pulled.
+    image: str = Field(..., min_length=1, max_length=1024, pattern=r"^\S+$",
+                       description="Serving image (Ray + dotsvlm_serving) used by every Ray pod.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy for image.")
     image_pull_secrets: list[str] | None = Field(None, description="Names of Secrets used to pull image.")
     rollout_strategy: Literal["OneGroupAtATime", "AllAtOnce"] = Field("OneGroupAtATime", description=(

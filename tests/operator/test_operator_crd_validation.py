@@ -115,6 +115,8 @@ INVALID = [
     ("bad-quantization", _set("spec.model.quantization", "int4"), 'spec.model.quantization: Unsupported value: "int4"'),
     ("llm-grace-shorter-than-drain", _set("spec.llm.drainTimeoutSeconds", 600),
      "llm.terminationGracePeriodSeconds must be at least llm.drainTimeoutSeconds + 25"),
+    ("image-with-trailing-space", _set("spec.image", "ghcr.io/dotsvlm/dotsvlm-serving:0.1.0 "),
+     "spec.image in body should match"),
     ("memory-request-above-limit", _set("spec.vision.resources", {"requests": {"memory": "2Gi"},
                                                                   "limits": {"memory": "1Gi"}}),
      "every resources.requests value must be at most the resources.limits value of the same resource"),

@@ -174,3 +174,16 @@ def test_kubectl_explain_can_tell_each_scalar_default() -> None:
         if isinstance(node.get("items"), dict):
             walk(node["items"], f"{path}[]")
     walk(crd.openapi_schema()["properties"]["spec"], "spec")
+
+
+def test_an_image_with_whitespace_is_refused_in_the_spec() -> None:
+    """Kubernetes refuses a container image with whitespace at either end: 'repo:tag ' (a template's stray space)
+    passed admission, then every Ray Deployment's apply got a 422."""
+    import pytest
+    from pydantic import ValidationError
+
+    base = yaml.safe_load((REPO / "examples" / "dotsvlm-small.yaml").read_text())["spec"]
+    for image in ("ghcr.io/x/serving:0.1.0 ", " ghcr.io/x/serving:0.1.0", "ghcr.io/x/serving :0.1.0"):
+        with pytest.raises(ValidationError, match="should match pattern"):
+            models.DotsVLMDeploymentSpec.model_validate({**base, "image": image})
+    assert models.DotsVLMDeploymentSpec.model_validate({**base, "image": "ghcr.io/x/serving:0.1.0@sha256:" + "a" * 64})
