@@ -3,6 +3,8 @@ unbatched greedy decoding token for token; sampling parameters; stop strings; li
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache
@@ -10,7 +12,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache
 from dotsvlm_serving.engine import (Engine, EngineInput, EngineLimitError, EngineRequest, RequestBudget,
                                     SamplingParams)
 from dotsvlm_serving.engine.transformers_engine import TransformersEngine
-from dotsvlm_serving.engine.sampling import holdback, sample_token
+from dotsvlm_serving.engine.sampling import StopTail, holdback, sample_token
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +149,87 @@ def test_holdback_for_partial_stop_strings() -> None:
     assert holdback("hello wor", ("world",)) == 3
     assert holdback("hello", ("xyz",)) == 0
     assert holdback("abc\ufffd", ()) == 1
+
+
+def _holdback_by_definition(text: str, stops: tuple[str, ...]) -> int:
+    """The longest end of text that is a proper beginning of a stop string, or the trailing U+FFFD run (a
+    partial character) plus the longest such end of the text before it."""
+    def longest(t: str) -> int:
+        return max([k for s in stops for k in range(1, min(len(s) - 1, len(t)) + 1) if t.endswith(s[:k])], default=0)
+
+    whole = text.rstrip("\ufffd")
+    return max(longest(text), len(text) - len(whole) + longest(whole))
+
+
+def test_stop_tail_holds_back_what_the_definition_says_as_the_text_grows_and_is_rewritten() -> None:
+    """The per-request, incremental holdback withholds exactly the same characters as the definition, also
+    when the detokenizer rewrites earlier characters (a U+FFFD that became a whole character)."""
+    rnd = random.Random(1)
+    for trial in range(1500):
+        alpha = "ab\ufffd" if trial % 2 else "abc"
+        stops = tuple("".join(rnd.choice(alpha) for _ in range(rnd.randint(0, 7))) for _ in range(rnd.randint(0, 3)))
+        tail, text = StopTail(stops), ""
+        for _ in range(25):
+            cut = len(text) if rnd.random() < 0.7 else rnd.randint(max(0, len(text) - 4) if rnd.random() < 0.8 else 0,
+                                                                   len(text))
+            text = text[:cut] + "".join(rnd.choice(alpha) for _ in range(rnd.randint(0, 4)))
+            assert tail.holdback(text) == holdback(text, stops) == _holdback_by_definition(text, stops), (stops, text)
+
+
+def test_a_long_stop_string_costs_each_token_only_its_new_characters() -> None:
+    """One request with a 16k-character stop string stalled the whole batch: every token's holdback tried
+    every length up to the stop string's (quadratic). Now each character of the text is fed once."""
+    stop = "ab" * 8000 + "!"
+    tail, text = StopTail((stop,)), ""
+    for i in range(3000):  # one character a token, then the end rewritten as a detokenizer does
+        text = text[:-1] + "ab"[(i - 1) % 2] + "ab"[i % 2] if i and i % 100 == 0 else text + "ab"[i % 2]
+        held = tail.holdback(text)
+        if i % 500 == 0:
+            assert held == _holdback_by_definition(text, (stop,))
+    assert held == len(text) if len(text) % 2 == 0 else held == len(text) - 1
+    assert tail.steps <= len(text) + 2 * (3000 // 100)  # each token: its new characters and the rewritten one
+
+
+def test_the_engine_keeps_a_long_stop_strings_matching_across_tokens(llm: DeepseekV3ForCausalLM) -> None:
+    """The engine feeds each request's holdback only the text a token adds, and streams what it did before."""
+    e = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    toks = greedy_alone(llm, e, 20)
+    eng = make_engine(llm)
+    stop = detok(toks[:3]) + "x" * 16000  # matches the start of the answer for a while, then never
+    eng.add(EngineRequest("s", e, SamplingParams(max_tokens=20, temperature=0, stop=(stop,))))
+    text, steps = "", 0
+    while eng.has_work():
+        evs = eng.step()
+        if eng._running:
+            steps = eng._running[0].tail.steps
+            assert steps <= len(detok(eng._running[0].generated))
+        text += "".join(ev.get("text", "") for ev in evs)
+    assert text == detok(toks) and steps > 0
+
+
+def test_stop_string_across_tokens_that_split_utf8_characters(llm: DeepseekV3ForCausalLM) -> None:
+    """Byte-level tokens end in the middle of a character: the partial character (U+FFFD) is never
+    streamed, and a stop string whose characters span tokens still ends the answer before it."""
+    e = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    toks = greedy_alone(llm, e, 12)
+
+    def stream(ids: list[int]) -> bytes:  # each token is two bytes of a run of 3-byte characters
+        return b"".join(chr(0x4E00 + t).encode() for t in ids)
+
+    def detok_bytes(ids: list[int]) -> str:
+        return stream(ids)[:2 * len(ids)].decode("utf-8", "replace")
+
+    whole = stream(toks).decode()
+    stop = whole[4:6]  # characters 4 and 5: bytes 12-17, tokens 6 to 8
+    eng = Engine(llm, detok_bytes, eos_token_ids=set(), max_running=8, kv_cache_tokens=4096, context_length=256)
+    eng.add(EngineRequest("u", e, SamplingParams(max_tokens=12, temperature=0, stop=(stop,))))
+    pieces, final = [], None
+    while eng.has_work():
+        for ev in eng.step():
+            pieces.append(ev.get("text", ""))
+            final = ev if ev["type"] == "finish" else final
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) == whole[:whole.find(stop)] and final is not None and final["finish_reason"] == "stop"
 
 
 def test_transformers_engine_behind_the_interface_writes_image_rows_and_streams(llm: DeepseekV3ForCausalLM) -> None:

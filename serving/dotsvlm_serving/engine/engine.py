@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from ..events import ErrorEvent, Event, FinishEvent, TokenEvent, Usage
 from .base import RequestBudget
-from .sampling import SamplingParams, find_stop, holdback, sample_token
+from .sampling import SamplingParams, StopTail, find_stop, sample_token
 
 
 @dataclass
@@ -51,6 +51,12 @@ class _Seq:
     emitted: int = 0  # characters of the decoded text already sent
     first_token_at: float | None = None
     started_at: float = field(default_factory=time.monotonic)
+    # What to hold back of the text for the stop strings, kept across tokens: a long stop string costs
+    # per token only the new characters, not a search over its length.
+    tail: StopTail = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tail = StopTail(self.req.params.stop)
 
 
 class Engine:
@@ -208,7 +214,7 @@ class Engine:
         if len(seq.generated) >= seq.req.params.max_tokens:
             events.append(self._finish_event(seq, "length", self._flush(seq, text)))
             return True
-        safe = len(text) - holdback(text, stops)
+        safe = len(text) - seq.tail.holdback(text)
         if safe > seq.emitted or first:
             events.append(TokenEvent(request_id=rid, type="token", text=text[seq.emitted:max(safe, seq.emitted)]))
             seq.emitted = max(safe, seq.emitted)
