@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -284,16 +285,26 @@ class ApiConfig(_Strict):
     # Ingress replicas (HTTP API); each is stateless, Serve's proxy spreads requests over them.
     ingress_replicas: int = Field(1, ge=1)
     # Largest request body accepted (bytes); None = room for the maximum number of images at the
-    # maximum size, base64-encoded, plus 1 MiB of text.
+    # maximum size, base64-encoded with escaped line breaks and slashes, plus 1 MiB of text (`body_limit`).
     max_body_bytes: int | None = Field(None, ge=1024)
     # Backpressure: image bytes (request bodies being read, image files until the request's first token)
     # one ingress replica holds at once; beyond it an image request gets 429. A request alone always fits.
     max_image_bytes_in_flight: int = Field(2 * 1024**3, ge=1024 * 1024)
 
+    # What one image's bytes may take in a JSON body, per byte: base64 (4/3), wrapped in lines as
+    # MIME/PEM encoders do (a line break every 64 characters, "\r\n" escaped in the JSON string as 4
+    # characters: +6.25%) with every "/" escaped as "\/" (one base64 character in 64: +1.6%); 4/3 x 1.08
+    # rounded up to 4/3 x 1.1. With only 4/3, eight images of the maximum size sent wrapped or escaped got
+    # a 413 for the body although each was within `images.max_image_bytes`.
+    BODY_BYTES_PER_IMAGE_BYTE: ClassVar[float] = 4 / 3 * 1.1
+
     def body_limit(self) -> int:
+        """`max_body_bytes`, or by default room for `images.max_images_per_request` images of
+        `images.max_image_bytes` each as base64 with escaped line breaks and slashes
+        (x `BODY_BYTES_PER_IMAGE_BYTE`, 1.47), plus 1 MiB of text."""
         if self.max_body_bytes is not None:
             return self.max_body_bytes
-        per_image = -(-self.images.max_image_bytes * 4 // 3)
+        per_image = math.ceil(self.images.max_image_bytes * self.BODY_BYTES_PER_IMAGE_BYTE)
         return self.images.max_images_per_request * per_image + 1024 * 1024
 
 

@@ -549,3 +549,51 @@ def test_an_image_url_with_an_internationalised_host_name_is_fetched(server: str
     with pytest.raises(ApiError) as ei:  # a label over 63 characters
         load("http://" + "é" * 70 + ".example/x.png", policy(fetch_allow=["127.0.0.1"]))
     assert ei.value.status == 400
+
+
+@pytest.mark.parametrize("field, raw", [("temperature", "NaN"), ("temperature", "Infinity"), ("top_p", "NaN"),
+                                        ("top_p", "-Infinity"), ("presence_penalty", "NaN"), ("temperature", "1e999")])
+def test_nan_and_infinite_sampling_values_get_a_400_that_says_finite(field: str, raw: str) -> None:
+    """JSON's NaN/Infinity extensions reached the range check and got "less than or equal to 2", which a
+    client cannot act on (NaN is not greater than 2 either); the message now says what to send."""
+    for parse, body in ((parse_chat_request, req()), (parse_completion_request, completion())):
+        text = body.decode()[:-1] + f', "{field}": {raw}}}'
+        with pytest.raises(ApiError) as ei:
+            parse(text.encode())
+        assert ei.value.status == 400 and ei.value.body()["error"]["param"] == field
+        assert ei.value.message.startswith(f"{field}: must be a finite number"), ei.value.message
+
+
+def test_max_tokens_null_means_the_endpoints_default() -> None:
+    """docs/serving.md: null for an optional field means its default. /v1/completions with max_tokens null
+    got llm.max_new_tokens_default (256) instead of the endpoint's 16; chat's null is its own default (none)."""
+    assert parse_completion_request(completion(max_tokens=None)).completion_limit() == 16
+    assert parse_completion_request(completion()).completion_limit() == 16
+    assert parse_chat_request(req(max_tokens=None)).completion_limit() is None
+    assert parse_chat_request(req(max_tokens=None, max_completion_tokens=7)).completion_limit() == 7
+
+
+@pytest.mark.parametrize("wrap, eol", [(76, "\n"), (64, "\r\n")])
+def test_the_default_body_limit_takes_the_maximum_images_base64_wrapped_with_escaped_slashes(wrap, eol) -> None:
+    """Each image within api.images.max_image_bytes, the most images a request may have: the body fits,
+    also when the client wraps base64 in lines (JSON escapes each line break) and escapes "/" as "\\/"
+    (PHP's json_encode, some Java encoders). With room for plain base64 only, such a body got a 413."""
+    import random
+
+    from dotsvlm_serving.api.body import read_limited
+    from dotsvlm_serving.serve_config import ApiConfig, ImageLimits
+
+    api = ApiConfig(images=ImageLimits(max_images_per_request=8, max_image_bytes=4 * 1024 * 1024))
+    image = random.Random(0).randbytes(api.images.max_image_bytes)
+    b64 = base64.b64encode(image).decode()
+    b64 = eol.join(b64[i:i + wrap] for i in range(0, len(b64), wrap)) + eol
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}}
+    body = req(messages=[{"role": "user", "content": [{"type": "text", "text": "Compare these."}] + [part] * 8}])
+    body = body.replace(b"/", b"\\/")
+    assert len(body) > api.images.max_images_per_request * len(image) * 4 // 3 + 1024 * 1024  # the old limit
+
+    async def chunks():
+        for i in range(0, len(body), 1 << 20):
+            yield body[i:i + (1 << 20)]
+
+    assert asyncio.run(read_limited(chunks(), api.body_limit())) == body

@@ -158,7 +158,9 @@ _NULL_IS_DEFAULT = {"stream": False, "n": 1, "ignore_eos": False}
 class GenerationRequest(BaseModel):
     """The fields chat and completions requests share: model, sampling, limits, streaming."""
 
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities (JSON extensions Python's and pydantic's parsers take) are refused as such: with
+    # them allowed, `temperature: NaN` failed the range check with "less than or equal to 2".
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -188,6 +190,8 @@ class GenerationRequest(BaseModel):
             nulls = [k for k in _NULL_IS_DEFAULT if k in data and data[k] is None]
             if nulls:
                 data = {**data, **{k: _NULL_IS_DEFAULT[k] for k in nulls}}
+            if data.get("max_tokens", 0) is None:  # as if absent: the endpoint's default (16 for completions)
+                data = {k: v for k, v in data.items() if k != "max_tokens"}
         return data
 
     @field_validator("stop")
@@ -339,6 +343,8 @@ def _describe(errs: list[dict[str, Any]]) -> tuple[str, str]:
         field = where.rsplit(".", 1)[-1]
         if field in _EITHER:
             msg = f"{field} must be {_EITHER[field]}"
+    elif first["type"] == "finite_number":
+        msg = f"must be a finite number, not {first.get('input')}"
     elif first["type"] == "missing" and where in _OTHER_ENDPOINT and isinstance(first.get("input"), dict):
         other, endpoint = _OTHER_ENDPOINT[where]
         if other in first["input"]:
