@@ -107,11 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     msub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
     tiny = msub.add_parser("init-tiny", help="write a tiny dots.vlm1-architecture checkpoint with seeded random weights")
     tiny.add_argument("dir")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=_seed, default=0, help="the weights' random seed (the same seed writes the same files)")
     tiny.add_argument("--fp8", action="store_true", help="store LLM linear weights as FP8 with 128x128 block scales")
     tiny.add_argument("--force", action="store_true", help="overwrite a non-empty directory")
     tiny.set_defaults(func=_lazy("dotsvlm_serving.model.tiny", "cli_main", "serving"))
     return p
+
+
+def _seed(text: str) -> int:
+    """A seed torch's generator takes (a 64-bit integer): a larger one was a traceback after the directory
+    was made."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -2**63 <= n < 2**64:
+        raise argparse.ArgumentTypeError(f"{n} is out of range: a seed is a 64-bit integer (0 to {2**64 - 1})")
+    return n
 
 
 def _stop_hook_arguments(parser: argparse.ArgumentParser) -> None:

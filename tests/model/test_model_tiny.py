@@ -90,3 +90,14 @@ def test_init_tiny_into_a_place_it_cannot_write_says_so_without_a_traceback(tmp_
     assert cli_main(args) == 1
     err = capsys.readouterr().err
     assert f"cannot write the checkpoint to {blocker / 'model'}: Not a directory" in err
+
+
+def test_cli_refuses_a_seed_torch_cannot_take_before_writing_anything(tmp_path: Path, capsys) -> None:
+    """Before: `ValueError: Overflow when unpacking long long` from torch.Generator, after the directory was made."""
+    from dotsvlm_operator.cli import main
+
+    d = tmp_path / "big-seed"
+    with pytest.raises(SystemExit) as info:
+        main(["model", "init-tiny", str(d), "--seed", str(2**64)])
+    assert info.value.code == 2
+    assert "a seed is a 64-bit integer" in capsys.readouterr().err and not d.exists()
