@@ -221,6 +221,13 @@ _NO_OVERCOMMIT_RULE_FULL = (
     f"!has(self.requests) || self.requests.all(k, !{_NO_OVERCOMMIT_RULE} || (has(self.limits) && k in self.limits && "
     "(!isQuantity(string(self.requests[k])) || !isQuantity(string(self.limits[k])) || "
     f"{_q('requests')}.compareTo({_q('limits')}) == 0)))")
+_HUGE_PAGES_RULE = (
+    "!((has(self.requests) && self.requests.exists(k, k.startsWith('hugepages-'))) || "
+    "(has(self.limits) && self.limits.exists(k, k.startsWith('hugepages-')))) || "
+    "(has(self.requests) && ('cpu' in self.requests || 'memory' in self.requests)) || "
+    "(has(self.limits) && ('cpu' in self.limits || 'memory' in self.limits))")
+_HUGE_PAGES_MESSAGE = ("huge pages need a cpu or memory request or limit beside them (e.g. requests {memory: 1Gi, "
+                       "hugepages-2Mi: 1Gi}); Kubernetes refuses the pods otherwise")
 _WHOLE_UNITS_MESSAGE = ("an extended resource (a name with a domain, e.g. example.com/fpga) is counted in whole units: "
                         "use an integer such as 1, not 500m; Kubernetes refuses the pods otherwise")
 
@@ -270,6 +277,7 @@ class Resources(_Api):
         (_NO_OVERCOMMIT_RULE_FULL, _NO_OVERCOMMIT_HINT, ".requests"),
         (_whole_units_rule("requests"), _WHOLE_UNITS_MESSAGE, ".requests"),
         (_whole_units_rule("limits"), _WHOLE_UNITS_MESSAGE, ".limits"),
+        (_HUGE_PAGES_RULE, _HUGE_PAGES_MESSAGE),
     ))
 
     requests: dict[str, int | str] | None = Field(
@@ -297,6 +305,9 @@ class Resources(_Api):
     def _requests_fit_limits(self) -> "Resources":
         """The CRD's rules on requests against limits (above), for a spec read without it, naming the resource."""
         limits = self.limits or {}
+        names = {*(self.requests or {}), *limits}
+        if any(n.startswith("hugepages-") for n in names) and not names & {"cpu", "memory"}:
+            raise ValueError(_HUGE_PAGES_MESSAGE)
         for name, request in (self.requests or {}).items():
             limit = limits.get(name)
             if limit is None:

@@ -231,6 +231,8 @@ RESOURCES = [
     ({"example.com/fpga": 1}, {"example.com/fpga": 2}),
     (None, {"example.com/fpga": "500m"}),
     ({"example.com/fpga": "1.5"}, {"example.com/fpga": "1.5"}),
+    ({"hugepages-2Mi": "1Gi"}, {"hugepages-2Mi": "1Gi"}),
+    (None, {"hugepages-1Gi": "2Gi", "memory": "4Gi"}),
 ]
 
 

@@ -121,10 +121,12 @@ def test_a_spec_read_without_the_crd_refuses_requests_kubernetes_refuses_against
         ({"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}},
          r"resources.requests.memory \(2Gi\) is above resources.limits.memory \(1Gi\)"),
         ({"requests": {"cpu": 4}, "limits": {"cpu": "2500m"}}, "resources.requests.cpu"),
-        ({"requests": {"hugepages-2Mi": "1Gi"}}, "with no resources.limits.hugepages-2Mi"),
+        ({"requests": {"hugepages-2Mi": "1Gi", "memory": "1Gi"}}, "with no resources.limits.hugepages-2Mi"),
         ({"requests": {"example.com/fpga": 1}, "limits": {"example.com/fpga": 2}},
          "cannot be overcommitted: set resources.limits for them, equal to resources.requests"),
         ({"limits": {"example.com/fpga": "500m"}}, "is counted in whole units"),
+        ({"requests": {"hugepages-2Mi": "1Gi"}, "limits": {"hugepages-2Mi": "1Gi"}},
+         "huge pages need a cpu or memory request or limit beside them"),
     ]
     for res, message in refused:
         with pytest.raises(ValidationError, match=message):
