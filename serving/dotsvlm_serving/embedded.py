@@ -306,6 +306,10 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         _start_ray(args.detach, metrics=metrics, num_cpus=max(4, os.cpu_count() or 1),
                    env_vars={keys_env: os.environ[keys_env]} if with_key and keys_env else {})
+    except KeyboardInterrupt:  # (was a traceback; a `ray start --head` cut short may have left a head running)
+        say("interrupted while Ray was starting: shutting down ...")
+        _shutdown(args.detach)
+        return 130
     except Exception as exc:  # noqa: BLE001 - Ray's own start-up errors, said plainly
         say(f"error: Ray did not start: {exc} (a very busy machine can make Ray's start-up time out: "
             "try again; with --detach, `ray stop` clears a half-started head)")

@@ -219,3 +219,23 @@ def test_the_model_path_of_a_config_file_is_served_not_replaced_by_the_tiny_mode
         out = capsys.readouterr().out
         assert said in out, out
     assert not started
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_ctrl_c_while_ray_starts_shuts_down_and_says_so(monkeypatch, tmp_path, capsys, detach) -> None:
+    """Before: a KeyboardInterrupt traceback, and with --detach no word of the head `ray start` may have left."""
+    import argparse
+    import socket
+
+    (tmp_path / "config.json").write_text("{}")
+    shutdowns: list[bool] = []
+    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(embedded, "_shutdown", shutdowns.append)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = argparse.Namespace(detach=detach, ready_timeout=5.0, model=str(tmp_path), config=None, host="127.0.0.1",
+                              port=port)
+    assert embedded.cli_main(args) == 130
+    assert "interrupted while Ray was starting" in capsys.readouterr().out
+    assert shutdowns == [detach]  # (with --detach, _shutdown says `ray stop` stops the background head)
