@@ -128,6 +128,57 @@ def test_eos_stop_string_and_cancellation(llm: DeepseekV3ForCausalLM) -> None:
     assert res["d"]["final"]["finish_reason"] == "length"
 
 
+def test_a_cancel_for_a_request_the_engine_does_not_hold_does_not_cancel_a_later_one_of_that_id(
+        llm: DeepseekV3ForCausalLM) -> None:
+    """The replica cancels requests that have already finished (the queue's "stop these" for a finished one,
+    a rejoin). On an idle engine that cancel waited for the next step, and the next delivery of that request
+    to the replica ended at once as "cancelled"."""
+    e = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    eng = make_engine(llm)
+    res = run_all(eng, {0: [EngineRequest("r", e, SamplingParams(max_tokens=3, temperature=0))]})
+    assert res["r"]["final"]["finish_reason"] == "length" and not eng.has_work()
+    eng.cancel("r")  # finished: nothing to stop
+    eng.cancel("never-added")
+    res = run_all(eng, {0: [EngineRequest("r", e, SamplingParams(max_tokens=3, temperature=0))]})
+    assert res["r"]["final"]["finish_reason"] == "length" and res["r"]["text"] == detok(greedy_alone(llm, e, 3))
+
+
+def test_the_vllm_engine_also_ignores_a_cancel_for_a_request_it_does_not_hold() -> None:
+    """The same for the vllm engine's bookkeeping (vLLM itself replaced by a stand-in that finishes each
+    request with one token)."""
+    import asyncio
+    import threading
+    from collections import deque
+    from types import SimpleNamespace
+
+    from dotsvlm_serving.engine.vllm_engine import VLLMEngine
+
+    class _LLM:
+        async def generate(self, prompt, params, rid):
+            yield SimpleNamespace(finished=True, outputs=[SimpleNamespace(token_ids=[7], text="hi",
+                                                                          finish_reason="length", stop_reason=None)])
+
+        async def abort(self, rid):
+            pass
+
+    eng = VLLMEngine.__new__(VLLMEngine)  # no vLLM here: only the engine's own bookkeeping runs
+    eng.llm, eng._lock, eng._incoming, eng._cancel, eng._reqs, eng._events = _LLM(), threading.Lock(), deque(), set(), {}, []
+    eng._wake, eng.tokens_generated, eng.image_token_id = None, 0, 200
+    eng.budget = RequestBudget(context_length=256, kv_tokens=4096, max_running=4)
+    eng.sampling_params = lambda p: None
+
+    async def run() -> list:
+        eng.cancel("r")  # not held: nothing to stop
+        eng.add(EngineInput("r", [5, 9], None, SamplingParams(max_tokens=1)))
+        events: list = []
+        while eng.has_work():
+            events += await eng.step()
+        return events
+
+    final = [ev for ev in asyncio.run(run()) if ev["type"] == "finish"]
+    assert [(ev["request_id"], ev["finish_reason"], ev["text"]) for ev in final] == [("r", "length", "hi")]
+
+
 def test_sampling_seed_top_k_top_p() -> None:
     logits = torch.tensor([0.0, 5.0, 4.9, -3.0, 1.0])
     p = SamplingParams(max_tokens=1, temperature=1.0, seed=7)

@@ -89,7 +89,8 @@ class InferenceEngine(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, request_id: str) -> None:
-        """Stop a request; its stream ends with a `finish` event with reason `cancelled`."""
+        """Stop a request; its stream ends with a `finish` event with reason `cancelled`. An id the engine
+        does not hold (finished, never added) is ignored: a later `add` of that id runs."""
 
     @abc.abstractmethod
     async def step(self) -> list[Event]:

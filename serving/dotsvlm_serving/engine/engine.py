@@ -107,7 +107,12 @@ class Engine:
         self._pending.append(req)
 
     def cancel(self, request_id: str) -> None:
-        self._cancelled.add(request_id)
+        """Stop a request this engine holds (at the next step). An id it does not hold (finished already,
+        never added) is ignored: kept, it waited for a step that an idle engine does not run, and a later
+        delivery of the same request id to this replica was cancelled as soon as it was added."""
+        if any(r.request_id == request_id for r in self._pending) or \
+                any(s.req.request_id == request_id for s in self._running):
+            self._cancelled.add(request_id)
 
     # ------------------------------------------------------------------ the loop body
     @torch.inference_mode()

@@ -162,8 +162,11 @@ class VLLMEngine(InferenceEngine):
         return {"prompt_embeds": embeds, "prompt_token_ids": ids, "prompt_is_token_ids": is_token}
 
     def cancel(self, request_id: str) -> None:
+        """Stop a request this engine holds; an id it does not hold is ignored (kept, it waited for a step
+        that an idle engine does not run, and cancelled a later delivery of the same request id at once)."""
         with self._lock:
-            self._cancel.add(request_id)
+            if request_id in self._reqs:
+                self._cancel.add(request_id)
 
     def sampling_params(self, p: SamplingParams) -> Any:
         from vllm.sampling_params import RequestOutputKind
