@@ -39,8 +39,8 @@ from dotsvlm_operator.kube import KUBE_THREADS, Kube
 from dotsvlm_operator.monitoring.operator_metrics import METRICS
 from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError, ServeApp
 from dotsvlm_serving.serve_config import LLM_DEPLOYMENT
-from dotsvlm_operator.status import (PodView, ServeObservation, compute_status, pod_view, raw_wish, scaling_events,
-                                     serve_deployment)
+from dotsvlm_operator.status import (PodView, ServeObservation, compute_status, monitoring_notes, pod_view, raw_wish,
+                                     scaling_events, serve_deployment)
 
 HEAD_URL_OVERRIDE_ENV = "DOTSVLM_RAY_HEAD_URL_OVERRIDE"
 API_URL_OVERRIDE_ENV = "DOTSVLM_API_URL_OVERRIDE"
@@ -892,7 +892,8 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
                                       plans=plans, report=report, now_unix=now_unix,
                                       rollout=state.template_plan.message if state.template_plan is not None else None,
                                       redis_state=redis_state,
-                                      refused=list(refused.values()) if refused else None)
+                                      refused=list(refused.values()) if refused else None,
+                                      notes=monitoring_notes(spec, installed))
     unschedulable = {pool: sum(1 for p in pods if p.component == pool and p.unschedulable and not p.deleting)
                      for pool in POOLS}
     METRICS.observe_status(owner.namespace, owner.name, spec, new, unschedulable)

@@ -435,6 +435,17 @@ def _autoscaler_status(report: AutoscalerReport | None) -> models.AutoscalerStat
 RECONCILE_FAILED = "ReconcileFailed"
 
 
+def monitoring_notes(spec: models.DotsVLMDeploymentSpec, installed: dict[str, bool]) -> list[str]:
+    """What spec.monitoring asks for that the operator cannot make: monitoring.prometheusRule without the
+    PrometheusRule CRD did nothing and said nothing (no alerts loaded, and no one told). A PodMonitor has its
+    documented stand-in (scrape annotations on the pods)."""
+    if spec.monitoring.enabled and spec.monitoring.prometheus_rule and not installed.get("PrometheusRule"):
+        return ["monitoring.prometheusRule is true but the PrometheusRule CRD (Prometheus Operator) is not installed, "
+                "or the operator may not read CRDs: no alert rules were created for this deployment; install the "
+                "CRD (it is found within 5 minutes) or load the alerts another way (the Helm chart's prometheusRule)"]
+    return []
+
+
 def refused_message(refused: list[str]) -> str:
     """Degraded=ReconcileFailed's message for children the API server refused (each 'Kind name: its words')."""
     return f"the operator could not reconcile this resource and will retry: {'; '.join(refused)}"[:2000]
@@ -467,7 +478,7 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
                    plans: dict[str, PoolPlan] | None = None, report: AutoscalerReport | None = None,
                    now_unix: float | None = None, rollout: str | None = None,
                    redis_state: models.RedisStateStatus | None = None,
-                   refused: list[str] | None = None,
+                   refused: list[str] | None = None, notes: list[str] | None = None,
                    ) -> tuple[models.DotsVLMDeploymentStatus, list[Transition]]:
     """The status for the observed world, and the condition changes since `old`.
 
@@ -476,10 +487,10 @@ def compute_status(*, spec: models.DotsVLMDeploymentSpec, generation: int | None
     (pod_sizing); `report`: the autoscaler's report from the ingress (None: not asked); `rollout`: how a
     new image is rolling (None: it is not); `redis_state`: where the head keeps the Ray state in Redis
     (handlers._redis_state); `refused`: the children the API server refused in this pass, each with its words
-    (the others were applied, and the pass went on)."""
+    (the others were applied, and the pass went on); `notes`: more for Ready's message (`monitoring_notes`)."""
     plans = plans or {}
     now_unix = now_unix if now_unix is not None else datetime.strptime(now, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-    f = _Findings()
+    f = _Findings(notes=list(notes or []))
     if refused:
         f.degraded.append((RECONCILE_FAILED, refused_message(refused)))
     head_pods = [p for p in pods if p.component == COMPONENT_HEAD and not p.deleting]

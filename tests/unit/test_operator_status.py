@@ -512,3 +512,24 @@ def test_a_new_slo_target_shows_at_once_against_the_last_observed_latencies() ->
     assert (st.slo.image_ttft.target_seconds, st.slo.image_ttft.met) == (3.0, True)
     assert st.slo.image_ttft.observed_p90_seconds == first.slo.image_ttft.observed_p90_seconds
     assert st.slo.text_ttft == first.slo.text_ttft
+
+
+def test_a_prometheus_rule_the_operator_cannot_create_is_noted_in_ready() -> None:
+    """monitoring.prometheusRule: true without the PrometheusRule CRD created nothing and said nothing: the user
+    believed the deployment's alerts were loaded. Ready's message now says so (and what to do)."""
+    from dotsvlm_operator.status import monitoring_notes
+
+    raw = spec().model_dump(by_alias=True, exclude_none=True)
+    raw["monitoring"] = {"prometheusRule": True}
+    wants_rule = models.DotsVLMDeploymentSpec.model_validate(raw)
+    notes = monitoring_notes(wants_rule, {"PodMonitor": False, "PrometheusRule": False})
+    assert len(notes) == 1 and "PrometheusRule CRD" in notes[0]
+    assert monitoring_notes(wants_rule, {"PodMonitor": False, "PrometheusRule": True}) == []
+    assert monitoring_notes(spec(), {"PodMonitor": False, "PrometheusRule": False}) == []  # not asked for
+    raw["monitoring"]["enabled"] = False
+    assert monitoring_notes(models.DotsVLMDeploymentSpec.model_validate(raw), {}) == []
+    st, _ = compute_status(spec=wants_rule, generation=3, pods=healthy_pods(), desired={"vision": 4, "llm": 1},
+                           serve=ServeObservation(URL, True, "RUNNING"), endpoint="e", old=None,
+                           now="2026-01-01T00:00:00Z", notes=notes)
+    ready = cond(st, "Ready")
+    assert ready.status == "True" and "no alert rules were created" in ready.message
