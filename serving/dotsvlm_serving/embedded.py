@@ -323,6 +323,10 @@ def cli_main(args: argparse.Namespace) -> int:
         say("interrupted while deploying: shutting down ...")
         _shutdown(args.detach)
         return 130
+    except SystemExit as exc:  # SIGTERM: ray.init's handler makes it sys.exit(15) (was "deployment failed: 15")
+        say(f"stopped while deploying (signal {exc.code}): shutting down ...")
+        _shutdown(args.detach)
+        return 128 + exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:
         say(f"error: deployment failed: {str(exc) or type(exc).__name__}")
         _shutdown(args.detach)

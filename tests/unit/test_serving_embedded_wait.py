@@ -73,6 +73,8 @@ def test_serve_takes_a_ready_timeout() -> None:
 
 @pytest.mark.parametrize("raised, code, said", [
     (KeyboardInterrupt(), 130, "interrupted while deploying: shutting down"),
+    # SIGTERM (`kill`, `timeout`, a service manager): ray.init's handler raises SystemExit(15); it was "deployment failed: 15"
+    (SystemExit(15), 143, "stopped while deploying (signal 15): shutting down"),
     (TimeoutError(), 1, "error: deployment failed: TimeoutError"),  # an exception without a message names its type
 ])
 def test_deploy_that_stops_says_why_and_shuts_ray_down(monkeypatch, tmp_path, capsys, raised, code, said) -> None:
