@@ -108,6 +108,16 @@ def checkpoint_config_error(model: Path) -> str | None:
     return None
 
 
+def endpoint_url(host: str, port: int) -> str:
+    """The URL this machine reaches the API at, as printed for curl and the OpenAI client: an IPv6 address in
+    brackets (`http://::1:8000` is no URL curl takes), the any-address as the loopback of its family."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def say(msg: str) -> None:
     print(f"dotsvlm: {msg}", flush=True)
 
@@ -314,7 +324,7 @@ def cli_main(args: argparse.Namespace) -> int:
         say(f"error: Ray did not start: {exc} (a very busy machine can make Ray's start-up time out: "
             "try again; with --detach, `ray stop` clears a half-started head)")
         return 1
-    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
+    url = endpoint_url(args.host, args.port)
     try:
         say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on {args.host}:{args.port} ...")
         deploy_local(cfg, host=args.host, port=args.port)

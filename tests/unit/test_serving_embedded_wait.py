@@ -241,3 +241,12 @@ def test_ctrl_c_while_ray_starts_shuts_down_and_says_so(monkeypatch, tmp_path, c
     assert embedded.cli_main(args) == 130
     assert "interrupted while Ray was starting" in capsys.readouterr().out
     assert shutdowns == [detach]  # (with --detach, _shutdown says `ray stop` stops the background head)
+
+
+def test_the_printed_endpoint_of_an_ipv6_host_is_a_url_curl_takes() -> None:
+    """`--host ::1` listens (the listen check binds IPv6 for an IPv6 address) but the endpoint, curl line and
+    OpenAI base_url were printed as http://::1:8000, which curl and browsers refuse."""
+    assert embedded.endpoint_url("::1", 8000) == "http://[::1]:8000"
+    assert embedded.endpoint_url("::", 8000) == "http://[::1]:8000"
+    assert embedded.endpoint_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
+    assert embedded.endpoint_url("localhost", 8000) == "http://localhost:8000"
