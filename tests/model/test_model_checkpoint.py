@@ -328,3 +328,16 @@ def test_a_tensor_stored_as_integers_is_refused_not_loaded_as_nonsense(tiny_dir:
     shard = _rewrite(d, "model.norm.weight", torch.ones(64, dtype=torch.int32))
     with pytest.raises(CheckpointError, match=f"'model.norm.weight' in {shard} is stored as torch.int32"):
         load_llm(d)
+
+
+def test_a_missing_tensor_says_where_it_was_looked_for_and_what_to_fix(tiny_dir: Path, tmp_path: Path) -> None:
+    """A config.json with one layer more than the shards hold: the message named only the tensor, not that the
+    index lists it nowhere nor that config.json may describe another model."""
+    d = _copy(tiny_dir, tmp_path / "more-layers")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.2\..*' \(shape .*\) is missing from the LLM checkpoint "
+                                              r"in .*: model\.safetensors\.index\.json lists it in no shard.*download it "
+                                              r"again.*num_hidden_layers"):
+        load_llm(d)

@@ -175,7 +175,12 @@ def _fill(model: torch.nn.Module, wm: dict[str, Path], mapping: Iterator[tuple[s
         for ckey, name, index in mapping:
             target = params[name] if index is None else params[name][index]
             if ckey not in wm:
-                raise CheckpointError(f"tensor '{ckey}' (shape {list(target.shape)}) is missing from the {what} checkpoint in {model_dir}")
+                where = (f"{INDEX_NAME} lists it in no shard" if (model_dir / INDEX_NAME).is_file()
+                         else "no *.safetensors file holds it")
+                raise CheckpointError(f"tensor '{ckey}' (shape {list(target.shape)}) is missing from the {what} checkpoint "
+                                      f"in {model_dir}: {where}; the download is incomplete (download it again), or "
+                                      f"config.json describes another model than the tensors (compare its sizes, e.g. "
+                                      f"num_hidden_layers, with the checkpoint's)")
             target.copy_(_read(shards, ckey, tuple(target.shape), device, block))
 
 
