@@ -294,6 +294,25 @@ def test_the_metrics_port_and_the_health_port_must_differ(helm_bin) -> None:
     helm(helm_bin, "template", "dvlm", str(CHART), "--set", "metrics.port=8080", "--set", "metrics.enabled=false")
 
 
+def test_a_scrape_timeout_longer_than_the_interval_is_refused(helm_bin) -> None:
+    """The Prometheus Operator skips a ServiceMonitor whose scrapeTimeout exceeds its interval (only its log says
+    so): with interval 5s and the default 10s timeout the operator's metrics were never scraped."""
+    on = ("--set", "metrics.serviceMonitor.enabled=true")
+    proc = helm(helm_bin, "template", "dvlm", str(CHART), *on, "--set", "metrics.serviceMonitor.interval=5s",
+                check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert "metrics.serviceMonitor.scrapeTimeout (10s) is longer than metrics.serviceMonitor.interval (5s)" in proc.stderr
+    proc = helm(helm_bin, "template", "dvlm", str(CHART), *on, "--set", "metrics.serviceMonitor.interval=1m",
+                "--set", "metrics.serviceMonitor.scrapeTimeout=1m30s", check=False)
+    assert proc.returncode != 0 and "(1m30s) is longer than" in proc.stderr, proc.stderr
+    for interval, timeout in (("10s", "10s"), ("1m", "59s"), ("1m30s", "1m"), ("2s", "1500ms")):
+        (monitor,) = of_kind(render(helm_bin, *on, "--set", f"metrics.serviceMonitor.interval={interval}",
+                                    "--set", f"metrics.serviceMonitor.scrapeTimeout={timeout}"), "ServiceMonitor")
+        assert monitor["spec"]["endpoints"][0]["scrapeTimeout"] == timeout
+    # Without a ServiceMonitor there is nothing to skip.
+    helm(helm_bin, "template", "dvlm", str(CHART), "--set", "metrics.serviceMonitor.interval=5s")
+
+
 def test_namespaced_mode_renders_roles_in_each_namespace(helm_bin) -> None:
     objs = render(helm_bin, "--set", "watchNamespaces={ml,ml-staging}")
     assert {r["metadata"]["namespace"] for r in of_kind(objs, "Role")} == {"ml", "ml-staging"}

@@ -132,3 +132,15 @@ deletes/re-creates children; it never updates with PUT. Pods are only read; even
 {{- define "dotsvlm-operator.peeringVerbs" -}}
 [get, list, watch, patch]
 {{- end -}}
+
+
+{{/* A Prometheus duration (values.schema.json: e.g. 30s, 1m30s, 500ms) in milliseconds. */}}
+{{- define "dotsvlm-operator.durationMs" -}}
+{{- $total := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" (toString .) -1 -}}
+{{- $n := regexFind "^[0-9]+" . -}}
+{{- $unit := trimPrefix $n . -}}
+{{- $total = add $total (mul (int64 $n) (get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit)) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
