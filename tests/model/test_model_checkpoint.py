@@ -94,6 +94,7 @@ def test_mis_shaped_tensor_names_tensor_shapes_and_file(tiny_dir: Path, tmp_path
         load_vision_tower(d)
     msg = str(err.value)
     assert key in msg and "expected shape [192, 64]" in msg and "found [100, 64]" in msg and shard in msg
+    assert "config.json" in msg  # what to look at: the config's sizes or the tensors (was: the shapes alone)
 
 
 def test_mis_shaped_expert_tensor_is_reported_by_its_checkpoint_name(tiny_dir: Path, tmp_path: Path) -> None:
@@ -340,4 +341,15 @@ def test_a_missing_tensor_says_where_it_was_looked_for_and_what_to_fix(tiny_dir:
     with pytest.raises(CheckpointError, match=r"'model\.layers\.2\..*' \(shape .*\) is missing from the LLM checkpoint "
                                               r"in .*: model\.safetensors\.index\.json lists it in no shard.*download it "
                                               r"again.*num_hidden_layers"):
+        load_llm(d)
+
+
+def test_fp8_scales_of_another_block_size_than_the_config_says_point_at_weight_block_size(tiny_fp8_dir: Path,
+                                                                                         tmp_path: Path) -> None:
+    d = _copy(tiny_fp8_dir, tmp_path / "block")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["weight_block_size"] = [16, 16]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"weight_scale_inv' in .*: expected shape \[\d+, \d+\], found \[1, 1\]: "
+                                              r"config.json's quantization_config.weight_block_size"):
         load_llm(d)

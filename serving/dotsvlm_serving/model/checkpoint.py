@@ -139,7 +139,11 @@ def _io_error(what: str, exc: OSError) -> CheckpointError:
 
 
 def _shape_error(key: str, expected: tuple[int, ...], found: tuple[int, ...], file: Path) -> CheckpointError:
-    return CheckpointError(f"tensor '{key}' in {file.name}: expected shape {list(expected)}, found {list(found)}")
+    why = ("config.json's quantization_config.weight_block_size is not the block size of these FP8 scales"
+           if key.endswith("_scale_inv") else
+           "config.json (its sizes, e.g. hidden_size, vocab_size, vision_config) describes another model than this "
+           "checkpoint's tensors")
+    return CheckpointError(f"tensor '{key}' in {file.name}: expected shape {list(expected)}, found {list(found)}: {why}")
 
 
 def _read(shards: _Shards, key: str, expected: tuple[int, ...], device: torch.device, block: tuple[int, int]) -> torch.Tensor:
