@@ -301,7 +301,12 @@ def cli_main(args: argparse.Namespace) -> int:
         from .model.tiny import ensure_tiny_checkpoint
 
         say(f"using the tiny built-in model in {TINY_MODEL_DIR}/ (written if missing)")
-        model = ensure_tiny_checkpoint(TINY_MODEL_DIR)
+        try:
+            model = ensure_tiny_checkpoint(TINY_MODEL_DIR)
+        except OSError as exc:  # a read-only or full working directory (was a traceback)
+            say(f"error: cannot write the tiny model to {Path(TINY_MODEL_DIR).resolve()}: {exc.strerror or exc}; "
+                "run `dotsvlm serve` from a directory you can write to, or serve a checkpoint with --model DIR")
+            return 1
     try:
         cfg = local_config(str(model.resolve()), overrides)
     except ValidationError as exc:

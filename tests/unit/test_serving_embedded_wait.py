@@ -250,3 +250,26 @@ def test_the_printed_endpoint_of_an_ipv6_host_is_a_url_curl_takes() -> None:
     assert embedded.endpoint_url("::", 8000) == "http://[::1]:8000"
     assert embedded.endpoint_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
     assert embedded.endpoint_url("localhost", 8000) == "http://localhost:8000"
+
+
+def test_a_working_directory_the_tiny_model_cannot_be_written_to_says_what_to_do(monkeypatch, tmp_path,
+                                                                                 capsys) -> None:
+    """`dotsvlm serve` from a read-only directory (`/` in a container, say) was a PermissionError traceback."""
+    import argparse
+    import socket
+
+    from dotsvlm_serving.model import tiny
+
+    def cannot(_d, **_k):
+        raise PermissionError(13, "Permission denied", ".tiny-model")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tiny, "ensure_tiny_checkpoint", cannot)
+    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: pytest.fail("Ray must not start"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = argparse.Namespace(detach=False, ready_timeout=5.0, model=None, config=None, host="127.0.0.1", port=port)
+    assert embedded.cli_main(args) == 1
+    out = capsys.readouterr().out
+    assert f"cannot write the tiny model to {tmp_path / '.tiny-model'}: Permission denied" in out and "--model" in out
