@@ -89,7 +89,7 @@ def chosen_model(flag: str | None, overrides: dict | None, config_path: str | No
         raise ValueError(f"--config {config_path}: model_path must be a checkpoint directory (found {in_config!r})")
     if flag is None:
         return in_config
-    if Path(flag).resolve() != Path(in_config).resolve():
+    if Path(flag).expanduser().resolve() != Path(in_config).expanduser().resolve():
         raise ValueError(f"--model {flag} and the model_path of --config {config_path} ({in_config}) name different "
                          "checkpoints: give one of them")
     return flag
@@ -290,7 +290,7 @@ def cli_main(args: argparse.Namespace) -> int:
         say(f"error: {exc}")
         return 2
     if model_arg:
-        model = Path(model_arg)
+        model = Path(model_arg).expanduser()  # (`--model=~/ckpt` and a YAML `model_path: ~/ckpt` reach us unexpanded)
         if not (model / "config.json").is_file():
             say(f"error: {model} is not a checkpoint directory (no config.json)")
             return 2

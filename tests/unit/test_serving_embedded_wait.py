@@ -273,3 +273,23 @@ def test_a_working_directory_the_tiny_model_cannot_be_written_to_says_what_to_do
     assert embedded.cli_main(args) == 1
     out = capsys.readouterr().out
     assert f"cannot write the tiny model to {tmp_path / '.tiny-model'}: Permission denied" in out and "--model" in out
+
+
+def test_a_model_path_under_the_home_directory_written_with_a_tilde_is_found(monkeypatch, tmp_path, capsys) -> None:
+    """The shell leaves `--model=~/ckpt` alone and YAML never expands `model_path: ~/ckpt`: it was "~/ckpt is not
+    a checkpoint directory (no config.json)"."""
+    import argparse
+    import socket
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"image_token_id": "abc"}))  # so that reading it shows
+    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: pytest.fail("Ray must not start"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = argparse.Namespace(detach=False, ready_timeout=5.0, model="~/ckpt", config=None, host="127.0.0.1", port=port)
+    assert embedded.cli_main(args) == 2
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'ckpt' / 'config.json'}: 'image_token_id'" in out, out
+    assert embedded.chosen_model("~/ckpt", {"model_path": str(tmp_path / "ckpt")}, "c.yaml") == "~/ckpt"  # the same
