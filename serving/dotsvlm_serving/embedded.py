@@ -291,9 +291,6 @@ def cli_main(args: argparse.Namespace) -> int:
         return 2
     if model_arg:
         model = Path(model_arg).expanduser()  # (`--model=~/ckpt` and a YAML `model_path: ~/ckpt` reach us unexpanded)
-        if not (model / "config.json").is_file():
-            say(f"error: {model} is not a checkpoint directory (no config.json)")
-            return 2
         if problem := checkpoint_config_error(model):
             say(f"error: {problem}")
             return 2

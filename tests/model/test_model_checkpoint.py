@@ -353,3 +353,21 @@ def test_fp8_scales_of_another_block_size_than_the_config_says_point_at_weight_b
     with pytest.raises(CheckpointError, match=r"weight_scale_inv' in .*: expected shape \[\d+, \d+\], found \[1, 1\]: "
                                               r"config.json's quantization_config.weight_block_size"):
         load_llm(d)
+
+
+def test_a_model_path_without_config_json_says_where_the_checkpoint_is(tiny_dir: Path, tmp_path: Path) -> None:
+    """A Hugging Face cache folder (models--org--name/) holds the checkpoint in snapshots/<revision>/; a volume
+    that is not mounted leaves no folder at all. Both were "config.json not found: is ... a checkpoint directory?"."""
+    from dotsvlm_serving.model.config import load_config
+
+    cache = tmp_path / "models--rednote-hilab--dots.vlm1"
+    snapshot = cache / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_dir / "config.json", snapshot / "config.json")
+    with pytest.raises(FileNotFoundError, match=f"it is in {snapshot}: give that directory as the model path"):
+        load_config(cache)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'gone'} does not exist: check the model path.*mounted"):
+        load_config(tmp_path / "gone")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"config.json not found: is .*empty a dots.vlm1 checkpoint directory\?$"):
+        load_config(tmp_path / "empty")

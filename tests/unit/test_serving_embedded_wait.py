@@ -293,3 +293,20 @@ def test_a_model_path_under_the_home_directory_written_with_a_tilde_is_found(mon
     out = capsys.readouterr().out
     assert f"{tmp_path / 'ckpt' / 'config.json'}: 'image_token_id'" in out, out
     assert embedded.chosen_model("~/ckpt", {"model_path": str(tmp_path / "ckpt")}, "c.yaml") == "~/ckpt"  # the same
+
+
+def test_serve_of_a_hugging_face_cache_folder_names_the_snapshot_to_serve(monkeypatch, tmp_path, capsys) -> None:
+    import argparse
+    import socket
+
+    snapshot = tmp_path / "models--rednote-hilab--dots.vlm1" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: pytest.fail("Ray must not start"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = argparse.Namespace(detach=False, ready_timeout=5.0, model=str(snapshot.parent.parent), config=None,
+                              host="127.0.0.1", port=port)
+    assert embedded.cli_main(args) == 2
+    assert f"it is in {snapshot}: give that directory as the model path" in capsys.readouterr().out

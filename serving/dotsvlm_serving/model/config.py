@@ -181,7 +181,7 @@ def load_config(model_dir: str | Path) -> DotsVLMConfig:
     d = Path(model_dir)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: is {d} a dots.vlm1 checkpoint directory?")
+        raise FileNotFoundError(_no_config(d))
     raw = _read_json(cfg_path)
     pre_path = d / "preprocessor_config.json"
     pre = _read_json(pre_path) if pre_path.is_file() else None
@@ -195,6 +195,20 @@ def load_config(model_dir: str | Path) -> DotsVLMConfig:
     except ValueError as exc:
         raise ValueError(f"{cfg_path}: {exc}") from None
     return cfg.model_copy(update={"source": str(cfg_path)})
+
+
+def _no_config(d: Path) -> str:
+    """Why `d` has no config.json, and what to set model.path to instead (a Hugging Face cache folder holds the
+    checkpoint two levels down, in snapshots/<revision>/; a volume that is not mounted shows as no folder)."""
+    if not d.exists():
+        return (f"{d} does not exist: check the model path (model.path; `dotsvlm serve --model`), and that the "
+                f"volume holding the checkpoint is mounted there (model.volume, model.mountPath)")
+    if not d.is_dir():
+        return f"{d} is a file, not a checkpoint directory: give the directory that holds config.json as the model path"
+    found = sorted(str(p.parent) for p in (*d.glob("*/config.json"), *d.glob("*/*/config.json")))
+    hint = f"; it is in {found[0]}: give that directory as the model path" if len(found) == 1 else (
+        f"; directories below it that have one: {', '.join(found[:3])}" if found else "")
+    return f"{d / 'config.json'} not found: is {d} a dots.vlm1 checkpoint directory?{hint}"
 
 
 def _validation_summary(exc: ValidationError, prefix: str) -> str:
