@@ -371,3 +371,14 @@ def test_a_model_path_without_config_json_says_where_the_checkpoint_is(tiny_dir:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"config.json not found: is .*empty a dots.vlm1 checkpoint directory\?$"):
         load_config(tmp_path / "empty")
+
+
+def test_a_checkpoint_without_any_vision_tensor_is_called_another_model_not_a_partial_download(
+        tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "llm-only")
+    idx = json.loads((d / ckpt.INDEX_NAME).read_text())
+    idx["weight_map"] = {k: f for k, f in idx["weight_map"].items() if not k.startswith("vision_tower.")}
+    (d / ckpt.INDEX_NAME).write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=r"has no vision_tower\.\* tensors at all: it is not a dots\.vlm1 checkpoint"):
+        load_vision_tower(d)
+    load_llm(d)  # the language model in it still loads

@@ -212,6 +212,10 @@ def load_vision_tower(model_dir: str | Path, *, device: str | torch.device = "cp
     tower.to(dtype=dtype)
     _materialize(tower, device)
     wm = {k: f for k, f in weight_map(d).items() if k.startswith(VISION_PREFIX)}
+    if not wm:  # (the first missing tensor alone would suggest a partial download)
+        raise CheckpointError(f"the checkpoint in {d} has no {VISION_PREFIX}* tensors at all: it is not a dots.vlm1 "
+                              f"checkpoint (a language model alone, e.g. DeepSeek-V3?); point the model path at a "
+                              f"dots.vlm1 checkpoint")
     names = [n for n, _ in tower.named_parameters()]
     _check_unexpected([k for k in wm if not k.endswith("_scale_inv")], {VISION_PREFIX + n for n in names}, "vision", wm)
     _fill(tower, wm, ((VISION_PREFIX + n, n, None) for n in names), device=device,
