@@ -393,6 +393,7 @@ def test_a_chunked_body_over_the_limit_is_refused_without_reading_the_rest() -> 
     with pytest.raises(ApiError) as ei:
         asyncio.run(read_limited(endless(), 10_000))
     assert ei.value.status == 413 and "over the 10000-byte limit" in ei.value.message
+    assert ei.value.code == "body_too_large"  # (an image over its limit says image_too_large)
     assert read == 11  # stopped at the chunk that passed the limit
 
     async def two():

@@ -13,8 +13,10 @@ from .errors import ApiError
 
 
 def too_large(limit: int, size: str | None = None) -> ApiError:
+    """Its `code` tells a client this 413 from an image's (`image_too_large`): fewer images, not a smaller one."""
     what = f"is {size} bytes," if size is not None else "is"
-    return ApiError(413, f"the request body {what} over the {limit}-byte limit: send smaller images or fewer of them")
+    return ApiError(413, f"the request body {what} over the {limit}-byte limit: send smaller images or fewer of them",
+                    code="body_too_large")
 
 
 async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
