@@ -245,10 +245,10 @@ def quantity_value(q: int | str) -> Fraction:
     if m is None:
         raise ValueError(f"{q!r} is not a Kubernetes quantity")
     value, suffix = Fraction(m.group(1).rstrip(".")), m.group(3) or ""
-    if suffix[:1] in ("e", "E"):
-        return value * Fraction(10) ** int(suffix[1:])
     if suffix.endswith("i"):
         return value * 1024 ** ("KMGTPE".index(suffix[0]) + 1)
+    if len(suffix) > 1:  # an exponent (e3, E-2); "E" alone is exa, "Ei" exbi
+        return value * Fraction(10) ** int(suffix[1:])
     return value * {"": 1, "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "k": 10**3,
                     "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}[suffix]
 

@@ -189,3 +189,18 @@ def test_an_image_with_whitespace_is_refused_in_the_spec() -> None:
         with pytest.raises(ValidationError, match="should match pattern"):
             models.DotsVLMDeploymentSpec.model_validate({**base, "image": image})
     assert models.DotsVLMDeploymentSpec.model_validate({**base, "image": "ghcr.io/x/serving:0.1.0@sha256:" + "a" * 64})
+
+
+def test_exa_quantities_are_read_as_kubernetes_reads_them() -> None:
+    """'1E' (exa) and '2Ei' (exbi) are Kubernetes quantities the CRD admits, but the model took the 'E' for an
+    exponent and refused the spec with "invalid literal for int() with base 10: ''" (InvalidSpec)."""
+    import pytest
+    from pydantic import ValidationError
+
+    assert models.quantity_value("1E") == 10**18 and models.quantity_value("1.5E") == 15 * 10**17
+    assert models.quantity_value("2Ei") == 2 * 1024**6
+    assert models.quantity_value("1E3") == 1000 and models.quantity_value("5e-3") * 200 == 1
+    assert models.Resources.model_validate({"requests": {"ephemeral-storage": "1E"},
+                                            "limits": {"ephemeral-storage": "1Ei", "example.com/fpga": "1E"}})
+    with pytest.raises(ValidationError, match=r"resources.requests.memory \(2E\) is above resources.limits.memory"):
+        models.Resources.model_validate({"requests": {"memory": "2E"}, "limits": {"memory": "1Ei"}})
