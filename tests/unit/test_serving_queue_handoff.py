@@ -606,3 +606,29 @@ def test_the_ingress_keeps_one_restart_and_only_the_new_delivery_when_both_repli
                 break
         assert _answer_after_the_last_restart(got) == ("new-0 new-1 ", "finish"), got
     asyncio.run(main())
+
+
+def test_a_restart_the_client_already_had_is_not_handed_out_again_after_the_hand_over() -> None:
+    """A request redelivered before the hand-over (its LLM replica died a while ago): the old replica handed
+    out the restart and the new delivery's first tokens; the new replica, which never saw that restart,
+    makes its own when the new delivery's next events reach it. After the merge that second restart came
+    out after the tokens the client already had, and an ingress of the previous release (which does not
+    drop a repeated restart: a rolling update) threw them away: the answer lost its beginning."""
+    async def main() -> None:
+        old, new = pair()
+        await old.put(item("a", stream=False), 1)
+        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
+        old.publish("llm1", [_d(tok("a", 0, "old-0 "), 1)])
+        old.leave("llm1")  # redelivered, with a restart
+        await old.take("llm2", max_items=1, token_budget=100, wait_s=0)
+        old.publish("llm2", [_d(tok("a", 0, "new-0 "), 2)])
+        got = await old.next_events("a", 0.01)  # the client: old-0, the restart, new-0
+        assert _answer_after_the_last_restart(got) == ("new-0 ", None)
+        new.begin_handoff("successor")
+        old.begin_handoff("predecessor")
+        new.publish("llm2", [_d(tok("a", 1, "new-1 "), 2), _d(fin("a", 2), 2)])
+        new.adopt(old.snapshot())
+        got += await new.next_events("a", 0.01)
+        assert _answer_after_the_last_restart(got) == ("new-0 new-1 ", "finish"), got
+        assert [ev["type"] for ev in got].count("restart") == 1, got
+    asyncio.run(main())

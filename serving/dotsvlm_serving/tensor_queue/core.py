@@ -237,6 +237,16 @@ def _merge_mailbox(box: _Mailbox, other: MailboxState) -> None:
         numbered = [ev["i"] for ev in ready if ev.get("i") is not None]  # type: ignore[union-attr]
         return min(numbered) if numbered else next_index
 
+    def restart_handed_out(ready: list[Event], side: int) -> bool:
+        """The replica handed out the current delivery's restart already: it was on that delivery (so it had its
+        restart: made, received, or its own when the delivery's first event came) and holds it no more. The
+        other replica's own restart would reach the client a second time, after the new delivery's first tokens:
+        an ingress of an earlier release (a rolling update) then dropped them from the answer."""
+        return 1 < delivery == side and not any(
+            ev["type"] == "restart" and ev.get("d") == delivery for ev in ready)  # type: ignore[union-attr]
+
+    had_restart = (restart_handed_out(box.events, box.delivery)
+                   or restart_handed_out(list(other.events), getattr(other, "delivery", 0)))
     box_ready, box_held, box_next = current(box.events, box.held, box.next_index, box.delivery)
     other_ready, other_held, other_next = current(list(other.events), dict(other.held), other.next_index,
                                                   getattr(other, "delivery", 0))
@@ -244,7 +254,7 @@ def _merge_mailbox(box: _Mailbox, other: MailboxState) -> None:
     pending = other_ready + box_ready
     numbered = {**other_held, **box_held}
     unnumbered: list[Event] = []
-    restarts: set[int] = set()
+    restarts: set[int] = {delivery} if had_restart else set()
     for ev in pending:
         i = ev.get("i")  # type: ignore[union-attr]
         if i is not None:
