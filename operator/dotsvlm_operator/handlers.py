@@ -107,6 +107,10 @@ class ResourceState:
     # The last answer of the Ray head and the ingress, with its monotonic time: a pass woken by pod events
     # uses it while it is younger than the pod loop's period (a rollout's pod events do not each call both).
     observed: tuple[float, ServeObservation, ingress_client.AutoscalerReport | None] | None = None
+    # The children the API server refused (kind/name -> 'Kind name: its words'): the light passes keep them in
+    # the status and do not send them; a full pass sends them again at `retry_full_at` (monotonic).
+    refused: dict[str, str] = field(default_factory=dict)
+    retry_full_at: float = 0.0
 
 
 CONFIG = OperatorConfig()
@@ -296,12 +300,13 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
     key = (namespace, name)
     state = _resources[key] = ResourceState()
     METRICS.managed(len(_resources))
-    failures = 0
+    failures = refusals = 0
     try:
         while not stopped:
             woken = state.wake.is_set()  # by an event, not by the pod loop's timer
             state.wake.clear()
-            full = state.full or time.monotonic() - state.last_full >= CONFIG.resync_seconds or failures > 0
+            full = (state.full or time.monotonic() - state.last_full >= CONFIG.resync_seconds or failures > 0
+                    or bool(state.refused) and time.monotonic() >= state.retry_full_at)
             started = time.monotonic()
             try:
                 if full:
@@ -311,18 +316,26 @@ async def reconciler(name: str, namespace: str, body: kopf.Body, stopped: kopf.D
                     await size_pods_once(body, logger, state, reuse_observation=woken)
                 failures = 0
             except ChildrenRefused as exc:  # the pass went on; its status says so (Degraded=ReconcileFailed)
-                failures += 1
+                # The light passes go on (the pools follow the autoscaler); a full pass retries the refused
+                # children after a backoff, as a failed pass would.
+                failures = 0
+                refusals += 1
+                state.retry_full_at = time.monotonic() + min(2.0 ** refusals, CONFIG.resync_seconds)
                 METRICS.reconciled(namespace, name, time.monotonic() - started, ok=False)
-                logger.error(f"the API server refused children ({failures} passes in a row): {exc}")
+                logger.error(f"the API server refused children ({refusals} times in a row): {exc}")
             except Exception as exc:  # noqa: BLE001 - one bad pass must not end the loop
                 failures += 1
                 METRICS.reconciled(namespace, name, time.monotonic() - started, ok=False)
                 logger.exception(f"reconcile failed ({failures} in a row): {exc}")
                 await _report_failure(body, exc, logger)
+            if not state.refused:
+                refusals = 0
             if failures:
                 wait = min(2.0 ** failures, CONFIG.resync_seconds)
             else:
                 wait = min(CONFIG.pod_loop_seconds, max(0.0, state.last_full + CONFIG.resync_seconds - time.monotonic()))
+                if state.refused:
+                    wait = min(wait, max(0.0, state.retry_full_at - time.monotonic()))
             waiter = asyncio.ensure_future(state.wake.wait())
             stopper = asyncio.ensure_future(stopped.wait())
             try:
@@ -699,6 +712,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
         spec = models.DotsVLMDeploymentSpec.model_validate(dict(body.get("spec") or {}))
     except ValidationError as exc:
         # The CRD's schema normally stops this; an older CRD version might not.
+        state.refused = {}  # what an earlier spec's children met says nothing now (and retries nothing)
         await _write_invalid(body, owner, generation, str(exc), old)
         return
 
@@ -765,6 +779,7 @@ async def reconcile_once(body: kopf.Body, logger: logging.Logger, state: Resourc
     listed = await asyncio.to_thread(k.list_pods, owner.namespace, owner.name)
     state.pods = {p["metadata"]["name"]: p for p in listed}
     await _size_and_report(body, owner, spec, generation, old, state, installed, logger, refused=refused)
+    state.refused = refused
     if refused:
         raise ChildrenRefused("; ".join(refused.values()))
 
@@ -819,8 +834,14 @@ async def size_pods_once(body: kopf.Body, logger: logging.Logger, state: Resourc
         state.full = True
         return
     old = state.status or _old_status(body)
+    # The children the last full pass could not apply stay in the status (and are not sent: the full pass's
+    # retry does that); a pool Deployment refused here joins them.
+    refused = dict(state.refused)
     await _size_and_report(body, owner, spec, meta.get("generation"), old, state, _installed_as_last_seen(), logger,
-                           reuse_observation=reuse_observation)
+                           reuse_observation=reuse_observation, refused=refused)
+    if refused.keys() - state.refused.keys():
+        state.refused = refused
+        raise ChildrenRefused("; ".join(refused.values()))
 
 
 async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.DotsVLMDeploymentSpec,

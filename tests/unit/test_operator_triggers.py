@@ -236,3 +236,72 @@ def test_an_api_pool_left_from_a_spec_changed_while_the_operator_was_down_is_del
     restarted.full = True
     asyncio.run(handlers.reconcile_once(body, logging.getLogger("test"), restarted))
     assert f"get Deployment/{api_pool}" not in cluster.calls
+
+
+def test_a_refused_child_leaves_the_pod_loop_running_and_retries_the_full_pass_later(cluster: FakeKube,
+                                                                                    monkeypatch) -> None:
+    """A child the API server keeps refusing (a LoadBalancer Service an admission policy forbids) made every pass a
+    full one, each after a doubling backoff up to the resync period: the pools followed the autoscaler once a
+    minute instead of every pod loop, though the status said they kept following it. Now the light passes go on
+    between the full pass's retries, and the status keeps naming the refused child."""
+    import time
+
+    from kubernetes.client.rest import ApiException
+
+    def refuse_services(obj: dict[str, Any]) -> dict[str, Any]:
+        if obj["kind"] == "Service":
+            cluster.calls.append(f"refused {obj['kind']}/{obj['metadata']['name']}")
+            exc = ApiException(status=403, reason="Forbidden")
+            exc.body = '{"message": "LoadBalancer Services are not allowed in this namespace"}'
+            raise exc
+        return FakeKube.apply(cluster, obj)
+    written: list[dict[str, Any]] = []
+    monkeypatch.setattr(cluster, "apply", refuse_services)
+    monkeypatch.setattr(cluster, "patch_status", lambda namespace, name, status: written.append(status))
+    monkeypatch.setattr(handlers.CONFIG, "pod_loop_seconds", 0.02)
+    monkeypatch.setattr(handlers.CONFIG, "resync_seconds", 60.0)
+    passes: list[str] = []
+    full_pass, light_pass = handlers.reconcile_once, handlers.size_pods_once
+
+    async def counted_full(*args: Any, **kwargs: Any) -> None:
+        passes.append("full")
+        await full_pass(*args, **kwargs)
+
+    async def counted_light(*args: Any, **kwargs: Any) -> None:
+        passes.append("light")
+        await light_pass(*args, **kwargs)
+    monkeypatch.setattr(handlers, "reconcile_once", counted_full)
+    monkeypatch.setattr(handlers, "size_pods_once", counted_light)
+
+    class Stopped:
+        def __init__(self) -> None:
+            self.event = asyncio.Event()
+
+        def __bool__(self) -> bool:
+            return self.event.is_set()
+
+        async def wait(self) -> None:
+            await self.event.wait()
+
+    async def run() -> None:
+        stopped = Stopped()
+        daemon = asyncio.ensure_future(handlers.reconciler(name=NAME, namespace=NS, body=resource(finalizer=True),
+                                                           stopped=stopped, logger=logging.getLogger("test")))
+        deadline = time.monotonic() + 10
+        while not cluster.calls.count("list_pods") and time.monotonic() < deadline:  # the full pass's end
+            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 1.0  # well within the first retry's 2 s backoff
+        while passes.count("light") < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        stopped.event.set()
+        await asyncio.wait_for(daemon, 5)
+    asyncio.run(run())
+
+    assert passes[0] == "full" and passes.count("light") >= 5, passes
+    assert passes.count("full") == 1, passes  # the refused Service is retried by a full pass after the backoff
+    refused = [c for c in cluster.calls if c.startswith("refused ")]
+    assert refused and len(refused) == len(set(refused)), refused  # each sent once, not on every light pass
+    assert cluster.calls.count("list_pods") == 1  # the light passes read pods from the watch's cache
+    degraded = [c for st in written for c in st.get("conditions", []) if c["type"] == "Degraded"]
+    assert degraded and all(c["reason"] == "ReconcileFailed" for c in degraded), degraded
+    assert f"Service {NAME}-api: LoadBalancer Services are not allowed" in degraded[-1]["message"]
