@@ -233,6 +233,8 @@ RESOURCES = [
     ({"example.com/fpga": "1.5"}, {"example.com/fpga": "1.5"}),
     ({"hugepages-2Mi": "1Gi"}, {"hugepages-2Mi": "1Gi"}),
     (None, {"hugepages-1Gi": "2Gi", "memory": "4Gi"}),
+    ({"ephemeral-storage": "1E"}, {"ephemeral-storage": "1Ei", "example.com/fpga": "1E"}),
+    ({"memory": "2E"}, {"memory": "1Ei"}),
 ]
 
 
