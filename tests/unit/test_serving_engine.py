@@ -3,6 +3,7 @@ unbatched greedy decoding token for token; sampling parameters; stop strings; li
 
 from __future__ import annotations
 
+import codecs
 import random
 
 import pytest
@@ -258,6 +259,24 @@ def test_the_engine_keeps_a_long_stop_strings_matching_across_tokens(llm: Deepse
     assert text == detok(toks) and steps > 0
 
 
+def test_each_generated_token_decodes_a_few_tokens_not_the_whole_answer(llm: DeepseekV3ForCausalLM) -> None:
+    """The engine decoded all of a request's tokens at every step to find the new text: its cost per token
+    grew with the answer (3 ms a step at 4k tokens). Now a token decodes a short window; the whole answer
+    is decoded once, when it finishes, and the streamed text is the same."""
+    e = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    n = 200
+    calls: list[int] = []
+
+    def counting_detok(ids: list[int]) -> str:
+        calls.append(len(ids))
+        return detok(ids)
+
+    eng = Engine(llm, counting_detok, eos_token_ids=set(), max_running=8, kv_cache_tokens=4096, context_length=256)
+    res = run_all(eng, {0: [EngineRequest("w", e, SamplingParams(max_tokens=n, temperature=0))]})
+    assert res["w"]["text"] == detok(greedy_alone(llm, e, n))
+    assert calls.count(n) == 1 and max(c for c in calls if c != n) <= 2
+
+
 def test_stop_string_across_tokens_that_split_utf8_characters(llm: DeepseekV3ForCausalLM) -> None:
     """Byte-level tokens end in the middle of a character: the partial character (U+FFFD) is never
     streamed, and a stop string whose characters span tokens still ends the answer before it."""
@@ -270,9 +289,19 @@ def test_stop_string_across_tokens_that_split_utf8_characters(llm: DeepseekV3For
     def detok_bytes(ids: list[int]) -> str:
         return stream(ids)[:2 * len(ids)].decode("utf-8", "replace")
 
+    class BytesStream:  # a token's bytes depend on its position here: the new bytes through an incremental UTF-8 decoder
+        def __init__(self) -> None:
+            self.ids: list[int] = []
+            self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+        def step(self, token: int) -> str | None:
+            self.ids.append(token)
+            return self.utf8.decode(stream(self.ids)[2 * len(self.ids) - 2:2 * len(self.ids)]) or None
+
     whole = stream(toks).decode()
     stop = whole[4:6]  # characters 4 and 5: bytes 12-17, tokens 6 to 8
-    eng = Engine(llm, detok_bytes, eos_token_ids=set(), max_running=8, kv_cache_tokens=4096, context_length=256)
+    eng = Engine(llm, detok_bytes, eos_token_ids=set(), max_running=8, kv_cache_tokens=4096, context_length=256,
+                 token_streams=BytesStream)
     eng.add(EngineRequest("u", e, SamplingParams(max_tokens=12, temperature=0, stop=(stop,))))
     pieces, final = [], None
     while eng.has_work():

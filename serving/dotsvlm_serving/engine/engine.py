@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 from ..events import ErrorEvent, Event, FinishEvent, TokenEvent, Usage
 from .base import RequestBudget
+from .detokenizer import TokenStream, WindowStream
 from .sampling import SamplingParams, StopTail, find_stop, sample_token
 
 
@@ -48,6 +49,10 @@ class _Seq:
     generator: torch.Generator | None
     length: int = 0  # tokens in this sequence's KV cache
     generated: list[int] = field(default_factory=list)
+    # The text of `generated` so far, built from each token's new text (`stream`), without a partial
+    # character at its end; all tokens are decoded once more only when the request finishes.
+    text: str = ""
+    stream: TokenStream | None = None
     emitted: int = 0  # characters of the decoded text already sent
     first_token_at: float | None = None
     started_at: float = field(default_factory=time.monotonic)
@@ -66,9 +71,14 @@ class Engine:
     MAX_FAILED_FORWARDS = 3
 
     def __init__(self, model: torch.nn.Module, detokenize: Callable[[list[int]], str], *,
-                 eos_token_ids: set[int], max_running: int, kv_cache_tokens: int, context_length: int) -> None:
+                 eos_token_ids: set[int], max_running: int, kv_cache_tokens: int, context_length: int,
+                 token_streams: Callable[[], TokenStream] | None = None) -> None:
+        """`detokenize` decodes a whole answer (once, when a request finishes); `token_streams` makes each
+        request's incremental detokenizer (`detokenizer.decode_streams`), a `WindowStream` over
+        `detokenize` when not given."""
         self.model = model
         self.detokenize = detokenize
+        self.token_streams: Callable[[], TokenStream] = token_streams or (lambda: WindowStream(detokenize))
         self.eos_token_ids = set(eos_token_ids)
         self.budget = RequestBudget(context_length=context_length, kv_tokens=kv_cache_tokens, max_running=max_running)
         self.device = next(model.parameters()).device
@@ -163,7 +173,7 @@ class Engine:
         self._cancelled.clear()
 
     def _prefill(self, req: EngineRequest, events: list[Event]) -> None:
-        seq = _Seq(req, req.params.make_generator())
+        seq = _Seq(req, req.params.make_generator(), stream=self.token_streams())
         cache = DynamicCache(config=self.model.config)
         embeds = req.inputs_embeds.to(self.device, dtype=self._dtype())[None]
         out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -207,7 +217,11 @@ class Engine:
             return True
         seq.generated.append(token)
         self.tokens_generated += 1
-        text = self.detokenize(seq.generated)
+        assert seq.stream is not None
+        piece = seq.stream.step(token)  # a window of the last tokens, not the whole answer again
+        if piece:
+            seq.text += piece
+        text = seq.text
         stops = seq.req.params.stop
         if stops:
             at = find_stop(text, stops, max(0, seq.emitted - max(len(s) for s in stops)))
@@ -217,7 +231,7 @@ class Engine:
                 events.append(self._finish_event(seq, "stop", delta))
                 return True
         if len(seq.generated) >= seq.req.params.max_tokens:
-            events.append(self._finish_event(seq, "length", self._flush(seq, text)))
+            events.append(self._finish_event(seq, "length", self._flush(seq)))
             return True
         safe = len(text) - seq.tail.holdback(text)
         if safe > seq.emitted or first:
@@ -225,8 +239,10 @@ class Engine:
             seq.emitted = max(safe, seq.emitted)
         return False
 
-    def _flush(self, seq: _Seq, text: str | None = None) -> str:
-        text = self.detokenize(seq.generated) if text is None else text
+    def _flush(self, seq: _Seq) -> str:
+        """The rest of the answer: all its tokens decoded once, so its end is the full decode's (a partial
+        character that never completed is U+FFFD here, as in the reference's text)."""
+        text = self.detokenize(seq.generated)
         delta = text[seq.emitted:]
         seq.emitted = len(text)
         return delta

@@ -21,6 +21,7 @@ def _transformers_engine(model: ServedModel, llm_cfg: LLMServerConfig) -> Infere
     from ..model.checkpoint import load_llm
     from ..model.config import load_config
     from ..model.prompt import load_tokenizer, stop_token_ids
+    from .detokenizer import decode_streams
     from .transformers_engine import TransformersEngine
 
     model_config = load_config(model.model_path)
@@ -33,4 +34,5 @@ def _transformers_engine(model: ServedModel, llm_cfg: LLMServerConfig) -> Infere
     return TransformersEngine(llm, detokenize, image_token_id=model_config.image_token_id,
                               eos_token_ids=set(stop_token_ids(tokenizer)),
                               max_running=llm_cfg.max_running_requests, kv_cache_tokens=llm_cfg.kv_cache_tokens,
-                              context_length=llm_cfg.context_length)
+                              context_length=llm_cfg.context_length,
+                              token_streams=decode_streams(tokenizer, detokenize))

@@ -13,6 +13,7 @@ import torch
 
 from ..events import Event
 from .base import EngineInput, InferenceEngine
+from .detokenizer import TokenStream
 from .engine import Engine, EngineRequest
 
 
@@ -20,11 +21,13 @@ class TransformersEngine(InferenceEngine):
     name = "transformers"
 
     def __init__(self, model: torch.nn.Module, detokenize: Callable[[list[int]], str], *, image_token_id: int,
-                 eos_token_ids: set[int], max_running: int, kv_cache_tokens: int, context_length: int) -> None:
+                 eos_token_ids: set[int], max_running: int, kv_cache_tokens: int, context_length: int,
+                 token_streams: Callable[[], TokenStream] | None = None) -> None:
         self.model = model
         self.image_token_id = image_token_id
         self.engine = Engine(model, detokenize, eos_token_ids=eos_token_ids, max_running=max_running,
-                             kv_cache_tokens=kv_cache_tokens, context_length=context_length)
+                             kv_cache_tokens=kv_cache_tokens, context_length=context_length,
+                             token_streams=token_streams)
 
     def check_limits(self, prompt_tokens: int, max_tokens: int) -> None:
         self.engine.check_limits(prompt_tokens, max_tokens)
