@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+# Imported here, not in `_serve_configs`: its first import took over metricsStaleSeconds on a loaded machine,
+# between a test's contexts and its policy call, so their samples read as stale.
+from ray.serve.config import AutoscalingConfig
 
 from dotsvlm_serving.autoscaling import serve_policy
 from dotsvlm_serving.autoscaling import signals as sig
@@ -97,8 +100,6 @@ def test_without_queue_or_ingress_reports_the_pools_have_no_signals() -> None:
 
 def _serve_configs(cfg: ServeAppConfig, by_name: dict[str, _Ctx]) -> None:
     """Each context's `config` as Serve builds it from the deploy body's autoscaling_config."""
-    from ray.serve.config import AutoscalingConfig
-
     for name, options in cfg.deployment_options().items():
         by_name[name].config = AutoscalingConfig(**options["autoscaling_config"])
 
@@ -373,3 +374,29 @@ def test_a_pool_whose_deployment_serve_did_not_pass_is_neither_decided_nor_publi
     decisions, _ = policy({_DeploymentID(name): ctx for name, ctx in by_name.items()})
     assert {dep.name for dep in decisions} == {LLM_DEPLOYMENT}
     assert set(published[-1]) == {"llm"} and set(recorded) == {"llm"}, (published[-1], recorded)
+
+
+def test_a_stale_ingress_does_not_freeze_the_llm_pool_while_the_queue_reports(monkeypatch) -> None:
+    """The ingress's stats stop reaching Serve's controller (an overloaded ingress replica) while the queue and
+    the LLM replicas report: the LLM pool held at its size with MetricsStale, under a full queue, although with
+    no ingress at all it decided on the queue's figures. It scales on the queue now; only the latency rules
+    (fed by the ingress) wait for fresh figures. The vision pool, whose signals are the ingress's, holds."""
+    import time
+
+    published: list[dict] = []
+    monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now, spec: published.append(dict(decisions)))
+    monkeypatch.setattr(serve_policy, "_Metrics", lambda: type("M", (), {"record": lambda self, d: None})())
+    cfg = ServeAppConfig.model_validate({"model_path": "/m",
+                                         "vision": {"autoscaling": {"min_replicas": 1, "max_replicas": 6}},
+                                         "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4,
+                                                                 "upscale_delay_s": 0}}})
+    policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: cfg.policy_config())
+    by_name = _contexts(time.time(), ingress_age=120.0)  # the ingress's newest sample is 2 minutes old
+    _serve_configs(cfg, by_name)
+    decisions, _ = policy({_DeploymentID(name): ctx for name, ctx in by_name.items()})
+    named = {dep.name: n for dep, n in decisions.items()}
+    llm, vision = published[-1]["llm"], published[-1]["vision"]
+    assert named[LLM_DEPLOYMENT] > 2 and llm.reason != "MetricsStale", llm  # the queue's 7 items and 2 waiting
+    assert vision.reason == "MetricsStale" and named[VISION_DEPLOYMENT] == 1, vision
+    snap = serve_policy.snapshot_from_contexts(by_name, time.time())
+    assert snap.llm is not None and snap.llm.age_s < 5 and snap.llm.latency_age_s > 100

@@ -26,7 +26,7 @@ Missing or stale signals hold the pool at its current size, and the decision say
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ..serve_config import LLMAutoscaling, SLOConfig, VisionAutoscaling
@@ -94,7 +94,9 @@ class LLMSignals:
     ttft_image_s: float | None = None  # recent p90 time to first token, requests with images
     ttft_text_s: float | None = None
     inter_token_s: float | None = None  # recent p90 inter-token latency
-    age_s: float = 0.0
+    age_s: float = 0.0  # the queue's and LLM replicas' newest sample
+    # the ingress's newest sample (the latency figures above come from it); stale, they are left out
+    latency_age_s: float = 0.0
     completed_total: float | None = None  # requests the pool has finished (the queue's counter; None: not reported)
 
 
@@ -647,6 +649,15 @@ def follow_clock(state: PolicyState, now: float, spec: PolicySpec | None = None)
         st.clock = now
 
 
+def _fresh_latencies(llm: LLMSignals, stale_s: float) -> LLMSignals:
+    """The LLM pool's signals without the ingress's latency figures once those are stale: the queue and the LLM
+    replicas still say how loaded the pool is (as when no ingress reports at all), so a stalled ingress does not
+    freeze the pool under load; only the TTFT and inter-token rules wait for fresh figures."""
+    if llm.latency_age_s <= stale_s:
+        return llm
+    return replace(llm, ttft_image_s=None, ttft_text_s=None, inter_token_s=None)
+
+
 def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
            current: dict[Pool, int] | None = None) -> dict[Pool, Decision]:
     """One decision per pool. `state` is updated in place; `current` is each pool's present target
@@ -680,6 +691,7 @@ def decide(snapshot: Snapshot, spec: PolicySpec, state: PolicyState, now: float,
             raw = recommend_vision(v, spec.vision, spec.slo, st, now, target=cur)  # type: ignore[arg-type]
         else:
             fresh_v = v if v is not None and v.age_s <= spec.vision.metrics_stale_s else None
-            raw = recommend_llm(llm, fresh_v, spec.llm, spec.slo, st, now, target=cur)  # type: ignore[arg-type]
+            raw = recommend_llm(_fresh_latencies(llm, cfg.metrics_stale_s), fresh_v, spec.llm, spec.slo, st, now,  # type: ignore[arg-type]
+                                target=cur)
         out[pool] = _stabilise(pool, raw, cur, sig.running_replicas, cfg.min_replicas, cfg.max_replicas, cfg, st, now)
     return out

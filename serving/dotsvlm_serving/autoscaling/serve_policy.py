@@ -105,7 +105,7 @@ def snapshot_from_contexts(contexts: dict[str, Any], now: float) -> Snapshot:
                 running=ll.get(sig.LLM_RUNNING, 0.0), waiting=ll.get(sig.LLM_WAITING, 0.0),
                 kv_used_fraction=ll.get(sig.LLM_KV_USED_FRACTION, 0.0) / running if running else 0.0,
                 ttft_image_s=ing.get(sig.TTFT_IMAGE_P90), ttft_text_s=ing.get(sig.TTFT_TEXT_P90),
-                inter_token_s=ing.get(sig.ITL_P90), age_s=max(q_age, ing_age if ing_n else 0.0))
+                inter_token_s=ing.get(sig.ITL_P90), age_s=q_age, latency_age_s=ing_age if ing_n else 0.0)
     return Snapshot(vision=v_signals, llm=l_signals)
 
 
