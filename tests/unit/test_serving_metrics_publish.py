@@ -45,3 +45,36 @@ def test_catalogue_names_are_unique_prometheus_names_with_bounded_labels() -> No
         # Serve adds deployment/replica/application; Ray adds its own; ours must not collide.
         assert not set(m.labels) & {"deployment", "replica", "application", "route", "le"}, m.name
     assert {m.source for m in SERVING_METRICS} == {"ingress", "vision", "queue", "llm"}
+
+
+def _histogram_quantile(q: float, bounds: tuple[float, ...], samples: list[float]) -> float:
+    """Prometheus's histogram_quantile over one histogram of `samples` with these bucket bounds (linear
+    interpolation inside the bucket that holds the rank; the lowest bucket starts at 0)."""
+    cumulative = [sum(1 for s in samples if s <= b) for b in bounds]
+    rank = q * len(samples)
+    for i, count in enumerate(cumulative):
+        if count >= rank:
+            start, below = (0.0, 0) if i == 0 else (bounds[i - 1], cumulative[i - 1])
+            return start + (bounds[i] - start) * (rank - below) / (count - below)
+    return bounds[-1]  # in +Inf: Prometheus answers the highest finite bound
+
+
+# spec.slo time-to-first-token targets a user is likely to set (the defaults: text 2 s, image 10 s).
+LIKELY_TTFT_TARGETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 45, 60, 90, 120)
+
+
+def test_the_ttft_alert_tells_a_p90_under_a_users_slo_target_from_one_over_it() -> None:
+    """DotsVLMTimeToFirstTokenHigh compares histogram_quantile(0.9) with the deployment's own spec.slo target, the
+    one the autoscaler scales against on exact samples. With buckets only at the default targets, a user's
+    imageTTFTSeconds 15 read a p90 of 12 s as 16.7 s (the (10, 30] bucket interpolated): the alert fired while
+    the autoscaler saw the target met; and a p90 of 29 s could read under 15. A target that is a bucket bound is
+    read exactly on either side."""
+    bounds = BY_NAME["dotsvlm_time_to_first_token_seconds"].buckets
+    assert bounds is not None
+    for target in LIKELY_TTFT_TARGETS:
+        for fast_share, p90 in ((0.85, 0.8 * target), (0.89, 1.25 * target), (0.5, 1.01 * target)):
+            n_fast = int(round(fast_share * 1000))
+            samples = [0.05 * target] * n_fast + [p90] * (1000 - n_fast)
+            read = _histogram_quantile(0.9, bounds, samples)
+            assert (read > target) == (p90 > target), (
+                f"target {target:g} s: a p90 of {p90:g} s reads as {read:.3g} s with buckets {bounds}")
