@@ -47,3 +47,31 @@ def test_every_panel_is_drawn_and_empty_ones_are_named(path: Path, tmp_path: Pat
     first_exprs = {t["expr"] for t in next(render.panels(dashboard)).get("targets", [])}
     empty = render.render_dashboard(dashboard, lambda e: [] if e in first_exprs else query_range(e), out)
     assert first in empty
+
+
+def test_the_overview_draws_each_deployments_own_ttft_targets() -> None:
+    """The Overview's time-to-first-token panel drew spec.slo's default targets (text 2 s, image 10 s) as
+    constants for every deployment: with imageTTFTSeconds 30 a p90 of 20 s sat over the drawn 10 s line while
+    the autoscaler and the deployment's alert saw the target met. The operator now exports each deployment's
+    targets, and the panel draws those."""
+    from prometheus_client import generate_latest
+
+    from dotsvlm_operator import models as m
+    from dotsvlm_operator.monitoring import dashboards
+    from dotsvlm_operator.monitoring.operator_metrics import OperatorMetrics
+    from dotsvlm_serving.metrics.catalog import prom
+
+    metrics = OperatorMetrics()
+    spec = m.DotsVLMDeploymentSpec.model_validate({"image": "x", "model": {"path": "/m", "volume": {
+        "persistentVolumeClaim": {"claimName": "w"}}}, "slo": {"imageTTFTSeconds": 30, "textTTFTSeconds": 1.5}})
+    metrics.observe_status("ml", "dots", spec, m.DotsVLMDeploymentStatus(), {})
+    name = prom("dotsvlm_slo_time_to_first_token_seconds")
+    text = generate_latest(metrics.registry).decode()
+    assert f'{name}{{dotsvlm_deployment="dots",dotsvlm_namespace="ml",modality="image"}} 30.0' in text, text
+    assert f'{name}{{dotsvlm_deployment="dots",dotsvlm_namespace="ml",modality="text"}} 1.5' in text, text
+    panel = next(p for p in dashboards.OVERVIEW.rows[1][1] if p.title == "Time to first token")
+    exprs = [q for q, _ in panel.queries]
+    assert not [q for q in exprs if q.startswith("vector(")], exprs
+    assert any(name in q and 'dotsvlm_deployment=~"$deployment"' in q for q in exprs), exprs
+    metrics.forget("ml", "dots")
+    assert name + "{" not in generate_latest(metrics.registry).decode()

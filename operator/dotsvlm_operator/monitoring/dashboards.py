@@ -20,7 +20,7 @@ from grafana_foundation_sdk.builders import timeseries as gts
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 
-from dotsvlm_operator.monitoring.alerts import TTFT_QUANTILE, TTFT_TARGET_SECONDS
+from dotsvlm_operator.monitoring.alerts import TTFT_QUANTILE
 
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 S = f'{NAMESPACE_LABEL}=~"$namespace",{DEPLOYMENT_LABEL}=~"$deployment"'
@@ -126,7 +126,8 @@ def _replicas(pool: str) -> Panel:
 def _ttft_with_targets() -> list[tuple[str, str]]:
     out = [(quantile(TTFT_QUANTILE, "dotsvlm_time_to_first_token_seconds", "modality"), "p90 {{modality}}"),
            (quantile(0.5, "dotsvlm_time_to_first_token_seconds", "modality"), "p50 {{modality}}")]
-    out += [(f"vector({t:g})", f"target {m} (spec.slo default)") for m, t in TTFT_TARGET_SECONDS.items()]
+    # Each deployment's own spec.slo (the operator exports it), as the autoscaler and its alert read it.
+    out.append((gauge("dotsvlm_slo_time_to_first_token_seconds", "max", "modality"), "target {{modality}} (spec.slo)"))
     return out
 
 
@@ -148,8 +149,9 @@ OVERVIEW = Dashboard(
               [(gauge("dotsvlm_requests_in_flight"), "in flight")], "short", "stat", width=4),
     ]),
      ("Latency per modality", [
-         Panel("Time to first token", "p50 and p90 per modality, against spec.slo's default targets (the autoscaler "
-               "scales against each deployment's own; DotsVLMTimeToFirstTokenHigh fires over them).",
+         Panel("Time to first token", "p50 and p90 per modality, against the deployment's spec.slo targets (the "
+               "autoscaler scales against them; DotsVLMTimeToFirstTokenHigh fires over them; drawn from the "
+               "operator's metrics).",
                _ttft_with_targets(), "s", width=8),
          Panel("Inter-token latency", "Per-request mean time between output tokens, p50 and p95 per modality.",
                [(quantile(0.95, "dotsvlm_inter_token_latency_seconds", "modality"), "p95 {{modality}}"),

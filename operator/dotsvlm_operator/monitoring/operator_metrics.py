@@ -2,7 +2,8 @@
 
 Reconcile passes (count by result, duration) and, per DotsVLMDeployment and pool, the replica counts
 the operator writes into the resource's status (desired, current, ready), the spec's bounds and the
-pods the scheduler cannot place. Names and labels come from the catalogue
+pods the scheduler cannot place; per DotsVLMDeployment, its spec.slo time-to-first-token targets. Names
+and labels come from the catalogue
 (`dotsvlm_serving.metrics.catalog.OPERATOR_METRICS`).
 """
 
@@ -59,6 +60,10 @@ class OperatorMetrics:
                 current.labels(namespace, name, pool).set(st.current_replicas)
             elif (namespace, name, pool) in _label_sets(current):
                 current.remove(namespace, name, pool)
+        # The targets its own dashboards draw (the Overview), not spec.slo's defaults.
+        slo = self._m["dotsvlm_slo_time_to_first_token_seconds"]
+        slo.labels(namespace, name, "text").set(spec.slo.text_ttft_seconds)
+        slo.labels(namespace, name, "image").set(spec.slo.image_ttft_seconds)
 
     def forget(self, namespace: str, name: str) -> None:
         """A deleted resource's series go away (its counters too: they would only mislead)."""

@@ -174,6 +174,9 @@ OPERATOR_METRICS: tuple[MetricSpec, ...] = (
     _m("dotsvlm_pool_max_replicas", "gauge", "operator", "The spec's maxReplicas of a pool", (*_RESOURCE, "pool")),
     _m("dotsvlm_pool_unschedulable_pods", "gauge", "operator",
        "Pods of a pool the scheduler cannot place (often: not enough free GPUs)", (*_RESOURCE, "pool")),
+    _m("dotsvlm_slo_time_to_first_token_seconds", "gauge", "operator",
+       "The deployment's p90 time-to-first-token target per modality (spec.slo: what the autoscaler scales "
+       "against and DotsVLMTimeToFirstTokenHigh holds it to)", (*_RESOURCE, "modality")),
 )
 
 ALL_METRICS: tuple[MetricSpec, ...] = SERVING_METRICS + AUTOSCALER_METRICS + OPERATOR_METRICS
