@@ -115,13 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _seed(text: str) -> int:
-    """A seed torch's generator takes (a 64-bit integer): a larger one was a traceback after the directory
-    was made."""
+    """A seed torch's generator takes (an unsigned 64-bit integer): a larger one was a traceback after the
+    directory was made. A negative one is refused too, as the message says: torch takes -n as 2^64-n, so it
+    wrote the same weights as that other seed."""
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not -2**63 <= n < 2**64:
+    if not 0 <= n < 2**64:
         raise argparse.ArgumentTypeError(f"{n} is out of range: a seed is a 64-bit integer (0 to {2**64 - 1})")
     return n
 

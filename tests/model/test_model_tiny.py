@@ -101,3 +101,15 @@ def test_cli_refuses_a_seed_torch_cannot_take_before_writing_anything(tmp_path: 
         main(["model", "init-tiny", str(d), "--seed", str(2**64)])
     assert info.value.code == 2
     assert "a seed is a 64-bit integer" in capsys.readouterr().err and not d.exists()
+
+
+def test_cli_refuses_a_negative_seed_as_its_message_says(tmp_path: Path, capsys) -> None:
+    """The message said "0 to 2^64-1" but -1 was taken, and wrote the same weights as seed 2^64-1 (torch's wrap)."""
+    from dotsvlm_operator.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["model", "init-tiny", str(tmp_path / "m"), "--seed", "-1"])
+    assert info.value.code == 2
+    assert f"-1 is out of range: a seed is a 64-bit integer (0 to {2**64 - 1})" in capsys.readouterr().err
+    assert build_parser().parse_args(["model", "init-tiny", "d", "--seed", str(2**64 - 1)]).seed == 2**64 - 1
+    assert build_parser().parse_args(["model", "init-tiny", "d", "--seed", "0"]).seed == 0
