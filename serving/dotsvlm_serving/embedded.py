@@ -9,6 +9,7 @@ prints the endpoint with a ready-to-paste curl.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +89,31 @@ def chosen_model(flag: str | None, overrides: dict | None, config_path: str | No
         return flag
     if not isinstance(in_config, str) or not in_config:
         raise ValueError(f"--config {config_path}: model_path must be a checkpoint directory (found {in_config!r})")
+    in_config = config_relative(in_config, config_path)
     if flag is None:
         return in_config
     if Path(flag).expanduser().resolve() != Path(in_config).expanduser().resolve():
         raise ValueError(f"--model {flag} and the model_path of --config {config_path} ({in_config}) name different "
                          "checkpoints: give one of them")
     return flag
+
+
+def config_relative(path: str, config_path: str | None) -> str:
+    """A path written in the --config file, relative to that file's directory (as kubectl, helm and
+    docker-compose read the paths in their files): resolved against the working directory instead, the same
+    file named another checkpoint, or none, from another directory. `~` is expanded; an absolute path is kept."""
+    expanded = Path(path).expanduser()
+    if expanded.is_absolute() or not config_path:
+        return str(expanded)
+    return str(Path(config_path).expanduser().parent / expanded)
+
+
+def plain_host(host: str) -> str:
+    """--host as the sockets take it: `[::1]`, the bracketed form an IPv6 address has in a URL, is `::1` (the
+    brackets were refused as an unknown name, and printed doubled in the endpoint)."""
+    if len(host) > 2 and host.startswith("[") and host.endswith("]"):
+        return host[1:-1]
+    return host
 
 
 def checkpoint_config_error(model: Path) -> str | None:
@@ -111,6 +132,7 @@ def checkpoint_config_error(model: Path) -> str | None:
 def endpoint_url(host: str, port: int) -> str:
     """The URL this machine reaches the API at, as printed for curl and the OpenAI client: an IPv6 address in
     brackets (`http://::1:8000` is no URL curl takes), the any-address as the loopback of its family."""
+    host = plain_host(host)
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
@@ -277,6 +299,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     from .app import deploy_local
 
+    args.host = plain_host(args.host)
     if not args.ready_timeout > 0:  # NaN too
         say(f"error: --ready-timeout must be a positive number of seconds (got {args.ready_timeout:g})")
         return 2
@@ -328,17 +351,24 @@ def cli_main(args: argparse.Namespace) -> int:
         return 1
     url = endpoint_url(args.host, args.port)
     try:
-        say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on {args.host}:{args.port} ...")
-        deploy_local(cfg, host=args.host, port=args.port)
-        wait_healthy(url, timeout_s=args.ready_timeout, failure=serve_failure)
+        with _terminate_raises_stopped():
+            say(f"deploying the application (Ingress, VisionEncoder, TensorQueue, LLMServer) on "
+                f"{args.host}:{args.port} ...")
+            deploy_local(cfg, host=args.host, port=args.port)
+            wait_healthy(url, timeout_s=args.ready_timeout, failure=serve_failure)
     except KeyboardInterrupt:
         say("interrupted while deploying: shutting down ...")
         _shutdown(args.detach)
         return 130
-    except SystemExit as exc:  # SIGTERM: ray.init's handler makes it sys.exit(15) (was "deployment failed: 15")
-        say(f"stopped while deploying (signal {exc.code}): shutting down ...")
+    except _Stopped as exc:  # SIGTERM (`kill`, `timeout`, a service manager); was "deployment failed: 15"
+        say(f"stopped while deploying (signal {exc.signum}): shutting down ...")
         _shutdown(args.detach)
-        return 128 + exc.code if isinstance(exc.code, int) else 1
+        return 128 + exc.signum
+    except SystemExit as exc:  # a sys.exit() in what deploys, not a signal (it was reported as "signal <code>")
+        code = exc.code if isinstance(exc.code, int) and exc.code != 0 else 1
+        say(f"error: deployment failed: it called sys.exit({exc.code!r}): shutting down ...")
+        _shutdown(args.detach)
+        return code
     except BaseException as exc:
         say(f"error: deployment failed: {str(exc) or type(exc).__name__}")
         _shutdown(args.detach)
@@ -366,6 +396,33 @@ def cli_main(args: argparse.Namespace) -> int:
     _shutdown(False)
     say("stopped")
     return 0
+
+
+class _Stopped(BaseException):
+    """SIGTERM arrived while deploying (a BaseException, as the SystemExit that Ray's handler raised)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminate_raises_stopped() -> Iterator[None]:
+    """While deploying, SIGTERM raises _Stopped instead of ray.init's sys.exit(15): only then is "stopped by a
+    signal" what happened (a SystemExit alone cannot tell a signal from a sys.exit). The previous handler is put
+    back after. Outside the main thread no handler can be set: SIGTERM keeps Ray's handling."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_stopped(signum: int, _frame: Any) -> None:
+        raise _Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _shutdown(detached: bool) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,33 +72,56 @@ def test_serve_takes_a_ready_timeout() -> None:
     assert build_parser().parse_args(["serve"]).ready_timeout == 600.0
 
 
+def _terminated() -> None:
+    import signal
+
+    signal.raise_signal(signal.SIGTERM)  # its Python handler runs as this call returns
+
+
 @pytest.mark.parametrize("raised, code, said", [
     (KeyboardInterrupt(), 130, "interrupted while deploying: shutting down"),
-    # SIGTERM (`kill`, `timeout`, a service manager): ray.init's handler raises SystemExit(15); it was "deployment failed: 15"
-    (SystemExit(15), 143, "stopped while deploying (signal 15): shutting down"),
+    # SIGTERM (`kill`, `timeout`, a service manager): ray.init's handler raised SystemExit(15), "deployment failed: 15"
+    (_terminated, 143, "stopped while deploying (signal 15): shutting down"),
+    # a sys.exit() in what deploys is no signal: it was "stopped while deploying (signal 3)" / "(signal None)"
+    (SystemExit(3), 3, "error: deployment failed: it called sys.exit(3)"),
+    (SystemExit(None), 1, "error: deployment failed: it called sys.exit(None)"),
     (TimeoutError(), 1, "error: deployment failed: TimeoutError"),  # an exception without a message names its type
 ])
 def test_deploy_that_stops_says_why_and_shuts_ray_down(monkeypatch, tmp_path, capsys, raised, code, said) -> None:
     import argparse
+    import signal
 
     from dotsvlm_serving import app
 
     (tmp_path / "config.json").write_text("{}")
     shutdowns: list[bool] = []
 
+    def ray_handler(signum, _frame):  # what ray.init installs
+        sys.exit(signum)
+
     def deploy(*_a, **_k):
+        if callable(raised):
+            raised()
+            pytest.fail("SIGTERM did not stop the deploy")
         raise raised
 
-    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: signal.signal(signal.SIGTERM, ray_handler))
     monkeypatch.setattr(embedded, "_shutdown", shutdowns.append)
     monkeypatch.setattr(app, "deploy_local", deploy)
     args = argparse.Namespace(detach=False, ready_timeout=5.0, model=str(tmp_path), config=None, host="127.0.0.1",
                               port=8000)
-    assert embedded.cli_main(args) == code
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert embedded.cli_main(args) == code
+        handler = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     out = capsys.readouterr().out
     assert said in out, out
     assert "deployment failed: \n" not in out
+    assert "signal" not in out or raised is _terminated, out
     assert shutdowns == [False]
+    assert handler is ray_handler  # SIGTERM's handling after the deploy is Ray's again
 
 
 def test_a_deployment_serve_gave_up_on_ends_the_wait_at_once_with_its_error(health_server, monkeypatch) -> None:
@@ -241,6 +265,62 @@ def test_ctrl_c_while_ray_starts_shuts_down_and_says_so(monkeypatch, tmp_path, c
     assert embedded.cli_main(args) == 130
     assert "interrupted while Ray was starting" in capsys.readouterr().out
     assert shutdowns == [detach]  # (with --detach, _shutdown says `ray stop` stops the background head)
+
+
+def test_an_ipv6_host_given_in_brackets_as_in_a_url_listens_and_prints_one_pair(monkeypatch, capsys) -> None:
+    """`--host [::1]` (as an IPv6 address is written in a URL) was refused as "not an address or a name", and
+    endpoint_url printed http://[[::1]]:8000. It is ::1: checked, deployed and printed as such."""
+    import argparse
+    import socket
+
+    from dotsvlm_serving import app
+
+    assert embedded.endpoint_url("[::1]", 8000) == "http://[::1]:8000"
+    assert embedded.plain_host("[::1]") == "::1" and embedded.plain_host("127.0.0.1") == "127.0.0.1"
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    deployed: list[str] = []
+    monkeypatch.setattr(embedded, "_start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(embedded, "_shutdown", lambda _detached: None)
+    monkeypatch.setattr(embedded, "checkpoint_config_error", lambda _m: None)
+    monkeypatch.setattr(app, "deploy_local", lambda _cfg, host, port: deployed.append(host))
+    monkeypatch.setattr(embedded, "wait_healthy", lambda *a, **k: (_ for _ in ()).throw(TimeoutError("deployed")))
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("::1 is not an address of this machine")
+    args = argparse.Namespace(detach=False, ready_timeout=5.0, model="/ckpt", config=None, host="[::1]", port=port)
+    assert embedded.cli_main(args) == 1  # (the health wait is cut short here)
+    out = capsys.readouterr().out
+    assert deployed == ["::1"], out
+    assert f"on ::1:{port}" in out and "[[" not in out, out
+
+
+def test_a_relative_model_path_in_a_config_file_is_relative_to_that_file(monkeypatch, tmp_path) -> None:
+    """`model_path: ckpt` in conf/serve.yaml named ./ckpt of wherever `dotsvlm serve` ran, as kubectl, helm and
+    docker-compose do not: it is conf/ckpt, whatever the working directory."""
+    conf_dir = tmp_path / "conf"
+    (conf_dir / "ckpt").mkdir(parents=True)
+    conf = conf_dir / "serve.yaml"
+    conf.write_text("model_path: ckpt\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    overrides = embedded.read_overrides(str(conf))
+    assert Path(embedded.chosen_model(None, overrides, str(conf))).resolve() == conf_dir / "ckpt"
+    # a config file named by a relative path: relative to its directory too
+    monkeypatch.chdir(tmp_path)
+    assert Path(embedded.chosen_model(None, overrides, "conf/serve.yaml")).resolve() == conf_dir / "ckpt"
+    # --model (relative to the working directory) naming the same checkpoint is no conflict
+    assert embedded.chosen_model("conf/ckpt", overrides, "conf/serve.yaml") == "conf/ckpt"
+    with pytest.raises(ValueError, match="name different checkpoints"):
+        embedded.chosen_model("ckpt", overrides, "conf/serve.yaml")
+    # an absolute path and ~ are kept as they are
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert embedded.chosen_model(None, {"model_path": "~/x"}, "conf/serve.yaml") == str(tmp_path / "x")
+    assert embedded.chosen_model(None, {"model_path": "/abs/x"}, "conf/serve.yaml") == "/abs/x"
 
 
 def test_the_printed_endpoint_of_an_ipv6_host_is_a_url_curl_takes() -> None:
