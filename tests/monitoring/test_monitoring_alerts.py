@@ -175,3 +175,40 @@ def test_vision_pool_saturated_fires_when_no_vision_replica_runs(tmp_path: Path)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     done = promtool("test", "rules", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_charts_ttft_alert_holds_each_deployment_to_its_own_slo(tmp_path: Path) -> None:
+    """The chart's rules serve every deployment; its DotsVLMTimeToFirstTokenHigh compared the p90 with spec.slo's
+    defaults, so a deployment with imageTTFTSeconds 30 was paged for a p90 of 20 s that its autoscaler (scaling
+    against 30 s) rightly did nothing about. The rule now reads each deployment's targets from the operator's
+    `dotsvlm_slo_time_to_first_token_seconds`, and keeps the defaults for one whose targets are not scraped."""
+    name = "DotsVLMTimeToFirstTokenHigh"
+    rule = _rules()[name]
+
+    def image_p90_in(le_of_all: str) -> list[dict]:
+        out = []
+        for le in ("10", "20", "30", "40", "+Inf"):
+            grows = float(le.replace("+Inf", "inf")) >= float(le_of_all)
+            out.append(s("ray_dotsvlm_time_to_first_token_seconds_bucket", f'modality="image",le="{le}"',
+                         "0+10x40" if grows else const(0)))
+        return out
+
+    target = s("dotsvlm_slo_time_to_first_token_seconds", 'modality="image"', const(30))
+    labels = {**WHO, "modality": "image"}
+    # p90 of every request in (30, 40]: 39 s, over the deployment's 30 s.
+    expected = {"exp_labels": {**labels, "severity": rule["labels"]["severity"]},
+                "exp_annotations": {k: render(v, labels, 39) for k, v in rule["annotations"].items()}}
+    doc = {"rule_files": [str(ALERTS_FILE)], "evaluation_interval": "1m",
+           "tests": [{"interval": "1m", "input_series": image_p90_in("20") + [target],  # p90 19 s: within 30 s
+                      "alert_rule_test": [{"eval_time": EVAL, "alertname": name, "exp_alerts": []}]},
+                     {"interval": "1m", "input_series": image_p90_in("40") + [target],
+                      "alert_rule_test": [{"eval_time": EVAL, "alertname": name, "exp_alerts": [expected]}]},
+                     # no target scraped: the default (image 10 s) holds, and 19 s is over it
+                     {"interval": "1m", "input_series": image_p90_in("20"),
+                      "alert_rule_test": [{"eval_time": EVAL, "alertname": name, "exp_alerts": [
+                          {"exp_labels": expected["exp_labels"], "exp_annotations": {
+                              k: render(v, labels, 19) for k, v in rule["annotations"].items()}}]}]}]}
+    path = tmp_path / "test.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    done = promtool("test", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -38,6 +38,15 @@ class Sel:
                  ttft_targets: dict[str, float] | None = None) -> None:
         self.base = [] if namespace is None else [f'{NAMESPACE_LABEL}="{namespace}"', f'{DEPLOYMENT_LABEL}="{deployment}"']
         self.ttft_targets = ttft_targets or TTFT_TARGET_SECONDS
+        # The chart's rules serve every deployment: each is held to its own spec.slo as the operator exports it
+        # (the defaults only where that is not scraped); the operator's own rule knows its deployment's.
+        self.exported_targets = namespace is None
+
+    def targets_text(self) -> str:
+        values = ", ".join(f"{k} {v:g} s" for k, v in self.ttft_targets.items())
+        if self.exported_targets:
+            return f"this deployment's own; {values} where the operator's metrics are not scraped"
+        return values
 
     def __call__(self, *extra: str) -> str:
         matchers = [*self.base, *extra]
@@ -57,7 +66,7 @@ class Alert:
         return {"alert": self.name, "expr": self.expr(sel), "for": self.for_,
                 "labels": {"severity": self.severity},
                 "annotations": {"summary": self.summary, "description": self.description.replace(
-                    _TARGETS, ", ".join(f"{k} {v:g} s" for k, v in sel.ttft_targets.items()))}}
+                    _TARGETS, sel.targets_text())}}
 
 
 def _pool(metric: str, pool: str, s: Sel) -> str:
@@ -73,8 +82,14 @@ def _ttft(s: Sel) -> str:
     parts = []
     for modality, target in s.ttft_targets.items():
         bucket = prom("dotsvlm_time_to_first_token_seconds") + "_bucket" + s(f'modality="{modality}"')
-        parts.append(f"histogram_quantile({TTFT_QUANTILE:g}, sum by ({BY}, modality, le) (rate({bucket}[10m])))"
-                     f" > {target:g}")
+        p90 = f"histogram_quantile({TTFT_QUANTILE:g}, sum by ({BY}, modality, le) (rate({bucket}[10m])))"
+        if not s.exported_targets:
+            parts.append(f"{p90} > {target:g}")
+            continue
+        match = s(f'modality="{modality}"')
+        own = f"max by ({BY}, modality) ({prom('dotsvlm_slo_time_to_first_token_seconds')}{match})"
+        parts.append(f"{p90}\n  > on ({BY}, modality) {own}\n"
+                     f"or ({p90} > {target:g}\n  unless on ({BY}, modality) {own})")
     return "\n  or\n".join(f"({p})" for p in parts)
 
 
