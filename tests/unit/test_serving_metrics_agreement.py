@@ -177,3 +177,64 @@ def test_the_vllm_engine_reports_the_kv_cache_tokens_its_replica_publishes() -> 
     assert set(STATS_KEYS) <= set(stats)
     assert stats["kv_tokens_used"] == 120.0  # the running request's prompt and tokens so far
     assert stats["kv_tokens_reserved"] == 190.0 and stats["tokens_generated_total"] == 20.0
+
+
+def _stream_through_counted(batches: list[list[dict]], *, client_leaves_after: int | None = None) -> list[tuple]:
+    """One streamed chat answer of these event batches through the ingress's `_counted` and `_stream`, served to
+    a client that reads it all (or leaves after `client_leaves_after` body chunks); the requests counted."""
+    ing = _bare_ingress()
+    counted: list[tuple] = []
+    ing.metrics = SimpleNamespace(inc=lambda name, value=1.0, **labels: counted.append((name, labels)),
+                                  observe=lambda *a, **k: None)
+    ing.signals = IngressSignals()
+    ing.model = SimpleNamespace(served_model_name="dots")
+
+    async def events():
+        for batch in batches:
+            await asyncio.sleep(0.01)
+            yield batch
+
+    async def handler(request, t0, info):
+        info["modality"] = "text"
+        req = SimpleNamespace(stream_options=None)
+        return await ing._stream("chat", "chatcmpl-1", req, events(), t0, 0)
+
+    async def main() -> None:
+        response = await ing._counted(handler, None)
+        sent = 0
+        gone = asyncio.Event()
+
+        async def send(message: dict) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body":
+                sent += 1
+                if client_leaves_after is not None and sent > client_leaves_after:
+                    gone.set()
+                    raise OSError("the client went away")
+
+        async def receive() -> dict:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        try:
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        except (OSError, Exception):
+            pass
+
+    asyncio.run(main())
+    return [labels for name, labels in counted if name == "dotsvlm_requests"]
+
+
+def test_a_stream_that_fails_midway_counts_as_the_error_it_sent() -> None:
+    """A stream was counted 200 when its headers went out, so an answer cut by a 503 mid-stream (its LLM replica
+    died holding it) or a 504 (the request timeout) counted as a success: with most chat clients streaming,
+    DotsVLMHighErrorRate and the Overview's 5xx ratio missed the failures they are for. A stream now counts when
+    it ends: with the code of the error it sent, 200 when it finished, 499 when its client left first."""
+    tok = {"request_id": "r", "type": "token", "text": "Hi"}
+    fin = {"request_id": "r", "type": "finish", "finish_reason": "stop", "text": "",
+           "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+    err = {"request_id": "r", "type": "error", "code": 503, "message": "the LLM replica stopped responding"}
+    assert _stream_through_counted([[tok], [err]]) == [{"code": "503", "modality": "text"}]
+    assert _stream_through_counted([[tok], [tok], [fin]]) == [{"code": "200", "modality": "text"}]
+    assert _stream_through_counted([[tok]] * 20 + [[fin]], client_leaves_after=3) == [
+        {"code": "499", "modality": "text"}]

@@ -262,7 +262,10 @@ class Ingress:
             response = await handler(request, t0, info)
             status = response.status_code
             if isinstance(response, StreamingResponse):
-                response = _ClosingStream(response, self._stream_closed)
+                # Counted when it ends, with how it ended (`_stream`'s outcome): its 200 went out with the headers,
+                # but an error sent in the stream (a 503 when its LLM replica died) is what the client got.
+                outcome = getattr(response, "outcome", None) or {"code": status}
+                response = _ClosingStream(response, lambda: self._stream_closed(outcome["code"], info["modality"]))
                 streaming = True
             return response
         except ApiError as exc:
@@ -288,12 +291,14 @@ class Ingress:
             if not streaming:
                 self._in_flight -= 1
                 self._open -= 1
-            self.metrics.inc("dotsvlm_requests", code=str(status), modality=info["modality"])
+                self.metrics.inc("dotsvlm_requests", code=str(status), modality=info["modality"])
 
-    def _stream_closed(self) -> None:
-        """A stream is no longer served: its last chunk went out, or its client left."""
+    def _stream_closed(self, code: int, modality: str) -> None:
+        """A stream is no longer served: its last chunk went out, or its client left. It counts with the status
+        it ended with."""
         self._in_flight -= 1
         self._open -= 1
+        self.metrics.inc("dotsvlm_requests", code=str(code), modality=modality)
 
     def _declared_size(self, request: Request) -> str | None:
         """Authenticates, then refuses a body whose Content-Length is over the limit (413); returns it."""
@@ -602,6 +607,9 @@ class Ingress:
             delta = None if text is None else ({"content": text} if text else {})
             return sse(chunk(cid, model, created, delta=delta, finish_reason=finish_reason, usage=usage))
 
+        # How the stream ended, for the requests counter (`_counted`): a client gone before the end is a 499.
+        outcome = {"code": CLIENT_CLOSED}
+
         async def body() -> AsyncIterator[bytes]:
             first_at = self._observe_first_token(t0, n_images)
             if shape == "chat":
@@ -617,25 +625,34 @@ class Ingress:
                     if text:
                         yield piece(text)
                     if end["type"] == "error":
-                        yield sse(error_body(int(end.get("code", 500)), str(end.get("message"))))
+                        outcome["code"] = int(end.get("code", 500))
+                        yield sse(error_body(outcome["code"], str(end.get("message"))))
                         break
                     if end["type"] == "finish":
+                        outcome["code"] = 200
                         yield piece("", finish_reason=end["finish_reason"])
                         if include_usage:
                             yield piece(None, usage=end["usage"])
                         self._observe_finish(end, t0, n_images, first_at)
                         break
             except StopAsyncIteration:
+                outcome["code"] = 503
                 yield sse(error_body(503, "the generation ended without a result; retry the request"))
             except ApiError as exc:
+                outcome["code"] = exc.status
                 yield sse(exc.body())
+            except Exception:
+                outcome["code"] = 500
+                raise
             finally:
                 await events.aclose()
             yield b"data: [DONE]\n\n"
 
         # No X-Request-Id here: Serve's proxy adds the request's own (the access log's), and a second would reach
         # clients joined with it ("<id>, chatcmpl-..."); the completion's id is in every chunk.
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        response = StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        response.outcome = outcome  # type: ignore[attr-defined]
+        return response
 
 
 class _ClosingStream(StreamingResponse):

@@ -77,8 +77,9 @@ def _m(name: str, kind: Kind, source: Source, help: str, labels: tuple[str, ...]
 SERVING_METRICS: tuple[MetricSpec, ...] = (
     # --- ingress (OpenAI API): what users see
     _m("dotsvlm_requests", "counter", "ingress",
-       "Chat completion requests answered, by HTTP status code (499: the client went away before its answer) and "
-       "modality (text, image; none when refused before the messages were read)", ("code", "modality")),
+       "Chat completion requests answered, by HTTP status code (499: the client went away before its answer; a "
+       "stream counts when it ends, with the code of an error sent in it) and modality (text, image; none when "
+       "refused before the messages were read)", ("code", "modality")),
     _m("dotsvlm_request_duration_seconds", "histogram", "ingress",
        "End-to-end latency of completed requests, from arrival to the last token", ("modality",), LATENCY_BUCKETS),
     _m("dotsvlm_time_to_first_token_seconds", "histogram", "ingress",
