@@ -106,6 +106,7 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
     templates: dict[str, dict[str, Any]] = {}
     rolling: list[str] = []
     waiting: list[str] = []
+    unready: list[str] = []  # groups whose template rolled but not every pod is available (a scale-up too)
     new_image = any_changed = False
     before_done = True  # every group before this one has finished its rollout
     for group in order:
@@ -126,10 +127,15 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
         old_pods_left = int(st.get("replicas") or 0) > int(st.get("updatedReplicas") or 0)
         if changed or (not done and old_pods_left):
             rolling.append(f"the {_LABEL[group]} ({progress})")
+        elif not done and not waiting:  # (one after a waiting group holds nothing)
+            unready.append(f"the {_LABEL[group]} ({progress})")
         before_done = before_done and done
     if not rolling and not waiting:
         return TemplatePlan(templates)
-    parts = (["rolling " + " and ".join(rolling)] if rolling else []) + (
+    # What the waiting groups wait for: a group before them with a pod not available yet holds them as a
+    # rolling one does (the message was "then the LLM pool" alone, naming nothing that moved).
+    held_by = ["waiting until every pod of " + " and ".join(unready) + " is available"] if waiting and unready else []
+    parts = (["rolling " + " and ".join(rolling)] if rolling else []) + held_by + (
         ["then " + ", then ".join(waiting)] if waiting else [])
     image = template_image(desired[order[0]])
     # Once every group has its template, the old one is gone from the plan's view: name the image only.

@@ -179,3 +179,22 @@ def test_an_api_pool_rolls_after_the_llm_pool_and_before_the_head() -> None:
     assert plan_templates(new, live).images["ray-head"] == "img:1"  # the API pool has not finished
     live["api-pool"] = dep(new["api-pool"])
     assert plan_templates(new, live).images["ray-head"] == "img:2"
+
+
+def test_a_group_held_by_a_pool_whose_new_pod_is_not_available_says_what_it_waits_for() -> None:
+    """The vision pool's template is in place but a pod of it is not available (a scale-up whose pod waits
+    for a GPU node, say): the LLM pool's change waits for it. The status said "then the LLM pool" alone,
+    naming nothing that moved; it names the pool it waits for and how far that is."""
+    old = templates("img:1")
+    new = templates("img:1", llm={**yaml.safe_load((REPO / "examples" / "dotsvlm.yaml").read_text())["spec"]["llm"],
+                                  "shmSize": "64Gi"})
+    live = live_of(old)
+    live["vision"] = dep(old["vision"], 3, updated=3, available=2)
+    live["ray-head"] = dep(old["ray-head"], 1, available=0)  # after the waiting group: holds nothing
+    plan = plan_templates(new, live)
+    assert plan.templates["llm"] == old["llm"]
+    assert plan.message.startswith("new pod settings: waiting until every pod of the vision pool (3 of 3 pods "
+                                   "updated, 2 available) is available; then the LLM pool"), plan.message
+    assert "Ray head" not in plan.message
+    live["vision"] = dep(old["vision"], 3)
+    assert plan_templates(new, live).templates["llm"] == new["llm"]
