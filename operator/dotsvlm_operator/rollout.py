@@ -6,9 +6,7 @@ the head) together: both pools short of a pod at the same time, the head's resta
 operator gives each group its new template only when the group before it has finished its rollout
 (every pod updated and available): the vision pool first (it is cheap to restart and requests with
 images only wait), then the LLM pool, then the API pool (spec.apiPool, if any), then the head. Each pool's pods drain as they stop
-(`dotsvlm drain-node`), one at a time (the Deployments' maxUnavailable 1, maxSurge 0). A change that comes
-while a group still replaces pods for the one before reaches that group at once, and the groups before it
-wait for it: two pools never replace pods together.
+(`dotsvlm drain-node`), one at a time (the Deployments' maxUnavailable 1, maxSurge 0).
 
 A group that waits keeps the template it runs: each Ray Deployment carries the template the operator last
 applied (`naming.ANNOTATION_POD_TEMPLATE`), so the plan survives an operator restart. A new Ray token is
@@ -79,12 +77,6 @@ def rollout_progress(dep: dict[str, Any]) -> tuple[bool, str]:
     return done, f"{updated} of {want} pods updated, {available} available" + ("" if total <= want else f", {total - want} old left")
 
 
-def _old_pods_left(dep: dict[str, Any]) -> bool:
-    """Whether a Deployment still has pods of an older template (its rollout replaces them)."""
-    st = dep.get("status") or {}
-    return int(st.get("replicas") or 0) > int(st.get("updatedReplicas") or 0)
-
-
 @dataclass(frozen=True)
 class TemplatePlan:
     """The pod template each group gets now, and what a person should know while it rolls."""
@@ -115,12 +107,6 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
     rolling: list[str] = []
     waiting: list[str] = []
     unready: list[str] = []  # groups whose template rolled but not every pod is available (a scale-up too)
-    # Groups whose Deployment still replaces old pods. A change to a group before one of them waits for it too
-    # (a new image during a rollout gave the vision pool the newest template at once, while the LLM pool was
-    # still replacing pods for the previous one: both pools short of a pod together). One of them whose
-    # template changed again takes the new one at once: it rolls anyway, and held to a template no longer
-    # wanted (a broken image being replaced) its rollout might never end, and the groups before it with it.
-    in_flight = [g for g in order if live.get(g) is not None and currents[g] is not None and _old_pods_left(live[g])]
     new_image = any_changed = False
     before_done = True  # every group before this one has finished its rollout
     for group in order:
@@ -131,15 +117,14 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
         changed = current != want
         any_changed = any_changed or changed
         new_image = new_image or (changed and template_image(current) != template_image(want))
-        later_rolling = any(order.index(g) > order.index(group) for g in in_flight)
-        if changed and (not before_done or later_rolling) and group not in in_flight and not all_at_once:
+        if changed and not before_done and not all_at_once:
             templates[group] = current
             waiting.append(f"the {_LABEL[group]}")
-            before_done = False
             continue
         templates[group] = want
         done, progress = rollout_progress(dep) if not changed else (False, "starting")
-        old_pods_left = _old_pods_left(dep)
+        st = dep.get("status") or {}
+        old_pods_left = int(st.get("replicas") or 0) > int(st.get("updatedReplicas") or 0)
         if changed or (not done and old_pods_left):
             rolling.append(f"the {_LABEL[group]} ({progress})")
         elif not done and not waiting:  # (one after a waiting group holds nothing)

@@ -198,33 +198,3 @@ def test_a_group_held_by_a_pool_whose_new_pod_is_not_available_says_what_it_wait
     assert "Ray head" not in plan.message
     live["vision"] = dep(old["vision"], 3)
     assert plan_templates(new, live).templates["llm"] == new["llm"]
-
-
-def test_a_new_image_during_a_rollout_waits_for_the_pool_still_replacing_pods_and_then_finishes() -> None:
-    """img:B had rolled the vision pool and was replacing the LLM pool's pods when img:C came. The vision pool
-    got img:C at once, so both pools were short of a pod together. Now the LLM pool, which rolls anyway, takes
-    img:C (held to img:B, a broken image being replaced, it might never finish), the vision pool waits for it,
-    and every group ends on img:C."""
-    a, b, c = templates("img:A"), templates("img:B"), templates("img:C")
-    live = live_of(a)
-    live["vision"] = dep(b["vision"])
-    live["llm"] = dep(b["llm"], updated=1, available=1, total=3)  # one old pod still to replace
-    plan = plan_templates(c, live)
-    assert plan.images == {"vision": "img:B", "llm": "img:C", "ray-head": "img:A"}
-    assert plan.message.startswith("new image img:C: rolling the LLM pool (starting); then the vision pool, then the "
-                                   "Ray head"), plan.message
-    # The LLM pool still replaces img:B's pods for an unchanged template: the vision pool's change waits for it.
-    live["llm"] = dep(c["llm"], updated=1, available=1, total=3)
-    plan = plan_templates(c, live)
-    assert plan.images == {"vision": "img:B", "llm": "img:C", "ray-head": "img:A"}
-    assert "rolling the LLM pool (1 of 2 pods updated, 1 available, 1 old left); then the vision pool" in plan.message
-    seen: list[dict] = []
-    for _ in range(6):  # each pass, the cluster completes what each Deployment was given
-        plan = plan_templates(c, live)
-        seen.append(plan.images)
-        rolled = [g for g in GROUPS if applied_template(live[g]) != plan.templates[g]]
-        assert len([g for g in rolled if g != "ray-head"]) <= 1, seen  # never two pools at once
-        live = {g: dep(plan.templates[g], 1 if g == "ray-head" else 2) for g in GROUPS}
-        if not plan.rolling:
-            break
-    assert not plan.rolling and plan.images == {g: "img:C" for g in GROUPS}, seen
