@@ -13,6 +13,19 @@ import pytest
 from dotsvlm_serving import embedded
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """`cli_main` sets variables in this process's environment as `dotsvlm serve` would (RAY_AUTH_MODE=token with
+    --detach): kept, they reached every local Ray the later tests of this pytest process started (its GCS then
+    wanted a token the drivers, which had read the mode at import, never sent: 67 errors in a CI run)."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 class _Health(http.server.BaseHTTPRequestHandler):
     ready_after = 0  # /health answers 503 this many times, then 200
     calls = 0
