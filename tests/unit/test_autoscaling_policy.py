@@ -593,3 +593,27 @@ def test_a_target_that_serve_moved_to_new_bounds_is_not_taken_for_a_wake_up() ->
     d = p.decide(p.Snapshot(vision(0), llm(1)), raised, state, 5.0, current={"vision": 2, "llm": 1})["vision"]
     assert d.desired == 2 and state.vision.last_reason != p.WAKE_UP, (state.vision.last_reason, state.vision.last_message)
     assert "minReplicas" in state.vision.last_message and state.vision.last_change_at == 5.0, state.vision.last_message
+
+
+def test_a_clock_stepped_forward_does_not_cancel_replicas_still_starting() -> None:
+    """4 LLM replicas are asked for under a burst (replicaStartupSeconds 600: a large model loading) and none runs
+    yet when the wall clock steps forward by 1000 s (NTP, a resumed VM). The step is no start-up time: they are
+    kept until 600 s were actually watched. Before, the step ended the guard at once and the first down window
+    after it (60 s) cancelled them, ~160 s after they were asked for."""
+    sp = spec(llm={"replica_startup_s": 600, "downscale_delay_s": 60, "max_scale_up_step": 4})
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 1}
+    p.decide(p.Snapshot(vision(1), llm(1, depth=40)), sp, state, 0.0, current=cur)
+    assert state.llm.target == 5
+    cur = {"vision": 1, "llm": 5}
+    quiet = p.Snapshot(vision(1), llm(1))  # the burst is gone; the new replicas are still starting
+    for t in range(1, 100):
+        assert p.decide(quiet, sp, state, float(t), current=cur)["llm"].desired == 5
+    shrunk_at = None
+    for t in range(100, 700):  # 1000 s later on the wall clock
+        d = p.decide(quiet, sp, state, 1000.0 + t, current=cur)["llm"]
+        if d.desired < 5:
+            shrunk_at = t
+            break
+        assert d.reason == p.STABILIZING and (t < 160 or "still starting" in d.message), d
+    assert shrunk_at is not None and 600 <= shrunk_at <= 602, (shrunk_at, d)
+    assert d.reason == p.LOW_LOAD, d
