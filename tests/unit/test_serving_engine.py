@@ -242,6 +242,25 @@ def test_a_long_stop_string_costs_each_token_only_its_new_characters() -> None:
     assert tail.steps <= len(text) + 2 * (3000 // 100)  # each token: its new characters and the rewritten one
 
 
+def test_a_request_without_stop_strings_pays_nothing_per_token_for_them(monkeypatch) -> None:
+    """Most requests set no stop string; their holdback compared the whole answer with the text before at
+    every token (a pass over the answer per token, quadratic per request). Now they skip the matcher and
+    hold back what they did: a partial character (U+FFFD) at the end, nothing else."""
+    from dotsvlm_serving.engine import sampling
+
+    calls = []
+    real = sampling._common_prefix_len
+    monkeypatch.setattr(sampling, "_common_prefix_len", lambda a, b: calls.append(1) or real(a, b))
+    tail, text = StopTail(()), ""
+    for i in range(2000):
+        text += "ab\ufffd"[i % 3]
+        assert tail.holdback(text) == _holdback_by_definition(text, ())
+    assert StopTail(("",)).holdback("x\ufffd\ufffd") == 2  # (an empty stop string is no stop string)
+    assert calls == [] and tail.steps == 0
+    StopTail(("b!",)).holdback("ab")  # (the matcher is what the count sees)
+    assert calls == [1]
+
+
 def test_the_engine_keeps_a_long_stop_strings_matching_across_tokens(llm: DeepseekV3ForCausalLM) -> None:
     """The engine feeds each request's holdback only the text a token adds, and streams what it did before."""
     e = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))

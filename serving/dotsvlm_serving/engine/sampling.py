@@ -112,6 +112,11 @@ class StopTail:
         self.steps = 0
 
     def holdback(self, text: str) -> int:
+        if not self.stops:
+            # Most requests set no stop string: they hold back only a partial character (U+FFFD) at the end,
+            # and pay nothing per token for the matching below (the comparison with the text before was a
+            # pass over the whole answer at every token).
+            return len(text) - len(text.rstrip("\ufffd"))
         keep = _common_prefix_len(self._text, text)
         self._text = text
         whole = len(text.rstrip("\ufffd"))  # the characters before a partial one (U+FFFD) at the end
