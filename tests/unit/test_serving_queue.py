@@ -144,6 +144,43 @@ def test_dead_consumer_items_are_redelivered_or_failed() -> None:
     run(main())
 
 
+@pytest.mark.parametrize("how", ["drained", "died"])
+def test_a_redelivered_item_s_queue_wait_starts_again_when_it_goes_back(monkeypatch, how: str) -> None:
+    """An LLM replica that drains (a scale-down: it runs its requests for up to its drain timeout) or dies hands
+    its unfinished requests back. Before, they kept their first enqueue time: the queue's oldest age (the LLM
+    pool's QueueAge signal, the 429s' Retry-After) jumped by the time they had run, and their next take's
+    wait sample counted that time and their first wait again. Now their wait starts again when they go back,
+    and the oldest age is the longest-waiting item's, wherever it stands."""
+    from types import SimpleNamespace
+
+    from dotsvlm_serving.autoscaling.signals import QUEUE_OLDEST_AGE, queue_stats
+    from dotsvlm_serving.tensor_queue import core as core_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(core_mod, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    waits: list[float] = []
+
+    async def main() -> None:
+        q = TensorQueueCore(max_items=10, max_bytes=1000, lease_timeout_s=10, observe_wait=waits.append)
+        await q.put(item("a"), 1)
+        clock[0] = 1005.0
+        await q.take("llm1", max_items=1, token_budget=100, wait_s=0)  # waited 5 s
+        clock[0] = 1040.0
+        await q.put(item("b"), 1)
+        clock[0] = 1055.0  # "a" ran on llm1 for 50 s
+        if how == "drained":
+            q.leave("llm1")
+        else:
+            assert q.reap() == ["llm1"]
+        assert [it.request_id for it in q._items] == ["a", "b"]  # back at the head
+        assert q.stats()["oldest_age_s"] == 15.0 == queue_stats(q.stats())[QUEUE_OLDEST_AGE]  # "b"'s wait
+        assert q.retry_after_hint() == 15.0
+        clock[0] = 1056.0
+        await q.take("llm2", max_items=2, token_budget=100, wait_s=0)
+        assert waits == [5.0, 1.0, 16.0]  # each wait once; none of the time "a" ran
+    run(main())
+
+
 def test_cancel_removes_queued_item_and_flags_leased_one() -> None:
     async def main() -> None:
         q = TensorQueueCore(max_items=1, max_bytes=1000)

@@ -475,11 +475,7 @@ class TensorQueueCore:
                 continue  # cancelled by its client meanwhile: nothing to give back
             item.deliveries -= 1
             back.append(item)
-        for item in reversed(back):
-            self._items.appendleft(item)
-            self._bytes += item.nbytes
-        if back:
-            self._item_available.set()
+        self._requeue(back)
 
     def publish(self, consumer_id: str, events: list[Event], stats: dict[str, float] | None = None) -> list[str]:
         """Deliver events (`dotsvlm_serving.events`) to their requests' mailboxes; doubles as
@@ -662,10 +658,20 @@ class TensorQueueCore:
                 box.streamed = False
                 requeue.append(item)
             box.wake()
-        for item in reversed(requeue):  # back at the head, in their original order
+        self._requeue(requeue)
+
+    def _requeue(self, items: list[QueueItem]) -> None:
+        """Put leased items back at the head of the queue, in their order. Their wait starts again now: the
+        time they spent leased (running on a replica that died or drained, the lease timeout) is no wait in
+        the queue, and counted as one it made the oldest age (the LLM pool's `QueueAge` signal, the 429s'
+        Retry-After, the waiting-long alert) jump by a drain timeout and the wait histogram count the first
+        wait again, in the next take's sample."""
+        now = time.monotonic()
+        for item in reversed(items):
+            item.enqueued_at = now
             self._items.appendleft(item)
             self._bytes += item.nbytes
-        if requeue:
+        if items:
             self._item_available.set()
 
     def _fail_hole(self, rid: str, box: _Mailbox) -> None:
@@ -782,7 +788,9 @@ class TensorQueueCore:
 
     # ---------------------------------------------------------------- observability
     def oldest_age_s(self) -> float:
-        return time.monotonic() - self._items[0].enqueued_at if self._items else 0.0
+        """How long the longest-waiting item has waited since it (last) entered the queue. Not always the
+        head's: items put back at the head (`_requeue`) start their wait again."""
+        return time.monotonic() - min(it.enqueued_at for it in self._items) if self._items else 0.0
 
     def stats(self) -> dict[str, Any]:
         consumers = {cid: dict(c.stats, leased=len(c.leased)) for cid, c in self._consumers.items()}
