@@ -19,7 +19,7 @@ from dotsvlm_serving.serve_config import (LLM_DRAIN_TIMEOUT_S, LLM_SHUTDOWN_MARG
                                           EngineName, LLMPoolConfig, QueueConfig, SLOConfig, VisionAutoscaling,
                                           VisionPoolConfig)
 
-from dotsvlm_operator.naming import POD_STOP_MARGIN_S, RAY_HEAD_PORTS
+from dotsvlm_operator.naming import POD_STOP_MARGIN_S, RAY_HEAD_PORTS, TOKEN_MOUNT
 
 # Largest context the DeepSeek-V3 language model supports (max_position_embeddings).
 MAX_CONTEXT_LENGTH = 163840
@@ -458,6 +458,10 @@ class VolumeSource(_Api):
     image: dict[str, Any] | None = _volume_source("image")
 
 
+# The paths every Ray pod mounts besides the model (builders._volumes): model.mountPath must keep clear of them.
+_OWN_MOUNTS = ("/dev/shm", TOKEN_MOUNT)
+
+
 class ModelSpec(_Api):
     """Where the dots.vlm1 checkpoint lives and how it is served."""
 
@@ -465,6 +469,13 @@ class ModelSpec(_Api):
         ("self.path.startsWith(self.mountPath + '/') || self.path == self.mountPath",
          "model.path must lie inside model.mountPath (the folder where model.volume is mounted), "
          "e.g. mountPath /models and path /models/dots.vlm1.inst"),
+        ("!self.mountPath.endsWith('/')", "model.mountPath must not end with '/', e.g. /models"),
+        # Two mounts at one path are refused for every pod (a 422 on each apply of its Deployment); the model over
+        # a folder above them (/etc, /dev) hides the image's own files there.
+        ("![" + ", ".join(f"'{p}'" for p in _OWN_MOUNTS) + "].exists(p, p == self.mountPath || "
+         "p.startsWith(self.mountPath + '/') || self.mountPath.startsWith(p + '/'))",
+         "model.mountPath must not be " + ", ".join(_OWN_MOUNTS) + ", a folder above them or one inside them "
+         "(every Ray pod mounts its shared memory and its Ray token there): use e.g. /models"),
     ))
 
     path: str = Field(..., min_length=2, max_length=1024, pattern=r"^/", description=(
