@@ -8,6 +8,13 @@ operator gives each group its new template only when the group before it has fin
 images only wait), then the LLM pool, then the API pool (spec.apiPool, if any), then the head. Each pool's pods drain as they stop
 (`dotsvlm drain-node`), one at a time (the Deployments' maxUnavailable 1, maxSurge 0).
 
+A change that comes while any group is still short of a pod (replacing pods for the change before, or a pod
+not available) waits for it, in the same order: the vision pool took a new image at once while the LLM pool
+still replaced pods for the previous one, two pools short of a pod together. The one exception is a group
+whose own rollout has stalled (Kubernetes' `ProgressDeadlineExceeded`: a broken image, say) and whose
+template changed again: it takes the new one at once, since it could never finish the old one and is short
+of a pod anyway; the groups before it wait for it.
+
 A group that waits keeps the template it runs: each Ray Deployment carries the template the operator last
 applied (`naming.ANNOTATION_POD_TEMPLATE`), so the plan survives an operator restart. A new Ray token is
 the exception: Ray pods with another token cannot join the head, so every group takes it at once. So does
@@ -77,6 +84,20 @@ def rollout_progress(dep: dict[str, Any]) -> tuple[bool, str]:
     return done, f"{updated} of {want} pods updated, {available} available" + ("" if total <= want else f", {total - want} old left")
 
 
+def _stalled(dep: dict[str, Any]) -> bool:
+    """Whether Kubernetes gave up on the Deployment's rollout (condition Progressing=False with reason
+    ProgressDeadlineExceeded: no progress for spec.progressDeadlineSeconds, 10 minutes by default; a pod
+    that crashes or never schedules). Such a rollout does not finish by waiting."""
+    conditions = (dep.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Progressing" and c.get("status") == "False"
+               and c.get("reason") == "ProgressDeadlineExceeded" for c in conditions)
+
+
+def _old_pods_left(dep: dict[str, Any]) -> bool:
+    st = dep.get("status") or {}
+    return int(st.get("replicas") or 0) > int(st.get("updatedReplicas") or 0)
+
+
 @dataclass(frozen=True)
 class TemplatePlan:
     """The pod template each group gets now, and what a person should know while it rolls."""
@@ -96,20 +117,25 @@ class TemplatePlan:
 def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str, Any] | None], *,
                    all_at_once: bool = False) -> TemplatePlan:
     """`desired[group]` (the template the spec builds) for every group that already runs it or whose turn
-    it is; the template it runs for a group that waits for the one before it to finish. `live`: the
-    groups' Deployments as the API server has them (None: not created yet; it starts with its desired
-    template; one without the annotation, made by an older operator, takes its desired one at once).
-    `all_at_once` (spec.rolloutStrategy AllAtOnce, for a new Ray version): no group waits."""
+    it is; the template it runs for a group that waits. A changed group waits while a group before it has
+    not finished its rollout, or while a group after it has not (a change during a rollout: it would be a
+    second group short of a pod); a group whose own stalled rollout the change supersedes does not wait.
+    `live`: the groups' Deployments as the API server has them (None: not created yet; it starts with its
+    desired template; one without the annotation, made by an older operator, takes its desired one at
+    once). `all_at_once` (spec.rolloutStrategy AllAtOnce, for a new Ray version): no group waits."""
     order = [group for group in ORDER if group in desired]
     currents = {group: applied_template(live.get(group)) for group in order}
     token_changed = any(_token(currents[g]) not in (None, _token(desired[g])) for g in order if currents[g])
+    # The groups' Deployments whose rollout the plan follows (live, template known), and how far each is.
+    known = {g: dep for g in order if (dep := live.get(g)) is not None and currents[g] is not None}
+    progress = {g: rollout_progress(dep) for g, dep in known.items()}
     templates: dict[str, dict[str, Any]] = {}
-    rolling: list[str] = []
+    rolling: dict[str, str] = {}  # group -> how far it is, for the groups that replace pods now
     waiting: list[str] = []
-    unready: list[str] = []  # groups whose template rolled but not every pod is available (a scale-up too)
+    holders: list[str] = []  # groups not finished that the first waiting group waits for, with how far they are
     new_image = any_changed = False
-    before_done = True  # every group before this one has finished its rollout
-    for group in order:
+    before_done = True  # every group before this one has finished its rollout (and none waits)
+    for i, group in enumerate(order):
         dep, current, want = live.get(group), currents[group], desired[group]
         if dep is None or current is None or token_changed:
             templates[group] = want
@@ -117,25 +143,35 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
         changed = current != want
         any_changed = any_changed or changed
         new_image = new_image or (changed and template_image(current) != template_image(want))
-        if changed and not before_done and not all_at_once:
+        done, how_far = progress[group]
+        later_busy = any(not progress[g][0] for g in order[i + 1:] if g in progress)
+        superseded_stall = changed and not done and _stalled(dep)
+        if changed and (not before_done or later_busy) and not superseded_stall and not all_at_once:
             templates[group] = current
             waiting.append(f"the {_LABEL[group]}")
+            before_done = False
             continue
         templates[group] = want
-        done, progress = rollout_progress(dep) if not changed else (False, "starting")
-        st = dep.get("status") or {}
-        old_pods_left = int(st.get("replicas") or 0) > int(st.get("updatedReplicas") or 0)
-        if changed or (not done and old_pods_left):
-            rolling.append(f"the {_LABEL[group]} ({progress})")
-        elif not done and not waiting:  # (one after a waiting group holds nothing)
-            unready.append(f"the {_LABEL[group]} ({progress})")
+        if changed:
+            done, how_far = False, "starting"
+        if changed or (not done and _old_pods_left(dep) and not waiting):
+            rolling[group] = how_far
         before_done = before_done and done
     if not rolling and not waiting:
         return TemplatePlan(templates)
-    # What the waiting groups wait for: a group before them with a pod not available yet holds them as a
-    # rolling one does (the message was "then the LLM pool" alone, naming nothing that moved).
-    held_by = ["waiting until every pod of " + " and ".join(unready) + " is available"] if waiting and unready else []
-    parts = (["rolling " + " and ".join(rolling)] if rolling else []) + held_by + (
+    if waiting:
+        # What the waiting groups wait for: every group short of a pod but the ones named as rolling. A group
+        # with a pod not available (a scale-up whose pod waits for a node, say) holds them as a rolling one does.
+        for g, (done, how_far) in progress.items():
+            if done or g in rolling:
+                continue
+            stalled = (" (stalled: no progress within its Deployment's progress deadline; the Degraded condition "
+                       "and its pods' events say why)") if _stalled(known[g]) else ""
+            holders.append(f"the {_LABEL[g]} ({how_far}) has finished replacing its pods{stalled}"
+                           if _old_pods_left(known[g]) else f"every pod of the {_LABEL[g]} ({how_far}) is available{stalled}")
+    parts = (["rolling " + " and ".join(f"the {_LABEL[g]} ({how_far})" for g, how_far in rolling.items())]
+             if rolling else []) + (
+        ["waiting until " + " and ".join(holders)] if holders else []) + (
         ["then " + ", then ".join(waiting)] if waiting else [])
     image = template_image(desired[order[0]])
     # Once every group has its template, the old one is gone from the plan's view: name the image only.

@@ -190,11 +190,97 @@ def test_a_group_held_by_a_pool_whose_new_pod_is_not_available_says_what_it_wait
                                   "shmSize": "64Gi"})
     live = live_of(old)
     live["vision"] = dep(old["vision"], 3, updated=3, available=2)
-    live["ray-head"] = dep(old["ray-head"], 1, available=0)  # after the waiting group: holds nothing
+    live["ray-head"] = dep(old["ray-head"], 1, available=0)  # after the waiting group: it holds it too
     plan = plan_templates(new, live)
     assert plan.templates["llm"] == old["llm"]
     assert plan.message.startswith("new pod settings: waiting until every pod of the vision pool (3 of 3 pods "
-                                   "updated, 2 available) is available; then the LLM pool"), plan.message
-    assert "Ray head" not in plan.message
+                                   "updated, 2 available) is available and every pod of the Ray head (1 of 1 pods "
+                                   "updated, 0 available) is available; then the LLM pool"), plan.message
     live["vision"] = dep(old["vision"], 3)
+    assert plan_templates(new, live).templates["llm"] == old["llm"]
+    live["ray-head"] = dep(old["ray-head"], 1)
     assert plan_templates(new, live).templates["llm"] == new["llm"]
+
+
+def _roll_to_the_end(want: dict[str, dict], live: dict[str, dict], groups: tuple[str, ...] = GROUPS) -> list[str]:
+    """Plan, let the cluster finish what each Deployment was given, plan again, ... until no rollout is left.
+    Each pass at most one group may get another template (one group short of a pod at a time). The groups in
+    the order they took `want`."""
+    took: list[str] = []
+    for _ in range(2 * len(groups)):
+        plan = plan_templates(want, live)
+        given = [g for g in groups if applied_template(live[g]) != plan.templates[g]]
+        assert len(given) <= 1, (given, plan.message)
+        took += [g for g in given if plan.templates[g] == want[g]]
+        live = {g: dep(plan.templates[g], 1 if g == "ray-head" else 2) for g in groups}
+        if not plan.rolling:
+            return took
+    raise AssertionError(f"the rollout did not finish: {took}")
+
+
+def test_a_new_image_during_a_rollout_waits_for_the_pool_still_replacing_pods_then_rolls_in_order() -> None:
+    """img:B had rolled the vision pool and was replacing the LLM pool's pods when img:C came. The vision pool
+    took img:C at once: both pools short of a pod together. Now every group waits until the LLM pool has
+    replaced its pods, then img:C rolls vision, LLM, head, one at a time."""
+    a, b, c = templates("img:A"), templates("img:B"), templates("img:C")
+    live = live_of(a)
+    live["vision"] = dep(b["vision"])
+    live["llm"] = dep(b["llm"], updated=1, available=1, total=3)  # one img:A pod still to replace
+    plan = plan_templates(c, live)
+    assert plan.images == {"vision": "img:B", "llm": "img:B", "ray-head": "img:A"}, plan.message
+    assert plan.message.startswith("new image img:C: waiting until the LLM pool (1 of 2 pods updated, 1 available, "
+                                   "1 old left) has finished replacing its pods; then the vision pool, then the LLM "
+                                   "pool, then the Ray head"), plan.message
+    live["llm"] = dep(b["llm"])  # its pods are replaced
+    assert plan_templates(c, live).images == {"vision": "img:C", "llm": "img:B", "ray-head": "img:A"}
+    assert _roll_to_the_end(c, live) == ["vision", "llm", "ray-head"]
+
+
+def test_a_pool_finishing_a_settings_change_holds_a_new_image_which_keeps_the_documented_order() -> None:
+    """The API pool still replaced pods for a change of its own settings when a new image came: the image waits
+    for it and then rolls vision, LLM, API pool, head (not the API pool first, nor vision beside it)."""
+    pool = {"apiPool": {"replicas": 2}}
+    groups = ("vision", "llm", "api-pool", "ray-head")
+    old, new = templates("img:1", **pool), templates("img:2", **pool)
+    live = {g: dep(old[g], 1 if g == "ray-head" else 2) for g in groups}
+    live["api-pool"] = dep(old["api-pool"], updated=1, available=1, total=3)
+    plan = plan_templates(new, live)
+    assert plan.images == {g: "img:1" for g in groups}, plan.message
+    assert "waiting until the API pool (1 of 2 pods updated, 1 available, 1 old left) has finished replacing its " \
+           "pods; then the vision pool, then the LLM pool, then the API pool, then the Ray head" in plan.message
+    assert _roll_to_the_end(new, live, groups) == list(groups)
+
+
+def _stalled(d: dict) -> dict:
+    d["status"]["conditions"] = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]
+    return d
+
+
+def test_a_pool_whose_rollout_stalled_takes_the_next_image_at_once_and_the_groups_before_it_wait() -> None:
+    """img:B crashes on the LLM pool only: its rollout stalled (Kubernetes gave up: ProgressDeadlineExceeded).
+    Held until it finished img:B, nothing would ever take the fixed img:C. The LLM pool takes img:C at once (it
+    is the one group short of a pod already); the vision pool waits for it, then the head."""
+    a, b, c = templates("img:A"), templates("img:B"), templates("img:C")
+    live = live_of(a)
+    live["vision"] = dep(b["vision"])
+    live["llm"] = _stalled(dep(b["llm"], updated=1, available=1))
+    plan = plan_templates(c, live)
+    assert plan.images == {"vision": "img:B", "llm": "img:C", "ray-head": "img:A"}, plan.message
+    assert plan.message.startswith("new image img:C: rolling the LLM pool (starting); then the vision pool, then "
+                                   "the Ray head"), plan.message
+    live["llm"] = dep(c["llm"], updated=1, available=1, total=3)
+    assert plan_templates(c, live).images["vision"] == "img:B"
+    live["llm"] = dep(c["llm"])
+    assert _roll_to_the_end(c, live) == ["vision", "ray-head"]
+    # A change the stalled pool does not take waits for it, and the status says it stalled and where to look.
+    old = templates("img:A")
+    new = templates("img:A", vision={**yaml.safe_load((REPO / "examples" / "dotsvlm.yaml").read_text())["spec"]["vision"],
+                                     "shmSize": "8Gi"})
+    live = live_of(old)
+    live["llm"] = _stalled(dep(old["llm"], updated=2, available=1))
+    plan = plan_templates(new, live)
+    assert plan.templates["vision"] == old["vision"]
+    assert plan.message.startswith("new pod settings: waiting until every pod of the LLM pool (2 of 2 pods updated, "
+                                   "1 available) is available (stalled: no progress within its Deployment's progress "
+                                   "deadline; the Degraded condition and its pods' events say why); then the "
+                                   "vision pool"), plan.message
