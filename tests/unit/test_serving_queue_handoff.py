@@ -160,11 +160,74 @@ def test_an_event_lost_between_the_replicas_fails_the_answer_rather_than_leaving
 
 
 def test_the_older_live_replica_is_the_predecessor_and_a_silent_one_does_not_count() -> None:
-    old, new = Peer("r-old", 100.0, 200.0), Peer("r-new", 150.0, 200.0)
-    assert handoff_role(old, [old, new], now=201.0) == "predecessor"
-    assert handoff_role(new, [old, new], now=201.0) == "successor"
-    assert handoff_role(new, [new], now=201.0) is None
-    assert handoff_role(new, [Peer("r-old", 100.0, 200.0 - STALE_S - 1), new], now=201.0) is None
+    old, new = Peer("r-old", 100.0, 200.0, silent_s=1.0), Peer("r-new", 150.0, 200.0)
+    assert handoff_role(old, [old, new]) == "predecessor"
+    assert handoff_role(new, [old, new]) == "successor"
+    assert handoff_role(new, [new]) is None
+    assert handoff_role(new, [Peer("r-old", 100.0, 200.0, silent_s=STALE_S + 1), new]) is None
+
+
+class _KV:
+    """Ray's internal KV (the GCS) as the peer registry uses it, in a dict."""
+
+    def __init__(self, monkeypatch) -> None:
+        from ray.experimental import internal_kv
+
+        self.data: dict[bytes, bytes] = {}
+        for name, fn in {"_internal_kv_put": lambda k, v, namespace=None: self.data.__setitem__(k.encode(), v),
+                         "_internal_kv_get": lambda k, namespace=None: self.data.get(k),
+                         "_internal_kv_list": lambda prefix, namespace=None: [
+                             k for k in self.data if k.startswith(prefix.encode())],
+                         "_internal_kv_del": lambda k, namespace=None: self.data.pop(
+                             k if isinstance(k, bytes) else k.encode(), None)}.items():
+            monkeypatch.setattr(internal_kv, name, fn)
+
+
+class _Clocks:
+    """One replica's clocks: monotonic, and a wall clock that NTP may step (`step`)."""
+
+    def __init__(self, t: float) -> None:
+        self.mono, self.offset = t, 0.0
+
+    def wall(self) -> float:
+        return self.mono + 1_000_000.0 + self.offset
+
+
+@pytest.mark.parametrize("step_s", [60.0, 400.0, -3600.0])
+def test_a_wall_clock_step_neither_kills_a_live_peer_nor_revives_a_dead_one(monkeypatch, step_s: float) -> None:
+    """Heartbeats carry the writer's wall clock; before, the reader compared them with its own. A step forward
+    made the live predecessor look silent (the successor gave up the hand-over: the predecessor's queued and
+    leased requests were dropped), beyond FORGET_S its key was even deleted; a step back made a dead replica
+    look alive (a predecessor then sent every put on to a successor that was gone). Now silence is measured on
+    each reader's monotonic clock, from when the peer's heartbeat last changed."""
+    from dotsvlm_serving.deployments.queue_peers import PeerRegistry
+
+    kv = _KV(monkeypatch)
+    old_c, new_c = _Clocks(0.0), _Clocks(0.0)
+    old = PeerRegistry("app", "r-old", old_c.wall(), clock=lambda: old_c.mono, wall_clock=old_c.wall)
+    old_c.mono = new_c.mono = 5.0
+    new = PeerRegistry("app", "r-new", new_c.wall(), clock=lambda: new_c.mono, wall_clock=new_c.wall)
+
+    def beat_both() -> tuple[str | None, str | None]:
+        roles = []
+        for reg in (old, new):
+            me, peers = reg.beat()
+            roles.append(handoff_role(me, peers))
+        return roles[0], roles[1]
+
+    new.beat()  # (its first heartbeat: the old one reads it in its next)
+    assert beat_both() == ("predecessor", "successor")
+    new_c.offset = step_s  # NTP steps the new replica's wall clock
+    for _ in range(int(STALE_S) + 3):  # both keep beating, one a second
+        old_c.mono += 1.0
+        new_c.mono += 1.0
+        assert beat_both() == ("predecessor", "successor")
+    assert len(kv.data) == 2
+    # The old replica is killed (no hand-over, and its actor cannot be looked up): it stops beating.
+    for t in range(int(STALE_S) + 2):
+        new_c.mono += 1.0
+        me, peers = new.beat()
+        assert handoff_role(me, peers) == ("successor" if t + 1 <= STALE_S else None), t  # silent for t + 1 s
 
 
 def test_a_replica_that_adopted_its_predecessors_state_does_not_become_its_successor_again() -> None:
@@ -172,9 +235,9 @@ def test_a_replica_that_adopted_its_predecessors_state_does_not_become_its_succe
     the successor role a second time, and when the old one left it logged a lost hand-over and would have
     failed the answers it held. After adopting, an older replica no longer counts; a younger one does."""
     old, new, newer = Peer("r-old", 100.0, 200.0), Peer("r-new", 150.0, 200.0), Peer("r-newer", 190.0, 200.0)
-    assert handoff_role(new, [old, new], now=201.0, adopted=True) is None
-    assert handoff_role(new, [old, new, newer], now=201.0, adopted=True) == "predecessor"
-    assert handoff_role(old, [old, new], now=201.0, adopted=True) == "predecessor"  # only older ones drop
+    assert handoff_role(new, [old, new], adopted=True) is None
+    assert handoff_role(new, [old, new, newer], adopted=True) == "predecessor"
+    assert handoff_role(old, [old, new], adopted=True) == "predecessor"  # only older ones drop
 
 
 class _MovingQueue:

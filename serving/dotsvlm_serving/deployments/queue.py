@@ -81,7 +81,7 @@ class TensorQueue:
         except Exception as exc:  # noqa: BLE001 - the GCS restarting: keep the role we have
             log.debug("TensorQueue: heartbeat failed: %s", exc)
             return
-        role = handoff_role(me, peers, time.time(), adopted=self._adopted)
+        role = handoff_role(me, peers, adopted=self._adopted)
         if role is not None and self.core.handoff is None:
             log.info("TensorQueue: another replica of the queue is alive: this one is its %s", role)
             self.core.begin_handoff(role)
