@@ -10,10 +10,11 @@ images only wait), then the LLM pool, then the API pool (spec.apiPool, if any), 
 
 A change that comes while any group is still short of a pod (replacing pods for the change before, or a pod
 not available) waits for it, in the same order: the vision pool took a new image at once while the LLM pool
-still replaced pods for the previous one, two pools short of a pod together. The one exception is a group
-whose own rollout has stalled (Kubernetes' `ProgressDeadlineExceeded`: a broken image, say) and whose
-template changed again: it takes the new one at once, since it could never finish the old one and is short
-of a pod anyway; the groups before it wait for it.
+still replaced pods for the previous one, two pools short of a pod together. The exceptions are groups whose
+rollout has stalled (Kubernetes' `ProgressDeadlineExceeded`: a broken image, or a pod that never schedules):
+one whose template changed again takes the new one at once, since it could never finish the old one and is
+short of a pod anyway (the groups before it wait for it); one whose template stays holds nothing (waiting
+would never end).
 
 A group that waits keeps the template it runs: each Ray Deployment carries the template the operator last
 applied (`naming.ANNOTATION_POD_TEMPLATE`), so the plan survives an operator restart. A new Ray token is
@@ -144,7 +145,10 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
         any_changed = any_changed or changed
         new_image = new_image or (changed and template_image(current) != template_image(want))
         done, how_far = progress[group]
-        later_busy = any(not progress[g][0] for g in order[i + 1:] if g in progress)
+        # A later group that stalled (a pod that never schedules: the autoscaler asked for more GPUs than the
+        # cluster has, say) holds nothing unless it takes the change now (it rolls then): waiting would not end.
+        later_busy = any(not progress[g][0] and (not _stalled(known[g]) or currents[g] != desired[g])
+                         for g in order[i + 1:] if g in progress)
         superseded_stall = changed and not done and _stalled(dep)
         if changed and (not before_done or later_busy) and not superseded_stall and not all_at_once:
             templates[group] = current
