@@ -94,6 +94,19 @@ async def _replica(monkeypatch, queue: _Queue, engine: _Engine) -> LLMServer:
     return llm
 
 
+@pytest.fixture
+def idle_replica(monkeypatch):
+    """`await idle_replica(queue)` -> (the replica, its fake engine): the engine runs nothing yet, and the
+    replica admits a taken item as it is (no embeddings to fetch, no sampling parameters to read)."""
+    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
+
+    async def build(queue: _Queue) -> tuple[LLMServer, _Engine]:
+        engine = _Engine()
+        engine.running = set()
+        return await _replica(monkeypatch, queue, engine), engine
+    return build
+
+
 async def _leased(core: TensorQueueCore, llm: LLMServer) -> None:
     await core.put(QueueItem(request_id="a", nbytes=1, reserved_tokens=10, payload={}, stream=True), 1)
     await core.take(llm.consumer_id, max_items=1, token_budget=100, wait_s=0)
@@ -206,16 +219,12 @@ class _LossyTakeQueue(_Queue):
         self.take = SimpleNamespace(remote=take)
 
 
-def test_items_of_a_take_whose_reply_was_lost_go_back_to_the_queue_and_run(monkeypatch) -> None:
+def test_items_of_a_take_whose_reply_was_lost_go_back_to_the_queue_and_run(idle_replica) -> None:
     """Before, a take that leased items but whose reply never came back (a blip of the queue replica) left
     them leased to a live replica that never ran them: their clients waited for the request timeout."""
-    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
-
     async def main() -> None:
         core = TensorQueueCore(max_items=8, max_bytes=1000)
-        engine = _Engine()
-        engine.running = set()
-        llm = await _replica(monkeypatch, _LossyTakeQueue(core, lose_replies=1), engine)
+        llm, engine = await idle_replica(_LossyTakeQueue(core, lose_replies=1))
         await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, payload={}, stream=True), 1)
         with pytest.raises(ActorUnavailableError):  # the run loop logs it and goes on
             await llm._iteration()
@@ -226,13 +235,11 @@ def test_items_of_a_take_whose_reply_was_lost_go_back_to_the_queue_and_run(monke
     asyncio.run(main())
 
 
-def test_takes_that_keep_failing_name_one_lost_take_and_its_items_still_come_back(monkeypatch) -> None:
+def test_takes_that_keep_failing_name_one_lost_take_and_its_items_still_come_back(idle_replica) -> None:
     """Before, every failed take added its id to the list of lost takes, and every later take carried the whole
     list: while the queue replica stayed unreachable (minutes: 2 takes a second) it grew without bound. Now a
     take sent while some are lost only names them and leases nothing, so its own loss adds nothing; the item
     the first lost take leased still goes back to the queue and runs once takes get through again."""
-    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
-
     async def main() -> None:
         core = TensorQueueCore(max_items=8, max_bytes=1000)
         queue = _Queue(core)
@@ -250,9 +257,7 @@ def test_takes_that_keep_failing_name_one_lost_take_and_its_items_still_come_bac
             return await core.take(cid, max_items=max_items, token_budget=token_budget, wait_s=0,
                                    **dict(zip(("take_id", "lost_takes"), more)))
         queue.take = SimpleNamespace(remote=take)
-        engine = _Engine()
-        engine.running = set()
-        llm = await _replica(monkeypatch, queue, engine)
+        llm, engine = await idle_replica(queue)
         await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, payload={}, stream=True), 1)
         for _ in range(51):
             with pytest.raises(ActorUnavailableError):  # the run loop logs it and goes on
@@ -266,17 +271,13 @@ def test_takes_that_keep_failing_name_one_lost_take_and_its_items_still_come_bac
     asyncio.run(main())
 
 
-def test_a_redelivered_request_s_events_carry_its_delivery(monkeypatch) -> None:
+def test_a_redelivered_request_s_events_carry_its_delivery(idle_replica) -> None:
     """The tensor queue tells a redelivery's events from the first delivery's, which reuse their numbers, by
     the delivery each carries (`d`): while the queue moves, the replica that did not redeliver a request may
     still hold the first delivery's events."""
-    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
-
     async def main() -> None:
         core = TensorQueueCore(max_items=8, max_bytes=1000)
-        engine = _Engine()
-        engine.running = set()
-        llm = await _replica(monkeypatch, _LossyTakeQueue(core, lose_replies=0), engine)
+        llm, engine = await idle_replica(_LossyTakeQueue(core, lose_replies=0))
         await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, payload={}, stream=False), 1)
         await core.take("llm-gone", max_items=1, token_budget=100, wait_s=0)
         core.leave("llm-gone")  # its first delivery ends: the request goes back with a restart
@@ -323,17 +324,13 @@ def _take_of_an_earlier_release(core: TensorQueueCore, sent: list[tuple] | None 
             return refused()
     return take
 
-def test_a_queue_replica_of_an_earlier_release_gets_plain_takes(monkeypatch) -> None:
+def test_a_queue_replica_of_an_earlier_release_gets_plain_takes(idle_replica) -> None:
     """An image rollout rolls the LLM pool before the queue's replica: its take refuses the numbers."""
-    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
-
     async def main() -> None:
         core = TensorQueueCore(max_items=8, max_bytes=1000)
         queue = _Queue(core)
         queue.take = SimpleNamespace(remote=_take_of_an_earlier_release(core))
-        engine = _Engine()
-        engine.running = set()
-        llm = await _replica(monkeypatch, queue, engine)
+        llm, engine = await idle_replica(queue)
         await core.put(QueueItem(request_id="b", nbytes=1, reserved_tokens=10, payload={}), 1)
         with pytest.raises(TypeError, match="positional argument"):
             await llm._iteration()
@@ -395,12 +392,10 @@ def test_running_streams_keep_decoding_while_a_taken_requests_embeddings_arrive(
     asyncio.run(main())
 
 
-def test_takes_are_numbered_again_once_the_queue_replica_of_an_earlier_release_is_replaced(monkeypatch) -> None:
+def test_takes_are_numbered_again_once_the_queue_replica_of_an_earlier_release_is_replaced(idle_replica) -> None:
     """Plain takes are for the queue replica of an earlier release, while an image rollout has not reached it yet.
     Before, an LLM replica that met one took without numbers for the rest of its life (so a lost take's items
     stayed leased again), also when its TypeError had another cause; now it tries numbers again a while later."""
-    monkeypatch.setattr(llm_mod.LLMServer, "_admit", lambda self, item: self.engine.add(item) or None)
-
     async def main() -> None:
         core = TensorQueueCore(max_items=8, max_bytes=1000)
         queue = _Queue(core)
@@ -413,9 +408,7 @@ def test_takes_are_numbered_again_once_the_queue_replica_of_an_earlier_release_i
                                    **dict(zip(("take_id", "lost_takes"), more)))
 
         queue.take = SimpleNamespace(remote=take_of_old_release)
-        engine = _Engine()
-        engine.running = set()
-        llm = await _replica(monkeypatch, queue, engine)
+        llm, engine = await idle_replica(queue)
         with pytest.raises(TypeError, match="positional argument"):
             await llm._iteration()
         await llm._iteration()

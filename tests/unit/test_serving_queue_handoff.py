@@ -614,6 +614,19 @@ def _d(ev: dict, d: int) -> dict:
     return {**ev, "d": d}
 
 
+async def _first_delivery_split_then_left(old: TensorQueueCore, new: TensorQueueCore) -> None:
+    """A non-streaming request "a" leased by llm1 from the old replica; both replicas go into hand-over mode,
+    the first delivery's events go one to each, and llm1 leaves through the old replica, which redelivers
+    the request (a restart): its next take is the second delivery."""
+    await old.put(item("a", stream=False), 1)
+    await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
+    new.begin_handoff("successor")
+    old.begin_handoff("predecessor")
+    old.publish("llm1", [_d(tok("a", 0, "old-0 "), 1)])
+    new.publish("llm1", [_d(tok("a", 1, "old-1 "), 1)])
+    old.leave("llm1")  # redelivered, with a restart, by the old replica
+
+
 def test_a_redelivery_while_the_first_delivery_s_events_sit_in_the_other_replica_gives_the_new_answer_only() -> None:
     """The old replica holds the lease of a non-streaming request; its first delivery's events went to both
     replicas. Its LLM replica leaves through the old replica, which redelivers it (a restart) to another LLM
@@ -621,13 +634,7 @@ def test_a_redelivery_while_the_first_delivery_s_events_sit_in_the_other_replica
     in the place of the new one's (dropping the new one as a repeat): the client got a mix of both answers."""
     async def main() -> None:
         old, new = pair()
-        await old.put(item("a", stream=False), 1)
-        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
-        new.begin_handoff("successor")
-        old.begin_handoff("predecessor")
-        old.publish("llm1", [_d(tok("a", 0, "old-0 "), 1)])
-        new.publish("llm1", [_d(tok("a", 1, "old-1 "), 1)])
-        old.leave("llm1")  # redelivered, with a restart, by the old replica
+        await _first_delivery_split_then_left(old, new)
         [again] = await old.take("llm2", max_items=1, token_budget=100, wait_s=0)
         assert again.deliveries == 2
         new.publish("llm2", [_d(tok("a", 0, "new-0 "), 2), _d(tok("a", 1, "new-1 "), 2)])
@@ -647,13 +654,7 @@ def test_the_ingress_keeps_one_restart_and_only_the_new_delivery_when_both_repli
 
     async def main() -> None:
         old, new = pair()
-        await old.put(item("a", stream=False), 1)
-        await old.take("llm1", max_items=1, token_budget=100, wait_s=0)
-        new.begin_handoff("successor")
-        old.begin_handoff("predecessor")
-        old.publish("llm1", [_d(tok("a", 0, "old-0 "), 1)])
-        new.publish("llm1", [_d(tok("a", 1, "old-1 "), 1)])
-        old.leave("llm1")
+        await _first_delivery_split_then_left(old, new)
         await old.take("llm2", max_items=1, token_budget=100, wait_s=0)
         old.publish("llm2", [_d(tok("a", 0, "new-0 "), 2)])
         new.publish("llm2", [_d(tok("a", 0, "new-0 "), 2), _d(tok("a", 1, "new-1 "), 2), _d(fin("a", 2), 2)])
