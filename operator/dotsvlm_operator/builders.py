@@ -426,7 +426,8 @@ def prometheus_rule(owner: Owner, spec: models.DotsVLMDeploymentSpec) -> dict[st
     """dotsvlm's alerts, narrowed to this deployment's series and held to its spec.slo."""
     return alerts.prometheus_rule(_monitoring_meta(owner, spec, naming.prometheus_rule_name(owner.name)),
                                   owner.namespace, owner.name,
-                                  {"text": spec.slo.text_ttft_seconds, "image": spec.slo.image_ttft_seconds})
+                                  {"text": spec.slo.text_ttft_seconds, "image": spec.slo.image_ttft_seconds},
+                                  spec.slo.inter_token_seconds, serve_app.encode_budget_seconds(spec))
 
 
 def uses_pod_monitor(spec: models.DotsVLMDeploymentSpec, pod_monitor_supported: bool) -> bool:

@@ -49,6 +49,12 @@ def slo(spec: models.SLOSpec) -> serve_config.SLOConfig:
                                   inter_token_s=spec.inter_token_seconds)
 
 
+def encode_budget_seconds(spec: models.DotsVLMDeploymentSpec) -> float:
+    """The vision stage's p90 budget the deployment's autoscaler scales against (its EncodeLatency rule), for the
+    operator's metric and its alert rule: the same function of the same settings."""
+    return vision_autoscaling(spec.vision).encode_budget_s(slo(spec.slo))
+
+
 def app_config(spec: models.DotsVLMDeploymentSpec) -> serve_config.ServeAppConfig:
     """The application's args (the contract in dotsvlm_serving.serve_config), rendered from the spec."""
     gpu = spec.llm.gpus_per_replica > 0 or spec.vision.gpus_per_replica > 0

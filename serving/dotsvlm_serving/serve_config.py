@@ -127,6 +127,11 @@ class VisionAutoscaling(AutoscalingTargets):
     # With min_replicas 0: no image work for this long scales the pool to zero.
     idle_to_zero_s: float = Field(300.0, ge=0)
 
+    def encode_budget_s(self, slo: SLOConfig) -> float:
+        """The p90 time a request's images may take in the vision stage: the autoscaler's EncodeLatency rule
+        scales against it and the operator exports it for DotsVLMVisionEncodeLatencyHigh (one number for both)."""
+        return slo.image_ttft_s * self.encode_budget_fraction
+
 
 class LLMAutoscaling(AutoscalingTargets):
     # A DeepSeek-V3 replica over two nodes loads for minutes.

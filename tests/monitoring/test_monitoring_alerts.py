@@ -31,14 +31,29 @@ def const(v: float) -> str:
     return f"{v:g}+0x40"
 
 
+def hist(metric: str, labels: str, bucket_le: str, bounds: tuple[str, ...]) -> list[dict]:
+    """A histogram's buckets (`bounds` and +Inf) with 10 observations a minute, all in the bucket `bucket_le`
+    (earlier buckets empty)."""
+    out = []
+    for le in (*bounds, "+Inf"):
+        grows = float(le.replace("+Inf", "inf")) >= float(bucket_le)
+        out.append(s(f"{metric}_bucket", f'{labels}{"," if labels else ""}le="{le}"', "0+10x40" if grows else const(0)))
+    return out
+
+
 def ttft(modality: str, bucket_le: str) -> list[dict]:
     """10 requests a minute, all in the bucket `bucket_le` (earlier buckets empty)."""
-    out = []
-    for le in ("1", "2", "2.5", "5", "10", "+Inf"):
-        grows = float(le.replace("+Inf", "inf")) >= float(bucket_le)
-        out.append(s("ray_dotsvlm_time_to_first_token_seconds_bucket", f'modality="{modality}",le="{le}"',
-                     "0+10x40" if grows else const(0)))
-    return out
+    return hist("ray_dotsvlm_time_to_first_token_seconds", f'modality="{modality}"', bucket_le,
+                ("1", "2", "2.5", "5", "10"))
+
+
+def itl(bucket_le: str, modality: str = "text") -> list[dict]:
+    return hist("ray_dotsvlm_inter_token_latency_seconds", f'modality="{modality}"', bucket_le,
+                ("0.05", "0.1", "0.2", "0.25", "0.3", "0.5", "0.75"))
+
+
+def vision_latency(bucket_le: str) -> list[dict]:
+    return hist("ray_dotsvlm_vision_request_seconds", "", bucket_le, ("2.5", "5", "10", "12.5", "15", "20"))
 
 
 # alert -> (firing series, the alert's extra labels, its $value; silent series)
@@ -76,6 +91,16 @@ CASES: dict[str, tuple[list[dict], dict[str, str], float, list[dict]]] = {
     "DotsVLMTimeToFirstTokenHigh": (
         ttft("text", "10") + ttft("image", "1"), {"modality": "text"}, 9.5,
         ttft("text", "2") + ttft("image", "10")),
+    # spec.slo's default inter-token target, 0.2 s, over both modalities (the autoscaler's one p90): text tokens
+    # every 0.1-0.2 s and image ones every 0.25-0.3 s, as many, are over it (p90 0.29 s); both at 0.1-0.2 s are
+    # within.
+    "DotsVLMInterTokenLatencyHigh": (
+        itl("0.2") + itl("0.3", "image"), {}, 0.29,
+        itl("0.2") + itl("0.2", "image")),
+    # The default encode budget (image TTFT 10 s x encodeBudgetFraction 0.5): 5 s.
+    "DotsVLMVisionEncodeLatencyHigh": (
+        vision_latency("10"), {}, 9.5,
+        vision_latency("5")),
     "DotsVLMHighErrorRate": (
         [s("ray_dotsvlm_requests_total", 'code="500",modality="text"', "0+1x40"),
          s("ray_dotsvlm_requests_total", 'code="200",modality="text"', "0+9x40")], {}, 0.1,
@@ -208,6 +233,45 @@ def test_the_charts_ttft_alert_holds_each_deployment_to_its_own_slo(tmp_path: Pa
                       "alert_rule_test": [{"eval_time": EVAL, "alertname": name, "exp_alerts": [
                           {"exp_labels": expected["exp_labels"], "exp_annotations": {
                               k: render(v, labels, 19) for k, v in rule["annotations"].items()}}]}]}]}
+    path = tmp_path / "test.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    done = promtool("test", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# alert -> (its histogram's series with every observation in the bucket ending at `le`, the operator's target
+# metric, the deployment's own target (above the default), a bucket whose p90 is within it, one over it, and
+# the p90s those read as).
+OWN_TARGETS = {
+    # interTokenSeconds 0.5 (default 0.2): a p90 of 0.295 s is within it, 0.725 s over it.
+    "DotsVLMInterTokenLatencyHigh": (itl, "dotsvlm_slo_inter_token_latency_seconds", 0.5, ("0.3", 0.295),
+                                     ("0.75", 0.725)),
+    # imageTTFTSeconds 30 with encodeBudgetFraction 0.5: a budget of 15 s (default 5 s); 12.25 s within, 19.5 over.
+    "DotsVLMVisionEncodeLatencyHigh": (vision_latency, "dotsvlm_slo_vision_encode_budget_seconds", 15,
+                                       ("12.5", 12.25), ("20", 19.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_TARGETS))
+def test_the_charts_latency_alerts_hold_each_deployment_to_its_own_target(name: str, tmp_path: Path) -> None:
+    """The inter-token and vision-stage alerts, like the TTFT one, hold each deployment to the target its own
+    autoscaler scales against (exported by the operator), and to the default where that is not scraped."""
+    series, metric, own, (within_le, within), (over_le, over) = OWN_TARGETS[name]
+    rule = _rules()[name]
+    target = s(metric, "", const(own))
+
+    def fires(value: float) -> list[dict]:
+        return [{"exp_labels": {**WHO, "severity": rule["labels"]["severity"]},
+                 "exp_annotations": {k: render(v, WHO, value) for k, v in rule["annotations"].items()}}]
+
+    doc = {"rule_files": [str(ALERTS_FILE)], "evaluation_interval": "1m",
+           "tests": [{"interval": "1m", "input_series": series(within_le) + [target],
+                      "alert_rule_test": [{"eval_time": EVAL, "alertname": name, "exp_alerts": []}]},
+                     {"interval": "1m", "input_series": series(over_le) + [target],
+                      "alert_rule_test": [{"eval_time": EVAL, "alertname": name, "exp_alerts": fires(over)}]},
+                     # no target scraped: the default holds, and the p90 within the deployment's own is over it
+                     {"interval": "1m", "input_series": series(within_le),
+                      "alert_rule_test": [{"eval_time": EVAL, "alertname": name, "exp_alerts": fires(within)}]}]}
     path = tmp_path / "test.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     done = promtool("test", "rules", str(path))

@@ -331,6 +331,39 @@ def test_prometheus_rule_only_when_asked_and_supported_and_narrowed_to_the_deplo
     assert "text 0.75 s, image 4 s" in ttft["annotations"]["description"]
 
 
+def test_the_latency_alerts_and_the_operators_metrics_hold_the_deployment_to_its_autoscalers_targets() -> None:
+    """Inter-token latency and the vision stage had no alert (the autoscaler scaled against spec.slo's
+    interTokenSeconds and imageTTFTSeconds x encodeBudgetFraction, and nothing told the SRE when it could not keep
+    up). The operator's rule has the deployment's own targets written in, and its metrics export them for the
+    chart's rules: the numbers the deployment's autoscaler compares its p90s with."""
+    from prometheus_client import generate_latest
+
+    from dotsvlm_operator import serve_app
+    from dotsvlm_operator.monitoring.operator_metrics import OperatorMetrics
+    from dotsvlm_serving.autoscaling.serve_policy import policy_spec
+
+    spec = _spec(monitoring__prometheusRule=True, slo__interTokenSeconds=0.05, slo__imageTTFTSeconds=30,
+                 vision__autoscaling__encodeBudgetFraction=0.4)
+    # What the autoscaler compares with: the policy's spec from the settings the operator deploys.
+    policy = policy_spec(serve_app.app_config(spec).policy_config(), {})
+    itl_target, budget = policy.slo.inter_token_s, policy.vision.encode_budget_s(policy.slo)
+    assert (itl_target, budget) == (0.05, 12.0)
+    objs = builders.children(OWNER, spec, vision_replicas=1, llm_replicas=1, prometheus_rule_supported=True)
+    (rule,) = [o for o in objs if o["kind"] == "PrometheusRule"]
+    rules = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    itl, vision = rules["DotsVLMInterTokenLatencyHigh"], rules["DotsVLMVisionEncodeLatencyHigh"]
+    assert "histogram_quantile(0.9," in itl["expr"] and itl["expr"].endswith(f"> {itl_target:g}"), itl["expr"]
+    assert "ray_dotsvlm_inter_token_latency_seconds_bucket" in itl["expr"]
+    assert "ray_dotsvlm_vision_request_seconds_bucket" in vision["expr"]
+    assert vision["expr"].endswith(f"> {budget:g}"), vision["expr"]
+    assert "0.05 s" in itl["annotations"]["description"] and "12 s" in vision["annotations"]["description"]
+    metrics = OperatorMetrics()
+    metrics.observe_status("ml", "dots", spec, models.DotsVLMDeploymentStatus(), {})
+    text = generate_latest(metrics.registry).decode()
+    assert 'dotsvlm_slo_inter_token_latency_seconds{dotsvlm_deployment="dots",dotsvlm_namespace="ml"} 0.05' in text
+    assert 'dotsvlm_slo_vision_encode_budget_seconds{dotsvlm_deployment="dots",dotsvlm_namespace="ml"} 12.0' in text
+
+
 def test_monitoring_labels_reach_the_pod_monitor_and_the_rule_and_cannot_replace_the_operators() -> None:
     """kube-prometheus-stack selects PodMonitors and PrometheusRules by `release: <name>`: without a way to add
     it, it scraped none of the deployment's metrics and loaded none of its alerts."""

@@ -78,3 +78,42 @@ def test_the_ttft_alert_tells_a_p90_under_a_users_slo_target_from_one_over_it() 
             read = _histogram_quantile(0.9, bounds, samples)
             assert (read > target) == (p90 > target), (
                 f"target {target:g} s: a p90 of {p90:g} s reads as {read:.3g} s with buckets {bounds}")
+
+
+def _reads_each_side_right(bounds: tuple[float, ...], target: float) -> None:
+    for fast_share, p90 in ((0.85, 0.8 * target), (0.89, 1.25 * target), (0.5, 1.01 * target)):
+        n_fast = int(round(fast_share * 1000))
+        samples = [0.05 * target] * n_fast + [p90] * (1000 - n_fast)
+        read = _histogram_quantile(0.9, bounds, samples)
+        assert (read > target) == (p90 > target), (
+            f"target {target:g} s: a p90 of {p90:g} s reads as {read:.3g} s with buckets {bounds}")
+
+
+# spec.slo.interTokenSeconds targets a user is likely to set (the default: 0.2 s).
+LIKELY_ITL_TARGETS = (0.01, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.08, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4,
+                      0.5, 0.75, 1, 1.5, 2)
+
+
+def test_the_inter_token_alert_tells_a_p90_under_a_users_slo_target_from_one_over_it() -> None:
+    """DotsVLMInterTokenLatencyHigh compares histogram_quantile(0.9) of the inter-token histogram with the
+    deployment's spec.slo.interTokenSeconds, as the autoscaler compares its exact p90. With the bounds 0.04 and
+    0.06 around it, a 0.05 s target read a p90 of 0.045 s as over it (and 0.0505 s as within)."""
+    bounds = BY_NAME["dotsvlm_inter_token_latency_seconds"].buckets
+    assert bounds is not None
+    for target in LIKELY_ITL_TARGETS:
+        _reads_each_side_right(bounds, target)
+
+
+def test_the_vision_stage_alert_tells_a_p90_under_the_encode_budget_from_one_over_it() -> None:
+    """DotsVLMVisionEncodeLatencyHigh compares histogram_quantile(0.9) of the vision stage's time with the encode
+    budget the autoscaler scales against (imageTTFTSeconds x encodeBudgetFraction, default 0.5). With the
+    stage's old bounds (..., 5, 10, 30, ...) a 15 s image target's 7.5 s budget fell inside (5, 10]: a p90 of
+    6 s read as over it."""
+    from dotsvlm_serving.serve_config import SLOConfig, VisionAutoscaling
+
+    bounds = BY_NAME["dotsvlm_vision_request_seconds"].buckets
+    assert bounds is not None
+    for image_target in LIKELY_TTFT_TARGETS:
+        for fraction in (0.5, 1.0):
+            budget = VisionAutoscaling(encode_budget_fraction=fraction).encode_budget_s(SLOConfig(image_ttft_s=image_target))
+            _reads_each_side_right(bounds, budget)

@@ -17,36 +17,53 @@ from typing import Any, Literal
 
 import yaml
 from dotsvlm_serving.metrics.catalog import DEPLOYMENT_LABEL, NAMESPACE_LABEL, prom
-from dotsvlm_serving.serve_config import SLOConfig
+from dotsvlm_serving.serve_config import SLOConfig, VisionAutoscaling
 
 GROUP = "dotsvlm"
 BY = f"{NAMESPACE_LABEL}, {DEPLOYMENT_LABEL}"
-# Time to first token is held to the same service level the autoscaler scales against and status.slo reports
-# on: spec.slo's p90 per modality. The chart's rules (every deployment) and the overview dashboard use its
-# defaults; the operator's per-deployment PrometheusRule uses the deployment's own spec.slo.
+# Time to first token, inter-token latency and the vision stage's time are held to the same service level the
+# autoscaler scales against and status.slo reports on: spec.slo's p90s (per modality for TTFT; the vision stage's
+# budget is imageTTFTSeconds x vision.autoscaling.encodeBudgetFraction, the EncodeLatency rule's). The chart's
+# rules (every deployment) read each deployment's own from the operator's metrics, with the defaults where those
+# are not scraped; the operator's per-deployment PrometheusRule has the deployment's own written in.
 TTFT_QUANTILE = 0.9
 TTFT_TARGET_SECONDS: dict[str, float] = {"text": SLOConfig().text_ttft_s, "image": SLOConfig().image_ttft_s}
+ITL_TARGET_SECONDS = SLOConfig().inter_token_s
+ENCODE_BUDGET_SECONDS = VisionAutoscaling().encode_budget_s(SLOConfig())
 ERROR_RATIO = 0.05
 _TARGETS = "@TTFT_TARGETS@"  # in a description: the targets its rule uses
+_ITL_TARGET = "@ITL_TARGET@"
+_ENCODE_BUDGET = "@ENCODE_BUDGET@"
 
 
 class Sel:
     """A label selector: the deployment's own labels (empty for the chart's generic rules) plus extras, and
-    the deployment's time-to-first-token targets (spec.slo; the defaults for the chart's rules)."""
+    the deployment's latency targets (spec.slo: time to first token, inter-token latency, and the vision stage's
+    encode budget; the defaults for the chart's rules)."""
 
     def __init__(self, namespace: str | None = None, deployment: str | None = None,
-                 ttft_targets: dict[str, float] | None = None) -> None:
+                 ttft_targets: dict[str, float] | None = None, itl_target: float | None = None,
+                 encode_budget: float | None = None) -> None:
         self.base = [] if namespace is None else [f'{NAMESPACE_LABEL}="{namespace}"', f'{DEPLOYMENT_LABEL}="{deployment}"']
         self.ttft_targets = ttft_targets or TTFT_TARGET_SECONDS
+        self.itl_target = itl_target or ITL_TARGET_SECONDS
+        self.encode_budget = encode_budget or ENCODE_BUDGET_SECONDS
         # The chart's rules serve every deployment: each is held to its own spec.slo as the operator exports it
         # (the defaults only where that is not scraped); the operator's own rule knows its deployment's.
         self.exported_targets = namespace is None
 
-    def targets_text(self) -> str:
-        values = ", ".join(f"{k} {v:g} s" for k, v in self.ttft_targets.items())
+    def _own(self, values: str) -> str:
         if self.exported_targets:
             return f"this deployment's own; {values} where the operator's metrics are not scraped"
         return values
+
+    def targets_text(self) -> str:
+        return self._own(", ".join(f"{k} {v:g} s" for k, v in self.ttft_targets.items()))
+
+    def describe(self, text: str) -> str:
+        """A description with the targets its rule uses written in."""
+        return (text.replace(_TARGETS, self.targets_text()).replace(_ITL_TARGET, self._own(f"{self.itl_target:g} s"))
+                .replace(_ENCODE_BUDGET, self._own(f"{self.encode_budget:g} s")))
 
     def __call__(self, *extra: str) -> str:
         matchers = [*self.base, *extra]
@@ -65,8 +82,7 @@ class Alert:
     def rule(self, sel: Sel) -> dict[str, Any]:
         return {"alert": self.name, "expr": self.expr(sel), "for": self.for_,
                 "labels": {"severity": self.severity},
-                "annotations": {"summary": self.summary, "description": self.description.replace(
-                    _TARGETS, sel.targets_text())}}
+                "annotations": {"summary": self.summary, "description": sel.describe(self.description)}}
 
 
 def _pool(metric: str, pool: str, s: Sel) -> str:
@@ -78,19 +94,38 @@ def _sum_rate(metric: str, s: Sel, *match: str, window: str = "5m") -> str:
     return f"sum by ({BY}) (rate({prom(metric)}{s(*match)}[{window}]))"
 
 
+def _p90(histogram: str, s: Sel, by: str, *match: str) -> str:
+    bucket = prom(histogram) + "_bucket" + s(*match)
+    return f"histogram_quantile({TTFT_QUANTILE:g}, sum by ({by}, le) (rate({bucket}[10m])))"
+
+
+def _over_target(p90: str, s: Sel, target: float, target_metric: str, by: str, *match: str) -> str:
+    """`p90` over the deployment's own target: written in (the operator's rule), or read from the operator's
+    `target_metric` with `target` (the default) for a deployment whose operator metrics are not scraped."""
+    if not s.exported_targets:
+        return f"{p90} > {target:g}"
+    own = f"max by ({by}) ({prom(target_metric)}{s(*match)})"
+    return f"{p90}\n  > on ({by}) {own}\nor ({p90} > {target:g}\n  unless on ({by}) {own})"
+
+
 def _ttft(s: Sel) -> str:
     parts = []
     for modality, target in s.ttft_targets.items():
-        bucket = prom("dotsvlm_time_to_first_token_seconds") + "_bucket" + s(f'modality="{modality}"')
-        p90 = f"histogram_quantile({TTFT_QUANTILE:g}, sum by ({BY}, modality, le) (rate({bucket}[10m])))"
-        if not s.exported_targets:
-            parts.append(f"{p90} > {target:g}")
-            continue
-        match = s(f'modality="{modality}"')
-        own = f"max by ({BY}, modality) ({prom('dotsvlm_slo_time_to_first_token_seconds')}{match})"
-        parts.append(f"{p90}\n  > on ({BY}, modality) {own}\n"
-                     f"or ({p90} > {target:g}\n  unless on ({BY}, modality) {own})")
+        match = f'modality="{modality}"'
+        p90 = _p90("dotsvlm_time_to_first_token_seconds", s, f"{BY}, modality", match)
+        parts.append(_over_target(p90, s, target, "dotsvlm_slo_time_to_first_token_seconds", f"{BY}, modality", match))
     return "\n  or\n".join(f"({p})" for p in parts)
+
+
+def _itl(s: Sel) -> str:
+    # Over both modalities, as the autoscaler's one inter-token p90 (its InterTokenLatencyMiss rule).
+    return _over_target(_p90("dotsvlm_inter_token_latency_seconds", s, BY), s, s.itl_target,
+                        "dotsvlm_slo_inter_token_latency_seconds", BY)
+
+
+def _vision_latency(s: Sel) -> str:
+    return _over_target(_p90("dotsvlm_vision_request_seconds", s, BY), s, s.encode_budget,
+                        "dotsvlm_slo_vision_encode_budget_seconds", BY)
 
 
 WHO = "{{ $labels.dotsvlm_namespace }}/{{ $labels.dotsvlm_deployment }}"
@@ -161,6 +196,28 @@ ALERTS: tuple[Alert, ...] = (
         "against the same targets: its pools are most likely at maxReplicas or short of GPUs. For image requests check the vision pool (backlog, encode latency); for all, the tensor queue "
         "wait and the LLM pool's running requests. See the 'Overview' dashboard."),
     Alert(
+        "DotsVLMInterTokenLatencyHigh",
+        _itl,
+        "10m", "warning",
+        f"{WHO}: p90 inter-token latency is over target",
+        "The 90th percentile of the mean time between two generated tokens of a request is {{ $value | "
+        "printf \"%.3f\" }} s (target, spec.slo.interTokenSeconds: " + _ITL_TARGET + "), although the autoscaler "
+        "scales the LLM pool against the same target: the pool is most likely at maxReplicas "
+        "(DotsVLMLLMPoolSaturated) or its new replicas cannot be placed (DotsVLMPodsUnschedulable). Check the 'LLM "
+        "pool' dashboard: running requests per replica and KV-cache use (lower spec.llm.maxRunningRequests for "
+        "faster tokens at less throughput), and raise spec.llm.maxReplicas if GPUs are free."),
+    Alert(
+        "DotsVLMVisionEncodeLatencyHigh",
+        _vision_latency,
+        "10m", "warning",
+        f"{WHO}: images take longer in the vision stage than their share of the image TTFT target",
+        "The 90th percentile time for a request's images to come back from the vision pool (queueing and batching "
+        "included) is {{ $value | printf \"%.2f\" }} s, over the encode budget (spec.slo.imageTTFTSeconds x "
+        "spec.vision.autoscaling.encodeBudgetFraction: " + _ENCODE_BUDGET + "), although the autoscaler scales the "
+        "vision pool against the same budget: the vision pool does not keep up. Check the 'Vision pool' dashboard: "
+        "at maxReplicas (DotsVLMVisionPoolSaturated) raise spec.vision.maxReplicas; pods pending "
+        "(DotsVLMPodsUnschedulable) need GPUs; slow batches with a short backlog: lower spec.vision.maxBatchPixels."),
+    Alert(
         "DotsVLMHighErrorRate",
         lambda s: (_sum_rate("dotsvlm_requests", s, 'code=~"5.."') + "\n/ " + _sum_rate("dotsvlm_requests", s)
                    + f" > {ERROR_RATIO:g}"),
@@ -224,8 +281,9 @@ def alerts_file() -> str:
 
 
 def prometheus_rule(meta: dict[str, Any], namespace: str, deployment: str,
-                    ttft_targets: dict[str, float] | None = None) -> dict[str, Any]:
+                    ttft_targets: dict[str, float] | None = None, itl_target: float | None = None,
+                    encode_budget: float | None = None) -> dict[str, Any]:
     """The PrometheusRule the operator renders for one deployment (its rules see only its own series, and
     hold it to its own spec.slo)."""
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": meta,
-            "spec": {"groups": rule_groups(Sel(namespace, deployment, ttft_targets))}}
+            "spec": {"groups": rule_groups(Sel(namespace, deployment, ttft_targets, itl_target, encode_budget))}}

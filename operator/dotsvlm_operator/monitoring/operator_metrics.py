@@ -2,7 +2,8 @@
 
 Reconcile passes (count by result, duration) and, per DotsVLMDeployment and pool, the replica counts
 the operator writes into the resource's status (desired, current, ready), the spec's bounds and the
-pods the scheduler cannot place; per DotsVLMDeployment, its spec.slo time-to-first-token targets. Names
+pods the scheduler cannot place; per DotsVLMDeployment, its spec.slo targets (time to first token, inter-token
+latency, and the vision stage's encode budget) that the chart's alerts hold it to. Names
 and labels come from the catalogue
 (`dotsvlm_serving.metrics.catalog.OPERATOR_METRICS`).
 """
@@ -17,6 +18,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, dis
                                start_http_server)
 
 from dotsvlm_operator import models as m
+from dotsvlm_operator import serve_app
 
 _POOL_GAUGES = {  # metric -> how to read it from (status pool, spec pool, unschedulable pods)
     "dotsvlm_pool_desired_replicas": lambda st, sp, u: st.desired_replicas,
@@ -64,6 +66,9 @@ class OperatorMetrics:
         slo = self._m["dotsvlm_slo_time_to_first_token_seconds"]
         slo.labels(namespace, name, "text").set(spec.slo.text_ttft_seconds)
         slo.labels(namespace, name, "image").set(spec.slo.image_ttft_seconds)
+        self._m["dotsvlm_slo_inter_token_latency_seconds"].labels(namespace, name).set(spec.slo.inter_token_seconds)
+        self._m["dotsvlm_slo_vision_encode_budget_seconds"].labels(namespace, name).set(
+            serve_app.encode_budget_seconds(spec))
 
     def forget(self, namespace: str, name: str) -> None:
         """A deleted resource's series go away (its counters too: they would only mislead)."""

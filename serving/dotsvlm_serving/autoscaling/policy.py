@@ -275,7 +275,7 @@ def recommend_vision(s: VisionSignals, cfg: VisionAutoscaling, slo: SLOConfig, s
         state.learned_rate = s.encode_pixels_per_s
     arriving = measure_arrivals(state, s.admitted_pixels_total, now)
     joined_s = _note_running(state, s.running_replicas, now)
-    budget_s = slo.image_ttft_s * cfg.encode_budget_fraction
+    budget_s = cfg.encode_budget_s(slo)
     current = max(s.running_replicas, 0)
     rate = s.encode_pixels_per_s or state.learned_rate
     # Arrivals keep a busy pool's size between bursts of queueing; with no work and no arrivals it may shrink.

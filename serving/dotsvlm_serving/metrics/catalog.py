@@ -46,7 +46,14 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0, 
 # 16.7 s). So the bounds hold every target a user is likely to set (docs/observability.md lists them).
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0,
                 20.0, 25.0, 30.0, 40.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+# Inter-token latency is held to spec.slo.interTokenSeconds the same way (DotsVLMInterTokenLatencyHigh): the bounds
+# hold the targets a user is likely to set (default 0.2 s; a 0.05 s target fell in (0.04, 0.06]).
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.08, 0.1, 0.125, 0.15,
+               0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0)
+# The vision stage is held to its encode budget, imageTTFTSeconds x vision.autoscaling.encodeBudgetFraction
+# (DotsVLMVisionEncodeLatencyHigh, the autoscaler's EncodeLatency rule): the bounds hold every likely TTFT target
+# and its half (the default fraction 0.5: 10 s -> 5 s, 15 s -> 7.5 s).
+VISION_REQUEST_BUCKETS = tuple(sorted(set(TTFT_BUCKETS) | {b * 0.5 for b in TTFT_BUCKETS}))
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 RECONCILE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -110,7 +117,7 @@ SERVING_METRICS: tuple[MetricSpec, ...] = (
        "Pixels (after resize) this ingress replica sent to the vision pool: its rate is the demand the pool is sized for"),
     _m("dotsvlm_vision_request_seconds", "histogram", "ingress",
        "Time for one request's images to come back from the vision pool (queueing and batching included)", (),
-       LATENCY_BUCKETS),
+       VISION_REQUEST_BUCKETS),
     # --- vision pool (VisionEncoder replicas), from VisionEncoder.stats() and each batch
     _m("dotsvlm_vision_images_encoded", "counter", "vision", "Images encoded by this vision replica"),
     _m("dotsvlm_vision_pixels_encoded", "counter", "vision", "Pixels (after resize) encoded by this vision replica"),
@@ -178,6 +185,13 @@ OPERATOR_METRICS: tuple[MetricSpec, ...] = (
     _m("dotsvlm_slo_time_to_first_token_seconds", "gauge", "operator",
        "The deployment's p90 time-to-first-token target per modality (spec.slo: what the autoscaler scales "
        "against and DotsVLMTimeToFirstTokenHigh holds it to)", (*_RESOURCE, "modality")),
+    _m("dotsvlm_slo_inter_token_latency_seconds", "gauge", "operator",
+       "The deployment's p90 inter-token latency target (spec.slo.interTokenSeconds: what the autoscaler scales "
+       "against and DotsVLMInterTokenLatencyHigh holds it to)", _RESOURCE),
+    _m("dotsvlm_slo_vision_encode_budget_seconds", "gauge", "operator",
+       "The p90 time a request's images may take in the vision stage (spec.slo.imageTTFTSeconds x "
+       "spec.vision.autoscaling.encodeBudgetFraction: what the autoscaler's EncodeLatency rule scales against and "
+       "DotsVLMVisionEncodeLatencyHigh holds it to)", _RESOURCE),
 )
 
 ALL_METRICS: tuple[MetricSpec, ...] = SERVING_METRICS + AUTOSCALER_METRICS + OPERATOR_METRICS
