@@ -617,3 +617,25 @@ def test_a_clock_stepped_forward_does_not_cancel_replicas_still_starting() -> No
         assert d.reason == p.STABILIZING and (t < 160 or "still starting" in d.message), d
     assert shrunk_at is not None and 600 <= shrunk_at <= 602, (shrunk_at, d)
     assert d.reason == p.LOW_LOAD, d
+
+
+def test_a_clock_stepped_forward_does_not_shorten_the_scale_down_interval() -> None:
+    """scaleDownIntervalSeconds 300 between two scale-downs (downscaleDelaySeconds 60): the LLM pool steps down
+    once, then the wall clock steps forward by 1000 s. The step is no time watched: the next step down comes 300 s
+    of watching after the first. Before, it came one down window (60 s) after the step, 100 s after the first."""
+    sp = spec(llm={"downscale_delay_s": 60, "scale_down_interval_s": 300, "target_ongoing_requests": 48})
+    state, cur = p.PolicyState(), {"vision": 1, "llm": 4}
+    quiet = lambda: p.Snapshot(vision(1), llm(cur["llm"], running=10))
+    downs = []
+    for t in range(100):
+        ds = p.decide(quiet(), sp, state, float(t), current=cur)
+        if ds["llm"].desired < cur["llm"]:
+            downs.append(t)
+        cur = {k: d.desired for k, d in ds.items()}
+    assert downs == [60] and cur["llm"] == 3, downs
+    for t in range(100, 500):  # 1000 s later on the wall clock
+        ds = p.decide(quiet(), sp, state, 1000.0 + t, current=cur)
+        if ds["llm"].desired < cur["llm"]:
+            downs.append(t)
+        cur = {k: d.desired for k, d in ds.items()}
+    assert 360 <= downs[1] <= 361, downs  # 300 s watched after the first (the gap takes its last tick along)

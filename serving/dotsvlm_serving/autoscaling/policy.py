@@ -627,7 +627,8 @@ def follow_clock(state: PolicyState, now: float, spec: PolicySpec | None = None)
     first decision after a clock stepped forward by more than idleToZeroSeconds took it to zero at once).
     Nor does the gap count as start-up time of the replicas asked for before it: the replicaStartupSeconds guard
     (a scale-down does not cancel replicas still starting) moves forward by it too (a clock stepped forward by more
-    than replicaStartupSeconds ended the guard at once, and the first down window after it cancelled them).
+    than replicaStartupSeconds ended the guard at once, and the first down window after it cancelled them), and so
+    does the scaleDownIntervalSeconds since the last scale-down (the next one came a down window after the step).
     Called by `decide`; idempotent."""
     for pool, st in (("vision", state.vision), ("llm", state.llm)):
         cfg = getattr(spec, pool) if spec is not None else None
@@ -639,11 +640,14 @@ def follow_clock(state: PolicyState, now: float, spec: PolicySpec | None = None)
             st.last_work_at += now - st.clock  # type: ignore[operator]
         if st.clock is not None and cfg is not None and now - st.clock > cfg.metrics_stale_s:
             st.observed_since, st.recommendations = None, []
+            # Not the hold's time (replicas start meanwhile, and the clock measured it): only the gap's, which the
+            # wall clock alone cannot tell from a step forward. A stalled controller keeps its starting replicas up
+            # to replicaStartupSeconds longer and waits up to scaleDownIntervalSeconds more for its next scale-down;
+            # a step no longer cancels them nor shortens the interval.
             if st.last_scale_up_at is not None:
-                # Not the hold's time (replicas start meanwhile, and the clock measured it): only the gap's, which
-                # the wall clock alone cannot tell from a step forward. A stalled controller keeps its starting
-                # replicas up to replicaStartupSeconds longer; a step no longer cancels them.
                 st.last_scale_up_at += now - st.clock
+            if st.last_scale_down_at is not None:
+                st.last_scale_down_at += now - st.clock
         if st.clock is not None and now < st.clock:
             back, back_s = now - st.clock, math.floor(now) - math.floor(st.clock)
             for name in ("last_scale_down_at", "last_scale_up_at", "last_work_at", "last_change_at", "observed_since",
