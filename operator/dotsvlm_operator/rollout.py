@@ -13,8 +13,9 @@ not available) waits for it, in the same order: the vision pool took a new image
 still replaced pods for the previous one, two pools short of a pod together. The exceptions are groups whose
 rollout has stalled (Kubernetes' `ProgressDeadlineExceeded`: a broken image, or a pod that never schedules):
 one whose template changed again takes the new one at once, since it could never finish the old one and is
-short of a pod anyway (the groups before it wait for it); one whose template stays holds nothing (waiting
-would never end).
+short of a pod anyway (the groups before it wait for it); one whose template stays holds no group before it
+(waiting would never end). Nor does a group whose rollout Kubernetes finished and that is short only of a
+scale-up's pods: Kubernetes never marks those stalled.
 
 A group that waits keeps the template it runs: each Ray Deployment carries the template the operator last
 applied (`naming.ANNOTATION_POD_TEMPLATE`), so the plan survives an operator restart. A new Ray token is
@@ -99,6 +100,19 @@ def _old_pods_left(dep: dict[str, Any]) -> bool:
     return int(st.get("replicas") or 0) > int(st.get("updatedReplicas") or 0)
 
 
+def _only_scaling(dep: dict[str, Any]) -> bool:
+    """Whether Kubernetes finished the Deployment's last rollout (it saw its latest spec, no old pod is left, and
+    its condition Progressing=True has the reason NewReplicaSetAvailable): the pods it is short of now come from
+    a scale-up (the autoscaler asked for a pod no node can take yet) or were lost since. Kubernetes never marks
+    those stalled (it estimates progress only during a rollout: kubernetes/kubernetes#106054), so waiting for
+    them may never end."""
+    meta, st = dep.get("metadata") or {}, dep.get("status") or {}
+    seen = int(st.get("observedGeneration") or 0) >= int(meta.get("generation") or 0)
+    complete = any(c.get("type") == "Progressing" and c.get("status") == "True"
+                   and c.get("reason") == "NewReplicaSetAvailable" for c in st.get("conditions") or [])
+    return seen and complete and not _old_pods_left(dep)
+
+
 @dataclass(frozen=True)
 class TemplatePlan:
     """The pod template each group gets now, and what a person should know while it rolls."""
@@ -130,6 +144,15 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
     # The groups' Deployments whose rollout the plan follows (live, template known), and how far each is.
     known = {g: dep for g in order if (dep := live.get(g)) is not None and currents[g] is not None}
     progress = {g: rollout_progress(dep) for g, dep in known.items()}
+
+    def holds_earlier(g: str) -> bool:
+        """Whether group `g`, not finished, holds a change of a group before it. Not when its rollout stalled
+        (a pod that never schedules) unless it takes the change now (it rolls then), nor when Kubernetes
+        finished its rollout and only a scale-up's pods are missing (the autoscaler asked for more GPUs than the
+        cluster has, say): waiting would not end."""
+        return g in progress and not progress[g][0] and not _only_scaling(known[g]) and (
+            not _stalled(known[g]) or currents[g] != desired[g])
+
     templates: dict[str, dict[str, Any]] = {}
     rolling: dict[str, str] = {}  # group -> how far it is, for the groups that replace pods now
     waiting: list[str] = []
@@ -145,10 +168,7 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
         any_changed = any_changed or changed
         new_image = new_image or (changed and template_image(current) != template_image(want))
         done, how_far = progress[group]
-        # A later group that stalled (a pod that never schedules: the autoscaler asked for more GPUs than the
-        # cluster has, say) holds nothing unless it takes the change now (it rolls then): waiting would not end.
-        later_busy = any(not progress[g][0] and (not _stalled(known[g]) or currents[g] != desired[g])
-                         for g in order[i + 1:] if g in progress)
+        later_busy = any(holds_earlier(g) for g in order[i + 1:])
         superseded_stall = changed and not done and _stalled(dep)
         if changed and (not before_done or later_busy) and not superseded_stall and not all_at_once:
             templates[group] = current
@@ -164,10 +184,12 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
     if not rolling and not waiting:
         return TemplatePlan(templates)
     if waiting:
-        # What the waiting groups wait for: every group short of a pod but the ones named as rolling. A group
-        # with a pod not available (a scale-up whose pod waits for a node, say) holds them as a rolling one does.
+        # What the first waiting group waits for: every group before it short of a pod but the ones named as
+        # rolling (a pod not available, a scale-up whose pod waits for a node say, holds the groups after it as a
+        # rolling one does), and the groups after it that hold it (its own pods do not: it would roll).
+        first = next(g for g in order if templates[g] != desired[g] and g in known)
         for g, (done, how_far) in progress.items():
-            if done or g in rolling:
+            if done or g in rolling or g == first or (order.index(g) > order.index(first) and not holds_earlier(g)):
                 continue
             stalled = (" (stalled: no progress within its Deployment's progress deadline; the Degraded condition "
                        "and its pods' events say why)") if _stalled(known[g]) else ""

@@ -287,3 +287,53 @@ def test_a_pool_whose_rollout_stalled_takes_the_next_image_at_once_and_the_group
     plan = plan_templates(new, live)
     assert plan.templates["vision"] == new["vision"], plan.message
     assert plan.message.startswith("new pod settings: rolling the vision pool"), plan.message
+
+
+def _complete(d: dict) -> dict:
+    """The Deployment's last rollout finished (Kubernetes' Progressing=True, NewReplicaSetAvailable): pods it is
+    short of since come from a scale-up (or were lost), which Kubernetes never declares stalled."""
+    d["status"]["conditions"] = [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]
+    return d
+
+
+def test_a_later_pool_whose_scale_up_waits_for_gpus_does_not_hold_a_new_image() -> None:
+    """Under load the autoscaler asked for a third LLM pod that no node can take (the cluster's GPUs are all in
+    use): its Deployment finished its last rollout long ago and Kubernetes never marks a scale-up stalled
+    (kubernetes/kubernetes#106054), so it stays 2 of 3 available while the load lasts. A new image waited for it
+    (since c4681e8): nothing rolled, not even the vision pool, however long the load lasted. The pool is not
+    replacing pods: the image rolls the vision pool, and the status does not name the LLM pool's scale-up as what
+    it waits for."""
+    old, new = templates("img:1"), templates("img:2")
+    live = {g: _complete(d) for g, d in live_of(old).items()}
+    live["llm"] = _complete(dep(old["llm"], 3, updated=3, available=2))
+    plan = plan_templates(new, live)
+    assert plan.images == {"vision": "img:2", "llm": "img:1", "ray-head": "img:1"}, plan.message
+    assert plan.message.startswith("new image img:2: rolling the vision pool (starting); then the LLM pool, then "
+                                   "the Ray head"), plan.message
+    # The LLM pool replacing pods of its own (a rollout Kubernetes still runs) holds the image, as before.
+    live["llm"] = dep(old["llm"], 3, updated=2, available=2, total=4)
+    live["llm"]["status"]["conditions"] = [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}]
+    assert plan_templates(new, live).templates["vision"] == old["vision"]
+    # The last new pod of that rollout still starting (every pod updated, one not available) holds it too.
+    live["llm"] = dep(old["llm"], 3, updated=3, available=2)
+    live["llm"]["status"]["conditions"] = [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}]
+    assert plan_templates(new, live).templates["vision"] == old["vision"]
+    # A scale the controller has not seen yet is not known to be one.
+    live["llm"] = _complete(dep(old["llm"], 3, updated=3, available=2, generation=5, observed=4))
+    assert plan_templates(new, live).templates["vision"] == old["vision"]
+
+
+def test_a_waiting_group_is_not_said_to_wait_for_a_later_pool_that_only_scales() -> None:
+    """A new image comes while the API pool replaces pods for a change of its own (the image waits for it) and the
+    LLM pool has a scale-up pod waiting for a GPU node. The vision pool waits for the API pool only: the status
+    names the API pool, not the LLM pool's scale-up."""
+    pool = {"apiPool": {"replicas": 2}}
+    groups = ("vision", "llm", "api-pool", "ray-head")
+    old, new = templates("img:1", **pool), templates("img:2", **pool)
+    live = {g: _complete(dep(old[g], 1 if g == "ray-head" else 2)) for g in groups}
+    live["api-pool"] = dep(old["api-pool"], updated=1, available=1, total=3)
+    live["llm"] = _complete(dep(old["llm"], 3, updated=3, available=2))
+    plan = plan_templates(new, live)
+    assert plan.images == {g: "img:1" for g in groups}, plan.message
+    assert plan.message.startswith("new image img:2: waiting until the API pool (1 of 2 pods updated, 1 available, "
+                                   "1 old left) has finished replacing its pods; then the vision pool"), plan.message
