@@ -20,7 +20,8 @@ from grafana_foundation_sdk.builders import timeseries as gts
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 
-from dotsvlm_operator.monitoring.alerts import TTFT_QUANTILE
+from dotsvlm_operator.monitoring.alerts import (ENCODE_BUDGET_SECONDS, ITL_TARGET_SECONDS, TTFT_QUANTILE,
+                                                TTFT_TARGET_SECONDS)
 
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 S = f'{NAMESPACE_LABEL}=~"$namespace",{DEPLOYMENT_LABEL}=~"$deployment"'
@@ -52,6 +53,29 @@ def mean(metric: str, by: str = "") -> str:
 def gauge(metric: str, agg: str = "sum", by: str = "", *extra: str) -> str:
     group = f" by ({by})" if by else ""
     return f"{agg}{group} ({prom(metric)}{sel(*extra)})"
+
+
+# A target line's `source` label: the deployment's own (exported by the operator), or spec.slo's default where
+# the operator's metrics are not scraped (what the chart's alerts then hold the deployment to).
+OWN_TARGET = "spec.slo"
+DEFAULT_TARGET = "spec.slo default, operator metrics not scraped"
+
+
+def _labelled(expr: str, **labels: str) -> str:
+    for name, value in labels.items():
+        expr = f'label_replace({expr}, "{name}", "{value}", "", "")'
+    return expr
+
+
+def target(metric: str, default: float | dict[str, float], by: str = "") -> str:
+    """A target line as the chart's alert and the autoscaler read it: the deployment's own from the operator's
+    `metric`, and spec.slo's `default` (per value of the label `by` when a dict) where that is not scraped."""
+    own = _labelled(gauge(metric, "max", by), source=OWN_TARGET)
+    if isinstance(default, dict):
+        fallback = " or ".join(_labelled(f"vector({v:g})", **{by: k}, source=DEFAULT_TARGET)
+                               for k, v in default.items())
+        return f"{own} or on ({by}) ({fallback})"
+    return f"{own} or on () {_labelled(f'vector({default:g})', source=DEFAULT_TARGET)}"
 
 
 @dataclass
@@ -127,8 +151,22 @@ def _ttft_with_targets() -> list[tuple[str, str]]:
     out = [(quantile(TTFT_QUANTILE, "dotsvlm_time_to_first_token_seconds", "modality"), "p90 {{modality}}"),
            (quantile(0.5, "dotsvlm_time_to_first_token_seconds", "modality"), "p50 {{modality}}")]
     # Each deployment's own spec.slo (the operator exports it), as the autoscaler and its alert read it.
-    out.append((gauge("dotsvlm_slo_time_to_first_token_seconds", "max", "modality"), "target {{modality}} (spec.slo)"))
+    out.append((target("dotsvlm_slo_time_to_first_token_seconds", TTFT_TARGET_SECONDS, "modality"),
+                "target {{modality}} ({{source}})"))
     return out
+
+
+def _itl_with_target() -> list[tuple[str, str]]:
+    # DotsVLMInterTokenLatencyHigh and the autoscaler's InterTokenLatencyMiss hold the p90 over both modalities.
+    return [(quantile(TTFT_QUANTILE, "dotsvlm_inter_token_latency_seconds"), "p90 (all requests)"),
+            (quantile(0.5, "dotsvlm_inter_token_latency_seconds", "modality"), "p50 {{modality}}"),
+            (target("dotsvlm_slo_inter_token_latency_seconds", ITL_TARGET_SECONDS), "target ({{source}})")]
+
+
+ITL_DESCRIPTION = ("Per-request mean time between output tokens: p90 over all requests against the deployment's "
+                   "spec.slo.interTokenSeconds (the autoscaler scales the LLM pool against it; "
+                   "DotsVLMInterTokenLatencyHigh fires over it; drawn from the operator's metrics), p50 per "
+                   "modality.")
 
 
 OVERVIEW = Dashboard(
@@ -153,9 +191,7 @@ OVERVIEW = Dashboard(
                "autoscaler scales against them; DotsVLMTimeToFirstTokenHigh fires over them; drawn from the "
                "operator's metrics).",
                _ttft_with_targets(), "s", width=8),
-         Panel("Inter-token latency", "Per-request mean time between output tokens, p50 and p95 per modality.",
-               [(quantile(0.95, "dotsvlm_inter_token_latency_seconds", "modality"), "p95 {{modality}}"),
-                (quantile(0.5, "dotsvlm_inter_token_latency_seconds", "modality"), "p50 {{modality}}")], "s", width=8),
+         Panel("Inter-token latency", ITL_DESCRIPTION, _itl_with_target(), "s", width=8),
          Panel("End-to-end latency", "p50 and p95 per modality, from arrival to the last token.",
                [(quantile(0.95, "dotsvlm_request_duration_seconds", "modality"), "p95 {{modality}}"),
                 (quantile(0.5, "dotsvlm_request_duration_seconds", "modality"), "p50 {{modality}}")], "s", width=8),
@@ -185,9 +221,14 @@ VISION = Dashboard(
                (gauge("dotsvlm_vision_backlog_images", "sum", "replica"), "waiting {{replica}}"),
                (gauge("dotsvlm_vision_encoding_images", "sum", "replica"), "encoding {{replica}}")], "short"),
         Panel("Request encode latency", "Time for one request's images to come back from the vision pool, queueing "
-              "and batching included (the latency the autoscaler watches), p50 and p95.",
-              [(quantile(0.95, "dotsvlm_vision_request_seconds"), "p95"),
-               (quantile(0.5, "dotsvlm_vision_request_seconds"), "p50")], "s"),
+              "and batching included, p90 and p50, against the deployment's encode budget "
+              "(spec.slo.imageTTFTSeconds x spec.vision.autoscaling.encodeBudgetFraction: the autoscaler's "
+              "EncodeLatency rule scales the pool against it; DotsVLMVisionEncodeLatencyHigh fires over it; drawn "
+              "from the operator's metrics).",
+              [(quantile(TTFT_QUANTILE, "dotsvlm_vision_request_seconds"), "p90"),
+               (quantile(0.5, "dotsvlm_vision_request_seconds"), "p50"),
+               (target("dotsvlm_slo_vision_encode_budget_seconds", ENCODE_BUDGET_SECONDS), "budget ({{source}})")],
+              "s"),
         Panel("Batch encode latency", "Time to encode one batch on the tower, p50 and p95.",
               [(quantile(0.95, "dotsvlm_vision_encode_seconds"), "p95"),
                (quantile(0.5, "dotsvlm_vision_encode_seconds"), "p50")], "s"),
@@ -255,8 +296,7 @@ LLM = Dashboard(
               "percentunit"),
         Panel("Tokens per second", "Tokens generated, per LLM replica.",
               [(rate("dotsvlm_llm_generated_tokens", by="replica"), "{{replica}}")], "short"),
-        Panel("Inter-token latency", "Per-request mean time between output tokens, p95 per modality.",
-              [(quantile(0.95, "dotsvlm_inter_token_latency_seconds", "modality"), "p95 {{modality}}")], "s"),
+        Panel("Inter-token latency", ITL_DESCRIPTION, _itl_with_target(), "s"),
         _replicas("llm"),
     ])],
 )
