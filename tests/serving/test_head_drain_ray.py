@@ -24,7 +24,7 @@ def _gcs():
 
 
 def test_head_drain_finishes_open_streams_and_refuses_new_requests_with_retry_after(served: Served) -> None:
-    from dotsvlm_serving.deployments.backpressure import KV_NAMESPACE
+    from dotsvlm_serving.deployments.backpressure import KV_NAMESPACE, ReportAges
     from dotsvlm_serving.head_drain import DRAIN_KV_KEY, HeadDrain, _reports, drain_head, drain_state
 
     gcs = _gcs()
@@ -54,9 +54,11 @@ def test_head_drain_finishes_open_streams_and_refuses_new_requests_with_retry_af
         # Wait until every ingress replica reports it has seen the flag (its watcher polls every 0.5 s, its
         # report follows), then every new request and every health check is refused, whichever replica serves it.
         deadline = time.monotonic() + 60  # a report of a replica gone since counts for REPORT_STALE_S (30 s)
+        ages = ReportAges()
         while True:
             flag = HeadDrain.from_json(gcs.internal_kv_get(DRAIN_KV_KEY.encode(), KV_NAMESPACE.encode()))
-            state = drain_state(_reports(gcs), flag.since, time.time()) if flag and flag.since else None
+            fresh = ages.fresh(_reports(gcs))
+            state = drain_state(fresh, flag.since) if flag and flag.since else None
             if state is not None and state.replicas >= 2 and state.draining == state.replicas:
                 break
             assert time.monotonic() < deadline, f"the ingress replicas did not see the drain within 60 s: {state}"

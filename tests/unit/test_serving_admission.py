@@ -11,7 +11,8 @@ import pytest
 from dotsvlm_serving.admission import (DEFAULT_RETRY_AFTER_S, IMAGE_BYTES_FULL, MAX_RETRY_AFTER_S, VISION_BACKLOG_FULL,
                                        AmountGate, ByteBudget, DrainRate, admit_bytes, admit_pixels, retry_after_s,
                                        share)
-from dotsvlm_serving.deployments.backpressure import IngressAdmission, rejection_error, sum_reports
+from dotsvlm_serving.deployments.backpressure import (REPORT_STALE_S, IngressAdmission, ReportAges, rejection_error,
+                                                      sum_reports)
 from dotsvlm_serving.serve_config import ServeAppConfig, VisionPoolConfig
 
 MPX = 1_000_000
@@ -110,17 +111,67 @@ def test_ingress_admission_counts_rejections_by_reason_and_builds_the_429() -> N
     assert figures["rejected"] == {VISION_BACKLOG_FULL: 1, IMAGE_BYTES_FULL: 1} and figures["pending_pixels"] == 7
 
 
+def _ages(now: float) -> ReportAges:
+    """A reader whose monotonic and wall clocks both read `now`."""
+    return ReportAges(clock=lambda: now, wall_clock=lambda: now)
+
+
 def test_report_sums_fresh_ingress_replicas_only() -> None:
     now = 1000.0
-    records = [{"time": now - 1, "vision_replicas": 2, "pending_pixels": 5, "pending_pixels_limit": 50,
-                "image_bytes": 7, "image_bytes_limit": 70, "rejected": {VISION_BACKLOG_FULL: 3}},
-               {"time": now - 2, "vision_replicas": 2, "pending_pixels": 1, "pending_pixels_limit": 50,
-                "image_bytes": 1, "image_bytes_limit": 70, "rejected": {VISION_BACKLOG_FULL: 1, "queue_full": 2}},
-               {"time": now - 600, "pending_pixels": 99, "rejected": {VISION_BACKLOG_FULL: 100}}]  # a gone replica
-    got = sum_reports(records, now)
+    records = {"a": {"time": now - 1, "vision_replicas": 2, "pending_pixels": 5, "pending_pixels_limit": 50,
+                     "image_bytes": 7, "image_bytes_limit": 70, "rejected": {VISION_BACKLOG_FULL: 3}},
+               "b": {"time": now - 2, "vision_replicas": 2, "pending_pixels": 1, "pending_pixels_limit": 50,
+                     "image_bytes": 1, "image_bytes_limit": 70,
+                     "rejected": {VISION_BACKLOG_FULL: 1, "queue_full": 2}},
+               "gone": {"time": now - 600, "pending_pixels": 99, "rejected": {VISION_BACKLOG_FULL: 100}}}
+    got = sum_reports(_ages(now).fresh(records))
     assert got["ingress_replicas"] == 2 and got["pending_pixels"] == 6 and got["pending_pixels_limit"] == 100
     assert got["rejected"] == {VISION_BACKLOG_FULL: 4, "queue_full": 2} and got["rejected_total"] == 6
-    assert sum_reports([], now)["vision_replicas"] is None
+    assert sum_reports([])["vision_replicas"] is None
+
+
+class _Replica:
+    """An ingress replica writing its report every 2 s on a wall clock `offset` s off the reader's."""
+
+    def __init__(self, offset: float, rejected: int) -> None:
+        self.offset, self.rejected, self.live = offset, rejected, True
+        self.record: dict = {}
+
+    def write(self, t: float) -> None:
+        if self.live:
+            self.record = {"time": t + self.offset, "vision_replicas": 1,
+                           "rejected": {VISION_BACKLOG_FULL: self.rejected},
+                           "p90_s": {"ttft_image_p90_s": float(self.rejected)}}
+
+
+@pytest.mark.parametrize("offset", [-120.0, 3600.0])
+def test_a_replica_on_a_clock_off_the_readers_is_summed_while_it_writes_and_dropped_once_it_stops(
+        offset: float) -> None:
+    """With `spec.apiPool` the ingress replicas run on several nodes, and the one answering `GET /-/autoscaler`
+    judged the others' reports by its own wall clock: a replica on a clock 30 s behind was never summed
+    (status.backpressure and status.slo missed its refusals and latencies, and rejectedTotal went up and down
+    with whichever replica answered), one on a clock ahead was summed for that long after it was gone. Now a
+    report is fresh while it keeps changing, on the reader's monotonic clock."""
+    from dotsvlm_serving.deployments.backpressure import worst_p90s
+
+    t = 1000.0
+    ages = ReportAges(clock=lambda: t, wall_clock=lambda: t)
+    here, there = _Replica(0.0, 1), _Replica(offset, 10)
+    totals = []
+    for step in range(60):  # the reader answers every 2 s; both replicas write between
+        t += 2.0
+        there.live = step < 20  # `there` writes its last report at step 19
+        here.write(t)
+        there.write(t - 1.0)
+        fresh = ages.fresh({"here": here.record, "there": there.record})
+        totals.append((sum_reports(fresh)["rejected_total"], worst_p90s(fresh, {"ttft_image_p90_s": None})))
+    summed = [n for n, _ in totals]
+    # From its second report on (the first goes by the wall clocks), `there` counts until it has not written
+    # for REPORT_STALE_S, then never again.
+    assert summed[1:20] == [11] * 19, summed
+    gone = 20 + int(REPORT_STALE_S / 2)  # silent for more than REPORT_STALE_S
+    assert summed[gone - 1] == 11 and set(summed[gone:]) == {1}, summed
+    assert totals[10][1] == {"ttft_image_p90_s": 10.0} and totals[-1][1] == {"ttft_image_p90_s": 1.0}
 
 
 def test_status_slo_reports_the_worst_fresh_ingress_replica_as_the_policy_reads_it() -> None:
@@ -130,12 +181,12 @@ def test_status_slo_reports_the_worst_fresh_ingress_replica_as_the_policy_reads_
 
     now = 1000.0
     own = {"ttft_text_p90_s": 0.5, "ttft_image_p90_s": None}
-    records = [{"time": now - 1, "p90_s": {"ttft_text_p90_s": 3.0, "ttft_image_p90_s": None}},
-               {"time": now - 2, "p90_s": {"ttft_text_p90_s": 0.4, "ttft_image_p90_s": 6.0}},
-               {"time": now - 600, "p90_s": {"ttft_text_p90_s": 99.0}},  # a replica gone long ago
-               {"time": now - 1}]  # one from before this field
-    assert worst_p90s(records, now, own) == {"ttft_text_p90_s": 3.0, "ttft_image_p90_s": 6.0}
-    assert worst_p90s([], now, own) == own
+    records = {"a": {"time": now - 1, "p90_s": {"ttft_text_p90_s": 3.0, "ttft_image_p90_s": None}},
+               "b": {"time": now - 2, "p90_s": {"ttft_text_p90_s": 0.4, "ttft_image_p90_s": 6.0}},
+               "gone": {"time": now - 600, "p90_s": {"ttft_text_p90_s": 99.0}},  # a replica gone long ago
+               "old": {"time": now - 1}}  # one from before this field
+    assert worst_p90s(_ages(now).fresh(records), own) == {"ttft_text_p90_s": 3.0, "ttft_image_p90_s": 6.0}
+    assert worst_p90s([], own) == own
 
 
 def test_gate_holds_decoded_pixels_under_the_limit_in_arrival_order() -> None:

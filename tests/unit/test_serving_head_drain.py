@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from dotsvlm_serving.deployments.backpressure import REPORT_KV_PREFIX
-from dotsvlm_serving.head_drain import DRAIN_KV_KEY, HeadDrain, drain_head, drain_state
+import pytest
+from dotsvlm_serving.deployments.backpressure import REPORT_KV_PREFIX, REPORT_STALE_S
+from dotsvlm_serving.head_drain import (DRAIN_KV_KEY, REPORT_SETTLE_S, FlagWatch, HeadDrain, drain_head,
+                                        drain_state)
 
 DOTSVLM = Path(sys.executable).parent / "dotsvlm"
 
@@ -33,8 +35,12 @@ class FakeGcs:
         return [k for k in self.kv if k.startswith(prefix)]
 
     def report(self, replica: str, t: float, open_requests: int, draining: bool) -> None:
+        """A report as an ingress replica from before `head_drain_since` wrote it."""
         self.kv[(REPORT_KV_PREFIX + replica).encode()] = json.dumps(
             {"time": t, "open_requests": open_requests, "head_draining": draining}).encode()
+
+    def flag(self) -> HeadDrain | None:
+        return HeadDrain.from_json(self.kv.get(DRAIN_KV_KEY.encode()))
 
 
 class Clock:
@@ -62,20 +68,83 @@ def test_the_drain_waits_for_every_replica_to_see_the_flag_and_finish_its_open_r
         polls.append(clock.t)
         next(script)()
 
-    res = drain_head(gcs, deadline_s=60, retry_after_s=30, poll_s=1.0, clock=clock, sleep=sleep)
+    res = drain_head(gcs, deadline_s=60, retry_after_s=30, poll_s=1.0, clock=clock, wall_clock=clock, sleep=sleep)
     assert res.drained and "2 ingress replica(s) drained" in res.message, res
     assert len(polls) == 4  # not before the last open request ended
-    flag = HeadDrain.from_json(gcs.kv[DRAIN_KV_KEY.encode()])
+    flag = gcs.flag()
     assert flag == HeadDrain(until=1060.0, retry_after_s=30, since=1000.0)  # held until the deadline, never for ever
-    assert flag.active(1059.0) and not flag.active(1060.0)
-    # A replica of the next head (GCS fault tolerance keeps the KV in Redis) started after the drain began:
-    # the flag is not its own; a replica that ran when it began follows it.
-    assert flag.applies_to(replica_started_at=900.0, now=1030.0)
-    assert not flag.applies_to(replica_started_at=1020.0, now=1030.0)
-    assert not flag.applies_to(replica_started_at=900.0, now=1060.0)
-    old = HeadDrain.from_json(b'{"until": 1060.0, "retry_after_s": 30}')
-    assert old is not None and old.applies_to(replica_started_at=1020.0, now=1030.0), "a flag from before 'since'"
     assert "retry in 30 s" in flag.message()
+
+
+class ReplicaClocks:
+    """An ingress replica's clocks: monotonic, and a wall clock `offset` s off the hook's (another node)."""
+
+    def __init__(self, t: float, offset: float = 0.0) -> None:
+        self.mono, self.offset = t, offset
+
+    def wall(self) -> float:
+        return self.mono + self.offset
+
+
+def _watch(c: ReplicaClocks) -> FlagWatch:
+    return FlagWatch(c.wall(), clock=lambda: c.mono, wall_clock=c.wall)
+
+
+def _follows_for(watch: FlagWatch, c: ReplicaClocks, flag: HeadDrain | None, seconds: int) -> int:
+    """Seconds out of `seconds` that the replica refuses new requests, reading the flag every second."""
+    n = 0
+    for _ in range(seconds):
+        watch.saw(flag)
+        n += watch.current() is not None
+        c.mono += 1.0
+    return n
+
+
+def test_a_replica_follows_a_drain_that_began_while_it_ran_for_the_drains_deadline() -> None:
+    """The flag's end and start are the hook's wall clock. A replica that started before the drain follows it
+    for the drain's deadline; one of the next head (GCS fault tolerance keeps the KV in Redis), started after
+    it, does not; a flag from before `since` holds until its end."""
+    flag = HeadDrain(until=1060.0, retry_after_s=30, since=1000.0)
+    c = ReplicaClocks(900.0)
+    watch = _watch(c)
+    assert _follows_for(watch, c, None, 100) == 0  # no drain yet
+    assert _follows_for(watch, c, flag, 100) == 60  # the drain appears at 1000: held its 60 s
+    assert _follows_for(watch, c, None, 1) == 0  # the flag removed: serving again at once
+    late = ReplicaClocks(1020.0)
+    assert _follows_for(_watch(late), late, flag, 60) == 0  # the next head's replica
+    old = HeadDrain.from_json(b'{"until": 1060.0, "retry_after_s": 30}')
+    late = ReplicaClocks(1020.0)
+    assert old is not None and _follows_for(_watch(late), late, old, 60) == 40, "a flag from before 'since'"
+
+
+@pytest.mark.parametrize("offset", [-3600.0, -75.0, 75.0, 3600.0])
+def test_a_replica_on_a_clock_off_the_hooks_follows_the_drain_for_its_deadline_and_no_longer(offset: float) -> None:
+    """With `spec.apiPool` the ingress replicas run on other nodes than the hook. Before, a replica compared the
+    flag's end (the hook's clock) with its own: ahead by more than the deadline it never refused a request (they
+    were cut when the head stopped), behind it refused them long after; a replica started shortly before the
+    drain on a clock ahead did not follow it at all, and the hook then waited for it until its deadline."""
+    c = ReplicaClocks(990.0, offset)
+    watch = _watch(c)
+    assert _follows_for(watch, c, None, 10) == 0  # it started at 990 (the hook's clock), the drain begins at 1000
+    assert _follows_for(watch, c, HeadDrain(until=1060.0, retry_after_s=30, since=1000.0), 300) == 60
+
+
+@pytest.mark.parametrize("offset", [-3600.0, -600.0])
+def test_the_next_heads_replica_on_a_clock_behind_the_old_heads_does_not_take_its_drain_for_its_own(
+        offset: float) -> None:
+    """With GCS fault tolerance the old head's flag stays in Redis. A replica of the next head, started 90 s
+    after the drain began on a node whose clock is behind the old head's, took the flag for its own ("started
+    before it") and refused every request until its clock reached the flag's end: an hour for an hour's offset."""
+    c = ReplicaClocks(1090.0, offset)
+    assert _follows_for(_watch(c), c, HeadDrain(until=1060.0, retry_after_s=30, since=1000.0), 4000) == 0
+
+
+def test_a_drain_that_began_as_the_replica_started_is_its_own() -> None:
+    """The flag is already there at the replica's first read, but the drain began after the replica started."""
+    c = ReplicaClocks(999.5)
+    watch = _watch(c)
+    c.mono = 1000.5  # its first read, after its set-up
+    assert _follows_for(watch, c, HeadDrain(until=1060.0, retry_after_s=30, since=1000.0), 100) == 60
 
 
 def test_the_drain_gives_up_at_its_deadline_and_says_what_was_still_open() -> None:
@@ -86,21 +155,94 @@ def test_the_drain_gives_up_at_its_deadline_and_says_what_was_still_open() -> No
         gcs.report("a", clock.t, 3, True)
 
     gcs.report("a", clock.t, 3, False)
-    res = drain_head(gcs, deadline_s=10, retry_after_s=5, poll_s=1.0, clock=clock, sleep=sleep)
+    res = drain_head(gcs, deadline_s=10, retry_after_s=5, poll_s=1.0, clock=clock, wall_clock=clock, sleep=sleep)
     assert not res.drained and res.open_requests == 3 and "3 request(s) still open at the deadline" in res.message
 
 
 def test_without_ingress_reports_there_is_nothing_to_drain() -> None:
+    """A replica that stopped writing long ago does not count: once it has not written for REPORT_SETTLE_S
+    (a live one writes every 2 s, whatever its clock says)."""
     gcs, clock = FakeGcs(), Clock()
-    gcs.report("gone", clock.t - 120, 4, False)  # a replica that stopped writing long ago does not count
-    res = drain_head(gcs, deadline_s=60, retry_after_s=5, clock=clock, sleep=lambda s: None)
-    assert res.drained and "nothing to drain" in res.message
+    gcs.report("gone", clock.t - 120, 4, False)
+
+    def sleep(s: float) -> None:
+        clock.t += s
+
+    res = drain_head(gcs, deadline_s=60, retry_after_s=5, clock=clock, wall_clock=clock, sleep=sleep)
+    assert res.drained and "nothing to drain" in res.message and res.seconds <= REPORT_SETTLE_S + 1, res
 
 
 def test_a_report_from_before_the_flag_does_not_count_as_draining() -> None:
-    reports = [{"time": 99.0, "open_requests": 0, "head_draining": True}]  # an older drain's report
-    assert not drain_state(reports, since=100.0, now=101.0).done
-    assert drain_state([{"time": 100.5, "open_requests": 0, "head_draining": True}], 100.0, 101.0).done
+    reports = [{"time": 99.0, "open_requests": 0, "head_draining": True}]  # an older drain's report (older ingress)
+    assert not drain_state(reports, since=100.0).done
+    assert drain_state([{"time": 100.5, "open_requests": 0, "head_draining": True}], 100.0).done
+    # A report says which drain it follows: the hook needs no clock to tell
+    assert drain_state([{"time": 50.0, "open_requests": 0, "head_draining": True, "head_drain_since": 100.0}],
+                       100.0).done
+    assert not drain_state([{"time": 500.0, "open_requests": 0, "head_draining": True, "head_drain_since": 40.0}],
+                           100.0).done
+
+
+class Ingress:
+    """An ingress replica as the hook sees it: it reports every 2 s on a wall clock `offset` s off the hook's,
+    follows the drain from its first report after the flag, and has `open` requests."""
+
+    def __init__(self, gcs: FakeGcs, name: str, offset: float, open_requests: int) -> None:
+        self.gcs, self.name, self.offset, self.open = gcs, name, offset, open_requests
+
+    def report(self, t: float) -> None:
+        flag = self.gcs.flag()
+        self.gcs.kv[(REPORT_KV_PREFIX + self.name).encode()] = json.dumps(
+            {"time": t + self.offset, "open_requests": self.open, "head_draining": flag is not None,
+             "head_drain_since": flag.since if flag else None}).encode()
+
+
+@pytest.mark.parametrize("offset", [-120.0, -3600.0, 45.0])
+def test_ingress_replicas_on_a_clock_off_the_hooks_are_drained_not_cut(offset: float) -> None:
+    """With `spec.apiPool` the ingress replicas run on other nodes than the hook, which judged their reports by
+    its own wall clock: on a clock 30 s behind, every report looked stale and the hook returned at once
+    ("nothing to drain"), so SIGTERM cut every open stream; behind by any amount, it waited that much longer for
+    a report "written after the flag"."""
+    gcs, clock = FakeGcs(), Clock()
+    a, b = Ingress(gcs, "a", offset, 2), Ingress(gcs, "b", offset, 0)
+    a.report(clock.t - 1)
+    b.report(clock.t - 2)
+    script = {3: lambda: setattr(a, "open", 1), 9: lambda: setattr(a, "open", 0)}  # a's streams end at 9 s
+    ticks = []
+
+    def sleep(s: float) -> None:
+        clock.t += s
+        ticks.append(clock.t)
+        t = len(ticks) * s
+        script.get(t, lambda: None)()
+        if t % 2 == 0:
+            a.report(clock.t)
+        if t % 2 == 1:
+            b.report(clock.t)
+
+    res = drain_head(gcs, deadline_s=60, retry_after_s=30, poll_s=0.5, clock=clock, wall_clock=clock, sleep=sleep)
+    assert res.drained and "2 ingress replica(s) drained" in res.message, res
+    assert 9.0 <= res.seconds <= 11.0, res  # when a's last request ended
+
+
+def test_a_wall_clock_step_on_the_head_neither_ends_the_drain_early_nor_keeps_it_going() -> None:
+    """The hook timed its deadline on the wall clock: NTP stepping it forward by more than the deadline ended
+    the drain at once (SIGTERM cut the open streams). The deadline is timed on the monotonic clock now; the
+    wall clock only stamps the flag."""
+    gcs, mono, wall = FakeGcs(), Clock(), Clock()
+    wall.t = 5000.0
+    a = Ingress(gcs, "a", 0.0, 1)
+    a.report(wall.t)
+
+    def sleep(s: float) -> None:
+        mono.t += s
+        wall.t += s + (120.0 if mono.t == 1002.0 else 0.0)  # NTP steps the head's clock 2 min forward
+        if mono.t == 1020.0:
+            a.open = 0
+        a.report(wall.t)
+
+    res = drain_head(gcs, deadline_s=60, retry_after_s=30, poll_s=1.0, clock=mono, wall_clock=wall, sleep=sleep)
+    assert res.drained and 20.0 <= res.seconds <= 21.0, res
 
 
 def test_drain_head_with_the_head_gone_gives_up_at_its_deadline_and_exits_0() -> None:
@@ -110,3 +252,28 @@ def test_drain_head_with_the_head_gone_gives_up_at_its_deadline_and_exits_0() ->
     assert proc.returncode == 0, proc.stderr
     assert "gave up at the deadline (3 s)" in proc.stderr or "drain failed" in proc.stderr, proc.stderr
     assert time.monotonic() - started < 30
+
+
+def test_an_ingress_replica_on_a_clock_ahead_refuses_new_requests_and_reports_the_drain_it_follows() -> None:
+    """The ingress replica's side, wired: its clock is an hour ahead of the hook's (another node). Before, it
+    judged the flag ended already: `/health` said ok, new requests were admitted (and cut when the head
+    stopped), and its report never said draining, so the hook waited for it until its deadline."""
+    import asyncio
+
+    from dotsvlm_serving.autoscaling.signals import IngressSignals
+    from dotsvlm_serving.deployments.ingress import Ingress
+
+    c = ReplicaClocks(990.0, offset=3600.0)
+    ing = object.__new__(Ingress)
+    ing._open, ing.signals, ing._head_drain = 2, IngressSignals(), _watch(c)
+    ing._head_drain.saw(None)
+    c.mono = 1000.5
+    ing._head_drain.saw(HeadDrain(until=1060.0, retry_after_s=30, since=1000.0))
+    health = asyncio.run(ing.health())
+    assert health.status_code == 503 and health.headers["retry-after"] == "30", health.body
+    report = {"time": c.wall(), **ing._report_extra()}
+    assert report["head_draining"] and report["head_drain_since"] == 1000.0
+    state = drain_state([json.loads(json.dumps(report))], since=1000.0)  # as the hook reads it back
+    assert state.draining == state.replicas == 1 and state.open_requests == 2 and not state.done
+    ing._open = 0
+    assert drain_state([{"time": c.wall(), **ing._report_extra()}], since=1000.0).done

@@ -6,6 +6,12 @@ running ingress: the bytes it holds, the rate the vision stage drains, how many 
 (read from Serve's status every `WATCH_INTERVAL_S`; a pool at zero counts as one, it is waking up),
 and what it refused. Each ingress replica writes its figures to Ray's internal KV, so whichever replica
 answers the report sums them over all.
+
+Whether a replica's figures are fresh is judged without comparing clocks (`ReportAges`): a report's `time` is
+its writer's wall clock, on another node with `spec.apiPool`, and judging its age by the reader's wall clock let
+a clock off by REPORT_STALE_S (NTP stepped, or a node's clock never synced) drop a live replica's figures or keep
+a gone replica's for as long as it was ahead. The reader notes on its own monotonic clock when a report last
+changed; only a report's first sighting goes by the wall clocks' difference, bounded.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from ..admission import STAGE_OF, TURN_GRACE_S, ByteBudget, DrainRate, Rejection, admit_pixels, share
@@ -137,9 +144,53 @@ def running_replicas(deployment: str) -> int | None:
     return sum(1 for r in dep.get("replicas") or () if r.get("state") == "RUNNING")
 
 
-def sum_reports(records: list[dict[str, Any]], now: float) -> dict[str, Any]:
-    """The vision stage and the rejections over all ingress replicas whose figures are fresh."""
-    fresh = [r for r in records if now - float(r.get("time", 0.0)) <= REPORT_STALE_S]
+def report_silence(heard: tuple[float, float] | None, written: float, wall_age_s: float, now: float,
+                   first_cap_s: float) -> tuple[tuple[float, float], float]:
+    """How long a report has not changed, from what this reader saw of it before. `heard`: (the `time` it last
+    read, when on its monotonic clock it first read that one), None at the first sighting; `written`: the `time`
+    read now; `wall_age_s`: this reader's wall clock minus `written` (the writer's); `now`: the reader's monotonic
+    clock. A first sighting's silence is the wall age, within [0, first_cap_s]: a clock off by any amount then
+    misjudges a report until it next changes (or for first_cap_s at most). Returns the new `heard` and the silence."""
+    if heard is not None and heard[0] == written:  # not written since
+        return heard, now - heard[1]
+    if heard is not None:  # written since the last read
+        return (written, now), 0.0
+    since = now - min(max(wall_age_s, 0.0), first_cap_s)
+    return (written, since), now - since
+
+
+class ReportAges:
+    """Which ingress replicas' reports are fresh (changed within REPORT_STALE_S), for one reader that reads them
+    again and again: an ingress replica answering `GET /-/autoscaler`, or `dotsvlm drain-head`.
+
+    `first_cap_s`: the most a first sighting's wall age counts. Above REPORT_STALE_S (the default) a report
+    long gone is left out at once, and a live one from a clock that is far behind is missed until it changes;
+    the head drain, which must not miss a live replica, passes less (`head_drain`)."""
+
+    def __init__(self, first_cap_s: float = 2 * REPORT_STALE_S, *, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.first_cap_s = first_cap_s
+        self._clock, self._wall_clock = clock, wall_clock
+        self._heard: dict[str, tuple[float, float]] = {}  # report key -> `report_silence`'s `heard`
+
+    def fresh(self, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """The reports (key -> record) fresh now; a key gone is forgotten (it comes back as a first sighting)."""
+        now, wall = self._clock(), self._wall_clock()
+        heard, out = {}, []
+        for key, record in reports.items():
+            try:
+                written = float(record.get("time", 0.0))
+            except (TypeError, ValueError):
+                continue
+            heard[key], silent = report_silence(self._heard.get(key), written, wall - written, now, self.first_cap_s)
+            if silent <= REPORT_STALE_S:
+                out.append(record)
+        self._heard = heard
+        return out
+
+
+def sum_reports(fresh: list[dict[str, Any]]) -> dict[str, Any]:
+    """The vision stage and the rejections over the ingress replicas whose figures are fresh (`ReportAges`)."""
     rejected: Counter[str] = Counter()
     for r in fresh:
         rejected.update({k: int(v) for k, v in (r.get("rejected") or {}).items()})
@@ -152,27 +203,31 @@ def sum_reports(records: list[dict[str, Any]], now: float) -> dict[str, Any]:
             "rejected": dict(rejected), "rejected_total": sum(rejected.values())}
 
 
-def worst_p90s(records: list[dict[str, Any]], now: float, own: dict[str, float]) -> dict[str, float | None]:
+def worst_p90s(fresh: list[dict[str, Any]], own: dict[str, float]) -> dict[str, float | None]:
     """The observed p90 latencies for status.slo as the autoscaling policy reads them: the worst ingress
-    replica's (its snapshot takes the max over replicas), not whichever replica answered. `own`: this
-    replica's, newer than its last report; a key no replica has data for is None."""
-    fresh = [r.get("p90_s") or {} for r in records if now - float(r.get("time", 0.0)) <= REPORT_STALE_S]
+    replica's (its snapshot takes the max over replicas), not whichever replica answered. `fresh`: the fresh
+    reports (`ReportAges`); `own`: this replica's, newer than its last report; a key no replica has data for
+    is None."""
+    p90s = [r.get("p90_s") or {} for r in fresh]
     out: dict[str, float | None] = {}
     for key in own:
-        values = [float(v) for v in (own[key], *(f.get(key) for f in fresh)) if v is not None]
+        values = [float(v) for v in (own[key], *(f.get(key) for f in p90s)) if v is not None]
         out[key] = max(values) if values else None
     return out
 
 
-def read_reports() -> list[dict[str, Any]]:
+def read_reports() -> dict[str, dict[str, Any]]:
+    """Every ingress replica's report, by its key."""
     from ray.experimental import internal_kv
 
-    out = []
+    out = {}
     for key in internal_kv._internal_kv_list(REPORT_KV_PREFIX, namespace=KV_NAMESPACE):
         raw = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
         if raw:
             try:
-                out.append(json.loads(raw))
+                record = json.loads(raw)
             except ValueError:
                 continue
+            if isinstance(record, dict):
+                out[key.decode() if isinstance(key, bytes) else str(key)] = record
     return out

@@ -40,7 +40,7 @@ from ..model.config import load_config
 from ..model.preprocess import ImageError, probe_image
 from ..model.prompt import check_image_token, load_tokenizer
 from ..serve_config import INGRESS_DEPLOYMENT, AutoscalingPolicyConfig, IngressConfig, ServedModel
-from .backpressure import IngressAdmission, read_reports, sum_reports, worst_p90s
+from .backpressure import IngressAdmission, ReportAges, read_reports, sum_reports, worst_p90s
 from .relay import Relay
 
 log = logging.getLogger("ray.serve")
@@ -99,8 +99,9 @@ class Ingress:
         self._in_flight = 0
         # Admitted and not fully answered (a stream counts until its last byte): what a head drain waits for.
         self._open = 0
-        self._head_drain: head_drain.HeadDrain | None = None  # set while `dotsvlm drain-head` runs
-        self._started_at = time.time()  # a drain that began after this replica started is its to follow
+        # The head drain (`dotsvlm drain-head`) this replica follows: one that began after it started.
+        self._head_drain = head_drain.FlagWatch(time.time())
+        self._report_ages = ReportAges()  # which ingress replicas' reports are fresh, for `GET /-/autoscaler`
         # The gauges come from the same signals the autoscaler reads (record_autoscaling_stats).
         publisher = StatsPublisher(
             self.metrics, lambda: {**self.signals.stats(time.monotonic()), "in_flight": self._in_flight,
@@ -126,8 +127,7 @@ class Ingress:
             self._watching = loop.create_task(self.admission.watch_vision_replicas())
             self._reporting = loop.create_task(self.admission.publish_forever(
                 serve.get_replica_context().replica_id.unique_id, lambda: self.signals.pending_pixels,
-                extra=lambda: {"open_requests": self._open, "head_draining": self._draining_head() is not None,
-                               "p90_s": self._p90s()}))
+                extra=self._report_extra))
             self._watching_drain = loop.create_task(self._watch_head_drain())
             pre = self.model_config.preprocess
             self.relay = Relay(self.vision, self.queue, self.metrics, self.signals, self.admission,
@@ -162,7 +162,7 @@ class Ingress:
         """Follow the head-drain flag (`head_drain.DRAIN_KV_KEY`), set by the head pod's preStop hook."""
         while True:
             try:
-                self._head_drain = await asyncio.to_thread(head_drain.read_flag)
+                self._head_drain.saw(await asyncio.to_thread(head_drain.read_flag))
             except asyncio.CancelledError:
                 raise
             except Exception:  # the last known flag stays; it expires by itself
@@ -170,8 +170,14 @@ class Ingress:
             await asyncio.sleep(interval_s)
 
     def _draining_head(self) -> head_drain.HeadDrain | None:
-        flag = self._head_drain
-        return flag if flag is not None and flag.applies_to(self._started_at, time.time()) else None
+        return self._head_drain.current()
+
+    def _report_extra(self) -> dict[str, Any]:
+        """What `dotsvlm drain-head` reads in this replica's report: its open requests and which drain it follows
+        (the flag's `since`, so the hook needs no clock to tell this drain's reports from older ones)."""
+        drain = self._draining_head()
+        return {"open_requests": self._open, "head_draining": drain is not None,
+                "head_drain_since": None if drain is None else drain.since, "p90_s": self._p90s()}
 
     # ------------------------------------------------------------------------------- small endpoints
     @app.get("/health")
@@ -198,7 +204,7 @@ class Ingress:
         except Exception as exc:
             return JSONResponse(error_body(503, f"tensor queue not reachable: {exc}"), 503)
         counters = queue.get("counters", {})
-        reports = await asyncio.to_thread(read_reports)
+        reports = self._report_ages.fresh(await asyncio.to_thread(read_reports))
         return JSONResponse({
             "decisions": await asyncio.to_thread(serve_policy.read_published),
             "queue": {"depth": queue["depth"], "bytes": queue["bytes"], "oldest_age_s": queue["oldest_age_s"],
@@ -207,10 +213,10 @@ class Ingress:
                       "rejected_total": counters.get("rejected_full", 0),
                       "redelivered_total": counters.get("redelivered", 0)},
             # The worst ingress replica's p90s, as the policy reads them (not only this replica's).
-            "slo": worst_p90s(reports, time.time(), self._p90s()),
+            "slo": worst_p90s(reports, self._p90s()),
             # Backpressure before the queue, summed over the ingress replicas: the vision stage's backlog
             # against its limit, image bytes held, and the requests answered 429 by reason.
-            "admission": sum_reports(reports, time.time()),
+            "admission": sum_reports(reports),
         })
 
     def _p90s(self) -> dict[str, float | None]:
