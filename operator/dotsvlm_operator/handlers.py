@@ -39,8 +39,8 @@ from dotsvlm_operator.kube import KUBE_THREADS, Kube
 from dotsvlm_operator.monitoring.operator_metrics import METRICS
 from dotsvlm_operator.ray_head import RayHeadClient, RayHeadError, ServeApp
 from dotsvlm_serving.serve_config import LLM_DEPLOYMENT
-from dotsvlm_operator.status import (PodView, ServeObservation, compute_status, monitoring_notes, pod_view, raw_wish,
-                                     scaling_events, serve_deployment)
+from dotsvlm_operator.status import (PodView, ServeObservation, compute_status, decision_ages, monitoring_notes,
+                                     pod_view, raw_wish, scaling_events, serve_deployment)
 
 HEAD_URL_OVERRIDE_ENV = "DOTSVLM_RAY_HEAD_URL_OVERRIDE"
 API_URL_OVERRIDE_ENV = "DOTSVLM_API_URL_OVERRIDE"
@@ -111,6 +111,8 @@ class ResourceState:
     # the status and do not send them; a full pass sends them again at `retry_full_at` (monotonic).
     refused: dict[str, str] = field(default_factory=dict)
     retry_full_at: float = 0.0
+    # Per pool, the policy's decision time last read and when (monotonic) it was first read: `decision_ages`.
+    decisions_heard: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 CONFIG = OperatorConfig()
@@ -872,8 +874,9 @@ async def _size_and_report(body: kopf.Body, owner: naming.Owner, spec: models.Do
     else:
         state.observed = None
     now_unix = time.time()
+    state.decisions_heard, decisions_silent = decision_ages(report, state.decisions_heard, now_unix, time.monotonic())
     plans = {pool: pod_sizing.plan_pool(_pool_spec(spec, pool), deployment=serve_deployment(serve, pool),
-                                        raw_wish=raw_wish(report, pool, now_unix),
+                                        raw_wish=raw_wish(report, pool, decisions_silent),
                                         pods=[p for p in pods if p.component == pool],
                                         previous_replicas=_previous_replicas(
                                             spec, old, pool, state.live.get(_RAY_DEPLOYMENTS[pool](owner.name))))

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 QUEUE_REFRESH_S = 10.0
 # A decision older than this is not a wish to act on (the policy publishes every 2 s while it runs).
 DECISION_FRESH_S = 30.0
+# A decision the operator has not read before goes by the wall clocks' difference, at most this much.
+DECISION_FIRST_SIGHTING_CAP_S = 2 * DECISION_FRESH_S
 
 # Container waiting reasons that will not fix themselves: the deployment is Degraded until someone acts.
 BAD_WAITING_REASONS = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
@@ -210,10 +212,36 @@ def pool_decision(report: AutoscalerReport | None, pool: str) -> PoolDecision | 
     return report.decisions.get(pool)
 
 
-def raw_wish(report: AutoscalerReport | None, pool: str, now_unix: float) -> int | None:
-    """The policy's raw wish for the pool, when its decision is fresh enough to act on."""
+def decision_ages(report: AutoscalerReport | None, heard: dict[str, tuple[float, float]], now_unix: float,
+                  now: float) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """How long each pool's decision has not changed, without comparing clocks: its `time` is the wall clock of
+    Serve's controller on the Ray head, another node than the operator's, and a clock off by DECISION_FRESH_S
+    (NTP stepped, a node never synced) made every decision look stale (no pods ever started ahead of demand) or
+    a stopped policy's last one look fresh. `heard`: pool -> (the decision's `time` last read, when on the
+    operator's monotonic clock `now` it was first read); a first sighting goes by the wall clocks' difference,
+    within [0, DECISION_FIRST_SIGHTING_CAP_S]. Returns the new `heard` and pool -> seconds unchanged; without a
+    report, `heard` stays as it was."""
+    if report is None or report.error or not report.decisions:
+        return heard, {}
+    new, silent = {}, {}
+    for pool, d in report.decisions.items():
+        if d.time is None:
+            continue
+        before = heard.get(pool)
+        if before is not None and before[0] == d.time:
+            new[pool] = before
+        elif before is not None:
+            new[pool] = (d.time, now)
+        else:
+            new[pool] = (d.time, now - min(max(now_unix - d.time, 0.0), DECISION_FIRST_SIGHTING_CAP_S))
+        silent[pool] = now - new[pool][1]
+    return new, silent
+
+
+def raw_wish(report: AutoscalerReport | None, pool: str, silent_s: dict[str, float]) -> int | None:
+    """The policy's raw wish for the pool, when its decision is fresh enough to act on (`decision_ages`)."""
     d = pool_decision(report, pool)
-    if d is None or d.time is None or now_unix - d.time > DECISION_FRESH_S:
+    if d is None or silent_s.get(pool, float("inf")) > DECISION_FRESH_S:
         return None
     return d.raw
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from dotsvlm_operator import models, pod_sizing
 from dotsvlm_operator.ray_head import DeploymentView, ReplicaView, parse_application
 from dotsvlm_operator.status import PodView
@@ -227,3 +228,29 @@ def test_ranking_before_a_shrink_never_raises_the_deployment_above_its_size() ->
     # A real shrink (the Deployment at 3) still waits a pass for its ranks, at the Deployment's size.
     held, patches = pod_sizing.rank_before_shrinking(plan, live, deployment_pods=3)
     assert patches == {"p2": "0"} and held.pods == 3 and "1 pod(s) go on the next pass" in held.message
+
+
+@pytest.mark.parametrize("offset", [-120.0, 120.0])
+def test_the_policys_wish_is_acted_on_while_it_keeps_deciding_whatever_the_heads_clock_says(offset: float) -> None:
+    """The decision's time is the wall clock of Serve's controller on the Ray head, another node than the
+    operator's, and was compared with the operator's: a head clock 30 s behind made every wish stale, so no pod
+    ever started ahead of demand (each GPU node started only once Serve's target rose); one ahead kept a stopped
+    policy's last wish for that long. Now a wish counts while its decision keeps changing, on the operator's
+    monotonic clock; only a decision not read before goes by the wall clocks."""
+    from dotsvlm_operator.ingress_client import AutoscalerReport, PoolDecision
+    from dotsvlm_operator.status import DECISION_FRESH_S, decision_ages, raw_wish
+
+    heard: dict = {}
+    wishes = []
+    for n in range(30):  # the operator reads the report every 5 s; the policy decides every 2 s until 70 s
+        now = 1000.0 + 5 * n
+        decided = min(now, 1070.0) - 1.0
+        report = AutoscalerReport(decisions={"vision": PoolDecision(desired=2, current=2, raw=4, reason="up",
+                                                                    time=decided + offset)})
+        heard, silent = decision_ages(report, heard, now_unix=now, now=now + 5e5)  # (the monotonic clock: any)
+        wishes.append(raw_wish(report, "vision", silent))
+    assert wishes[1:15] == [4] * 14, wishes  # from the second read on
+    stopped = 14 + int(DECISION_FRESH_S / 5) + 1  # its last decision (read at 70 s) unchanged for over 30 s
+    assert wishes[stopped - 1] == 4 and set(wishes[stopped:]) == {None}, wishes
+    # No report (the API did not answer): nothing to act on, and what was read before is kept.
+    assert decision_ages(None, heard, now_unix=0.0, now=0.0) == (heard, {})
