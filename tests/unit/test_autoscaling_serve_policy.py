@@ -400,3 +400,45 @@ def test_a_stale_ingress_does_not_freeze_the_llm_pool_while_the_queue_reports(mo
     assert vision.reason == "MetricsStale" and named[VISION_DEPLOYMENT] == 1, vision
     snap = serve_policy.snapshot_from_contexts(by_name, time.time())
     assert snap.llm is not None and snap.llm.age_s < 5 and snap.llm.latency_age_s > 100
+
+
+def test_replicas_on_a_clock_behind_the_controllers_are_not_stale_while_they_report(monkeypatch) -> None:
+    """Serve stamps a replica's samples with the replica's wall clock; with `spec.apiPool` the ingress and the
+    queue run on API pool nodes, not on the head with Serve's controller. The policy took the controller's wall
+    clock less that stamp as the samples' age: with an API node's clock 2 minutes behind, every pool held at its
+    size (MetricsStale) however long the queue grew. A sample is fresh now while it keeps changing."""
+    import time
+
+    published: list[dict] = []
+    monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now, spec: published.append(dict(decisions)))
+    monkeypatch.setattr(serve_policy, "_Metrics", lambda: type("M", (), {"record": lambda self, d: None})())
+    cfg = ServeAppConfig.model_validate({"model_path": "/m",
+                                         "vision": {"autoscaling": {"min_replicas": 1, "max_replicas": 6}},
+                                         "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4,
+                                                                 "upscale_delay_s": 0}}})
+    policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: cfg.policy_config())
+    for k in range(3):  # the controller calls it; the replicas report new samples between the calls
+        by_name = _contexts(time.time() - 120.0 + 0.01 * k)  # stamped 2 minutes behind the controller's clock
+        _serve_configs(cfg, by_name)
+        policy({_DeploymentID(name): ctx for name, ctx in by_name.items()})
+    llm, vision = published[-1]["llm"], published[-1]["vision"]
+    assert llm.reason != "MetricsStale" and vision.reason != "MetricsStale", (llm, vision)
+
+
+def test_a_replica_on_a_clock_ahead_that_stops_reporting_goes_stale_after_metrics_stale_seconds() -> None:
+    """Stamped an hour ahead of the controller's clock, a replica's last samples looked fresh for an hour after
+    it stopped reporting (an overloaded ingress): the pools were sized on its frozen figures. Now they go stale
+    once unchanged for metricsStaleSeconds on the controller's monotonic clock; a replica still reporting keeps
+    the deployment's newest sample fresh, whatever its clock."""
+    mono = [100.0]
+    ages = serve_policy.SampleAges(clock=lambda: mono[0])
+    wall = 5000.0
+    assert ages.age("Ingress", {"i1": wall + 3600.0}, wall) == 0.0
+    mono[0] += 29.0
+    assert ages.age("Ingress", {"i1": wall + 3600.0}, wall + 29.0) == pytest.approx(29.0)
+    mono[0] += 2.0
+    assert ages.age("Ingress", {"i1": wall + 3600.0}, wall + 31.0) == pytest.approx(31.0)  # over the default 30 s
+    assert ages.age("Ingress", {"i1": wall + 3600.0, "i2": wall - 300.0}, wall + 31.0) == pytest.approx(31.0)
+    mono[0] += 1.0
+    assert ages.age("Ingress", {"i1": wall + 3600.0, "i2": wall - 299.0}, wall + 32.0) == 0.0  # i2 reports
+    assert ages.age("Ingress", {}, wall + 32.0) == float("inf")

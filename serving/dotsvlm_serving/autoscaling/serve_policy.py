@@ -17,6 +17,13 @@ instead: each pool's bounds and target from Serve's own AutoscalingConfig of the
 (`ctx.config`, updated in place on a deploy), the SLO and the other knobs from Ray's internal KV
 (`SETTINGS_KV_KEY`), where the ingress writes them from its slice (`publish_settings`, in its
 `reconfigure`). Until they are there, the policy holds every pool at its size.
+
+How old the newest sample is (the signals' `age_s`, against `metricsStaleSeconds`) is not the controller's
+wall clock less the sample's timestamp: Serve stamps a sample with its replica's wall clock, on another node
+with `spec.apiPool` (ingress, queue), and a clock off by metricsStaleSeconds held every pool (MetricsStale)
+as long as it was behind, or kept a replica's frozen figures that long when ahead. `SampleAges` times how long
+each replica's newest sample has not changed on the controller's monotonic clock; only a replica's first
+sighting goes by the wall clocks' difference.
 """
 
 from __future__ import annotations
@@ -45,21 +52,49 @@ PUBLISH_INTERVAL_S = 2.0
 SETTINGS_REFRESH_S = 1.0
 
 
-def _latest(ctx: Any, now: float) -> tuple[dict[str, float], float, int]:
+class SampleAges:
+    """How long since each deployment's replicas' newest samples changed, on the controller's monotonic clock
+    (module docstring). Kept by the policy between calls; a replica no longer reporting is forgotten (it
+    comes back as a first sighting)."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._clock = clock
+        self._heard: dict[str, dict[Any, tuple[float, float]]] = {}  # deployment -> replica -> (stamp, since)
+
+    def age(self, deployment: str, newest: dict[Any, float], wall_now: float) -> float:
+        """The age of the deployment's newest sample: the least time any replica's newest sample (`newest`:
+        replica -> its timestamp, the replica's wall clock) has gone unchanged. A first sighting counts from
+        the wall clocks' difference (never below 0)."""
+        now = self._clock()
+        before = self._heard.get(deployment, {})
+        heard = {}
+        for replica, stamp in newest.items():
+            old = before.get(replica)
+            if old is not None and old[0] == stamp:
+                heard[replica] = old
+            elif old is not None:
+                heard[replica] = (stamp, now)
+            else:
+                heard[replica] = (stamp, now - max(wall_now - stamp, 0.0))
+        self._heard[deployment] = heard
+        return min((now - since for _, since in heard.values()), default=float("inf"))
+
+
+def _latest(ctx: Any, now: float, deployment: str = "", ages: SampleAges | None = None
+            ) -> tuple[dict[str, float], float, int]:
     """Each stat's newest value per running replica, reduced over replicas: counts are summed, p90
     latencies take the worst replica, rates the mean. NO_DATA values ("no sample") are left out, and so are
     values that are not finite numbers (NaN, inf: `decide` cannot size a pool on them, and raised). Also the
-    age of the newest sample and how many replicas reported."""
+    age of the newest sample (by `ages`, under the deployment's name, or by the wall clocks) and how many
+    replicas reported."""
     values: dict[str, list[float]] = {}
-    newest = 0.0
-    reporters: set[Any] = set()
+    newest: dict[Any, float] = {}  # replica -> its newest sample's timestamp
     for name, per_replica in (ctx.raw_metrics or {}).items():
         for replica, series in per_replica.items():
             if not series:
                 continue
             last = max(series, key=lambda s: s.timestamp)
-            newest = max(newest, last.timestamp)
-            reporters.add(replica)
+            newest[replica] = max(newest.get(replica, last.timestamp), last.timestamp)
             if math.isfinite(last.value):
                 values.setdefault(name, []).append(last.value)
     totals: dict[str, float] = {}
@@ -70,16 +105,22 @@ def _latest(ctx: Any, now: float) -> tuple[dict[str, float], float, int]:
                 totals[name] = max(known) if name.endswith("_p90_s") else sum(known) / len(known)
         else:
             totals[name] = sum(vals)
-    return totals, (now - newest if newest else float("inf")), len(reporters)
+    if ages is not None:
+        age = ages.age(deployment, newest, now)
+    else:
+        age = now - max(newest.values()) if newest else float("inf")
+    return totals, age, len(newest)
 
 
-def snapshot_from_contexts(contexts: dict[str, Any], now: float) -> Snapshot:
-    """The policy's snapshot from Serve's contexts, keyed by deployment name."""
+def snapshot_from_contexts(contexts: dict[str, Any], now: float, ages: SampleAges | None = None) -> Snapshot:
+    """The policy's snapshot from Serve's contexts, keyed by deployment name. `ages`: the policy's own (the
+    samples' ages on its monotonic clock); without, by the wall clocks."""
     ingress = contexts.get(INGRESS_DEPLOYMENT)
     queue = contexts.get(QUEUE_DEPLOYMENT)
     vision = contexts.get(VISION_DEPLOYMENT)
     llm = contexts.get(LLM_DEPLOYMENT)
-    ing, ing_age, ing_n = _latest(ingress, now) if ingress else ({}, float("inf"), 0)
+    ing, ing_age, ing_n = (_latest(ingress, now, INGRESS_DEPLOYMENT, ages) if ingress
+                           else ({}, float("inf"), 0))
     v_signals = None
     if vision is not None and ing_n:
         vis, _, _ = _latest(vision, now)
@@ -94,7 +135,7 @@ def snapshot_from_contexts(contexts: dict[str, Any], now: float) -> Snapshot:
             age_s=ing_age)
     l_signals = None
     if llm is not None and queue is not None:
-        q, q_age, q_n = _latest(queue, now)
+        q, q_age, q_n = _latest(queue, now, QUEUE_DEPLOYMENT, ages)
         if q_n:
             ll, _, _ = _latest(llm, now)
             running = len(llm.running_replicas)
@@ -249,6 +290,7 @@ class DotsVLMAutoscalingPolicy:
         self._published_at = 0.0
         self._said_waiting = False
         self._last_spec: PolicySpec | None = None  # what the last decision was made with
+        self._ages = SampleAges()  # the samples' ages, on the controller's monotonic clock
 
     def settings(self, now: float) -> AutoscalingPolicyConfig | None:
         """The latest settings the ingress wrote, read at most every SETTINGS_REFRESH_S; the last ones
@@ -292,7 +334,7 @@ class DotsVLMAutoscalingPolicy:
                    for pool, name in (("vision", VISION_DEPLOYMENT), ("llm", LLM_DEPLOYMENT)) if name in by_name}
         follow_clock(state, now, spec)  # before `before`: what `_as_applied` restores must be on the same clock
         before = {pool: state.pool(pool).to_json() for pool in ("vision", "llm")}  # type: ignore[arg-type]
-        decisions = decide(snapshot_from_contexts(by_name, now), spec, state, now, current=current)  # type: ignore[arg-type]
+        decisions = decide(snapshot_from_contexts(by_name, now, self._ages), spec, state, now, current=current)  # type: ignore[arg-type]
         out: dict[Any, int] = {}
         new_state: dict[Any, dict] = {}
         for pool, name in (("vision", VISION_DEPLOYMENT), ("llm", LLM_DEPLOYMENT)):
