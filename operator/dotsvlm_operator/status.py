@@ -424,7 +424,9 @@ def _queue_and_slo(spec: models.DotsVLMDeploymentSpec, report: AutoscalerReport 
         return old_q, old_slo, old_bp
     if old_q is not None and old_q.observed_time:
         written = datetime.strptime(old_q.observed_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-        if now_unix - written < QUEUE_REFRESH_S:
+        # A time ahead of now was written on another clock (an operator pod on another node before this one, or
+        # before NTP stepped this clock back): it held the figures for as long as that clock was ahead.
+        if 0.0 <= now_unix - written < QUEUE_REFRESH_S:
             return old_q, old_slo, old_bp
     queue = old_q
     if report.queue is not None:

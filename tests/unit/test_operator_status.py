@@ -533,3 +533,18 @@ def test_a_prometheus_rule_the_operator_cannot_create_is_noted_in_ready() -> Non
                            now="2026-01-01T00:00:00Z", notes=notes)
     ready = cond(st, "Ready")
     assert ready.status == "True" and "no alert rules were created" in ready.message
+
+
+def test_queue_figures_written_on_a_clock_ahead_do_not_freeze_the_status() -> None:
+    """The queue, SLO and backpressure figures are refreshed at most every 10 s, judged by their observedTime.
+    Written by an operator pod on a node whose clock ran 10 minutes ahead (or before NTP stepped this one
+    back), they were held for those 10 minutes: `kubectl get` showed a queue long gone. A time ahead of now
+    is refreshed at once."""
+    first, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report(), now_unix=T0 + 600)
+    assert first.queue.depth == 7 and first.queue.observed_time == "2026-01-01T00:10:00Z"
+    emptied = report()
+    emptied.queue.depth = 0
+    st, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), emptied, old=first, now_unix=T0 + 5)
+    assert st.queue.depth == 0 and st.queue.observed_time == "2026-01-01T00:00:05Z"
+    held, _ = run_autoscaled(autoscaled_pods(3), serve_obs(3, 3), report(), old=st, now_unix=T0 + 9)
+    assert held.queue.depth == 0, "within 10 s of the last write the figures are kept"
