@@ -120,9 +120,9 @@ class FlagWatch:
         hold = max(flag.hold_s(wall), 0.0)
         if self._read:
             return now + hold
-        if flag.since is not None and not 0.0 <= flag.since - self.started_at <= (
+        if flag.since is not None and not -FIRST_READ_MARGIN_S <= flag.since - self.started_at <= (
                 now - self._started) + FIRST_READ_MARGIN_S:
-            return None  # a drain that began before this replica started: not its own
+            return None  # a drain that did not begin between this replica's start and now: not its own
         return now + min(max(flag.until - wall, 0.0), hold)
 
     def current(self) -> HeadDrain | None:
