@@ -11,7 +11,8 @@ Whether a replica's figures are fresh is judged without comparing clocks (`Repor
 its writer's wall clock, on another node with `spec.apiPool`, and judging its age by the reader's wall clock let
 a clock off by REPORT_STALE_S (NTP stepped, or a node's clock never synced) drop a live replica's figures or keep
 a gone replica's for as long as it was ahead. The reader notes on its own monotonic clock when a report last
-changed; only a report's first sighting goes by the wall clocks' difference, bounded.
+changed; a report's age goes by the wall clocks' difference only within bounds: at its first sighting, and
+when it changed since the last read, never more than the time since that read.
 """
 
 from __future__ import annotations
@@ -144,19 +145,21 @@ def running_replicas(deployment: str) -> int | None:
     return sum(1 for r in dep.get("replicas") or () if r.get("state") == "RUNNING")
 
 
-def report_silence(heard: tuple[float, float] | None, written: float, wall_age_s: float, now: float,
-                   first_cap_s: float) -> tuple[tuple[float, float], float]:
+def report_silence(heard: tuple[float, float, float] | None, written: float, wall_age_s: float, now: float,
+                   first_cap_s: float) -> tuple[tuple[float, float, float], float]:
     """How long a report has not changed, from what this reader saw of it before. `heard`: (the `time` it last
-    read, when on its monotonic clock it first read that one), None at the first sighting; `written`: the `time`
-    read now; `wall_age_s`: this reader's wall clock minus `written` (the writer's); `now`: the reader's monotonic
-    clock. A first sighting's silence is the wall age, within [0, first_cap_s]: a clock off by any amount then
-    misjudges a report until it next changes (or for first_cap_s at most). Returns the new `heard` and the silence."""
+    read, when on its monotonic clock it first read that one, when it last read), None at the first sighting;
+    `written`: the `time` read now; `wall_age_s`: this reader's wall clock minus `written` (the writer's); `now`:
+    the reader's monotonic clock. A report's silence is its wall age, within [0, first_cap_s] at its first
+    sighting and within [0, the time since the last read] when it changed since: it was written after that read,
+    so a clock off by any amount misjudges it by that much at most, and with synced clocks a reader that had not
+    read for minutes does not take a gone replica's last report for a new one. Returns the new `heard` and the
+    silence."""
     if heard is not None and heard[0] == written:  # not written since
-        return heard, now - heard[1]
-    if heard is not None:  # written since the last read
-        return (written, now), 0.0
-    since = now - min(max(wall_age_s, 0.0), first_cap_s)
-    return (written, since), now - since
+        return (written, heard[1], now), now - heard[1]
+    bound = first_cap_s if heard is None else max(now - heard[2], 0.0)
+    since = now - min(max(wall_age_s, 0.0), bound)
+    return (written, since, now), now - since
 
 
 class ReportAges:
@@ -171,7 +174,7 @@ class ReportAges:
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.first_cap_s = first_cap_s
         self._clock, self._wall_clock = clock, wall_clock
-        self._heard: dict[str, tuple[float, float]] = {}  # report key -> `report_silence`'s `heard`
+        self._heard: dict[str, tuple[float, float, float]] = {}  # report key -> `report_silence`'s `heard`
 
     def fresh(self, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """The reports (key -> record) fresh now; a key gone is forgotten (it comes back as a first sighting)."""
