@@ -111,8 +111,9 @@ class ResourceState:
     # the status and do not send them; a full pass sends them again at `retry_full_at` (monotonic).
     refused: dict[str, str] = field(default_factory=dict)
     retry_full_at: float = 0.0
-    # Per pool, the policy's decision time last read and when (monotonic) it was first read: `decision_ages`.
-    decisions_heard: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Per pool, the policy's decision time last read, when (monotonic) it was first read and last read:
+    # `decision_ages`.
+    decisions_heard: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 CONFIG = OperatorConfig()

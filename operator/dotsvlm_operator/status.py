@@ -212,15 +212,17 @@ def pool_decision(report: AutoscalerReport | None, pool: str) -> PoolDecision | 
     return report.decisions.get(pool)
 
 
-def decision_ages(report: AutoscalerReport | None, heard: dict[str, tuple[float, float]], now_unix: float,
-                  now: float) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+def decision_ages(report: AutoscalerReport | None, heard: dict[str, tuple[float, float, float]], now_unix: float,
+                  now: float) -> tuple[dict[str, tuple[float, float, float]], dict[str, float]]:
     """How long each pool's decision has not changed, without comparing clocks: its `time` is the wall clock of
     Serve's controller on the Ray head, another node than the operator's, and a clock off by DECISION_FRESH_S
     (NTP stepped, a node never synced) made every decision look stale (no pods ever started ahead of demand) or
     a stopped policy's last one look fresh. `heard`: pool -> (the decision's `time` last read, when on the
-    operator's monotonic clock `now` it was first read); a first sighting goes by the wall clocks' difference,
-    within [0, DECISION_FIRST_SIGHTING_CAP_S]. Returns the new `heard` and pool -> seconds unchanged; without a
-    report, `heard` stays as it was."""
+    operator's monotonic clock `now` it was first read, when it was last read). A decision's age is the wall
+    clocks' difference within bounds: [0, DECISION_FIRST_SIGHTING_CAP_S] at a first sighting, [0, the time since
+    the last read] when it changed since (it was made after that read: with synced clocks, one read after the
+    report was unreadable for minutes is as old as it is, not new). Returns the new `heard` and pool -> seconds
+    unchanged; without a report, `heard` stays as it was."""
     if report is None or report.error or not report.decisions:
         return heard, {}
     new, silent = {}, {}
@@ -229,11 +231,10 @@ def decision_ages(report: AutoscalerReport | None, heard: dict[str, tuple[float,
             continue
         before = heard.get(pool)
         if before is not None and before[0] == d.time:
-            new[pool] = before
-        elif before is not None:
-            new[pool] = (d.time, now)
+            new[pool] = (d.time, before[1], now)
         else:
-            new[pool] = (d.time, now - min(max(now_unix - d.time, 0.0), DECISION_FIRST_SIGHTING_CAP_S))
+            bound = DECISION_FIRST_SIGHTING_CAP_S if before is None else max(now - before[2], 0.0)
+            new[pool] = (d.time, now - min(max(now_unix - d.time, 0.0), bound), now)
         silent[pool] = now - new[pool][1]
     return new, silent
 

@@ -251,6 +251,29 @@ def test_the_policys_wish_is_acted_on_while_it_keeps_deciding_whatever_the_heads
         wishes.append(raw_wish(report, "vision", silent))
     assert wishes[1:15] == [4] * 14, wishes  # from the second read on
     stopped = 14 + int(DECISION_FRESH_S / 5) + 1  # its last decision (read at 70 s) unchanged for over 30 s
-    assert wishes[stopped - 1] == 4 and set(wishes[stopped:]) == {None}, wishes
+    # (one read earlier on the clock behind: a changed decision is never taken as younger than its wall age)
+    assert wishes[stopped - 2] == 4 and set(wishes[stopped:]) == {None}, wishes
     # No report (the API did not answer): nothing to act on, and what was read before is kept.
     assert decision_ages(None, heard, now_unix=0.0, now=0.0) == (heard, {})
+
+
+def test_a_decision_read_after_a_gap_is_no_wish_when_it_was_made_long_before() -> None:
+    """With the report unreadable for a while (the Ray head restarting, say, with GCS fault tolerance keeping the
+    KV), the policy's last decision before it stopped differs from the one read before the gap, and counted as
+    made just now: pods were started ahead of demand for 30 s on a wish minutes old, though every clock agreed.
+    A changed decision's age is its wall age, never more than the time since the last read."""
+    from dotsvlm_operator.ingress_client import AutoscalerReport, PoolDecision
+    from dotsvlm_operator.status import decision_ages, raw_wish
+
+    def report(decided: float) -> AutoscalerReport:
+        return AutoscalerReport(decisions={"vision": PoolDecision(desired=2, current=2, raw=4, reason="up",
+                                                                  time=decided)})
+
+    heard, silent = decision_ages(report(999.0), {}, now_unix=1000.0, now=50.0)
+    assert raw_wish(report(999.0), "vision", silent) == 4
+    # The next answer 300 s later: the policy decided once more at 1001 s, then stopped.
+    heard, silent = decision_ages(report(1001.0), heard, now_unix=1300.0, now=350.0)
+    assert raw_wish(report(1001.0), "vision", silent) is None, silent
+    # A policy deciding still, on a head clock 120 s behind: its wish counts.
+    heard, silent = decision_ages(report(1304.0 - 120.0), heard, now_unix=1305.0, now=355.0)
+    assert raw_wish(report(1304.0 - 120.0), "vision", silent) == 4, silent
