@@ -281,3 +281,47 @@ def test_an_ingress_replica_on_a_clock_ahead_refuses_new_requests_and_reports_th
     assert state.draining == state.replicas == 1 and state.open_requests == 2 and not state.done
     ing._open = 0
     assert drain_state([{"time": c.wall(), **ing._report_extra()}], since=1000.0).done
+
+
+def test_an_ingress_replica_serve_stops_takes_its_report_away_so_the_next_drain_does_not_wait_for_it(
+        monkeypatch) -> None:
+    """Reports were never removed: every ingress replica Serve replaced (a rollout of the API pool, a Serve config
+    change) left its last one in the KV, and since the hook cannot tell a report it has not seen change from a
+    live replica's on a clock far behind, each head drain then waited REPORT_SETTLE_S for those before returning
+    (more 503s and a later restart, with nothing open). A replica Serve stops now deletes its report, and writes
+    none after."""
+    import asyncio
+
+    from ray.experimental import internal_kv
+
+    from dotsvlm_serving.deployments.backpressure import IngressAdmission
+    from dotsvlm_serving.deployments.ingress import Ingress
+    from dotsvlm_serving.serve_config import ServeAppConfig
+
+    gcs, clock = FakeGcs(), Clock()
+    monkeypatch.setattr(internal_kv, "_internal_kv_put",
+                        lambda key, value, overwrite=True, namespace=None: gcs.kv.__setitem__(key.encode(), value))
+    monkeypatch.setattr(internal_kv, "_internal_kv_del",
+                        lambda key, namespace=None: gcs.kv.pop(key.encode(), None))
+
+    async def scenario() -> None:
+        ing = object.__new__(Ingress)
+        ing.admission = IngressAdmission(ServeAppConfig.model_validate({"model_path": "/m"}).ingress_config())
+        ing._report_key = "r1"
+        ing._reporting = asyncio.get_running_loop().create_task(ing.admission.publish_forever(
+            "r1", lambda: 0, interval_s=0.01, extra=lambda: {"open_requests": 0, "head_draining": False}))
+        deadline = time.monotonic() + 5
+        while (REPORT_KV_PREFIX + "r1").encode() not in gcs.kv:
+            assert time.monotonic() < deadline, "the replica never wrote its report"
+            await asyncio.sleep(0.01)
+        await ing.__del__()  # Serve stops the replica
+        await asyncio.wait_for(asyncio.gather(ing._reporting, return_exceptions=True), 5)
+        assert (REPORT_KV_PREFIX + "r1").encode() not in gcs.kv
+
+    asyncio.run(scenario())
+
+    def sleep(s: float) -> None:
+        clock.t += s
+
+    res = drain_head(gcs, deadline_s=60, retry_after_s=5, clock=clock, wall_clock=clock, sleep=sleep)
+    assert res.drained and "nothing to drain" in res.message and res.seconds == 0, res

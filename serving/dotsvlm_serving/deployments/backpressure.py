@@ -44,9 +44,11 @@ def rejection_error(rejection: Rejection) -> ApiError:
 
 
 class IngressAdmission:
-    """One ingress replica's backpressure state (single event loop: no lock)."""
+    """One ingress replica's backpressure state (single event loop: no lock but the report's, `withdraw_report`)."""
 
     def __init__(self, cfg: IngressConfig) -> None:
+        self._report_lock = asyncio.Lock()  # a report write and its withdrawal never overlap
+        self._report_withdrawn = False
         self.bytes = ByteBudget(cfg.api.max_image_bytes_in_flight)
         self.pixels_drained = DrainRate()
         # Until Serve's status was read: the pool's minimum (a fixed pool: its size).
@@ -117,14 +119,29 @@ class IngressAdmission:
 
         while True:
             try:
-                record = json.dumps({"time": time.time(), **self.figures(int(pending_pixels())), **extra()}).encode()
-                await asyncio.to_thread(internal_kv._internal_kv_put, REPORT_KV_PREFIX + key, record,
-                                        overwrite=True, namespace=KV_NAMESPACE)
+                async with self._report_lock:
+                    if self._report_withdrawn:
+                        return
+                    record = json.dumps({"time": time.time(), **self.figures(int(pending_pixels())),
+                                         **extra()}).encode()
+                    await asyncio.to_thread(internal_kv._internal_kv_put, REPORT_KV_PREFIX + key, record,
+                                            overwrite=True, namespace=KV_NAMESPACE)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("could not publish the ingress's backpressure figures", exc_info=True)
             await asyncio.sleep(interval_s)
+
+
+    async def withdraw_report(self, key: str) -> None:
+        """Delete this replica's report and write none after (Serve stops the replica). A report left behind
+        counts as a live replica's for `dotsvlm drain-head` until it has seen it not change (REPORT_SETTLE_S,
+        `head_drain`): it cannot tell it from a live replica's on a clock far behind."""
+        from ray.experimental import internal_kv
+
+        async with self._report_lock:
+            self._report_withdrawn = True
+            await asyncio.to_thread(internal_kv._internal_kv_del, REPORT_KV_PREFIX + key, namespace=KV_NAMESPACE)
 
 
 def running_replicas(deployment: str) -> int | None:

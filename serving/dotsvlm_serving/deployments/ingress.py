@@ -49,6 +49,8 @@ log = logging.getLogger("ray.serve")
 # and count against the image bytes the replica may hold.
 LARGE_BODY = 65536
 TOKENIZE_OFF_LOOP_CHARS = 65536  # text longer than this is tokenized in a thread
+# The longest a stopping replica waits to delete its backpressure report (the GCS may not answer).
+REPORT_WITHDRAW_TIMEOUT_S = 5.0
 
 app = FastAPI(title="dotsvlm", docs_url=None, redoc_url=None)
 
@@ -125,9 +127,9 @@ class Ingress:
             self.admission = IngressAdmission(cfg)
             loop = asyncio.get_running_loop()
             self._watching = loop.create_task(self.admission.watch_vision_replicas())
+            self._report_key = serve.get_replica_context().replica_id.unique_id
             self._reporting = loop.create_task(self.admission.publish_forever(
-                serve.get_replica_context().replica_id.unique_id, lambda: self.signals.pending_pixels,
-                extra=self._report_extra))
+                self._report_key, lambda: self.signals.pending_pixels, extra=self._report_extra))
             self._watching_drain = loop.create_task(self._watch_head_drain())
             pre = self.model_config.preprocess
             self.relay = Relay(self.vision, self.queue, self.metrics, self.signals, self.admission,
@@ -168,6 +170,18 @@ class Ingress:
             except Exception:  # the last known flag stays; it expires by itself
                 log.warning("could not read the head-drain flag", exc_info=True)
             await asyncio.sleep(interval_s)
+
+    async def __del__(self) -> None:
+        """Serve stops this replica (a rollout, a Serve config change, its node drained; its requests are done):
+        its backpressure report goes with it, so `GET /-/autoscaler` stops summing it and the next head drain
+        does not wait for it (`IngressAdmission.withdraw_report`). Best effort: the GCS may be gone already."""
+        admission, key = getattr(self, "admission", None), getattr(self, "_report_key", None)
+        if admission is None or key is None:
+            return
+        try:
+            await asyncio.wait_for(admission.withdraw_report(key), REPORT_WITHDRAW_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a stopping replica must not fail on this (a timeout included)
+            log.warning("could not delete this ingress replica's backpressure report", exc_info=True)
 
     def _draining_head(self) -> head_drain.HeadDrain | None:
         return self._head_drain.current()
