@@ -8,14 +8,14 @@ operator gives each group its new template only when the group before it has fin
 images only wait), then the LLM pool, then the API pool (spec.apiPool, if any), then the head. Each pool's pods drain as they stop
 (`dotsvlm drain-node`), one at a time (the Deployments' maxUnavailable 1, maxSurge 0).
 
-A change that comes while any group is still short of a pod (replacing pods for the change before, or a pod
-not available) waits for it, in the same order: the vision pool took a new image at once while the LLM pool
+A change that comes while a group before it is short of a pod, or a group after it still replaces old pods for
+the change before, waits for it, in the same order: the vision pool took a new image at once while the LLM pool
 still replaced pods for the previous one, two pools short of a pod together. The exceptions are groups whose
 rollout has stalled (Kubernetes' `ProgressDeadlineExceeded`: a broken image, or a pod that never schedules):
 one whose template changed again takes the new one at once, since it could never finish the old one and is
 short of a pod anyway (the groups before it wait for it); one whose template stays holds no group before it
-(waiting would never end). Nor does a group whose rollout Kubernetes finished and that is short only of a
-scale-up's pods: Kubernetes never marks those stalled.
+(waiting would never end). Nor does a later group with no old pod left (a scale-up's pod, or a fresh
+deployment's pods loading their weights or failing: Kubernetes never marks a scale-up stalled).
 
 A group that waits keeps the template it runs: each Ray Deployment carries the template the operator last
 applied (`naming.ANNOTATION_POD_TEMPLATE`), so the plan survives an operator restart. A new Ray token is
@@ -150,7 +150,10 @@ def plan_templates(desired: dict[str, dict[str, Any]], live: dict[str, dict[str,
         (a pod that never schedules) unless it takes the change now (it rolls then), nor when Kubernetes
         finished its rollout and only a scale-up's pods are missing (the autoscaler asked for more GPUs than the
         cluster has, say): waiting would not end."""
-        return g in progress and not progress[g][0] and not _only_scaling(known[g]) and (
+        # Only a group still replacing old pods (a rollout before this change) holds: one whose new pods are
+        # merely not available yet (a fresh deployment loading its weights, a pod that keeps failing) would
+        # hold an earlier group's change for as long as that lasts (the operator failover test: forever).
+        return g in progress and not progress[g][0] and _old_pods_left(known[g]) and not _only_scaling(known[g]) and (
             not _stalled(known[g]) or currents[g] != desired[g])
 
     templates: dict[str, dict[str, Any]] = {}
