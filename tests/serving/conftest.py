@@ -64,6 +64,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Itera
     from dotsvlm_serving.serve_config import APP_NAME, ServeAppConfig
 
     model_dir = ensure_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+    # fetch_timeout_s: the local image server answers at once, but a loaded CI machine (2 CPUs, Ray's processes
+    # and the stack's) once took over 3 s to get its 404 (clean-clone CI of stop 39): no test waits on it.
     cfg = ServeAppConfig.model_validate({
         "model_path": str(model_dir),
         "llm": {"context_length": 1024, "max_running_requests": 4, "max_new_tokens_default": 16,
@@ -72,7 +74,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Itera
         "vision": {"max_batch_pixels": 1_000_000, "max_batch_wait_ms": 5},
         "api": {"api_keys_env": KEYS_ENV, "request_timeout_s": 120, "ingress_replicas": 2,
                 "images": {"max_images_per_request": 4, "max_image_bytes": 1_000_000, "max_image_pixels": 200_000,
-                           "fetch_timeout_s": 3, "fetch_allow": [f"{IMAGE_HOST}/32"]}},
+                           "fetch_timeout_s": 10, "fetch_allow": [f"{IMAGE_HOST}/32"]}},
     })
     from dotsvlm_serving.metrics.catalog import DEPLOYMENT_ENV, NAMESPACE_ENV
 
