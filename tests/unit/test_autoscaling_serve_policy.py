@@ -376,13 +376,8 @@ def test_a_pool_whose_deployment_serve_did_not_pass_is_neither_decided_nor_publi
     assert set(published[-1]) == {"llm"} and set(recorded) == {"llm"}, (published[-1], recorded)
 
 
-def test_a_stale_ingress_does_not_freeze_the_llm_pool_while_the_queue_reports(monkeypatch) -> None:
-    """The ingress's stats stop reaching Serve's controller (an overloaded ingress replica) while the queue and
-    the LLM replicas report: the LLM pool held at its size with MetricsStale, under a full queue, although with
-    no ingress at all it decided on the queue's figures. It scales on the queue now; only the latency rules
-    (fed by the ingress) wait for fresh figures. The vision pool, whose signals are the ingress's, holds."""
-    import time
-
+def _publishing_policy(monkeypatch) -> tuple[serve_policy.DotsVLMAutoscalingPolicy, ServeAppConfig, list[dict]]:
+    """The policy on a config with vision 1..6 and LLM 1..4 (no upscale delay), and the decisions it publishes."""
     published: list[dict] = []
     monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now, spec: published.append(dict(decisions)))
     monkeypatch.setattr(serve_policy, "_Metrics", lambda: type("M", (), {"record": lambda self, d: None})())
@@ -390,7 +385,17 @@ def test_a_stale_ingress_does_not_freeze_the_llm_pool_while_the_queue_reports(mo
                                          "vision": {"autoscaling": {"min_replicas": 1, "max_replicas": 6}},
                                          "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4,
                                                                  "upscale_delay_s": 0}}})
-    policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: cfg.policy_config())
+    return serve_policy.DotsVLMAutoscalingPolicy(read=lambda: cfg.policy_config()), cfg, published
+
+
+def test_a_stale_ingress_does_not_freeze_the_llm_pool_while_the_queue_reports(monkeypatch) -> None:
+    """The ingress's stats stop reaching Serve's controller (an overloaded ingress replica) while the queue and
+    the LLM replicas report: the LLM pool held at its size with MetricsStale, under a full queue, although with
+    no ingress at all it decided on the queue's figures. It scales on the queue now; only the latency rules
+    (fed by the ingress) wait for fresh figures. The vision pool, whose signals are the ingress's, holds."""
+    import time
+
+    policy, cfg, published = _publishing_policy(monkeypatch)
     by_name = _contexts(time.time(), ingress_age=120.0)  # the ingress's newest sample is 2 minutes old
     _serve_configs(cfg, by_name)
     decisions, _ = policy({_DeploymentID(name): ctx for name, ctx in by_name.items()})
@@ -409,14 +414,7 @@ def test_replicas_on_a_clock_behind_the_controllers_are_not_stale_while_they_rep
     size (MetricsStale) however long the queue grew. A sample is fresh now while it keeps changing."""
     import time
 
-    published: list[dict] = []
-    monkeypatch.setattr(serve_policy, "publish", lambda decisions, state, now, spec: published.append(dict(decisions)))
-    monkeypatch.setattr(serve_policy, "_Metrics", lambda: type("M", (), {"record": lambda self, d: None})())
-    cfg = ServeAppConfig.model_validate({"model_path": "/m",
-                                         "vision": {"autoscaling": {"min_replicas": 1, "max_replicas": 6}},
-                                         "llm": {"autoscaling": {"min_replicas": 1, "max_replicas": 4,
-                                                                 "upscale_delay_s": 0}}})
-    policy = serve_policy.DotsVLMAutoscalingPolicy(read=lambda: cfg.policy_config())
+    policy, cfg, published = _publishing_policy(monkeypatch)
     for k in range(3):  # the controller calls it; the replicas report new samples between the calls
         by_name = _contexts(time.time() - 120.0 + 0.01 * k)  # stamped 2 minutes behind the controller's clock
         _serve_configs(cfg, by_name)
